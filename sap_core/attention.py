@@ -1,0 +1,102 @@
+"""Attention with capture of the attention mass each key position receives.
+
+Quantities (B batch, H query heads, Hkv key/value heads, T queries, S keys):
+
+* ``mass``: ``Float[Tensor, "B H S"]`` in float32, ``mass[b, h, j] = sum_i softmax(q_i k^T / sqrt(d))[j]``:
+  the attention mass key ``j`` *receives*, summed over queries. For every (b, h) it sums to T.
+* ``full map``: ``Float[Tensor, "B T S"]`` for one (layer, head), kept only when the recorder asks.
+
+Scores are computed one query chunk at a time, so the peak extra memory is ``O(B·H·chunk·S)``: no
+full ``T×S`` map is ever held except the one map a recorder asks for. Without a recorder the models
+call fused SDPA and none of this code runs.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+
+class AttentionRecorder:
+    """Collects attention mass per forward pass: one ``[B, layers, heads, S]`` float32 tensor each.
+
+    The sampler calls :meth:`start_pass` before a forward and :meth:`end_pass` after it. The model's
+    attention layers call :meth:`add`. ``full_map=(layer, head)`` additionally keeps that head's full
+    query×key map of the last pass in :attr:`last_map` (``[B, T, S]``, float32).
+    """
+
+    def __init__(self, chunk_size: int = 128, full_map: Optional[tuple[int, int]] = None):
+        if chunk_size < 1:
+            raise ValueError("chunk_size must be >= 1")
+        self.chunk_size = chunk_size
+        self.full_map = full_map
+        self.passes: list[torch.Tensor] = []
+        self.last_map: Optional[torch.Tensor] = None
+        self._layers: dict[int, torch.Tensor] = {}
+
+    def start_pass(self) -> None:
+        self._layers = {}
+
+    def map_head(self, layer: int) -> Optional[int]:
+        """The head whose full map is wanted at ``layer``, or None."""
+        if self.full_map is not None and self.full_map[0] == layer:
+            return self.full_map[1]
+        return None
+
+    def add(self, layer: int, mass: torch.Tensor, full_map: Optional[torch.Tensor] = None) -> None:
+        self._layers[layer] = mass.detach().to("cpu", torch.float32)
+        if full_map is not None:
+            self.last_map = full_map.detach().to("cpu", torch.float32)
+
+    def end_pass(self) -> torch.Tensor:
+        """Stack the layers of the pass just run into ``[B, layers, heads, S]`` and keep it."""
+        if not self._layers:
+            raise RuntimeError("no attention was recorded in this pass")
+        out = torch.stack([self._layers[i] for i in sorted(self._layers)], dim=1)
+        self.passes.append(out)
+        self._layers = {}
+        return out
+
+
+def attention_with_mass(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    causal: bool,
+    recorder: AttentionRecorder,
+    layer: int,
+    scale: Optional[float] = None,
+) -> torch.Tensor:
+    """Softmax attention that records key mass.
+
+    ``q``: ``[B, H, T, d]``; ``k``, ``v``: ``[B, Hkv, S, d]`` with ``H % Hkv == 0`` (GQA). Returns the
+    attention output ``[B, H, T, d]`` in ``q``'s dtype and calls ``recorder.add(layer, mass)``.
+    Causal masking assumes queries are the last ``T`` of the ``S`` key positions.
+    """
+    B, H, T, d = q.shape
+    Hkv, S = k.shape[1], k.shape[2]
+    group = H // Hkv
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    # Group query heads with the key/value head they share, without copying k or v.
+    qg = q.reshape(B, Hkv, group, T, d)
+    kt = k.float().transpose(-1, -2).unsqueeze(2)  # [B, Hkv, 1, d, S]
+    vg = v.unsqueeze(2)  # [B, Hkv, 1, S, d]
+    out = torch.empty_like(qg)
+    mass = torch.zeros(B, Hkv, group, S, dtype=torch.float32, device=q.device)
+    want = recorder.map_head(layer)
+    full = torch.empty(B, T, S, dtype=torch.float32, device=q.device) if want is not None else None
+    keys = torch.arange(S, device=q.device)
+    for start in range(0, T, recorder.chunk_size):
+        stop = min(start + recorder.chunk_size, T)
+        scores = torch.matmul(qg[:, :, :, start:stop].float(), kt) * scale  # [B, Hkv, g, c, S]
+        if causal:
+            query_pos = torch.arange(start, stop, device=q.device) + (S - T)
+            scores = scores.masked_fill(keys[None, :] > query_pos[:, None], float("-inf"))
+        probs = torch.softmax(scores, dim=-1)
+        mass += probs.sum(dim=-2)
+        out[:, :, :, start:stop] = torch.matmul(probs.to(v.dtype), vg)
+        if full is not None:
+            full[:, start:stop] = probs.reshape(B, H, stop - start, S)[:, want]
+    recorder.add(layer, mass.reshape(B, H, S), full)
+    return out.reshape(B, H, T, d)
