@@ -1,0 +1,186 @@
+"""Model families, family detection from ``config.json``, and :func:`load_model`.
+
+A model source is a local directory (``config.json``, safetensors weights, tokenizer files) or the
+name of a built-in model in ``assets/models/``. Nothing is downloaded: hubs are never contacted.
+"""
+from __future__ import annotations
+
+import json
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional, Union
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers.utils import logging as hf_logging
+
+from sap_core.attention import AttentionRecorder
+from sap_core.errors import ModelLoadError
+from sap_core.models.llada import LLaDAConfig, LLaDAModelLM
+
+ASSETS = Path(__file__).resolve().parents[2] / "assets"
+BUILTIN_MODELS = {"tiny-dlm": ASSETS / "models" / "tiny-dlm", "tiny-ar": ASSETS / "models" / "tiny-ar"}
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+DTYPES = {
+    "float32": torch.float32, "fp32": torch.float32,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float16": torch.float16, "fp16": torch.float16,
+}
+
+
+@dataclass
+class ModelHandle:
+    """A loaded model and everything needed to run it.
+
+    ``module`` is the transformers model; it exposes ``blocks`` (the transformer blocks, each a
+    ``forward(hidden, recorder=None)``), ``embed(input_ids)`` and ``head(hidden)``, which is what
+    layer-by-layer code (pruning) uses. ``mask_id`` is the [MASK] token id (None only for causal
+    models without one). ``lock`` guards any in-place work on ``module``: it is shared by every
+    user of a cached handle.
+    """
+
+    module: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    mask_id: Optional[int]
+    family: str
+    device: torch.device
+    dtype: torch.dtype
+    causal: bool
+    source: str
+    lock: threading.RLock = field(default_factory=threading.RLock, repr=False, compare=False)
+
+    @property
+    def name(self) -> str:
+        return Path(self.source).name if Path(self.source).exists() else self.source
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.module.blocks)
+
+    @property
+    def n_heads(self) -> int:
+        return self.module.blocks[0].n_heads
+
+    @property
+    def n_params(self) -> int:
+        return sum(p.numel() for p in self.module.parameters())
+
+    def logits(self, input_ids: torch.Tensor, recorder: Optional[AttentionRecorder] = None) -> torch.Tensor:
+        """``[B, T, V]`` logits; the prediction for position i sits at index i."""
+        return self.module(input_ids.to(self.device), attention_recorder=recorder).logits
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of ``text`` with the tokenizer's own special-token convention."""
+        return list(self.tokenizer.encode(text, add_special_tokens=True))
+
+    def decode(self, ids) -> str:
+        return self.tokenizer.decode([int(i) for i in ids], skip_special_tokens=False)
+
+
+def resolve_device(device: Union[str, torch.device]) -> torch.device:
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError("CUDA was requested but no CUDA GPU is available here; use device='cpu'.")
+    return device
+
+
+def resolve_dtype(dtype: Union[str, torch.dtype], device: torch.device) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    if dtype not in DTYPES:
+        raise ModelLoadError(f"Unknown dtype '{dtype}'; choose one of auto, float32, bfloat16, float16.")
+    return DTYPES[dtype]
+
+
+def _check_weights(path: Path) -> None:
+    files = [p for p in path.iterdir() if p.is_file()]
+    if any(p.name.endswith(".safetensors") or p.name == "model.safetensors.index.json" for p in files):
+        return
+    pickled = [p.name for p in files if p.suffix in PICKLE_SUFFIXES]
+    if pickled:
+        raise ModelLoadError(
+            f"'{path}' holds only pickled weights ({', '.join(sorted(pickled))}). SinkScope refuses them "
+            "because unpickling can run arbitrary code. Convert the checkpoint to safetensors "
+            "(e.g. model.save_pretrained(dir, safe_serialization=True) in a trusted environment) and load that."
+        )
+    raise ModelLoadError(f"'{path}' has no weights: expected model.safetensors or sharded *.safetensors with an index file.")
+
+
+def _load_tokenizer(path: Path) -> PreTrainedTokenizerBase:
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    try:
+        if (path / "tokenizer.json").exists():
+            return PreTrainedTokenizerFast.from_pretrained(str(path))
+        return AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
+    except Exception as exc:  # transformers raises many kinds here
+        raise ModelLoadError(f"Could not load a tokenizer from '{path}' ({exc}). Put tokenizer.json (and tokenizer_config.json) in the model directory.") from exc
+
+
+def _load_llada(path: Path, device: torch.device, dtype: torch.dtype) -> tuple[PreTrainedModel, LLaDAConfig]:
+    config = LLaDAConfig.from_pretrained(str(path))
+    kwargs = {"device_map": str(device)} if device.type == "cuda" else {}
+    model = LLaDAModelLM.from_pretrained(str(path), config=config, dtype=dtype, use_safetensors=True, **kwargs)
+    return model.to(device), config
+
+
+# model_type in config.json -> loader returning (module, config). Other families register here.
+FAMILY_LOADERS: dict[str, Callable[[Path, torch.device, torch.dtype], tuple[PreTrainedModel, object]]] = {
+    "llada": _load_llada,
+}
+
+
+def read_config(path: Path) -> dict:
+    config_file = path / "config.json"
+    if not config_file.exists():
+        raise ModelLoadError(f"'{path}' has no config.json: it is not a model directory. Point to the folder that holds config.json and the *.safetensors files.")
+    try:
+        return json.loads(config_file.read_text())
+    except json.JSONDecodeError as exc:
+        raise ModelLoadError(f"'{config_file}' is not valid JSON ({exc}).") from exc
+
+
+def resolve_source(source: Union[str, Path]) -> Path:
+    if str(source) in BUILTIN_MODELS:
+        path = BUILTIN_MODELS[str(source)]
+        if not path.exists():
+            raise ModelLoadError(f"The built-in model '{source}' is missing from {path}; reinstall SinkScope from a full clone.")
+        return path
+    path = Path(source).expanduser()
+    if not path.exists():
+        names = ", ".join(BUILTIN_MODELS)
+        raise ModelLoadError(f"No model at '{source}'. Give a local model directory or a built-in name ({names}).")
+    if not path.is_dir():
+        raise ModelLoadError(f"'{source}' is a file; give the directory that holds config.json and the weights.")
+    return path
+
+
+def load_model(source: Union[str, Path], device: Union[str, torch.device] = "auto", dtype: Union[str, torch.dtype] = "auto") -> ModelHandle:
+    """Load a model directory or built-in name (``tiny-dlm``, ``tiny-ar``) into a :class:`ModelHandle`."""
+    path = resolve_source(source)
+    config_dict = read_config(path)
+    family = config_dict.get("model_type")
+    if family not in FAMILY_LOADERS:
+        known = ", ".join(sorted(FAMILY_LOADERS))
+        raise ModelLoadError(f"'{path}' is a '{family}' model; SinkScope knows the families: {known}.")
+    _check_weights(path)
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype, dev)
+    tokenizer = _load_tokenizer(path)
+    hf_logging.disable_progress_bar()  # our own progress reporting; no per-load bars
+    module, config = FAMILY_LOADERS[family](path, dev, dt)
+    module.eval().requires_grad_(False)
+    causal = bool(getattr(config, "causal", False))
+    mask_id = getattr(config, "mask_token_id", None)
+    if mask_id is None:
+        mask_id = tokenizer.mask_token_id
+    if mask_id is None and not causal:
+        raise ModelLoadError(f"Cannot determine the [MASK] token of '{path}': set mask_token_id in config.json or a mask_token in the tokenizer.")
+    return ModelHandle(module, tokenizer, mask_id, family, dev, dt, causal, str(source))

@@ -1,0 +1,294 @@
+"""Masked-diffusion sampler with LLaDA semantics, and the :class:`Trajectory` it records.
+
+A DLM starts from ``prompt + [MASK] * gen_length``. The generated part is split into blocks of
+``block_length`` filled left to right (semi-autoregressive); each block gets ``steps / n_blocks``
+steps, and its masked positions are split across them as evenly as possible, the first
+``n mod steps`` steps taking one more (LLaDA's ``get_num_transfer_tokens``). At each step the model
+predicts every position; the predicted token is the Gumbel-max sample ``argmax(logits + T·g)`` in
+float64 (greedy at ``T = 0``); among the still-masked positions of the current block the ones with
+the highest confidence (``low_confidence`` remasking: softmax probability of the predicted token) or
+random scores (``random``) are unmasked. Decoded tokens are never remasked; the prompt never changes.
+With classifier-free guidance, an unconditional pass with the prompt masked gives
+``logits = u + (cfg + 1)·(c − u)``; only the conditional pass is recorded.
+
+A causal model decodes token by token through the same API, one step per token, so AR and DLM
+trajectories are comparable (``steps`` and ``block_length`` are then not used).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from typing import Optional, Union
+
+import numpy as np
+import torch
+
+from sap_core.attention import AttentionRecorder
+from sap_core.errors import DecodeSpecError
+from sap_core.models import ModelHandle
+from sap_core.progress import Progress, report
+
+REMASKING = ("low_confidence", "random")
+
+
+@dataclass(frozen=True)
+class DecodeSpec:
+    gen_length: int = 64
+    steps: int = 64
+    block_length: int = 16
+    remasking: str = "low_confidence"
+    temperature: float = 0.0
+    cfg_scale: float = 0.0
+    seed: int = 0
+
+    @property
+    def n_blocks(self) -> int:
+        return self.gen_length // self.block_length
+
+    def validate(self, causal: bool = False, prompt_length: int = 0, max_length: Optional[int] = None) -> None:
+        """Raise :class:`DecodeSpecError` for impossible settings, before any work starts."""
+        if self.gen_length < 1:
+            raise DecodeSpecError(f"gen_length must be at least 1 (got {self.gen_length}).")
+        if max_length is not None and prompt_length + self.gen_length > max_length:
+            raise DecodeSpecError(
+                f"prompt ({prompt_length} tokens) + gen_length ({self.gen_length}) exceeds the model's "
+                f"max_sequence_length {max_length}; shorten the prompt or gen_length.")
+        if self.temperature < 0:
+            raise DecodeSpecError(f"temperature must be >= 0 (got {self.temperature}); 0 means greedy.")
+        if self.cfg_scale < 0:
+            raise DecodeSpecError(f"cfg_scale must be >= 0 (got {self.cfg_scale}); 0 turns guidance off.")
+        if self.remasking not in REMASKING:
+            raise DecodeSpecError(f"remasking must be one of {', '.join(REMASKING)} (got '{self.remasking}').")
+        if causal:
+            if self.cfg_scale > 0:
+                raise DecodeSpecError("Classifier-free guidance needs a masked-diffusion model; set cfg_scale=0 for a causal model.")
+            if prompt_length < 1:
+                raise DecodeSpecError("A causal model needs at least one prompt token to continue from; give a prompt.")
+            return
+        if self.block_length < 1 or self.steps < 1:
+            raise DecodeSpecError("steps and block_length must be at least 1.")
+        if self.gen_length % self.block_length:
+            raise DecodeSpecError(
+                f"gen_length ({self.gen_length}) must be divisible by block_length ({self.block_length}); "
+                f"e.g. block_length={_divisor_hint(self.gen_length, self.block_length)}.")
+        if self.steps > self.gen_length:
+            raise DecodeSpecError(f"steps ({self.steps}) cannot exceed gen_length ({self.gen_length}): each step unmasks at least one token.")
+        if self.steps % self.n_blocks:
+            raise DecodeSpecError(
+                f"steps ({self.steps}) must be divisible by the number of blocks "
+                f"(gen_length/block_length = {self.n_blocks}); e.g. steps={max(self.n_blocks, self.steps // self.n_blocks * self.n_blocks)}.")
+
+
+def _divisor_hint(n: int, near: int) -> int:
+    divisors = [d for d in range(1, n + 1) if n % d == 0]
+    return min(divisors, key=lambda d: abs(d - near))
+
+
+def transfer_schedule(n_masked: int, steps: int) -> list[int]:
+    """How many tokens each of ``steps`` steps unmasks: as even as possible, earlier steps first."""
+    base, extra = divmod(n_masked, steps)
+    return [base + (1 if i < extra else 0) for i in range(steps)]
+
+
+@dataclass
+class Trajectory:
+    """Everything one generation did, step by step (``S`` steps, ``L = prompt + gen`` positions).
+
+    * ``tokens``: ``int64 [S, L]``, the model input at each step (AR: positions not yet fed hold ``filler_id``).
+    * ``final_tokens``: ``int64 [L]``, the sequence after the last step.
+    * ``decoded_at``: ``int64 [L]``, the step at which each position was decoded; -1 for the prompt.
+    * ``confidence``: ``float32 [S, L]``, softmax probability of each token decoded at that step; NaN elsewhere.
+    * ``mass``: ``float32 [S, layers, heads, L]`` or None, the attention mass each key position
+      receives (sum over queries of softmax probabilities); sums to ``valid_length[s]`` over keys.
+    * ``valid_length``: ``int64 [S]``, positions fed to the model at each step (L for a DLM).
+    * ``step_seconds``: ``float64 [S]``, wall time of each step.
+    """
+
+    tokens: np.ndarray
+    final_tokens: np.ndarray
+    prompt_length: int
+    decoded_at: np.ndarray
+    confidence: np.ndarray
+    mass: Optional[np.ndarray]
+    valid_length: np.ndarray
+    step_seconds: np.ndarray
+    causal: bool
+    mask_id: int
+    spec: DecodeSpec
+    prompt: str = ""
+
+    @property
+    def n_steps(self) -> int:
+        return int(self.tokens.shape[0])
+
+    @property
+    def length(self) -> int:
+        return int(self.tokens.shape[1])
+
+    @property
+    def generated_ids(self) -> np.ndarray:
+        return self.final_tokens[self.prompt_length:]
+
+    def decoded_at_step(self, step: int) -> np.ndarray:
+        """``bool [L]``: positions decoded at ``step``."""
+        return self.decoded_at == step
+
+    def masked_at_step(self, step: int) -> np.ndarray:
+        """``bool [L]``: positions still masked (or not yet generated) in the input of ``step``."""
+        return (self.decoded_at >= step)
+
+    def save(self, path) -> None:
+        """Write to ``.npz`` (arrays plus the spec); :meth:`load` reads it back."""
+        arrays = {k: getattr(self, k) for k in ("tokens", "final_tokens", "decoded_at", "confidence", "valid_length", "step_seconds")}
+        if self.mass is not None:
+            arrays["mass"] = self.mass
+        meta = dict(prompt_length=self.prompt_length, causal=self.causal, mask_id=self.mask_id, spec=asdict(self.spec), prompt=self.prompt)
+        np.savez_compressed(path, meta=np.array(__import__("json").dumps(meta)), **arrays)
+
+    @classmethod
+    def load(cls, path) -> "Trajectory":
+        import json
+
+        with np.load(path, allow_pickle=False) as data:
+            meta = json.loads(str(data["meta"]))
+            arrays = {k: data[k] for k in data.files if k != "meta"}
+        spec = DecodeSpec(**meta.pop("spec"))
+        return cls(mass=arrays.pop("mass", None), spec=spec, **arrays, **meta)
+
+
+def _gumbel_argmax(logits: torch.Tensor, temperature: float, generator: torch.Generator) -> torch.Tensor:
+    """``argmax(logits + T·Gumbel)`` in float64: a sample from ``softmax(logits / T)`` (greedy at T=0)."""
+    logits = logits.double()
+    if temperature == 0:
+        return logits.argmax(-1)
+    u = torch.rand(logits.shape, generator=generator, device=logits.device, dtype=torch.float64)
+    u = u.clamp_min(torch.finfo(torch.float64).tiny)
+    return (logits - temperature * torch.log(-torch.log(u))).argmax(-1)
+
+
+def _max_length(handle: ModelHandle) -> Optional[int]:
+    cfg = handle.module.config
+    return getattr(cfg, "max_sequence_length", None) or getattr(cfg, "max_position_embeddings", None)
+
+
+@torch.inference_mode()
+def generate(
+    handle: ModelHandle,
+    prompt: Union[str, list[int]],
+    spec: DecodeSpec = DecodeSpec(),
+    recorder: Optional[AttentionRecorder] = None,
+    progress: Optional[Progress] = None,
+) -> Trajectory:
+    """Decode ``spec.gen_length`` tokens after ``prompt``; record the trajectory (and mass, with a recorder)."""
+    prompt_ids = handle.encode(prompt) if isinstance(prompt, str) else [int(i) for i in prompt]
+    spec.validate(handle.causal, len(prompt_ids), _max_length(handle))
+    if handle.causal:
+        return _generate_causal(handle, prompt_ids, spec, recorder, progress, prompt if isinstance(prompt, str) else "")
+    return _generate_diffusion(handle, prompt_ids, spec, recorder, progress, prompt if isinstance(prompt, str) else "")
+
+
+def _generate_diffusion(handle, prompt_ids, spec, recorder, progress, prompt_text) -> Trajectory:
+    P, G, mask_id = len(prompt_ids), spec.gen_length, handle.mask_id
+    L, S = P + G, spec.steps
+    x = torch.full((1, L), mask_id, dtype=torch.long, device=handle.device)
+    x[0, :P] = torch.tensor(prompt_ids, dtype=torch.long)
+    generator = torch.Generator(device=handle.device).manual_seed(spec.seed)
+    tokens = np.zeros((S, L), np.int64)
+    decoded_at = np.full(L, -1, np.int64)
+    confidence = np.full((S, L), np.nan, np.float32)
+    masses, seconds = [], np.zeros(S)
+    steps_per_block = S // spec.n_blocks
+    step = 0
+    for b in range(spec.n_blocks):
+        lo, hi = P + b * spec.block_length, P + (b + 1) * spec.block_length
+        schedule = transfer_schedule(spec.block_length, steps_per_block)
+        for n_transfer in schedule:
+            t0 = time.perf_counter()
+            tokens[step] = x[0].cpu().numpy()
+            masked = x[0, lo:hi] == mask_id
+            if recorder is not None:
+                recorder.start_pass()
+            if spec.cfg_scale > 0:
+                uncond = x.clone()
+                uncond[0, :P] = mask_id
+                both = handle.logits(torch.cat([x, uncond]), recorder)
+                cond, un = both[0:1], both[1:2]
+                logits = un + (spec.cfg_scale + 1) * (cond - un)
+            else:
+                logits = handle.logits(x, recorder)
+            if recorder is not None:
+                masses.append(recorder.end_pass()[0].numpy())
+            block_logits = logits[0, lo:hi].double()
+            x0 = _gumbel_argmax(block_logits, spec.temperature, generator)
+            x0_p = torch.softmax(block_logits, -1).gather(-1, x0[:, None])[:, 0]
+            if spec.remasking == "random":
+                score = torch.rand(hi - lo, generator=generator, device=x.device, dtype=torch.float64)
+            else:
+                score = x0_p.clone()
+            score[~masked] = -float("inf")
+            chosen = torch.topk(score, n_transfer).indices
+            x[0, lo + chosen] = x0[chosen]
+            pos = (lo + chosen).cpu().numpy()
+            decoded_at[pos] = step
+            confidence[step, pos] = x0_p[chosen].float().cpu().numpy()
+            seconds[step] = time.perf_counter() - t0
+            step += 1
+            report(progress, step, S, f"denoising step {step}/{S}")
+    return Trajectory(
+        tokens=tokens, final_tokens=x[0].cpu().numpy(), prompt_length=P, decoded_at=decoded_at,
+        confidence=confidence, mass=np.stack(masses) if masses else None,
+        valid_length=np.full(S, L, np.int64), step_seconds=seconds, causal=False,
+        mask_id=int(mask_id), spec=spec, prompt=prompt_text,
+    )
+
+
+def _generate_causal(handle, prompt_ids, spec, recorder, progress, prompt_text) -> Trajectory:
+    P, G = len(prompt_ids), spec.gen_length
+    L = P + G
+    filler = handle.mask_id if handle.mask_id is not None else -1
+    seq = torch.tensor(prompt_ids + [0] * G, dtype=torch.long, device=handle.device)
+    generator = torch.Generator(device=handle.device).manual_seed(spec.seed)
+    tokens = np.full((G, L), filler, np.int64)
+    decoded_at = np.full(L, -1, np.int64)
+    confidence = np.full((G, L), np.nan, np.float32)
+    mass = None
+    seconds = np.zeros(G)
+    for s in range(G):
+        t0 = time.perf_counter()
+        n = P + s
+        tokens[s, :n] = seq[:n].cpu().numpy()
+        if recorder is not None:
+            recorder.start_pass()
+        logits = handle.logits(seq[None, :n], recorder)[0, -1].double()
+        if recorder is not None:
+            step_mass = recorder.end_pass()[0].numpy()
+            if mass is None:
+                mass = np.zeros((G,) + step_mass.shape[:-1] + (L,), np.float32)
+            mass[s, ..., :n] = step_mass
+        token = _gumbel_argmax(logits, spec.temperature, generator)
+        seq[n] = token
+        decoded_at[n] = s
+        confidence[s, n] = float(torch.softmax(logits, -1)[token])
+        seconds[s] = time.perf_counter() - t0
+        report(progress, s + 1, G, f"token {s + 1}/{G}")
+    return Trajectory(
+        tokens=tokens, final_tokens=seq.cpu().numpy(), prompt_length=P, decoded_at=decoded_at,
+        confidence=confidence, mass=mass, valid_length=P + np.arange(G, dtype=np.int64),
+        step_seconds=seconds, causal=True, mask_id=int(filler), spec=spec, prompt=prompt_text,
+    )
+
+
+@torch.inference_mode()
+def attention_map(handle: ModelHandle, trajectory: Trajectory, step: int, layer: int, head: int) -> np.ndarray:
+    """Full query×key attention ``float32 [V, V]`` of one (step, layer, head), ``V = valid_length[step]``,
+    recomputed by replaying that step's input (the conditional pass) through the model."""
+    if not 0 <= step < trajectory.n_steps:
+        raise DecodeSpecError(f"step must be in [0, {trajectory.n_steps - 1}] (got {step}).")
+    if not 0 <= layer < handle.n_layers or not 0 <= head < handle.n_heads:
+        raise DecodeSpecError(f"layer must be in [0, {handle.n_layers - 1}] and head in [0, {handle.n_heads - 1}].")
+    n = int(trajectory.valid_length[step])
+    recorder = AttentionRecorder(full_map=(layer, head))
+    recorder.start_pass()
+    handle.logits(torch.as_tensor(trajectory.tokens[step, :n])[None], recorder)
+    recorder.end_pass()
+    return recorder.last_map[0].numpy()
