@@ -116,17 +116,18 @@ class Rotary:
     def __init__(self, head_dim: int, theta: float):
         self.head_dim = head_dim
         self.theta = theta
-        self._cache: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}
+        self._tables: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def cos_sin(self, length: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        key = (length, str(device))
-        if key not in self._cache:
+        """``[length, head_dim]`` cos and sin, sliced from one table per device that grows as needed."""
+        table = self._tables.get(str(device))
+        if table is None or table[0].shape[0] < length:
             dim = self.head_dim
             inv_freq = 1.0 / (self.theta ** (torch.arange(0, dim, 2, device=device, dtype=torch.float32) / dim))
             freqs = torch.outer(torch.arange(length, device=device, dtype=torch.float32), inv_freq)
             pos = torch.cat((freqs, freqs), dim=-1)
-            self._cache[key] = (pos.cos(), pos.sin())
-        return self._cache[key]
+            table = self._tables[str(device)] = (pos.cos(), pos.sin())
+        return table[0][:length], table[1][:length]
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:
         """``x``: ``[B, heads, T, head_dim]``."""
