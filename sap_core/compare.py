@@ -1,0 +1,234 @@
+"""Side-by-side generation: the dense model against pruned variants, same prompt, spec and seed.
+
+Every run decodes the same prompt with the same :class:`~sap_core.diffusion.DecodeSpec` (hence the
+same seed), so any difference between two runs comes from the weights alone. For each variant the
+comparison reports
+
+* ``text``: the generated continuation (prompt excluded);
+* ``divergence_step``: the first step ``s`` after which the variant's sequence differs from the dense
+  one's: ``state[s] = tokens[s + 1]`` (or ``final_tokens`` after the last step), compared over all
+  positions, so both a different token and a different choice of position to unmask count. ``None``
+  when the two trajectories agree at every step;
+* ``agreement``: ``bool [gen_length]``, per generated position, whether the final token equals the
+  dense model's; ``agreement_rate`` is its mean;
+* ``step_agreement``: ``float [S]``, the fraction of generated positions whose state after step ``s``
+  equals the dense state after step ``s`` (1.0 up to the divergence step);
+* ``step_seconds``: ``float [S]``, the wall time of every step (from the trajectory).
+
+The shared dense model is never mutated here: a :class:`~sap_core.pruning.PrunedVariant` runs
+inside ``variant.applied(handle)``, which holds ``handle.lock`` and restores the dense weights on the
+way out (also when the progress callback cancels). The dense run holds ``handle.lock`` too, so it
+never sees another session's variant swapped in. A separately loaded :class:`ModelHandle` (for
+instance a pruned model directory saved with ``prune --save``) is also accepted as a variant.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import asdict, dataclass, field
+from typing import Any, Mapping, Optional, Sequence, Union
+
+import numpy as np
+import pandas as pd
+
+from sap_core.diffusion import DecodeSpec, Trajectory, generate
+from sap_core.errors import SapError
+from sap_core.models import ModelHandle
+from sap_core.progress import Progress, report
+
+DENSE = "dense"
+
+
+@dataclass
+class ComparedRun:
+    """One generation in a :class:`Comparison` and how it relates to the dense run."""
+
+    label: str
+    text: str
+    trajectory: Trajectory
+    divergence_step: Optional[int]
+    agreement: np.ndarray  # bool [gen_length]
+    step_agreement: np.ndarray  # float [S]
+
+    @property
+    def agreement_rate(self) -> float:
+        return float(self.agreement.mean()) if self.agreement.size else 1.0
+
+    @property
+    def step_seconds(self) -> np.ndarray:
+        return self.trajectory.step_seconds
+
+    @property
+    def seconds(self) -> float:
+        return float(self.trajectory.step_seconds.sum())
+
+    @property
+    def mean_step_ms(self) -> float:
+        return 1000.0 * float(np.mean(self.trajectory.step_seconds))
+
+    @property
+    def median_step_ms(self) -> float:
+        return 1000.0 * float(np.median(self.trajectory.step_seconds))
+
+    @property
+    def generated_ids(self) -> list[int]:
+        return [int(i) for i in self.trajectory.generated_ids]
+
+    def summary(self) -> dict[str, Any]:
+        """JSON-ready summary (no trajectory arrays except the per-step ones)."""
+        return {
+            "label": self.label,
+            "text": self.text,
+            "generated_ids": self.generated_ids,
+            "divergence_step": self.divergence_step,
+            "agreement_rate": self.agreement_rate,
+            "agreement": [bool(a) for a in self.agreement],
+            "step_agreement": [float(a) for a in self.step_agreement],
+            "seconds": self.seconds,
+            "mean_step_ms": self.mean_step_ms,
+            "median_step_ms": self.median_step_ms,
+            "step_seconds": [float(s) for s in self.step_seconds],
+        }
+
+
+@dataclass
+class Comparison:
+    """The dense run and every variant run, in the order given (dense first)."""
+
+    prompt: str
+    spec: DecodeSpec
+    runs: list[ComparedRun] = field(default_factory=list)
+
+    @property
+    def dense(self) -> ComparedRun:
+        return self.runs[0]
+
+    @property
+    def variants(self) -> list[ComparedRun]:
+        return self.runs[1:]
+
+    def __getitem__(self, label: str) -> ComparedRun:
+        for run in self.runs:
+            if run.label == label:
+                return run
+        raise KeyError(label)
+
+    def table(self) -> pd.DataFrame:
+        """One row per run: label, text, divergence_step, agreement_rate, timing."""
+        rows = [{k: v for k, v in run.summary().items() if k in (
+            "label", "text", "divergence_step", "agreement_rate", "seconds", "mean_step_ms", "median_step_ms")}
+            for run in self.runs]
+        df = pd.DataFrame(rows, columns=["label", "text", "divergence_step", "agreement_rate", "seconds",
+                                         "mean_step_ms", "median_step_ms"])
+        df["divergence_step"] = df["divergence_step"].astype("Int64")
+        return df
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"prompt": self.prompt, "spec": asdict(self.spec), "runs": [run.summary() for run in self.runs]}
+
+
+def states_after_steps(trajectory: Trajectory) -> np.ndarray:
+    """``int64 [S, L]``: the sequence after each step (``tokens[s + 1]``; ``final_tokens`` after the last)."""
+    return np.concatenate([trajectory.tokens[1:], trajectory.final_tokens[None]], axis=0)
+
+
+def divergence_step(dense: Trajectory, other: Trajectory) -> Optional[int]:
+    """First step after which ``other``'s sequence differs from ``dense``'s; None if they never differ."""
+    _check_comparable(dense, other)
+    differs = (states_after_steps(dense) != states_after_steps(other)).any(axis=1)
+    hits = np.flatnonzero(differs)
+    return int(hits[0]) if hits.size else None
+
+
+def position_agreement(dense: Trajectory, other: Trajectory) -> np.ndarray:
+    """``bool [gen_length]``: whether each generated position's final token equals the dense one."""
+    _check_comparable(dense, other)
+    return dense.generated_ids == other.generated_ids
+
+
+def step_agreement(dense: Trajectory, other: Trajectory) -> np.ndarray:
+    """``float [S]``: fraction of generated positions whose state after each step equals the dense state."""
+    _check_comparable(dense, other)
+    P = dense.prompt_length
+    same = states_after_steps(dense)[:, P:] == states_after_steps(other)[:, P:]
+    return same.mean(axis=1) if same.shape[1] else np.ones(same.shape[0])
+
+
+def _check_comparable(a: Trajectory, b: Trajectory) -> None:
+    if a.tokens.shape != b.tokens.shape or a.prompt_length != b.prompt_length:
+        raise SapError(
+            f"These trajectories cannot be compared: shapes {a.tokens.shape} and {b.tokens.shape} "
+            f"(prompt lengths {a.prompt_length} and {b.prompt_length}); decode the same prompt with the same spec.")
+    if not np.array_equal(a.tokens[0, :a.prompt_length], b.tokens[0, :b.prompt_length]):
+        raise SapError("These trajectories start from different prompts; decode the same prompt for both.")
+
+
+Variant = Any  # a PrunedVariant (has .applied(handle)) or a ModelHandle
+
+
+def _label_of(variant: Variant, index: int) -> str:
+    spec = getattr(variant, "spec", None)
+    if spec is not None and hasattr(spec, "method"):
+        pattern = getattr(spec, "pattern", "unstructured")
+        return f"{spec.method} {getattr(spec, 'sparsity', 0):g} {pattern}"
+    if isinstance(variant, ModelHandle):
+        return variant.name
+    return f"variant {index + 1}"
+
+
+def _context(handle: ModelHandle, variant: Variant):
+    """The model to run and the context that makes it safe to run."""
+    if isinstance(variant, ModelHandle):
+        return variant, variant.lock
+    if hasattr(variant, "applied"):
+        return handle, variant.applied(handle)
+    raise SapError(f"Cannot compare against {type(variant).__name__}: give PrunedVariant objects or loaded ModelHandles.")
+
+
+def compare_generations(
+    handle: ModelHandle,
+    variants: Union[Mapping[str, Variant], Sequence[Variant]],
+    prompt: Union[str, list[int]],
+    spec: DecodeSpec = DecodeSpec(),
+    *,
+    progress: Optional[Progress] = None,
+) -> Comparison:
+    """Generate with the dense ``handle`` and with every variant under the same prompt, spec and seed.
+
+    ``variants`` is a mapping ``label -> variant`` or a sequence (labels are then made from each
+    variant's spec: ``"wanda 0.5 unstructured"``). A variant is a ``PrunedVariant`` (run through
+    ``variant.applied(handle)``) or a separately loaded ``ModelHandle`` with the same tokenizer.
+    ``progress(done, total, message)`` counts decoding steps across all runs; raising
+    :class:`~sap_core.errors.Cancelled` from it stops the comparison with the dense weights restored.
+    """
+    items = list(variants.items()) if isinstance(variants, Mapping) else [(_label_of(v, i), v) for i, v in enumerate(variants)]
+    labels = [DENSE] + [label for label, _ in items]
+    if len(set(labels)) != len(labels):
+        raise SapError(f"Run labels must be unique (got {labels}); pass a mapping label -> variant.")
+    prompt_ids = handle.encode(prompt) if isinstance(prompt, str) else [int(i) for i in prompt]
+    n_steps = spec.gen_length if handle.causal else spec.steps
+    total = n_steps * len(labels)
+
+    def sub_progress(offset: int, label: str) -> Progress:
+        def inner(done: int, _total: int, message: str) -> None:
+            report(progress, offset + done, total, f"{label}: {message}")
+        return inner
+
+    trajectories: list[Trajectory] = []
+    for i, label in enumerate(labels):
+        if i == 0:
+            model, ctx = handle, handle.lock
+        else:
+            model, ctx = _context(handle, items[i - 1][1])
+        with ctx if ctx is not None else contextlib.nullcontext():
+            traj = generate(model, prompt_ids, spec, progress=sub_progress(i * n_steps, label))
+        traj.prompt = prompt if isinstance(prompt, str) else ""
+        trajectories.append(traj)
+
+    dense = trajectories[0]
+    runs = []
+    for label, traj in zip(labels, trajectories):
+        runs.append(ComparedRun(
+            label=label, text=handle.decode(traj.generated_ids), trajectory=traj,
+            divergence_step=divergence_step(dense, traj), agreement=position_agreement(dense, traj),
+            step_agreement=step_agreement(dense, traj)))
+    return Comparison(prompt=prompt if isinstance(prompt, str) else handle.decode(prompt_ids), spec=spec, runs=runs)
