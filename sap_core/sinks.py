@@ -1,0 +1,872 @@
+"""Attention sinks over a generation trajectory: scores, dominant positions, instability, stability.
+
+Every statistic SinkScope shows about sinks is defined here, once. Shapes use ``S`` steps,
+``Ly`` layers, ``H`` heads, ``L`` positions (prompt + generation); ``Lsel`` is the number of
+selected layers. The input is a :class:`sap_core.diffusion.Trajectory` (or any object with the same
+fields), whose ``mass[t, l, h, j]`` is the attention mass key ``j`` receives at step ``t`` in layer
+``l``, head ``h``: the sum over queries of the softmax probabilities. Only positions
+``j < valid_length[t]`` exist at step ``t`` (all of them for a DLM; the tokens fed so far for a
+causal model decoding token by token); every statistic below is taken over the valid positions.
+
+Mass
+    ``m_t(j) = sum over the selected layers l, heads h and all queries i of A_t^(l,h)[i, j]``
+    (:func:`reduce_mass`). With the default selection (all layers, all heads) this is exactly the
+    quantity the official Sink-Aware Pruning code sums (``attn_probs.sum(dim=2).sum(dim=1)`` added
+    over every block). Per layer, ``m_t^(l)(j)`` is the same sum restricted to layer ``l``.
+
+Views of the mass (``SinkSpec.normalize``); each divides ``m_t(j)`` by a baseline ``b_t(j)``:
+    * ``"raw"``: ``b = 1``. The official code's view and the default.
+    * ``"uniform"``: ``b_t = (sum_j m_t(j)) / n_t``, the mass every key would get if the total
+      were spread evenly over the ``n_t`` valid positions. The value is a multiple of the uniform
+      mass (1 = average). Scores and sets under the official rule do not change with a per-step
+      scale of the mass *except* through ``alpha``, which multiplies a mass difference.
+    * ``"per_query"``: ``b_t(j) = q_t(j) * total_t / n_t**2`` with ``q_t(j)`` the number of queries
+      that can attend to key ``j`` (``n_t - j`` for a causal model, ``n_t`` otherwise). The value is
+      the mean attention probability ``j`` receives from a query that can see it, as a multiple of
+      ``1 / n_t``. For a bidirectional model it equals ``"uniform"``.
+    * ``"expected"`` (beyond the issue text): ``b_t(j) = e_t(j) * total_t / n_t`` with
+      ``e_t(j) = sum over queries i that see j of 1 / (number of keys i sees)``, i.e. the mass ``j``
+      would receive if every query attended uniformly to what it may see; causal:
+      ``e_t(j) = H(n_t) - H(j)`` (harmonic numbers). The value is 1 for uniform attention at every
+      position, causal or not. ``"per_query"`` alone still favours key 0 by a factor
+      ``H(n) ~ ln n`` under uniform causal attention (early queries split their probability over
+      fewer keys), so :func:`compare` uses ``"expected"`` by default: a position-0 sink in an AR
+      model is then never an artefact of the causal mask.
+
+Sink score and sink set at step t (``SinkSpec.rule``); ``mean_t`` and ``std_t`` are the mean and the
+population standard deviation of the (viewed) mass over the valid positions of step ``t``:
+    * ``"official"`` (default): ``s_t(j) = sigmoid(alpha * (m_t(j) - (mean_t + k * std_t)))``,
+      ``k = 2``, ``alpha = 5``, exactly the official ``_compute_sink_mask``. ``j`` *is a sink at
+      step t* when ``s_t(j) > 0.5``, i.e. ``m_t(j) > mean_t + k * std_t`` (up to a rounding
+      tolerance of ``1e-6 * mean_t``). Uniform mass gives ``s = 0.5`` everywhere and no sink.
+    * ``"leave_one_out"``: the hard rule of the paper's pipeline figure: ``j`` is a sink when
+      ``m_t(j) > mean of m_t(i) over the other valid positions i != j + epsilon * u_t``, and
+      ``s_t(j)`` is 1 for a sink and 0 otherwise. ``u_t = total_t / n_t`` is the uniform mass: the
+      project expresses the margin in units of it so that one ``epsilon`` fits every model, length
+      and layer selection (the figure leaves the unit open). The default ``epsilon = 0.5``
+      reproduces the figure's example (masses 5, 18, 9, 22, 7: sinks at 18 and 22).
+    Scores of positions that do not exist at step ``t`` are NaN.
+
+Dominant sink and centroid (per step, for the aggregate and for each layer)
+    ``d_t = argmax_j m_t(j)`` over the valid positions (first on ties), in the chosen view.
+    ``c_t = sum_{j in sinks_t} m_t(j) * j / sum_{j in sinks_t} m_t(j)``, the mass-weighted centroid
+    of the sink set; NaN at a step with no sink. Per layer, the sink set uses the same rule on
+    ``m_t^(l)``.
+
+Trajectory instability (:class:`Instability`, per layer and for the aggregate)
+    ``dominant_var = Var_t(d_t)`` (population variance over all steps, tokens^2) and
+    ``centroid_var = Var_t(c_t)`` over the steps with a sink; ``*_norm`` are the same for the
+    relative position ``d_t / L`` (``= Var / L**2``), comparable across lengths. This is what the
+    paper means by "the attention-sink position exhibits substantially higher variance over the
+    full generation trajectory".
+
+Spatial concentration (in :class:`Instability`)
+    ``p_j`` is the mean over the steps at which ``j`` exists of its viewed mass, normalised to sum to
+    1. ``entropy = -sum_j p_j ln p_j`` (nats), ``entropy_norm = entropy / ln(n)`` over the ``n``
+    positions that ever exist (1 = flat, 0 = one position holds everything), and ``top_k_share``,
+    the share of ``p`` held by the ``SinkSpec.top_k`` largest positions.
+
+Per-position stability (from the aggregate scores, over the steps at which ``j`` exists)
+    ``frequency f_j`` = share of steps at which ``j`` is a sink; ``mean_score`` = ``mean_t s_t(j)``;
+    ``variance v_j = Var_t(s_t(j))`` (population). Labels (:data:`LABELS`), with ``tau`` the
+    variance threshold and ``phi = SinkSpec.stable_min_frequency`` (0.5: "a sink at most steps"):
+        * ``"unstable"``: a sink at some step and ``v_j >= tau``;
+        * ``"stable"``: ``f_j >= phi`` and ``v_j < tau``;
+        * ``"transient"``: a sink at some step (``0 < f_j < phi``) and ``v_j < tau``;
+        * ``"none"``: never a sink.
+    The variance gate is the project's extension: the official code computes no variance and
+    treats every sink as prunable. ``tau = 0`` makes every sink unstable (``v_j >= 0``).
+
+Down-weighting factors for the pruner
+    ``w_j = 1 - g_j * mean_score_j`` with the gate ``g_j = 1`` when ``j`` is an unstable sink and 0
+    otherwise, except that ``tau = 0`` opens the gate for *every* position. With ``tau = 0`` this is
+    exactly the official ``prune_sink_sparsegpt`` weight ``1 - mean over the sampled steps of the
+    soft sink mask``, which also down-weights positions whose soft score stays below 0.5 (by
+    that small score). :func:`step_downweights` gives the per-step factors ``1 - g_j * s_t(j)``
+    that the official Wanda-style ``prune_sink`` multiplies into each step's activations.
+
+Position states (:data:`STATES`, ``SinkReport.state[t, j]``), so that views can split by them:
+``"prompt"`` (``decoded_at == -1``), ``"decoding"`` (decoded by step ``t``: ``decoded_at == t``;
+masked in that step's input for a DLM; for a causal model the position step ``t`` outputs, not yet
+fed), ``"absent"`` (``j >= valid_length[t]``), ``"masked"`` (decoded later), ``"decoded"``
+(decoded earlier), first match in that order.
+
+Cost: the only pass over the ``[S, Ly, H, L]`` mass is its sum over heads (:func:`reduce_mass`),
+cached per (mass array, layer and head selection); changing ``k``, ``alpha``, ``epsilon``, ``tau``,
+the rule or the view re-scores the reduced ``[S, Lsel, L]`` arrays only (:meth:`SinkReport.rescore`).
+"""
+from __future__ import annotations
+
+import json
+import threading
+import weakref
+from collections import OrderedDict
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+from typing import Any, Optional, Sequence, Union
+
+import numpy as np
+
+from sap_core.errors import SinkSpecError
+
+RULES = ("official", "leave_one_out")
+VIEWS = ("raw", "uniform", "per_query", "expected")
+LABELS = ("none", "transient", "stable", "unstable")
+STATES = ("prompt", "decoded", "decoding", "masked", "absent")
+AGGREGATE = -1  # the ``layer`` value of aggregate rows in tables
+_RTOL = 1e-6
+
+
+# --- spec --------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class SinkSpec:
+    """Settings of the sink analysis. Defaults reproduce the official Sink-Aware Pruning code.
+
+    * ``rule``: ``"official"`` (soft sigmoid score) or ``"leave_one_out"`` (hard rule of the figure).
+    * ``k``, ``alpha``: threshold ``mean + k·std`` and sigmoid slope of the official rule.
+    * ``epsilon``: margin of the leave-one-out rule, in units of the step's uniform mass.
+    * ``tau``: variance threshold of the stability gate (0 = official: every sink is unstable).
+    * ``stable_min_frequency``: a stable sink is a sink at least this share of steps.
+    * ``layers``, ``heads``: indices to sum over (None = all); the head selection applies to every
+      selected layer.
+    * ``normalize``: the mass view scored (:data:`VIEWS`).
+    * ``top_k``: positions counted by the top-k mass share.
+    """
+
+    rule: str = "official"
+    k: float = 2.0
+    alpha: float = 5.0
+    epsilon: float = 0.5
+    tau: float = 0.0
+    stable_min_frequency: float = 0.5
+    layers: Optional[tuple[int, ...]] = None
+    heads: Optional[tuple[int, ...]] = None
+    normalize: str = "raw"
+    top_k: int = 4
+
+    def __post_init__(self) -> None:
+        for name in ("layers", "heads"):
+            value = getattr(self, name)
+            if value is not None:
+                if isinstance(value, (int, np.integer)):
+                    value = (value,)
+                try:
+                    value = tuple(int(v) for v in value)
+                except (TypeError, ValueError):
+                    raise SinkSpecError(f"{name} must be a list of integer indices or None for all (got {value!r}).") from None
+                if not value:
+                    raise SinkSpecError(f"{name} is empty: select at least one, or None for all.")
+                if len(set(value)) != len(value):
+                    raise SinkSpecError(f"{name} lists an index twice ({list(value)}); list each once.")
+                object.__setattr__(self, name, value)
+        if self.rule not in RULES:
+            raise SinkSpecError(f"rule must be one of {', '.join(RULES)} (got '{self.rule}').")
+        if self.normalize not in VIEWS:
+            raise SinkSpecError(f"normalize must be one of {', '.join(VIEWS)} (got '{self.normalize}').")
+        for name in ("k", "alpha", "epsilon", "tau", "stable_min_frequency"):
+            if not np.isfinite(float(getattr(self, name))):
+                raise SinkSpecError(f"{name} must be a finite number (got {getattr(self, name)}).")
+        if self.alpha <= 0:
+            raise SinkSpecError(f"alpha must be > 0 (got {self.alpha}); it is the sigmoid slope, 5 by default.")
+        if self.epsilon < 0:
+            raise SinkSpecError(f"epsilon must be >= 0 (got {self.epsilon}); it is a margin above the others' mean.")
+        if self.tau < 0:
+            raise SinkSpecError(f"tau must be >= 0 (got {self.tau}); 0 treats every sink as unstable (official).")
+        if not 0 < self.stable_min_frequency <= 1:
+            raise SinkSpecError(f"stable_min_frequency must be in (0, 1] (got {self.stable_min_frequency}); 0.5 means 'a sink at most steps'.")
+        if int(self.top_k) != self.top_k or self.top_k < 1:
+            raise SinkSpecError(f"top_k must be a whole number >= 1 (got {self.top_k}).")
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        for name in ("layers", "heads"):
+            d[name] = None if d[name] is None else list(d[name])
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "SinkSpec":
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise SinkSpecError(f"unknown SinkSpec fields {sorted(unknown)}; known: {sorted(known)}.")
+        return cls(**d)
+
+    def resolve(self, n_layers: int, n_heads: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """The selected (layers, heads) as explicit index tuples; raises for out-of-range indices."""
+        out = []
+        for name, sel, n in (("layers", self.layers, n_layers), ("heads", self.heads, n_heads)):
+            if sel is None:
+                out.append(tuple(range(n)))
+                continue
+            bad = [i for i in sel if not 0 <= i < n]
+            if bad:
+                raise SinkSpecError(f"{name} {bad} out of range: the model has {n} {name} (indices 0..{n - 1}).")
+            out.append(tuple(sel))
+        return out[0], out[1]
+
+
+# --- mass reduction (the only pass over [S, Ly, H, L]) -----------------------------------------
+
+@dataclass(frozen=True, eq=False)
+class StepMass:
+    """Mass summed over the selected heads: ``layer_mass`` ``float32 [S, Lsel, L]`` and over the
+    selected layers too: ``mass`` ``float32 [S, L]`` (raw view), with the trajectory's
+    ``valid_length`` ``int64 [S]`` and ``causal`` flag."""
+
+    layer_mass: np.ndarray
+    mass: np.ndarray
+    layers: tuple[int, ...]
+    heads: tuple[int, ...]
+    valid_length: np.ndarray
+    causal: bool
+
+
+_CACHE: "OrderedDict[tuple, tuple[weakref.ref, np.ndarray, np.ndarray]]" = OrderedDict()
+_CACHE_LOCK = threading.RLock()  # re-entrant: a weakref callback may fire while it is held
+_CACHE_SIZE = 8
+
+
+def _as_numpy(x: Any, dtype=None) -> np.ndarray:
+    if hasattr(x, "detach"):  # torch tensor, without importing torch
+        x = x.detach().cpu()
+        x = x.float().numpy() if x.is_floating_point() else x.numpy()
+    return np.asarray(x, dtype=dtype)
+
+
+def reduce_mass(trajectory: Any, spec: SinkSpec = SinkSpec()) -> StepMass:
+    """Sum ``trajectory.mass`` ``[S, Ly, H, L]`` over the selected heads (per layer) and layers.
+
+    The result is cached per (mass object, selection): the cache assumes the mass array is not
+    modified in place afterwards. Raises :class:`SinkSpecError` if the trajectory has no mass.
+    """
+    source = getattr(trajectory, "mass", None)
+    if source is None:
+        raise SinkSpecError("This trajectory has no attention mass: generate it with recorder=AttentionRecorder().")
+    shape = tuple(source.shape)
+    if len(shape) != 4:
+        raise SinkSpecError(f"mass must have shape [steps, layers, heads, positions] (got {list(shape)}).")
+    S, Ly, H, L = shape
+    valid_length = _as_numpy(trajectory.valid_length, np.int64).reshape(-1)
+    if valid_length.shape[0] != S:
+        raise SinkSpecError(f"valid_length has {valid_length.shape[0]} entries for {S} steps of mass.")
+    layers, heads = spec.resolve(Ly, H)
+    key = (id(source), shape, layers, heads)
+    with _CACHE_LOCK:
+        hit = _CACHE.get(key)
+        if hit is not None and hit[0]() is source:
+            _CACHE.move_to_end(key)
+            layer_mass, mass = hit[1], hit[2]
+            return StepMass(layer_mass, mass, layers, heads, valid_length, bool(trajectory.causal))
+    arr = _as_numpy(source)
+    if arr.dtype != np.float32:
+        arr = arr.astype(np.float32)
+    if layers != tuple(range(Ly)):
+        arr = arr[:, list(layers)]
+    if heads != tuple(range(H)):
+        arr = arr[:, :, list(heads)]
+    layer_mass = arr.sum(axis=2)
+    mass = layer_mass.sum(axis=1)
+    layer_mass.setflags(write=False)
+    mass.setflags(write=False)
+    def forget(_ref, key=key):
+        with _CACHE_LOCK:
+            if key in _CACHE and _CACHE[key][0] is _ref:
+                del _CACHE[key]
+
+    try:
+        ref = weakref.ref(source, forget)  # the entry goes when the mass array does
+    except TypeError:  # not weak-referenceable: do not cache
+        ref = None
+    if ref is not None:
+        with _CACHE_LOCK:
+            _CACHE[key] = (ref, layer_mass, mass)
+            while len(_CACHE) > _CACHE_SIZE:
+                _CACHE.popitem(last=False)
+    return StepMass(layer_mass, mass, layers, heads, valid_length, bool(trajectory.causal))
+
+
+def clear_cache() -> None:
+    """Forget every cached reduction (e.g. to time a cold :func:`analyze`)."""
+    with _CACHE_LOCK:
+        _CACHE.clear()
+
+
+# --- array-level rules (what the pruner calls on calibration masses) ---------------------------
+
+def _valid_mask(S: int, L: int, valid_length: Optional[np.ndarray]) -> np.ndarray:
+    if valid_length is None:
+        return np.ones((S, L), bool)
+    vl = _as_numpy(valid_length, np.int64).reshape(-1)
+    if vl.shape[0] != S:
+        raise SinkSpecError(f"valid_length has {vl.shape[0]} entries for {S} steps.")
+    if (vl < 1).any() or (vl > L).any():
+        raise SinkSpecError(f"valid_length must be in [1, {L}] at every step (got {vl.min()}..{vl.max()}).")
+    return np.arange(L)[None, :] < vl[:, None]
+
+
+def _baseline_shape(valid: np.ndarray, normalize: str, causal: bool) -> Optional[np.ndarray]:
+    """``[S, L]`` factor ``f`` with baseline ``b_t(j) = f_t(j) * total_t``; None for the raw view."""
+    if normalize == "raw":
+        return None
+    S, L = valid.shape
+    n = valid.sum(-1, keepdims=True).astype(np.float64)  # [S, 1]
+    j = np.arange(L, dtype=np.float64)[None, :]
+    if normalize == "uniform" or not causal:
+        f = np.broadcast_to(1.0 / n, (S, L))
+    elif normalize == "per_query":
+        f = np.maximum(n - j, 1.0) / n ** 2
+    else:  # expected: e(j) = H(n) - H(j)
+        harmonic = np.concatenate([[0.0], np.cumsum(1.0 / np.arange(1, L + 1))])
+        e = harmonic[n.astype(np.int64)] - harmonic[np.arange(L)][None, :]
+        f = np.where(valid, e, 1.0) / n
+    return np.where(valid, f, 1.0)
+
+
+def _view(m: np.ndarray, valid: np.ndarray, normalize: str, causal: bool) -> np.ndarray:
+    """``m``: ``[S, G, L]`` float64; ``valid``: ``[S, L]``. Returns the viewed mass, 0 where invalid."""
+    m = np.where(valid[:, None, :], m, 0.0)
+    f = _baseline_shape(valid, normalize, causal)
+    if f is None:
+        return m
+    total = m.sum(-1, keepdims=True)  # [S, G, 1]
+    base = f[:, None, :] * total
+    with np.errstate(divide="ignore", invalid="ignore"):
+        out = np.where(base > 0, m / np.where(base > 0, base, 1.0), 0.0)
+    return out
+
+
+def _sigmoid(x: np.ndarray) -> np.ndarray:
+    """``1 / (1 + exp(-x))``; the clip keeps ``exp`` finite (sigmoid(-700) ~ 1e-304 is kept)."""
+    out = np.exp(-np.clip(x, -700.0, 700.0))
+    out += 1.0
+    return np.reciprocal(out, out=out)
+
+
+def _score(v: np.ndarray, valid: np.ndarray, spec: SinkSpec) -> tuple[np.ndarray, np.ndarray]:
+    """Scores (float64, NaN where invalid) and sink flags of viewed mass ``v`` ``[S, G, L]``."""
+    vm = valid[:, None, :]
+    n = vm.sum(-1, keepdims=True).astype(np.float64)
+    total = np.where(vm, v, 0.0).sum(-1, keepdims=True)
+    mean = total / n
+    tol = _RTOL * np.abs(mean)
+    if spec.rule == "official":
+        std = np.sqrt((np.where(vm, v - mean, 0.0) ** 2).sum(-1, keepdims=True) / n)
+        margin = v - (mean + spec.k * std)
+        scores = _sigmoid(spec.alpha * margin)
+        sink = (margin > tol) & vm
+    else:
+        with np.errstate(divide="ignore", invalid="ignore"):
+            others = (total - v) / (n - 1)
+        margin = v - (others + spec.epsilon * mean)
+        sink = (margin > tol) & vm & (n > 1)
+        scores = sink.astype(np.float64)
+    scores = np.where(vm, scores, np.nan)
+    return scores, sink
+
+
+def _as_steps(mass: Any) -> np.ndarray:
+    m = _as_numpy(mass, np.float64)
+    if m.ndim == 1:
+        m = m[None, :]
+    if m.ndim != 2:
+        raise SinkSpecError(f"mass must be [steps, positions] or [positions] here (got shape {list(m.shape)}); sum over layers and heads first.")
+    return m
+
+
+def mass_view(mass: Any, normalize: str = "raw", valid_length: Any = None, causal: bool = False) -> np.ndarray:
+    """The viewed mass ``float64 [S, L]`` of a reduced mass ``[S, L]`` (see the module docstring)."""
+    if normalize not in VIEWS:
+        raise SinkSpecError(f"normalize must be one of {', '.join(VIEWS)} (got '{normalize}').")
+    m = _as_steps(mass)
+    valid = _valid_mask(*m.shape, valid_length)
+    return _view(m[:, None, :], valid, normalize, causal)[:, 0]
+
+
+def sink_scores(mass: Any, spec: SinkSpec = SinkSpec(), valid_length: Any = None, causal: bool = False) -> np.ndarray:
+    """Sink scores ``s_t(j)`` ``float32 [S, L]`` of a reduced mass ``[S, L]`` (or ``[L]``: one step).
+
+    ``mass`` is already summed over layers, heads and queries (numpy or torch). Each row is scored
+    on its own, so rows may be steps of one sample or samples of one step. NaN beyond
+    ``valid_length[t]``; under the default spec this is the official ``_compute_sink_mask``.
+    """
+    m = _as_steps(mass)
+    valid = _valid_mask(*m.shape, valid_length)
+    scores, _ = _score(_view(m[:, None, :], valid, spec.normalize, causal), valid, spec)
+    return scores[:, 0].astype(np.float32)
+
+
+def sink_flags(mass: Any, spec: SinkSpec = SinkSpec(), valid_length: Any = None, causal: bool = False) -> np.ndarray:
+    """``bool [S, L]``: whether ``j`` is a sink at step ``t`` (official rule: ``s_t(j) > 0.5``)."""
+    m = _as_steps(mass)
+    valid = _valid_mask(*m.shape, valid_length)
+    _, sink = _score(_view(m[:, None, :], valid, spec.normalize, causal), valid, spec)
+    return sink[:, 0]
+
+
+@dataclass(frozen=True, eq=False)
+class PositionStats:
+    """Per-position stability over the steps at which each position exists (all ``[L]``)."""
+
+    valid_steps: np.ndarray  # int64: steps at which j exists
+    frequency: np.ndarray  # float64: f_j, share of those steps at which j is a sink
+    mean_score: np.ndarray  # float64: mean_t s_t(j)
+    variance: np.ndarray  # float64: v_j = Var_t s_t(j), population
+    label: np.ndarray  # str: one of LABELS
+    gate: np.ndarray  # bool: whether w_j down-weights j
+    weight: np.ndarray  # float32: w_j = 1 - gate_j * mean_score_j
+
+
+def position_stats(scores: Any, is_sink: Any, spec: SinkSpec = SinkSpec()) -> PositionStats:
+    """Frequency, mean score, variance, label and down-weighting factor of each position from
+    per-step ``scores`` ``[S, L]`` (NaN where a position does not exist) and flags ``[S, L]``."""
+    s = _as_steps(scores)
+    sink = _as_numpy(is_sink, bool).reshape(s.shape)
+    present = ~np.isnan(s)
+    count = present.sum(0)
+    denom = np.maximum(count, 1)
+    s0 = np.where(present, s, 0.0)
+    mean = s0.sum(0) / denom
+    var = (np.where(present, s - mean, 0.0) ** 2).sum(0) / denom
+    var = np.maximum(var, 0.0)
+    freq = (sink & present).sum(0) / denom
+    some = freq > 0
+    unstable = some & (var >= spec.tau)
+    stable = ~unstable & (freq >= spec.stable_min_frequency)
+    transient = some & ~unstable & ~stable
+    label = np.full(s.shape[1], "none", dtype="<U9")
+    label[transient] = "transient"
+    label[stable] = "stable"
+    label[unstable] = "unstable"
+    gate = unstable | (spec.tau == 0)
+    weight = (1.0 - np.where(gate, mean, 0.0)).astype(np.float32)
+    return PositionStats(count.astype(np.int64), freq, mean, var, label, gate, weight)
+
+
+def downweight_factors(mass: Any, spec: SinkSpec = SinkSpec(), valid_length: Any = None, causal: bool = False) -> np.ndarray:
+    """``float32 [L]``: ``w_j`` for the steps of one sample's reduced mass ``[S, L]``.
+
+    With ``tau = 0`` (default) this is the official ``prune_sink_sparsegpt`` factor
+    ``1 - mean_t sigmoid(alpha·(m_t - (mean_t + k·std_t)))``.
+    """
+    m = _as_steps(mass)
+    valid = _valid_mask(*m.shape, valid_length)
+    scores, sink = _score(_view(m[:, None, :], valid, spec.normalize, causal), valid, spec)
+    return position_stats(scores[:, 0], sink[:, 0], spec).weight
+
+
+def step_downweights(mass: Any, spec: SinkSpec = SinkSpec(), valid_length: Any = None, causal: bool = False) -> np.ndarray:
+    """``float32 [S, L]``: ``1 - g_j · s_t(j)`` per step (1 where a position does not exist).
+
+    With ``tau = 0`` this is the official Wanda-style ``prune_sink`` factor ``1 - s_t(j)`` that
+    scales step ``t``'s activations.
+    """
+    m = _as_steps(mass)
+    valid = _valid_mask(*m.shape, valid_length)
+    scores, sink = _score(_view(m[:, None, :], valid, spec.normalize, causal), valid, spec)
+    stats = position_stats(scores[:, 0], sink[:, 0], spec)
+    s = np.nan_to_num(scores[:, 0], nan=0.0)
+    return (1.0 - np.where(stats.gate[None, :], s, 0.0)).astype(np.float32)
+
+
+# --- the report ---------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Instability:
+    """Trajectory instability and spatial concentration of one layer (``layer = -1``: aggregate)."""
+
+    layer: int
+    dominant_var: float  # Var_t d_t, tokens^2
+    dominant_var_norm: float  # Var_t (d_t / L)
+    centroid_var: float  # Var_t c_t over steps with a sink, tokens^2 (NaN if none)
+    centroid_var_norm: float  # Var_t (c_t / L)
+    sink_steps: int  # steps with at least one sink
+    entropy: float  # nats, of the mean (viewed) mass distribution
+    entropy_norm: float  # entropy / ln(positions)
+    top_k_share: float  # share of the mean mass held by the top_k positions
+
+
+@dataclass(frozen=True, eq=False)
+class SinkReport:
+    """Everything :func:`analyze` computes (see the module docstring for each definition).
+
+    Per step: ``mass`` ``float32 [S, L]`` (raw mass summed over the selection), ``scores``
+    ``float32 [S, L]`` (NaN where a position does not exist), ``is_sink`` ``bool [S, L]``,
+    ``dominant`` ``int64 [S]``, ``centroid`` ``float64 [S]`` (NaN: no sink), ``state`` ``int8
+    [S, L]`` (index into :data:`STATES`), ``valid`` ``bool [S, L]``. Per layer: ``layer_mass``,
+    ``layer_scores`` ``float32 [S, Lsel, L]``, ``layer_is_sink`` ``bool [S, Lsel, L]``,
+    ``layer_dominant`` ``int64 [S, Lsel]``, ``layer_centroid`` ``float64 [S, Lsel]`` (column ``i``
+    is model layer ``layers[i]``). Per position: ``positions`` (:class:`PositionStats`),
+    ``weights`` ``float32 [L]`` (``w_j``), ``mean_mass`` ``float64 [L]`` (viewed, over the steps at
+    which ``j`` exists). Instability: ``aggregate`` and ``per_layer`` (:class:`Instability`).
+    """
+
+    spec: SinkSpec
+    layers: tuple[int, ...]
+    heads: tuple[int, ...]
+    causal: bool
+    prompt_length: int
+    final_tokens: np.ndarray
+    decoded_at: np.ndarray
+    valid_length: np.ndarray
+    valid: np.ndarray
+    state: np.ndarray
+    mass: np.ndarray
+    layer_mass: np.ndarray
+    scores: np.ndarray
+    is_sink: np.ndarray
+    dominant: np.ndarray
+    centroid: np.ndarray
+    layer_scores: np.ndarray
+    layer_is_sink: np.ndarray
+    layer_dominant: np.ndarray
+    layer_centroid: np.ndarray
+    mean_mass: np.ndarray
+    positions: PositionStats
+    aggregate: Instability
+    per_layer: tuple[Instability, ...]
+
+    # shapes and shortcuts
+    @property
+    def n_steps(self) -> int:
+        return int(self.mass.shape[0])
+
+    @property
+    def length(self) -> int:
+        return int(self.mass.shape[1])
+
+    @property
+    def weights(self) -> np.ndarray:
+        return self.positions.weight
+
+    @property
+    def labels(self) -> np.ndarray:
+        return self.positions.label
+
+    def sinks_with_label(self, label: str) -> np.ndarray:
+        """Positions (``int64``) with the given label."""
+        if label not in LABELS:
+            raise SinkSpecError(f"label must be one of {', '.join(LABELS)} (got '{label}').")
+        return np.flatnonzero(self.positions.label == label)
+
+    def state_names(self, step: int) -> list[str]:
+        """The state of every position at ``step``, as strings."""
+        if not 0 <= step < self.n_steps:
+            raise SinkSpecError(f"step must be in [0, {self.n_steps - 1}] (got {step}).")
+        return [STATES[i] for i in self.state[step]]
+
+    def view(self, normalize: Optional[str] = None) -> np.ndarray:
+        """The aggregate mass ``float64 [S, L]`` in a view (default: the spec's); 0 where absent."""
+        normalize = self.spec.normalize if normalize is None else normalize
+        return mass_view(self.mass, normalize, self.valid_length, self.causal)
+
+    def rescore(self, spec: Optional[SinkSpec] = None, **changes) -> "SinkReport":
+        """A new report with other scoring settings (``k``, ``alpha``, ``tau``, rule, view...),
+        recomputed from the reduced mass without the model or the trajectory. The layer and head
+        selection must stay the same: changing it needs :func:`analyze` on the trajectory."""
+        spec = replace(spec if spec is not None else self.spec, **changes)
+        for name, chosen in (("layers", self.layers), ("heads", self.heads)):
+            new, old = getattr(spec, name), getattr(self.spec, name)
+            if not (new is None and old is None or new is not None and tuple(new) == chosen):
+                raise SinkSpecError(f"Changing the {name} selection needs the full mass: call analyze(trajectory, spec) "
+                                    f"(this report covers {name} {list(chosen)}).")
+        sm = StepMass(self.layer_mass, self.mass, self.layers, self.heads, self.valid_length, self.causal)
+        return _build(sm, self.prompt_length, self.final_tokens, self.decoded_at, spec)
+
+    # tables
+    def positions_frame(self):
+        """One row per position: token, prompt flag, decoded_at, existence, mean mass and stability."""
+        import pandas as pd
+
+        p = self.positions
+        return pd.DataFrame({
+            "position": np.arange(self.length, dtype=np.int64),
+            "token": self.final_tokens.astype(np.int64),
+            "is_prompt": np.arange(self.length) < self.prompt_length,
+            "decoded_at": self.decoded_at.astype(np.int64),
+            "valid_steps": p.valid_steps,
+            "mean_mass": self.mean_mass.astype(np.float64),
+            "frequency": p.frequency.astype(np.float64),
+            "mean_score": p.mean_score.astype(np.float64),
+            "variance": p.variance.astype(np.float64),
+            "label": p.label.astype(str),
+            "weight": p.weight.astype(np.float64),
+        })
+
+    def steps_frame(self):
+        """One row per (step, layer): dominant position, centroid, number of sinks (layer -1 = aggregate)."""
+        import pandas as pd
+
+        S, n = self.n_steps, len(self.layers)
+        layer_ids = np.array([AGGREGATE] + list(self.layers), dtype=np.int64)
+        dom = np.concatenate([self.dominant[:, None], self.layer_dominant], axis=1)
+        cen = np.concatenate([self.centroid[:, None], self.layer_centroid], axis=1)
+        cnt = np.concatenate([self.is_sink.sum(-1)[:, None], self.layer_is_sink.sum(-1)], axis=1)
+        return pd.DataFrame({
+            "step": np.repeat(np.arange(S, dtype=np.int64), n + 1),
+            "layer": np.tile(layer_ids, S),
+            "valid_length": np.repeat(self.valid_length.astype(np.int64), n + 1),
+            "dominant": dom.reshape(-1).astype(np.int64),
+            "centroid": cen.reshape(-1).astype(np.float64),
+            "n_sinks": cnt.reshape(-1).astype(np.int64),
+        })
+
+    def layers_frame(self):
+        """One row per layer (first row: aggregate, layer -1) with the :class:`Instability` figures."""
+        import pandas as pd
+
+        rows = [asdict(self.aggregate)] + [asdict(x) for x in self.per_layer]
+        frame = pd.DataFrame(rows)
+        return frame.astype({"layer": np.int64, "sink_steps": np.int64})
+
+    def scores_frame(self, layer: Optional[int] = None):
+        """Long table of one (step, position) per row: state, raw and viewed mass, score, sink flag.
+        ``layer`` = a selected model layer, or None for the aggregate."""
+        import pandas as pd
+
+        if layer is None or layer == AGGREGATE:
+            mass, scores, sink = self.mass, self.scores, self.is_sink
+        else:
+            if layer not in self.layers:
+                raise SinkSpecError(f"layer {layer} was not analysed; analysed layers: {list(self.layers)}.")
+            i = self.layers.index(layer)
+            mass, scores, sink = self.layer_mass[:, i], self.layer_scores[:, i], self.layer_is_sink[:, i]
+        view = mass_view(mass, self.spec.normalize, self.valid_length, self.causal)
+        S, L = mass.shape
+        return pd.DataFrame({
+            "step": np.repeat(np.arange(S, dtype=np.int64), L),
+            "position": np.tile(np.arange(L, dtype=np.int64), S),
+            "state": np.asarray(STATES, dtype=object)[self.state.reshape(-1)],
+            "mass": mass.reshape(-1).astype(np.float64),
+            "view": view.reshape(-1),
+            "score": scores.reshape(-1).astype(np.float64),
+            "is_sink": sink.reshape(-1),
+        })
+
+    def to_frames(self) -> dict:
+        """``{"positions", "steps", "layers", "scores"}`` DataFrames."""
+        return {"positions": self.positions_frame(), "steps": self.steps_frame(),
+                "layers": self.layers_frame(), "scores": self.scores_frame()}
+
+    # files
+    def to_csv(self, directory: Union[str, Path]) -> Path:
+        """Write ``positions.csv``, ``steps.csv``, ``layers.csv``, ``scores.csv`` and ``spec.json``
+        to ``directory``; :func:`read_csv` loads them back as DataFrames."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        for name, frame in self.to_frames().items():
+            frame.to_csv(directory / f"{name}.csv", index=False)
+        (directory / "spec.json").write_text(json.dumps(self.spec.to_dict(), indent=1))
+        return directory
+
+    def to_json(self, path: Union[str, Path]) -> Path:
+        """Write the report as JSON: the spec, the trajectory facts and the reduced mass (from which
+        :meth:`from_json` recomputes every field exactly), plus the position and layer tables for
+        readers. ``NaN`` is written as ``null``."""
+        path = Path(path)
+        doc = {
+            "format": "sinkscope.sink_report/1",
+            "spec": self.spec.to_dict(),
+            "layers": list(self.layers),
+            "heads": list(self.heads),
+            "causal": self.causal,
+            "prompt_length": self.prompt_length,
+            "final_tokens": self.final_tokens.tolist(),
+            "decoded_at": self.decoded_at.tolist(),
+            "valid_length": self.valid_length.tolist(),
+            "mass": self.mass.tolist(),
+            "layer_mass": self.layer_mass.tolist(),
+            "tables": {
+                "positions": _records(self.positions_frame()),
+                "layers": _records(self.layers_frame()),
+            },
+        }
+        path.write_text(json.dumps(doc, allow_nan=False))
+        return path
+
+    @classmethod
+    def from_json(cls, path: Union[str, Path]) -> "SinkReport":
+        try:
+            doc = json.loads(Path(path).read_text())
+        except (OSError, ValueError) as exc:
+            raise SinkSpecError(f"Cannot read a sink report from {path}: {exc}. Pick a file written by SinkReport.to_json.") from None
+        if not isinstance(doc, dict) or doc.get("format") != "sinkscope.sink_report/1":
+            raise SinkSpecError(f"{path} is not a sink report written by SinkReport.to_json.")
+        sm = StepMass(
+            layer_mass=np.asarray(doc["layer_mass"], np.float32), mass=np.asarray(doc["mass"], np.float32),
+            layers=tuple(doc["layers"]), heads=tuple(doc["heads"]),
+            valid_length=np.asarray(doc["valid_length"], np.int64), causal=bool(doc["causal"]))
+        return _build(sm, int(doc["prompt_length"]), np.asarray(doc["final_tokens"], np.int64),
+                      np.asarray(doc["decoded_at"], np.int64), SinkSpec.from_dict(doc["spec"]))
+
+
+def _records(frame) -> list:
+    out = []
+    for row in frame.to_dict(orient="records"):
+        out.append({k: (None if isinstance(v, float) and not np.isfinite(v) else (v.item() if hasattr(v, "item") else v))
+                    for k, v in row.items()})
+    return out
+
+
+def read_csv(directory: Union[str, Path]) -> dict:
+    """Load what :meth:`SinkReport.to_csv` wrote: the four DataFrames and ``"spec"`` (a SinkSpec)."""
+    import pandas as pd
+
+    directory = Path(directory)
+    out: dict = {}
+    for name in ("positions", "steps", "layers", "scores"):
+        file = directory / f"{name}.csv"
+        if not file.exists():
+            raise SinkSpecError(f"{file} is missing: pick a folder written by SinkReport.to_csv.")
+        frame = pd.read_csv(file, keep_default_na=False, na_values=[""])
+        if "label" in frame:
+            frame["label"] = frame["label"].astype(str)
+        if "state" in frame:
+            frame["state"] = frame["state"].astype(object)
+        out[name] = frame
+    out["spec"] = SinkSpec.from_dict(json.loads((directory / "spec.json").read_text()))
+    return out
+
+
+def _states(decoded_at: np.ndarray, valid: np.ndarray) -> np.ndarray:
+    S, L = valid.shape
+    t = np.arange(S)[:, None]
+    d = decoded_at[None, :]
+    state = np.where(d > t, STATES.index("masked"), STATES.index("decoded"))
+    state = np.where(~valid, STATES.index("absent"), state)
+    state = np.where(d == t, STATES.index("decoding"), state)
+    state = np.where(np.broadcast_to(d < 0, (S, L)), STATES.index("prompt"), state)
+    return state.astype(np.int8)
+
+
+def _instability(layer: int, dom: np.ndarray, cen: np.ndarray, mean_view: np.ndarray, L: int, top_k: int) -> Instability:
+    dom_var = float(np.var(dom.astype(np.float64)))
+    have = ~np.isnan(cen)
+    cen_var = float(np.var(cen[have])) if have.any() else float("nan")
+    exists = ~np.isnan(mean_view)
+    p = np.where(exists, mean_view, 0.0)
+    total = p.sum()
+    n = int(exists.sum())
+    if total > 0:
+        p = p / total
+        nz = p[p > 0]
+        entropy = float(-(nz * np.log(nz)).sum())
+        top = float(np.sort(p)[::-1][:min(top_k, n)].sum())
+    else:
+        entropy, top = float("nan"), float("nan")
+    entropy_norm = entropy / np.log(n) if n > 1 else 0.0
+    return Instability(layer, dom_var, dom_var / L ** 2, cen_var, cen_var / L ** 2, int(have.sum()),
+                       entropy, float(entropy_norm), top)
+
+
+def _build(sm: StepMass, prompt_length: int, final_tokens: np.ndarray, decoded_at: np.ndarray, spec: SinkSpec) -> SinkReport:
+    S, nL, L = sm.layer_mass.shape
+    valid = _valid_mask(S, L, sm.valid_length)
+    # aggregate and every layer in one batch: [S, 1 + Lsel, L]
+    m = np.concatenate([sm.mass[:, None, :], sm.layer_mass], axis=1).astype(np.float64)
+    v = _view(m, valid, spec.normalize, sm.causal)
+    scores, sink = _score(v, valid, spec)
+    vm = valid[:, None, :]
+    pos = np.arange(L, dtype=np.float64)
+    dominant = np.argmax(np.where(vm, v, -np.inf), axis=-1).astype(np.int64)  # [S, G]
+    w = np.where(sink, v, 0.0)
+    wsum = w.sum(-1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        centroid = np.where(sink.any(-1), (w * pos).sum(-1) / np.where(wsum > 0, wsum, 1.0), np.nan)
+    # a sink set whose viewed mass sums to 0 cannot happen for mass >= 0 above mean + k·std, unless all is 0
+    count = vm.sum(0)  # [1, L]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        mean_view = np.where(count > 0, np.where(vm, v, 0.0).sum(0) / np.maximum(count, 1), np.nan)  # [G, L]
+    figures = [
+        _instability(AGGREGATE if g == 0 else sm.layers[g - 1], dominant[:, g], centroid[:, g], mean_view[g], L, spec.top_k)
+        for g in range(nL + 1)
+    ]
+    positions = position_stats(scores[:, 0], sink[:, 0], spec)
+    arrays = dict(
+        valid=valid, state=_states(decoded_at, valid),
+        mass=np.asarray(sm.mass, np.float32), layer_mass=np.asarray(sm.layer_mass, np.float32),
+        scores=scores[:, 0].astype(np.float32), is_sink=sink[:, 0], dominant=dominant[:, 0], centroid=centroid[:, 0],
+        layer_scores=scores[:, 1:].astype(np.float32), layer_is_sink=sink[:, 1:],
+        layer_dominant=dominant[:, 1:], layer_centroid=centroid[:, 1:], mean_mass=mean_view[0],
+    )
+    return SinkReport(
+        spec=spec, layers=tuple(sm.layers), heads=tuple(sm.heads), causal=bool(sm.causal),
+        prompt_length=int(prompt_length), final_tokens=np.asarray(final_tokens, np.int64),
+        decoded_at=np.asarray(decoded_at, np.int64), valid_length=np.asarray(sm.valid_length, np.int64),
+        positions=positions, aggregate=figures[0], per_layer=tuple(figures[1:]), **arrays,
+    )
+
+
+def analyze(trajectory: Any, spec: SinkSpec = SinkSpec()) -> SinkReport:
+    """Analyse the sinks of a trajectory (any object with the fields of
+    :class:`sap_core.diffusion.Trajectory`). Pure computation on its arrays; no model is run."""
+    if not isinstance(spec, SinkSpec):
+        raise SinkSpecError(f"spec must be a SinkSpec (got {type(spec).__name__}).")
+    sm = reduce_mass(trajectory, spec)
+    S, _, L = sm.layer_mass.shape
+    decoded_at = _as_numpy(trajectory.decoded_at, np.int64).reshape(-1)
+    final_tokens = _as_numpy(trajectory.final_tokens, np.int64).reshape(-1)
+    if decoded_at.shape[0] != L or final_tokens.shape[0] != L:
+        raise SinkSpecError(f"decoded_at and final_tokens must have {L} entries, one per position of the mass.")
+    _valid_mask(S, L, sm.valid_length)  # range check with a clear message
+    return _build(sm, int(trajectory.prompt_length), final_tokens, decoded_at, spec)
+
+
+# --- AR vs DLM ----------------------------------------------------------------------------------
+
+COMPARE_METRICS = ("dominant_var", "dominant_var_norm", "centroid_var", "centroid_var_norm", "sink_steps",
+                   "entropy_norm", "top_k_share")
+
+
+@dataclass(frozen=True, eq=False)
+class SinkComparison:
+    """Two reports scored the same way (same rule, parameters and view), e.g. AR against DLM."""
+
+    labels: tuple[str, str]
+    reports: tuple[SinkReport, SinkReport]
+    same_prompt: bool
+
+    def frame(self):
+        """Per-layer instability side by side: one row per layer (first: aggregate, layer -1),
+        columns ``<label>_<metric>`` for :data:`COMPARE_METRICS`. Layers only one model has are NaN there."""
+        import pandas as pd
+
+        parts = []
+        for label, report in zip(self.labels, self.reports):
+            f = report.layers_frame().set_index("layer")[list(COMPARE_METRICS)]
+            parts.append(f.add_prefix(f"{label}_"))
+        out = pd.concat(parts, axis=1, join="outer")
+        order = [AGGREGATE] + sorted(i for i in out.index if i != AGGREGATE)
+        return out.loc[order].reset_index()
+
+    def summary(self) -> dict:
+        """The aggregate figures of both reports, keyed by label."""
+        return {label: asdict(r.aggregate) for label, r in zip(self.labels, self.reports)}
+
+
+def compare(first: Any, second: Any, spec: Optional[SinkSpec] = None, normalize: Optional[str] = "expected",
+            labels: Sequence[str] = ("AR", "DLM")) -> SinkComparison:
+    """Compare two trajectories or reports (e.g. AR against DLM on the same prompt).
+
+    Both are scored with ``spec`` (default: the first report's spec, or :class:`SinkSpec`) in the
+    view ``normalize`` (default ``"expected"``: the per-key normalisation by the queries that can
+    see each key, so that a causal model's position-0 sink is never an artefact of its mask; pass
+    None to keep ``spec.normalize``). Trajectories are analysed with ``spec``; reports are rescored
+    with it and keep their own layer and head selection.
+    """
+    if len(labels) != 2 or labels[0] == labels[1]:
+        raise SinkSpecError("labels must be two different names, e.g. ('AR', 'DLM').")
+    if spec is None:
+        spec = first.spec if isinstance(first, SinkReport) else SinkSpec()
+    if normalize is not None:
+        spec = replace(spec, normalize=normalize)
+    reports = []
+    for item in (first, second):
+        if isinstance(item, SinkReport):
+            reports.append(item.rescore(replace(spec, layers=item.spec.layers, heads=item.spec.heads)))
+        else:
+            reports.append(analyze(item, spec))
+    a, b = reports
+    P = min(a.prompt_length, b.prompt_length)
+    same = a.prompt_length == b.prompt_length and bool(np.array_equal(a.final_tokens[:P], b.final_tokens[:P]))
+    return SinkComparison((str(labels[0]), str(labels[1])), (a, b), same)
