@@ -1,0 +1,159 @@
+"""Evaluation: masked-diffusion perplexity of a DLM and perplexity of a causal model.
+
+Both score the same windows of text, so a DLM and its AR twin are compared on equal terms:
+``nsamples`` windows of ``seqlen`` tokens, spread evenly over the text, each preceded by the
+conditioning prefix (``handle.encode(prefix)``: the tokenizer's BOS convention plus an optional
+prompt), which is never masked and never scored.
+
+**Masked-diffusion perplexity** (a Monte Carlo ELBO, as LLaDA's ``get_log_likelihood``): for each
+window of ``n`` target tokens and each of ``draws`` draws, the number of masked targets ``l`` is
+stratified over ``[1, n]`` across the draws (``l_d = 1 + floor((d + u)·n / draws)``, one uniform
+offset ``u`` per window), ``l`` random targets are replaced by [MASK], and the cross-entropy on them,
+divided by the mask ratio ``l / n``, estimates the window's negative log-likelihood bound. The draws'
+average, over ``n``, is nats per token; ``ppl = exp(nll)``. ``nll_se`` is the Monte Carlo standard
+error of the mean (variance between the draws of a window); ``ppl_se = ppl · nll_se``. Seeded: the
+same seed gives the same number.
+
+**Causal perplexity**: mean next-token NLL of the same windows. It is deterministic, so its
+``nll_se`` is the standard error over windows (text variability), not Monte Carlo error.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from sap_core.errors import SapError
+from sap_core.models import ASSETS, ModelHandle
+from sap_core.progress import Progress, report
+
+EVALUATION_TEXT = ASSETS / "text" / "evaluation.txt"
+
+
+@dataclass(frozen=True)
+class PerplexityResult:
+    nll: float        # nats per token
+    nll_se: float
+    ppl: float
+    ppl_se: float
+    tokens: int       # scored tokens per draw pass (nsamples * window length)
+    nsamples: int
+    draws: int        # 1 for causal perplexity
+    kind: str         # "diffusion" or "causal"
+
+    def as_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+def load_text(text: Optional[str], default: Path = EVALUATION_TEXT) -> str:
+    """``text`` itself, or the shipped file ``default`` when ``text`` is None."""
+    if text is None:
+        if not default.exists():
+            raise SapError(f"The text file {default} is missing; pass text explicitly or restore assets/text/.")
+        text = default.read_text(encoding="utf-8")
+    if not text.strip():
+        raise SapError("The evaluation text is empty; give some text to score.")
+    return text
+
+
+def windows(handle: ModelHandle, text: str, seqlen: int, nsamples: int, prefix: Optional[str]) -> tuple[torch.Tensor, int]:
+    """``[nsamples, P + n]`` token ids: prefix (P tokens) + ``n = seqlen - P`` text tokens, evenly spread."""
+    if seqlen < 2 or nsamples < 1:
+        raise SapError("seqlen must be >= 2 and nsamples >= 1.")
+    head = handle.encode(prefix or "")
+    body = handle.tokenizer.encode(text, add_special_tokens=False)
+    n = seqlen - len(head)
+    if n < 1:
+        raise SapError(f"The prefix takes {len(head)} tokens, leaving none of seqlen={seqlen}; shorten it or raise seqlen.")
+    if len(body) < n:
+        raise SapError(f"The text has {len(body)} tokens, fewer than one window of {n}; give more text or lower seqlen.")
+    starts = np.linspace(0, len(body) - n, nsamples).astype(int)
+    rows = [head + body[s:s + n] for s in starts]
+    return torch.tensor(rows, dtype=torch.long), len(head)
+
+
+@torch.inference_mode()
+def diffusion_perplexity(
+    handle: ModelHandle,
+    text: Optional[str] = None,
+    *,
+    seqlen: int = 128,
+    nsamples: int = 16,
+    draws: int = 8,
+    seed: int = 0,
+    prefix: Optional[str] = None,
+    batch_size: int = 32,
+    progress: Optional[Progress] = None,
+) -> PerplexityResult:
+    """Masked-diffusion perplexity (Monte Carlo ELBO) of a DLM; see the module docstring."""
+    if handle.causal:
+        raise SapError("diffusion_perplexity needs a masked-diffusion model; use causal_perplexity for a causal one.")
+    if draws < 2:
+        raise SapError("draws must be >= 2 to estimate the Monte Carlo error.")
+    seqs, P = windows(handle, load_text(text), seqlen, nsamples, prefix)
+    n = seqs.shape[1] - P
+    gen = torch.Generator().manual_seed(seed)
+    # Build every (window, draw) input up front, on the CPU generator, so results do not depend on batching.
+    inputs, targets, ratios = [], [], []
+    for w in range(nsamples):
+        u = torch.rand((), generator=gen).item()
+        for d in range(draws):
+            l = min(n, 1 + int((d + u) * n / draws))
+            chosen = torch.randperm(n, generator=gen)[:l] + P
+            x = seqs[w].clone()
+            x[chosen] = handle.mask_id
+            inputs.append(x)
+            targets.append(chosen)
+            ratios.append(l / n)
+    estimates = torch.zeros(len(inputs), dtype=torch.float64)
+    for start in range(0, len(inputs), batch_size):
+        batch = torch.stack(inputs[start:start + batch_size])
+        logits = handle.logits(batch).float()
+        for i in range(batch.shape[0]):
+            j = start + i
+            pos = targets[j].to(logits.device)
+            truth = seqs[j // draws, targets[j]].to(logits.device)
+            ce = F.cross_entropy(logits[i, pos], truth, reduction="sum").double().item()
+            estimates[j] = ce / ratios[j] / n
+        report(progress, min(start + batch_size, len(inputs)), len(inputs), "masked-diffusion perplexity")
+    per = estimates.view(nsamples, draws)
+    nll = per.mean().item()
+    se = math.sqrt((per.var(dim=1, unbiased=True) / draws).sum().item()) / nsamples
+    return PerplexityResult(nll, se, math.exp(nll), math.exp(nll) * se, nsamples * n, nsamples, draws, "diffusion")
+
+
+@torch.inference_mode()
+def causal_perplexity(
+    handle: ModelHandle,
+    text: Optional[str] = None,
+    *,
+    seqlen: int = 128,
+    nsamples: int = 16,
+    prefix: Optional[str] = None,
+    batch_size: int = 16,
+    progress: Optional[Progress] = None,
+) -> PerplexityResult:
+    """Next-token perplexity of a causal model on the same windows as :func:`diffusion_perplexity`."""
+    if not handle.causal:
+        raise SapError("causal_perplexity needs a causal model; use diffusion_perplexity for a DLM.")
+    seqs, P = windows(handle, load_text(text), seqlen, nsamples, prefix)
+    if P < 1:
+        raise SapError("A causal model needs at least one prefix token to predict the first text token from; give a prefix.")
+    per = torch.zeros(nsamples, dtype=torch.float64)
+    for start in range(0, nsamples, batch_size):
+        batch = seqs[start:start + batch_size]
+        logits = handle.logits(batch).float()
+        pred = logits[:, P - 1:-1]
+        truth = batch[:, P:].to(logits.device)
+        ce = F.cross_entropy(pred.reshape(-1, pred.shape[-1]), truth.reshape(-1), reduction="none")
+        per[start:start + batch.shape[0]] = ce.view(batch.shape[0], -1).double().mean(1).cpu()
+        report(progress, min(start + batch_size, nsamples), nsamples, "causal perplexity")
+    nll = per.mean().item()
+    se = per.std(unbiased=True).item() / math.sqrt(nsamples) if nsamples > 1 else float("nan")
+    n = seqs.shape[1] - P
+    return PerplexityResult(nll, se, math.exp(nll), math.exp(nll) * se, nsamples * n, nsamples, 1, "causal")
