@@ -184,7 +184,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     if args.smoke:
         args.vocab, args.d_model, args.layers, args.heads, args.mlp = 300, 32, 2, 2, 64
-        args.seqlen, args.batch, args.steps, args.ar_steps = 32, 4, 20, 20
+        args.seqlen, args.batch, args.steps, args.ar_steps = 32, 4, 10, 10
         text_dir = ASSETS / "text"
         if (text_dir / "calibration.txt").exists():  # no network in tests: the shipped texts suffice
             calibration = (text_dir / "calibration.txt").read_text(encoding="utf-8")
