@@ -6,8 +6,10 @@ steps, and its masked positions are split across them as evenly as possible, the
 ``n mod steps`` steps taking one more (LLaDA's ``get_num_transfer_tokens``). At each step the model
 predicts every position; the predicted token is the Gumbel-max sample ``argmax(logits + T·g)`` in
 float64 (greedy at ``T = 0``); among the still-masked positions of the current block the ones with
-the highest confidence (``low_confidence`` remasking: softmax probability of the predicted token) or
-random scores (``random``) are unmasked. Decoded tokens are never remasked; the prompt never changes.
+the highest confidence (``low_confidence`` remasking: softmax probability of the predicted token),
+random scores (``random``) or lowest entropy (``entropy``, Dream's ``alg="entropy"``: confidence is
+``sum p log p``, the negative entropy of the sampling distribution ``p = softmax(logits / T)``, or
+``softmax(logits)`` at ``T = 0``) are unmasked. Decoded tokens are never remasked; the prompt never changes.
 With classifier-free guidance, an unconditional pass with the prompt masked gives
 ``logits = u + (cfg + 1)·(c − u)``; only the conditional pass is recorded.
 
@@ -28,7 +30,7 @@ from sap_core.errors import DecodeSpecError
 from sap_core.models import ModelHandle
 from sap_core.progress import Progress, report
 
-REMASKING = ("low_confidence", "random")
+REMASKING = ("low_confidence", "random", "entropy")
 
 
 @dataclass(frozen=True)
@@ -223,6 +225,9 @@ def _generate_diffusion(handle, prompt_ids, spec, recorder, progress, prompt_tex
             x0_p = torch.softmax(block_logits, -1).gather(-1, x0[:, None])[:, 0]
             if spec.remasking == "random":
                 score = torch.rand(hi - lo, generator=generator, device=x.device, dtype=torch.float64)
+            elif spec.remasking == "entropy":
+                p = torch.softmax(block_logits / spec.temperature if spec.temperature > 0 else block_logits, -1)
+                score = torch.special.xlogy(p, p).sum(-1)  # sum p log p, with 0 log 0 = 0
             else:
                 score = x0_p.clone()
             score[~masked] = -float("inf")

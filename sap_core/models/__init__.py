@@ -17,7 +17,11 @@ from transformers.utils import logging as hf_logging
 
 from sap_core.attention import AttentionRecorder
 from sap_core.errors import ModelLoadError
+from sap_core.models.dream import load_dream, load_dream_tokenizer
+from sap_core.models.hf_causal import HF_CAUSAL_TYPES, load_hf_causal
 from sap_core.models.llada import LLaDAConfig, LLaDAModelLM
+from sap_core.models.loading import load_pretrained
+from sap_core.models.placement import DeviceMap, input_device
 
 ASSETS = Path(__file__).resolve().parents[2] / "assets"
 BUILTIN_MODELS = {"tiny-dlm": ASSETS / "models" / "tiny-dlm", "tiny-ar": ASSETS / "models" / "tiny-ar"}
@@ -36,8 +40,9 @@ class ModelHandle:
     ``module`` is the transformers model; it exposes ``blocks`` (the transformer blocks, each a
     ``forward(hidden, recorder=None)``), ``embed(input_ids)`` and ``head(hidden)``, which is what
     layer-by-layer code (pruning) uses. ``mask_id`` is the [MASK] token id (None only for causal
-    models without one). ``lock`` guards any in-place work on ``module``: it is shared by every
-    user of a cached handle.
+    models without one). ``device`` is where token ids go (the embedding's device; with a
+    ``device_map`` the blocks may sit elsewhere, see :mod:`sap_core.models.placement`). ``lock``
+    guards any in-place work on ``module``: it is shared by every user of a cached handle.
     """
 
     module: PreTrainedModel
@@ -67,8 +72,11 @@ class ModelHandle:
         return sum(p.numel() for p in self.module.parameters())
 
     def logits(self, input_ids: torch.Tensor, recorder: Optional[AttentionRecorder] = None) -> torch.Tensor:
-        """``[B, T, V]`` logits; the prediction for position i sits at index i."""
-        return self.module(input_ids.to(self.device), attention_recorder=recorder).logits
+        """``[B, T, V]`` logits on ``device``. DLM: the prediction for position i sits at index i (families
+        whose raw logits are shifted, as Dream's, define ``align_logits``). Causal: index i predicts i + 1."""
+        logits = self.module(input_ids.to(self.device), attention_recorder=recorder).logits
+        align = getattr(self.module, "align_logits", None)
+        return (align(logits) if align is not None else logits).to(self.device)
 
     def encode(self, text: str) -> list[int]:
         """Token ids of ``text`` with the tokenizer's own special-token convention."""
@@ -113,10 +121,12 @@ def _check_weights(path: Path) -> None:
     raise ModelLoadError(f"'{path}' has no weights: expected model.safetensors or sharded *.safetensors with an index file.")
 
 
-def _load_tokenizer(path: Path) -> PreTrainedTokenizerBase:
+def _load_tokenizer(path: Path, family: Optional[str] = None) -> PreTrainedTokenizerBase:
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
     try:
+        if family in FAMILY_TOKENIZERS:
+            return FAMILY_TOKENIZERS[family](path)
         if (path / "tokenizer.json").exists():
             return PreTrainedTokenizerFast.from_pretrained(str(path))
         return AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
@@ -124,17 +134,20 @@ def _load_tokenizer(path: Path) -> PreTrainedTokenizerBase:
         raise ModelLoadError(f"Could not load a tokenizer from '{path}' ({exc}). Put tokenizer.json (and tokenizer_config.json) in the model directory.") from exc
 
 
-def _load_llada(path: Path, device: torch.device, dtype: torch.dtype) -> tuple[PreTrainedModel, LLaDAConfig]:
+def _load_llada(path: Path, device: torch.device, dtype: torch.dtype, device_map: DeviceMap = None) -> tuple[PreTrainedModel, LLaDAConfig]:
     config = LLaDAConfig.from_pretrained(str(path))
-    kwargs = {"device_map": str(device)} if device.type == "cuda" else {}
-    model = LLaDAModelLM.from_pretrained(str(path), config=config, dtype=dtype, use_safetensors=True, **kwargs)
-    return model.to(device), config
+    return load_pretrained(LLaDAModelLM, path, "llada", dtype, device, device_map, config=config), config
 
 
-# model_type in config.json -> loader returning (module, config). Other families register here.
-FAMILY_LOADERS: dict[str, Callable[[Path, torch.device, torch.dtype], tuple[PreTrainedModel, object]]] = {
+# model_type in config.json -> loader(path, device, dtype[, device_map]) returning (module, config).
+# Loaders that take a device_map get it only when load_model() is given one.
+FAMILY_LOADERS: dict[str, Callable[..., tuple[PreTrainedModel, object]]] = {
     "llada": _load_llada,
+    "Dream": load_dream,
+    **{model_type: load_hf_causal for model_type in HF_CAUSAL_TYPES},
 }
+# model_type -> tokenizer loader, for families whose released tokenizer is remote code.
+FAMILY_TOKENIZERS: dict[str, Callable[[Path], PreTrainedTokenizerBase]] = {"Dream": load_dream_tokenizer}
 
 
 def read_config(path: Path) -> dict:
@@ -162,8 +175,18 @@ def resolve_source(source: Union[str, Path]) -> Path:
     return path
 
 
-def load_model(source: Union[str, Path], device: Union[str, torch.device] = "auto", dtype: Union[str, torch.dtype] = "auto") -> ModelHandle:
-    """Load a model directory or built-in name (``tiny-dlm``, ``tiny-ar``) into a :class:`ModelHandle`."""
+def load_model(
+    source: Union[str, Path],
+    device: Union[str, torch.device] = "auto",
+    dtype: Union[str, torch.dtype] = "auto",
+    device_map: DeviceMap = None,
+) -> ModelHandle:
+    """Load a model directory or built-in name (``tiny-dlm``, ``tiny-ar``) into a :class:`ModelHandle`.
+
+    ``device_map`` (``"auto"``, or a dict module name → device / ``"cpu"`` / ``"disk"``) spreads a model
+    that does not fit one device over several with accelerate; ``device`` then only picks the default
+    dtype, and the handle's ``device`` is the embedding's.
+    """
     path = resolve_source(source)
     config_dict = read_config(path)
     family = config_dict.get("model_type")
@@ -173,11 +196,15 @@ def load_model(source: Union[str, Path], device: Union[str, torch.device] = "aut
     _check_weights(path)
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
-    tokenizer = _load_tokenizer(path)
+    tokenizer = _load_tokenizer(path, family)
     hf_logging.disable_progress_bar()  # our own progress reporting; no per-load bars
-    module, config = FAMILY_LOADERS[family](path, dev, dt)
+    if device_map is None:
+        module, config = FAMILY_LOADERS[family](path, dev, dt)
+    else:
+        module, config = FAMILY_LOADERS[family](path, dev, dt, device_map=device_map)
+        dev = input_device(module)
     module.eval().requires_grad_(False)
-    causal = bool(getattr(config, "causal", False))
+    causal = bool(getattr(config, "causal", False) or getattr(module, "causal_lm", False))
     mask_id = getattr(config, "mask_token_id", None)
     if mask_id is None:
         mask_id = tokenizer.mask_token_id

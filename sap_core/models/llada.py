@@ -28,6 +28,7 @@ from transformers import AutoConfig, AutoModel, PretrainedConfig, PreTrainedMode
 from transformers.modeling_outputs import MaskedLMOutput
 
 from sap_core.attention import AttentionRecorder, attention_with_mass
+from sap_core.models.placement import execution_device
 
 
 class LLaDAConfig(PretrainedConfig):
@@ -248,8 +249,8 @@ class LLaDAModelLM(PreTrainedModel):
     ) -> MaskedLMOutput:
         x = self.embed(input_ids)
         for block in self.blocks:
-            x = block(x.to(block.q_proj.weight.device), attention_recorder)
-        return MaskedLMOutput(logits=self.head(x.to(self.model.transformer.ln_f.weight.device)))
+            x = block(x.to(execution_device(block)), attention_recorder)
+        return MaskedLMOutput(logits=self.head(x.to(execution_device(self.model.transformer.ln_f))))
 
 
 AutoConfig.register("llada", LLaDAConfig)

@@ -1,0 +1,78 @@
+"""Where each part of a model runs, for models spread over several devices.
+
+A model too large for one device is loaded with ``device_map`` (accelerate): every block then lives on
+one device, or is *offloaded* (its weights sit in CPU memory or on disk, its parameters show as
+``meta``, and an accelerate hook brings the weights to the block's *execution device* for each call).
+Code that walks a model block by block (the models' own ``forward``, pruning, calibration) moves the
+hidden state to :func:`execution_device` of the next block before calling it.
+
+Rule, in order: the ``execution_device`` of the first accelerate hook found on the module or its
+submodules; else the device of the module's first parameter (or buffer); else the CPU. The first rule
+is what makes offloaded blocks work: their parameters are on ``meta``, but they run on the hook's device.
+"""
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import torch
+from torch import nn
+
+# What load_model(device_map=...) accepts: an accelerate strategy name or module name -> device.
+DeviceMap = Optional[Union[str, dict[str, Union[int, str, torch.device]]]]
+
+
+def _as_device(device: Union[int, str, torch.device]) -> torch.device:
+    if isinstance(device, int):  # accelerate writes GPU indices as plain ints
+        return torch.device("cuda", device)
+    return torch.device(device)
+
+
+def hook_device(module: nn.Module) -> Optional[torch.device]:
+    """The execution device of an accelerate hook attached to ``module`` itself, or None."""
+    hook = getattr(module, "_hf_hook", None)
+    hooks = getattr(hook, "hooks", None) or ([hook] if hook is not None else [])  # SequentialHook or one hook
+    for h in hooks:
+        device = getattr(h, "execution_device", None)
+        if device is not None:
+            return _as_device(device)
+    return None
+
+
+def execution_device(module: nn.Module) -> torch.device:
+    """The device on which ``module`` computes (see the module docstring for the rule)."""
+    for sub in module.modules():
+        device = hook_device(sub)
+        if device is not None:
+            return device
+    for tensor in module.parameters():
+        return tensor.device
+    for tensor in module.buffers():
+        return tensor.device
+    return torch.device("cpu")
+
+
+def to_module(x: torch.Tensor, module: nn.Module) -> torch.Tensor:
+    """``x`` on ``module``'s execution device (no copy when it is already there)."""
+    return x.to(execution_device(module))
+
+
+def block_devices(model: nn.Module) -> list[torch.device]:
+    """Execution device of each of ``model.blocks``, in order: the block → device map actually in force."""
+    return [execution_device(block) for block in model.blocks]
+
+
+def input_device(model: nn.Module) -> torch.device:
+    """Where token ids must go: the execution device of the input embedding."""
+    try:
+        embedding = model.get_input_embeddings()
+    except (AttributeError, NotImplementedError):
+        embedding = None
+    if not isinstance(embedding, nn.Module):
+        embedding = next((m for m in model.modules() if isinstance(m, nn.Embedding)), model)
+    return execution_device(embedding)
+
+
+def is_offloaded(model: nn.Module) -> bool:
+    """True when some weights are not resident on any device (CPU/disk offload: parameters on ``meta``)."""
+    return any(p.device.type == "meta" for p in model.parameters())
+
