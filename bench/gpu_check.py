@@ -51,7 +51,7 @@ class Shape:
 
 
 LLADA_8B = Shape(4096, 32, 32, 12288, 126464, length=512, steps=64, samples=8, seqlen=512, T=50, interval=5)
-TINY = Shape(64, 4, 2, 128, 512, length=48, steps=16, samples=2, seqlen=32, T=10, interval=5)
+TINY = Shape(32, 4, 2, 64, 256, length=32, steps=8, samples=2, seqlen=16, T=10, interval=5)
 MASK_ID = 126336  # LLaDA's [MASK]; clipped into the vocabulary for the tiny shape
 
 
