@@ -355,13 +355,24 @@ def test_mask_id_may_be_none_for_causal(tmp_path):
     assert traj.mask_id == -1 and traj.mass.shape[0] == 3
 
 
+def test_padded_batch_is_refused_by_capture(llama):
+    x = rand_ids(len(llama.tokenizer), 6).repeat(2, 1)
+    pad = torch.ones(2, 6, dtype=torch.long)
+    pad[1, :2] = 0
+    rec = AttentionRecorder()
+    rec.start_pass()
+    with pytest.raises(DecodeSpecError, match="the inputs come with a padding mask"):
+        llama.module(x, attention_mask=pad, attention_recorder=rec)
+    llama.module(x, attention_mask=pad)  # without capture: transformers' SDPA with the padding mask
+
+
 def test_sliding_window_limits_capture(tmp_path):
     h = load_model(make_causal_dir(tmp_path / "m", "mistral", sliding_window=8), device="cpu")
     x = rand_ids(len(h.tokenizer), 12)
     h.logits(x)  # the model's own forward builds the sliding mask: fine
     rec = AttentionRecorder()
     rec.start_pass()
-    with pytest.raises(DecodeSpecError, match="no sliding window shorter than the sequence: layer 0 has a window of 8"):
+    with pytest.raises(DecodeSpecError, match="but layer 0 attends within a sliding window of 8 tokens and the sequence has 12"):
         h.logits(x, rec)
     with pytest.raises(DecodeSpecError, match="sliding window of 8"):
         h.module.blocks[0](h.module.embed(x))

@@ -61,10 +61,11 @@ def sinkscope_attention(
     if recorder is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     if attention_mask is not None and not _is_plain_causal(attention_mask, query.shape[-2], S):
+        why = (f"layer {module.layer_idx} attends within a sliding window of {window} tokens and the sequence has {S}"
+               if window is not None and S > window else "the inputs come with a padding mask")
         raise DecodeSpecError(
-            "Attention capture on a transformers causal LM supports plain causal attention over unpadded sequences "
-            f"(no padding, no sliding window shorter than the sequence: layer {module.layer_idx} has a window of "
-            f"{window}); run one sequence at a time, no longer than the window.")
+            "Attention capture on a transformers causal LM needs plain causal attention over one unpadded sequence, "
+            f"but {why}; capture one sequence at a time, without padding and no longer than the window.")
     causal = kwargs.get("is_causal")
     causal = getattr(module, "is_causal", True) if causal is None else causal
     out = attention_with_mass(query, key, value, bool(causal), recorder, module.layer_idx, scale=scaling)
