@@ -703,8 +703,11 @@ def test_wrong_family_directory_gets_clear_error(tmp_path, llada15_dir):
 
 # --- pruning on every family -----------------------------------------------------------------------
 
-@pytest.mark.parametrize("handle", FAMILIES, indirect=True)
-@pytest.mark.parametrize("method", ["wanda", "sink_wanda", "sparsegpt"])
+PRUNE_CASES = [(family, method) for family in FAMILIES for method in ("wanda", "sink_wanda", "sparsegpt")] + [
+    ("dream", method) for method in ("magnitude", "sink_sparsegpt", "gated_sink_wanda", "gated_sink_sparsegpt", "noised_wanda")]
+
+
+@pytest.mark.parametrize("handle,method", PRUNE_CASES, indirect=["handle"])
 def test_every_family_prunes(handle, method):
     pruning = pytest.importorskip("sap_core.pruning")
     if method.startswith("sink") and handle.mask_id is None:
