@@ -73,8 +73,10 @@ class ModelHandle:
 
     def logits(self, input_ids: torch.Tensor, recorder: Optional[AttentionRecorder] = None) -> torch.Tensor:
         """``[B, T, V]`` logits on ``device``. DLM: the prediction for position i sits at index i (families
-        whose raw logits are shifted, as Dream's, define ``align_logits``). Causal: index i predicts i + 1."""
-        logits = self.module(input_ids.to(self.device), attention_recorder=recorder).logits
+        whose raw logits are shifted, as Dream's, define ``align_logits``). Causal: index i predicts i + 1.
+        Runs under ``lock``, so a forward pass never sees weights that another thread has swapped in."""
+        with self.lock:  # a variant applied in place by another thread is never seen half-way
+            logits = self.module(input_ids.to(self.device), attention_recorder=recorder).logits
         align = getattr(self.module, "align_logits", None)
         return (align(logits) if align is not None else logits).to(self.device)
 

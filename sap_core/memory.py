@@ -1,0 +1,49 @@
+"""Memory estimates for capture and pruning, so a user can pick settings that fit before running.
+
+All figures are bytes and upper-bound estimates of the dominant terms (not allocator overheads).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    weights: int            # the dense model
+    capture_record: int     # Trajectory.mass: steps × layers × heads × L float32 (host memory)
+    capture_peak: int       # one query chunk of scores for all heads, float32 (device)
+    activations: int        # one forward pass: hidden states of one block plus logits
+    pruning_copy: int       # a pruned variant's new weights (block linears)
+    pruning_calibration: int  # calibration activations of one block + per-layer statistics
+
+    def as_dict(self) -> dict[str, int]:
+        return dict(self.__dict__)
+
+
+def estimate(handle, seq_len: int, steps: int, chunk_size: int = 128, calib_tokens: int = 16 * 128) -> MemoryEstimate:
+    """Estimate memory for a generation of ``seq_len`` positions over ``steps`` steps with capture,
+    and for pruning with ``calib_tokens`` calibration tokens."""
+    cfg = handle.module.config
+    layers, heads = handle.n_layers, handle.n_heads
+    elem = {"torch.float32": 4}.get(str(handle.dtype), 2)
+    params = handle.n_params
+    d = getattr(cfg, "d_model", None) or getattr(cfg, "hidden_size")
+    vocab = getattr(cfg, "padded_vocab_size", None) or getattr(cfg, "vocab_size")
+    linear_params = sum(m.weight.numel() for b in handle.module.blocks for m in b.modules() if hasattr(m, "weight") and m.weight is not None and m.weight.dim() == 2)
+    widest = max(m.weight.shape[1] for b in handle.module.blocks for m in b.modules() if hasattr(m, "weight") and m.weight is not None and m.weight.dim() == 2)
+    return MemoryEstimate(
+        weights=params * elem,
+        capture_record=steps * layers * heads * seq_len * 4,
+        capture_peak=heads * min(chunk_size, seq_len) * seq_len * 4 * 2,
+        activations=seq_len * (4 * d + vocab) * 4,
+        pruning_copy=linear_params * elem,
+        pruning_calibration=calib_tokens * d * elem * 2 + widest * widest * 4,
+    )
+
+
+def human(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
