@@ -138,16 +138,68 @@ def agreement_figure(table: dict[str, np.ndarray], prompt_length: int) -> go.Fig
 
 
 def sweep_figure(df: pd.DataFrame) -> go.Figure:
-    """Perplexity against sparsity, one line per method and pattern, with ± standard-error bars; dense as a line."""
+    """Perplexity against sparsity from a sweep DataFrame (:func:`sap_core.sweep.run_sweep`).
+
+    One line per method and pattern (colour: method; dash and marker: pattern), with ``ppl_se`` as
+    error bars; an N:M pattern, whose sparsity is fixed, is one marker per method. Rows with
+    method ``"dense"`` are drawn as a horizontal dashed reference line with a ±1 SE band. Points
+    of different methods at the same sparsity are spread a little sideways so that their error bars
+    stay readable (the hover shows the true sparsity). The y axis turns logarithmic when the
+    perplexities span more than a factor of 10.
+    """
     fig = go.Figure()
+    if df is None or len(df) == 0:
+        fig.add_annotation(text="no sweep results yet", showarrow=False, x=0.5, y=0.5, xref="paper", yref="paper")
+        fig.update_layout(xaxis_title="sparsity (fraction of weights removed)", yaxis_title="perplexity")
+        return fig
     dense = df[df["method"] == "dense"]
-    for (method, pattern), part in df[df["method"] != "dense"].groupby(["method", "pattern"], sort=False):
-        part = part.sort_values("sparsity")
-        fig.add_trace(go.Scatter(x=part["sparsity"], y=part["ppl"], error_y=dict(type="data", array=part["ppl_se"]),
-                                 mode="lines+markers", name=f"{method} ({pattern})",
-                                 line=dict(dash="solid" if pattern == "unstructured" else "dash")))
-    if len(dense):
-        fig.add_hline(y=float(dense["ppl"].iloc[0]), line_dash="dot", line_color="black", annotation_text="dense")
-    fig.update_layout(title="Perplexity against sparsity", xaxis_title="sparsity (share of weights set to zero)",
-                      yaxis_title="perplexity (lower is better)", yaxis_type="log", height=480, margin=dict(l=60, r=10, t=40, b=40))
+    rest = df[df["method"] != "dense"]
+    methods = list(dict.fromkeys(rest["method"]))
+    patterns = list(dict.fromkeys(rest["pattern"]))
+    palette = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#bcbd22", "#7f7f7f"]
+    dashes = ["solid", "dash", "dot", "dashdot", "longdash"]
+    symbols = ["circle", "diamond", "square", "triangle-up", "x"]
+    width = 0.003 * max(len(methods) - 1, 0)
+    has_se = "ppl_se" in df.columns
+    for i, method in enumerate(methods):
+        offset = (i / max(len(methods) - 1, 1) - 0.5) * width * 2 if len(methods) > 1 else 0.0
+        for j, pattern in enumerate(patterns):
+            part = rest[(rest["method"] == method) & (rest["pattern"] == pattern)].sort_values("sparsity")
+            if part.empty:
+                continue
+            name = f"{method} ({pattern})"
+            se = part["ppl_se"].to_numpy(float) if has_se else None
+            fig.add_trace(go.Scatter(
+                x=part["sparsity"].to_numpy(float) + offset, y=part["ppl"].to_numpy(float),
+                mode="lines+markers" if len(part) > 1 else "markers", name=name,
+                legendgroup=method,
+                line=dict(color=palette[i % len(palette)], dash=dashes[j % len(dashes)]),
+                marker=dict(symbol=symbols[j % len(symbols)], size=8 if len(part) > 1 else 10),
+                error_y=dict(type="data", array=se, visible=se is not None, thickness=1.2, width=4),
+                customdata=np.stack([part["sparsity"].to_numpy(float), se if se is not None else np.zeros(len(part))], axis=1),
+                hovertemplate=f"{name}<br>sparsity %{{customdata[0]:.0%}}<br>ppl %{{y:.2f}} ± %{{customdata[1]:.2f}}<extra></extra>",
+            ))
+    all_ppl = df["ppl"].to_numpy(float)
+    all_ppl = all_ppl[np.isfinite(all_ppl) & (all_ppl > 0)]
+    log_y = all_ppl.size > 0 and all_ppl.max() / all_ppl.min() > 10
+    xs = rest["sparsity"].to_numpy(float) if not rest.empty else np.array([0.0])
+    x_range = [max(float(xs.min()) - 0.08, 0.0), min(float(xs.max()) + 0.08, 1.0)]
+    if not dense.empty:
+        ppl = float(dense["ppl"].iloc[0])
+        se = float(dense["ppl_se"].iloc[0]) if has_se and np.isfinite(dense["ppl_se"].iloc[0]) else 0.0
+        label = f"dense {ppl:.2f}" + (f" ± {se:.2f}" if se > 0 else "")
+        if se > 0:  # ±1 SE band as a filled trace (shapes need log10 coordinates on a log axis)
+            fig.add_trace(go.Scatter(x=[x_range[0], x_range[1], x_range[1], x_range[0]],
+                                     y=[ppl - se, ppl - se, ppl + se, ppl + se], fill="toself", mode="none",
+                                     fillcolor="rgba(0,0,0,0.1)", hoverinfo="skip", showlegend=False, legendgroup="dense"))
+        fig.add_trace(go.Scatter(x=x_range, y=[ppl, ppl], mode="lines", name=label, legendgroup="dense",
+                                 line=dict(color="black", dash="dash", width=1.5),
+                                 hovertemplate=f"{label}<extra></extra>"))
+    fig.update_layout(
+        title="Perplexity after pruning (lower is better; error bars: ±1 standard error)",
+        xaxis=dict(title="sparsity (fraction of weights removed)", tickformat=".0%",
+                   tickvals=sorted(set(np.round(xs, 4))), range=x_range),
+        yaxis=dict(title="perplexity" + (" (log scale)" if log_y else ""), type="log" if log_y else "linear"),
+        legend=dict(title="method (pattern)"), template="plotly_white", hovermode="closest",
+    )
     return fig
