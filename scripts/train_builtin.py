@@ -127,7 +127,8 @@ def causal_loss(model, x: torch.Tensor) -> torch.Tensor:
 def train(kind: str, config: LLaDAConfig, stream: torch.Tensor, bos: int, args) -> tuple[LLaDAModelLM, dict]:
     torch.manual_seed(args.seed)
     gen = torch.Generator().manual_seed(args.seed + (0 if kind == "dlm" else 1))
-    model = LLaDAModelLM(config).train()
+    init = args.init_from if kind == "dlm" else None
+    model = (LLaDAModelLM.from_pretrained(str(init)) if init else LLaDAModelLM(config)).train()
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
     peak, batch = (args.lr, args.batch) if kind == "dlm" else (args.ar_lr, args.ar_batch)
@@ -181,6 +182,8 @@ def main() -> None:
     parser.add_argument("--minutes", type=float, default=56.0, help="wall-time cap for the DLM")
     parser.add_argument("--ar-minutes", type=float, default=20.0)
     parser.add_argument("--only", choices=["dlm", "ar"], help="train one model only")
+    parser.add_argument("--init-from", type=Path, help="continue training the DLM from this model directory "
+                        "(a second cosine cycle; the shipped tiny-dlm used one, see its MODEL_CARD.md)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a shared 2-core machine)")
     args = parser.parse_args()
     if args.threads:
@@ -222,6 +225,9 @@ def main() -> None:
         tokenizer.save_pretrained(str(out))
         stats["params"] = sum(p.numel() for p in model.parameters())
         stats["recipe"] = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+        previous = (args.init_from / "training.json") if (kind == "dlm" and args.init_from) else None
+        if previous and previous.exists():
+            stats["previous_phase"] = json.loads(previous.read_text())
         (out / "training.json").write_text(json.dumps(stats, indent=2))
         results[name] = stats
         print(name, json.dumps({k: v for k, v in stats.items() if k != "recipe"}))
