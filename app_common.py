@@ -1,0 +1,105 @@
+"""What every SinkScope page shares: the cached model, the active-model banner, progress and errors.
+
+Pages only orchestrate: numbers come from ``sap_core`` and figures from ``sap_core.viz``.
+Per-browser-session state (trajectories, reports, variants) lives in ``st.session_state``; the
+dense model is shared through ``st.cache_resource`` and never changed (pruning makes variants).
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Iterator, Optional
+
+import streamlit as st
+import torch
+
+from sap_core.errors import Cancelled, SapError
+from sap_core.models import ModelHandle, load_model
+from sap_core.sinks import SinkSpec
+
+DEFAULT_MODEL = os.environ.get("SINKSCOPE_MODEL", "tiny-dlm")
+AR_MODEL = os.environ.get("SINKSCOPE_AR_MODEL", "tiny-ar")
+
+
+@st.cache_resource(show_spinner="Loading model…", max_entries=4)
+def cached_model(source: str, device: str, dtype: str) -> ModelHandle:
+    """One loaded model per (source, device, dtype), shared by every browser session."""
+    return load_model(source, device=device, dtype=dtype)
+
+
+def model_choice() -> tuple[str, str, str]:
+    """The (source, device, dtype) the sidebar selected."""
+    return (st.session_state.get("model_source", DEFAULT_MODEL), st.session_state.get("device", "auto"),
+            st.session_state.get("dtype", "auto"))
+
+
+def active_model() -> ModelHandle:
+    """The selected model; if it cannot be loaded, show the loader's message and stop this page."""
+    source, device, dtype = model_choice()
+    try:
+        handle = cached_model(source, device, dtype)
+    except SapError as exc:
+        st.error(f"Could not load the model: {exc}")
+        st.info("Pick the built-in model in the sidebar, or fix the path.")
+        st.stop()
+    st.caption(f"Active model: **{handle.name}** · {handle.family}{' (causal)' if handle.causal else ''} · "
+               f"{handle.n_params / 1e6:.1f}M parameters · {handle.device} · {str(handle.dtype).replace('torch.', '')}")
+    return handle
+
+
+def sink_spec() -> SinkSpec:
+    """The sink settings chosen on the Sink stability page (shared with the Prune page)."""
+    return st.session_state.get("sink_spec", SinkSpec(tau=0.05))
+
+
+def progress_callback(bar, label: str):
+    def update(done: int, total: int, message: str) -> None:
+        bar.progress(min(done / max(total, 1), 1.0), text=f"{label}: {message} ({done}/{total})")
+    return update
+
+
+@contextlib.contextmanager
+def job(label: str) -> Iterator[None]:
+    """Run a long job: errors become a message on the page and the app stays usable."""
+    try:
+        yield
+    except Cancelled:
+        st.warning(f"{label} was cancelled; nothing was changed.")
+    except torch.OutOfMemoryError:
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        st.error(f"{label} ran out of GPU memory. Try a shorter sequence, fewer steps or samples, "
+                 "or a smaller dtype (bfloat16); the dense model is unchanged.")
+    except SapError as exc:
+        st.error(f"{label} failed: {exc}")
+
+
+def note_missing(what: Optional[str]) -> None:
+    if what:
+        st.info(what)
+
+
+def current_trajectory(handle: ModelHandle, key: str = "trajectory"):
+    """The trajectory this session generated with the active model, or None."""
+    if st.session_state.get(f"{key}_model") != model_choice():
+        return None
+    return st.session_state.get(key)
+
+
+def report_for(trajectory, spec: SinkSpec):
+    """Sink analysis of a stored trajectory; recomputed only when the trajectory or the spec changes
+    (the mass reduction itself is cached in ``sap_core.sinks``), never by rerunning the model."""
+    from sap_core.sinks import analyze
+
+    cache = st.session_state.setdefault("report_cache", {})
+    key = (id(trajectory), spec)
+    if key not in cache:
+        if len(cache) > 8:
+            cache.clear()
+        cache[key] = analyze(trajectory, spec)
+    return cache[key]
+
+
+def token_texts(handle: ModelHandle, ids) -> list[str]:
+    """Readable text of each token id (whitespace made visible)."""
+    return [handle.decode([int(i)]).replace("\n", "⏎").replace(" ", "␣") for i in ids]

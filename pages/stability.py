@@ -1,0 +1,78 @@
+"""Sink stability: tune the sink rule and the variance threshold on the stored trajectory."""
+import json
+import tempfile
+from pathlib import Path
+
+import streamlit as st
+
+from app_common import AR_MODEL, active_model, cached_model, current_trajectory, job, model_choice, progress_callback, report_for, sink_spec
+from sap_core import viz
+from sap_core.attention import AttentionRecorder
+from sap_core.diffusion import generate
+from sap_core.errors import SapError
+from sap_core.sinks import RULES, SinkSpec, compare
+
+st.header("Sink stability")
+handle = active_model()
+traj = current_trajectory(handle)
+if traj is None:
+    st.info("Run a generation on the **Denoising explorer** page first; this page re-scores its stored attention record.")
+    st.stop()
+
+old = sink_spec()
+c = st.columns(5)
+rule = c[0].selectbox("Rule", RULES, index=RULES.index(old.rule),
+                      help="official: soft score sigmoid(alpha·(m − (mean + k·std))); leave_one_out: hard rule of the paper's figure.")
+k = c[1].slider("k (std multiples)", 0.0, 6.0, float(old.k), 0.1, help="A position is a sink when its mass exceeds mean + k·std of its step.")
+alpha = c[2].slider("alpha (sharpness)", 0.1, 20.0, float(old.alpha), 0.1, help="Steepness of the soft sink score.")
+tau = c[3].slider("tau (variance threshold)", 0.0, 0.25, float(old.tau), 0.005, format="%.3f",
+                  help="A sink whose score variance over the steps is ≥ tau is unstable and gets down-weighted by the pruner. 0 = every sink counts (the official behaviour).")
+epsilon = c[4].slider("ε (leave-one-out margin)", 0.0, 5.0, float(old.epsilon), 0.1, help="Margin in units of the uniform mass; only for the leave_one_out rule.")
+try:
+    spec = SinkSpec(rule=rule, k=k, alpha=alpha, tau=tau, epsilon=epsilon)
+except SapError as exc:
+    st.error(str(exc))
+    st.stop()
+st.session_state["sink_spec"] = spec
+report = report_for(traj, spec)
+
+agg = report.aggregate
+m = st.columns(4)
+m[0].metric("Var(dominant position)", f"{agg.dominant_var:.1f} tok²")
+m[1].metric("Unstable sinks", int((report.labels == "unstable").sum()))
+m[2].metric("Stable sinks", int((report.labels == "stable").sum()))
+m[3].metric("Top-k mass share", f"{agg.top_k_share:.2f}")
+st.plotly_chart(viz.instability_bars(report.layers_frame()))
+positions = report.positions_frame()
+st.plotly_chart(viz.position_stability(positions, tau))
+with st.expander("Per-position table (frequency, variance, label, down-weighting factor)"):
+    st.dataframe(positions, hide_index=True)
+
+c1, c2 = st.columns(2)
+c1.download_button("Download positions (CSV)", positions.to_csv(index=False), "sink_positions.csv", "text/csv")
+with tempfile.TemporaryDirectory() as tmp:
+    report.to_json(Path(tmp) / "report.json")
+    c2.download_button("Download full report (JSON)", (Path(tmp) / "report.json").read_text(), "sink_report.json", "application/json")
+
+st.subheader("AR vs DLM")
+st.caption("Runs the same prompt through a causal model, token by token, and compares the per-layer instability. "
+           "Mass is normalised by what each key would receive under uniform attention over the keys its queries can see, "
+           "so a position-0 sink is never an artefact of the causal mask.")
+other_source = st.text_input("Causal model", AR_MODEL, help="The built-in AR twin, or a local causal model directory.")
+if st.button("Run the AR comparison"):
+    bar = st.progress(0.0)
+    with job("The AR run"):
+        other = cached_model(other_source, *model_choice()[1:])
+        if other.causal == handle.causal:
+            raise SapError("Pick a model of the other kind: one causal (AR) and one masked-diffusion model.")
+        other_traj = generate(other, traj.prompt, traj.spec, recorder=AttentionRecorder(), progress=progress_callback(bar, "AR decoding"))
+        st.session_state.update(ar_trajectory=other_traj, ar_trajectory_model=model_choice())
+    bar.empty()
+ar_traj = current_trajectory(handle, "ar_trajectory")
+if ar_traj is not None:
+    pair = (ar_traj, traj) if ar_traj.causal else (traj, ar_traj)
+    comparison = compare(*pair, spec=spec, labels=("AR", "DLM"))
+    frame = comparison.frame()
+    st.plotly_chart(viz.comparison_bars(frame, ("AR", "DLM")))
+    st.dataframe(frame, hide_index=True)
+    st.download_button("Download comparison (JSON)", json.dumps(comparison.summary(), default=float), "ar_vs_dlm.json")
