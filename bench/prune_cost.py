@@ -1,0 +1,124 @@
+"""Cost of pruning: every method, and single-pass sink-aware Wanda against the official two-pass structure.
+
+On the built-in DLM (``assets/models/tiny-dlm``) when it exists, else a random LLaDA model of the
+same shape (d_model 256, 6 layers, 8 heads, vocab 4096) with a byte-level stand-in tokenizer.
+Calibration text: ``assets/text/calibration.txt`` when it exists, else the repository's own
+markdown files. Prints the median time of each method, then times the sink-aware Wanda statistics
+computed in one recorded pass per batch (what ``prune`` runs) and in two passes (a recorded pass
+for the attention mass, then a plain pass for the activations: the official code's structure),
+interleaved in the same process, checks that both give the same scores and prints the ratio.
+Target (issue 5): <= 0.6x.
+
+    python bench/prune_cost.py [--repeats 3] [--nsamples 16] [--seqlen 128] [--threads N]
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+from sap_core.models import BUILTIN_MODELS, ModelHandle, load_model  # noqa: E402
+from sap_core.models.llada import LLaDAConfig, LLaDAModelLM  # noqa: E402
+from sap_core.pruning import METHODS, CalibrationSpec, PruneSpec, prune  # noqa: E402
+from sap_core.pruning import scores as sc  # noqa: E402
+from sap_core.pruning.calibration import calibration_ids, noised_ids, tokenize  # noqa: E402
+from sap_core.pruning.spec import DEFAULT_CALIBRATION  # noqa: E402
+from sap_core.sinks import SinkSpec  # noqa: E402
+
+
+class ByteTokenizer:
+    """Bytes -> ids 4..259 (0-3 special, 3 = [MASK]); enough to calibrate a random model."""
+
+    def encode(self, text: str, add_special_tokens: bool = True, **kwargs) -> list[int]:
+        return [4 + b for b in text.encode("utf-8")]
+
+    def decode(self, ids, skip_special_tokens: bool = False) -> str:
+        return bytes(max(0, i - 4) for i in ids).decode("utf-8", "replace")
+
+
+def random_handle() -> ModelHandle:
+    torch.manual_seed(0)
+    config = LLaDAConfig(d_model=256, n_heads=8, n_layers=6, mlp_hidden_size=768, vocab_size=4096,
+                         max_sequence_length=512, mask_token_id=3)
+    module = LLaDAModelLM(config).eval().requires_grad_(False)
+    return ModelHandle(module, ByteTokenizer(), 3, "llada", torch.device("cpu"), torch.float32, False, "random tiny-dlm shape")
+
+
+def calibration_text() -> str:
+    if DEFAULT_CALIBRATION.is_file():
+        return DEFAULT_CALIBRATION.read_text(encoding="utf-8")
+    return "\n".join(p.read_text(encoding="utf-8") for p in sorted(ROOT.rglob("*.md")) if ".git" not in p.parts)
+
+
+def median_time(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--nsamples", type=int, default=16)
+    parser.add_argument("--seqlen", type=int, default=128)
+    parser.add_argument("--batch-size", type=int, default=10)
+    parser.add_argument("--sparsity", type=float, default=0.5)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    builtin = BUILTIN_MODELS["tiny-dlm"].exists()
+    handle = load_model("tiny-dlm", device="cpu") if builtin else random_handle()
+    text = None if DEFAULT_CALIBRATION.is_file() else calibration_text()
+    cal = CalibrationSpec(text=text, nsamples=args.nsamples, seqlen=args.seqlen, batch_size=args.batch_size)
+    print(f"model: {handle.name}, {handle.n_layers} layers, {handle.n_params / 1e6:.1f}M params; "
+          f"calibration: {'assets/text/calibration.txt' if text is None else 'repository markdown (calibration.txt missing)'}, "
+          f"nsamples={cal.nsamples}, seqlen={cal.seqlen}, timesteps={len(cal.timesteps)}, batch_size={cal.batch_size}; "
+          f"torch threads = {torch.get_num_threads()}")
+
+    print(f"\nprune(handle, PruneSpec(method, {args.sparsity})): median of {args.repeats}")
+    for method in METHODS:
+        spec = PruneSpec(method, args.sparsity, calibration=cal)
+        prune(handle, spec)  # warm-up
+        seconds = median_time(lambda: prune(handle, spec), args.repeats)
+        print(f"  {method:22s} {seconds:7.3f} s")
+
+    # single pass vs two passes, same statistics, interleaved
+    clean, generator = calibration_ids(tokenize(handle, cal), cal)
+    noised = noised_ids(clean, cal, handle.mask_id, generator)
+    sink = SinkSpec()
+    one = sc.noised_wanda_stats(handle, noised, sink, "official", cal.batch_size)
+    two = sc.noised_wanda_stats_two_pass(handle, noised, sink, "official", cal.batch_size)
+    worst = 0.0
+    for a, b in zip(one.norms, two.norms):
+        for g in a:
+            worst = max(worst, float(((a[g] - b[g]).abs() / b[g].abs().clamp_min(1e-12)).max()))
+    same_weights = bool((one.token_weights == two.token_weights).all())
+    singles, doubles = [], []
+    for _ in range(args.repeats):
+        t0 = time.perf_counter(); sc.noised_wanda_stats(handle, noised, sink, "official", cal.batch_size)
+        singles.append(time.perf_counter() - t0)
+        t0 = time.perf_counter(); sc.noised_wanda_stats_two_pass(handle, noised, sink, "official", cal.batch_size)
+        doubles.append(time.perf_counter() - t0)
+    a, b = statistics.median(singles), statistics.median(doubles)
+    print(f"\nsink-aware Wanda statistics ({cal.nsamples} samples x {len(cal.timesteps)} timesteps):")
+    print(f"  one pass : {a:.3f} s ({one.passes} forward passes)")
+    print(f"  two passes: {b:.3f} s ({two.passes} forward passes)")
+    print(f"  scores agree: max relative difference of the column norms {worst:.2e}; "
+          f"token factors identical: {same_weights}")
+    print(f"  ratio one/two: {a / b:.2f}x (target <= 0.6x)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,85 @@
+"""Calibration data: token windows from text, forward noising, and the record of what a run used.
+
+* :func:`calibration_ids`: ``int64 [nsamples, seqlen]`` windows of the tokenized text (no special
+  tokens) at random offsets drawn from ``torch.Generator().manual_seed(seed)``, as Wanda/SparseGPT
+  draw their wikitext windows.
+* :func:`noised_ids`: ``int64 [nsamples, n_timesteps, seqlen]``; at timestep ``t`` each token
+  independently becomes ``mask_id`` with probability ``(1 − eps)·t/T + eps`` (the official code's
+  ``_forward_diffusion``). The uniform draws come from the same seeded generator, after the offsets,
+  so a spec gives the same noised inputs whatever the method or batch size.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+import torch
+
+from sap_core.errors import PruneSpecError
+from sap_core.pruning.spec import CalibrationSpec
+
+
+def tokenize(handle, spec: CalibrationSpec) -> list[int]:
+    """Token ids of the calibration text; :class:`PruneSpecError` when it is shorter than ``seqlen``."""
+    text = spec.load_text()
+    if handle.tokenizer is None:
+        raise PruneSpecError("This model has no tokenizer, so calibration text cannot be tokenized.")
+    try:  # verbose=False: a long text is cut into windows, not fed whole; no "too long" warning
+        ids = list(handle.tokenizer.encode(text, add_special_tokens=False, verbose=False))
+    except TypeError:  # a tokenizer without the verbose flag
+        ids = list(handle.tokenizer.encode(text, add_special_tokens=False))
+    if len(ids) < spec.seqlen:
+        raise PruneSpecError(f"The calibration text is {len(ids)} tokens long but seqlen is {spec.seqlen}: give "
+                             f"more text or lower seqlen to at most {len(ids)}.")
+    return ids
+
+
+def calibration_ids(token_ids: list[int], spec: CalibrationSpec) -> tuple[torch.Tensor, torch.Generator]:
+    """``[nsamples, seqlen]`` windows and the generator, positioned for :func:`noised_ids`."""
+    generator = torch.Generator().manual_seed(int(spec.seed))
+    ids = torch.tensor(token_ids, dtype=torch.long)
+    starts = torch.randint(0, len(token_ids) - spec.seqlen + 1, (spec.nsamples,), generator=generator)
+    windows = torch.stack([ids[s: s + spec.seqlen] for s in starts.tolist()])
+    return windows, generator
+
+
+def noised_ids(clean: torch.Tensor, spec: CalibrationSpec, mask_id: int, generator: torch.Generator) -> torch.Tensor:
+    """``[nsamples, n_timesteps, seqlen]``: ``clean`` corrupted at each sampled timestep."""
+    steps = spec.timesteps
+    p = torch.tensor([spec.mask_probability(t) for t in steps], dtype=torch.float32)
+    u = torch.rand(clean.shape[0], len(steps), clean.shape[1], generator=generator)
+    return torch.where(u < p[None, :, None], torch.full_like(clean[:, None], int(mask_id)), clean[:, None])
+
+
+@dataclass
+class CalibrationRecord:
+    """What a pruning run calibrated on, for display and for reproducing it.
+
+    * ``ids``: ``int64 [nsamples, seqlen]`` clean windows.
+    * ``timesteps``: the sampled diffusion timesteps (noised methods), else empty.
+    * ``noised``: ``int64 [nsamples, n_timesteps, seqlen]`` model inputs of the noised methods.
+    * ``mass``: ``float32 [nsamples, n_timesteps, seqlen]`` attention mass each position receives,
+      summed over the selected layers, heads and all queries.
+    * ``sink_scores``: ``float32 [nsamples, n_timesteps, seqlen]`` soft sink score ``s_t(j)``
+      (:func:`sap_core.sinks.sink_scores`).
+    * ``variance``: ``float32 [nsamples, seqlen]`` variance of ``s_t(j)`` over the timesteps.
+    * ``labels``: ``str [nsamples, seqlen]`` none / transient / stable / unstable
+      (:func:`sap_core.sinks.position_stats`).
+    * ``gate``: ``bool [nsamples, seqlen]`` positions the gated factors down-weight (unstable sinks;
+      every position when tau = 0).
+    * ``token_weights``: the factor each token's layer inputs were multiplied by:
+      ``[nsamples, n_timesteps, seqlen]`` for the Wanda family (``1 − s_t(j)``; gated: ``1 −
+      g_j·s_t(j)``; noised_wanda: 1) and ``[nsamples, seqlen]`` for the SparseGPT family
+      (``1 − mean_t s_t(j)``; gated: ``1 − g_j·mean_t s_t(j)``). None when no token was weighted.
+    """
+
+    ids: np.ndarray
+    timesteps: list[int]
+    noised: Optional[np.ndarray] = None
+    mass: Optional[np.ndarray] = None
+    sink_scores: Optional[np.ndarray] = None
+    variance: Optional[np.ndarray] = None
+    labels: Optional[np.ndarray] = None
+    gate: Optional[np.ndarray] = None
+    token_weights: Optional[np.ndarray] = None

@@ -1,0 +1,363 @@
+"""Pruning runs: :func:`prune` -> :class:`PrunedVariant`, and :func:`check_sparsity`.
+
+The dense model is never written to. Pruning reads the shared weights under ``handle.lock`` (so no
+variant is swapped in while they are read) and computes new weight tensors; a
+:class:`PrunedVariant` holds them and can be swapped in and out (:meth:`PrunedVariant.applied`),
+applied to a copy (:meth:`PrunedVariant.apply_to_copy`) or saved as a model directory
+(:meth:`PrunedVariant.save`). Every linear layer inside the transformer blocks is pruned; the
+embedding, norms and LM head are not.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Optional, Union
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+
+from sap_core.errors import PruneSpecError, SapError
+from sap_core.progress import Progress, report
+from sap_core.pruning import scores as sc
+from sap_core.pruning.calibration import CalibrationRecord, calibration_ids, noised_ids, tokenize
+from sap_core.pruning.masks import select_mask
+from sap_core.pruning.sparsegpt import Hessian, sparsegpt_prune
+from sap_core.pruning.spec import (
+    GATED, NEEDS_NOISE, NOISED_WANDA_FAMILY, SINK_SPARSEGPT_FAMILY, CalibrationSpec, PruneSpec,
+)
+
+
+# --- which weights ------------------------------------------------------------------------------
+
+def target_linears(module: nn.Module) -> list[tuple[int, str, nn.Linear]]:
+    """``(block index, name inside the block, linear)`` for every linear in every block."""
+    return [(i, name, m) for i, block in enumerate(module.blocks) for name, m in block.named_modules()
+            if isinstance(m, nn.Linear)]
+
+
+def _param_names(module: nn.Module) -> dict[int, str]:
+    return {id(p): n for n, p in module.named_parameters()}
+
+
+def _frame(rows: list[dict]) -> pd.DataFrame:
+    df = pd.DataFrame(rows, columns=["block", "module", "rows", "cols", "params", "zeros", "sparsity"])
+    total = int(df["params"].sum()) if len(df) else 0
+    df.attrs["overall"] = float(df["zeros"].sum() / total) if total else 0.0
+    return df
+
+
+def _by_layer(df: pd.DataFrame) -> pd.DataFrame:
+    g = df.groupby("block", sort=True)[["params", "zeros"]].sum().reset_index()
+    g["sparsity"] = g["zeros"] / g["params"]
+    g.attrs["overall"] = df.attrs.get("overall", 0.0)
+    return g
+
+
+def check_sparsity(obj, by: str = "module") -> pd.DataFrame:
+    """Zeros in the block linears of a :class:`~sap_core.models.ModelHandle`, a model module (with
+    ``.blocks``) or a :class:`PrunedVariant`.
+
+    ``by="module"``: one row per (block, module) with ``rows, cols, params, zeros, sparsity``;
+    ``by="layer"``: one row per block. ``df.attrs["overall"]`` is the sparsity over all of them.
+    """
+    if by not in ("module", "layer"):
+        raise PruneSpecError(f"by must be 'module' or 'layer' (got '{by}').")
+    if isinstance(obj, PrunedVariant):
+        return obj.layer_sparsity if by == "module" else _by_layer(obj.layer_sparsity)
+    module = getattr(obj, "module", obj)
+    if not hasattr(module, "blocks"):
+        raise PruneSpecError("check_sparsity needs a ModelHandle, a model with .blocks, or a PrunedVariant.")
+    rows = []
+    with torch.no_grad():
+        for i, name, lin in target_linears(module):
+            W = lin.weight
+            zeros = int((W == 0).sum())
+            rows.append(dict(block=i, module=name, rows=W.shape[0], cols=W.shape[1], params=W.numel(),
+                             zeros=zeros, sparsity=zeros / W.numel()))
+    df = _frame(rows)
+    return df if by == "module" else _by_layer(df)
+
+
+# --- the variant --------------------------------------------------------------------------------
+
+@dataclass
+class PrunedVariant:
+    """The result of :func:`prune`.
+
+    * ``spec``: the :class:`PruneSpec` that made it. ``seconds``: wall time of the run;
+      ``timings``: its parts (``calibration``: statistics from the model, ``pruning``: masks and
+      reconstruction). ``passes``: model forward passes over calibration batches.
+    * ``weights``: ``{parameter name: new weight}`` for every pruned linear, on the dense weight's
+      device and dtype. ``modules``: ``[(block, module, parameter name)]`` in model order.
+    * ``layer_sparsity``: per (block, module) DataFrame as :func:`check_sparsity`.
+    * ``calibration``: a :class:`CalibrationRecord` (ids, noised inputs, sink scores, variance,
+      labels, and ``token_weights``: the per-token down-weighting factors), None for magnitude.
+    """
+
+    spec: PruneSpec
+    weights: dict[str, torch.Tensor]
+    modules: list[tuple[int, str, str]]
+    seconds: float
+    timings: dict[str, float]
+    passes: int
+    calibration: Optional[CalibrationRecord]
+    source: str
+    layer_sparsity: pd.DataFrame = field(repr=False, default=None)
+
+    def __post_init__(self) -> None:
+        if self.layer_sparsity is None:
+            rows = []
+            for block, name, pname in self.modules:
+                W = self.weights[pname]
+                zeros = int((W == 0).sum())
+                rows.append(dict(block=block, module=name, rows=W.shape[0], cols=W.shape[1], params=W.numel(),
+                                 zeros=zeros, sparsity=zeros / W.numel()))
+            self.layer_sparsity = _frame(rows)
+
+    @property
+    def sparsity(self) -> float:
+        """Zeros over all pruned weights."""
+        return float(self.layer_sparsity.attrs["overall"])
+
+    @property
+    def token_weights(self) -> Optional[np.ndarray]:
+        """Per-token factors the run multiplied layer inputs by (see :class:`CalibrationRecord`)."""
+        return None if self.calibration is None else self.calibration.token_weights
+
+    def summary(self) -> dict:
+        spec = self.spec
+        cal = dataclasses.asdict(spec.calibration)
+        text = cal.pop("text")
+        cal["text"] = "default (assets/text/calibration.txt)" if text is None else f"user text, {len(text)} characters"
+        return {
+            "format": "sinkscope.pruned_variant/1",
+            "source": self.source,
+            "method": spec.method, "sparsity": spec.sparsity, "pattern": spec.pattern,
+            "target_sparsity": spec.target_sparsity, "achieved_sparsity": self.sparsity,
+            "sink": spec.sink.to_dict() if hasattr(spec.sink, "to_dict") else dataclasses.asdict(spec.sink),
+            "calibration": cal if spec.needs_calibration else None,
+            "blocksize": spec.blocksize, "percdamp": spec.percdamp,
+            "seconds": self.seconds, "timings": self.timings, "passes": self.passes,
+        }
+
+    def _params(self, module: nn.Module) -> dict[str, nn.Parameter]:
+        params = dict(module.named_parameters())
+        out = {}
+        for name, W in self.weights.items():
+            p = params.get(name)
+            if p is None or tuple(p.shape) != tuple(W.shape):
+                raise PruneSpecError(f"This variant was pruned from another model ({self.source}): '{name}' "
+                                     "is missing or has another shape here. Prune this model instead.")
+            out[name] = p
+        return out
+
+    @contextmanager
+    def applied(self, handle) -> Iterator:
+        """``with variant.applied(handle): ...`` runs ``handle`` with the pruned weights.
+
+        Holds ``handle.lock`` throughout; swaps the parameters' storage for the variant's tensors and
+        puts the original tensors back on exit, exceptions included, so the dense weights come back
+        bit for bit (they are never written to). Do not modify weights in place inside the block:
+        that would write into the variant.
+        """
+        params = self._params(handle.module)
+        with handle.lock:
+            saved: list[tuple[nn.Parameter, torch.Tensor]] = []
+            try:
+                for name, p in params.items():
+                    saved.append((p, p.data))
+                    p.data = self.weights[name].to(p.device, p.dtype)
+                yield handle
+            finally:
+                for p, data in reversed(saved):
+                    p.data = data
+
+    def apply_to_copy(self, handle):
+        """A new :class:`~sap_core.models.ModelHandle` with a pruned copy of the model (own lock,
+        same tokenizer). Costs one model's memory; the dense weights of pruned layers are not copied."""
+        params = self._params(handle.module)
+        memo = {id(p): nn.Parameter(self.weights[name].to(p.device, p.dtype).clone(), requires_grad=False)
+                for name, p in params.items()}
+        with handle.lock:
+            module = copy.deepcopy(handle.module, memo)
+        module.eval()
+        return dataclasses.replace(handle, module=module, lock=threading.RLock(),
+                                   source=f"{handle.name} [{self.spec.label}]")
+
+    def save(self, directory: Union[str, Path], handle) -> Path:
+        """Write the pruned model as a model directory (``model.safetensors``, ``config.json``,
+        tokenizer files, and ``pruning.json`` with the spec and figures) that ``load_model`` loads."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        with self.applied(handle):
+            handle.module.save_pretrained(str(directory))
+        if handle.tokenizer is not None:
+            handle.tokenizer.save_pretrained(str(directory))
+        (directory / "pruning.json").write_text(json.dumps(self.summary(), indent=1))
+        return directory
+
+
+# --- the run ------------------------------------------------------------------------------------
+
+def _check_against_model(handle, spec: PruneSpec) -> Optional[list[int]]:
+    """Model-dependent checks; returns the calibration token ids when the method needs them."""
+    module = handle.module
+    if not hasattr(module, "blocks"):
+        raise PruneSpecError(f"{type(module).__name__} exposes no transformer .blocks; SinkScope cannot prune it.")
+    linears = target_linears(module)
+    if not linears:
+        raise PruneSpecError("The model has no linear layers inside its blocks to prune.")
+    nm = spec.nm
+    if nm is not None:
+        bad = sorted({f"{name} (in_features {lin.in_features})" for _, name, lin in linears if lin.in_features % nm[1]})
+        if bad:
+            raise PruneSpecError(f"Pattern {spec.pattern} needs every input dimension divisible by {nm[1]}, but "
+                                 f"{', '.join(bad)} is not. Choose an M that divides it, or unstructured.")
+    if not spec.needs_calibration:
+        return None
+    cal = spec.calibration
+    max_len = getattr(getattr(module, "config", None), "max_sequence_length", None)
+    if max_len is not None and cal.seqlen > max_len:
+        raise PruneSpecError(f"seqlen {cal.seqlen} exceeds the model's max_sequence_length {max_len}; lower seqlen.")
+    if spec.method in NEEDS_NOISE:
+        if handle.mask_id is None:
+            raise PruneSpecError(f"{spec.method} corrupts calibration text with [MASK], but this model has no mask "
+                                 "token. Use magnitude, wanda or sparsegpt.")
+        try:
+            spec.sink.resolve(len(module.blocks), handle.n_heads)
+        except SapError as exc:
+            raise PruneSpecError(f"Sink settings: {exc}") from exc
+    return tokenize(handle, cal)
+
+
+def prune(handle, spec: PruneSpec, calibration: Union[CalibrationSpec, str, None] = None,
+          progress: Optional[Progress] = None) -> PrunedVariant:
+    """Prune ``handle``'s block linears as ``spec`` says; the dense model is left untouched.
+
+    ``calibration`` overrides ``spec.calibration`` (a :class:`CalibrationSpec`, or a string: the
+    calibration text). ``progress(done, total, message)`` is called per timestep of the
+    calibration passes and per block; raising :class:`~sap_core.errors.Cancelled` in it stops the
+    run (nothing to undo: the model was never modified). Every impossible setting raises
+    :class:`PruneSpecError` before any forward pass.
+    """
+    if not isinstance(spec, PruneSpec):
+        raise PruneSpecError(f"spec must be a PruneSpec (got {type(spec).__name__}).")
+    if isinstance(calibration, str):
+        spec = dataclasses.replace(spec, calibration=dataclasses.replace(spec.calibration, text=calibration))
+    elif isinstance(calibration, CalibrationSpec):
+        spec = dataclasses.replace(spec, calibration=calibration)
+    elif calibration is not None:
+        raise PruneSpecError(f"calibration must be a CalibrationSpec or a text (got {type(calibration).__name__}).")
+    spec.validate()
+    token_ids = _check_against_model(handle, spec)
+
+    t_start = time.perf_counter()
+    n_blocks = len(handle.module.blocks)
+    cal = spec.calibration
+    n_noised = cal.nsamples * len(cal.timesteps) if spec.method in NEEDS_NOISE else 0
+    total = n_noised + n_blocks
+    state = {"done": 0}
+
+    def tick(units: int, message: str) -> None:
+        state["done"] += units
+        report(progress, state["done"], total, message)
+
+    report(progress, 0, total, f"{spec.label}: starting")
+    with handle.lock:  # the only moment the shared model is looked at: snapshot its block weights
+        taps = sc.make_taps(handle)
+        names = _param_names(handle.module)
+        modules = [(i, name, names[id(lin.weight)]) for i, name, lin in target_linears(handle.module)]
+    with torch.no_grad():
+        new, record, passes, t_cal = _run(handle, taps, spec, token_ids, tick)
+    weights = {pname: new[(i, name)] for i, name, pname in modules}
+    seconds = time.perf_counter() - t_start
+    timings = {"calibration": t_cal, "pruning": seconds - t_cal}
+    return PrunedVariant(spec, weights, modules, seconds, timings, passes, record, handle.source)
+
+
+def _run(handle, taps, spec: PruneSpec, token_ids, tick):
+    """Dispatch on the method; returns ``({(block, name): weight}, record, passes, calibration seconds)``."""
+    method, nm, sparsity = spec.method, spec.nm, spec.sparsity
+    cal = spec.calibration
+    if method == "magnitude":
+        new = {}
+        for i, tap in enumerate(taps):
+            for name, lin in tap.linears.items():
+                new[(i, name)] = _apply_mask(lin.weight, lin.weight.abs().float(), sparsity, nm)
+            tick(1, f"block {i + 1}/{len(taps)} pruned")
+        return new, None, 0, 0.0
+
+    clean, generator = calibration_ids(token_ids, cal)
+    record = CalibrationRecord(ids=clean.numpy(), timesteps=cal.timesteps if method in NEEDS_NOISE else [])
+    t0 = time.perf_counter()
+
+    if method in NOISED_WANDA_FAMILY:
+        noised = noised_ids(clean, cal, handle.mask_id, generator)
+        weighting = {"sink_wanda": "official", "gated_sink_wanda": "gated", "noised_wanda": "none"}[method]
+        stats = sc.noised_wanda_stats(handle, noised, spec.sink, weighting, cal.batch_size, tick, taps)
+        t_cal = time.perf_counter() - t0
+        _describe(record, handle, spec, noised, stats.mass)
+        record.token_weights = stats.token_weights
+        new = {}
+        for i, tap in enumerate(taps):
+            for names, norms in stats.norms[i].items():
+                for name in names:
+                    W = tap.weight(name)
+                    new[(i, name)] = _apply_mask(W, W.abs().float() * norms.to(W.device)[None, :], sparsity, nm)
+            tick(1, f"block {i + 1}/{len(taps)} pruned")
+        return new, record, stats.passes, t_cal
+
+    token_weights = None
+    passes = 0
+    if method in SINK_SPARSEGPT_FAMILY:
+        noised = noised_ids(clean, cal, handle.mask_id, generator)
+        mass = sc.sink_mass(handle, noised, spec.sink, cal.batch_size, tick, taps)
+        passes += int(np.ceil(len(cal.timesteps) / cal.batch_size)) * cal.nsamples
+        weighting = "gated" if method in GATED else "official"
+        token_weights = np.stack([sc.mean_weights(m, spec.sink, weighting, handle.causal) for m in mass])
+        _describe(record, handle, spec, noised, mass)
+        record.token_weights = token_weights
+
+    if method == "wanda":
+        def make_stat(cols, device):
+            return sc.ColumnSquares(cols, device)
+
+        def prune_linear(i, name, W, stat):
+            return _apply_mask(W, W.abs().float() * stat.norm().to(W.device)[None, :], sparsity, nm)
+    else:  # sparsegpt and the sink SparseGPT family
+        def make_stat(cols, device):
+            return Hessian(cols, device)
+
+        def prune_linear(i, name, W, stat):
+            if sparsity == 0 and nm is None:
+                return W.detach()
+            return sparsegpt_prune(W, stat.matrix(), sparsity, nm, spec.blocksize, spec.percdamp)[0]
+
+    new = sc.sequential_sweep(handle, clean, make_stat, prune_linear, cal.batch_size, token_weights, tick, taps)
+    passes += 2 * int(np.ceil(cal.nsamples / cal.batch_size))  # block-sequential: stats pass + pruned pass
+    return new, record, passes, time.perf_counter() - t0
+
+
+def _apply_mask(W: torch.Tensor, score: torch.Tensor, sparsity: float, nm) -> torch.Tensor:
+    """A new tensor: ``W`` with the lowest-scoring weights of each row (or N:M group) set to zero."""
+    if sparsity == 0 and nm is None:
+        return W.detach()
+    return W.masked_fill(select_mask(score, sparsity, nm).to(W.device), 0)
+
+
+def _describe(record: CalibrationRecord, handle, spec: PruneSpec, noised: torch.Tensor, mass: np.ndarray) -> None:
+    d = sc.describe_sinks(mass, spec.sink, handle.causal)
+    record.noised = noised.numpy()
+    record.mass = d.mass
+    record.sink_scores = d.scores
+    record.variance = d.variance
+    record.labels = d.labels
+    record.gate = d.gate

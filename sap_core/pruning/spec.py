@@ -1,0 +1,191 @@
+"""What a pruning run is asked to do: :class:`PruneSpec`, :class:`CalibrationSpec`, :data:`METHODS`.
+
+Every check here is model-free and cheap; :func:`sap_core.pruning.prune` runs :meth:`PruneSpec.validate`
+and then the checks that need the model (pattern vs. input dimensions, sequence length, calibration
+text) before any forward pass, so a bad setting costs nothing.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+from sap_core.errors import PruneSpecError
+from sap_core.sinks import SinkSpec
+
+ASSETS = Path(__file__).resolve().parents[2] / "assets"
+DEFAULT_CALIBRATION = ASSETS / "text" / "calibration.txt"
+
+# name -> one line a selectbox can show. Order: baselines, the paper's methods, the project's additions.
+METHODS: dict[str, str] = {
+    "magnitude": "|W|, no data",
+    "wanda": "|W|·‖X_j‖₂ on clean calibration text, block-sequential (Wanda)",
+    "sparsegpt": "second-order (OBS) reconstruction, block-sequential (SparseGPT)",
+    "sink_wanda": "Wanda on noised inputs, each token scaled by 1 − sink score (official sink-aware Wanda)",
+    "sink_sparsegpt": "SparseGPT with inputs scaled by 1 − mean sink score (official sink-aware SparseGPT)",
+    "gated_sink_wanda": "sink_wanda, down-weighting only unstable sinks (variance ≥ tau)",
+    "gated_sink_sparsegpt": "sink_sparsegpt, down-weighting only unstable sinks (variance ≥ tau)",
+    "noised_wanda": "control: Wanda statistics on the same noised inputs, no sink weighting",
+}
+DATA_FREE = {"magnitude"}
+SEQUENTIAL = {"wanda", "sparsegpt", "sink_sparsegpt", "gated_sink_sparsegpt"}  # block by block on pruned outputs
+NOISED_WANDA_FAMILY = {"sink_wanda", "gated_sink_wanda", "noised_wanda"}  # dense model, noised inputs
+SINK_SPARSEGPT_FAMILY = {"sink_sparsegpt", "gated_sink_sparsegpt"}
+GATED = {"gated_sink_wanda", "gated_sink_sparsegpt"}
+NEEDS_NOISE = NOISED_WANDA_FAMILY | SINK_SPARSEGPT_FAMILY
+
+
+def parse_pattern(pattern: str) -> Optional[tuple[int, int]]:
+    """``"unstructured"`` -> None; ``"N:M"`` -> ``(N, M)``: at most N non-zero weights in every M
+    consecutive input weights of a row (2:4 and 4:8 are 50 %). Raises :class:`PruneSpecError`."""
+    text = str(pattern).strip().lower()
+    if text == "unstructured":
+        return None
+    parts = text.split(":")
+    if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
+        raise PruneSpecError(f"pattern must be 'unstructured' or 'N:M' such as '2:4' or '4:8' (got '{pattern}').")
+    n, m = (int(p) for p in parts)
+    if m < 1 or n < 1:
+        raise PruneSpecError(f"N:M needs N >= 1 and M >= 1 (got '{pattern}'); '2:4' keeps 2 weights of every 4.")
+    if n >= m:
+        raise PruneSpecError(f"N:M needs N < M (got '{pattern}'): N is the number of weights KEPT in each group of M, "
+                             "so N >= M prunes nothing. Use e.g. '2:4' or '4:8'.")
+    return n, m
+
+
+@dataclass(frozen=True)
+class CalibrationSpec:
+    """Calibration data and forward noising.
+
+    ``text``: the calibration text itself; None reads ``assets/text/calibration.txt``. ``nsamples``
+    windows of ``seqlen`` tokens are drawn at random offsets (seeded by ``seed``). The noised
+    methods corrupt every window at the sampled timesteps ``interval, 2·interval, …, T``: each token
+    becomes [MASK] with probability ``(1 − eps)·t/T + eps`` (the official code's forward process).
+    ``batch_size`` is how many sequences one forward pass carries; it changes speed and peak
+    memory, not the statistics.
+    """
+
+    text: Optional[str] = None
+    nsamples: int = 16
+    seqlen: int = 128
+    seed: int = 0
+    T: int = 50
+    interval: int = 5
+    eps: float = 1e-3
+    batch_size: int = 10
+
+    @property
+    def timesteps(self) -> list[int]:
+        return list(range(self.interval, self.T + 1, self.interval))
+
+    def mask_probability(self, t: int) -> float:
+        return (1.0 - self.eps) * t / self.T + self.eps
+
+    def validate(self) -> None:
+        if not isinstance(self.nsamples, int) or self.nsamples < 1:
+            raise PruneSpecError(f"nsamples must be an integer >= 1 (got {self.nsamples}).")
+        if not isinstance(self.seqlen, int) or self.seqlen < 2:
+            raise PruneSpecError(f"seqlen must be an integer >= 2 tokens (got {self.seqlen}).")
+        if not isinstance(self.T, int) or self.T < 1:
+            raise PruneSpecError(f"T (diffusion steps) must be an integer >= 1 (got {self.T}).")
+        if not isinstance(self.interval, int) or not 1 <= self.interval <= self.T:
+            raise PruneSpecError(f"interval must be an integer in [1, T={self.T}] (got {self.interval}); "
+                                 "the sampled timesteps are interval, 2·interval, …, T.")
+        if not (isinstance(self.eps, (int, float)) and 0.0 <= self.eps < 1.0):
+            raise PruneSpecError(f"eps must be in [0, 1) (got {self.eps}).")
+        if not isinstance(self.batch_size, int) or self.batch_size < 1:
+            raise PruneSpecError(f"batch_size must be an integer >= 1 (got {self.batch_size}).")
+        if self.text is not None and not str(self.text).strip():
+            raise PruneSpecError("The calibration text is empty; paste some text or leave it unset to use "
+                                 f"{DEFAULT_CALIBRATION.relative_to(ASSETS.parent)}.")
+
+    def load_text(self) -> str:
+        """The calibration text; :class:`PruneSpecError` with what to do when there is none."""
+        if self.text is not None:
+            if not str(self.text).strip():
+                raise PruneSpecError("The calibration text is empty; give some text for calibration.")
+            return str(self.text)
+        if not DEFAULT_CALIBRATION.is_file():
+            raise PruneSpecError(f"No calibration text: the default {DEFAULT_CALIBRATION} is missing. "
+                                 "Pass CalibrationSpec(text=...) with a few thousand words of plain text.")
+        text = DEFAULT_CALIBRATION.read_text(encoding="utf-8")
+        if not text.strip():
+            raise PruneSpecError(f"No calibration text: {DEFAULT_CALIBRATION} is empty. Pass CalibrationSpec(text=...).")
+        return text
+
+
+@dataclass(frozen=True)
+class PruneSpec:
+    """One pruning run.
+
+    ``method``: a key of :data:`METHODS`. ``sparsity``: the fraction of each row's weights set to zero,
+    in [0, 1), for ``pattern="unstructured"``; with ``pattern="N:M"`` the pattern fixes the sparsity
+    at ``1 − N/M`` and ``sparsity`` is not used (see :attr:`target_sparsity`). ``sink`` holds the
+    sink rule (k, alpha) and the variance gate ``tau`` of the gated methods. ``blocksize`` and
+    ``percdamp`` are SparseGPT's (columns per lazy-update block; dampening as a fraction of the mean
+    Hessian diagonal).
+    """
+
+    method: str
+    sparsity: float
+    pattern: str = "unstructured"
+    sink: SinkSpec = field(default_factory=SinkSpec)
+    calibration: CalibrationSpec = field(default_factory=CalibrationSpec)
+    blocksize: int = 128
+    percdamp: float = 0.01
+
+    @property
+    def nm(self) -> Optional[tuple[int, int]]:
+        return parse_pattern(self.pattern)
+
+    @property
+    def target_sparsity(self) -> float:
+        nm = self.nm
+        return self.sparsity if nm is None else 1.0 - nm[0] / nm[1]
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.method not in DATA_FREE
+
+    @property
+    def label(self) -> str:
+        what = f"{self.sparsity:.0%}" if self.nm is None else self.pattern
+        gate = f", tau={self.sink.tau:g}" if self.method in GATED else ""
+        return f"{self.method} {what}{gate}"
+
+    def validate(self) -> None:
+        """Raise :class:`PruneSpecError` for anything impossible, before any work."""
+        if self.method not in METHODS:
+            raise PruneSpecError(f"Unknown pruning method '{self.method}'. Choose one of: {', '.join(METHODS)}.")
+        if isinstance(self.sparsity, bool) or not isinstance(self.sparsity, (int, float)) or math.isnan(self.sparsity):
+            raise PruneSpecError(f"sparsity must be a number in [0, 1) (got {self.sparsity!r}).")
+        if not 0.0 <= float(self.sparsity) < 1.0:
+            raise PruneSpecError(f"sparsity must be in [0, 1) (got {self.sparsity}): it is the fraction of weights "
+                                 "set to zero, e.g. 0.5 for half.")
+        parse_pattern(self.pattern)
+        if not isinstance(self.blocksize, int) or self.blocksize < 1:
+            raise PruneSpecError(f"blocksize must be an integer >= 1 (got {self.blocksize}).")
+        if not (isinstance(self.percdamp, (int, float)) and self.percdamp > 0):
+            raise PruneSpecError(f"percdamp must be > 0 (got {self.percdamp}); SparseGPT uses 0.01.")
+        if not isinstance(self.sink, SinkSpec):
+            raise PruneSpecError(f"sink must be a SinkSpec (got {type(self.sink).__name__}).")
+        if not isinstance(self.calibration, CalibrationSpec):
+            raise PruneSpecError(f"calibration must be a CalibrationSpec (got {type(self.calibration).__name__}).")
+        if self.method in NEEDS_NOISE:
+            _validate_sink(self.sink)
+        if self.needs_calibration:
+            self.calibration.validate()
+
+
+def _validate_sink(sink: SinkSpec) -> None:
+    """Let SinkSpec check itself, reported as a pruning-settings error."""
+    check = getattr(sink, "validate", None)
+    if check is None:
+        return
+    try:
+        check()
+    except PruneSpecError:
+        raise
+    except Exception as exc:  # SinkSpecError and friends: same message, pruning's error type
+        raise PruneSpecError(f"Sink settings: {exc}") from exc

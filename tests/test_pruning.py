@@ -1,0 +1,346 @@
+"""Pruning (issue 5): scores, SparseGPT, masks, sink weighting, non-destructiveness, saving, errors."""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import TEXT, make_model_dir
+from sap_core.diffusion import DecodeSpec, generate
+from sap_core.errors import Cancelled, PruneSpecError
+from sap_core.models import load_model
+from sap_core.pruning import METHODS, CalibrationSpec, PruneSpec, check_sparsity, prune
+from sap_core.pruning import scores as sc
+from sap_core.pruning import spec as spec_module
+from sap_core.pruning.calibration import calibration_ids, noised_ids, tokenize
+from sap_core.pruning.masks import n_prune, nm_holds, select_mask
+from sap_core.pruning.sparsegpt import Hessian, sparsegpt_prune
+from sap_core.sinks import SinkSpec
+
+CAL_TEXT = " ".join(TEXT * 12)
+CAL = CalibrationSpec(text=CAL_TEXT, nsamples=3, seqlen=24, T=50, interval=10, batch_size=3)
+
+
+def spec(method, sparsity=0.5, **kw):
+    kw.setdefault("calibration", CAL)
+    return PruneSpec(method, sparsity, **kw)
+
+
+def snapshot(handle):
+    return {k: v.detach().clone() for k, v in handle.module.state_dict().items()}
+
+
+def assert_same(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def assert_same_weights(v1, v2):
+    assert v1.weights.keys() == v2.weights.keys()
+    for k in v1.weights:
+        assert torch.equal(v1.weights[k], v2.weights[k]), k
+
+
+@pytest.fixture(scope="module")
+def dlm(tmp_path_factory):
+    """A module-private tiny DLM (the session one is shared with other tests that must not see changes)."""
+    return load_model(make_model_dir(tmp_path_factory.mktemp("prune-dlm"), seed=1), device="cpu")
+
+
+# --- scores -------------------------------------------------------------------------------------
+
+def test_wanda_matches_brute_force_block_by_block(dlm):
+    v = prune(dlm, spec("wanda", 0.5))
+    cal = CAL
+    clean, _ = calibration_ids(tokenize(dlm, cal), cal)
+    pruned = v.apply_to_copy(dlm)
+    with torch.no_grad():
+        h = dlm.module.embed(clean)
+        for i in range(dlm.n_layers):
+            block = dlm.module.blocks[i]
+            x = block.attn_norm(h)  # the input q_proj sees, after the already-pruned blocks
+            X = x.reshape(-1, x.shape[-1]).double()
+            W = block.q_proj.weight.double()
+            norms = torch.tensor([sum(float(X[t, c]) ** 2 for t in range(X.shape[0])) ** 0.5 for c in range(X.shape[1])],
+                                 dtype=torch.float64)
+            score = W.abs() * norms[None, :]
+            k = n_prune(W.shape[1], 0.5)
+            expect = torch.zeros_like(W, dtype=torch.bool)
+            for r in range(W.shape[0]):
+                expect[r, sorted(range(W.shape[1]), key=lambda c: (float(score[r, c]), c))[:k]] = True
+            got = v.weights[f"model.transformer.blocks.{i}.q_proj.weight"] == 0
+            assert torch.equal(got, expect), f"block {i}"
+            h = pruned.module.blocks[i](h)  # next block sees the pruned block's outputs
+
+
+def test_column_squares_is_the_l2_norm():
+    x = torch.randn(3, 5, 7)
+    w = torch.rand(3, 5)
+    stat = sc.ColumnSquares(7, torch.device("cpu"))
+    stat.add(x, w)
+    ref = torch.tensor([float(((x[:, :, c] * w) ** 2).sum()) ** 0.5 for c in range(7)])
+    assert torch.allclose(stat.norm(), ref, rtol=1e-5)
+
+
+def test_sparsegpt_reconstructs_better_than_magnitude_and_wanda():
+    g = torch.Generator().manual_seed(0)
+    rows, cols, tokens = 48, 64, 512
+    base = torch.randn(tokens, 8, generator=g) @ torch.randn(8, cols, generator=g)  # strongly correlated
+    X = base + 0.1 * torch.randn(tokens, cols, generator=g)
+    X[:, :8] *= 4.0
+    W = torch.randn(rows, cols, generator=g)
+    H = Hessian(cols, torch.device("cpu"))
+    H.add(X[None])
+    err = {}
+    for name in ("magnitude", "wanda", "sparsegpt"):
+        if name == "magnitude":
+            Wp = W.masked_fill(select_mask(W.abs(), 0.5), 0)
+        elif name == "wanda":
+            Wp = W.masked_fill(select_mask(W.abs() * X.norm(dim=0)[None], 0.5), 0)
+        else:
+            Wp, mask = sparsegpt_prune(W, H.matrix(), 0.5, blocksize=16)
+            assert torch.equal(Wp == 0, mask)
+            assert (mask.sum(1) == n_prune(cols, 0.5)).all()
+        err[name] = float(((X @ W.T - X @ Wp.T) ** 2).sum())
+    assert err["sparsegpt"] < 0.5 * err["wanda"] and err["sparsegpt"] < 0.5 * err["magnitude"], err
+    assert not W.eq(0).any()  # input untouched
+
+
+def test_sparsegpt_nm_and_unaligned_blocks():
+    g = torch.Generator().manual_seed(1)
+    X = torch.randn(200, 24, generator=g)
+    W = torch.randn(10, 24, generator=g)
+    H = Hessian(24, torch.device("cpu"))
+    H.add(X[None])
+    Wp, mask = sparsegpt_prune(W, H.matrix(), 0.0, nm=(2, 4), blocksize=10)  # blocksize rounded to 8
+    assert nm_holds(Wp, (2, 4)) and (mask.reshape(10, 6, 4).sum(-1) == 2).all()
+    Wp, mask = sparsegpt_prune(W, H.matrix(), 0.3, blocksize=7)  # per-row target across uneven blocks
+    assert (mask.sum(1) == n_prune(24, 0.3)).all()
+
+
+# --- sink weighting -----------------------------------------------------------------------------
+
+def test_sink_wanda_with_zero_sink_scores_is_noised_wanda(dlm):
+    no_sinks = SinkSpec(k=1e6)  # threshold far above every mass: s_t(j) = 0 exactly
+    a = prune(dlm, spec("sink_wanda", sink=no_sinks))
+    b = prune(dlm, spec("noised_wanda"))
+    assert (a.calibration.sink_scores == 0).all() and (a.token_weights == 1).all()
+    assert_same_weights(a, b)
+    official = prune(dlm, spec("sink_wanda"))
+    assert (official.token_weights < 1).any()  # default scores are never exactly zero
+    assert np.array_equal(official.calibration.noised, b.calibration.noised)  # same noised inputs
+
+
+@pytest.mark.parametrize("gated,official", [("gated_sink_wanda", "sink_wanda"),
+                                            ("gated_sink_sparsegpt", "sink_sparsegpt")])
+def test_tau_zero_reproduces_the_official_variant(dlm, gated, official):
+    a = prune(dlm, spec(gated, sink=SinkSpec(tau=0.0)))
+    b = prune(dlm, spec(official))
+    assert_same_weights(a, b)
+    assert np.array_equal(a.token_weights, b.token_weights)
+    # tau above any possible variance (<= 0.25 for scores in [0, 1]): nothing is gated, no down-weighting
+    c = prune(dlm, spec(gated, sink=SinkSpec(tau=1.0)))
+    assert not c.calibration.gate.any() and (c.token_weights == 1).all()
+    assert not np.array_equal(c.token_weights, b.token_weights)
+
+
+def test_gated_factors_follow_the_gate(dlm):
+    rec = prune(dlm, spec("gated_sink_wanda", sink=SinkSpec(tau=1e-4, k=0.5))).calibration
+    expect = np.where(rec.gate[:, None, :], 1.0 - rec.sink_scores, 1.0).astype(np.float32)
+    assert np.allclose(rec.token_weights, expect, atol=1e-6)
+    assert set(np.unique(rec.labels[rec.gate])) <= {"unstable"}
+    assert np.all(rec.variance[rec.gate] >= 1e-4)
+
+
+def test_single_pass_equals_two_pass(dlm):
+    clean, g = calibration_ids(tokenize(dlm, CAL), CAL)
+    noised = noised_ids(clean, CAL, dlm.mask_id, g)
+    for weighting in ("official", "gated"):
+        sink = SinkSpec(tau=1e-4, k=0.5)
+        one = sc.noised_wanda_stats(dlm, noised, sink, weighting, batch_size=2)
+        two = sc.noised_wanda_stats_two_pass(dlm, noised, sink, weighting, batch_size=2)
+        assert two.passes == 2 * one.passes
+        assert np.array_equal(one.token_weights, two.token_weights)
+        assert np.allclose(one.mass, two.mass, rtol=1e-5)
+        for a, b in zip(one.norms, two.norms):
+            assert a.keys() == b.keys() == {("q_proj", "k_proj", "v_proj"), ("attn_out",), ("ff_proj", "up_proj"), ("ff_out",)}
+            for k in a:
+                assert torch.allclose(a[k], b[k], rtol=1e-4)
+
+
+def test_forward_noising_probability():
+    cal = CalibrationSpec(text="x", nsamples=400, seqlen=50, T=50, interval=5, eps=1e-3)
+    clean = torch.full((400, 50), 7)
+    noised = noised_ids(clean, cal, 3, torch.Generator().manual_seed(0))
+    assert noised.shape == (400, 10, 50)
+    rate = (noised == 3).float().mean(dim=(0, 2))
+    expect = torch.tensor([cal.mask_probability(t) for t in cal.timesteps])
+    assert torch.allclose(rate, expect, atol=0.01)
+    assert (noised[:, -1] == 3).all()  # t = T: p = 1
+
+
+# --- masks and exactness ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_unstructured_hits_target_per_row(dlm, method):
+    v = prune(dlm, spec(method, 0.3))
+    for pname, W in v.weights.items():
+        assert ((W == 0).sum(1) == n_prune(W.shape[1], 0.3)).all(), pname
+    assert abs(v.sparsity - 0.3) < 0.01
+
+
+@pytest.mark.parametrize("method", ["magnitude", "wanda", "sparsegpt", "sink_wanda", "gated_sink_sparsegpt"])
+@pytest.mark.parametrize("pattern", ["2:4", "4:8"])
+def test_nm_pattern_holds_in_every_group(dlm, method, pattern):
+    before = snapshot(dlm)
+    v = prune(dlm, spec(method, 0.0, pattern=pattern))
+    assert_same(before, snapshot(dlm))
+    n, m = map(int, pattern.split(":"))
+    for pname, W in v.weights.items():
+        assert nm_holds(W, (n, m)), pname
+        assert ((W == 0).reshape(W.shape[0], -1, m).sum(-1) == m - n).all(), pname
+    frame = check_sparsity(v)
+    assert list(frame.columns) == ["block", "module", "rows", "cols", "params", "zeros", "sparsity"]
+    assert np.allclose(frame["sparsity"], 0.5)
+
+
+def test_check_sparsity_on_models_and_variants(dlm):
+    v = prune(dlm, spec("magnitude", 0.25))
+    dense = check_sparsity(dlm)
+    assert len(dense) == dlm.n_layers * 7 and dense.attrs["overall"] < 0.01
+    copy = v.apply_to_copy(dlm)
+    assert check_sparsity(copy).equals(v.layer_sparsity)
+    per_layer = check_sparsity(copy, by="layer")
+    assert list(per_layer["block"]) == list(range(dlm.n_layers)) and np.allclose(per_layer["sparsity"], 0.25)
+    with v.applied(dlm):
+        assert check_sparsity(dlm.module).equals(v.layer_sparsity)
+
+
+# --- non-destructive ----------------------------------------------------------------------------
+
+def test_dense_model_untouched_bit_for_bit(dlm):
+    before = snapshot(dlm)
+    for method in METHODS:
+        prune(dlm, spec(method, 0.5, pattern="2:4" if method in ("sparsegpt", "sink_wanda") else "unstructured"))
+    assert_same(before, snapshot(dlm))
+
+
+def test_applied_swaps_in_and_restores_even_on_error(dlm):
+    before = snapshot(dlm)
+    v = prune(dlm, spec("sparsegpt", 0.5))
+    ids = torch.randint(4, 200, (1, 16), generator=torch.Generator().manual_seed(0))
+    dense_logits = dlm.logits(ids)
+    copy = v.apply_to_copy(dlm)
+    with v.applied(dlm) as h:
+        assert h is dlm
+        assert torch.equal(dlm.logits(ids), copy.logits(ids))
+        assert not torch.equal(dlm.logits(ids), dense_logits)
+    assert_same(before, snapshot(dlm))
+    with pytest.raises(RuntimeError, match="boom"):
+        with v.applied(dlm):
+            raise RuntimeError("boom")
+    assert_same(before, snapshot(dlm))
+    assert torch.equal(dlm.logits(ids), dense_logits)
+    assert copy.tokenizer is dlm.tokenizer and copy.lock is not dlm.lock
+
+
+def test_taps_are_snapshots_of_the_dense_weights(dlm):
+    v = prune(dlm, spec("magnitude", 0.5))
+    taps = sc.make_taps(dlm)
+    with v.applied(dlm):
+        assert torch.equal(dlm.module.blocks[0].q_proj.weight, v.weights["model.transformer.blocks.0.q_proj.weight"])
+        assert not (taps[0].weight("q_proj") == 0).any()  # the swap does not reach a snapshot
+    assert taps[0].weight("q_proj") is not dlm.module.blocks[0].q_proj.weight
+
+
+def test_cancel_leaves_dense_untouched_and_progress_counts(dlm):
+    before = snapshot(dlm)
+    calls = []
+    v = prune(dlm, spec("sink_wanda"), progress=lambda d, t, m: calls.append((d, t, m)))
+    total = CAL.nsamples * len(CAL.timesteps) + dlm.n_layers
+    assert calls[0][:2] == (0, total) and calls[-1][:2] == (total, total)
+    assert [c[0] for c in calls] == sorted(c[0] for c in calls)
+    assert sum("timesteps" in c[2] for c in calls) >= CAL.nsamples and sum("block" in c[2] for c in calls) == dlm.n_layers
+
+    def cancel(done, total, message):
+        if done >= 2:
+            raise Cancelled("stop")
+
+    for method in ("sink_wanda", "sparsegpt", "gated_sink_sparsegpt"):
+        with pytest.raises(Cancelled):
+            prune(dlm, spec(method), progress=cancel)
+    assert_same(before, snapshot(dlm))
+    assert v.seconds > 0 and v.passes == CAL.nsamples * 2  # one recorded pass per batch (5 timesteps, batches of 3)
+
+
+def test_same_spec_same_result(dlm):
+    assert_same_weights(prune(dlm, spec("gated_sink_sparsegpt", sink=SinkSpec(tau=1e-4))),
+                        prune(dlm, spec("gated_sink_sparsegpt", sink=SinkSpec(tau=1e-4))))
+    a = prune(dlm, spec("sink_wanda", calibration=dataclasses.replace(CAL, batch_size=1)))
+    b = prune(dlm, spec("sink_wanda"))
+    assert np.array_equal(a.token_weights, b.token_weights)  # batching changes speed, not the factors
+
+
+def test_saved_variant_reloads_and_generates(dlm, tmp_path):
+    v = prune(dlm, spec("sink_sparsegpt", 0.5))
+    out = v.save(tmp_path / "pruned", dlm)
+    assert (out / "pruning.json").exists() and list(out.glob("*.safetensors"))
+    again = load_model(out, device="cpu")
+    params = dict(again.module.named_parameters())
+    for name, W in v.weights.items():
+        assert torch.equal(params[name], W)
+    assert np.isclose(check_sparsity(again).attrs["overall"], v.sparsity)
+    decode = DecodeSpec(gen_length=8, steps=8, block_length=8)
+    traj = generate(again, "To be, or not", decode)
+    ref = generate(v.apply_to_copy(dlm), "To be, or not", decode)
+    assert np.array_equal(traj.final_tokens, ref.final_tokens)
+    assert (traj.final_tokens != again.mask_id).all()
+
+
+# --- bad input ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("bad,match", [
+    (dict(method="wandaa"), "Unknown pruning method"),
+    (dict(sparsity=1.0), r"\[0, 1\)"),
+    (dict(sparsity=-0.1), r"\[0, 1\)"),
+    (dict(pattern="4:4"), "N < M"),
+    (dict(pattern="6:4"), "N < M"),
+    (dict(pattern="2-4"), "N:M"),
+    (dict(pattern="3:5"), "divisible by 5"),
+    (dict(calibration=dataclasses.replace(CAL, nsamples=0)), "nsamples"),
+    (dict(calibration=dataclasses.replace(CAL, text="   ")), "empty"),
+    (dict(calibration=dataclasses.replace(CAL, seqlen=100000)), "seqlen"),
+    (dict(calibration=dataclasses.replace(CAL, text="To be.")), "tokens long"),
+    (dict(calibration=dataclasses.replace(CAL, interval=60)), "interval"),
+])
+def test_bad_input_errors_before_any_work(dlm, bad, match):
+    kw = dict(method="sink_wanda", sparsity=0.5, calibration=CAL)
+    kw.update(bad)
+    calls = []
+    with pytest.raises(PruneSpecError, match=match):
+        prune(dlm, PruneSpec(**kw), progress=lambda *a: calls.append(a))
+    assert calls == []
+
+
+def test_missing_default_calibration_text(dlm, monkeypatch, tmp_path):
+    monkeypatch.setattr(spec_module, "DEFAULT_CALIBRATION", tmp_path / "nothing.txt")
+    with pytest.raises(PruneSpecError, match="No calibration text"):
+        prune(dlm, PruneSpec("wanda", 0.5))
+    prune(dlm, PruneSpec("magnitude", 0.5))  # needs no data
+    text_file = tmp_path / "cal.txt"
+    text_file.write_text(CAL_TEXT)
+    monkeypatch.setattr(spec_module, "DEFAULT_CALIBRATION", text_file)
+    v = prune(dlm, PruneSpec("wanda", 0.5, calibration=dataclasses.replace(CAL, text=None)))
+    assert v.calibration.ids.shape == (CAL.nsamples, CAL.seqlen)
+
+
+def test_variant_refuses_another_model(dlm, tmp_path):
+    other = load_model(make_model_dir(tmp_path, d_model=48, n_heads=4, mlp_hidden_size=96), device="cpu")
+    v = prune(dlm, spec("magnitude"))
+    with pytest.raises(PruneSpecError, match="another model"):
+        with v.applied(other):
+            pass
