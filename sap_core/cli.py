@@ -1,0 +1,553 @@
+"""The SinkScope command line: ``python -m sap_core generate|analyze|prune|evaluate|sweep``.
+
+Every subcommand loads ``--model`` (a built-in name or a model directory, including one written by
+``prune --save``), shows tqdm progress bars on stderr for long work, and writes JSON (or CSV for
+sweeps) that loads back: to ``--out`` when given, else JSON to stdout. User errors (bad options,
+missing files, impossible specs) print one line ``error: <message>`` to stderr and exit with status 2;
+Ctrl-C exits with 130.
+
+Heavy imports (torch, transformers) happen inside the handlers so that ``--help`` is instant.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+EXIT_USAGE = 2
+DEFAULT_PROMPT = "To be, or not to be, that is the question:"
+
+
+class UsageError(Exception):
+    """A bad command line (raised by the parser instead of printing usage and exiting)."""
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # noqa: D401 - argparse hook
+        raise UsageError(f"{message} (see '{self.prog} --help')")
+
+
+# --- progress ---------------------------------------------------------------------------------------
+
+class Bar:
+    """A ``progress(done, total, message)`` callback drawing tqdm bars on stderr.
+
+    A new bar starts whenever ``total`` changes or ``done`` goes backwards (a new phase of a job).
+    """
+
+    def __init__(self, desc: str, enabled: bool = True):
+        self.desc, self.enabled, self.bar = desc, enabled, None
+
+    def __call__(self, done: int, total: int, message: str = "") -> None:
+        if not self.enabled:
+            return
+        from tqdm import tqdm
+
+        if self.bar is None or self.bar.total != total or done < self.bar.n:
+            self.close()
+            self.bar = tqdm(total=total, desc=self.desc, file=sys.stderr, dynamic_ncols=True, leave=False)
+        if message:
+            self.bar.set_postfix_str(message[:60], refresh=False)
+        self.bar.update(done - self.bar.n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+    def __enter__(self) -> "Bar":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+# --- shared helpers ---------------------------------------------------------------------------------
+
+def _floats(text: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got '{text}'") from None
+
+
+def _names(text: str) -> list[str]:
+    return [x.strip() for x in text.split(",") if x.strip()]
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number between 0 and 1, got '{text}'") from None
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {value}")
+    return value
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got '{text}'") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _read_text(path: Optional[str]) -> Optional[str]:
+    if path is None:
+        return None
+    from sap_core.errors import SapError
+
+    p = Path(path)
+    if not p.is_file():
+        raise SapError(f"No text file at '{path}'; give a UTF-8 text file.")
+    try:
+        return p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise SapError(f"'{path}' is not UTF-8 text ({exc.reason}).") from None
+
+
+def _jsonable(obj: Any) -> Any:
+    import numpy as np
+
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return _jsonable(obj.tolist())
+    if isinstance(obj, np.generic):
+        return _jsonable(obj.item())
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, Path):
+        return str(obj)
+    if hasattr(obj, "__dataclass_fields__"):
+        from dataclasses import asdict
+
+        return _jsonable(asdict(obj))
+    return obj
+
+
+def _write_json(data: dict, out: Optional[str]) -> None:
+    text = json.dumps(_jsonable(data), indent=2)
+    if out is None:
+        print(text)
+        return
+    path = Path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text + "\n")
+    print(f"wrote {path}", file=sys.stderr)
+
+
+def _load(args):
+    from transformers.utils import logging as hf_logging
+
+    from sap_core.models import load_model
+
+    hf_logging.set_verbosity_error()  # e.g. the tokenizer's "longer than max length" note on whole texts
+
+    return load_model(args.model, device=args.device, dtype=args.dtype)
+
+
+def _decode_spec(args):
+    from sap_core.diffusion import DecodeSpec
+
+    return DecodeSpec(gen_length=args.gen_length, steps=args.steps, block_length=args.block_length,
+                      remasking=args.remasking, temperature=args.temperature, cfg_scale=args.cfg_scale, seed=args.seed)
+
+
+def _sink_spec(args):
+    from sap_core.sinks import SinkSpec
+
+    given = {name: getattr(args, f"sink_{name}") for name in SINK_OPTIONS if getattr(args, f"sink_{name}", None) is not None}
+    return SinkSpec(**given)
+
+
+def _calibration_spec(args):
+    from sap_core.pruning import CalibrationSpec
+
+    given = {name: getattr(args, f"calib_{name}") for name in ("nsamples", "seqlen", "seed", "batch_size")
+             if getattr(args, f"calib_{name}") is not None}
+    return CalibrationSpec(text=_read_text(args.calib_text), **given)
+
+
+def _eval_spec(args):
+    from sap_core.sweep import EvalSpec
+
+    return EvalSpec(seqlen=args.seqlen, nsamples=args.nsamples, draws=args.draws, seed=args.eval_seed,
+                    text=_read_text(args.text), prefix=args.prefix)
+
+
+# --- options ----------------------------------------------------------------------------------------
+
+def _indices(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got '{text}'") from None
+
+
+# SinkSpec fields exposed as --sink-<name> (None: keep SinkSpec's default, which is the official rule).
+SINK_OPTIONS: dict[str, tuple[Any, str]] = {
+    "rule": (str, "official (sigmoid score) or leave_one_out (default official)"),
+    "k": (float, "official rule: sink when mass > mean + k*std (default 2)"),
+    "alpha": (float, "official rule: sigmoid slope of the sink score (default 5)"),
+    "epsilon": (float, "leave_one_out rule: margin in units of the uniform mass (default 0.5)"),
+    "tau": (float, "variance gate: a sink is unstable when its score variance >= tau (default 0 = every sink; "
+                   "used by the gated_* methods)"),
+    "stable_min_frequency": (float, "a stable sink is a sink at least this share of steps (default 0.5)"),
+    "normalize": (str, "mass view scored: raw, uniform, per_query, expected (default raw)"),
+    "layers": (_indices, "comma-separated layer indices to sum over (default all)"),
+    "heads": (_indices, "comma-separated head indices to sum over (default all)"),
+    "top_k": (int, "positions counted by the top-k mass share (default 4)"),
+}
+
+
+def _add_model(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default="tiny-dlm", help="built-in name (tiny-dlm, tiny-ar) or model directory (default: tiny-dlm)")
+    g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:0 ... (default: auto)")
+    g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"], help="weights dtype (default: auto)")
+    g.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _add_decode(p: argparse.ArgumentParser, prompt_required: bool = False) -> None:
+    g = p.add_argument_group("decoding")
+    g.add_argument("--prompt", default=None if not prompt_required else DEFAULT_PROMPT,
+                   help=f"prompt text (default: '{DEFAULT_PROMPT}')" if prompt_required else "prompt text")
+    g.add_argument("--gen-length", type=int, default=32, help="tokens to generate (default 32)")
+    g.add_argument("--steps", type=int, default=32, help="denoising steps (default 32)")
+    g.add_argument("--block-length", type=int, default=16, help="semi-autoregressive block length (default 16)")
+    g.add_argument("--remasking", default="low_confidence", choices=["low_confidence", "random"])
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default 0)")
+    g.add_argument("--cfg-scale", type=float, default=0.0, help="classifier-free guidance scale (default 0 = off)")
+    g.add_argument("--seed", type=int, default=0, help="decoding seed (default 0)")
+
+
+def _add_sink(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("sink detection (defaults: sap_core.sinks.SinkSpec)")
+    for name, (typ, text) in SINK_OPTIONS.items():
+        g.add_argument(f"--sink-{name.replace('_', '-')}", dest=f"sink_{name}", type=typ, default=None, help=text,
+                       metavar="LIST" if name in ("layers", "heads") else "X")
+
+
+def _add_calibration(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("calibration")
+    g.add_argument("--calib-text", default=None, help="UTF-8 text file to calibrate on (default: built-in calibration text)")
+    g.add_argument("--calib-nsamples", type=_positive, default=None, help="calibration windows (default: CalibrationSpec's, 16)")
+    g.add_argument("--calib-seqlen", type=_positive, default=None, help="tokens per calibration window (default: CalibrationSpec's, 128)")
+    g.add_argument("--calib-seed", type=int, default=None, help="calibration seed (default 0)")
+    g.add_argument("--calib-batch-size", type=_positive, default=None, help="sequences per forward pass (speed only; default 10)")
+
+
+def _add_eval(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("perplexity")
+    g.add_argument("--text", default=None, help="UTF-8 text file to score (default: built-in evaluation text)")
+    g.add_argument("--seqlen", type=_positive, default=128, help="tokens per window, prefix included (default 128)")
+    g.add_argument("--nsamples", type=_positive, default=16, help="windows, evenly spread over the text (default 16)")
+    g.add_argument("--draws", type=_positive, default=8, help="masking draws per window, >= 2, DLM only (default 8)")
+    g.add_argument("--prefix", default=None, help="conditioning text before every window, never scored "
+                                                  "(a causal model needs one when its tokenizer adds no BOS)")
+    g.add_argument("--eval-seed", type=int, default=0, help="seed of the masking draws (default 0)")
+
+
+def build_parser() -> Parser:
+    parser = Parser(prog="python -m sap_core", description="SinkScope: attention sinks and sink-aware pruning of diffusion language models.")
+    sub = parser.add_subparsers(dest="command", metavar="{generate,analyze,prune,evaluate,sweep}", required=True)
+
+    p = sub.add_parser("generate", help="decode a prompt and save the trajectory",
+                       description="Decode a prompt with the masked-diffusion sampler (token by token for a causal model). "
+                                   "Prints/writes a JSON summary (text, timing); --trajectory saves the full record as .npz. "
+                                   "--compare MODEL... decodes the same prompt with other models (e.g. pruned ones) and reports "
+                                   "divergence step and per-position agreement.")
+    _add_model(p)
+    _add_decode(p, prompt_required=True)
+    p.add_argument("--record-attention", action="store_true", help="record attention mass per step (for analyze)")
+    p.add_argument("--trajectory", default=None, metavar="NPZ", help="save the trajectory here (.npz)")
+    p.add_argument("--compare", nargs="+", default=None, metavar="MODEL", help="also decode with these models and compare to --model")
+    p.add_argument("--out", default=None, metavar="JSON", help="write the JSON summary here (default: stdout)")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("analyze", help="sink analysis of a trajectory",
+                       description="Detect attention sinks in a trajectory (--trajectory NPZ recorded with --record-attention) "
+                                   "or in a fresh generation of --prompt. Prints a JSON summary; --out writes the full report as JSON, "
+                                   "--csv DIR its tables (positions, steps, layers, scores) as CSV.")
+    _add_model(p)
+    _add_decode(p)
+    p.add_argument("--trajectory", default=None, metavar="NPZ", help="trajectory saved by 'generate --record-attention --trajectory'")
+    _add_sink(p)
+    p.add_argument("--out", default=None, metavar="JSON", help="write the full report as JSON (SinkReport.from_json loads it)")
+    p.add_argument("--csv", default=None, metavar="DIR", help="write the report tables as CSV files into DIR")
+    p.set_defaults(func=cmd_analyze)
+
+    p = sub.add_parser("prune", help="prune a model and save the variant",
+                       description="Prune --model with one method at one sparsity. --save DIR writes a model directory "
+                                   "that every subcommand accepts as --model; the JSON report gives per-layer sparsity and timing.")
+    _add_model(p)
+    p.add_argument("--method", default="wanda", help="pruning method (default wanda); see sap_core.pruning.METHODS")
+    p.add_argument("--sparsity", type=_fraction, default=0.5, help="fraction of weights to remove (default 0.5)")
+    p.add_argument("--pattern", default="unstructured", help="unstructured or N:M, e.g. 2:4 (default unstructured)")
+    _add_sink(p)
+    _add_calibration(p)
+    p.add_argument("--save", default=None, metavar="DIR", help="write the pruned model directory here")
+    p.add_argument("--out", default=None, metavar="JSON", help="write the JSON report here (default: stdout)")
+    p.set_defaults(func=cmd_prune)
+
+    p = sub.add_parser("evaluate", help="perplexity of a model",
+                       description="Masked-diffusion Monte Carlo perplexity of a DLM (next-token perplexity of a causal model), "
+                                   "with standard errors. Writes JSON.")
+    _add_model(p)
+    _add_eval(p)
+    p.add_argument("--out", default=None, metavar="JSON", help="write the JSON here (default: stdout)")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("sweep", help="perplexity over methods x sparsities x patterns",
+                       description="Prune with every method at every sparsity and pattern, score each by perplexity, and "
+                                   "write a CSV (method, sparsity, pattern, ppl, ppl_se, prune_seconds, ...) with the dense "
+                                   "model as the first row. --plot PNG draws it (plotly + kaleido).")
+    _add_model(p)
+    p.add_argument("--methods", type=_names, default=["magnitude", "wanda"], help="comma-separated methods (default magnitude,wanda)")
+    p.add_argument("--sparsities", type=_floats, default=[0.3, 0.5, 0.7], help="comma-separated sparsities (default 0.3,0.5,0.7)")
+    p.add_argument("--patterns", type=_names, default=["unstructured"], help="comma-separated patterns (default unstructured)")
+    _add_sink(p)
+    _add_calibration(p)
+    _add_eval(p)
+    p.add_argument("--out", default="sweep.csv", metavar="CSV", help="CSV to write (default sweep.csv)")
+    p.add_argument("--plot", default=None, metavar="PNG", help="also save the perplexity-vs-sparsity plot (PNG/SVG/PDF)")
+    p.set_defaults(func=cmd_sweep)
+    return parser
+
+
+# --- subcommands ------------------------------------------------------------------------------------
+
+def cmd_generate(args) -> int:
+    from sap_core.attention import AttentionRecorder
+    from sap_core.diffusion import generate
+
+    spec = _decode_spec(args)
+    handle = _load(args)
+    if args.compare:
+        return _compare(args, handle, spec)
+    recorder = AttentionRecorder() if args.record_attention else None
+    with Bar("generate", not args.quiet) as bar:
+        traj = generate(handle, args.prompt, spec, recorder=recorder, progress=bar)
+    if args.trajectory:
+        Path(args.trajectory).parent.mkdir(parents=True, exist_ok=True)
+        traj.save(args.trajectory)
+        print(f"wrote {args.trajectory}", file=sys.stderr)
+    _write_json({
+        "model": args.model, "prompt": args.prompt, "text": handle.decode(traj.generated_ids),
+        "generated_ids": traj.generated_ids, "spec": spec, "n_steps": traj.n_steps,
+        "seconds": float(traj.step_seconds.sum()), "mean_step_ms": 1000 * float(traj.step_seconds.mean()),
+        "step_seconds": traj.step_seconds, "attention_recorded": traj.mass is not None,
+        "trajectory": args.trajectory,
+    }, args.out)
+    return 0
+
+
+def _compare(args, handle, spec) -> int:
+    from sap_core.compare import compare_generations
+    from sap_core.models import load_model
+
+    others = {}
+    for source in args.compare:
+        other = load_model(source, device=args.device, dtype=args.dtype)
+        if len(other.tokenizer) != len(handle.tokenizer) or other.mask_id != handle.mask_id:
+            from sap_core.errors import SapError
+
+            raise SapError(f"'{source}' has a different tokenizer from '{args.model}'; compare models of the same family and vocabulary.")
+        label = source if source not in others else f"{source} ({len(others)})"
+        others[label] = other
+    with Bar("compare", not args.quiet) as bar:
+        comparison = compare_generations(handle, others, args.prompt, spec, progress=bar)
+    data = comparison.to_dict()
+    data["model"] = args.model
+    _write_json(data, args.out)
+    return 0
+
+
+def cmd_analyze(args) -> int:
+    from sap_core.errors import SapError
+
+    # Cheap checks first: a wrong path fails before torch is imported.
+    if args.trajectory and args.prompt:
+        raise SapError("Give either --trajectory or --prompt, not both.")
+    if args.trajectory and not Path(args.trajectory).is_file():
+        raise SapError(f"No trajectory at '{args.trajectory}'; write one with "
+                       f"'generate --record-attention --trajectory {args.trajectory}'.")
+    from sap_core.diffusion import Trajectory
+    from sap_core.sinks import analyze
+
+    sink_spec = _sink_spec(args)
+    if args.trajectory:
+        path = Path(args.trajectory)
+        try:
+            traj = Trajectory.load(path)
+        except Exception as exc:  # numpy/zipfile/json raise many kinds for a foreign file
+            raise SapError(f"'{path}' is not a trajectory .npz written by 'generate --trajectory' ({type(exc).__name__}).") from None
+        if traj.mass is None:
+            raise SapError(f"'{path}' has no attention mass; regenerate it with 'generate --record-attention --trajectory {path}'.")
+        source = str(path)
+    else:
+        from sap_core.attention import AttentionRecorder
+        from sap_core.diffusion import generate
+
+        spec = _decode_spec(args)
+        handle = _load(args)
+        with Bar("generate", not args.quiet) as bar:
+            traj = generate(handle, args.prompt or DEFAULT_PROMPT, spec, recorder=AttentionRecorder(), progress=bar)
+        source = args.model
+    report = analyze(traj, sink_spec)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        report.to_json(args.out)
+        print(f"wrote {args.out} (load with sap_core.sinks.SinkReport.from_json)", file=sys.stderr)
+    if args.csv:
+        report.to_csv(args.csv)
+        print(f"wrote {args.csv}/ (positions, steps, layers, scores .csv; load with sap_core.sinks.read_csv)", file=sys.stderr)
+    _write_json(_report_summary(report, source), None)
+    return 0
+
+
+def _report_summary(report, source: str) -> dict:
+    """A short JSON view of a SinkReport: the aggregate instability, label counts, the sink positions."""
+    from dataclasses import asdict
+
+    import numpy as np
+
+    labels = report.labels
+    counts = {name: int((labels == name).sum()) for name in ("stable", "transient", "unstable", "none")}
+    order = np.argsort(-report.positions.frequency, kind="stable")
+    sinks = [int(j) for j in order if report.positions.frequency[j] > 0][:10]
+    return {
+        "source": source, "spec": report.spec.to_dict(), "n_steps": report.n_steps, "length": report.length,
+        "prompt_length": report.prompt_length, "aggregate": asdict(report.aggregate), "label_counts": counts,
+        "top_sink_positions": [{"position": j, "frequency": float(report.positions.frequency[j]),
+                                "variance": float(report.positions.variance[j]), "label": str(labels[j])} for j in sinks],
+        "dominant": report.dominant,
+    }
+
+
+def cmd_prune(args) -> int:
+    from sap_core.pruning import PruneSpec, check_sparsity, prune
+
+    spec = PruneSpec(method=args.method, sparsity=args.sparsity, pattern=args.pattern, sink=_sink_spec(args),
+                     calibration=_calibration_spec(args))
+    spec.validate()
+    if args.save and Path(args.save).exists() and not Path(args.save).is_dir():
+        from sap_core.errors import SapError
+
+        raise SapError(f"--save '{args.save}' is a file; give a directory for the pruned model.")
+    handle = _load(args)
+    with Bar("prune", not args.quiet) as bar:
+        variant = prune(handle, spec, progress=bar)
+    if args.save:
+        variant.save(args.save, handle)
+        print(f"wrote {args.save}/ (load it with --model {args.save})", file=sys.stderr)
+    data = {"model": args.model, **variant.summary(), "saved_to": args.save,
+            "layer_sparsity": check_sparsity(variant, by="layer")[["block", "params", "zeros", "sparsity"]].to_dict(orient="records"),
+            "module_sparsity": variant.layer_sparsity.to_dict(orient="records")}
+    _write_json(data, args.out)
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from sap_core.sweep import perplexity
+
+    spec = _eval_spec(args)
+    spec.validate()
+    handle = _load(args)
+    with Bar("perplexity", not args.quiet) as bar:
+        row = perplexity(handle, spec, progress=bar)
+    _write_json({
+        "model": args.model, "kind": "causal" if handle.causal else "masked-diffusion",
+        "ppl": row.ppl, "ppl_se": row.ppl_se, "nll": row.nll, "nll_se": row.nll_se, "seconds": row.seconds,
+        "seqlen": spec.seqlen, "nsamples": spec.nsamples, "draws": None if handle.causal else spec.draws,
+        "seed": None if handle.causal else spec.seed, "prefix": spec.prefix, "text": args.text or "built-in",
+    }, args.out)
+    return 0
+
+
+def cmd_sweep(args) -> int:
+    from sap_core.sweep import SweepSpec, run_sweep, save_sweep
+
+    spec = SweepSpec(methods=tuple(args.methods), sparsities=tuple(args.sparsities), patterns=tuple(args.patterns),
+                     sink=_sink_spec(args), calibration=_calibration_spec(args), eval=_eval_spec(args))
+    spec.validate()
+    if args.plot:
+        _check_plot_path(args.plot)
+    handle = _load(args)
+    with Bar("sweep", not args.quiet) as bar:
+        df = run_sweep(handle, spec, progress=bar)
+    save_sweep(df, args.out)
+    print(f"wrote {args.out}", file=sys.stderr)
+    if args.plot:
+        save_figure(df, args.plot)
+        print(f"wrote {args.plot}", file=sys.stderr)
+    if not args.quiet:
+        print(df[["method", "pattern", "sparsity", "ppl", "ppl_se", "prune_seconds"]].to_string(index=False), file=sys.stderr)
+    return 0
+
+
+def _check_plot_path(path: str) -> None:
+    from sap_core.errors import SapError
+
+    if Path(path).suffix.lower() not in (".png", ".svg", ".pdf", ".jpg", ".jpeg", ".webp"):
+        raise SapError(f"--plot '{path}': give a .png, .svg, .pdf, .jpg or .webp file name.")
+
+
+def save_figure(df, path) -> None:
+    """Draw the sweep with :func:`sap_core.viz.sweep_figure` and write it with kaleido.
+
+    kaleido 1.x drives a Chrome/Chromium; when none is on PATH and ``BROWSER_PATH`` is unset, Debian's
+    ``/usr/bin/chromium`` is used.
+    """
+    from sap_core.errors import SapError
+    from sap_core.viz import sweep_figure
+
+    if "BROWSER_PATH" not in os.environ and not any(shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome", "chrome")):
+        if Path("/usr/bin/chromium").exists():
+            os.environ["BROWSER_PATH"] = "/usr/bin/chromium"
+    fig = sweep_figure(df)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fig.write_image(str(path), width=1000, height=600, scale=2)
+    except Exception as exc:  # kaleido raises several kinds when no browser works
+        raise SapError(f"Could not write the plot '{path}' ({type(exc).__name__}: {exc}). Install Chromium "
+                       "(apt-get install chromium) or set BROWSER_PATH to a Chrome binary; the CSV was written.") from None
+
+
+# --- entry point ------------------------------------------------------------------------------------
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+        return int(args.func(args) or 0)
+    except UsageError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # e.g. piped into `head`: stop quietly
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 0
+    except Exception as exc:
+        from sap_core.errors import SapError
+
+        if isinstance(exc, SapError):
+            message = " ".join(str(exc).split()) or type(exc).__name__
+            print(f"error: {message}", file=sys.stderr)
+            return EXIT_USAGE
+        raise

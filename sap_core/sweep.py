@@ -1,0 +1,334 @@
+"""Sparsity sweeps: methods × sparsities × patterns, each pruned and scored by perplexity.
+
+:func:`run_sweep` prunes the model once per (method, pattern, sparsity) with
+:func:`sap_core.pruning.prune`, evaluates the variant inside ``variant.applied(handle)`` (so the
+shared dense model is restored after every job, also on cancellation) and returns a
+:class:`pandas.DataFrame`, one row per job, with the columns of :data:`COLUMNS`:
+
+* ``method``, ``sparsity``, ``pattern``: the job (``label`` names a method setting that is not just
+  the method's defaults, e.g. a variance-gated one);
+* ``ppl``, ``ppl_se``: perplexity and its standard error (masked-diffusion Monte Carlo perplexity for a
+  DLM, exact next-token perplexity for a causal model; see :mod:`sap_core.evaluate`);
+* ``prune_seconds``: wall time of the pruning call (calibration included);
+* ``nll``, ``nll_se``: mean negative log-likelihood per token (nats) and its standard error;
+* ``actual_sparsity``: the fraction of zeros in the pruned linear layers as reported by the variant;
+* ``eval_seconds``: wall time of the perplexity evaluation.
+
+The dense model is the first row (``method="dense"``, ``sparsity=0``, ``pattern="dense"``) unless
+``include_dense=False``. Every evaluation uses the same :class:`EvalSpec` and seed, so all rows are
+scored on the same text windows and the same masking draws (common random numbers). ``ppl_se`` is the
+Monte Carlo error of one row given those windows (see :mod:`sap_core.evaluate`); it does not include
+the text-sampling error nor the variability of calibration. :func:`method_differences` sets methods
+against their baselines with ``se_diff = sqrt(nll_se_a**2 + nll_se_b**2)``, which treats the two
+Monte Carlo errors as independent; with common random numbers the true error of a difference is
+smaller, so ``|z| = |delta_nll| / se_diff`` is a conservative test.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence, Union
+
+import numpy as np
+import pandas as pd
+
+from sap_core.errors import SapError
+from sap_core.models import ModelHandle
+from sap_core.progress import Progress, report
+
+COLUMNS = ["method", "sparsity", "pattern", "ppl", "ppl_se", "prune_seconds", "nll", "nll_se",
+           "actual_sparsity", "eval_seconds", "label"]
+DENSE = "dense"
+
+
+class SweepSpecError(SapError):
+    """Impossible sweep settings."""
+
+
+@dataclass(frozen=True)
+class EvalSpec:
+    """How every row of a sweep is scored (defaults: those of :func:`sap_core.evaluate.diffusion_perplexity`).
+    ``text=None`` uses the built-in evaluation text.
+
+    ``seqlen``: tokens per window (prefix included); ``nsamples``: number of windows; ``draws``:
+    masking draws per window (Monte Carlo samples of the masked-diffusion bound, >= 2; ignored for
+    causal models); ``seed`` fixes the draws, shared by every row; ``prefix``: conditioning text before
+    every window, never scored (None: the tokenizer's BOS convention only; a causal model needs at
+    least one prefix token).
+    """
+
+    seqlen: int = 128
+    nsamples: int = 16
+    draws: int = 8
+    seed: int = 0
+    text: Optional[str] = None
+    prefix: Optional[str] = None
+
+    def validate(self) -> None:
+        if self.seqlen < 2 or self.nsamples < 1:
+            raise SweepSpecError(f"seqlen must be >= 2 and nsamples >= 1 (got seqlen={self.seqlen}, nsamples={self.nsamples}).")
+        if self.draws < 2:
+            raise SweepSpecError(f"draws must be >= 2 to estimate the Monte Carlo error (got {self.draws}).")
+
+
+@dataclass(frozen=True)
+class MethodSetting:
+    """A pruning method plus settings that differ from its defaults, shown as ``label`` in the sweep.
+
+    ``options`` are extra :class:`~sap_core.pruning.PruneSpec` fields; ``sink`` replaces the sweep's
+    :class:`~sap_core.sinks.SinkSpec` for this method (e.g. a variance gate).
+    """
+
+    method: str
+    label: Optional[str] = None
+    sink: Any = None
+    options: tuple[tuple[str, Any], ...] = ()
+
+    @property
+    def name(self) -> str:
+        """``label``, else the method, with ``(tau=...)`` for a gated method (whose gate is its setting)."""
+        if self.label:
+            return self.label
+        from sap_core.pruning.spec import GATED
+
+        if self.method in GATED and self.sink is not None:
+            return f"{self.method}(tau={self.sink.tau:g})"
+        return self.method
+
+
+@dataclass(frozen=True)
+class SweepSpec:
+    """The grid: every method × pattern × sparsity, plus the dense reference."""
+
+    methods: tuple[Union[str, MethodSetting], ...]
+    sparsities: tuple[float, ...]
+    patterns: tuple[str, ...] = ("unstructured",)
+    sink: Any = None  # SinkSpec for the sink-aware methods; None: the pruning default
+    calibration: Any = None  # CalibrationSpec; None: the pruning default
+    eval: EvalSpec = field(default_factory=EvalSpec)
+    include_dense: bool = True
+
+    @property
+    def settings(self) -> list[MethodSetting]:
+        """Every method as a :class:`MethodSetting`; a bare gated method name carries the sweep's sink
+        spec so that its label shows the gate (``gated_sink_wanda(tau=0.1)``)."""
+        from sap_core.pruning.spec import GATED
+
+        out = []
+        for m in self.methods:
+            if not isinstance(m, MethodSetting):
+                m = MethodSetting(str(m), sink=self.sink if str(m) in GATED else None)
+            out.append(m)
+        return out
+
+    @property
+    def jobs(self) -> list[tuple[MethodSetting, str, float]]:
+        """(method setting, pattern, sparsity) per pruning run. An N:M pattern fixes the sparsity at
+        ``1 - N/M``, so it runs once per method (at that sparsity) whatever ``sparsities`` holds."""
+        from sap_core.pruning.spec import parse_pattern
+
+        out = []
+        for m in self.settings:
+            for p in self.patterns:
+                nm = parse_pattern(p)
+                if nm is None:
+                    out.extend((m, p, float(s)) for s in self.sparsities)
+                else:
+                    out.append((m, p, 1.0 - nm[0] / nm[1]))
+        return out
+
+    def validate(self) -> None:
+        from sap_core.pruning import METHODS
+
+        if not self.methods or not self.sparsities or not self.patterns:
+            raise SweepSpecError("A sweep needs at least one method, one sparsity and one pattern.")
+        unknown = [m.method for m in self.settings if m.method not in METHODS]
+        if unknown:
+            raise SweepSpecError(f"Unknown pruning method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}.")
+        names = [m.name for m in self.settings]
+        if len(set(names)) != len(names):
+            raise SweepSpecError(f"Method labels must be unique (got {names}).")
+        bad = [s for s in self.sparsities if not 0.0 < float(s) < 1.0]
+        if bad:
+            raise SweepSpecError(f"Sparsities must lie strictly between 0 and 1 (got {bad}).")
+        from sap_core.pruning.spec import parse_pattern
+
+        for p in self.patterns:
+            parse_pattern(p)
+        self.eval.validate()
+
+
+@dataclass
+class PerplexityRow:
+    """What one evaluation gives the sweep (a view on :class:`sap_core.evaluate.PerplexityResult`)."""
+
+    nll: float
+    nll_se: float
+    ppl: float
+    ppl_se: float
+    seconds: float
+    result: Any = None
+
+
+def perplexity(handle: ModelHandle, spec: EvalSpec, progress: Optional[Progress] = None) -> PerplexityRow:
+    """Score ``handle`` as it is now (dense, or with a variant applied): masked-diffusion perplexity for a
+    DLM, next-token perplexity for a causal model, both from :mod:`sap_core.evaluate`."""
+    from sap_core import evaluate
+
+    t0 = time.perf_counter()
+    if handle.causal:
+        result = evaluate.causal_perplexity(handle, spec.text, seqlen=spec.seqlen, nsamples=spec.nsamples,
+                                            prefix=spec.prefix, progress=progress)  # deterministic: no seed
+    else:
+        result = evaluate.diffusion_perplexity(handle, spec.text, seqlen=spec.seqlen, nsamples=spec.nsamples,
+                                               draws=spec.draws, seed=spec.seed, prefix=spec.prefix, progress=progress)
+    seconds = time.perf_counter() - t0
+    return PerplexityRow(float(result.nll), float(result.nll_se), float(result.ppl), float(result.ppl_se), seconds, result)
+
+
+def _prune_spec(setting: MethodSetting, pattern: str, sparsity: float, spec: SweepSpec):
+    from sap_core.pruning import CalibrationSpec, PruneSpec
+
+    kwargs: dict[str, Any] = dict(method=setting.method, sparsity=sparsity, pattern=pattern)
+    sink = setting.sink if setting.sink is not None else spec.sink
+    if sink is not None:
+        kwargs["sink"] = sink
+    if spec.calibration is not None:
+        kwargs["calibration"] = spec.calibration
+    kwargs.update(dict(setting.options))
+    return PruneSpec(**kwargs)
+
+
+def _actual_sparsity(variant) -> float:
+    """Zeros over all pruned weights of the variant (NaN if it does not say)."""
+    try:
+        return float(variant.sparsity)
+    except (AttributeError, KeyError, TypeError, ValueError):
+        return math.nan
+
+
+def run_sweep(
+    handle: ModelHandle,
+    spec: SweepSpec,
+    progress: Optional[Progress] = None,
+    *,
+    on_row: Optional[Callable[[dict], None]] = None,
+) -> pd.DataFrame:
+    """Prune and score every job of ``spec``; one DataFrame row per job (see the module docstring).
+
+    ``progress(done, total, message)`` runs across the whole sweep (``total`` is fixed up front: 100
+    units per pruning call and per evaluation). Raising :class:`~sap_core.errors.Cancelled` from it
+    stops the sweep with the dense weights restored. ``on_row`` is called with each finished row.
+    """
+    from sap_core.pruning import prune
+
+    spec.validate()
+    jobs = spec.jobs
+    # Validate every PruneSpec before any work starts, so a bad combination fails fast.
+    prune_specs = [_prune_spec(m, p, s, spec) for m, p, s in jobs]
+    for ps in prune_specs:
+        if hasattr(ps, "validate"):
+            ps.validate()
+    unit = 100
+    total = unit * (2 * len(jobs) + (1 if spec.include_dense else 0))
+    offset = 0
+
+    def sub(label: str, start: int) -> Progress:
+        def inner(done: int, sub_total: int, message: str) -> None:
+            frac = min(max(done / sub_total, 0.0), 1.0) if sub_total else 1.0
+            report(progress, start + int(round(frac * unit)), total, f"{label}: {message}" if message else label)
+        return inner
+
+    rows: list[dict] = []
+
+    def add(row: dict) -> None:
+        rows.append(row)
+        if on_row is not None:
+            on_row(row)
+
+    report(progress, 0, total, "sweep")
+    if spec.include_dense:
+        with handle.lock:
+            ev = perplexity(handle, spec.eval, sub("dense: evaluate", offset))
+        offset += unit
+        add(dict(method=DENSE, sparsity=0.0, pattern=DENSE, ppl=ev.ppl, ppl_se=ev.ppl_se, prune_seconds=0.0,
+                 nll=ev.nll, nll_se=ev.nll_se, actual_sparsity=0.0, eval_seconds=ev.seconds, label=DENSE))
+        report(progress, offset, total, "dense done")
+    for (setting, pattern, sparsity), prune_spec in zip(jobs, prune_specs):
+        name = f"{setting.name} {pattern} {sparsity:g}"
+        t0 = time.perf_counter()
+        variant = prune(handle, prune_spec, progress=sub(f"{name}: prune", offset))
+        prune_seconds = float(getattr(variant, "seconds", None) or (time.perf_counter() - t0))
+        offset += unit
+        with variant.applied(handle):
+            ev = perplexity(handle, spec.eval, sub(f"{name}: evaluate", offset))
+        offset += unit
+        add(dict(method=setting.name, sparsity=sparsity, pattern=pattern, ppl=ev.ppl, ppl_se=ev.ppl_se,
+                 prune_seconds=prune_seconds, nll=ev.nll, nll_se=ev.nll_se,
+                 actual_sparsity=_actual_sparsity(variant), eval_seconds=ev.seconds, label=name))
+        report(progress, offset, total, f"{name} done")
+    return _frame(rows)
+
+
+def _frame(rows: Sequence[dict]) -> pd.DataFrame:
+    df = pd.DataFrame(list(rows), columns=COLUMNS)
+    for col in ("sparsity", "ppl", "ppl_se", "prune_seconds", "nll", "nll_se", "actual_sparsity", "eval_seconds"):
+        df[col] = df[col].astype(float)
+    for col in ("method", "pattern", "label"):
+        df[col] = df[col].astype(str)
+    return df
+
+
+def save_sweep(df: pd.DataFrame, path: Union[str, Path]) -> Path:
+    """Write the sweep as CSV; :func:`load_sweep` reads it back with the same columns and dtypes."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    df.to_csv(path, index=False)
+    return path
+
+
+def load_sweep(path: Union[str, Path]) -> pd.DataFrame:
+    path = Path(path)
+    if not path.exists():
+        raise SweepSpecError(f"No sweep CSV at '{path}'.")
+    df = pd.read_csv(path, keep_default_na=False, na_values=["", "nan", "NaN"])
+    missing = [c for c in COLUMNS[:6] if c not in df.columns]
+    if missing:
+        raise SweepSpecError(f"'{path}' is not a sweep CSV: it lacks the column(s) {', '.join(missing)}.")
+    for col in ("method", "pattern", "label"):
+        if col in df.columns:
+            df[col] = df[col].astype(str)
+    return df
+
+
+# Sink-aware methods and the baselines they are meant to beat (method, baseline).
+DEFAULT_PAIRS: tuple[tuple[str, str], ...] = (
+    ("sink_wanda", "wanda"),
+    ("sink_sparsegpt", "sparsegpt"),
+    ("sink_wanda", "noised_wanda"),
+)
+
+
+def method_differences(df: pd.DataFrame, pairs: Sequence[tuple[str, str]] = DEFAULT_PAIRS) -> pd.DataFrame:
+    """One row per (method, baseline, pattern, sparsity) present in ``df``: both perplexities,
+    ``delta_ppl = ppl_method - ppl_baseline`` (negative: the method is better), ``rel_ppl`` (ratio − 1),
+    ``delta_nll``, ``se_diff = sqrt(nll_se_m² + nll_se_b²)`` (nats) and ``z = delta_nll / se_diff``.
+    Labels such as ``gated_sink_wanda(tau=0.1)`` can be used as methods."""
+    cols = ["method", "baseline", "pattern", "sparsity", "ppl", "ppl_baseline", "delta_ppl", "rel_ppl",
+            "delta_nll", "se_diff", "z"]
+    key = ["pattern", "sparsity"]
+    rows = []
+    for method, baseline in pairs:
+        a = df[df["method"] == method].set_index(key)
+        b = df[df["method"] == baseline].set_index(key)
+        for idx in a.index.intersection(b.index):
+            ra, rb = a.loc[idx], b.loc[idx]
+            se = math.sqrt(float(ra["nll_se"]) ** 2 + float(rb["nll_se"]) ** 2)
+            d_nll = float(ra["nll"]) - float(rb["nll"])
+            rows.append(dict(method=method, baseline=baseline, pattern=idx[0], sparsity=float(idx[1]),
+                             ppl=float(ra["ppl"]), ppl_baseline=float(rb["ppl"]),
+                             delta_ppl=float(ra["ppl"]) - float(rb["ppl"]), rel_ppl=float(ra["ppl"]) / float(rb["ppl"]) - 1,
+                             delta_nll=d_nll, se_diff=se, z=d_nll / se if se > 0 else math.nan))
+    return pd.DataFrame(rows, columns=cols)
