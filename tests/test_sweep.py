@@ -1,0 +1,169 @@
+"""Sparsity sweeps: methods x sparsities x patterns -> DataFrame -> CSV and a plotly figure (issue 6)."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from conftest import TEXT
+from sap_core.errors import Cancelled, SapError
+from sap_core.pruning import CalibrationSpec
+from sap_core.sinks import SinkSpec
+from sap_core.sweep import COLUMNS, EvalSpec, MethodSetting, SweepSpec, load_sweep, perplexity, run_sweep, save_sweep
+
+CALIB = CalibrationSpec(text=" ".join(TEXT * 10), nsamples=2, seqlen=24, seed=0)
+EVAL = EvalSpec(seqlen=24, nsamples=2, draws=2, seed=0, text=" ".join(TEXT * 10))
+
+
+def _state(handle):
+    return {k: v.detach().clone() for k, v in handle.module.state_dict().items()}
+
+
+@pytest.fixture(scope="module")
+def sweep(tiny_dlm):
+    spec = SweepSpec(methods=("magnitude", "wanda"), sparsities=(0.3, 0.6), calibration=CALIB, eval=EVAL)
+    calls = []
+    before = _state(tiny_dlm)
+    df = run_sweep(tiny_dlm, spec, progress=lambda d, t, m: calls.append((d, t, m)))
+    return df, calls, before
+
+
+def test_two_methods_by_two_sparsities_give_the_expected_frame(tiny_dlm, sweep):
+    df, _, before = sweep
+    assert list(df.columns[:6]) == ["method", "sparsity", "pattern", "ppl", "ppl_se", "prune_seconds"]
+    assert list(df.columns) == COLUMNS
+    assert len(df) == 5
+    assert df.iloc[0][["method", "sparsity", "pattern", "prune_seconds"]].tolist() == ["dense", 0.0, "dense", 0.0]
+    rest = df.iloc[1:]
+    assert list(zip(rest["method"], rest["sparsity"], rest["pattern"])) == [
+        ("magnitude", 0.3, "unstructured"), ("magnitude", 0.6, "unstructured"),
+        ("wanda", 0.3, "unstructured"), ("wanda", 0.6, "unstructured")]
+    assert (df["ppl"] > 1).all() and np.isfinite(df["ppl"]).all() and (df["ppl_se"] >= 0).all()
+    np.testing.assert_allclose(df["ppl"], np.exp(df["nll"]), rtol=1e-6)
+    assert (rest["prune_seconds"] > 0).all() and (df["eval_seconds"] > 0).all()
+    np.testing.assert_allclose(rest["actual_sparsity"], rest["sparsity"], atol=0.01)
+    # The dense model is intact after the sweep, and its row is the dense perplexity.
+    after = _state(tiny_dlm)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert df.iloc[0]["ppl"] == pytest.approx(perplexity(tiny_dlm, EVAL).ppl)
+
+
+def test_sweep_rows_are_the_variants_perplexities(tiny_dlm, sweep):
+    from sap_core.pruning import PruneSpec, prune
+
+    df, _, _ = sweep
+    variant = prune(tiny_dlm, PruneSpec("wanda", 0.6, calibration=CALIB))
+    with variant.applied(tiny_dlm):
+        expected = perplexity(tiny_dlm, EVAL).ppl
+    row = df[(df["method"] == "wanda") & (df["sparsity"] == 0.6)].iloc[0]
+    assert row["ppl"] == pytest.approx(expected)
+    assert row["ppl"] != pytest.approx(df.iloc[0]["ppl"])  # pruning 60 % changes the model
+
+
+def test_progress_spans_the_whole_sweep(sweep):
+    _, calls, _ = sweep
+    totals = {t for _, t, _ in calls}
+    assert len(totals) == 1
+    total = totals.pop()
+    done = [d for d, _, _ in calls]
+    assert done == sorted(done) and done[0] == 0 and done[-1] == total
+    assert any("wanda" in m for _, _, m in calls)
+
+
+def test_csv_round_trip(sweep, tmp_path):
+    df, _, _ = sweep
+    path = save_sweep(df, tmp_path / "out" / "sweep.csv")
+    back = load_sweep(path)
+    pd.testing.assert_frame_equal(back, df, check_dtype=False)
+    with pytest.raises(SapError):
+        load_sweep(tmp_path / "missing.csv")
+    (tmp_path / "other.csv").write_text("a,b\n1,2\n")
+    with pytest.raises(SapError, match="not a sweep CSV"):
+        load_sweep(tmp_path / "other.csv")
+
+
+def test_nm_pattern_runs_once_per_method_and_gated_label():
+    spec = SweepSpec(methods=("wanda", "gated_sink_wanda"), sparsities=(0.3, 0.5, 0.7),
+                     patterns=("unstructured", "2:4"), sink=SinkSpec(tau=0.1))
+    jobs = [(m.name, p, s) for m, p, s in spec.jobs]
+    assert jobs == [
+        ("wanda", "unstructured", 0.3), ("wanda", "unstructured", 0.5), ("wanda", "unstructured", 0.7), ("wanda", "2:4", 0.5),
+        ("gated_sink_wanda(tau=0.1)", "unstructured", 0.3), ("gated_sink_wanda(tau=0.1)", "unstructured", 0.5),
+        ("gated_sink_wanda(tau=0.1)", "unstructured", 0.7), ("gated_sink_wanda(tau=0.1)", "2:4", 0.5)]
+    assert MethodSetting("gated_sink_sparsegpt", label="gated", sink=SinkSpec(tau=0.2)).name == "gated"
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(methods=("nope",), sparsities=(0.5,)), "Unknown pruning method"),
+    (dict(methods=("wanda",), sparsities=(1.2,)), "between 0 and 1"),
+    (dict(methods=("wanda",), sparsities=(0.5,), patterns=("3:2",)), "N < M"),
+    (dict(methods=(), sparsities=(0.5,)), "at least one"),
+    (dict(methods=("wanda",), sparsities=(0.5,), eval=EvalSpec(nsamples=0)), "nsamples"),
+])
+def test_bad_sweeps_fail_before_any_work(tiny_dlm, kwargs, match):
+    calls = []
+    with pytest.raises(SapError, match=match):
+        run_sweep(tiny_dlm, SweepSpec(**kwargs), progress=lambda *a: calls.append(a))
+    assert calls == []
+
+
+def test_cancel_stops_the_sweep_with_the_dense_model_restored(tiny_dlm):
+    spec = SweepSpec(methods=("magnitude",), sparsities=(0.5, 0.7), calibration=CALIB, eval=EVAL)
+    before = _state(tiny_dlm)
+    seen = []
+
+    def cancel_during_variant_eval(done, total, message):
+        seen.append(message)
+        if "magnitude unstructured 0.5: evaluate" in message and done > 200:
+            raise Cancelled("stop")
+
+    with pytest.raises(Cancelled):
+        run_sweep(tiny_dlm, spec, progress=cancel_during_variant_eval)
+    assert not any("0.7" in m for m in seen)
+    after = _state(tiny_dlm)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_sweep_figure(sweep):
+    from sap_core.viz import sweep_figure
+
+    df, _, _ = sweep
+    extra = pd.DataFrame([dict(method="wanda", sparsity=0.5, pattern="2:4", ppl=50.0, ppl_se=2.0, prune_seconds=0.1)])
+    fig = sweep_figure(pd.concat([df, extra], ignore_index=True))
+    names = [t.name for t in fig.data]
+    assert "magnitude (unstructured)" in names and "wanda (unstructured)" in names and "wanda (2:4)" in names
+    dense = [t for t in fig.data if t.name and t.name.startswith("dense")]
+    assert len(dense) == 1 and set(dense[0].y) == {df.iloc[0]["ppl"]}
+    wanda = next(t for t in fig.data if t.name == "wanda (unstructured)")
+    rows = df[df["method"] == "wanda"]
+    np.testing.assert_allclose(wanda.y, rows["ppl"])
+    np.testing.assert_allclose(wanda.error_y.array, rows["ppl_se"])
+    np.testing.assert_allclose(np.asarray(wanda.customdata)[:, 0], rows["sparsity"])
+    assert "sparsity" in fig.layout.xaxis.title.text and "perplexity" in fig.layout.yaxis.title.text
+    empty = sweep_figure(df.iloc[:0])
+    assert len(empty.data) == 0 and empty.layout.annotations
+
+
+def test_method_differences(sweep):
+    from sap_core.sweep import method_differences
+
+    df, _, _ = sweep
+    diff = method_differences(df, [("wanda", "magnitude"), ("sink_wanda", "wanda")])
+    assert len(diff) == 2 and set(diff["method"]) == {"wanda"}  # no sink_wanda rows in this sweep
+    row = diff[diff["sparsity"] == 0.6].iloc[0]
+    w = df[(df["method"] == "wanda") & (df["sparsity"] == 0.6)].iloc[0]
+    m = df[(df["method"] == "magnitude") & (df["sparsity"] == 0.6)].iloc[0]
+    assert row["delta_ppl"] == pytest.approx(w["ppl"] - m["ppl"])
+    assert row["se_diff"] == pytest.approx(math.hypot(w["nll_se"], m["nll_se"]))
+    assert row["z"] == pytest.approx((w["nll"] - m["nll"]) / row["se_diff"])
+
+
+def test_causal_model_sweep(tiny_ar):
+    spec = SweepSpec(methods=("magnitude",), sparsities=(0.5,), calibration=CALIB,
+                     eval=EvalSpec(seqlen=24, nsamples=3, text=EVAL.text, prefix="To"))
+    df = run_sweep(tiny_ar, spec)
+    assert df["method"].tolist() == ["dense", "magnitude"] and np.isfinite(df["ppl"]).all()
+    assert (df["ppl_se"] > 0).all()
