@@ -486,8 +486,16 @@ def cmd_sweep(args) -> int:
     if args.plot:
         _check_plot_path(args.plot)
     handle = _load(args)
+    from sap_core.sweep import _frame
+
+    rows: list[dict] = []
+
+    def partial(row: dict) -> None:  # a cancelled or crashed sweep keeps the rows it finished
+        rows.append(row)
+        save_sweep(_frame(rows), args.out)
+
     with Bar("sweep", not args.quiet) as bar:
-        df = run_sweep(handle, spec, progress=bar)
+        df = run_sweep(handle, spec, progress=bar, on_row=partial)
     save_sweep(df, args.out)
     print(f"wrote {args.out}", file=sys.stderr)
     if args.plot:

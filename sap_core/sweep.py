@@ -19,9 +19,10 @@ The dense model is the first row (``method="dense"``, ``sparsity=0``, ``pattern=
 scored on the same text windows and the same masking draws (common random numbers). ``ppl_se`` is the
 Monte Carlo error of one row given those windows (see :mod:`sap_core.evaluate`); it does not include
 the text-sampling error nor the variability of calibration. :func:`method_differences` sets methods
-against their baselines with ``se_diff = sqrt(nll_se_a**2 + nll_se_b**2)``, which treats the two
-Monte Carlo errors as independent; with common random numbers the true error of a difference is
-smaller, so ``|z| = |delta_nll| / se_diff`` is a conservative test.
+against their baselines: with the per-(window, draw) estimates each evaluation records
+(``df.attrs["estimates"]``) the error of a difference is computed draw by draw (paired, common random
+numbers, :func:`paired_se`); ``se_indep = sqrt(nll_se_a**2 + nll_se_b**2)``, which treats the two
+errors as independent, is the conservative fallback.
 """
 from __future__ import annotations
 
@@ -162,7 +163,13 @@ class SweepSpec:
 
 @dataclass
 class PerplexityRow:
-    """What one evaluation gives the sweep (a view on :class:`sap_core.evaluate.PerplexityResult`)."""
+    """What one evaluation gives the sweep (a view on :class:`sap_core.evaluate.PerplexityResult`).
+
+    ``estimates``: ``float64 [nsamples, draws]``, the per-(window, draw) NLL estimates whose mean is
+    ``nll`` (masked-diffusion perplexity only; None for a causal model or when they could not be
+    matched to ``nll``). Two rows scored with the same :class:`EvalSpec` share windows and masks, so
+    their estimates can be differenced draw by draw (:func:`paired_se`).
+    """
 
     nll: float
     nll_se: float
@@ -170,22 +177,73 @@ class PerplexityRow:
     ppl_se: float
     seconds: float
     result: Any = None
+    estimates: Optional[np.ndarray] = None
 
 
-def perplexity(handle: ModelHandle, spec: EvalSpec, progress: Optional[Progress] = None) -> PerplexityRow:
+class _EstimateTap:
+    """Stands in for the handle inside :func:`sap_core.evaluate.diffusion_perplexity` and computes, for
+    every input row it forwards, that row's NLL estimate (cross-entropy on the masked targets divided
+    by the mask ratio, per token) from the same logits. Row ``j`` is window ``j // draws``; masked
+    targets are the text positions holding [MASK]. :func:`perplexity` keeps the estimates only if their
+    mean reproduces the evaluator's ``nll``, so a change in the evaluator cannot go unnoticed."""
+
+    def __init__(self, handle: ModelHandle, seqs, prefix_length: int, draws: int):
+        self._handle, self._seqs, self._P, self._draws = handle, seqs, prefix_length, draws
+        self.values: list[float] = []
+
+    def __getattr__(self, name):
+        return getattr(self._handle, name)
+
+    def logits(self, input_ids, recorder=None):
+        import torch
+        import torch.nn.functional as F
+
+        out = self._handle.logits(input_ids, recorder)
+        P, n = self._P, self._seqs.shape[1] - self._P
+        for i in range(input_ids.shape[0]):
+            w = len(self.values) // self._draws
+            pos = torch.nonzero(input_ids[i, P:].cpu() == self._handle.mask_id).flatten() + P
+            truth = self._seqs[w, pos].to(out.device)
+            ce = F.cross_entropy(out[i, pos.to(out.device)].float(), truth, reduction="sum").double().item()
+            self.values.append(ce / (len(pos) / n) / n if len(pos) else math.nan)
+        return out
+
+
+def perplexity(handle: ModelHandle, spec: EvalSpec, progress: Optional[Progress] = None,
+               *, estimates: bool = True) -> PerplexityRow:
     """Score ``handle`` as it is now (dense, or with a variant applied): masked-diffusion perplexity for a
-    DLM, next-token perplexity for a causal model, both from :mod:`sap_core.evaluate`."""
+    DLM, next-token perplexity for a causal model, both from :mod:`sap_core.evaluate`. With
+    ``estimates`` (DLM only), also the per-(window, draw) estimates for paired comparisons."""
     from sap_core import evaluate
 
     t0 = time.perf_counter()
+    per_draw = None
     if handle.causal:
         result = evaluate.causal_perplexity(handle, spec.text, seqlen=spec.seqlen, nsamples=spec.nsamples,
                                             prefix=spec.prefix, progress=progress)  # deterministic: no seed
     else:
-        result = evaluate.diffusion_perplexity(handle, spec.text, seqlen=spec.seqlen, nsamples=spec.nsamples,
+        target = handle
+        if estimates:
+            seqs, P = evaluate.windows(handle, evaluate.load_text(spec.text), spec.seqlen, spec.nsamples, spec.prefix)
+            target = _EstimateTap(handle, seqs, P, spec.draws)
+        result = evaluate.diffusion_perplexity(target, spec.text, seqlen=spec.seqlen, nsamples=spec.nsamples,
                                                draws=spec.draws, seed=spec.seed, prefix=spec.prefix, progress=progress)
+        if estimates and len(target.values) == spec.nsamples * spec.draws:
+            values = np.asarray(target.values, np.float64).reshape(spec.nsamples, spec.draws)
+            if np.isfinite(values).all() and abs(values.mean() - result.nll) <= 1e-6 * max(1.0, abs(result.nll)):
+                per_draw = values
     seconds = time.perf_counter() - t0
-    return PerplexityRow(float(result.nll), float(result.nll_se), float(result.ppl), float(result.ppl_se), seconds, result)
+    return PerplexityRow(float(result.nll), float(result.nll_se), float(result.ppl), float(result.ppl_se), seconds,
+                         result, per_draw)
+
+
+def paired_se(a: np.ndarray, b: np.ndarray) -> float:
+    """Monte Carlo standard error of ``mean(a) - mean(b)`` for per-(window, draw) estimates ``[W, D]``
+    scored on the same windows and masks: the evaluator's own formula
+    ``sqrt(sum_w Var_d(a - b)[w] / D) / W`` applied to the difference."""
+    d = np.asarray(a, np.float64) - np.asarray(b, np.float64)
+    W, D = d.shape
+    return float(math.sqrt((d.var(axis=1, ddof=1) / D).sum()) / W)
 
 
 def _prune_spec(setting: MethodSetting, pattern: str, sparsity: float, spec: SweepSpec):
@@ -242,9 +300,12 @@ def run_sweep(
         return inner
 
     rows: list[dict] = []
+    estimates: dict[str, np.ndarray] = {}
 
-    def add(row: dict) -> None:
+    def add(row: dict, ev: PerplexityRow) -> None:
         rows.append(row)
+        if ev.estimates is not None:
+            estimates[row["label"]] = ev.estimates
         if on_row is not None:
             on_row(row)
 
@@ -254,7 +315,7 @@ def run_sweep(
             ev = perplexity(handle, spec.eval, sub("dense: evaluate", offset))
         offset += unit
         add(dict(method=DENSE, sparsity=0.0, pattern=DENSE, ppl=ev.ppl, ppl_se=ev.ppl_se, prune_seconds=0.0,
-                 nll=ev.nll, nll_se=ev.nll_se, actual_sparsity=0.0, eval_seconds=ev.seconds, label=DENSE))
+                 nll=ev.nll, nll_se=ev.nll_se, actual_sparsity=0.0, eval_seconds=ev.seconds, label=DENSE), ev)
         report(progress, offset, total, "dense done")
     for (setting, pattern, sparsity), prune_spec in zip(jobs, prune_specs):
         name = f"{setting.name} {pattern} {sparsity:g}"
@@ -267,9 +328,11 @@ def run_sweep(
         offset += unit
         add(dict(method=setting.name, sparsity=sparsity, pattern=pattern, ppl=ev.ppl, ppl_se=ev.ppl_se,
                  prune_seconds=prune_seconds, nll=ev.nll, nll_se=ev.nll_se,
-                 actual_sparsity=_actual_sparsity(variant), eval_seconds=ev.seconds, label=name))
+                 actual_sparsity=_actual_sparsity(variant), eval_seconds=ev.seconds, label=name), ev)
         report(progress, offset, total, f"{name} done")
-    return _frame(rows)
+    df = _frame(rows)
+    df.attrs["estimates"] = estimates
+    return df
 
 
 def _frame(rows: Sequence[dict]) -> pd.DataFrame:
@@ -281,11 +344,20 @@ def _frame(rows: Sequence[dict]) -> pd.DataFrame:
     return df
 
 
+def _estimates_path(path: Path) -> Path:
+    return path.with_name(path.stem + ".estimates.npz")
+
+
 def save_sweep(df: pd.DataFrame, path: Union[str, Path]) -> Path:
-    """Write the sweep as CSV; :func:`load_sweep` reads it back with the same columns and dtypes."""
+    """Write the sweep as CSV; :func:`load_sweep` reads it back with the same columns and dtypes. The
+    per-draw estimates (``df.attrs["estimates"]``), when present, go to ``<name>.estimates.npz`` beside it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     df.to_csv(path, index=False)
+    estimates = df.attrs.get("estimates") or {}
+    if estimates:
+        np.savez_compressed(_estimates_path(path), **{f"row{i}": np.asarray(v) for i, v in enumerate(estimates.values())},
+                            labels=np.array(list(estimates), dtype=str))
     return path
 
 
@@ -300,6 +372,10 @@ def load_sweep(path: Union[str, Path]) -> pd.DataFrame:
     for col in ("method", "pattern", "label"):
         if col in df.columns:
             df[col] = df[col].astype(str)
+    side = _estimates_path(path)
+    if side.exists():
+        with np.load(side, allow_pickle=False) as data:
+            df.attrs["estimates"] = {str(label): data[f"row{i}"] for i, label in enumerate(data["labels"])}
     return df
 
 
@@ -314,10 +390,13 @@ DEFAULT_PAIRS: tuple[tuple[str, str], ...] = (
 def method_differences(df: pd.DataFrame, pairs: Sequence[tuple[str, str]] = DEFAULT_PAIRS) -> pd.DataFrame:
     """One row per (method, baseline, pattern, sparsity) present in ``df``: both perplexities,
     ``delta_ppl = ppl_method - ppl_baseline`` (negative: the method is better), ``rel_ppl`` (ratio − 1),
-    ``delta_nll``, ``se_diff = sqrt(nll_se_m² + nll_se_b²)`` (nats) and ``z = delta_nll / se_diff``.
-    Labels such as ``gated_sink_wanda(tau=0.1)`` can be used as methods."""
+    ``delta_nll`` (nats/token), ``se_indep = sqrt(nll_se_m² + nll_se_b²)`` (treats the two Monte Carlo
+    errors as independent: conservative), ``se_paired`` (:func:`paired_se` on the per-draw estimates in
+    ``df.attrs["estimates"]``; NaN without them) and ``z = delta_nll / se`` with the paired error when
+    known, else the independent one. Labels such as ``gated_sink_wanda(tau=0.05)`` work as methods."""
     cols = ["method", "baseline", "pattern", "sparsity", "ppl", "ppl_baseline", "delta_ppl", "rel_ppl",
-            "delta_nll", "se_diff", "z"]
+            "delta_nll", "se_indep", "se_paired", "z"]
+    estimates = df.attrs.get("estimates") or {}
     key = ["pattern", "sparsity"]
     rows = []
     for method, baseline in pairs:
@@ -326,9 +405,12 @@ def method_differences(df: pd.DataFrame, pairs: Sequence[tuple[str, str]] = DEFA
         for idx in a.index.intersection(b.index):
             ra, rb = a.loc[idx], b.loc[idx]
             se = math.sqrt(float(ra["nll_se"]) ** 2 + float(rb["nll_se"]) ** 2)
+            ea, eb = estimates.get(str(ra["label"])), estimates.get(str(rb["label"]))
+            sp = paired_se(ea, eb) if ea is not None and eb is not None and np.shape(ea) == np.shape(eb) else math.nan
             d_nll = float(ra["nll"]) - float(rb["nll"])
+            use = sp if np.isfinite(sp) else se
             rows.append(dict(method=method, baseline=baseline, pattern=idx[0], sparsity=float(idx[1]),
                              ppl=float(ra["ppl"]), ppl_baseline=float(rb["ppl"]),
                              delta_ppl=float(ra["ppl"]) - float(rb["ppl"]), rel_ppl=float(ra["ppl"]) / float(rb["ppl"]) - 1,
-                             delta_nll=d_nll, se_diff=se, z=d_nll / se if se > 0 else math.nan))
+                             delta_nll=d_nll, se_indep=se, se_paired=sp, z=d_nll / use if use > 0 else math.nan))
     return pd.DataFrame(rows, columns=cols)

@@ -73,11 +73,29 @@ def test_progress_spans_the_whole_sweep(sweep):
     assert any("wanda" in m for _, _, m in calls)
 
 
+def test_per_draw_estimates_reproduce_each_row(sweep):
+    from sap_core.sweep import paired_se
+
+    df, _, _ = sweep
+    estimates = df.attrs["estimates"]
+    assert list(estimates) == df["label"].tolist()
+    for _, row in df.iterrows():
+        e = estimates[row["label"]]
+        assert e.shape == (EVAL.nsamples, EVAL.draws)
+        assert e.mean() == pytest.approx(row["nll"], rel=1e-6)  # float32 sums in another order
+        # The evaluator's own standard error is the paired error against a constant.
+        assert paired_se(e, np.zeros_like(e)) == pytest.approx(row["nll_se"], rel=1e-5)
+    assert paired_se(estimates["dense"], estimates["dense"]) == 0.0
+
+
 def test_csv_round_trip(sweep, tmp_path):
     df, _, _ = sweep
     path = save_sweep(df, tmp_path / "out" / "sweep.csv")
     back = load_sweep(path)
     pd.testing.assert_frame_equal(back, df, check_dtype=False)
+    assert back.attrs["estimates"].keys() == df.attrs["estimates"].keys()
+    for label, e in df.attrs["estimates"].items():
+        np.testing.assert_array_equal(back.attrs["estimates"][label], e)
     with pytest.raises(SapError):
         load_sweep(tmp_path / "missing.csv")
     (tmp_path / "other.csv").write_text("a,b\n1,2\n")
@@ -157,8 +175,15 @@ def test_method_differences(sweep):
     w = df[(df["method"] == "wanda") & (df["sparsity"] == 0.6)].iloc[0]
     m = df[(df["method"] == "magnitude") & (df["sparsity"] == 0.6)].iloc[0]
     assert row["delta_ppl"] == pytest.approx(w["ppl"] - m["ppl"])
-    assert row["se_diff"] == pytest.approx(math.hypot(w["nll_se"], m["nll_se"]))
-    assert row["z"] == pytest.approx((w["nll"] - m["nll"]) / row["se_diff"])
+    assert row["se_indep"] == pytest.approx(math.hypot(w["nll_se"], m["nll_se"]))
+    d = df.attrs["estimates"][w["label"]] - df.attrs["estimates"][m["label"]]
+    assert row["se_paired"] == pytest.approx(math.sqrt((d.var(axis=1, ddof=1) / d.shape[1]).sum()) / d.shape[0])
+    assert row["z"] == pytest.approx((w["nll"] - m["nll"]) / row["se_paired"])
+    # Without the estimates (e.g. a CSV alone) the independent error is used.
+    bare = df.copy()
+    bare.attrs = {}
+    row = method_differences(bare, [("wanda", "magnitude")]).iloc[-1]
+    assert math.isnan(row["se_paired"]) and row["z"] == pytest.approx(row["delta_nll"] / row["se_indep"])
 
 
 def test_causal_model_sweep(tiny_ar):
