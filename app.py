@@ -7,31 +7,25 @@ from __future__ import annotations
 import streamlit as st
 import torch
 
-from app_common import AR_MODEL, DEFAULT_MODEL, cached_model
+from app_common import MODEL_KINDS, cached_model, model_choice
 from sap_core.errors import SapError
 
 st.set_page_config(page_title="SinkScope", page_icon="🕳️", layout="wide")
 
-CHOICES = {"Built-in DLM (tiny-dlm)": DEFAULT_MODEL, "Built-in AR twin (tiny-ar)": AR_MODEL, "Local directory": None}
-
 with st.sidebar:
     st.title("SinkScope")
-    kind = st.radio("Model", list(CHOICES), key="model_kind",
+    kind = st.radio("Model", MODEL_KINDS, key="model_kind",
                     help="The built-in models ship with SinkScope and run on a CPU. A local directory holds a "
                          "LLaDA, Dream or transformers causal-LM checkpoint (config.json + safetensors).")
-    if CHOICES[kind] is None:
-        path = st.text_input("Model directory", key="model_path", placeholder="/models/LLaDA-8B-Instruct",
-                             help="A local folder with config.json, *.safetensors and tokenizer files.")
-        source = path.strip() or DEFAULT_MODEL
-    else:
-        source = CHOICES[kind]
+    if kind == MODEL_KINDS[2]:
+        st.text_input("Model directory", key="model_path", placeholder="/models/LLaDA-8B-Instruct",
+                      help="A local folder with config.json, *.safetensors and tokenizer files.")
     devices = ["auto", "cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     st.selectbox("Device", devices, key="device", help="auto: CUDA when a GPU is available, else the CPU.")
     st.selectbox("Precision", ["auto", "float32", "bfloat16", "float16"], key="dtype",
                  help="auto: bfloat16 on a GPU, float32 on the CPU.")
-    st.session_state["model_source"] = source
     try:
-        handle = cached_model(source, st.session_state["device"], st.session_state["dtype"])
+        handle = cached_model(*model_choice())
         st.success(f"Loaded **{handle.name}** on {handle.device}")
     except SapError as exc:
         st.error(str(exc))

@@ -17,8 +17,16 @@ from sap_core.errors import Cancelled, SapError
 from sap_core.models import ModelHandle, load_model
 from sap_core.sinks import SinkSpec
 
-DEFAULT_MODEL = os.environ.get("SINKSCOPE_MODEL", "tiny-dlm")
-AR_MODEL = os.environ.get("SINKSCOPE_AR_MODEL", "tiny-ar")
+
+
+def default_model() -> str:
+    """The model the app starts with: ``$SINKSCOPE_MODEL`` (a built-in name or a directory), else tiny-dlm."""
+    return os.environ.get("SINKSCOPE_MODEL", "tiny-dlm")
+
+
+def ar_model() -> str:
+    """The causal model of the AR-vs-DLM panel: ``$SINKSCOPE_AR_MODEL``, else tiny-ar."""
+    return os.environ.get("SINKSCOPE_AR_MODEL", "tiny-ar")
 
 
 @st.cache_resource(show_spinner="Loading model…", max_entries=4)
@@ -27,10 +35,17 @@ def cached_model(source: str, device: str, dtype: str) -> ModelHandle:
     return load_model(source, device=device, dtype=dtype)
 
 
+MODEL_KINDS = ("Built-in DLM (tiny-dlm)", "Built-in AR twin (tiny-ar)", "Local directory")
+
+
 def model_choice() -> tuple[str, str, str]:
-    """The (source, device, dtype) the sidebar selected."""
-    return (st.session_state.get("model_source", DEFAULT_MODEL), st.session_state.get("device", "auto"),
-            st.session_state.get("dtype", "auto"))
+    """The (source, device, dtype) selected by the sidebar widgets (their session-state keys)."""
+    kind = st.session_state.get("model_kind", MODEL_KINDS[0])
+    if kind == MODEL_KINDS[2]:
+        source = (st.session_state.get("model_path") or "").strip() or default_model()
+    else:
+        source = default_model() if kind == MODEL_KINDS[0] else ar_model()
+    return source, st.session_state.get("device", "auto"), st.session_state.get("dtype", "auto")
 
 
 def active_model() -> ModelHandle:

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import streamlit as st
 
-from app_common import AR_MODEL, active_model, cached_model, current_trajectory, job, model_choice, progress_callback, report_for, sink_spec
+from app_common import active_model, ar_model, cached_model, current_trajectory, job, model_choice, progress_callback, report_for, sink_spec
 from sap_core import viz
 from sap_core.attention import AttentionRecorder
 from sap_core.diffusion import generate
@@ -58,7 +58,7 @@ st.subheader("AR vs DLM")
 st.caption("Runs the same prompt through a causal model, token by token, and compares the per-layer instability. "
            "Mass is normalised by what each key would receive under uniform attention over the keys its queries can see, "
            "so a position-0 sink is never an artefact of the causal mask.")
-other_source = st.text_input("Causal model", AR_MODEL, help="The built-in AR twin, or a local causal model directory.")
+other_source = st.text_input("Causal model", ar_model(), help="The built-in AR twin, or a local causal model directory.")
 if st.button("Run the AR comparison"):
     bar = st.progress(0.0)
     with job("The AR run"):
