@@ -159,7 +159,7 @@ def _load(args):
 
 
 def _decode_spec(args):
-    from sap_core.diffusion import REMASKING, DecodeSpec
+    from sap_core.diffusion import DecodeSpec
 
     return DecodeSpec(gen_length=args.gen_length, steps=args.steps, block_length=args.block_length,
                       remasking=args.remasking, temperature=args.temperature, cfg_scale=args.cfg_scale, seed=args.seed)
@@ -227,7 +227,7 @@ def _add_decode(p: argparse.ArgumentParser, prompt_required: bool = False) -> No
     g.add_argument("--gen-length", type=int, default=32, help="tokens to generate (default 32)")
     g.add_argument("--steps", type=int, default=32, help="denoising steps (default 32)")
     g.add_argument("--block-length", type=int, default=16, help="semi-autoregressive block length (default 16)")
-    g.add_argument("--remasking", default="low_confidence", choices=list(REMASKING))
+    g.add_argument("--remasking", default="low_confidence", choices=["low_confidence", "random", "entropy"])  # sap_core.diffusion.REMASKING, kept literal for a fast --help
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default 0)")
     g.add_argument("--cfg-scale", type=float, default=0.0, help="classifier-free guidance scale (default 0 = off)")
     g.add_argument("--seed", type=int, default=0, help="decoding seed (default 0)")
