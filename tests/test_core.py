@@ -271,3 +271,11 @@ def test_causal_decode_errors(tiny_ar):
         generate(tiny_ar, [], DecodeSpec(gen_length=4))
     with pytest.raises(DecodeSpecError, match="guidance"):
         generate(tiny_ar, [5], DecodeSpec(gen_length=4, cfg_scale=1.0))
+
+
+def test_cli_offers_every_remasking_rule(capsys):
+    from sap_core.cli import build_parser
+    from sap_core.diffusion import REMASKING
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["generate", "--help"])
+    assert "{" + ",".join(REMASKING) + "}" in capsys.readouterr().out.replace("\n", "").replace(" ", "")
