@@ -21,7 +21,7 @@ from sap_core.pruning.sparsegpt import Hessian, sparsegpt_prune
 from sap_core.sinks import SinkSpec
 
 CAL_TEXT = " ".join(TEXT * 12)
-CAL = CalibrationSpec(text=CAL_TEXT, nsamples=3, seqlen=24, T=50, interval=10, batch_size=3)
+CAL = CalibrationSpec(text=CAL_TEXT, nsamples=2, seqlen=24, T=50, interval=10, batch_size=3)
 
 
 def spec(method, sparsity=0.5, **kw):
@@ -43,6 +43,15 @@ def assert_same_weights(v1, v2):
     assert v1.weights.keys() == v2.weights.keys()
     for k in v1.weights:
         assert torch.equal(v1.weights[k], v2.weights[k]), k
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny tensors: threads only add synchronisation (and spin against other jobs on a shared box)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
@@ -151,6 +160,7 @@ def test_tau_zero_reproduces_the_official_variant(dlm, gated, official):
 def test_gated_factors_follow_the_gate(dlm):
     rec = prune(dlm, spec("gated_sink_wanda", sink=SinkSpec(tau=1e-4, k=0.5))).calibration
     expect = np.where(rec.gate[:, None, :], 1.0 - rec.sink_scores, 1.0).astype(np.float32)
+    assert rec.gate.any() and not rec.gate.all()  # some positions gated, some not: the test can fail
     assert np.allclose(rec.token_weights, expect, atol=1e-6)
     assert set(np.unique(rec.labels[rec.gate])) <= {"unstable"}
     assert np.all(rec.variance[rec.gate] >= 1e-4)
