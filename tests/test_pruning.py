@@ -6,7 +6,6 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
 from conftest import TEXT, make_model_dir
 from sap_core.diffusion import DecodeSpec, generate

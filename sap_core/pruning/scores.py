@@ -33,7 +33,6 @@ gated variant the whole sample's timesteps, since the gate needs all of them).
 from __future__ import annotations
 
 import copy
-import itertools
 from dataclasses import dataclass
 from typing import Callable, Optional
 
