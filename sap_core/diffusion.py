@@ -18,6 +18,7 @@ trajectories are comparable (``steps`` and ``block_length`` are then not used).
 """
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import asdict, dataclass
 from typing import Optional, Union
@@ -145,12 +146,10 @@ class Trajectory:
         if self.mass is not None:
             arrays["mass"] = self.mass
         meta = dict(prompt_length=self.prompt_length, causal=self.causal, mask_id=self.mask_id, spec=asdict(self.spec), prompt=self.prompt)
-        np.savez_compressed(path, meta=np.array(__import__("json").dumps(meta)), **arrays)
+        np.savez_compressed(path, meta=np.array(json.dumps(meta)), **arrays)
 
     @classmethod
     def load(cls, path) -> "Trajectory":
-        import json
-
         with np.load(path, allow_pickle=False) as data:
             meta = json.loads(str(data["meta"]))
             arrays = {k: data[k] for k in data.files if k != "meta"}
