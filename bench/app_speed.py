@@ -40,7 +40,7 @@ def main() -> None:
     at.switch_page("pages/explorer.py").run()
     gen_app = timed(lambda: at.button[0].click().run())  # defaults: 64 tokens, 64 steps, temperature 0.8, capture on
     assert not at.exception and not at.error, at.error
-    handle = load_model("tiny-dlm", device="cpu")
+    handle = load_model("tiny-dlm", device="cpu")  # same process: app.py has set torch's thread count
     spec = DecodeSpec(gen_length=64, steps=64, block_length=16, temperature=0.8)
     gen_plain = statistics.median(timed(lambda: generate(handle, "ROMEO.\n", spec)) for _ in range(3))
     moves = []
