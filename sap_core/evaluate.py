@@ -66,7 +66,10 @@ def windows(handle: ModelHandle, text: str, seqlen: int, nsamples: int, prefix: 
     if seqlen < 2 or nsamples < 1:
         raise SapError("seqlen must be >= 2 and nsamples >= 1.")
     head = handle.encode(prefix or "")
-    body = handle.tokenizer.encode(text, add_special_tokens=False)
+    try:  # verbose=False: the text is cut into windows, never fed whole; no "sequence too long" warning
+        body = list(handle.tokenizer.encode(text, add_special_tokens=False, verbose=False))
+    except TypeError:  # a tokenizer without the verbose flag
+        body = list(handle.tokenizer.encode(text, add_special_tokens=False))
     n = seqlen - len(head)
     if n < 1:
         raise SapError(f"The prefix takes {len(head)} tokens, leaving none of seqlen={seqlen}; shorten it or raise seqlen.")

