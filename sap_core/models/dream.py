@@ -41,7 +41,7 @@ from sap_core.attention import AttentionRecorder, attention_with_mass
 from sap_core.models.llada import RMSNorm, Rotary
 from sap_core.errors import ModelLoadError
 from sap_core.models.loading import load_pretrained
-from sap_core.models.placement import DeviceMap, execution_device
+from sap_core.models.placement import DeviceMap, run_blocks
 
 
 class DreamConfig(PretrainedConfig):
@@ -236,10 +236,7 @@ class DreamModel(PreTrainedModel):
         attention_recorder: Optional[AttentionRecorder] = None,
         **kwargs,
     ) -> MaskedLMOutput:
-        x = self.embed(input_ids)
-        for block in self.blocks:
-            x = block(x.to(execution_device(block)), attention_recorder)
-        return MaskedLMOutput(logits=self.head(x.to(execution_device(self.model.norm))))
+        return MaskedLMOutput(logits=run_blocks(self, input_ids, attention_recorder, self.model.norm))
 
 
 def load_dream_tokenizer(path: Path) -> PreTrainedTokenizerBase:

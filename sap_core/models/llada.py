@@ -28,7 +28,7 @@ from transformers import AutoConfig, AutoModel, PretrainedConfig, PreTrainedMode
 from transformers.modeling_outputs import MaskedLMOutput
 
 from sap_core.attention import AttentionRecorder, attention_with_mass
-from sap_core.models.placement import execution_device
+from sap_core.models.placement import run_blocks
 
 
 class LLaDAConfig(PretrainedConfig):
@@ -247,10 +247,7 @@ class LLaDAModelLM(PreTrainedModel):
         attention_recorder: Optional[AttentionRecorder] = None,
         **kwargs,
     ) -> MaskedLMOutput:
-        x = self.embed(input_ids)
-        for block in self.blocks:
-            x = block(x.to(execution_device(block)), attention_recorder)
-        return MaskedLMOutput(logits=self.head(x.to(execution_device(self.model.transformer.ln_f))))
+        return MaskedLMOutput(logits=run_blocks(self, input_ids, attention_recorder, self.model.transformer.ln_f))
 
 
 AutoConfig.register("llada", LLaDAConfig)

@@ -76,3 +76,12 @@ def is_offloaded(model: nn.Module) -> bool:
     """True when some weights are not resident on any device (CPU/disk offload: parameters on ``meta``)."""
     return any(p.device.type == "meta" for p in model.parameters())
 
+
+
+def run_blocks(model: nn.Module, input_ids: torch.Tensor, recorder, final: nn.Module) -> torch.Tensor:
+    """The forward pass every SinkScope family shares: ``embed``, each block on its execution device
+    (recording attention when ``recorder`` is given), then ``head`` where ``final`` (the last norm) runs."""
+    x = model.embed(input_ids)
+    for block in model.blocks:
+        x = block(x.to(execution_device(block)), recorder)
+    return model.head(x.to(execution_device(final)))
