@@ -15,6 +15,13 @@ import plotly.graph_objects as go
 STATE_COLORS = {"prompt": "#9e9e9e", "masked": "#e0e0e0", "decoded": "#90caf9", "decoding": "#ff7043", "absent": "#ffffff"}
 LABEL_COLORS = {"none": "#bdbdbd", "transient": "#ffca28", "stable": "#42a5f5", "unstable": "#ef5350"}
 
+# Colour scales as explicit stops. Streamlit rewrites the colour codes #000001-#000010 in a plotly
+# figure (its theme's placeholders, even with theme=None), which turned Magma's first stop #000004
+# into pink or purple: every scale here starts outside that range, and both rise in luminance.
+MASS_SCALE = [[0.0, "#440154"], [0.25, "#3b528b"], [0.5, "#21918c"], [0.75, "#5ec962"], [1.0, "#fde725"]]  # viridis
+PROBABILITY_SCALE = [[0.0, "#0b0b1e"], [0.2, "#3b0f70"], [0.4, "#8c2981"], [0.6, "#de4968"], [0.8, "#fe9f6d"],
+                     [1.0, "#fcfdbf"]]  # magma, first stop lifted out of Streamlit's placeholder range
+
 
 def _uniform_multiple(mass: np.ndarray, valid: np.ndarray) -> np.ndarray:
     """``mass[..., L]`` divided by its mean over the valid positions (NaN where not valid)."""
@@ -45,7 +52,7 @@ def layer_position_heatmap(report, step: int) -> go.Figure:
     """Layer × position mass at ``step`` (×uniform), with each layer's sinks marked."""
     valid = report.valid[step]
     z = _uniform_multiple(report.layer_mass[step], valid[None, :])
-    fig = go.Figure(go.Heatmap(z=z, y=[str(l) for l in report.layers], colorscale="Viridis", colorbar=dict(title="× uniform"),
+    fig = go.Figure(go.Heatmap(z=z, y=[str(l) for l in report.layers], colorscale=MASS_SCALE, colorbar=dict(title="× uniform"),
                                hovertemplate="layer %{y}, pos %{x}: %{z:.2f}× uniform<extra></extra>"))
     ys, xs = np.nonzero(report.layer_is_sink[step])
     fig.add_trace(go.Scatter(x=xs, y=[str(report.layers[i]) for i in ys], mode="markers", name="sink",
@@ -64,7 +71,7 @@ def step_position_heatmap(report, layer: Optional[int] = None) -> go.Figure:
         mass, dominant, name = report.layer_mass[:, i], report.layer_dominant[:, i], f"layer {layer}"
     z = _uniform_multiple(mass, report.valid)
     steps = np.arange(report.n_steps)
-    fig = go.Figure(go.Heatmap(z=z, colorscale="Viridis", colorbar=dict(title="× uniform"),
+    fig = go.Figure(go.Heatmap(z=z, colorscale=MASS_SCALE, colorbar=dict(title="× uniform"),
                                hovertemplate="step %{y}, pos %{x}: %{z:.2f}× uniform<extra></extra>"))
     fig.add_trace(go.Scatter(x=dominant, y=steps, mode="lines+markers", name="dominant sink d_t",
                              line=dict(color="red", width=1.5), marker=dict(size=4)))
@@ -75,7 +82,7 @@ def step_position_heatmap(report, layer: Optional[int] = None) -> go.Figure:
 
 def attention_map_figure(attention: np.ndarray, step: int, layer: int, head: int) -> go.Figure:
     """The full query × key attention of one (step, layer, head)."""
-    fig = go.Figure(go.Heatmap(z=attention, colorscale="Magma", colorbar=dict(title="probability"),
+    fig = go.Figure(go.Heatmap(z=attention, colorscale=PROBABILITY_SCALE, colorbar=dict(title="probability"),
                                hovertemplate="query %{y} → key %{x}: %{z:.3f}<extra></extra>"))
     fig.update_layout(title=f"Attention map: step {step}, layer {layer}, head {head}", xaxis_title="key position",
                       yaxis_title="query position", yaxis_autorange="reversed", height=420, margin=dict(l=50, r=10, t=40, b=40))

@@ -2,6 +2,12 @@
 from __future__ import annotations
 
 import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -62,3 +68,89 @@ def tiny_dlm(tiny_dlm_dir):
 @pytest.fixture(scope="session")
 def tiny_ar(tiny_ar_dir):
     return load_model(tiny_ar_dir, device="cpu")
+
+
+# --- the real browser: one Streamlit server and one Debian Chromium for every browser test ------------
+
+CHROMIUM = "/usr/bin/chromium"
+ROOT = Path(__file__).resolve().parents[1]
+SCREENSHOTS = ROOT / "tests" / "screenshots"  # git-ignored; look at them after a change to a page
+needs_chromium = pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="Debian's chromium is not installed (.ci/run installs it)")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_app(env: dict | None = None) -> tuple[subprocess.Popen, str]:
+    """``streamlit run app.py`` on a free local port; returns the process and its URL once healthy."""
+    port = free_port()
+    env = dict(os.environ, STREAMLIT_BROWSER_GATHER_USAGE_STATS="false", **(env or {}))
+    proc = subprocess.Popen([sys.executable, "-m", "streamlit", "run", str(ROOT / "app.py"), "--server.headless", "true",
+                             "--server.port", str(port), "--server.address", "127.0.0.1"],
+                            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            urllib.request.urlopen(url + "/_stcore/health", timeout=2)
+            return proc, url
+        except OSError:
+            time.sleep(0.5)
+    proc.kill()
+    raise RuntimeError("streamlit did not start within 120 s")
+
+
+def stop_app(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+@pytest.fixture(scope="session")
+def app_url():
+    """One app server for the whole session (each browser page is its own Streamlit session)."""
+    proc, url = start_app()
+    yield url
+    stop_app(proc)
+
+
+def launch_chromium(playwright):
+    return playwright.chromium.launch(executable_path=CHROMIUM, args=[
+        "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update", "--no-first-run"])
+
+
+@pytest.fixture(scope="session")
+def chromium():
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = launch_chromium(p)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture
+def page(chromium, request):
+    """A fresh page (its own Streamlit session) at 1440x900 with 120 s timeouts; screenshots go to
+    ``tests/screenshots/<test name>-*.png``."""
+    from playwright.sync_api import expect
+
+    context = chromium.new_context(viewport={"width": 1440, "height": 900})
+    pg = context.new_page()
+    pg.set_default_timeout(120_000)
+    expect.set_options(timeout=120_000)
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    pg.shot = lambda name: pg.screenshot(path=str(SCREENSHOTS / f"{request.node.name}-{name}.png"), full_page=True)
+    yield pg
+    context.close()
+
+
+def no_streamlit_exception(page) -> None:
+    """Fail if the page shows a Streamlit exception element."""
+    shown = page.locator("[data-testid='stException']")
+    assert shown.count() == 0, shown.first.text_content()
