@@ -74,7 +74,7 @@ if "ppl_table" in st.session_state:
     st.dataframe(st.session_state["ppl_table"], hide_index=True)
 
 st.subheader("Sparsity sweep")
-with st.form("sweep"):
+with st.form("sweep_form"):
     methods = st.multiselect("Methods", list(METHODS), default=["magnitude", "wanda"])
     c = st.columns(3)
     sparsities = c[0].multiselect("Sparsities", [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8], default=[0.3, 0.5])
