@@ -298,6 +298,9 @@ def build_parser() -> Parser:
     p.add_argument("--pattern", default="unstructured", help="unstructured or N:M, e.g. 2:4 (default unstructured)")
     _add_sink(p)
     _add_calibration(p)
+    p.add_argument("--preset", choices=["official"], default=None,
+                   help="official: the reference code's settings (128 calibration windows of the model's whole context, "
+                        "official sink rule, SparseGPT's reference mask selection); not combinable with --calib-*/--sink-*")
     p.add_argument("--save", default=None, metavar="DIR", help="write the pruned model directory here")
     p.add_argument("--out", default=None, metavar="JSON", help="write the JSON report here (default: stdout)")
     p.set_defaults(func=cmd_prune)
@@ -448,6 +451,14 @@ def cmd_prune(args) -> int:
 
         raise SapError(f"--save '{args.save}' is a file; give a directory for the pruned model.")
     handle = _load(args)
+    if args.preset == "official":  # the official code's calibration over the model's whole context
+        given = [k for k, v in vars(args).items() if k.startswith(("calib_", "sink_")) and v is not None]
+        if given:
+            raise UsageError(f"--preset official fixes the calibration and sink settings; drop "
+                             f"{', '.join('--' + k.replace('_', '-') for k in given)}.")
+        from sap_core.diffusion import _max_length
+
+        spec = PruneSpec.official(args.method, args.sparsity, args.pattern, seqlen=_max_length(handle))
     with Bar("prune", not args.quiet) as bar:
         variant = prune(handle, spec, progress=bar)
     if args.save:

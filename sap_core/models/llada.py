@@ -31,6 +31,16 @@ from sap_core.attention import AttentionRecorder, attention_with_mass
 from sap_core.models.placement import run_blocks
 
 
+# Keys of the official LLaDA configuration whose values this implementation fixes (RoPE in full
+# precision, no ALiBi / QK norm / input-embedding norm / logit scaling, no dropout at inference).
+OFFICIAL_KEYS = {
+    "rope": True, "rope_full_precision": True, "alibi": False, "flash_attention": False,
+    "attention_layer_norm": False, "input_emb_norm": False, "scale_logits": False, "block_group_size": 1,
+    "multi_query_attention": None, "layer_norm_with_affine": True, "attention_layer_norm_with_affine": True,
+    "bias_for_layer_norm": False, "attention_dropout": 0.0, "residual_dropout": 0.0, "embedding_dropout": 0.0,
+}
+
+
 class LLaDAConfig(PretrainedConfig):
     model_type = "llada"
 
@@ -76,6 +86,11 @@ class LLaDAConfig(PretrainedConfig):
         self.activation_type = activation_type
         self.block_type = block_type
         self.layer_norm_type = layer_norm_type
+        # The official configuration fills a missing key from its ModelConfig defaults, several of which
+        # describe another architecture (rope false, embedding_size 50304, dropout 0.1): write the values
+        # this model implements, so the official modelling code loads the same network from config.json.
+        for key, value in OFFICIAL_KEYS.items():
+            setattr(self, key, kwargs.pop(key, value))
         # Tying is done by the model itself (no separate LM head when weight_tying), not by transformers.
         kwargs["tie_word_embeddings"] = False
         super().__init__(**kwargs)

@@ -144,7 +144,7 @@ class PrunedVariant:
             "target_sparsity": spec.target_sparsity, "achieved_sparsity": self.sparsity,
             "sink": spec.sink.to_dict() if hasattr(spec.sink, "to_dict") else dataclasses.asdict(spec.sink),
             "calibration": cal if spec.needs_calibration else None,
-            "blocksize": spec.blocksize, "percdamp": spec.percdamp,
+            "blocksize": spec.blocksize, "percdamp": spec.percdamp, "sparsegpt_selection": spec.sparsegpt_selection,
             "seconds": self.seconds, "timings": self.timings, "passes": self.passes,
         }
 
@@ -339,7 +339,7 @@ def _run(handle, taps, spec: PruneSpec, token_ids, tick):
         def prune_linear(i, name, W, stat):
             if sparsity == 0 and nm is None:
                 return W.detach()
-            return sparsegpt_prune(W, stat.matrix(), sparsity, nm, spec.blocksize, spec.percdamp)[0]
+            return sparsegpt_prune(W, stat.matrix(), sparsity, nm, spec.blocksize, spec.percdamp, spec.sparsegpt_selection)[0]
 
     new = sc.sequential_sweep(handle, clean, make_stat, prune_linear, cal.batch_size, token_weights, tick, taps)
     passes += 2 * int(np.ceil(cal.nsamples / cal.batch_size))  # block-sequential: stats pass + pruned pass

@@ -12,7 +12,11 @@ Differences from the reference implementation, on purpose:
 
 * Unstructured masks are chosen per row inside each column block (``round(s·i₂) − round(s·i₁)``
   weights of each row in block ``[i₁, i₂)``), not by one threshold over the whole block, so every
-  row ends at exactly ``round(s·cols)`` zeros, as the other methods do.
+  row ends at exactly ``round(s·cols)`` zeros, as the other methods do (``selection="per_row"``,
+  the default). ``selection="official"`` is the reference rule instead: in each column block, one
+  threshold over all rows, ``thresh = sort(saliency.flatten())[int(numel·s)]``, and every weight
+  with ``saliency <= thresh`` pruned (so ``int(numel·s) + 1`` weights per block without ties; rows
+  end at different sparsities).
 * The Hessian can be built from per-token weighted inputs ``w_j x_j`` (sink-aware SparseGPT).
 * One Hessian serves every linear that reads the same input (q/k/v, gate/up).
 """
@@ -75,8 +79,11 @@ def sparsegpt_prune(
     nm: Optional[tuple[int, int]] = None,
     blocksize: int = 128,
     percdamp: float = 0.01,
+    selection: str = "per_row",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Prune ``weight`` ``[rows, cols]`` given ``hessian`` ``[cols, cols]``.
+
+    ``selection`` (unstructured only): ``"per_row"`` or ``"official"`` (see the module docstring).
 
     Returns ``(new_weight, mask)``: the reconstructed weight in ``weight``'s dtype and device, zero
     exactly where ``mask`` is True, and the bool mask. ``weight`` itself is not modified.
@@ -99,7 +106,10 @@ def sparsegpt_prune(
         Err1 = torch.zeros_like(W1)
         Hinv1 = Hinv[i1:i2, i1:i2]
         d1 = torch.diag(Hinv1)
-        if nm is None:
+        if nm is None and selection == "official":
+            saliency = W1 ** 2 / d1[None, :] ** 2
+            mask1 = saliency <= torch.sort(saliency.flatten())[0][int(saliency.numel() * sparsity)]
+        elif nm is None:
             mask1 = lowest_k(W1 ** 2 / d1[None, :] ** 2, n_prune(i2, sparsity) - n_prune(i1, sparsity))
         else:
             mask1 = torch.zeros_like(W1, dtype=torch.bool)

@@ -34,6 +34,7 @@ NOISED_WANDA_FAMILY = {"sink_wanda", "gated_sink_wanda", "noised_wanda"}  # dens
 SINK_SPARSEGPT_FAMILY = {"sink_sparsegpt", "gated_sink_sparsegpt"}
 GATED = {"gated_sink_wanda", "gated_sink_sparsegpt"}
 NEEDS_NOISE = NOISED_WANDA_FAMILY | SINK_SPARSEGPT_FAMILY
+SPARSEGPT_SELECTIONS = ("per_row", "official")
 
 
 def parse_pattern(pattern: str) -> Optional[tuple[int, int]]:
@@ -64,6 +65,10 @@ class CalibrationSpec:
     becomes [MASK] with probability ``(1 − eps)·t/T + eps`` (the official code's forward process).
     ``batch_size`` is how many sequences one forward pass carries; it changes speed and peak
     memory, not the statistics.
+
+    The defaults (16 windows of 128 tokens) are sized for the built-in models on a CPU. The official
+    code calibrates on **128** windows of the model's full context (``max_sequence_length``):
+    :meth:`official` gives those settings, and :meth:`PruneSpec.official` the whole official run.
     """
 
     text: Optional[str] = None
@@ -74,6 +79,12 @@ class CalibrationSpec:
     interval: int = 5
     eps: float = 1e-3
     batch_size: int = 10
+
+    @classmethod
+    def official(cls, seqlen: int, text: Optional[str] = None) -> "CalibrationSpec":
+        """The official code's calibration: 128 windows of ``seqlen`` tokens (there, the model's
+        ``max_sequence_length``), seed 0, T = 50 diffusion steps sampled every 5, eps = 1e-3."""
+        return cls(text=text, nsamples=128, seqlen=seqlen, seed=0, T=50, interval=5, eps=1e-3)
 
     @property
     def timesteps(self) -> list[int]:
@@ -124,7 +135,9 @@ class PruneSpec:
     at ``1 − N/M`` and ``sparsity`` is not used (see :attr:`target_sparsity`). ``sink`` holds the
     sink rule (k, alpha) and the variance gate ``tau`` of the gated methods. ``blocksize`` and
     ``percdamp`` are SparseGPT's (columns per lazy-update block; dampening as a fraction of the mean
-    Hessian diagonal).
+    Hessian diagonal). ``sparsegpt_selection`` is how the SparseGPT family picks an unstructured mask:
+    ``"per_row"`` (the project's: every row at exactly the target) or ``"official"`` (the reference
+    code's single threshold per column block; see :mod:`sap_core.pruning.sparsegpt`).
     """
 
     method: str
@@ -134,6 +147,15 @@ class PruneSpec:
     calibration: CalibrationSpec = field(default_factory=CalibrationSpec)
     blocksize: int = 128
     percdamp: float = 0.01
+    sparsegpt_selection: str = "per_row"
+
+    @classmethod
+    def official(cls, method: str, sparsity: float, pattern: str = "unstructured", *, seqlen: int) -> "PruneSpec":
+        """The official code's settings as one preset: :meth:`CalibrationSpec.official` (128 windows of
+        ``seqlen`` tokens, the model's context there), the official sink rule (``SinkSpec()``: k = 2,
+        alpha = 5, no variance gate) and SparseGPT's reference mask selection."""
+        return cls(method, sparsity, pattern, sink=SinkSpec(), calibration=CalibrationSpec.official(seqlen),
+                   sparsegpt_selection="official")
 
     @property
     def nm(self) -> Optional[tuple[int, int]]:
@@ -168,6 +190,9 @@ class PruneSpec:
             raise PruneSpecError(f"blocksize must be an integer >= 1 (got {self.blocksize}).")
         if not (isinstance(self.percdamp, (int, float)) and self.percdamp > 0):
             raise PruneSpecError(f"percdamp must be > 0 (got {self.percdamp}); SparseGPT uses 0.01.")
+        if self.sparsegpt_selection not in SPARSEGPT_SELECTIONS:
+            raise PruneSpecError(f"sparsegpt_selection must be one of {', '.join(SPARSEGPT_SELECTIONS)} "
+                                 f"(got {self.sparsegpt_selection!r}); 'official' reproduces the reference code.")
         if not isinstance(self.sink, SinkSpec):
             raise PruneSpecError(f"sink must be a SinkSpec (got {type(self.sink).__name__}).")
         if not isinstance(self.calibration, CalibrationSpec):
