@@ -29,10 +29,20 @@ def ar_model() -> str:
     return os.environ.get("SINKSCOPE_AR_MODEL", "tiny-ar")
 
 
-@st.cache_resource(show_spinner="Loading model…", max_entries=4)
+_LOADED: set[tuple[str, str, str]] = set()  # (source, device, dtype) loaded by this server process
+
+
+@st.cache_resource(show_spinner=False, max_entries=4)
 def cached_model(source: str, device: str, dtype: str) -> ModelHandle:
     """One loaded model per (source, device, dtype), shared by every browser session."""
-    return load_model(source, device=device, dtype=dtype)
+    handle = load_model(source, device=device, dtype=dtype)
+    _LOADED.add((source, device, dtype))
+    return handle
+
+
+def is_cached(source: str, device: str, dtype: str) -> bool:
+    """Whether :func:`cached_model` has loaded this model before (so the app need not announce a wait)."""
+    return (source, device, dtype) in _LOADED
 
 
 MODEL_KINDS = ("Built-in DLM (tiny-dlm)", "Built-in AR twin (tiny-ar)", "Local directory")
@@ -63,8 +73,9 @@ def active_model() -> ModelHandle:
 
 
 def sink_spec() -> SinkSpec:
-    """The sink settings chosen on the Sink stability page (shared with the Prune page)."""
-    return st.session_state.get("sink_spec", SinkSpec(tau=0.05))
+    """The app's one source of sink settings: those chosen on the Sink stability page, else the core
+    default ``SinkSpec()`` (the official rule, tau = 0). The explorer, Prune and Compare's sweep use it."""
+    return st.session_state.get("sink_spec", SinkSpec())
 
 
 def progress_callback(bar, label: str):
