@@ -129,3 +129,30 @@ def report_for(trajectory, spec: SinkSpec):
 def token_texts(handle: ModelHandle, ids) -> list[str]:
     """Readable text of each token id (whitespace made visible)."""
     return [handle.decode([int(i)]).replace("\n", "⏎").replace(" ", "␣") for i in ids]
+
+
+def method_settings(variant):
+    """The settings a pruned variant's method actually uses, labelled for people (one-column DataFrame):
+    no calibration for magnitude, the noising and sink rule only for the noised methods, tau only for the
+    gated ones, SparseGPT's block size and dampening only for the SparseGPT family."""
+    import pandas as pd
+
+    from sap_core.pruning.spec import GATED, NEEDS_NOISE, SINK_SPARSEGPT_FAMILY
+
+    spec, cal, sink = variant.spec, variant.spec.calibration, variant.spec.sink
+    rows = {"method": spec.method, "pattern": spec.pattern}
+    if spec.nm is None:
+        rows["target sparsity"] = f"{spec.sparsity:.2f}"
+    rows["achieved sparsity (pruned layers)"] = f"{variant.sparsity:.3f}"
+    if spec.needs_calibration:
+        rows["calibration"] = f"{cal.nsamples} windows × {cal.seqlen} tokens, seed {cal.seed}"
+    if spec.method in NEEDS_NOISE:
+        rows["noised timesteps"] = f"t = {cal.interval}, {2 * cal.interval}, …, {cal.T} of T = {cal.T} (mask probability t/T)"
+        rows["sink rule"] = (f"official: k = {sink.k:g}, alpha = {sink.alpha:g}" if sink.rule == "official"
+                             else f"leave_one_out: ε = {sink.epsilon:g}")
+    if spec.method in GATED:
+        rows["variance threshold tau"] = f"{sink.tau:g}"
+    if spec.method == "sparsegpt" or spec.method in SINK_SPARSEGPT_FAMILY:
+        rows["SparseGPT block size / dampening"] = f"{spec.blocksize} columns / {spec.percdamp:g}"
+    rows["time"] = f"{variant.seconds:.1f} s"
+    return pd.DataFrame({"value": list(rows.values())}, index=list(rows))
