@@ -156,3 +156,19 @@ def method_settings(variant):
         rows["SparseGPT block size / dampening"] = f"{spec.blocksize} columns / {spec.percdamp:g}"
     rows["time"] = f"{variant.seconds:.1f} s"
     return pd.DataFrame({"value": list(rows.values())}, index=list(rows))
+
+
+def eval_spec(**changes):
+    """The app's perplexity settings: the sweep's :class:`~sap_core.sweep.EvalSpec` defaults with
+    ``changes`` (windows, draws) applied. The Compare page's perplexity table and its sweep both use it."""
+    from dataclasses import replace
+
+    from sap_core.sweep import EvalSpec
+
+    return replace(EvalSpec(), **changes)
+
+
+def stored_caption(entry: dict, failed: bool) -> None:
+    """Say which run a stored result came from; after a failed run, say that it is the earlier one."""
+    prefix = "From an earlier run (the last run failed): " if failed else "From the last run: "
+    st.caption(prefix + entry["about"], help="Stored in this browser session until a new run succeeds.")
