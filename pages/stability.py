@@ -38,19 +38,24 @@ with st.expander("What the labels mean", expanded=False):
         "The gated pruning methods down-weight only these; tau = 0 makes every sink unstable (the official behaviour).")
 
 old = sink_spec()
+# Widget keys seeded from the app's sink settings: they survive a visit to another page (Streamlit drops
+# the state of widgets a page did not draw) because sink_spec() keeps the last settings.
+for key, value in (("sink_rule", old.rule), ("sink_k", float(old.k)), ("sink_alpha", float(old.alpha)),
+                   ("sink_tau", float(old.tau)), ("sink_epsilon", float(old.epsilon))):
+    st.session_state.setdefault(key, value)
 c = st.columns(5)
-rule = c[0].selectbox("Rule", RULES, index=RULES.index(old.rule),
+rule = c[0].selectbox("Rule", RULES, key="sink_rule",
                       help="official: soft score sigmoid(alpha·(mass − (mean + k·std))); leave_one_out: the paper figure's "
                            "hard rule, mass above the mean of the other positions + ε.")
 official = rule == "official"
-k = c[1].slider("k (std multiples)", 0.0, 6.0, float(old.k), 0.1, disabled=not official,
+k = c[1].slider("k (std multiples)", 0.0, 6.0, step=0.1, key="sink_k", disabled=not official,
                 help="Official rule: a position is a sink when its mass exceeds mean + k·std of its step.")
-alpha = c[2].slider("alpha (sharpness)", 0.1, 20.0, float(old.alpha), 0.1, disabled=not official,
+alpha = c[2].slider("alpha (sharpness)", 0.1, 20.0, step=0.1, key="sink_alpha", disabled=not official,
                     help="Official rule: steepness of the soft sink score.")
-tau = c[3].slider("tau (variance threshold)", 0.0, 0.25, float(old.tau), 0.005, format="%.3f",
+tau = c[3].slider("tau (variance threshold)", 0.0, 0.25, step=0.005, format="%.3f", key="sink_tau",
                   help="A sink whose score variance over the steps is ≥ tau is unstable and gets down-weighted by the gated "
                        "pruning methods. 0 = every sink counts (the official behaviour).")
-epsilon = c[4].slider("ε (leave-one-out margin)", 0.0, 5.0, float(old.epsilon), 0.1, disabled=official,
+epsilon = c[4].slider("ε (leave-one-out margin)", 0.0, 5.0, step=0.1, key="sink_epsilon", disabled=official,
                       help="Only for the leave_one_out rule: margin in units of the step's uniform mass.")
 try:
     spec = SinkSpec(rule=rule, k=k, alpha=alpha, tau=tau, epsilon=epsilon)
