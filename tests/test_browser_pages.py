@@ -1,0 +1,86 @@
+"""The landing, Sink stability, Prune and Compare pages in a real headless Chromium (Debian's), driven
+by Playwright: one browser session walks the whole workflow (generate, re-score, prune, compare,
+perplexity, a one-point sweep) and fails on any Streamlit exception. Screenshots go to
+tests/screenshots/test_workflow_through_every_page-*.png: look at them after changing a page."""
+from __future__ import annotations
+
+from conftest import needs_chromium, no_streamlit_exception
+
+pytestmark = needs_chromium
+
+
+def tall_shot(page, name: str) -> None:
+    """A screenshot of the whole page: Streamlit scrolls inside its own container, so the viewport is
+    stretched to the content's height for the shot and put back afterwards."""
+    height = page.evaluate("() => document.querySelector('[data-testid=stMain]').scrollHeight")
+    page.set_viewport_size({"width": 1440, "height": max(900, int(height) + 40)})
+    page.wait_for_timeout(800)
+    page.shot(name)
+    page.set_viewport_size({"width": 1440, "height": 900})
+
+
+def choose(page, label: str, option: str) -> None:
+    """Pick ``option`` in the selectbox labelled ``label``."""
+    page.get_by_role("combobox", name=label).click()
+    page.get_by_role("option", name=option, exact=True).click()
+
+
+def test_workflow_through_every_page(app_url, page):
+    from playwright.sync_api import expect
+
+    page.goto(app_url)
+    expect(page.get_by_text("Work through the pages in order")).to_be_visible()
+    expect(page.get_by_text("Active model: tiny-dlm", exact=False)).to_be_visible()
+    tall_shot(page, "1-landing")
+    no_streamlit_exception(page)
+
+    # the landing page's first link leads to the explorer; generate there
+    page.get_by_role("link", name="1 · Denoising explorer", exact=False).click()
+    page.get_by_role("spinbutton", name="Generation length").fill("16")
+    page.get_by_role("spinbutton", name="Steps", exact=True).fill("16")
+    page.get_by_role("button", name="Generate").click()
+    expect(page.get_by_text("16 steps in", exact=False)).to_be_visible()
+
+    page.get_by_role("link", name="Sink stability").click()
+    expect(page.get_by_text("Re-scoring the stored generation", exact=False)).to_be_visible()
+    expect(page.get_by_text("Per-position sink stability", exact=False)).to_be_visible()
+    choose(page, "Rule", "leave_one_out")
+    expect(page.get_by_role("slider", name="ε (leave-one-out margin)")).to_be_enabled()
+    expect(page.get_by_role("slider", name="alpha (sharpness)")).to_be_disabled()
+    choose(page, "Rule", "official")
+    expect(page.get_by_role("slider", name="ε (leave-one-out margin)")).to_be_disabled()
+    page.get_by_text("Per-position table", exact=False).click()
+    expect(page.get_by_role("button", name="Download positions (CSV)")).to_be_visible()
+    tall_shot(page, "2-stability")
+    no_streamlit_exception(page)
+
+    page.get_by_role("link", name="Prune", exact=True).click()
+    expect(page.get_by_role("button", name="Cancel")).to_be_disabled()
+    choose(page, "Method", "magnitude")
+    expect(page.get_by_text("|W|, no data")).to_be_visible()
+    page.get_by_role("button", name="Prune", exact=True).click()
+    expect(page.get_by_text("Made magnitude 0.50 #1", exact=False)).to_be_visible()
+    expect(page.get_by_text("Share of zero weights per block and module")).to_be_visible()
+    expect(page.get_by_role("button", name="Cancel")).to_be_disabled()
+    tall_shot(page, "3-prune")
+    no_streamlit_exception(page)
+
+    page.get_by_role("link", name="Compare", exact=True).click()
+    page.get_by_role("spinbutton", name="Generation length").fill("16")
+    page.get_by_role("spinbutton", name="Steps", exact=True).fill("16")
+    page.get_by_role("button", name="Compare", exact=True).click()
+    expect(page.get_by_text("Final tokens compared with the dense model's")).to_be_visible()
+    page.get_by_role("spinbutton", name="Windows").fill("2")
+    page.get_by_role("spinbutton", name="Windows").press("Tab")
+    page.get_by_role("spinbutton", name="Monte Carlo draws").fill("2")
+    page.get_by_role("spinbutton", name="Monte Carlo draws").press("Tab")
+    page.get_by_role("button", name="Compute perplexity").click()
+    expect(page.get_by_text("From the last run: 2 windows × 2 draws", exact=False)).to_be_visible()
+    expect(page.get_by_text("noise", exact=False).last).to_be_visible()
+    page.get_by_role("button", name="Remove wanda").click()  # one method at one sparsity
+    page.get_by_role("button", name="Remove 0.3").click()
+    page.get_by_role("button", name="Run sweep").click()
+    expect(page.get_by_text("Perplexity after pruning", exact=False)).to_be_visible()
+    expect(page.get_by_role("button", name="Download sweep (CSV)")).to_be_visible()
+    tall_shot(page, "4-compare")
+    no_streamlit_exception(page)
