@@ -61,8 +61,9 @@ if stored is not None:
         col.markdown(f"**{run.label}**  \ndivergence step: {run.divergence_step if run.divergence_step is not None else 'none'} · "
                      f"agreement {run.agreement_rate:.0%} · {run.mean_step_ms:.0f} ms/step")
         col.markdown("<div style='font-family:monospace;white-space:pre-wrap'>" + "".join(pieces) + "</div>", unsafe_allow_html=True)
-    st.plotly_chart(viz.agreement_figure({r.label: r.agreement for r in comparison.runs}, comparison.dense.trajectory.prompt_length,
-                                         tokens))
+    if comparison.variants:
+        st.plotly_chart(viz.agreement_figure({r.label: r.agreement for r in comparison.variants},
+                                             comparison.dense.trajectory.prompt_length, tokens))
     number = st.column_config.NumberColumn
     st.dataframe(comparison.table(), hide_index=True, column_config={
         "label": "model", "text": "generated text", "divergence_step": number("divergence step", format="%d"),

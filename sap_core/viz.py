@@ -125,7 +125,8 @@ def position_stability(positions: pd.DataFrame, tau: float) -> go.Figure:
     fig.update_layout(title="Per-position sink stability: variance of the sink score over the steps",
                       xaxis=dict(title="position (token index)", range=[-0.5, L - 0.5]),
                       yaxis_title="sink-score variance",
-                      yaxis2=dict(title="share of steps / factor", overlaying="y", side="right", range=[0, 1.05]),
+                      yaxis2=dict(title="share of steps / factor", overlaying="y", side="right", range=[0, 1.05],
+                                  tickvals=[0, 0.25, 0.5, 0.75, 1], showgrid=False),
                       height=380, margin=dict(l=60, r=60, t=50, b=40), legend=dict(orientation="h", y=-0.2))
     return fig
 

@@ -9,9 +9,26 @@ from conftest import needs_chromium, no_streamlit_exception
 pytestmark = needs_chromium
 
 
+def idle(page) -> None:
+    """Wait until the app's script run has ended (Streamlit's running indicator is gone)."""
+    from playwright.sync_api import expect
+
+    page.wait_for_timeout(300)
+    expect(page.locator("[data-testid='stStatusWidget']")).to_be_hidden()
+
+
+def set_number(page, label: str, value: str) -> None:
+    """Type into a number input outside a form and wait for the rerun it causes."""
+    box = page.get_by_role("spinbutton", name=label)
+    box.fill(value)
+    box.press("Tab")
+    idle(page)
+
+
 def tall_shot(page, name: str) -> None:
     """A screenshot of the whole page: Streamlit scrolls inside its own container, so the viewport is
-    stretched to the content's height for the shot and put back afterwards."""
+    stretched to the content's height for the shot and put back afterwards. Waits for the script run to end."""
+    idle(page)
     height = page.evaluate("() => document.querySelector('[data-testid=stMain]').scrollHeight")
     page.set_viewport_size({"width": 1440, "height": max(900, int(height) + 40)})
     page.wait_for_timeout(800)
@@ -62,6 +79,7 @@ def test_workflow_through_every_page(app_url, page):
     expect(page.get_by_text("Made magnitude 0.50 #1", exact=False)).to_be_visible()
     expect(page.get_by_text("Share of zero weights per block and module")).to_be_visible()
     expect(page.get_by_role("button", name="Cancel")).to_be_disabled()
+    expect(page.get_by_role("button", name="Save")).to_be_visible()
     tall_shot(page, "3-prune")
     no_streamlit_exception(page)
 
@@ -70,14 +88,14 @@ def test_workflow_through_every_page(app_url, page):
     page.get_by_role("spinbutton", name="Steps", exact=True).fill("16")
     page.get_by_role("button", name="Compare", exact=True).click()
     expect(page.get_by_text("Final tokens compared with the dense model's")).to_be_visible()
-    page.get_by_role("spinbutton", name="Windows").fill("2")
-    page.get_by_role("spinbutton", name="Windows").press("Tab")
-    page.get_by_role("spinbutton", name="Monte Carlo draws").fill("2")
-    page.get_by_role("spinbutton", name="Monte Carlo draws").press("Tab")
+    idle(page)
+    set_number(page, "Windows", "2")
+    set_number(page, "Monte Carlo draws", "2")
     page.get_by_role("button", name="Compute perplexity").click()
     expect(page.get_by_text("From the last run: 2 windows × 2 draws", exact=False)).to_be_visible()
     expect(page.get_by_text("noise", exact=False).last).to_be_visible()
-    page.get_by_role("button", name="Remove wanda").click()  # one method at one sparsity
+    idle(page)
+    page.get_by_role("button", name="Remove wanda").click()  # one method at one sparsity (inside a form: no rerun)
     page.get_by_role("button", name="Remove 0.3").click()
     page.get_by_role("button", name="Run sweep").click()
     expect(page.get_by_text("Perplexity after pruning", exact=False)).to_be_visible()
