@@ -40,6 +40,7 @@ def choose(page, label: str, option: str) -> None:
     """Pick ``option`` in the selectbox labelled ``label``."""
     page.get_by_role("combobox", name=label).click()
     page.get_by_role("option", name=option, exact=True).click()
+    idle(page)
 
 
 def test_workflow_through_every_page(app_url, page):
@@ -72,6 +73,16 @@ def test_workflow_through_every_page(app_url, page):
     no_streamlit_exception(page)
 
     page.get_by_role("link", name="Prune", exact=True).click()
+    expect(page.get_by_role("button", name="Cancel")).to_be_disabled()  # nothing runs
+    choose(page, "Method", "sparsegpt")  # a long job (128 windows of 256 tokens), cancelled at once
+    page.get_by_role("spinbutton", name="Calibration samples").fill("128")
+    page.get_by_role("spinbutton", name="Calibration length").fill("256")
+    page.get_by_role("spinbutton", name="Calibration length").press("Tab")
+    page.get_by_role("button", name="Prune", exact=True).click()
+    expect(page.get_by_text("Pruning: sparsegpt", exact=False)).to_be_visible()
+    page.get_by_role("button", name="Cancel").click()  # waits until it is enabled, i.e. the job runs
+    expect(page.get_by_text("Pruning cancelled", exact=False)).to_be_visible()
+    expect(page.get_by_text("No variants yet", exact=False)).to_be_visible()
     expect(page.get_by_role("button", name="Cancel")).to_be_disabled()
     choose(page, "Method", "magnitude")
     expect(page.get_by_text("|W|, no data")).to_be_visible()
