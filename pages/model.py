@@ -15,13 +15,13 @@ st.markdown(
     "attention than the rest) moving over the denoising steps, and prunes the model with **sink-aware pruning** "
     "([arXiv 2602.17664](https://arxiv.org/abs/2602.17664)), which discounts sinks that do not stay put. "
     "Work through the pages in order:")
-st.page_link("pages/explorer.py", label="1 · Denoising explorer: generate and watch the sinks move", icon=":material/animation:",
+st.page_link("pages/explorer.py", label="1 · Generate a text and watch its sinks move, step by step", icon=":material/animation:",
              help="Denoising explorer: one generation with the attention each position receives at every step.")
-st.page_link("pages/stability.py", label="2 · Sink stability: tune the sink rule and the variance threshold tau", icon=":material/balance:",
+st.page_link("pages/stability.py", label="2 · Tune the sink rule and the variance threshold tau", icon=":material/balance:",
              help="Sink stability: which sinks are stable and which move, re-scored from the stored generation.")
-st.page_link("pages/prune.py", label="3 · Prune: make pruned variants (the dense model is kept)", icon=":material/content_cut:",
+st.page_link("pages/prune.py", label="3 · Make pruned variants (the dense model is kept)", icon=":material/content_cut:",
              help="Prune: magnitude, Wanda, SparseGPT and their sink-aware versions; the dense model is kept.")
-st.page_link("pages/compare.py", label="4 · Compare: generations, perplexity and sweeps against the dense model", icon=":material/compare_arrows:",
+st.page_link("pages/compare.py", label="4 · Compare them with the dense model: generations, perplexity, sweeps", icon=":material/compare_arrows:",
              help="Compare: generations side by side, perplexity with paired errors, sparsity sweeps.")
 st.caption("Pick the model in the sidebar first: the built-in tiny-dlm runs on a CPU in seconds.")
 

@@ -53,7 +53,7 @@ def test_workflow_through_every_page(app_url, page):
     no_streamlit_exception(page)
 
     # the landing page's first link leads to the explorer; generate there
-    page.get_by_role("link", name="1 · Denoising explorer", exact=False).click()
+    page.get_by_role("link", name="1 · Generate a text", exact=False).click()
     page.get_by_role("spinbutton", name="Generation length").fill("16")
     page.get_by_role("spinbutton", name="Steps", exact=True).fill("16")
     page.get_by_role("button", name="Generate").click()
