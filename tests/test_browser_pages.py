@@ -113,3 +113,34 @@ def test_workflow_through_every_page(app_url, page):
     expect(page.get_by_role("button", name="Download sweep (CSV)")).to_be_visible()
     tall_shot(page, "4-compare")
     no_streamlit_exception(page)
+
+
+def test_the_first_model_load_is_announced(chromium):
+    """A fresh server has no model in memory: the first page says it is loading instead of showing
+    grey placeholders without a word, then the model page appears."""
+    from playwright.sync_api import expect
+
+    from conftest import start_app, stop_app
+
+    proc, url = start_app()
+    try:
+        context = chromium.new_context(viewport={"width": 1440, "height": 900})
+        # the built-in model loads in well under a second: record the message whenever it appears
+        context.add_init_script("""
+            window.__loading = [];
+            new MutationObserver(() => {
+                const t = document.body ? document.body.innerText : "";
+                const i = t.indexOf("Loading the model");
+                if (i >= 0) window.__loading.push(t.slice(i, i + 60));
+            }).observe(document, {childList: true, subtree: true, characterData: true});
+        """)
+        page = context.new_page()
+        page.goto(url)
+        expect(page.get_by_text("Active model: tiny-dlm", exact=False)).to_be_visible(timeout=120_000)
+        seen = page.evaluate("() => window.__loading")
+        assert seen and seen[0].startswith("Loading the model tiny-dlm into memory"), seen
+        expect(page.get_by_text("Loading the model", exact=False)).to_have_count(0)  # gone once loaded
+        no_streamlit_exception(page)
+        context.close()
+    finally:
+        stop_app(proc)
