@@ -248,3 +248,23 @@ def test_compare_page_sweep_errors():
     submit = [b for b in at.button if b.label == "Run sweep"][0]
     submit.click().run()
     assert any("at least one method" in e for e in texts(at.error))
+
+
+def test_the_compare_sweep_uses_the_sink_settings_of_the_stability_page():
+    at = generate_small(new_app())
+    at.switch_page("pages/stability.py").run()
+    {s.label: s for s in at.slider}["tau (variance threshold)"].set_value(0.1).run()
+    at.switch_page("pages/compare.py").run()
+    assert any("tau = 0.1)" in c for c in texts(at.caption))
+    ms = {m.label: m for m in at.multiselect}
+    ms["Methods"].set_value(["gated_sink_wanda"])
+    ms["Sparsities"].set_value([0.5])
+    nums = {n.label: n for n in at.number_input}
+    nums["Windows"].set_value(2)
+    nums["Monte Carlo draws"].set_value(2)
+    [b for b in at.button if b.label == "Run sweep"][0].click().run()
+    assert not at.exception and not at.error, texts(at.error)
+    sweep = at.dataframe[-1].value
+    assert list(sweep["label"])[1] == "gated_sink_wanda(tau=0.1) unstructured 0.5"
+    at.switch_page("pages/stability.py").run()  # the settings survive the visit to another page
+    assert {s.label: s for s in at.slider}["tau (variance threshold)"].value == 0.1
