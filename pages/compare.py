@@ -72,9 +72,14 @@ if stored is not None:
 
 st.subheader("Perplexity")
 defaults = eval_spec()
-st.caption(f"Masked-diffusion perplexity (Monte Carlo bound) on windows of {defaults.seqlen} tokens of the held-out text; "
-           "every model sees the same windows and masks, so differences are measured draw by draw (paired). "
-           "These settings also score the sweep below.")
+if handle.causal:
+    st.caption(f"Next-token perplexity on windows of {defaults.seqlen} tokens of the held-out text (the draws setting is not "
+               "used); the error of a difference treats the two models' errors as independent (conservative). "
+               "These settings also score the sweep below.")
+else:
+    st.caption(f"Masked-diffusion perplexity (Monte Carlo bound) on windows of {defaults.seqlen} tokens of the held-out text; "
+               "every model sees the same windows and masks, so differences are measured draw by draw (paired). "
+               "These settings also score the sweep below.")
 c = st.columns(3)
 nsamples = c[0].number_input("Windows", 1, 512, defaults.nsamples, help=f"Windows of {defaults.seqlen} tokens of the held-out text.")
 draws = c[1].number_input("Monte Carlo draws", 2, 64, defaults.draws, help="Masking draws per window (masked-diffusion bound).")

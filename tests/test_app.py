@@ -268,3 +268,19 @@ def test_the_compare_sweep_uses_the_sink_settings_of_the_stability_page():
     assert list(sweep["label"])[1] == "gated_sink_wanda(tau=0.1) unstructured 0.5"
     at.switch_page("pages/stability.py").run()  # the settings survive the visit to another page
     assert {s.label: s for s in at.slider}["tau (variance threshold)"].value == 0.1
+
+
+def test_compare_page_perplexity_on_the_causal_twin():
+    import math
+
+    at = new_app()
+    at.switch_page("pages/compare.py")
+    at.session_state["model_kind"] = "Built-in AR twin (tiny-ar)"
+    at.run()
+    assert any(c.startswith("Next-token perplexity") for c in texts(at.caption))
+    {n.label: n for n in at.number_input}["Windows"].set_value(2)
+    [b for b in at.button if b.label == "Compute perplexity"][0].click().run()
+    assert not at.exception and not at.error, texts(at.error)
+    table = at.dataframe[0].value
+    assert list(table["model"]) == ["dense"] and math.isfinite(table["ppl"].iloc[0]) and table["ppl"].iloc[0] > 1
+    assert any("Only the dense model" in m for m in texts(at.markdown))
