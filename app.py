@@ -9,14 +9,15 @@ import os
 import streamlit as st
 import torch
 
-from app_common import MODEL_KINDS, cached_model, model_choice
+from app_common import MODEL_KINDS, cached_model, is_cached, model_choice
 from sap_core.errors import SapError
 
-st.set_page_config(page_title="SinkScope", page_icon="🕳️", layout="wide")
+st.set_page_config(page_title="SinkScope", page_icon=":material/blur_on:", layout="wide")
 # One CPU thread by default: the built-in models are small, and on a shared machine torch's threads
 # spin against other work (a 64-step generation measured 1.0 s with 1 thread, 18.9 s with 2 under load).
 torch.set_num_threads(int(os.environ.get("SINKSCOPE_THREADS", "1")))
 
+loading = st.empty()  # the first load takes seconds: say so in the main area instead of grey skeletons
 with st.sidebar:
     st.title("SinkScope")
     kind = st.radio("Model", MODEL_KINDS, key="model_kind",
@@ -29,17 +30,21 @@ with st.sidebar:
     st.selectbox("Device", devices, key="device", help="auto: CUDA when a GPU is available, else the CPU.")
     st.selectbox("Precision", ["auto", "float32", "bfloat16", "float16"], key="dtype",
                  help="auto: bfloat16 on a GPU, float32 on the CPU.")
+    if not is_cached(*model_choice()):
+        loading.info(f"Loading the model **{model_choice()[0]}** into memory… the page appears when it is ready "
+                     "(a few seconds for the built-in models, minutes for an 8B checkpoint).", icon=":material/hourglass_top:")
     try:
         handle = cached_model(*model_choice())
         st.success(f"Loaded **{handle.name}** on {handle.device}")
     except SapError as exc:
         st.error(str(exc))
+    loading.empty()
 
 pages = [
-    st.Page("pages/model.py", title="Model", icon="🧠", default=True),
-    st.Page("pages/explorer.py", title="Denoising explorer", icon="🔍"),
-    st.Page("pages/stability.py", title="Sink stability", icon="⚖️"),
-    st.Page("pages/prune.py", title="Prune", icon="✂️"),
-    st.Page("pages/compare.py", title="Compare", icon="🆚"),
+    st.Page("pages/model.py", title="Model", icon=":material/memory:", default=True),
+    st.Page("pages/explorer.py", title="Denoising explorer", icon=":material/animation:"),
+    st.Page("pages/stability.py", title="Sink stability", icon=":material/balance:"),
+    st.Page("pages/prune.py", title="Prune", icon=":material/content_cut:"),
+    st.Page("pages/compare.py", title="Compare", icon=":material/compare_arrows:"),
 ]
 st.navigation(pages).run()

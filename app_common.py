@@ -29,10 +29,20 @@ def ar_model() -> str:
     return os.environ.get("SINKSCOPE_AR_MODEL", "tiny-ar")
 
 
-@st.cache_resource(show_spinner="Loading model…", max_entries=4)
+_LOADED: set[tuple[str, str, str]] = set()  # (source, device, dtype) loaded by this server process
+
+
+@st.cache_resource(show_spinner=False, max_entries=4)
 def cached_model(source: str, device: str, dtype: str) -> ModelHandle:
     """One loaded model per (source, device, dtype), shared by every browser session."""
-    return load_model(source, device=device, dtype=dtype)
+    handle = load_model(source, device=device, dtype=dtype)
+    _LOADED.add((source, device, dtype))
+    return handle
+
+
+def is_cached(source: str, device: str, dtype: str) -> bool:
+    """Whether :func:`cached_model` has loaded this model before (so the app need not announce a wait)."""
+    return (source, device, dtype) in _LOADED
 
 
 MODEL_KINDS = ("Built-in DLM (tiny-dlm)", "Built-in AR twin (tiny-ar)", "Local directory")
@@ -63,8 +73,9 @@ def active_model() -> ModelHandle:
 
 
 def sink_spec() -> SinkSpec:
-    """The sink settings chosen on the Sink stability page (shared with the Prune page)."""
-    return st.session_state.get("sink_spec", SinkSpec(tau=0.05))
+    """The app's one source of sink settings: those chosen on the Sink stability page, else the core
+    default ``SinkSpec()`` (the official rule, tau = 0). The explorer, Prune and Compare's sweep use it."""
+    return st.session_state.get("sink_spec", SinkSpec())
 
 
 def progress_callback(bar, label: str):
@@ -118,3 +129,46 @@ def report_for(trajectory, spec: SinkSpec):
 def token_texts(handle: ModelHandle, ids) -> list[str]:
     """Readable text of each token id (whitespace made visible)."""
     return [handle.decode([int(i)]).replace("\n", "⏎").replace(" ", "␣") for i in ids]
+
+
+def method_settings(variant):
+    """The settings a pruned variant's method actually uses, labelled for people (one-column DataFrame):
+    no calibration for magnitude, the noising and sink rule only for the noised methods, tau only for the
+    gated ones, SparseGPT's block size and dampening only for the SparseGPT family."""
+    import pandas as pd
+
+    from sap_core.pruning.spec import GATED, NEEDS_NOISE, SINK_SPARSEGPT_FAMILY
+
+    spec, cal, sink = variant.spec, variant.spec.calibration, variant.spec.sink
+    rows = {"method": spec.method, "pattern": spec.pattern}
+    if spec.nm is None:
+        rows["target sparsity"] = f"{spec.sparsity:.2f}"
+    rows["achieved sparsity (pruned layers)"] = f"{variant.sparsity:.3f}"
+    if spec.needs_calibration:
+        rows["calibration"] = f"{cal.nsamples} windows × {cal.seqlen} tokens, seed {cal.seed}"
+    if spec.method in NEEDS_NOISE:
+        rows["noised timesteps"] = f"t = {cal.interval}, {2 * cal.interval}, …, {cal.T} of T = {cal.T} (mask probability t/T)"
+        rows["sink rule"] = (f"official: k = {sink.k:g}, alpha = {sink.alpha:g}" if sink.rule == "official"
+                             else f"leave_one_out: ε = {sink.epsilon:g}")
+    if spec.method in GATED:
+        rows["variance threshold tau"] = f"{sink.tau:g}"
+    if spec.method == "sparsegpt" or spec.method in SINK_SPARSEGPT_FAMILY:
+        rows["SparseGPT block size / dampening"] = f"{spec.blocksize} columns / {spec.percdamp:g}"
+    rows["time"] = f"{variant.seconds:.1f} s"
+    return pd.DataFrame({"value": list(rows.values())}, index=list(rows))
+
+
+def eval_spec(**changes):
+    """The app's perplexity settings: the sweep's :class:`~sap_core.sweep.EvalSpec` defaults with
+    ``changes`` (windows, draws) applied. The Compare page's perplexity table and its sweep both use it."""
+    from dataclasses import replace
+
+    from sap_core.sweep import EvalSpec
+
+    return replace(EvalSpec(), **changes)
+
+
+def stored_caption(entry: dict, failed: bool) -> None:
+    """Say which run a stored result came from; after a failed run, say that it is the earlier one."""
+    prefix = "From an earlier run (the last run failed): " if failed else "From the last run: "
+    st.caption(prefix + entry["about"], help="Stored in this browser session until a new run succeeds.")

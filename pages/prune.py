@@ -1,7 +1,7 @@
 """Prune: make pruned variants of the dense model (which stays unchanged) and keep them in this session."""
 import streamlit as st
 
-from app_common import active_model, job, model_choice, progress_callback, sink_spec
+from app_common import active_model, job, method_settings, model_choice, progress_callback, sink_spec
 from sap_core import viz
 from sap_core.pruning import METHODS, CalibrationSpec, PruneSpec, prune
 
@@ -10,24 +10,32 @@ handle = active_model()
 variants = st.session_state.setdefault("variants", [])
 
 spec_sink = sink_spec()
-st.caption(f"Sink settings from the Sink stability page: rule **{spec_sink.rule}**, k = {spec_sink.k:g}, "
-           f"alpha = {spec_sink.alpha:g}, tau = {spec_sink.tau:g} (used by the sink-aware and gated methods).")
+st.caption(f"Sink settings from the Sink stability page (defaults until you change them there): rule **{spec_sink.rule}**, "
+           f"k = {spec_sink.k:g}, alpha = {spec_sink.alpha:g}, tau = {spec_sink.tau:g} (used by the sink-aware and gated methods).")
+names = list(METHODS)
+method = st.selectbox("Method", names, index=names.index("sink_wanda"), help="Changing it shows what the method does below.")
+st.markdown(f":material/info: **{method}**: {METHODS[method]}")
 with st.form("prune"):
     c = st.columns(3)
-    method = c[0].selectbox("Method", list(METHODS), index=list(METHODS).index("sink_wanda") if "sink_wanda" in METHODS else 0,
-                            help="; ".join(f"{k}: {v}" for k, v in METHODS.items()) if isinstance(METHODS, dict) else None)
-    pattern = c[1].selectbox("Pattern", ["unstructured", "2:4", "4:8"], help="N:M keeps N of every M consecutive weights of a row (fixes the sparsity at 1 − N/M).")
-    sparsity = c[2].slider("Sparsity", 0.0, 0.95, 0.5, 0.05, help="Share of each row's weights set to zero (unstructured).")
+    pattern = c[0].selectbox("Pattern", ["unstructured", "2:4", "4:8"], help="N:M keeps N of every M consecutive weights of a row (fixes the sparsity at 1 − N/M).")
+    sparsity = c[1].slider("Sparsity", 0.0, 0.95, 0.5, 0.05, help="Share of each row's weights set to zero (unstructured only).")
     c = st.columns(3)
-    nsamples = c[0].number_input("Calibration samples", 1, 1024, 16, help="Windows of the calibration text (assets/text/calibration.txt).")
+    nsamples = c[0].number_input("Calibration samples", 1, 1024, 16, help="Windows of the calibration text (assets/text/calibration.txt); not used by magnitude.")
     seqlen = c[1].number_input("Calibration length", 8, 4096, 128, help="Tokens per window.")
     seed = c[2].number_input("Calibration seed", 0, 2**31 - 1, 0)
     submitted = st.form_submit_button("Prune", type="primary")
 
-cancel = st.button("Cancel", help="Stops a running pruning job; the dense model is never touched.")
-if cancel:
-    st.warning("Pruning cancelled.")
+
+def cancelled() -> None:
+    st.session_state["prune_cancelled"] = True
+
+
+cancel_slot = st.empty()  # Cancel is enabled only while a job runs (clicking it stops that run)
+if st.session_state.pop("prune_cancelled", False):
+    st.warning("Pruning cancelled; no variant was made and the dense model is unchanged.")
 if submitted:
+    cancel_slot.button("Cancel", key="cancel_running", on_click=cancelled, icon=":material/stop_circle:",
+                       help="Stops the running pruning job; the dense model is never touched.")
     spec = PruneSpec(method, float(sparsity), pattern, sink=spec_sink,
                      calibration=CalibrationSpec(nsamples=int(nsamples), seqlen=int(seqlen), seed=int(seed)))
     bar = st.progress(0.0, text="Pruning…")
@@ -37,14 +45,19 @@ if submitted:
         variants.append({"name": name, "variant": variant, "model": model_choice()})
         st.success(f"Made **{name}** in {variant.seconds:.1f} s (sparsity {variant.sparsity:.3f}).")
     bar.empty()
+    cancel_slot.button("Cancel", key="cancel_done", disabled=True, icon=":material/stop_circle:", help="Nothing is running.")
+else:
+    cancel_slot.button("Cancel", key="cancel_idle", disabled=True, icon=":material/stop_circle:", help="Nothing is running.")
 
 mine = [v for v in variants if v["model"] == model_choice()]
 if not mine:
     st.info("No variants yet in this session. Choose a method and press **Prune**.")
+else:
+    st.subheader(f"Variants of {handle.name} made in this session ({len(mine)})")
 for entry in mine:
     variant = entry["variant"]
     with st.expander(f"{entry['name']} · sparsity {variant.sparsity:.3f} · {variant.seconds:.1f} s", expanded=entry is mine[-1]):
-        st.json(variant.summary(), expanded=False)
+        st.table(method_settings(variant))
         st.plotly_chart(viz.sparsity_heatmap(variant.layer_sparsity), key=f"sp_{entry['name']}")
         c1, c2 = st.columns([3, 1])
         target = c1.text_input("Save to directory", f"runs/{entry['name'].replace(' ', '_').replace('#', '')}", key=f"dir_{entry['name']}")

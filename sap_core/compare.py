@@ -232,3 +232,79 @@ def compare_generations(
             divergence_step=divergence_step(dense, traj), agreement=position_agreement(dense, traj),
             step_agreement=step_agreement(dense, traj)))
     return Comparison(prompt=prompt if isinstance(prompt, str) else handle.decode(prompt_ids), spec=spec, runs=runs)
+
+
+# --- perplexity of the dense model and its variants, with paired errors --------------------------
+
+PERPLEXITY_COLUMNS = ["model", "ppl", "ppl_se", "nll", "nll_se", "delta_ppl", "delta_nll", "se_delta", "paired", "z"]
+
+
+def perplexity_table(
+    handle: ModelHandle,
+    variants: Union[Mapping[str, Variant], Sequence[Variant]],
+    spec: Any = None,
+    *,
+    progress: Optional[Progress] = None,
+) -> pd.DataFrame:
+    """Perplexity of the dense ``handle`` (first row, ``model="dense"``) and of every variant, all on
+    the same windows and masking draws (:func:`sap_core.sweep.perplexity` with one
+    :class:`~sap_core.sweep.EvalSpec`, default ``EvalSpec()``: the sweep's settings).
+
+    Per variant: ``delta_ppl = ppl - ppl_dense``, ``delta_nll`` (nats/token) and ``se_delta``, the
+    standard error of ``delta_nll``: paired draw by draw (:func:`sap_core.sweep.paired_se`,
+    ``paired=True``) when the per-draw estimates are known (masked-diffusion perplexity), else
+    ``sqrt(nll_se² + nll_se_dense²)`` (``paired=False``, conservative). ``z = delta_nll / se_delta``.
+    ``progress`` counts evaluation batches across all models, the message naming the model.
+    """
+    from sap_core.sweep import EvalSpec, paired_se, perplexity
+
+    spec = EvalSpec() if spec is None else spec
+    spec.validate()
+    items = list(variants.items()) if isinstance(variants, Mapping) else [(_label_of(v, i), v) for i, v in enumerate(variants)]
+    labels = [DENSE] + [label for label, _ in items]
+    if len(set(labels)) != len(labels):
+        raise SapError(f"Model labels must be unique (got {labels}); pass a mapping label -> variant.")
+
+    def sub_progress(i: int, label: str) -> Progress:
+        def inner(done: int, total: int, message: str) -> None:
+            report(progress, i * total + done, len(labels) * total, f"{label} ({i + 1}/{len(labels)}): {message}")
+        return inner
+
+    rows, dense = [], None
+    for i, label in enumerate(labels):
+        if i == 0:
+            model, ctx = handle, handle.lock
+        else:
+            model, ctx = _context(handle, items[i - 1][1])
+        with ctx:
+            res = perplexity(model, spec, progress=sub_progress(i, label))
+        row = dict(model=label, ppl=res.ppl, ppl_se=res.ppl_se, nll=res.nll, nll_se=res.nll_se)
+        if dense is None:
+            dense = res
+            row.update(delta_ppl=0.0, delta_nll=0.0, se_delta=float("nan"), paired=False, z=float("nan"))
+        else:
+            paired = res.estimates is not None and dense.estimates is not None and res.estimates.shape == dense.estimates.shape
+            se = paired_se(res.estimates, dense.estimates) if paired else float(np.hypot(res.nll_se, dense.nll_se))
+            d = res.nll - dense.nll
+            row.update(delta_ppl=res.ppl - dense.ppl, delta_nll=d, se_delta=se, paired=paired,
+                       z=d / se if se > 0 else float("nan"))
+        rows.append(row)
+    return pd.DataFrame(rows, columns=PERPLEXITY_COLUMNS)
+
+
+def noise_verdict(table: pd.DataFrame, threshold: float = 2.0) -> str:
+    """One plain sentence on a :func:`perplexity_table`: which variants differ from the dense model by
+    more than ``threshold`` standard errors of the difference, and which are within noise."""
+    rest = table[table["model"] != DENSE]
+    if rest.empty:
+        return "Only the dense model was scored; pick variants to compare."
+    beyond = rest[rest["z"].abs() >= threshold]
+    within = rest[~(rest["z"].abs() >= threshold)]
+    if beyond.empty:
+        return (f"Every difference from the dense model is within noise (less than {threshold:g} standard errors); "
+                "score more windows or draws to tell them apart.")
+    worse = [f"{r.model} ({r.z:+.1f} SE)" for r in beyond.itertuples()]
+    text = "Beyond noise: " + ", ".join(worse) + " (positive: worse than dense)."
+    if not within.empty:
+        text += " Within noise: " + ", ".join(within["model"]) + "."
+    return text

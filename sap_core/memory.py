@@ -19,6 +19,39 @@ class MemoryEstimate:
     def as_dict(self) -> dict[str, int]:
         return dict(self.__dict__)
 
+    @property
+    def generation_total(self) -> int:
+        """A generation with capture: weights + record + one forward's activations and capture peak."""
+        return self.weights + self.capture_record + self.capture_peak + self.activations
+
+    @property
+    def pruning_total(self) -> int:
+        """A pruning run: weights + the variant's new weights + one block's calibration."""
+        return self.weights + self.pruning_copy + self.pruning_calibration
+
+
+def available(device) -> tuple[int, str]:
+    """Free memory on ``device`` in bytes and what it is: free CUDA memory on a GPU
+    (``torch.cuda.mem_get_info``), else the host's available RAM (``MemAvailable`` in /proc/meminfo,
+    or free pages where there is no /proc)."""
+    import os
+
+    import torch
+
+    device = torch.device(device)
+    if device.type == "cuda" and torch.cuda.is_available():
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free), f"free CUDA memory on {device}"
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024, "available RAM"
+    except OSError:
+        pass
+    return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")), "free RAM"
+
+
 
 def estimate(handle, seq_len: int, steps: int, chunk_size: int = 128, calib_tokens: int = 16 * 128) -> MemoryEstimate:
     """Estimate memory for a generation of ``seq_len`` positions over ``steps`` steps with capture,

@@ -89,30 +89,45 @@ def attention_map_figure(attention: np.ndarray, step: int, layer: int, head: int
     return fig
 
 
-def instability_bars(layers_frame: pd.DataFrame, title: str = "Sink-position instability per layer") -> go.Figure:
+def instability_bars(layers_frame: pd.DataFrame, title: str = "How far the sinks move: variance of their position over the steps") -> go.Figure:
     """Variance over steps of the dominant position and of the sink centroid, per layer (``-1`` = all)."""
-    x = ["all" if l == -1 else str(l) for l in layers_frame["layer"]]
-    fig = go.Figure([go.Bar(x=x, y=layers_frame["dominant_var"], name="Var(d_t)"),
-                     go.Bar(x=x, y=layers_frame["centroid_var"], name="Var(c_t)")])
-    fig.update_layout(title=title, xaxis_title="layer", yaxis_title="variance over steps (tokens²)", barmode="group",
-                      height=320, margin=dict(l=50, r=10, t=40, b=40))
+    x = ["all layers" if l == -1 else f"layer {l}" for l in layers_frame["layer"]]
+    fig = go.Figure([go.Bar(x=x, y=layers_frame["dominant_var"], name="strongest position (dominant sink)",
+                            hovertemplate="%{x}: variance %{y:.2f} tokens²<extra>dominant sink</extra>"),
+                     go.Bar(x=x, y=layers_frame["centroid_var"], name="mass-weighted centre of the sinks",
+                            hovertemplate="%{x}: variance %{y:.2f} tokens²<extra>sink centre</extra>")])
+    fig.update_layout(title=title, xaxis_title="layer", yaxis_title="variance over the steps (tokens²)", barmode="group",
+                      height=340, margin=dict(l=60, r=10, t=50, b=40), legend=dict(orientation="h", y=1.12, x=0))
     return fig
 
 
 def position_stability(positions: pd.DataFrame, tau: float) -> go.Figure:
-    """Per-position sink-score variance (bars coloured by label), sink frequency and the pruner's weights."""
-    fig = go.Figure()
-    for label, color in LABEL_COLORS.items():
-        part = positions[positions["label"] == label]
-        fig.add_trace(go.Bar(x=part["position"], y=part["variance"], name=f"{label} (variance)", marker_color=color))
-    fig.add_trace(go.Scatter(x=positions["position"], y=positions["frequency"], name="sink frequency f_j", yaxis="y2",
-                             mode="lines", line=dict(color="black", dash="dot")))
-    fig.add_trace(go.Scatter(x=positions["position"], y=positions["weight"], name="down-weight w_j", yaxis="y2",
-                             mode="lines", line=dict(color="green")))
+    """Per-position sink-score variance (one bar per position, coloured by its label), sink frequency
+    and the pruner's down-weighting factor, on a fixed x range ``[-0.5, L - 0.5]``. A ``token_text``
+    column, when present, names each position's token in the hover."""
+    pos = positions["position"].to_numpy()
+    L = int(pos.max()) + 1 if len(pos) else 1
+    text = positions["token_text"].astype(str).to_numpy() if "token_text" in positions else pos.astype(str)
+    labels = positions["label"].astype(str).to_numpy()
+    custom = np.stack([text, labels, positions["frequency"].to_numpy(float), positions["weight"].to_numpy(float)], axis=1)
+    fig = go.Figure(go.Bar(x=pos, y=positions["variance"], width=0.8, showlegend=False, customdata=custom,
+                           marker_color=[LABEL_COLORS.get(l, "#bdbdbd") for l in labels],
+                           hovertemplate="position %{x} '%{customdata[0]}': %{customdata[1]}<br>score variance %{y:.4f}"
+                                         "<br>sink at %{customdata[2]:.0%} of steps · weight %{customdata[3]:.2f}<extra></extra>"))
+    for label, color in LABEL_COLORS.items():  # legend entries for the bar colours
+        fig.add_trace(go.Scatter(x=[None], y=[None], mode="markers", name=label,
+                                 marker=dict(size=11, color=color, symbol="square")))
+    fig.add_trace(go.Scatter(x=pos, y=positions["frequency"], name="share of steps as a sink", yaxis="y2",
+                             mode="lines", line=dict(color="black", dash="dot"), hoverinfo="skip"))
+    fig.add_trace(go.Scatter(x=pos, y=positions["weight"], name="pruner's down-weighting factor", yaxis="y2",
+                             mode="lines", line=dict(color="green"), hoverinfo="skip"))
     fig.add_hline(y=tau, line_dash="dash", line_color="red", annotation_text=f"tau = {tau:g}")
-    fig.update_layout(title="Per-position sink stability", xaxis_title="position", yaxis_title="sink-score variance v_j",
-                      yaxis2=dict(title="frequency / weight", overlaying="y", side="right", range=[0, 1.05]),
-                      height=360, margin=dict(l=50, r=50, t=40, b=40), legend=dict(orientation="h", y=-0.2), barmode="overlay")
+    fig.update_layout(title="Per-position sink stability: variance of the sink score over the steps",
+                      xaxis=dict(title="position (token index)", range=[-0.5, L - 0.5]),
+                      yaxis_title="sink-score variance",
+                      yaxis2=dict(title="share of steps / factor", overlaying="y", side="right", range=[0, 1.05],
+                                  tickvals=[0, 0.25, 0.5, 0.75, 1], showgrid=False),
+                      height=380, margin=dict(l=60, r=60, t=50, b=40), legend=dict(orientation="h", y=-0.2))
     return fig
 
 
@@ -125,22 +140,49 @@ def comparison_bars(frame: pd.DataFrame, labels: Sequence[str], metric: str = "d
     return fig
 
 
-def sparsity_heatmap(layer_sparsity: pd.DataFrame, title: str = "Sparsity per block and module") -> go.Figure:
-    """Block × module share of zero weights."""
-    table = layer_sparsity.pivot_table(index="block", columns="module", values="sparsity")
-    fig = go.Figure(go.Heatmap(z=table.values, x=list(table.columns), y=[str(b) for b in table.index], zmin=0, zmax=1,
-                               colorscale="Blues", colorbar=dict(title="sparsity"), texttemplate="%{z:.2f}"))
-    fig.update_layout(title=title, xaxis_title="module", yaxis_title="block", height=300, margin=dict(l=50, r=10, t=40, b=40))
+def sparsity_heatmap(layer_sparsity: pd.DataFrame, title: str = "Share of zero weights per block and module") -> go.Figure:
+    """Block × module share of zero weights; modules in the order the forward pass runs them (the
+    frame's own order, :func:`sap_core.pruning.target_linears`), every block labelled."""
+    order = list(dict.fromkeys(layer_sparsity["module"]))
+    table = layer_sparsity.pivot_table(index="block", columns="module", values="sparsity").reindex(columns=order)
+    blocks = [f"block {b}" for b in table.index]
+    fig = go.Figure(go.Heatmap(z=table.values, x=order, y=blocks, zmin=0, zmax=1, colorscale="Blues",
+                               colorbar=dict(title="sparsity"), texttemplate="%{z:.2f}",
+                               hovertemplate="%{y}, %{x}: %{z:.3f} of the weights are zero<extra></extra>"))
+    fig.update_layout(title=title, xaxis=dict(title="module (forward order)", type="category"),
+                      yaxis=dict(title="transformer block", type="category", autorange="reversed", tickmode="array",
+                                 tickvals=blocks, ticktext=blocks),
+                      height=max(260, 60 + 28 * len(blocks)), margin=dict(l=80, r=10, t=50, b=50))
     return fig
 
 
-def agreement_figure(table: dict[str, np.ndarray], prompt_length: int) -> go.Figure:
-    """Per-position agreement of each run with the dense output (1 = same token)."""
+AGREEMENT_SCALE = [[0.0, "#ef5350"], [0.5, "#ef5350"], [0.5, "#c8e6c9"], [1.0, "#c8e6c9"]]  # differs, same
+
+
+def agreement_figure(table: dict[str, np.ndarray], prompt_length: int, tokens: Optional[dict[str, Sequence[str]]] = None,
+                     dense: str = "dense") -> go.Figure:
+    """Variants × generated positions strip: green where the variant's final token equals the dense
+    model's, red where it differs. ``tokens`` maps each label (and ``dense``) to its token texts,
+    shown in the hover."""
+    labels = list(table)
+    z = np.array([np.asarray(table[l], float) for l in labels]) if labels else np.zeros((0, 0))
+    n = z.shape[1] if z.size else 0
+    x = np.arange(n) + prompt_length
     fig = go.Figure()
-    for label, agree in table.items():
-        fig.add_trace(go.Scatter(x=np.arange(len(agree)) + prompt_length, y=np.asarray(agree, float), mode="lines+markers", name=label))
-    fig.update_layout(title="Agreement with the dense output", xaxis_title="position", yaxis_title="same token as dense (1 = yes)",
-                      height=300, margin=dict(l=50, r=10, t=40, b=40))
+    if n:
+        theirs = [list((tokens or {}).get(l, [""] * n)) for l in labels]
+        ref = list((tokens or {}).get(dense, [""] * n))
+        custom = np.array([[[t, r] for t, r in zip(row, ref)] for row in theirs], dtype=object)
+        fig.add_trace(go.Heatmap(z=z, x=x, y=labels, zmin=0, zmax=1, colorscale=AGREEMENT_SCALE, showscale=False,
+                                 xgap=1, ygap=2, customdata=custom,
+                                 hovertemplate="%{y}, position %{x}: '%{customdata[0]}' (dense: '%{customdata[1]}')<extra></extra>"))
+    for name, color in (("same token as dense", AGREEMENT_SCALE[-1][1]), ("different token", AGREEMENT_SCALE[0][1])):
+        fig.add_trace(go.Scatter(x=[None], y=[None], mode="markers", name=name, marker=dict(size=11, color=color, symbol="square")))
+    fig.update_layout(title="Final tokens compared with the dense model's, per generated position",
+                      xaxis=dict(title="position (token index)", range=[prompt_length - 0.5, prompt_length + n - 0.5]),
+                      yaxis=dict(title="variant", type="category", autorange="reversed"),
+                      height=max(200, 120 + 36 * len(labels)), margin=dict(l=60, r=10, t=50, b=40),
+                      legend=dict(orientation="h", y=1.02, x=1, xanchor="right", yanchor="bottom"), plot_bgcolor="white")
     return fig
 
 

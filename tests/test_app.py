@@ -4,7 +4,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import torch
 from streamlit.testing.v1 import AppTest
 
 APP = str(Path(__file__).resolve().parents[1] / "app.py")
@@ -90,24 +89,87 @@ def test_stability_page_rescores_without_the_model():
     generate_small(at)
     at.switch_page("pages/stability.py").run()
     assert not at.exception and not at.error
-    before = at.metric[1].value
-    at.slider[3].set_value(0.0).run()  # tau = 0: every sink counts as unstable
-    assert int(at.metric[2].value) == 0  # no stable sink at tau = 0
-    assert len(at.get("download_button")) >= 2 and before is not None
+    assert any("ROMEO" in i and "16 tokens in 16 steps" in i for i in texts(at.info))  # which generation is re-scored
+    assert any("Independent of the sliders" in c for c in texts(at.caption))
+    assert [m.label for m in at.metric][0] == "Dominant-sink position variance"
+    sliders = {s.label: s for s in at.slider}
+    assert sliders["ε (leave-one-out margin)"].disabled and not sliders["k (std multiples)"].disabled
+    positions = at.dataframe[0].value
+    assert "token_text" in positions.columns and positions["token_text"].iloc[0] != ""
+    sliders["tau (variance threshold)"].set_value(0.25).run()  # above every score variance: no sink is unstable
+    assert int(at.metric[1].value) == 0 and at.session_state["sink_spec"].tau == 0.25
+    {s.label: s for s in at.slider}["tau (variance threshold)"].set_value(0.0).run()  # tau = 0: every sink is unstable
+    assert int(at.metric[2].value) == 0 and int(at.metric[1].value) > 0
+    assert at.session_state["sink_spec"].tau == 0.0
+    at.selectbox[0].set_value("leave_one_out").run()
+    sliders = {s.label: s for s in at.slider}
+    assert not sliders["ε (leave-one-out margin)"].disabled and sliders["alpha (sharpness)"].disabled
+    assert at.session_state["sink_spec"].rule == "leave_one_out" and not at.exception
+    bars = at.get("plotly_chart")[1].proto.spec
+    assert '"range":[-0.5,' in bars.replace(" ", "")  # the per-position figure's fixed x range
+    assert len(at.get("download_button")) >= 2
+
+
+def test_sink_settings_default_to_the_core_default_before_the_stability_page():
+    from sap_core.sinks import SinkSpec
+
+    at = new_app()
+    at.switch_page("pages/compare.py").run()
+    assert "sink_spec" not in at.session_state
+    tau = SinkSpec().tau
+    assert any(f"tau = {tau:g})" in c for c in texts(at.caption))
+
+
+def test_landing_page_links_every_step_and_checks_memory(tmp_path):
+    at = new_app()
+    links = at.get("page_link")
+    assert [l.proto.page for l in links] == ["explorer", "stability", "prune", "compare"]
+    assert any("fits in the available RAM" in c for c in texts(at.caption))
+    at.number_input[0].set_value(1024).run()  # past the built-in model's 512 positions
+    assert any("maximum sequence length (512)" in w for w in texts(at.warning))
+    totals = at.table[1].value
+    assert "total: a generation with capture" in totals.index
+
+
+def test_model_page_shows_the_pruning_record_of_a_saved_variant(tmp_path):
+    from app_common import cached_model
+    from sap_core.pruning import PruneSpec, prune
+
+    handle = cached_model("tiny-dlm", "auto", "auto")
+    prune(handle, PruneSpec("magnitude", 0.3)).save(tmp_path / "pruned", handle)
+    at = new_app()
+    at.session_state["model_kind"] = "Local directory"
+    at.session_state["model_path"] = str(tmp_path / "pruned")
+    at.run()
+    assert not at.exception and not at.error
+    assert "Pruning record" in texts(at.subheader)
+    assert any("**magnitude**" in m and "achieved sparsity 0.3" in m for m in texts(at.markdown))
 
 
 def test_prune_page_makes_a_variant_and_leaves_the_dense_model_alone():
     at = new_app()
     fingerprint = dense_fingerprint()
     at.switch_page("pages/prune.py").run()
-    at.selectbox[0].set_value("wanda")
+    cancel = [b for b in at.button if b.label == "Cancel"][0]
+    assert cancel.disabled  # nothing runs
+    at.selectbox[0].set_value("wanda").run()
+    assert any("**wanda**" in m and "Wanda" in m for m in texts(at.markdown))  # the method's description
     nums = {n.label: n for n in at.number_input}
     nums["Calibration samples"].set_value(2)
     nums["Calibration length"].set_value(32)
     at.button[0].click().run()
     assert not at.exception and not at.error, texts(at.error)
     assert any("sparsity 0.500" in s for s in texts(at.success))
+    settings = at.table[0].value
+    assert settings.loc["calibration", "value"] == "2 windows × 32 tokens, seed 0"
+    assert "sink rule" not in settings.index and "variance threshold tau" not in settings.index  # wanda uses neither
+    assert len(at.get("plotly_chart")) == 1
     assert dense_fingerprint() == fingerprint
+    assert [b for b in at.button if b.label == "Cancel"][0].disabled
+    at.selectbox[0].set_value("magnitude").run()
+    at.button[0].click().run()
+    settings = at.table[-1].value
+    assert "calibration" not in settings.index and settings.loc["method", "value"] == "magnitude"
     other = new_app()  # another browser session sees none of this session's variants
     other.switch_page("pages/prune.py").run()
     assert any("No variants yet" in i for i in texts(other.info))
@@ -123,7 +185,7 @@ def test_prune_page_reports_bad_calibration():
     assert at.error and not at.exception
 
 
-def test_compare_page_side_by_side_and_sweep_errors():
+def test_compare_page_side_by_side_perplexity_and_a_one_point_sweep():
     at = new_app()
     at.switch_page("pages/prune.py").run()
     at.selectbox[0].set_value("magnitude")
@@ -135,7 +197,90 @@ def test_compare_page_side_by_side_and_sweep_errors():
     at.button[0].click().run()  # Compare
     assert not at.exception and not at.error, texts(at.error)
     assert any("divergence step" in m for m in texts(at.markdown))
-    at.multiselect[1].set_value([])  # sweep with no method
+    assert any("Divergence step" in c for c in texts(at.caption))
+    strip = at.get("plotly_chart")[0].proto.spec
+    assert "Final tokens compared" in strip and '"type":"heatmap"' in strip.replace(" ", "")
+    assert any(c.startswith("From the last run: the prompt 'ROMEO.") for c in texts(at.caption))
+
+    nums = {n.label: n for n in at.number_input}
+    nums["Windows"].set_value(2)
+    nums["Monte Carlo draws"].set_value(2)
+    [b for b in at.button if b.label == "Compute perplexity"][0].click().run()
+    assert not at.exception and not at.error, texts(at.error)
+    table = at.dataframe[1].value
+    assert list(table["model"]) == ["dense", "magnitude 0.50 #1"]
+    assert table["paired"].iloc[1] and table["se_delta"].iloc[1] > 0 and table["delta_ppl"].iloc[0] == 0
+    assert any("noise" in m for m in texts(at.markdown))
+
+    ms = {m.label: m for m in at.multiselect}
+    ms["Methods"].set_value(["magnitude"])
+    ms["Sparsities"].set_value([0.5])
+    [b for b in at.button if b.label == "Run sweep"][0].click().run()
+    assert not at.exception and not at.error, texts(at.error)
+    figure = at.get("plotly_chart")[-1].proto.spec
+    assert "Perplexity after pruning" in figure
+    sweep = at.dataframe[-1].value
+    assert list(sweep["method"]) == ["dense", "magnitude"] and sweep["sparsity"].iloc[1] == 0.5
+    assert sweep["ppl"].iloc[0] == pytest.approx(table["ppl"].iloc[0])  # the same evaluation settings as the table
+    assert len(at.get("download_button")) == 1
+
+
+def test_compare_page_labels_the_earlier_result_after_a_failed_run():
+    at = new_app()
+    at.switch_page("pages/compare.py").run()
+    nums = {n.label: n for n in at.number_input}
+    nums["Generation length"].set_value(16)
+    nums["Steps"].set_value(16)
+    at.button[0].click().run()
+    nums = {n.label: n for n in at.number_input}
+    nums["Generation length"].set_value(600)  # past the built-in model's 512 positions
+    at.button[0].click().run()
+    assert at.error and not at.exception
+    assert any(c.startswith("From an earlier run (the last run failed): the prompt") and "16 steps" in c
+               for c in texts(at.caption))
+
+
+def test_compare_page_sweep_errors():
+    at = new_app()
+    at.switch_page("pages/compare.py").run()
+    ms = {m.label: m for m in at.multiselect}
+    ms["Methods"].set_value([])  # sweep with no method
     submit = [b for b in at.button if b.label == "Run sweep"][0]
     submit.click().run()
     assert any("at least one method" in e for e in texts(at.error))
+
+
+def test_the_compare_sweep_uses_the_sink_settings_of_the_stability_page():
+    at = generate_small(new_app())
+    at.switch_page("pages/stability.py").run()
+    {s.label: s for s in at.slider}["tau (variance threshold)"].set_value(0.1).run()
+    at.switch_page("pages/compare.py").run()
+    assert any("tau = 0.1)" in c for c in texts(at.caption))
+    ms = {m.label: m for m in at.multiselect}
+    ms["Methods"].set_value(["gated_sink_wanda"])
+    ms["Sparsities"].set_value([0.5])
+    nums = {n.label: n for n in at.number_input}
+    nums["Windows"].set_value(2)
+    nums["Monte Carlo draws"].set_value(2)
+    [b for b in at.button if b.label == "Run sweep"][0].click().run()
+    assert not at.exception and not at.error, texts(at.error)
+    sweep = at.dataframe[-1].value
+    assert list(sweep["label"])[1] == "gated_sink_wanda(tau=0.1) unstructured 0.5"
+    at.switch_page("pages/stability.py").run()  # the settings survive the visit to another page
+    assert {s.label: s for s in at.slider}["tau (variance threshold)"].value == 0.1
+
+
+def test_compare_page_perplexity_on_the_causal_twin():
+    import math
+
+    at = new_app()
+    at.switch_page("pages/compare.py")
+    at.session_state["model_kind"] = "Built-in AR twin (tiny-ar)"
+    at.run()
+    assert any(c.startswith("Next-token perplexity") for c in texts(at.caption))
+    {n.label: n for n in at.number_input}["Windows"].set_value(2)
+    [b for b in at.button if b.label == "Compute perplexity"][0].click().run()
+    assert not at.exception and not at.error, texts(at.error)
+    table = at.dataframe[0].value
+    assert list(table["model"]) == ["dense"] and math.isfinite(table["ppl"].iloc[0]) and table["ppl"].iloc[0] > 1
+    assert any("Only the dense model" in m for m in texts(at.markdown))
