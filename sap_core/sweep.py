@@ -127,6 +127,11 @@ class SweepSpec:
         except (TypeError, ValueError):
             raise SweepSpecError(f"sink_taus must be numbers such as 0,0.01,0.05 (got {self.sink_taus!r}).") from None
         object.__setattr__(self, "sink_taus", taus)
+        bad_taus = [t for t in taus if not (math.isfinite(t) and t >= 0)]
+        if bad_taus:
+            raise SweepSpecError(f"sink_taus must be finite and >= 0 (got {bad_taus}); 0 is the official, ungated rule.")
+        if len(set(taus)) != len(taus):
+            raise SweepSpecError(f"sink_taus lists a tau twice ({list(taus)}); list each once.")
 
     @property
     def settings(self) -> list[MethodSetting]:
@@ -187,11 +192,6 @@ class SweepSpec:
             raise SweepSpecError(f"Method labels must be unique (got {names}).")
         from sap_core.pruning.spec import GATED
 
-        bad_taus = [t for t in self.sink_taus if not (math.isfinite(t) and t >= 0)]
-        if bad_taus:
-            raise SweepSpecError(f"sink_taus must be finite and >= 0 (got {bad_taus}); 0 is the official, ungated rule.")
-        if len(set(self.sink_taus)) != len(self.sink_taus):
-            raise SweepSpecError(f"sink_taus lists a tau twice ({list(self.sink_taus)}); list each once.")
         if self.sink_taus and not any(str(m) in GATED for m in self.methods if not isinstance(m, MethodSetting)):
             raise SweepSpecError("sink_taus applies to the gated methods only: add gated_sink_wanda or "
                                  "gated_sink_sparsegpt to the methods, or drop the taus.")

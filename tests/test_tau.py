@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import numpy as np
 import pandas as pd
@@ -65,3 +66,145 @@ def test_cache_computes_the_noised_pass_once_and_matches_a_plain_prune(tiny_dlm)
     ref = prune(tiny_dlm, PruneSpec("sink_sparsegpt", 0.5, calibration=CALIB))
     assert sg.passes == ref.passes - n_passes
     np.testing.assert_array_equal(sg.token_weights, ref.token_weights)
+
+
+# --- the gate on the calibration windows ------------------------------------------------------------
+
+SINK = SinkSpec(k=1.0)  # the random 2-layer test model has few k=2 sinks per layer; k=1 gives dozens
+
+@pytest.fixture(scope="module")
+def gate(tiny_dlm):
+    calls = []
+    data = __import__("sap_core.tau", fromlist=["calibration_gate"]).calibration_gate(
+        tiny_dlm, CALIB, SINK, progress=lambda d, t, m: calls.append((d, t)))
+    return data, calls
+
+
+def test_calibration_gate_is_what_the_pruner_gates(tiny_dlm, gate):
+    data, calls = gate
+    N, L = CALIB.nsamples, CALIB.seqlen
+    assert data.variance.shape == data.frequency.shape == data.ids.shape == (N, L)
+    assert calls[-1][0] == calls[-1][1] == N * len(CALIB.timesteps)
+    for tau in (0.0, 0.002, 0.02):
+        v = prune(tiny_dlm, PruneSpec("gated_sink_wanda", 0.5, sink=replace(SINK, tau=tau), calibration=CALIB))
+        np.testing.assert_allclose(data.variance, v.calibration.variance, rtol=1e-6, atol=1e-9)
+        np.testing.assert_array_equal(data.gate(tau), v.calibration.gate)
+        np.testing.assert_array_equal(data.ids, v.calibration.ids)
+    assert data.is_sink.any() and (~data.is_sink).any()
+    assert data.sink_variance.size == int(data.is_sink.sum())
+
+
+def test_layer_shares_and_top_tokens_follow_tau(tiny_dlm, gate):
+    data, _ = gate
+    v = np.sort(data.sink_variance)
+    mid = float(np.median(v[v > 0]))
+    full, part, none = data.layer_shares(0.0), data.layer_shares(mid), data.layer_shares(float(v.max()) + 1)
+    assert list(full["layer"]) == list(range(tiny_dlm.n_layers)) and (full["occurrences"] > 0).any()
+    assert np.allclose(full["occurrence_share"].dropna(), 1.0) and np.allclose(full["mass_share"].dropna(), 1.0)
+    assert (none["gated"] == 0).all()
+    assert (part["gated"] <= full["gated"]).all() and 0 < part["gated"].sum() < full["gated"].sum()
+    g = data.gate(mid)
+    i = int(np.argmax(full["occurrences"].to_numpy()))
+    assert part["gated"].iloc[i] == np.where(g, data.layer_occurrences[i], 0).sum()
+    assert data.gated_share(0.0) == 1.0 and 0 < data.gated_share(mid) < 1
+    top = data.top_tokens(mid, tiny_dlm.decode, n=5)
+    assert 0 < len(top) <= 5 and list(top["gated"]) == sorted(top["gated"], reverse=True)
+    t = top.iloc[0]
+    assert t["text"] == tiny_dlm.decode([int(t["token"])])
+    assert t["gated"] == int(((data.ids == t["token"]) & g & data.is_sink).sum()) and t["gated"] <= t["sinks"]
+    with pytest.raises(SapError, match="tau must be"):
+        data.gate(-1)
+
+
+def test_calibration_gate_refuses_impossible_settings_before_any_pass(tiny_dlm):
+    from sap_core.tau import calibration_gate
+
+    calls = []
+    with pytest.raises(SapError, match="out of range"):
+        calibration_gate(tiny_dlm, CALIB, SinkSpec(layers=(7,)), progress=lambda *a: calls.append(a))
+    with pytest.raises(SapError, match="seqlen"):
+        calibration_gate(tiny_dlm, replace(CALIB, seqlen=1), progress=lambda *a: calls.append(a))
+    assert calls == []
+
+
+def test_variance_figure_marks_tau_and_both_distributions(gate):
+    from sap_core.viz import tau_layer_figure, tau_variance_figure
+
+    data, _ = gate
+    traj = data.sink_variance[:5]
+    fig = tau_variance_figure(data.sink_variance, 0.01, traj)
+    assert len(fig.data) == 2 and len(fig.data[0].x) == data.sink_variance.size
+    assert f"{(data.sink_variance >= 0.01).mean():.0%} gated" in fig.data[0].name
+    assert fig.layout.shapes[0].x0 == 0.01 and "variance" in fig.layout.xaxis.title.text
+    bars = tau_layer_figure(data.layer_shares(0.01), 0.01)
+    np.testing.assert_allclose(np.asarray(bars.data[0].y, float), data.layer_shares(0.01)["occurrence_share"])
+
+
+# --- tau sweeps --------------------------------------------------------------------------------------
+
+def test_tau_table_and_best_tau(both_ways):
+    from sap_core.sweep import paired_se
+    from sap_core.tau import best_taus, tau_table
+    from sap_core.viz import tau_sweep_figure
+
+    _, df, _ = both_ways
+    table = tau_table(df, 0.6, "unstructured")
+    gated = table[(table["kind"] == "gated") & (table["method"] == "gated_sink_wanda")]
+    assert gated["tau"].tolist() == [0.0, 0.001, 0.05]
+    assert gated.iloc[0]["delta_nll"] == 0 and gated.iloc[0]["se_paired"] == 0
+    r = df[(df["method"] == "gated_sink_wanda(tau=0.05)") & (df["sparsity"] == 0.6) & (df["pattern"] == "unstructured")].iloc[0]
+    z = df[(df["method"] == "gated_sink_wanda(tau=0)") & (df["sparsity"] == 0.6) & (df["pattern"] == "unstructured")].iloc[0]
+    row = gated.iloc[2]
+    assert row["delta_nll"] == pytest.approx(r["nll"] - z["nll"])
+    assert row["se_paired"] == pytest.approx(paired_se(df.attrs["estimates"][r["label"]], df.attrs["estimates"][z["label"]]))
+    assert set(table[table["kind"] == "reference"]["method"]) == {"wanda", "noised_wanda"}
+    assert set(table[table["kind"] == "gated"]["method"]) == {"gated_sink_wanda", "gated_sink_sparsegpt"}
+    best = best_taus(table, df)
+    b = best[best["method"] == "gated_sink_wanda"].iloc[0]
+    assert b["ppl"] == gated["ppl"].min() and b["tau"] == gated.loc[gated["ppl"].idxmin(), "tau"]
+    w = df[(df["method"] == "wanda") & (df["sparsity"] == 0.6) & (df["pattern"] == "unstructured")].iloc[0]
+    assert b["delta_wanda"] == pytest.approx(gated["nll"].min() - w["nll"]) and b["se_wanda"] > 0
+    assert len(tau_table(df, 0.5, "2:4")) == 8  # 2 gated methods x 3 taus + 2 references
+    fig = tau_sweep_figure(table, best)
+    names = [t.name for t in fig.data]
+    assert "gated_sink_wanda" in names and any(n.startswith("wanda ") for n in names)
+    assert any(n.startswith("best gated_sink_wanda: tau") for n in names)
+    line = next(t for t in fig.data if t.name == "gated_sink_wanda")
+    np.testing.assert_allclose(line.y, gated["ppl"])
+    np.testing.assert_allclose(line.error_y.array, gated["ppl"] * gated["se_paired"])
+
+
+def test_sink_taus_spec_and_errors():
+    from sap_core.sweep import SweepSpecError
+
+    spec = SweepSpec(methods=("wanda", "gated_sink_wanda"), sparsities=(0.5,), sink=SinkSpec(k=3.0), sink_taus=[0, "0.05"])
+    names = [m.name for m in spec.settings]
+    assert names == ["wanda", "gated_sink_wanda(tau=0)", "gated_sink_wanda(tau=0.05)"]
+    assert spec.settings[2].sink == SinkSpec(k=3.0, tau=0.05)
+    assert [spec.tau_of(m) for m in spec.settings][1:] == [0.0, 0.05] and math.isnan(spec.tau_of(spec.settings[0]))
+    for kwargs, match in ((dict(sink_taus=(-0.1,)), "finite and >= 0"), (dict(sink_taus=(0.1, 0.1)), "twice"),
+                          (dict(sink_taus=(float("nan"),)), "finite"), (dict(methods=("wanda",), sink_taus=(0.1,)), "gated methods only")):
+        with pytest.raises(SweepSpecError, match=match):
+            SweepSpec(**{**dict(methods=("gated_sink_wanda",), sparsities=(0.5,)), **kwargs}).validate()
+    with pytest.raises(SweepSpecError, match="numbers"):
+        SweepSpec(methods=("gated_sink_wanda",), sparsities=(0.5,), sink_taus=("x",))
+
+
+def test_cli_sweep_takes_sink_taus(tmp_path, tiny_dlm_dir):
+    import subprocess
+    import sys
+
+    text = tmp_path / "t.txt"
+    text.write_text(" ".join(TEXT * 10))
+    out = tmp_path / "taus.csv"
+    cmd = [sys.executable, "-m", "sap_core", "sweep", "--model", str(tiny_dlm_dir), "--device", "cpu", "--quiet",
+           "--methods", "noised_wanda,gated_sink_wanda", "--sink-taus", "0,0.01", "--sparsities", "0.5",
+           "--calib-text", str(text), "--calib-nsamples", "2", "--calib-seqlen", "24", "--text", str(text),
+           "--seqlen", "24", "--nsamples", "2", "--draws", "2", "--out", str(out)]
+    r = subprocess.run(cmd, capture_output=True, text=True, env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr
+    df = pd.read_csv(out)
+    assert list(df["method"]) == ["dense", "noised_wanda", "gated_sink_wanda(tau=0)", "gated_sink_wanda(tau=0.01)"]
+    assert df["tau"].tolist()[2:] == [0.0, 0.01]
+    bad = subprocess.run(cmd[:-2] + ["--sink-taus", "0,x", "--out", str(out)], capture_output=True, text=True)
+    assert bad.returncode != 0 and "comma-separated numbers" in bad.stderr
