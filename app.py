@@ -40,6 +40,7 @@ pages = [
     st.Page("pages/explorer.py", title="Denoising explorer", icon="🔍"),
     st.Page("pages/stability.py", title="Sink stability", icon="⚖️"),
     st.Page("pages/prune.py", title="Prune", icon="✂️"),
+    st.Page("pages/tau.py", title="Pick tau", icon=":material/tune:"),
     st.Page("pages/compare.py", title="Compare", icon="🆚"),
 ]
 st.navigation(pages).run()

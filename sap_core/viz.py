@@ -235,7 +235,8 @@ def tau_variance_figure(calibration: np.ndarray, tau: float, trajectory: Optiona
                   annotation_position="top right")
     if not fig.data:
         fig.add_annotation(text="no sink positions", showarrow=False, x=0.5, y=0.5, xref="paper", yref="paper")
-    fig.update_layout(title="Sink-score variance over the noised timesteps (ECDF; right of tau: down-weighted)",
+    fig.update_xaxes(rangemode="tozero")
+    fig.update_layout(title="Sink-score variance v_j over the noised timesteps",
                       xaxis_title="variance v_j of the sink score s_t(j)", yaxis_title="share of sink positions with v_j ≤ x",
                       yaxis=dict(range=[0, 1.02], tickformat=".0%"), legend=dict(orientation="h", y=-0.25),
                       height=420, margin=dict(t=60, b=10))

@@ -208,3 +208,76 @@ def test_cli_sweep_takes_sink_taus(tmp_path, tiny_dlm_dir):
     assert df["tau"].tolist()[2:] == [0.0, 0.01]
     bad = subprocess.run(cmd[:-2] + ["--sink-taus", "0,x", "--out", str(out)], capture_output=True, text=True)
     assert bad.returncode != 0 and "comma-separated numbers" in bad.stderr
+
+
+# --- the page ---------------------------------------------------------------------------------------
+
+def test_pick_tau_page_computes_the_gate_redraws_and_runs_a_tau_sweep():
+    from pathlib import Path
+
+    from streamlit.testing.v1 import AppTest
+
+    at = AppTest.from_file(str(Path(__file__).resolve().parents[1] / "app.py"), default_timeout=600)
+    at.run()
+    at.switch_page("pages/tau.py").run()
+    assert not at.exception and any("Compute the gate" in i.value for i in at.info)
+    form = {n.label: n for n in at.number_input}
+    form["Calibration samples"].set_value(2)
+    form["Calibration length"].set_value(32)
+    next(b for b in at.button if b.label == "Compute the gate's inputs").click().run()
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    gate = at.session_state["tau_gate"][1]
+    assert gate.ids.shape == (2, 32)
+    metrics = {m.label: m.value for m in at.metric}
+    assert metrics["Sink positions in the calibration windows"] == str(int(gate.is_sink.sum()))
+    assert metrics["Gated at this tau"] == f"{gate.gated_share(at.slider(key='tau_pick').value):.0%}"
+    top = at.dataframe[0].value
+    assert list(top.columns) == ["token", "text", "gated", "sinks", "gated_share"]
+    # Moving tau re-scores the stored variances: same GateData object, no new pass.
+    at.slider(key="tau_pick").set_value(0.0).run()
+    assert at.session_state["tau_gate"][1] is gate
+    assert {m.label: m.value for m in at.metric}["Gated at this tau"] == "100%"
+    next(b for b in at.button if b.label.startswith("Use tau = 0")).click().run()
+    assert at.session_state["sink_spec"].tau == 0.0
+    # Which tau?
+    wf = {n.label: n for n in at.number_input}
+    wf["Evaluation windows"].set_value(1)
+    at.text_input[0].set_value("0.001, 0.05")
+    next(b for b in at.button if b.label == "Run the tau sweep").click().run()
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    _, df, sp, pat = at.session_state["tau_sweep"]
+    assert list(df["method"]) == ["wanda", "noised_wanda", "gated_sink_wanda(tau=0)", "gated_sink_wanda(tau=0.001)",
+                                  "gated_sink_wanda(tau=0.05)"]
+    best = [m.value for m in at.markdown if "best tau" in m.value]
+    assert len(best) == 1 and "paired SE" in best[0] and "against wanda" in best[0]
+    at.text_input[0].set_value("0, x")
+    next(b for b in at.button if b.label == "Run the tau sweep").click().run()
+    assert any("comma-separated numbers" in e.value for e in at.error)
+
+
+def test_pick_tau_in_a_browser(app_url, page):
+    from playwright.sync_api import expect
+
+    from conftest import CHROMIUM, no_streamlit_exception
+
+    if not __import__("pathlib").Path(CHROMIUM).exists():
+        pytest.skip("no Chromium")
+    page.goto(app_url)
+    page.get_by_role("link", name="Denoising explorer").click()
+    page.get_by_role("spinbutton", name="Generation length").fill("32")
+    page.get_by_role("spinbutton", name="Steps", exact=True).fill("32")
+    page.get_by_role("button", name="Generate").click()
+    expect(page.get_by_text("32 steps in", exact=False)).to_be_visible()
+    page.get_by_role("link", name="Pick tau").click()
+    page.get_by_role("spinbutton", name="Calibration samples").fill("4")
+    page.get_by_role("button", name="Compute the gate's inputs").click()
+    expect(page.get_by_text("Tokens most often gated")).to_be_visible()
+    expect(page.get_by_text("current generation:", exact=False)).to_be_visible()
+    page.wait_for_timeout(1500)
+    page.shot("1-gate")
+    page.get_by_role("spinbutton", name="Evaluation windows").fill("1")
+    page.get_by_role("button", name="Run the tau sweep").click()
+    expect(page.get_by_text("best tau =", exact=False)).to_be_visible()
+    page.wait_for_timeout(1500)
+    page.shot("2-which-tau")
+    no_streamlit_exception(page)
