@@ -110,7 +110,11 @@ class MethodSetting:
 
 @dataclass(frozen=True)
 class SweepSpec:
-    """The grid: every method × pattern × sparsity, plus the dense reference."""
+    """The grid: every method × pattern × sparsity, plus the dense reference.
+
+    ``sink_taus``: a tau sweep; each gated method named by its bare name runs once per tau (the sweep's
+    ``sink`` with that tau, labelled ``gated_sink_wanda(tau=0.05)``); :mod:`sap_core.tau` reads the result.
+    """
 
     methods: tuple[Union[str, MethodSetting], ...]
     sparsities: tuple[float, ...]
