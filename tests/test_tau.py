@@ -278,6 +278,7 @@ def test_pick_tau_in_a_browser(app_url, page):
     page.get_by_role("spinbutton", name="Evaluation windows").fill("1")
     page.get_by_role("button", name="Run the tau sweep").click()
     expect(page.get_by_text("best tau =", exact=False)).to_be_visible()
+    page.get_by_text("best tau =", exact=False).scroll_into_view_if_needed()
     page.wait_for_timeout(1500)
     page.shot("2-which-tau")
     no_streamlit_exception(page)
