@@ -45,6 +45,7 @@ pages = [
     st.Page("pages/explorer.py", title="Denoising explorer", icon=":material/animation:"),
     st.Page("pages/stability.py", title="Sink stability", icon=":material/balance:"),
     st.Page("pages/prune.py", title="Prune", icon=":material/content_cut:"),
+    st.Page("pages/tau.py", title="Pick tau", icon=":material/tune:"),
     st.Page("pages/compare.py", title="Compare", icon=":material/compare_arrows:"),
 ]
 st.navigation(pages).run()

@@ -322,6 +322,9 @@ def build_parser() -> Parser:
     p.add_argument("--sparsities", type=_floats, default=[0.3, 0.5, 0.7], help="comma-separated sparsities (default 0.3,0.5,0.7)")
     p.add_argument("--patterns", type=_names, default=["unstructured"], help="comma-separated patterns (default unstructured)")
     _add_sink(p)
+    p.add_argument("--sink-taus", type=_floats, default=(), metavar="LIST",
+                   help="comma-separated taus, e.g. 0,0.01,0.02,0.05,0.1: one row per tau for each gated_* method "
+                        "(default: --sink-tau alone)")
     _add_calibration(p)
     _add_eval(p)
     p.add_argument("--out", default="sweep.csv", metavar="CSV", help="CSV to write (default sweep.csv)")
@@ -492,7 +495,8 @@ def cmd_sweep(args) -> int:
     from sap_core.sweep import SweepSpec, run_sweep, save_sweep
 
     spec = SweepSpec(methods=tuple(args.methods), sparsities=tuple(args.sparsities), patterns=tuple(args.patterns),
-                     sink=_sink_spec(args), calibration=_calibration_spec(args), eval=_eval_spec(args))
+                     sink=_sink_spec(args), calibration=_calibration_spec(args), eval=_eval_spec(args),
+                     sink_taus=tuple(args.sink_taus))
     spec.validate()
     if args.plot:
         _check_plot_path(args.plot)

@@ -12,7 +12,16 @@ shared dense model is restored after every job, also on cancellation) and return
 * ``prune_seconds``: wall time of the pruning call (calibration included);
 * ``nll``, ``nll_se``: mean negative log-likelihood per token (nats) and its standard error;
 * ``actual_sparsity``: the fraction of zeros in the pruned linear layers as reported by the variant;
-* ``eval_seconds``: wall time of the perplexity evaluation.
+* ``eval_seconds``: wall time of the perplexity evaluation;
+* ``tau``: the variance gate of a gated method's row (NaN for the other methods).
+
+Calibration is reused across the jobs (:class:`sap_core.pruning.scores.CalibrationCache`): the noised
+Wanda family's statistics are computed once per (calibration, sink layers and heads), for sink_wanda,
+noised_wanda and gated_sink_wanda at every tau in the same forward passes, and the sink SparseGPT
+family's attention mass once; the masks are then cut per sparsity and pattern. Block-sequential
+statistics still run per job. ``prune_seconds`` is what each job cost: the job that computed the shared
+statistics carries their cost, later jobs only their own work. ``run_sweep(..., reuse_calibration=False)``
+recalibrates every job from scratch (same rows; ``bench/sweep_cost.py`` compares the two).
 
 The dense model is the first row (``method="dense"``, ``sparsity=0``, ``pattern="dense"``) unless
 ``include_dense=False``. Every evaluation uses the same :class:`EvalSpec` and seed, so all rows are
@@ -40,7 +49,7 @@ from sap_core.models import ModelHandle
 from sap_core.progress import Progress, report
 
 COLUMNS = ["method", "sparsity", "pattern", "ppl", "ppl_se", "prune_seconds", "nll", "nll_se",
-           "actual_sparsity", "eval_seconds", "label"]
+           "actual_sparsity", "eval_seconds", "label", "tau"]
 DENSE = "dense"
 
 
@@ -101,7 +110,11 @@ class MethodSetting:
 
 @dataclass(frozen=True)
 class SweepSpec:
-    """The grid: every method × pattern × sparsity, plus the dense reference."""
+    """The grid: every method × pattern × sparsity, plus the dense reference.
+
+    ``sink_taus``: a tau sweep; each gated method named by its bare name runs once per tau (the sweep's
+    ``sink`` with that tau, labelled ``gated_sink_wanda(tau=0.05)``); :mod:`sap_core.tau` reads the result.
+    """
 
     methods: tuple[Union[str, MethodSetting], ...]
     sparsities: tuple[float, ...]
@@ -110,6 +123,19 @@ class SweepSpec:
     calibration: Any = None  # CalibrationSpec; None: the pruning default
     eval: EvalSpec = field(default_factory=EvalSpec)
     include_dense: bool = True
+    sink_taus: tuple[float, ...] = ()  # taus for the gated methods (one row each); (): the sink spec's tau
+
+    def __post_init__(self) -> None:
+        try:
+            taus = tuple(float(t) for t in self.sink_taus)
+        except (TypeError, ValueError):
+            raise SweepSpecError(f"sink_taus must be numbers such as 0,0.01,0.05 (got {self.sink_taus!r}).") from None
+        object.__setattr__(self, "sink_taus", taus)
+        bad_taus = [t for t in taus if not (math.isfinite(t) and t >= 0)]
+        if bad_taus:
+            raise SweepSpecError(f"sink_taus must be finite and >= 0 (got {bad_taus}); 0 is the official, ungated rule.")
+        if len(set(taus)) != len(taus):
+            raise SweepSpecError(f"sink_taus lists a tau twice ({list(taus)}); list each once.")
 
     @property
     def settings(self) -> list[MethodSetting]:
@@ -119,10 +145,27 @@ class SweepSpec:
 
         out = []
         for m in self.methods:
-            if not isinstance(m, MethodSetting):
-                m = MethodSetting(str(m), sink=self.sink if str(m) in GATED else None)
-            out.append(m)
+            if isinstance(m, MethodSetting):
+                out.append(m)
+            elif str(m) in GATED and self.sink_taus:
+                out.extend(MethodSetting(str(m), sink=replace(self._sink, tau=t)) for t in self.sink_taus)
+            else:
+                out.append(MethodSetting(str(m), sink=self.sink if str(m) in GATED else None))
         return out
+
+    @property
+    def _sink(self):
+        from sap_core.sinks import SinkSpec
+
+        return self.sink if self.sink is not None else SinkSpec()
+
+    def tau_of(self, setting: MethodSetting) -> float:
+        """The variance gate a gated setting prunes with (NaN for a method without a gate)."""
+        from sap_core.pruning.spec import GATED
+
+        if setting.method not in GATED:
+            return math.nan
+        return float((setting.sink if setting.sink is not None else self._sink).tau)
 
     @property
     def jobs(self) -> list[tuple[MethodSetting, str, float]]:
@@ -151,6 +194,11 @@ class SweepSpec:
         names = [m.name for m in self.settings]
         if len(set(names)) != len(names):
             raise SweepSpecError(f"Method labels must be unique (got {names}).")
+        from sap_core.pruning.spec import GATED
+
+        if self.sink_taus and not any(str(m) in GATED for m in self.methods if not isinstance(m, MethodSetting)):
+            raise SweepSpecError("sink_taus applies to the gated methods only: add gated_sink_wanda or "
+                                 "gated_sink_sparsegpt to the methods, or drop the taus.")
         bad = [s for s in self.sparsities if not 0.0 < float(s) < 1.0]
         if bad:
             raise SweepSpecError(f"Sparsities must lie strictly between 0 and 1 (got {bad}).")
@@ -273,14 +321,17 @@ def run_sweep(
     progress: Optional[Progress] = None,
     *,
     on_row: Optional[Callable[[dict], None]] = None,
+    reuse_calibration: bool = True,
 ) -> pd.DataFrame:
     """Prune and score every job of ``spec``; one DataFrame row per job (see the module docstring).
 
     ``progress(done, total, message)`` runs across the whole sweep (``total`` is fixed up front: 100
     units per pruning call and per evaluation). Raising :class:`~sap_core.errors.Cancelled` from it
     stops the sweep with the dense weights restored. ``on_row`` is called with each finished row.
+    ``reuse_calibration=False`` recalibrates every job (see the module docstring).
     """
     from sap_core.pruning import prune
+    from sap_core.pruning.scores import CalibrationCache
 
     spec.validate()
     jobs = spec.jobs
@@ -289,6 +340,10 @@ def run_sweep(
     for ps in prune_specs:
         if hasattr(ps, "validate"):
             ps.validate()
+    cache = CalibrationCache() if reuse_calibration else None
+    if cache is not None:
+        for ps in prune_specs:
+            cache.plan(handle, ps)
     unit = 100
     total = unit * (2 * len(jobs) + (1 if spec.include_dense else 0))
     offset = 0
@@ -315,12 +370,13 @@ def run_sweep(
             ev = perplexity(handle, spec.eval, sub("dense: evaluate", offset))
         offset += unit
         add(dict(method=DENSE, sparsity=0.0, pattern=DENSE, ppl=ev.ppl, ppl_se=ev.ppl_se, prune_seconds=0.0,
-                 nll=ev.nll, nll_se=ev.nll_se, actual_sparsity=0.0, eval_seconds=ev.seconds, label=DENSE), ev)
+                 nll=ev.nll, nll_se=ev.nll_se, actual_sparsity=0.0, eval_seconds=ev.seconds, label=DENSE,
+                 tau=math.nan), ev)
         report(progress, offset, total, "dense done")
     for (setting, pattern, sparsity), prune_spec in zip(jobs, prune_specs):
         name = f"{setting.name} {pattern} {sparsity:g}"
         t0 = time.perf_counter()
-        variant = prune(handle, prune_spec, progress=sub(f"{name}: prune", offset))
+        variant = prune(handle, prune_spec, progress=sub(f"{name}: prune", offset), cache=cache)
         prune_seconds = float(getattr(variant, "seconds", None) or (time.perf_counter() - t0))
         offset += unit
         with variant.applied(handle):
@@ -328,7 +384,8 @@ def run_sweep(
         offset += unit
         add(dict(method=setting.name, sparsity=sparsity, pattern=pattern, ppl=ev.ppl, ppl_se=ev.ppl_se,
                  prune_seconds=prune_seconds, nll=ev.nll, nll_se=ev.nll_se,
-                 actual_sparsity=_actual_sparsity(variant), eval_seconds=ev.seconds, label=name), ev)
+                 actual_sparsity=_actual_sparsity(variant), eval_seconds=ev.seconds, label=name,
+                 tau=spec.tau_of(setting)), ev)
         report(progress, offset, total, f"{name} done")
     df = _frame(rows)
     df.attrs["estimates"] = estimates
@@ -337,7 +394,7 @@ def run_sweep(
 
 def _frame(rows: Sequence[dict]) -> pd.DataFrame:
     df = pd.DataFrame(list(rows), columns=COLUMNS)
-    for col in ("sparsity", "ppl", "ppl_se", "prune_seconds", "nll", "nll_se", "actual_sparsity", "eval_seconds"):
+    for col in ("sparsity", "ppl", "ppl_se", "prune_seconds", "nll", "nll_se", "actual_sparsity", "eval_seconds", "tau"):
         df[col] = df[col].astype(float)
     for col in ("method", "pattern", "label"):
         df[col] = df[col].astype(str)

@@ -252,3 +252,94 @@ def sweep_figure(df: pd.DataFrame) -> go.Figure:
         legend=dict(title="method (pattern)"), template="plotly_white", hovermode="closest",
     )
     return fig
+
+
+# --- picking tau (sap_core.tau) -------------------------------------------------------------------
+
+def tau_variance_figure(calibration: np.ndarray, tau: float, trajectory: Optional[np.ndarray] = None) -> go.Figure:
+    """ECDF of the sink-score variance ``v_j`` of the sink positions of the calibration windows
+    (:attr:`sap_core.tau.GateData.sink_variance`) and, when given, of the current generation's
+    trajectory (:func:`sap_core.tau.trajectory_sink_variance`), with a vertical line at ``tau``: the
+    gate down-weights the positions to the right of it (all of them at tau = 0)."""
+    fig = go.Figure()
+    for name, values, color in (("calibration windows (what the pruner gates)", calibration, "#1f77b4"),
+                                ("current generation", trajectory, "#d62728")):
+        if values is None:
+            continue
+        v = np.sort(np.asarray(values, float))
+        if v.size == 0:
+            continue
+        gated = float((v >= tau).mean()) if tau > 0 else 1.0
+        fig.add_trace(go.Scatter(x=v, y=np.arange(1, v.size + 1) / v.size, mode="lines", line=dict(color=color, shape="hv"),
+                                 name=f"{name}: {v.size} sink positions, {gated:.0%} gated",
+                                 hovertemplate="v_j ≤ %{x:.4f}: %{y:.0%} of sink positions<extra></extra>"))
+    fig.add_vline(x=tau, line=dict(color="black", dash="dash"), annotation_text=f"tau = {tau:g}",
+                  annotation_position="top right")
+    if not fig.data:
+        fig.add_annotation(text="no sink positions", showarrow=False, x=0.5, y=0.5, xref="paper", yref="paper")
+    fig.update_xaxes(rangemode="tozero")
+    fig.update_layout(title="Sink-score variance v_j over the noised timesteps",
+                      xaxis_title="variance v_j of the sink score s_t(j)", yaxis_title="share of sink positions with v_j ≤ x",
+                      yaxis=dict(range=[0, 1.02], tickformat=".0%"), legend=dict(orientation="h", y=-0.25),
+                      height=420, margin=dict(t=60, b=10))
+    return fig
+
+
+def tau_layer_figure(shares: pd.DataFrame, tau: float) -> go.Figure:
+    """Per layer, the share of its sink occurrences, and of the mass they receive, that the gate
+    down-weights at ``tau`` (:meth:`sap_core.tau.GateData.layer_shares`)."""
+    layers = [f"layer {int(l)}" for l in shares["layer"]]
+    fig = go.Figure([
+        go.Bar(x=layers, y=shares["occurrence_share"], name="sink occurrences", marker_color="#1f77b4",
+               customdata=np.stack([shares["gated"], shares["occurrences"]], axis=1),
+               hovertemplate="%{x}: %{y:.1%} (%{customdata[0]} of %{customdata[1]})<extra>occurrences</extra>"),
+        go.Bar(x=layers, y=shares["mass_share"], name="sink mass", marker_color="#ff7f0e",
+               hovertemplate="%{x}: %{y:.1%}<extra>mass</extra>"),
+    ])
+    fig.update_layout(title=f"Share of each layer's sinks gated at tau = {tau:g}", barmode="group",
+                      yaxis=dict(title="share gated", range=[0, 1.05], tickformat=".0%"), xaxis_title="layer",
+                      legend=dict(orientation="h", y=-0.2), height=380, margin=dict(t=60, b=10))
+    return fig
+
+
+def tau_sweep_figure(table: pd.DataFrame, best: Optional[pd.DataFrame] = None) -> go.Figure:
+    """Perplexity against tau at one sparsity and pattern (:func:`sap_core.tau.tau_table`): one line per
+    gated method, error bars ±1 paired standard error of the difference from the same method at
+    tau = 0 (``ppl · se_paired``, to first order); ``wanda`` and ``noised_wanda`` as horizontal dashed
+    lines; the best tau of each method (:func:`sap_core.tau.best_taus`) starred."""
+    fig = go.Figure()
+    gated = table[table["kind"] == "gated"]
+    palette = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd"]
+    taus = sorted(set(gated["tau"].astype(float)))
+    labels = [f"{t:g}" for t in taus]
+    for i, (method, part) in enumerate(gated.groupby("method", sort=True)):
+        part = part.sort_values("tau")
+        err = (part["ppl"] * part["se_paired"]).to_numpy(float)
+        fig.add_trace(go.Scatter(
+            x=[f"{t:g}" for t in part["tau"]], y=part["ppl"], mode="lines+markers", name=method,
+            line=dict(color=palette[i % len(palette)]),
+            error_y=dict(type="data", array=np.nan_to_num(err), visible=True, thickness=1.2, width=5),
+            customdata=np.stack([part["delta_nll"].to_numpy(float), part["se_paired"].to_numpy(float)], axis=1),
+            hovertemplate=f"{method}<br>tau %{{x}}<br>ppl %{{y:.2f}}<br>Δnll vs tau 0: %{{customdata[0]:+.4f}} "
+                          f"± %{{customdata[1]:.4f}}<extra></extra>"))
+        if best is not None and method in set(best["method"]):
+            b = best[best["method"] == method].iloc[0]
+            text = f"best {method}: tau {b['tau']:g}"
+            if np.isfinite(b["se_paired"]):
+                text += f", Δnll {b['delta_nll']:+.4f} ± {b['se_paired']:.4f}"
+            fig.add_trace(go.Scatter(x=[f"{b['tau']:g}"], y=[b["ppl"]], mode="markers", name=text,
+                                     marker=dict(symbol="star", size=16, color=palette[i % len(palette)],
+                                                 line=dict(color="black", width=1)), hoverinfo="name"))
+    refs = table[table["kind"] == "reference"]
+    for j, (_, r) in enumerate(refs.iterrows()):
+        fig.add_trace(go.Scatter(x=[labels[0], labels[-1]] if labels else [0, 1], y=[r["ppl"], r["ppl"]], mode="lines",
+                                 name=f"{r['method']} {r['ppl']:.2f}", line=dict(color=["black", "#7f7f7f"][j % 2], dash="dash"),
+                                 hovertemplate=f"{r['method']}: ppl {r['ppl']:.2f}<extra></extra>"))
+    if not fig.data:
+        fig.add_annotation(text="no tau sweep results yet", showarrow=False, x=0.5, y=0.5, xref="paper", yref="paper")
+    fig.update_layout(title="Perplexity against tau (error bars: ±1 paired SE against tau = 0)",
+                      xaxis=dict(title="tau (variance threshold; 0 = official, every sink down-weighted)", type="category",
+                                 categoryorder="array", categoryarray=labels),
+                      yaxis_title="perplexity (masked-diffusion bound)", legend=dict(orientation="h", y=-0.3),
+                      height=460, margin=dict(t=60, b=10))
+    return fig

@@ -239,14 +239,15 @@ def _check_against_model(handle, spec: PruneSpec) -> Optional[list[int]]:
 
 
 def prune(handle, spec: PruneSpec, calibration: Union[CalibrationSpec, str, None] = None,
-          progress: Optional[Progress] = None) -> PrunedVariant:
+          progress: Optional[Progress] = None, cache: Optional[sc.CalibrationCache] = None) -> PrunedVariant:
     """Prune ``handle``'s block linears as ``spec`` says; the dense model is left untouched.
 
     ``calibration`` overrides ``spec.calibration`` (a :class:`CalibrationSpec`, or a string: the
     calibration text). ``progress(done, total, message)`` is called per timestep of the
     calibration passes and per block; raising :class:`~sap_core.errors.Cancelled` in it stops the
     run (nothing to undo: the model was never modified). Every impossible setting raises
-    :class:`PruneSpecError` before any forward pass.
+    :class:`PruneSpecError` before any forward pass. ``cache`` (a :class:`~sap_core.pruning.scores.CalibrationCache`)
+    reuses the statistics of earlier runs that do not depend on sparsity, pattern or tau (sweeps).
     """
     if not isinstance(spec, PruneSpec):
         raise PruneSpecError(f"spec must be a PruneSpec (got {type(spec).__name__}).")
@@ -276,14 +277,14 @@ def prune(handle, spec: PruneSpec, calibration: Union[CalibrationSpec, str, None
         names = _param_names(handle.module)
         modules = [(i, name, names[id(lin.weight)]) for i, name, lin in target_linears(handle.module)]
     with torch.no_grad():
-        new, record, passes, t_cal = _run(handle, taps, spec, token_ids, tick)
+        new, record, passes, t_cal = _run(handle, taps, spec, token_ids, tick, cache)
     weights = {pname: new[(i, name)] for i, name, pname in modules}
     seconds = time.perf_counter() - t_start
     timings = {"calibration": t_cal, "pruning": seconds - t_cal}
     return PrunedVariant(spec, weights, modules, seconds, timings, passes, record, handle.source)
 
 
-def _run(handle, taps, spec: PruneSpec, token_ids, tick):
+def _run(handle, taps, spec: PruneSpec, token_ids, tick, cache=None):
     """Dispatch on the method; returns ``({(block, name): weight}, record, passes, calibration seconds)``."""
     method, nm, sparsity = spec.method, spec.nm, spec.sparsity
     cal = spec.calibration
@@ -301,8 +302,11 @@ def _run(handle, taps, spec: PruneSpec, token_ids, tick):
 
     if method in NOISED_WANDA_FAMILY:
         noised = noised_ids(clean, cal, handle.mask_id, generator)
-        weighting = {"sink_wanda": "official", "gated_sink_wanda": "gated", "noised_wanda": "none"}[method]
-        stats = sc.noised_wanda_stats(handle, noised, spec.sink, weighting, cal.batch_size, tick, taps)
+        weighting = sc.WEIGHTING_OF[method]
+        if cache is None:
+            stats = sc.noised_wanda_stats(handle, noised, spec.sink, weighting, cal.batch_size, tick, taps)
+        else:
+            stats = cache.noised_wanda(handle, noised, cal, spec.sink, weighting, tick, taps)
         t_cal = time.perf_counter() - t0
         _describe(record, handle, spec, noised, stats.mass)
         record.token_weights = stats.token_weights
@@ -319,8 +323,12 @@ def _run(handle, taps, spec: PruneSpec, token_ids, tick):
     passes = 0
     if method in SINK_SPARSEGPT_FAMILY:
         noised = noised_ids(clean, cal, handle.mask_id, generator)
-        mass = sc.sink_mass(handle, noised, spec.sink, cal.batch_size, tick, taps)
-        passes += int(np.ceil(len(cal.timesteps) / cal.batch_size)) * cal.nsamples
+        if cache is None:
+            mass = sc.sink_mass(handle, noised, spec.sink, cal.batch_size, tick, taps)
+            passes += int(np.ceil(len(cal.timesteps) / cal.batch_size)) * cal.nsamples
+        else:
+            mass, run = cache.mass(handle, noised, cal, spec.sink, tick, taps)
+            passes += run
         weighting = "gated" if method in GATED else "official"
         token_weights = np.stack([sc.mean_weights(m, spec.sink, weighting, handle.causal) for m in mass])
         _describe(record, handle, spec, noised, mass)

@@ -33,6 +33,7 @@ gated variant the whole sample's timesteps, since the gate needs all of them).
 from __future__ import annotations
 
 import copy
+import dataclasses
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -125,6 +126,7 @@ def embed(handle, ids: torch.Tensor) -> torch.Tensor:
 # --- sink weighting of one sample ---------------------------------------------------------------
 
 WEIGHTINGS = ("official", "gated", "none")
+WEIGHTING_OF = {"sink_wanda": "official", "gated_sink_wanda": "gated", "noised_wanda": "none"}  # noised Wanda family
 
 
 def reduce_mass(mass: torch.Tensor, spec: SinkSpec) -> np.ndarray:
@@ -217,6 +219,9 @@ def _chunks(S: int, batch_size: int) -> list[tuple[int, int]]:
     return [(c, min(c + batch_size, S)) for c in range(0, S, batch_size)]
 
 
+Weighting = tuple[str, SinkSpec]  # (one of WEIGHTINGS, the sink settings its factors use)
+
+
 @torch.no_grad()
 def noised_wanda_stats(handle, noised: torch.Tensor, spec: SinkSpec, weighting: str, batch_size: int,
                        tick: Optional[Tick] = None, taps: Optional[list[BlockTap]] = None) -> NoisedStats:
@@ -226,11 +231,29 @@ def noised_wanda_stats(handle, noised: torch.Tensor, spec: SinkSpec, weighting: 
     sample through every block with an :class:`AttentionRecorder`; the block inputs stay referenced
     until the pass ends, then are scaled by the sample's factors and reduced.
     """
+    return noised_wanda_stats_many(handle, noised, [(weighting, spec)], batch_size, tick, taps)[0]
+
+
+@torch.no_grad()
+def noised_wanda_stats_many(handle, noised: torch.Tensor, weightings: list[Weighting], batch_size: int,
+                            tick: Optional[Tick] = None, taps: Optional[list[BlockTap]] = None) -> list[NoisedStats]:
+    """:func:`noised_wanda_stats` for several weightings from the same forward passes: one
+    :class:`NoisedStats` per ``(weighting, spec)``, each equal to what a run with that weighting alone
+    gives (same inputs, same reductions in the same order). The specs must select the same layers and
+    heads (the reduced mass is shared). A sweep uses it to score sink_wanda, noised_wanda and
+    gated_sink_wanda at every tau with one set of forward passes."""
     N, S, L = noised.shape
+    if not weightings:
+        raise ValueError("noised_wanda_stats_many needs at least one weighting.")
+    spec0 = weightings[0][1]
+    if any((w[1].layers, w[1].heads) != (spec0.layers, spec0.heads) for w in weightings):
+        raise ValueError("weightings computed together must select the same layers and heads.")
     taps = make_taps(handle) if taps is None else taps
-    acc: list[dict[Group, torch.Tensor]] = [{} for _ in taps]
+    K = len(weightings)
+    acc: list[list[dict[Group, torch.Tensor]]] = [[{} for _ in taps] for _ in range(K)]
     mass = np.zeros((N, S, L), np.float32)
-    weights = np.zeros((N, S, L), np.float32)
+    weights = np.zeros((K, N, S, L), np.float32)
+    gated = [w == "gated" for w, _ in weightings]
     passes = 0
     for n in range(N):
         pending = []
@@ -243,24 +266,26 @@ def noised_wanda_stats(handle, noised: torch.Tensor, spec: SinkSpec, weighting: 
                 h = tap(h, recorder)
                 inputs.append(tap.take_inputs())
             del h
-            mass[n, c0:c1] = reduce_mass(recorder.end_pass(), spec)
+            mass[n, c0:c1] = reduce_mass(recorder.end_pass(), spec0)
             passes += 1
-            if weighting == "gated":  # the gate needs every timestep of the sample
+            for k, (weighting, spec) in enumerate(weightings):
+                if not gated[k]:
+                    weights[k, n, c0:c1] = step_weights(mass[n, c0:c1], spec, weighting, handle.causal)
+                    for a, groups in zip(acc[k], inputs):
+                        _accumulate(a, groups, weights[k, n, c0:c1])
+            if any(gated):  # the gate needs every timestep of the sample
                 pending.append((c0, c1, inputs))
-            else:
-                weights[n, c0:c1] = step_weights(mass[n, c0:c1], spec, weighting, handle.causal)
-                for a, groups in zip(acc, inputs):
-                    _accumulate(a, groups, weights[n, c0:c1])
             del inputs
             if tick is not None:
                 tick(c1 - c0, f"sample {n + 1}/{N}, timesteps {c0 + 1}–{c1} of {S}")
-        if pending:
-            weights[n] = step_weights(mass[n], spec, weighting, handle.causal)
-            for c0, c1, inputs in pending:
-                for a, groups in zip(acc, inputs):
-                    _accumulate(a, groups, weights[n, c0:c1])
-            pending.clear()
-    return NoisedStats(acc, mass, weights, passes)
+        for k, (weighting, spec) in enumerate(weightings):
+            if gated[k]:
+                weights[k, n] = step_weights(mass[n], spec, weighting, handle.causal)
+                for c0, c1, inputs in pending:
+                    for a, groups in zip(acc[k], inputs):
+                        _accumulate(a, groups, weights[k, n, c0:c1])
+        pending.clear()
+    return [NoisedStats(acc[k], mass, weights[k], passes) for k in range(K)]
 
 
 @torch.no_grad()
@@ -381,3 +406,83 @@ def sequential_sweep(
         if tick is not None:
             tick(1, f"block {i + 1}/{n_blocks} pruned")
     return out
+
+
+# --- statistics shared by the runs of a sweep ---------------------------------------------------
+
+class CalibrationCache:
+    """Calibration statistics that do not depend on sparsity, pattern or tau, computed once and
+    reused by every :func:`sap_core.pruning.prune` call given this cache (a sweep makes one).
+
+    Keyed by (model, :class:`~sap_core.pruning.CalibrationSpec`, selected sink layers and heads):
+
+    * the noised Wanda family's column norms (:class:`NoisedStats`) per weighting: sink_wanda
+      (``official``, any tau), noised_wanda (``none``) and gated_sink_wanda at each tau (``gated``).
+      Weightings announced with :meth:`plan` before the first run of a key are computed in the same
+      forward passes (:func:`noised_wanda_stats_many`); one asked for later costs its own passes.
+    * the reduced attention mass ``[N, S, L]`` of the noised windows, which the sink SparseGPT family
+      needs for its token factors (taken from the noised Wanda pass when one ran).
+
+    The block-sequential statistics (wanda, sparsegpt, sink SparseGPT family) depend on the
+    already-pruned blocks, hence on sparsity and pattern: they are not cached. Every cached value is
+    what an uncached run computes, by the same code in the same order, so rows do not change.
+    """
+
+    def __init__(self) -> None:
+        self._planned: dict[tuple, list[Weighting]] = {}
+        self._stats: dict[tuple, dict[tuple, NoisedStats]] = {}
+        self._mass: dict[tuple, np.ndarray] = {}
+        self.hits = 0
+
+    @staticmethod
+    def _key(handle, cal, sink: SinkSpec) -> tuple:
+        return (id(handle.module), cal, sink.layers, sink.heads)
+
+    @staticmethod
+    def _weighting_key(weighting: str, sink: SinkSpec) -> tuple:
+        if weighting == "none":
+            return (weighting, None)
+        return (weighting, _official(sink) if weighting == "official" else sink)
+
+    def plan(self, handle, spec) -> None:
+        """Announce a coming run of :class:`~sap_core.pruning.PruneSpec` ``spec``: a noised Wanda
+        method's weighting is then computed in the first pass of its key (other methods: no-op)."""
+        weighting = WEIGHTING_OF.get(spec.method)
+        if weighting is None:
+            return
+        sink = spec.sink
+        planned = self._planned.setdefault(self._key(handle, spec.calibration, sink), [])
+        if all(self._weighting_key(*w) != self._weighting_key(weighting, sink) for w in planned):
+            planned.append((weighting, sink))
+
+    def noised_wanda(self, handle, noised: torch.Tensor, cal, sink: SinkSpec, weighting: str,
+                     tick: Optional[Tick] = None, taps: Optional[list[BlockTap]] = None) -> NoisedStats:
+        """:func:`noised_wanda_stats` for ``weighting``, computed (with every planned weighting of the
+        same key) on the first call; ``passes`` is 0 when nothing had to run."""
+        key, wkey = self._key(handle, cal, sink), self._weighting_key(weighting, sink)
+        done = self._stats.setdefault(key, {})
+        if wkey in done:
+            self.hits += 1
+            if tick is not None:
+                tick(noised.shape[0] * noised.shape[1], "calibration statistics reused")
+            return dataclasses.replace(done[wkey], passes=0)
+        todo = [w for w in self._planned.get(key, []) if self._weighting_key(*w) not in done]
+        if all(self._weighting_key(*w) != wkey for w in todo):
+            todo.insert(0, (weighting, sink))
+        results = noised_wanda_stats_many(handle, noised, todo, cal.batch_size, tick, taps)
+        for w, stats in zip(todo, results):
+            done[self._weighting_key(*w)] = stats
+        self._mass.setdefault(key, results[0].mass)
+        return done[wkey]
+
+    def mass(self, handle, noised: torch.Tensor, cal, sink: SinkSpec, tick: Optional[Tick] = None,
+             taps: Optional[list[BlockTap]] = None) -> tuple[np.ndarray, int]:
+        """(:func:`sink_mass`, forward passes run now: 0 when it was cached)."""
+        key = self._key(handle, cal, sink)
+        if key in self._mass:
+            self.hits += 1
+            if tick is not None:
+                tick(noised.shape[0] * noised.shape[1], "sink mass reused")
+            return self._mass[key], 0
+        self._mass[key] = sink_mass(handle, noised, sink, cal.batch_size, tick, taps)
+        return self._mass[key], len(_chunks(noised.shape[1], cal.batch_size)) * noised.shape[0]

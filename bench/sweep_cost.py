@@ -1,0 +1,70 @@
+"""Cost of a sweep with calibration reused across its jobs against recalibrating every job.
+
+Runs the README's sweep (tiny-dlm; magnitude, wanda, sparsegpt, sink_wanda, sink_sparsegpt,
+noised_wanda, gated_sink_wanda at tau 0.05; sparsities 0.3, 0.5, 0.7; unstructured and 2:4; the
+default calibration and evaluation settings) twice in one process: with ``run_sweep``'s default
+(:class:`sap_core.pruning.scores.CalibrationCache`) and with ``reuse_calibration=False`` (every job
+recalibrates, as before issue 14). Checks that both give the same rows and prints the wall times, the
+pruning and evaluation parts, and the ratios. ``--taus`` adds a tau sweep of gated_sink_wanda;
+``--quick`` shrinks calibration and evaluation to 4 windows (a smoke run on a busy machine).
+Target (issue 14): <= 0.5x.
+
+    python bench/sweep_cost.py [--quick] [--taus 0,0.01,0.02,0.05,0.1] [--threads 1]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from sap_core.models import load_model  # noqa: E402
+from sap_core.pruning import CalibrationSpec  # noqa: E402
+from sap_core.sinks import SinkSpec  # noqa: E402
+from sap_core.sweep import EvalSpec, SweepSpec, run_sweep  # noqa: E402
+
+README_METHODS = ("magnitude", "wanda", "sparsegpt", "sink_wanda", "sink_sparsegpt", "noised_wanda", "gated_sink_wanda")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="4 calibration and 4 evaluation windows instead of 16")
+    ap.add_argument("--taus", default="", help="comma-separated taus for gated_sink_wanda (default: the README's 0.05)")
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    handle = load_model("tiny-dlm", device="cpu")
+    n = 4 if args.quick else 16
+    taus = tuple(float(t) for t in args.taus.split(",") if t.strip())
+    spec = SweepSpec(methods=README_METHODS, sparsities=(0.3, 0.5, 0.7), patterns=("unstructured", "2:4"),
+                     sink=SinkSpec(tau=0.05), sink_taus=taus, calibration=CalibrationSpec(nsamples=n),
+                     eval=EvalSpec(nsamples=n))
+    print(f"{len(spec.jobs)} jobs + dense; calibration {n} windows x {len(spec.calibration.timesteps)} timesteps; "
+          f"evaluation {n} windows x {spec.eval.draws} draws; {args.threads} thread(s); "
+          f"load average at start {os.getloadavg()[0]:.2f}", flush=True)
+    run_sweep(handle, SweepSpec(methods=("magnitude",), sparsities=(0.5,), eval=EvalSpec(nsamples=1, draws=2)))  # warm-up
+    out = {}
+    for name, reuse in (("recalibrate every job", False), ("reuse calibration", True)):
+        t0, c0 = time.perf_counter(), time.process_time()
+        df = run_sweep(handle, spec, reuse_calibration=reuse)
+        wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+        out[name] = (df, wall, cpu)
+        print(f"{name:>22}: {wall:7.1f} s wall, {cpu:7.1f} s CPU (pruning {df['prune_seconds'].sum():6.1f} s, "
+              f"evaluation {df['eval_seconds'].sum():6.1f} s wall); load average {os.getloadavg()[0]:.2f}", flush=True)
+    (old, t_old, c_old), (new, t_new, c_new) = out.values()
+    diff = float(np.max(np.abs(new["nll"].to_numpy() - old["nll"].to_numpy())))
+    print(f"same rows: max |delta nll| = {diff:.2e} over {len(new)} rows")
+    print(f"ratio (reuse / recalibrate), whole sweep: {t_new / t_old:.2f}x wall, {c_new / c_old:.2f}x CPU time "
+          "(CPU time is the fairer figure on a shared machine)")
+    print(f"ratio, pruning part only: {new['prune_seconds'].sum() / old['prune_seconds'].sum():.2f}x wall")
+
+
+if __name__ == "__main__":
+    main()

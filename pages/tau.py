@@ -1,0 +1,102 @@
+"""Pick tau: the variance the pruner's gate compares with tau, on the calibration windows, and which tau prunes best."""
+from dataclasses import replace
+
+import streamlit as st
+
+from app_common import active_model, current_trajectory, job, model_choice, progress_callback, report_for, sink_spec
+from sap_core import viz
+from sap_core.pruning import CalibrationSpec
+from sap_core.pruning.spec import GATED
+from sap_core.sweep import EvalSpec, run_sweep
+from sap_core.tau import best_taus, calibration_gate, tau_sweep_spec, tau_table, trajectory_sink_variance
+
+st.header("Pick tau")
+handle = active_model()
+spec = sink_spec()
+st.caption(f"The gated methods down-weight a calibration token only when it is a sink at some noised timestep and its "
+           f"sink-score variance v_j over those timesteps is ≥ tau (tau = 0: every token, the official rule). Sink rule from "
+           f"the Sink stability page: **{spec.rule}**, k = {spec.k:g}, alpha = {spec.alpha:g}.")
+
+with st.form("gate_form"):
+    c = st.columns(4)
+    nsamples = c[0].number_input("Calibration samples", 1, 1024, 16, help="Windows of the calibration text, as on the Prune page.")
+    seqlen = c[1].number_input("Calibration length", 8, 4096, 128, help="Tokens per window.")
+    seed = c[2].number_input("Calibration seed", 0, 2**31 - 1, 0)
+    c[3].write("")
+    compute = c[3].form_submit_button("Compute the gate's inputs", type="primary",
+                                      help="One recorded pass over the noised calibration windows; moving tau afterwards costs nothing.")
+calibration = CalibrationSpec(nsamples=int(nsamples), seqlen=int(seqlen), seed=int(seed))
+key = (model_choice(), calibration, replace(spec, tau=0.0))
+if compute:
+    bar = st.progress(0.0)
+    with job("The calibration passes"):
+        st.session_state["tau_gate"] = (key, calibration_gate(handle, calibration, spec, progress_callback(bar, "Calibration")))
+    bar.empty()
+stored = st.session_state.get("tau_gate")
+gate = stored[1] if stored is not None and stored[0] == key else None
+
+tau = st.slider("tau (variance threshold)", 0.0, 0.25, float(spec.tau), 0.001, format="%.3f", key="tau_pick",
+                help="Moving it re-scores the stored variances; nothing runs the model.")
+if gate is None:
+    st.info("Press **Compute the gate's inputs** to see what the pruner gates for these calibration settings.")
+else:
+    traj = current_trajectory(handle)
+    traj_var = trajectory_sink_variance(report_for(traj, spec)) if traj is not None else None
+    m = st.columns(3)
+    m[0].metric("Sink positions in the calibration windows", int(gate.is_sink.sum()))
+    m[1].metric("Gated at this tau", f"{gate.gated_share(tau):.0%}")
+    m[2].metric("Windows × noised timesteps", f"{gate.ids.shape[0]} × {len(calibration.timesteps)}")
+    left, right = st.columns(2)
+    left.plotly_chart(viz.tau_variance_figure(gate.sink_variance, tau, traj_var))
+    right.plotly_chart(viz.tau_layer_figure(gate.layer_shares(tau), tau))
+    if traj is None:
+        st.caption("Generate on the **Denoising explorer** page to draw the current generation's variances beside these.")
+    st.markdown("**Tokens most often gated** (sink positions of the calibration windows down-weighted at this tau)")
+    st.dataframe(gate.top_tokens(tau, handle.decode), hide_index=True)
+    if st.button(f"Use tau = {tau:g} for pruning", help="Sets the tau of the app's sink settings (Prune and Compare pages)."):
+        st.session_state["sink_spec"] = replace(spec, tau=float(tau))
+        st.success(f"tau = {tau:g} is now the app's sink setting.")
+
+st.subheader("Which tau?")
+st.caption("Prunes with each gated method at every tau (tau = 0 always included) and with wanda and noised_wanda, at one "
+           "sparsity, and scores each by masked-diffusion perplexity on the same windows and masks; errors are paired "
+           "against tau = 0. Calibration: the settings above.")
+with st.form("which_tau"):
+    c = st.columns(4)
+    methods = c[0].multiselect("Gated methods", sorted(GATED), default=["gated_sink_wanda"])
+    pattern = c[1].selectbox("Pattern", ["unstructured", "2:4", "4:8"])
+    sparsity = c[2].slider("Sparsity", 0.1, 0.9, 0.5, 0.05, help="Unstructured only; N:M fixes it at 1 − N/M.")
+    windows = c[3].number_input("Evaluation windows", 1, 256, 4, help="Windows of 64 tokens, 4 masking draws each.")
+    taus = st.text_input("Taus", "0, 0.01, 0.02, 0.05, 0.1", help="Comma-separated; 0 is added if missing.")
+    run = st.form_submit_button("Run the tau sweep", type="primary")
+st.button("Cancel", key="tau_cancel", help="Stops a running tau sweep; the dense model is restored.")
+if run:
+    bar = st.progress(0.0)
+    with job("The tau sweep"):
+        try:
+            values = [float(t) for t in taus.split(",") if t.strip()]
+        except ValueError:
+            values = None
+        if values is None:
+            st.error(f"Taus must be comma-separated numbers such as 0, 0.01, 0.05 (got '{taus}').")
+        else:
+            sweep_spec = tau_sweep_spec(methods, sparsity, pattern, values, spec, calibration,
+                                        EvalSpec(seqlen=64, nsamples=int(windows), draws=4))
+            df = run_sweep(handle, sweep_spec, progress=progress_callback(bar, "Tau sweep"))
+            st.session_state["tau_sweep"] = (model_choice(), df, float(sparsity), pattern)
+    bar.empty()
+result = st.session_state.get("tau_sweep")
+if result is not None and result[0] == model_choice():
+    _, df, sp, pat = result
+    table = tau_table(df, sp, pat)
+    best = best_taus(table, df)
+    st.plotly_chart(viz.tau_sweep_figure(table, best))
+    for _, b in best.iterrows():
+        line = (f"**{b['method']}**: best tau = {b['tau']:g}, perplexity {b['ppl']:.2f}; against tau = 0 "
+                f"Δnll = {b['delta_nll']:+.4f} ± {b['se_paired']:.4f} nats/token (paired SE)")
+        for ref in ("wanda", "noised_wanda"):
+            if f"delta_{ref}" in b and b[f"delta_{ref}"] == b[f"delta_{ref}"]:
+                line += f"; against {ref} {b[f'delta_{ref}']:+.4f} ± {b[f'se_{ref}']:.4f}"
+        st.markdown(line + ".")
+    st.dataframe(table.drop(columns=["label"]), hide_index=True)
+    st.download_button("Download tau sweep (CSV)", df.to_csv(index=False), "tau_sweep.csv", "text/csv")

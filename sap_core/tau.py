@@ -1,0 +1,260 @@
+"""Picking the variance threshold tau: what the pruner's gate sees, and what a tau does to the model.
+
+The gated methods (``gated_sink_wanda``, ``gated_sink_sparsegpt``) down-weight position ``j`` of a
+calibration window only when ``j`` is a sink at some sampled timestep and its sink-score variance
+over those timesteps ``v_j = Var_t s_t(j)`` is at least ``tau`` (``tau = 0`` opens the gate for every
+position: the official rule). :func:`calibration_gate` computes, once, what that gate is applied to:
+``v_j`` for every position of every calibration window at the pruner's noised timesteps, with the
+same code as :func:`sap_core.pruning.prune` (same windows, same noise, same statistics). Its
+:class:`GateData` then answers, for any tau, in numpy only:
+
+* :meth:`GateData.gate`: which positions the gate opens;
+* :meth:`GateData.layer_shares`: per selected layer, the share of that layer's sink occurrences
+  (a position is a sink of layer ``l`` at timestep ``t`` when its mass in layer ``l`` alone passes the
+  sink rule) that fall on gated positions, and the share of the mass those occurrences receive;
+* :meth:`GateData.top_tokens`: the tokens whose sink positions are gated most often, with their text.
+
+:func:`tau_table` reads a tau sweep (:class:`sap_core.sweep.SweepSpec` with ``sink_taus``) at one
+sparsity and pattern: each gated method's perplexity at every tau, its difference from tau = 0 with the
+paired standard error, and the ``wanda`` / ``noised_wanda`` rows as references; :func:`best_taus`
+picks the best tau of each gated method.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from typing import Callable, Optional
+
+import numpy as np
+import pandas as pd
+import torch
+
+from sap_core import sinks
+from sap_core.errors import PruneSpecError, SapError
+from sap_core.progress import Progress, report
+from sap_core.pruning import scores as sc
+from sap_core.pruning.calibration import calibration_ids, noised_ids, tokenize
+from sap_core.pruning.spec import GATED, CalibrationSpec
+from sap_core.sinks import SinkSpec
+
+
+@dataclass(frozen=True, eq=False)
+class GateData:
+    """The gate's inputs on ``N`` calibration windows of ``L`` tokens, ``S`` noised timesteps each.
+
+    * ``ids``: ``int64 [N, L]`` clean window tokens.
+    * ``variance``: ``float64 [N, L]`` ``v_j`` (population variance of ``s_t(j)`` over the timesteps,
+      the score of the mass summed over the selected layers and heads, as the pruner computes it).
+    * ``frequency``: ``float64 [N, L]`` share of the timesteps at which ``j`` is a sink.
+    * ``layers``: the selected model layers; ``layer_occurrences``: ``int64 [Ly, N, L]`` timesteps at
+      which ``j`` is a sink of that layer alone; ``layer_sink_mass``: ``float64 [Ly, N, L]`` the mass
+      ``j`` receives in that layer, summed over those timesteps.
+    """
+
+    spec: SinkSpec
+    calibration: CalibrationSpec
+    ids: np.ndarray
+    variance: np.ndarray
+    frequency: np.ndarray
+    layers: tuple[int, ...]
+    layer_occurrences: np.ndarray
+    layer_sink_mass: np.ndarray
+
+    @property
+    def is_sink(self) -> np.ndarray:
+        """``bool [N, L]``: sink at some timestep (only these can be unstable)."""
+        return self.frequency > 0
+
+    @property
+    def sink_variance(self) -> np.ndarray:
+        """``v_j`` of every (window, position) that is a sink at some timestep: the values tau cuts."""
+        return self.variance[self.is_sink]
+
+    def gate(self, tau: float) -> np.ndarray:
+        """``bool [N, L]``: positions the gated factors down-weight at ``tau``
+        (:func:`sap_core.sinks.position_stats`' rule: an unstable sink, or everything at tau = 0)."""
+        tau = _check_tau(tau)
+        if tau == 0:
+            return np.ones(self.variance.shape, bool)
+        return self.is_sink & (self.variance >= tau)
+
+    def gated_share(self, tau: float) -> float:
+        """Share of the sink positions (:attr:`is_sink`) that the gate opens at ``tau``."""
+        n = int(self.is_sink.sum())
+        return float((self.gate(tau) & self.is_sink).sum() / n) if n else math.nan
+
+    def layer_shares(self, tau: float) -> pd.DataFrame:
+        """One row per selected layer: ``occurrences`` (sink occurrences of the layer), ``gated`` (those
+        on gated positions), ``occurrence_share`` and ``mass_share`` (share of the mass they receive)."""
+        g = self.gate(tau)[None]
+        occ = self.layer_occurrences.reshape(len(self.layers), -1).sum(1)
+        gated = np.where(g, self.layer_occurrences, 0).reshape(len(self.layers), -1).sum(1)
+        mass = self.layer_sink_mass.reshape(len(self.layers), -1).sum(1)
+        gmass = np.where(g, self.layer_sink_mass, 0).reshape(len(self.layers), -1).sum(1)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return pd.DataFrame(dict(layer=list(self.layers), occurrences=occ, gated=gated,
+                                     occurrence_share=np.where(occ > 0, gated / np.maximum(occ, 1), np.nan),
+                                     mass_share=np.where(mass > 0, gmass / np.where(mass > 0, mass, 1), np.nan)))
+
+    def top_tokens(self, tau: float, decode: Callable[[list[int]], str], n: int = 10) -> pd.DataFrame:
+        """The ``n`` tokens with the most gated sink positions at ``tau``: ``token`` id, ``text``,
+        ``gated`` (gated sink positions), ``sinks`` (sink positions) and ``gated_share``."""
+        sink_ids = self.ids[self.is_sink]
+        gated_ids = self.ids[self.is_sink & self.gate(tau)]
+        tokens, counts = np.unique(gated_ids, return_counts=True)
+        order = np.lexsort((tokens, -counts))[:n]
+        sink_counts = {int(t): int(c) for t, c in zip(*np.unique(sink_ids, return_counts=True))}
+        rows = [dict(token=int(tokens[i]), text=decode([int(tokens[i])]), gated=int(counts[i]),
+                     sinks=sink_counts[int(tokens[i])], gated_share=counts[i] / sink_counts[int(tokens[i])])
+                for i in order]
+        return pd.DataFrame(rows, columns=["token", "text", "gated", "sinks", "gated_share"])
+
+
+def _check_tau(tau) -> float:
+    tau = float(tau)
+    if not (math.isfinite(tau) and tau >= 0):
+        raise SapError(f"tau must be a finite number >= 0 (got {tau}); 0 is the official, ungated rule.")
+    return tau
+
+
+@torch.no_grad()
+def calibration_gate(handle, calibration: CalibrationSpec = CalibrationSpec(), sink: SinkSpec = SinkSpec(),
+                     progress: Optional[Progress] = None) -> GateData:
+    """Run the pruner's noised calibration passes once (dense model, attention recorded) and return
+    the variance the gate compares with tau (see the module docstring). ``sink.tau`` is not used:
+    every tau is answered afterwards by :class:`GateData`. Raises :class:`PruneSpecError` for a model
+    without a mask token or impossible settings, before any forward pass; ``progress`` may raise
+    :class:`~sap_core.errors.Cancelled`."""
+    if handle.mask_id is None:
+        raise PruneSpecError("The variance gate works on [MASK]-noised calibration text, but this model has no mask "
+                             "token: pick a diffusion model.")
+    calibration.validate()
+    try:
+        layers, heads = sink.resolve(len(handle.module.blocks), handle.n_heads)
+    except SapError as exc:
+        raise PruneSpecError(f"Sink settings: {exc}") from exc
+    clean, generator = calibration_ids(tokenize(handle, calibration), calibration)
+    noised = noised_ids(clean, calibration, handle.mask_id, generator)
+    N, S, L = noised.shape
+    taps = sc.make_taps(handle)
+    mass = np.zeros((N, S, L), np.float32)
+    per_layer = np.zeros((len(layers), N, S, L), np.float32)
+    done, total = 0, N * S
+    report(progress, 0, total, "calibration gate")
+    for n in range(N):
+        for c0, c1 in sc._chunks(S, calibration.batch_size):
+            recorder = sc.AttentionRecorder()
+            recorder.start_pass()
+            h = sc.embed(handle, noised[n, c0:c1])
+            for tap in taps:
+                h = tap(h, recorder, capture=False)
+            full = recorder.end_pass()  # [B, layers, heads, L]
+            mass[n, c0:c1] = sc.reduce_mass(full, sink)
+            per_layer[:, n, c0:c1] = full[:, list(layers)][:, :, list(heads)].sum(2).float().numpy().transpose(1, 0, 2)
+            done += c1 - c0
+            report(progress, done, total, f"sample {n + 1}/{N}, timesteps {c0 + 1}–{c1} of {S}")
+    described = sc.describe_sinks(mass, sink, handle.causal)
+    occ = np.zeros((len(layers), N, L), np.int64)
+    smass = np.zeros((len(layers), N, L), np.float64)
+    freq = np.zeros((N, L), np.float64)
+    for n in range(N):
+        freq[n] = sinks.sink_flags(mass[n], sink, causal=handle.causal).mean(0)
+        for i in range(len(layers)):
+            flags = sinks.sink_flags(per_layer[i, n], sink, causal=handle.causal)
+            occ[i, n] = flags.sum(0)
+            smass[i, n] = np.where(flags, per_layer[i, n], 0.0).sum(0)
+    return GateData(sink, calibration, clean.numpy(), described.variance.astype(np.float64), freq, tuple(layers), occ, smass)
+
+
+def trajectory_sink_variance(report: sinks.SinkReport) -> np.ndarray:
+    """``v_j`` of the positions that are a sink at some step of a generation's trajectory (the
+    quantity :attr:`GateData.sink_variance` holds for the calibration windows)."""
+    return np.asarray(report.positions.variance, np.float64)[np.asarray(report.positions.frequency) > 0]
+
+
+# --- tau sweeps -----------------------------------------------------------------------------------
+
+REFERENCES = ("wanda", "noised_wanda")
+
+
+def _base(method: str) -> str:
+    return method.split("(", 1)[0]
+
+
+def tau_table(df: pd.DataFrame, sparsity: float, pattern: str = "unstructured") -> pd.DataFrame:
+    """Rows of a tau sweep at one ``sparsity`` and ``pattern`` (an N:M pattern ignores the sparsity):
+    one per gated method and tau (``kind="gated"``) with ``ppl``, ``ppl_se``, ``nll``,
+    ``delta_nll`` (nats/token against the same method at tau = 0; negative: better), ``se_paired``
+    (its paired Monte Carlo error, :func:`sap_core.sweep.paired_se`; NaN without the per-draw estimates
+    or without a tau = 0 row) and ``z``; then the ``wanda`` and ``noised_wanda`` rows
+    (``kind="reference"``, tau NaN) with their difference from each gated method's tau = 0 row left NaN."""
+    from sap_core.sweep import paired_se
+
+    if "tau" not in df.columns:
+        raise SapError("This sweep has no tau column; run it again with this version (e.g. --sink-taus 0,0.05).")
+    rows = df[df["pattern"] == pattern]
+    if pattern == "unstructured":
+        rows = rows[np.isclose(rows["sparsity"].astype(float), float(sparsity))]
+    estimates = df.attrs.get("estimates") or {}
+    cols = ["kind", "method", "tau", "ppl", "ppl_se", "nll", "nll_se", "delta_nll", "se_paired", "z", "label"]
+    out = []
+    gated = rows[rows["method"].map(_base).isin(GATED)]
+    for method, group in gated.groupby(gated["method"].map(_base), sort=True):
+        group = group.sort_values("tau")
+        zero = group[group["tau"] == 0]
+        z0 = zero.iloc[0] if len(zero) else None
+        for _, r in group.iterrows():
+            d = se = math.nan
+            if z0 is not None:
+                d = float(r["nll"]) - float(z0["nll"])
+                a, b = estimates.get(str(r["label"])), estimates.get(str(z0["label"]))
+                if a is not None and b is not None and np.shape(a) == np.shape(b):
+                    se = paired_se(a, b)
+            out.append(dict(kind="gated", method=method, tau=float(r["tau"]), ppl=float(r["ppl"]),
+                            ppl_se=float(r["ppl_se"]), nll=float(r["nll"]), nll_se=float(r["nll_se"]), delta_nll=d,
+                            se_paired=se, z=d / se if se > 0 else math.nan, label=str(r["label"])))
+    for ref in REFERENCES:
+        for _, r in rows[rows["method"] == ref].iterrows():
+            out.append(dict(kind="reference", method=ref, tau=math.nan, ppl=float(r["ppl"]), ppl_se=float(r["ppl_se"]),
+                            nll=float(r["nll"]), nll_se=float(r["nll_se"]), delta_nll=math.nan, se_paired=math.nan,
+                            z=math.nan, label=str(r["label"])))
+    return pd.DataFrame(out, columns=cols)
+
+
+def best_taus(table: pd.DataFrame, df: Optional[pd.DataFrame] = None) -> pd.DataFrame:
+    """The lowest-perplexity tau of each gated method in a :func:`tau_table`, with its difference from
+    tau = 0 (``delta_nll``, ``se_paired``, ``z``) and, given the sweep ``df`` (for the per-draw
+    estimates), from each reference: ``delta_<ref>`` and ``se_<ref>`` (paired)."""
+    from sap_core.sweep import paired_se
+
+    estimates = (df.attrs.get("estimates") or {}) if df is not None else {}
+    gated = table[table["kind"] == "gated"]
+    refs = table[table["kind"] == "reference"].set_index("method")
+    out = []
+    for method, group in gated.groupby("method", sort=True):
+        best = group.loc[group["nll"].idxmin()]
+        row = dict(method=method, tau=best["tau"], ppl=best["ppl"], delta_nll=best["delta_nll"],
+                   se_paired=best["se_paired"], z=best["z"])
+        for ref in REFERENCES:
+            if ref in refs.index:
+                r = refs.loc[ref]
+                row[f"delta_{ref}"] = float(best["nll"]) - float(r["nll"])
+                a, b = estimates.get(str(best["label"])), estimates.get(str(r["label"]))
+                row[f"se_{ref}"] = paired_se(a, b) if a is not None and b is not None and np.shape(a) == np.shape(b) else math.nan
+        out.append(row)
+    return pd.DataFrame(out)
+
+
+def tau_sweep_spec(methods, sparsity: float, pattern: str, taus, sink: SinkSpec, calibration=None, eval=None):
+    """The :class:`~sap_core.sweep.SweepSpec` of a "which tau?" run: the gated ``methods`` at every tau
+    (tau = 0 added: the official reference the errors are taken against) plus ``wanda`` and
+    ``noised_wanda``, at one sparsity and pattern, without the dense row."""
+    from sap_core.sweep import EvalSpec, SweepSpec
+
+    taus = tuple(sorted({0.0, *(float(t) for t in taus)}))
+    methods = tuple(methods)
+    if not methods or any(m not in GATED for m in methods):
+        raise SapError(f"Choose gated methods for a tau sweep ({', '.join(sorted(GATED))}); got {list(methods)}.")
+    return SweepSpec(methods=REFERENCES + methods, sparsities=(float(sparsity),), patterns=(pattern,), sink=sink,
+                     sink_taus=taus, calibration=calibration, eval=eval if eval is not None else EvalSpec(),
+                     include_dense=False)

@@ -1,0 +1,284 @@
+"""Picking tau: calibration reused across a sweep, tau sweeps, the calibration variance (issue 14)."""
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from conftest import TEXT
+from sap_core.errors import SapError
+from sap_core.pruning import CalibrationSpec, PruneSpec, prune
+from sap_core.pruning.scores import CalibrationCache
+from sap_core.sinks import SinkSpec
+from sap_core.sweep import EvalSpec, SweepSpec, run_sweep
+
+torch.set_num_threads(1)
+CALIB = CalibrationSpec(text=" ".join(TEXT * 10), nsamples=2, seqlen=24, seed=0, T=20, interval=5, batch_size=3)
+EVAL = EvalSpec(seqlen=24, nsamples=2, draws=2, seed=0, text=" ".join(TEXT * 10))
+ALL = ("magnitude", "wanda", "sparsegpt", "sink_wanda", "sink_sparsegpt", "noised_wanda", "gated_sink_wanda",
+       "gated_sink_sparsegpt")
+
+
+@pytest.fixture(scope="module")
+def both_ways(tiny_dlm):
+    spec = SweepSpec(methods=ALL, sparsities=(0.3, 0.6), patterns=("unstructured", "2:4"), sink=SinkSpec(tau=0.01),
+                     sink_taus=(0.0, 0.001, 0.05), calibration=CALIB, eval=EVAL)
+    new = run_sweep(tiny_dlm, spec)
+    old = run_sweep(tiny_dlm, spec, reuse_calibration=False)
+    return spec, new, old
+
+
+def test_reused_calibration_gives_the_rows_of_recalibrating_every_job(both_ways):
+    spec, new, old = both_ways
+    assert len(new) == len(old) == 1 + len(spec.jobs)
+    assert list(new["label"]) == list(old["label"])
+    for col in ("nll", "ppl", "nll_se", "actual_sparsity"):
+        np.testing.assert_allclose(new[col], old[col], rtol=1e-6, atol=1e-9, err_msg=col)
+    for label, est in old.attrs["estimates"].items():
+        np.testing.assert_allclose(new.attrs["estimates"][label], est, rtol=1e-6, atol=1e-9)
+    # Not vacuous: the methods and taus do give different models.
+    gated = new[new["method"].str.startswith("gated_sink_wanda") & (new["pattern"] == "unstructured")
+                & (new["sparsity"] == 0.6)]
+    assert gated["tau"].tolist() == [0.0, 0.001, 0.05] and gated["nll"].nunique() >= 2
+
+
+def test_cache_computes_the_noised_pass_once_and_matches_a_plain_prune(tiny_dlm):
+    cache = CalibrationCache()
+    specs = [PruneSpec(m, s, sink=SinkSpec(tau=t), calibration=CALIB)
+             for m in ("sink_wanda", "noised_wanda", "gated_sink_wanda") for s in (0.3, 0.6) for t in (0.0, 0.02)]
+    for ps in specs:
+        cache.plan(tiny_dlm, ps)
+    ticks = []
+    variants = [prune(tiny_dlm, ps, cache=cache, progress=lambda d, t, m: ticks.append(m)) for ps in specs]
+    n_passes = len(range(0, len(CALIB.timesteps), CALIB.batch_size)) * CALIB.nsamples
+    assert [v.passes for v in variants] == [n_passes] + [0] * (len(specs) - 1)
+    assert cache.hits == len(specs) - 1 and any("reused" in m for m in ticks)
+    for ps, v in zip(specs, variants):
+        ref = prune(tiny_dlm, ps)
+        for name, W in ref.weights.items():
+            assert torch.equal(W, v.weights[name]), (ps.label, name)
+    # The SparseGPT family takes its mass from the same pass.
+    sg = prune(tiny_dlm, PruneSpec("sink_sparsegpt", 0.5, calibration=CALIB), cache=cache)
+    ref = prune(tiny_dlm, PruneSpec("sink_sparsegpt", 0.5, calibration=CALIB))
+    assert sg.passes == ref.passes - n_passes
+    np.testing.assert_array_equal(sg.token_weights, ref.token_weights)
+
+
+# --- the gate on the calibration windows ------------------------------------------------------------
+
+SINK = SinkSpec(k=1.0)  # the random 2-layer test model has few k=2 sinks per layer; k=1 gives dozens
+
+@pytest.fixture(scope="module")
+def gate(tiny_dlm):
+    calls = []
+    data = __import__("sap_core.tau", fromlist=["calibration_gate"]).calibration_gate(
+        tiny_dlm, CALIB, SINK, progress=lambda d, t, m: calls.append((d, t)))
+    return data, calls
+
+
+def test_calibration_gate_is_what_the_pruner_gates(tiny_dlm, gate):
+    data, calls = gate
+    N, L = CALIB.nsamples, CALIB.seqlen
+    assert data.variance.shape == data.frequency.shape == data.ids.shape == (N, L)
+    assert calls[-1][0] == calls[-1][1] == N * len(CALIB.timesteps)
+    for tau in (0.0, 0.002, 0.02):
+        v = prune(tiny_dlm, PruneSpec("gated_sink_wanda", 0.5, sink=replace(SINK, tau=tau), calibration=CALIB))
+        np.testing.assert_allclose(data.variance, v.calibration.variance, rtol=1e-6, atol=1e-9)
+        np.testing.assert_array_equal(data.gate(tau), v.calibration.gate)
+        np.testing.assert_array_equal(data.ids, v.calibration.ids)
+    assert data.is_sink.any() and (~data.is_sink).any()
+    assert data.sink_variance.size == int(data.is_sink.sum())
+
+
+def test_layer_shares_and_top_tokens_follow_tau(tiny_dlm, gate):
+    data, _ = gate
+    v = np.sort(data.sink_variance)
+    mid = float(np.median(v[v > 0]))
+    full, part, none = data.layer_shares(0.0), data.layer_shares(mid), data.layer_shares(float(v.max()) + 1)
+    assert list(full["layer"]) == list(range(tiny_dlm.n_layers)) and (full["occurrences"] > 0).any()
+    assert np.allclose(full["occurrence_share"].dropna(), 1.0) and np.allclose(full["mass_share"].dropna(), 1.0)
+    assert (none["gated"] == 0).all()
+    assert (part["gated"] <= full["gated"]).all() and 0 < part["gated"].sum() < full["gated"].sum()
+    g = data.gate(mid)
+    i = int(np.argmax(full["occurrences"].to_numpy()))
+    assert part["gated"].iloc[i] == np.where(g, data.layer_occurrences[i], 0).sum()
+    assert data.gated_share(0.0) == 1.0 and 0 < data.gated_share(mid) < 1
+    top = data.top_tokens(mid, tiny_dlm.decode, n=5)
+    assert 0 < len(top) <= 5 and list(top["gated"]) == sorted(top["gated"], reverse=True)
+    t = top.iloc[0]
+    assert t["text"] == tiny_dlm.decode([int(t["token"])])
+    assert t["gated"] == int(((data.ids == t["token"]) & g & data.is_sink).sum()) and t["gated"] <= t["sinks"]
+    with pytest.raises(SapError, match="tau must be"):
+        data.gate(-1)
+
+
+def test_calibration_gate_refuses_impossible_settings_before_any_pass(tiny_dlm):
+    from sap_core.tau import calibration_gate
+
+    calls = []
+    with pytest.raises(SapError, match="out of range"):
+        calibration_gate(tiny_dlm, CALIB, SinkSpec(layers=(7,)), progress=lambda *a: calls.append(a))
+    with pytest.raises(SapError, match="seqlen"):
+        calibration_gate(tiny_dlm, replace(CALIB, seqlen=1), progress=lambda *a: calls.append(a))
+    assert calls == []
+
+
+def test_variance_figure_marks_tau_and_both_distributions(gate):
+    from sap_core.viz import tau_layer_figure, tau_variance_figure
+
+    data, _ = gate
+    traj = data.sink_variance[:5]
+    fig = tau_variance_figure(data.sink_variance, 0.01, traj)
+    assert len(fig.data) == 2 and len(fig.data[0].x) == data.sink_variance.size
+    assert f"{(data.sink_variance >= 0.01).mean():.0%} gated" in fig.data[0].name
+    assert fig.layout.shapes[0].x0 == 0.01 and "variance" in fig.layout.xaxis.title.text
+    bars = tau_layer_figure(data.layer_shares(0.01), 0.01)
+    np.testing.assert_allclose(np.asarray(bars.data[0].y, float), data.layer_shares(0.01)["occurrence_share"])
+
+
+# --- tau sweeps --------------------------------------------------------------------------------------
+
+def test_tau_table_and_best_tau(both_ways):
+    from sap_core.sweep import paired_se
+    from sap_core.tau import best_taus, tau_table
+    from sap_core.viz import tau_sweep_figure
+
+    _, df, _ = both_ways
+    table = tau_table(df, 0.6, "unstructured")
+    gated = table[(table["kind"] == "gated") & (table["method"] == "gated_sink_wanda")]
+    assert gated["tau"].tolist() == [0.0, 0.001, 0.05]
+    assert gated.iloc[0]["delta_nll"] == 0 and gated.iloc[0]["se_paired"] == 0
+    r = df[(df["method"] == "gated_sink_wanda(tau=0.05)") & (df["sparsity"] == 0.6) & (df["pattern"] == "unstructured")].iloc[0]
+    z = df[(df["method"] == "gated_sink_wanda(tau=0)") & (df["sparsity"] == 0.6) & (df["pattern"] == "unstructured")].iloc[0]
+    row = gated.iloc[2]
+    assert row["delta_nll"] == pytest.approx(r["nll"] - z["nll"])
+    assert row["se_paired"] == pytest.approx(paired_se(df.attrs["estimates"][r["label"]], df.attrs["estimates"][z["label"]]))
+    assert set(table[table["kind"] == "reference"]["method"]) == {"wanda", "noised_wanda"}
+    assert set(table[table["kind"] == "gated"]["method"]) == {"gated_sink_wanda", "gated_sink_sparsegpt"}
+    best = best_taus(table, df)
+    b = best[best["method"] == "gated_sink_wanda"].iloc[0]
+    assert b["ppl"] == gated["ppl"].min() and b["tau"] == gated.loc[gated["ppl"].idxmin(), "tau"]
+    w = df[(df["method"] == "wanda") & (df["sparsity"] == 0.6) & (df["pattern"] == "unstructured")].iloc[0]
+    assert b["delta_wanda"] == pytest.approx(gated["nll"].min() - w["nll"]) and b["se_wanda"] > 0
+    assert len(tau_table(df, 0.5, "2:4")) == 8  # 2 gated methods x 3 taus + 2 references
+    fig = tau_sweep_figure(table, best)
+    names = [t.name for t in fig.data]
+    assert "gated_sink_wanda" in names and any(n.startswith("wanda ") for n in names)
+    assert any(n.startswith("best gated_sink_wanda: tau") for n in names)
+    line = next(t for t in fig.data if t.name == "gated_sink_wanda")
+    np.testing.assert_allclose(line.y, gated["ppl"])
+    np.testing.assert_allclose(line.error_y.array, gated["ppl"] * gated["se_paired"])
+
+
+def test_sink_taus_spec_and_errors():
+    from sap_core.sweep import SweepSpecError
+
+    spec = SweepSpec(methods=("wanda", "gated_sink_wanda"), sparsities=(0.5,), sink=SinkSpec(k=3.0), sink_taus=[0, "0.05"])
+    names = [m.name for m in spec.settings]
+    assert names == ["wanda", "gated_sink_wanda(tau=0)", "gated_sink_wanda(tau=0.05)"]
+    assert spec.settings[2].sink == SinkSpec(k=3.0, tau=0.05)
+    assert [spec.tau_of(m) for m in spec.settings][1:] == [0.0, 0.05] and math.isnan(spec.tau_of(spec.settings[0]))
+    for kwargs, match in ((dict(sink_taus=(-0.1,)), "finite and >= 0"), (dict(sink_taus=(0.1, 0.1)), "twice"),
+                          (dict(sink_taus=(float("nan"),)), "finite"), (dict(methods=("wanda",), sink_taus=(0.1,)), "gated methods only")):
+        with pytest.raises(SweepSpecError, match=match):
+            SweepSpec(**{**dict(methods=("gated_sink_wanda",), sparsities=(0.5,)), **kwargs}).validate()
+    with pytest.raises(SweepSpecError, match="numbers"):
+        SweepSpec(methods=("gated_sink_wanda",), sparsities=(0.5,), sink_taus=("x",))
+
+
+def test_cli_sweep_takes_sink_taus(tmp_path, tiny_dlm_dir):
+    import subprocess
+    import sys
+
+    text = tmp_path / "t.txt"
+    text.write_text(" ".join(TEXT * 10))
+    out = tmp_path / "taus.csv"
+    cmd = [sys.executable, "-m", "sap_core", "sweep", "--model", str(tiny_dlm_dir), "--device", "cpu", "--quiet",
+           "--methods", "noised_wanda,gated_sink_wanda", "--sink-taus", "0,0.01", "--sparsities", "0.5",
+           "--calib-text", str(text), "--calib-nsamples", "2", "--calib-seqlen", "24", "--text", str(text),
+           "--seqlen", "24", "--nsamples", "2", "--draws", "2", "--out", str(out)]
+    r = subprocess.run(cmd, capture_output=True, text=True, env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr
+    df = pd.read_csv(out)
+    assert list(df["method"]) == ["dense", "noised_wanda", "gated_sink_wanda(tau=0)", "gated_sink_wanda(tau=0.01)"]
+    assert df["tau"].tolist()[2:] == [0.0, 0.01]
+    bad = subprocess.run(cmd[:-2] + ["--sink-taus", "0,x", "--out", str(out)], capture_output=True, text=True)
+    assert bad.returncode != 0 and "comma-separated numbers" in bad.stderr
+
+
+# --- the page ---------------------------------------------------------------------------------------
+
+def test_pick_tau_page_computes_the_gate_redraws_and_runs_a_tau_sweep():
+    from pathlib import Path
+
+    from streamlit.testing.v1 import AppTest
+
+    at = AppTest.from_file(str(Path(__file__).resolve().parents[1] / "app.py"), default_timeout=600)
+    at.run()
+    at.switch_page("pages/tau.py").run()
+    assert not at.exception and any("Compute the gate" in i.value for i in at.info)
+    form = {n.label: n for n in at.number_input}
+    form["Calibration samples"].set_value(2)
+    form["Calibration length"].set_value(32)
+    next(b for b in at.button if b.label == "Compute the gate's inputs").click().run()
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    gate = at.session_state["tau_gate"][1]
+    assert gate.ids.shape == (2, 32)
+    metrics = {m.label: m.value for m in at.metric}
+    assert metrics["Sink positions in the calibration windows"] == str(int(gate.is_sink.sum()))
+    assert metrics["Gated at this tau"] == f"{gate.gated_share(at.slider(key='tau_pick').value):.0%}"
+    top = at.dataframe[0].value
+    assert list(top.columns) == ["token", "text", "gated", "sinks", "gated_share"]
+    # Moving tau re-scores the stored variances: same GateData object, no new pass.
+    at.slider(key="tau_pick").set_value(0.0).run()
+    assert at.session_state["tau_gate"][1] is gate
+    assert {m.label: m.value for m in at.metric}["Gated at this tau"] == "100%"
+    next(b for b in at.button if b.label.startswith("Use tau = 0")).click().run()
+    assert at.session_state["sink_spec"].tau == 0.0
+    # Which tau?
+    wf = {n.label: n for n in at.number_input}
+    wf["Evaluation windows"].set_value(1)
+    at.text_input[0].set_value("0.001, 0.05")
+    next(b for b in at.button if b.label == "Run the tau sweep").click().run()
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    _, df, sp, pat = at.session_state["tau_sweep"]
+    assert list(df["method"]) == ["wanda", "noised_wanda", "gated_sink_wanda(tau=0)", "gated_sink_wanda(tau=0.001)",
+                                  "gated_sink_wanda(tau=0.05)"]
+    best = [m.value for m in at.markdown if "best tau" in m.value]
+    assert len(best) == 1 and "paired SE" in best[0] and "against wanda" in best[0]
+    at.text_input[0].set_value("0, x")
+    next(b for b in at.button if b.label == "Run the tau sweep").click().run()
+    assert any("comma-separated numbers" in e.value for e in at.error)
+
+
+def test_pick_tau_in_a_browser(app_url, page):
+    from playwright.sync_api import expect
+
+    from conftest import CHROMIUM, no_streamlit_exception
+
+    if not __import__("pathlib").Path(CHROMIUM).exists():
+        pytest.skip("no Chromium")
+    page.goto(app_url)
+    page.get_by_role("link", name="Denoising explorer").click()
+    page.get_by_role("spinbutton", name="Generation length").fill("32")
+    page.get_by_role("spinbutton", name="Steps", exact=True).fill("32")
+    page.get_by_role("button", name="Generate").click()
+    expect(page.get_by_text("32 steps in", exact=False)).to_be_visible()
+    page.get_by_role("link", name="Pick tau").click()
+    page.get_by_role("spinbutton", name="Calibration samples").fill("4")
+    page.get_by_role("button", name="Compute the gate's inputs").click()
+    expect(page.get_by_text("Tokens most often gated")).to_be_visible()
+    expect(page.get_by_text("current generation:", exact=False)).to_be_visible()
+    page.wait_for_timeout(1500)
+    page.shot("1-gate")
+    page.get_by_role("spinbutton", name="Evaluation windows").fill("1")
+    page.get_by_role("button", name="Run the tau sweep").click()
+    expect(page.get_by_text("best tau =", exact=False)).to_be_visible()
+    page.get_by_text("best tau =", exact=False).scroll_into_view_if_needed()
+    page.wait_for_timeout(1500)
+    page.shot("2-which-tau")
+    no_streamlit_exception(page)
