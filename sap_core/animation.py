@@ -1,14 +1,16 @@
-"""The denoising run as a moving picture: one client-side animated plotly figure, an animated GIF
-and a self-contained HTML page of the sinks moving over the steps.
+"""The denoising run as a moving picture: a self-contained page that steps through the run in the
+browser (the explorer's view and the HTML export), an animated GIF, and tables of the sinks with
+their token texts.
 
 Everything here is a pure function of a :class:`sap_core.sinks.SinkReport` and the token texts of
-its final sequence (:func:`readable_tokens`); no model is run. The animated figure carries every
-step as a plotly *frame* and has its own slider and play/pause buttons, so the browser steps
-through the run without asking the server again.
+its final sequence (:func:`readable_tokens`); no model is run. The page carries every step once
+and draws it on a canvas with its own slider and play/pause (``static/explorer.html``), so moving
+through the steps asks nothing of the server. Plotly animation frames were tried first: each step
+is a full plotly redraw, measured at 400-900 ms per step in Chromium here, against a few ms for
+the canvas (``bench/browser_latency.py``).
 
 Mass is shown as a multiple of the uniform mass of its step (1 = every valid position receives the
-same), like every mass figure in :mod:`sap_core.viz`. Frames carry it rounded to two decimals (the
-colour scale cannot show more), which keeps a 256-step run within a few MB.
+same), like every mass figure in :mod:`sap_core.viz`, sent as one byte per value.
 """
 from __future__ import annotations
 
@@ -21,8 +23,6 @@ from typing import Callable, Optional, Sequence, Union
 
 import numpy as np
 import pandas as pd
-import plotly.graph_objects as go
-from plotly.subplots import make_subplots
 
 from sap_core.errors import SapError
 from sap_core.sinks import STATES
@@ -32,7 +32,6 @@ COLOR_RANGES = ("global99", "global", "per-step")
 COLOR_RANGE_NAMES = {"global99": "fixed: 99th percentile of all steps", "global": "fixed: maximum of all steps",
                      "per-step": "per step (not comparable across steps)"}
 MAX_TICK_LABELS = 96  # positions up to which every token is written under the strip
-MASKED_GLYPH = "▒"
 
 
 class AnimationSpecError(SapError):
@@ -146,11 +145,6 @@ def positions_frame(report, tokens: Optional[Sequence[str]]) -> pd.DataFrame:
     return frame
 
 
-def _shown_tokens(tokens: list[str], states: np.ndarray) -> list[str]:
-    masked, absent = STATES.index("masked"), STATES.index("absent")
-    return [MASKED_GLYPH if s == masked else ("" if s == absent else t) for t, s in zip(tokens, states)]
-
-
 def _sink_caption(report, tokens: list[str], mult: np.ndarray, step: int, limit: int = 8) -> str:
     pos = np.flatnonzero(report.is_sink[step])
     if pos.size == 0:
@@ -161,145 +155,74 @@ def _sink_caption(report, tokens: list[str], mult: np.ndarray, step: int, limit:
     return f"sinks at this step: {shown}{more}"
 
 
-def _title(report, tokens: list[str], mult: np.ndarray, step: int) -> str:
-    return f"<b>Step {step} of {report.n_steps - 1}</b> · {_sink_caption(report, tokens, mult, step)}"
+STATE_COLOR_LIST = [STATE_COLORS[name] for name in STATES]
+_VIEW_TEMPLATE = Path(__file__).with_name("static") / "explorer.html"
 
 
-def _rounded(a: np.ndarray) -> list:
-    """Two decimals, NaN as null: the frames' payload."""
-    out = np.round(a, 2).astype(object)
-    out[np.isnan(a)] = None
-    return out.tolist()
+def _quantise(values: np.ndarray, qmax: float) -> bytes:
+    """Mass × uniform to one byte: 0..254 over [0, qmax], 255 = position absent (NaN)."""
+    q = np.clip(np.round(np.nan_to_num(values, nan=0.0) / qmax * 254), 0, 254).astype(np.uint8)
+    q[np.isnan(values)] = 255
+    return q.tobytes()
 
 
-STATE_CODES = {name: i for i, name in enumerate(STATES)}
+def explorer_data(report, tokens: Optional[Sequence[str]] = None, spec: AnimationSpec = AnimationSpec()) -> dict:
+    """Everything the browser view needs, once, in a compact JSON-able dict.
 
+    Mass travels as one byte per value (``qmax / 254`` resolution, base64), sinks as flat indices
+    ``layer * L + position`` per step, the states as one byte per (step, position); the colour
+    range per step is ``layer_hi`` (``spec.color_range``) and ``trail_hi`` for the step map."""
+    import base64
 
-def _state_scale() -> list:
-    k = len(STATES) - 1
-    return [[i / k, STATE_COLORS[name]] for i, name in enumerate(STATES)]
-
-
-def explorer_figure(report, tokens: Optional[Sequence[str]] = None, spec: AnimationSpec = AnimationSpec()) -> go.Figure:
-    """The whole run as one animated figure, stepped in the browser.
-
-    Three rows share the position axis, so a column is the same position everywhere: the token
-    strip (state of every position at the step, token texts written above it up to
-    :data:`MAX_TICK_LABELS` positions), the layer × position mass at the step with each layer's
-    sinks marked, and the step × position mass of all steps (``spec.layer``) with the dominant
-    sink of every step and a line at the current step. One frame per step; the figure's own
-    slider and play/pause buttons move through them.
-    """
     tokens = _check_tokens(report, tokens)
     li = _layer_index(report, spec.layer)
     S, L = report.n_steps, report.length
-    layers = [str(l) for l in report.layers]
     per_layer = layer_step_mass(report)  # [S, nL, L]
     agg = step_mass(report)
-    limits = color_limits(per_layer, spec.color_range)
     if li is None:
         trail, dominant, trail_name = agg, report.dominant, "all layers"
     else:
         trail, dominant, trail_name = per_layer[:, li], report.layer_dominant[:, li], f"layer {report.layers[li]}"
-    trail_hi = color_limits(trail, "global99" if spec.color_range == "per-step" else spec.color_range)[0, 1]
-    labels = L <= MAX_TICK_LABELS
-    decoded = ["prompt" if d < 0 else f"decoded at step {d}" for d in report.decoded_at]
-    pos_text = [f"{j} '{t}' ({d})" for j, (t, d) in enumerate(zip(tokens, decoded))]
-
-    fig = make_subplots(rows=3, cols=1, shared_xaxes=True, vertical_spacing=0.035,
-                        row_heights=[0.07, 0.36, 0.57])
-
-    def strip_trace(s: int) -> go.Heatmap:
-        states = report.state[s]
-        return go.Heatmap(z=[states.tolist()], customdata=[[STATES[i] for i in states]],
-                          text=[_shown_tokens(tokens, states)] if labels else None)
-
-    def layer_trace(s: int) -> go.Heatmap:
-        return go.Heatmap(z=_rounded(per_layer[s]), zmin=float(limits[s, 0]), zmax=float(limits[s, 1]))
-
-    def sink_trace(s: int) -> go.Scatter:
-        ys, xs = np.nonzero(report.layer_is_sink[s])
-        return go.Scatter(x=xs.tolist(), y=[layers[i] for i in ys])
-
-    def step_line(s: int) -> go.Scatter:
-        return go.Scatter(x=[-0.5, L - 0.5], y=[s, s])
-
-    def frame_layout(s: int) -> dict:
-        layout = {"title": {"text": _title(report, tokens, agg[s], s)}}
-        if labels:
-            layout["xaxis"] = {"ticktext": _shown_tokens(tokens, report.state[s])}
-        return layout
-
-    # row 1: token strip
-    k = len(STATES) - 1
-    fig.add_trace(strip_trace(0).update(
-        x=list(range(L)), zmin=0, zmax=k, colorscale=_state_scale(), showscale=False, xgap=1,
-        hovertemplate="position %{x}: %{text}<br>%{customdata}<extra></extra>" if labels else
-        "position %{x}<br>%{customdata}<extra></extra>", name="tokens"), row=1, col=1)
-    if not labels:  # hover names the token even when the strip is too dense for labels
-        fig.data[0].update(text=[[f"'{t}'" for t in tokens]], hovertemplate="position %{x}: %{text}<br>%{customdata}<extra></extra>")
-    # row 2: layer × position at the step
-    fig.add_trace(layer_trace(0).update(
-        x=list(range(L)), y=layers, colorscale=MASS_SCALE, text=[pos_text] * len(layers), name="mass",
-        colorbar=dict(title=dict(text="× uniform", side="right"), len=0.36, y=0.76, yanchor="middle", thickness=14,
-                      tickformat=".1f", x=1.0, xpad=6),
-        hovertemplate="position %{text}<br>layer %{y}: %{z:.2f}× uniform<extra></extra>"), row=2, col=1)
-    fig.add_trace(sink_trace(0).update(mode="markers", name="sink (per layer, this step)",
-                                       marker=dict(symbol="x-thin", color="#e53935", size=9, line=dict(width=2, color="#e53935")),
-                                       hoverinfo="skip"), row=2, col=1)
-    # row 3: step × position, all steps
-    fig.add_trace(go.Heatmap(z=_rounded(trail), x=list(range(L)), y=list(range(S)), zmin=0.0, zmax=float(trail_hi),
-                             colorscale=MASS_SCALE, text=[pos_text] * S, name="mass over steps",
-                             colorbar=dict(title=dict(text="× uniform", side="right"), len=0.55, y=0.28, yanchor="middle",
-                                           thickness=14, tickformat=".1f", x=1.0, xpad=6),
-                             hovertemplate="step %{y}, position %{text}<br>%{z:.2f}× uniform<extra></extra>"), row=3, col=1)
-    fig.add_trace(go.Scatter(x=dominant.tolist(), y=list(range(S)), mode="markers", name=f"dominant sink d_t ({trail_name})",
-                             marker=dict(symbol="circle-open", color="#e53935", size=6, line=dict(width=1.5)),
-                             hovertemplate="step %{y}: dominant sink at position %{x}<extra></extra>"), row=3, col=1)
-    fig.add_trace(step_line(0).update(mode="lines", name="current step", line=dict(color="#ffffff", width=2, dash="dot"),
-                                      hoverinfo="skip"), row=3, col=1)
-    animated = [0, 1, 2, 5]
-
-    frames = []
-    for s in range(S):
-        frames.append(go.Frame(name=str(s), traces=animated, layout=frame_layout(s),
-                               data=[strip_trace(s), layer_trace(s), sink_trace(s), step_line(s)]))
-    fig.frames = frames
-
-    play = {"frame": {"duration": spec.frame_ms, "redraw": True}, "fromcurrent": True, "transition": {"duration": 0}, "mode": "immediate"}
-    jump = {"frame": {"duration": 0, "redraw": True}, "transition": {"duration": 0}, "mode": "immediate"}
-    fig.update_layout(
-        height=250 + 22 * len(layers) + min(max(6 * S, 220), 420) + (70 if labels else 0),
-        margin=dict(l=60, r=90, t=110 if labels else 70, b=150), plot_bgcolor="#ffffff",
-        title=dict(text=_title(report, tokens, agg[0], 0), x=0.0, xanchor="left", y=0.995, yanchor="top", font=dict(size=14)),
-        legend=dict(orientation="h", x=0.0, y=-0.16, yanchor="top"), hovermode="closest", uirevision="explorer",
-        updatemenus=[dict(type="buttons", direction="left", x=0.0, y=-0.07, xanchor="left", yanchor="top", showactive=False,
-                          pad=dict(t=0, r=10), buttons=[dict(label="▶ Play", method="animate", args=[None, play]),
-                                                       dict(label="❚❚ Pause", method="animate", args=[[None], jump])])],
-        sliders=[dict(active=0, x=0.13, len=0.87, y=-0.04, yanchor="top", pad=dict(t=0, b=0),
-                      currentvalue=dict(prefix="step ", visible=True, xanchor="left"), transition=dict(duration=0),
-                      steps=[dict(label=str(s), method="animate", args=[[str(s)], jump]) for s in range(S)])],
-    )
-    x_range = [-0.5, L - 0.5]
-    fig.update_xaxes(range=x_range, autorange=False, showgrid=False, zeroline=False)
-    fig.update_xaxes(title_text="position (token index)", row=3, col=1)
-    if labels:
-        fig.update_xaxes(side="top", showticklabels=True, tickmode="array", tickvals=list(range(L)),
-                         ticktext=_shown_tokens(tokens, report.state[0]), tickangle=-90, tickfont=dict(size=10), row=1, col=1)
-    fig.update_yaxes(showticklabels=False, fixedrange=True, row=1, col=1)
-    fig.update_yaxes(title_text="layer", type="category", row=2, col=1)
-    fig.update_yaxes(title_text="denoising step", autorange="reversed", row=3, col=1)
-    # the state legend (the strip's colours)
-    for name in ("prompt", "masked", "decoding", "decoded"):
-        fig.add_trace(go.Scatter(x=[None], y=[None], mode="markers", name=name, legendgroup="state",
-                                 marker=dict(size=11, color=STATE_COLORS[name], symbol="square", line=dict(width=1, color="#9e9e9e"))),
-                      row=1, col=1)
-    return fig
+    finite = np.concatenate([per_layer[np.isfinite(per_layer)], trail[np.isfinite(trail)]])
+    qmax = float(max(finite.max(), 1.0)) if finite.size else 1.0
+    enc = lambda raw: base64.b64encode(raw).decode()
+    sinks = [(np.flatnonzero(report.layer_is_sink[s].reshape(-1))).tolist() for s in range(S)]
+    return {
+        "steps": S, "length": L, "layers": [int(l) for l in report.layers], "tokens": tokens,
+        "decoded_at": report.decoded_at.astype(int).tolist(), "state": enc(report.state.astype(np.uint8).tobytes()),
+        "state_names": list(STATES), "state_colors": STATE_COLOR_LIST,
+        "masked": STATES.index("masked"), "absent": STATES.index("absent"),
+        "layer_mass": enc(_quantise(per_layer, qmax)), "trail_mass": enc(_quantise(trail, qmax)), "qmax": qmax,
+        "layer_hi": color_limits(per_layer, spec.color_range)[:, 1].round(3).tolist(),
+        "trail_hi": float(color_limits(trail, "global99" if spec.color_range == "per-step" else spec.color_range)[0, 1]),
+        "trail_name": trail_name, "dominant": dominant.astype(int).tolist(), "sinks": sinks,
+        "captions": [_sink_caption(report, tokens, agg[s], s) for s in range(S)],
+        "scale": MASS_SCALE, "range_name": COLOR_RANGE_NAMES[spec.color_range], "frame_ms": int(spec.frame_ms),
+        "max_labels": MAX_TICK_LABELS,
+    }
 
 
-def payload_bytes(fig: go.Figure) -> int:
-    """Size of the figure's JSON (what the browser receives), in bytes."""
-    return len(fig.to_json().encode())
+def explorer_html(report, tokens: Optional[Sequence[str]] = None, spec: AnimationSpec = AnimationSpec(),
+                  title: str = "SinkScope: sinks over the denoising steps") -> str:
+    """The run as one self-contained HTML page (no network, no library): the token strip, the layer ×
+    position mass at the step with each layer's sinks, and the step × position mass of all steps with
+    the dominant sink of each and a line at the current step, on one shared position axis; its own
+    slider and play/pause move through the steps in the browser. The app shows this page as a
+    component; :func:`write_animation` saves it."""
+    import html as html_lib
+    import json
+
+    data = json.dumps(explorer_data(report, tokens, spec), separators=(",", ":"), ensure_ascii=False).replace("</", "<\\/")
+    page = _VIEW_TEMPLATE.read_text(encoding="utf-8")
+    return page.replace("__TITLE__", html_lib.escape(title)).replace("__DATA__", data)
+
+
+def explorer_height(report) -> int:
+    """Pixel height of :func:`explorer_html` (controls, canvas and legend), for the app's component frame."""
+    n_layers, S, L = len(report.layers), report.n_steps, report.length
+    canvas = (62 if L <= MAX_TICK_LABELS else 0) + 2 + 16 + 10 + max(12, min(26, 170 / n_layers)) * n_layers + 14 \
+        + max(160, min(320, 5 * S)) + 40
+    return int(canvas) + 34 + 24 + 60
 
 
 # --- files -------------------------------------------------------------------------------------------
@@ -321,13 +244,9 @@ def _write_atomic(path: Path, data: bytes) -> Path:
     return path
 
 
-def html_bytes(report, tokens: Optional[Sequence[str]] = None, spec: AnimationSpec = AnimationSpec(),
-               title: str = "SinkScope: sinks over the denoising steps") -> bytes:
-    """A self-contained HTML page (plotly.js inlined, no network) of :func:`explorer_figure`."""
-    fig = explorer_figure(report, tokens, spec)
-    return fig.to_html(include_plotlyjs=True, full_html=True, auto_play=False,
-                       config={"displaylogo": False}, div_id="sinkscope").replace(
-        "<head>", f"<head><title>{title}</title>", 1).encode()
+def html_bytes(report, tokens: Optional[Sequence[str]] = None, spec: AnimationSpec = AnimationSpec()) -> bytes:
+    """:func:`explorer_html` as UTF-8 bytes (the download)."""
+    return explorer_html(report, tokens, spec).encode()
 
 
 _FONT_FILES = ("/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf", "DejaVuSans.ttf")
