@@ -2,6 +2,7 @@
 import time
 
 import streamlit as st
+import streamlit.components.v1 as components
 
 from app_common import active_model, current_trajectory, job, model_choice, progress_callback, report_for, sink_spec
 from sap_core import animation, viz
@@ -75,11 +76,11 @@ report = report_for(traj, spec)
 tokens = st.session_state["trajectory_tokens"]
 
 st.subheader("Step through the run")
-st.caption("Drag the slider under the figure or press **Play**: the steps are all in your browser, so moving "
-           "through them runs neither the model nor the server. Top: each position's state at the step (tokens "
-           "written above it; ▒ = still masked). Middle: the attention mass each position receives per layer, "
-           "as a multiple of the uniform mass (1 = average), sinks marked ×. Bottom: the same summed over layers "
-           "for every step, the dominant sink of each step (o) and the current step (dotted line).")
+st.caption("Drag the slider or press **Play** (or Space): every step is already in your browser, so moving "
+           "through them runs neither the model nor the server. Top: each position's state at the step, its token "
+           "written above once decoded. Middle: the attention mass each position receives in each layer at the step, "
+           "as a multiple of the uniform mass (1 = average), sinks marked ✕. Bottom: the same for every step, the "
+           "dominant sink of each step (○) and the current step (dotted line). Hover for token, position and state.")
 c = st.columns(2)
 color_range = c[0].radio("Colour range", animation.COLOR_RANGES, format_func=animation.COLOR_RANGE_NAMES.get, horizontal=True,
                          help="A fixed range makes the steps comparable; per step shows each step's own contrast.")
@@ -88,12 +89,12 @@ trail_layer = c[1].selectbox("Layer of the step × position map", layer_options,
                              format_func=lambda l: "all layers (summed)" if l is None else f"layer {l}",
                              help="Mass summed over all analysed layers, or one layer.")
 anim_spec = animation.AnimationSpec(color_range=color_range, layer=trail_layer)
-figures = st.session_state.setdefault("explorer_figures", {})
-fig_key = (id(traj), spec, anim_spec)
-if fig_key not in figures:
-    figures.clear()  # one figure per session: the latest trajectory and settings
-    figures[fig_key] = animation.explorer_figure(report, tokens, anim_spec)
-st.plotly_chart(figures[fig_key], theme=None, key="explorer_animation", config={"displaylogo": False})
+views = st.session_state.setdefault("explorer_views", {})
+view_key = (id(traj), spec, anim_spec)
+if view_key not in views:
+    views.clear()  # one view per session: the latest trajectory and settings
+    views[view_key] = animation.explorer_html(report, tokens, anim_spec)
+components.html(views[view_key], height=animation.explorer_height(report))
 
 c = st.columns(4)
 c[0].download_button("Animated GIF", lambda: animation.gif_bytes(report, tokens, anim_spec), file_name="sinks.gif",
@@ -101,7 +102,7 @@ c[0].download_button("Animated GIF", lambda: animation.gif_bytes(report, tokens,
                      help="The mass each position receives at every step, tokens and sinks marked (Pillow, a frame per step).")
 c[1].download_button("Interactive HTML", lambda: animation.html_bytes(report, tokens, anim_spec), file_name="sinks.html",
                      mime="text/html", on_click="ignore", icon=":material/html:",
-                     help="This figure as one self-contained page (plotly.js inlined; opens offline).")
+                     help="The view above as one self-contained page (opens offline, no library).")
 sinks = animation.sinks_frame(report, tokens)
 c[2].download_button("Sinks per step (CSV)", lambda: sinks.to_csv(index=False), file_name="sinks_per_step.csv",
                      mime="text/csv", on_click="ignore", icon=":material/table:")
@@ -123,4 +124,4 @@ if c[3].button("Recompute map", icon=":material/refresh:", help="Replays that st
                                          attention_map(handle, traj, int(m_step), int(m_layer), int(m_head)))
 if "attention" in st.session_state:
     s, l, h, amap = st.session_state["attention"]
-    st.plotly_chart(viz.attention_map_figure(amap, s, l, h, tokens), theme=None, key="attention_map")
+    st.plotly_chart(viz.attention_map_figure(amap, s, l, h, animation.tokens_at_step(report, tokens, s)), theme=None, key="attention_map")

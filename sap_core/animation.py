@@ -116,6 +116,13 @@ def color_limits(values: np.ndarray, color_range: str) -> np.ndarray:
     return np.stack([np.zeros(S), top], axis=1)
 
 
+def tokens_at_step(report, tokens: Optional[Sequence[str]], step: int, masked: str = "[mask]") -> list[str]:
+    """The token texts of the model's input at ``step``: positions still masked read ``masked``."""
+    tokens = _check_tokens(report, tokens)
+    code = STATES.index("masked")
+    return [masked if s == code else t for t, s in zip(tokens, report.state[step])]
+
+
 def sinks_at_step(report, tokens: Optional[Sequence[str]], step: int) -> list[tuple[int, str, float]]:
     """The aggregate sinks at ``step`` as (position, token text, mass × uniform), strongest first."""
     tokens = _check_tokens(report, tokens)
