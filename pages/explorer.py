@@ -2,7 +2,6 @@
 import time
 
 import streamlit as st
-import streamlit.components.v1 as components
 
 from app_common import active_model, current_trajectory, job, model_choice, progress_callback, report_for, sink_spec
 from sap_core import animation, viz
@@ -94,7 +93,7 @@ view_key = (id(traj), spec, anim_spec)
 if view_key not in views:
     views.clear()  # one view per session: the latest trajectory and settings
     views[view_key] = animation.explorer_html(report, tokens, anim_spec)
-components.html(views[view_key], height=animation.explorer_height(report))
+st.iframe(views[view_key], height=animation.explorer_height(report))
 
 c = st.columns(4)
 c[0].download_button("Animated GIF", lambda: animation.gif_bytes(report, tokens, anim_spec), file_name="sinks.gif",
