@@ -371,6 +371,7 @@ def write_animation(report, path: Union[str, Path], tokens: Optional[Sequence[st
     """Write ``.gif`` or ``.html`` (chosen by the extension) atomically; returns the path."""
     path = Path(path)
     kind = path.suffix.lower()
+    _layer_index(report, spec.layer)  # an unknown layer fails before any drawing
     if kind == ".gif":
         data = gif_bytes(report, tokens, spec)
     elif kind in (".html", ".htm"):
