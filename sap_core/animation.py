@@ -155,11 +155,11 @@ def positions_frame(report, tokens: Optional[Sequence[str]]) -> pd.DataFrame:
 def _sink_caption(report, tokens: list[str], mult: np.ndarray, step: int, limit: int = 8) -> str:
     pos = np.flatnonzero(report.is_sink[step])
     if pos.size == 0:
-        return "no sink at this step"
+        return "no sink at this step (all layers summed)"
     pos = pos[np.argsort(-np.nan_to_num(mult[pos]), kind="stable")]
     shown = ", ".join(f"{j} '{tokens[j]}' {mult[j]:.1f}×" for j in pos[:limit])
     more = f" and {pos.size - limit} more" if pos.size > limit else ""
-    return f"sinks at this step: {shown}{more}"
+    return f"sinks at this step (all layers summed): {shown}{more}"
 
 
 STATE_COLOR_LIST = [STATE_COLORS[name] for name in STATES]
