@@ -112,15 +112,17 @@ with st.expander(f"Sinks at every step ({len(sinks)} rows)"):
                                                         "score": st.column_config.NumberColumn(format="%.3f")})
 
 st.subheader("Full attention map")
-st.caption("The slider above lives in the browser; type the step you want to see here.")
-c = st.columns(4)
-m_step = c[0].number_input("Step", 0, traj.n_steps - 1, traj.n_steps - 1, key="map_step")
-m_layer = c[1].number_input("Layer", 0, handle.n_layers - 1, 0, key="map_layer")
-m_head = c[2].number_input("Head", 0, handle.n_heads - 1, 0, key="map_head")
-if c[3].button("Recompute map", icon=":material/refresh:", help="Replays that step's input through the model (one forward pass)."):
+c = st.columns([2, 1, 1, 1, 1])
+follow = c[0].toggle("Step of the view above", True, help="On: the step the view above shows when you press the button; "
+                     "off: type a step.")
+view_step = animation.view_step(st.query_params.get("step"), traj.n_steps)
+m_step = c[1].number_input("Step", 0, traj.n_steps - 1, traj.n_steps - 1, key="map_step", disabled=follow)
+m_layer = c[2].number_input("Layer", 0, handle.n_layers - 1, 0, key="map_layer")
+m_head = c[3].number_input("Head", 0, handle.n_heads - 1, 0, key="map_head")
+if c[4].button("Recompute map", icon=":material/refresh:", help="Replays that step's input through the model (one forward pass)."):
+    step = view_step if follow else int(m_step)
     with job("Recomputing the map"):
-        st.session_state["attention"] = (int(m_step), int(m_layer), int(m_head),
-                                         attention_map(handle, traj, int(m_step), int(m_layer), int(m_head)))
+        st.session_state["attention"] = (step, int(m_layer), int(m_head), attention_map(handle, traj, step, int(m_layer), int(m_head)))
 if "attention" in st.session_state:
     s, l, h, amap = st.session_state["attention"]
     st.plotly_chart(viz.attention_map_figure(amap, s, l, h, animation.tokens_at_step(report, tokens, s)), theme=None, key="attention_map")

@@ -123,6 +123,16 @@ def tokens_at_step(report, tokens: Optional[Sequence[str]], step: int, masked: s
     return [masked if s == code else t for t, s in zip(tokens, report.state[step])]
 
 
+def view_step(value: Optional[str], n_steps: int) -> int:
+    """The step the browser view shows, from the ``step`` query parameter it writes into the app's URL
+    (0 when absent or not a step of this run)."""
+    try:
+        step = int(value)
+    except (TypeError, ValueError):
+        return 0
+    return step if 0 <= step < n_steps else 0
+
+
 def sinks_at_step(report, tokens: Optional[Sequence[str]], step: int) -> list[tuple[int, str, float]]:
     """The aggregate sinks at ``step`` as (position, token text, mass × uniform), strongest first."""
     tokens = _check_tokens(report, tokens)

@@ -28,3 +28,18 @@ def test_a_failed_run_labels_the_stored_result_as_the_previous_run():
     assert any("divisible by block_length" in e for e in texts(at.error))
     assert not at.success
     assert any("previous run" in w and "16 tokens" in w for w in texts(at.warning))
+
+
+def test_attention_map_follows_the_view_or_the_typed_step():
+    at = generate_small(new_app())
+    at.query_params["step"] = "7"  # what the browser view writes into the page's URL as it steps
+    recompute = next(b for b in at.button if b.label == "Recompute map")
+    recompute.click().run()
+    assert not at.exception and not at.error
+    step, layer, head, amap = at.session_state["attention"]
+    assert (step, layer, head) == (7, 0, 0) and amap.shape[0] == amap.shape[1]
+    at.toggle[0].set_value(False).run()
+    at.number_input(key="map_step").set_value(3).run()
+    next(b for b in at.button if b.label == "Recompute map").click().run()
+    assert at.session_state["attention"][0] == 3
+    assert any("Attention map: step 3" in str(c.proto) for c in at.get("plotly_chart"))

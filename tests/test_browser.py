@@ -86,9 +86,13 @@ def test_explorer_steps_in_the_browser_without_a_rerun(app_url, page):
         top, bottom = int((y + 2) * scale), int((y + h - 2) * scale)
         assert_rises(shot[top:bottom, x], what)
 
-    # the full attention map of the typed step, square, tokens on both axes; its colour bar as drawn
-    page.get_by_role("spinbutton", name="Step", exact=True).fill("5")
-    page.get_by_role("button", name="Recompute map").click()
+    # the full attention map of the view's step, square, tokens on both axes; its colour bar as drawn
+    view.locator("#step").focus()
+    view.locator("#step").press("Home")
+    for _ in range(5):
+        view.locator("#step").press("ArrowRight")
+    expect(label).to_have_text("Step 5 of 15")
+    page.get_by_role("button", name="Recompute map").click()  # follows the view's step by default
     expect(page.get_by_text("Attention map: step 5, layer 0, head 0")).to_be_visible()
     chart = page.locator("[data-testid='stPlotlyChart']").last
     chart.scroll_into_view_if_needed()
