@@ -239,7 +239,7 @@ def explorer_height(report) -> int:
     n_layers, S, L = len(report.layers), report.n_steps, report.length
     canvas = (62 if L <= MAX_TICK_LABELS else 0) + 2 + 16 + 10 + max(12, min(26, 170 / n_layers)) * n_layers + 14 \
         + max(160, min(320, 5 * S)) + 40
-    return int(canvas) + 34 + 24 + 60
+    return int(canvas) + 34 + 24 + 80  # controls, caption, legend (two lines, room for a third)
 
 
 # --- files -------------------------------------------------------------------------------------------
