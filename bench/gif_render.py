@@ -9,7 +9,6 @@ Prints ms per frame for both and the ratio. kaleido needs Chromium: set BROWSER_
 from __future__ import annotations
 
 import argparse
-import io
 import os
 import sys
 import time

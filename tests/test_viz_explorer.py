@@ -3,7 +3,6 @@ functions of a sink report, checked against the report's own numbers."""
 from __future__ import annotations
 
 import base64
-import io
 import json
 import re
 
