@@ -30,62 +30,26 @@ def _uniform_multiple(mass: np.ndarray, valid: np.ndarray) -> np.ndarray:
     return m / np.where(mean > 0, mean, 1.0)
 
 
-def token_strip(tokens: Sequence[str], states: Sequence[str], title: str = "Tokens") -> go.Figure:
-    """One cell per position, coloured by its state (prompt, masked, decoded earlier, decoded now)."""
-    n = len(tokens)
-    codes = {s: i for i, s in enumerate(STATE_COLORS)}
-    z = [[codes[s] for s in states]]
-    k = len(STATE_COLORS) - 1
-    scale = [[i / k, c] for i, c in enumerate(STATE_COLORS.values())]
-    fig = go.Figure(go.Heatmap(z=z, x=list(range(n)), zmin=0, zmax=k, colorscale=scale, showscale=False,
-                               text=[list(tokens)], texttemplate="%{text}", textfont={"size": 10},
-                               customdata=[list(states)], hovertemplate="pos %{x}: %{text} (%{customdata})<extra></extra>"))
-    for name, color in STATE_COLORS.items():
-        if name != "absent":
-            fig.add_trace(go.Scatter(x=[None], y=[None], mode="markers", marker=dict(size=10, color=color, symbol="square"), name=name))
-    fig.update_layout(title=title, height=170, margin=dict(l=40, r=10, t=40, b=30), xaxis_title="position (token index)",
-                      yaxis=dict(visible=False), legend=dict(orientation="h", y=-0.6), plot_bgcolor="white")
-    return fig
-
-
-def layer_position_heatmap(report, step: int) -> go.Figure:
-    """Layer × position mass at ``step`` (×uniform), with each layer's sinks marked."""
-    valid = report.valid[step]
-    z = _uniform_multiple(report.layer_mass[step], valid[None, :])
-    fig = go.Figure(go.Heatmap(z=z, y=[str(l) for l in report.layers], colorscale=MASS_SCALE, colorbar=dict(title="× uniform"),
-                               hovertemplate="layer %{y}, pos %{x}: %{z:.2f}× uniform<extra></extra>"))
-    ys, xs = np.nonzero(report.layer_is_sink[step])
-    fig.add_trace(go.Scatter(x=xs, y=[str(report.layers[i]) for i in ys], mode="markers", name="sink",
-                             marker=dict(symbol="x", color="red", size=9)))
-    fig.update_layout(title=f"Attention mass received per layer at step {step}", xaxis_title="key position",
-                      yaxis_title="layer", height=320, margin=dict(l=50, r=10, t=40, b=40))
-    return fig
-
-
-def step_position_heatmap(report, layer: Optional[int] = None) -> go.Figure:
-    """Step × position mass (×uniform) for one layer (``None``: all selected layers), dominant position traced."""
-    if layer is None:
-        mass, dominant, name = report.mass, report.dominant, "all layers"
-    else:
-        i = list(report.layers).index(layer)
-        mass, dominant, name = report.layer_mass[:, i], report.layer_dominant[:, i], f"layer {layer}"
-    z = _uniform_multiple(mass, report.valid)
-    steps = np.arange(report.n_steps)
-    fig = go.Figure(go.Heatmap(z=z, colorscale=MASS_SCALE, colorbar=dict(title="× uniform"),
-                               hovertemplate="step %{y}, pos %{x}: %{z:.2f}× uniform<extra></extra>"))
-    fig.add_trace(go.Scatter(x=dominant, y=steps, mode="lines+markers", name="dominant sink d_t",
-                             line=dict(color="red", width=1.5), marker=dict(size=4)))
-    fig.update_layout(title=f"Sink trajectory ({name})", xaxis_title="key position", yaxis_title="denoising step",
-                      height=420, margin=dict(l=50, r=10, t=40, b=40), legend=dict(orientation="h", y=-0.15))
-    return fig
-
-
-def attention_map_figure(attention: np.ndarray, step: int, layer: int, head: int) -> go.Figure:
-    """The full query × key attention of one (step, layer, head)."""
-    fig = go.Figure(go.Heatmap(z=attention, colorscale=PROBABILITY_SCALE, colorbar=dict(title="probability"),
-                               hovertemplate="query %{y} → key %{x}: %{z:.3f}<extra></extra>"))
-    fig.update_layout(title=f"Attention map: step {step}, layer {layer}, head {head}", xaxis_title="key position",
-                      yaxis_title="query position", yaxis_autorange="reversed", height=420, margin=dict(l=50, r=10, t=40, b=40))
+def attention_map_figure(attention: np.ndarray, step: int, layer: int, head: int,
+                         tokens: Optional[Sequence[str]] = None, max_labels: int = 96) -> go.Figure:
+    """The full query × key attention of one (step, layer, head), drawn square, tokens on both axes
+    (tick labels up to ``max_labels`` positions; the hover always names both tokens)."""
+    n = attention.shape[-1]
+    tokens = [str(i) for i in range(n)] if tokens is None else list(tokens)
+    names = [f"{j} '{t}'" for j, t in enumerate(tokens)]
+    fig = go.Figure(go.Heatmap(z=np.round(attention, 4), x=list(range(n)), y=list(range(n)), colorscale=PROBABILITY_SCALE,
+                               zmin=0.0, colorbar=dict(title="probability", thickness=14),
+                               customdata=[[[names[q], names[k]] for k in range(n)] for q in range(n)],
+                               hovertemplate="query %{customdata[0]} → key %{customdata[1]}: %{z:.3f}<extra></extra>"))
+    axis = dict(range=[-0.5, n - 0.5], showgrid=False, zeroline=False)
+    if n <= max_labels:
+        axis.update(tickmode="array", tickvals=list(range(n)), ticktext=tokens, tickfont=dict(size=9))
+    size = 760 if n > 24 else 520
+    fig.update_layout(title=f"Attention map: step {step}, layer {layer}, head {head}", width=size + 100, height=size,
+                      xaxis=dict(title="key position (token)", tickangle=-90, constrain="domain", **axis),
+                      yaxis=dict(title="query position (token)", scaleanchor="x", scaleratio=1, constrain="domain",
+                                 autorange=False, **{**axis, "range": [n - 0.5, -0.5]}),
+                      margin=dict(l=80, r=10, t=40, b=80), plot_bgcolor="#ffffff")
     return fig
 
 

@@ -1,0 +1,391 @@
+"""The denoising run as a moving picture: a self-contained page that steps through the run in the
+browser (the explorer's view and the HTML export), an animated GIF, and tables of the sinks with
+their token texts.
+
+Everything here is a pure function of a :class:`sap_core.sinks.SinkReport` and the token texts of
+its final sequence (:func:`readable_tokens`); no model is run. The page carries every step once
+and draws it on a canvas with its own slider and play/pause (``static/explorer.html``), so moving
+through the steps asks nothing of the server. Plotly animation frames were tried first: each step
+is a full plotly redraw, measured at 400-900 ms per step in Chromium here, against a few ms for
+the canvas (``bench/browser_latency.py``).
+
+Mass is shown as a multiple of the uniform mass of its step (1 = every valid position receives the
+same), like every mass figure in :mod:`sap_core.viz`, sent as one byte per value.
+"""
+from __future__ import annotations
+
+import io
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional, Sequence, Union
+
+import numpy as np
+import pandas as pd
+
+from sap_core.errors import SapError
+from sap_core.sinks import STATES
+from sap_core.viz import MASS_SCALE, STATE_COLORS, _uniform_multiple
+
+COLOR_RANGES = ("global99", "global", "per-step")
+COLOR_RANGE_NAMES = {"global99": "fixed: 99th percentile of all steps", "global": "fixed: maximum of all steps",
+                     "per-step": "per step (not comparable across steps)"}
+MAX_TICK_LABELS = 96  # positions up to which every token is written under the strip
+
+
+class AnimationSpecError(SapError):
+    """Impossible settings for the animated figure or its exports."""
+
+
+@dataclass(frozen=True)
+class AnimationSpec:
+    """How the run is animated.
+
+    * ``color_range``: ``"global99"`` (default; the colour scale ends at the 99th percentile of the
+      mass over all steps, so steps are comparable and one huge sink does not wash the rest out),
+      ``"global"`` (the maximum over all steps) or ``"per-step"`` (each step its own range).
+    * ``layer``: the layer of the step × position map (None: all analysed layers summed).
+    * ``frame_ms``: time per frame when playing (figure and GIF).
+    """
+
+    color_range: str = "global99"
+    layer: Optional[int] = None
+    frame_ms: int = 80
+
+    def __post_init__(self) -> None:
+        if self.color_range not in COLOR_RANGES:
+            raise AnimationSpecError(f"color_range must be one of {', '.join(COLOR_RANGES)} (got '{self.color_range}').")
+        if not 20 <= int(self.frame_ms) <= 5000:
+            raise AnimationSpecError(f"frame_ms must be between 20 and 5000 ms (got {self.frame_ms}).")
+
+
+def readable_tokens(decode: Callable[[list[int]], str], ids: Sequence[int]) -> list[str]:
+    """Text of each token id with newlines and spaces made visible (``⏎``, ``␣``)."""
+    return [decode([int(i)]).replace("\n", "⏎").replace(" ", "␣") for i in ids]
+
+
+def tokenizer_texts(source: Union[str, Path], ids: Sequence[int]) -> list[str]:
+    """:func:`readable_tokens` with the tokenizer of a model directory or built-in name (weights are not loaded)."""
+    from sap_core.models import _load_tokenizer, read_config, resolve_source
+
+    path = resolve_source(source)
+    tokenizer = _load_tokenizer(path, read_config(path).get("model_type"))
+    return readable_tokens(lambda i: tokenizer.decode(i, skip_special_tokens=False), ids)
+
+
+def _check_tokens(report, tokens: Optional[Sequence[str]]) -> list[str]:
+    if tokens is None:
+        return [str(int(t)) for t in report.final_tokens]
+    if len(tokens) != report.length:
+        raise AnimationSpecError(f"got {len(tokens)} token texts for a {report.length}-position run; "
+                                 "pass the texts of the trajectory's final tokens.")
+    return list(tokens)
+
+
+def _layer_index(report, layer: Optional[int]) -> Optional[int]:
+    if layer is None:
+        return None
+    if layer not in report.layers:
+        raise AnimationSpecError(f"layer {layer} was not analysed; pick one of {list(report.layers)} or all layers.")
+    return list(report.layers).index(layer)
+
+
+def step_mass(report) -> np.ndarray:
+    """``float64 [S, L]``: aggregate mass of every step as a multiple of uniform (NaN where absent)."""
+    return _uniform_multiple(report.mass.astype(np.float64), report.valid)
+
+
+def layer_step_mass(report) -> np.ndarray:
+    """``float64 [S, layers, L]``: per-layer mass of every step as a multiple of uniform (NaN where absent)."""
+    return _uniform_multiple(report.layer_mass.astype(np.float64), report.valid[:, None, :])
+
+
+def color_limits(values: np.ndarray, color_range: str) -> np.ndarray:
+    """``float64 [S, 2]``: (zmin, zmax) of the colour scale at each step of ``values [S, ...]``."""
+    S = values.shape[0]
+    flat = values.reshape(S, -1)
+    if color_range == "per-step":
+        with np.errstate(all="ignore"):
+            top = np.nan_to_num(np.nanmax(np.where(np.isnan(flat), -np.inf, flat), axis=1), nan=1.0, neginf=1.0)
+    else:
+        finite = flat[np.isfinite(flat)]
+        hi = 1.0 if finite.size == 0 else float(np.percentile(finite, 99) if color_range == "global99" else finite.max())
+        top = np.full(S, hi)
+    top = np.maximum(top, 1.0 + 1e-6)  # the uniform level 1 is always inside the scale
+    return np.stack([np.zeros(S), top], axis=1)
+
+
+def tokens_at_step(report, tokens: Optional[Sequence[str]], step: int, masked: str = "[mask]") -> list[str]:
+    """The token texts of the model's input at ``step``: positions still masked read ``masked``."""
+    tokens = _check_tokens(report, tokens)
+    code = STATES.index("masked")
+    return [masked if s == code else t for t, s in zip(tokens, report.state[step])]
+
+
+def view_step(value: Optional[str], n_steps: int) -> int:
+    """The step the browser view shows, from the ``step`` query parameter it writes into the app's URL
+    (0 when absent or not a step of this run)."""
+    try:
+        step = int(value)
+    except (TypeError, ValueError):
+        return 0
+    return step if 0 <= step < n_steps else 0
+
+
+def sinks_at_step(report, tokens: Optional[Sequence[str]], step: int) -> list[tuple[int, str, float]]:
+    """The aggregate sinks at ``step`` as (position, token text, mass × uniform), strongest first."""
+    tokens = _check_tokens(report, tokens)
+    mult = step_mass(report)[step]
+    pos = np.flatnonzero(report.is_sink[step])
+    pos = pos[np.argsort(-np.nan_to_num(mult[pos]), kind="stable")]
+    return [(int(j), tokens[j], float(mult[j])) for j in pos]
+
+
+def sinks_frame(report, tokens: Optional[Sequence[str]]) -> pd.DataFrame:
+    """One row per (step, sink position) of the aggregate: token id and text, state, mass × uniform, score."""
+    tokens = _check_tokens(report, tokens)
+    mult = step_mass(report)
+    steps, pos = np.nonzero(report.is_sink)
+    return pd.DataFrame({
+        "step": steps.astype(np.int64), "position": pos.astype(np.int64),
+        "token": report.final_tokens[pos].astype(np.int64), "token_text": [tokens[j] for j in pos],
+        "state": [STATES[report.state[s, j]] for s, j in zip(steps, pos)],
+        "mass_x_uniform": mult[steps, pos], "score": report.scores[steps, pos].astype(np.float64),
+    })
+
+
+def positions_frame(report, tokens: Optional[Sequence[str]]) -> pd.DataFrame:
+    """:meth:`SinkReport.positions_frame` with the token text next to the token id."""
+    frame = report.positions_frame()
+    frame.insert(frame.columns.get_loc("token") + 1, "token_text", _check_tokens(report, tokens))
+    return frame
+
+
+def _sink_caption(report, tokens: list[str], mult: np.ndarray, step: int, limit: int = 8) -> str:
+    pos = np.flatnonzero(report.is_sink[step])
+    if pos.size == 0:
+        return "no sink at this step (all layers summed)"
+    pos = pos[np.argsort(-np.nan_to_num(mult[pos]), kind="stable")]
+    shown = ", ".join(f"{j} '{tokens[j]}' {mult[j]:.1f}×" for j in pos[:limit])
+    more = f" and {pos.size - limit} more" if pos.size > limit else ""
+    return f"sinks at this step (all layers summed): {shown}{more}"
+
+
+STATE_COLOR_LIST = [STATE_COLORS[name] for name in STATES]
+_VIEW_TEMPLATE = Path(__file__).with_name("static") / "explorer.html"
+
+
+def _quantise(values: np.ndarray, qmax: float) -> bytes:
+    """Mass × uniform to one byte: 0..254 over [0, qmax], 255 = position absent (NaN)."""
+    q = np.clip(np.round(np.nan_to_num(values, nan=0.0) / qmax * 254), 0, 254).astype(np.uint8)
+    q[np.isnan(values)] = 255
+    return q.tobytes()
+
+
+def explorer_data(report, tokens: Optional[Sequence[str]] = None, spec: AnimationSpec = AnimationSpec()) -> dict:
+    """Everything the browser view needs, once, in a compact JSON-able dict.
+
+    Mass travels as one byte per value (``qmax / 254`` resolution, base64), sinks as flat indices
+    ``layer * L + position`` per step, the states as one byte per (step, position); the colour
+    range per step is ``layer_hi`` (``spec.color_range``) and ``trail_hi`` for the step map."""
+    import base64
+
+    tokens = _check_tokens(report, tokens)
+    li = _layer_index(report, spec.layer)
+    S, L = report.n_steps, report.length
+    per_layer = layer_step_mass(report)  # [S, nL, L]
+    agg = step_mass(report)
+    if li is None:
+        trail, dominant, trail_name = agg, report.dominant, "all layers"
+    else:
+        trail, dominant, trail_name = per_layer[:, li], report.layer_dominant[:, li], f"layer {report.layers[li]}"
+    finite = np.concatenate([per_layer[np.isfinite(per_layer)], trail[np.isfinite(trail)]])
+    qmax = float(max(finite.max(), 1.0)) if finite.size else 1.0
+    enc = lambda raw: base64.b64encode(raw).decode()
+    sinks = [(np.flatnonzero(report.layer_is_sink[s].reshape(-1))).tolist() for s in range(S)]
+    return {
+        "steps": S, "length": L, "layers": [int(l) for l in report.layers], "tokens": tokens,
+        "decoded_at": report.decoded_at.astype(int).tolist(), "state": enc(report.state.astype(np.uint8).tobytes()),
+        "state_names": list(STATES), "state_colors": STATE_COLOR_LIST,
+        "masked": STATES.index("masked"), "absent": STATES.index("absent"),
+        "layer_mass": enc(_quantise(per_layer, qmax)), "trail_mass": enc(_quantise(trail, qmax)), "qmax": qmax,
+        "layer_hi": color_limits(per_layer, spec.color_range)[:, 1].round(3).tolist(),
+        "trail_hi": float(color_limits(trail, "global99" if spec.color_range == "per-step" else spec.color_range)[0, 1]),
+        "trail_name": trail_name, "dominant": dominant.astype(int).tolist(), "sinks": sinks,
+        "captions": [_sink_caption(report, tokens, agg[s], s) for s in range(S)],
+        "scale": MASS_SCALE, "range_name": COLOR_RANGE_NAMES[spec.color_range], "frame_ms": int(spec.frame_ms),
+        "max_labels": MAX_TICK_LABELS,
+    }
+
+
+def explorer_html(report, tokens: Optional[Sequence[str]] = None, spec: AnimationSpec = AnimationSpec(),
+                  title: str = "SinkScope: sinks over the denoising steps") -> str:
+    """The run as one self-contained HTML page (no network, no library): the token strip, the layer ×
+    position mass at the step with each layer's sinks, and the step × position mass of all steps with
+    the dominant sink of each and a line at the current step, on one shared position axis; its own
+    slider and play/pause move through the steps in the browser. The app shows this page as a
+    component; :func:`write_animation` saves it."""
+    import html as html_lib
+    import json
+
+    data = json.dumps(explorer_data(report, tokens, spec), separators=(",", ":"), ensure_ascii=False).replace("</", "<\\/")
+    page = _VIEW_TEMPLATE.read_text(encoding="utf-8")
+    return page.replace("__TITLE__", html_lib.escape(title)).replace("__DATA__", data)
+
+
+def explorer_height(report) -> int:
+    """Pixel height of :func:`explorer_html` (controls, canvas and legend), for the app's component frame."""
+    n_layers, S, L = len(report.layers), report.n_steps, report.length
+    canvas = (62 if L <= MAX_TICK_LABELS else 0) + 2 + 16 + 10 + max(12, min(26, 170 / n_layers)) * n_layers + 14 \
+        + max(160, min(320, 5 * S)) + 40
+    return int(canvas) + 34 + 24 + 80  # controls, caption, legend (two lines, room for a third)
+
+
+# --- files -------------------------------------------------------------------------------------------
+
+def _write_atomic(path: Path, data: bytes) -> Path:
+    """Write to a temporary sibling and rename into place (a failed write never clobbers the file)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        mask = os.umask(0)
+        os.umask(mask)
+        os.chmod(tmp, 0o666 & ~mask)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def html_bytes(report, tokens: Optional[Sequence[str]] = None, spec: AnimationSpec = AnimationSpec()) -> bytes:
+    """:func:`explorer_html` as UTF-8 bytes (the download)."""
+    return explorer_html(report, tokens, spec).encode()
+
+
+_FONT_FILES = ("/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf", "DejaVuSans.ttf")
+
+
+def _font(size: int):
+    from PIL import ImageFont
+
+    for name in _FONT_FILES:
+        try:
+            return ImageFont.truetype(name, size)
+        except OSError:
+            continue
+    return ImageFont.load_default(size)
+
+
+def _hex(color: str) -> tuple[int, int, int]:
+    color = color.lstrip("#")
+    return tuple(int(color[i:i + 2], 16) for i in (0, 2, 4))
+
+
+def gif_frames(report, tokens: Optional[Sequence[str]] = None, spec: AnimationSpec = AnimationSpec()) -> list:
+    """One Pillow image per step: the mass each position receives (bars, × uniform, one colour range
+    for all steps unless ``spec.color_range`` is per-step), coloured by the position's state, sinks
+    in red with a marker, the tokens written under the bars (rotated) and the step in the title."""
+    from PIL import Image, ImageDraw
+
+    tokens = _check_tokens(report, tokens)
+    S, L = report.n_steps, report.length
+    mult = step_mass(report)
+    limits = color_limits(mult, spec.color_range)
+    cell = 14 if L <= 96 else max(4, 1344 // L)
+    left, right, top, plot_h, label_h = 56, 16, 46, 220, (70 if L <= 96 else 24)
+    width, height = left + cell * L + right, top + plot_h + label_h + 22
+    font, small = _font(13), _font(10)
+    # the static part: axes, y ticks, rotated token labels
+    base = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(base)
+    y0 = top + plot_h
+    draw.line([(left - 1, top), (left - 1, y0), (left + cell * L, y0)], fill=(90, 90, 90))
+    draw.text((4, top - 16), "× uniform", fill=(60, 60, 60), font=small)
+    step_ticks = [j for j in range(0, L, max(1, (L + 15) // 16))]
+    for j in step_ticks:
+        draw.text((left + j * cell, height - 18), str(j), fill=(90, 90, 90), font=small)
+    draw.text((4, height - 18), "position", fill=(90, 90, 90), font=small)
+    x = left + 110
+    for name, rgb in [("prompt", _hex(STATE_COLORS["prompt"])), ("decoded", _hex(STATE_COLORS["decoded"])),
+                      ("decoding now", _hex(STATE_COLORS["decoding"])), ("masked", (200, 200, 200)), ("sink", (229, 57, 53))]:
+        draw.rectangle([x, 28, x + 9, 37], fill=rgb)
+        draw.text((x + 13, 26), name, fill=(60, 60, 60), font=small)
+        x += 22 + int(draw.textlength(name, font=small))
+    colors = {name: _hex(STATE_COLORS[name]) for name in STATES}
+    colors["masked"] = (200, 200, 200)
+    sink_color = (229, 57, 53)
+    # one fixed palette (greys for the text, the state colours, the sink red): every frame is drawn
+    # straight into it, so the GIF writer has nothing to quantise (quantising cost ~120 ms a frame)
+    greys = [(v, v, v) for v in range(0, 256, 17)]
+    palette = greys + list(colors.values()) + [sink_color]
+    pal = Image.new("P", (1, 1))
+    pal.putpalette([c for rgb in palette for c in rgb] + [255] * 3 * (256 - len(palette)))
+    base = base.quantize(palette=pal, dither=Image.Dither.NONE)
+    labels = []  # each token rotated, drawn once; pasted at the steps where the token is known
+    if L <= 96:
+        for t in tokens:
+            label = Image.new("RGB", (label_h - 4, cell), "white")
+            ImageDraw.Draw(label).text((0, 0), t[:10], fill=(40, 40, 40), font=small)
+            labels.append(label.rotate(90, expand=True).quantize(palette=pal, dither=Image.Dither.NONE))
+    masked = STATES.index("masked")
+    ink = {rgb: i for i, rgb in enumerate(palette)}  # palette indices: no colour look-up per shape
+    dark, mid, light = ink[(34, 34, 34)], ink[(85, 85, 85)], ink[(170, 170, 170)]
+    state_ink = [ink[colors[name]] for name in STATES]
+    red = ink[sink_color]
+    frames = []
+    for s in range(S):
+        img = base.copy()
+        d = ImageDraw.Draw(img)
+        hi = float(limits[s, 1])
+        for frac in (0.0, 0.5, 1.0):
+            y = y0 - frac * plot_h
+            d.line([(left - 5, y), (left - 1, y)], fill=mid)
+            d.text((8, y - 7), f"{frac * hi:.1f}", fill=mid, font=small)
+        uy = y0 - min(1.0 / hi, 1.0) * plot_h  # the uniform level
+        d.line([(left, uy), (left + cell * L, uy)], fill=light)
+        states = report.state[s]
+        sinks = report.is_sink[s]
+        heights = np.minimum(np.nan_to_num(mult[s], nan=-1.0) / hi, 1.0) * plot_h
+        for j in range(L):
+            h = heights[j]
+            if h < 0:
+                continue
+            x = left + j * cell
+            d.rectangle([x + 1, y0 - h, x + cell - 2, y0 - 1], fill=red if sinks[j] else state_ink[states[j]])
+            if sinks[j]:
+                d.polygon([(x + cell / 2, y0 - h - 3), (x + 1, y0 - h - 10), (x + cell - 1, y0 - h - 10)], fill=red)
+        for j, label in enumerate(labels):
+            if states[j] != masked:
+                img.paste(label, (left + j * cell, y0 + 3))
+        d.text((left, 8), f"Step {s} of {S - 1}", fill=dark, font=font)
+        caption = _sink_caption(report, tokens, mult[s], s, limit=4)
+        d.text((left + 110, 10), caption[:max(10, (width - left - 120) // 6)], fill=mid, font=small)
+        frames.append(img)
+    return frames
+
+
+def gif_bytes(report, tokens: Optional[Sequence[str]] = None, spec: AnimationSpec = AnimationSpec()) -> bytes:
+    """An animated GIF of the sinks moving over the steps (:func:`gif_frames`), looping."""
+    frames = gif_frames(report, tokens, spec)
+    buf = io.BytesIO()
+    frames[0].save(buf, format="GIF", save_all=True, append_images=frames[1:], duration=spec.frame_ms, loop=0, optimize=False)
+    return buf.getvalue()
+
+
+def write_animation(report, path: Union[str, Path], tokens: Optional[Sequence[str]] = None,
+                    spec: AnimationSpec = AnimationSpec()) -> Path:
+    """Write ``.gif`` or ``.html`` (chosen by the extension) atomically; returns the path."""
+    path = Path(path)
+    kind = path.suffix.lower()
+    _layer_index(report, spec.layer)  # an unknown layer fails before any drawing
+    if kind == ".gif":
+        data = gif_bytes(report, tokens, spec)
+    elif kind in (".html", ".htm"):
+        data = html_bytes(report, tokens, spec)
+    else:
+        raise AnimationSpecError(f"'{path.name}' must end in .gif or .html (the extension picks the format).")
+    return _write_atomic(path, data)

@@ -1,0 +1,45 @@
+"""The Denoising explorer page under AppTest on the built-in models: a causal model hides the
+masked-diffusion options, and after a failed run the stored result is labelled as the previous one."""
+from __future__ import annotations
+
+from test_app import generate_small, new_app, texts
+
+
+def test_causal_model_hides_the_dlm_options_and_generates():
+    at = new_app()
+    at.session_state["model_kind"] = "Built-in AR twin (tiny-ar)"
+    at.switch_page("pages/explorer.py").run()
+    labels = [n.label for n in at.number_input]
+    assert "Block length" not in labels and "CFG scale" not in labels
+    assert "Remasking" not in [s.label for s in at.selectbox]
+    form = {n.label: n for n in at.number_input}
+    form["Generation length"].set_value(12)
+    at.button[0].click().run()
+    assert not at.exception and not at.error, texts(at.error)
+    assert any(s.startswith("12 steps in") and "causal, one token per step" in s for s in texts(at.success))
+
+
+def test_a_failed_run_labels_the_stored_result_as_the_previous_run():
+    at = generate_small(new_app())
+    assert any("16 tokens · 16 steps, block 16" in s for s in texts(at.success))
+    form = {n.label: n for n in at.number_input}
+    form["Generation length"].set_value(30)  # not divisible by the block length: the run fails
+    at.button[0].click().run()
+    assert any("divisible by block_length" in e for e in texts(at.error))
+    assert not at.success
+    assert any("previous run" in w and "16 tokens" in w for w in texts(at.warning))
+
+
+def test_attention_map_follows_the_view_or_the_typed_step():
+    at = generate_small(new_app())
+    at.query_params["step"] = "7"  # what the browser view writes into the page's URL as it steps
+    recompute = next(b for b in at.button if b.label == "Recompute map")
+    recompute.click().run()
+    assert not at.exception and not at.error
+    step, layer, head, amap = at.session_state["attention"]
+    assert (step, layer, head) == (7, 0, 0) and amap.shape[0] == amap.shape[1]
+    at.toggle[0].set_value(False).run()
+    at.number_input(key="map_step").set_value(3).run()
+    next(b for b in at.button if b.label == "Recompute map").click().run()
+    assert at.session_state["attention"][0] == 3
+    assert any("Attention map: step 3" in str(c.proto) for c in at.get("plotly_chart"))

@@ -1,0 +1,136 @@
+"""The explorer's view and exports (sap_core.animation) and its attention map (sap_core.viz): pure
+functions of a sink report, checked against the report's own numbers."""
+from __future__ import annotations
+
+import base64
+import json
+import re
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from sap_core import animation, viz
+from sap_core.attention import AttentionRecorder
+from sap_core.diffusion import DecodeSpec, generate
+from sap_core.sinks import STATES, SinkSpec, analyze
+
+
+@pytest.fixture(scope="module")
+def run(tiny_dlm):
+    traj = generate(tiny_dlm, "To be, or not", DecodeSpec(8, 8, 4, "low_confidence", 0.0, 0.0, 0), recorder=AttentionRecorder())
+    report = analyze(traj, SinkSpec(k=0.5))  # a low threshold: sinks at most steps of this random model
+    tokens = animation.readable_tokens(tiny_dlm.decode, traj.final_tokens)
+    return traj, report, tokens
+
+
+def test_readable_tokens_make_whitespace_visible():
+    assert animation.readable_tokens(lambda ids: {1: "a b", 2: "\n"}[ids[0]], [1, 2]) == ["a␣b", "⏎"]
+
+
+def test_spec_validates_before_any_work(run):
+    _, report, tokens = run
+    with pytest.raises(animation.AnimationSpecError, match="color_range"):
+        animation.AnimationSpec(color_range="auto")
+    with pytest.raises(animation.AnimationSpecError, match="frame_ms"):
+        animation.AnimationSpec(frame_ms=1)
+    with pytest.raises(animation.AnimationSpecError, match="layer 7 was not analysed"):
+        animation.explorer_data(report, tokens, animation.AnimationSpec(layer=7))
+    with pytest.raises(animation.AnimationSpecError, match="token texts"):
+        animation.explorer_data(report, tokens[:-1])
+
+
+def test_color_limits_fixed_or_per_step():
+    values = np.array([[[1.0, 2.0, np.nan]], [[1.0, 8.0, 0.5]]])
+    assert animation.color_limits(values, "global").tolist() == [[0, 8.0], [0, 8.0]]
+    assert animation.color_limits(values, "per-step")[:, 1].tolist() == [2.0, 8.0]
+    hi = animation.color_limits(values, "global99")[:, 1]
+    assert hi[0] == hi[1] and 2.0 < hi[0] < 8.0
+
+
+def test_explorer_data_round_trips_the_report(run):
+    traj, report, tokens = run
+    data = animation.explorer_data(report, tokens)
+    S, L, nL = report.n_steps, report.length, len(report.layers)
+    assert (data["steps"], data["length"], data["layers"]) == (S, L, list(report.layers))
+    state = np.frombuffer(base64.b64decode(data["state"]), np.uint8).reshape(S, L)
+    assert (state == report.state).all()
+    q = np.frombuffer(base64.b64decode(data["layer_mass"]), np.uint8).reshape(S, nL, L)
+    expected = animation.layer_step_mass(report)
+    assert ((q == 255) == np.isnan(expected)).all()
+    decoded = q * data["qmax"] / 254
+    ok = ~np.isnan(expected)
+    assert np.abs(decoded[ok] - expected[ok]).max() <= data["qmax"] / 254 / 2 + 1e-9  # one byte, rounded
+    for s in range(S):
+        flat = np.zeros(nL * L, bool)
+        flat[data["sinks"][s]] = True
+        assert (flat.reshape(nL, L) == report.layer_is_sink[s]).all()
+    assert data["dominant"] == report.dominant.tolist()
+    assert all(data["layer_hi"][0] == hi for hi in data["layer_hi"])  # fixed range by default
+    per_step = animation.explorer_data(report, tokens, animation.AnimationSpec(color_range="per-step"))
+    assert per_step["layer_hi"] == animation.color_limits(expected, "per-step")[:, 1].round(3).tolist()
+
+
+def test_sinks_tables_name_the_tokens(run):
+    _, report, tokens = run
+    frame = animation.sinks_frame(report, tokens)
+    assert len(frame) == int(report.is_sink.sum()) > 0
+    for row in frame.itertuples():
+        assert report.is_sink[row.step, row.position] and row.token_text == tokens[row.position]
+        assert row.state == STATES[report.state[row.step, row.position]]
+    s = int(frame["step"].iloc[0])
+    listed = animation.sinks_at_step(report, tokens, s)
+    assert sorted(p for p, _, _ in listed) == sorted(frame.loc[frame["step"] == s, "position"])
+    assert [m for _, _, m in listed] == sorted([m for _, _, m in listed], reverse=True)
+    positions = animation.positions_frame(report, tokens)
+    assert positions["token_text"].tolist() == tokens and list(positions.columns).index("token_text") == 2
+    masked_now = animation.tokens_at_step(report, tokens, 0)
+    assert [t == "[mask]" for t in masked_now] == [st == STATES.index("masked") for st in report.state[0]]
+
+
+def test_html_is_self_contained_and_carries_the_run(run):
+    _, report, tokens = run
+    page = animation.explorer_html(report, tokens).replace("<\\/", "</")
+    assert "<script src" not in page and "http" not in page  # no library, no network
+    data = json.loads(re.search(r"const D = (\{.*?\});\n", page, re.S).group(1))
+    assert data["tokens"] == tokens and data["captions"][0].startswith(("sinks at this step", "no sink"))
+
+
+def test_gif_has_a_frame_per_step_and_draws_the_sinks_red(run, tmp_path):
+    _, report, tokens = run
+    out = animation.write_animation(report, tmp_path / "sinks.gif", tokens)
+    gif = Image.open(out)
+    assert gif.format == "GIF" and gif.n_frames == report.n_steps
+    step = int(np.argmax(report.is_sink.sum(1)))
+    gif.seek(step)
+    pixels = np.asarray(gif.convert("RGB")).reshape(-1, 3)
+    red = (pixels == (229, 57, 53)).all(1).sum()
+    assert red > 0 and report.is_sink[step].any()
+    gif.seek(int(np.argmin(report.is_sink.sum(1))))
+    if not report.is_sink[gif.tell()].any():
+        assert not (np.asarray(gif.convert("RGB")).reshape(-1, 3) == (229, 57, 53)).all(1).any()
+
+
+def test_write_animation_keeps_an_existing_file_on_failure(run, tmp_path):
+    _, report, tokens = run
+    target = tmp_path / "sinks.html"
+    target.write_text("keep me")
+    with pytest.raises(animation.AnimationSpecError, match="layer"):
+        animation.write_animation(report, target, tokens, animation.AnimationSpec(layer=42))
+    with pytest.raises(animation.AnimationSpecError, match=".gif or .html"):
+        animation.write_animation(report, tmp_path / "sinks.png", tokens)
+    assert target.read_text() == "keep me" and sorted(p.name for p in tmp_path.iterdir()) == ["sinks.html"]
+    animation.write_animation(report, target, tokens)
+    assert target.read_text().startswith("<!DOCTYPE html>")
+
+
+def test_attention_map_is_square_with_tokens_on_both_axes():
+    rng = np.random.default_rng(0)
+    amap = rng.random((5, 5))
+    amap /= amap.sum(1, keepdims=True)
+    fig = viz.attention_map_figure(amap, 3, 1, 0, ["a", "b", "c", "d", "e"])
+    assert fig.layout.yaxis.scaleanchor == "x" and list(fig.layout.xaxis.ticktext) == ["a", "b", "c", "d", "e"]
+    assert fig.data[0].customdata[1][4] == ["1 'b'", "4 'e'"]
+    assert fig.data[0].colorscale[0][1] == viz.PROBABILITY_SCALE[0][1]
+    many = viz.attention_map_figure(np.eye(120), 0, 0, 0)
+    assert many.layout.xaxis.ticktext is None  # too many positions for labels: the hover names them
