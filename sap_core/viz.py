@@ -12,6 +12,8 @@ import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 
+from sap_core.sinks import mass_view
+
 STATE_COLORS = {"prompt": "#9e9e9e", "masked": "#e0e0e0", "decoded": "#90caf9", "decoding": "#ff7043", "absent": "#ffffff"}
 LABEL_COLORS = {"none": "#bdbdbd", "transient": "#ffca28", "stable": "#42a5f5", "unstable": "#ef5350"}
 
@@ -24,10 +26,10 @@ PROBABILITY_SCALE = [[0.0, "#0b0b1e"], [0.2, "#3b0f70"], [0.4, "#8c2981"], [0.6,
 
 
 def _uniform_multiple(mass: np.ndarray, valid: np.ndarray) -> np.ndarray:
-    """``mass[..., L]`` divided by its mean over the valid positions (NaN where not valid)."""
-    m = np.where(valid, mass, np.nan)
-    mean = np.nanmean(m, axis=-1, keepdims=True)
-    return m / np.where(mean > 0, mean, 1.0)
+    """Rows of ``mass[R, L]`` as multiples of their mean over the valid positions (the ``"uniform"``
+    view of :mod:`sap_core.sinks`); NaN where not valid. ``valid``: ``bool [R, L]`` or ``[1, L]``."""
+    valid = np.broadcast_to(valid, mass.shape)
+    return mass_view(mass, "uniform", valid.sum(-1), absent=np.nan)
 
 
 def token_strip(tokens: Sequence[str], states: Sequence[str], title: str = "Tokens") -> go.Figure:
