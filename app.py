@@ -39,6 +39,7 @@ pages = [
     st.Page("pages/model.py", title="Model", icon="🧠", default=True),
     st.Page("pages/explorer.py", title="Denoising explorer", icon="🔍"),
     st.Page("pages/stability.py", title="Sink stability", icon="⚖️"),
+    st.Page("pages/ar_vs_dlm.py", title="AR vs DLM", icon=":material/compare_arrows:"),
     st.Page("pages/prune.py", title="Prune", icon="✂️"),
     st.Page("pages/compare.py", title="Compare", icon="🆚"),
 ]

@@ -1,0 +1,102 @@
+"""The AR vs DLM page (issue 13), driven by AppTest: its numbers are the Sink stability page's, and the
+across-prompts panel runs for real."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from streamlit.testing.v1 import AppTest
+
+from sap_core.sinks import SinkSpec, analyze
+
+APP = str(Path(__file__).resolve().parents[1] / "app.py")
+PAGE = "pages/ar_vs_dlm.py"
+
+
+def texts(elements) -> list[str]:
+    return [str(e.value) for e in elements]
+
+
+def app_with_generation(kind: int = 0) -> AppTest:
+    from app_common import MODEL_KINDS
+
+    at = AppTest.from_file(APP, default_timeout=300)
+    at.session_state["model_kind"] = MODEL_KINDS[kind]
+    at.run()
+    assert not at.exception
+    at.switch_page("pages/explorer.py").run()
+    form = {n.label: n for n in at.number_input}
+    form["Generation length"].set_value(16)
+    if "Steps" in form:
+        form["Steps"].set_value(16)
+    at.button[0].click().run()  # "Generate"
+    assert not at.exception and not at.error, texts(at.error)
+    return at
+
+
+def button(at: AppTest, label: str):
+    (found,) = [b for b in at.button if b.label == label]
+    return found
+
+
+def test_other_model_side_by_side_equals_the_sink_stability_numbers():
+    at = app_with_generation()
+    at.switch_page(PAGE).run()
+    assert not at.exception and not at.error
+    assert at.text_input(key="other_model").value == "tiny-ar"
+    assert at.radio(key="ar_view").value == "raw"
+    button(at, "Run the other model on this prompt").click().run()
+    assert not at.exception and not at.error, texts(at.error)
+    dlm_traj, ar_traj = at.session_state["trajectory"], at.session_state["other_trajectory"]
+    assert ar_traj.causal and not dlm_traj.causal and ar_traj.prompt == dlm_traj.prompt
+    spec = at.session_state["sink_spec"] if "sink_spec" in at.session_state else SinkSpec(tau=0.05)
+    ar, dlm = analyze(ar_traj, spec), analyze(dlm_traj, spec)  # what each model's Sink stability page shows
+    metrics = {m.label: m.value for m in at.metric}
+    assert metrics["AR: Var(dominant position)"] == f"{ar.aggregate.dominant_var:.1f} tok²"
+    assert metrics["DLM: Var(dominant position)"] == f"{dlm.aggregate.dominant_var:.1f} tok²"
+    assert metrics["DLM: distinct dominant positions"] == str(len(set(dlm.dominant.tolist())))
+    table = at.dataframe[0].value
+    assert table.loc[0, "Layer"] == "all"
+    assert table.loc[0, "AR: Var(dominant position) (tokens²)"] == pytest.approx(ar.aggregate.dominant_var)
+    assert table.loc[0, "DLM: Top-k mass share"] == pytest.approx(dlm.aggregate.top_k_share)
+    for i, layer in enumerate(dlm.per_layer):
+        assert table.loc[i + 1, "DLM: Var(dominant position) (tokens²)"] == pytest.approx(layer.dominant_var)
+    assert len(at.get("plotly_chart")) == 2
+
+    # a normalised view is an option, explained, and changes the AR numbers
+    at.radio(key="ar_view").set_value("expected").run()
+    assert not at.exception
+    assert any("Distorts:" in c for c in texts(at.caption))
+    expected_ar = analyze(ar_traj, SinkSpec(**{**spec.to_dict(), "normalize": "expected"}))
+    assert at.dataframe[0].value.loc[0, "AR: Var(dominant position) (tokens²)"] == pytest.approx(expected_ar.aggregate.dominant_var)
+
+
+def test_across_prompts_panel_runs_and_plots_error_bars():
+    at = app_with_generation()
+    at.switch_page(PAGE).run()
+    form = {n.label: n for n in at.number_input}
+    form["Prompts"].set_value(2)
+    form["Tokens per prompt"].set_value(6)
+    button(at, "Run across prompts").click().run()
+    assert not at.exception and not at.error, texts(at.error)
+    stats = at.session_state["sinkstats"]
+    assert stats.n_prompts == 2 and stats.labels == ("tiny-dlm", "tiny-ar") and stats.decode.gen_length == 16
+    table = at.dataframe[0].value
+    assert list(table.columns[:4]) == ["Statistic", "tiny-dlm", "tiny-ar", "DLM − AR"]
+    summary = stats.summary()
+    row = summary[(summary["layer"] == -1) & (summary["statistic"] == "dominant_var") & (summary["group"] == "tiny-dlm")].iloc[0]
+    assert table.loc[0, "tiny-dlm"] == f"{row['mean']:.3g} ± {row['se']:.2g}"
+    figure = at.get("plotly_chart")[-1].proto.spec
+    assert "error_y" in figure and "standard error" in figure
+    assert len(at.get("download_button")) == 2
+
+
+def test_other_model_defaults_to_the_dlm_when_an_ar_is_active_and_refuses_the_same_kind():
+    at = app_with_generation(kind=1)  # the built-in AR twin
+    at.switch_page(PAGE).run()
+    assert not at.exception
+    assert at.text_input(key="other_model").value == "tiny-dlm"
+    at.text_input(key="other_model").set_value("tiny-ar").run()
+    button(at, "Run the other model on this prompt").click().run()
+    assert not at.exception
+    assert any("pick a model of the other kind" in e for e in texts(at.error))
