@@ -250,35 +250,36 @@ def sink_trajectory_pair(reports: dict, normalize: str = "raw") -> go.Figure:
                                  marker=dict(size=4)), row=1, col=i + 1)
         fig.update_xaxes(title_text="key position", range=[-0.5, length - 0.5], row=1, col=i + 1)
     fig.update_yaxes(title_text="step", range=[steps - 0.5, -0.5], row=1, col=1)
-    fig.update_layout(title=f"Sink trajectories, same axes and colour range ({title})", height=460,
+    fig.update_layout(title=f"Sink trajectories, same axes and colour range · {title}", height=460,
                       margin=dict(l=60, r=10, t=70, b=40), legend=dict(orientation="h", y=-0.15), plot_bgcolor="white")
     return fig
 
 
 def sinkstats_figure(summary: pd.DataFrame, labels: Sequence[str]) -> go.Figure:
     """Across-prompt statistics per layer with ±1 standard-error bars: one panel per statistic, one
-    series per model (``labels``), from :meth:`sap_core.sinkstats.SinkStats.summary`. Layer "all"
+    series per model (``labels`` = (DLM, AR), drawn AR first in the AR and DLM colours), from :meth:`sap_core.sinkstats.SinkStats.summary`. Layer "all"
     is the aggregate over the selected layers (the Sink stability page's figures)."""
     from plotly.subplots import make_subplots
 
     from sap_core.sinkstats import STATISTICS
 
     stats = list(STATISTICS)
-    fig = make_subplots(rows=2, cols=2, subplot_titles=[STATISTICS[s] for s in stats], vertical_spacing=0.14,
+    fig = make_subplots(rows=2, cols=2, subplot_titles=[STATISTICS[s] for s in stats], vertical_spacing=0.2,
                         horizontal_spacing=0.08)
     layers = sorted(summary["layer"].unique(), key=lambda x: (x != -1, x))
     names = ["all" if l == -1 else str(l) for l in layers]
     n = int(summary["n"].max()) if len(summary) else 0
     for k, stat in enumerate(stats):
         row, col = k // 2 + 1, k % 2 + 1
-        for i, label in enumerate(labels):
+        for label, color in ((labels[1], PAIR_COLORS[0]), (labels[0], PAIR_COLORS[1])):  # AR first, as everywhere
             part = summary[(summary["statistic"] == stat) & (summary["group"] == label)].set_index("layer").reindex(layers)
-            fig.add_trace(go.Bar(x=names, y=part["mean"], name=label, marker_color=PAIR_COLORS[i % 2], showlegend=k == 0,
+            fig.add_trace(go.Bar(x=names, y=part["mean"], name=label, marker_color=color, showlegend=k == 0,
                                  legendgroup=label, error_y=dict(type="data", array=part["se"].fillna(0), thickness=1.2, width=3,
                                                                  color="#333333"),
                                  hovertemplate=f"{label}, layer %{{x}}: %{{y:.3g}} ± %{{error_y.array:.2g}}<extra></extra>"),
                           row=row, col=col)
         fig.update_xaxes(title_text="layer", row=row, col=col)
-    fig.update_layout(title=f"Across {n} prompts: mean ± 1 standard error", barmode="group", height=620,
-                      margin=dict(l=60, r=10, t=80, b=40), legend=dict(orientation="h", y=1.08, x=0.6), template="plotly_white")
+    fig.update_layout(title=f"Across {n} prompts: mean ± 1 standard error", barmode="group", height=640,
+                      margin=dict(l=60, r=10, t=100, b=40), template="plotly_white",
+                      legend=dict(orientation="h", x=1, xanchor="right", y=1.16, yanchor="bottom"))
     return fig

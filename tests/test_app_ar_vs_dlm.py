@@ -100,3 +100,36 @@ def test_other_model_defaults_to_the_dlm_when_an_ar_is_active_and_refuses_the_sa
     button(at, "Run the other model on this prompt").click().run()
     assert not at.exception
     assert any("pick a model of the other kind" in e for e in texts(at.error))
+
+
+def test_ar_vs_dlm_in_a_browser(app_url, page):
+    """The page as a user sees it: side-by-side trajectories and the across-prompts error bars (screenshots)."""
+    from conftest import needs_chromium, no_streamlit_exception
+    from playwright.sync_api import expect
+
+    if needs_chromium.args[0]:
+        pytest.skip(needs_chromium.kwargs["reason"])
+    page.goto(app_url)
+    page.get_by_role("link", name="Denoising explorer").click()
+    page.get_by_role("spinbutton", name="Generation length").fill("32")
+    page.get_by_role("spinbutton", name="Steps", exact=True).fill("32")
+    page.get_by_role("button", name="Generate").click()
+    expect(page.get_by_text("32 steps in", exact=False)).to_be_visible()
+    page.get_by_role("link", name="AR vs DLM").click()
+    page.get_by_role("button", name="Run the other model on this prompt").click()
+    expect(page.get_by_text("Sink trajectories, same axes and colour range", exact=False)).to_be_visible()
+    page.get_by_role("spinbutton", name="Prompts").fill("4")
+    page.get_by_role("button", name="Run across prompts").click()
+    expect(page.get_by_text("Across 4 prompts: mean ± 1 standard error")).to_be_visible()
+    import time
+
+    time.sleep(1.5)  # let plotly finish drawing
+    page.shot("ar-vs-dlm")
+    charts = page.locator("[data-testid='stPlotlyChart']")
+    assert charts.count() == 3
+    from conftest import SCREENSHOTS
+
+    for i, name in enumerate(("trajectories", "per-layer", "across-prompts")):
+        charts.nth(i).scroll_into_view_if_needed()
+        charts.nth(i).screenshot(path=str(SCREENSHOTS / f"test_ar_vs_dlm_in_a_browser-{name}.png"))
+    no_streamlit_exception(page)
