@@ -41,7 +41,7 @@ import pandas as pd
 from sap_core.diffusion import DecodeSpec
 from sap_core.errors import SapError
 from sap_core.progress import Progress, report
-from sap_core.sinks import AGGREGATE, SinkReport, SinkSpec, analyze
+from sap_core.sinks import AGGREGATE, SinkReport, SinkSpec, _records, analyze
 
 STATISTICS = {
     "dominant_var": "Var(dominant position) (tokens²)",
@@ -197,17 +197,6 @@ def mean_se(values: np.ndarray) -> tuple[float, float]:
     mean = float(values.mean())
     se = float(values.std(ddof=1) / np.sqrt(values.size)) if values.size > 1 else float("nan")
     return mean, se
-
-
-def _records(frame: pd.DataFrame) -> list[dict]:
-    out = []
-    for row in frame.to_dict(orient="records"):
-        clean = {}
-        for k, v in row.items():
-            v = v.item() if hasattr(v, "item") else v
-            clean[k] = None if isinstance(v, float) and not np.isfinite(v) else v
-        out.append(clean)
-    return out
 
 
 def _write_atomic(path: Path, text: str) -> None:
