@@ -128,8 +128,8 @@ def comparison_bars(frame: pd.DataFrame, labels: Sequence[str], metric: str = "d
     x = ["all" if l == -1 else str(l) for l in frame["layer"]]
     fig = go.Figure([go.Bar(x=x, y=frame[f"{label}_{metric}"], name=label, marker_color=PAIR_COLORS[i % 2])
                      for i, label in enumerate(labels)])
-    fig.update_layout(title=f"{title} per layer", xaxis_title="layer (all = summed over layers)", yaxis_title=title,
-                      barmode="group", height=340, margin=dict(l=60, r=10, t=40, b=40))
+    fig.update_layout(title=f"{title} per layer", xaxis=dict(title="layer (all = summed over layers)", type="category"),
+                      yaxis_title=title, barmode="group", height=340, margin=dict(l=60, r=10, t=40, b=40))
     return fig
 
 
@@ -278,8 +278,8 @@ def sinkstats_figure(summary: pd.DataFrame, labels: Sequence[str]) -> go.Figure:
                                                                  color="#333333"),
                                  hovertemplate=f"{label}, layer %{{x}}: %{{y:.3g}} ± %{{error_y.array:.2g}}<extra></extra>"),
                           row=row, col=col)
-        fig.update_xaxes(title_text="layer", row=row, col=col)
+        fig.update_xaxes(title_text="layer", type="category", row=row, col=col)
     fig.update_layout(title=f"Across {n} prompts: mean ± 1 standard error", barmode="group", height=640,
                       margin=dict(l=60, r=10, t=100, b=40), template="plotly_white",
-                      legend=dict(orientation="h", x=1, xanchor="right", y=1.16, yanchor="bottom"))
+                      legend=dict(orientation="h", x=0.5, xanchor="center", y=1.1, yanchor="bottom"))
     return fig
