@@ -8,7 +8,7 @@ Loads tiny-dlm and tiny-ar once, then times, on one CPU thread:
 * :func:`sap_core.sinkstats.run_sinkstats` over ``--prompts`` prompts (windows of the evaluation
   text), which reuses the loaded models and analyses each trajectory as it goes.
 
-Prints the seconds, the per-prompt cost of ``run_sinkstats`` and its ratio to the baseline (1.0 =
+Prints the seconds (wall and CPU), the per-prompt cost of ``run_sinkstats`` and its ratio to the baseline (1.0 =
 the analysis and bookkeeping cost nothing on top of decoding), and the load average, since on a
 shared machine wall time depends on it.
 
@@ -56,12 +56,14 @@ def main() -> None:
 
     base = statistics.median(pair(True) for _ in range(args.repeats))
     bare = statistics.median(pair(False) for _ in range(args.repeats))
+    cpu = time.process_time()
     stats = run_sinkstats(dlm, ar, prompts, spec)
+    cpu = time.process_time() - cpu
     per_prompt = stats.seconds / len(prompts)
     print(f"load average before: {load_before[0]:.2f}  after: {os.getloadavg()[0]:.2f} (2 cores shared)")
     print(f"settings: {len(prompts)} prompts, gen_length {spec.gen_length}, DLM steps {spec.steps} (AR: {spec.gen_length}), 1 thread")
     print(f"baseline, one prompt through both models with the recorder: {base:.2f} s (without it: {bare:.2f} s)")
-    print(f"run_sinkstats: {stats.seconds:.1f} s in all, {per_prompt:.2f} s per prompt")
+    print(f"run_sinkstats: {stats.seconds:.1f} s in all ({cpu:.1f} s of CPU time), {per_prompt:.2f} s per prompt")
     print(f"ratio per prompt / baseline: {per_prompt / base:.2f}")
 
 

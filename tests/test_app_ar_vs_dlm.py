@@ -118,6 +118,7 @@ def test_ar_vs_dlm_in_a_browser(app_url, page):
     page.get_by_role("link", name="AR vs DLM").click()
     page.get_by_role("button", name="Run the other model on this prompt").click()
     expect(page.get_by_text("Sink trajectories, same axes and colour range", exact=False)).to_be_visible()
+    page.shot("side-by-side")
     page.get_by_role("spinbutton", name="Prompts").fill("4")
     page.get_by_role("button", name="Run across prompts").click()
     expect(page.get_by_text("Across 4 prompts: mean ± 1 standard error")).to_be_visible()
