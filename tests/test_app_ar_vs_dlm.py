@@ -2,9 +2,11 @@
 across-prompts panel runs for real."""
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
+from conftest import SCREENSHOTS, needs_chromium, no_streamlit_exception
 from streamlit.testing.v1 import AppTest
 
 from sap_core.sinks import SinkSpec, analyze
@@ -102,13 +104,11 @@ def test_other_model_defaults_to_the_dlm_when_an_ar_is_active_and_refuses_the_sa
     assert any("pick a model of the other kind" in e for e in texts(at.error))
 
 
+@needs_chromium
 def test_ar_vs_dlm_in_a_browser(app_url, page):
     """The page as a user sees it: side-by-side trajectories and the across-prompts error bars (screenshots)."""
-    from conftest import needs_chromium, no_streamlit_exception
     from playwright.sync_api import expect
 
-    if needs_chromium.args[0]:
-        pytest.skip(needs_chromium.kwargs["reason"])
     page.goto(app_url)
     page.get_by_role("link", name="Denoising explorer").click()
     page.get_by_role("spinbutton", name="Generation length").fill("32")
@@ -122,14 +122,10 @@ def test_ar_vs_dlm_in_a_browser(app_url, page):
     page.get_by_role("spinbutton", name="Prompts").fill("4")
     page.get_by_role("button", name="Run across prompts").click()
     expect(page.get_by_text("Across 4 prompts: mean ± 1 standard error")).to_be_visible()
-    import time
-
     time.sleep(1.5)  # let plotly finish drawing
     page.shot("ar-vs-dlm")
     charts = page.locator("[data-testid='stPlotlyChart']")
     assert charts.count() == 3
-    from conftest import SCREENSHOTS
-
     for i, name in enumerate(("trajectories", "per-layer", "across-prompts")):
         charts.nth(i).scroll_into_view_if_needed()
         charts.nth(i).screenshot(path=str(SCREENSHOTS / f"test_ar_vs_dlm_in_a_browser-{name}.png"))
