@@ -10,7 +10,7 @@ Loads tiny-dlm and tiny-ar once, then times, on one CPU thread:
 
 Prints the seconds (wall and CPU), the per-prompt cost of ``run_sinkstats`` and its ratio to the baseline (1.0 =
 the analysis and bookkeeping cost nothing on top of decoding), and the load average, since on a
-shared machine wall time depends on it.
+shared machine wall time depends on it (the CPU-time ratio much less).
 
     python bench/sinkstats_cost.py [--prompts 32] [--gen-length 64] [--steps 64] [--repeats 3]
 """
@@ -48,23 +48,28 @@ def main() -> None:
     prompts = evaluation_prompts(dlm, args.prompts)
     generate(dlm, prompts[0], DecodeSpec(gen_length=16, steps=16, block_length=16))  # warm-up
 
-    def pair(record: bool) -> float:
-        t0 = time.perf_counter()
+    def pair(record: bool) -> tuple[float, float]:
+        wall, cpu = time.perf_counter(), time.process_time()
         for handle in (dlm, ar):
             generate(handle, prompts[0], spec, recorder=AttentionRecorder() if record else None)
-        return time.perf_counter() - t0
+        return time.perf_counter() - wall, time.process_time() - cpu
 
-    base = statistics.median(pair(True) for _ in range(args.repeats))
-    bare = statistics.median(pair(False) for _ in range(args.repeats))
+    def median(runs):  # (wall, cpu) medians
+        runs = list(runs)
+        return statistics.median(r[0] for r in runs), statistics.median(r[1] for r in runs)
+
+    base = median(pair(True) for _ in range(args.repeats))
+    bare = median(pair(False) for _ in range(args.repeats))
     cpu = time.process_time()
     stats = run_sinkstats(dlm, ar, prompts, spec)
     cpu = time.process_time() - cpu
-    per_prompt = stats.seconds / len(prompts)
+    n = len(prompts)
     print(f"load average before: {load_before[0]:.2f}  after: {os.getloadavg()[0]:.2f} (2 cores shared)")
-    print(f"settings: {len(prompts)} prompts, gen_length {spec.gen_length}, DLM steps {spec.steps} (AR: {spec.gen_length}), 1 thread")
-    print(f"baseline, one prompt through both models with the recorder: {base:.2f} s (without it: {bare:.2f} s)")
-    print(f"run_sinkstats: {stats.seconds:.1f} s in all ({cpu:.1f} s of CPU time), {per_prompt:.2f} s per prompt")
-    print(f"ratio per prompt / baseline: {per_prompt / base:.2f}")
+    print(f"settings: {n} prompts, gen_length {spec.gen_length}, DLM steps {spec.steps} (AR: {spec.gen_length}), 1 thread")
+    print(f"baseline, one prompt through both models with the recorder: {base[0]:.2f} s wall, {base[1]:.2f} s CPU "
+          f"(without the recorder: {bare[0]:.2f} s wall, {bare[1]:.2f} s CPU)")
+    print(f"run_sinkstats: {stats.seconds:.1f} s wall, {cpu:.1f} s CPU in all; per prompt {stats.seconds / n:.2f} s wall, {cpu / n:.2f} s CPU")
+    print(f"ratio per prompt / baseline: {stats.seconds / n / base[0]:.2f} (wall), {cpu / n / base[1]:.2f} (CPU, less sensitive to the load)")
 
 
 if __name__ == "__main__":
