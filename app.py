@@ -44,6 +44,7 @@ pages = [
     st.Page("pages/model.py", title="Model", icon=":material/memory:", default=True),
     st.Page("pages/explorer.py", title="Denoising explorer", icon=":material/animation:"),
     st.Page("pages/stability.py", title="Sink stability", icon=":material/balance:"),
+    st.Page("pages/ar_vs_dlm.py", title="AR vs DLM", icon=":material/swap_horiz:"),
     st.Page("pages/prune.py", title="Prune", icon=":material/content_cut:"),
     st.Page("pages/tau.py", title="Pick tau", icon=":material/tune:"),
     st.Page("pages/compare.py", title="Compare", icon=":material/compare_arrows:"),

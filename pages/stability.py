@@ -115,26 +115,3 @@ c1.download_button("Download positions (CSV)", positions.to_csv(index=False), "s
 with tempfile.TemporaryDirectory() as tmp:
     report.to_json(Path(tmp) / "report.json")
     c2.download_button("Download full report (JSON)", (Path(tmp) / "report.json").read_text(), "sink_report.json", "application/json")
-
-st.subheader("AR vs DLM")
-st.caption("Runs the same prompt through a causal model, token by token, and compares the per-layer instability. "
-           "Mass is normalised by what each key would receive under uniform attention over the keys its queries can see, "
-           "so a position-0 sink is never an artefact of the causal mask.")
-other_source = st.text_input("Causal model", ar_model(), help="The built-in AR twin, or a local causal model directory.")
-if st.button("Run the AR comparison"):
-    bar = st.progress(0.0)
-    with job("The AR run"):
-        other = cached_model(other_source, *model_choice()[1:])
-        if other.causal == handle.causal:
-            raise SapError("Pick a model of the other kind: one causal (AR) and one masked-diffusion model.")
-        other_traj = generate(other, traj.prompt, traj.spec, recorder=AttentionRecorder(), progress=progress_callback(bar, "AR decoding"))
-        st.session_state.update(ar_trajectory=other_traj, ar_trajectory_model=model_choice())
-    bar.empty()
-ar_traj = current_trajectory(handle, "ar_trajectory")
-if ar_traj is not None:
-    pair = (ar_traj, traj) if ar_traj.causal else (traj, ar_traj)
-    comparison = compare(*pair, spec=spec, labels=("AR", "DLM"))
-    frame = comparison.frame()
-    st.plotly_chart(viz.comparison_bars(frame, ("AR", "DLM")))
-    st.dataframe(frame, hide_index=True)
-    st.download_button("Download comparison (JSON)", json.dumps(comparison.summary(), default=float), "ar_vs_dlm.json")

@@ -262,7 +262,7 @@ def _add_eval(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> Parser:
     parser = Parser(prog="python -m sap_core", description="SinkScope: attention sinks and sink-aware pruning of diffusion language models.")
-    sub = parser.add_subparsers(dest="command", metavar="{generate,analyze,prune,evaluate,sweep}", required=True)
+    sub = parser.add_subparsers(dest="command", metavar="{generate,analyze,prune,evaluate,sweep,sinkstats}", required=True)
 
     p = sub.add_parser("generate", help="decode a prompt and save the trajectory",
                        description="Decode a prompt with the masked-diffusion sampler (token by token for a causal model). "
@@ -331,6 +331,28 @@ def build_parser() -> Parser:
     p.add_argument("--plot", default=None, metavar="PNG", help="also save the perplexity-vs-sparsity plot (PNG/SVG/PDF)")
     p.set_defaults(func=cmd_sweep)
     _add_animate(sub)
+
+    p = sub.add_parser("sinkstats", help="do DLM sinks move more than AR sinks? statistics over many prompts",
+                       description="Decode N prompts (windows of the evaluation text, or --prompt-file: one prompt a line) "
+                                   "with a masked-diffusion and a causal model under the same decoding settings and report, "
+                                   "per layer and over all layers, mean ± standard error of the dominant-position variance, "
+                                   "the number of distinct dominant positions, the share of steps whose dominant position is "
+                                   "the first token and the top-k mass share, with the paired difference DLM - AR.")
+    p.add_argument("--models", type=_names, default=["tiny-dlm", "tiny-ar"],
+                   help="two models, one masked-diffusion and one causal (default tiny-dlm,tiny-ar)")
+    p.add_argument("--prompts", type=_positive, default=32, help="number of prompts, >= 2 (default 32)")
+    p.add_argument("--prompt-file", default=None, help="UTF-8 file, one prompt a line (default: windows of the evaluation text)")
+    p.add_argument("--prompt-tokens", type=_positive, default=16, help="tokens per evaluation-text window (default 16)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:0 ... (default: auto)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"], help="weights dtype (default: auto)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--threads", type=_positive, default=int(os.environ.get("SINKSCOPE_THREADS", "1")),
+                   help="CPU threads for torch (default $SINKSCOPE_THREADS or 1: the tiny models gain nothing from more)")
+    _add_decode(p)
+    _add_sink(p)
+    p.add_argument("--out", default=None, metavar="CSV|JSON", help="write the results (.csv: summary + <stem>.prompts.csv; "
+                                                                    ".json: everything); default: JSON summary to stdout")
+    p.set_defaults(func=cmd_sinkstats)
     return parser
 
 
@@ -563,6 +585,39 @@ def cmd_animate(args) -> int:
     tokens = animation.tokenizer_texts(args.model, traj.final_tokens) if args.model else None
     out = animation.write_animation(report, args.out, tokens, spec)
     print(f"wrote {out} ({out.stat().st_size / 1e6:.2f} MB, {report.n_steps} steps)", file=sys.stderr)
+    return 0
+
+
+def cmd_sinkstats(args) -> int:
+    from sap_core.errors import SapError
+
+    if len(args.models) != 2:
+        raise SapError(f"--models takes two models, one masked-diffusion and one causal (got {len(args.models)}).")
+    prompt_text = _read_text(args.prompt_file)  # a wrong path fails before torch is imported
+    if args.prompt:
+        raise SapError("sinkstats runs many prompts: give --prompt-file (one prompt a line) instead of --prompt.")
+    import torch
+
+    from sap_core.models import load_model
+    from sap_core.sinkstats import evaluation_prompts, prompts_from_lines, run_sinkstats
+
+    torch.set_num_threads(args.threads)
+    decode, sink = _decode_spec(args), _sink_spec(args)
+    handles = [load_model(m, device=args.device, dtype=args.dtype) for m in args.models]
+    if prompt_text is not None:
+        prompts = prompts_from_lines(prompt_text, args.prompts)
+    else:
+        prompts = evaluation_prompts(handles[0], args.prompts, args.prompt_tokens)
+    with Bar("sinkstats", not args.quiet) as bar:
+        stats = run_sinkstats(*handles, prompts, decode, sink, labels=args.models, progress=bar)
+    print(f"{stats.n_prompts} prompts x 2 models in {stats.seconds:.1f} s", file=sys.stderr)
+    if args.out:
+        for path in stats.save(args.out):
+            print(f"wrote {path}", file=sys.stderr)
+        return 0
+    doc = stats.to_dict()
+    del doc["per_prompt"]
+    _write_json(doc, None)
     return 0
 
 

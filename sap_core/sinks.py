@@ -30,8 +30,9 @@ Views of the mass (``SinkSpec.normalize``); each divides ``m_t(j)`` by a baselin
       ``e_t(j) = H(n_t) - H(j)`` (harmonic numbers). The value is 1 for uniform attention at every
       position, causal or not. ``"per_query"`` alone still favours key 0 by a factor
       ``H(n) ~ ln n`` under uniform causal attention (early queries split their probability over
-      fewer keys), so :func:`compare` uses ``"expected"`` by default: a position-0 sink in an AR
-      model is then never an artefact of the causal mask.
+      fewer keys). :data:`VIEW_NOTES` says, for people, what each view corrects and what it
+      distorts; :func:`compare` uses the spec's view, ``"raw"`` by default, so that an AR-vs-DLM
+      comparison shows the very numbers of each model's own analysis.
 
 Sink score and sink set at step t (``SinkSpec.rule``); ``mean_t`` and ``std_t`` are the mean and the
 population standard deviation of the (viewed) mass over the valid positions of step ``t``:
@@ -111,6 +112,28 @@ from sap_core.errors import SinkSpecError
 
 RULES = ("official", "leave_one_out")
 VIEWS = ("raw", "uniform", "per_query", "expected")
+# Human-readable title and (what it corrects, what it distorts) of each view, for pages and docs.
+VIEW_NOTES = {
+    "raw": ("Raw mass (the paper's view)",
+            "Nothing is corrected: this is the mass the official Sink-Aware Pruning code sums, and the view of the "
+            "Sink stability page.",
+            "A causal model's early keys are seen by more queries, so under the causal triangle key 0 collects the most "
+            "mass even without a learned sink."),
+    "uniform": ("Multiple of the uniform mass",
+                "Divides each step's mass by its mean, so steps with more positions (an AR model's later steps) and "
+                "different layer or head selections are on one scale (1 = average). The dominant position does not change.",
+                "Nothing about the causal mask is corrected: for an AR model key 0 still looks like a sink by construction."),
+    "per_query": ("Mean probability from the queries that see the key",
+                  "Divides by the number of queries that can attend to each key, which removes most of the causal "
+                  "triangle's head start of the early keys.",
+                  "Under uniform causal attention key 0 is still favoured by about ln n (early queries split their "
+                  "probability over fewer keys)."),
+    "expected": ("Multiple of the mass expected under uniform attention",
+                 "Divides by the mass each key would get if every query attended uniformly to what it may see, so a "
+                 "causal model's key-0 sink is never an artefact of the mask (1 = no preference).",
+                 "The newest keys of a causal model expect almost no mass (one or two queries see them), so small "
+                 "absolute mass there is inflated into large multiples: the AR sink seems to follow the newest token."),
+}
 LABELS = ("none", "transient", "stable", "unstable")
 STATES = ("prompt", "decoded", "decoding", "masked", "absent")
 AGGREGATE = -1  # the ``layer`` value of aggregate rows in tables
@@ -374,13 +397,17 @@ def _as_steps(mass: Any) -> np.ndarray:
     return m
 
 
-def mass_view(mass: Any, normalize: str = "raw", valid_length: Any = None, causal: bool = False) -> np.ndarray:
-    """The viewed mass ``float64 [S, L]`` of a reduced mass ``[S, L]`` (see the module docstring)."""
+def mass_view(mass: Any, normalize: str = "raw", valid_length: Any = None, causal: bool = False,
+              absent: float = 0.0) -> np.ndarray:
+    """The viewed mass ``float64 [S, L]`` of a reduced mass ``[S, L]`` (see the module docstring);
+    ``absent`` at positions beyond ``valid_length[t]`` (e.g. NaN to leave them out of a mean or a plot).
+    Rows are scored on their own, so they may also be layers of one step."""
     if normalize not in VIEWS:
         raise SinkSpecError(f"normalize must be one of {', '.join(VIEWS)} (got '{normalize}').")
     m = _as_steps(mass)
     valid = _valid_mask(*m.shape, valid_length)
-    return _view(m[:, None, :], valid, normalize, causal)[:, 0]
+    out = _view(m[:, None, :], valid, normalize, causal)[:, 0]
+    return out if absent == 0.0 else np.where(valid, out, absent)
 
 
 def sink_scores(mass: Any, spec: SinkSpec = SinkSpec(), valid_length: Any = None, causal: bool = False) -> np.ndarray:
@@ -816,6 +843,16 @@ def analyze(trajectory: Any, spec: SinkSpec = SinkSpec()) -> SinkReport:
 
 COMPARE_METRICS = ("dominant_var", "dominant_var_norm", "centroid_var", "centroid_var_norm", "sink_steps",
                    "entropy_norm", "top_k_share")
+# Readable names of the :class:`Instability` figures, for tables and axes.
+METRIC_TITLES = {
+    "dominant_var": "Var(dominant position) (tokens²)",
+    "dominant_var_norm": "Var(dominant position / length)",
+    "centroid_var": "Var(sink centroid) (tokens²)",
+    "centroid_var_norm": "Var(sink centroid / length)",
+    "sink_steps": "Steps with a sink",
+    "entropy_norm": "Normalised entropy of the mean mass",
+    "top_k_share": "Top-k mass share",
+}
 
 
 @dataclass(frozen=True, eq=False)
@@ -839,20 +876,30 @@ class SinkComparison:
         order = [AGGREGATE] + sorted(i for i in out.index if i != AGGREGATE)
         return out.loc[order].reset_index()
 
+    def readable_frame(self):
+        """:meth:`frame` with readable column names (``"<label>: <title>"``) and layer ``"all"`` for the aggregate."""
+        frame = self.frame()
+        names = {"layer": "Layer"}
+        for label in self.labels:
+            names.update({f"{label}_{m}": f"{label}: {METRIC_TITLES[m]}" for m in COMPARE_METRICS})
+        frame["layer"] = ["all" if x == AGGREGATE else str(int(x)) for x in frame["layer"]]
+        return frame.rename(columns=names)
+
     def summary(self) -> dict:
         """The aggregate figures of both reports, keyed by label."""
         return {label: asdict(r.aggregate) for label, r in zip(self.labels, self.reports)}
 
 
-def compare(first: Any, second: Any, spec: Optional[SinkSpec] = None, normalize: Optional[str] = "expected",
+def compare(first: Any, second: Any, spec: Optional[SinkSpec] = None, normalize: Optional[str] = None,
             labels: Sequence[str] = ("AR", "DLM")) -> SinkComparison:
     """Compare two trajectories or reports (e.g. AR against DLM on the same prompt).
 
     Both are scored with ``spec`` (default: the first report's spec, or :class:`SinkSpec`) in the
-    view ``normalize`` (default ``"expected"``: the per-key normalisation by the queries that can
-    see each key, so that a causal model's position-0 sink is never an artefact of its mask; pass
-    None to keep ``spec.normalize``). Trajectories are analysed with ``spec``; reports are rescored
-    with it and keep their own layer and head selection.
+    view ``normalize`` (default None: ``spec.normalize``, which is ``"raw"`` unless chosen otherwise,
+    so each side's figures equal :func:`analyze` of that trajectory under ``spec``: the numbers of
+    its own Sink stability page). The normalised views are options; :data:`VIEW_NOTES` says what
+    each corrects and distorts. Trajectories are analysed with ``spec``; reports are rescored with
+    it and keep their own layer and head selection.
     """
     if len(labels) != 2 or labels[0] == labels[1]:
         raise SinkSpecError("labels must be two different names, e.g. ('AR', 'DLM').")

@@ -12,7 +12,10 @@ import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 
+from sap_core.sinks import mass_view
+
 STATE_COLORS = {"prompt": "#9e9e9e", "masked": "#e0e0e0", "decoded": "#90caf9", "decoding": "#ff7043", "absent": "#ffffff"}
+PAIR_COLORS = ("#1f77b4", "#d62728")  # AR, DLM (or first, second) wherever two models are compared
 LABEL_COLORS = {"none": "#bdbdbd", "transient": "#ffca28", "stable": "#42a5f5", "unstable": "#ef5350"}
 
 # Colour scales as explicit stops. Streamlit rewrites the colour codes #000001-#000010 in a plotly
@@ -24,10 +27,10 @@ PROBABILITY_SCALE = [[0.0, "#0b0b1e"], [0.2, "#3b0f70"], [0.4, "#8c2981"], [0.6,
 
 
 def _uniform_multiple(mass: np.ndarray, valid: np.ndarray) -> np.ndarray:
-    """``mass[..., L]`` divided by its mean over the valid positions (NaN where not valid)."""
-    m = np.where(valid, mass, np.nan)
-    mean = np.nanmean(m, axis=-1, keepdims=True)
-    return m / np.where(mean > 0, mean, 1.0)
+    """Rows of ``mass[R, L]`` as multiples of their mean over the valid positions (the ``"uniform"``
+    view of :mod:`sap_core.sinks`); NaN where not valid. ``valid``: ``bool [R, L]`` or ``[1, L]``."""
+    valid = np.broadcast_to(valid, mass.shape)
+    return mass_view(mass, "uniform", valid.sum(-1), absent=np.nan)
 
 
 def attention_map_figure(attention: np.ndarray, step: int, layer: int, head: int,
@@ -95,12 +98,17 @@ def position_stability(positions: pd.DataFrame, tau: float) -> go.Figure:
     return fig
 
 
-def comparison_bars(frame: pd.DataFrame, labels: Sequence[str], metric: str = "dominant_var_norm") -> go.Figure:
-    """A metric per layer for two reports side by side (e.g. AR against DLM)."""
+def comparison_bars(frame: pd.DataFrame, labels: Sequence[str], metric: str = "dominant_var") -> go.Figure:
+    """A metric per layer for two reports side by side (e.g. AR against DLM); ``frame`` is
+    :meth:`sap_core.sinks.SinkComparison.frame`."""
+    from sap_core.sinks import METRIC_TITLES
+
+    title = METRIC_TITLES.get(metric, metric)
     x = ["all" if l == -1 else str(l) for l in frame["layer"]]
-    fig = go.Figure([go.Bar(x=x, y=frame[f"{label}_{metric}"], name=label) for label in labels])
-    fig.update_layout(title=f"{metric} per layer", xaxis_title="layer", yaxis_title=metric, barmode="group",
-                      height=320, margin=dict(l=50, r=10, t=40, b=40))
+    fig = go.Figure([go.Bar(x=x, y=frame[f"{label}_{metric}"], name=label, marker_color=PAIR_COLORS[i % 2])
+                     for i, label in enumerate(labels)])
+    fig.update_layout(title=f"{title} per layer", xaxis=dict(title="layer (all = summed over layers)", type="category"),
+                      yaxis_title=title, barmode="group", height=340, margin=dict(l=60, r=10, t=40, b=40))
     return fig
 
 
@@ -306,4 +314,68 @@ def tau_sweep_figure(table: pd.DataFrame, best: Optional[pd.DataFrame] = None) -
                                  categoryorder="array", categoryarray=labels),
                       yaxis_title="perplexity (masked-diffusion bound)", legend=dict(orientation="h", y=-0.3),
                       height=460, margin=dict(t=60, b=10))
+
+
+def sink_trajectory_pair(reports: dict, normalize: str = "raw") -> go.Figure:
+    """Step × position sink trajectories of two models side by side (e.g. ``{"AR": r1, "DLM": r2}``),
+    on the same axes and colour range: colour = the aggregate mass in the view ``normalize`` (the
+    one whose argmax is the dominant position ``d_t``, traced in red). Positions a causal model has
+    not fed yet are blank. The colour range runs from 0 to the 99th percentile of both panels, so
+    one extreme cell does not wash out the rest."""
+    from plotly.subplots import make_subplots
+
+    from sap_core.sinks import VIEW_NOTES, mass_view
+
+    labels = list(reports)
+    views = [mass_view(r.mass, normalize, r.valid_length, r.causal, absent=np.nan) for r in reports.values()]
+    finite = np.concatenate([v[np.isfinite(v)] for v in views])
+    zmax = float(np.percentile(finite, 99)) if finite.size else 1.0
+    length = max(r.length for r in reports.values())
+    steps = max(r.n_steps for r in reports.values())
+    title = VIEW_NOTES[normalize][0]
+    fig = make_subplots(rows=1, cols=len(labels), shared_yaxes=True, horizontal_spacing=0.04,
+                        subplot_titles=[f"{label}: {r.n_steps} steps, {'causal' if r.causal else 'masked diffusion'}"
+                                        for label, r in reports.items()])
+    for i, (label, r) in enumerate(reports.items()):
+        fig.add_trace(go.Heatmap(z=views[i], zmin=0, zmax=zmax, colorscale=MASS_SCALE, showscale=i == 0,
+                                 colorbar=dict(title=dict(text=title, side="right"), len=0.9),
+                                 hovertemplate=f"{label}<br>step %{{y}}, pos %{{x}}: %{{z:.3g}}<extra></extra>"),
+                      row=1, col=i + 1)
+        fig.add_trace(go.Scatter(x=r.dominant, y=np.arange(r.n_steps), mode="lines+markers", name="dominant sink d_t",
+                                 showlegend=i == 0, legendgroup="dominant", line=dict(color="red", width=1.5),
+                                 marker=dict(size=4)), row=1, col=i + 1)
+        fig.update_xaxes(title_text="key position", range=[-0.5, length - 0.5], row=1, col=i + 1)
+    fig.update_yaxes(title_text="step", range=[steps - 0.5, -0.5], row=1, col=1)
+    fig.update_layout(title=f"Sink trajectories, same axes and colour range · {title}", height=460,
+                      margin=dict(l=60, r=10, t=70, b=40), legend=dict(orientation="h", y=-0.15), plot_bgcolor="white")
+    return fig
+
+
+def sinkstats_figure(summary: pd.DataFrame, labels: Sequence[str]) -> go.Figure:
+    """Across-prompt statistics per layer with ±1 standard-error bars: one panel per statistic, one
+    series per model (``labels`` = (DLM, AR), drawn AR first in the AR and DLM colours), from :meth:`sap_core.sinkstats.SinkStats.summary`. Layer "all"
+    is the aggregate over the selected layers (the Sink stability page's figures)."""
+    from plotly.subplots import make_subplots
+
+    from sap_core.sinkstats import STATISTICS
+
+    stats = list(STATISTICS)
+    fig = make_subplots(rows=2, cols=2, subplot_titles=[STATISTICS[s] for s in stats], vertical_spacing=0.2,
+                        horizontal_spacing=0.08)
+    layers = sorted(summary["layer"].unique(), key=lambda x: (x != -1, x))
+    names = ["all" if l == -1 else str(l) for l in layers]
+    n = int(summary["n"].max()) if len(summary) else 0
+    for k, stat in enumerate(stats):
+        row, col = k // 2 + 1, k % 2 + 1
+        for label, color in ((labels[1], PAIR_COLORS[0]), (labels[0], PAIR_COLORS[1])):  # AR first, as everywhere
+            part = summary[(summary["statistic"] == stat) & (summary["group"] == label)].set_index("layer").reindex(layers)
+            fig.add_trace(go.Bar(x=names, y=part["mean"], name=label, marker_color=color, showlegend=k == 0,
+                                 legendgroup=label, error_y=dict(type="data", array=part["se"].fillna(0), thickness=1.2, width=3,
+                                                                 color="#333333"),
+                                 hovertemplate=f"{label}, layer %{{x}}: %{{y:.3g}} ± %{{error_y.array:.2g}}<extra></extra>"),
+                          row=row, col=col)
+        fig.update_xaxes(title_text="layer", type="category", row=row, col=col)
+    fig.update_layout(title=f"Across {n} prompts: mean ± 1 standard error", barmode="group", height=640,
+                      margin=dict(l=60, r=10, t=100, b=40), template="plotly_white",
+                      legend=dict(orientation="h", x=0.5, xanchor="center", y=1.1, yanchor="bottom"))
     return fig

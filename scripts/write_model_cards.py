@@ -19,7 +19,7 @@ import numpy as np  # noqa: E402
 from sap_core.attention import AttentionRecorder  # noqa: E402
 from sap_core.diffusion import DecodeSpec, generate  # noqa: E402
 from sap_core.models import BUILTIN_MODELS, load_model  # noqa: E402
-from sap_core.sinks import SinkSpec, analyze  # noqa: E402
+from sap_core.sinks import SinkSpec, analyze, mass_view  # noqa: E402
 
 PROMPTS = ["ROMEO.\n", "KING.\nWhat news, my lord?\n", "O, what a noble mind is here"]
 DEFAULT_DECODE = DecodeSpec(gen_length=64, steps=64, block_length=16, temperature=0.8, seed=0)
@@ -30,26 +30,14 @@ def token_label(handle, token_id: int) -> str:
     return repr(handle.decode([token_id]))
 
 
-def baseline(report, causal: bool) -> np.ndarray:
-    """``[S, L]`` mass one head gives each key under uniform attention over what its queries may see:
-    ``n_t / n_t = 1`` for a DLM; ``H(n_t) - H(j)`` for a causal model (the ``expected`` view of sap_core.sinks)."""
-    S, L = report.valid.shape
-    if not causal:
-        return np.where(report.valid, 1.0, np.nan)
-    harmonic = np.concatenate([[0.0], np.cumsum(1.0 / np.arange(1, L + 1))])
-    out = np.full((S, L), np.nan)
-    for t, n in enumerate(report.valid_length):
-        out[t, :n] = harmonic[n] - harmonic[np.arange(n)]
-    return out
-
-
 def sink_lines(handle, traj) -> list[str]:
     """Per layer: the positions with the largest mean mass, as multiples of the uniform-attention mass."""
-    report = analyze(traj, SinkSpec(normalize="expected" if handle.causal else "uniform"))
-    base = baseline(report, handle.causal) * len(report.heads)
+    # "expected" view: the mass under uniform attention over what each query may see (for a DLM: the uniform mass)
+    report = analyze(traj, SinkSpec(normalize="expected"))
     lines = []
     for i, layer in enumerate(report.layers):
-        multiple = np.nanmean(report.layer_mass[:, i] / base, axis=0)
+        view = mass_view(report.layer_mass[:, i], "expected", report.valid_length, report.causal, absent=np.nan)
+        multiple = np.nanmean(view, axis=0)
         top = np.argsort(-np.nan_to_num(multiple, nan=-1))[:3]
         parts = [f"pos {j} {token_label(handle, traj.final_tokens[j])} ×{multiple[j]:.1f}" for j in top]
         dom = report.layer_dominant[:, i]

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from typing import Optional
 
 import numpy as np
@@ -375,13 +375,30 @@ def test_real_ar_trajectory_and_comparison(trajectories):
     # near-uniform attention of a random causal model: raw mass crowns key 0 at every step (the mask's
     # artefact); the comparison view does not
     assert (report.dominant == 0).all() and report.is_sink[:, 0].all()
-    both = compare(ar, dlm)
-    assert both.same_prompt and both.reports[0].spec.normalize == "expected"
-    assert not both.reports[0].is_sink[:, 0].all()
+    both = compare(ar, dlm)  # default: the raw view, the very numbers of each model's own analysis
+    assert both.same_prompt and both.reports[0].spec.normalize == "raw"
+    assert both.summary()["AR"] == asdict(report.aggregate) and both.summary()["DLM"] == asdict(analyze(dlm).aggregate)
+    expected = compare(ar, dlm, normalize="expected")  # the option that corrects the causal triangle
+    assert not expected.reports[0].is_sink[:, 0].all()
+    readable = expected.readable_frame()
+    assert readable.loc[0, "Layer"] == "all" and "AR: Var(dominant position) (tokens²)" in readable.columns
+    both = expected
     frame = both.frame()
     assert list(frame["layer"]) == [-1, 0, 1]
     assert {"AR_dominant_var_norm", "DLM_dominant_var_norm", "AR_centroid_var", "DLM_top_k_share"} <= set(frame.columns)
     assert frame.loc[0, "AR_dominant_var_norm"] == both.reports[0].aggregate.dominant_var_norm
-    again = compare(analyze(ar), analyze(dlm))  # reports are rescored in the comparison view
+    again = compare(analyze(ar), analyze(dlm), normalize="expected")  # reports are rescored in the comparison view
     pd.testing.assert_frame_equal(again.frame(), frame)
     assert set(both.summary()) == {"AR", "DLM"}
+
+
+def test_every_view_is_explained_and_absent_positions_can_be_nan():
+    from sap_core.sinks import VIEW_NOTES, VIEWS
+
+    assert set(VIEW_NOTES) == set(VIEWS) and all(len(v) == 3 and all(v) for v in VIEW_NOTES.values())
+    mass = np.array([[4.0, 2.0, 0.0], [3.0, 2.0, 1.0]])
+    zero = mass_view(mass, "uniform", [2, 3])
+    nan = mass_view(mass, "uniform", [2, 3], absent=np.nan)
+    assert zero[0, 2] == 0 and np.isnan(nan[0, 2])
+    np.testing.assert_allclose(nan[0, :2], [4 / 3, 2 / 3])
+    np.testing.assert_allclose(nan[1], [1.5, 1.0, 0.5])
