@@ -19,15 +19,19 @@ trajectories are comparable (``steps`` and ``block_length`` are then not used).
 from __future__ import annotations
 
 import json
+import math
+import numbers
 import time
+import zipfile
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Optional, Union
 
 import numpy as np
 import torch
 
 from sap_core.attention import AttentionRecorder
-from sap_core.errors import DecodeSpecError
+from sap_core.errors import DecodeSpecError, SapError
 from sap_core.models import ModelHandle
 from sap_core.progress import Progress, report
 
@@ -43,6 +47,26 @@ class DecodeSpec:
     temperature: float = 0.0
     cfg_scale: float = 0.0
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        """Model-free checks (types, finiteness, ranges) at construction; :meth:`validate` adds the model's."""
+        for name in ("gen_length", "steps", "block_length", "seed"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+                raise DecodeSpecError(f"{name} must be a whole number (got {value!r}).")
+            object.__setattr__(self, name, int(value))
+        if not 0 <= self.seed < 2**63:
+            raise DecodeSpecError(f"seed must be in [0, 2**63) (got {self.seed}).")
+        for name in ("temperature", "cfg_scale"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Real):
+                raise DecodeSpecError(f"{name} must be a number (got {value!r}).")
+            if not math.isfinite(value):
+                raise DecodeSpecError(f"{name} must be a finite number (got {value}); "
+                                      + ("0 means greedy." if name == "temperature" else "0 turns guidance off."))
+            object.__setattr__(self, name, float(value))
+        if not isinstance(self.remasking, str):
+            raise DecodeSpecError(f"remasking must be one of {', '.join(REMASKING)} (got {self.remasking!r}).")
 
     @property
     def n_blocks(self) -> int:
@@ -140,21 +164,94 @@ class Trajectory:
         """``bool [L]``: positions still masked (or not yet generated) in the input of ``step``."""
         return (self.decoded_at >= step)
 
-    def save(self, path) -> None:
-        """Write to ``.npz`` (arrays plus the spec); :meth:`load` reads it back."""
-        arrays = {k: getattr(self, k) for k in ("tokens", "final_tokens", "decoded_at", "confidence", "valid_length", "step_seconds")}
+    def save(self, path) -> Path:
+        """Write to ``.npz`` (arrays plus the spec) atomically and return the path written: ``path``, with
+        ``.npz`` appended when it lacks it. :meth:`load` reads it back (and accepts either form)."""
+        from sap_core.files import atomic_write
+
+        arrays = {k: getattr(self, k) for k in ARRAYS}
         if self.mass is not None:
             arrays["mass"] = self.mass
         meta = dict(prompt_length=self.prompt_length, causal=self.causal, mask_id=self.mask_id, spec=asdict(self.spec), prompt=self.prompt)
-        np.savez_compressed(path, meta=np.array(json.dumps(meta)), **arrays)
+        target = npz_path(path)
+        atomic_write(target, lambda tmp: np.savez_compressed(tmp, meta=np.array(json.dumps(meta)), **arrays), suffix=".npz")
+        return target
 
     @classmethod
     def load(cls, path) -> "Trajectory":
-        with np.load(path, allow_pickle=False) as data:
-            meta = json.loads(str(data["meta"]))
-            arrays = {k: data[k] for k in data.files if k != "meta"}
-        spec = DecodeSpec(**meta.pop("spec"))
-        return cls(mass=arrays.pop("mass", None), spec=spec, **arrays, **meta)
+        """Read a trajectory written by :meth:`save` (``path`` with or without ``.npz``). Every array's
+        declared shape is checked against the steps and length recorded in ``tokens`` before it is
+        inflated, so a small hostile file cannot expand to gigabytes; a foreign or damaged file, or an
+        attention record holding NaN or infinity, is refused with a :class:`TrajectoryError`."""
+        path = Path(path)
+        if not path.is_file() and npz_path(path).is_file():
+            path = npz_path(path)
+        if not path.is_file():
+            raise TrajectoryError(f"No trajectory at '{path}'; write one with 'generate --trajectory'.")
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                shapes = _declared_shapes(data.zip)
+                expected = _expected_shapes(shapes, path)
+                for name, shape in shapes.items():
+                    if name != "mass" and name in expected and shape != expected[name]:
+                        raise TrajectoryError(f"'{path}': {name} has shape {list(shape)}, expected {list(expected[name])}.")
+                if "mass" in shapes:
+                    S, L = expected["tokens"]
+                    mass = shapes["mass"]
+                    if len(mass) != 4 or mass[0] != S or mass[3] != L or math.prod(mass) > MAX_MASS_VALUES:
+                        raise TrajectoryError(f"'{path}': mass has shape {list(mass)}, expected [{S}, layers, heads, {L}] "
+                                              f"of at most {MAX_MASS_VALUES:,} values.")
+                meta = json.loads(str(data["meta"]))
+                arrays = {k: data[k] for k in ARRAYS + ("mass",) if k in data.files}
+            spec = DecodeSpec(**meta.pop("spec"))
+            traj = cls(mass=arrays.pop("mass", None), spec=spec, **arrays, **meta)
+        except SapError:
+            raise
+        except (OSError, ValueError, KeyError, TypeError, zipfile.BadZipFile, json.JSONDecodeError, EOFError) as exc:
+            raise TrajectoryError(f"'{path}' is not a trajectory .npz written by 'generate --trajectory' "
+                                  f"({type(exc).__name__}).") from None
+        if traj.mass is not None and not np.isfinite(traj.mass).all():
+            raise TrajectoryError(f"'{path}': the attention record holds NaN or infinite values; regenerate it with "
+                                  "'generate --record-attention --trajectory'.")
+        return traj
+
+
+class TrajectoryError(SapError):
+    """A trajectory file that cannot be read."""
+
+
+ARRAYS = ("tokens", "final_tokens", "decoded_at", "confidence", "valid_length", "step_seconds")
+MAX_MASS_VALUES = 2**31  # 8 GiB of float32: far above any capture SinkScope makes; a guard against hostile files
+MAX_STEPS_LENGTH = 2**26
+
+
+def npz_path(path) -> Path:
+    """``path`` as :meth:`Trajectory.save` writes it: with the ``.npz`` suffix numpy adds."""
+    path = Path(path)
+    return path if path.suffix == ".npz" else path.with_name(path.name + ".npz")
+
+
+def _declared_shapes(archive: zipfile.ZipFile) -> dict[str, tuple[int, ...]]:
+    """``{array name: shape}`` from each ``.npy`` member's header, without reading the data."""
+    shapes = {}
+    for info in archive.infolist():
+        if not info.filename.endswith(".npy"):
+            continue
+        with archive.open(info) as f:
+            version = np.lib.format.read_magic(f)
+            shape, _, _ = np.lib.format._read_array_header(f, version)
+        shapes[info.filename[:-4]] = tuple(int(x) for x in shape)
+    return shapes
+
+
+def _expected_shapes(shapes: dict, path: Path) -> dict[str, tuple[int, ...]]:
+    if "tokens" not in shapes or len(shapes["tokens"]) != 2 or "meta" not in shapes:
+        raise TrajectoryError(f"'{path}' is not a trajectory .npz written by 'generate --trajectory' (no tokens/meta).")
+    S, L = shapes["tokens"]
+    if S * L > MAX_STEPS_LENGTH or shapes["meta"] != ():
+        raise TrajectoryError(f"'{path}': tokens of shape {[S, L]} is beyond any trajectory SinkScope writes.")
+    return {"tokens": (S, L), "final_tokens": (L,), "decoded_at": (L,), "confidence": (S, L),
+            "valid_length": (S,), "step_seconds": (S,)}
 
 
 def _gumbel_argmax(logits: torch.Tensor, temperature: float, generator: torch.Generator) -> torch.Tensor:
@@ -168,8 +265,30 @@ def _gumbel_argmax(logits: torch.Tensor, temperature: float, generator: torch.Ge
 
 
 def _max_length(handle: ModelHandle) -> Optional[int]:
-    cfg = handle.module.config
-    return getattr(cfg, "max_sequence_length", None) or getattr(cfg, "max_position_embeddings", None)
+    from sap_core.evaluate import max_length
+
+    return max_length(handle)
+
+
+def prompt_token_ids(handle: ModelHandle, prompt) -> list[int]:
+    """Token ids of a prompt given as text (UTF-8 ``bytes`` accepted) or as ids, each checked to be in the
+    vocabulary; else :class:`DecodeSpecError`."""
+    if isinstance(prompt, (bytes, bytearray)):
+        try:
+            prompt = bytes(prompt).decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise DecodeSpecError(f"The prompt is not UTF-8 text (byte {exc.start}: {exc.reason}); give UTF-8 text.") from None
+    if isinstance(prompt, str):
+        return handle.encode(prompt)
+    try:
+        ids = [i for i in prompt]
+    except TypeError:
+        raise DecodeSpecError(f"The prompt must be text or a list of token ids (got {type(prompt).__name__}).") from None
+    vocab = len(handle.tokenizer)  # load_model checks that every tokenizer id has an embedding row
+    bad = [i for i in ids if isinstance(i, bool) or not isinstance(i, numbers.Integral) or not 0 <= int(i) < vocab]
+    if bad:
+        raise DecodeSpecError(f"Prompt ids must be integers in [0, {vocab}) for this model's vocabulary (got {bad[0]!r}).")
+    return [int(i) for i in ids]
 
 
 @torch.inference_mode()
@@ -181,7 +300,7 @@ def generate(
     progress: Optional[Progress] = None,
 ) -> Trajectory:
     """Decode ``spec.gen_length`` tokens after ``prompt``; record the trajectory (and mass, with a recorder)."""
-    prompt_ids = handle.encode(prompt) if isinstance(prompt, str) else [int(i) for i in prompt]
+    prompt_ids = prompt_token_ids(handle, prompt)
     spec.validate(handle.causal, len(prompt_ids), _max_length(handle))
     if handle.causal:
         return _generate_causal(handle, prompt_ids, spec, recorder, progress, prompt if isinstance(prompt, str) else "")
