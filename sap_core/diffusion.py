@@ -239,7 +239,8 @@ def _declared_shapes(archive: zipfile.ZipFile) -> dict[str, tuple[int, ...]]:
             continue
         with archive.open(info) as f:
             version = np.lib.format.read_magic(f)
-            shape, _, _ = np.lib.format._read_array_header(f, version)
+            read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            shape, _, _ = read(f)
         shapes[info.filename[:-4]] = tuple(int(x) for x in shape)
     return shapes
 
@@ -298,13 +299,37 @@ def generate(
     spec: DecodeSpec = DecodeSpec(),
     recorder: Optional[AttentionRecorder] = None,
     progress: Optional[Progress] = None,
+    *,
+    allow_large_capture: bool = False,
 ) -> Trajectory:
-    """Decode ``spec.gen_length`` tokens after ``prompt``; record the trajectory (and mass, with a recorder)."""
+    """Decode ``spec.gen_length`` tokens after ``prompt``; record the trajectory (and mass, with a recorder).
+
+    With a recorder, :func:`sap_core.memory.check_capture` first compares the record's size with the
+    free memory and refuses what cannot fit (``allow_large_capture=True`` overrides). The record is
+    preallocated and filled step by step (the recorder keeps no copy), and freed memory is handed back
+    to the system afterwards, so a long-running app does not grow with every capture."""
+    from sap_core.memory import check_capture, release_freed
+
     prompt_ids = prompt_token_ids(handle, prompt)
     spec.validate(handle.causal, len(prompt_ids), _max_length(handle))
-    if handle.causal:
-        return _generate_causal(handle, prompt_ids, spec, recorder, progress, prompt if isinstance(prompt, str) else "")
-    return _generate_diffusion(handle, prompt_ids, spec, recorder, progress, prompt if isinstance(prompt, str) else "")
+    text = prompt if isinstance(prompt, str) else ""
+    if recorder is not None:
+        steps = spec.gen_length if handle.causal else spec.steps
+        check_capture(handle, len(prompt_ids) + spec.gen_length, steps, allow=allow_large_capture)
+    try:
+        if handle.causal:
+            return _generate_causal(handle, prompt_ids, spec, recorder, progress, text)
+        return _generate_diffusion(handle, prompt_ids, spec, recorder, progress, text)
+    finally:
+        if recorder is not None:
+            release_freed()
+
+
+def _take_pass(recorder: AttentionRecorder) -> np.ndarray:
+    """The mass of the pass just run, ``[layers, heads, L]`` (first batch row); the recorder keeps no copy."""
+    out = recorder.end_pass()[0].numpy()
+    recorder.passes.clear()
+    return out
 
 
 def _generate_diffusion(handle, prompt_ids, spec, recorder, progress, prompt_text) -> Trajectory:
@@ -316,7 +341,7 @@ def _generate_diffusion(handle, prompt_ids, spec, recorder, progress, prompt_tex
     tokens = np.zeros((S, L), np.int64)
     decoded_at = np.full(L, -1, np.int64)
     confidence = np.full((S, L), np.nan, np.float32)
-    masses, seconds = [], np.zeros(S)
+    mass, seconds = None, np.zeros(S)
     steps_per_block = S // spec.n_blocks
     step = 0
     for b in range(spec.n_blocks):
@@ -337,7 +362,10 @@ def _generate_diffusion(handle, prompt_ids, spec, recorder, progress, prompt_tex
             else:
                 logits = handle.logits(x, recorder)
             if recorder is not None:
-                masses.append(recorder.end_pass()[0].numpy())
+                step_mass = _take_pass(recorder)
+                if mass is None:  # preallocated once: no list of per-step arrays, no final stack copy
+                    mass = np.empty((S,) + step_mass.shape, np.float32)
+                mass[step] = step_mass
             block_logits = logits[0, lo:hi].double()
             x0 = _gumbel_argmax(block_logits, spec.temperature, generator)
             x0_p = torch.softmax(block_logits, -1).gather(-1, x0[:, None])[:, 0]
@@ -359,7 +387,7 @@ def _generate_diffusion(handle, prompt_ids, spec, recorder, progress, prompt_tex
             report(progress, step, S, f"denoising step {step}/{S}")
     return Trajectory(
         tokens=tokens, final_tokens=x[0].cpu().numpy(), prompt_length=P, decoded_at=decoded_at,
-        confidence=confidence, mass=np.stack(masses) if masses else None,
+        confidence=confidence, mass=mass,
         valid_length=np.full(S, L, np.int64), step_seconds=seconds, causal=False,
         mask_id=int(mask_id), spec=spec, prompt=prompt_text,
     )
@@ -384,7 +412,7 @@ def _generate_causal(handle, prompt_ids, spec, recorder, progress, prompt_text) 
             recorder.start_pass()
         logits = handle.logits(seq[None, :n], recorder)[0, -1].double()
         if recorder is not None:
-            step_mass = recorder.end_pass()[0].numpy()
+            step_mass = _take_pass(recorder)
             if mass is None:
                 mass = np.zeros((G,) + step_mass.shape[:-1] + (L,), np.float32)
             mass[s, ..., :n] = step_mass

@@ -24,6 +24,10 @@ from sap_core.models.llada import LLaDAConfig, LLaDAModelLM
 from sap_core.models.loading import load_pretrained
 from sap_core.models.placement import DeviceMap, input_device
 
+from sap_core.memory import tune_allocator
+
+tune_allocator()  # freed capture buffers go back to the system (see sap_core.memory, bench/memory_growth.py)
+
 ASSETS = Path(__file__).resolve().parents[2] / "assets"
 BUILTIN_MODELS = {"tiny-dlm": ASSETS / "models" / "tiny-dlm", "tiny-ar": ASSETS / "models" / "tiny-ar"}
 DTYPES = {
