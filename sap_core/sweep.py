@@ -68,6 +68,12 @@ class EvalSpec:
     prefix: Optional[str] = None
 
     def validate(self) -> None:
+        for name in ("seqlen", "nsamples", "draws", "seed"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+                raise SweepSpecError(f"{name} must be a whole number (got {value!r}).")
+        if not 0 <= self.seed < 2**63:
+            raise SweepSpecError(f"seed must be in [0, 2**63) (got {self.seed}).")
         if self.seqlen < 2 or self.nsamples < 1:
             raise SweepSpecError(f"seqlen must be >= 2 and nsamples >= 1 (got seqlen={self.seqlen}, nsamples={self.nsamples}).")
         if self.draws < 2:
@@ -151,7 +157,7 @@ class SweepSpec:
         names = [m.name for m in self.settings]
         if len(set(names)) != len(names):
             raise SweepSpecError(f"Method labels must be unique (got {names}).")
-        bad = [s for s in self.sparsities if not 0.0 < float(s) < 1.0]
+        bad = [s for s in self.sparsities if not 0.0 < float(s) < 1.0]  # NaN fails too
         if bad:
             raise SweepSpecError(f"Sparsities must lie strictly between 0 and 1 (got {bad}).")
         from sap_core.pruning.spec import parse_pattern
