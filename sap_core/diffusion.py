@@ -190,7 +190,8 @@ class Trajectory:
             raise TrajectoryError(f"No trajectory at '{path}'; write one with 'generate --trajectory'.")
         try:
             with np.load(path, allow_pickle=False) as data:
-                shapes = _declared_shapes(data.zip)
+                members = _declared_shapes(data.zip)
+                shapes = {name: shape for name, (shape, _) in members.items()}
                 expected = _expected_shapes(shapes, path)
                 for name, shape in shapes.items():
                     if name != "mass" and name in expected and shape != expected[name]:
@@ -198,9 +199,9 @@ class Trajectory:
                 if "mass" in shapes:
                     S, L = expected["tokens"]
                     mass = shapes["mass"]
-                    if len(mass) != 4 or mass[0] != S or mass[3] != L or math.prod(mass) > MAX_MASS_VALUES:
-                        raise TrajectoryError(f"'{path}': mass has shape {list(mass)}, expected [{S}, layers, heads, {L}] "
-                                              f"of at most {MAX_MASS_VALUES:,} values.")
+                    if len(mass) != 4 or mass[0] != S or mass[3] != L:
+                        raise TrajectoryError(f"'{path}': mass has shape {list(mass)}, expected [{S}, layers, heads, {L}].")
+                _check_inflation(data.zip, members, path)
                 meta = json.loads(str(data["meta"]))
                 arrays = {k: data[k] for k in ARRAYS + ("mass",) if k in data.files}
             spec = DecodeSpec(**meta.pop("spec"))
@@ -221,8 +222,32 @@ class TrajectoryError(SapError):
 
 
 ARRAYS = ("tokens", "final_tokens", "decoded_at", "confidence", "valid_length", "step_seconds")
-MAX_MASS_VALUES = 2**31  # 8 GiB of float32: far above any capture SinkScope makes; a guard against hostile files
 MAX_STEPS_LENGTH = 2**26
+# A recorded attention mass compresses a few times at most (float noise); a member declaring more than
+# this many times its stored size is a decompression bomb, not a trajectory. Small members are exempt.
+MAX_INFLATION = 50
+INFLATION_EXEMPT = 64 * 2**20
+
+
+def _check_inflation(archive: zipfile.ZipFile, members: dict, path: Path) -> None:
+    """Refuse members whose declared size is far beyond their stored size, or beyond the free RAM."""
+    from sap_core.memory import free_memory
+
+    total = 0
+    for info in archive.infolist():
+        name = info.filename[:-4]
+        if name not in members:
+            continue
+        shape, itemsize = members[name]
+        declared = math.prod(shape) * itemsize
+        total += declared
+        if declared > INFLATION_EXEMPT and declared > MAX_INFLATION * max(info.compress_size, 1):
+            raise TrajectoryError(f"'{path}': '{name}' declares {declared / 2**20:,.0f} MiB stored in "
+                                  f"{info.compress_size / 2**20:,.1f} MiB; it is not a trajectory SinkScope wrote.")
+    ram = free_memory("cpu")[0]
+    if total > 0.8 * ram:
+        raise TrajectoryError(f"'{path}' needs about {total / 2**30:.1f} GiB to load and {ram / 2**30:.1f} GiB is free; "
+                              "load it on a machine with more memory.")
 
 
 def npz_path(path) -> Path:
@@ -231,8 +256,8 @@ def npz_path(path) -> Path:
     return path if path.suffix == ".npz" else path.with_name(path.name + ".npz")
 
 
-def _declared_shapes(archive: zipfile.ZipFile) -> dict[str, tuple[int, ...]]:
-    """``{array name: shape}`` from each ``.npy`` member's header, without reading the data."""
+def _declared_shapes(archive: zipfile.ZipFile) -> dict[str, tuple[tuple[int, ...], int]]:
+    """``{array name: (shape, item size)}`` from each ``.npy`` member's header, without reading the data."""
     shapes = {}
     for info in archive.infolist():
         if not info.filename.endswith(".npy"):
@@ -240,8 +265,8 @@ def _declared_shapes(archive: zipfile.ZipFile) -> dict[str, tuple[int, ...]]:
         with archive.open(info) as f:
             version = np.lib.format.read_magic(f)
             read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-            shape, _, _ = read(f)
-        shapes[info.filename[:-4]] = tuple(int(x) for x in shape)
+            shape, _, dtype = read(f)
+        shapes[info.filename[:-4]] = (tuple(int(x) for x in shape), np.dtype(dtype).itemsize)
     return shapes
 
 
