@@ -296,6 +296,16 @@ def _max_length(handle: ModelHandle) -> Optional[int]:
     return max_length(handle)
 
 
+def _vocab_size(handle: ModelHandle) -> Optional[int]:
+    """Token ids a prompt may use: the tokenizer's (load_model checks each has an embedding row), else the
+    embedding's rows, else None (unknown)."""
+    try:
+        return len(handle.tokenizer)
+    except TypeError:
+        embedding = next((m for m in handle.module.modules() if isinstance(m, torch.nn.Embedding)), None)
+        return None if embedding is None else int(embedding.num_embeddings)
+
+
 def prompt_token_ids(handle: ModelHandle, prompt) -> list[int]:
     """Token ids of a prompt given as text (UTF-8 ``bytes`` accepted) or as ids, each checked to be in the
     vocabulary; else :class:`DecodeSpecError`."""
@@ -310,10 +320,12 @@ def prompt_token_ids(handle: ModelHandle, prompt) -> list[int]:
         ids = [i for i in prompt]
     except TypeError:
         raise DecodeSpecError(f"The prompt must be text or a list of token ids (got {type(prompt).__name__}).") from None
-    vocab = len(handle.tokenizer)  # load_model checks that every tokenizer id has an embedding row
-    bad = [i for i in ids if isinstance(i, bool) or not isinstance(i, numbers.Integral) or not 0 <= int(i) < vocab]
+    vocab = _vocab_size(handle)
+    bad = [i for i in ids if isinstance(i, bool) or not isinstance(i, numbers.Integral) or int(i) < 0
+           or (vocab is not None and int(i) >= vocab)]
     if bad:
-        raise DecodeSpecError(f"Prompt ids must be integers in [0, {vocab}) for this model's vocabulary (got {bad[0]!r}).")
+        raise DecodeSpecError(f"Prompt ids must be integers in [0, {vocab if vocab is not None else 'vocabulary size'}) "
+                              f"for this model's vocabulary (got {bad[0]!r}).")
     return [int(i) for i in ids]
 
 
