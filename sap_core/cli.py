@@ -361,7 +361,9 @@ def build_parser() -> Parser:
     _add_sink(p)
     _add_calibration(p)
     _add_eval(p)
-    p.add_argument("--out", default="sweep.csv", metavar="CSV", help="CSV to write (default sweep.csv)")
+    p.add_argument("--out", default="sweep.csv", metavar="CSV",
+                   help="CSV to write (default sweep.csv); the per-draw estimates go to <name>.estimates.npz beside it, "
+                        "finished rows to <name>.partial.csv while the sweep runs")
     p.add_argument("--plot", default=None, metavar="PNG", help="also save the perplexity-vs-sparsity plot (PNG/SVG/PDF)")
     p.set_defaults(func=cmd_sweep)
     return parser
