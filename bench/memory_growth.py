@@ -1,15 +1,21 @@
 """Resident memory over repeated generations with attention capture, as the app runs them.
 
     python bench/memory_growth.py                 # SinkScope as shipped (allocator tuned on import)
-    python bench/memory_growth.py --untuned       # glibc malloc defaults: the baseline
+    python bench/memory_growth.py --before        # as before the fix: glibc defaults, per-step record kept
+    python bench/memory_growth.py --both          # both, each in its own process, and the ratio
 
 Loads tiny-dlm, runs ``--warmup`` generations with capture, then ``--runs`` more, each in a fresh
 thread (Streamlit runs every rerun of a page in a new script thread), keeping only the latest
 trajectory alive (as a page's session state does). Prints the resident set size (RSS, from
 /proc/self/statm) after each run, the growth after warm-up, and the capture's own size from
-``sap_core.memory.estimate``. Run the two forms one after the other to compare (the allocator is
-configured at process start, so each needs its own process); ``--both`` does that in subprocesses and
-prints the ratio.
+``sap_core.memory.estimate``.
+
+``--before`` reproduces the memory pattern SinkScope had before the fix: glibc's malloc defaults
+(``SINKSCOPE_MALLOC_DEFAULTS=1``) and one small array per step kept alive until the generation ends (the
+recorder used to keep every pass and the sampler stacked a list of per-step arrays at the end), interleaved
+with the large short-lived attention-score buffers. ``--untuned`` keeps only the malloc defaults. The
+allocator is configured at process start, so each form needs its own process; ``--both`` runs
+``--before`` and the shipped form in subprocesses and prints the ratio.
 """
 from __future__ import annotations
 
@@ -29,7 +35,7 @@ def rss() -> int:
 
 
 def measure(args) -> float:
-    if args.untuned:
+    if args.untuned or args.before:
         os.environ["SINKSCOPE_MALLOC_DEFAULTS"] = "1"
     import torch
 
@@ -47,9 +53,21 @@ def measure(args) -> float:
           f"(L = {length}, {args.steps} steps)")
     state = {}
 
+    class KeepingRecorder(AttentionRecorder):
+        """The pre-fix pattern: every pass's mass stays allocated until the generation ends."""
+
+        def __init__(self):
+            super().__init__()
+            self.kept = []
+
+        def end_pass(self):
+            out = super().end_pass()
+            self.kept.append(out.numpy().copy())
+            return out
+
     def one(seed: int) -> None:
-        state["trajectory"] = generate(handle, prompt, DecodeSpec(**{**spec.__dict__, "seed": seed}),
-                                       recorder=AttentionRecorder())
+        recorder = KeepingRecorder() if args.before else AttentionRecorder()
+        state["trajectory"] = generate(handle, prompt, DecodeSpec(**{**spec.__dict__, "seed": seed}), recorder=recorder)
 
     def run(seed: int) -> None:
         t = threading.Thread(target=one, args=(seed,))
@@ -77,21 +95,22 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--gen-length", type=int, default=256)
     p.add_argument("--steps", type=int, default=256)
-    p.add_argument("--untuned", action="store_true", help="glibc malloc defaults (the baseline)")
-    p.add_argument("--both", action="store_true", help="run untuned then tuned, each in its own process, and compare")
+    p.add_argument("--untuned", action="store_true", help="glibc malloc defaults")
+    p.add_argument("--before", action="store_true", help="as before the fix: malloc defaults and a per-step record")
+    p.add_argument("--both", action="store_true", help="run --before then the shipped form, each in its own process, and compare")
     args = p.parse_args()
     if not args.both:
         measure(args)
         return
     growth = {}
-    for label, extra in (("untuned (glibc defaults)", ["--untuned"]), ("tuned (SinkScope)", [])):
+    for label, extra in (("before the fix (--before)", ["--before"]), ("as shipped", [])):
         cmd = [sys.executable, __file__, "--runs", str(args.runs), "--warmup", str(args.warmup),
                "--gen-length", str(args.gen_length), "--steps", str(args.steps), *extra]
         out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
         print(f"== {label}\n{out}")
         growth[label] = float(out.rsplit("GROWTH ", 1)[1].split()[0])
     a, b = growth.values()
-    print(f"growth untuned {a:.0f} MiB, tuned {b:.0f} MiB; ratio untuned/tuned {a / max(b, 1):.1f}x")
+    print(f"growth before the fix {a:.0f} MiB, as shipped {b:.0f} MiB; ratio {a / max(b, 1):.1f}x")
 
 
 if __name__ == "__main__":
