@@ -90,6 +90,20 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths atomically (Linux ``renameat2(RENAME_EXCHANGE)``); False where unsupported."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    AT_FDCWD, RENAME_EXCHANGE = -100, 2
+    return renameat2(AT_FDCWD, os.fsencode(a), AT_FDCWD, os.fsencode(b), RENAME_EXCHANGE) == 0
+
+
 def atomic_write(path: PathLike, write: Callable[[Path], None], suffix: str = "") -> Path:
     """Write a file by ``write(tmp_path)`` into a hidden sibling, fsync it, and rename it over ``path``.
 
@@ -121,8 +135,9 @@ def atomic_write_text(path: PathLike, text: str) -> Path:
 @contextlib.contextmanager
 def atomic_directory(target: PathLike) -> Iterator[Path]:
     """``with atomic_directory(dir) as tmp: <write files into tmp>``: on success ``tmp`` (a hidden
-    sibling of ``dir``) is fsynced and renamed to ``dir``; an existing ``dir`` is first moved aside and
-    deleted only once the new one is in place. On any error ``tmp`` is removed and ``dir`` is untouched.
+    sibling of ``dir``) is fsynced and renamed to ``dir``; an existing ``dir`` is swapped with it in one
+    atomic step (``renameat2``), or, where that is unsupported, moved aside and deleted only once the new
+    one is in place. On any error ``tmp`` is removed and ``dir`` is untouched.
 
     The caller decides whether replacing ``dir`` is allowed (see ``PrunedVariant.save``)."""
     target = Path(target).expanduser()
@@ -131,8 +146,11 @@ def atomic_directory(target: PathLike) -> Iterator[Path]:
     try:
         yield tmp
         fsync_tree(tmp)
+        if target.exists() and _exchange(tmp, target):  # one atomic step: tmp now holds the old directory
+            _fsync_dir(target.parent)
+            return
         old = None
-        if target.exists():
+        if target.exists():  # no renameat2: the old directory stays whole under .<name>.old-* until the new one is in place
             old = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.old-"))
             os.rmdir(old)
             os.rename(target, old)

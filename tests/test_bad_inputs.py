@@ -796,3 +796,20 @@ def test_cli_subprocess_corrupt_checkpoint_and_bad_prompt_bytes(broken):
                           capture_output=True, cwd=ROOT, env=env, timeout=300)
     err = proc.stderr.decode("utf-8", "replace")
     assert proc.returncode == 2 and "not UTF-8" in error_line(err)
+
+
+@pytest.mark.parametrize("exchange", [True, False])
+def test_overwrite_swaps_directories_with_or_without_renameat2(tiny_dlm, variant, tmp_path, monkeypatch, exchange):
+    from sap_core import files
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir(), b.mkdir()
+    (a / "x").write_text("a")
+    if files._exchange(a, b):  # Linux: one atomic swap
+        assert (b / "x").read_text() == "a" and not (a / "x").exists()
+    if not exchange:
+        monkeypatch.setattr(files, "_exchange", lambda *_: False)
+    target = variant.save(tmp_path / "v", tiny_dlm)
+    prune(tiny_dlm, PruneSpec("magnitude", 0.6)).save(target, tiny_dlm, overwrite=True)
+    assert json.loads((target / "pruning.json").read_text())["sparsity"] == 0.6
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b", "v"]
