@@ -108,9 +108,11 @@ def main() -> None:
                "--gen-length", str(args.gen_length), "--steps", str(args.steps), *extra]
         out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
         print(f"== {label}\n{out}")
-        growth[label] = float(out.rsplit("GROWTH ", 1)[1].split()[0])
-    a, b = growth.values()
-    print(f"growth before the fix {a:.0f} MiB, as shipped {b:.0f} MiB; ratio {a / max(b, 1):.1f}x")
+        tail = out.rsplit("GROWTH ", 1)[1]
+        growth[label] = (float(tail.split()[0]), float(tail.split("(peak ")[1].split()[0]))
+    (a, pa), (b, pb) = growth.values()
+    print(f"growth after 20 runs: before the fix {a:+.0f} MiB, as shipped {b:+.0f} MiB; peak above warm-up: "
+          f"{pa:.0f} MiB vs {pb:.0f} MiB (ratio {pa / max(pb, 1):.1f}x)")
 
 
 if __name__ == "__main__":
