@@ -16,7 +16,6 @@ import math
 import os
 import shutil
 import sys
-import time
 from pathlib import Path
 from typing import Any, Optional, Sequence
 

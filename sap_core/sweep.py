@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence, Union
 
@@ -253,7 +253,7 @@ def paired_se(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def _prune_spec(setting: MethodSetting, pattern: str, sparsity: float, spec: SweepSpec):
-    from sap_core.pruning import CalibrationSpec, PruneSpec
+    from sap_core.pruning import PruneSpec
 
     kwargs: dict[str, Any] = dict(method=setting.method, sparsity=sparsity, pattern=pattern)
     sink = setting.sink if setting.sink is not None else spec.sink

@@ -5,7 +5,6 @@ name of a built-in model in ``assets/models/``. Nothing is downloaded: hubs are 
 """
 from __future__ import annotations
 
-import json
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,7 +16,7 @@ from transformers.utils import logging as hf_logging
 
 from sap_core.attention import AttentionRecorder
 from sap_core.errors import ModelLoadError, SapError
-from sap_core.models.checkpoint import PICKLE_SUFFIXES, SPECIAL_ID_FIELDS, check_declared_size, read_config, read_headers
+from sap_core.models.checkpoint import SPECIAL_ID_FIELDS, check_declared_size, read_config, read_headers
 from sap_core.models.dream import load_dream, load_dream_tokenizer
 from sap_core.models.hf_causal import HF_CAUSAL_TYPES, load_hf_causal
 from sap_core.models.llada import LLaDAConfig, LLaDAModelLM
