@@ -6,7 +6,7 @@ import pandas as pd
 import streamlit as st
 
 from app_common import active_model
-from sap_core.diffusion import _max_length as max_length  # the limit generate() enforces
+from sap_core.evaluate import max_length  # the limit generate() enforces
 from sap_core.memory import available, estimate, human
 
 st.header("SinkScope")

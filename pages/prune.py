@@ -1,4 +1,6 @@
 """Prune: make pruned variants of the dense model (which stays unchanged) and keep them in this session."""
+from pathlib import Path
+
 import streamlit as st
 
 from app_common import active_model, job, method_settings, model_choice, progress_callback, sink_spec
@@ -60,8 +62,14 @@ for entry in mine:
         st.table(method_settings(variant))
         st.plotly_chart(viz.sparsity_heatmap(variant.layer_sparsity), key=f"sp_{entry['name']}")
         c1, c2 = st.columns([3, 1])
-        target = c1.text_input("Save to directory", f"runs/{entry['name'].replace(' ', '_').replace('#', '')}", key=f"dir_{entry['name']}")
-        if c2.button("Save", key=f"save_{entry['name']}"):
+        target = c1.text_input("Save to directory", f"runs/{entry['name'].replace(' ', '_').replace('#', '')}", key=f"dir_{entry['name']}",
+                               help="A new or empty directory, or a variant saved before (replaced only with the box below "
+                                    "ticked). Never the loaded model's own directory.")
+        if target.strip():
+            c1.caption(f"Writes to `{Path(target.strip()).expanduser().resolve()}`")
+        overwrite = c1.checkbox("Replace the variant already saved there", key=f"overwrite_{entry['name']}",
+                                help="Without this, saving into a directory that holds a variant is refused.")
+        if c2.button("Save", key=f"save_{entry['name']}", icon=":material/save:"):
             with job("Saving"):
-                path = variant.save(target, handle)
+                path = variant.save(target.strip(), handle, overwrite=overwrite)
                 st.success(f"Saved to {path}; load it in the sidebar as a local directory.")

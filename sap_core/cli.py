@@ -16,7 +16,6 @@ import math
 import os
 import shutil
 import sys
-import time
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -142,10 +141,45 @@ def _write_json(data: dict, out: Optional[str]) -> None:
     if out is None:
         print(text)
         return
-    path = Path(out)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text + "\n")
+    from sap_core.files import atomic_write_text
+
+    path = atomic_write_text(out, text + "\n")
     print(f"wrote {path}", file=sys.stderr)
+
+
+def _check_outputs(args) -> None:
+    """Every output path of the command can be written: checked before any model is loaded or work done."""
+    from types import SimpleNamespace
+
+    from sap_core.files import check_output_dir, check_output_file
+
+    if getattr(args, "out", None):
+        check_output_file(args.out, "--out")
+    if getattr(args, "trajectory", None) and args.command == "generate":
+        from sap_core.diffusion import npz_path
+
+        check_output_file(npz_path(args.trajectory), "--trajectory")
+    if getattr(args, "csv", None):
+        check_output_dir(args.csv, "--csv")
+    if getattr(args, "plot", None):
+        check_output_file(args.plot, "--plot")
+    if getattr(args, "save", None):
+        from sap_core.pruning.engine import check_save_target
+
+        check_save_target(args.save, SimpleNamespace(source=args.model), overwrite=args.overwrite)
+
+
+def _prompt(args) -> Optional[str]:
+    """The --prompt text; refuses bytes that are not UTF-8 (the shell passes them as surrogate escapes)."""
+    if args.prompt is None:
+        return None
+    try:
+        args.prompt.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        from sap_core.errors import SapError
+
+        raise SapError(f"--prompt is not UTF-8 text (character {exc.start}); give UTF-8 text.") from None
+    return args.prompt
 
 
 def _load(args):
@@ -161,6 +195,7 @@ def _load(args):
 def _decode_spec(args):
     from sap_core.diffusion import DecodeSpec
 
+    _prompt(args)
     return DecodeSpec(gen_length=args.gen_length, steps=args.steps, block_length=args.block_length,
                       remasking=args.remasking, temperature=args.temperature, cfg_scale=args.cfg_scale, seed=args.seed)
 
@@ -231,6 +266,8 @@ def _add_decode(p: argparse.ArgumentParser, prompt_required: bool = False) -> No
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default 0)")
     g.add_argument("--cfg-scale", type=float, default=0.0, help="classifier-free guidance scale (default 0 = off)")
     g.add_argument("--seed", type=int, default=0, help="decoding seed (default 0)")
+    g.add_argument("--allow-large-capture", action="store_true",
+                   help="record attention even when the record's estimate exceeds the free memory (default: refuse)")
 
 
 def _add_sink(p: argparse.ArgumentParser) -> None:
@@ -301,7 +338,9 @@ def build_parser() -> Parser:
     p.add_argument("--preset", choices=["official"], default=None,
                    help="official: the reference code's settings (128 calibration windows of the model's whole context, "
                         "official sink rule, SparseGPT's reference mask selection); not combinable with --calib-*/--sink-*")
-    p.add_argument("--save", default=None, metavar="DIR", help="write the pruned model directory here")
+    p.add_argument("--save", default=None, metavar="DIR", help="write the pruned model directory here (never the "
+                   "--model directory; a non-empty directory only if it is a variant and --overwrite is given)")
+    p.add_argument("--overwrite", action="store_true", help="replace the variant already saved in --save DIR")
     p.add_argument("--out", default=None, metavar="JSON", help="write the JSON report here (default: stdout)")
     p.set_defaults(func=cmd_prune)
 
@@ -327,7 +366,9 @@ def build_parser() -> Parser:
                         "(default: --sink-tau alone)")
     _add_calibration(p)
     _add_eval(p)
-    p.add_argument("--out", default="sweep.csv", metavar="CSV", help="CSV to write (default sweep.csv)")
+    p.add_argument("--out", default="sweep.csv", metavar="CSV",
+                   help="CSV to write (default sweep.csv); the per-draw estimates go to <name>.estimates.npz beside it, "
+                        "finished rows to <name>.partial.csv while the sweep runs")
     p.add_argument("--plot", default=None, metavar="PNG", help="also save the perplexity-vs-sparsity plot (PNG/SVG/PDF)")
     p.set_defaults(func=cmd_sweep)
     _add_animate(sub)
@@ -363,15 +404,16 @@ def cmd_generate(args) -> int:
     from sap_core.diffusion import generate
 
     spec = _decode_spec(args)
+    _check_outputs(args)
     handle = _load(args)
     if args.compare:
         return _compare(args, handle, spec)
     recorder = AttentionRecorder() if args.record_attention else None
     with Bar("generate", not args.quiet) as bar:
-        traj = generate(handle, args.prompt, spec, recorder=recorder, progress=bar)
+        traj = generate(handle, args.prompt, spec, recorder=recorder, progress=bar,
+                        allow_large_capture=args.allow_large_capture)
     if args.trajectory:
-        Path(args.trajectory).parent.mkdir(parents=True, exist_ok=True)
-        traj.save(args.trajectory)
+        args.trajectory = str(traj.save(args.trajectory))
         print(f"wrote {args.trajectory}", file=sys.stderr)
     _write_json({
         "model": args.model, "prompt": args.prompt, "text": handle.decode(traj.generated_ids),
@@ -410,19 +452,17 @@ def cmd_analyze(args) -> int:
     # Cheap checks first: a wrong path fails before torch is imported.
     if args.trajectory and args.prompt:
         raise SapError("Give either --trajectory or --prompt, not both.")
-    if args.trajectory and not Path(args.trajectory).is_file():
+    if args.trajectory and not Path(args.trajectory).is_file() and not Path(args.trajectory + ".npz").is_file():
         raise SapError(f"No trajectory at '{args.trajectory}'; write one with "
                        f"'generate --record-attention --trajectory {args.trajectory}'.")
+    _check_outputs(args)
     from sap_core.diffusion import Trajectory
     from sap_core.sinks import analyze
 
     sink_spec = _sink_spec(args)
     if args.trajectory:
         path = Path(args.trajectory)
-        try:
-            traj = Trajectory.load(path)
-        except Exception as exc:  # numpy/zipfile/json raise many kinds for a foreign file
-            raise SapError(f"'{path}' is not a trajectory .npz written by 'generate --trajectory' ({type(exc).__name__}).") from None
+        traj = Trajectory.load(path)  # TrajectoryError (a SapError) for a foreign, damaged or non-finite file
         if traj.mass is None:
             raise SapError(f"'{path}' has no attention mass; regenerate it with 'generate --record-attention --trajectory {path}'.")
         source = str(path)
@@ -433,12 +473,14 @@ def cmd_analyze(args) -> int:
         spec = _decode_spec(args)
         handle = _load(args)
         with Bar("generate", not args.quiet) as bar:
-            traj = generate(handle, args.prompt or DEFAULT_PROMPT, spec, recorder=AttentionRecorder(), progress=bar)
+            traj = generate(handle, args.prompt or DEFAULT_PROMPT, spec, recorder=AttentionRecorder(), progress=bar,
+                            allow_large_capture=args.allow_large_capture)
         source = args.model
     report = analyze(traj, sink_spec)
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        report.to_json(args.out)
+        from sap_core.files import atomic_write
+
+        atomic_write(args.out, report.to_json)
         print(f"wrote {args.out} (load with sap_core.sinks.SinkReport.from_json)", file=sys.stderr)
     if args.csv:
         report.to_csv(args.csv)
@@ -472,25 +514,27 @@ def cmd_prune(args) -> int:
     spec = PruneSpec(method=args.method, sparsity=args.sparsity, pattern=args.pattern, sink=_sink_spec(args),
                      calibration=_calibration_spec(args))
     spec.validate()
-    if args.save and Path(args.save).exists() and not Path(args.save).is_dir():
-        from sap_core.errors import SapError
-
-        raise SapError(f"--save '{args.save}' is a file; give a directory for the pruned model.")
+    _check_outputs(args)
     handle = _load(args)
     if args.preset == "official":  # the official code's calibration over the model's whole context
         given = [k for k, v in vars(args).items() if k.startswith(("calib_", "sink_")) and v is not None]
         if given:
             raise UsageError(f"--preset official fixes the calibration and sink settings; drop "
                              f"{', '.join('--' + k.replace('_', '-') for k in given)}.")
-        from sap_core.diffusion import _max_length
+        from sap_core.evaluate import max_length
 
-        spec = PruneSpec.official(args.method, args.sparsity, args.pattern, seqlen=_max_length(handle))
+        spec = PruneSpec.official(args.method, args.sparsity, args.pattern, seqlen=max_length(handle))
+    if args.save:  # now with the loaded model's real directory
+        from sap_core.pruning.engine import check_save_target
+
+        check_save_target(args.save, handle, overwrite=args.overwrite)
     with Bar("prune", not args.quiet) as bar:
         variant = prune(handle, spec, progress=bar)
+    saved = None
     if args.save:
-        variant.save(args.save, handle)
-        print(f"wrote {args.save}/ (load it with --model {args.save})", file=sys.stderr)
-    data = {"model": args.model, **variant.summary(), "saved_to": args.save,
+        saved = str(variant.save(args.save, handle, overwrite=args.overwrite))
+        print(f"wrote {saved}/ (load it with --model {saved})", file=sys.stderr)
+    data = {"model": args.model, **variant.summary(), "saved_to": saved,
             "layer_sparsity": check_sparsity(variant, by="layer")[["block", "params", "zeros", "sparsity"]].to_dict(orient="records"),
             "module_sparsity": variant.layer_sparsity.to_dict(orient="records")}
     _write_json(data, args.out)
@@ -502,7 +546,11 @@ def cmd_evaluate(args) -> int:
 
     spec = _eval_spec(args)
     spec.validate()
+    _check_outputs(args)
     handle = _load(args)
+    from sap_core.evaluate import check_length
+
+    check_length(handle, spec.seqlen, "--seqlen")
     with Bar("perplexity", not args.quiet) as bar:
         row = perplexity(handle, spec, progress=bar)
     _write_json({
@@ -515,7 +563,7 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_sweep(args) -> int:
-    from sap_core.sweep import SweepSpec, run_sweep, save_sweep
+    from sap_core.sweep import SweepSpec, SweepWriter, estimates_path, run_sweep
 
     spec = SweepSpec(methods=tuple(args.methods), sparsities=tuple(args.sparsities), patterns=tuple(args.patterns),
                      sink=_sink_spec(args), calibration=_calibration_spec(args), eval=_eval_spec(args),
@@ -523,19 +571,20 @@ def cmd_sweep(args) -> int:
     spec.validate()
     if args.plot:
         _check_plot_path(args.plot)
+    _check_outputs(args)
+    writer = SweepWriter(args.out)  # finished rows go to <out>.partial.csv; --out is replaced only on success
     handle = _load(args)
-    from sap_core.sweep import _frame
-
-    rows: list[dict] = []
-
-    def partial(row: dict) -> None:  # a cancelled or crashed sweep keeps the rows it finished
-        rows.append(row)
-        save_sweep(_frame(rows), args.out)
-
-    with Bar("sweep", not args.quiet) as bar:
-        df = run_sweep(handle, spec, progress=bar, on_row=partial)
-    save_sweep(df, args.out)
-    print(f"wrote {args.out}", file=sys.stderr)
+    try:
+        with Bar("sweep", not args.quiet) as bar:
+            df = run_sweep(handle, spec, progress=bar, on_row=writer.add)
+    except BaseException:
+        if writer.rows:
+            print(f"note: the {len(writer.rows)} finished row(s) are in {writer.partial}; {args.out} was not changed",
+                  file=sys.stderr)
+        raise
+    writer.finish(df)
+    side = estimates_path(args.out)
+    print(f"wrote {args.out}" + (f" and {side} (per-draw estimates)" if side.exists() else ""), file=sys.stderr)
     if args.plot:
         save_figure(df, args.plot)
         print(f"wrote {args.plot}", file=sys.stderr)
@@ -640,10 +689,11 @@ def save_figure(df, path) -> None:
     if "BROWSER_PATH" not in os.environ and not any(shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome", "chrome")):
         if Path("/usr/bin/chromium").exists():
             os.environ["BROWSER_PATH"] = "/usr/bin/chromium"
+    from sap_core.files import atomic_write
+
     fig = sweep_figure(df)
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
     try:
-        fig.write_image(str(path), width=1000, height=600, scale=2)
+        atomic_write(path, lambda tmp: fig.write_image(str(tmp), width=1000, height=600, scale=2), suffix=Path(path).suffix)
     except Exception as exc:  # kaleido raises several kinds when no browser works
         raise SapError(f"Could not write the plot '{path}' ({type(exc).__name__}: {exc}). Install Chromium "
                        "(apt-get install chromium) or set BROWSER_PATH to a Chrome binary; the CSV was written.") from None
@@ -673,4 +723,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             message = " ".join(str(exc).split()) or type(exc).__name__
             print(f"error: {message}", file=sys.stderr)
             return EXIT_USAGE
+        if isinstance(exc, OSError) and exc.strerror:  # disk full, permission denied... while writing
+            where = f" ({exc.filename})" if exc.filename else ""
+            print(f"error: {exc.strerror}{where}; nothing was replaced (outputs are written to a temporary "
+                  "file first).", file=sys.stderr)
+            return 1
         raise

@@ -19,15 +19,19 @@ trajectories are comparable (``steps`` and ``block_length`` are then not used).
 from __future__ import annotations
 
 import json
+import math
+import numbers
 import time
+import zipfile
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Optional, Union
 
 import numpy as np
 import torch
 
 from sap_core.attention import AttentionRecorder
-from sap_core.errors import DecodeSpecError
+from sap_core.errors import DecodeSpecError, SapError
 from sap_core.models import ModelHandle
 from sap_core.progress import Progress, report
 
@@ -43,6 +47,26 @@ class DecodeSpec:
     temperature: float = 0.0
     cfg_scale: float = 0.0
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        """Model-free checks (types, finiteness, ranges) at construction; :meth:`validate` adds the model's."""
+        for name in ("gen_length", "steps", "block_length", "seed"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+                raise DecodeSpecError(f"{name} must be a whole number (got {value!r}).")
+            object.__setattr__(self, name, int(value))
+        if not 0 <= self.seed < 2**63:
+            raise DecodeSpecError(f"seed must be in [0, 2**63) (got {self.seed}).")
+        for name in ("temperature", "cfg_scale"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Real):
+                raise DecodeSpecError(f"{name} must be a number (got {value!r}).")
+            if not math.isfinite(value):
+                raise DecodeSpecError(f"{name} must be a finite number (got {value}); "
+                                      + ("0 means greedy." if name == "temperature" else "0 turns guidance off."))
+            object.__setattr__(self, name, float(value))
+        if not isinstance(self.remasking, str):
+            raise DecodeSpecError(f"remasking must be one of {', '.join(REMASKING)} (got {self.remasking!r}).")
 
     @property
     def n_blocks(self) -> int:
@@ -140,21 +164,120 @@ class Trajectory:
         """``bool [L]``: positions still masked (or not yet generated) in the input of ``step``."""
         return (self.decoded_at >= step)
 
-    def save(self, path) -> None:
-        """Write to ``.npz`` (arrays plus the spec); :meth:`load` reads it back."""
-        arrays = {k: getattr(self, k) for k in ("tokens", "final_tokens", "decoded_at", "confidence", "valid_length", "step_seconds")}
+    def save(self, path) -> Path:
+        """Write to ``.npz`` (arrays plus the spec) atomically and return the path written: ``path``, with
+        ``.npz`` appended when it lacks it. :meth:`load` reads it back (and accepts either form)."""
+        from sap_core.files import atomic_write
+
+        arrays = {k: getattr(self, k) for k in ARRAYS}
         if self.mass is not None:
             arrays["mass"] = self.mass
         meta = dict(prompt_length=self.prompt_length, causal=self.causal, mask_id=self.mask_id, spec=asdict(self.spec), prompt=self.prompt)
-        np.savez_compressed(path, meta=np.array(json.dumps(meta)), **arrays)
+        target = npz_path(path)
+        atomic_write(target, lambda tmp: np.savez_compressed(tmp, meta=np.array(json.dumps(meta)), **arrays), suffix=".npz")
+        return target
 
     @classmethod
     def load(cls, path) -> "Trajectory":
-        with np.load(path, allow_pickle=False) as data:
-            meta = json.loads(str(data["meta"]))
-            arrays = {k: data[k] for k in data.files if k != "meta"}
-        spec = DecodeSpec(**meta.pop("spec"))
-        return cls(mass=arrays.pop("mass", None), spec=spec, **arrays, **meta)
+        """Read a trajectory written by :meth:`save` (``path`` with or without ``.npz``). Every array's
+        declared shape is checked against the steps and length recorded in ``tokens`` before it is
+        inflated, so a small hostile file cannot expand to gigabytes; a foreign or damaged file, or an
+        attention record holding NaN or infinity, is refused with a :class:`TrajectoryError`."""
+        path = Path(path)
+        if not path.is_file() and npz_path(path).is_file():
+            path = npz_path(path)
+        if not path.is_file():
+            raise TrajectoryError(f"No trajectory at '{path}'; write one with 'generate --trajectory'.")
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                members = _declared_shapes(data.zip)
+                shapes = {name: shape for name, (shape, _) in members.items()}
+                expected = _expected_shapes(shapes, path)
+                for name, shape in shapes.items():
+                    if name != "mass" and name in expected and shape != expected[name]:
+                        raise TrajectoryError(f"'{path}': {name} has shape {list(shape)}, expected {list(expected[name])}.")
+                if "mass" in shapes:
+                    S, L = expected["tokens"]
+                    mass = shapes["mass"]
+                    if len(mass) != 4 or mass[0] != S or mass[3] != L:
+                        raise TrajectoryError(f"'{path}': mass has shape {list(mass)}, expected [{S}, layers, heads, {L}].")
+                _check_inflation(data.zip, members, path)
+                meta = json.loads(str(data["meta"]))
+                arrays = {k: data[k] for k in ARRAYS + ("mass",) if k in data.files}
+            spec = DecodeSpec(**meta.pop("spec"))
+            traj = cls(mass=arrays.pop("mass", None), spec=spec, **arrays, **meta)
+        except SapError:
+            raise
+        except (OSError, ValueError, KeyError, TypeError, zipfile.BadZipFile, json.JSONDecodeError, EOFError) as exc:
+            raise TrajectoryError(f"'{path}' is not a trajectory .npz written by 'generate --trajectory' "
+                                  f"({type(exc).__name__}).") from None
+        if traj.mass is not None and not np.isfinite(traj.mass).all():
+            raise TrajectoryError(f"'{path}': the attention record holds NaN or infinite values; regenerate it with "
+                                  "'generate --record-attention --trajectory'.")
+        return traj
+
+
+class TrajectoryError(SapError):
+    """A trajectory file that cannot be read."""
+
+
+ARRAYS = ("tokens", "final_tokens", "decoded_at", "confidence", "valid_length", "step_seconds")
+MAX_STEPS_LENGTH = 2**26
+# A recorded attention mass compresses a few times at most (float noise); a member declaring more than
+# this many times its stored size is a decompression bomb, not a trajectory. Small members are exempt.
+MAX_INFLATION = 50
+INFLATION_EXEMPT = 64 * 2**20
+
+
+def _check_inflation(archive: zipfile.ZipFile, members: dict, path: Path) -> None:
+    """Refuse members whose declared size is far beyond their stored size, or beyond the free RAM."""
+    from sap_core.memory import free_memory
+
+    total = 0
+    for info in archive.infolist():
+        name = info.filename[:-4]
+        if name not in members:
+            continue
+        shape, itemsize = members[name]
+        declared = math.prod(shape) * itemsize
+        total += declared
+        if declared > INFLATION_EXEMPT and declared > MAX_INFLATION * max(info.compress_size, 1):
+            raise TrajectoryError(f"'{path}': '{name}' declares {declared / 2**20:,.0f} MiB stored in "
+                                  f"{info.compress_size / 2**20:,.1f} MiB; it is not a trajectory SinkScope wrote.")
+    ram = free_memory("cpu")[0]
+    if total > 0.8 * ram:
+        raise TrajectoryError(f"'{path}' needs about {total / 2**30:.1f} GiB to load and {ram / 2**30:.1f} GiB is free; "
+                              "load it on a machine with more memory.")
+
+
+def npz_path(path) -> Path:
+    """``path`` as :meth:`Trajectory.save` writes it: with the ``.npz`` suffix numpy adds."""
+    path = Path(path)
+    return path if path.suffix == ".npz" else path.with_name(path.name + ".npz")
+
+
+def _declared_shapes(archive: zipfile.ZipFile) -> dict[str, tuple[tuple[int, ...], int]]:
+    """``{array name: (shape, item size)}`` from each ``.npy`` member's header, without reading the data."""
+    shapes = {}
+    for info in archive.infolist():
+        if not info.filename.endswith(".npy"):
+            continue
+        with archive.open(info) as f:
+            version = np.lib.format.read_magic(f)
+            read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            shape, _, dtype = read(f)
+        shapes[info.filename[:-4]] = (tuple(int(x) for x in shape), np.dtype(dtype).itemsize)
+    return shapes
+
+
+def _expected_shapes(shapes: dict, path: Path) -> dict[str, tuple[int, ...]]:
+    if "tokens" not in shapes or len(shapes["tokens"]) != 2 or "meta" not in shapes:
+        raise TrajectoryError(f"'{path}' is not a trajectory .npz written by 'generate --trajectory' (no tokens/meta).")
+    S, L = shapes["tokens"]
+    if S * L > MAX_STEPS_LENGTH or shapes["meta"] != ():
+        raise TrajectoryError(f"'{path}': tokens of shape {[S, L]} is beyond any trajectory SinkScope writes.")
+    return {"tokens": (S, L), "final_tokens": (L,), "decoded_at": (L,), "confidence": (S, L),
+            "valid_length": (S,), "step_seconds": (S,)}
 
 
 def _gumbel_argmax(logits: torch.Tensor, temperature: float, generator: torch.Generator) -> torch.Tensor:
@@ -168,8 +291,42 @@ def _gumbel_argmax(logits: torch.Tensor, temperature: float, generator: torch.Ge
 
 
 def _max_length(handle: ModelHandle) -> Optional[int]:
-    cfg = handle.module.config
-    return getattr(cfg, "max_sequence_length", None) or getattr(cfg, "max_position_embeddings", None)
+    from sap_core.evaluate import max_length
+
+    return max_length(handle)
+
+
+def _vocab_size(handle: ModelHandle) -> Optional[int]:
+    """Token ids a prompt may use: the tokenizer's (load_model checks each has an embedding row), else the
+    embedding's rows, else None (unknown)."""
+    try:
+        return len(handle.tokenizer)
+    except TypeError:
+        embedding = next((m for m in handle.module.modules() if isinstance(m, torch.nn.Embedding)), None)
+        return None if embedding is None else int(embedding.num_embeddings)
+
+
+def prompt_token_ids(handle: ModelHandle, prompt) -> list[int]:
+    """Token ids of a prompt given as text (UTF-8 ``bytes`` accepted) or as ids, each checked to be in the
+    vocabulary; else :class:`DecodeSpecError`."""
+    if isinstance(prompt, (bytes, bytearray)):
+        try:
+            prompt = bytes(prompt).decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise DecodeSpecError(f"The prompt is not UTF-8 text (byte {exc.start}: {exc.reason}); give UTF-8 text.") from None
+    if isinstance(prompt, str):
+        return handle.encode(prompt)
+    try:
+        ids = [i for i in prompt]
+    except TypeError:
+        raise DecodeSpecError(f"The prompt must be text or a list of token ids (got {type(prompt).__name__}).") from None
+    vocab = _vocab_size(handle)
+    bad = [i for i in ids if isinstance(i, bool) or not isinstance(i, numbers.Integral) or int(i) < 0
+           or (vocab is not None and int(i) >= vocab)]
+    if bad:
+        raise DecodeSpecError(f"Prompt ids must be integers in [0, {vocab if vocab is not None else 'vocabulary size'}) "
+                              f"for this model's vocabulary (got {bad[0]!r}).")
+    return [int(i) for i in ids]
 
 
 @torch.inference_mode()
@@ -179,13 +336,37 @@ def generate(
     spec: DecodeSpec = DecodeSpec(),
     recorder: Optional[AttentionRecorder] = None,
     progress: Optional[Progress] = None,
+    *,
+    allow_large_capture: bool = False,
 ) -> Trajectory:
-    """Decode ``spec.gen_length`` tokens after ``prompt``; record the trajectory (and mass, with a recorder)."""
-    prompt_ids = handle.encode(prompt) if isinstance(prompt, str) else [int(i) for i in prompt]
+    """Decode ``spec.gen_length`` tokens after ``prompt``; record the trajectory (and mass, with a recorder).
+
+    With a recorder, :func:`sap_core.memory.check_capture` first compares the record's size with the
+    free memory and refuses what cannot fit (``allow_large_capture=True`` overrides). The record is
+    preallocated and filled step by step (the recorder keeps no copy), and freed memory is handed back
+    to the system afterwards, so a long-running app does not grow with every capture."""
+    from sap_core.memory import check_capture, release_freed
+
+    prompt_ids = prompt_token_ids(handle, prompt)
     spec.validate(handle.causal, len(prompt_ids), _max_length(handle))
-    if handle.causal:
-        return _generate_causal(handle, prompt_ids, spec, recorder, progress, prompt if isinstance(prompt, str) else "")
-    return _generate_diffusion(handle, prompt_ids, spec, recorder, progress, prompt if isinstance(prompt, str) else "")
+    text = prompt if isinstance(prompt, str) else ""
+    if recorder is not None:
+        steps = spec.gen_length if handle.causal else spec.steps
+        check_capture(handle, len(prompt_ids) + spec.gen_length, steps, allow=allow_large_capture)
+    try:
+        if handle.causal:
+            return _generate_causal(handle, prompt_ids, spec, recorder, progress, text)
+        return _generate_diffusion(handle, prompt_ids, spec, recorder, progress, text)
+    finally:
+        if recorder is not None:
+            release_freed()
+
+
+def _take_pass(recorder: AttentionRecorder) -> np.ndarray:
+    """The mass of the pass just run, ``[layers, heads, L]`` (first batch row); the recorder keeps no copy."""
+    out = recorder.end_pass()[0].numpy()
+    recorder.passes.clear()
+    return out
 
 
 def _generate_diffusion(handle, prompt_ids, spec, recorder, progress, prompt_text) -> Trajectory:
@@ -197,7 +378,7 @@ def _generate_diffusion(handle, prompt_ids, spec, recorder, progress, prompt_tex
     tokens = np.zeros((S, L), np.int64)
     decoded_at = np.full(L, -1, np.int64)
     confidence = np.full((S, L), np.nan, np.float32)
-    masses, seconds = [], np.zeros(S)
+    mass, seconds = None, np.zeros(S)
     steps_per_block = S // spec.n_blocks
     step = 0
     for b in range(spec.n_blocks):
@@ -218,7 +399,10 @@ def _generate_diffusion(handle, prompt_ids, spec, recorder, progress, prompt_tex
             else:
                 logits = handle.logits(x, recorder)
             if recorder is not None:
-                masses.append(recorder.end_pass()[0].numpy())
+                step_mass = _take_pass(recorder)
+                if mass is None:  # preallocated once: no list of per-step arrays, no final stack copy
+                    mass = np.empty((S,) + step_mass.shape, np.float32)
+                mass[step] = step_mass
             block_logits = logits[0, lo:hi].double()
             x0 = _gumbel_argmax(block_logits, spec.temperature, generator)
             x0_p = torch.softmax(block_logits, -1).gather(-1, x0[:, None])[:, 0]
@@ -240,7 +424,7 @@ def _generate_diffusion(handle, prompt_ids, spec, recorder, progress, prompt_tex
             report(progress, step, S, f"denoising step {step}/{S}")
     return Trajectory(
         tokens=tokens, final_tokens=x[0].cpu().numpy(), prompt_length=P, decoded_at=decoded_at,
-        confidence=confidence, mass=np.stack(masses) if masses else None,
+        confidence=confidence, mass=mass,
         valid_length=np.full(S, L, np.int64), step_seconds=seconds, causal=False,
         mask_id=int(mask_id), spec=spec, prompt=prompt_text,
     )
@@ -265,7 +449,7 @@ def _generate_causal(handle, prompt_ids, spec, recorder, progress, prompt_text) 
             recorder.start_pass()
         logits = handle.logits(seq[None, :n], recorder)[0, -1].double()
         if recorder is not None:
-            step_mass = recorder.end_pass()[0].numpy()
+            step_mass = _take_pass(recorder)
             if mass is None:
                 mass = np.zeros((G,) + step_mass.shape[:-1] + (L,), np.float32)
             mass[s, ..., :n] = step_mass

@@ -23,3 +23,12 @@ class PruneSpecError(SapError):
 
 class Cancelled(SapError):
     """A long job was cancelled through its progress callback."""
+
+
+class OutputPathError(SapError):
+    """An output path that cannot be written (a directory where a file goes, a file where a directory goes,
+    an unwritable place, the loaded model's own directory, a non-variant directory without overwrite...)."""
+
+
+class MemoryGuardError(SapError):
+    """A job whose memory estimate exceeds the free RAM / GPU memory; refused before it starts."""

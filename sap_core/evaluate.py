@@ -65,6 +65,7 @@ def windows(handle: ModelHandle, text: str, seqlen: int, nsamples: int, prefix: 
     """``[nsamples, P + n]`` token ids: prefix (P tokens) + ``n = seqlen - P`` text tokens, evenly spread."""
     if seqlen < 2 or nsamples < 1:
         raise SapError("seqlen must be >= 2 and nsamples >= 1.")
+    check_length(handle, seqlen, "seqlen (tokens per window, prefix included)")
     head = handle.encode(prefix or "")
     try:  # verbose=False: the text is cut into windows, never fed whole; no "sequence too long" warning
         body = list(handle.tokenizer.encode(text, add_special_tokens=False, verbose=False))
@@ -160,3 +161,24 @@ def causal_perplexity(
     se = per.std(unbiased=True).item() / math.sqrt(nsamples) if nsamples > 1 else float("nan")
     n = seqs.shape[1] - P
     return PerplexityResult(nll, se, math.exp(nll), math.exp(nll) * se, nsamples * n, nsamples, 1, "causal")
+
+
+def max_length(handle: ModelHandle) -> Optional[int]:
+    """The model's context in tokens (``max_sequence_length`` or ``max_position_embeddings`` of its
+    config), None when the config states none. The one length limit generation, perplexity, sweeps and
+    pruning calibration all check against (:func:`check_length`)."""
+    cfg = handle.module.config
+    for name in ("max_sequence_length", "max_position_embeddings"):
+        value = getattr(cfg, name, None)
+        if value is not None:
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise SapError(f"The model's {name} is {value!r}; it must be a whole number >= 1 (fix config.json).")
+            return value
+    return None
+
+
+def check_length(handle: ModelHandle, length: int, what: str, error=SapError) -> None:
+    """Raise ``error`` when ``length`` tokens exceed the model's context (:func:`max_length`)."""
+    limit = max_length(handle)
+    if limit is not None and length > limit:
+        raise error(f"{what} is {length} tokens, more than the model's context of {limit} tokens; lower it to {limit} or less.")

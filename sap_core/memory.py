@@ -4,7 +4,10 @@ All figures are bytes and upper-bound estimates of the dominant terms (not alloc
 """
 from __future__ import annotations
 
+import os
+import sys
 from dataclasses import dataclass
+from typing import Optional
 
 
 @dataclass(frozen=True)
@@ -80,3 +83,105 @@ def human(n: int) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     return str(n)
+
+
+# --- the guard: refuse a capture that cannot fit, before it starts ---------------------------------------
+
+def free_memory(device) -> tuple[int, Optional[int]]:
+    """``(free host RAM, free memory of device or None for a CPU)`` in bytes, now.
+
+    Host RAM is ``MemAvailable`` from /proc/meminfo (what can be allocated without swapping), else
+    ``os.sysconf`` pages; a CUDA device's is ``torch.cuda.mem_get_info``."""
+    ram = None
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    ram = int(line.split()[1]) * 1024
+                    break
+    except OSError:
+        pass
+    if ram is None:
+        ram = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    vram = None
+    if getattr(device, "type", str(device)) == "cuda":
+        import torch
+
+        vram = int(torch.cuda.mem_get_info(device)[0])
+    return ram, vram
+
+
+def check_capture(handle, seq_len: int, steps: int, allow: bool = False, free: Optional[tuple[int, Optional[int]]] = None) -> MemoryEstimate:
+    """Refuse (:class:`~sap_core.errors.MemoryGuardError`) a generation with attention capture whose
+    record does not fit in the free host RAM, or whose per-layer scores do not fit on the device, with
+    the estimate and what to change; ``allow=True`` is the explicit override. ``free`` replaces the
+    measured ``(ram, vram)`` (tests)."""
+    from sap_core.errors import MemoryGuardError
+
+    est = estimate(handle, seq_len, steps)
+    ram, vram = free_memory(handle.device) if free is None else free
+    host_need = CAPTURE_COPIES * est.capture_record + (est.activations if handle.device.type == "cpu" else 0)
+    problems = []
+    if host_need > GUARD_SHARE * ram:
+        problems.append(f"the attention record needs about {human(host_need)} of host RAM, {human(ram)} is free")
+    if vram is not None and est.capture_peak + est.activations > GUARD_SHARE * vram:
+        problems.append(f"the capture needs about {human(est.capture_peak + est.activations)} of GPU memory, "
+                        f"{human(vram)} is free")
+    if problems and not allow:
+        raise MemoryGuardError(
+            f"Capture refused: {'; '.join(problems)} ({steps} steps x {handle.n_layers} layers x {handle.n_heads} heads x "
+            f"{seq_len} positions). Use fewer steps or a shorter generation, analyse fewer layers, or override "
+            "(allow_large_capture=True, --allow-large-capture on the command line).")
+    return est
+
+
+CAPTURE_COPIES = 1.2  # the preallocated record plus one step in flight and the recorder's per-layer tensors
+GUARD_SHARE = 0.8     # leave a fifth of the free memory to everything else
+
+
+# --- the allocator: a long-running server must give freed memory back ----------------------------------
+
+_TUNED = False
+
+
+def tune_allocator() -> bool:
+    """Configure glibc malloc for a long-running process that repeatedly allocates large, short-lived
+    blocks (attention scores of every layer at every step): a fixed mmap threshold of 256 KiB (glibc
+    otherwise raises it after each freed block up to 32 MiB, so later blocks come from fragmented heaps
+    that never shrink) and at most two arenas (Streamlit runs each rerun in a new thread, and each
+    thread otherwise gets an arena of its own). Idempotent; a no-op off glibc or when
+    ``SINKSCOPE_MALLOC_DEFAULTS=1``. Returns whether the settings were applied. See ``bench/memory_growth.py``."""
+    global _TUNED
+    if _TUNED or os.environ.get("SINKSCOPE_MALLOC_DEFAULTS") == "1":
+        return _TUNED
+    libc = _libc()
+    if libc is None:
+        return False
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_ARENA_MAX = -1, -3, -8
+    ok = all(libc.mallopt(opt, value) == 1 for opt, value in
+             ((M_MMAP_THRESHOLD, 256 * 1024), (M_TRIM_THRESHOLD, 1024 * 1024), (M_ARENA_MAX, 2)))
+    _TUNED = ok
+    return ok
+
+
+def release_freed() -> None:
+    """Return freed heap memory to the system (glibc ``malloc_trim``); a no-op elsewhere or untuned."""
+    if not _TUNED:
+        return
+    libc = _libc()
+    if libc is not None:
+        libc.malloc_trim(0)
+
+
+def _libc():
+    import ctypes
+    import ctypes.util
+
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt, libc.malloc_trim  # noqa: B018 - glibc only
+    except (OSError, AttributeError):
+        return None
+    return libc

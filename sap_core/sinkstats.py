@@ -227,7 +227,8 @@ def run_sinkstats(
     each run; raising :class:`~sap_core.errors.Cancelled` from it stops the run (nothing is changed).
     """
     from sap_core.attention import AttentionRecorder
-    from sap_core.diffusion import _max_length, generate
+    from sap_core.diffusion import generate
+    from sap_core.evaluate import max_length
 
     if bool(first.causal) == bool(second.causal):
         kind = "causal" if first.causal else "masked-diffusion"
@@ -248,7 +249,7 @@ def run_sinkstats(
         for i, p_ids in enumerate(ids):
             if not p_ids:
                 raise SinkStatsError(f"Prompt {i + 1} is empty for {handle.name}; drop it.")
-            decode.validate(handle.causal, len(p_ids), _max_length(handle))
+            decode.validate(handle.causal, len(p_ids), max_length(handle))
         encoded[id(handle)] = ids
     runs = [(dlm, dlm_label), (ar, ar_label)]
     steps = {id(dlm): decode.steps, id(ar): decode.gen_length}

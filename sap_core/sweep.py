@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence, Union
 
@@ -77,6 +77,12 @@ class EvalSpec:
     prefix: Optional[str] = None
 
     def validate(self) -> None:
+        for name in ("seqlen", "nsamples", "draws", "seed"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+                raise SweepSpecError(f"{name} must be a whole number (got {value!r}).")
+        if not 0 <= self.seed < 2**63:
+            raise SweepSpecError(f"seed must be in [0, 2**63) (got {self.seed}).")
         if self.seqlen < 2 or self.nsamples < 1:
             raise SweepSpecError(f"seqlen must be >= 2 and nsamples >= 1 (got seqlen={self.seqlen}, nsamples={self.nsamples}).")
         if self.draws < 2:
@@ -199,7 +205,7 @@ class SweepSpec:
         if self.sink_taus and not any(str(m) in GATED for m in self.methods if not isinstance(m, MethodSetting)):
             raise SweepSpecError("sink_taus applies to the gated methods only: add gated_sink_wanda or "
                                  "gated_sink_sparsegpt to the methods, or drop the taus.")
-        bad = [s for s in self.sparsities if not 0.0 < float(s) < 1.0]
+        bad = [s for s in self.sparsities if not 0.0 < float(s) < 1.0]  # NaN fails too
         if bad:
             raise SweepSpecError(f"Sparsities must lie strictly between 0 and 1 (got {bad}).")
         from sap_core.pruning.spec import parse_pattern
@@ -295,7 +301,7 @@ def paired_se(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def _prune_spec(setting: MethodSetting, pattern: str, sparsity: float, spec: SweepSpec):
-    from sap_core.pruning import CalibrationSpec, PruneSpec
+    from sap_core.pruning import PruneSpec
 
     kwargs: dict[str, Any] = dict(method=setting.method, sparsity=sparsity, pattern=pattern)
     sink = setting.sink if setting.sink is not None else spec.sink
@@ -333,7 +339,12 @@ def run_sweep(
     from sap_core.pruning import prune
     from sap_core.pruning.scores import CalibrationCache
 
+    from sap_core.evaluate import check_length
+
     spec.validate()
+    check_length(handle, spec.eval.seqlen, "The evaluation seqlen", SweepSpecError)
+    if spec.calibration is not None:
+        check_length(handle, spec.calibration.seqlen, "The calibration seqlen", SweepSpecError)
     jobs = spec.jobs
     # Validate every PruneSpec before any work starts, so a bad combination fails fast.
     prune_specs = [_prune_spec(m, p, s, spec) for m, p, s in jobs]
@@ -405,17 +416,57 @@ def _estimates_path(path: Path) -> Path:
     return path.with_name(path.stem + ".estimates.npz")
 
 
-def save_sweep(df: pd.DataFrame, path: Union[str, Path]) -> Path:
-    """Write the sweep as CSV; :func:`load_sweep` reads it back with the same columns and dtypes. The
-    per-draw estimates (``df.attrs["estimates"]``), when present, go to ``<name>.estimates.npz`` beside it."""
+def estimates_path(path: Union[str, Path]) -> Path:
+    """Where :func:`save_sweep` puts the per-draw estimates of the sweep CSV ``path``."""
+    return _estimates_path(Path(path))
+
+
+def partial_path(path: Union[str, Path]) -> Path:
+    """Where :class:`SweepWriter` keeps the rows of an unfinished sweep whose result goes to ``path``."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    df.to_csv(path, index=False)
+    return path.with_name(path.stem + ".partial" + (path.suffix or ".csv"))
+
+
+def save_sweep(df: pd.DataFrame, path: Union[str, Path]) -> Path:
+    """Write the sweep as CSV, atomically (a temporary sibling renamed into place); :func:`load_sweep`
+    reads it back with the same columns and dtypes. The per-draw estimates (``df.attrs["estimates"]``),
+    when present, go to ``<name>.estimates.npz`` beside it (:func:`estimates_path`)."""
+    from sap_core.files import atomic_write
+
+    path = Path(path)
     estimates = df.attrs.get("estimates") or {}
     if estimates:
-        np.savez_compressed(_estimates_path(path), **{f"row{i}": np.asarray(v) for i, v in enumerate(estimates.values())},
-                            labels=np.array(list(estimates), dtype=str))
+        atomic_write(_estimates_path(path), lambda tmp: np.savez_compressed(
+            tmp, **{f"row{i}": np.asarray(v) for i, v in enumerate(estimates.values())},
+            labels=np.array(list(estimates), dtype=str)), suffix=".npz")
+    atomic_write(path, lambda tmp: df.to_csv(tmp, index=False))
     return path
+
+
+class SweepWriter:
+    """Keeps a sweep's finished rows on disk while it runs, without touching the result file.
+
+    ``writer.add(row)`` (use it as ``run_sweep(..., on_row=writer.add)``) rewrites ``partial_path(out)``
+    with every row so far; ``writer.finish(df)`` writes ``out`` (replacing an older result only now, on
+    success) and removes the partial file. After a failure the rows are in :attr:`partial`."""
+
+    def __init__(self, out: Union[str, Path]):
+        from sap_core.files import check_output_file
+
+        self.out = check_output_file(out, "Sweep CSV")
+        self.partial = check_output_file(partial_path(out), "Partial sweep CSV")
+        self.rows: list[dict] = []
+
+    def add(self, row: dict) -> None:
+        self.rows.append(row)
+        save_sweep(_frame(self.rows), self.partial)
+
+    def finish(self, df: pd.DataFrame) -> Path:
+        save_sweep(df, self.out)
+        for leftover in (self.partial, _estimates_path(self.partial)):
+            if leftover.exists():
+                leftover.unlink()
+        return self.out
 
 
 def load_sweep(path: Union[str, Path]) -> pd.DataFrame:

@@ -5,7 +5,6 @@ name of a built-in model in ``assets/models/``. Nothing is downloaded: hubs are 
 """
 from __future__ import annotations
 
-import json
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,16 +15,20 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from transformers.utils import logging as hf_logging
 
 from sap_core.attention import AttentionRecorder
-from sap_core.errors import ModelLoadError
+from sap_core.errors import ModelLoadError, SapError
+from sap_core.models.checkpoint import SPECIAL_ID_FIELDS, check_declared_size, read_config, read_headers
 from sap_core.models.dream import load_dream, load_dream_tokenizer
 from sap_core.models.hf_causal import HF_CAUSAL_TYPES, load_hf_causal
 from sap_core.models.llada import LLaDAConfig, LLaDAModelLM
 from sap_core.models.loading import load_pretrained
 from sap_core.models.placement import DeviceMap, input_device
 
+from sap_core.memory import tune_allocator
+
+tune_allocator()  # freed capture buffers go back to the system (see sap_core.memory, bench/memory_growth.py)
+
 ASSETS = Path(__file__).resolve().parents[2] / "assets"
 BUILTIN_MODELS = {"tiny-dlm": ASSETS / "models" / "tiny-dlm", "tiny-ar": ASSETS / "models" / "tiny-ar"}
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 DTYPES = {
     "float32": torch.float32, "fp32": torch.float32,
     "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -91,9 +94,17 @@ class ModelHandle:
 def resolve_device(device: Union[str, torch.device]) -> torch.device:
     if str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(device)
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ModelLoadError(f"Unknown device '{device}'; use auto, cpu, cuda or cuda:N.") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ModelLoadError(f"SinkScope runs on cpu or cuda, not '{device}'; use auto, cpu, cuda or cuda:N.")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ModelLoadError("CUDA was requested but no CUDA GPU is available here; use device='cpu'.")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ModelLoadError(f"'{device}' does not exist: this machine has {torch.cuda.device_count()} GPU(s); "
+                             "use cuda:0 or auto.")
     return device
 
 
@@ -107,20 +118,6 @@ def resolve_dtype(dtype: Union[str, torch.dtype], device: torch.device) -> torch
     if dtype not in DTYPES:
         raise ModelLoadError(f"Unknown dtype '{dtype}'; choose one of auto, float32, bfloat16, float16.")
     return DTYPES[dtype]
-
-
-def _check_weights(path: Path) -> None:
-    files = [p for p in path.iterdir() if p.is_file()]
-    if any(p.name.endswith(".safetensors") or p.name == "model.safetensors.index.json" for p in files):
-        return
-    pickled = [p.name for p in files if p.suffix in PICKLE_SUFFIXES]
-    if pickled:
-        raise ModelLoadError(
-            f"'{path}' holds only pickled weights ({', '.join(sorted(pickled))}). SinkScope refuses them "
-            "because unpickling can run arbitrary code. Convert the checkpoint to safetensors "
-            "(e.g. model.save_pretrained(dir, safe_serialization=True) in a trusted environment) and load that."
-        )
-    raise ModelLoadError(f"'{path}' has no weights: expected model.safetensors or sharded *.safetensors with an index file.")
 
 
 def _load_tokenizer(path: Path, family: Optional[str] = None) -> PreTrainedTokenizerBase:
@@ -150,16 +147,6 @@ FAMILY_LOADERS: dict[str, Callable[..., tuple[PreTrainedModel, object]]] = {
 }
 # model_type -> tokenizer loader, for families whose released tokenizer is remote code.
 FAMILY_TOKENIZERS: dict[str, Callable[[Path], PreTrainedTokenizerBase]] = {"Dream": load_dream_tokenizer}
-
-
-def read_config(path: Path) -> dict:
-    config_file = path / "config.json"
-    if not config_file.exists():
-        raise ModelLoadError(f"'{path}' has no config.json: it is not a model directory. Point to the folder that holds config.json and the *.safetensors files.")
-    try:
-        return json.loads(config_file.read_text())
-    except json.JSONDecodeError as exc:
-        raise ModelLoadError(f"'{config_file}' is not valid JSON ({exc}).") from exc
 
 
 def resolve_source(source: Union[str, Path]) -> Path:
@@ -195,21 +182,56 @@ def load_model(
     if family not in FAMILY_LOADERS:
         known = ", ".join(sorted(FAMILY_LOADERS))
         raise ModelLoadError(f"'{path}' is a '{family}' model; SinkScope knows the families: {known}.")
-    _check_weights(path)
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
+    check_declared_size(path, config_dict, read_headers(path))  # before any allocation
     tokenizer = _load_tokenizer(path, family)
-    hf_logging.disable_progress_bar()  # our own progress reporting; no per-load bars
-    if device_map is None:
-        module, config = FAMILY_LOADERS[family](path, dev, dt)
-    else:
-        module, config = FAMILY_LOADERS[family](path, dev, dt, device_map=device_map)
-        dev = input_device(module)
-    module.eval().requires_grad_(False)
-    causal = bool(getattr(config, "causal", False) or getattr(module, "causal_lm", False))
-    mask_id = getattr(config, "mask_token_id", None)
+    causal = bool(config_dict.get("causal", False)) or family not in ("llada", "Dream")
+    # The raw config.json, not the config class: LLaDAConfig defaults mask_token_id to LLaDA-8B's 126336.
+    mask_id = config_dict.get("mask_token_id")
     if mask_id is None:
         mask_id = tokenizer.mask_token_id
     if mask_id is None and not causal:
-        raise ModelLoadError(f"Cannot determine the [MASK] token of '{path}': set mask_token_id in config.json or a mask_token in the tokenizer.")
-    return ModelHandle(module, tokenizer, mask_id, family, dev, dt, causal, str(source))
+        raise ModelLoadError(f"Cannot determine the [MASK] token of '{path}': set mask_token_id in config.json or a "
+                             "mask_token in the tokenizer.")
+    hf_logging.disable_progress_bar()  # our own progress reporting; no per-load bars
+    try:
+        if device_map is None:
+            module, config = FAMILY_LOADERS[family](path, dev, dt)
+        else:
+            module, config = FAMILY_LOADERS[family](path, dev, dt, device_map=device_map)
+            dev = input_device(module)
+    except (SapError, torch.OutOfMemoryError):
+        raise
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError, AttributeError) as exc:
+        # transformers / safetensors raise many kinds for a damaged checkpoint
+        raise ModelLoadError(f"Could not load the weights of '{path}' ({type(exc).__name__}: "
+                             f"{' '.join(str(exc).split())[:200]}); check config.json and the *.safetensors files.") from exc
+    module.eval().requires_grad_(False)
+    causal = bool(getattr(config, "causal", False) or getattr(module, "causal_lm", False))
+    _check_special_ids(path, module, config_dict, tokenizer, mask_id)
+    if mask_id is not None and hasattr(config, "mask_token_id"):
+        config.mask_token_id = int(mask_id)
+    return ModelHandle(module, tokenizer, None if mask_id is None else int(mask_id), family, dev, dt, causal, str(source))
+
+
+def _check_special_ids(path: Path, module, config_dict: dict, tokenizer, mask_id: Optional[int]) -> None:
+    """Every special token id (config and tokenizer) indexes a row of the embedding."""
+    try:
+        embedding = module.get_input_embeddings()
+    except (AttributeError, NotImplementedError):
+        embedding = next(m for m in module.modules() if isinstance(m, torch.nn.Embedding))
+    rows = embedding.weight.shape[0]
+    ids = {name: config_dict.get(name) for name in SPECIAL_ID_FIELDS}
+    ids["mask_token_id"] = mask_id
+    for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
+        ids.setdefault(name, None)
+        if ids[name] is None:
+            ids[name] = getattr(tokenizer, name, None)
+    for name, value in ids.items():
+        if value is not None and not 0 <= int(value) < rows:
+            raise ModelLoadError(f"'{path}': {name} {value} is outside the embedding's {rows} rows; fix "
+                                 f"{name} in config.json (or the tokenizer's special tokens).")
+    if len(tokenizer) > rows:
+        raise ModelLoadError(f"'{path}': the tokenizer has {len(tokenizer)} tokens but the embedding only {rows} rows; "
+                             "the tokenizer and the weights belong to different models.")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import hashlib
 import json
 import threading
 import time
@@ -24,7 +25,8 @@ import pandas as pd
 import torch
 from torch import nn
 
-from sap_core.errors import PruneSpecError, SapError
+from sap_core.errors import OutputPathError, PruneSpecError, SapError
+from sap_core.files import atomic_directory, check_output_dir
 from sap_core.progress import Progress, report
 from sap_core.pruning import scores as sc
 from sap_core.pruning.calibration import CalibrationRecord, calibration_ids, noised_ids, tokenize
@@ -88,6 +90,75 @@ def check_sparsity(obj, by: str = "module") -> pd.DataFrame:
 
 # --- the variant --------------------------------------------------------------------------------
 
+VARIANT_FORMAT = "sinkscope.pruned_variant/1"
+FINGERPRINT_SAMPLES = 4096  # values sampled per parameter
+FINGERPRINT_RTOL = 1e-2
+
+
+def fingerprint(module: nn.Module) -> dict:
+    """A fingerprint of a model's weights: the sha256 of its parameter names and shapes, and per
+    parameter the sum and absolute sum (float64) of up to 4096 evenly strided values. It tells two models
+    of the same architecture apart (different weights) while tolerating a change of dtype (the sums are
+    compared with a 1 % relative tolerance by :func:`same_weights`). Cheap: a few thousand values per parameter."""
+    names = hashlib.sha256()
+    stats = []
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            names.update(f"{name}:{tuple(p.shape)};".encode())
+            if p.device.type == "meta":
+                stats.append([0.0, 0.0])
+                continue
+            flat = p.detach().reshape(-1)
+            sample = flat[:: max(1, flat.numel() // FINGERPRINT_SAMPLES)][:FINGERPRINT_SAMPLES].double()
+            stats.append([float(sample.sum()), float(sample.abs().sum())])
+    return {"names": names.hexdigest(), "stats": stats}
+
+
+def same_weights(a: dict, b: dict) -> bool:
+    """Whether two :func:`fingerprint` s come from the same weights (up to dtype rounding)."""
+    if a.get("names") != b.get("names") or len(a.get("stats", ())) != len(b.get("stats", ())):
+        return False
+    for (sa, aa), (sb, ab) in zip(a["stats"], b["stats"]):
+        scale = max(aa, ab, 1e-12)
+        if abs(sa - sb) > FINGERPRINT_RTOL * scale or abs(aa - ab) > FINGERPRINT_RTOL * scale:
+            return False
+    return True
+
+
+def is_variant_dir(path: Path) -> bool:
+    """Whether ``path`` is a directory written by :meth:`PrunedVariant.save` (its ``pruning.json`` says so)."""
+    record = Path(path) / "pruning.json"
+    try:
+        return record.is_file() and json.loads(record.read_text(encoding="utf-8")).get("format") == VARIANT_FORMAT
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+        return False
+
+
+def _model_dir(handle) -> Optional[Path]:
+    from sap_core.models import BUILTIN_MODELS
+
+    source = BUILTIN_MODELS.get(str(handle.source), Path(str(handle.source)).expanduser())
+    return source.resolve() if source.is_dir() else None
+
+
+def check_save_target(directory: Union[str, Path], handle, overwrite: bool = False) -> Path:
+    """Refuse, before any work, a directory a variant may not be saved to: the loaded model's own
+    directory (or one inside it or above it), a file, an unwritable place, a non-empty directory that is
+    not a SinkScope variant, and an existing variant unless ``overwrite``. Returns the resolved path."""
+    target = check_output_dir(directory, "Save directory").resolve()
+    model_dir = _model_dir(handle)
+    if model_dir is not None and (target == model_dir or model_dir in target.parents or target in model_dir.parents):
+        raise OutputPathError(f"Save directory '{target}' is the loaded model's directory '{model_dir}' (or holds it, "
+                              "or sits inside it); saving there would overwrite the dense checkpoint. Choose another directory.")
+    if target.is_dir() and any(target.iterdir()):
+        if not is_variant_dir(target):
+            raise OutputPathError(f"Save directory '{target}' is not empty and is not a SinkScope variant; saving would "
+                                  "replace its files. Choose a new or empty directory.")
+        if not overwrite:
+            raise OutputPathError(f"Save directory '{target}' holds a pruned variant already; pass overwrite=True "
+                                  "(--overwrite on the command line, the confirmation box in the app) to replace it.")
+    return target
+
 @dataclass
 class PrunedVariant:
     """The result of :func:`prune`.
@@ -111,6 +182,7 @@ class PrunedVariant:
     calibration: Optional[CalibrationRecord]
     source: str
     layer_sparsity: pd.DataFrame = field(repr=False, default=None)
+    dense_fingerprint: Optional[dict] = field(repr=False, default=None)
 
     def __post_init__(self) -> None:
         if self.layer_sparsity is None:
@@ -138,7 +210,7 @@ class PrunedVariant:
         text = cal.pop("text")
         cal["text"] = "default (assets/text/calibration.txt)" if text is None else f"user text, {len(text)} characters"
         return {
-            "format": "sinkscope.pruned_variant/1",
+            "format": VARIANT_FORMAT,
             "source": self.source,
             "method": spec.method, "sparsity": spec.sparsity, "pattern": spec.pattern,
             "target_sparsity": spec.target_sparsity, "achieved_sparsity": self.sparsity,
@@ -146,9 +218,13 @@ class PrunedVariant:
             "calibration": cal if spec.needs_calibration else None,
             "blocksize": spec.blocksize, "percdamp": spec.percdamp, "sparsegpt_selection": spec.sparsegpt_selection,
             "seconds": self.seconds, "timings": self.timings, "passes": self.passes,
+            "dense_fingerprint": self.dense_fingerprint,
         }
 
     def _params(self, module: nn.Module) -> dict[str, nn.Parameter]:
+        if self.dense_fingerprint is not None and not same_weights(self.dense_fingerprint, fingerprint(module)):
+            raise PruneSpecError(f"This variant was pruned from another model ({self.source}); its weights differ from "
+                                 "this model's. Prune this model instead.")
         params = dict(module.named_parameters())
         out = {}
         for name, W in self.weights.items():
@@ -168,8 +244,8 @@ class PrunedVariant:
         bit for bit (they are never written to). Do not modify weights in place inside the block:
         that would write into the variant.
         """
-        params = self._params(handle.module)
-        with handle.lock:
+        with handle.lock:  # the fingerprint is taken of the dense weights, never of another variant's
+            params = self._params(handle.module)
             saved: list[tuple[nn.Parameter, torch.Tensor]] = []
             try:
                 for name, p in params.items():
@@ -183,7 +259,8 @@ class PrunedVariant:
     def apply_to_copy(self, handle):
         """A new :class:`~sap_core.models.ModelHandle` with a pruned copy of the model (own lock,
         same tokenizer). Costs one model's memory; the dense weights of pruned layers are not copied."""
-        params = self._params(handle.module)
+        with handle.lock:
+            params = self._params(handle.module)
         memo = {id(p): nn.Parameter(self.weights[name].to(p.device, p.dtype).clone(), requires_grad=False)
                 for name, p in params.items()}
         with handle.lock:
@@ -192,17 +269,24 @@ class PrunedVariant:
         return dataclasses.replace(handle, module=module, lock=threading.RLock(),
                                    source=f"{handle.name} [{self.spec.label}]")
 
-    def save(self, directory: Union[str, Path], handle) -> Path:
+    def save(self, directory: Union[str, Path], handle, overwrite: bool = False) -> Path:
         """Write the pruned model as a model directory (``model.safetensors``, ``config.json``,
-        tokenizer files, and ``pruning.json`` with the spec and figures) that ``load_model`` loads."""
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        with self.applied(handle):
-            handle.module.save_pretrained(str(directory))
-        if handle.tokenizer is not None:
-            handle.tokenizer.save_pretrained(str(directory))
-        (directory / "pruning.json").write_text(json.dumps(self.summary(), indent=1))
-        return directory
+        tokenizer files, and ``pruning.json`` with the spec, figures and the dense model's fingerprint)
+        that ``load_model`` loads. Returns the absolute path.
+
+        Guarantees: the target is checked first (:func:`check_save_target`: never the loaded model's own
+        directory, never a non-empty directory that is not a variant, an existing variant only with
+        ``overwrite``); everything is written into a hidden sibling directory, flushed to disk and renamed
+        into place, so a crash leaves the previous directory intact and ``pruning.json`` always
+        describes the weights beside it."""
+        target = check_save_target(directory, handle, overwrite)
+        with atomic_directory(target) as tmp:
+            with self.applied(handle):
+                handle.module.save_pretrained(str(tmp))
+            if handle.tokenizer is not None:
+                handle.tokenizer.save_pretrained(str(tmp))
+            (tmp / "pruning.json").write_text(json.dumps(self.summary(), indent=1), encoding="utf-8")
+        return target
 
 
 # --- the run ------------------------------------------------------------------------------------
@@ -224,9 +308,9 @@ def _check_against_model(handle, spec: PruneSpec) -> Optional[list[int]]:
     if not spec.needs_calibration:
         return None
     cal = spec.calibration
-    max_len = getattr(getattr(module, "config", None), "max_sequence_length", None)
-    if max_len is not None and cal.seqlen > max_len:
-        raise PruneSpecError(f"seqlen {cal.seqlen} exceeds the model's max_sequence_length {max_len}; lower seqlen.")
+    from sap_core.evaluate import check_length
+
+    check_length(handle, cal.seqlen, "The calibration seqlen", PruneSpecError)
     if spec.method in NEEDS_NOISE:
         if handle.mask_id is None:
             raise PruneSpecError(f"{spec.method} corrupts calibration text with [MASK], but this model has no mask "
@@ -276,12 +360,13 @@ def prune(handle, spec: PruneSpec, calibration: Union[CalibrationSpec, str, None
         taps = sc.make_taps(handle)
         names = _param_names(handle.module)
         modules = [(i, name, names[id(lin.weight)]) for i, name, lin in target_linears(handle.module)]
+        dense = fingerprint(handle.module)
     with torch.no_grad():
         new, record, passes, t_cal = _run(handle, taps, spec, token_ids, tick, cache)
     weights = {pname: new[(i, name)] for i, name, pname in modules}
     seconds = time.perf_counter() - t_start
     timings = {"calibration": t_cal, "pruning": seconds - t_cal}
-    return PrunedVariant(spec, weights, modules, seconds, timings, passes, record, handle.source)
+    return PrunedVariant(spec, weights, modules, seconds, timings, passes, record, handle.source, dense_fingerprint=dense)
 
 
 def _run(handle, taps, spec: PruneSpec, token_ids, tick, cache=None):

@@ -7,6 +7,7 @@ text) before any forward pass, so a bad setting costs nothing.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -43,10 +44,10 @@ def parse_pattern(pattern: str) -> Optional[tuple[int, int]]:
     text = str(pattern).strip().lower()
     if text == "unstructured":
         return None
-    parts = text.split(":")
-    if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
+    match = re.fullmatch(r"\s*([0-9]{1,6})\s*:\s*([0-9]{1,6})\s*", text)  # ASCII digits only ('²' is a digit too)
+    if match is None:
         raise PruneSpecError(f"pattern must be 'unstructured' or 'N:M' such as '2:4' or '4:8' (got '{pattern}').")
-    n, m = (int(p) for p in parts)
+    n, m = int(match.group(1)), int(match.group(2))
     if m < 1 or n < 1:
         raise PruneSpecError(f"N:M needs N >= 1 and M >= 1 (got '{pattern}'); '2:4' keeps 2 weights of every 4.")
     if n >= m:
@@ -105,6 +106,10 @@ class CalibrationSpec:
                                  "the sampled timesteps are interval, 2·interval, …, T.")
         if not (isinstance(self.eps, (int, float)) and 0.0 <= self.eps < 1.0):
             raise PruneSpecError(f"eps must be in [0, 1) (got {self.eps}).")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**63:
+            raise PruneSpecError(f"seed must be an integer in [0, 2**63) (got {self.seed!r}).")
+        if isinstance(self.eps, bool) or not math.isfinite(self.eps):
+            raise PruneSpecError(f"eps must be a finite number in [0, 1) (got {self.eps!r}).")
         if not isinstance(self.batch_size, int) or self.batch_size < 1:
             raise PruneSpecError(f"batch_size must be an integer >= 1 (got {self.batch_size}).")
         if self.text is not None and not str(self.text).strip():
@@ -188,7 +193,7 @@ class PruneSpec:
         parse_pattern(self.pattern)
         if not isinstance(self.blocksize, int) or self.blocksize < 1:
             raise PruneSpecError(f"blocksize must be an integer >= 1 (got {self.blocksize}).")
-        if not (isinstance(self.percdamp, (int, float)) and self.percdamp > 0):
+        if not (isinstance(self.percdamp, (int, float)) and math.isfinite(self.percdamp) and self.percdamp > 0):
             raise PruneSpecError(f"percdamp must be > 0 (got {self.percdamp}); SparseGPT uses 0.01.")
         if self.sparsegpt_selection not in SPARSEGPT_SELECTIONS:
             raise PruneSpecError(f"sparsegpt_selection must be one of {', '.join(SPARSEGPT_SELECTIONS)} "
