@@ -1,16 +1,13 @@
 """Sink stability: tune the sink rule and the variance threshold on the stored trajectory."""
-import json
 import tempfile
 from pathlib import Path
 
 import streamlit as st
 
-from app_common import active_model, ar_model, cached_model, current_trajectory, job, model_choice, progress_callback, report_for, sink_spec, token_texts
+from app_common import active_model, current_trajectory, report_for, sink_spec, token_texts
 from sap_core import viz
-from sap_core.attention import AttentionRecorder
-from sap_core.diffusion import generate
 from sap_core.errors import SapError
-from sap_core.sinks import RULES, SinkSpec, compare
+from sap_core.sinks import RULES, SinkSpec
 
 st.header("Sink stability")
 handle = active_model()

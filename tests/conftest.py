@@ -1,7 +1,6 @@
 """Shared fixtures: tiny random models written to disk in LLaDA's own format."""
 from __future__ import annotations
 
-import json
 import os
 import socket
 import subprocess

@@ -1,7 +1,6 @@
 """Generation comparison: dense vs pruned variants with the same prompt, spec and seed (issue 6)."""
 from __future__ import annotations
 
-import dataclasses
 
 import numpy as np
 import pytest
