@@ -26,7 +26,7 @@ import pandas as pd
 
 from sap_core.errors import SapError
 from sap_core.sinks import STATES
-from sap_core.viz import MASS_SCALE, STATE_COLORS, _uniform_multiple
+from sap_core.viz import MASS_SCALE, STATE_COLORS, uniform_multiple
 
 COLOR_RANGES = ("global99", "global", "per-step")
 COLOR_RANGE_NAMES = {"global99": "fixed: 99th percentile of all steps", "global": "fixed: maximum of all steps",
@@ -93,12 +93,12 @@ def _layer_index(report, layer: Optional[int]) -> Optional[int]:
 
 def step_mass(report) -> np.ndarray:
     """``float64 [S, L]``: aggregate mass of every step as a multiple of uniform (NaN where absent)."""
-    return _uniform_multiple(report.mass.astype(np.float64), report.valid)
+    return uniform_multiple(report.mass.astype(np.float64), report.valid)
 
 
 def layer_step_mass(report) -> np.ndarray:
     """``float64 [S, layers, L]``: per-layer mass of every step as a multiple of uniform (NaN where absent)."""
-    return _uniform_multiple(report.layer_mass.astype(np.float64), report.valid[:, None, :])
+    return uniform_multiple(report.layer_mass.astype(np.float64), report.valid[:, None, :])
 
 
 def color_limits(values: np.ndarray, color_range: str) -> np.ndarray:

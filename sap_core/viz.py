@@ -26,11 +26,13 @@ PROBABILITY_SCALE = [[0.0, "#0b0b1e"], [0.2, "#3b0f70"], [0.4, "#8c2981"], [0.6,
                      [1.0, "#fcfdbf"]]  # magma, first stop lifted out of Streamlit's placeholder range
 
 
-def _uniform_multiple(mass: np.ndarray, valid: np.ndarray) -> np.ndarray:
-    """Rows of ``mass[R, L]`` as multiples of their mean over the valid positions (the ``"uniform"``
-    view of :mod:`sap_core.sinks`); NaN where not valid. ``valid``: ``bool [R, L]`` or ``[1, L]``."""
+def uniform_multiple(mass: np.ndarray, valid: np.ndarray) -> np.ndarray:
+    """Rows of ``mass[..., L]`` as multiples of their mean over the valid positions (the ``"uniform"``
+    view of :mod:`sap_core.sinks`); NaN where not valid. ``valid``: ``bool``, broadcastable to ``mass``."""
     valid = np.broadcast_to(valid, mass.shape)
-    return mass_view(mass, "uniform", valid.sum(-1), absent=np.nan)
+    rows = mass.reshape(-1, mass.shape[-1])
+    out = mass_view(rows, "uniform", valid.reshape(rows.shape).sum(-1), absent=np.nan)
+    return out.reshape(mass.shape)
 
 
 def attention_map_figure(attention: np.ndarray, step: int, layer: int, head: int,
