@@ -316,6 +316,7 @@ def tau_sweep_figure(table: pd.DataFrame, best: Optional[pd.DataFrame] = None) -
                                  categoryorder="array", categoryarray=labels),
                       yaxis_title="perplexity (masked-diffusion bound)", legend=dict(orientation="h", y=-0.3),
                       height=460, margin=dict(t=60, b=10))
+    return fig
 
 
 def sink_trajectory_pair(reports: dict, normalize: str = "raw") -> go.Figure:
