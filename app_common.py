@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from typing import Iterator, Optional
+from typing import Iterator
 
 import streamlit as st
 import torch
@@ -98,11 +98,6 @@ def job(label: str) -> Iterator[None]:
                  "or a smaller dtype (bfloat16); the dense model is unchanged.")
     except SapError as exc:
         st.error(f"{label} failed: {exc}")
-
-
-def note_missing(what: Optional[str]) -> None:
-    if what:
-        st.info(what)
 
 
 def current_trajectory(handle: ModelHandle, key: str = "trajectory"):
