@@ -27,10 +27,12 @@ PROBABILITY_SCALE = [[0.0, "#0b0b1e"], [0.2, "#3b0f70"], [0.4, "#8c2981"], [0.6,
 
 
 def _uniform_multiple(mass: np.ndarray, valid: np.ndarray) -> np.ndarray:
-    """Rows of ``mass[R, L]`` as multiples of their mean over the valid positions (the ``"uniform"``
-    view of :mod:`sap_core.sinks`); NaN where not valid. ``valid``: ``bool [R, L]`` or ``[1, L]``."""
-    valid = np.broadcast_to(valid, mass.shape)
-    return mass_view(mass, "uniform", valid.sum(-1), absent=np.nan)
+    """Rows of ``mass[..., L]`` (e.g. ``[S, L]`` or ``[S, layers, L]``) as multiples of their mean over the
+    valid positions (the ``"uniform"`` view of :mod:`sap_core.sinks`); NaN where not valid. ``valid``:
+    ``bool``, broadcastable to ``mass``."""
+    L = mass.shape[-1]
+    valid = np.broadcast_to(valid, mass.shape).reshape(-1, L)
+    return mass_view(mass.reshape(-1, L), "uniform", valid.sum(-1), absent=np.nan).reshape(mass.shape)
 
 
 def attention_map_figure(attention: np.ndarray, step: int, layer: int, head: int,
