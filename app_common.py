@@ -166,4 +166,4 @@ def eval_spec(**changes):
 def stored_caption(entry: dict, failed: bool) -> None:
     """Say which run a stored result came from; after a failed run, say that it is the earlier one."""
     prefix = "From an earlier run (the last run failed): " if failed else "From the last run: "
-    st.caption(prefix + entry["about"], help="Stored in this browser session until a new run succeeds.")
+    st.caption(prefix + entry["label"], help="Stored in this browser session until a new run succeeds.")
