@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from typing import Iterator, Optional
+from typing import Iterator
 
 import streamlit as st
 import torch
@@ -100,11 +100,6 @@ def job(label: str) -> Iterator[None]:
         st.error(f"{label} failed: {exc}")
 
 
-def note_missing(what: Optional[str]) -> None:
-    if what:
-        st.info(what)
-
-
 def current_trajectory(handle: ModelHandle, key: str = "trajectory"):
     """The trajectory this session generated with the active model, or None."""
     if st.session_state.get(f"{key}_model") != model_choice():
@@ -171,4 +166,4 @@ def eval_spec(**changes):
 def stored_caption(entry: dict, failed: bool) -> None:
     """Say which run a stored result came from; after a failed run, say that it is the earlier one."""
     prefix = "From an earlier run (the last run failed): " if failed else "From the last run: "
-    st.caption(prefix + entry["about"], help="Stored in this browser session until a new run succeeds.")
+    st.caption(prefix + entry["label"], help="Stored in this browser session until a new run succeeds.")

@@ -9,17 +9,15 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
 from pathlib import Path
 
+from streamlit.testing.v1 import AppTest
+
+from sap_core.diffusion import DecodeSpec, generate
+from sap_core.models import load_model
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from streamlit.testing.v1 import AppTest  # noqa: E402
-
-from sap_core.diffusion import DecodeSpec, generate  # noqa: E402
-from sap_core.models import load_model  # noqa: E402
 
 
 def timed(fn) -> float:

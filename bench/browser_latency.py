@@ -1,6 +1,6 @@
 """What a user waits for, measured in Debian's Chromium against ``streamlit run app.py`` (issue 11).
 
-    python bench/browser_latency.py [--length 64] [--moves 16] [--payload-steps 256]
+    python -m bench.browser_latency [--length 64] [--moves 16] [--payload-steps 256]   # from the repository root
 
 Prints, on the built-in tiny-dlm: cold load of the first page, Generate -> first drawn view, the
 explorer's step-change latency (key press on the view's slider -> redrawn canvas, measured in the
@@ -16,12 +16,9 @@ import argparse
 import statistics
 import sys
 import time
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+from tests.conftest import launch_chromium, start_app, stop_app
 
-from conftest import launch_chromium, start_app, stop_app  # noqa: E402
 
 # In the view's frame: time from a key press on the slider to the first animation frame after the redraw.
 STEP_TIMER = """() => ({done: new Promise(resolve => {

@@ -9,22 +9,19 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
+import torch
 
-from sap_core.attention import AttentionRecorder  # noqa: E402
-from sap_core.diffusion import DecodeSpec, generate  # noqa: E402
-from sap_core.models import BUILTIN_MODELS, ModelHandle, load_model  # noqa: E402
-from sap_core.models.llada import LLaDAConfig, LLaDAModelLM  # noqa: E402
+from sap_core.attention import AttentionRecorder
+from sap_core.diffusion import DecodeSpec, generate
+from sap_core.models import BUILTIN_MODELS, ModelHandle, load_model
+from sap_core.models.llada import LLaDAConfig, LLaDAModelLM
 
 
 def random_handle() -> ModelHandle:
-    """A random model of the built-in DLM's shape, for when assets/ is not there."""
+    """A random model of the built-in DLM's shape, for when sap_core/assets/ is not there."""
     from transformers import PreTrainedTokenizerFast  # noqa: F401  (tokenizer unused: prompts are ids)
 
     torch.manual_seed(0)

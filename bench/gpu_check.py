@@ -22,17 +22,15 @@ import statistics
 import sys
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Optional
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
+import torch
 
-from sap_core.attention import AttentionRecorder  # noqa: E402
-from sap_core.diffusion import DecodeSpec, generate  # noqa: E402
-from sap_core.models import ModelHandle  # noqa: E402
-from sap_core.models.llada import LLaDAConfig, LLaDAModelLM  # noqa: E402
+from sap_core.attention import AttentionRecorder
+from sap_core.diffusion import DecodeSpec, generate
+from sap_core.models import ModelHandle
+from sap_core.models.llada import LLaDAConfig, LLaDAModelLM
 
 
 @dataclass(frozen=True)

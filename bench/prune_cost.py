@@ -1,8 +1,8 @@
 """Cost of pruning: every method, and single-pass sink-aware Wanda against the official two-pass structure.
 
-On the built-in DLM (``assets/models/tiny-dlm``) when it exists, else a random LLaDA model of the
+On the built-in DLM (``sap_core/assets/models/tiny-dlm``) when it exists, else a random LLaDA model of the
 same shape (d_model 256, 6 layers, 8 heads, vocab 4096) with a byte-level stand-in tokenizer.
-Calibration text: ``assets/text/calibration.txt`` when it exists, else the repository's own
+Calibration text: ``sap_core/assets/text/calibration.txt`` when it exists, else the repository's own
 markdown files. Prints the median time of each method, then times the sink-aware Wanda statistics
 computed in one recorded pass per batch (what ``prune`` runs) and in two passes (a recorded pass
 for the attention mass, then a plain pass for the activations: the official code's structure),
@@ -15,22 +15,20 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
 from pathlib import Path
 
+import torch
+
+from sap_core.models import BUILTIN_MODELS, ModelHandle, load_model
+from sap_core.models.llada import LLaDAConfig, LLaDAModelLM
+from sap_core.pruning import METHODS, CalibrationSpec, PruneSpec, prune
+from sap_core.pruning import scores as sc
+from sap_core.pruning.calibration import calibration_ids, noised_ids, tokenize
+from sap_core.pruning.spec import DEFAULT_CALIBRATION
+from sap_core.sinks import SinkSpec
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-import torch  # noqa: E402
-
-from sap_core.models import BUILTIN_MODELS, ModelHandle, load_model  # noqa: E402
-from sap_core.models.llada import LLaDAConfig, LLaDAModelLM  # noqa: E402
-from sap_core.pruning import METHODS, CalibrationSpec, PruneSpec, prune  # noqa: E402
-from sap_core.pruning import scores as sc  # noqa: E402
-from sap_core.pruning.calibration import calibration_ids, noised_ids, tokenize  # noqa: E402
-from sap_core.pruning.spec import DEFAULT_CALIBRATION  # noqa: E402
-from sap_core.sinks import SinkSpec  # noqa: E402
 
 
 class ByteTokenizer:
@@ -83,7 +81,7 @@ def main() -> None:
     text = None if DEFAULT_CALIBRATION.is_file() else calibration_text()
     cal = CalibrationSpec(text=text, nsamples=args.nsamples, seqlen=args.seqlen, batch_size=args.batch_size)
     print(f"model: {handle.name}, {handle.n_layers} layers, {handle.n_params / 1e6:.1f}M params; "
-          f"calibration: {'assets/text/calibration.txt' if text is None else 'repository markdown (calibration.txt missing)'}, "
+          f"calibration: {'sap_core/assets/text/calibration.txt' if text is None else 'repository markdown (calibration.txt missing)'}, "
           f"nsamples={cal.nsamples}, seqlen={cal.seqlen}, timesteps={len(cal.timesteps)}, batch_size={cal.batch_size}; "
           f"torch threads = {torch.get_num_threads()}")
 

@@ -16,16 +16,13 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import numpy as np  # noqa: E402
+import numpy as np
 
-from sap_core.sinks import SinkSpec, analyze, clear_cache  # noqa: E402
+from sap_core.sinks import SinkSpec, analyze, clear_cache
 
 
 @dataclass

@@ -19,18 +19,15 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
+import torch
 
-from sap_core.attention import AttentionRecorder  # noqa: E402
-from sap_core.diffusion import DecodeSpec, generate  # noqa: E402
-from sap_core.models import load_model  # noqa: E402
-from sap_core.sinkstats import evaluation_prompts, run_sinkstats  # noqa: E402
+from sap_core.attention import AttentionRecorder
+from sap_core.diffusion import DecodeSpec, generate
+from sap_core.models import load_model
+from sap_core.sinkstats import evaluation_prompts, run_sinkstats
 
 
 def main() -> None:

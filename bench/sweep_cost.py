@@ -15,20 +15,16 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import time
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+import numpy as np
+import torch
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+from sap_core.models import load_model
+from sap_core.pruning import CalibrationSpec
+from sap_core.sinks import SinkSpec
+from sap_core.sweep import EvalSpec, SweepSpec, run_sweep
 
-from sap_core.models import load_model  # noqa: E402
-from sap_core.pruning import CalibrationSpec  # noqa: E402
-from sap_core.sinks import SinkSpec  # noqa: E402
-from sap_core.sweep import EvalSpec, SweepSpec, run_sweep  # noqa: E402
 
 README_METHODS = ("magnitude", "wanda", "sparsegpt", "sink_wanda", "sink_sparsegpt", "noised_wanda", "gated_sink_wanda")
 

@@ -37,7 +37,7 @@ if go:
         result = compare_generations(handle, {n: variants[n] for n in chosen}, prompt, spec,
                                      progress=progress_callback(bar, "Decoding"))
         shown = prompt if len(prompt) <= 40 else prompt[:37] + "…"
-        st.session_state["comparison"] = {"result": result, "about": (
+        st.session_state["comparison"] = {"result": result, "label": (
             f"the prompt {shown!r}: {spec.gen_length} tokens in {spec.steps} steps, temperature {spec.temperature:g}, "
             f"seed {spec.seed}; variants: {', '.join(chosen) or 'none'}")}
         compare_failed = False
@@ -90,7 +90,7 @@ if c[2].button("Compute perplexity", type="primary"):
     with job("Perplexity"):
         spec = eval_spec(nsamples=int(nsamples), draws=int(draws))
         table = perplexity_table(handle, {n: variants[n] for n in chosen}, spec, progress=progress_callback(bar, "Perplexity"))
-        st.session_state["ppl_table"] = {"table": table, "about": (
+        st.session_state["ppl_table"] = {"table": table, "label": (
             f"{spec.nsamples} windows × {spec.draws} draws of {spec.seqlen} tokens, seed {spec.seed}; "
             f"models: dense{''.join(', ' + n for n in chosen)}")}
         ppl_failed = False
@@ -128,7 +128,7 @@ if run:
         spec = SweepSpec(tuple(methods), tuple(float(s) for s in sparsities), tuple(patterns), sink=sweep_sink,
                          eval=eval_spec(nsamples=int(nsamples), draws=int(draws)))
         df = run_sweep(handle, spec, progress=progress_callback(bar, "Sweep"))
-        st.session_state["sweep_result"] = {"table": df, "about": (
+        st.session_state["sweep_result"] = {"table": df, "label": (
             f"{', '.join(methods)} at {', '.join(f'{s:g}' for s in sparsities)} ({', '.join(patterns)}); "
             f"{spec.eval.nsamples} windows × {spec.eval.draws} draws; tau = {sweep_sink.tau:g}")}
         sweep_failed = False

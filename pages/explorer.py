@@ -33,6 +33,7 @@ with st.form("decode"):
 
 
 def run_label(spec: DecodeSpec, text: str) -> str:
+    """What a run was: the label stored with its result (trajectory_label), as every stored result has one."""
     shown = text if len(text) <= 60 else text[:57] + "…"
     decoding = "causal, one token per step" if handle.causal else (
         f"{spec.steps} steps, block {spec.block_length}, {spec.remasking}, CFG {spec.cfg_scale:g}")

@@ -6,7 +6,6 @@ import pandas as pd
 import streamlit as st
 
 from app_common import active_model
-from sap_core.evaluate import max_length  # the limit generate() enforces
 from sap_core.memory import available, estimate, human
 
 st.header("SinkScope")
@@ -27,11 +26,11 @@ st.caption("Pick the model in the sidebar first: the built-in tiny-dlm runs on a
 
 st.subheader("Loaded model")
 handle = active_model()
-limit = max_length(handle)
+limit = handle.max_length  # the limit generate() enforces
 facts = {
     "source": handle.source, "family": handle.family, "causal": handle.causal,
     "parameters": f"{handle.n_params:,}", "layers": handle.n_layers, "heads": handle.n_heads,
-    "vocabulary": len(handle.tokenizer), "mask token": f"{handle.mask_id} ({handle.tokenizer.convert_ids_to_tokens(handle.mask_id) if handle.mask_id is not None else '-'})",
+    "vocabulary": handle.vocab_size, "mask token": f"{handle.mask_id} ({handle.tokenizer.convert_ids_to_tokens(handle.mask_id) if handle.mask_id is not None else '-'})",
     "device": str(handle.device), "dtype": str(handle.dtype).replace("torch.", ""),
     "max sequence length": limit if limit is not None else "-",
 }

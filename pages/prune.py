@@ -22,7 +22,7 @@ with st.form("prune"):
     pattern = c[0].selectbox("Pattern", ["unstructured", "2:4", "4:8"], help="N:M keeps N of every M consecutive weights of a row (fixes the sparsity at 1 − N/M).")
     sparsity = c[1].slider("Sparsity", 0.0, 0.95, 0.5, 0.05, help="Share of each row's weights set to zero (unstructured only).")
     c = st.columns(3)
-    nsamples = c[0].number_input("Calibration samples", 1, 1024, 16, help="Windows of the calibration text (assets/text/calibration.txt); not used by magnitude.")
+    nsamples = c[0].number_input("Calibration samples", 1, 1024, 16, help="Windows of the calibration text (sap_core/assets/text/calibration.txt); not used by magnitude.")
     seqlen = c[1].number_input("Calibration length", 8, 4096, 128, help="Tokens per window.")
     seed = c[2].number_input("Calibration seed", 0, 2**31 - 1, 0)
     submitted = st.form_submit_button("Prune", type="primary")

@@ -18,6 +18,7 @@ import io
 import os
 import tempfile
 from dataclasses import dataclass
+from importlib.resources import files
 from pathlib import Path
 from typing import Callable, Optional, Sequence, Union
 
@@ -173,7 +174,7 @@ def _sink_caption(report, tokens: list[str], mult: np.ndarray, step: int, limit:
 
 
 STATE_COLOR_LIST = [STATE_COLORS[name] for name in STATES]
-_VIEW_TEMPLATE = Path(__file__).with_name("static") / "explorer.html"
+_VIEW_TEMPLATE = files("sap_core") / "static" / "explorer.html"  # package data
 
 
 def _quantise(values: np.ndarray, qmax: float) -> bytes:

@@ -521,9 +521,7 @@ def cmd_prune(args) -> int:
         if given:
             raise UsageError(f"--preset official fixes the calibration and sink settings; drop "
                              f"{', '.join('--' + k.replace('_', '-') for k in given)}.")
-        from sap_core.evaluate import max_length
-
-        spec = PruneSpec.official(args.method, args.sparsity, args.pattern, seqlen=max_length(handle))
+        spec = PruneSpec.official(args.method, args.sparsity, args.pattern, seqlen=handle.max_length)
     if args.save:  # now with the loaded model's real directory
         from sap_core.pruning.engine import check_save_target
 

@@ -34,6 +34,8 @@ from sap_core.diffusion import DecodeSpec, Trajectory, generate
 from sap_core.errors import SapError
 from sap_core.models import ModelHandle
 from sap_core.progress import Progress, report
+from sap_core.pruning import PrunedVariant
+from sap_core.sweep import EvalSpec, paired_se, perplexity
 
 DENSE = "dense"
 
@@ -162,14 +164,13 @@ def _check_comparable(a: Trajectory, b: Trajectory) -> None:
         raise SapError("These trajectories start from different prompts; decode the same prompt for both.")
 
 
-Variant = Any  # a PrunedVariant (has .applied(handle)) or a ModelHandle
+Variant = Union[PrunedVariant, ModelHandle]
 
 
 def _label_of(variant: Variant, index: int) -> str:
-    spec = getattr(variant, "spec", None)
-    if spec is not None and hasattr(spec, "method"):
-        pattern = getattr(spec, "pattern", "unstructured")
-        return f"{spec.method} {getattr(spec, 'sparsity', 0):g} {pattern}"
+    if isinstance(variant, PrunedVariant):
+        spec = variant.spec
+        return f"{spec.method} {spec.sparsity:g} {spec.pattern}"
     if isinstance(variant, ModelHandle):
         return variant.name
     return f"variant {index + 1}"
@@ -179,7 +180,7 @@ def _context(handle: ModelHandle, variant: Variant):
     """The model to run and the context that makes it safe to run."""
     if isinstance(variant, ModelHandle):
         return variant, variant.lock
-    if hasattr(variant, "applied"):
+    if isinstance(variant, PrunedVariant):
         return handle, variant.applied(handle)
     raise SapError(f"Cannot compare against {type(variant).__name__}: give PrunedVariant objects or loaded ModelHandles.")
 
@@ -256,8 +257,6 @@ def perplexity_table(
     ``sqrt(nll_se² + nll_se_dense²)`` (``paired=False``, conservative). ``z = delta_nll / se_delta``.
     ``progress`` counts evaluation batches across all models, the message naming the model.
     """
-    from sap_core.sweep import EvalSpec, paired_se, perplexity
-
     spec = EvalSpec() if spec is None else spec
     spec.validate()
     items = list(variants.items()) if isinstance(variants, Mapping) else [(_label_of(v, i), v) for i, v in enumerate(variants)]

@@ -290,22 +290,6 @@ def _gumbel_argmax(logits: torch.Tensor, temperature: float, generator: torch.Ge
     return (logits - temperature * torch.log(-torch.log(u))).argmax(-1)
 
 
-def _max_length(handle: ModelHandle) -> Optional[int]:
-    from sap_core.evaluate import max_length
-
-    return max_length(handle)
-
-
-def _vocab_size(handle: ModelHandle) -> Optional[int]:
-    """Token ids a prompt may use: the tokenizer's (load_model checks each has an embedding row), else the
-    embedding's rows, else None (unknown)."""
-    try:
-        return len(handle.tokenizer)
-    except TypeError:
-        embedding = next((m for m in handle.module.modules() if isinstance(m, torch.nn.Embedding)), None)
-        return None if embedding is None else int(embedding.num_embeddings)
-
-
 def prompt_token_ids(handle: ModelHandle, prompt) -> list[int]:
     """Token ids of a prompt given as text (UTF-8 ``bytes`` accepted) or as ids, each checked to be in the
     vocabulary; else :class:`DecodeSpecError`."""
@@ -320,7 +304,7 @@ def prompt_token_ids(handle: ModelHandle, prompt) -> list[int]:
         ids = [i for i in prompt]
     except TypeError:
         raise DecodeSpecError(f"The prompt must be text or a list of token ids (got {type(prompt).__name__}).") from None
-    vocab = _vocab_size(handle)
+    vocab = handle.vocab_size
     bad = [i for i in ids if isinstance(i, bool) or not isinstance(i, numbers.Integral) or int(i) < 0
            or (vocab is not None and int(i) >= vocab)]
     if bad:
@@ -348,7 +332,7 @@ def generate(
     from sap_core.memory import check_capture, release_freed
 
     prompt_ids = prompt_token_ids(handle, prompt)
-    spec.validate(handle.causal, len(prompt_ids), _max_length(handle))
+    spec.validate(handle.causal, len(prompt_ids), handle.max_length)
     text = prompt if isinstance(prompt, str) else ""
     if recorder is not None:
         steps = spec.gen_length if handle.causal else spec.steps

@@ -20,7 +20,7 @@ same seed gives the same number.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
@@ -37,6 +37,11 @@ EVALUATION_TEXT = ASSETS / "text" / "evaluation.txt"
 
 @dataclass(frozen=True)
 class PerplexityResult:
+    """One perplexity evaluation. ``estimates`` (masked-diffusion perplexity only, None for a causal
+    model): ``float64 [nsamples, draws]``, the per-(window, draw) NLL estimates whose mean is ``nll``.
+    Two evaluations with the same windows, draws and seed share windows and masks, so their estimates
+    can be differenced draw by draw (:func:`sap_core.sweep.paired_se`)."""
+
     nll: float        # nats per token
     nll_se: float
     ppl: float
@@ -45,16 +50,18 @@ class PerplexityResult:
     nsamples: int
     draws: int        # 1 for causal perplexity
     kind: str         # "diffusion" or "causal"
+    estimates: Optional[np.ndarray] = field(default=None, repr=False, compare=False)
 
     def as_dict(self) -> dict:
-        return dict(self.__dict__)
+        """The scalar fields (the per-draw ``estimates`` left out)."""
+        return {k: v for k, v in self.__dict__.items() if k != "estimates"}
 
 
 def load_text(text: Optional[str], default: Path = EVALUATION_TEXT) -> str:
     """``text`` itself, or the shipped file ``default`` when ``text`` is None."""
     if text is None:
         if not default.exists():
-            raise SapError(f"The text file {default} is missing; pass text explicitly or restore assets/text/.")
+            raise SapError(f"The text file {default} is missing; pass text explicitly or restore sap_core/assets/text/.")
         text = default.read_text(encoding="utf-8")
     if not text.strip():
         raise SapError("The evaluation text is empty; give some text to score.")
@@ -128,7 +135,8 @@ def diffusion_perplexity(
     per = estimates.view(nsamples, draws)
     nll = per.mean().item()
     se = math.sqrt((per.var(dim=1, unbiased=True) / draws).sum().item()) / nsamples
-    return PerplexityResult(nll, se, math.exp(nll), math.exp(nll) * se, nsamples * n, nsamples, draws, "diffusion")
+    return PerplexityResult(nll, se, math.exp(nll), math.exp(nll) * se, nsamples * n, nsamples, draws, "diffusion",
+                            per.numpy())
 
 
 @torch.inference_mode()
@@ -163,22 +171,8 @@ def causal_perplexity(
     return PerplexityResult(nll, se, math.exp(nll), math.exp(nll) * se, nsamples * n, nsamples, 1, "causal")
 
 
-def max_length(handle: ModelHandle) -> Optional[int]:
-    """The model's context in tokens (``max_sequence_length`` or ``max_position_embeddings`` of its
-    config), None when the config states none. The one length limit generation, perplexity, sweeps and
-    pruning calibration all check against (:func:`check_length`)."""
-    cfg = handle.module.config
-    for name in ("max_sequence_length", "max_position_embeddings"):
-        value = getattr(cfg, name, None)
-        if value is not None:
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise SapError(f"The model's {name} is {value!r}; it must be a whole number >= 1 (fix config.json).")
-            return value
-    return None
-
-
 def check_length(handle: ModelHandle, length: int, what: str, error=SapError) -> None:
-    """Raise ``error`` when ``length`` tokens exceed the model's context (:func:`max_length`)."""
-    limit = max_length(handle)
+    """Raise ``error`` when ``length`` tokens exceed the model's context (:attr:`ModelHandle.max_length`)."""
+    limit = handle.max_length
     if limit is not None and length > limit:
         raise error(f"{what} is {length} tokens, more than the model's context of {limit} tokens; lower it to {limit} or less.")

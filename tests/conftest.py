@@ -77,6 +77,16 @@ SCREENSHOTS = ROOT / "tests" / "screenshots"  # git-ignored; look at them after 
 needs_chromium = pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="Debian's chromium is not installed (.ci/run installs it)")
 
 
+def pytest_collection_modifyitems(items):
+    """Markers (registered in pyproject.toml) for the slow end-to-end tests, so that a quick local run can
+    select them out (``-m "not browser and not slow"``); CI (``.ci/run``) runs them all. ``browser``: the
+    test drives the real app in Chromium (marked here, by its fixtures); ``slow``: it runs the app's pages end
+    to end through AppTest (marked in its file)."""
+    for item in items:
+        if {"page", "app_url", "chromium"} & set(item.fixturenames):
+            item.add_marker(pytest.mark.browser)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -6,6 +6,8 @@ from pathlib import Path
 import pytest
 from streamlit.testing.v1 import AppTest
 
+pytestmark = pytest.mark.slow  # the whole app through AppTest (pyproject.toml)
+
 APP = str(Path(__file__).resolve().parents[1] / "app.py")
 TIMEOUT = 300
 

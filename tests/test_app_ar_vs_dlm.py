@@ -11,6 +11,8 @@ from streamlit.testing.v1 import AppTest
 
 from sap_core.sinks import SinkSpec, analyze
 
+pytestmark = pytest.mark.slow  # the whole app through AppTest (pyproject.toml)
+
 APP = str(Path(__file__).resolve().parents[1] / "app.py")
 PAGE = "pages/ar_vs_dlm.py"
 

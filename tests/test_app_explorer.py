@@ -2,7 +2,11 @@
 masked-diffusion options, and after a failed run the stored result is labelled as the previous one."""
 from __future__ import annotations
 
+import pytest
+
 from test_app import generate_small, new_app, texts
+
+pytestmark = pytest.mark.slow  # the whole app through AppTest (pyproject.toml)
 
 
 def test_causal_model_hides_the_dlm_options_and_generates():

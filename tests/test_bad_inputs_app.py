@@ -5,10 +5,13 @@ import json
 import shutil
 from pathlib import Path
 
+import pytest
 from streamlit.testing.v1 import AppTest
 
 from sap_core.models import BUILTIN_MODELS
 from test_bad_inputs import hashes
+
+pytestmark = pytest.mark.slow  # the whole app through AppTest (pyproject.toml)
 
 APP = str(Path(__file__).resolve().parents[1] / "app.py")
 

@@ -67,8 +67,9 @@ def test_heldout_loss_beats_broken_weights(dlm, ar):
 
 
 def test_training_recipe_smoke(tmp_path):
-    out = subprocess.run([sys.executable, str(ROOT / "scripts" / "train_builtin.py"), "--smoke", "--out", str(tmp_path)],
-                         capture_output=True, text=True, timeout=600)
+    # as a module from the checkout's root, so that it finds sap_core whether or not the package is installed
+    out = subprocess.run([sys.executable, "-m", "scripts.train_builtin", "--smoke", "--out", str(tmp_path)],
+                         capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert out.returncode == 0, out.stderr[-2000:]
     for name in ("tiny-dlm", "tiny-ar"):
         assert (tmp_path / "models" / name / "special_tokens_map.json").exists()

@@ -13,10 +13,11 @@ import pandas as pd
 import pytest
 
 from conftest import TEXT, make_model_dir
+from sap_core import ASSETS
 
 ROOT = Path(__file__).resolve().parents[1]
-BUILTIN = ROOT / "assets" / "models" / "tiny-dlm"
-ASSET_TEXTS = [ROOT / "assets" / "text" / "calibration.txt", ROOT / "assets" / "text" / "evaluation.txt"]
+BUILTIN = ASSETS / "models" / "tiny-dlm"
+ASSET_TEXTS = [ASSETS / "text" / "calibration.txt", ASSETS / "text" / "evaluation.txt"]
 SUBCOMMANDS = ["generate", "analyze", "prune", "evaluate", "sweep"]
 
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -36,6 +37,19 @@ def test_elbo_bounds_the_true_nll_of_a_tiny_vocabulary(tiny_dlm):
             tiny_dlm.module.model.transformer.ff_out.weight.copy_(saved)
     assert res.nll == pytest.approx(math.log(V), rel=1e-6)
     assert res.nll_se == pytest.approx(0.0, abs=1e-5)
+    np.testing.assert_allclose(res.estimates, math.log(V), rtol=1e-6)  # every draw's estimate, not just the mean
+
+
+def test_diffusion_perplexity_returns_its_per_draw_estimates(tiny_dlm, tiny_ar):
+    a = diffusion_perplexity(tiny_dlm, TEXT, seqlen=32, nsamples=4, draws=3, seed=1)
+    b = diffusion_perplexity(tiny_dlm, TEXT, seqlen=32, nsamples=4, draws=3, seed=1, batch_size=5)
+    e = a.estimates
+    assert e.shape == (4, 3) and e.dtype == np.float64 and np.isfinite(e).all()
+    np.testing.assert_array_equal(e, b.estimates)  # any batching: the same draws
+    assert e.mean() == pytest.approx(a.nll, rel=1e-12)
+    assert math.sqrt((e.var(axis=1, ddof=1) / 3).sum()) / 4 == pytest.approx(a.nll_se, rel=1e-9)
+    assert "estimates" not in a.as_dict() and a.as_dict()["nll"] == a.nll
+    assert causal_perplexity(tiny_ar, TEXT, seqlen=32, nsamples=2, prefix="The").estimates is None
 
 
 def test_prefix_is_not_scored(tiny_dlm):

@@ -220,6 +220,17 @@ def handle(request) -> ModelHandle:
     return request.getfixturevalue(request.param)
 
 
+@pytest.mark.parametrize("handle", FAMILIES + ["tiny_dlm", "tiny_ar"], indirect=True)
+def test_handle_reads_width_context_and_vocabulary_from_the_model(handle):
+    cfg = json.loads((Path(handle.source) / "config.json").read_text())
+    with torch.no_grad():
+        width = handle.module.embed(torch.tensor([[1, 2, 3]], device=handle.device)).shape[-1]
+    assert handle.d_model == width == (cfg.get("d_model") or cfg["hidden_size"])
+    assert handle.max_length == (cfg.get("max_sequence_length") or cfg.get("max_position_embeddings"))
+    assert handle.max_length is not None
+    assert handle.vocab_size == len(handle.tokenizer)
+
+
 def qwen2_reference(dream_dir: Path):
     """transformers' own Qwen2 with Dream's weights, eager attention (gives full maps)."""
     import transformers

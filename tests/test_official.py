@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from sap_core import ASSETS
 from sap_core.models.llada import LLaDAConfig
 from sap_core.pruning import CalibrationSpec, PruneSpec
 from sap_core.pruning.sparsegpt import Hessian, sparsegpt_prune
@@ -26,7 +27,7 @@ OFFICIAL_DEFAULTS_THAT_DIFFER = {"rope": False, "embedding_size": 50304, "attent
 
 @pytest.mark.parametrize("name", ["tiny-dlm", "tiny-ar"])
 def test_builtin_configs_set_every_key_whose_official_default_differs(name):
-    config = json.loads((ROOT / "assets" / "models" / name / "config.json").read_text())
+    config = json.loads((ASSETS / "models" / name / "config.json").read_text())
     for key in OFFICIAL_DEFAULTS_THAT_DIFFER:
         assert key in config, f"{name}: '{key}' missing; the official code would use {OFFICIAL_DEFAULTS_THAT_DIFFER[key]!r}"
     assert config["rope"] is True and config["rope_full_precision"] is True and config["alibi"] is False

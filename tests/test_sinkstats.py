@@ -12,6 +12,7 @@ import pandas as pd
 import pytest
 import torch
 
+from sap_core import ASSETS
 from sap_core.attention import AttentionRecorder
 from sap_core.diffusion import DecodeSpec, generate
 from sap_core.errors import Cancelled, DecodeSpecError, SinkSpecError
@@ -144,7 +145,7 @@ def test_evaluation_prompts_are_distinct_windows(models):
     dlm, _ = models
     prompts = evaluation_prompts(dlm, 5, prompt_tokens=12)
     assert len(set(prompts)) == 5
-    text = (ROOT / "assets" / "text" / "evaluation.txt").read_text(encoding="utf-8")
+    text = (ASSETS / "text" / "evaluation.txt").read_text(encoding="utf-8")
     assert prompts[0].strip() and prompts[0].split()[0] in text
     for p in prompts:
         assert abs(len(dlm.encode(p)) - len(dlm.encode("")) - 12) <= 2

@@ -212,6 +212,7 @@ def test_cli_sweep_takes_sink_taus(tmp_path, tiny_dlm_dir):
 
 # --- the page ---------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_pick_tau_page_computes_the_gate_redraws_and_runs_a_tau_sweep():
     from pathlib import Path
 

@@ -134,3 +134,21 @@ def test_attention_map_is_square_with_tokens_on_both_axes():
     assert fig.data[0].colorscale[0][1] == viz.PROBABILITY_SCALE[0][1]
     many = viz.attention_map_figure(np.eye(120), 0, 0, 0)
     assert many.layout.xaxis.ticktext is None  # too many positions for labels: the hover names them
+
+
+def test_per_layer_view_is_each_layers_mass_over_its_mean(run):
+    """The explorer's per-layer view ([steps, layers, positions]) against a direct computation: each
+    layer's mass at a step divided by its mean over that step's valid positions, NaN beyond them."""
+    _, report, _ = run
+    got = animation.layer_step_mass(report)
+    mass = report.layer_mass.astype(np.float64)
+    assert got.shape == mass.shape
+    for s in range(mass.shape[0]):
+        n = int(report.valid[s].sum())
+        for layer in range(mass.shape[1]):
+            row = mass[s, layer, :n]
+            np.testing.assert_allclose(got[s, layer, :n], row / row.mean(), rtol=1e-12)
+            assert np.isnan(got[s, layer, n:]).all()
+    np.testing.assert_allclose(animation.step_mass(report)[0, :int(report.valid[0].sum())],
+                               report.mass[0, :int(report.valid[0].sum())] / report.mass[0, :int(report.valid[0].sum())].mean(),
+                               rtol=1e-6)

@@ -1,7 +1,7 @@
 """Model families, family detection from ``config.json``, and :func:`load_model`.
 
 A model source is a local directory (``config.json``, safetensors weights, tokenizer files) or the
-name of a built-in model in ``assets/models/``. Nothing is downloaded: hubs are never contacted.
+name of a built-in model in ``sap_core/assets/models/``. Nothing is downloaded: hubs are never contacted.
 """
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from transformers.utils import logging as hf_logging
 
+from sap_core import ASSETS
 from sap_core.attention import AttentionRecorder
 from sap_core.errors import ModelLoadError, SapError
 from sap_core.models.checkpoint import SPECIAL_ID_FIELDS, check_declared_size, read_config, read_headers
@@ -27,7 +28,6 @@ from sap_core.memory import tune_allocator
 
 tune_allocator()  # freed capture buffers go back to the system (see sap_core.memory, bench/memory_growth.py)
 
-ASSETS = Path(__file__).resolve().parents[2] / "assets"
 BUILTIN_MODELS = {"tiny-dlm": ASSETS / "models" / "tiny-dlm", "tiny-ar": ASSETS / "models" / "tiny-ar"}
 DTYPES = {
     "float32": torch.float32, "fp32": torch.float32,
@@ -73,6 +73,36 @@ class ModelHandle:
     @property
     def n_params(self) -> int:
         return sum(p.numel() for p in self.module.parameters())
+
+    @property
+    def max_length(self) -> Optional[int]:
+        """The model's context in tokens (``max_sequence_length`` or ``max_position_embeddings`` of its
+        config), None when the config states none: the one length limit generation, perplexity, sweeps
+        and pruning calibration all check against (:func:`sap_core.evaluate.check_length`)."""
+        cfg = self.module.config
+        for key in ("max_sequence_length", "max_position_embeddings"):
+            value = getattr(cfg, key, None)
+            if value is not None:
+                if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                    raise SapError(f"The model's {key} is {value!r}; it must be a whole number >= 1 (fix config.json).")
+                return value
+        return None
+
+    @property
+    def d_model(self) -> int:
+        """Width of the hidden states (``d_model`` of LLaDA's config, ``hidden_size`` of the others)."""
+        cfg = self.module.config
+        return int(getattr(cfg, "d_model", None) or cfg.hidden_size)
+
+    @property
+    def vocab_size(self) -> Optional[int]:
+        """Token ids a prompt may use: the tokenizer's (``load_model`` checks each has an embedding row),
+        else the embedding's rows, else None (unknown)."""
+        try:
+            return len(self.tokenizer)
+        except TypeError:
+            embedding = next((m for m in self.module.modules() if isinstance(m, torch.nn.Embedding)), None)
+            return None if embedding is None else int(embedding.num_embeddings)
 
     def logits(self, input_ids: torch.Tensor, recorder: Optional[AttentionRecorder] = None) -> torch.Tensor:
         """``[B, T, V]`` logits on ``device``. DLM: the prediction for position i sits at index i (families

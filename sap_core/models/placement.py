@@ -51,11 +51,6 @@ def execution_device(module: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
-def to_module(x: torch.Tensor, module: nn.Module) -> torch.Tensor:
-    """``x`` on ``module``'s execution device (no copy when it is already there)."""
-    return x.to(execution_device(module))
-
-
 def block_devices(model: nn.Module) -> list[torch.device]:
     """Execution device of each of ``model.blocks``, in order: the block → device map actually in force."""
     return [execution_device(block) for block in model.blocks]

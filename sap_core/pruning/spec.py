@@ -9,13 +9,12 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Optional
 
+from sap_core import ASSETS
 from sap_core.errors import PruneSpecError
 from sap_core.sinks import SinkSpec
 
-ASSETS = Path(__file__).resolve().parents[2] / "assets"
 DEFAULT_CALIBRATION = ASSETS / "text" / "calibration.txt"
 
 # name -> one line a selectbox can show. Order: baselines, the paper's methods, the project's additions.
