@@ -44,6 +44,7 @@ from torch import nn
 from sap_core import sinks
 from sap_core.attention import AttentionRecorder
 from sap_core.models.placement import execution_device
+from sap_core.pruning.spec import METHOD_ROWS
 from sap_core.sinks import SinkSpec
 
 Group = tuple[str, ...]  # names of the linears of one block that read the same input tensor
@@ -125,8 +126,8 @@ def embed(handle, ids: torch.Tensor) -> torch.Tensor:
 
 # --- sink weighting of one sample ---------------------------------------------------------------
 
-WEIGHTINGS = ("official", "gated", "none")
-WEIGHTING_OF = {"sink_wanda": "official", "gated_sink_wanda": "gated", "noised_wanda": "none"}  # noised Wanda family
+# A weighting names the token factors of a method row (``Method.factors``): "none" (1), "official" (1 − s,
+# every position: the row is not gated) or "gated" (1 − g·s, g the variance gate of the SinkSpec's tau).
 
 
 def reduce_mass(mass: torch.Tensor, spec: SinkSpec) -> np.ndarray:
@@ -146,24 +147,21 @@ def step_weights(mass: np.ndarray, spec: SinkSpec, weighting: str, causal: bool)
     """Per-step token factors ``float32 [S, L]`` for one sample's reduced mass ``[S, L]``."""
     if weighting == "none":
         return np.ones(mass.shape, np.float32)
-    if weighting == "official":  # 1 − s_t(j): the gate opened for every position (tau = 0)
-        spec = _official(spec)
-    return sinks.step_downweights(mass, spec, causal=causal)
+    return sinks.step_downweights(mass, _factor_spec(spec, weighting), causal=causal)
 
 
 def mean_weights(mass: np.ndarray, spec: SinkSpec, weighting: str, causal: bool) -> np.ndarray:
     """Token factors ``float32 [L]`` of one sample for the SparseGPT family: ``1 − g_j·mean_t s_t(j)``."""
     if weighting == "none":
         return np.ones(mass.shape[-1], np.float32)
-    if weighting == "official":
-        spec = _official(spec)
-    return sinks.downweight_factors(mass, spec, causal=causal)
+    return sinks.downweight_factors(mass, _factor_spec(spec, weighting), causal=causal)
 
 
-def _official(spec: SinkSpec) -> SinkSpec:
-    from dataclasses import replace
-
-    return replace(spec, tau=0.0)
+def _factor_spec(spec: SinkSpec, weighting: str) -> SinkSpec:
+    """The sink settings the factors are computed with: an ungated ("official") weighting down-weights
+    every position, which :mod:`sap_core.sinks` spells as the gate opened by ``tau = 0``; a gated one
+    uses the spec's own ``tau``. The user's ``tau`` is not changed, only not used."""
+    return dataclasses.replace(spec, tau=0.0) if weighting == "official" else spec
 
 
 @dataclass
@@ -219,7 +217,29 @@ def _chunks(S: int, batch_size: int) -> list[tuple[int, int]]:
     return [(c, min(c + batch_size, S)) for c in range(0, S, batch_size)]
 
 
-Weighting = tuple[str, SinkSpec]  # (one of WEIGHTINGS, the sink settings its factors use)
+def recorded_passes(handle, noised: torch.Tensor, spec: SinkSpec, batch_size: int, taps: list[BlockTap],
+                    capture: bool):
+    """The one recorded-pass loop: for each sample ``n`` of ``noised`` ``int64 [N, S, L]`` and each
+    chunk ``[c0, c1)`` of up to ``batch_size`` timesteps, one forward through every block's tap with an
+    :class:`AttentionRecorder`. Yields ``(n, c0, c1, mass, inputs)``: ``mass`` ``float32 [c1 − c0, L]``
+    reduced as ``spec`` selects (:func:`reduce_mass`), ``inputs`` each block's
+    :meth:`BlockTap.take_inputs` when ``capture`` (else None)."""
+    N, S, _ = noised.shape
+    for n in range(N):
+        for c0, c1 in _chunks(S, batch_size):
+            recorder = AttentionRecorder()
+            recorder.start_pass()
+            h = embed(handle, noised[n, c0:c1])
+            inputs = [] if capture else None
+            for tap in taps:
+                h = tap(h, recorder, capture=capture)
+                if capture:
+                    inputs.append(tap.take_inputs())
+            del h
+            yield n, c0, c1, reduce_mass(recorder.end_pass(), spec), inputs
+
+
+Weighting = tuple[str, SinkSpec]  # (a method row's factors, the sink settings they use)
 
 
 @torch.no_grad()
@@ -255,35 +275,28 @@ def noised_wanda_stats_many(handle, noised: torch.Tensor, weightings: list[Weigh
     weights = np.zeros((K, N, S, L), np.float32)
     gated = [w == "gated" for w, _ in weightings]
     passes = 0
-    for n in range(N):
-        pending = []
-        for c0, c1 in _chunks(S, batch_size):
-            recorder = AttentionRecorder()
-            recorder.start_pass()
-            h = embed(handle, noised[n, c0:c1])
-            inputs = []
-            for tap in taps:
-                h = tap(h, recorder)
-                inputs.append(tap.take_inputs())
-            del h
-            mass[n, c0:c1] = reduce_mass(recorder.end_pass(), spec0)
-            passes += 1
-            for k, (weighting, spec) in enumerate(weightings):
-                if not gated[k]:
-                    weights[k, n, c0:c1] = step_weights(mass[n, c0:c1], spec, weighting, handle.causal)
-                    for a, groups in zip(acc[k], inputs):
-                        _accumulate(a, groups, weights[k, n, c0:c1])
-            if any(gated):  # the gate needs every timestep of the sample
-                pending.append((c0, c1, inputs))
-            del inputs
-            if tick is not None:
-                tick(c1 - c0, f"sample {n + 1}/{N}, timesteps {c0 + 1}–{c1} of {S}")
+    pending = []
+    for n, c0, c1, m, inputs in recorded_passes(handle, noised, spec0, batch_size, taps, capture=True):
+        mass[n, c0:c1] = m
+        passes += 1
         for k, (weighting, spec) in enumerate(weightings):
+            if not gated[k]:
+                weights[k, n, c0:c1] = step_weights(mass[n, c0:c1], spec, weighting, handle.causal)
+                for a, groups in zip(acc[k], inputs):
+                    _accumulate(a, groups, weights[k, n, c0:c1])
+        if any(gated):  # the gate needs every timestep of the sample
+            pending.append((c0, c1, inputs))
+        del inputs
+        if tick is not None:
+            tick(c1 - c0, f"sample {n + 1}/{N}, timesteps {c0 + 1}–{c1} of {S}")
+        if c1 < S:
+            continue
+        for k, (weighting, spec) in enumerate(weightings):  # the sample's last chunk: apply the gated factors
             if gated[k]:
                 weights[k, n] = step_weights(mass[n], spec, weighting, handle.causal)
-                for c0, c1, inputs in pending:
-                    for a, groups in zip(acc[k], inputs):
-                        _accumulate(a, groups, weights[k, n, c0:c1])
+                for p0, p1, held in pending:
+                    for a, groups in zip(acc[k], held):
+                        _accumulate(a, groups, weights[k, n, p0:p1])
         pending.clear()
     return [NoisedStats(acc[k], mass, weights[k], passes) for k in range(K)]
 
@@ -301,13 +314,8 @@ def noised_wanda_stats_two_pass(handle, noised: torch.Tensor, spec: SinkSpec, we
     weights = np.zeros((N, S, L), np.float32)
     passes = 0
     for n in range(N):
-        for c0, c1 in _chunks(S, batch_size):  # pass 1: attention mass only
-            recorder = AttentionRecorder()
-            recorder.start_pass()
-            h = embed(handle, noised[n, c0:c1])
-            for tap in taps:
-                h = tap(h, recorder, capture=False)
-            mass[n, c0:c1] = reduce_mass(recorder.end_pass(), spec)
+        for _, c0, c1, m, _ in recorded_passes(handle, noised[n:n + 1], spec, batch_size, taps, capture=False):
+            mass[n, c0:c1] = m  # pass 1: attention mass only
             passes += 1
         weights[n] = step_weights(mass[n], spec, weighting, handle.causal)
         for c0, c1 in _chunks(S, batch_size):  # pass 2: activations, weighted as they come
@@ -329,16 +337,10 @@ def sink_mass(handle, noised: torch.Tensor, spec: SinkSpec, batch_size: int, tic
     N, S, L = noised.shape
     taps = make_taps(handle) if taps is None else taps
     mass = np.zeros((N, S, L), np.float32)
-    for n in range(N):
-        for c0, c1 in _chunks(S, batch_size):
-            recorder = AttentionRecorder()
-            recorder.start_pass()
-            h = embed(handle, noised[n, c0:c1])
-            for tap in taps:
-                h = tap(h, recorder, capture=False)
-            mass[n, c0:c1] = reduce_mass(recorder.end_pass(), spec)
-            if tick is not None:
-                tick(c1 - c0, f"sink mass: sample {n + 1}/{N}, timesteps {c0 + 1}–{c1} of {S}")
+    for n, c0, c1, m, _ in recorded_passes(handle, noised, spec, batch_size, taps, capture=False):
+        mass[n, c0:c1] = m
+        if tick is not None:
+            tick(c1 - c0, f"sink mass: sample {n + 1}/{N}, timesteps {c0 + 1}–{c1} of {S}")
     return mass
 
 
@@ -442,14 +444,15 @@ class CalibrationCache:
     def _weighting_key(weighting: str, sink: SinkSpec) -> tuple:
         if weighting == "none":
             return (weighting, None)
-        return (weighting, _official(sink) if weighting == "official" else sink)
+        return (weighting, _factor_spec(sink, weighting))
 
     def plan(self, handle, spec) -> None:
         """Announce a coming run of :class:`~sap_core.pruning.PruneSpec` ``spec``: a noised Wanda
         method's weighting is then computed in the first pass of its key (other methods: no-op)."""
-        weighting = WEIGHTING_OF.get(spec.method)
-        if weighting is None:
+        row = METHOD_ROWS[spec.method]
+        if row.sequential or row.statistic != "wanda":
             return
+        weighting = row.factors
         sink = spec.sink
         planned = self._planned.setdefault(self._key(handle, spec.calibration, sink), [])
         if all(self._weighting_key(*w) != self._weighting_key(weighting, sink) for w in planned):
