@@ -406,3 +406,21 @@ def test_a_method_row_must_be_consistent():
         spec_module.Method("x", "gated without weighting", "clean", "wanda", True, "none", gated=True)
     with pytest.raises(ValueError, match="inconsistent"):
         spec_module.Method("x", "unknown statistic", "clean", "l1", True)
+
+
+@pytest.mark.parametrize("method, per_sample", [("sink_wanda", False), ("gated_sink_wanda", False),
+                                                ("sink_sparsegpt", True), ("gated_sink_sparsegpt", True)])
+def test_each_sample_is_scored_once(dlm, monkeypatch, method, per_sample):
+    """Factors and record come from one scoring of each sample (each forward chunk of timesteps, for
+    the Wanda family, whose chunks are scored as their pass ends), never a rescoring."""
+    from sap_core import sinks
+
+    calls = []
+    real = sinks.score_steps
+    monkeypatch.setattr(sinks, "score_steps", lambda mass, *a, **kw: calls.append(np.shape(mass)) or real(mass, *a, **kw))
+    v = prune(dlm, spec(method, sink=SinkSpec(tau=1e-4, k=0.5)))
+    S = len(CAL.timesteps)
+    chunks = 1 if per_sample else -(-S // CAL.batch_size)
+    assert len(calls) == CAL.nsamples * chunks
+    assert sum(shape[0] for shape in calls) == CAL.nsamples * S  # every step scored exactly once
+    assert v.calibration.sink_scores.shape == (CAL.nsamples, S, CAL.seqlen)

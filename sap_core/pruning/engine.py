@@ -130,7 +130,7 @@ def _run(handle, taps, spec: PruneSpec, token_ids, tick, cache=None):
         else:
             stats = cache.noised_wanda(handle, noised, cal, spec.sink, row.factors, tick, taps)
         t_cal = time.perf_counter() - t0
-        _describe(record, handle, spec, noised, stats.mass)
+        _describe(record, handle, spec, noised, stats.mass, stats.scored)
         record.token_weights = stats.token_weights
         new = {}
         for i, tap in enumerate(taps):
@@ -151,8 +151,9 @@ def _run(handle, taps, spec: PruneSpec, token_ids, tick, cache=None):
         else:
             mass, run = cache.mass(handle, noised, cal, spec.sink, tick, taps)
             passes += run
-        token_weights = np.stack([sc.mean_weights(m, spec.sink, row.factors, handle.causal) for m in mass])
-        _describe(record, handle, spec, noised, mass)
+        scored = [sc.score_sample(m, spec.sink, handle.causal) for m in mass]  # once per sample
+        token_weights = np.stack([sc.mean_weights(s, spec.sink, row.factors) for s in scored])
+        _describe(record, handle, spec, noised, mass, (np.stack([s for s, _ in scored]), np.stack([f for _, f in scored])))
         record.token_weights = token_weights
 
     if row.statistic == "wanda":
@@ -182,8 +183,9 @@ def _apply_mask(W: torch.Tensor, score: torch.Tensor, sparsity: float, nm) -> to
     return W.masked_fill(select_mask(score, sparsity, nm).to(W.device), 0)
 
 
-def _describe(record: CalibrationRecord, handle, spec: PruneSpec, noised: torch.Tensor, mass: np.ndarray) -> None:
-    d = sc.describe_sinks(mass, spec.sink, handle.causal)
+def _describe(record: CalibrationRecord, handle, spec: PruneSpec, noised: torch.Tensor, mass: np.ndarray,
+              scored: tuple[np.ndarray, np.ndarray]) -> None:
+    d = sc.describe_sinks(mass, spec.sink, handle.causal, scored)
     record.noised = noised.numpy()
     record.mass = d.mass
     record.sink_scores = d.scores

@@ -143,25 +143,41 @@ def reduce_mass(mass: torch.Tensor, spec: SinkSpec) -> np.ndarray:
     return m.sum(dim=(1, 2)).numpy().astype(np.float32)
 
 
-def step_weights(mass: np.ndarray, spec: SinkSpec, weighting: str, causal: bool) -> np.ndarray:
-    """Per-step token factors ``float32 [S, L]`` for one sample's reduced mass ``[S, L]``."""
+Scored = tuple[np.ndarray, np.ndarray]  # one scoring of a sample: float64 scores [S, L] (NaN: absent), bool flags [S, L]
+
+
+def score_sample(mass: np.ndarray, spec: SinkSpec, causal: bool) -> Scored:
+    """The one scoring of a sample's reduced mass ``[S, L]`` (:func:`sap_core.sinks.score_steps`); the
+    factors and the record are derived from it. Each step is scored on its own, so scoring a chunk of
+    timesteps gives the same rows as scoring the whole sample."""
+    return sinks.score_steps(mass, spec, causal=causal)
+
+
+def _gate_and_mean(scored: Scored, spec: SinkSpec, weighting: str) -> tuple[np.ndarray, np.ndarray]:
+    """(positions the factors down-weight ``bool [L]``, ``mean_t s_t(j)`` ``float64 [L]``). The gate is
+    explicit: every position for an ungated row ("official"); for a gated row the variance gate of
+    :func:`sap_core.sinks.position_stats` at ``spec.tau`` (unstable sinks; every position at tau = 0)."""
+    scores, flags = scored
+    stats = sinks.position_stats(scores, flags, spec)
+    gate = np.ones(scores.shape[-1], bool) if weighting == "official" else stats.gate
+    return gate, stats.mean_score
+
+
+def step_weights(scored: Scored, spec: SinkSpec, weighting: str) -> np.ndarray:
+    """Per-step token factors ``float32 [S, L]`` of one sample: ``1 − g_j·s_t(j)`` (1 for "none")."""
+    scores = scored[0]
     if weighting == "none":
-        return np.ones(mass.shape, np.float32)
-    return sinks.step_downweights(mass, _factor_spec(spec, weighting), causal=causal)
+        return np.ones(scores.shape, np.float32)
+    gate = np.ones(scores.shape[-1], bool) if weighting == "official" else _gate_and_mean(scored, spec, weighting)[0]
+    return (1.0 - np.where(gate[None, :], np.nan_to_num(scores, nan=0.0), 0.0)).astype(np.float32)
 
 
-def mean_weights(mass: np.ndarray, spec: SinkSpec, weighting: str, causal: bool) -> np.ndarray:
+def mean_weights(scored: Scored, spec: SinkSpec, weighting: str) -> np.ndarray:
     """Token factors ``float32 [L]`` of one sample for the SparseGPT family: ``1 − g_j·mean_t s_t(j)``."""
     if weighting == "none":
-        return np.ones(mass.shape[-1], np.float32)
-    return sinks.downweight_factors(mass, _factor_spec(spec, weighting), causal=causal)
-
-
-def _factor_spec(spec: SinkSpec, weighting: str) -> SinkSpec:
-    """The sink settings the factors are computed with: an ungated ("official") weighting down-weights
-    every position, which :mod:`sap_core.sinks` spells as the gate opened by ``tau = 0``; a gated one
-    uses the spec's own ``tau``. The user's ``tau`` is not changed, only not used."""
-    return dataclasses.replace(spec, tau=0.0) if weighting == "official" else spec
+        return np.ones(scored[0].shape[-1], np.float32)
+    gate, mean = _gate_and_mean(scored, spec, weighting)
+    return (1.0 - np.where(gate, mean, 0.0)).astype(np.float32)
 
 
 @dataclass
@@ -175,12 +191,16 @@ class SampleSinks:
     gate: np.ndarray  # bool [N, L], positions the gated factors down-weight
 
 
-def describe_sinks(mass: np.ndarray, spec: SinkSpec, causal: bool) -> SampleSinks:
-    """Scores, variance and labels of every sample from its reduced mass ``[N, S, L]``."""
+def describe_sinks(mass: np.ndarray, spec: SinkSpec, causal: bool,
+                   scored: Optional[tuple[np.ndarray, np.ndarray]] = None) -> SampleSinks:
+    """Scores, variance and labels of every sample from its reduced mass ``[N, S, L]``; ``scored``:
+    the samples' scoring already done (``float64 [N, S, L]`` scores, ``bool [N, S, L]`` flags), else
+    scored here."""
     scores, var, labels, gate = [], [], [], []
-    for m in mass:
-        s = sinks.sink_scores(m, spec, causal=causal)
-        stats = sinks.position_stats(s, sinks.sink_flags(m, spec, causal=causal), spec)
+    for n, m in enumerate(mass):
+        full, flags = score_sample(m, spec, causal) if scored is None else (scored[0][n], scored[1][n])
+        s = full.astype(np.float32)
+        stats = sinks.position_stats(s, flags, spec)
         scores.append(s)
         var.append(stats.variance.astype(np.float32))
         labels.append(stats.label)
@@ -194,12 +214,14 @@ def describe_sinks(mass: np.ndarray, spec: SinkSpec, causal: bool) -> SampleSink
 class NoisedStats:
     """``norms[i][group]``: ``float32 [in_features]`` accumulated column norms of block ``i``;
     ``mass``: ``float32 [N, S, L]``; ``token_weights``: ``float32 [N, S, L]``; ``passes``: model
-    forwards run (per batch of sequences)."""
+    forwards run (per batch of sequences); ``scored``: the one scoring of every sample under the
+    weighting's sink settings (``float64 [N, S, L]`` scores, ``bool [N, S, L]`` flags)."""
 
     norms: list[dict[Group, torch.Tensor]]
     mass: np.ndarray
     token_weights: np.ndarray
     passes: int
+    scored: tuple[np.ndarray, np.ndarray]
 
 
 def _accumulate(acc: dict[Group, torch.Tensor], groups: list[tuple[Group, torch.Tensor]], w: np.ndarray) -> None:
@@ -274,14 +296,21 @@ def noised_wanda_stats_many(handle, noised: torch.Tensor, weightings: list[Weigh
     mass = np.zeros((N, S, L), np.float32)
     weights = np.zeros((K, N, S, L), np.float32)
     gated = [w == "gated" for w, _ in weightings]
+    # one scoring per sample and step for each distinct scoring rule among the weightings
+    rule = [(w[1].rule, w[1].k, w[1].alpha, w[1].epsilon, w[1].normalize) for w in weightings]
+    scored = {r: (np.zeros((N, S, L)), np.zeros((N, S, L), bool)) for r in rule}
     passes = 0
     pending = []
     for n, c0, c1, m, inputs in recorded_passes(handle, noised, spec0, batch_size, taps, capture=True):
         mass[n, c0:c1] = m
         passes += 1
+        for r, (scores, flags) in scored.items():
+            spec = weightings[rule.index(r)][1]
+            scores[n, c0:c1], flags[n, c0:c1] = score_sample(m, spec, handle.causal)
         for k, (weighting, spec) in enumerate(weightings):
             if not gated[k]:
-                weights[k, n, c0:c1] = step_weights(mass[n, c0:c1], spec, weighting, handle.causal)
+                sc_k = scored[rule[k]]
+                weights[k, n, c0:c1] = step_weights((sc_k[0][n, c0:c1], sc_k[1][n, c0:c1]), spec, weighting)
                 for a, groups in zip(acc[k], inputs):
                     _accumulate(a, groups, weights[k, n, c0:c1])
         if any(gated):  # the gate needs every timestep of the sample
@@ -293,12 +322,12 @@ def noised_wanda_stats_many(handle, noised: torch.Tensor, weightings: list[Weigh
             continue
         for k, (weighting, spec) in enumerate(weightings):  # the sample's last chunk: apply the gated factors
             if gated[k]:
-                weights[k, n] = step_weights(mass[n], spec, weighting, handle.causal)
+                weights[k, n] = step_weights((scored[rule[k]][0][n], scored[rule[k]][1][n]), spec, weighting)
                 for p0, p1, held in pending:
                     for a, groups in zip(acc[k], held):
                         _accumulate(a, groups, weights[k, n, p0:p1])
         pending.clear()
-    return [NoisedStats(acc[k], mass, weights[k], passes) for k in range(K)]
+    return [NoisedStats(acc[k], mass, weights[k], passes, scored[rule[k]]) for k in range(K)]
 
 
 @torch.no_grad()
@@ -312,12 +341,14 @@ def noised_wanda_stats_two_pass(handle, noised: torch.Tensor, spec: SinkSpec, we
     acc: list[dict[Group, torch.Tensor]] = [{} for _ in taps]
     mass = np.zeros((N, S, L), np.float32)
     weights = np.zeros((N, S, L), np.float32)
+    scores, flags = np.zeros((N, S, L)), np.zeros((N, S, L), bool)
     passes = 0
     for n in range(N):
         for _, c0, c1, m, _ in recorded_passes(handle, noised[n:n + 1], spec, batch_size, taps, capture=False):
             mass[n, c0:c1] = m  # pass 1: attention mass only
             passes += 1
-        weights[n] = step_weights(mass[n], spec, weighting, handle.causal)
+        scores[n], flags[n] = score_sample(mass[n], spec, handle.causal)
+        weights[n] = step_weights((scores[n], flags[n]), spec, weighting)
         for c0, c1 in _chunks(S, batch_size):  # pass 2: activations, weighted as they come
             h = embed(handle, noised[n, c0:c1])
             for a, tap in zip(acc, taps):
@@ -326,7 +357,7 @@ def noised_wanda_stats_two_pass(handle, noised: torch.Tensor, spec: SinkSpec, we
             passes += 1
             if tick is not None:
                 tick(c1 - c0, f"sample {n + 1}/{N}, timesteps {c0 + 1}–{c1} of {S}")
-    return NoisedStats(acc, mass, weights, passes)
+    return NoisedStats(acc, mass, weights, passes, (scores, flags))
 
 
 @torch.no_grad()
@@ -444,7 +475,7 @@ class CalibrationCache:
     def _weighting_key(weighting: str, sink: SinkSpec) -> tuple:
         if weighting == "none":
             return (weighting, None)
-        return (weighting, _factor_spec(sink, weighting))
+        return (weighting, dataclasses.replace(sink, tau=0.0) if weighting == "official" else sink)  # tau unused
 
     def plan(self, handle, spec) -> None:
         """Announce a coming run of :class:`~sap_core.pruning.PruneSpec` ``spec``: a noised Wanda
