@@ -124,11 +124,7 @@ def embed(handle, ids: torch.Tensor) -> torch.Tensor:
     return handle.module.embed(ids.to(handle.device))
 
 
-# --- sink weighting of one sample ---------------------------------------------------------------
-
-# A weighting names the token factors of a method row (``Method.factors``): "none" (1), "official" (1 − s,
-# every position: the row is not gated) or "gated" (1 − g·s, g the variance gate of the SinkSpec's tau).
-
+# --- the recorded passes: every block on noised inputs, attention recorded --------------------
 
 def reduce_mass(mass: torch.Tensor, spec: SinkSpec) -> np.ndarray:
     """``[B, layers, heads, L]`` recorder output -> ``float32 [B, L]`` summed over the selected
@@ -142,6 +138,52 @@ def reduce_mass(mass: torch.Tensor, spec: SinkSpec) -> np.ndarray:
         m = m[:, :, list(heads)]
     return m.sum(dim=(1, 2)).numpy().astype(np.float32)
 
+
+def _chunks(S: int, batch_size: int) -> list[tuple[int, int]]:
+    return [(c, min(c + batch_size, S)) for c in range(0, S, batch_size)]
+
+
+def recorded_passes(handle, noised: torch.Tensor, spec: SinkSpec, batch_size: int, taps: list[BlockTap],
+                    capture: bool):
+    """The one recorded-pass loop: for each sample ``n`` of ``noised`` ``int64 [N, S, L]`` and each
+    chunk ``[c0, c1)`` of up to ``batch_size`` timesteps, one forward through every block's tap with an
+    :class:`AttentionRecorder`. Yields ``(n, c0, c1, mass, inputs)``: ``mass`` ``float32 [c1 − c0, L]``
+    reduced as ``spec`` selects (:func:`reduce_mass`), ``inputs`` each block's
+    :meth:`BlockTap.take_inputs` when ``capture`` (else None)."""
+    N, S, _ = noised.shape
+    for n in range(N):
+        for c0, c1 in _chunks(S, batch_size):
+            recorder = AttentionRecorder()
+            recorder.start_pass()
+            h = embed(handle, noised[n, c0:c1])
+            inputs = [] if capture else None
+            for tap in taps:
+                h = tap(h, recorder, capture=capture)
+                if capture:
+                    inputs.append(tap.take_inputs())
+            del h
+            yield n, c0, c1, reduce_mass(recorder.end_pass(), spec), inputs
+
+
+@torch.no_grad()
+def sink_mass(handle, noised: torch.Tensor, spec: SinkSpec, batch_size: int, tick: Optional[Tick] = None,
+              taps: Optional[list[BlockTap]] = None) -> np.ndarray:
+    """``float32 [N, S, L]`` reduced attention mass of every noised sequence (dense model, one
+    recorded pass per batch, no activations kept): what the SparseGPT family's factors need."""
+    N, S, L = noised.shape
+    taps = make_taps(handle) if taps is None else taps
+    mass = np.zeros((N, S, L), np.float32)
+    for n, c0, c1, m, _ in recorded_passes(handle, noised, spec, batch_size, taps, capture=False):
+        mass[n, c0:c1] = m
+        if tick is not None:
+            tick(c1 - c0, f"sink mass: sample {n + 1}/{N}, timesteps {c0 + 1}–{c1} of {S}")
+    return mass
+
+
+# --- sink weighting of one sample ---------------------------------------------------------------
+
+# A weighting names the token factors of a method row (``Method.factors``): "none" (1), "official" (1 − s,
+# every position: the row is not gated) or "gated" (1 − g·s, g the variance gate of the SinkSpec's tau).
 
 Scored = tuple[np.ndarray, np.ndarray]  # one scoring of a sample: float64 scores [S, L] (NaN: absent), bool flags [S, L]
 
@@ -233,32 +275,6 @@ def _accumulate(acc: dict[Group, torch.Tensor], groups: list[tuple[Group, torch.
         norms = torch.bmm((wt * wt)[:, None, :], xf * xf)[:, 0].sqrt().sum(0)
         prev = acc.get(names)
         acc[names] = norms if prev is None else prev + norms
-
-
-def _chunks(S: int, batch_size: int) -> list[tuple[int, int]]:
-    return [(c, min(c + batch_size, S)) for c in range(0, S, batch_size)]
-
-
-def recorded_passes(handle, noised: torch.Tensor, spec: SinkSpec, batch_size: int, taps: list[BlockTap],
-                    capture: bool):
-    """The one recorded-pass loop: for each sample ``n`` of ``noised`` ``int64 [N, S, L]`` and each
-    chunk ``[c0, c1)`` of up to ``batch_size`` timesteps, one forward through every block's tap with an
-    :class:`AttentionRecorder`. Yields ``(n, c0, c1, mass, inputs)``: ``mass`` ``float32 [c1 − c0, L]``
-    reduced as ``spec`` selects (:func:`reduce_mass`), ``inputs`` each block's
-    :meth:`BlockTap.take_inputs` when ``capture`` (else None)."""
-    N, S, _ = noised.shape
-    for n in range(N):
-        for c0, c1 in _chunks(S, batch_size):
-            recorder = AttentionRecorder()
-            recorder.start_pass()
-            h = embed(handle, noised[n, c0:c1])
-            inputs = [] if capture else None
-            for tap in taps:
-                h = tap(h, recorder, capture=capture)
-                if capture:
-                    inputs.append(tap.take_inputs())
-            del h
-            yield n, c0, c1, reduce_mass(recorder.end_pass(), spec), inputs
 
 
 Weighting = tuple[str, SinkSpec]  # (a method row's factors, the sink settings they use)
@@ -358,21 +374,6 @@ def noised_wanda_stats_two_pass(handle, noised: torch.Tensor, spec: SinkSpec, we
             if tick is not None:
                 tick(c1 - c0, f"sample {n + 1}/{N}, timesteps {c0 + 1}–{c1} of {S}")
     return NoisedStats(acc, mass, weights, passes, (scores, flags))
-
-
-@torch.no_grad()
-def sink_mass(handle, noised: torch.Tensor, spec: SinkSpec, batch_size: int, tick: Optional[Tick] = None,
-              taps: Optional[list[BlockTap]] = None) -> np.ndarray:
-    """``float32 [N, S, L]`` reduced attention mass of every noised sequence (dense model, one
-    recorded pass per batch, no activations kept): what the SparseGPT family's factors need."""
-    N, S, L = noised.shape
-    taps = make_taps(handle) if taps is None else taps
-    mass = np.zeros((N, S, L), np.float32)
-    for n, c0, c1, m, _ in recorded_passes(handle, noised, spec, batch_size, taps, capture=False):
-        mass[n, c0:c1] = m
-        if tick is not None:
-            tick(c1 - c0, f"sink mass: sample {n + 1}/{N}, timesteps {c0 + 1}–{c1} of {S}")
-    return mass
 
 
 # --- block-sequential sweep (wanda, sparsegpt and the sink SparseGPT family) --------------------
