@@ -23,6 +23,7 @@ from torch import nn
 
 from sap_core.errors import OutputPathError, PruneSpecError
 from sap_core.files import atomic_directory, check_output_dir
+from sap_core.models import ModelHandle
 from sap_core.pruning.calibration import CalibrationRecord
 from sap_core.pruning.spec import PruneSpec
 
@@ -64,8 +65,8 @@ def check_sparsity(obj, by: str = "module") -> pd.DataFrame:
         raise PruneSpecError(f"by must be 'module' or 'layer' (got '{by}').")
     if isinstance(obj, PrunedVariant):
         return obj.layer_sparsity if by == "module" else _by_layer(obj.layer_sparsity)
-    module = getattr(obj, "module", obj)
-    if not hasattr(module, "blocks"):
+    module = obj.module if isinstance(obj, ModelHandle) else obj
+    if not hasattr(module, "blocks"):  # a model module of any class: duck-typed on its blocks
         raise PruneSpecError("check_sparsity needs a ModelHandle, a model with .blocks, or a PrunedVariant.")
     rows = []
     with torch.no_grad():
