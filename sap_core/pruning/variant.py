@@ -187,7 +187,8 @@ class PrunedVariant:
 
     @property
     def sparsity(self) -> float:
-        """Zeros over all pruned weights."""
+        """Zeros over all pruned weights (the achieved sparsity: ``achieved_sparsity`` in ``pruning.json``
+        and :meth:`summary`, next to the spec's ``target_sparsity``)."""
         return float(self.layer_sparsity.attrs["overall"])
 
     @property
