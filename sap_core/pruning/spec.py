@@ -243,8 +243,11 @@ class PruneSpec:
 
     @property
     def row(self) -> Method:
-        """This run's row of :data:`METHOD_TABLE` (after :meth:`validate`)."""
-        return METHOD_ROWS[self.method]
+        """This run's row of :data:`METHOD_TABLE`; :class:`PruneSpecError` for an unknown method."""
+        row = METHOD_ROWS.get(self.method)
+        if row is None:
+            raise PruneSpecError(f"Unknown pruning method '{self.method}'. Choose one of: {', '.join(METHODS)}.")
+        return row
 
     @property
     def needs_calibration(self) -> bool:
@@ -258,8 +261,7 @@ class PruneSpec:
 
     def validate(self) -> None:
         """Raise :class:`PruneSpecError` for anything impossible, before any work."""
-        if self.method not in METHODS:
-            raise PruneSpecError(f"Unknown pruning method '{self.method}'. Choose one of: {', '.join(METHODS)}.")
+        row = self.row  # an unknown method fails first
         if isinstance(self.sparsity, bool) or not isinstance(self.sparsity, (int, float)) or math.isnan(self.sparsity):
             raise PruneSpecError(f"sparsity must be a number in [0, 1) (got {self.sparsity!r}).")
         if not 0.0 <= float(self.sparsity) < 1.0:
@@ -277,5 +279,5 @@ class PruneSpec:
             raise PruneSpecError(f"sink must be a SinkSpec (got {type(self.sink).__name__}).")
         if not isinstance(self.calibration, CalibrationSpec):
             raise PruneSpecError(f"calibration must be a CalibrationSpec (got {type(self.calibration).__name__}).")
-        if self.needs_calibration:
+        if row.needs_calibration:
             self.calibration.validate()
