@@ -132,8 +132,6 @@ def method_settings(variant):
     gated ones, SparseGPT's block size and dampening only for the SparseGPT family."""
     import pandas as pd
 
-    from sap_core.pruning.spec import GATED, NEEDS_NOISE, SINK_SPARSEGPT_FAMILY
-
     spec, cal, sink = variant.spec, variant.spec.calibration, variant.spec.sink
     rows = {"method": spec.method, "pattern": spec.pattern}
     if spec.nm is None:
@@ -141,13 +139,13 @@ def method_settings(variant):
     rows["achieved sparsity (pruned layers)"] = f"{variant.sparsity:.3f}"
     if spec.needs_calibration:
         rows["calibration"] = f"{cal.nsamples} windows × {cal.seqlen} tokens, seed {cal.seed}"
-    if spec.method in NEEDS_NOISE:
+    if spec.row.needs_noise:
         rows["noised timesteps"] = f"t = {cal.interval}, {2 * cal.interval}, …, {cal.T} of T = {cal.T} (mask probability t/T)"
         rows["sink rule"] = (f"official: k = {sink.k:g}, alpha = {sink.alpha:g}" if sink.rule == "official"
                              else f"leave_one_out: ε = {sink.epsilon:g}")
-    if spec.method in GATED:
+    if spec.row.gated:
         rows["variance threshold tau"] = f"{sink.tau:g}"
-    if spec.method == "sparsegpt" or spec.method in SINK_SPARSEGPT_FAMILY:
+    if spec.row.statistic == "hessian":
         rows["SparseGPT block size / dampening"] = f"{spec.blocksize} columns / {spec.percdamp:g}"
     rows["time"] = f"{variant.seconds:.1f} s"
     return pd.DataFrame({"value": list(rows.values())}, index=list(rows))

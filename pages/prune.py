@@ -6,6 +6,7 @@ import streamlit as st
 from app_common import active_model, job, method_settings, model_choice, progress_callback, sink_spec
 from sap_core import viz
 from sap_core.pruning import METHODS, CalibrationSpec, PruneSpec, prune
+from sap_core.pruning.spec import METHOD_ROWS
 
 st.header("Prune")
 handle = active_model()
@@ -16,7 +17,7 @@ st.caption(f"Sink settings from the Sink stability page (defaults until you chan
            f"k = {spec_sink.k:g}, alpha = {spec_sink.alpha:g}, tau = {spec_sink.tau:g} (used by the sink-aware and gated methods).")
 names = list(METHODS)
 method = st.selectbox("Method", names, index=names.index("sink_wanda"), help="Changing it shows what the method does below.")
-st.markdown(f":material/info: **{method}**: {METHODS[method]}")
+st.markdown(f":material/info: **{method}**: {METHODS[method]}  \n{METHOD_ROWS[method].traits}")
 with st.form("prune"):
     c = st.columns(3)
     pattern = c[0].selectbox("Pattern", ["unstructured", "2:4", "4:8"], help="N:M keeps N of every M consecutive weights of a row (fixes the sparsity at 1 − N/M).")

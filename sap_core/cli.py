@@ -164,7 +164,7 @@ def _check_outputs(args) -> None:
     if getattr(args, "plot", None):
         check_output_file(args.plot, "--plot")
     if getattr(args, "save", None):
-        from sap_core.pruning.engine import check_save_target
+        from sap_core.pruning.variant import check_save_target
 
         check_save_target(args.save, SimpleNamespace(source=args.model), overwrite=args.overwrite)
 
@@ -298,6 +298,8 @@ def _add_eval(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> Parser:
+    from sap_core.pruning.spec import METHODS  # the method table; light (no torch)
+
     parser = Parser(prog="python -m sap_core", description="SinkScope: attention sinks and sink-aware pruning of diffusion language models.")
     sub = parser.add_subparsers(dest="command", metavar="{generate,analyze,prune,evaluate,sweep,sinkstats}", required=True)
 
@@ -330,7 +332,8 @@ def build_parser() -> Parser:
                        description="Prune --model with one method at one sparsity. --save DIR writes a model directory "
                                    "that every subcommand accepts as --model; the JSON report gives per-layer sparsity and timing.")
     _add_model(p)
-    p.add_argument("--method", default="wanda", help="pruning method (default wanda); see sap_core.pruning.METHODS")
+    p.add_argument("--method", default="wanda", choices=list(METHODS), metavar="METHOD",
+                   help="pruning method (default wanda): " + "; ".join(f"{m}: {d}" for m, d in METHODS.items()))
     p.add_argument("--sparsity", type=_fraction, default=0.5, help="fraction of weights to remove (default 0.5)")
     p.add_argument("--pattern", default="unstructured", help="unstructured or N:M, e.g. 2:4 (default unstructured)")
     _add_sink(p)
@@ -523,7 +526,7 @@ def cmd_prune(args) -> int:
                              f"{', '.join('--' + k.replace('_', '-') for k in given)}.")
         spec = PruneSpec.official(args.method, args.sparsity, args.pattern, seqlen=handle.max_length)
     if args.save:  # now with the loaded model's real directory
-        from sap_core.pruning.engine import check_save_target
+        from sap_core.pruning.variant import check_save_target
 
         check_save_target(args.save, handle, overwrite=args.overwrite)
     with Bar("prune", not args.quiet) as bar:

@@ -417,18 +417,23 @@ def sink_scores(mass: Any, spec: SinkSpec = SinkSpec(), valid_length: Any = None
     on its own, so rows may be steps of one sample or samples of one step. NaN beyond
     ``valid_length[t]``; under the default spec this is the official ``_compute_sink_mask``.
     """
-    m = _as_steps(mass)
-    valid = _valid_mask(*m.shape, valid_length)
-    scores, _ = _score(_view(m[:, None, :], valid, spec.normalize, causal), valid, spec)
-    return scores[:, 0].astype(np.float32)
+    return score_steps(mass, spec, valid_length, causal)[0].astype(np.float32)
 
 
 def sink_flags(mass: Any, spec: SinkSpec = SinkSpec(), valid_length: Any = None, causal: bool = False) -> np.ndarray:
     """``bool [S, L]``: whether ``j`` is a sink at step ``t`` (official rule: ``s_t(j) > 0.5``)."""
+    return score_steps(mass, spec, valid_length, causal)[1]
+
+
+def score_steps(mass: Any, spec: SinkSpec = SinkSpec(), valid_length: Any = None,
+                causal: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Scores and flags from one scoring of a reduced mass ``[S, L]``: ``(float64 [S, L]`` scores,
+    NaN where a position does not exist, ``bool [S, L]`` flags``)``. :func:`sink_scores` is the first
+    in float32, :func:`sink_flags` the second; :func:`position_stats` takes both."""
     m = _as_steps(mass)
     valid = _valid_mask(*m.shape, valid_length)
-    _, sink = _score(_view(m[:, None, :], valid, spec.normalize, causal), valid, spec)
-    return sink[:, 0]
+    scores, sink = _score(_view(m[:, None, :], valid, spec.normalize, causal), valid, spec)
+    return scores[:, 0], sink[:, 0]
 
 
 @dataclass(frozen=True, eq=False)

@@ -29,7 +29,7 @@ from sap_core.memory import check_capture
 from sap_core.models import load_model
 from sap_core.models.llada import LLaDAModelLM
 from sap_core.pruning import CalibrationSpec, PruneSpec, prune
-from sap_core.pruning.engine import is_variant_dir
+from sap_core.pruning.variant import is_variant_dir
 from sap_core.pruning.spec import parse_pattern
 from sap_core.sweep import EvalSpec, SweepSpec, SweepSpecError, load_sweep, partial_path, perplexity, run_sweep, save_sweep
 

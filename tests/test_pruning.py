@@ -353,3 +353,74 @@ def test_variant_refuses_another_model(dlm, tmp_path):
     with pytest.raises(PruneSpecError, match="another model"):
         with v.applied(other):
             pass
+
+
+# --- the method table ---------------------------------------------------------------------------
+
+def test_cli_choices_app_help_and_methods_come_from_the_one_table():
+    from streamlit.testing.v1 import AppTest
+
+    from sap_core.cli import build_parser
+    from sap_core.pruning.spec import GATED, METHOD_TABLE
+
+    names = [m.name for m in METHOD_TABLE]
+    assert list(METHODS) == names and [METHODS[n] for n in names] == [m.description for m in METHOD_TABLE]
+    assert GATED == {m.name for m in METHOD_TABLE if m.gated} == {"gated_sink_wanda", "gated_sink_sparsegpt"}
+    prune_cli = build_parser()._subparsers._group_actions[0].choices["prune"]
+    method = next(a for a in prune_cli._actions if "--method" in a.option_strings)
+    assert list(method.choices) == names
+    assert all(f"{m.name}: {m.description}" in method.help for m in METHOD_TABLE)
+
+    at = AppTest.from_file(str(spec_module.ASSETS.parent / "app.py"), default_timeout=300)
+    at.run()
+    at.switch_page("pages/prune.py").run()
+    assert not at.exception
+    assert at.selectbox[0].options == names
+    for row in METHOD_TABLE:
+        at.selectbox[0].set_value(row.name).run()
+        shown = [str(m.value) for m in at.markdown]
+        assert any(f"**{row.name}**: {row.description}" in m and row.traits in m for m in shown), shown
+
+
+def test_the_pruner_reads_the_row_not_the_name(dlm, monkeypatch):
+    """A new name with sink_wanda's row prunes exactly as sink_wanda; the row's ``gated`` field, not
+    tau, decides whether the variance gate applies (an ungated row ignores tau, and keeps it)."""
+    row = dataclasses.replace(spec_module.METHOD_ROWS["sink_wanda"], name="renamed_sink_wanda")
+    monkeypatch.setitem(spec_module.METHOD_ROWS, row.name, row)
+    monkeypatch.setitem(spec_module.METHODS, row.name, row.description)
+    sink = SinkSpec(tau=1e-4, k=0.5)
+    a = prune(dlm, spec("sink_wanda", sink=sink))
+    b = prune(dlm, spec("renamed_sink_wanda", sink=sink))
+    assert a.weights.keys() == b.weights.keys() and all(torch.equal(a.weights[k], b.weights[k]) for k in a.weights)
+    assert b.spec.sink.tau == 1e-4 and np.array_equal(a.token_weights, b.token_weights)
+    gated = dataclasses.replace(row, name="renamed_gated", gated=True)
+    monkeypatch.setitem(spec_module.METHOD_ROWS, gated.name, gated)
+    monkeypatch.setitem(spec_module.METHODS, gated.name, gated.description)
+    c = prune(dlm, spec("renamed_gated", sink=sink))
+    ref = prune(dlm, spec("gated_sink_wanda", sink=sink))
+    assert np.array_equal(c.token_weights, ref.token_weights) and not np.array_equal(c.token_weights, a.token_weights)
+
+
+def test_a_method_row_must_be_consistent():
+    with pytest.raises(ValueError, match="inconsistent"):
+        spec_module.Method("x", "gated without weighting", "clean", "wanda", True, "none", gated=True)
+    with pytest.raises(ValueError, match="inconsistent"):
+        spec_module.Method("x", "unknown statistic", "clean", "l1", True)
+
+
+@pytest.mark.parametrize("method, per_sample", [("sink_wanda", False), ("gated_sink_wanda", False),
+                                                ("sink_sparsegpt", True), ("gated_sink_sparsegpt", True)])
+def test_each_sample_is_scored_once(dlm, monkeypatch, method, per_sample):
+    """Factors and record come from one scoring of each sample (each forward chunk of timesteps, for
+    the Wanda family, whose chunks are scored as their pass ends), never a rescoring."""
+    from sap_core import sinks
+
+    calls = []
+    real = sinks.score_steps
+    monkeypatch.setattr(sinks, "score_steps", lambda mass, *a, **kw: calls.append(np.shape(mass)) or real(mass, *a, **kw))
+    v = prune(dlm, spec(method, sink=SinkSpec(tau=1e-4, k=0.5)))
+    S = len(CAL.timesteps)
+    chunks = 1 if per_sample else -(-S // CAL.batch_size)
+    assert len(calls) == CAL.nsamples * chunks
+    assert sum(shape[0] for shape in calls) == CAL.nsamples * S  # every step scored exactly once
+    assert v.calibration.sink_scores.shape == (CAL.nsamples, S, CAL.seqlen)

@@ -1,6 +1,7 @@
 """Pruning of the linear layers inside the transformer blocks: baselines (magnitude, Wanda,
 SparseGPT), the official sink-aware variants, the project's variance-gated variants and a noised
-Wanda control. See ``docs/pruning.md`` for the definitions and how they relate to the official code.
+Wanda control, one row each of :data:`METHOD_TABLE`. See ``docs/pruning.md`` for the definitions and
+how they relate to the official code.
 
     from sap_core.pruning import prune, PruneSpec, CalibrationSpec
     variant = prune(handle, PruneSpec("sink_wanda", 0.5))
@@ -8,12 +9,24 @@ Wanda control. See ``docs/pruning.md`` for the definitions and how they relate t
         ...
     pruned = variant.apply_to_copy(handle)
     variant.save("runs/tiny-sink-wanda-50", handle)
+
+The method table and specs import without torch (the CLI's ``--help`` reads them); the run and the
+variant load on first use.
 """
-from sap_core.pruning.calibration import CalibrationRecord
-from sap_core.pruning.engine import PrunedVariant, check_sparsity, prune, target_linears
-from sap_core.pruning.spec import METHODS, CalibrationSpec, PruneSpec, parse_pattern
+from importlib import import_module
+
+from sap_core.pruning.spec import METHOD_TABLE, METHODS, CalibrationSpec, Method, PruneSpec, parse_pattern
+
+_LAZY = {"prune": "engine", "PrunedVariant": "variant", "check_sparsity": "variant", "target_linears": "variant",
+         "CalibrationRecord": "calibration"}
 
 __all__ = [
     "prune", "PruneSpec", "CalibrationSpec", "PrunedVariant", "CalibrationRecord", "check_sparsity", "METHODS",
-    "parse_pattern", "target_linears",
+    "METHOD_TABLE", "Method", "parse_pattern", "target_linears",
 ]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(import_module(f"sap_core.pruning.{_LAZY[name]}"), name)
+    raise AttributeError(f"module 'sap_core.pruning' has no attribute {name!r}")

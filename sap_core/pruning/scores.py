@@ -44,6 +44,7 @@ from torch import nn
 from sap_core import sinks
 from sap_core.attention import AttentionRecorder
 from sap_core.models.placement import execution_device
+from sap_core.pruning.spec import METHOD_ROWS
 from sap_core.sinks import SinkSpec
 
 Group = tuple[str, ...]  # names of the linears of one block that read the same input tensor
@@ -123,11 +124,7 @@ def embed(handle, ids: torch.Tensor) -> torch.Tensor:
     return handle.module.embed(ids.to(handle.device))
 
 
-# --- sink weighting of one sample ---------------------------------------------------------------
-
-WEIGHTINGS = ("official", "gated", "none")
-WEIGHTING_OF = {"sink_wanda": "official", "gated_sink_wanda": "gated", "noised_wanda": "none"}  # noised Wanda family
-
+# --- the recorded passes: every block on noised inputs, attention recorded --------------------
 
 def reduce_mass(mass: torch.Tensor, spec: SinkSpec) -> np.ndarray:
     """``[B, layers, heads, L]`` recorder output -> ``float32 [B, L]`` summed over the selected
@@ -142,28 +139,87 @@ def reduce_mass(mass: torch.Tensor, spec: SinkSpec) -> np.ndarray:
     return m.sum(dim=(1, 2)).numpy().astype(np.float32)
 
 
-def step_weights(mass: np.ndarray, spec: SinkSpec, weighting: str, causal: bool) -> np.ndarray:
-    """Per-step token factors ``float32 [S, L]`` for one sample's reduced mass ``[S, L]``."""
+def _chunks(S: int, batch_size: int) -> list[tuple[int, int]]:
+    return [(c, min(c + batch_size, S)) for c in range(0, S, batch_size)]
+
+
+def recorded_passes(handle, noised: torch.Tensor, spec: SinkSpec, batch_size: int, taps: list[BlockTap],
+                    capture: bool):
+    """The one recorded-pass loop: for each sample ``n`` of ``noised`` ``int64 [N, S, L]`` and each
+    chunk ``[c0, c1)`` of up to ``batch_size`` timesteps, one forward through every block's tap with an
+    :class:`AttentionRecorder`. Yields ``(n, c0, c1, mass, inputs)``: ``mass`` ``float32 [c1 − c0, L]``
+    reduced as ``spec`` selects (:func:`reduce_mass`), ``inputs`` each block's
+    :meth:`BlockTap.take_inputs` when ``capture`` (else None)."""
+    N, S, _ = noised.shape
+    for n in range(N):
+        for c0, c1 in _chunks(S, batch_size):
+            recorder = AttentionRecorder()
+            recorder.start_pass()
+            h = embed(handle, noised[n, c0:c1])
+            inputs = [] if capture else None
+            for tap in taps:
+                h = tap(h, recorder, capture=capture)
+                if capture:
+                    inputs.append(tap.take_inputs())
+            del h
+            yield n, c0, c1, reduce_mass(recorder.end_pass(), spec), inputs
+
+
+@torch.no_grad()
+def sink_mass(handle, noised: torch.Tensor, spec: SinkSpec, batch_size: int, tick: Optional[Tick] = None,
+              taps: Optional[list[BlockTap]] = None) -> np.ndarray:
+    """``float32 [N, S, L]`` reduced attention mass of every noised sequence (dense model, one
+    recorded pass per batch, no activations kept): what the SparseGPT family's factors need."""
+    N, S, L = noised.shape
+    taps = make_taps(handle) if taps is None else taps
+    mass = np.zeros((N, S, L), np.float32)
+    for n, c0, c1, m, _ in recorded_passes(handle, noised, spec, batch_size, taps, capture=False):
+        mass[n, c0:c1] = m
+        if tick is not None:
+            tick(c1 - c0, f"sink mass: sample {n + 1}/{N}, timesteps {c0 + 1}–{c1} of {S}")
+    return mass
+
+
+# --- sink weighting of one sample ---------------------------------------------------------------
+
+# A weighting names the token factors of a method row (``Method.factors``): "none" (1), "official" (1 − s,
+# every position: the row is not gated) or "gated" (1 − g·s, g the variance gate of the SinkSpec's tau).
+
+Scored = tuple[np.ndarray, np.ndarray]  # one scoring of a sample: float64 scores [S, L] (NaN: absent), bool flags [S, L]
+
+
+def score_sample(mass: np.ndarray, spec: SinkSpec, causal: bool) -> Scored:
+    """The one scoring of a sample's reduced mass ``[S, L]`` (:func:`sap_core.sinks.score_steps`); the
+    factors and the record are derived from it. Each step is scored on its own, so scoring a chunk of
+    timesteps gives the same rows as scoring the whole sample."""
+    return sinks.score_steps(mass, spec, causal=causal)
+
+
+def _gate_and_mean(scored: Scored, spec: SinkSpec, weighting: str) -> tuple[np.ndarray, np.ndarray]:
+    """(positions the factors down-weight ``bool [L]``, ``mean_t s_t(j)`` ``float64 [L]``). The gate is
+    explicit: every position for an ungated row ("official"); for a gated row the variance gate of
+    :func:`sap_core.sinks.position_stats` at ``spec.tau`` (unstable sinks; every position at tau = 0)."""
+    scores, flags = scored
+    stats = sinks.position_stats(scores, flags, spec)
+    gate = np.ones(scores.shape[-1], bool) if weighting == "official" else stats.gate
+    return gate, stats.mean_score
+
+
+def step_weights(scored: Scored, spec: SinkSpec, weighting: str) -> np.ndarray:
+    """Per-step token factors ``float32 [S, L]`` of one sample: ``1 − g_j·s_t(j)`` (1 for "none")."""
+    scores = scored[0]
     if weighting == "none":
-        return np.ones(mass.shape, np.float32)
-    if weighting == "official":  # 1 − s_t(j): the gate opened for every position (tau = 0)
-        spec = _official(spec)
-    return sinks.step_downweights(mass, spec, causal=causal)
+        return np.ones(scores.shape, np.float32)
+    gate = np.ones(scores.shape[-1], bool) if weighting == "official" else _gate_and_mean(scored, spec, weighting)[0]
+    return (1.0 - np.where(gate[None, :], np.nan_to_num(scores, nan=0.0), 0.0)).astype(np.float32)
 
 
-def mean_weights(mass: np.ndarray, spec: SinkSpec, weighting: str, causal: bool) -> np.ndarray:
+def mean_weights(scored: Scored, spec: SinkSpec, weighting: str) -> np.ndarray:
     """Token factors ``float32 [L]`` of one sample for the SparseGPT family: ``1 − g_j·mean_t s_t(j)``."""
     if weighting == "none":
-        return np.ones(mass.shape[-1], np.float32)
-    if weighting == "official":
-        spec = _official(spec)
-    return sinks.downweight_factors(mass, spec, causal=causal)
-
-
-def _official(spec: SinkSpec) -> SinkSpec:
-    from dataclasses import replace
-
-    return replace(spec, tau=0.0)
+        return np.ones(scored[0].shape[-1], np.float32)
+    gate, mean = _gate_and_mean(scored, spec, weighting)
+    return (1.0 - np.where(gate, mean, 0.0)).astype(np.float32)
 
 
 @dataclass
@@ -177,12 +233,16 @@ class SampleSinks:
     gate: np.ndarray  # bool [N, L], positions the gated factors down-weight
 
 
-def describe_sinks(mass: np.ndarray, spec: SinkSpec, causal: bool) -> SampleSinks:
-    """Scores, variance and labels of every sample from its reduced mass ``[N, S, L]``."""
+def describe_sinks(mass: np.ndarray, spec: SinkSpec, causal: bool,
+                   scored: Optional[tuple[np.ndarray, np.ndarray]] = None) -> SampleSinks:
+    """Scores, variance and labels of every sample from its reduced mass ``[N, S, L]``; ``scored``:
+    the samples' scoring already done (``float64 [N, S, L]`` scores, ``bool [N, S, L]`` flags), else
+    scored here."""
     scores, var, labels, gate = [], [], [], []
-    for m in mass:
-        s = sinks.sink_scores(m, spec, causal=causal)
-        stats = sinks.position_stats(s, sinks.sink_flags(m, spec, causal=causal), spec)
+    for n, m in enumerate(mass):
+        full, flags = score_sample(m, spec, causal) if scored is None else (scored[0][n], scored[1][n])
+        s = full.astype(np.float32)
+        stats = sinks.position_stats(s, flags, spec)
         scores.append(s)
         var.append(stats.variance.astype(np.float32))
         labels.append(stats.label)
@@ -196,12 +256,14 @@ def describe_sinks(mass: np.ndarray, spec: SinkSpec, causal: bool) -> SampleSink
 class NoisedStats:
     """``norms[i][group]``: ``float32 [in_features]`` accumulated column norms of block ``i``;
     ``mass``: ``float32 [N, S, L]``; ``token_weights``: ``float32 [N, S, L]``; ``passes``: model
-    forwards run (per batch of sequences)."""
+    forwards run (per batch of sequences); ``scored``: the one scoring of every sample under the
+    weighting's sink settings (``float64 [N, S, L]`` scores, ``bool [N, S, L]`` flags)."""
 
     norms: list[dict[Group, torch.Tensor]]
     mass: np.ndarray
     token_weights: np.ndarray
     passes: int
+    scored: tuple[np.ndarray, np.ndarray]
 
 
 def _accumulate(acc: dict[Group, torch.Tensor], groups: list[tuple[Group, torch.Tensor]], w: np.ndarray) -> None:
@@ -215,11 +277,7 @@ def _accumulate(acc: dict[Group, torch.Tensor], groups: list[tuple[Group, torch.
         acc[names] = norms if prev is None else prev + norms
 
 
-def _chunks(S: int, batch_size: int) -> list[tuple[int, int]]:
-    return [(c, min(c + batch_size, S)) for c in range(0, S, batch_size)]
-
-
-Weighting = tuple[str, SinkSpec]  # (one of WEIGHTINGS, the sink settings its factors use)
+Weighting = tuple[str, SinkSpec]  # (a method row's factors, the sink settings they use)
 
 
 @torch.no_grad()
@@ -254,38 +312,38 @@ def noised_wanda_stats_many(handle, noised: torch.Tensor, weightings: list[Weigh
     mass = np.zeros((N, S, L), np.float32)
     weights = np.zeros((K, N, S, L), np.float32)
     gated = [w == "gated" for w, _ in weightings]
+    # one scoring per sample and step for each distinct scoring rule among the weightings
+    rule = [(w[1].rule, w[1].k, w[1].alpha, w[1].epsilon, w[1].normalize) for w in weightings]
+    scored = {r: (np.zeros((N, S, L)), np.zeros((N, S, L), bool)) for r in rule}
     passes = 0
-    for n in range(N):
-        pending = []
-        for c0, c1 in _chunks(S, batch_size):
-            recorder = AttentionRecorder()
-            recorder.start_pass()
-            h = embed(handle, noised[n, c0:c1])
-            inputs = []
-            for tap in taps:
-                h = tap(h, recorder)
-                inputs.append(tap.take_inputs())
-            del h
-            mass[n, c0:c1] = reduce_mass(recorder.end_pass(), spec0)
-            passes += 1
-            for k, (weighting, spec) in enumerate(weightings):
-                if not gated[k]:
-                    weights[k, n, c0:c1] = step_weights(mass[n, c0:c1], spec, weighting, handle.causal)
-                    for a, groups in zip(acc[k], inputs):
-                        _accumulate(a, groups, weights[k, n, c0:c1])
-            if any(gated):  # the gate needs every timestep of the sample
-                pending.append((c0, c1, inputs))
-            del inputs
-            if tick is not None:
-                tick(c1 - c0, f"sample {n + 1}/{N}, timesteps {c0 + 1}–{c1} of {S}")
+    pending = []
+    for n, c0, c1, m, inputs in recorded_passes(handle, noised, spec0, batch_size, taps, capture=True):
+        mass[n, c0:c1] = m
+        passes += 1
+        for r, (scores, flags) in scored.items():
+            spec = weightings[rule.index(r)][1]
+            scores[n, c0:c1], flags[n, c0:c1] = score_sample(m, spec, handle.causal)
         for k, (weighting, spec) in enumerate(weightings):
+            if not gated[k]:
+                sc_k = scored[rule[k]]
+                weights[k, n, c0:c1] = step_weights((sc_k[0][n, c0:c1], sc_k[1][n, c0:c1]), spec, weighting)
+                for a, groups in zip(acc[k], inputs):
+                    _accumulate(a, groups, weights[k, n, c0:c1])
+        if any(gated):  # the gate needs every timestep of the sample
+            pending.append((c0, c1, inputs))
+        del inputs
+        if tick is not None:
+            tick(c1 - c0, f"sample {n + 1}/{N}, timesteps {c0 + 1}–{c1} of {S}")
+        if c1 < S:
+            continue
+        for k, (weighting, spec) in enumerate(weightings):  # the sample's last chunk: apply the gated factors
             if gated[k]:
-                weights[k, n] = step_weights(mass[n], spec, weighting, handle.causal)
-                for c0, c1, inputs in pending:
-                    for a, groups in zip(acc[k], inputs):
-                        _accumulate(a, groups, weights[k, n, c0:c1])
+                weights[k, n] = step_weights((scored[rule[k]][0][n], scored[rule[k]][1][n]), spec, weighting)
+                for p0, p1, held in pending:
+                    for a, groups in zip(acc[k], held):
+                        _accumulate(a, groups, weights[k, n, p0:p1])
         pending.clear()
-    return [NoisedStats(acc[k], mass, weights[k], passes) for k in range(K)]
+    return [NoisedStats(acc[k], mass, weights[k], passes, scored[rule[k]]) for k in range(K)]
 
 
 @torch.no_grad()
@@ -299,17 +357,14 @@ def noised_wanda_stats_two_pass(handle, noised: torch.Tensor, spec: SinkSpec, we
     acc: list[dict[Group, torch.Tensor]] = [{} for _ in taps]
     mass = np.zeros((N, S, L), np.float32)
     weights = np.zeros((N, S, L), np.float32)
+    scores, flags = np.zeros((N, S, L)), np.zeros((N, S, L), bool)
     passes = 0
     for n in range(N):
-        for c0, c1 in _chunks(S, batch_size):  # pass 1: attention mass only
-            recorder = AttentionRecorder()
-            recorder.start_pass()
-            h = embed(handle, noised[n, c0:c1])
-            for tap in taps:
-                h = tap(h, recorder, capture=False)
-            mass[n, c0:c1] = reduce_mass(recorder.end_pass(), spec)
+        for _, c0, c1, m, _ in recorded_passes(handle, noised[n:n + 1], spec, batch_size, taps, capture=False):
+            mass[n, c0:c1] = m  # pass 1: attention mass only
             passes += 1
-        weights[n] = step_weights(mass[n], spec, weighting, handle.causal)
+        scores[n], flags[n] = score_sample(mass[n], spec, handle.causal)
+        weights[n] = step_weights((scores[n], flags[n]), spec, weighting)
         for c0, c1 in _chunks(S, batch_size):  # pass 2: activations, weighted as they come
             h = embed(handle, noised[n, c0:c1])
             for a, tap in zip(acc, taps):
@@ -318,28 +373,7 @@ def noised_wanda_stats_two_pass(handle, noised: torch.Tensor, spec: SinkSpec, we
             passes += 1
             if tick is not None:
                 tick(c1 - c0, f"sample {n + 1}/{N}, timesteps {c0 + 1}–{c1} of {S}")
-    return NoisedStats(acc, mass, weights, passes)
-
-
-@torch.no_grad()
-def sink_mass(handle, noised: torch.Tensor, spec: SinkSpec, batch_size: int, tick: Optional[Tick] = None,
-              taps: Optional[list[BlockTap]] = None) -> np.ndarray:
-    """``float32 [N, S, L]`` reduced attention mass of every noised sequence (dense model, one
-    recorded pass per batch, no activations kept): what the SparseGPT family's factors need."""
-    N, S, L = noised.shape
-    taps = make_taps(handle) if taps is None else taps
-    mass = np.zeros((N, S, L), np.float32)
-    for n in range(N):
-        for c0, c1 in _chunks(S, batch_size):
-            recorder = AttentionRecorder()
-            recorder.start_pass()
-            h = embed(handle, noised[n, c0:c1])
-            for tap in taps:
-                h = tap(h, recorder, capture=False)
-            mass[n, c0:c1] = reduce_mass(recorder.end_pass(), spec)
-            if tick is not None:
-                tick(c1 - c0, f"sink mass: sample {n + 1}/{N}, timesteps {c0 + 1}–{c1} of {S}")
-    return mass
+    return NoisedStats(acc, mass, weights, passes, (scores, flags))
 
 
 # --- block-sequential sweep (wanda, sparsegpt and the sink SparseGPT family) --------------------
@@ -442,14 +476,15 @@ class CalibrationCache:
     def _weighting_key(weighting: str, sink: SinkSpec) -> tuple:
         if weighting == "none":
             return (weighting, None)
-        return (weighting, _official(sink) if weighting == "official" else sink)
+        return (weighting, dataclasses.replace(sink, tau=0.0) if weighting == "official" else sink)  # tau unused
 
     def plan(self, handle, spec) -> None:
         """Announce a coming run of :class:`~sap_core.pruning.PruneSpec` ``spec``: a noised Wanda
         method's weighting is then computed in the first pass of its key (other methods: no-op)."""
-        weighting = WEIGHTING_OF.get(spec.method)
-        if weighting is None:
+        row = METHOD_ROWS[spec.method]
+        if row.sequential or row.statistic != "wanda":
             return
+        weighting = row.factors
         sink = spec.sink
         planned = self._planned.setdefault(self._key(handle, spec.calibration, sink), [])
         if all(self._weighting_key(*w) != self._weighting_key(weighting, sink) for w in planned):

@@ -1,4 +1,5 @@
-"""What a pruning run is asked to do: :class:`PruneSpec`, :class:`CalibrationSpec`, :data:`METHODS`.
+"""What a pruning run is asked to do: :class:`PruneSpec`, :class:`CalibrationSpec`, and the methods it can
+name: :data:`METHOD_TABLE`, one :class:`Method` row each (:data:`METHODS` is its name -> description view).
 
 Every check here is model-free and cheap; :func:`sap_core.pruning.prune` runs :meth:`PruneSpec.validate`
 and then the checks that need the model (pattern vs. input dimensions, sequence length, calibration
@@ -17,23 +18,92 @@ from sap_core.sinks import SinkSpec
 
 DEFAULT_CALIBRATION = ASSETS / "text" / "calibration.txt"
 
-# name -> one line a selectbox can show. Order: baselines, the paper's methods, the project's additions.
-METHODS: dict[str, str] = {
-    "magnitude": "|W|, no data",
-    "wanda": "|W|·‖X_j‖₂ on clean calibration text, block-sequential (Wanda)",
-    "sparsegpt": "second-order (OBS) reconstruction, block-sequential (SparseGPT)",
-    "sink_wanda": "Wanda on noised inputs, each token scaled by 1 − sink score (official sink-aware Wanda)",
-    "sink_sparsegpt": "SparseGPT with inputs scaled by 1 − mean sink score (official sink-aware SparseGPT)",
-    "gated_sink_wanda": "sink_wanda, down-weighting only unstable sinks (variance ≥ tau)",
-    "gated_sink_sparsegpt": "sink_sparsegpt, down-weighting only unstable sinks (variance ≥ tau)",
-    "noised_wanda": "control: Wanda statistics on the same noised inputs, no sink weighting",
-}
-DATA_FREE = {"magnitude"}
-SEQUENTIAL = {"wanda", "sparsegpt", "sink_sparsegpt", "gated_sink_sparsegpt"}  # block by block on pruned outputs
-NOISED_WANDA_FAMILY = {"sink_wanda", "gated_sink_wanda", "noised_wanda"}  # dense model, noised inputs
-SINK_SPARSEGPT_FAMILY = {"sink_sparsegpt", "gated_sink_sparsegpt"}
-GATED = {"gated_sink_wanda", "gated_sink_sparsegpt"}
-NEEDS_NOISE = NOISED_WANDA_FAMILY | SINK_SPARSEGPT_FAMILY
+
+@dataclass(frozen=True)
+class Method:
+    """One pruning method, as one row of :data:`METHOD_TABLE`: everything :func:`sap_core.pruning.prune`
+    dispatches on, and the line the CLI, the app and the docs show.
+
+    * ``data``: the inputs the weight statistic is taken on: ``"none"`` (no calibration), ``"clean"``
+      (calibration windows) or ``"noised"`` (the windows corrupted at the sampled diffusion timesteps).
+    * ``statistic``: ``"magnitude"`` (``|W|``), ``"wanda"`` (``|W|·‖X_c‖₂``) or ``"hessian"`` (SparseGPT's
+      OBS reconstruction from ``X^T X``).
+    * ``sequential``: block by block, each block's statistic taken on the outputs of the already-pruned
+      blocks (else every statistic comes from the dense model).
+    * ``sink_weighting``: how sink tokens scale the layer inputs: ``"none"``, ``"step"`` (each timestep's
+      inputs by ``1 − s_t(j)``, the official sink-aware Wanda) or ``"mean"`` (by ``1 − mean_t s_t(j)``,
+      the official sink-aware SparseGPT). A weighting needs the noised passes for its sink scores.
+    * ``gated``: the variance gate decides which positions are down-weighted: only the unstable sinks
+      (variance ``>= SinkSpec.tau``); ungated methods down-weight every position, whatever ``tau``.
+      With ``tau = 0`` the gate is open for every position (:mod:`sap_core.sinks`), so a gated method
+      at ``tau = 0`` is its ungated twin.
+    """
+
+    name: str
+    description: str
+    data: str
+    statistic: str
+    sequential: bool
+    sink_weighting: str = "none"
+    gated: bool = False
+
+    def __post_init__(self) -> None:
+        if self.data not in ("none", "clean", "noised") or self.statistic not in ("magnitude", "wanda", "hessian") \
+                or self.sink_weighting not in ("none", "step", "mean") or (self.gated and self.sink_weighting == "none"):
+            raise ValueError(f"inconsistent method row {self!r}")
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.data != "none"
+
+    @property
+    def needs_noise(self) -> bool:
+        """Runs the model on noised windows (for its statistic or for its sink scores)."""
+        return self.data == "noised" or self.sink_weighting != "none"
+
+    @property
+    def traits(self) -> str:
+        """The row in words, for help texts: data · statistic · order · sink weighting."""
+        data = {"none": "no calibration data", "clean": "clean calibration windows",
+                "noised": "noised calibration windows"}[self.data]
+        stat = {"magnitude": "|W|", "wanda": "Wanda column norms", "hessian": "SparseGPT Hessian"}[self.statistic]
+        order = "block-sequential" if self.sequential else "dense model"
+        weighting = {"none": "no sink weighting", "step": "each step's tokens scaled by 1 − sink score",
+                     "mean": "tokens scaled by 1 − sink score averaged over the noised steps"}[self.sink_weighting]
+        if self.sink_weighting != "none":
+            weighting += ", unstable sinks only (variance ≥ tau)" if self.gated else ", every position (tau unused)"
+        return " · ".join((data, stat, order, weighting))
+
+    @property
+    def factors(self) -> str:
+        """The token factors :mod:`sap_core.pruning.scores` computes: ``"none"``, ``"official"``
+        (``1 − s``, every position) or ``"gated"`` (``1 − g·s``)."""
+        if self.sink_weighting == "none":
+            return "none"
+        return "gated" if self.gated else "official"
+
+
+# Order: baselines, the paper's methods, the project's additions.
+METHOD_TABLE: tuple[Method, ...] = (
+    Method("magnitude", "|W|, no data", "none", "magnitude", False),
+    Method("wanda", "|W|·‖X_j‖₂ on clean calibration text, block-sequential (Wanda)", "clean", "wanda", True),
+    Method("sparsegpt", "second-order (OBS) reconstruction, block-sequential (SparseGPT)", "clean", "hessian", True),
+    Method("sink_wanda", "Wanda on noised inputs, each token scaled by 1 − sink score (official sink-aware Wanda)",
+           "noised", "wanda", False, "step"),
+    Method("sink_sparsegpt", "SparseGPT with inputs scaled by 1 − mean sink score (official sink-aware SparseGPT)",
+           "clean", "hessian", True, "mean"),
+    Method("gated_sink_wanda", "sink_wanda, down-weighting only unstable sinks (variance ≥ tau)",
+           "noised", "wanda", False, "step", gated=True),
+    Method("gated_sink_sparsegpt", "sink_sparsegpt, down-weighting only unstable sinks (variance ≥ tau)",
+           "clean", "hessian", True, "mean", gated=True),
+    Method("noised_wanda", "control: Wanda statistics on the same noised inputs, no sink weighting",
+           "noised", "wanda", False),
+)
+METHOD_ROWS: dict[str, Method] = {m.name: m for m in METHOD_TABLE}
+# name -> one line a selectbox can show (the table's descriptions)
+METHODS: dict[str, str] = {m.name: m.description for m in METHOD_TABLE}
+GATED = frozenset(m.name for m in METHOD_TABLE if m.gated)  # the methods a tau sweep varies
+
 SPARSEGPT_SELECTIONS = ("per_row", "official")
 
 
@@ -59,7 +129,7 @@ def parse_pattern(pattern: str) -> Optional[tuple[int, int]]:
 class CalibrationSpec:
     """Calibration data and forward noising.
 
-    ``text``: the calibration text itself; None reads ``assets/text/calibration.txt``. ``nsamples``
+    ``text``: the calibration text itself; None reads ``sap_core/assets/text/calibration.txt``. ``nsamples``
     windows of ``seqlen`` tokens are drawn at random offsets (seeded by ``seed``). The noised
     methods corrupt every window at the sampled timesteps ``interval, 2·interval, …, T``: each token
     becomes [MASK] with probability ``(1 − eps)·t/T + eps`` (the official code's forward process).
@@ -171,8 +241,16 @@ class PruneSpec:
         return self.sparsity if nm is None else 1.0 - nm[0] / nm[1]
 
     @property
+    def row(self) -> Method:
+        """This run's row of :data:`METHOD_TABLE`; :class:`PruneSpecError` for an unknown method."""
+        row = METHOD_ROWS.get(self.method)
+        if row is None:
+            raise PruneSpecError(f"Unknown pruning method '{self.method}'. Choose one of: {', '.join(METHODS)}.")
+        return row
+
+    @property
     def needs_calibration(self) -> bool:
-        return self.method not in DATA_FREE
+        return self.row.needs_calibration
 
     @property
     def label(self) -> str:
@@ -182,8 +260,7 @@ class PruneSpec:
 
     def validate(self) -> None:
         """Raise :class:`PruneSpecError` for anything impossible, before any work."""
-        if self.method not in METHODS:
-            raise PruneSpecError(f"Unknown pruning method '{self.method}'. Choose one of: {', '.join(METHODS)}.")
+        row = self.row  # an unknown method fails first
         if isinstance(self.sparsity, bool) or not isinstance(self.sparsity, (int, float)) or math.isnan(self.sparsity):
             raise PruneSpecError(f"sparsity must be a number in [0, 1) (got {self.sparsity!r}).")
         if not 0.0 <= float(self.sparsity) < 1.0:
@@ -201,20 +278,5 @@ class PruneSpec:
             raise PruneSpecError(f"sink must be a SinkSpec (got {type(self.sink).__name__}).")
         if not isinstance(self.calibration, CalibrationSpec):
             raise PruneSpecError(f"calibration must be a CalibrationSpec (got {type(self.calibration).__name__}).")
-        if self.method in NEEDS_NOISE:
-            _validate_sink(self.sink)
-        if self.needs_calibration:
+        if row.needs_calibration:
             self.calibration.validate()
-
-
-def _validate_sink(sink: SinkSpec) -> None:
-    """Let SinkSpec check itself, reported as a pruning-settings error."""
-    check = getattr(sink, "validate", None)
-    if check is None:
-        return
-    try:
-        check()
-    except PruneSpecError:
-        raise
-    except Exception as exc:  # SinkSpecError and friends: same message, pruning's error type
-        raise PruneSpecError(f"Sink settings: {exc}") from exc

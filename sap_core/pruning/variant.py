@@ -1,0 +1,281 @@
+"""A pruning run's result: :class:`PrunedVariant`, the new weights of every pruned linear, which can be
+swapped into the dense model and back (:meth:`PrunedVariant.applied`), applied to a copy
+(:meth:`PrunedVariant.apply_to_copy`) or saved as a model directory (:meth:`PrunedVariant.save`);
+and :func:`check_sparsity`, the zeros of a model, a module or a variant. Every linear layer inside the
+transformer blocks (:func:`target_linears`) is pruned; the embedding, norms and LM head are not.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import json
+import threading
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Optional, Union
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+
+from sap_core.errors import OutputPathError, PruneSpecError
+from sap_core.files import atomic_directory, check_output_dir
+from sap_core.models import ModelHandle
+from sap_core.pruning.calibration import CalibrationRecord
+from sap_core.pruning.spec import PruneSpec
+
+
+# --- which weights ------------------------------------------------------------------------------
+
+def target_linears(module: nn.Module) -> list[tuple[int, str, nn.Linear]]:
+    """``(block index, name inside the block, linear)`` for every linear in every block."""
+    return [(i, name, m) for i, block in enumerate(module.blocks) for name, m in block.named_modules()
+            if isinstance(m, nn.Linear)]
+
+
+def param_names(module: nn.Module) -> dict[int, str]:
+    return {id(p): n for n, p in module.named_parameters()}
+
+
+def _frame(rows: list[dict]) -> pd.DataFrame:
+    df = pd.DataFrame(rows, columns=["block", "module", "rows", "cols", "params", "zeros", "sparsity"])
+    total = int(df["params"].sum()) if len(df) else 0
+    df.attrs["overall"] = float(df["zeros"].sum() / total) if total else 0.0
+    return df
+
+
+def _by_layer(df: pd.DataFrame) -> pd.DataFrame:
+    g = df.groupby("block", sort=True)[["params", "zeros"]].sum().reset_index()
+    g["sparsity"] = g["zeros"] / g["params"]
+    g.attrs["overall"] = df.attrs.get("overall", 0.0)
+    return g
+
+
+def check_sparsity(obj, by: str = "module") -> pd.DataFrame:
+    """Zeros in the block linears of a :class:`~sap_core.models.ModelHandle`, a model module (with
+    ``.blocks``) or a :class:`PrunedVariant`.
+
+    ``by="module"``: one row per (block, module) with ``rows, cols, params, zeros, sparsity``;
+    ``by="layer"``: one row per block. ``df.attrs["overall"]`` is the sparsity over all of them.
+    """
+    if by not in ("module", "layer"):
+        raise PruneSpecError(f"by must be 'module' or 'layer' (got '{by}').")
+    if isinstance(obj, PrunedVariant):
+        return obj.layer_sparsity if by == "module" else _by_layer(obj.layer_sparsity)
+    module = obj.module if isinstance(obj, ModelHandle) else obj
+    if not hasattr(module, "blocks"):  # a model module of any class: duck-typed on its blocks
+        raise PruneSpecError("check_sparsity needs a ModelHandle, a model with .blocks, or a PrunedVariant.")
+    rows = []
+    with torch.no_grad():
+        for i, name, lin in target_linears(module):
+            W = lin.weight
+            zeros = int((W == 0).sum())
+            rows.append(dict(block=i, module=name, rows=W.shape[0], cols=W.shape[1], params=W.numel(),
+                             zeros=zeros, sparsity=zeros / W.numel()))
+    df = _frame(rows)
+    return df if by == "module" else _by_layer(df)
+
+
+# --- the variant --------------------------------------------------------------------------------
+
+VARIANT_FORMAT = "sinkscope.pruned_variant/1"
+FINGERPRINT_SAMPLES = 4096  # values sampled per parameter
+FINGERPRINT_RTOL = 1e-2
+
+
+def fingerprint(module: nn.Module) -> dict:
+    """A fingerprint of a model's weights: the sha256 of its parameter names and shapes, and per
+    parameter the sum and absolute sum (float64) of up to 4096 evenly strided values. It tells two models
+    of the same architecture apart (different weights) while tolerating a change of dtype (the sums are
+    compared with a 1 % relative tolerance by :func:`same_weights`). Cheap: a few thousand values per parameter."""
+    names = hashlib.sha256()
+    stats = []
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            names.update(f"{name}:{tuple(p.shape)};".encode())
+            if p.device.type == "meta":
+                stats.append([0.0, 0.0])
+                continue
+            flat = p.detach().reshape(-1)
+            sample = flat[:: max(1, flat.numel() // FINGERPRINT_SAMPLES)][:FINGERPRINT_SAMPLES].double()
+            stats.append([float(sample.sum()), float(sample.abs().sum())])
+    return {"names": names.hexdigest(), "stats": stats}
+
+
+def same_weights(a: dict, b: dict) -> bool:
+    """Whether two :func:`fingerprint` s come from the same weights (up to dtype rounding)."""
+    if a.get("names") != b.get("names") or len(a.get("stats", ())) != len(b.get("stats", ())):
+        return False
+    for (sa, aa), (sb, ab) in zip(a["stats"], b["stats"]):
+        scale = max(aa, ab, 1e-12)
+        if abs(sa - sb) > FINGERPRINT_RTOL * scale or abs(aa - ab) > FINGERPRINT_RTOL * scale:
+            return False
+    return True
+
+
+def is_variant_dir(path: Path) -> bool:
+    """Whether ``path`` is a directory written by :meth:`PrunedVariant.save` (its ``pruning.json`` says so)."""
+    record = Path(path) / "pruning.json"
+    try:
+        return record.is_file() and json.loads(record.read_text(encoding="utf-8")).get("format") == VARIANT_FORMAT
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+        return False
+
+
+def _model_dir(handle) -> Optional[Path]:
+    from sap_core.models import BUILTIN_MODELS
+
+    source = BUILTIN_MODELS.get(str(handle.source), Path(str(handle.source)).expanduser())
+    return source.resolve() if source.is_dir() else None
+
+
+def check_save_target(directory: Union[str, Path], handle, overwrite: bool = False) -> Path:
+    """Refuse, before any work, a directory a variant may not be saved to: the loaded model's own
+    directory (or one inside it or above it), a file, an unwritable place, a non-empty directory that is
+    not a SinkScope variant, and an existing variant unless ``overwrite``. Returns the resolved path."""
+    target = check_output_dir(directory, "Save directory").resolve()
+    model_dir = _model_dir(handle)
+    if model_dir is not None and (target == model_dir or model_dir in target.parents or target in model_dir.parents):
+        raise OutputPathError(f"Save directory '{target}' is the loaded model's directory '{model_dir}' (or holds it, "
+                              "or sits inside it); saving there would overwrite the dense checkpoint. Choose another directory.")
+    if target.is_dir() and any(target.iterdir()):
+        if not is_variant_dir(target):
+            raise OutputPathError(f"Save directory '{target}' is not empty and is not a SinkScope variant; saving would "
+                                  "replace its files. Choose a new or empty directory.")
+        if not overwrite:
+            raise OutputPathError(f"Save directory '{target}' holds a pruned variant already; pass overwrite=True "
+                                  "(--overwrite on the command line, the confirmation box in the app) to replace it.")
+    return target
+
+@dataclass
+class PrunedVariant:
+    """The result of :func:`prune`.
+
+    * ``spec``: the :class:`PruneSpec` that made it. ``seconds``: wall time of the run;
+      ``timings``: its parts (``calibration``: statistics from the model, ``pruning``: masks and
+      reconstruction). ``passes``: model forward passes over calibration batches.
+    * ``weights``: ``{parameter name: new weight}`` for every pruned linear, on the dense weight's
+      device and dtype. ``modules``: ``[(block, module, parameter name)]`` in model order.
+    * ``layer_sparsity``: per (block, module) DataFrame as :func:`check_sparsity`.
+    * ``calibration``: a :class:`CalibrationRecord` (ids, noised inputs, sink scores, variance,
+      labels, and ``token_weights``: the per-token down-weighting factors), None for magnitude.
+    """
+
+    spec: PruneSpec
+    weights: dict[str, torch.Tensor]
+    modules: list[tuple[int, str, str]]
+    seconds: float
+    timings: dict[str, float]
+    passes: int
+    calibration: Optional[CalibrationRecord]
+    source: str
+    layer_sparsity: pd.DataFrame = field(repr=False, default=None)
+    dense_fingerprint: Optional[dict] = field(repr=False, default=None)
+
+    def __post_init__(self) -> None:
+        if self.layer_sparsity is None:
+            rows = []
+            for block, name, pname in self.modules:
+                W = self.weights[pname]
+                zeros = int((W == 0).sum())
+                rows.append(dict(block=block, module=name, rows=W.shape[0], cols=W.shape[1], params=W.numel(),
+                                 zeros=zeros, sparsity=zeros / W.numel()))
+            self.layer_sparsity = _frame(rows)
+
+    @property
+    def sparsity(self) -> float:
+        """Zeros over all pruned weights (the achieved sparsity: ``achieved_sparsity`` in ``pruning.json``
+        and :meth:`summary`, next to the spec's ``target_sparsity``)."""
+        return float(self.layer_sparsity.attrs["overall"])
+
+    @property
+    def token_weights(self) -> Optional[np.ndarray]:
+        """Per-token factors the run multiplied layer inputs by (see :class:`CalibrationRecord`)."""
+        return None if self.calibration is None else self.calibration.token_weights
+
+    def summary(self) -> dict:
+        spec = self.spec
+        cal = dataclasses.asdict(spec.calibration)
+        text = cal.pop("text")
+        cal["text"] = "default (sap_core/assets/text/calibration.txt)" if text is None else f"user text, {len(text)} characters"
+        return {
+            "format": VARIANT_FORMAT,
+            "source": self.source,
+            "method": spec.method, "sparsity": spec.sparsity, "pattern": spec.pattern,
+            "target_sparsity": spec.target_sparsity, "achieved_sparsity": self.sparsity,
+            "sink": spec.sink.to_dict(),
+            "calibration": cal if spec.needs_calibration else None,
+            "blocksize": spec.blocksize, "percdamp": spec.percdamp, "sparsegpt_selection": spec.sparsegpt_selection,
+            "seconds": self.seconds, "timings": self.timings, "passes": self.passes,
+            "dense_fingerprint": self.dense_fingerprint,
+        }
+
+    def _params(self, module: nn.Module) -> dict[str, nn.Parameter]:
+        if self.dense_fingerprint is not None and not same_weights(self.dense_fingerprint, fingerprint(module)):
+            raise PruneSpecError(f"This variant was pruned from another model ({self.source}); its weights differ from "
+                                 "this model's. Prune this model instead.")
+        params = dict(module.named_parameters())
+        out = {}
+        for name, W in self.weights.items():
+            p = params.get(name)
+            if p is None or tuple(p.shape) != tuple(W.shape):
+                raise PruneSpecError(f"This variant was pruned from another model ({self.source}): '{name}' "
+                                     "is missing or has another shape here. Prune this model instead.")
+            out[name] = p
+        return out
+
+    @contextmanager
+    def applied(self, handle) -> Iterator:
+        """``with variant.applied(handle): ...`` runs ``handle`` with the pruned weights.
+
+        Holds ``handle.lock`` throughout; swaps the parameters' storage for the variant's tensors and
+        puts the original tensors back on exit, exceptions included, so the dense weights come back
+        bit for bit (they are never written to). Do not modify weights in place inside the block:
+        that would write into the variant.
+        """
+        with handle.lock:  # the fingerprint is taken of the dense weights, never of another variant's
+            params = self._params(handle.module)
+            saved: list[tuple[nn.Parameter, torch.Tensor]] = []
+            try:
+                for name, p in params.items():
+                    saved.append((p, p.data))
+                    p.data = self.weights[name].to(p.device, p.dtype)
+                yield handle
+            finally:
+                for p, data in reversed(saved):
+                    p.data = data
+
+    def apply_to_copy(self, handle):
+        """A new :class:`~sap_core.models.ModelHandle` with a pruned copy of the model (own lock,
+        same tokenizer). Costs one model's memory; the dense weights of pruned layers are not copied."""
+        with handle.lock:
+            params = self._params(handle.module)
+        memo = {id(p): nn.Parameter(self.weights[name].to(p.device, p.dtype).clone(), requires_grad=False)
+                for name, p in params.items()}
+        with handle.lock:
+            module = copy.deepcopy(handle.module, memo)
+        module.eval()
+        return dataclasses.replace(handle, module=module, lock=threading.RLock(),
+                                   source=f"{handle.name} [{self.spec.label}]")
+
+    def save(self, directory: Union[str, Path], handle, overwrite: bool = False) -> Path:
+        """Write the pruned model as a model directory (``model.safetensors``, ``config.json``,
+        tokenizer files, and ``pruning.json`` with the spec, figures and the dense model's fingerprint)
+        that ``load_model`` loads. Returns the absolute path.
+
+        Guarantees: the target is checked first (:func:`check_save_target`: never the loaded model's own
+        directory, never a non-empty directory that is not a variant, an existing variant only with
+        ``overwrite``); everything is written into a hidden sibling directory, flushed to disk and renamed
+        into place, so a crash leaves the previous directory intact and ``pruning.json`` always
+        describes the weights beside it."""
+        target = check_save_target(directory, handle, overwrite)
+        with atomic_directory(target) as tmp:
+            with self.applied(handle):
+                handle.module.save_pretrained(str(tmp))
+            if handle.tokenizer is not None:
+                handle.tokenizer.save_pretrained(str(tmp))
+            (tmp / "pruning.json").write_text(json.dumps(self.summary(), indent=1), encoding="utf-8")
+        return target
