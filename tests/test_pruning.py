@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -371,7 +372,7 @@ def test_cli_choices_app_help_and_methods_come_from_the_one_table():
     assert list(method.choices) == names
     assert all(f"{m.name}: {m.description}" in method.help for m in METHOD_TABLE)
 
-    at = AppTest.from_file(str(spec_module.ASSETS.parent / "app.py"), default_timeout=300)
+    at = AppTest.from_file(str(Path(__file__).resolve().parents[1] / "app.py"), default_timeout=300)
     at.run()
     at.switch_page("pages/prune.py").run()
     assert not at.exception
