@@ -163,3 +163,17 @@ def no_streamlit_exception(page) -> None:
     """Fail if the page shows a Streamlit exception element."""
     shown = page.locator("[data-testid='stException']")
     assert shown.count() == 0, shown.first.text_content()
+
+
+def generate_in_browser(page, app_url: str, tokens: int) -> None:
+    """Open the app, wait until it has run (a nav click before that lands in Streamlit's old page-folder
+    mode, where app.py never runs), and generate ``tokens`` tokens in as many steps on the explorer."""
+    from playwright.sync_api import expect
+
+    page.goto(app_url)
+    expect(page.get_by_text("Active model:", exact=False).first).to_be_visible()
+    page.get_by_role("link", name="Denoising explorer").click()
+    page.get_by_role("spinbutton", name="Generation length").fill(str(tokens))
+    page.get_by_role("spinbutton", name="Steps", exact=True).fill(str(tokens))
+    page.get_by_role("button", name="Generate").click()
+    expect(page.get_by_text(f"{tokens} steps in", exact=False)).to_be_visible()

@@ -6,7 +6,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import SCREENSHOTS, needs_chromium, no_streamlit_exception
+from conftest import SCREENSHOTS, generate_in_browser, needs_chromium, no_streamlit_exception
 from streamlit.testing.v1 import AppTest
 
 from sap_core.sinks import SinkSpec, analyze
@@ -111,12 +111,7 @@ def test_ar_vs_dlm_in_a_browser(app_url, page):
     """The page as a user sees it: side-by-side trajectories and the across-prompts error bars (screenshots)."""
     from playwright.sync_api import expect
 
-    page.goto(app_url)
-    page.get_by_role("link", name="Denoising explorer").click()
-    page.get_by_role("spinbutton", name="Generation length").fill("32")
-    page.get_by_role("spinbutton", name="Steps", exact=True).fill("32")
-    page.get_by_role("button", name="Generate").click()
-    expect(page.get_by_text("32 steps in", exact=False)).to_be_visible()
+    generate_in_browser(page, app_url, 32)
     page.get_by_role("link", name="AR vs DLM").click()
     page.get_by_role("button", name="Run the other model on this prompt").click()
     expect(page.get_by_text("Sink trajectories, same axes and colour range", exact=False)).to_be_visible()

@@ -259,16 +259,11 @@ def test_pick_tau_page_computes_the_gate_redraws_and_runs_a_tau_sweep():
 def test_pick_tau_in_a_browser(app_url, page):
     from playwright.sync_api import expect
 
-    from conftest import CHROMIUM, no_streamlit_exception
+    from conftest import CHROMIUM, generate_in_browser, no_streamlit_exception
 
     if not __import__("pathlib").Path(CHROMIUM).exists():
         pytest.skip("no Chromium")
-    page.goto(app_url)
-    page.get_by_role("link", name="Denoising explorer").click()
-    page.get_by_role("spinbutton", name="Generation length").fill("32")
-    page.get_by_role("spinbutton", name="Steps", exact=True).fill("32")
-    page.get_by_role("button", name="Generate").click()
-    expect(page.get_by_text("32 steps in", exact=False)).to_be_visible()
+    generate_in_browser(page, app_url, 32)
     page.get_by_role("link", name="Pick tau").click()
     page.get_by_role("spinbutton", name="Calibration samples").fill("4")
     page.get_by_role("button", name="Compute the gate's inputs").click()
