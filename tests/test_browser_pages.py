@@ -18,11 +18,20 @@ def idle(page) -> None:
 
 
 def set_number(page, label: str, value: str) -> None:
-    """Type into a number input outside a form and wait for the rerun it causes."""
+    """Type into a number input outside a form and wait for the rerun it causes. Under load the rerun
+    started by the previous input can end after this one was typed and redraw it with its old value (seen
+    in CI: "2 windows x 8 draws" after typing 2 draws), so the value is checked after the app is idle and
+    typed again if it was lost."""
     box = page.get_by_role("spinbutton", name=label)
-    box.fill(value)
-    box.press("Tab")
-    idle(page)
+    for _ in range(4):
+        box.fill(value)
+        box.press("Tab")
+        idle(page)
+        page.wait_for_timeout(500)  # a rerun that had not started within idle()'s wait has now
+        idle(page)
+        if box.input_value() == value:
+            return
+    raise AssertionError(f"{label!r} did not keep the value {value!r}: it shows {box.input_value()!r}")
 
 
 def tall_shot(page, name: str) -> None:
