@@ -1,7 +1,8 @@
 """SinkScope: attention sinks in diffusion language models, and sink-aware pruning.
 
-    streamlit run app.py
+streamlit run app.py
 """
+
 from __future__ import annotations
 
 import os
@@ -20,19 +21,31 @@ torch.set_num_threads(int(os.environ.get("SINKSCOPE_THREADS", "1")))
 loading = st.empty()  # the first load takes seconds: say so in the main area instead of grey skeletons
 with st.sidebar:
     st.title("SinkScope")
-    kind = st.radio("Model", MODEL_KINDS, key="model_kind",
-                    help="The built-in models ship with SinkScope and run on a CPU. A local directory holds a "
-                         "LLaDA, Dream or transformers causal-LM checkpoint (config.json + safetensors).")
+    kind = st.radio(
+        "Model",
+        MODEL_KINDS,
+        key="model_kind",
+        help="The built-in models ship with SinkScope and run on a CPU. A local directory holds a "
+        "LLaDA, Dream or transformers causal-LM checkpoint (config.json + safetensors).",
+    )
     if kind == MODEL_KINDS[2]:
-        st.text_input("Model directory", key="model_path", placeholder="/models/LLaDA-8B-Instruct",
-                      help="A local folder with config.json, *.safetensors and tokenizer files.")
+        st.text_input(
+            "Model directory",
+            key="model_path",
+            placeholder="/models/LLaDA-8B-Instruct",
+            help="A local folder with config.json, *.safetensors and tokenizer files.",
+        )
     devices = ["auto", "cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     st.selectbox("Device", devices, key="device", help="auto: CUDA when a GPU is available, else the CPU.")
-    st.selectbox("Precision", ["auto", "float32", "bfloat16", "float16"], key="dtype",
-                 help="auto: bfloat16 on a GPU, float32 on the CPU.")
+    st.selectbox(
+        "Precision", ["auto", "float32", "bfloat16", "float16"], key="dtype", help="auto: bfloat16 on a GPU, float32 on the CPU."
+    )
     if not is_cached(*model_choice()):
-        loading.info(f"Loading the model **{model_choice()[0]}** into memory… the page appears when it is ready "
-                     "(a few seconds for the built-in models, minutes for an 8B checkpoint).", icon=":material/hourglass_top:")
+        loading.info(
+            f"Loading the model **{model_choice()[0]}** into memory… the page appears when it is ready "
+            "(a few seconds for the built-in models, minutes for an 8B checkpoint).",
+            icon=":material/hourglass_top:",
+        )
     try:
         handle = cached_model(*model_choice())
         st.success(f"Loaded **{handle.name}** on {handle.device}")

@@ -4,6 +4,7 @@ Pages only orchestrate: numbers come from ``sap_core`` and figures from ``sap_co
 Per-browser-session state (trajectories, reports, variants) lives in ``st.session_state``; the
 dense model is shared through ``st.cache_resource`` and never changed (pruning makes variants).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -16,7 +17,6 @@ import torch
 from sap_core.errors import Cancelled, SapError
 from sap_core.models import ModelHandle, load_model
 from sap_core.sinks import SinkSpec
-
 
 
 def default_model() -> str:
@@ -67,8 +67,10 @@ def active_model() -> ModelHandle:
         st.error(f"Could not load the model: {exc}")
         st.info("Pick the built-in model in the sidebar, or fix the path.")
         st.stop()
-    st.caption(f"Active model: **{handle.name}** · {handle.family}{' (causal)' if handle.causal else ''} · "
-               f"{handle.n_params / 1e6:.1f}M parameters · {handle.device} · {str(handle.dtype).replace('torch.', '')}")
+    st.caption(
+        f"Active model: **{handle.name}** · {handle.family}{' (causal)' if handle.causal else ''} · "
+        f"{handle.n_params / 1e6:.1f}M parameters · {handle.device} · {str(handle.dtype).replace('torch.', '')}"
+    )
     return handle
 
 
@@ -81,6 +83,7 @@ def sink_spec() -> SinkSpec:
 def progress_callback(bar, label: str):
     def update(done: int, total: int, message: str) -> None:
         bar.progress(min(done / max(total, 1), 1.0), text=f"{label}: {message} ({done}/{total})")
+
     return update
 
 
@@ -94,8 +97,10 @@ def job(label: str) -> Iterator[None]:
     except torch.OutOfMemoryError:
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-        st.error(f"{label} ran out of GPU memory. Try a shorter sequence, fewer steps or samples, "
-                 "or a smaller dtype (bfloat16); the dense model is unchanged.")
+        st.error(
+            f"{label} ran out of GPU memory. Try a shorter sequence, fewer steps or samples, "
+            "or a smaller dtype (bfloat16); the dense model is unchanged."
+        )
     except SapError as exc:
         st.error(f"{label} failed: {exc}")
 
@@ -141,8 +146,11 @@ def method_settings(variant):
         rows["calibration"] = f"{cal.nsamples} windows × {cal.seqlen} tokens, seed {cal.seed}"
     if spec.row.needs_noise:
         rows["noised timesteps"] = f"t = {cal.interval}, {2 * cal.interval}, …, {cal.T} of T = {cal.T} (mask probability t/T)"
-        rows["sink rule"] = (f"official: k = {sink.k:g}, alpha = {sink.alpha:g}" if sink.rule == "official"
-                             else f"leave_one_out: ε = {sink.epsilon:g}")
+        rows["sink rule"] = (
+            f"official: k = {sink.k:g}, alpha = {sink.alpha:g}"
+            if sink.rule == "official"
+            else f"leave_one_out: ε = {sink.epsilon:g}"
+        )
     if spec.row.gated:
         rows["variance threshold tau"] = f"{sink.tau:g}"
     if spec.row.statistic == "hessian":

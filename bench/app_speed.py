@@ -5,6 +5,7 @@ run happens in the browser: ``bench/browser_latency.py`` measures it where the u
 
     python bench/app_speed.py [--repeats 3]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -38,8 +39,10 @@ def main() -> None:
     handle = load_model("tiny-dlm", device="cpu")  # same process: app.py has set torch's thread count
     spec = DecodeSpec(gen_length=64, steps=64, block_length=16, temperature=0.8)
     gen_plain = statistics.median(timed(lambda: generate(handle, "ROMEO.\n", spec)) for _ in range(args.repeats))
-    print(f"64-token, 64-step generation with capture in the app: {gen_app:.2f} s; plain sap_core generate without "
-          f"capture: {gen_plain:.2f} s; ratio {gen_app / gen_plain:.2f}x")
+    print(
+        f"64-token, 64-step generation with capture in the app: {gen_app:.2f} s; plain sap_core generate without "
+        f"capture: {gen_plain:.2f} s; ratio {gen_app / gen_plain:.2f}x"
+    )
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ The baseline, measured in the same run, is what a step change cost when stepping
 a Streamlit rerun of the same page (changing the colour range reruns the script and redraws the
 view from the stored run, no model) from the click to the redrawn view.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -125,7 +126,9 @@ def main() -> None:
                 boxes = form.locator("[data-testid='stMultiSelect']")
                 for i, keep in ((0, "magnitude"), (1, "0.5")):  # methods, sparsities: one each
                     box = boxes.nth(i)
-                    box.get_by_role("button", name="Clear all").click() if box.get_by_role("button", name="Clear all").count() else None
+                    box.get_by_role("button", name="Clear all").click() if box.get_by_role(
+                        "button", name="Clear all"
+                    ).count() else None
                     box.locator("input").fill(keep)
                     box.locator("input").press("Enter")
                     page.keyboard.press("Escape")
@@ -144,11 +147,15 @@ def main() -> None:
     print(f"tiny-dlm, {args.length} tokens x {args.length} steps, Chromium at 1440x900")
     print(f"cold load (first page, model loaded)        {cold:8.2f} s")
     print(f"Generate -> first drawn view                {first_view:8.2f} s")
-    print(f"step change -> redrawn view ({len(steps)} moves)     median {med:6.1f} ms, max {worst:6.1f} ms   (target <= 100 ms median)")
+    print(
+        f"step change -> redrawn view ({len(steps)} moves)     median {med:6.1f} ms, max {worst:6.1f} ms   (target <= 100 ms median)"
+    )
     print(f"baseline: Streamlit rerun -> redrawn view   median {rerun:6.1f} ms   -> stepping is {rerun / med:.0f}x faster")
     print(f"Play                                        {fps:8.1f} frames/s   (target >= 10)")
-    print(f"view payload, {args.payload_steps} steps                  {view_bytes / 1e6:8.2f} MB   "
-          f"(float32 mass of the run: {mass_bytes / 1e6:.1f} MB, {mass_bytes / view_bytes:.0f}x more)")
+    print(
+        f"view payload, {args.payload_steps} steps                  {view_bytes / 1e6:8.2f} MB   "
+        f"(float32 mass of the run: {mass_bytes / 1e6:.1f} MB, {mass_bytes / view_bytes:.0f}x more)"
+    )
     if sweep is not None:
         print(f"one-point sweep (Compare page) end to end   {sweep:8.2f} s")
 

@@ -5,6 +5,7 @@ Target (issue 2): <= 1.3x on CPU for a 6-layer model at L = 128 with 64 steps.
 
     python bench/capture_overhead.py [--model tiny-dlm] [--repeats 5]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -25,8 +26,9 @@ def random_handle() -> ModelHandle:
     from transformers import PreTrainedTokenizerFast  # noqa: F401  (tokenizer unused: prompts are ids)
 
     torch.manual_seed(0)
-    config = LLaDAConfig(d_model=256, n_heads=8, n_layers=6, mlp_hidden_size=768, vocab_size=4096,
-                         max_sequence_length=512, mask_token_id=3)
+    config = LLaDAConfig(
+        d_model=256, n_heads=8, n_layers=6, mlp_hidden_size=768, vocab_size=4096, max_sequence_length=512, mask_token_id=3
+    )
     return ModelHandle(LLaDAModelLM(config).eval(), None, 3, "llada", torch.device("cpu"), torch.float32, False, "random")
 
 
@@ -42,13 +44,19 @@ def main() -> None:
     gen = args.steps
     prompt = list(range(10, 10 + args.length - gen))
     spec = DecodeSpec(gen_length=gen, steps=args.steps, block_length=gen, temperature=0.8, seed=0)
-    print(f"model: {handle.name}, {handle.n_layers} layers, {handle.n_params / 1e6:.1f}M params, "
-          f"L = {args.length}, steps = {args.steps}, torch threads = {torch.get_num_threads()}")
+    print(
+        f"model: {handle.name}, {handle.n_layers} layers, {handle.n_params / 1e6:.1f}M params, "
+        f"L = {args.length}, steps = {args.steps}, torch threads = {torch.get_num_threads()}"
+    )
     generate(handle, prompt, spec)  # warm-up
     plain, captured = [], []
     for _ in range(args.repeats):
-        t0 = time.perf_counter(); generate(handle, prompt, spec); plain.append(time.perf_counter() - t0)
-        t0 = time.perf_counter(); generate(handle, prompt, spec, recorder=AttentionRecorder()); captured.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        generate(handle, prompt, spec)
+        plain.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        generate(handle, prompt, spec, recorder=AttentionRecorder())
+        captured.append(time.perf_counter() - t0)
     a, b = statistics.median(plain), statistics.median(captured)
     print(f"without recorder: {a:.3f} s   with recorder: {b:.3f} s   ratio: {b / a:.2f}x (target <= 1.3x)")
 

@@ -6,6 +6,7 @@
 
 Prints ms per frame for both and the ratio. kaleido needs Chromium: set BROWSER_PATH=/usr/bin/chromium.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,7 +33,9 @@ def main() -> None:
 
     torch.set_num_threads(1)
     handle = load_model("tiny-dlm", device="cpu")
-    traj = generate(handle, "ROMEO.\n", DecodeSpec(args.steps, args.steps, 16, "low_confidence", 0.8, 0.0, 0), recorder=AttentionRecorder())
+    traj = generate(
+        handle, "ROMEO.\n", DecodeSpec(args.steps, args.steps, 16, "low_confidence", 0.8, 0.0, 0), recorder=AttentionRecorder()
+    )
     report = analyze(traj, SinkSpec(tau=0.05))
     tokens = animation.readable_tokens(handle.decode, traj.final_tokens)
 
@@ -51,8 +54,14 @@ def main() -> None:
     for s in range(kaleido_n):  # the same picture: bars coloured by state, sinks red, tokens under the bars
         colors = ["#e53935" if report.is_sink[s, j] else STATE_COLORS[names[report.state[s, j]]] for j in range(report.length)]
         fig = go.Figure(go.Bar(x=list(range(report.length)), y=np.nan_to_num(mult[s]), marker_color=colors))
-        fig.update_layout(title=f"Step {s}", width=1100, height=360, yaxis_range=[0, hi], template="plotly_white",
-                          xaxis=dict(tickmode="array", tickvals=list(range(report.length)), ticktext=tokens, tickangle=-90))
+        fig.update_layout(
+            title=f"Step {s}",
+            width=1100,
+            height=360,
+            yaxis_range=[0, hi],
+            template="plotly_white",
+            xaxis=dict(tickmode="array", tickvals=list(range(report.length)), ticktext=tokens, tickangle=-90),
+        )
         frames.append(fig.to_image(format="png"))
     kaleido_ms = 1000 * (time.perf_counter() - t) / kaleido_n
     print(f"{report.n_steps} steps, {report.length} positions; GIF {len(gif) / 1e6:.2f} MB")

@@ -15,6 +15,7 @@ not on the text. Budget: well under 8 minutes on one H200.
     python bench/gpu_check.py            # needs CUDA
     python bench/gpu_check.py --tiny     # tiny shape, runs anywhere (CPU included); used by the tests
 """
+
 from __future__ import annotations
 
 import argparse
@@ -69,15 +70,31 @@ class StubTokenizer:
 
 def build(shape: Shape, device: torch.device, dtype: torch.dtype) -> ModelHandle:
     mask_id = MASK_ID if MASK_ID < shape.vocab_size else shape.vocab_size - 1
-    config = LLaDAConfig(d_model=shape.d_model, n_heads=shape.n_heads, n_kv_heads=shape.n_heads, n_layers=shape.n_layers,
-                         mlp_hidden_size=shape.mlp_hidden_size, vocab_size=shape.vocab_size,
-                         max_sequence_length=4096, rope_theta=500000.0, mask_token_id=mask_id)
+    config = LLaDAConfig(
+        d_model=shape.d_model,
+        n_heads=shape.n_heads,
+        n_kv_heads=shape.n_heads,
+        n_layers=shape.n_layers,
+        mlp_hidden_size=shape.mlp_hidden_size,
+        vocab_size=shape.vocab_size,
+        max_sequence_length=4096,
+        rope_theta=500000.0,
+        mask_token_id=mask_id,
+    )
     torch.manual_seed(0)
     with torch.device(device):  # parameters are created (and initialised) on the device, in dtype
         module = LLaDAModelLM._from_config(config, dtype=dtype)
     module.eval().requires_grad_(False)
-    return ModelHandle(module, StubTokenizer(shape.vocab_size, mask_id), mask_id, "llada", device, dtype, False,
-                       "random LLaDA-8B shape" if shape == LLADA_8B else "random tiny shape")
+    return ModelHandle(
+        module,
+        StubTokenizer(shape.vocab_size, mask_id),
+        mask_id,
+        "llada",
+        device,
+        dtype,
+        False,
+        "random LLaDA-8B shape" if shape == LLADA_8B else "random tiny shape",
+    )
 
 
 class Meter:
@@ -122,9 +139,13 @@ def bench_generation(handle: ModelHandle, shape: Shape, meter: Meter, repeats: i
     generate(handle, prompt, spec)  # warm-up: kernels, allocator, rotary table
     plain, captured, peaks = [], [], {}
     for _ in range(repeats):
-        t0 = meter.start(); generate(handle, prompt, spec); plain.append(meter.stop(t0))
+        t0 = meter.start()
+        generate(handle, prompt, spec)
+        plain.append(meter.stop(t0))
         peaks["plain"] = meter.peak_gib()
-        t0 = meter.start(); traj = generate(handle, prompt, spec, recorder=AttentionRecorder()); captured.append(meter.stop(t0))
+        t0 = meter.start()
+        traj = generate(handle, prompt, spec, recorder=AttentionRecorder())
+        captured.append(meter.stop(t0))
         peaks["captured"] = meter.peak_gib()
     a, b = statistics.median(plain), statistics.median(captured)
     assert traj.mass is not None and traj.mass.shape == (shape.steps, shape.n_layers, shape.n_heads, shape.length)
@@ -196,28 +217,36 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     t0 = meter.start()
     handle = build(shape, device, dtype)
-    print(f"model: {handle.source}, {handle.n_params / 1e9:.2f} B params, {dtype}, built in {meter.stop(t0):.1f} s, "
-          f"weights {fmt_mem(meter.peak_gib())}")
+    print(
+        f"model: {handle.source}, {handle.n_params / 1e9:.2f} B params, {dtype}, built in {meter.stop(t0):.1f} s, "
+        f"weights {fmt_mem(meter.peak_gib())}"
+    )
 
     g = bench_generation(handle, shape, meter, args.repeats)
     tps_a, tps_b = g["tokens"] / g["plain"], g["tokens"] / g["captured"]
-    print(f"generation L={shape.length}, {shape.steps} steps: plain {g['plain']:.2f} s ({tps_a:.1f} tok/s, "
-          f"{1e3 * g['plain'] / shape.steps:.0f} ms/step, peak {fmt_mem(g['peaks']['plain'])}); "
-          f"captured {g['captured']:.2f} s ({tps_b:.1f} tok/s, peak {fmt_mem(g['peaks']['captured'])})")
+    print(
+        f"generation L={shape.length}, {shape.steps} steps: plain {g['plain']:.2f} s ({tps_a:.1f} tok/s, "
+        f"{1e3 * g['plain'] / shape.steps:.0f} ms/step, peak {fmt_mem(g['peaks']['plain'])}); "
+        f"captured {g['captured']:.2f} s ({tps_b:.1f} tok/s, peak {fmt_mem(g['peaks']['captured'])})"
+    )
     print(f"ratio capture/plain: {g['captured'] / g['plain']:.2f}x")
 
     p = bench_pruning(handle, shape, meter)
     if p is not None:
         for method, (sec, peak, sparsity, timings) in p.items():
             parts = ", ".join(f"{k} {v:.1f} s" for k, v in timings.items())
-            print(f"{method} 50% on {shape.samples} x {shape.seqlen} tokens: {sec:.1f} s ({parts}), "
-                  f"sparsity {sparsity:.3f}, peak {fmt_mem(peak)}")
+            print(
+                f"{method} 50% on {shape.samples} x {shape.seqlen} tokens: {sec:.1f} s ({parts}), "
+                f"sparsity {sparsity:.3f}, peak {fmt_mem(peak)}"
+            )
         print(f"ratio sink_wanda/wanda: {p['sink_wanda'][0] / p['wanda'][0]:.2f}x")
     s = bench_sparsegpt_block(handle, shape, meter)
     if s is not None:
         sec, peak, n = s
-        print(f"sparsegpt 50% on one block ({n} linears, {shape.samples} x {shape.seqlen} tokens): {sec:.1f} s, "
-              f"peak {fmt_mem(peak)}")
+        print(
+            f"sparsegpt 50% on one block ({n} linears, {shape.samples} x {shape.seqlen} tokens): {sec:.1f} s, "
+            f"peak {fmt_mem(peak)}"
+        )
         if p is not None:
             print(f"ratio sparsegpt one block / wanda whole model: {sec / p['wanda'][0]:.2f}x")
     print(f"total: {time.perf_counter() - t_all:.1f} s; peak memory over the run {fmt_mem(meter.overall)}")

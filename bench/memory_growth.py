@@ -17,6 +17,7 @@ with the large short-lived attention-score buffers. ``--untuned`` keeps only the
 allocator is configured at process start, so each form needs its own process; ``--both`` runs
 ``--before`` and the shipped form in subprocesses and prints the ratio.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -24,7 +25,6 @@ import os
 import subprocess
 import sys
 import threading
-
 
 
 def rss() -> int:
@@ -47,8 +47,10 @@ def measure(args) -> float:
     spec = DecodeSpec(gen_length=args.gen_length, steps=args.steps, block_length=args.gen_length, temperature=0.8)
     prompt = "To be, or not to be, that is the question:"
     length = len(handle.encode(prompt)) + args.gen_length
-    print(f"capture record: {human(estimate(handle, length, args.steps).capture_record)} per generation "
-          f"(L = {length}, {args.steps} steps)")
+    print(
+        f"capture record: {human(estimate(handle, length, args.steps).capture_record)} per generation "
+        f"(L = {length}, {args.steps} steps)"
+    )
     state = {}
 
     class KeepingRecorder(AttentionRecorder):
@@ -102,15 +104,28 @@ def main() -> None:
         return
     growth = {}
     for label, extra in (("before the fix (--before)", ["--before"]), ("as shipped", [])):
-        cmd = [sys.executable, __file__, "--runs", str(args.runs), "--warmup", str(args.warmup),
-               "--gen-length", str(args.gen_length), "--steps", str(args.steps), *extra]
+        cmd = [
+            sys.executable,
+            __file__,
+            "--runs",
+            str(args.runs),
+            "--warmup",
+            str(args.warmup),
+            "--gen-length",
+            str(args.gen_length),
+            "--steps",
+            str(args.steps),
+            *extra,
+        ]
         out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
         print(f"== {label}\n{out}")
         tail = out.rsplit("GROWTH ", 1)[1]
         growth[label] = (float(tail.split()[0]), float(tail.split("(peak ")[1].split()[0]))
     (a, pa), (b, pb) = growth.values()
-    print(f"growth after 20 runs: before the fix {a:+.0f} MiB, as shipped {b:+.0f} MiB; peak above warm-up: "
-          f"{pa:.0f} MiB vs {pb:.0f} MiB (ratio {pa / max(pb, 1):.1f}x)")
+    print(
+        f"growth after 20 runs: before the fix {a:+.0f} MiB, as shipped {b:+.0f} MiB; peak above warm-up: "
+        f"{pa:.0f} MiB vs {pb:.0f} MiB (ratio {pa / max(pb, 1):.1f}x)"
+    )
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ Target (issue 5): <= 0.6x.
 
     python bench/prune_cost.py [--repeats 3] [--nsamples 16] [--seqlen 128] [--threads N]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -43,8 +44,9 @@ class ByteTokenizer:
 
 def random_handle() -> ModelHandle:
     torch.manual_seed(0)
-    config = LLaDAConfig(d_model=256, n_heads=8, n_layers=6, mlp_hidden_size=768, vocab_size=4096,
-                         max_sequence_length=512, mask_token_id=3)
+    config = LLaDAConfig(
+        d_model=256, n_heads=8, n_layers=6, mlp_hidden_size=768, vocab_size=4096, max_sequence_length=512, mask_token_id=3
+    )
     module = LLaDAModelLM(config).eval().requires_grad_(False)
     return ModelHandle(module, ByteTokenizer(), 3, "llada", torch.device("cpu"), torch.float32, False, "random tiny-dlm shape")
 
@@ -80,10 +82,12 @@ def main() -> None:
     handle = load_model("tiny-dlm", device="cpu") if builtin else random_handle()
     text = None if DEFAULT_CALIBRATION.is_file() else calibration_text()
     cal = CalibrationSpec(text=text, nsamples=args.nsamples, seqlen=args.seqlen, batch_size=args.batch_size)
-    print(f"model: {handle.name}, {handle.n_layers} layers, {handle.n_params / 1e6:.1f}M params; "
-          f"calibration: {'sap_core/assets/text/calibration.txt' if text is None else 'repository markdown (calibration.txt missing)'}, "
-          f"nsamples={cal.nsamples}, seqlen={cal.seqlen}, timesteps={len(cal.timesteps)}, batch_size={cal.batch_size}; "
-          f"torch threads = {torch.get_num_threads()}")
+    print(
+        f"model: {handle.name}, {handle.n_layers} layers, {handle.n_params / 1e6:.1f}M params; "
+        f"calibration: {'sap_core/assets/text/calibration.txt' if text is None else 'repository markdown (calibration.txt missing)'}, "
+        f"nsamples={cal.nsamples}, seqlen={cal.seqlen}, timesteps={len(cal.timesteps)}, batch_size={cal.batch_size}; "
+        f"torch threads = {torch.get_num_threads()}"
+    )
 
     print(f"\nprune(handle, PruneSpec(method, {args.sparsity})): median of {args.repeats}")
     for method in METHODS:
@@ -105,16 +109,17 @@ def main() -> None:
     same_weights = bool((one.token_weights == two.token_weights).all())
     singles, doubles = [], []
     for _ in range(args.repeats):
-        t0 = time.perf_counter(); sc.noised_wanda_stats(handle, noised, sink, "official", cal.batch_size)
+        t0 = time.perf_counter()
+        sc.noised_wanda_stats(handle, noised, sink, "official", cal.batch_size)
         singles.append(time.perf_counter() - t0)
-        t0 = time.perf_counter(); sc.noised_wanda_stats_two_pass(handle, noised, sink, "official", cal.batch_size)
+        t0 = time.perf_counter()
+        sc.noised_wanda_stats_two_pass(handle, noised, sink, "official", cal.batch_size)
         doubles.append(time.perf_counter() - t0)
     a, b = statistics.median(singles), statistics.median(doubles)
     print(f"\nsink-aware Wanda statistics ({cal.nsamples} samples x {len(cal.timesteps)} timesteps):")
     print(f"  one pass : {a:.3f} s ({one.passes} forward passes)")
     print(f"  two passes: {b:.3f} s ({two.passes} forward passes)")
-    print(f"  scores agree: max relative difference of the column norms {worst:.2e}; "
-          f"token factors identical: {same_weights}")
+    print(f"  scores agree: max relative difference of the column norms {worst:.2e}; token factors identical: {same_weights}")
     print(f"  ratio one/two: {a / b:.2f}x (target <= 0.6x)")
 
 

@@ -12,6 +12,7 @@ under a second on CPU.
 
     python bench/sink_analysis.py [--shape 64 32 32 512] [--repeats 5]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -77,7 +78,7 @@ def main() -> None:
         "rescore (new k and tau)": median_ms(lambda: report.rescore(k=1.5, tau=0.1), args.repeats),
     }
     base = timings["baseline mass.sum(axis=(1, 2))"]
-    print(f"mass shape {args.shape} ({traj.mass.nbytes / 2 ** 20:.0f} MiB float32), median of {args.repeats}")
+    print(f"mass shape {args.shape} ({traj.mass.nbytes / 2**20:.0f} MiB float32), median of {args.repeats}")
     for name, ms in timings.items():
         print(f"{name:36s} {ms:8.1f} ms   {ms / base:6.2f}x baseline")
 

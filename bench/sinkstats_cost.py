@@ -14,6 +14,7 @@ shared machine wall time depends on it (the CPU-time ratio much less).
 
     python bench/sinkstats_cost.py [--prompts 32] [--gen-length 64] [--steps 64] [--repeats 3]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -63,10 +64,16 @@ def main() -> None:
     n = len(prompts)
     print(f"load average before: {load_before[0]:.2f}  after: {os.getloadavg()[0]:.2f} (2 cores shared)")
     print(f"settings: {n} prompts, gen_length {spec.gen_length}, DLM steps {spec.steps} (AR: {spec.gen_length}), 1 thread")
-    print(f"baseline, one prompt through both models with the recorder: {base[0]:.2f} s wall, {base[1]:.2f} s CPU "
-          f"(without the recorder: {bare[0]:.2f} s wall, {bare[1]:.2f} s CPU)")
-    print(f"run_sinkstats: {stats.seconds:.1f} s wall, {cpu:.1f} s CPU in all; per prompt {stats.seconds / n:.2f} s wall, {cpu / n:.2f} s CPU")
-    print(f"ratio per prompt / baseline: {stats.seconds / n / base[0]:.2f} (wall), {cpu / n / base[1]:.2f} (CPU, less sensitive to the load)")
+    print(
+        f"baseline, one prompt through both models with the recorder: {base[0]:.2f} s wall, {base[1]:.2f} s CPU "
+        f"(without the recorder: {bare[0]:.2f} s wall, {bare[1]:.2f} s CPU)"
+    )
+    print(
+        f"run_sinkstats: {stats.seconds:.1f} s wall, {cpu:.1f} s CPU in all; per prompt {stats.seconds / n:.2f} s wall, {cpu / n:.2f} s CPU"
+    )
+    print(
+        f"ratio per prompt / baseline: {stats.seconds / n / base[0]:.2f} (wall), {cpu / n / base[1]:.2f} (CPU, less sensitive to the load)"
+    )
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ Target (issue 14): <= 0.5x.
 
     python bench/sweep_cost.py [--quick] [--taus 0,0.01,0.02,0.05,0.1] [--threads 1]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -39,12 +40,21 @@ def main() -> None:
     handle = load_model("tiny-dlm", device="cpu")
     n = 4 if args.quick else 16
     taus = tuple(float(t) for t in args.taus.split(",") if t.strip())
-    spec = SweepSpec(methods=README_METHODS, sparsities=(0.3, 0.5, 0.7), patterns=("unstructured", "2:4"),
-                     sink=SinkSpec(tau=0.05), sink_taus=taus, calibration=CalibrationSpec(nsamples=n),
-                     eval=EvalSpec(nsamples=n))
-    print(f"{len(spec.jobs)} jobs + dense; calibration {n} windows x {len(spec.calibration.timesteps)} timesteps; "
-          f"evaluation {n} windows x {spec.eval.draws} draws; {args.threads} thread(s); "
-          f"load average at start {os.getloadavg()[0]:.2f}", flush=True)
+    spec = SweepSpec(
+        methods=README_METHODS,
+        sparsities=(0.3, 0.5, 0.7),
+        patterns=("unstructured", "2:4"),
+        sink=SinkSpec(tau=0.05),
+        sink_taus=taus,
+        calibration=CalibrationSpec(nsamples=n),
+        eval=EvalSpec(nsamples=n),
+    )
+    print(
+        f"{len(spec.jobs)} jobs + dense; calibration {n} windows x {len(spec.calibration.timesteps)} timesteps; "
+        f"evaluation {n} windows x {spec.eval.draws} draws; {args.threads} thread(s); "
+        f"load average at start {os.getloadavg()[0]:.2f}",
+        flush=True,
+    )
     run_sweep(handle, SweepSpec(methods=("magnitude",), sparsities=(0.5,), eval=EvalSpec(nsamples=1, draws=2)))  # warm-up
     out = {}
     for name, reuse in (("recalibrate every job", False), ("reuse calibration", True)):
@@ -52,13 +62,18 @@ def main() -> None:
         df = run_sweep(handle, spec, reuse_calibration=reuse)
         wall, cpu = time.perf_counter() - t0, time.process_time() - c0
         out[name] = (df, wall, cpu)
-        print(f"{name:>22}: {wall:7.1f} s wall, {cpu:7.1f} s CPU (pruning {df['prune_seconds'].sum():6.1f} s, "
-              f"evaluation {df['eval_seconds'].sum():6.1f} s wall); load average {os.getloadavg()[0]:.2f}", flush=True)
+        print(
+            f"{name:>22}: {wall:7.1f} s wall, {cpu:7.1f} s CPU (pruning {df['prune_seconds'].sum():6.1f} s, "
+            f"evaluation {df['eval_seconds'].sum():6.1f} s wall); load average {os.getloadavg()[0]:.2f}",
+            flush=True,
+        )
     (old, t_old, c_old), (new, t_new, c_new) = out.values()
     diff = float(np.max(np.abs(new["nll"].to_numpy() - old["nll"].to_numpy())))
     print(f"same rows: max |delta nll| = {diff:.2e} over {len(new)} rows")
-    print(f"ratio (reuse / recalibrate), whole sweep: {t_new / t_old:.2f}x wall, {c_new / c_old:.2f}x CPU time "
-          "(CPU time is the fairer figure on a shared machine)")
+    print(
+        f"ratio (reuse / recalibrate), whole sweep: {t_new / t_old:.2f}x wall, {c_new / c_old:.2f}x CPU time "
+        "(CPU time is the fairer figure on a shared machine)"
+    )
     print(f"ratio, pruning part only: {new['prune_seconds'].sum() / old['prune_seconds'].sum():.2f}x wall")
 
 

@@ -1,4 +1,5 @@
 """AR vs DLM: does a diffusion model's sink move more than an autoregressive model's? One prompt side by side, then many."""
+
 import json
 from dataclasses import replace
 
@@ -13,8 +14,10 @@ from sap_core.sinks import COMPARE_METRICS, METRIC_TITLES, VIEW_NOTES, compare
 from sap_core.sinkstats import evaluation_prompts, prompts_from_lines, run_sinkstats
 
 st.header("AR vs DLM")
-st.caption("The paper's premise: an autoregressive (AR) model's attention sink sits still on the first token, while a "
-           "diffusion language model's (DLM) sinks move across the denoising steps. Check it on one prompt, then on many.")
+st.caption(
+    "The paper's premise: an autoregressive (AR) model's attention sink sits still on the first token, while a "
+    "diffusion language model's (DLM) sinks move across the denoising steps. Check it on one prompt, then on many."
+)
 handle = active_model()
 traj = current_trajectory(handle)
 if traj is None:
@@ -22,24 +25,38 @@ if traj is None:
     st.stop()
 
 default_other = "tiny-dlm" if handle.causal else ar_model()
-other_source = st.text_input("Other model", default_other, key="other_model",
-                             help="A model of the other kind: the built-in twin, or a local model directory. "
-                                  f"The active model is {'causal (AR)' if handle.causal else 'a masked-diffusion model (DLM)'}.")
+other_source = st.text_input(
+    "Other model",
+    default_other,
+    key="other_model",
+    help="A model of the other kind: the built-in twin, or a local model directory. "
+    f"The active model is {'causal (AR)' if handle.causal else 'a masked-diffusion model (DLM)'}.",
+)
 views = ["raw", "uniform", "expected"]
-view = st.radio("Mass view", views, format_func=lambda v: VIEW_NOTES[v][0], horizontal=True, key="ar_view",
-                help="Raw is the paper's view and the Sink stability page's: the numbers here then equal that page's.")
+view = st.radio(
+    "Mass view",
+    views,
+    format_func=lambda v: VIEW_NOTES[v][0],
+    horizontal=True,
+    key="ar_view",
+    help="Raw is the paper's view and the Sink stability page's: the numbers here then equal that page's.",
+)
 _, corrects, distorts = VIEW_NOTES[view]
 st.caption(f"**Corrects:** {corrects}  \n**Distorts:** {distorts}")
 spec = replace(sink_spec(), normalize=view)
-st.caption(f"Sink settings from the Sink stability page: rule **{spec.rule}**, k = {spec.k:g}, alpha = {spec.alpha:g}, "
-           f"top-k = {spec.top_k}; decoding settings from the Denoising explorer.")
+st.caption(
+    f"Sink settings from the Sink stability page: rule **{spec.rule}**, k = {spec.k:g}, alpha = {spec.alpha:g}, "
+    f"top-k = {spec.top_k}; decoding settings from the Denoising explorer."
+)
 
 
 def load_other():
     other = cached_model(other_source.strip(), *model_choice()[1:])
     if other.causal == handle.causal:
-        raise SapError(f"'{other.name}' is {'causal' if other.causal else 'a masked-diffusion model'} like the active model; "
-                       f"pick a model of the other kind (e.g. {default_other}).")
+        raise SapError(
+            f"'{other.name}' is {'causal' if other.causal else 'a masked-diffusion model'} like the active model; "
+            f"pick a model of the other kind (e.g. {default_other})."
+        )
     return other
 
 
@@ -49,8 +66,13 @@ if st.button("Run the other model on this prompt", type="primary"):
     bar = st.progress(0.0)
     with job("The other model's run"):
         other = load_other()
-        other_traj = generate(other, traj.prompt or traj.final_tokens[:traj.prompt_length].tolist(), traj.spec,
-                              recorder=AttentionRecorder(), progress=progress_callback(bar, f"{other.name} decoding"))
+        other_traj = generate(
+            other,
+            traj.prompt or traj.final_tokens[: traj.prompt_length].tolist(),
+            traj.spec,
+            recorder=AttentionRecorder(),
+            progress=progress_callback(bar, f"{other.name} decoding"),
+        )
         st.session_state.update(other_trajectory=other_traj, other_trajectory_key=run_key)
     bar.empty()
 other_traj = st.session_state.get("other_trajectory") if st.session_state.get("other_trajectory_key") == run_key else None
@@ -70,16 +92,21 @@ else:
     frame = comparison.frame()
     st.plotly_chart(viz.comparison_bars(frame, ("AR", "DLM"), metric))
     st.dataframe(comparison.readable_frame(), hide_index=True)
-    st.download_button("Download comparison (JSON)", json.dumps(comparison.summary(), default=float), "ar_vs_dlm.json",
-                       "application/json")
+    st.download_button(
+        "Download comparison (JSON)", json.dumps(comparison.summary(), default=float), "ar_vs_dlm.json", "application/json"
+    )
 
 st.subheader("Across prompts")
-st.caption("One prompt is an anecdote. Decode N prompts with both models under the Denoising explorer's settings and "
-           "compare the raw-mass statistics with ±1 standard-error bars; the difference DLM − AR is paired by prompt. "
-           "Prompts are windows of the evaluation text, or your own file (one prompt a line).")
+st.caption(
+    "One prompt is an anecdote. Decode N prompts with both models under the Denoising explorer's settings and "
+    "compare the raw-mass statistics with ±1 standard-error bars; the difference DLM − AR is paired by prompt. "
+    "Prompts are windows of the evaluation text, or your own file (one prompt a line)."
+)
 with st.form("across_prompts"):
     c = st.columns(3)
-    n_prompts = c[0].number_input("Prompts", 2, 512, 16, help="More prompts, smaller error bars; each costs one generation per model.")
+    n_prompts = c[0].number_input(
+        "Prompts", 2, 512, 16, help="More prompts, smaller error bars; each costs one generation per model."
+    )
     prompt_tokens = c[1].number_input("Tokens per prompt", 1, 256, 16, help="Length of each evaluation-text window.")
     upload = c[2].file_uploader("Prompt file (optional)", type=["txt"], help="UTF-8 text, one prompt a line.")
     submitted = st.form_submit_button("Run across prompts", type="primary")
@@ -98,14 +125,17 @@ if submitted:
             prompts = prompts_from_lines(text, int(n_prompts))
         else:
             prompts = evaluation_prompts(dlm_handle, int(n_prompts), int(prompt_tokens))
-        stats = run_sinkstats(handle, other, prompts, traj.spec, replace(spec, normalize="raw"),
-                              progress=progress_callback(bar, "Across prompts"))
+        stats = run_sinkstats(
+            handle, other, prompts, traj.spec, replace(spec, normalize="raw"), progress=progress_callback(bar, "Across prompts")
+        )
         st.session_state.update(sinkstats=stats, sinkstats_model=model_choice())
     bar.empty()
 stats = st.session_state.get("sinkstats") if st.session_state.get("sinkstats_model") == model_choice() else None
 if stats is not None:
-    st.caption(f"{stats.n_prompts} prompts × 2 models in {stats.seconds:.1f} s · gen length {stats.decode.gen_length}, "
-               f"DLM steps {stats.decode.steps} (the AR model takes one step per token) · raw mass.")
+    st.caption(
+        f"{stats.n_prompts} prompts × 2 models in {stats.seconds:.1f} s · gen length {stats.decode.gen_length}, "
+        f"DLM steps {stats.decode.steps} (the AR model takes one step per token) · raw mass."
+    )
     st.plotly_chart(viz.sinkstats_figure(stats.summary(), stats.labels))
     st.dataframe(stats.table(), hide_index=True)
     c1, c2 = st.columns(2)

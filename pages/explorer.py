@@ -1,4 +1,5 @@
 """Denoising explorer: run a generation with attention capture, then step through it in the browser."""
+
 import time
 
 import streamlit as st
@@ -15,19 +16,31 @@ with st.form("decode"):
     prompt = st.text_area("Prompt", "ROMEO.\n", help="Text the model continues. It is never changed during decoding.")
     c = st.columns(4)
     gen_length = c[0].number_input("Generation length", 1, 2048, 64, help="Tokens to generate (masked at the start).")
-    steps = c[1].number_input("Steps", 1, 2048, 64, help="Denoising steps in all; must divide evenly over the blocks. "
-                              "A causal model uses one step per token.", disabled=handle.causal)
+    steps = c[1].number_input(
+        "Steps",
+        1,
+        2048,
+        64,
+        help="Denoising steps in all; must divide evenly over the blocks. A causal model uses one step per token.",
+        disabled=handle.causal,
+    )
     if handle.causal:  # block length, remasking and guidance only exist for a masked-diffusion model
         block_length, remasking, cfg_scale = None, REMASKING[0], 0.0
-        c[2].caption("Causal model: one token per step, left to right; block length, remasking and "
-                     "guidance apply to masked-diffusion models only.")
+        c[2].caption(
+            "Causal model: one token per step, left to right; block length, remasking and "
+            "guidance apply to masked-diffusion models only."
+        )
     else:
         block_length = c[2].number_input("Block length", 1, 2048, 16, help="Semi-autoregressive blocks, filled left to right.")
-        remasking = c[3].selectbox("Remasking", REMASKING, help="Which masked positions are unmasked first: most confident, random, or lowest entropy.")
+        remasking = c[3].selectbox(
+            "Remasking", REMASKING, help="Which masked positions are unmasked first: most confident, random, or lowest entropy."
+        )
     c = st.columns(3)
     temperature = c[0].slider("Temperature", 0.0, 2.0, 0.8, 0.05, help="0 = greedy; Gumbel-max sampling in float64 otherwise.")
     if not handle.causal:
-        cfg_scale = c[1].number_input("CFG scale", 0.0, 20.0, 0.0, help="Classifier-free guidance; the unconditional pass masks the prompt. 0 = off.")
+        cfg_scale = c[1].number_input(
+            "CFG scale", 0.0, 20.0, 0.0, help="Classifier-free guidance; the unconditional pass masks the prompt. 0 = off."
+        )
     seed = c[2].number_input("Seed", 0, 2**31 - 1, 0, help="Same seed and settings give the same trajectory.")
     submitted = st.form_submit_button("Generate", type="primary", icon=":material/play_arrow:")
 
@@ -35,25 +48,41 @@ with st.form("decode"):
 def run_label(spec: DecodeSpec, text: str) -> str:
     """What a run was: the label stored with its result (trajectory_label), as every stored result has one."""
     shown = text if len(text) <= 60 else text[:57] + "…"
-    decoding = "causal, one token per step" if handle.causal else (
-        f"{spec.steps} steps, block {spec.block_length}, {spec.remasking}, CFG {spec.cfg_scale:g}")
-    return (f"prompt “{shown.replace(chr(10), '⏎')}” · {spec.gen_length} tokens · {decoding} · "
-            f"temperature {spec.temperature:g} · seed {spec.seed}")
+    decoding = (
+        "causal, one token per step"
+        if handle.causal
+        else (f"{spec.steps} steps, block {spec.block_length}, {spec.remasking}, CFG {spec.cfg_scale:g}")
+    )
+    return (
+        f"prompt “{shown.replace(chr(10), '⏎')}” · {spec.gen_length} tokens · {decoding} · "
+        f"temperature {spec.temperature:g} · seed {spec.seed}"
+    )
 
 
 failed = False
 if submitted:
     length = int(gen_length)
-    spec = DecodeSpec(length, length if handle.causal else int(steps), length if handle.causal else int(block_length),
-                      remasking, float(temperature), float(cfg_scale), int(seed))
+    spec = DecodeSpec(
+        length,
+        length if handle.causal else int(steps),
+        length if handle.causal else int(block_length),
+        remasking,
+        float(temperature),
+        float(cfg_scale),
+        int(seed),
+    )
     bar = st.progress(0.0, text="Generating…")
     failed = True
     with job("Generation"):
         t0 = time.perf_counter()
         traj = generate(handle, prompt, spec, recorder=AttentionRecorder(), progress=progress_callback(bar, "Generating"))
-        st.session_state.update(trajectory=traj, trajectory_model=model_choice(), trajectory_seconds=time.perf_counter() - t0,
-                                trajectory_tokens=animation.readable_tokens(handle.decode, traj.final_tokens),
-                                trajectory_label=run_label(spec, prompt))
+        st.session_state.update(
+            trajectory=traj,
+            trajectory_model=model_choice(),
+            trajectory_seconds=time.perf_counter() - t0,
+            trajectory_tokens=animation.readable_tokens(handle.decode, traj.final_tokens),
+            trajectory_label=run_label(spec, prompt),
+        )
         st.session_state.pop("attention", None)
         failed = False
     bar.empty()
@@ -76,18 +105,28 @@ report = report_for(traj, spec)
 tokens = st.session_state["trajectory_tokens"]
 
 st.subheader("Step through the run")
-st.caption("Drag the slider or press **Play** (or Space): every step is already in your browser, so moving "
-           "through them runs neither the model nor the server. Top: each position's state at the step, its token "
-           "written above once decoded. Middle: the attention mass each position receives in each layer at the step, "
-           "as a multiple of the uniform mass (1 = average), sinks marked ✕. Bottom: the same for every step, the "
-           "dominant sink of each step (○) and the current step (dotted line). Hover for token, position and state.")
+st.caption(
+    "Drag the slider or press **Play** (or Space): every step is already in your browser, so moving "
+    "through them runs neither the model nor the server. Top: each position's state at the step, its token "
+    "written above once decoded. Middle: the attention mass each position receives in each layer at the step, "
+    "as a multiple of the uniform mass (1 = average), sinks marked ✕. Bottom: the same for every step, the "
+    "dominant sink of each step (○) and the current step (dotted line). Hover for token, position and state."
+)
 c = st.columns(2)
-color_range = c[0].radio("Colour range", animation.COLOR_RANGES, format_func=animation.COLOR_RANGE_NAMES.get, horizontal=True,
-                         help="A fixed range makes the steps comparable; per step shows each step's own contrast.")
+color_range = c[0].radio(
+    "Colour range",
+    animation.COLOR_RANGES,
+    format_func=animation.COLOR_RANGE_NAMES.get,
+    horizontal=True,
+    help="A fixed range makes the steps comparable; per step shows each step's own contrast.",
+)
 layer_options = [None] + list(report.layers)
-trail_layer = c[1].selectbox("Layer of the step × position map", layer_options,
-                             format_func=lambda l: "all layers (summed)" if l is None else f"layer {l}",
-                             help="Mass summed over all analysed layers, or one layer.")
+trail_layer = c[1].selectbox(
+    "Layer of the step × position map",
+    layer_options,
+    format_func=lambda l: "all layers (summed)" if l is None else f"layer {l}",
+    help="Mass summed over all analysed layers, or one layer.",
+)
 anim_spec = animation.AnimationSpec(color_range=color_range, layer=trail_layer)
 views = st.session_state.setdefault("explorer_views", {})
 view_key = (id(traj), spec, anim_spec)
@@ -97,33 +136,73 @@ if view_key not in views:
 st.iframe(views[view_key], height=animation.explorer_height(report))
 
 c = st.columns(4)
-c[0].download_button("Animated GIF", lambda: animation.gif_bytes(report, tokens, anim_spec), file_name="sinks.gif",
-                     mime="image/gif", on_click="ignore", icon=":material/gif_box:",
-                     help="The mass each position receives at every step, tokens and sinks marked (Pillow, a frame per step).")
-c[1].download_button("Interactive HTML", lambda: animation.html_bytes(report, tokens, anim_spec), file_name="sinks.html",
-                     mime="text/html", on_click="ignore", icon=":material/html:",
-                     help="The view above as one self-contained page (opens offline, no library).")
+c[0].download_button(
+    "Animated GIF",
+    lambda: animation.gif_bytes(report, tokens, anim_spec),
+    file_name="sinks.gif",
+    mime="image/gif",
+    on_click="ignore",
+    icon=":material/gif_box:",
+    help="The mass each position receives at every step, tokens and sinks marked (Pillow, a frame per step).",
+)
+c[1].download_button(
+    "Interactive HTML",
+    lambda: animation.html_bytes(report, tokens, anim_spec),
+    file_name="sinks.html",
+    mime="text/html",
+    on_click="ignore",
+    icon=":material/html:",
+    help="The view above as one self-contained page (opens offline, no library).",
+)
 sinks = animation.sinks_frame(report, tokens)
-c[2].download_button("Sinks per step (CSV)", lambda: sinks.to_csv(index=False), file_name="sinks_per_step.csv",
-                     mime="text/csv", on_click="ignore", icon=":material/table:")
-c[3].download_button("Positions (CSV)", lambda: animation.positions_frame(report, tokens).to_csv(index=False),
-                     file_name="positions.csv", mime="text/csv", on_click="ignore", icon=":material/table:")
+c[2].download_button(
+    "Sinks per step (CSV)",
+    lambda: sinks.to_csv(index=False),
+    file_name="sinks_per_step.csv",
+    mime="text/csv",
+    on_click="ignore",
+    icon=":material/table:",
+)
+c[3].download_button(
+    "Positions (CSV)",
+    lambda: animation.positions_frame(report, tokens).to_csv(index=False),
+    file_name="positions.csv",
+    mime="text/csv",
+    on_click="ignore",
+    icon=":material/table:",
+)
 with st.expander(f"Sinks at every step ({len(sinks)} rows)"):
-    st.dataframe(sinks, hide_index=True, column_config={"mass_x_uniform": st.column_config.NumberColumn("mass × uniform", format="%.2f"),
-                                                        "score": st.column_config.NumberColumn(format="%.3f")})
+    st.dataframe(
+        sinks,
+        hide_index=True,
+        column_config={
+            "mass_x_uniform": st.column_config.NumberColumn("mass × uniform", format="%.2f"),
+            "score": st.column_config.NumberColumn(format="%.3f"),
+        },
+    )
 
 st.subheader("Full attention map")
 c = st.columns([2, 1, 1, 1, 1])
-follow = c[0].toggle("Step of the view above", True, help="On: the step the view above shows when you press the button; "
-                     "off: type a step.")
+follow = c[0].toggle(
+    "Step of the view above", True, help="On: the step the view above shows when you press the button; off: type a step."
+)
 view_step = animation.view_step(st.query_params.get("step"), traj.n_steps)
 m_step = c[1].number_input("Step", 0, traj.n_steps - 1, traj.n_steps - 1, key="map_step", disabled=follow)
 m_layer = c[2].number_input("Layer", 0, handle.n_layers - 1, 0, key="map_layer")
 m_head = c[3].number_input("Head", 0, handle.n_heads - 1, 0, key="map_head")
-if c[4].button("Recompute map", icon=":material/refresh:", help="Replays that step's input through the model (one forward pass)."):
+if c[4].button(
+    "Recompute map", icon=":material/refresh:", help="Replays that step's input through the model (one forward pass)."
+):
     step = view_step if follow else int(m_step)
     with job("Recomputing the map"):
-        st.session_state["attention"] = (step, int(m_layer), int(m_head), attention_map(handle, traj, step, int(m_layer), int(m_head)))
+        st.session_state["attention"] = (
+            step,
+            int(m_layer),
+            int(m_head),
+            attention_map(handle, traj, step, int(m_layer), int(m_head)),
+        )
 if "attention" in st.session_state:
     s, l, h, amap = st.session_state["attention"]
-    st.plotly_chart(viz.attention_map_figure(amap, s, l, h, animation.tokens_at_step(report, tokens, s)), theme=None, key="attention_map")
+    st.plotly_chart(
+        viz.attention_map_figure(amap, s, l, h, animation.tokens_at_step(report, tokens, s)), theme=None, key="attention_map"
+    )

@@ -1,4 +1,5 @@
 """Model page (the landing page): what SinkScope is, what is loaded, and the memory a run will need."""
+
 import json
 from pathlib import Path
 
@@ -13,25 +14,48 @@ st.markdown(
     "SinkScope shows the **attention sinks** of a diffusion language model (positions that receive far more "
     "attention than the rest) moving over the denoising steps, and prunes the model with **sink-aware pruning** "
     "([arXiv 2602.17664](https://arxiv.org/abs/2602.17664)), which discounts sinks that do not stay put. "
-    "Work through the pages in order:")
-st.page_link("pages/explorer.py", label="1 · Generate a text and watch its sinks move, step by step", icon=":material/animation:",
-             help="Denoising explorer: one generation with the attention each position receives at every step.")
-st.page_link("pages/stability.py", label="2 · Tune the sink rule and the variance threshold tau", icon=":material/balance:",
-             help="Sink stability: which sinks are stable and which move, re-scored from the stored generation.")
-st.page_link("pages/prune.py", label="3 · Make pruned variants (the dense model is kept)", icon=":material/content_cut:",
-             help="Prune: magnitude, Wanda, SparseGPT and their sink-aware versions; the dense model is kept.")
-st.page_link("pages/compare.py", label="4 · Compare them with the dense model: generations, perplexity, sweeps", icon=":material/compare_arrows:",
-             help="Compare: generations side by side, perplexity with paired errors, sparsity sweeps.")
+    "Work through the pages in order:"
+)
+st.page_link(
+    "pages/explorer.py",
+    label="1 · Generate a text and watch its sinks move, step by step",
+    icon=":material/animation:",
+    help="Denoising explorer: one generation with the attention each position receives at every step.",
+)
+st.page_link(
+    "pages/stability.py",
+    label="2 · Tune the sink rule and the variance threshold tau",
+    icon=":material/balance:",
+    help="Sink stability: which sinks are stable and which move, re-scored from the stored generation.",
+)
+st.page_link(
+    "pages/prune.py",
+    label="3 · Make pruned variants (the dense model is kept)",
+    icon=":material/content_cut:",
+    help="Prune: magnitude, Wanda, SparseGPT and their sink-aware versions; the dense model is kept.",
+)
+st.page_link(
+    "pages/compare.py",
+    label="4 · Compare them with the dense model: generations, perplexity, sweeps",
+    icon=":material/compare_arrows:",
+    help="Compare: generations side by side, perplexity with paired errors, sparsity sweeps.",
+)
 st.caption("Pick the model in the sidebar first: the built-in tiny-dlm runs on a CPU in seconds.")
 
 st.subheader("Loaded model")
 handle = active_model()
 limit = handle.max_length  # the limit generate() enforces
 facts = {
-    "source": handle.source, "family": handle.family, "causal": handle.causal,
-    "parameters": f"{handle.n_params:,}", "layers": handle.n_layers, "heads": handle.n_heads,
-    "vocabulary": handle.vocab_size, "mask token": f"{handle.mask_id} ({handle.tokenizer.convert_ids_to_tokens(handle.mask_id) if handle.mask_id is not None else '-'})",
-    "device": str(handle.device), "dtype": str(handle.dtype).replace("torch.", ""),
+    "source": handle.source,
+    "family": handle.family,
+    "causal": handle.causal,
+    "parameters": f"{handle.n_params:,}",
+    "layers": handle.n_layers,
+    "heads": handle.n_heads,
+    "vocabulary": handle.vocab_size,
+    "mask token": f"{handle.mask_id} ({handle.tokenizer.convert_ids_to_tokens(handle.mask_id) if handle.mask_id is not None else '-'})",
+    "device": str(handle.device),
+    "dtype": str(handle.dtype).replace("torch.", ""),
     "max sequence length": limit if limit is not None else "-",
 }
 st.table(pd.DataFrame({"value": [str(v) for v in facts.values()]}, index=list(facts)))
@@ -44,33 +68,46 @@ if record.is_file():
     except (OSError, ValueError) as exc:
         st.warning(f"This directory has a pruning.json that cannot be read ({exc}).")
     else:
-        st.markdown(f"A pruned model: **{summary.get('method')}**, pattern {summary.get('pattern')}, "
-                    f"achieved sparsity {summary.get('achieved_sparsity', float('nan')):.3f}, pruned from "
-                    f"`{summary.get('source')}`.")
+        st.markdown(
+            f"A pruned model: **{summary.get('method')}**, pattern {summary.get('pattern')}, "
+            f"achieved sparsity {summary.get('achieved_sparsity', float('nan')):.3f}, pruned from "
+            f"`{summary.get('source')}`."
+        )
         st.json(summary, expanded=False)
 
 st.subheader("Memory estimate")
 c1, c2, c3 = st.columns(3)
-seq_len = c1.number_input("Sequence length (prompt + generation)", 8, 1_000_000, 128, step=8,
-                          help="Positions per forward pass.")
+seq_len = c1.number_input("Sequence length (prompt + generation)", 8, 1_000_000, 128, step=8, help="Positions per forward pass.")
 steps_n = c2.number_input("Denoising steps", 1, 4096, 64, help="One attention record per step.")
 calib = c3.number_input("Calibration tokens (samples × length)", 128, 1_000_000, 2048, step=128)
 if limit is not None and seq_len > limit:
-    st.warning(f"{int(seq_len)} positions exceed this model's maximum sequence length ({limit}): "
-               f"generation and calibration refuse sequences that long. Use at most {limit}.", icon=":material/warning:")
+    st.warning(
+        f"{int(seq_len)} positions exceed this model's maximum sequence length ({limit}): "
+        f"generation and calibration refuse sequences that long. Use at most {limit}.",
+        icon=":material/warning:",
+    )
 est = estimate(handle, int(seq_len), int(steps_n), calib_tokens=int(calib))
 rows = {
-    "model weights": est.weights, "capture record (steps × layers × heads × L, float32)": est.capture_record,
-    "capture peak per forward (one query chunk)": est.capture_peak, "activations per forward": est.activations,
-    "pruned variant (new block weights)": est.pruning_copy, "pruning calibration (one block)": est.pruning_calibration,
-    "total: a generation with capture": est.generation_total, "total: a pruning run": est.pruning_total,
+    "model weights": est.weights,
+    "capture record (steps × layers × heads × L, float32)": est.capture_record,
+    "capture peak per forward (one query chunk)": est.capture_peak,
+    "activations per forward": est.activations,
+    "pruned variant (new block weights)": est.pruning_copy,
+    "pruning calibration (one block)": est.pruning_calibration,
+    "total: a generation with capture": est.generation_total,
+    "total: a pruning run": est.pruning_total,
 }
 st.table(pd.DataFrame({"estimate": [human(v) for v in rows.values()]}, index=list(rows)))
 free, where = available(handle.device)
 need = max(est.generation_total, est.pruning_total)
 if need > free:
-    st.warning(f"The larger total ({human(need)}) exceeds the {where} ({human(free)}): lower the sequence length, "
-               "the steps or the calibration tokens, or use a smaller dtype.", icon=":material/warning:")
+    st.warning(
+        f"The larger total ({human(need)}) exceeds the {where} ({human(free)}): lower the sequence length, "
+        "the steps or the calibration tokens, or use a smaller dtype.",
+        icon=":material/warning:",
+    )
 else:
-    st.caption(f"The larger total ({human(need)}) fits in the {where} now ({human(free)}). "
-               "The capture record stays in host memory; the weights sit on the model's device.")
+    st.caption(
+        f"The larger total ({human(need)}) fits in the {where} now ({human(free)}). "
+        "The capture record stays in host memory; the weights sit on the model's device."
+    )

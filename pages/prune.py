@@ -1,4 +1,5 @@
 """Prune: make pruned variants of the dense model (which stays unchanged) and keep them in this session."""
+
 from pathlib import Path
 
 import streamlit as st
@@ -13,17 +14,29 @@ handle = active_model()
 variants = st.session_state.setdefault("variants", [])
 
 spec_sink = sink_spec()
-st.caption(f"Sink settings from the Sink stability page (defaults until you change them there): rule **{spec_sink.rule}**, "
-           f"k = {spec_sink.k:g}, alpha = {spec_sink.alpha:g}, tau = {spec_sink.tau:g} (used by the sink-aware and gated methods).")
+st.caption(
+    f"Sink settings from the Sink stability page (defaults until you change them there): rule **{spec_sink.rule}**, "
+    f"k = {spec_sink.k:g}, alpha = {spec_sink.alpha:g}, tau = {spec_sink.tau:g} (used by the sink-aware and gated methods)."
+)
 names = list(METHODS)
 method = st.selectbox("Method", names, index=names.index("sink_wanda"), help="Changing it shows what the method does below.")
 st.markdown(f":material/info: **{method}**: {METHODS[method]}  \n{METHOD_ROWS[method].traits}")
 with st.form("prune"):
     c = st.columns(3)
-    pattern = c[0].selectbox("Pattern", ["unstructured", "2:4", "4:8"], help="N:M keeps N of every M consecutive weights of a row (fixes the sparsity at 1 − N/M).")
+    pattern = c[0].selectbox(
+        "Pattern",
+        ["unstructured", "2:4", "4:8"],
+        help="N:M keeps N of every M consecutive weights of a row (fixes the sparsity at 1 − N/M).",
+    )
     sparsity = c[1].slider("Sparsity", 0.0, 0.95, 0.5, 0.05, help="Share of each row's weights set to zero (unstructured only).")
     c = st.columns(3)
-    nsamples = c[0].number_input("Calibration samples", 1, 1024, 16, help="Windows of the calibration text (sap_core/assets/text/calibration.txt); not used by magnitude.")
+    nsamples = c[0].number_input(
+        "Calibration samples",
+        1,
+        1024,
+        16,
+        help="Windows of the calibration text (sap_core/assets/text/calibration.txt); not used by magnitude.",
+    )
     seqlen = c[1].number_input("Calibration length", 8, 4096, 128, help="Tokens per window.")
     seed = c[2].number_input("Calibration seed", 0, 2**31 - 1, 0)
     submitted = st.form_submit_button("Prune", type="primary")
@@ -37,10 +50,20 @@ cancel_slot = st.empty()  # Cancel is enabled only while a job runs (clicking it
 if st.session_state.pop("prune_cancelled", False):
     st.warning("Pruning cancelled; no variant was made and the dense model is unchanged.")
 if submitted:
-    cancel_slot.button("Cancel", key="cancel_running", on_click=cancelled, icon=":material/stop_circle:",
-                       help="Stops the running pruning job; the dense model is never touched.")
-    spec = PruneSpec(method, float(sparsity), pattern, sink=spec_sink,
-                     calibration=CalibrationSpec(nsamples=int(nsamples), seqlen=int(seqlen), seed=int(seed)))
+    cancel_slot.button(
+        "Cancel",
+        key="cancel_running",
+        on_click=cancelled,
+        icon=":material/stop_circle:",
+        help="Stops the running pruning job; the dense model is never touched.",
+    )
+    spec = PruneSpec(
+        method,
+        float(sparsity),
+        pattern,
+        sink=spec_sink,
+        calibration=CalibrationSpec(nsamples=int(nsamples), seqlen=int(seqlen), seed=int(seed)),
+    )
     bar = st.progress(0.0, text="Pruning…")
     with job("Pruning"):
         variant = prune(handle, spec, progress=progress_callback(bar, "Pruning"))
@@ -63,13 +86,20 @@ for entry in mine:
         st.table(method_settings(variant))
         st.plotly_chart(viz.sparsity_heatmap(variant.layer_sparsity), key=f"sp_{entry['name']}")
         c1, c2 = st.columns([3, 1])
-        target = c1.text_input("Save to directory", f"runs/{entry['name'].replace(' ', '_').replace('#', '')}", key=f"dir_{entry['name']}",
-                               help="A new or empty directory, or a variant saved before (replaced only with the box below "
-                                    "ticked). Never the loaded model's own directory.")
+        target = c1.text_input(
+            "Save to directory",
+            f"runs/{entry['name'].replace(' ', '_').replace('#', '')}",
+            key=f"dir_{entry['name']}",
+            help="A new or empty directory, or a variant saved before (replaced only with the box below "
+            "ticked). Never the loaded model's own directory.",
+        )
         if target.strip():
             c1.caption(f"Writes to `{Path(target.strip()).expanduser().resolve()}`")
-        overwrite = c1.checkbox("Replace the variant already saved there", key=f"overwrite_{entry['name']}",
-                                help="Without this, saving into a directory that holds a variant is refused.")
+        overwrite = c1.checkbox(
+            "Replace the variant already saved there",
+            key=f"overwrite_{entry['name']}",
+            help="Without this, saving into a directory that holds a variant is refused.",
+        )
         if c2.button("Save", key=f"save_{entry['name']}", icon=":material/save:"):
             with job("Saving"):
                 path = variant.save(target.strip(), handle, overwrite=overwrite)

@@ -1,4 +1,5 @@
 """Pick tau: the variance the pruner's gate compares with tau, on the calibration windows, and which tau prunes best."""
+
 from dataclasses import replace
 
 import streamlit as st
@@ -13,18 +14,25 @@ from sap_core.tau import best_taus, calibration_gate, tau_sweep_spec, tau_table,
 st.header("Pick tau")
 handle = active_model()
 spec = sink_spec()
-st.caption(f"The gated methods down-weight a calibration token only when it is a sink at some noised timestep and its "
-           f"sink-score variance v_j over those timesteps is ≥ tau (tau = 0: every token, the official rule). Sink rule from "
-           f"the Sink stability page: **{spec.rule}**, k = {spec.k:g}, alpha = {spec.alpha:g}.")
+st.caption(
+    f"The gated methods down-weight a calibration token only when it is a sink at some noised timestep and its "
+    f"sink-score variance v_j over those timesteps is ≥ tau (tau = 0: every token, the official rule). Sink rule from "
+    f"the Sink stability page: **{spec.rule}**, k = {spec.k:g}, alpha = {spec.alpha:g}."
+)
 
 with st.form("gate_form"):
     c = st.columns(4)
-    nsamples = c[0].number_input("Calibration samples", 1, 1024, 16, help="Windows of the calibration text, as on the Prune page.")
+    nsamples = c[0].number_input(
+        "Calibration samples", 1, 1024, 16, help="Windows of the calibration text, as on the Prune page."
+    )
     seqlen = c[1].number_input("Calibration length", 8, 4096, 128, help="Tokens per window.")
     seed = c[2].number_input("Calibration seed", 0, 2**31 - 1, 0)
     c[3].write("")
-    compute = c[3].form_submit_button("Compute the gate's inputs", type="primary",
-                                      help="One recorded pass over the noised calibration windows; moving tau afterwards costs nothing.")
+    compute = c[3].form_submit_button(
+        "Compute the gate's inputs",
+        type="primary",
+        help="One recorded pass over the noised calibration windows; moving tau afterwards costs nothing.",
+    )
 calibration = CalibrationSpec(nsamples=int(nsamples), seqlen=int(seqlen), seed=int(seed))
 key = (model_choice(), calibration, replace(spec, tau=0.0))
 if compute:
@@ -35,8 +43,16 @@ if compute:
 stored = st.session_state.get("tau_gate")
 gate = stored[1] if stored is not None and stored[0] == key else None
 
-tau = st.slider("tau (variance threshold)", 0.0, 0.25, float(spec.tau), 0.001, format="%.3f", key="tau_pick",
-                help="Moving it re-scores the stored variances; nothing runs the model.")
+tau = st.slider(
+    "tau (variance threshold)",
+    0.0,
+    0.25,
+    float(spec.tau),
+    0.001,
+    format="%.3f",
+    key="tau_pick",
+    help="Moving it re-scores the stored variances; nothing runs the model.",
+)
 if gate is None:
     st.info("Press **Compute the gate's inputs** to see what the pruner gates for these calibration settings.")
 else:
@@ -58,9 +74,11 @@ else:
         st.success(f"tau = {tau:g} is now the app's sink setting.")
 
 st.subheader("Which tau?")
-st.caption("Prunes with each gated method at every tau (tau = 0 always included) and with wanda and noised_wanda, at one "
-           "sparsity, and scores each by masked-diffusion perplexity on the same windows and masks; errors are paired "
-           "against tau = 0. Calibration: the settings above.")
+st.caption(
+    "Prunes with each gated method at every tau (tau = 0 always included) and with wanda and noised_wanda, at one "
+    "sparsity, and scores each by masked-diffusion perplexity on the same windows and masks; errors are paired "
+    "against tau = 0. Calibration: the settings above."
+)
 with st.form("which_tau"):
     c = st.columns(4)
     methods = c[0].multiselect("Gated methods", sorted(GATED), default=["gated_sink_wanda"])
@@ -80,8 +98,9 @@ if run:
         if values is None:
             st.error(f"Taus must be comma-separated numbers such as 0, 0.01, 0.05 (got '{taus}').")
         else:
-            sweep_spec = tau_sweep_spec(methods, sparsity, pattern, values, spec, calibration,
-                                        EvalSpec(seqlen=64, nsamples=int(windows), draws=4))
+            sweep_spec = tau_sweep_spec(
+                methods, sparsity, pattern, values, spec, calibration, EvalSpec(seqlen=64, nsamples=int(windows), draws=4)
+            )
             df = run_sweep(handle, sweep_spec, progress=progress_callback(bar, "Tau sweep"))
             st.session_state["tau_sweep"] = (model_choice(), df, float(sparsity), pattern)
     bar.empty()
@@ -92,8 +111,10 @@ if result is not None and result[0] == model_choice():
     best = best_taus(table, df)
     st.plotly_chart(viz.tau_sweep_figure(table, best))
     for _, b in best.iterrows():
-        line = (f"**{b['method']}**: best tau = {b['tau']:g}, perplexity {b['ppl']:.2f}; against tau = 0 "
-                f"Δnll = {b['delta_nll']:+.4f} ± {b['se_paired']:.4f} nats/token (paired SE)")
+        line = (
+            f"**{b['method']}**: best tau = {b['tau']:g}, perplexity {b['ppl']:.2f}; against tau = 0 "
+            f"Δnll = {b['delta_nll']:+.4f} ± {b['se_paired']:.4f} nats/token (paired SE)"
+        )
         for ref in ("wanda", "noised_wanda"):
             if f"delta_{ref}" in b and b[f"delta_{ref}"] == b[f"delta_{ref}"]:
                 line += f"; against {ref} {b[f'delta_{ref}']:+.4f} ± {b[f'se_{ref}']:.4f}"

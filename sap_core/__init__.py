@@ -4,6 +4,7 @@
 (``assets/models/tiny-dlm``, ``assets/models/tiny-ar``) and texts (``assets/text/``), found through
 :mod:`importlib.resources`, so an installed package (``pip install .``) finds them as well as a checkout.
 """
+
 from importlib.resources import files
 from pathlib import Path
 

@@ -12,6 +12,7 @@ the canvas (``bench/browser_latency.py``).
 Mass is shown as a multiple of the uniform mass of its step (1 = every valid position receives the
 same), like every mass figure in :mod:`sap_core.viz`, sent as one byte per value.
 """
+
 from __future__ import annotations
 
 import io
@@ -30,8 +31,11 @@ from sap_core.sinks import STATES
 from sap_core.viz import MASS_SCALE, STATE_COLORS, uniform_multiple
 
 COLOR_RANGES = ("global99", "global", "per-step")
-COLOR_RANGE_NAMES = {"global99": "fixed: 99th percentile of all steps", "global": "fixed: maximum of all steps",
-                     "per-step": "per step (not comparable across steps)"}
+COLOR_RANGE_NAMES = {
+    "global99": "fixed: 99th percentile of all steps",
+    "global": "fixed: maximum of all steps",
+    "per-step": "per step (not comparable across steps)",
+}
 MAX_TICK_LABELS = 96  # positions up to which every token is written under the strip
 
 
@@ -79,8 +83,9 @@ def _check_tokens(report, tokens: Optional[Sequence[str]]) -> list[str]:
     if tokens is None:
         return [str(int(t)) for t in report.final_tokens]
     if len(tokens) != report.length:
-        raise AnimationSpecError(f"got {len(tokens)} token texts for a {report.length}-position run; "
-                                 "pass the texts of the trajectory's final tokens.")
+        raise AnimationSpecError(
+            f"got {len(tokens)} token texts for a {report.length}-position run; pass the texts of the trajectory's final tokens."
+        )
     return list(tokens)
 
 
@@ -148,12 +153,17 @@ def sinks_frame(report, tokens: Optional[Sequence[str]]) -> pd.DataFrame:
     tokens = _check_tokens(report, tokens)
     mult = step_mass(report)
     steps, pos = np.nonzero(report.is_sink)
-    return pd.DataFrame({
-        "step": steps.astype(np.int64), "position": pos.astype(np.int64),
-        "token": report.final_tokens[pos].astype(np.int64), "token_text": [tokens[j] for j in pos],
-        "state": [STATES[report.state[s, j]] for s, j in zip(steps, pos)],
-        "mass_x_uniform": mult[steps, pos], "score": report.scores[steps, pos].astype(np.float64),
-    })
+    return pd.DataFrame(
+        {
+            "step": steps.astype(np.int64),
+            "position": pos.astype(np.int64),
+            "token": report.final_tokens[pos].astype(np.int64),
+            "token_text": [tokens[j] for j in pos],
+            "state": [STATES[report.state[s, j]] for s, j in zip(steps, pos)],
+            "mass_x_uniform": mult[steps, pos],
+            "score": report.scores[steps, pos].astype(np.float64),
+        }
+    )
 
 
 def positions_frame(report, tokens: Optional[Sequence[str]]) -> pd.DataFrame:
@@ -206,22 +216,38 @@ def explorer_data(report, tokens: Optional[Sequence[str]] = None, spec: Animatio
     enc = lambda raw: base64.b64encode(raw).decode()
     sinks = [(np.flatnonzero(report.layer_is_sink[s].reshape(-1))).tolist() for s in range(S)]
     return {
-        "steps": S, "length": L, "layers": [int(l) for l in report.layers], "tokens": tokens,
-        "decoded_at": report.decoded_at.astype(int).tolist(), "state": enc(report.state.astype(np.uint8).tobytes()),
-        "state_names": list(STATES), "state_colors": STATE_COLOR_LIST,
-        "masked": STATES.index("masked"), "absent": STATES.index("absent"),
-        "layer_mass": enc(_quantise(per_layer, qmax)), "trail_mass": enc(_quantise(trail, qmax)), "qmax": qmax,
+        "steps": S,
+        "length": L,
+        "layers": [int(l) for l in report.layers],
+        "tokens": tokens,
+        "decoded_at": report.decoded_at.astype(int).tolist(),
+        "state": enc(report.state.astype(np.uint8).tobytes()),
+        "state_names": list(STATES),
+        "state_colors": STATE_COLOR_LIST,
+        "masked": STATES.index("masked"),
+        "absent": STATES.index("absent"),
+        "layer_mass": enc(_quantise(per_layer, qmax)),
+        "trail_mass": enc(_quantise(trail, qmax)),
+        "qmax": qmax,
         "layer_hi": color_limits(per_layer, spec.color_range)[:, 1].round(3).tolist(),
         "trail_hi": float(color_limits(trail, "global99" if spec.color_range == "per-step" else spec.color_range)[0, 1]),
-        "trail_name": trail_name, "dominant": dominant.astype(int).tolist(), "sinks": sinks,
+        "trail_name": trail_name,
+        "dominant": dominant.astype(int).tolist(),
+        "sinks": sinks,
         "captions": [_sink_caption(report, tokens, agg[s], s) for s in range(S)],
-        "scale": MASS_SCALE, "range_name": COLOR_RANGE_NAMES[spec.color_range], "frame_ms": int(spec.frame_ms),
+        "scale": MASS_SCALE,
+        "range_name": COLOR_RANGE_NAMES[spec.color_range],
+        "frame_ms": int(spec.frame_ms),
         "max_labels": MAX_TICK_LABELS,
     }
 
 
-def explorer_html(report, tokens: Optional[Sequence[str]] = None, spec: AnimationSpec = AnimationSpec(),
-                  title: str = "SinkScope: sinks over the denoising steps") -> str:
+def explorer_html(
+    report,
+    tokens: Optional[Sequence[str]] = None,
+    spec: AnimationSpec = AnimationSpec(),
+    title: str = "SinkScope: sinks over the denoising steps",
+) -> str:
     """The run as one self-contained HTML page (no network, no library): the token strip, the layer ×
     position mass at the step with each layer's sinks, and the step × position mass of all steps with
     the dominant sink of each and a line at the current step, on one shared position axis; its own
@@ -238,12 +264,21 @@ def explorer_html(report, tokens: Optional[Sequence[str]] = None, spec: Animatio
 def explorer_height(report) -> int:
     """Pixel height of :func:`explorer_html` (controls, canvas and legend), for the app's component frame."""
     n_layers, S, L = len(report.layers), report.n_steps, report.length
-    canvas = (62 if L <= MAX_TICK_LABELS else 0) + 2 + 16 + 10 + max(12, min(26, 170 / n_layers)) * n_layers + 14 \
-        + max(160, min(320, 5 * S)) + 40
+    canvas = (
+        (62 if L <= MAX_TICK_LABELS else 0)
+        + 2
+        + 16
+        + 10
+        + max(12, min(26, 170 / n_layers)) * n_layers
+        + 14
+        + max(160, min(320, 5 * S))
+        + 40
+    )
     return int(canvas) + 34 + 24 + 80  # controls, caption, legend (two lines, room for a third)
 
 
 # --- files -------------------------------------------------------------------------------------------
+
 
 def _write_atomic(path: Path, data: bytes) -> Path:
     """Write to a temporary sibling and rename into place (a failed write never clobbers the file)."""
@@ -283,7 +318,7 @@ def _font(size: int):
 
 def _hex(color: str) -> tuple[int, int, int]:
     color = color.lstrip("#")
-    return tuple(int(color[i:i + 2], 16) for i in (0, 2, 4))
+    return tuple(int(color[i : i + 2], 16) for i in (0, 2, 4))
 
 
 def gif_frames(report, tokens: Optional[Sequence[str]] = None, spec: AnimationSpec = AnimationSpec()) -> list:
@@ -311,8 +346,13 @@ def gif_frames(report, tokens: Optional[Sequence[str]] = None, spec: AnimationSp
         draw.text((left + j * cell, height - 18), str(j), fill=(90, 90, 90), font=small)
     draw.text((4, height - 18), "position", fill=(90, 90, 90), font=small)
     x = left + 110
-    for name, rgb in [("prompt", _hex(STATE_COLORS["prompt"])), ("decoded", _hex(STATE_COLORS["decoded"])),
-                      ("decoding now", _hex(STATE_COLORS["decoding"])), ("masked", (200, 200, 200)), ("sink", (229, 57, 53))]:
+    for name, rgb in [
+        ("prompt", _hex(STATE_COLORS["prompt"])),
+        ("decoded", _hex(STATE_COLORS["decoded"])),
+        ("decoding now", _hex(STATE_COLORS["decoding"])),
+        ("masked", (200, 200, 200)),
+        ("sink", (229, 57, 53)),
+    ]:
         draw.rectangle([x, 28, x + 9, 37], fill=rgb)
         draw.text((x + 13, 26), name, fill=(60, 60, 60), font=small)
         x += 22 + int(draw.textlength(name, font=small))
@@ -364,7 +404,7 @@ def gif_frames(report, tokens: Optional[Sequence[str]] = None, spec: AnimationSp
                 img.paste(label, (left + j * cell, y0 + 3))
         d.text((left, 8), f"Step {s} of {S - 1}", fill=dark, font=font)
         caption = _sink_caption(report, tokens, mult[s], s, limit=4)
-        d.text((left + 110, 10), caption[:max(10, (width - left - 120) // 6)], fill=mid, font=small)
+        d.text((left + 110, 10), caption[: max(10, (width - left - 120) // 6)], fill=mid, font=small)
         frames.append(img)
     return frames
 
@@ -377,8 +417,9 @@ def gif_bytes(report, tokens: Optional[Sequence[str]] = None, spec: AnimationSpe
     return buf.getvalue()
 
 
-def write_animation(report, path: Union[str, Path], tokens: Optional[Sequence[str]] = None,
-                    spec: AnimationSpec = AnimationSpec()) -> Path:
+def write_animation(
+    report, path: Union[str, Path], tokens: Optional[Sequence[str]] = None, spec: AnimationSpec = AnimationSpec()
+) -> Path:
     """Write ``.gif`` or ``.html`` (chosen by the extension) atomically; returns the path."""
     path = Path(path)
     kind = path.suffix.lower()

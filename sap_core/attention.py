@@ -10,6 +10,7 @@ Scores are computed one query chunk at a time, so the peak extra memory is ``O(B
 full ``T×S`` map is ever held except the one map a recorder asks for. Without a recorder the models
 call fused SDPA and none of this code runs.
 """
+
 from __future__ import annotations
 
 import math

@@ -8,6 +8,7 @@ Ctrl-C exits with 130.
 
 Heavy imports (torch, transformers) happen inside the handlers so that ``--help`` is instant.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,6 +34,7 @@ class Parser(argparse.ArgumentParser):
 
 
 # --- progress ---------------------------------------------------------------------------------------
+
 
 class Bar:
     """A ``progress(done, total, message)`` callback drawing tqdm bars on stderr.
@@ -68,6 +70,7 @@ class Bar:
 
 
 # --- shared helpers ---------------------------------------------------------------------------------
+
 
 def _floats(text: str) -> list[float]:
     try:
@@ -196,8 +199,15 @@ def _decode_spec(args):
     from sap_core.diffusion import DecodeSpec
 
     _prompt(args)
-    return DecodeSpec(gen_length=args.gen_length, steps=args.steps, block_length=args.block_length,
-                      remasking=args.remasking, temperature=args.temperature, cfg_scale=args.cfg_scale, seed=args.seed)
+    return DecodeSpec(
+        gen_length=args.gen_length,
+        steps=args.steps,
+        block_length=args.block_length,
+        remasking=args.remasking,
+        temperature=args.temperature,
+        cfg_scale=args.cfg_scale,
+        seed=args.seed,
+    )
 
 
 def _sink_spec(args):
@@ -210,19 +220,29 @@ def _sink_spec(args):
 def _calibration_spec(args):
     from sap_core.pruning import CalibrationSpec
 
-    given = {name: getattr(args, f"calib_{name}") for name in ("nsamples", "seqlen", "seed", "batch_size")
-             if getattr(args, f"calib_{name}") is not None}
+    given = {
+        name: getattr(args, f"calib_{name}")
+        for name in ("nsamples", "seqlen", "seed", "batch_size")
+        if getattr(args, f"calib_{name}") is not None
+    }
     return CalibrationSpec(text=_read_text(args.calib_text), **given)
 
 
 def _eval_spec(args):
     from sap_core.sweep import EvalSpec
 
-    return EvalSpec(seqlen=args.seqlen, nsamples=args.nsamples, draws=args.draws, seed=args.eval_seed,
-                    text=_read_text(args.text), prefix=args.prefix)
+    return EvalSpec(
+        seqlen=args.seqlen,
+        nsamples=args.nsamples,
+        draws=args.draws,
+        seed=args.eval_seed,
+        text=_read_text(args.text),
+        prefix=args.prefix,
+    )
 
 
 # --- options ----------------------------------------------------------------------------------------
+
 
 def _indices(text: str) -> tuple[int, ...]:
     try:
@@ -237,8 +257,10 @@ SINK_OPTIONS: dict[str, tuple[Any, str]] = {
     "k": (float, "official rule: sink when mass > mean + k*std (default 2)"),
     "alpha": (float, "official rule: sigmoid slope of the sink score (default 5)"),
     "epsilon": (float, "leave_one_out rule: margin in units of the uniform mass (default 0.5)"),
-    "tau": (float, "variance gate: a sink is unstable when its score variance >= tau (default 0 = every sink; "
-                   "used by the gated_* methods)"),
+    "tau": (
+        float,
+        "variance gate: a sink is unstable when its score variance >= tau (default 0 = every sink; used by the gated_* methods)",
+    ),
     "stable_min_frequency": (float, "a stable sink is a sink at least this share of steps (default 0.5)"),
     "normalize": (str, "mass view scored: raw, uniform, per_query, expected (default raw)"),
     "layers": (_indices, "comma-separated layer indices to sum over (default all)"),
@@ -251,37 +273,55 @@ def _add_model(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
     g.add_argument("--model", default="tiny-dlm", help="built-in name (tiny-dlm, tiny-ar) or model directory (default: tiny-dlm)")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:0 ... (default: auto)")
-    g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"], help="weights dtype (default: auto)")
+    g.add_argument(
+        "--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"], help="weights dtype (default: auto)"
+    )
     g.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
 def _add_decode(p: argparse.ArgumentParser, prompt_required: bool = False) -> None:
     g = p.add_argument_group("decoding")
-    g.add_argument("--prompt", default=None if not prompt_required else DEFAULT_PROMPT,
-                   help=f"prompt text (default: '{DEFAULT_PROMPT}')" if prompt_required else "prompt text")
+    g.add_argument(
+        "--prompt",
+        default=None if not prompt_required else DEFAULT_PROMPT,
+        help=f"prompt text (default: '{DEFAULT_PROMPT}')" if prompt_required else "prompt text",
+    )
     g.add_argument("--gen-length", type=int, default=32, help="tokens to generate (default 32)")
     g.add_argument("--steps", type=int, default=32, help="denoising steps (default 32)")
     g.add_argument("--block-length", type=int, default=16, help="semi-autoregressive block length (default 16)")
-    g.add_argument("--remasking", default="low_confidence", choices=["low_confidence", "random", "entropy"])  # sap_core.diffusion.REMASKING, kept literal for a fast --help
+    g.add_argument(
+        "--remasking", default="low_confidence", choices=["low_confidence", "random", "entropy"]
+    )  # sap_core.diffusion.REMASKING, kept literal for a fast --help
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default 0)")
     g.add_argument("--cfg-scale", type=float, default=0.0, help="classifier-free guidance scale (default 0 = off)")
     g.add_argument("--seed", type=int, default=0, help="decoding seed (default 0)")
-    g.add_argument("--allow-large-capture", action="store_true",
-                   help="record attention even when the record's estimate exceeds the free memory (default: refuse)")
+    g.add_argument(
+        "--allow-large-capture",
+        action="store_true",
+        help="record attention even when the record's estimate exceeds the free memory (default: refuse)",
+    )
 
 
 def _add_sink(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("sink detection (defaults: sap_core.sinks.SinkSpec)")
     for name, (typ, text) in SINK_OPTIONS.items():
-        g.add_argument(f"--sink-{name.replace('_', '-')}", dest=f"sink_{name}", type=typ, default=None, help=text,
-                       metavar="LIST" if name in ("layers", "heads") else "X")
+        g.add_argument(
+            f"--sink-{name.replace('_', '-')}",
+            dest=f"sink_{name}",
+            type=typ,
+            default=None,
+            help=text,
+            metavar="LIST" if name in ("layers", "heads") else "X",
+        )
 
 
 def _add_calibration(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("calibration")
     g.add_argument("--calib-text", default=None, help="UTF-8 text file to calibrate on (default: built-in calibration text)")
     g.add_argument("--calib-nsamples", type=_positive, default=None, help="calibration windows (default: CalibrationSpec's, 16)")
-    g.add_argument("--calib-seqlen", type=_positive, default=None, help="tokens per calibration window (default: CalibrationSpec's, 128)")
+    g.add_argument(
+        "--calib-seqlen", type=_positive, default=None, help="tokens per calibration window (default: CalibrationSpec's, 128)"
+    )
     g.add_argument("--calib-seed", type=int, default=None, help="calibration seed (default 0)")
     g.add_argument("--calib-batch-size", type=_positive, default=None, help="sequences per forward pass (speed only; default 10)")
 
@@ -292,115 +332,182 @@ def _add_eval(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seqlen", type=_positive, default=128, help="tokens per window, prefix included (default 128)")
     g.add_argument("--nsamples", type=_positive, default=16, help="windows, evenly spread over the text (default 16)")
     g.add_argument("--draws", type=_positive, default=8, help="masking draws per window, >= 2, DLM only (default 8)")
-    g.add_argument("--prefix", default=None, help="conditioning text before every window, never scored "
-                                                  "(a causal model needs one when its tokenizer adds no BOS)")
+    g.add_argument(
+        "--prefix",
+        default=None,
+        help="conditioning text before every window, never scored (a causal model needs one when its tokenizer adds no BOS)",
+    )
     g.add_argument("--eval-seed", type=int, default=0, help="seed of the masking draws (default 0)")
 
 
 def build_parser() -> Parser:
     from sap_core.pruning.spec import METHODS  # the method table; light (no torch)
 
-    parser = Parser(prog="python -m sap_core", description="SinkScope: attention sinks and sink-aware pruning of diffusion language models.")
+    parser = Parser(
+        prog="python -m sap_core", description="SinkScope: attention sinks and sink-aware pruning of diffusion language models."
+    )
     sub = parser.add_subparsers(dest="command", metavar="{generate,analyze,prune,evaluate,sweep,sinkstats}", required=True)
 
-    p = sub.add_parser("generate", help="decode a prompt and save the trajectory",
-                       description="Decode a prompt with the masked-diffusion sampler (token by token for a causal model). "
-                                   "Prints/writes a JSON summary (text, timing); --trajectory saves the full record as .npz. "
-                                   "--compare MODEL... decodes the same prompt with other models (e.g. pruned ones) and reports "
-                                   "divergence step and per-position agreement.")
+    p = sub.add_parser(
+        "generate",
+        help="decode a prompt and save the trajectory",
+        description="Decode a prompt with the masked-diffusion sampler (token by token for a causal model). "
+        "Prints/writes a JSON summary (text, timing); --trajectory saves the full record as .npz. "
+        "--compare MODEL... decodes the same prompt with other models (e.g. pruned ones) and reports "
+        "divergence step and per-position agreement.",
+    )
     _add_model(p)
     _add_decode(p, prompt_required=True)
     p.add_argument("--record-attention", action="store_true", help="record attention mass per step (for analyze)")
     p.add_argument("--trajectory", default=None, metavar="NPZ", help="save the trajectory here (.npz)")
-    p.add_argument("--compare", nargs="+", default=None, metavar="MODEL", help="also decode with these models and compare to --model")
+    p.add_argument(
+        "--compare", nargs="+", default=None, metavar="MODEL", help="also decode with these models and compare to --model"
+    )
     p.add_argument("--out", default=None, metavar="JSON", help="write the JSON summary here (default: stdout)")
     p.set_defaults(func=cmd_generate)
 
-    p = sub.add_parser("analyze", help="sink analysis of a trajectory",
-                       description="Detect attention sinks in a trajectory (--trajectory NPZ recorded with --record-attention) "
-                                   "or in a fresh generation of --prompt. Prints a JSON summary; --out writes the full report as JSON, "
-                                   "--csv DIR its tables (positions, steps, layers, scores) as CSV.")
+    p = sub.add_parser(
+        "analyze",
+        help="sink analysis of a trajectory",
+        description="Detect attention sinks in a trajectory (--trajectory NPZ recorded with --record-attention) "
+        "or in a fresh generation of --prompt. Prints a JSON summary; --out writes the full report as JSON, "
+        "--csv DIR its tables (positions, steps, layers, scores) as CSV.",
+    )
     _add_model(p)
     _add_decode(p)
-    p.add_argument("--trajectory", default=None, metavar="NPZ", help="trajectory saved by 'generate --record-attention --trajectory'")
+    p.add_argument(
+        "--trajectory", default=None, metavar="NPZ", help="trajectory saved by 'generate --record-attention --trajectory'"
+    )
     _add_sink(p)
     p.add_argument("--out", default=None, metavar="JSON", help="write the full report as JSON (SinkReport.from_json loads it)")
     p.add_argument("--csv", default=None, metavar="DIR", help="write the report tables as CSV files into DIR")
     p.set_defaults(func=cmd_analyze)
 
-    p = sub.add_parser("prune", help="prune a model and save the variant",
-                       description="Prune --model with one method at one sparsity. --save DIR writes a model directory "
-                                   "that every subcommand accepts as --model; the JSON report gives per-layer sparsity and timing.")
+    p = sub.add_parser(
+        "prune",
+        help="prune a model and save the variant",
+        description="Prune --model with one method at one sparsity. --save DIR writes a model directory "
+        "that every subcommand accepts as --model; the JSON report gives per-layer sparsity and timing.",
+    )
     _add_model(p)
-    p.add_argument("--method", default="wanda", choices=list(METHODS), metavar="METHOD",
-                   help="pruning method (default wanda): " + "; ".join(f"{m}: {d}" for m, d in METHODS.items()))
+    p.add_argument(
+        "--method",
+        default="wanda",
+        choices=list(METHODS),
+        metavar="METHOD",
+        help="pruning method (default wanda): " + "; ".join(f"{m}: {d}" for m, d in METHODS.items()),
+    )
     p.add_argument("--sparsity", type=_fraction, default=0.5, help="fraction of weights to remove (default 0.5)")
     p.add_argument("--pattern", default="unstructured", help="unstructured or N:M, e.g. 2:4 (default unstructured)")
     _add_sink(p)
     _add_calibration(p)
-    p.add_argument("--preset", choices=["official"], default=None,
-                   help="official: the reference code's settings (128 calibration windows of the model's whole context, "
-                        "official sink rule, SparseGPT's reference mask selection); not combinable with --calib-*/--sink-*")
-    p.add_argument("--save", default=None, metavar="DIR", help="write the pruned model directory here (never the "
-                   "--model directory; a non-empty directory only if it is a variant and --overwrite is given)")
+    p.add_argument(
+        "--preset",
+        choices=["official"],
+        default=None,
+        help="official: the reference code's settings (128 calibration windows of the model's whole context, "
+        "official sink rule, SparseGPT's reference mask selection); not combinable with --calib-*/--sink-*",
+    )
+    p.add_argument(
+        "--save",
+        default=None,
+        metavar="DIR",
+        help="write the pruned model directory here (never the "
+        "--model directory; a non-empty directory only if it is a variant and --overwrite is given)",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace the variant already saved in --save DIR")
     p.add_argument("--out", default=None, metavar="JSON", help="write the JSON report here (default: stdout)")
     p.set_defaults(func=cmd_prune)
 
-    p = sub.add_parser("evaluate", help="perplexity of a model",
-                       description="Masked-diffusion Monte Carlo perplexity of a DLM (next-token perplexity of a causal model), "
-                                   "with standard errors. Writes JSON.")
+    p = sub.add_parser(
+        "evaluate",
+        help="perplexity of a model",
+        description="Masked-diffusion Monte Carlo perplexity of a DLM (next-token perplexity of a causal model), "
+        "with standard errors. Writes JSON.",
+    )
     _add_model(p)
     _add_eval(p)
     p.add_argument("--out", default=None, metavar="JSON", help="write the JSON here (default: stdout)")
     p.set_defaults(func=cmd_evaluate)
 
-    p = sub.add_parser("sweep", help="perplexity over methods x sparsities x patterns",
-                       description="Prune with every method at every sparsity and pattern, score each by perplexity, and "
-                                   "write a CSV (method, sparsity, pattern, ppl, ppl_se, prune_seconds, ...) with the dense "
-                                   "model as the first row. --plot PNG draws it (plotly + kaleido).")
+    p = sub.add_parser(
+        "sweep",
+        help="perplexity over methods x sparsities x patterns",
+        description="Prune with every method at every sparsity and pattern, score each by perplexity, and "
+        "write a CSV (method, sparsity, pattern, ppl, ppl_se, prune_seconds, ...) with the dense "
+        "model as the first row. --plot PNG draws it (plotly + kaleido).",
+    )
     _add_model(p)
-    p.add_argument("--methods", type=_names, default=["magnitude", "wanda"], help="comma-separated methods (default magnitude,wanda)")
+    p.add_argument(
+        "--methods", type=_names, default=["magnitude", "wanda"], help="comma-separated methods (default magnitude,wanda)"
+    )
     p.add_argument("--sparsities", type=_floats, default=[0.3, 0.5, 0.7], help="comma-separated sparsities (default 0.3,0.5,0.7)")
     p.add_argument("--patterns", type=_names, default=["unstructured"], help="comma-separated patterns (default unstructured)")
     _add_sink(p)
-    p.add_argument("--sink-taus", type=_floats, default=(), metavar="LIST",
-                   help="comma-separated taus, e.g. 0,0.01,0.02,0.05,0.1: one row per tau for each gated_* method "
-                        "(default: --sink-tau alone)")
+    p.add_argument(
+        "--sink-taus",
+        type=_floats,
+        default=(),
+        metavar="LIST",
+        help="comma-separated taus, e.g. 0,0.01,0.02,0.05,0.1: one row per tau for each gated_* method "
+        "(default: --sink-tau alone)",
+    )
     _add_calibration(p)
     _add_eval(p)
-    p.add_argument("--out", default="sweep.csv", metavar="CSV",
-                   help="CSV to write (default sweep.csv); the per-draw estimates go to <name>.estimates.npz beside it, "
-                        "finished rows to <name>.partial.csv while the sweep runs")
+    p.add_argument(
+        "--out",
+        default="sweep.csv",
+        metavar="CSV",
+        help="CSV to write (default sweep.csv); the per-draw estimates go to <name>.estimates.npz beside it, "
+        "finished rows to <name>.partial.csv while the sweep runs",
+    )
     p.add_argument("--plot", default=None, metavar="PNG", help="also save the perplexity-vs-sparsity plot (PNG/SVG/PDF)")
     p.set_defaults(func=cmd_sweep)
     _add_animate(sub)
 
-    p = sub.add_parser("sinkstats", help="do DLM sinks move more than AR sinks? statistics over many prompts",
-                       description="Decode N prompts (windows of the evaluation text, or --prompt-file: one prompt a line) "
-                                   "with a masked-diffusion and a causal model under the same decoding settings and report, "
-                                   "per layer and over all layers, mean ± standard error of the dominant-position variance, "
-                                   "the number of distinct dominant positions, the share of steps whose dominant position is "
-                                   "the first token and the top-k mass share, with the paired difference DLM - AR.")
-    p.add_argument("--models", type=_names, default=["tiny-dlm", "tiny-ar"],
-                   help="two models, one masked-diffusion and one causal (default tiny-dlm,tiny-ar)")
+    p = sub.add_parser(
+        "sinkstats",
+        help="do DLM sinks move more than AR sinks? statistics over many prompts",
+        description="Decode N prompts (windows of the evaluation text, or --prompt-file: one prompt a line) "
+        "with a masked-diffusion and a causal model under the same decoding settings and report, "
+        "per layer and over all layers, mean ± standard error of the dominant-position variance, "
+        "the number of distinct dominant positions, the share of steps whose dominant position is "
+        "the first token and the top-k mass share, with the paired difference DLM - AR.",
+    )
+    p.add_argument(
+        "--models",
+        type=_names,
+        default=["tiny-dlm", "tiny-ar"],
+        help="two models, one masked-diffusion and one causal (default tiny-dlm,tiny-ar)",
+    )
     p.add_argument("--prompts", type=_positive, default=32, help="number of prompts, >= 2 (default 32)")
     p.add_argument("--prompt-file", default=None, help="UTF-8 file, one prompt a line (default: windows of the evaluation text)")
     p.add_argument("--prompt-tokens", type=_positive, default=16, help="tokens per evaluation-text window (default 16)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:0 ... (default: auto)")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"], help="weights dtype (default: auto)")
+    p.add_argument(
+        "--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"], help="weights dtype (default: auto)"
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.add_argument("--threads", type=_positive, default=int(os.environ.get("SINKSCOPE_THREADS", "1")),
-                   help="CPU threads for torch (default $SINKSCOPE_THREADS or 1: the tiny models gain nothing from more)")
+    p.add_argument(
+        "--threads",
+        type=_positive,
+        default=int(os.environ.get("SINKSCOPE_THREADS", "1")),
+        help="CPU threads for torch (default $SINKSCOPE_THREADS or 1: the tiny models gain nothing from more)",
+    )
     _add_decode(p)
     _add_sink(p)
-    p.add_argument("--out", default=None, metavar="CSV|JSON", help="write the results (.csv: summary + <stem>.prompts.csv; "
-                                                                    ".json: everything); default: JSON summary to stdout")
+    p.add_argument(
+        "--out",
+        default=None,
+        metavar="CSV|JSON",
+        help="write the results (.csv: summary + <stem>.prompts.csv; .json: everything); default: JSON summary to stdout",
+    )
     p.set_defaults(func=cmd_sinkstats)
     return parser
 
 
 # --- subcommands ------------------------------------------------------------------------------------
+
 
 def cmd_generate(args) -> int:
     from sap_core.attention import AttentionRecorder
@@ -413,18 +520,26 @@ def cmd_generate(args) -> int:
         return _compare(args, handle, spec)
     recorder = AttentionRecorder() if args.record_attention else None
     with Bar("generate", not args.quiet) as bar:
-        traj = generate(handle, args.prompt, spec, recorder=recorder, progress=bar,
-                        allow_large_capture=args.allow_large_capture)
+        traj = generate(handle, args.prompt, spec, recorder=recorder, progress=bar, allow_large_capture=args.allow_large_capture)
     if args.trajectory:
         args.trajectory = str(traj.save(args.trajectory))
         print(f"wrote {args.trajectory}", file=sys.stderr)
-    _write_json({
-        "model": args.model, "prompt": args.prompt, "text": handle.decode(traj.generated_ids),
-        "generated_ids": traj.generated_ids, "spec": spec, "n_steps": traj.n_steps,
-        "seconds": float(traj.step_seconds.sum()), "mean_step_ms": 1000 * float(traj.step_seconds.mean()),
-        "step_seconds": traj.step_seconds, "attention_recorded": traj.mass is not None,
-        "trajectory": args.trajectory,
-    }, args.out)
+    _write_json(
+        {
+            "model": args.model,
+            "prompt": args.prompt,
+            "text": handle.decode(traj.generated_ids),
+            "generated_ids": traj.generated_ids,
+            "spec": spec,
+            "n_steps": traj.n_steps,
+            "seconds": float(traj.step_seconds.sum()),
+            "mean_step_ms": 1000 * float(traj.step_seconds.mean()),
+            "step_seconds": traj.step_seconds,
+            "attention_recorded": traj.mass is not None,
+            "trajectory": args.trajectory,
+        },
+        args.out,
+    )
     return 0
 
 
@@ -438,7 +553,9 @@ def _compare(args, handle, spec) -> int:
         if len(other.tokenizer) != len(handle.tokenizer) or other.mask_id != handle.mask_id:
             from sap_core.errors import SapError
 
-            raise SapError(f"'{source}' has a different tokenizer from '{args.model}'; compare models of the same family and vocabulary.")
+            raise SapError(
+                f"'{source}' has a different tokenizer from '{args.model}'; compare models of the same family and vocabulary."
+            )
         label = source if source not in others else f"{source} ({len(others)})"
         others[label] = other
     with Bar("compare", not args.quiet) as bar:
@@ -456,8 +573,9 @@ def cmd_analyze(args) -> int:
     if args.trajectory and args.prompt:
         raise SapError("Give either --trajectory or --prompt, not both.")
     if args.trajectory and not Path(args.trajectory).is_file() and not Path(args.trajectory + ".npz").is_file():
-        raise SapError(f"No trajectory at '{args.trajectory}'; write one with "
-                       f"'generate --record-attention --trajectory {args.trajectory}'.")
+        raise SapError(
+            f"No trajectory at '{args.trajectory}'; write one with 'generate --record-attention --trajectory {args.trajectory}'."
+        )
     _check_outputs(args)
     from sap_core.diffusion import Trajectory
     from sap_core.sinks import analyze
@@ -467,7 +585,9 @@ def cmd_analyze(args) -> int:
         path = Path(args.trajectory)
         traj = Trajectory.load(path)  # TrajectoryError (a SapError) for a foreign, damaged or non-finite file
         if traj.mass is None:
-            raise SapError(f"'{path}' has no attention mass; regenerate it with 'generate --record-attention --trajectory {path}'.")
+            raise SapError(
+                f"'{path}' has no attention mass; regenerate it with 'generate --record-attention --trajectory {path}'."
+            )
         source = str(path)
     else:
         from sap_core.attention import AttentionRecorder
@@ -476,8 +596,14 @@ def cmd_analyze(args) -> int:
         spec = _decode_spec(args)
         handle = _load(args)
         with Bar("generate", not args.quiet) as bar:
-            traj = generate(handle, args.prompt or DEFAULT_PROMPT, spec, recorder=AttentionRecorder(), progress=bar,
-                            allow_large_capture=args.allow_large_capture)
+            traj = generate(
+                handle,
+                args.prompt or DEFAULT_PROMPT,
+                spec,
+                recorder=AttentionRecorder(),
+                progress=bar,
+                allow_large_capture=args.allow_large_capture,
+            )
         source = args.model
     report = analyze(traj, sink_spec)
     if args.out:
@@ -503,10 +629,22 @@ def _report_summary(report, source: str) -> dict:
     order = np.argsort(-report.positions.frequency, kind="stable")
     sinks = [int(j) for j in order if report.positions.frequency[j] > 0][:10]
     return {
-        "source": source, "spec": report.spec.to_dict(), "n_steps": report.n_steps, "length": report.length,
-        "prompt_length": report.prompt_length, "aggregate": asdict(report.aggregate), "label_counts": counts,
-        "top_sink_positions": [{"position": j, "frequency": float(report.positions.frequency[j]),
-                                "variance": float(report.positions.variance[j]), "label": str(labels[j])} for j in sinks],
+        "source": source,
+        "spec": report.spec.to_dict(),
+        "n_steps": report.n_steps,
+        "length": report.length,
+        "prompt_length": report.prompt_length,
+        "aggregate": asdict(report.aggregate),
+        "label_counts": counts,
+        "top_sink_positions": [
+            {
+                "position": j,
+                "frequency": float(report.positions.frequency[j]),
+                "variance": float(report.positions.variance[j]),
+                "label": str(labels[j]),
+            }
+            for j in sinks
+        ],
         "dominant": report.dominant,
     }
 
@@ -514,16 +652,23 @@ def _report_summary(report, source: str) -> dict:
 def cmd_prune(args) -> int:
     from sap_core.pruning import PruneSpec, check_sparsity, prune
 
-    spec = PruneSpec(method=args.method, sparsity=args.sparsity, pattern=args.pattern, sink=_sink_spec(args),
-                     calibration=_calibration_spec(args))
+    spec = PruneSpec(
+        method=args.method,
+        sparsity=args.sparsity,
+        pattern=args.pattern,
+        sink=_sink_spec(args),
+        calibration=_calibration_spec(args),
+    )
     spec.validate()
     _check_outputs(args)
     handle = _load(args)
     if args.preset == "official":  # the official code's calibration over the model's whole context
         given = [k for k, v in vars(args).items() if k.startswith(("calib_", "sink_")) and v is not None]
         if given:
-            raise UsageError(f"--preset official fixes the calibration and sink settings; drop "
-                             f"{', '.join('--' + k.replace('_', '-') for k in given)}.")
+            raise UsageError(
+                f"--preset official fixes the calibration and sink settings; drop "
+                f"{', '.join('--' + k.replace('_', '-') for k in given)}."
+            )
         spec = PruneSpec.official(args.method, args.sparsity, args.pattern, seqlen=handle.max_length)
     if args.save:  # now with the loaded model's real directory
         from sap_core.pruning.variant import check_save_target
@@ -535,9 +680,13 @@ def cmd_prune(args) -> int:
     if args.save:
         saved = str(variant.save(args.save, handle, overwrite=args.overwrite))
         print(f"wrote {saved}/ (load it with --model {saved})", file=sys.stderr)
-    data = {"model": args.model, **variant.summary(), "saved_to": saved,
-            "layer_sparsity": check_sparsity(variant, by="layer")[["block", "params", "zeros", "sparsity"]].to_dict(orient="records"),
-            "module_sparsity": variant.layer_sparsity.to_dict(orient="records")}
+    data = {
+        "model": args.model,
+        **variant.summary(),
+        "saved_to": saved,
+        "layer_sparsity": check_sparsity(variant, by="layer")[["block", "params", "zeros", "sparsity"]].to_dict(orient="records"),
+        "module_sparsity": variant.layer_sparsity.to_dict(orient="records"),
+    }
     _write_json(data, args.out)
     return 0
 
@@ -554,21 +703,39 @@ def cmd_evaluate(args) -> int:
     check_length(handle, spec.seqlen, "--seqlen")
     with Bar("perplexity", not args.quiet) as bar:
         row = perplexity(handle, spec, progress=bar)
-    _write_json({
-        "model": args.model, "kind": "causal" if handle.causal else "masked-diffusion",
-        "ppl": row.ppl, "ppl_se": row.ppl_se, "nll": row.nll, "nll_se": row.nll_se, "seconds": row.seconds,
-        "seqlen": spec.seqlen, "nsamples": spec.nsamples, "draws": None if handle.causal else spec.draws,
-        "seed": None if handle.causal else spec.seed, "prefix": spec.prefix, "text": args.text or "built-in",
-    }, args.out)
+    _write_json(
+        {
+            "model": args.model,
+            "kind": "causal" if handle.causal else "masked-diffusion",
+            "ppl": row.ppl,
+            "ppl_se": row.ppl_se,
+            "nll": row.nll,
+            "nll_se": row.nll_se,
+            "seconds": row.seconds,
+            "seqlen": spec.seqlen,
+            "nsamples": spec.nsamples,
+            "draws": None if handle.causal else spec.draws,
+            "seed": None if handle.causal else spec.seed,
+            "prefix": spec.prefix,
+            "text": args.text or "built-in",
+        },
+        args.out,
+    )
     return 0
 
 
 def cmd_sweep(args) -> int:
     from sap_core.sweep import SweepSpec, SweepWriter, estimates_path, run_sweep
 
-    spec = SweepSpec(methods=tuple(args.methods), sparsities=tuple(args.sparsities), patterns=tuple(args.patterns),
-                     sink=_sink_spec(args), calibration=_calibration_spec(args), eval=_eval_spec(args),
-                     sink_taus=tuple(args.sink_taus))
+    spec = SweepSpec(
+        methods=tuple(args.methods),
+        sparsities=tuple(args.sparsities),
+        patterns=tuple(args.patterns),
+        sink=_sink_spec(args),
+        calibration=_calibration_spec(args),
+        eval=_eval_spec(args),
+        sink_taus=tuple(args.sink_taus),
+    )
     spec.validate()
     if args.plot:
         _check_plot_path(args.plot)
@@ -580,8 +747,10 @@ def cmd_sweep(args) -> int:
             df = run_sweep(handle, spec, progress=bar, on_row=writer.add)
     except BaseException:
         if writer.rows:
-            print(f"note: the {len(writer.rows)} finished row(s) are in {writer.partial}; {args.out} was not changed",
-                  file=sys.stderr)
+            print(
+                f"note: the {len(writer.rows)} finished row(s) are in {writer.partial}; {args.out} was not changed",
+                file=sys.stderr,
+            )
         raise
     writer.finish(df)
     side = estimates_path(args.out)
@@ -595,17 +764,32 @@ def cmd_sweep(args) -> int:
 
 
 def _add_animate(sub) -> None:
-    p = sub.add_parser("animate", help="GIF or HTML of the sinks moving over the denoising steps",
-                       description="Draw the sinks of a trajectory (from 'generate --record-attention --trajectory NPZ') "
-                                   "moving over the denoising steps: --out X.gif writes an animated GIF (per step, the mass each "
-                                   "position receives, tokens and sinks marked), --out X.html the explorer's interactive view "
-                                   "as one self-contained page. --model names the tokenizer for the token texts.")
-    p.add_argument("--trajectory", required=True, metavar="NPZ", help="trajectory saved by 'generate --record-attention --trajectory'")
-    p.add_argument("--out", required=True, metavar="GIF|HTML", help="file to write; the extension (.gif or .html) picks the format")
-    p.add_argument("--model", default=None, metavar="MODEL",
-                   help="model directory or built-in name whose tokenizer writes the token texts (default: token ids)")
-    p.add_argument("--color-range", default="global99", choices=["global99", "global", "per-step"],
-                   help="colour/height range: fixed over all steps (99th percentile or maximum) or per step (default global99)")
+    p = sub.add_parser(
+        "animate",
+        help="GIF or HTML of the sinks moving over the denoising steps",
+        description="Draw the sinks of a trajectory (from 'generate --record-attention --trajectory NPZ') "
+        "moving over the denoising steps: --out X.gif writes an animated GIF (per step, the mass each "
+        "position receives, tokens and sinks marked), --out X.html the explorer's interactive view "
+        "as one self-contained page. --model names the tokenizer for the token texts.",
+    )
+    p.add_argument(
+        "--trajectory", required=True, metavar="NPZ", help="trajectory saved by 'generate --record-attention --trajectory'"
+    )
+    p.add_argument(
+        "--out", required=True, metavar="GIF|HTML", help="file to write; the extension (.gif or .html) picks the format"
+    )
+    p.add_argument(
+        "--model",
+        default=None,
+        metavar="MODEL",
+        help="model directory or built-in name whose tokenizer writes the token texts (default: token ids)",
+    )
+    p.add_argument(
+        "--color-range",
+        default="global99",
+        choices=["global99", "global", "per-step"],
+        help="colour/height range: fixed over all steps (99th percentile or maximum) or per step (default global99)",
+    )
     p.add_argument("--layer", type=int, default=None, help="layer of the HTML's step x position map (default: all layers)")
     p.add_argument("--frame-ms", type=int, default=80, metavar="MS", help="time per frame in ms (default 80)")
     _add_sink(p)
@@ -687,7 +871,9 @@ def save_figure(df, path) -> None:
     from sap_core.errors import SapError
     from sap_core.viz import sweep_figure
 
-    if "BROWSER_PATH" not in os.environ and not any(shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome", "chrome")):
+    if "BROWSER_PATH" not in os.environ and not any(
+        shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome", "chrome")
+    ):
         if Path("/usr/bin/chromium").exists():
             os.environ["BROWSER_PATH"] = "/usr/bin/chromium"
     from sap_core.files import atomic_write
@@ -696,11 +882,14 @@ def save_figure(df, path) -> None:
     try:
         atomic_write(path, lambda tmp: fig.write_image(str(tmp), width=1000, height=600, scale=2), suffix=Path(path).suffix)
     except Exception as exc:  # kaleido raises several kinds when no browser works
-        raise SapError(f"Could not write the plot '{path}' ({type(exc).__name__}: {exc}). Install Chromium "
-                       "(apt-get install chromium) or set BROWSER_PATH to a Chrome binary; the CSV was written.") from None
+        raise SapError(
+            f"Could not write the plot '{path}' ({type(exc).__name__}: {exc}). Install Chromium "
+            "(apt-get install chromium) or set BROWSER_PATH to a Chrome binary; the CSV was written."
+        ) from None
 
 
 # --- entry point ------------------------------------------------------------------------------------
+
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
@@ -726,7 +915,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return EXIT_USAGE
         if isinstance(exc, OSError) and exc.strerror:  # disk full, permission denied... while writing
             where = f" ({exc.filename})" if exc.filename else ""
-            print(f"error: {exc.strerror}{where}; nothing was replaced (outputs are written to a temporary "
-                  "file first).", file=sys.stderr)
+            print(
+                f"error: {exc.strerror}{where}; nothing was replaced (outputs are written to a temporary file first).",
+                file=sys.stderr,
+            )
             return 1
         raise

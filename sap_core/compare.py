@@ -21,6 +21,7 @@ way out (also when the progress callback cancels). The dense run holds ``handle.
 never sees another session's variant swapped in. A separately loaded :class:`ModelHandle` (for
 instance a pruned model directory saved with ``prune --save``) is also accepted as a variant.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -116,11 +117,17 @@ class Comparison:
 
     def table(self) -> pd.DataFrame:
         """One row per run: label, text, divergence_step, agreement_rate, timing."""
-        rows = [{k: v for k, v in run.summary().items() if k in (
-            "label", "text", "divergence_step", "agreement_rate", "seconds", "mean_step_ms", "median_step_ms")}
-            for run in self.runs]
-        df = pd.DataFrame(rows, columns=["label", "text", "divergence_step", "agreement_rate", "seconds",
-                                         "mean_step_ms", "median_step_ms"])
+        rows = [
+            {
+                k: v
+                for k, v in run.summary().items()
+                if k in ("label", "text", "divergence_step", "agreement_rate", "seconds", "mean_step_ms", "median_step_ms")
+            }
+            for run in self.runs
+        ]
+        df = pd.DataFrame(
+            rows, columns=["label", "text", "divergence_step", "agreement_rate", "seconds", "mean_step_ms", "median_step_ms"]
+        )
         df["divergence_step"] = df["divergence_step"].astype("Int64")
         return df
 
@@ -159,8 +166,9 @@ def _check_comparable(a: Trajectory, b: Trajectory) -> None:
     if a.tokens.shape != b.tokens.shape or a.prompt_length != b.prompt_length:
         raise SapError(
             f"These trajectories cannot be compared: shapes {a.tokens.shape} and {b.tokens.shape} "
-            f"(prompt lengths {a.prompt_length} and {b.prompt_length}); decode the same prompt with the same spec.")
-    if not np.array_equal(a.tokens[0, :a.prompt_length], b.tokens[0, :b.prompt_length]):
+            f"(prompt lengths {a.prompt_length} and {b.prompt_length}); decode the same prompt with the same spec."
+        )
+    if not np.array_equal(a.tokens[0, : a.prompt_length], b.tokens[0, : b.prompt_length]):
         raise SapError("These trajectories start from different prompts; decode the same prompt for both.")
 
 
@@ -212,6 +220,7 @@ def compare_generations(
     def sub_progress(offset: int, label: str) -> Progress:
         def inner(done: int, _total: int, message: str) -> None:
             report(progress, offset + done, total, f"{label}: {message}")
+
         return inner
 
     trajectories: list[Trajectory] = []
@@ -228,10 +237,16 @@ def compare_generations(
     dense = trajectories[0]
     runs = []
     for label, traj in zip(labels, trajectories):
-        runs.append(ComparedRun(
-            label=label, text=handle.decode(traj.generated_ids), trajectory=traj,
-            divergence_step=divergence_step(dense, traj), agreement=position_agreement(dense, traj),
-            step_agreement=step_agreement(dense, traj)))
+        runs.append(
+            ComparedRun(
+                label=label,
+                text=handle.decode(traj.generated_ids),
+                trajectory=traj,
+                divergence_step=divergence_step(dense, traj),
+                agreement=position_agreement(dense, traj),
+                step_agreement=step_agreement(dense, traj),
+            )
+        )
     return Comparison(prompt=prompt if isinstance(prompt, str) else handle.decode(prompt_ids), spec=spec, runs=runs)
 
 
@@ -267,6 +282,7 @@ def perplexity_table(
     def sub_progress(i: int, label: str) -> Progress:
         def inner(done: int, total: int, message: str) -> None:
             report(progress, i * total + done, len(labels) * total, f"{label} ({i + 1}/{len(labels)}): {message}")
+
         return inner
 
     rows, dense = [], None
@@ -285,8 +301,9 @@ def perplexity_table(
             paired = res.estimates is not None and dense.estimates is not None and res.estimates.shape == dense.estimates.shape
             se = paired_se(res.estimates, dense.estimates) if paired else float(np.hypot(res.nll_se, dense.nll_se))
             d = res.nll - dense.nll
-            row.update(delta_ppl=res.ppl - dense.ppl, delta_nll=d, se_delta=se, paired=paired,
-                       z=d / se if se > 0 else float("nan"))
+            row.update(
+                delta_ppl=res.ppl - dense.ppl, delta_nll=d, se_delta=se, paired=paired, z=d / se if se > 0 else float("nan")
+            )
         rows.append(row)
     return pd.DataFrame(rows, columns=PERPLEXITY_COLUMNS)
 
@@ -300,8 +317,10 @@ def noise_verdict(table: pd.DataFrame, threshold: float = 2.0) -> str:
     beyond = rest[rest["z"].abs() >= threshold]
     within = rest[~(rest["z"].abs() >= threshold)]
     if beyond.empty:
-        return (f"Every difference from the dense model is within noise (less than {threshold:g} standard errors); "
-                "score more windows or draws to tell them apart.")
+        return (
+            f"Every difference from the dense model is within noise (less than {threshold:g} standard errors); "
+            "score more windows or draws to tell them apart."
+        )
     worse = [f"{r.model} ({r.z:+.1f} SE)" for r in beyond.itertuples()]
     text = "Beyond noise: " + ", ".join(worse) + " (positive: worse than dense)."
     if not within.empty:

@@ -16,6 +16,7 @@ With classifier-free guidance, an unconditional pass with the prompt masked give
 A causal model decodes token by token through the same API, one step per token, so AR and DLM
 trajectories are comparable (``steps`` and ``block_length`` are then not used).
 """
+
 from __future__ import annotations
 
 import json
@@ -62,8 +63,10 @@ class DecodeSpec:
             if isinstance(value, bool) or not isinstance(value, numbers.Real):
                 raise DecodeSpecError(f"{name} must be a number (got {value!r}).")
             if not math.isfinite(value):
-                raise DecodeSpecError(f"{name} must be a finite number (got {value}); "
-                                      + ("0 means greedy." if name == "temperature" else "0 turns guidance off."))
+                raise DecodeSpecError(
+                    f"{name} must be a finite number (got {value}); "
+                    + ("0 means greedy." if name == "temperature" else "0 turns guidance off.")
+                )
             object.__setattr__(self, name, float(value))
         if not isinstance(self.remasking, str):
             raise DecodeSpecError(f"remasking must be one of {', '.join(REMASKING)} (got {self.remasking!r}).")
@@ -79,7 +82,8 @@ class DecodeSpec:
         if max_length is not None and prompt_length + self.gen_length > max_length:
             raise DecodeSpecError(
                 f"prompt ({prompt_length} tokens) + gen_length ({self.gen_length}) exceeds the model's "
-                f"max_sequence_length {max_length}; shorten the prompt or gen_length.")
+                f"max_sequence_length {max_length}; shorten the prompt or gen_length."
+            )
         if self.temperature < 0:
             raise DecodeSpecError(f"temperature must be >= 0 (got {self.temperature}); 0 means greedy.")
         if self.cfg_scale < 0:
@@ -88,7 +92,9 @@ class DecodeSpec:
             raise DecodeSpecError(f"remasking must be one of {', '.join(REMASKING)} (got '{self.remasking}').")
         if causal:
             if self.cfg_scale > 0:
-                raise DecodeSpecError("Classifier-free guidance needs a masked-diffusion model; set cfg_scale=0 for a causal model.")
+                raise DecodeSpecError(
+                    "Classifier-free guidance needs a masked-diffusion model; set cfg_scale=0 for a causal model."
+                )
             if prompt_length < 1:
                 raise DecodeSpecError("A causal model needs at least one prompt token to continue from; give a prompt.")
             return
@@ -97,13 +103,17 @@ class DecodeSpec:
         if self.gen_length % self.block_length:
             raise DecodeSpecError(
                 f"gen_length ({self.gen_length}) must be divisible by block_length ({self.block_length}); "
-                f"e.g. block_length={_divisor_hint(self.gen_length, self.block_length)}.")
+                f"e.g. block_length={_divisor_hint(self.gen_length, self.block_length)}."
+            )
         if self.steps > self.gen_length:
-            raise DecodeSpecError(f"steps ({self.steps}) cannot exceed gen_length ({self.gen_length}): each step unmasks at least one token.")
+            raise DecodeSpecError(
+                f"steps ({self.steps}) cannot exceed gen_length ({self.gen_length}): each step unmasks at least one token."
+            )
         if self.steps % self.n_blocks:
             raise DecodeSpecError(
                 f"steps ({self.steps}) must be divisible by the number of blocks "
-                f"(gen_length/block_length = {self.n_blocks}); e.g. steps={max(self.n_blocks, self.steps // self.n_blocks * self.n_blocks)}.")
+                f"(gen_length/block_length = {self.n_blocks}); e.g. steps={max(self.n_blocks, self.steps // self.n_blocks * self.n_blocks)}."
+            )
 
 
 def _divisor_hint(n: int, near: int) -> int:
@@ -154,7 +164,7 @@ class Trajectory:
 
     @property
     def generated_ids(self) -> np.ndarray:
-        return self.final_tokens[self.prompt_length:]
+        return self.final_tokens[self.prompt_length :]
 
     def decoded_at_step(self, step: int) -> np.ndarray:
         """``bool [L]``: positions decoded at ``step``."""
@@ -162,7 +172,7 @@ class Trajectory:
 
     def masked_at_step(self, step: int) -> np.ndarray:
         """``bool [L]``: positions still masked (or not yet generated) in the input of ``step``."""
-        return (self.decoded_at >= step)
+        return self.decoded_at >= step
 
     def save(self, path) -> Path:
         """Write to ``.npz`` (arrays plus the spec) atomically and return the path written: ``path``, with
@@ -172,7 +182,9 @@ class Trajectory:
         arrays = {k: getattr(self, k) for k in ARRAYS}
         if self.mass is not None:
             arrays["mass"] = self.mass
-        meta = dict(prompt_length=self.prompt_length, causal=self.causal, mask_id=self.mask_id, spec=asdict(self.spec), prompt=self.prompt)
+        meta = dict(
+            prompt_length=self.prompt_length, causal=self.causal, mask_id=self.mask_id, spec=asdict(self.spec), prompt=self.prompt
+        )
         target = npz_path(path)
         atomic_write(target, lambda tmp: np.savez_compressed(tmp, meta=np.array(json.dumps(meta)), **arrays), suffix=".npz")
         return target
@@ -209,11 +221,14 @@ class Trajectory:
         except SapError:
             raise
         except (OSError, ValueError, KeyError, TypeError, zipfile.BadZipFile, json.JSONDecodeError, EOFError) as exc:
-            raise TrajectoryError(f"'{path}' is not a trajectory .npz written by 'generate --trajectory' "
-                                  f"({type(exc).__name__}).") from None
+            raise TrajectoryError(
+                f"'{path}' is not a trajectory .npz written by 'generate --trajectory' ({type(exc).__name__})."
+            ) from None
         if traj.mass is not None and not np.isfinite(traj.mass).all():
-            raise TrajectoryError(f"'{path}': the attention record holds NaN or infinite values; regenerate it with "
-                                  "'generate --record-attention --trajectory'.")
+            raise TrajectoryError(
+                f"'{path}': the attention record holds NaN or infinite values; regenerate it with "
+                "'generate --record-attention --trajectory'."
+            )
         return traj
 
 
@@ -242,12 +257,16 @@ def _check_inflation(archive: zipfile.ZipFile, members: dict, path: Path) -> Non
         declared = math.prod(shape) * itemsize
         total += declared
         if declared > INFLATION_EXEMPT and declared > MAX_INFLATION * max(info.compress_size, 1):
-            raise TrajectoryError(f"'{path}': '{name}' declares {declared / 2**20:,.0f} MiB stored in "
-                                  f"{info.compress_size / 2**20:,.1f} MiB; it is not a trajectory SinkScope wrote.")
+            raise TrajectoryError(
+                f"'{path}': '{name}' declares {declared / 2**20:,.0f} MiB stored in "
+                f"{info.compress_size / 2**20:,.1f} MiB; it is not a trajectory SinkScope wrote."
+            )
     ram = free_memory("cpu")[0]
     if total > 0.8 * ram:
-        raise TrajectoryError(f"'{path}' needs about {total / 2**30:.1f} GiB to load and {ram / 2**30:.1f} GiB is free; "
-                              "load it on a machine with more memory.")
+        raise TrajectoryError(
+            f"'{path}' needs about {total / 2**30:.1f} GiB to load and {ram / 2**30:.1f} GiB is free; "
+            "load it on a machine with more memory."
+        )
 
 
 def npz_path(path) -> Path:
@@ -276,8 +295,14 @@ def _expected_shapes(shapes: dict, path: Path) -> dict[str, tuple[int, ...]]:
     S, L = shapes["tokens"]
     if S * L > MAX_STEPS_LENGTH or shapes["meta"] != ():
         raise TrajectoryError(f"'{path}': tokens of shape {[S, L]} is beyond any trajectory SinkScope writes.")
-    return {"tokens": (S, L), "final_tokens": (L,), "decoded_at": (L,), "confidence": (S, L),
-            "valid_length": (S,), "step_seconds": (S,)}
+    return {
+        "tokens": (S, L),
+        "final_tokens": (L,),
+        "decoded_at": (L,),
+        "confidence": (S, L),
+        "valid_length": (S,),
+        "step_seconds": (S,),
+    }
 
 
 def _gumbel_argmax(logits: torch.Tensor, temperature: float, generator: torch.Generator) -> torch.Tensor:
@@ -305,11 +330,16 @@ def prompt_token_ids(handle: ModelHandle, prompt) -> list[int]:
     except TypeError:
         raise DecodeSpecError(f"The prompt must be text or a list of token ids (got {type(prompt).__name__}).") from None
     vocab = handle.vocab_size
-    bad = [i for i in ids if isinstance(i, bool) or not isinstance(i, numbers.Integral) or int(i) < 0
-           or (vocab is not None and int(i) >= vocab)]
+    bad = [
+        i
+        for i in ids
+        if isinstance(i, bool) or not isinstance(i, numbers.Integral) or int(i) < 0 or (vocab is not None and int(i) >= vocab)
+    ]
     if bad:
-        raise DecodeSpecError(f"Prompt ids must be integers in [0, {vocab if vocab is not None else 'vocabulary size'}) "
-                              f"for this model's vocabulary (got {bad[0]!r}).")
+        raise DecodeSpecError(
+            f"Prompt ids must be integers in [0, {vocab if vocab is not None else 'vocabulary size'}) "
+            f"for this model's vocabulary (got {bad[0]!r})."
+        )
     return [int(i) for i in ids]
 
 
@@ -407,10 +437,18 @@ def _generate_diffusion(handle, prompt_ids, spec, recorder, progress, prompt_tex
             step += 1
             report(progress, step, S, f"denoising step {step}/{S}")
     return Trajectory(
-        tokens=tokens, final_tokens=x[0].cpu().numpy(), prompt_length=P, decoded_at=decoded_at,
-        confidence=confidence, mass=mass,
-        valid_length=np.full(S, L, np.int64), step_seconds=seconds, causal=False,
-        mask_id=int(mask_id), spec=spec, prompt=prompt_text,
+        tokens=tokens,
+        final_tokens=x[0].cpu().numpy(),
+        prompt_length=P,
+        decoded_at=decoded_at,
+        confidence=confidence,
+        mass=mass,
+        valid_length=np.full(S, L, np.int64),
+        step_seconds=seconds,
+        causal=False,
+        mask_id=int(mask_id),
+        spec=spec,
+        prompt=prompt_text,
     )
 
 
@@ -444,9 +482,18 @@ def _generate_causal(handle, prompt_ids, spec, recorder, progress, prompt_text) 
         seconds[s] = time.perf_counter() - t0
         report(progress, s + 1, G, f"token {s + 1}/{G}")
     return Trajectory(
-        tokens=tokens, final_tokens=seq.cpu().numpy(), prompt_length=P, decoded_at=decoded_at,
-        confidence=confidence, mass=mass, valid_length=P + np.arange(G, dtype=np.int64),
-        step_seconds=seconds, causal=True, mask_id=int(filler), spec=spec, prompt=prompt_text,
+        tokens=tokens,
+        final_tokens=seq.cpu().numpy(),
+        prompt_length=P,
+        decoded_at=decoded_at,
+        confidence=confidence,
+        mass=mass,
+        valid_length=P + np.arange(G, dtype=np.int64),
+        step_seconds=seconds,
+        causal=True,
+        mask_id=int(filler),
+        spec=spec,
+        prompt=prompt_text,
     )
 
 

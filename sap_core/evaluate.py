@@ -17,6 +17,7 @@ same seed gives the same number.
 **Causal perplexity**: mean next-token NLL of the same windows. It is deterministic, so its
 ``nll_se`` is the standard error over windows (text variability), not Monte Carlo error.
 """
+
 from __future__ import annotations
 
 import math
@@ -42,14 +43,14 @@ class PerplexityResult:
     Two evaluations with the same windows, draws and seed share windows and masks, so their estimates
     can be differenced draw by draw (:func:`sap_core.sweep.paired_se`)."""
 
-    nll: float        # nats per token
+    nll: float  # nats per token
     nll_se: float
     ppl: float
     ppl_se: float
-    tokens: int       # scored tokens per draw pass (nsamples * window length)
+    tokens: int  # scored tokens per draw pass (nsamples * window length)
     nsamples: int
-    draws: int        # 1 for causal perplexity
-    kind: str         # "diffusion" or "causal"
+    draws: int  # 1 for causal perplexity
+    kind: str  # "diffusion" or "causal"
     estimates: Optional[np.ndarray] = field(default=None, repr=False, compare=False)
 
     def as_dict(self) -> dict:
@@ -84,7 +85,7 @@ def windows(handle: ModelHandle, text: str, seqlen: int, nsamples: int, prefix: 
     if len(body) < n:
         raise SapError(f"The text has {len(body)} tokens, fewer than one window of {n}; give more text or lower seqlen.")
     starts = np.linspace(0, len(body) - n, nsamples).astype(int)
-    rows = [head + body[s:s + n] for s in starts]
+    rows = [head + body[s : s + n] for s in starts]
     return torch.tensor(rows, dtype=torch.long), len(head)
 
 
@@ -123,7 +124,7 @@ def diffusion_perplexity(
             ratios.append(l / n)
     estimates = torch.zeros(len(inputs), dtype=torch.float64)
     for start in range(0, len(inputs), batch_size):
-        batch = torch.stack(inputs[start:start + batch_size])
+        batch = torch.stack(inputs[start : start + batch_size])
         logits = handle.logits(batch).float()
         for i in range(batch.shape[0]):
             j = start + i
@@ -135,8 +136,7 @@ def diffusion_perplexity(
     per = estimates.view(nsamples, draws)
     nll = per.mean().item()
     se = math.sqrt((per.var(dim=1, unbiased=True) / draws).sum().item()) / nsamples
-    return PerplexityResult(nll, se, math.exp(nll), math.exp(nll) * se, nsamples * n, nsamples, draws, "diffusion",
-                            per.numpy())
+    return PerplexityResult(nll, se, math.exp(nll), math.exp(nll) * se, nsamples * n, nsamples, draws, "diffusion", per.numpy())
 
 
 @torch.inference_mode()
@@ -158,12 +158,12 @@ def causal_perplexity(
         raise SapError("A causal model needs at least one prefix token to predict the first text token from; give a prefix.")
     per = torch.zeros(nsamples, dtype=torch.float64)
     for start in range(0, nsamples, batch_size):
-        batch = seqs[start:start + batch_size]
+        batch = seqs[start : start + batch_size]
         logits = handle.logits(batch).float()
-        pred = logits[:, P - 1:-1]
+        pred = logits[:, P - 1 : -1]
         truth = batch[:, P:].to(logits.device)
         ce = F.cross_entropy(pred.reshape(-1, pred.shape[-1]), truth.reshape(-1), reduction="none")
-        per[start:start + batch.shape[0]] = ce.view(batch.shape[0], -1).double().mean(1).cpu()
+        per[start : start + batch.shape[0]] = ce.view(batch.shape[0], -1).double().mean(1).cpu()
         report(progress, min(start + batch_size, nsamples), nsamples, "causal perplexity")
     nll = per.mean().item()
     se = per.std(unbiased=True).item() / math.sqrt(nsamples) if nsamples > 1 else float("nan")

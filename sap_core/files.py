@@ -8,6 +8,7 @@ atomic replacement of files and whole directories (write a temporary sibling, fs
   hidden sibling (same filesystem), flushed to disk, then renamed over the target. A crash at any moment
   leaves the old content or the new one, never a mix or a truncated file.
 """
+
 from __future__ import annotations
 
 import contextlib

@@ -2,6 +2,7 @@
 
 All figures are bytes and upper-bound estimates of the dominant terms (not allocator overheads).
 """
+
 from __future__ import annotations
 
 import os
@@ -12,11 +13,11 @@ from typing import Optional
 
 @dataclass(frozen=True)
 class MemoryEstimate:
-    weights: int            # the dense model
-    capture_record: int     # Trajectory.mass: steps × layers × heads × L float32 (host memory)
-    capture_peak: int       # one query chunk of scores for all heads, float32 (device)
-    activations: int        # one forward pass: hidden states of one block plus logits
-    pruning_copy: int       # a pruned variant's new weights (block linears)
+    weights: int  # the dense model
+    capture_record: int  # Trajectory.mass: steps × layers × heads × L float32 (host memory)
+    capture_peak: int  # one query chunk of scores for all heads, float32 (device)
+    activations: int  # one forward pass: hidden states of one block plus logits
+    pruning_copy: int  # a pruned variant's new weights (block linears)
     pruning_calibration: int  # calibration activations of one block + per-layer statistics
 
     def as_dict(self) -> dict[str, int]:
@@ -55,7 +56,6 @@ def available(device) -> tuple[int, str]:
     return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")), "free RAM"
 
 
-
 def estimate(handle, seq_len: int, steps: int, chunk_size: int = 128, calib_tokens: int = 16 * 128) -> MemoryEstimate:
     """Estimate memory for a generation of ``seq_len`` positions over ``steps`` steps with capture,
     and for pruning with ``calib_tokens`` calibration tokens."""
@@ -65,8 +65,18 @@ def estimate(handle, seq_len: int, steps: int, chunk_size: int = 128, calib_toke
     params = handle.n_params
     d = handle.d_model
     vocab = getattr(cfg, "padded_vocab_size", None) or getattr(cfg, "vocab_size")
-    linear_params = sum(m.weight.numel() for b in handle.module.blocks for m in b.modules() if hasattr(m, "weight") and m.weight is not None and m.weight.dim() == 2)
-    widest = max(m.weight.shape[1] for b in handle.module.blocks for m in b.modules() if hasattr(m, "weight") and m.weight is not None and m.weight.dim() == 2)
+    linear_params = sum(
+        m.weight.numel()
+        for b in handle.module.blocks
+        for m in b.modules()
+        if hasattr(m, "weight") and m.weight is not None and m.weight.dim() == 2
+    )
+    widest = max(
+        m.weight.shape[1]
+        for b in handle.module.blocks
+        for m in b.modules()
+        if hasattr(m, "weight") and m.weight is not None and m.weight.dim() == 2
+    )
     return MemoryEstimate(
         weights=params * elem,
         capture_record=steps * layers * heads * seq_len * 4,
@@ -86,6 +96,7 @@ def human(n: int) -> str:
 
 
 # --- the guard: refuse a capture that cannot fit, before it starts ---------------------------------------
+
 
 def free_memory(device) -> tuple[int, Optional[int]]:
     """``(free host RAM, free memory of device or None for a CPU)`` in bytes, now.
@@ -111,7 +122,9 @@ def free_memory(device) -> tuple[int, Optional[int]]:
     return ram, vram
 
 
-def check_capture(handle, seq_len: int, steps: int, allow: bool = False, free: Optional[tuple[int, Optional[int]]] = None) -> MemoryEstimate:
+def check_capture(
+    handle, seq_len: int, steps: int, allow: bool = False, free: Optional[tuple[int, Optional[int]]] = None
+) -> MemoryEstimate:
     """Refuse (:class:`~sap_core.errors.MemoryGuardError`) a generation with attention capture whose
     record does not fit in the free host RAM, or whose per-layer scores do not fit on the device, with
     the estimate and what to change; ``allow=True`` is the explicit override. ``free`` replaces the
@@ -125,18 +138,20 @@ def check_capture(handle, seq_len: int, steps: int, allow: bool = False, free: O
     if host_need > GUARD_SHARE * ram:
         problems.append(f"the attention record needs about {human(host_need)} of host RAM, {human(ram)} is free")
     if vram is not None and est.capture_peak + est.activations > GUARD_SHARE * vram:
-        problems.append(f"the capture needs about {human(est.capture_peak + est.activations)} of GPU memory, "
-                        f"{human(vram)} is free")
+        problems.append(
+            f"the capture needs about {human(est.capture_peak + est.activations)} of GPU memory, {human(vram)} is free"
+        )
     if problems and not allow:
         raise MemoryGuardError(
             f"Capture refused: {'; '.join(problems)} ({steps} steps x {handle.n_layers} layers x {handle.n_heads} heads x "
             f"{seq_len} positions). Use fewer steps or a shorter generation, analyse fewer layers, or override "
-            "(allow_large_capture=True, --allow-large-capture on the command line).")
+            "(allow_large_capture=True, --allow-large-capture on the command line)."
+        )
     return est
 
 
 CAPTURE_COPIES = 1.2  # the preallocated record plus one step in flight and the recorder's per-layer tensors
-GUARD_SHARE = 0.8     # leave a fifth of the free memory to everything else
+GUARD_SHARE = 0.8  # leave a fifth of the free memory to everything else
 
 
 # --- the allocator: a long-running server must give freed memory back ----------------------------------

@@ -4,6 +4,7 @@ Every long job takes ``progress(done, total, message)``. The app maps it to ``st
 the CLI to tqdm. To cancel, the callback raises :class:`sap_core.errors.Cancelled`; the job
 undoes any in-place work before the exception leaves it.
 """
+
 from __future__ import annotations
 
 from typing import Callable, Optional

@@ -96,6 +96,7 @@ Cost: the only pass over the ``[S, Ly, H, L]`` mass is its sum over heads (:func
 cached per (mass array, layer and head selection); changing ``k``, ``alpha``, ``epsilon``, ``tau``,
 the rule or the view re-scores the reduced ``[S, Lsel, L]`` arrays only (:meth:`SinkReport.rescore`).
 """
+
 from __future__ import annotations
 
 import json
@@ -114,25 +115,33 @@ RULES = ("official", "leave_one_out")
 VIEWS = ("raw", "uniform", "per_query", "expected")
 # Human-readable title and (what it corrects, what it distorts) of each view, for pages and docs.
 VIEW_NOTES = {
-    "raw": ("Raw mass (the paper's view)",
-            "Nothing is corrected: this is the mass the official Sink-Aware Pruning code sums, and the view of the "
-            "Sink stability page.",
-            "A causal model's early keys are seen by more queries, so under the causal triangle key 0 collects the most "
-            "mass even without a learned sink."),
-    "uniform": ("Multiple of the uniform mass",
-                "Divides each step's mass by its mean, so steps with more positions (an AR model's later steps) and "
-                "different layer or head selections are on one scale (1 = average). The dominant position does not change.",
-                "Nothing about the causal mask is corrected: for an AR model key 0 still looks like a sink by construction."),
-    "per_query": ("Mean probability from the queries that see the key",
-                  "Divides by the number of queries that can attend to each key, which removes most of the causal "
-                  "triangle's head start of the early keys.",
-                  "Under uniform causal attention key 0 is still favoured by about ln n (early queries split their "
-                  "probability over fewer keys)."),
-    "expected": ("Multiple of the mass expected under uniform attention",
-                 "Divides by the mass each key would get if every query attended uniformly to what it may see, so a "
-                 "causal model's key-0 sink is never an artefact of the mask (1 = no preference).",
-                 "The newest keys of a causal model expect almost no mass (one or two queries see them), so small "
-                 "absolute mass there is inflated into large multiples: the AR sink seems to follow the newest token."),
+    "raw": (
+        "Raw mass (the paper's view)",
+        "Nothing is corrected: this is the mass the official Sink-Aware Pruning code sums, and the view of the "
+        "Sink stability page.",
+        "A causal model's early keys are seen by more queries, so under the causal triangle key 0 collects the most "
+        "mass even without a learned sink.",
+    ),
+    "uniform": (
+        "Multiple of the uniform mass",
+        "Divides each step's mass by its mean, so steps with more positions (an AR model's later steps) and "
+        "different layer or head selections are on one scale (1 = average). The dominant position does not change.",
+        "Nothing about the causal mask is corrected: for an AR model key 0 still looks like a sink by construction.",
+    ),
+    "per_query": (
+        "Mean probability from the queries that see the key",
+        "Divides by the number of queries that can attend to each key, which removes most of the causal "
+        "triangle's head start of the early keys.",
+        "Under uniform causal attention key 0 is still favoured by about ln n (early queries split their "
+        "probability over fewer keys).",
+    ),
+    "expected": (
+        "Multiple of the mass expected under uniform attention",
+        "Divides by the mass each key would get if every query attended uniformly to what it may see, so a "
+        "causal model's key-0 sink is never an artefact of the mask (1 = no preference).",
+        "The newest keys of a causal model expect almost no mass (one or two queries see them), so small "
+        "absolute mass there is inflated into large multiples: the AR sink seems to follow the newest token.",
+    ),
 }
 LABELS = ("none", "transient", "stable", "unstable")
 STATES = ("prompt", "decoded", "decoding", "masked", "absent")
@@ -141,6 +150,7 @@ _RTOL = 1e-6
 
 
 # --- spec --------------------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class SinkSpec:
@@ -197,7 +207,9 @@ class SinkSpec:
         if self.tau < 0:
             raise SinkSpecError(f"tau must be >= 0 (got {self.tau}); 0 treats every sink as unstable (official).")
         if not 0 < self.stable_min_frequency <= 1:
-            raise SinkSpecError(f"stable_min_frequency must be in (0, 1] (got {self.stable_min_frequency}); 0.5 means 'a sink at most steps'.")
+            raise SinkSpecError(
+                f"stable_min_frequency must be in (0, 1] (got {self.stable_min_frequency}); 0.5 means 'a sink at most steps'."
+            )
         if int(self.top_k) != self.top_k or self.top_k < 1:
             raise SinkSpecError(f"top_k must be a whole number >= 1 (got {self.top_k}).")
 
@@ -230,6 +242,7 @@ class SinkSpec:
 
 
 # --- mass reduction (the only pass over [S, Ly, H, L]) -----------------------------------------
+
 
 @dataclass(frozen=True, eq=False)
 class StepMass:
@@ -292,6 +305,7 @@ def reduce_mass(trajectory: Any, spec: SinkSpec = SinkSpec()) -> StepMass:
     mass = layer_mass.sum(axis=1)
     layer_mass.setflags(write=False)
     mass.setflags(write=False)
+
     def forget(_ref, key=key):
         with _CACHE_LOCK:
             if key in _CACHE and _CACHE[key][0] is _ref:
@@ -317,6 +331,7 @@ def clear_cache() -> None:
 
 # --- array-level rules (what the pruner calls on calibration masses) ---------------------------
 
+
 def _valid_mask(S: int, L: int, valid_length: Optional[np.ndarray]) -> np.ndarray:
     if valid_length is None:
         return np.ones((S, L), bool)
@@ -338,7 +353,7 @@ def _baseline_shape(valid: np.ndarray, normalize: str, causal: bool) -> Optional
     if normalize == "uniform" or not causal:
         f = np.broadcast_to(1.0 / n, (S, L))
     elif normalize == "per_query":
-        f = np.maximum(n - j, 1.0) / n ** 2
+        f = np.maximum(n - j, 1.0) / n**2
     else:  # expected: e(j) = H(n) - H(j)
         harmonic = np.concatenate([[0.0], np.cumsum(1.0 / np.arange(1, L + 1))])
         e = harmonic[n.astype(np.int64)] - harmonic[np.arange(L)][None, :]
@@ -393,12 +408,15 @@ def _as_steps(mass: Any) -> np.ndarray:
     if m.ndim == 1:
         m = m[None, :]
     if m.ndim != 2:
-        raise SinkSpecError(f"mass must be [steps, positions] or [positions] here (got shape {list(m.shape)}); sum over layers and heads first.")
+        raise SinkSpecError(
+            f"mass must be [steps, positions] or [positions] here (got shape {list(m.shape)}); sum over layers and heads first."
+        )
     return m
 
 
-def mass_view(mass: Any, normalize: str = "raw", valid_length: Any = None, causal: bool = False,
-              absent: float = 0.0) -> np.ndarray:
+def mass_view(
+    mass: Any, normalize: str = "raw", valid_length: Any = None, causal: bool = False, absent: float = 0.0
+) -> np.ndarray:
     """The viewed mass ``float64 [S, L]`` of a reduced mass ``[S, L]`` (see the module docstring);
     ``absent`` at positions beyond ``valid_length[t]`` (e.g. NaN to leave them out of a mean or a plot).
     Rows are scored on their own, so they may also be layers of one step."""
@@ -425,8 +443,9 @@ def sink_flags(mass: Any, spec: SinkSpec = SinkSpec(), valid_length: Any = None,
     return score_steps(mass, spec, valid_length, causal)[1]
 
 
-def score_steps(mass: Any, spec: SinkSpec = SinkSpec(), valid_length: Any = None,
-                causal: bool = False) -> tuple[np.ndarray, np.ndarray]:
+def score_steps(
+    mass: Any, spec: SinkSpec = SinkSpec(), valid_length: Any = None, causal: bool = False
+) -> tuple[np.ndarray, np.ndarray]:
     """Scores and flags from one scoring of a reduced mass ``[S, L]``: ``(float64 [S, L]`` scores,
     NaN where a position does not exist, ``bool [S, L]`` flags``)``. :func:`sink_scores` is the first
     in float32, :func:`sink_flags` the second; :func:`position_stats` takes both."""
@@ -502,6 +521,7 @@ def step_downweights(mass: Any, spec: SinkSpec = SinkSpec(), valid_length: Any =
 
 
 # --- the report ---------------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class Instability:
@@ -600,8 +620,10 @@ class SinkReport:
         for name, chosen in (("layers", self.layers), ("heads", self.heads)):
             new, old = getattr(spec, name), getattr(self.spec, name)
             if not (new is None and old is None or new is not None and tuple(new) == chosen):
-                raise SinkSpecError(f"Changing the {name} selection needs the full mass: call analyze(trajectory, spec) "
-                                    f"(this report covers {name} {list(chosen)}).")
+                raise SinkSpecError(
+                    f"Changing the {name} selection needs the full mass: call analyze(trajectory, spec) "
+                    f"(this report covers {name} {list(chosen)})."
+                )
         sm = StepMass(self.layer_mass, self.mass, self.layers, self.heads, self.valid_length, self.causal)
         return _build(sm, self.prompt_length, self.final_tokens, self.decoded_at, spec)
 
@@ -611,19 +633,21 @@ class SinkReport:
         import pandas as pd
 
         p = self.positions
-        return pd.DataFrame({
-            "position": np.arange(self.length, dtype=np.int64),
-            "token": self.final_tokens.astype(np.int64),
-            "is_prompt": np.arange(self.length) < self.prompt_length,
-            "decoded_at": self.decoded_at.astype(np.int64),
-            "valid_steps": p.valid_steps,
-            "mean_mass": self.mean_mass.astype(np.float64),
-            "frequency": p.frequency.astype(np.float64),
-            "mean_score": p.mean_score.astype(np.float64),
-            "variance": p.variance.astype(np.float64),
-            "label": p.label.astype(str),
-            "weight": p.weight.astype(np.float64),
-        })
+        return pd.DataFrame(
+            {
+                "position": np.arange(self.length, dtype=np.int64),
+                "token": self.final_tokens.astype(np.int64),
+                "is_prompt": np.arange(self.length) < self.prompt_length,
+                "decoded_at": self.decoded_at.astype(np.int64),
+                "valid_steps": p.valid_steps,
+                "mean_mass": self.mean_mass.astype(np.float64),
+                "frequency": p.frequency.astype(np.float64),
+                "mean_score": p.mean_score.astype(np.float64),
+                "variance": p.variance.astype(np.float64),
+                "label": p.label.astype(str),
+                "weight": p.weight.astype(np.float64),
+            }
+        )
 
     def steps_frame(self):
         """One row per (step, layer): dominant position, centroid, number of sinks (layer -1 = aggregate)."""
@@ -634,14 +658,16 @@ class SinkReport:
         dom = np.concatenate([self.dominant[:, None], self.layer_dominant], axis=1)
         cen = np.concatenate([self.centroid[:, None], self.layer_centroid], axis=1)
         cnt = np.concatenate([self.is_sink.sum(-1)[:, None], self.layer_is_sink.sum(-1)], axis=1)
-        return pd.DataFrame({
-            "step": np.repeat(np.arange(S, dtype=np.int64), n + 1),
-            "layer": np.tile(layer_ids, S),
-            "valid_length": np.repeat(self.valid_length.astype(np.int64), n + 1),
-            "dominant": dom.reshape(-1).astype(np.int64),
-            "centroid": cen.reshape(-1).astype(np.float64),
-            "n_sinks": cnt.reshape(-1).astype(np.int64),
-        })
+        return pd.DataFrame(
+            {
+                "step": np.repeat(np.arange(S, dtype=np.int64), n + 1),
+                "layer": np.tile(layer_ids, S),
+                "valid_length": np.repeat(self.valid_length.astype(np.int64), n + 1),
+                "dominant": dom.reshape(-1).astype(np.int64),
+                "centroid": cen.reshape(-1).astype(np.float64),
+                "n_sinks": cnt.reshape(-1).astype(np.int64),
+            }
+        )
 
     def layers_frame(self):
         """One row per layer (first row: aggregate, layer -1) with the :class:`Instability` figures."""
@@ -665,20 +691,26 @@ class SinkReport:
             mass, scores, sink = self.layer_mass[:, i], self.layer_scores[:, i], self.layer_is_sink[:, i]
         view = mass_view(mass, self.spec.normalize, self.valid_length, self.causal)
         S, L = mass.shape
-        return pd.DataFrame({
-            "step": np.repeat(np.arange(S, dtype=np.int64), L),
-            "position": np.tile(np.arange(L, dtype=np.int64), S),
-            "state": np.asarray(STATES, dtype=object)[self.state.reshape(-1)],
-            "mass": mass.reshape(-1).astype(np.float64),
-            "view": view.reshape(-1),
-            "score": scores.reshape(-1).astype(np.float64),
-            "is_sink": sink.reshape(-1),
-        })
+        return pd.DataFrame(
+            {
+                "step": np.repeat(np.arange(S, dtype=np.int64), L),
+                "position": np.tile(np.arange(L, dtype=np.int64), S),
+                "state": np.asarray(STATES, dtype=object)[self.state.reshape(-1)],
+                "mass": mass.reshape(-1).astype(np.float64),
+                "view": view.reshape(-1),
+                "score": scores.reshape(-1).astype(np.float64),
+                "is_sink": sink.reshape(-1),
+            }
+        )
 
     def to_frames(self) -> dict:
         """``{"positions", "steps", "layers", "scores"}`` DataFrames."""
-        return {"positions": self.positions_frame(), "steps": self.steps_frame(),
-                "layers": self.layers_frame(), "scores": self.scores_frame()}
+        return {
+            "positions": self.positions_frame(),
+            "steps": self.steps_frame(),
+            "layers": self.layers_frame(),
+            "scores": self.scores_frame(),
+        }
 
     # files
     def to_csv(self, directory: Union[str, Path]) -> Path:
@@ -721,22 +753,37 @@ class SinkReport:
         try:
             doc = json.loads(Path(path).read_text())
         except (OSError, ValueError) as exc:
-            raise SinkSpecError(f"Cannot read a sink report from {path}: {exc}. Pick a file written by SinkReport.to_json.") from None
+            raise SinkSpecError(
+                f"Cannot read a sink report from {path}: {exc}. Pick a file written by SinkReport.to_json."
+            ) from None
         if not isinstance(doc, dict) or doc.get("format") != "sinkscope.sink_report/1":
             raise SinkSpecError(f"{path} is not a sink report written by SinkReport.to_json.")
         sm = StepMass(
-            layer_mass=np.asarray(doc["layer_mass"], np.float32), mass=np.asarray(doc["mass"], np.float32),
-            layers=tuple(doc["layers"]), heads=tuple(doc["heads"]),
-            valid_length=np.asarray(doc["valid_length"], np.int64), causal=bool(doc["causal"]))
-        return _build(sm, int(doc["prompt_length"]), np.asarray(doc["final_tokens"], np.int64),
-                      np.asarray(doc["decoded_at"], np.int64), SinkSpec.from_dict(doc["spec"]))
+            layer_mass=np.asarray(doc["layer_mass"], np.float32),
+            mass=np.asarray(doc["mass"], np.float32),
+            layers=tuple(doc["layers"]),
+            heads=tuple(doc["heads"]),
+            valid_length=np.asarray(doc["valid_length"], np.int64),
+            causal=bool(doc["causal"]),
+        )
+        return _build(
+            sm,
+            int(doc["prompt_length"]),
+            np.asarray(doc["final_tokens"], np.int64),
+            np.asarray(doc["decoded_at"], np.int64),
+            SinkSpec.from_dict(doc["spec"]),
+        )
 
 
 def _records(frame) -> list:
     out = []
     for row in frame.to_dict(orient="records"):
-        out.append({k: (None if isinstance(v, float) and not np.isfinite(v) else (v.item() if hasattr(v, "item") else v))
-                    for k, v in row.items()})
+        out.append(
+            {
+                k: (None if isinstance(v, float) and not np.isfinite(v) else (v.item() if hasattr(v, "item") else v))
+                for k, v in row.items()
+            }
+        )
     return out
 
 
@@ -783,12 +830,13 @@ def _instability(layer: int, dom: np.ndarray, cen: np.ndarray, mean_view: np.nda
         p = p / total
         nz = p[p > 0]
         entropy = float(-(nz * np.log(nz)).sum())
-        top = float(np.sort(p)[::-1][:min(top_k, n)].sum())
+        top = float(np.sort(p)[::-1][: min(top_k, n)].sum())
     else:
         entropy, top = float("nan"), float("nan")
     entropy_norm = entropy / np.log(n) if n > 1 else 0.0
-    return Instability(layer, dom_var, dom_var / L ** 2, cen_var, cen_var / L ** 2, int(have.sum()),
-                       entropy, float(entropy_norm), top)
+    return Instability(
+        layer, dom_var, dom_var / L**2, cen_var, cen_var / L**2, int(have.sum()), entropy, float(entropy_norm), top
+    )
 
 
 def _build(sm: StepMass, prompt_length: int, final_tokens: np.ndarray, decoded_at: np.ndarray, spec: SinkSpec) -> SinkReport:
@@ -815,17 +863,33 @@ def _build(sm: StepMass, prompt_length: int, final_tokens: np.ndarray, decoded_a
     ]
     positions = position_stats(scores[:, 0], sink[:, 0], spec)
     arrays = dict(
-        valid=valid, state=_states(decoded_at, valid),
-        mass=np.asarray(sm.mass, np.float32), layer_mass=np.asarray(sm.layer_mass, np.float32),
-        scores=scores[:, 0].astype(np.float32), is_sink=sink[:, 0], dominant=dominant[:, 0], centroid=centroid[:, 0],
-        layer_scores=scores[:, 1:].astype(np.float32), layer_is_sink=sink[:, 1:],
-        layer_dominant=dominant[:, 1:], layer_centroid=centroid[:, 1:], mean_mass=mean_view[0],
+        valid=valid,
+        state=_states(decoded_at, valid),
+        mass=np.asarray(sm.mass, np.float32),
+        layer_mass=np.asarray(sm.layer_mass, np.float32),
+        scores=scores[:, 0].astype(np.float32),
+        is_sink=sink[:, 0],
+        dominant=dominant[:, 0],
+        centroid=centroid[:, 0],
+        layer_scores=scores[:, 1:].astype(np.float32),
+        layer_is_sink=sink[:, 1:],
+        layer_dominant=dominant[:, 1:],
+        layer_centroid=centroid[:, 1:],
+        mean_mass=mean_view[0],
     )
     return SinkReport(
-        spec=spec, layers=tuple(sm.layers), heads=tuple(sm.heads), causal=bool(sm.causal),
-        prompt_length=int(prompt_length), final_tokens=np.asarray(final_tokens, np.int64),
-        decoded_at=np.asarray(decoded_at, np.int64), valid_length=np.asarray(sm.valid_length, np.int64),
-        positions=positions, aggregate=figures[0], per_layer=tuple(figures[1:]), **arrays,
+        spec=spec,
+        layers=tuple(sm.layers),
+        heads=tuple(sm.heads),
+        causal=bool(sm.causal),
+        prompt_length=int(prompt_length),
+        final_tokens=np.asarray(final_tokens, np.int64),
+        decoded_at=np.asarray(decoded_at, np.int64),
+        valid_length=np.asarray(sm.valid_length, np.int64),
+        positions=positions,
+        aggregate=figures[0],
+        per_layer=tuple(figures[1:]),
+        **arrays,
     )
 
 
@@ -846,8 +910,15 @@ def analyze(trajectory: Any, spec: SinkSpec = SinkSpec()) -> SinkReport:
 
 # --- AR vs DLM ----------------------------------------------------------------------------------
 
-COMPARE_METRICS = ("dominant_var", "dominant_var_norm", "centroid_var", "centroid_var_norm", "sink_steps",
-                   "entropy_norm", "top_k_share")
+COMPARE_METRICS = (
+    "dominant_var",
+    "dominant_var_norm",
+    "centroid_var",
+    "centroid_var_norm",
+    "sink_steps",
+    "entropy_norm",
+    "top_k_share",
+)
 # Readable names of the :class:`Instability` figures, for tables and axes.
 METRIC_TITLES = {
     "dominant_var": "Var(dominant position) (tokens²)",
@@ -895,8 +966,13 @@ class SinkComparison:
         return {label: asdict(r.aggregate) for label, r in zip(self.labels, self.reports)}
 
 
-def compare(first: Any, second: Any, spec: Optional[SinkSpec] = None, normalize: Optional[str] = None,
-            labels: Sequence[str] = ("AR", "DLM")) -> SinkComparison:
+def compare(
+    first: Any,
+    second: Any,
+    spec: Optional[SinkSpec] = None,
+    normalize: Optional[str] = None,
+    labels: Sequence[str] = ("AR", "DLM"),
+) -> SinkComparison:
     """Compare two trajectories or reports (e.g. AR against DLM on the same prompt).
 
     Both are scored with ``spec`` (default: the first report's spec, or :class:`SinkSpec`) in the

@@ -25,6 +25,7 @@ A causal model decodes one token per step, so its step count is ``gen_length`` w
 Cost: the models are loaded once by the caller and reused for every prompt; each prompt's
 trajectory is reduced to its statistics at once and dropped, so memory does not grow with ``N``.
 """
+
 from __future__ import annotations
 
 import json
@@ -63,13 +64,15 @@ def report_statistics(report: SinkReport) -> list[dict]:
     dominants = [report.dominant] + [report.layer_dominant[:, i] for i in range(len(report.layers))]
     figures = [report.aggregate] + list(report.per_layer)
     for figure, dom in zip(figures, dominants):
-        rows.append({
-            "layer": int(figure.layer),
-            "dominant_var": float(figure.dominant_var),
-            "distinct_dominant": int(np.unique(dom).size),
-            "first_token_share": float(np.mean(dom == 0)),
-            "top_k_share": float(figure.top_k_share),
-        })
+        rows.append(
+            {
+                "layer": int(figure.layer),
+                "dominant_var": float(figure.dominant_var),
+                "distinct_dominant": int(np.unique(dom).size),
+                "first_token_share": float(np.mean(dom == 0)),
+                "top_k_share": float(figure.top_k_share),
+            }
+        )
     return rows
 
 
@@ -92,8 +95,10 @@ def prompts_from_lines(text: str, n: Optional[int] = None) -> list[str]:
     """The first ``n`` non-empty lines of a user's prompt file (one prompt a line); all when ``n`` is None."""
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     if n is not None and len(lines) < n:
-        raise SinkStatsError(f"The prompt file has {len(lines)} non-empty lines, fewer than the {n} prompts asked for; "
-                             f"add prompts (one a line) or ask for at most {len(lines)}.")
+        raise SinkStatsError(
+            f"The prompt file has {len(lines)} non-empty lines, fewer than the {n} prompts asked for; "
+            f"add prompts (one a line) or ask for at most {len(lines)}."
+        )
     lines = lines if n is None else lines[:n]
     if len(lines) < 2:
         raise SinkStatsError("Give at least 2 prompts (one a line): a standard error needs two.")
@@ -258,11 +263,17 @@ def run_sinkstats(
     start = time.perf_counter()
     for i, _ in enumerate(prompts):
         for handle, label in runs:
+
             def inner(step: int, _total: int, _message: str, base=done, label=label, i=i) -> None:
                 report(progress, base + step, total, f"prompt {i + 1}/{len(prompts)}, {label}")
 
-            traj = generate(handle, encoded[id(handle)][i], decode, recorder=AttentionRecorder(),
-                            progress=inner if progress is not None else None)
+            traj = generate(
+                handle,
+                encoded[id(handle)][i],
+                decode,
+                recorder=AttentionRecorder(),
+                progress=inner if progress is not None else None,
+            )
             done += steps[id(handle)]
             for row in report_statistics(analyze(traj, sink)):
                 rows.append({"prompt": i, "model": label, **row})
@@ -271,5 +282,14 @@ def run_sinkstats(
     return SinkStats((dlm_label, ar_label), tuple(prompts), decode, sink, frame, time.perf_counter() - start)
 
 
-__all__ = ["STATISTICS", "DIFFERENCE", "SinkStats", "SinkStatsError", "run_sinkstats", "evaluation_prompts",
-           "prompts_from_lines", "report_statistics", "mean_se"]
+__all__ = [
+    "STATISTICS",
+    "DIFFERENCE",
+    "SinkStats",
+    "SinkStatsError",
+    "run_sinkstats",
+    "evaluation_prompts",
+    "prompts_from_lines",
+    "report_statistics",
+    "mean_se",
+]

@@ -33,6 +33,7 @@ against their baselines: with the per-(window, draw) estimates each evaluation r
 numbers, :func:`paired_se`); ``se_indep = sqrt(nll_se_a**2 + nll_se_b**2)``, which treats the two
 errors as independent, is the conservative fallback.
 """
+
 from __future__ import annotations
 
 import math
@@ -55,8 +56,20 @@ from sap_core.pruning.scores import CalibrationCache
 from sap_core.pruning.spec import GATED
 from sap_core.sinks import SinkSpec
 
-COLUMNS = ["method", "sparsity", "pattern", "ppl", "ppl_se", "prune_seconds", "nll", "nll_se",
-           "actual_sparsity", "eval_seconds", "label", "tau"]
+COLUMNS = [
+    "method",
+    "sparsity",
+    "pattern",
+    "ppl",
+    "ppl_se",
+    "prune_seconds",
+    "nll",
+    "nll_se",
+    "actual_sparsity",
+    "eval_seconds",
+    "label",
+    "tau",
+]
 DENSE = "dense"
 
 
@@ -196,8 +209,10 @@ class SweepSpec:
         if len(set(names)) != len(names):
             raise SweepSpecError(f"Method labels must be unique (got {names}).")
         if self.sink_taus and not any(str(m) in GATED for m in self.methods if not isinstance(m, MethodSetting)):
-            raise SweepSpecError("sink_taus applies to the gated methods only: add gated_sink_wanda or "
-                                 "gated_sink_sparsegpt to the methods, or drop the taus.")
+            raise SweepSpecError(
+                "sink_taus applies to the gated methods only: add gated_sink_wanda or "
+                "gated_sink_sparsegpt to the methods, or drop the taus."
+            )
         bad = [s for s in self.sparsities if not 0.0 < float(s) < 1.0]  # NaN fails too
         if bad:
             raise SweepSpecError(f"Sparsities must lie strictly between 0 and 1 (got {bad}).")
@@ -231,14 +246,24 @@ def perplexity(handle: ModelHandle, spec: EvalSpec, progress: Optional[Progress]
     model, both from :mod:`sap_core.evaluate`."""
     t0 = time.perf_counter()
     if handle.causal:
-        result = evaluate.causal_perplexity(handle, spec.text, seqlen=spec.seqlen, nsamples=spec.nsamples,
-                                            prefix=spec.prefix, progress=progress)  # deterministic: no seed
+        result = evaluate.causal_perplexity(
+            handle, spec.text, seqlen=spec.seqlen, nsamples=spec.nsamples, prefix=spec.prefix, progress=progress
+        )  # deterministic: no seed
     else:
-        result = evaluate.diffusion_perplexity(handle, spec.text, seqlen=spec.seqlen, nsamples=spec.nsamples,
-                                               draws=spec.draws, seed=spec.seed, prefix=spec.prefix, progress=progress)
+        result = evaluate.diffusion_perplexity(
+            handle,
+            spec.text,
+            seqlen=spec.seqlen,
+            nsamples=spec.nsamples,
+            draws=spec.draws,
+            seed=spec.seed,
+            prefix=spec.prefix,
+            progress=progress,
+        )
     seconds = time.perf_counter() - t0
-    return PerplexityRow(float(result.nll), float(result.nll_se), float(result.ppl), float(result.ppl_se), seconds,
-                         result, result.estimates)
+    return PerplexityRow(
+        float(result.nll), float(result.nll_se), float(result.ppl), float(result.ppl_se), seconds, result, result.estimates
+    )
 
 
 def paired_se(a: np.ndarray, b: np.ndarray) -> float:
@@ -305,6 +330,7 @@ def run_sweep(
         def inner(done: int, sub_total: int, message: str) -> None:
             frac = min(max(done / sub_total, 0.0), 1.0) if sub_total else 1.0
             report(progress, start + int(round(frac * unit)), total, f"{label}: {message}" if message else label)
+
         return inner
 
     rows: list[dict] = []
@@ -322,9 +348,23 @@ def run_sweep(
         with handle.lock:
             ev = perplexity(handle, spec.eval, sub("dense: evaluate", offset))
         offset += unit
-        add(dict(method=DENSE, sparsity=0.0, pattern=DENSE, ppl=ev.ppl, ppl_se=ev.ppl_se, prune_seconds=0.0,
-                 nll=ev.nll, nll_se=ev.nll_se, actual_sparsity=0.0, eval_seconds=ev.seconds, label=DENSE,
-                 tau=math.nan), ev)
+        add(
+            dict(
+                method=DENSE,
+                sparsity=0.0,
+                pattern=DENSE,
+                ppl=ev.ppl,
+                ppl_se=ev.ppl_se,
+                prune_seconds=0.0,
+                nll=ev.nll,
+                nll_se=ev.nll_se,
+                actual_sparsity=0.0,
+                eval_seconds=ev.seconds,
+                label=DENSE,
+                tau=math.nan,
+            ),
+            ev,
+        )
         report(progress, offset, total, "dense done")
     for (setting, pattern, sparsity), prune_spec in zip(jobs, prune_specs):
         name = f"{setting.name} {pattern} {sparsity:g}"
@@ -335,10 +375,23 @@ def run_sweep(
         with variant.applied(handle):
             ev = perplexity(handle, spec.eval, sub(f"{name}: evaluate", offset))
         offset += unit
-        add(dict(method=setting.name, sparsity=sparsity, pattern=pattern, ppl=ev.ppl, ppl_se=ev.ppl_se,
-                 prune_seconds=prune_seconds, nll=ev.nll, nll_se=ev.nll_se,
-                 actual_sparsity=_actual_sparsity(variant), eval_seconds=ev.seconds, label=name,
-                 tau=spec.tau_of(setting)), ev)
+        add(
+            dict(
+                method=setting.name,
+                sparsity=sparsity,
+                pattern=pattern,
+                ppl=ev.ppl,
+                ppl_se=ev.ppl_se,
+                prune_seconds=prune_seconds,
+                nll=ev.nll,
+                nll_se=ev.nll_se,
+                actual_sparsity=_actual_sparsity(variant),
+                eval_seconds=ev.seconds,
+                label=name,
+                tau=spec.tau_of(setting),
+            ),
+            ev,
+        )
         report(progress, offset, total, f"{name} done")
     df = _frame(rows)
     df.attrs["estimates"] = estimates
@@ -376,9 +429,15 @@ def save_sweep(df: pd.DataFrame, path: Union[str, Path]) -> Path:
     path = Path(path)
     estimates = df.attrs.get("estimates") or {}
     if estimates:
-        atomic_write(_estimates_path(path), lambda tmp: np.savez_compressed(
-            tmp, **{f"row{i}": np.asarray(v) for i, v in enumerate(estimates.values())},
-            labels=np.array(list(estimates), dtype=str)), suffix=".npz")
+        atomic_write(
+            _estimates_path(path),
+            lambda tmp: np.savez_compressed(
+                tmp,
+                **{f"row{i}": np.asarray(v) for i, v in enumerate(estimates.values())},
+                labels=np.array(list(estimates), dtype=str),
+            ),
+            suffix=".npz",
+        )
     atomic_write(path, lambda tmp: df.to_csv(tmp, index=False))
     return path
 
@@ -440,8 +499,20 @@ def method_differences(df: pd.DataFrame, pairs: Sequence[tuple[str, str]] = DEFA
     errors as independent: conservative), ``se_paired`` (:func:`paired_se` on the per-draw estimates in
     ``df.attrs["estimates"]``; NaN without them) and ``z = delta_nll / se`` with the paired error when
     known, else the independent one. Labels such as ``gated_sink_wanda(tau=0.05)`` work as methods."""
-    cols = ["method", "baseline", "pattern", "sparsity", "ppl", "ppl_baseline", "delta_ppl", "rel_ppl",
-            "delta_nll", "se_indep", "se_paired", "z"]
+    cols = [
+        "method",
+        "baseline",
+        "pattern",
+        "sparsity",
+        "ppl",
+        "ppl_baseline",
+        "delta_ppl",
+        "rel_ppl",
+        "delta_nll",
+        "se_indep",
+        "se_paired",
+        "z",
+    ]
     estimates = df.attrs.get("estimates") or {}
     key = ["pattern", "sparsity"]
     rows = []
@@ -455,8 +526,20 @@ def method_differences(df: pd.DataFrame, pairs: Sequence[tuple[str, str]] = DEFA
             sp = paired_se(ea, eb) if ea is not None and eb is not None and np.shape(ea) == np.shape(eb) else math.nan
             d_nll = float(ra["nll"]) - float(rb["nll"])
             use = sp if np.isfinite(sp) else se
-            rows.append(dict(method=method, baseline=baseline, pattern=idx[0], sparsity=float(idx[1]),
-                             ppl=float(ra["ppl"]), ppl_baseline=float(rb["ppl"]),
-                             delta_ppl=float(ra["ppl"]) - float(rb["ppl"]), rel_ppl=float(ra["ppl"]) / float(rb["ppl"]) - 1,
-                             delta_nll=d_nll, se_indep=se, se_paired=sp, z=d_nll / use if use > 0 else math.nan))
+            rows.append(
+                dict(
+                    method=method,
+                    baseline=baseline,
+                    pattern=idx[0],
+                    sparsity=float(idx[1]),
+                    ppl=float(ra["ppl"]),
+                    ppl_baseline=float(rb["ppl"]),
+                    delta_ppl=float(ra["ppl"]) - float(rb["ppl"]),
+                    rel_ppl=float(ra["ppl"]) / float(rb["ppl"]) - 1,
+                    delta_nll=d_nll,
+                    se_indep=se,
+                    se_paired=sp,
+                    z=d_nll / use if use > 0 else math.nan,
+                )
+            )
     return pd.DataFrame(rows, columns=cols)

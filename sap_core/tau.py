@@ -19,6 +19,7 @@ sparsity and pattern: each gated method's perplexity at every tau, its differenc
 paired standard error, and the ``wanda`` / ``noised_wanda`` rows as references; :func:`best_taus`
 picks the best tau of each gated method.
 """
+
 from __future__ import annotations
 
 import math
@@ -92,9 +93,15 @@ class GateData:
         mass = self.layer_sink_mass.reshape(len(self.layers), -1).sum(1)
         gmass = np.where(g, self.layer_sink_mass, 0).reshape(len(self.layers), -1).sum(1)
         with np.errstate(invalid="ignore", divide="ignore"):
-            return pd.DataFrame(dict(layer=list(self.layers), occurrences=occ, gated=gated,
-                                     occurrence_share=np.where(occ > 0, gated / np.maximum(occ, 1), np.nan),
-                                     mass_share=np.where(mass > 0, gmass / np.where(mass > 0, mass, 1), np.nan)))
+            return pd.DataFrame(
+                dict(
+                    layer=list(self.layers),
+                    occurrences=occ,
+                    gated=gated,
+                    occurrence_share=np.where(occ > 0, gated / np.maximum(occ, 1), np.nan),
+                    mass_share=np.where(mass > 0, gmass / np.where(mass > 0, mass, 1), np.nan),
+                )
+            )
 
     def top_tokens(self, tau: float, decode: Callable[[list[int]], str], n: int = 10) -> pd.DataFrame:
         """The ``n`` tokens with the most gated sink positions at ``tau``: ``token`` id, ``text``,
@@ -104,9 +111,16 @@ class GateData:
         tokens, counts = np.unique(gated_ids, return_counts=True)
         order = np.lexsort((tokens, -counts))[:n]
         sink_counts = {int(t): int(c) for t, c in zip(*np.unique(sink_ids, return_counts=True))}
-        rows = [dict(token=int(tokens[i]), text=decode([int(tokens[i])]), gated=int(counts[i]),
-                     sinks=sink_counts[int(tokens[i])], gated_share=counts[i] / sink_counts[int(tokens[i])])
-                for i in order]
+        rows = [
+            dict(
+                token=int(tokens[i]),
+                text=decode([int(tokens[i])]),
+                gated=int(counts[i]),
+                sinks=sink_counts[int(tokens[i])],
+                gated_share=counts[i] / sink_counts[int(tokens[i])],
+            )
+            for i in order
+        ]
         return pd.DataFrame(rows, columns=["token", "text", "gated", "sinks", "gated_share"])
 
 
@@ -118,16 +132,18 @@ def _check_tau(tau) -> float:
 
 
 @torch.no_grad()
-def calibration_gate(handle, calibration: CalibrationSpec = CalibrationSpec(), sink: SinkSpec = SinkSpec(),
-                     progress: Optional[Progress] = None) -> GateData:
+def calibration_gate(
+    handle, calibration: CalibrationSpec = CalibrationSpec(), sink: SinkSpec = SinkSpec(), progress: Optional[Progress] = None
+) -> GateData:
     """Run the pruner's noised calibration passes once (dense model, attention recorded) and return
     the variance the gate compares with tau (see the module docstring). ``sink.tau`` is not used:
     every tau is answered afterwards by :class:`GateData`. Raises :class:`PruneSpecError` for a model
     without a mask token or impossible settings, before any forward pass; ``progress`` may raise
     :class:`~sap_core.errors.Cancelled`."""
     if handle.mask_id is None:
-        raise PruneSpecError("The variance gate works on [MASK]-noised calibration text, but this model has no mask "
-                             "token: pick a diffusion model.")
+        raise PruneSpecError(
+            "The variance gate works on [MASK]-noised calibration text, but this model has no mask token: pick a diffusion model."
+        )
     calibration.validate()
     try:
         layers, heads = sink.resolve(len(handle.module.blocks), handle.n_heads)
@@ -210,14 +226,38 @@ def tau_table(df: pd.DataFrame, sparsity: float, pattern: str = "unstructured") 
                 a, b = estimates.get(str(r["label"])), estimates.get(str(z0["label"]))
                 if a is not None and b is not None and np.shape(a) == np.shape(b):
                     se = paired_se(a, b)
-            out.append(dict(kind="gated", method=method, tau=float(r["tau"]), ppl=float(r["ppl"]),
-                            ppl_se=float(r["ppl_se"]), nll=float(r["nll"]), nll_se=float(r["nll_se"]), delta_nll=d,
-                            se_paired=se, z=d / se if se > 0 else math.nan, label=str(r["label"])))
+            out.append(
+                dict(
+                    kind="gated",
+                    method=method,
+                    tau=float(r["tau"]),
+                    ppl=float(r["ppl"]),
+                    ppl_se=float(r["ppl_se"]),
+                    nll=float(r["nll"]),
+                    nll_se=float(r["nll_se"]),
+                    delta_nll=d,
+                    se_paired=se,
+                    z=d / se if se > 0 else math.nan,
+                    label=str(r["label"]),
+                )
+            )
     for ref in REFERENCES:
         for _, r in rows[rows["method"] == ref].iterrows():
-            out.append(dict(kind="reference", method=ref, tau=math.nan, ppl=float(r["ppl"]), ppl_se=float(r["ppl_se"]),
-                            nll=float(r["nll"]), nll_se=float(r["nll_se"]), delta_nll=math.nan, se_paired=math.nan,
-                            z=math.nan, label=str(r["label"])))
+            out.append(
+                dict(
+                    kind="reference",
+                    method=ref,
+                    tau=math.nan,
+                    ppl=float(r["ppl"]),
+                    ppl_se=float(r["ppl_se"]),
+                    nll=float(r["nll"]),
+                    nll_se=float(r["nll_se"]),
+                    delta_nll=math.nan,
+                    se_paired=math.nan,
+                    z=math.nan,
+                    label=str(r["label"]),
+                )
+            )
     return pd.DataFrame(out, columns=cols)
 
 
@@ -233,8 +273,9 @@ def best_taus(table: pd.DataFrame, df: Optional[pd.DataFrame] = None) -> pd.Data
     out = []
     for method, group in gated.groupby("method", sort=True):
         best = group.loc[group["nll"].idxmin()]
-        row = dict(method=method, tau=best["tau"], ppl=best["ppl"], delta_nll=best["delta_nll"],
-                   se_paired=best["se_paired"], z=best["z"])
+        row = dict(
+            method=method, tau=best["tau"], ppl=best["ppl"], delta_nll=best["delta_nll"], se_paired=best["se_paired"], z=best["z"]
+        )
         for ref in REFERENCES:
             if ref in refs.index:
                 r = refs.loc[ref]
@@ -255,6 +296,13 @@ def tau_sweep_spec(methods, sparsity: float, pattern: str, taus, sink: SinkSpec,
     methods = tuple(methods)
     if not methods or any(m not in GATED for m in methods):
         raise SapError(f"Choose gated methods for a tau sweep ({', '.join(sorted(GATED))}); got {list(methods)}.")
-    return SweepSpec(methods=REFERENCES + methods, sparsities=(float(sparsity),), patterns=(pattern,), sink=sink,
-                     sink_taus=taus, calibration=calibration, eval=eval if eval is not None else EvalSpec(),
-                     include_dense=False)
+    return SweepSpec(
+        methods=REFERENCES + methods,
+        sparsities=(float(sparsity),),
+        patterns=(pattern,),
+        sink=sink,
+        sink_taus=taus,
+        calibration=calibration,
+        eval=eval if eval is not None else EvalSpec(),
+        include_dense=False,
+    )

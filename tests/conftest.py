@@ -1,4 +1,5 @@
 """Shared fixtures: tiny random models written to disk in LLaDA's own format."""
+
 from __future__ import annotations
 
 import os
@@ -32,15 +33,27 @@ def make_tokenizer() -> PreTrainedTokenizerFast:
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=SPECIALS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(TEXT, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", bos_token="[BOS]", eos_token="[EOS]", mask_token="[MASK]")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="[PAD]", bos_token="[BOS]", eos_token="[EOS]", mask_token="[MASK]"
+    )
 
 
 def make_model_dir(path: Path, *, causal: bool = False, seed: int = 0, **overrides) -> Path:
     """Write a tiny random LLaDA-format model (config, model.safetensors, tokenizer) to ``path``."""
     tokenizer = make_tokenizer()
     torch.manual_seed(seed)
-    kwargs = dict(d_model=32, n_heads=4, n_kv_heads=4, n_layers=2, mlp_hidden_size=64, vocab_size=len(tokenizer),
-                  max_sequence_length=256, rope_theta=10000.0, mask_token_id=tokenizer.mask_token_id, causal=causal)
+    kwargs = dict(
+        d_model=32,
+        n_heads=4,
+        n_kv_heads=4,
+        n_layers=2,
+        mlp_hidden_size=64,
+        vocab_size=len(tokenizer),
+        max_sequence_length=256,
+        rope_theta=10000.0,
+        mask_token_id=tokenizer.mask_token_id,
+        causal=causal,
+    )
     kwargs.update(overrides)
     model = LLaDAModelLM(LLaDAConfig(**kwargs))
     path.mkdir(parents=True, exist_ok=True)
@@ -74,7 +87,9 @@ def tiny_ar(tiny_ar_dir):
 CHROMIUM = "/usr/bin/chromium"
 ROOT = Path(__file__).resolve().parents[1]
 SCREENSHOTS = ROOT / "tests" / "screenshots"  # git-ignored; look at them after a change to a page
-needs_chromium = pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="Debian's chromium is not installed (.ci/run installs it)")
+needs_chromium = pytest.mark.skipif(
+    not Path(CHROMIUM).exists(), reason="Debian's chromium is not installed (.ci/run installs it)"
+)
 
 
 def pytest_collection_modifyitems(items):
@@ -97,9 +112,25 @@ def start_app(env: dict | None = None) -> tuple[subprocess.Popen, str]:
     """``streamlit run app.py`` on a free local port; returns the process and its URL once healthy."""
     port = free_port()
     env = dict(os.environ, STREAMLIT_BROWSER_GATHER_USAGE_STATS="false", **(env or {}))
-    proc = subprocess.Popen([sys.executable, "-m", "streamlit", "run", str(ROOT / "app.py"), "--server.headless", "true",
-                             "--server.port", str(port), "--server.address", "127.0.0.1"],
-                            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "streamlit",
+            "run",
+            str(ROOT / "app.py"),
+            "--server.headless",
+            "true",
+            "--server.port",
+            str(port),
+            "--server.address",
+            "127.0.0.1",
+        ],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 120
     while time.time() < deadline:
@@ -129,8 +160,10 @@ def app_url():
 
 
 def launch_chromium(playwright):
-    return playwright.chromium.launch(executable_path=CHROMIUM, args=[
-        "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update", "--no-first-run"])
+    return playwright.chromium.launch(
+        executable_path=CHROMIUM,
+        args=["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update", "--no-first-run"],
+    )
 
 
 @pytest.fixture(scope="session")

@@ -1,4 +1,5 @@
 """Every page of the Streamlit app, driven by AppTest on the built-in DLM: happy paths, bad input, isolation."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -35,6 +36,7 @@ def generate_small(at: AppTest) -> AppTest:
 
 def dense_fingerprint() -> float:
     from app_common import cached_model
+
     handle = cached_model("tiny-dlm", "auto", "auto")
     return float(sum(p.double().abs().sum() for p in handle.module.parameters()))
 
@@ -67,6 +69,7 @@ def test_explorer_generates_and_its_settings_do_not_rerun_the_model(monkeypatch)
     assert any("16 steps" in s for s in texts(at.success))
     assert '"steps":16' in at.get("iframe")[0].proto.srcdoc  # the whole run, sent once to the browser view
     import sap_core.diffusion as diffusion
+
     calls = []
     monkeypatch.setattr(diffusion, "generate", lambda *a, **k: calls.append(1))
     at.radio[0].set_value("per-step").run()  # colour range
@@ -238,8 +241,9 @@ def test_compare_page_labels_the_earlier_result_after_a_failed_run():
     nums["Generation length"].set_value(600)  # past the built-in model's 512 positions
     at.button[0].click().run()
     assert at.error and not at.exception
-    assert any(c.startswith("From an earlier run (the last run failed): the prompt") and "16 steps" in c
-               for c in texts(at.caption))
+    assert any(
+        c.startswith("From an earlier run (the last run failed): the prompt") and "16 steps" in c for c in texts(at.caption)
+    )
 
 
 def test_compare_page_sweep_errors():

@@ -1,5 +1,6 @@
 """The AR vs DLM page (issue 13), driven by AppTest: its numbers are the Sink stability page's, and the
 across-prompts panel runs for real."""
+
 from __future__ import annotations
 
 import time
@@ -72,7 +73,9 @@ def test_other_model_side_by_side_equals_the_sink_stability_numbers():
     assert not at.exception
     assert any("Distorts:" in c for c in texts(at.caption))
     expected_ar = analyze(ar_traj, SinkSpec(**{**spec.to_dict(), "normalize": "expected"}))
-    assert at.dataframe[0].value.loc[0, "AR: Var(dominant position) (tokens²)"] == pytest.approx(expected_ar.aggregate.dominant_var)
+    assert at.dataframe[0].value.loc[0, "AR: Var(dominant position) (tokens²)"] == pytest.approx(
+        expected_ar.aggregate.dominant_var
+    )
 
 
 def test_across_prompts_panel_runs_and_plots_error_bars():

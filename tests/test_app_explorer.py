@@ -1,5 +1,6 @@
 """The Denoising explorer page under AppTest on the built-in models: a causal model hides the
 masked-diffusion options, and after a failed run the stored result is labelled as the previous one."""
+
 from __future__ import annotations
 
 import pytest

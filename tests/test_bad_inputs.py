@@ -1,6 +1,7 @@
 """Hostile and careless input (issue 12): every case asserts the one-line error AND that nothing was lost
 (sha256 of the files around it before and after). Library cases first, then the CLI (in-process with
 ``main``; a few subprocesses prove the exit status and the absence of a traceback)."""
+
 from __future__ import annotations
 
 import hashlib
@@ -55,6 +56,7 @@ def one_line(exc: BaseException) -> str:
 
 
 # --- fixtures ------------------------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def variant(tiny_dlm):
@@ -113,6 +115,7 @@ def refused(path: Path, *needles: str, device: str = "cpu") -> str:
 
 
 # --- 1. saving never destroys files --------------------------------------------------------------------
+
 
 def test_save_into_the_loaded_models_own_directory_is_refused(tiny_dlm, tiny_dlm_dir, variant):
     before = hashes(tiny_dlm_dir)
@@ -192,6 +195,7 @@ def test_a_save_killed_midway_leaves_the_previous_variant_intact(tiny_dlm, varia
             if self.name == "pruning.json":
                 raise KeyboardInterrupt("killed")
             return real(self, *a, **k)
+
         monkeypatch.setattr(Path, "write_text", write_text)
     with pytest.raises(KeyboardInterrupt):
         half.save(target, tiny_dlm, overwrite=True)
@@ -224,6 +228,7 @@ def test_save_to_an_unwritable_place_is_refused(tiny_dlm, variant, tmp_path):
 
 # --- 2. the [MASK] id ------------------------------------------------------------------------------------
 
+
 def test_mask_id_comes_from_the_tokenizer_when_the_config_lacks_it(broken):
     edit_config(broken, mask_token_id=None)
     handle = load_model(broken, device="cpu")
@@ -247,18 +252,22 @@ def test_no_mask_token_anywhere_is_refused(broken):
     refused(broken, "[MASK]", "mask_token_id")
 
 
-@pytest.mark.parametrize("field,value,needle", [
-    ("mask_token_id", 126336, "outside the embedding"),
-    ("pad_token_id", 5000, "outside the embedding"),
-    ("mask_token_id", -1, "token id"),
-    ("eos_token_id", "2", "token id"),
-])
+@pytest.mark.parametrize(
+    "field,value,needle",
+    [
+        ("mask_token_id", 126336, "outside the embedding"),
+        ("pad_token_id", 5000, "outside the embedding"),
+        ("mask_token_id", -1, "token id"),
+        ("eos_token_id", "2", "token id"),
+    ],
+)
 def test_special_ids_are_range_checked(broken, field, value, needle):
     edit_config(broken, **{field: value})
     refused(broken, field, needle)
 
 
 # --- 3. memory ---------------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("layers", [1000, 100000])
 def test_a_config_declaring_more_layers_than_the_weights_is_refused_at_once(broken, layers):
@@ -301,9 +310,14 @@ def test_generate_consults_the_guard_and_accepts_the_override(tiny_dlm, monkeypa
 def _bomb(path: Path, mass_shape, tokens_shape=(2, 3), confidence_shape=None) -> Path:
     """A .npz whose 'mass' member declares ``mass_shape`` but holds a few compressed bytes."""
     S, L = tokens_shape
-    arrays = dict(tokens=np.zeros((S, L), np.int64), final_tokens=np.zeros(L, np.int64), decoded_at=np.zeros(L, np.int64),
-                  confidence=np.zeros(confidence_shape or (S, L), np.float32), valid_length=np.full(S, L, np.int64),
-                  step_seconds=np.zeros(S))
+    arrays = dict(
+        tokens=np.zeros((S, L), np.int64),
+        final_tokens=np.zeros(L, np.int64),
+        decoded_at=np.zeros(L, np.int64),
+        confidence=np.zeros(confidence_shape or (S, L), np.float32),
+        valid_length=np.full(S, L, np.int64),
+        step_seconds=np.zeros(S),
+    )
     meta = dict(prompt_length=1, causal=False, mask_id=3, spec={}, prompt="")
     with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as z:
         for name, arr in {**arrays, "meta": np.array(json.dumps(meta))}.items():
@@ -332,6 +346,7 @@ def test_trajectory_load_is_bounded_by_declared_shapes(tmp_path):
 
 
 # --- 4. corrupt checkpoints ---------------------------------------------------------------------------------
+
 
 def test_config_that_is_a_list(broken):
     (broken / "config.json").write_text("[1, 2]")
@@ -420,14 +435,16 @@ def test_index_pointing_outside_the_model_directory_is_refused(broken, tmp_path)
     outside.mkdir()
     index = json.loads((broken / "model.safetensors.index.json").read_text())
     shutil.move(str(broken / "model-00001-of-00002.safetensors"), outside / "stolen.safetensors")
-    index["weight_map"] = {k: ("../outside/stolen.safetensors" if v.startswith("model-00001") else v)
-                           for k, v in index["weight_map"].items()}
+    index["weight_map"] = {
+        k: ("../outside/stolen.safetensors" if v.startswith("model-00001") else v) for k, v in index["weight_map"].items()
+    }
     (broken / "model.safetensors.index.json").write_text(json.dumps(index))
     refused(broken, "outside the model directory")
 
 
-@pytest.mark.parametrize("field,value", [("n_heads", 0), ("n_layers", -3), ("d_model", 2.5), ("vocab_size", True),
-                                         ("max_sequence_length", 0)])
+@pytest.mark.parametrize(
+    "field,value", [("n_heads", 0), ("n_layers", -3), ("d_model", 2.5), ("vocab_size", True), ("max_sequence_length", 0)]
+)
 def test_impossible_config_sizes(broken, field, value):
     edit_config(broken, **{field: value})
     refused(broken, field, "whole number >= 1")
@@ -447,8 +464,7 @@ def test_non_finite_weights_are_refused(broken, value):
     refused(broken, "NaN or infinite", name)
 
 
-@pytest.mark.parametrize("device,needle", [("potato", "Unknown device"), ("mps", "cpu or cuda"),
-                                           ("cuda:7", "GPU")])
+@pytest.mark.parametrize("device,needle", [("potato", "Unknown device"), ("mps", "cpu or cuda"), ("cuda:7", "GPU")])
 def test_bad_devices(tiny_dlm_dir, device, needle):
     if device == "cuda:7" and torch.cuda.device_count() > 7:
         pytest.skip("this machine has 8 GPUs")
@@ -465,6 +481,7 @@ def test_offload_folder_is_removed_with_the_model(tiny_dlm_dir, monkeypatch):
     def mkdtemp(*a, **k):
         made.append(real(*a, **k))
         return made[-1]
+
     monkeypatch.setattr(tempfile, "mkdtemp", mkdtemp)
     handle = load_model(tiny_dlm_dir, device="cpu", device_map={"": "cpu"})
     # a dict map without "disk" needs no folder; "auto" may spill, so it gets one
@@ -476,6 +493,7 @@ def test_offload_folder_is_removed_with_the_model(tiny_dlm_dir, monkeypatch):
 
 
 # --- 5-7. output paths, sweeps, one length check ----------------------------------------------------------
+
 
 def test_length_checks_agree_everywhere(tiny_dlm):
     with pytest.raises(SapError, match="context of 256"):
@@ -505,6 +523,7 @@ def test_a_failing_sweep_keeps_the_old_csv_and_the_finished_rows(tiny_dlm, tmp_p
         if calls["n"] == 2:
             raise SapError("disk on fire")
         return real(*a, **k)
+
     monkeypatch.setattr(sw, "perplexity", flaky)
     writer = SweepWriter(out)
     with pytest.raises(SapError, match="disk on fire"):
@@ -527,6 +546,7 @@ def test_sweep_save_is_atomic(tmp_path, monkeypatch):
     def boom(self, path, *a, **k):
         Path(path).write_text("half")
         raise OSError(28, "No space left on device")
+
     monkeypatch.setattr(pd.DataFrame, "to_csv", boom)
     with pytest.raises(OSError):
         save_sweep(pd.DataFrame({"a": [1]}), out)
@@ -535,18 +555,22 @@ def test_sweep_save_is_atomic(tmp_path, monkeypatch):
 
 # --- 8. non-finite and mistyped values --------------------------------------------------------------------
 
-@pytest.mark.parametrize("kwargs,needle", [
-    (dict(temperature=float("nan")), "temperature must be a finite"),
-    (dict(temperature=float("inf")), "temperature must be a finite"),
-    (dict(cfg_scale=float("nan")), "cfg_scale must be a finite"),
-    (dict(cfg_scale=float("-inf")), "cfg_scale must be a finite"),
-    (dict(seed=2**70), "seed must be in"),
-    (dict(seed=-1), "seed must be in"),
-    (dict(gen_length=32.0), "gen_length must be a whole number"),
-    (dict(steps="8"), "steps must be a whole number"),
-    (dict(block_length=True), "block_length must be a whole number"),
-    (dict(temperature="hot"), "temperature must be a number"),
-])
+
+@pytest.mark.parametrize(
+    "kwargs,needle",
+    [
+        (dict(temperature=float("nan")), "temperature must be a finite"),
+        (dict(temperature=float("inf")), "temperature must be a finite"),
+        (dict(cfg_scale=float("nan")), "cfg_scale must be a finite"),
+        (dict(cfg_scale=float("-inf")), "cfg_scale must be a finite"),
+        (dict(seed=2**70), "seed must be in"),
+        (dict(seed=-1), "seed must be in"),
+        (dict(gen_length=32.0), "gen_length must be a whole number"),
+        (dict(steps="8"), "steps must be a whole number"),
+        (dict(block_length=True), "block_length must be a whole number"),
+        (dict(temperature="hot"), "temperature must be a number"),
+    ],
+)
 def test_decode_spec_refuses_at_construction(kwargs, needle):
     with pytest.raises(DecodeSpecError) as info:
         DecodeSpec(**kwargs)
@@ -568,8 +592,17 @@ def test_all_nan_attention_record_is_refused(tiny_dlm, tmp_path):
         Trajectory.load(path)
 
 
-@pytest.mark.parametrize("kwargs", [dict(sparsity=float("nan")), dict(sparsity=float("inf")), dict(percdamp=float("inf")),
-                                    dict(pattern="²:4"), dict(pattern="2:4:8"), dict(sparsity="0.5")])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(sparsity=float("nan")),
+        dict(sparsity=float("inf")),
+        dict(percdamp=float("inf")),
+        dict(pattern="²:4"),
+        dict(pattern="2:4:8"),
+        dict(sparsity="0.5"),
+    ],
+)
 def test_prune_spec_refuses_bad_values(kwargs):
     spec = PruneSpec(**{"method": "sparsegpt", "sparsity": 0.5, **kwargs})
     with pytest.raises(PruneSpecError) as info:
@@ -599,11 +632,12 @@ def test_pattern_with_unicode_digits():
 
 # --- 10. prompts ------------------------------------------------------------------------------------------
 
+
 def test_non_utf8_prompt_bytes(tiny_dlm):
     with pytest.raises(DecodeSpecError, match="not UTF-8"):
         generate(tiny_dlm, b"\xff\xfe bad", DecodeSpec(gen_length=4, steps=4, block_length=4))
     traj = generate(tiny_dlm, "To be".encode(), DecodeSpec(gen_length=4, steps=4, block_length=4))
-    assert list(traj.final_tokens[:traj.prompt_length]) == tiny_dlm.encode("To be")
+    assert list(traj.final_tokens[: traj.prompt_length]) == tiny_dlm.encode("To be")
 
 
 @pytest.mark.parametrize("ids,needle", [([1, 10**9], "1000000000"), ([1, -2], "-2"), ([1, 2.5], "2.5"), (5, "list of token ids")])
@@ -614,6 +648,7 @@ def test_prompt_ids_outside_the_vocabulary(tiny_dlm, ids, needle):
 
 
 # --- 9. paths of trajectories ----------------------------------------------------------------------------
+
 
 def test_trajectory_paths_with_and_without_suffix(tiny_dlm, tmp_path):
     traj = generate(tiny_dlm, "To be", DecodeSpec(gen_length=4, steps=4, block_length=4))
@@ -630,6 +665,7 @@ def test_trajectory_paths_with_and_without_suffix(tiny_dlm, tmp_path):
 
 
 # --- 11. fingerprints ----------------------------------------------------------------------------------------
+
 
 def test_a_variant_refuses_another_models_weights(tiny_dlm, other_dlm, variant, tmp_path):
     dense = {n: p.clone() for n, p in other_dlm.module.named_parameters()}
@@ -654,6 +690,7 @@ def test_fingerprint_tolerates_a_change_of_dtype(tiny_dlm_dir, variant):
 
 # --- the command line -----------------------------------------------------------------------------------------
 
+
 def run_cli(capsys, *argv) -> tuple[int, str]:
     code = main([*argv, "--quiet"] if argv[0] != "--help" else list(argv))
     err = capsys.readouterr().err
@@ -674,17 +711,20 @@ def no_load(monkeypatch):
     monkeypatch.setattr(cli, "_load", lambda args: pytest.fail("the model was loaded before the output check"))
 
 
-@pytest.mark.parametrize("argv,needle", [
-    (["generate", "--out", "{dir}"], "is a directory"),
-    (["generate", "--trajectory", "{file}/t"], "is a file"),
-    (["analyze", "--csv", "{file}"], "is a file"),
-    (["evaluate", "--out", "{file}/x.json"], "is a file"),
-    (["sweep", "--out", "{dir}"], "is a directory"),
-    (["sweep", "--plot", "{dir}/p.png", "--out", "{dir}/s.csv"], None),
-    (["prune", "--method", "magnitude", "--save", "{file}"], "is a file"),
-    (["prune", "--method", "magnitude", "--save", "{user}"], "not a SinkScope variant"),
-    (["prune", "--method", "magnitude", "--save", "{model}"], "loaded model's directory"),
-])
+@pytest.mark.parametrize(
+    "argv,needle",
+    [
+        (["generate", "--out", "{dir}"], "is a directory"),
+        (["generate", "--trajectory", "{file}/t"], "is a file"),
+        (["analyze", "--csv", "{file}"], "is a file"),
+        (["evaluate", "--out", "{file}/x.json"], "is a file"),
+        (["sweep", "--out", "{dir}"], "is a directory"),
+        (["sweep", "--plot", "{dir}/p.png", "--out", "{dir}/s.csv"], None),
+        (["prune", "--method", "magnitude", "--save", "{file}"], "is a file"),
+        (["prune", "--method", "magnitude", "--save", "{user}"], "not a SinkScope variant"),
+        (["prune", "--method", "magnitude", "--save", "{model}"], "loaded model's directory"),
+    ],
+)
 def test_cli_checks_output_paths_before_any_work(capsys, no_load, tmp_path, tiny_dlm_dir, argv, needle):
     f = tmp_path / "file"
     f.write_text("keep")
@@ -703,18 +743,21 @@ def test_cli_checks_output_paths_before_any_work(capsys, no_load, tmp_path, tiny
     assert hashes(tmp_path, tiny_dlm_dir) == before
 
 
-@pytest.mark.parametrize("argv,needle", [
-    (["generate", "--temperature", "nan"], "temperature must be a finite"),
-    (["generate", "--cfg-scale", "inf"], "cfg_scale must be a finite"),
-    (["generate", "--seed", str(2**70)], "seed must be in"),
-    (["generate", "--gen-length", "3.5"], "invalid int value"),
-    (["generate", "--prompt", "caf\udce9"], "not UTF-8"),
-    (["prune", "--pattern", "²:4"], "N:M"),
-    (["prune", "--calib-seed", str(2**70)], "seed"),
-    (["sweep", "--eval-seed", str(2**70)], "seed"),
-    (["sweep", "--sparsities", "nan"], "Sparsities"),
-    (["analyze", "--trajectory", "/no/such.npz"], "No trajectory"),
-])
+@pytest.mark.parametrize(
+    "argv,needle",
+    [
+        (["generate", "--temperature", "nan"], "temperature must be a finite"),
+        (["generate", "--cfg-scale", "inf"], "cfg_scale must be a finite"),
+        (["generate", "--seed", str(2**70)], "seed must be in"),
+        (["generate", "--gen-length", "3.5"], "invalid int value"),
+        (["generate", "--prompt", "caf\udce9"], "not UTF-8"),
+        (["prune", "--pattern", "²:4"], "N:M"),
+        (["prune", "--calib-seed", str(2**70)], "seed"),
+        (["sweep", "--eval-seed", str(2**70)], "seed"),
+        (["sweep", "--sparsities", "nan"], "Sparsities"),
+        (["analyze", "--trajectory", "/no/such.npz"], "No trajectory"),
+    ],
+)
 def test_cli_bad_values_are_one_line_errors(capsys, no_load, argv, needle):
     code, err = run_cli(capsys, *argv)
     assert code == 2 and needle in error_line(err)
@@ -745,8 +788,23 @@ def test_cli_prune_save_overwrite_and_trajectory_round_trip(capsys, tiny_dlm_dir
     assert json.loads((save / "pruning.json").read_text())["sparsity"] == 0.5
     # --trajectory X writes and prints X.npz; analyze accepts X and X.npz
     traj = tmp_path / "t"
-    code, err = run_cli(capsys, "generate", "--model", str(save), "--gen-length", "4", "--steps", "4", "--block-length", "4",
-                        "--record-attention", "--trajectory", str(traj), "--out", str(tmp_path / "g.json"))
+    code, err = run_cli(
+        capsys,
+        "generate",
+        "--model",
+        str(save),
+        "--gen-length",
+        "4",
+        "--steps",
+        "4",
+        "--block-length",
+        "4",
+        "--record-attention",
+        "--trajectory",
+        str(traj),
+        "--out",
+        str(tmp_path / "g.json"),
+    )
     assert code == 0 and f"wrote {traj}.npz" in err
     assert json.loads((tmp_path / "g.json").read_text())["trajectory"] == f"{traj}.npz"
     for form in (traj, f"{traj}.npz"):
@@ -765,17 +823,35 @@ def test_cli_failing_sweep_names_the_partial_file(capsys, tiny_dlm_dir, tmp_path
         if calls["n"] == 2:
             raise SapError("evaluation failed")
         return real(*a, **k)
+
     monkeypatch.setattr(sw, "perplexity", flaky)
-    code, err = run_cli(capsys, "sweep", "--model", str(tiny_dlm_dir), "--methods", "magnitude", "--sparsities", "0.5",
-                        "--seqlen", "16", "--nsamples", "2", "--draws", "2", "--out", str(out))
+    code, err = run_cli(
+        capsys,
+        "sweep",
+        "--model",
+        str(tiny_dlm_dir),
+        "--methods",
+        "magnitude",
+        "--sparsities",
+        "0.5",
+        "--seqlen",
+        "16",
+        "--nsamples",
+        "2",
+        "--draws",
+        "2",
+        "--out",
+        str(out),
+    )
     assert code == 2 and "evaluation failed" in error_line(err)
     assert out.read_text() == "old\n" and f"are in {partial_path(out)}" in err
 
 
 def _subprocess(*argv, cwd=ROOT):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "sap_core", *argv, "--quiet"], capture_output=True, text=True,
-                          cwd=cwd, env=env, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "sap_core", *argv, "--quiet"], capture_output=True, text=True, cwd=cwd, env=env, timeout=300
+    )
 
 
 def test_cli_subprocess_save_into_model_dir(tiny_dlm_dir):
@@ -791,8 +867,13 @@ def test_cli_subprocess_corrupt_checkpoint_and_bad_prompt_bytes(broken):
     proc = _subprocess("generate", "--model", str(broken), "--device", "cpu")
     assert proc.returncode == 2 and "empty" in error_line(proc.stderr) and hashes(broken) == before
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run([sys.executable.encode(), b"-m", b"sap_core", b"generate", b"--prompt", b"\xff\xfe", b"--quiet"],
-                          capture_output=True, cwd=ROOT, env=env, timeout=300)
+    proc = subprocess.run(
+        [sys.executable.encode(), b"-m", b"sap_core", b"generate", b"--prompt", b"\xff\xfe", b"--quiet"],
+        capture_output=True,
+        cwd=ROOT,
+        env=env,
+        timeout=300,
+    )
     err = proc.stderr.decode("utf-8", "replace")
     assert proc.returncode == 2 and "not UTF-8" in error_line(err)
 

@@ -1,4 +1,5 @@
 """Hostile input through the app (issue 12), driven by AppTest: an error message, nothing lost, the app keeps working."""
+
 from __future__ import annotations
 
 import json

@@ -2,6 +2,7 @@
 built-in DLM. Generate, step through the run with the view's own slider and Play/Pause (no Streamlit
 rerun: nothing is sent to the server), read the colour bars the browser actually draws, recompute
 the full attention map, download the GIF."""
+
 from __future__ import annotations
 
 import io

@@ -2,6 +2,7 @@
 by Playwright: one browser session walks the whole workflow (generate, re-score, prune, compare,
 perplexity, a one-point sweep) and fails on any Streamlit exception. Screenshots go to
 tests/screenshots/test_workflow_through_every_page-*.png: look at them after changing a page."""
+
 from __future__ import annotations
 
 from conftest import needs_chromium, no_streamlit_exception

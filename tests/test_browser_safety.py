@@ -1,5 +1,6 @@
 """The Prune page's Save block in a real headless Chromium: save a variant, refuse to replace it
 unconfirmed, replace it when confirmed (issue 12)."""
+
 from __future__ import annotations
 
 import json

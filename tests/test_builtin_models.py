@@ -1,4 +1,5 @@
 """The shipped built-in models (issue 3): they load, generate, score well, and can be rebuilt."""
+
 from __future__ import annotations
 
 import json
@@ -31,8 +32,14 @@ def ar():
 @pytest.mark.parametrize("name", list(BUILTIN_MODELS))
 def test_directory_is_complete_and_small(name):
     path = BUILTIN_MODELS[name]
-    for file in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
-                 "special_tokens_map.json", "MODEL_CARD.md"):
+    for file in (
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+        "MODEL_CARD.md",
+    ):
         assert (path / file).exists(), file
     assert sum(f.stat().st_size for f in path.iterdir()) < 15 * 2**20
     model = AutoModel.from_pretrained(str(path))
@@ -68,8 +75,13 @@ def test_heldout_loss_beats_broken_weights(dlm, ar):
 
 def test_training_recipe_smoke(tmp_path):
     # as a module from the checkout's root, so that it finds sap_core whether or not the package is installed
-    out = subprocess.run([sys.executable, "-m", "scripts.train_builtin", "--smoke", "--out", str(tmp_path)],
-                         capture_output=True, text=True, timeout=600, cwd=ROOT)
+    out = subprocess.run(
+        [sys.executable, "-m", "scripts.train_builtin", "--smoke", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=ROOT,
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     for name in ("tiny-dlm", "tiny-ar"):
         assert (tmp_path / "models" / name / "special_tokens_map.json").exists()

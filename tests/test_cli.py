@@ -1,4 +1,5 @@
 """The command line, run as users run it: ``python -m sap_core ...`` in a subprocess (issue 6)."""
+
 from __future__ import annotations
 
 import json
@@ -25,8 +26,9 @@ def run(*args, timeout=300, threads=None):
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)
-    return subprocess.run([sys.executable, "-m", "sap_core", *map(str, args)], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "sap_core", *map(str, args)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
+    )
 
 
 @pytest.fixture(scope="module")
@@ -44,37 +46,129 @@ def setup(tmp_path_factory):
 
 def _generate_then_analyze(tmp, model, extra_calib, extra_eval):
     traj, summary = tmp / "traj.npz", tmp / "gen.json"
-    gen = run("generate", "--model", model, "--prompt", "To be, or not to be", "--gen-length", 16, "--steps", 8,
-              "--block-length", 8, "--record-attention", "--trajectory", traj, "--out", summary, "--device", "cpu", threads=1)
+    gen = run(
+        "generate",
+        "--model",
+        model,
+        "--prompt",
+        "To be, or not to be",
+        "--gen-length",
+        16,
+        "--steps",
+        8,
+        "--block-length",
+        8,
+        "--record-attention",
+        "--trajectory",
+        traj,
+        "--out",
+        summary,
+        "--device",
+        "cpu",
+        threads=1,
+    )
     if gen.returncode:
         return gen, None
-    return gen, run("analyze", "--trajectory", traj, "--sink-k", 1.5, "--out", tmp / "report.json", "--csv", tmp / "tables", threads=1)
+    return gen, run(
+        "analyze", "--trajectory", traj, "--sink-k", 1.5, "--out", tmp / "report.json", "--csv", tmp / "tables", threads=1
+    )
 
 
 def _prune_chain(tmp, model, extra_calib, extra_eval):
     saved = tmp / "pruned"
-    pr = run("prune", "--model", model, "--method", "wanda", "--sparsity", 0.5, "--calib-nsamples", 2, "--calib-seqlen", 32,
-             *extra_calib, "--save", saved, "--out", tmp / "prune.json", "--device", "cpu", threads=1)
+    pr = run(
+        "prune",
+        "--model",
+        model,
+        "--method",
+        "wanda",
+        "--sparsity",
+        0.5,
+        "--calib-nsamples",
+        2,
+        "--calib-seqlen",
+        32,
+        *extra_calib,
+        "--save",
+        saved,
+        "--out",
+        tmp / "prune.json",
+        "--device",
+        "cpu",
+        threads=1,
+    )
     if pr.returncode:
         return pr, None, None
-    ev = run("evaluate", "--model", saved, "--seqlen", 32, "--nsamples", 2, "--draws", 2, *extra_eval, "--out", tmp / "eval.json", threads=1)
-    cmp = run("generate", "--model", model, "--compare", saved, "--gen-length", 8, "--steps", 4, "--block-length", 8, "--quiet", threads=1)
+    ev = run(
+        "evaluate",
+        "--model",
+        saved,
+        "--seqlen",
+        32,
+        "--nsamples",
+        2,
+        "--draws",
+        2,
+        *extra_eval,
+        "--out",
+        tmp / "eval.json",
+        threads=1,
+    )
+    cmp = run(
+        "generate",
+        "--model",
+        model,
+        "--compare",
+        saved,
+        "--gen-length",
+        8,
+        "--steps",
+        4,
+        "--block-length",
+        8,
+        "--quiet",
+        threads=1,
+    )
     return pr, ev, cmp
 
 
 def _sweep(tmp, model, extra_calib, extra_eval):
     plot = ["--plot", tmp / "sweep.png"] if shutil.which("chromium") or os.environ.get("BROWSER_PATH") else []
-    return run("sweep", "--model", model, "--methods", "magnitude,wanda", "--sparsities", "0.5", "--calib-nsamples", 2,
-               "--calib-seqlen", 32, "--seqlen", 32, "--nsamples", 2, "--draws", 2, *extra_calib, *extra_eval,
-               "--out", tmp / "sweep.csv", *plot, threads=1), bool(plot)
+    return run(
+        "sweep",
+        "--model",
+        model,
+        "--methods",
+        "magnitude,wanda",
+        "--sparsities",
+        "0.5",
+        "--calib-nsamples",
+        2,
+        "--calib-seqlen",
+        32,
+        "--seqlen",
+        32,
+        "--nsamples",
+        2,
+        "--draws",
+        2,
+        *extra_calib,
+        *extra_eval,
+        "--out",
+        tmp / "sweep.csv",
+        *plot,
+        threads=1,
+    ), bool(plot)
 
 
 @pytest.fixture(scope="module")
 def runs(setup):
     """The three independent chains of real runs, started together (each mostly waits on its imports)."""
     pool = ThreadPoolExecutor(max_workers=3)
-    futures = {name: pool.submit(fn, *setup) for name, fn in
-               (("prune", _prune_chain), ("generate", _generate_then_analyze), ("sweep", _sweep))}
+    futures = {
+        name: pool.submit(fn, *setup)
+        for name, fn in (("prune", _prune_chain), ("generate", _generate_then_analyze), ("sweep", _sweep))
+    }
     yield futures
     pool.shutdown(wait=True)
 
@@ -84,7 +178,7 @@ def test_help(command):
     result = run(*([command] if command else []), "--help", timeout=60)
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("usage: python -m sap_core")
-    for word in ([command, "--model", "--device", "--dtype"] if command else SUBCOMMANDS):
+    for word in [command, "--model", "--device", "--dtype"] if command else SUBCOMMANDS:
         assert word in result.stdout
 
 
@@ -147,14 +241,17 @@ def test_sweep_writes_csv_and_plot(setup, runs):
         assert (tmp / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-@pytest.mark.parametrize("args, message", [
-    (["generate", "--model", "/no/such/model"], "No model at '/no/such/model'"),
-    (["analyze", "--trajectory", "/no/such/traj.npz"], "No trajectory at"),
-    (["prune", "--sparsity", "1.5"], "argument --sparsity: expected a number in [0, 1), got 1.5"),
-    (["evaluate", "--nsamples", "0"], "argument --nsamples: expected a positive integer"),
-    (["sweep", "--sparsities", "0.5,abc"], "argument --sparsities: expected comma-separated numbers"),
-    (["frobnicate"], "invalid choice: 'frobnicate'"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["generate", "--model", "/no/such/model"], "No model at '/no/such/model'"),
+        (["analyze", "--trajectory", "/no/such/traj.npz"], "No trajectory at"),
+        (["prune", "--sparsity", "1.5"], "argument --sparsity: expected a number in [0, 1), got 1.5"),
+        (["evaluate", "--nsamples", "0"], "argument --nsamples: expected a positive integer"),
+        (["sweep", "--sparsities", "0.5,abc"], "argument --sparsities: expected comma-separated numbers"),
+        (["frobnicate"], "invalid choice: 'frobnicate'"),
+    ],
+)
 def test_bad_input_exits_2_with_one_line(args, message):
     r = run(*args, timeout=120)
     assert r.returncode == 2

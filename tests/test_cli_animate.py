@@ -1,4 +1,5 @@
 """``python -m sap_core animate``: a trajectory from ``generate --record-attention --trajectory`` to a GIF or HTML."""
+
 from __future__ import annotations
 
 import json
@@ -15,8 +16,23 @@ def trajectories(tmp_path_factory):
     d = tmp_path_factory.mktemp("animate")
     with_mass, without = d / "traj.npz", d / "plain.npz"
     for path, extra in ((with_mass, ["--record-attention"]), (without, [])):
-        r = run("generate", "--model", "tiny-dlm", "--prompt", "ROMEO.\n", "--gen-length", "8", "--steps", "8",
-                "--block-length", "8", "--quiet", "--trajectory", path, *extra)
+        r = run(
+            "generate",
+            "--model",
+            "tiny-dlm",
+            "--prompt",
+            "ROMEO.\n",
+            "--gen-length",
+            "8",
+            "--steps",
+            "8",
+            "--block-length",
+            "8",
+            "--quiet",
+            "--trajectory",
+            path,
+            *extra,
+        )
         assert r.returncode == 0, r.stderr
     return with_mass, without
 

@@ -1,4 +1,5 @@
 """Generation comparison: dense vs pruned variants with the same prompt, spec and seed (issue 6)."""
+
 from __future__ import annotations
 
 
@@ -112,10 +113,19 @@ def test_causal_model_compares_token_by_token(tiny_ar):
 def _traj(tokens, final, prompt_length=2):
     tokens = np.asarray(tokens, np.int64)
     S, L = tokens.shape
-    return Trajectory(tokens=tokens, final_tokens=np.asarray(final, np.int64), prompt_length=prompt_length,
-                      decoded_at=np.full(L, -1), confidence=np.zeros((S, L), np.float32), mass=None,
-                      valid_length=np.full(S, L), step_seconds=np.full(S, 0.01), causal=False, mask_id=9,
-                      spec=DecodeSpec(gen_length=L - prompt_length, steps=S, block_length=L - prompt_length))
+    return Trajectory(
+        tokens=tokens,
+        final_tokens=np.asarray(final, np.int64),
+        prompt_length=prompt_length,
+        decoded_at=np.full(L, -1),
+        confidence=np.zeros((S, L), np.float32),
+        mass=None,
+        valid_length=np.full(S, L),
+        step_seconds=np.full(S, 0.01),
+        causal=False,
+        mask_id=9,
+        spec=DecodeSpec(gen_length=L - prompt_length, steps=S, block_length=L - prompt_length),
+    )
 
 
 def test_divergence_and_agreement_on_handmade_trajectories():

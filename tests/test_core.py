@@ -1,4 +1,5 @@
 """Core runtime: LLaDA model family, loader, sampler and attention capture (issue 2)."""
+
 from __future__ import annotations
 
 import json
@@ -27,6 +28,7 @@ def ids(handle, n=24, seed=0):
 
 # --- model family and loader -------------------------------------------------------------------
 
+
 def test_checkpoint_uses_llada_names_and_round_trips(tiny_dlm, tiny_dlm_dir, tmp_path):
     keys = set(load_file(str(tiny_dlm_dir / "model.safetensors")))
     assert "model.transformer.wte.weight" in keys and "model.transformer.ln_f.weight" in keys
@@ -34,8 +36,21 @@ def test_checkpoint_uses_llada_names_and_round_trips(tiny_dlm, tiny_dlm_dir, tmp
     for name in BLOCK_KEYS:
         assert f"model.transformer.blocks.1.{name}.weight" in keys
     config = json.loads((tiny_dlm_dir / "config.json").read_text())
-    for key in ("d_model", "n_heads", "n_kv_heads", "n_layers", "mlp_hidden_size", "vocab_size", "max_sequence_length",
-                "rope_theta", "rms_norm_eps", "include_bias", "include_qkv_bias", "weight_tying", "mask_token_id"):
+    for key in (
+        "d_model",
+        "n_heads",
+        "n_kv_heads",
+        "n_layers",
+        "mlp_hidden_size",
+        "vocab_size",
+        "max_sequence_length",
+        "rope_theta",
+        "rms_norm_eps",
+        "include_bias",
+        "include_qkv_bias",
+        "weight_tying",
+        "mask_token_id",
+    ):
         assert key in config
     x = ids(tiny_dlm)
     before = tiny_dlm.logits(x)
@@ -63,6 +78,7 @@ def test_sharded_checkpoint_loads(tiny_dlm, tmp_path):
 
 def test_automodel_loads_without_remote_code(tiny_dlm_dir):
     from transformers import AutoModel
+
     config = json.loads((tiny_dlm_dir / "config.json").read_text())
     config["auto_map"] = {"AutoModel": "modeling_llada.LLaDAModelLM"}  # as in released checkpoints
     (tiny_dlm_dir / "config.json").write_text(json.dumps(config))
@@ -103,7 +119,9 @@ def test_loader_errors(tmp_path, tiny_dlm_dir):
     (nomask / "tokenizer_config.json").write_text(json.dumps(tok))
     stm = nomask / "special_tokens_map.json"
     if stm.exists():
-        m = json.loads(stm.read_text()); m.pop("mask_token", None); stm.write_text(json.dumps(m))
+        m = json.loads(stm.read_text())
+        m.pop("mask_token", None)
+        stm.write_text(json.dumps(m))
     with pytest.raises(ModelLoadError, match="Cannot determine the \\[MASK\\] token"):
         load_model(nomask)
     with pytest.raises(ModelLoadError, match="Unknown dtype"):
@@ -111,6 +129,7 @@ def test_loader_errors(tmp_path, tiny_dlm_dir):
 
 
 # --- attention capture -------------------------------------------------------------------------
+
 
 def naive_mass(model: LLaDAModelLM, x: torch.Tensor) -> torch.Tensor:
     """Full-softmax reference: [layers, heads, L] mass per key, via hooks on the block inputs."""
@@ -145,10 +164,12 @@ def test_recorded_mass_matches_naive(tmp_path, causal, kv_heads, chunk):
 
 
 def test_gqa_equals_repeated_key_heads(tmp_path):
-    gqa = LLaDAModelLM(LLaDAConfig(d_model=32, n_heads=4, n_kv_heads=2, n_layers=2, mlp_hidden_size=64,
-                                   vocab_size=50, mask_token_id=49)).eval()
-    full = LLaDAModelLM(LLaDAConfig(d_model=32, n_heads=4, n_kv_heads=4, n_layers=2, mlp_hidden_size=64,
-                                    vocab_size=50, mask_token_id=49)).eval()
+    gqa = LLaDAModelLM(
+        LLaDAConfig(d_model=32, n_heads=4, n_kv_heads=2, n_layers=2, mlp_hidden_size=64, vocab_size=50, mask_token_id=49)
+    ).eval()
+    full = LLaDAModelLM(
+        LLaDAConfig(d_model=32, n_heads=4, n_kv_heads=4, n_layers=2, mlp_hidden_size=64, vocab_size=50, mask_token_id=49)
+    ).eval()
     state = gqa.state_dict()
     for key, value in list(state.items()):
         if key.endswith(("k_proj.weight", "v_proj.weight")):  # [kv_heads*hd, d] -> repeat each head
@@ -158,8 +179,10 @@ def test_gqa_equals_repeated_key_heads(tmp_path):
     with torch.no_grad():
         assert torch.allclose(gqa(x).logits, full(x).logits, atol=1e-5)
         r1, r2 = AttentionRecorder(), AttentionRecorder()
-        r1.start_pass(); gqa(x, attention_recorder=r1)
-        r2.start_pass(); full(x, attention_recorder=r2)
+        r1.start_pass()
+        gqa(x, attention_recorder=r1)
+        r2.start_pass()
+        full(x, attention_recorder=r2)
         assert torch.allclose(r1.end_pass(), r2.end_pass(), atol=1e-5)
 
 
@@ -174,15 +197,20 @@ def test_causal_logits_ignore_the_future(tiny_ar):
 
 # --- sampler -----------------------------------------------------------------------------------
 
+
 def test_transfer_schedule_is_even_with_remainder_first():
     assert transfer_schedule(10, 4) == [3, 3, 2, 2]
     assert transfer_schedule(8, 8) == [1] * 8
     assert sum(transfer_schedule(13, 5)) == 13
 
 
-@pytest.mark.parametrize("remasking,temperature,cfg", [("low_confidence", 0.0, 0.0), ("random", 0.8, 0.0), ("low_confidence", 0.7, 1.5)])
+@pytest.mark.parametrize(
+    "remasking,temperature,cfg", [("low_confidence", 0.0, 0.0), ("random", 0.8, 0.0), ("low_confidence", 0.7, 1.5)]
+)
 def test_sampler_invariants(tiny_dlm, remasking, temperature, cfg):
-    spec = DecodeSpec(gen_length=24, steps=12, block_length=8, remasking=remasking, temperature=temperature, cfg_scale=cfg, seed=3)
+    spec = DecodeSpec(
+        gen_length=24, steps=12, block_length=8, remasking=remasking, temperature=temperature, cfg_scale=cfg, seed=3
+    )
     prompt = tiny_dlm.encode("To be, or not")
     P = len(prompt)
     traj = generate(tiny_dlm, prompt, spec, recorder=AttentionRecorder())
@@ -229,12 +257,16 @@ def test_causal_decodes_token_by_token(tiny_ar):
     assert list(traj.decoded_at[P:]) == list(range(6))
     for s in range(6):
         assert np.allclose(traj.mass[s].sum(-1), P + s, atol=1e-4)
-        assert (traj.mass[s, ..., P + s:] == 0).all()
+        assert (traj.mass[s, ..., P + s :] == 0).all()
 
 
 def test_attention_map_replays_the_step(tiny_dlm):
-    traj = generate(tiny_dlm, [5, 6, 7], DecodeSpec(gen_length=16, steps=8, block_length=8, temperature=0.5),
-                    recorder=AttentionRecorder(chunk_size=4))
+    traj = generate(
+        tiny_dlm,
+        [5, 6, 7],
+        DecodeSpec(gen_length=16, steps=8, block_length=8, temperature=0.5),
+        recorder=AttentionRecorder(chunk_size=4),
+    )
     full = attention_map(tiny_dlm, traj, 5, 1, 3)
     assert full.shape == (19, 19)
     assert np.allclose(full.sum(-1), 1.0, atol=1e-5)
@@ -251,16 +283,19 @@ def test_trajectory_save_load(tiny_dlm, tmp_path):
     assert np.array_equal(back.mass, traj.mass) and np.array_equal(back.tokens, traj.tokens)
 
 
-@pytest.mark.parametrize("spec,message", [
-    (DecodeSpec(gen_length=30, steps=10, block_length=8), "divisible by block_length"),
-    (DecodeSpec(gen_length=32, steps=10, block_length=8), "divisible by the number of blocks"),
-    (DecodeSpec(gen_length=16, steps=32, block_length=16), "cannot exceed gen_length"),
-    (DecodeSpec(gen_length=0), "at least 1"),
-    (DecodeSpec(gen_length=16, steps=16, temperature=-1), "temperature"),
-    (DecodeSpec(gen_length=16, steps=16, remasking="best"), "remasking must be one of"),
-    (DecodeSpec(gen_length=16, steps=16, cfg_scale=-0.5), "cfg_scale"),
-    (DecodeSpec(gen_length=512, steps=64, block_length=64), "max_sequence_length"),
-])
+@pytest.mark.parametrize(
+    "spec,message",
+    [
+        (DecodeSpec(gen_length=30, steps=10, block_length=8), "divisible by block_length"),
+        (DecodeSpec(gen_length=32, steps=10, block_length=8), "divisible by the number of blocks"),
+        (DecodeSpec(gen_length=16, steps=32, block_length=16), "cannot exceed gen_length"),
+        (DecodeSpec(gen_length=0), "at least 1"),
+        (DecodeSpec(gen_length=16, steps=16, temperature=-1), "temperature"),
+        (DecodeSpec(gen_length=16, steps=16, remasking="best"), "remasking must be one of"),
+        (DecodeSpec(gen_length=16, steps=16, cfg_scale=-0.5), "cfg_scale"),
+        (DecodeSpec(gen_length=512, steps=64, block_length=64), "max_sequence_length"),
+    ],
+)
 def test_impossible_decode_settings(tiny_dlm, spec, message):
     with pytest.raises(DecodeSpecError, match=message):
         generate(tiny_dlm, [5], spec)
@@ -276,6 +311,7 @@ def test_causal_decode_errors(tiny_ar):
 def test_cli_offers_every_remasking_rule(capsys):
     from sap_core.cli import build_parser
     from sap_core.diffusion import REMASKING
+
     with pytest.raises(SystemExit):
         build_parser().parse_args(["generate", "--help"])
     assert "{" + ",".join(REMASKING) + "}" in capsys.readouterr().out.replace("\n", "").replace(" ", "")

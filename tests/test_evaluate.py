@@ -1,4 +1,5 @@
 """Perplexity of DLMs (Monte Carlo ELBO) and causal models."""
+
 from __future__ import annotations
 
 import math
@@ -11,8 +12,10 @@ from sap_core.errors import SapError
 from sap_core.evaluate import causal_perplexity, diffusion_perplexity, load_text
 from sap_core.models import load_model
 
-TEXT = ("To be, or not to be, that is the question: whether 'tis nobler in the mind to suffer "
-        "the slings and arrows of outrageous fortune, or to take arms against a sea of troubles. ") * 20
+TEXT = (
+    "To be, or not to be, that is the question: whether 'tis nobler in the mind to suffer "
+    "the slings and arrows of outrageous fortune, or to take arms against a sea of troubles. "
+) * 20
 
 
 def test_diffusion_perplexity_is_seeded_and_finite(tiny_dlm):

@@ -5,6 +5,7 @@ Every checkpoint here is tiny and random but written in its family's real on-dis
 released config keys (including ``auto_map`` / ``architectures``), sharded safetensors, the tokenizer
 files the family ships, and decoy remote-code files that raise if anything imports them.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -53,6 +54,7 @@ def rand_ids(vocab_hi: int, n: int, seed: int = 0, lo: int = 4) -> torch.Tensor:
 
 # --- checkpoints in each family's format --------------------------------------------------------
 
+
 def write_dream_tokenizer(path: Path) -> dict[str, int]:
     """Dream's tokenizer files: vocab.json + merges.txt (byte-level BPE), special tokens added after
     the vocabulary in tokenizer_config.json, tokenizer_class DreamTokenizer behind auto_map, no
@@ -61,21 +63,40 @@ def write_dream_tokenizer(path: Path) -> dict[str, int]:
     base.backend_tokenizer.model.save(str(path))
     n = len(json.loads((path / "vocab.json").read_text()))
     ids = {tok: n + i for i, tok in enumerate(DREAM_SPECIALS)}
-    added = {str(i): {"content": t, "lstrip": False, "normalized": False, "rstrip": False, "single_word": False,
-                      "special": True} for t, i in ids.items()}
+    added = {
+        str(i): {"content": t, "lstrip": False, "normalized": False, "rstrip": False, "single_word": False, "special": True}
+        for t, i in ids.items()
+    }
     config = {
-        "add_bos_token": False, "add_prefix_space": False, "added_tokens_decoder": added,
+        "add_bos_token": False,
+        "add_prefix_space": False,
+        "added_tokens_decoder": added,
         "additional_special_tokens": ["<|im_start|>", "<|im_end|>"],
         "auto_map": {"AutoTokenizer": ["tokenization_dream.DreamTokenizer", None]},
-        "bos_token": "<|beginoftext|>", "chat_template": None, "clean_up_tokenization_spaces": False,
-        "eos_token": "<|endoftext|>", "errors": "replace", "mask_token": "<|mask|>", "model_max_length": 131072,
-        "pad_token": "<|endoftext|>", "split_special_tokens": False, "tokenizer_class": "DreamTokenizer",
+        "bos_token": "<|beginoftext|>",
+        "chat_template": None,
+        "clean_up_tokenization_spaces": False,
+        "eos_token": "<|endoftext|>",
+        "errors": "replace",
+        "mask_token": "<|mask|>",
+        "model_max_length": 131072,
+        "pad_token": "<|endoftext|>",
+        "split_special_tokens": False,
+        "tokenizer_class": "DreamTokenizer",
         "unk_token": None,
     }
     (path / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
-    (path / "special_tokens_map.json").write_text(json.dumps({
-        "bos_token": "<|beginoftext|>", "eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>",
-        "mask_token": "<|mask|>", "additional_special_tokens": ["<|im_start|>", "<|im_end|>"]}))
+    (path / "special_tokens_map.json").write_text(
+        json.dumps(
+            {
+                "bos_token": "<|beginoftext|>",
+                "eos_token": "<|endoftext|>",
+                "pad_token": "<|endoftext|>",
+                "mask_token": "<|mask|>",
+                "additional_special_tokens": ["<|im_start|>", "<|im_end|>"],
+            }
+        )
+    )
     return ids
 
 
@@ -84,8 +105,17 @@ def make_dream_dir(path: Path, seed: int = 0, config_edit=None) -> Path:
     path.mkdir(parents=True, exist_ok=True)
     ids = write_dream_tokenizer(path)
     vocab = 320  # padded past the tokenizer, as the 7B's 152064 > 151667 tokens
-    dims = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                vocab_size=vocab, max_position_embeddings=256, rope_theta=1000000.0, rms_norm_eps=1e-6)
+    dims = dict(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=vocab,
+        max_position_embeddings=256,
+        rope_theta=1000000.0,
+        rms_norm_eps=1e-6,
+    )
     torch.manual_seed(seed)
     model = DreamModel(DreamConfig(**dims, mask_token_id=ids["<|mask|>"], pad_token_id=ids["<|endoftext|>"]))
     with torch.no_grad():  # non-zero biases and sharper attention, so both matter in every comparison
@@ -96,21 +126,45 @@ def make_dream_dir(path: Path, seed: int = 0, config_edit=None) -> Path:
                 p.mul_(20.0)
     model.to(torch.bfloat16).save_pretrained(str(path), max_shard_size="40KB")
     config = {  # the key set of Dream-v0-Instruct-7B's config.json, scaled down
-        "architectures": ["DreamModel"], "attention_dropout": 0.0,
+        "architectures": ["DreamModel"],
+        "attention_dropout": 0.0,
         "auto_map": {"AutoConfig": "configuration_dream.DreamConfig", "AutoModel": "modeling_dream.DreamModel"},
-        "bos_token_id": ids["<|endoftext|>"], "eos_token_id": ids["<|endoftext|>"], "hidden_act": "silu",
-        "initializer_range": 0.02, "mask_token_id": ids["<|mask|>"], "max_window_layers": 2, "model_type": "Dream",
-        "pad_token_id": ids["<|endoftext|>"], "rope_scaling": None, "sliding_window": None,
-        "tie_word_embeddings": False, "torch_dtype": "bfloat16", "transformers_version": "4.46.2",
-        "use_cache": False, "use_sliding_window": False, **dims,
+        "bos_token_id": ids["<|endoftext|>"],
+        "eos_token_id": ids["<|endoftext|>"],
+        "hidden_act": "silu",
+        "initializer_range": 0.02,
+        "mask_token_id": ids["<|mask|>"],
+        "max_window_layers": 2,
+        "model_type": "Dream",
+        "pad_token_id": ids["<|endoftext|>"],
+        "rope_scaling": None,
+        "sliding_window": None,
+        "tie_word_embeddings": False,
+        "torch_dtype": "bfloat16",
+        "transformers_version": "4.46.2",
+        "use_cache": False,
+        "use_sliding_window": False,
+        **dims,
     }
     if config_edit is not None:
         config_edit(config)
     (path / "config.json").write_text(json.dumps(config, indent=2))
-    (path / "generation_config.json").write_text(json.dumps({
-        "alg": "entropy", "alg_temp": 0.0, "bos_token_id": ids["<|endoftext|>"], "eos_token_id": ids["<|endoftext|>"],
-        "mask_token_id": ids["<|mask|>"], "pad_token_id": ids["<|endoftext|>"], "steps": 512, "temperature": 0.0,
-        "top_p": None, "transformers_version": "4.46.2"}))
+    (path / "generation_config.json").write_text(
+        json.dumps(
+            {
+                "alg": "entropy",
+                "alg_temp": 0.0,
+                "bos_token_id": ids["<|endoftext|>"],
+                "eos_token_id": ids["<|endoftext|>"],
+                "mask_token_id": ids["<|mask|>"],
+                "pad_token_id": ids["<|endoftext|>"],
+                "steps": 512,
+                "temperature": 0.0,
+                "top_p": None,
+                "transformers_version": "4.46.2",
+            }
+        )
+    )
     write_decoys(path, ["configuration_dream.py", "modeling_dream.py", "generation_utils.py", "tokenization_dream.py"])
     return path
 
@@ -122,25 +176,73 @@ def make_llada15_dir(path: Path, seed: int = 0) -> Path:
     tok.save_pretrained(str(path))
     torch.manual_seed(seed)
     vocab, embedding = len(tok), len(tok) + 20  # embedding rows padded past the vocabulary
-    model = LLaDAModelLM(LLaDAConfig(d_model=32, n_heads=4, n_kv_heads=4, n_layers=2, mlp_hidden_size=96,
-                                     vocab_size=vocab, embedding_size=embedding, max_sequence_length=256,
-                                     rope_theta=500000.0, mask_token_id=tok.mask_token_id))
+    model = LLaDAModelLM(
+        LLaDAConfig(
+            d_model=32,
+            n_heads=4,
+            n_kv_heads=4,
+            n_layers=2,
+            mlp_hidden_size=96,
+            vocab_size=vocab,
+            embedding_size=embedding,
+            max_sequence_length=256,
+            rope_theta=500000.0,
+            mask_token_id=tok.mask_token_id,
+        )
+    )
     model.to(torch.bfloat16).save_pretrained(str(path), max_shard_size="40KB")
     config = {
-        "activation_type": "silu", "alibi": False, "alibi_bias_max": 8.0, "architectures": ["LLaDAModelLM"],
-        "attention_dropout": 0.0, "attention_layer_norm": False, "attention_layer_norm_with_affine": True,
-        "auto_map": {"AutoConfig": "configuration_llada.LLaDAConfig", "AutoModelForCausalLM": "modeling_llada.LLaDAModelLM",
-                     "AutoModel": "modeling_llada.LLaDAModelLM"},
-        "bias_for_layer_norm": False, "block_group_size": 1, "block_type": "llama", "d_model": 32,
-        "embedding_dropout": 0.0, "embedding_size": embedding, "eos_token_id": tok.eos_token_id, "flash_attention": False,
-        "include_bias": False, "include_qkv_bias": False, "init_cutoff_factor": None, "init_device": "meta",
-        "init_fn": "mitchell", "init_std": 0.02, "input_emb_norm": False, "layer_norm_type": "rms",
-        "layer_norm_with_affine": True, "mask_token_id": tok.mask_token_id, "max_sequence_length": 256,
-        "mlp_hidden_size": 96, "mlp_ratio": 4, "model_type": "llada", "multi_query_attention": None, "n_heads": 4,
-        "n_kv_heads": 4, "n_layers": 2, "pad_token_id": tok.pad_token_id, "precision": "amp_bf16",
-        "residual_dropout": 0.0, "rms_norm_eps": 1e-05, "rope": True, "rope_full_precision": True,
-        "rope_theta": 500000.0, "scale_logits": False, "torch_dtype": "bfloat16", "transformers_version": "4.46.3",
-        "use_cache": False, "vocab_size": vocab, "weight_tying": False,
+        "activation_type": "silu",
+        "alibi": False,
+        "alibi_bias_max": 8.0,
+        "architectures": ["LLaDAModelLM"],
+        "attention_dropout": 0.0,
+        "attention_layer_norm": False,
+        "attention_layer_norm_with_affine": True,
+        "auto_map": {
+            "AutoConfig": "configuration_llada.LLaDAConfig",
+            "AutoModelForCausalLM": "modeling_llada.LLaDAModelLM",
+            "AutoModel": "modeling_llada.LLaDAModelLM",
+        },
+        "bias_for_layer_norm": False,
+        "block_group_size": 1,
+        "block_type": "llama",
+        "d_model": 32,
+        "embedding_dropout": 0.0,
+        "embedding_size": embedding,
+        "eos_token_id": tok.eos_token_id,
+        "flash_attention": False,
+        "include_bias": False,
+        "include_qkv_bias": False,
+        "init_cutoff_factor": None,
+        "init_device": "meta",
+        "init_fn": "mitchell",
+        "init_std": 0.02,
+        "input_emb_norm": False,
+        "layer_norm_type": "rms",
+        "layer_norm_with_affine": True,
+        "mask_token_id": tok.mask_token_id,
+        "max_sequence_length": 256,
+        "mlp_hidden_size": 96,
+        "mlp_ratio": 4,
+        "model_type": "llada",
+        "multi_query_attention": None,
+        "n_heads": 4,
+        "n_kv_heads": 4,
+        "n_layers": 2,
+        "pad_token_id": tok.pad_token_id,
+        "precision": "amp_bf16",
+        "residual_dropout": 0.0,
+        "rms_norm_eps": 1e-05,
+        "rope": True,
+        "rope_full_precision": True,
+        "rope_theta": 500000.0,
+        "scale_logits": False,
+        "torch_dtype": "bfloat16",
+        "transformers_version": "4.46.3",
+        "use_cache": False,
+        "vocab_size": vocab,
+        "weight_tying": False,
     }
     (path / "config.json").write_text(json.dumps(config, indent=2))
     write_decoys(path, ["configuration_llada.py", "modeling_llada.py"])
@@ -158,9 +260,18 @@ def make_causal_dir(path: Path, kind: str = "llama", seed: int = 0, **extra) -> 
     }[kind]
     tok = make_tokenizer()
     torch.manual_seed(seed)
-    config = config_cls(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                        num_key_value_heads=2, vocab_size=len(tok), max_position_embeddings=256,
-                        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, **extra)
+    config = config_cls(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=len(tok),
+        max_position_embeddings=256,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        **extra,
+    )
     model = model_cls(config)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -237,10 +348,17 @@ def qwen2_reference(dream_dir: Path):
 
     c = json.loads((dream_dir / "config.json").read_text())
     config = transformers.Qwen2Config(
-        hidden_size=c["hidden_size"], intermediate_size=c["intermediate_size"], num_hidden_layers=c["num_hidden_layers"],
-        num_attention_heads=c["num_attention_heads"], num_key_value_heads=c["num_key_value_heads"],
-        vocab_size=c["vocab_size"], rms_norm_eps=c["rms_norm_eps"], tie_word_embeddings=False,
-        rope_parameters={"rope_type": "default", "rope_theta": c["rope_theta"]}, attn_implementation="eager")
+        hidden_size=c["hidden_size"],
+        intermediate_size=c["intermediate_size"],
+        num_hidden_layers=c["num_hidden_layers"],
+        num_attention_heads=c["num_attention_heads"],
+        num_key_value_heads=c["num_key_value_heads"],
+        vocab_size=c["vocab_size"],
+        rms_norm_eps=c["rms_norm_eps"],
+        tie_word_embeddings=False,
+        rope_parameters={"rope_type": "default", "rope_theta": c["rope_theta"]},
+        attn_implementation="eager",
+    )
     model = transformers.Qwen2ForCausalLM(config).eval()
     model.load_state_dict({k: v.float() for k, v in merged_state(dream_dir).items()}, strict=True)
     return model
@@ -248,13 +366,23 @@ def qwen2_reference(dream_dir: Path):
 
 # --- Dream ---------------------------------------------------------------------------------------
 
+
 def test_dream_loads_by_released_names_without_remote_code(dream, dream_dir):
     from transformers import AutoModel, Qwen2Tokenizer
 
     keys = set(merged_state(dream_dir))
-    for name in ("self_attn.q_proj.weight", "self_attn.q_proj.bias", "self_attn.k_proj.bias", "self_attn.v_proj.bias",
-                 "self_attn.o_proj.weight", "mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight",
-                 "input_layernorm.weight", "post_attention_layernorm.weight"):
+    for name in (
+        "self_attn.q_proj.weight",
+        "self_attn.q_proj.bias",
+        "self_attn.k_proj.bias",
+        "self_attn.v_proj.bias",
+        "self_attn.o_proj.weight",
+        "mlp.gate_proj.weight",
+        "mlp.up_proj.weight",
+        "mlp.down_proj.weight",
+        "input_layernorm.weight",
+        "post_attention_layernorm.weight",
+    ):
         assert f"model.layers.1.{name}" in keys
     assert {"model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"} <= keys
     assert "model.layers.0.self_attn.o_proj.bias" not in keys
@@ -303,6 +431,7 @@ def test_dream_shift_is_applied(dream):
 def test_dream_config_errors(tmp_path):
     def scaled_rope(c):
         c["rope_scaling"] = {"type": "linear", "factor": 2.0}
+
     d = make_dream_dir(tmp_path / "rope", config_edit=scaled_rope)
     with pytest.raises(ModelLoadError, match="Dream checkpoint SinkScope cannot run: .*rope_scaling"):
         load_model(d, device="cpu")
@@ -322,6 +451,7 @@ def test_dream_mask_token_from_tokenizer_when_config_lacks_it(tmp_path):
 
 # --- LLaDA-1.5 shaped checkpoints ------------------------------------------------------------------
 
+
 def test_llada15_checkpoint_loads_as_llada(llada15, llada15_dir):
     assert llada15.family == "llada" and isinstance(llada15.module, LLaDAModelLM) and not llada15.causal
     cfg = llada15.module.config
@@ -334,6 +464,7 @@ def test_llada15_checkpoint_loads_as_llada(llada15, llada15_dir):
 
 
 # --- transformers causal LMs ----------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("name,cls", [("llama", "LlamaForCausalLM"), ("qwen2", "Qwen2ForCausalLM")])
 def test_causal_lm_keeps_its_class_and_checkpoint(request, name, cls, tmp_path):
@@ -359,7 +490,9 @@ def test_mask_id_may_be_none_for_causal(tmp_path):
     (d / "tokenizer_config.json").write_text(json.dumps(tok))
     stm = d / "special_tokens_map.json"
     if stm.exists():
-        m = json.loads(stm.read_text()); m.pop("mask_token", None); stm.write_text(json.dumps(m))
+        m = json.loads(stm.read_text())
+        m.pop("mask_token", None)
+        stm.write_text(json.dumps(m))
     h = load_model(d, device="cpu")
     assert h.mask_id is None and h.causal
     traj = generate(h, h.encode("To be"), DecodeSpec(gen_length=3), recorder=AttentionRecorder())
@@ -395,6 +528,7 @@ def test_sliding_window_limits_capture(tmp_path):
 
 # --- every family: blocks, capture, generation -----------------------------------------------------
 
+
 def naive_mass(module: nn.Module, x: torch.Tensor, theta: float, causal: bool) -> torch.Tensor:
     """``[layers, heads, T]`` reference mass from the q/k projections' outputs (forward hooks), with
     RoPE, GQA and the softmax written out here in float64."""
@@ -419,7 +553,7 @@ def naive_mass(module: nn.Module, x: torch.Tensor, theta: float, causal: bool) -
         cos, sin = torch.cat([ang, ang], -1).cos(), torch.cat([ang, ang], -1).sin()
 
         def rope(t):
-            a, b = t[..., : d // 2], t[..., d // 2:]
+            a, b = t[..., : d // 2], t[..., d // 2 :]
             return t * cos + torch.cat([-b, a], -1) * sin
 
         q, k = rope(q), rope(k).repeat_interleave(H // Hkv, dim=1)
@@ -504,7 +638,7 @@ def test_generation_with_and_without_recorder(handle):
     if handle.causal:
         assert S == 8 and list(traj.valid_length) == [P + s for s in range(8)]
         logits = handle.logits(torch.as_tensor(traj.final_tokens[:-1])[None])[0]
-        assert np.array_equal(traj.final_tokens[P:], logits[P - 1:].argmax(-1).numpy())  # greedy = argmax
+        assert np.array_equal(traj.final_tokens[P:], logits[P - 1 :].argmax(-1).numpy())  # greedy = argmax
     else:
         assert S == 4 and (traj.final_tokens != handle.mask_id).all()
     full = attention_map(handle, traj, S - 1, 1, 2)
@@ -514,8 +648,10 @@ def test_generation_with_and_without_recorder(handle):
 @pytest.mark.parametrize("handle", ["dream", "llama"], indirect=True)
 def test_trajectories_feed_sink_analytics(handle):
     from sap_core import sinks
-    traj = generate(handle, handle.encode("To be, or not"), DecodeSpec(gen_length=8, steps=8, block_length=8),
-                    recorder=AttentionRecorder())
+
+    traj = generate(
+        handle, handle.encode("To be, or not"), DecodeSpec(gen_length=8, steps=8, block_length=8), recorder=AttentionRecorder()
+    )
     report = sinks.analyze(traj, sinks.SinkSpec())
     S, L = traj.n_steps, traj.length
     assert report.causal == handle.causal and report.scores.shape == (S, L) and report.layer_scores.shape == (S, 2, L)
@@ -527,6 +663,7 @@ def test_trajectories_feed_sink_analytics(handle):
 
 
 # --- entropy remasking -----------------------------------------------------------------------------
+
 
 class FixedLogits(nn.Module):
     """A stand-in model whose logits depend only on the position."""
@@ -577,6 +714,7 @@ def test_entropy_remasking_orders_by_negative_entropy_of_sampling_distribution(d
 
 
 # --- placement over devices ------------------------------------------------------------------------
+
 
 class FakeHook:
     def __init__(self, execution_device):
@@ -672,8 +810,9 @@ def test_accelerate_dispatched_model_generates_and_prunes_identically(request, n
     b = generate(resident, resident.encode("To be"), spec, recorder=AttentionRecorder())
     assert np.array_equal(a.final_tokens, b.final_tokens) and np.allclose(a.mass, b.mass, atol=1e-6)
     pruning = pytest.importorskip("sap_core.pruning")
-    cal = pruning.CalibrationSpec(text=" ".join(["To be, or not to be, that is the question."] * 20),
-                                  nsamples=2, seqlen=24, T=10, interval=5)
+    cal = pruning.CalibrationSpec(
+        text=" ".join(["To be, or not to be, that is the question."] * 20), nsamples=2, seqlen=24, T=10, interval=5
+    )
     for method in ("wanda", "sink_wanda"):
         va = pruning.prune(h, pruning.PruneSpec(method, 0.5, calibration=cal))
         vb = pruning.prune(resident, pruning.PruneSpec(method, 0.5, calibration=cal))
@@ -689,11 +828,14 @@ def test_device_map_auto_on_cpu(dream_dir, dream):
 
 # --- errors ----------------------------------------------------------------------------------------
 
+
 def test_wrong_family_directory_gets_clear_error(tmp_path, llada15_dir):
     import transformers
 
     gpt2 = tmp_path / "gpt2"
-    transformers.GPT2LMHeadModel(transformers.GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=64)).save_pretrained(str(gpt2))
+    transformers.GPT2LMHeadModel(transformers.GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=64)).save_pretrained(
+        str(gpt2)
+    )
     known = ", ".join(sorted(FAMILY_LOADERS))
     assert "Dream" in known and "llama" in known and "qwen2" in known
     with pytest.raises(ModelLoadError, match=f"'gpt2' model; SinkScope knows the families: {known}"):
@@ -715,7 +857,8 @@ def test_wrong_family_directory_gets_clear_error(tmp_path, llada15_dir):
 # --- pruning on every family -----------------------------------------------------------------------
 
 PRUNE_CASES = [(family, method) for family in FAMILIES for method in ("wanda", "sink_wanda", "sparsegpt")] + [
-    ("dream", method) for method in ("magnitude", "sink_sparsegpt", "gated_sink_wanda", "gated_sink_sparsegpt", "noised_wanda")]
+    ("dream", method) for method in ("magnitude", "sink_sparsegpt", "gated_sink_wanda", "gated_sink_sparsegpt", "noised_wanda")
+]
 
 
 @pytest.mark.parametrize("handle,method", PRUNE_CASES, indirect=["handle"])
@@ -738,6 +881,7 @@ def test_every_family_prunes(handle, method):
 
 
 # --- GPU check script ------------------------------------------------------------------------------
+
 
 def test_gpu_check_runs_tiny(capsys, monkeypatch):
     spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "bench" / "gpu_check.py")

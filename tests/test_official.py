@@ -1,5 +1,6 @@
 """Exact official reproduction: the built-in configs carry the keys the official LLaDA code reads,
 SparseGPT's reference mask selection, and the official settings as one preset."""
+
 from __future__ import annotations
 
 import json
@@ -20,9 +21,16 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # Defaults of the official configuration's ModelConfig that describe another network than LLaDA's
 # (the official code fills every key missing from config.json with them).
-OFFICIAL_DEFAULTS_THAT_DIFFER = {"rope": False, "embedding_size": 50304, "attention_dropout": 0.1,
-                                 "residual_dropout": 0.1, "embedding_dropout": 0.1, "layer_norm_type": "default",
-                                 "activation_type": "swiglu", "block_type": "sequential"}
+OFFICIAL_DEFAULTS_THAT_DIFFER = {
+    "rope": False,
+    "embedding_size": 50304,
+    "attention_dropout": 0.1,
+    "residual_dropout": 0.1,
+    "embedding_dropout": 0.1,
+    "layer_norm_type": "default",
+    "activation_type": "swiglu",
+    "block_type": "sequential",
+}
 
 
 @pytest.mark.parametrize("name", ["tiny-dlm", "tiny-ar"])
@@ -59,7 +67,7 @@ def reference_sparsegpt(W, H, sparsity, blocksize=128, percdamp=0.01):
         block = W[:, start:end].clone()
         err = torch.zeros_like(block)
         h = Hinv[start:end, start:end]
-        saliency = block ** 2 / torch.diag(h)[None, :] ** 2
+        saliency = block**2 / torch.diag(h)[None, :] ** 2
         pruned = saliency <= torch.sort(saliency.flatten())[0][int(saliency.numel() * sparsity)]
         for c in range(end - start):
             kept = torch.where(pruned[:, c], torch.zeros_like(block[:, c]), block[:, c])
@@ -91,7 +99,12 @@ def test_official_selection_reproduces_the_reference_rule():
 def test_official_preset():
     spec = PruneSpec.official("sink_sparsegpt", 0.5, seqlen=512)
     assert spec.calibration == CalibrationSpec.official(512)
-    assert (spec.calibration.nsamples, spec.calibration.seqlen, spec.calibration.T, spec.calibration.interval) == (128, 512, 50, 5)
+    assert (spec.calibration.nsamples, spec.calibration.seqlen, spec.calibration.T, spec.calibration.interval) == (
+        128,
+        512,
+        50,
+        5,
+    )
     assert spec.sparsegpt_selection == "official" and spec.sink.tau == 0 and (spec.sink.k, spec.sink.alpha) == (2.0, 5.0)
     spec.validate()
     with pytest.raises(PruneSpecError, match="official"):
@@ -99,8 +112,12 @@ def test_official_preset():
 
 
 def test_cli_preset_refuses_explicit_calibration_settings():
-    proc = subprocess.run([sys.executable, "-m", "sap_core", "prune", "--model", "tiny-dlm", "--preset", "official",
-                           "--calib-nsamples", "4"], capture_output=True, text=True, cwd=ROOT)
+    proc = subprocess.run(
+        [sys.executable, "-m", "sap_core", "prune", "--model", "tiny-dlm", "--preset", "official", "--calib-nsamples", "4"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
     assert proc.returncode != 0 and "--calib-nsamples" in proc.stderr and "Traceback" not in proc.stderr
 
 

@@ -1,5 +1,6 @@
 """The sap_core pieces behind the Model, Sink stability, Prune and Compare pages: their figures
 (sap_core.viz), the perplexity table with paired errors (sap_core.compare) and the memory check."""
+
 from __future__ import annotations
 
 import math
@@ -23,8 +24,16 @@ torch.set_num_threads(1)
 
 def _positions(labels: list[str]) -> pd.DataFrame:
     n = len(labels)
-    return pd.DataFrame({"position": np.arange(n), "variance": np.linspace(0, 0.2, n), "label": labels,
-                         "frequency": np.full(n, 0.5), "weight": np.ones(n), "token_text": [f"t{i}" for i in range(n)]})
+    return pd.DataFrame(
+        {
+            "position": np.arange(n),
+            "variance": np.linspace(0, 0.2, n),
+            "label": labels,
+            "frequency": np.full(n, 0.5),
+            "weight": np.ones(n),
+            "token_text": [f"t{i}" for i in range(n)],
+        }
+    )
 
 
 def test_position_stability_draws_one_bar_per_position_on_a_fixed_range():
@@ -58,8 +67,13 @@ def test_sparsity_heatmap_in_forward_order_with_every_block_labelled(tiny_dlm):
     fig = viz.sparsity_heatmap(variant.layer_sparsity)
     forward = list(dict.fromkeys(variant.layer_sparsity["module"]))
     assert list(fig.data[0].x) == forward
-    assert forward.index("q_proj") < forward.index("k_proj") < forward.index("v_proj") < forward.index("attn_out") \
+    assert (
+        forward.index("q_proj")
+        < forward.index("k_proj")
+        < forward.index("v_proj")
+        < forward.index("attn_out")
         < forward.index("ff_out")
+    )
     blocks = [f"block {i}" for i in range(tiny_dlm.n_layers)]
     assert list(fig.data[0].y) == blocks and list(fig.layout.yaxis.tickvals) == blocks
     assert np.allclose(fig.data[0].z, 0.5, atol=0.01)

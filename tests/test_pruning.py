@@ -1,4 +1,5 @@
 """Pruning (issue 5): scores, SparseGPT, masks, sink weighting, non-destructiveness, saving, errors."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -62,6 +63,7 @@ def dlm(tmp_path_factory):
 
 # --- scores -------------------------------------------------------------------------------------
 
+
 def test_wanda_matches_brute_force_block_by_block(dlm):
     v = prune(dlm, spec("wanda", 0.5))
     cal = CAL
@@ -74,8 +76,9 @@ def test_wanda_matches_brute_force_block_by_block(dlm):
             x = block.attn_norm(h)  # the input q_proj sees, after the already-pruned blocks
             X = x.reshape(-1, x.shape[-1]).double()
             W = block.q_proj.weight.double()
-            norms = torch.tensor([sum(float(X[t, c]) ** 2 for t in range(X.shape[0])) ** 0.5 for c in range(X.shape[1])],
-                                 dtype=torch.float64)
+            norms = torch.tensor(
+                [sum(float(X[t, c]) ** 2 for t in range(X.shape[0])) ** 0.5 for c in range(X.shape[1])], dtype=torch.float64
+            )
             score = W.abs() * norms[None, :]
             k = n_prune(W.shape[1], 0.5)
             expect = torch.zeros_like(W, dtype=torch.bool)
@@ -133,6 +136,7 @@ def test_sparsegpt_nm_and_unaligned_blocks():
 
 # --- sink weighting -----------------------------------------------------------------------------
 
+
 def test_sink_wanda_with_zero_sink_scores_is_noised_wanda(dlm):
     no_sinks = SinkSpec(k=1e6)  # threshold far above every mass: s_t(j) = 0 exactly
     a = prune(dlm, spec("sink_wanda", sink=no_sinks))
@@ -144,8 +148,7 @@ def test_sink_wanda_with_zero_sink_scores_is_noised_wanda(dlm):
     assert np.array_equal(official.calibration.noised, b.calibration.noised)  # same noised inputs
 
 
-@pytest.mark.parametrize("gated,official", [("gated_sink_wanda", "sink_wanda"),
-                                            ("gated_sink_sparsegpt", "sink_sparsegpt")])
+@pytest.mark.parametrize("gated,official", [("gated_sink_wanda", "sink_wanda"), ("gated_sink_sparsegpt", "sink_sparsegpt")])
 def test_tau_zero_reproduces_the_official_variant(dlm, gated, official):
     a = prune(dlm, spec(gated, sink=SinkSpec(tau=0.0)))
     b = prune(dlm, spec(official))
@@ -195,6 +198,7 @@ def test_forward_noising_probability():
 
 # --- masks and exactness ------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("method", list(METHODS))
 def test_unstructured_hits_target_per_row(dlm, method):
     v = prune(dlm, spec(method, 0.3))
@@ -231,6 +235,7 @@ def test_check_sparsity_on_models_and_variants(dlm):
 
 
 # --- non-destructive ----------------------------------------------------------------------------
+
 
 def test_dense_model_untouched_bit_for_bit(dlm):
     before = snapshot(dlm)
@@ -288,8 +293,10 @@ def test_cancel_leaves_dense_untouched_and_progress_counts(dlm):
 
 
 def test_same_spec_same_result(dlm):
-    assert_same_weights(prune(dlm, spec("gated_sink_sparsegpt", sink=SinkSpec(tau=1e-4))),
-                        prune(dlm, spec("gated_sink_sparsegpt", sink=SinkSpec(tau=1e-4))))
+    assert_same_weights(
+        prune(dlm, spec("gated_sink_sparsegpt", sink=SinkSpec(tau=1e-4))),
+        prune(dlm, spec("gated_sink_sparsegpt", sink=SinkSpec(tau=1e-4))),
+    )
     a = prune(dlm, spec("sink_wanda", calibration=dataclasses.replace(CAL, batch_size=1)))
     b = prune(dlm, spec("sink_wanda"))
     assert np.array_equal(a.token_weights, b.token_weights)  # batching changes speed, not the factors
@@ -313,20 +320,24 @@ def test_saved_variant_reloads_and_generates(dlm, tmp_path):
 
 # --- bad input ----------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("bad,match", [
-    (dict(method="wandaa"), "Unknown pruning method"),
-    (dict(sparsity=1.0), r"\[0, 1\)"),
-    (dict(sparsity=-0.1), r"\[0, 1\)"),
-    (dict(pattern="4:4"), "N < M"),
-    (dict(pattern="6:4"), "N < M"),
-    (dict(pattern="2-4"), "N:M"),
-    (dict(pattern="3:5"), "divisible by 5"),
-    (dict(calibration=dataclasses.replace(CAL, nsamples=0)), "nsamples"),
-    (dict(calibration=dataclasses.replace(CAL, text="   ")), "empty"),
-    (dict(calibration=dataclasses.replace(CAL, seqlen=100000)), "seqlen"),
-    (dict(calibration=dataclasses.replace(CAL, text="To be.")), "tokens long"),
-    (dict(calibration=dataclasses.replace(CAL, interval=60)), "interval"),
-])
+
+@pytest.mark.parametrize(
+    "bad,match",
+    [
+        (dict(method="wandaa"), "Unknown pruning method"),
+        (dict(sparsity=1.0), r"\[0, 1\)"),
+        (dict(sparsity=-0.1), r"\[0, 1\)"),
+        (dict(pattern="4:4"), "N < M"),
+        (dict(pattern="6:4"), "N < M"),
+        (dict(pattern="2-4"), "N:M"),
+        (dict(pattern="3:5"), "divisible by 5"),
+        (dict(calibration=dataclasses.replace(CAL, nsamples=0)), "nsamples"),
+        (dict(calibration=dataclasses.replace(CAL, text="   ")), "empty"),
+        (dict(calibration=dataclasses.replace(CAL, seqlen=100000)), "seqlen"),
+        (dict(calibration=dataclasses.replace(CAL, text="To be.")), "tokens long"),
+        (dict(calibration=dataclasses.replace(CAL, interval=60)), "interval"),
+    ],
+)
 def test_bad_input_errors_before_any_work(dlm, bad, match):
     kw = dict(method="sink_wanda", sparsity=0.5, calibration=CAL)
     kw.update(bad)
@@ -357,6 +368,7 @@ def test_variant_refuses_another_model(dlm, tmp_path):
 
 
 # --- the method table ---------------------------------------------------------------------------
+
 
 def test_cli_choices_app_help_and_methods_come_from_the_one_table():
     from streamlit.testing.v1 import AppTest
@@ -409,8 +421,10 @@ def test_a_method_row_must_be_consistent():
         spec_module.Method("x", "unknown statistic", "clean", "l1", True)
 
 
-@pytest.mark.parametrize("method, per_sample", [("sink_wanda", False), ("gated_sink_wanda", False),
-                                                ("sink_sparsegpt", True), ("gated_sink_sparsegpt", True)])
+@pytest.mark.parametrize(
+    "method, per_sample",
+    [("sink_wanda", False), ("gated_sink_wanda", False), ("sink_sparsegpt", True), ("gated_sink_sparsegpt", True)],
+)
 def test_each_sample_is_scored_once(dlm, monkeypatch, method, per_sample):
     """Factors and record come from one scoring of each sample (each forward chunk of timesteps, for
     the Wanda family, whose chunks are scored as their pass ends), never a rescoring."""

@@ -1,4 +1,5 @@
 """Sink analysis (issue 4): hand-checked synthetic masses, the official rule, and real trajectories."""
+
 from __future__ import annotations
 
 import math
@@ -11,8 +12,22 @@ import pytest
 import torch
 
 from sap_core.errors import SapError, SinkSpecError
-from sap_core.sinks import (LABELS, STATES, SinkReport, SinkSpec, analyze, compare, downweight_factors, mass_view,
-                            position_stats, read_csv, reduce_mass, sink_flags, sink_scores, step_downweights)
+from sap_core.sinks import (
+    LABELS,
+    STATES,
+    SinkReport,
+    SinkSpec,
+    analyze,
+    compare,
+    downweight_factors,
+    mass_view,
+    position_stats,
+    read_csv,
+    reduce_mass,
+    sink_flags,
+    sink_scores,
+    step_downweights,
+)
 
 
 @dataclass
@@ -35,10 +50,16 @@ def fake(mass: np.ndarray, prompt_length: int = 2, causal: bool = False, valid_l
     decoded_at = np.full(L, -1, np.int64)
     decoded_at[prompt_length:] = np.arange(L - prompt_length) % S
     vl = np.full(S, L, np.int64) if valid_length is None else np.asarray(valid_length, np.int64)
-    return FakeTrajectory(tokens=np.zeros((S, L), np.int64), final_tokens=np.arange(L, dtype=np.int64) + 10,
-                          prompt_length=prompt_length, decoded_at=decoded_at,
-                          confidence=np.full((S, L), np.nan, np.float32), mass=mass.astype(np.float32),
-                          valid_length=vl, causal=causal)
+    return FakeTrajectory(
+        tokens=np.zeros((S, L), np.int64),
+        final_tokens=np.arange(L, dtype=np.int64) + 10,
+        prompt_length=prompt_length,
+        decoded_at=decoded_at,
+        confidence=np.full((S, L), np.nan, np.float32),
+        mass=mass.astype(np.float32),
+        valid_length=vl,
+        causal=causal,
+    )
 
 
 def row_with_sink(L: int, pos: int, sink: float = 8.5) -> np.ndarray:
@@ -66,6 +87,7 @@ def sigmoid(x: float) -> float:
 
 # --- hand-checked synthetic cases --------------------------------------------------------------
 
+
 def test_fixed_sink_at_position_zero_is_stable():
     L, S = 16, 10
     traj = fake(stack([row_with_sink(L, 0)] * S))
@@ -88,7 +110,7 @@ def test_sink_jumping_between_two_positions_has_known_variance():
     report = analyze(traj, SinkSpec(tau=0.2))
     # dominant and centroid alternate 2, 10: population variance 4^2 = 16 tokens^2, 16 / 16^2 normalised
     assert report.aggregate.dominant_var == pytest.approx(16.0)
-    assert report.aggregate.dominant_var_norm == pytest.approx(16.0 / L ** 2)
+    assert report.aggregate.dominant_var_norm == pytest.approx(16.0 / L**2)
     assert report.aggregate.centroid_var == pytest.approx(16.0)
     assert report.per_layer[1].dominant_var == pytest.approx(16.0)
     hi = sigmoid(5 * (34 - (4 + 2 * math.sqrt(60))))
@@ -227,8 +249,8 @@ def test_states_and_valid_positions_of_a_causal_trajectory():
         names = report.state_names(s)
         assert names[:P] == ["prompt"] * P
         assert names[P + s] == "decoding"  # the position this step outputs
-        assert names[P:P + s] == ["decoded"] * s
-        assert all(x == "absent" for x in names[P + s + 1:])
+        assert names[P : P + s] == ["decoded"] * s
+        assert all(x == "absent" for x in names[P + s + 1 :])
     assert report.positions.valid_steps[-1] == 0 and report.labels[-1] == "none" and report.weights[-1] == 1
     assert report.positions.valid_steps[P] == G - 1
     dlm = fake(stack([row_with_sink(8, 0)] * 4), prompt_length=2)
@@ -247,6 +269,7 @@ def test_reduction_is_cached_and_rescoring_skips_it():
     c = reduce_mass(traj, SinkSpec(heads=[1]))
     assert c.layer_mass is not a.layer_mass and np.allclose(c.layer_mass, traj.mass[:, :, 1])
     from sap_core import sinks
+
     traj2 = fake(rng.random((4, 2, 2, 10)).astype(np.float32))
     reduce_mass(traj2)
     n = len(sinks._CACHE)
@@ -258,19 +281,22 @@ def test_reduction_is_cached_and_rescoring_skips_it():
     assert np.array_equal(again.scores, fresh.scores, equal_nan=True) and np.array_equal(again.weights, fresh.weights)
 
 
-@pytest.mark.parametrize("kwargs,message", [
-    (dict(rule="soft"), "rule must be one of"),
-    (dict(normalize="softmax"), "normalize must be one of"),
-    (dict(alpha=0), "alpha must be > 0"),
-    (dict(tau=-0.1), "tau must be >= 0"),
-    (dict(epsilon=-1), "epsilon must be >= 0"),
-    (dict(stable_min_frequency=0), "stable_min_frequency"),
-    (dict(k=float("nan")), "finite"),
-    (dict(top_k=0), "top_k"),
-    (dict(layers=[]), "layers is empty"),
-    (dict(heads=[1, 1]), "twice"),
-    (dict(layers=["a"]), "integer indices"),
-])
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        (dict(rule="soft"), "rule must be one of"),
+        (dict(normalize="softmax"), "normalize must be one of"),
+        (dict(alpha=0), "alpha must be > 0"),
+        (dict(tau=-0.1), "tau must be >= 0"),
+        (dict(epsilon=-1), "epsilon must be >= 0"),
+        (dict(stable_min_frequency=0), "stable_min_frequency"),
+        (dict(k=float("nan")), "finite"),
+        (dict(top_k=0), "top_k"),
+        (dict(layers=[]), "layers is empty"),
+        (dict(heads=[1, 1]), "twice"),
+        (dict(layers=["a"]), "integer indices"),
+    ],
+)
 def test_impossible_specs_say_what_to_do(kwargs, message):
     with pytest.raises(SinkSpecError, match=message) as info:
         SinkSpec(**kwargs)
@@ -315,12 +341,15 @@ def test_exports_load_back(tmp_path):
     loaded = SinkReport.from_json(report.to_json(tmp_path / "report.json"))
     assert loaded.spec == report.spec and loaded.layers == report.layers and loaded.aggregate == report.aggregate
     for name in ("mass", "layer_mass", "scores", "is_sink", "dominant", "centroid", "layer_scores", "state", "weights", "labels"):
-        assert np.array_equal(getattr(loaded, name), getattr(report, name), equal_nan=name != "labels" and name != "is_sink" and name != "state"), name
+        assert np.array_equal(
+            getattr(loaded, name), getattr(report, name), equal_nan=name != "labels" and name != "is_sink" and name != "state"
+        ), name
     with pytest.raises(SinkSpecError, match="SinkReport.to_json"):
         SinkReport.from_json(tmp_path / "csv" / "spec.json")
 
 
 # --- real trajectories of tiny random models ---------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def trajectories(tiny_dlm, tiny_ar):
@@ -352,7 +381,9 @@ def check_invariants(report: SinkReport, traj) -> None:
     assert ((p.frequency >= 0) & (p.frequency <= 1)).all() and ((p.variance >= 0) & (p.variance <= 0.25)).all()
     assert set(report.labels) <= set(LABELS)
     assert ((report.weights >= 0) & (report.weights <= 1)).all()
-    assert all(0 <= f.dominant_var_norm <= 0.25 and 0 <= f.entropy_norm <= 1 + 1e-9 for f in (report.aggregate, *report.per_layer))
+    assert all(
+        0 <= f.dominant_var_norm <= 0.25 and 0 <= f.entropy_norm <= 1 + 1e-9 for f in (report.aggregate, *report.per_layer)
+    )
 
 
 def test_real_dlm_trajectory(trajectories):
@@ -363,7 +394,7 @@ def test_real_dlm_trajectory(trajectories):
     official = official_scores(dlm.mass.astype(np.float64).sum(axis=(1, 2)))
     assert np.allclose(report.weights, 1 - official.mean(0).numpy(), atol=1e-5)
     states = report.state
-    assert (states[:, :report.prompt_length] == STATES.index("prompt")).all()
+    assert (states[:, : report.prompt_length] == STATES.index("prompt")).all()
     assert ((states == STATES.index("decoding")).sum(1) == 2).all()  # 16 tokens in 8 steps
 
 

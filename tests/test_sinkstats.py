@@ -1,4 +1,5 @@
 """Across-prompt sink statistics (issue 13): the numbers are analyze()'s, the error bars are right, the CLI writes them."""
+
 from __future__ import annotations
 
 import json
@@ -18,8 +19,17 @@ from sap_core.diffusion import DecodeSpec, generate
 from sap_core.errors import Cancelled, DecodeSpecError, SinkSpecError
 from sap_core.models import load_model
 from sap_core.sinks import SinkSpec, analyze
-from sap_core.sinkstats import (DIFFERENCE, STATISTICS, SinkStats, SinkStatsError, evaluation_prompts, mean_se,
-                                prompts_from_lines, report_statistics, run_sinkstats)
+from sap_core.sinkstats import (
+    DIFFERENCE,
+    STATISTICS,
+    SinkStats,
+    SinkStatsError,
+    evaluation_prompts,
+    mean_se,
+    prompts_from_lines,
+    report_statistics,
+    run_sinkstats,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 DECODE = DecodeSpec(gen_length=8, steps=8, block_length=8)
@@ -85,10 +95,28 @@ def test_paired_standard_error_on_known_numbers():
     base = np.array([1.0, 5.0, 9.0, 13.0])
     rows = []
     for i, v in enumerate(base):
-        rows.append({"prompt": i, "model": "D", "layer": -1, "dominant_var": v + 2.0 + (0.5 if i % 2 else -0.5),
-                     "distinct_dominant": 3, "first_token_share": 0.25, "top_k_share": 0.5})
-        rows.append({"prompt": i, "model": "A", "layer": -1, "dominant_var": v,
-                     "distinct_dominant": 3, "first_token_share": 0.25, "top_k_share": 0.5})
+        rows.append(
+            {
+                "prompt": i,
+                "model": "D",
+                "layer": -1,
+                "dominant_var": v + 2.0 + (0.5 if i % 2 else -0.5),
+                "distinct_dominant": 3,
+                "first_token_share": 0.25,
+                "top_k_share": 0.5,
+            }
+        )
+        rows.append(
+            {
+                "prompt": i,
+                "model": "A",
+                "layer": -1,
+                "dominant_var": v,
+                "distinct_dominant": 3,
+                "first_token_share": 0.25,
+                "top_k_share": 0.5,
+            }
+        )
     st = SinkStats(("D", "A"), tuple("abcd"), DECODE, SinkSpec(), pd.DataFrame(rows), 0.0)
     s = st.summary().set_index(["statistic", "group"])
     assert s.loc[("dominant_var", DIFFERENCE), "mean"] == pytest.approx(2.0)
@@ -104,8 +132,11 @@ def test_save_csv_and_json(stats, tmp_path):
     paths = stats.save(tmp_path / "out" / "stats.csv")
     assert [p.name for p in paths] == ["stats.csv", "stats.prompts.csv"]
     back = pd.read_csv(paths[0])
-    pd.testing.assert_frame_equal(back[["layer", "statistic", "group", "mean", "n"]],
-                                  stats.summary()[["layer", "statistic", "group", "mean", "n"]], check_dtype=False)
+    pd.testing.assert_frame_equal(
+        back[["layer", "statistic", "group", "mean", "n"]],
+        stats.summary()[["layer", "statistic", "group", "mean", "n"]],
+        check_dtype=False,
+    )
     assert len(pd.read_csv(paths[1])) == len(stats.per_prompt)
     (path,) = stats.save(tmp_path / "stats.json")
     doc = json.loads(path.read_text())
@@ -169,19 +200,67 @@ def test_cancel_stops_the_run(models):
 def test_cli_sinkstats_writes_json_and_rejects_two_dlms(tmp_path):
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     out = tmp_path / "s.json"
-    done = subprocess.run([sys.executable, "-m", "sap_core", "sinkstats", "--prompts", "2", "--prompt-tokens", "6",
-                           "--gen-length", "8", "--steps", "8", "--block-length", "8", "--out", str(out)],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "sap_core",
+            "sinkstats",
+            "--prompts",
+            "2",
+            "--prompt-tokens",
+            "6",
+            "--gen-length",
+            "8",
+            "--steps",
+            "8",
+            "--block-length",
+            "8",
+            "--out",
+            str(out),
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr
     doc = json.loads(out.read_text())
     assert doc["n_prompts"] == 2 and {r["group"] for r in doc["summary"]} == {"tiny-dlm", "tiny-ar", DIFFERENCE}
     assert "sinkstats" in done.stderr  # the progress bar
-    bad = subprocess.run([sys.executable, "-m", "sap_core", "sinkstats", "--models", "tiny-dlm,tiny-dlm", "--prompts", "2",
-                          "--gen-length", "8", "--steps", "8", "--block-length", "8"],
-                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    bad = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "sap_core",
+            "sinkstats",
+            "--models",
+            "tiny-dlm,tiny-dlm",
+            "--prompts",
+            "2",
+            "--gen-length",
+            "8",
+            "--steps",
+            "8",
+            "--block-length",
+            "8",
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert bad.returncode == 2 and bad.stderr.strip().startswith("error: Both models are masked-diffusion")
     prompts = tmp_path / "p.txt"
     prompts.write_text("only one\n")
-    bad = subprocess.run([sys.executable, "-m", "sap_core", "sinkstats", "--prompt-file", str(prompts), "--prompts", "2"],
-                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    bad = subprocess.run(
+        [sys.executable, "-m", "sap_core", "sinkstats", "--prompt-file", str(prompts), "--prompts", "2"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert bad.returncode == 2 and "fewer than the 2 prompts" in bad.stderr

@@ -1,4 +1,5 @@
 """Sparsity sweeps: methods x sparsities x patterns -> DataFrame -> CSV and a plotly figure (issue 6)."""
+
 from __future__ import annotations
 
 import math
@@ -39,8 +40,11 @@ def test_two_methods_by_two_sparsities_give_the_expected_frame(tiny_dlm, sweep):
     assert df.iloc[0][["method", "sparsity", "pattern", "prune_seconds"]].tolist() == ["dense", 0.0, "dense", 0.0]
     rest = df.iloc[1:]
     assert list(zip(rest["method"], rest["sparsity"], rest["pattern"])) == [
-        ("magnitude", 0.3, "unstructured"), ("magnitude", 0.6, "unstructured"),
-        ("wanda", 0.3, "unstructured"), ("wanda", 0.6, "unstructured")]
+        ("magnitude", 0.3, "unstructured"),
+        ("magnitude", 0.6, "unstructured"),
+        ("wanda", 0.3, "unstructured"),
+        ("wanda", 0.6, "unstructured"),
+    ]
     assert (df["ppl"] > 1).all() and np.isfinite(df["ppl"]).all() and (df["ppl_se"] >= 0).all()
     np.testing.assert_allclose(df["ppl"], np.exp(df["nll"]), rtol=1e-6)
     assert (rest["prune_seconds"] > 0).all() and (df["eval_seconds"] > 0).all()
@@ -104,23 +108,36 @@ def test_csv_round_trip(sweep, tmp_path):
 
 
 def test_nm_pattern_runs_once_per_method_and_gated_label():
-    spec = SweepSpec(methods=("wanda", "gated_sink_wanda"), sparsities=(0.3, 0.5, 0.7),
-                     patterns=("unstructured", "2:4"), sink=SinkSpec(tau=0.1))
+    spec = SweepSpec(
+        methods=("wanda", "gated_sink_wanda"),
+        sparsities=(0.3, 0.5, 0.7),
+        patterns=("unstructured", "2:4"),
+        sink=SinkSpec(tau=0.1),
+    )
     jobs = [(m.name, p, s) for m, p, s in spec.jobs]
     assert jobs == [
-        ("wanda", "unstructured", 0.3), ("wanda", "unstructured", 0.5), ("wanda", "unstructured", 0.7), ("wanda", "2:4", 0.5),
-        ("gated_sink_wanda(tau=0.1)", "unstructured", 0.3), ("gated_sink_wanda(tau=0.1)", "unstructured", 0.5),
-        ("gated_sink_wanda(tau=0.1)", "unstructured", 0.7), ("gated_sink_wanda(tau=0.1)", "2:4", 0.5)]
+        ("wanda", "unstructured", 0.3),
+        ("wanda", "unstructured", 0.5),
+        ("wanda", "unstructured", 0.7),
+        ("wanda", "2:4", 0.5),
+        ("gated_sink_wanda(tau=0.1)", "unstructured", 0.3),
+        ("gated_sink_wanda(tau=0.1)", "unstructured", 0.5),
+        ("gated_sink_wanda(tau=0.1)", "unstructured", 0.7),
+        ("gated_sink_wanda(tau=0.1)", "2:4", 0.5),
+    ]
     assert MethodSetting("gated_sink_sparsegpt", label="gated", sink=SinkSpec(tau=0.2)).name == "gated"
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    (dict(methods=("nope",), sparsities=(0.5,)), "Unknown pruning method"),
-    (dict(methods=("wanda",), sparsities=(1.2,)), "between 0 and 1"),
-    (dict(methods=("wanda",), sparsities=(0.5,), patterns=("3:2",)), "N < M"),
-    (dict(methods=(), sparsities=(0.5,)), "at least one"),
-    (dict(methods=("wanda",), sparsities=(0.5,), eval=EvalSpec(nsamples=0)), "nsamples"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(methods=("nope",), sparsities=(0.5,)), "Unknown pruning method"),
+        (dict(methods=("wanda",), sparsities=(1.2,)), "between 0 and 1"),
+        (dict(methods=("wanda",), sparsities=(0.5,), patterns=("3:2",)), "N < M"),
+        (dict(methods=(), sparsities=(0.5,)), "at least one"),
+        (dict(methods=("wanda",), sparsities=(0.5,), eval=EvalSpec(nsamples=0)), "nsamples"),
+    ],
+)
 def test_bad_sweeps_fail_before_any_work(tiny_dlm, kwargs, match):
     calls = []
     with pytest.raises(SapError, match=match):
@@ -187,8 +204,12 @@ def test_method_differences(sweep):
 
 
 def test_causal_model_sweep(tiny_ar):
-    spec = SweepSpec(methods=("magnitude",), sparsities=(0.5,), calibration=CALIB,
-                     eval=EvalSpec(seqlen=24, nsamples=3, text=EVAL.text, prefix="To"))
+    spec = SweepSpec(
+        methods=("magnitude",),
+        sparsities=(0.5,),
+        calibration=CALIB,
+        eval=EvalSpec(seqlen=24, nsamples=3, text=EVAL.text, prefix="To"),
+    )
     df = run_sweep(tiny_ar, spec)
     assert df["method"].tolist() == ["dense", "magnitude"] and np.isfinite(df["ppl"]).all()
     assert (df["ppl_se"] > 0).all()

@@ -1,4 +1,5 @@
 """Picking tau: calibration reused across a sweep, tau sweeps, the calibration variance (issue 14)."""
+
 from __future__ import annotations
 
 import math
@@ -19,14 +20,29 @@ from sap_core.sweep import EvalSpec, SweepSpec, run_sweep
 torch.set_num_threads(1)
 CALIB = CalibrationSpec(text=" ".join(TEXT * 10), nsamples=2, seqlen=24, seed=0, T=20, interval=5, batch_size=3)
 EVAL = EvalSpec(seqlen=24, nsamples=2, draws=2, seed=0, text=" ".join(TEXT * 10))
-ALL = ("magnitude", "wanda", "sparsegpt", "sink_wanda", "sink_sparsegpt", "noised_wanda", "gated_sink_wanda",
-       "gated_sink_sparsegpt")
+ALL = (
+    "magnitude",
+    "wanda",
+    "sparsegpt",
+    "sink_wanda",
+    "sink_sparsegpt",
+    "noised_wanda",
+    "gated_sink_wanda",
+    "gated_sink_sparsegpt",
+)
 
 
 @pytest.fixture(scope="module")
 def both_ways(tiny_dlm):
-    spec = SweepSpec(methods=ALL, sparsities=(0.3, 0.6), patterns=("unstructured", "2:4"), sink=SinkSpec(tau=0.01),
-                     sink_taus=(0.0, 0.001, 0.05), calibration=CALIB, eval=EVAL)
+    spec = SweepSpec(
+        methods=ALL,
+        sparsities=(0.3, 0.6),
+        patterns=("unstructured", "2:4"),
+        sink=SinkSpec(tau=0.01),
+        sink_taus=(0.0, 0.001, 0.05),
+        calibration=CALIB,
+        eval=EVAL,
+    )
     new = run_sweep(tiny_dlm, spec)
     old = run_sweep(tiny_dlm, spec, reuse_calibration=False)
     return spec, new, old
@@ -41,15 +57,18 @@ def test_reused_calibration_gives_the_rows_of_recalibrating_every_job(both_ways)
     for label, est in old.attrs["estimates"].items():
         np.testing.assert_allclose(new.attrs["estimates"][label], est, rtol=1e-6, atol=1e-9)
     # Not vacuous: the methods and taus do give different models.
-    gated = new[new["method"].str.startswith("gated_sink_wanda") & (new["pattern"] == "unstructured")
-                & (new["sparsity"] == 0.6)]
+    gated = new[new["method"].str.startswith("gated_sink_wanda") & (new["pattern"] == "unstructured") & (new["sparsity"] == 0.6)]
     assert gated["tau"].tolist() == [0.0, 0.001, 0.05] and gated["nll"].nunique() >= 2
 
 
 def test_cache_computes_the_noised_pass_once_and_matches_a_plain_prune(tiny_dlm):
     cache = CalibrationCache()
-    specs = [PruneSpec(m, s, sink=SinkSpec(tau=t), calibration=CALIB)
-             for m in ("sink_wanda", "noised_wanda", "gated_sink_wanda") for s in (0.3, 0.6) for t in (0.0, 0.02)]
+    specs = [
+        PruneSpec(m, s, sink=SinkSpec(tau=t), calibration=CALIB)
+        for m in ("sink_wanda", "noised_wanda", "gated_sink_wanda")
+        for s in (0.3, 0.6)
+        for t in (0.0, 0.02)
+    ]
     for ps in specs:
         cache.plan(tiny_dlm, ps)
     ticks = []
@@ -72,11 +91,13 @@ def test_cache_computes_the_noised_pass_once_and_matches_a_plain_prune(tiny_dlm)
 
 SINK = SinkSpec(k=1.0)  # the random 2-layer test model has few k=2 sinks per layer; k=1 gives dozens
 
+
 @pytest.fixture(scope="module")
 def gate(tiny_dlm):
     calls = []
     data = __import__("sap_core.tau", fromlist=["calibration_gate"]).calibration_gate(
-        tiny_dlm, CALIB, SINK, progress=lambda d, t, m: calls.append((d, t)))
+        tiny_dlm, CALIB, SINK, progress=lambda d, t, m: calls.append((d, t))
+    )
     return data, calls
 
 
@@ -142,6 +163,7 @@ def test_variance_figure_marks_tau_and_both_distributions(gate):
 
 # --- tau sweeps --------------------------------------------------------------------------------------
 
+
 def test_tau_table_and_best_tau(both_ways):
     from sap_core.sweep import paired_se
     from sap_core.tau import best_taus, tau_table
@@ -182,8 +204,12 @@ def test_sink_taus_spec_and_errors():
     assert names == ["wanda", "gated_sink_wanda(tau=0)", "gated_sink_wanda(tau=0.05)"]
     assert spec.settings[2].sink == SinkSpec(k=3.0, tau=0.05)
     assert [spec.tau_of(m) for m in spec.settings][1:] == [0.0, 0.05] and math.isnan(spec.tau_of(spec.settings[0]))
-    for kwargs, match in ((dict(sink_taus=(-0.1,)), "finite and >= 0"), (dict(sink_taus=(0.1, 0.1)), "twice"),
-                          (dict(sink_taus=(float("nan"),)), "finite"), (dict(methods=("wanda",), sink_taus=(0.1,)), "gated methods only")):
+    for kwargs, match in (
+        (dict(sink_taus=(-0.1,)), "finite and >= 0"),
+        (dict(sink_taus=(0.1, 0.1)), "twice"),
+        (dict(sink_taus=(float("nan"),)), "finite"),
+        (dict(methods=("wanda",), sink_taus=(0.1,)), "gated methods only"),
+    ):
         with pytest.raises(SweepSpecError, match=match):
             SweepSpec(**{**dict(methods=("gated_sink_wanda",), sparsities=(0.5,)), **kwargs}).validate()
     with pytest.raises(SweepSpecError, match="numbers"):
@@ -197,10 +223,39 @@ def test_cli_sweep_takes_sink_taus(tmp_path, tiny_dlm_dir):
     text = tmp_path / "t.txt"
     text.write_text(" ".join(TEXT * 10))
     out = tmp_path / "taus.csv"
-    cmd = [sys.executable, "-m", "sap_core", "sweep", "--model", str(tiny_dlm_dir), "--device", "cpu", "--quiet",
-           "--methods", "noised_wanda,gated_sink_wanda", "--sink-taus", "0,0.01", "--sparsities", "0.5",
-           "--calib-text", str(text), "--calib-nsamples", "2", "--calib-seqlen", "24", "--text", str(text),
-           "--seqlen", "24", "--nsamples", "2", "--draws", "2", "--out", str(out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "sap_core",
+        "sweep",
+        "--model",
+        str(tiny_dlm_dir),
+        "--device",
+        "cpu",
+        "--quiet",
+        "--methods",
+        "noised_wanda,gated_sink_wanda",
+        "--sink-taus",
+        "0,0.01",
+        "--sparsities",
+        "0.5",
+        "--calib-text",
+        str(text),
+        "--calib-nsamples",
+        "2",
+        "--calib-seqlen",
+        "24",
+        "--text",
+        str(text),
+        "--seqlen",
+        "24",
+        "--nsamples",
+        "2",
+        "--draws",
+        "2",
+        "--out",
+        str(out),
+    ]
     r = subprocess.run(cmd, capture_output=True, text=True, env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr
     df = pd.read_csv(out)
@@ -211,6 +266,7 @@ def test_cli_sweep_takes_sink_taus(tmp_path, tiny_dlm_dir):
 
 
 # --- the page ---------------------------------------------------------------------------------------
+
 
 @pytest.mark.slow
 def test_pick_tau_page_computes_the_gate_redraws_and_runs_a_tau_sweep():
@@ -247,8 +303,13 @@ def test_pick_tau_page_computes_the_gate_redraws_and_runs_a_tau_sweep():
     next(b for b in at.button if b.label == "Run the tau sweep").click().run()
     assert not at.exception and not at.error, [e.value for e in at.error]
     _, df, sp, pat = at.session_state["tau_sweep"]
-    assert list(df["method"]) == ["wanda", "noised_wanda", "gated_sink_wanda(tau=0)", "gated_sink_wanda(tau=0.001)",
-                                  "gated_sink_wanda(tau=0.05)"]
+    assert list(df["method"]) == [
+        "wanda",
+        "noised_wanda",
+        "gated_sink_wanda(tau=0)",
+        "gated_sink_wanda(tau=0.001)",
+        "gated_sink_wanda(tau=0.05)",
+    ]
     best = [m.value for m in at.markdown if "best tau" in m.value]
     assert len(best) == 1 and "paired SE" in best[0] and "against wanda" in best[0]
     at.text_input[0].set_value("0, x")

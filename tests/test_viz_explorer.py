@@ -1,5 +1,6 @@
 """The explorer's view and exports (sap_core.animation) and its attention map (sap_core.viz): pure
 functions of a sink report, checked against the report's own numbers."""
+
 from __future__ import annotations
 
 import base64
@@ -149,6 +150,8 @@ def test_per_layer_view_is_each_layers_mass_over_its_mean(run):
             row = mass[s, layer, :n]
             np.testing.assert_allclose(got[s, layer, :n], row / row.mean(), rtol=1e-12)
             assert np.isnan(got[s, layer, n:]).all()
-    np.testing.assert_allclose(animation.step_mass(report)[0, :int(report.valid[0].sum())],
-                               report.mass[0, :int(report.valid[0].sum())] / report.mass[0, :int(report.valid[0].sum())].mean(),
-                               rtol=1e-6)
+    np.testing.assert_allclose(
+        animation.step_mass(report)[0, : int(report.valid[0].sum())],
+        report.mass[0, : int(report.valid[0].sum())] / report.mass[0, : int(report.valid[0].sum())].mean(),
+        rtol=1e-6,
+    )

@@ -3,6 +3,7 @@
 A model source is a local directory (``config.json``, safetensors weights, tokenizer files) or the
 name of a built-in model in ``sap_core/assets/models/``. Nothing is downloaded: hubs are never contacted.
 """
+
 from __future__ import annotations
 
 import threading
@@ -30,9 +31,12 @@ tune_allocator()  # freed capture buffers go back to the system (see sap_core.me
 
 BUILTIN_MODELS = {"tiny-dlm": ASSETS / "models" / "tiny-dlm", "tiny-ar": ASSETS / "models" / "tiny-ar"}
 DTYPES = {
-    "float32": torch.float32, "fp32": torch.float32,
-    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-    "float16": torch.float16, "fp16": torch.float16,
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
 }
 
 
@@ -133,8 +137,9 @@ def resolve_device(device: Union[str, torch.device]) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ModelLoadError("CUDA was requested but no CUDA GPU is available here; use device='cpu'.")
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise ModelLoadError(f"'{device}' does not exist: this machine has {torch.cuda.device_count()} GPU(s); "
-                             "use cuda:0 or auto.")
+        raise ModelLoadError(
+            f"'{device}' does not exist: this machine has {torch.cuda.device_count()} GPU(s); use cuda:0 or auto."
+        )
     return device
 
 
@@ -160,10 +165,14 @@ def _load_tokenizer(path: Path, family: Optional[str] = None) -> PreTrainedToken
             return PreTrainedTokenizerFast.from_pretrained(str(path))
         return AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
     except Exception as exc:  # transformers raises many kinds here
-        raise ModelLoadError(f"Could not load a tokenizer from '{path}' ({exc}). Put tokenizer.json (and tokenizer_config.json) in the model directory.") from exc
+        raise ModelLoadError(
+            f"Could not load a tokenizer from '{path}' ({exc}). Put tokenizer.json (and tokenizer_config.json) in the model directory."
+        ) from exc
 
 
-def _load_llada(path: Path, device: torch.device, dtype: torch.dtype, device_map: DeviceMap = None) -> tuple[PreTrainedModel, LLaDAConfig]:
+def _load_llada(
+    path: Path, device: torch.device, dtype: torch.dtype, device_map: DeviceMap = None
+) -> tuple[PreTrainedModel, LLaDAConfig]:
     config = LLaDAConfig.from_pretrained(str(path))
     return load_pretrained(LLaDAModelLM, path, "llada", dtype, device, device_map, config=config), config
 
@@ -222,8 +231,9 @@ def load_model(
     if mask_id is None:
         mask_id = tokenizer.mask_token_id
     if mask_id is None and not causal:
-        raise ModelLoadError(f"Cannot determine the [MASK] token of '{path}': set mask_token_id in config.json or a "
-                             "mask_token in the tokenizer.")
+        raise ModelLoadError(
+            f"Cannot determine the [MASK] token of '{path}': set mask_token_id in config.json or a mask_token in the tokenizer."
+        )
     hf_logging.disable_progress_bar()  # our own progress reporting; no per-load bars
     try:
         if device_map is None:
@@ -235,8 +245,10 @@ def load_model(
         raise
     except (OSError, ValueError, KeyError, TypeError, RuntimeError, AttributeError) as exc:
         # transformers / safetensors raise many kinds for a damaged checkpoint
-        raise ModelLoadError(f"Could not load the weights of '{path}' ({type(exc).__name__}: "
-                             f"{' '.join(str(exc).split())[:200]}); check config.json and the *.safetensors files.") from exc
+        raise ModelLoadError(
+            f"Could not load the weights of '{path}' ({type(exc).__name__}: "
+            f"{' '.join(str(exc).split())[:200]}); check config.json and the *.safetensors files."
+        ) from exc
     module.eval().requires_grad_(False)
     causal = bool(getattr(config, "causal", False) or getattr(module, "causal_lm", False))
     _check_special_ids(path, module, config_dict, tokenizer, mask_id)
@@ -260,8 +272,12 @@ def _check_special_ids(path: Path, module, config_dict: dict, tokenizer, mask_id
             ids[name] = getattr(tokenizer, name, None)
     for name, value in ids.items():
         if value is not None and not 0 <= int(value) < rows:
-            raise ModelLoadError(f"'{path}': {name} {value} is outside the embedding's {rows} rows; fix "
-                                 f"{name} in config.json (or the tokenizer's special tokens).")
+            raise ModelLoadError(
+                f"'{path}': {name} {value} is outside the embedding's {rows} rows; fix "
+                f"{name} in config.json (or the tokenizer's special tokens)."
+            )
     if len(tokenizer) > rows:
-        raise ModelLoadError(f"'{path}': the tokenizer has {len(tokenizer)} tokens but the embedding only {rows} rows; "
-                             "the tokenizer and the weights belong to different models.")
+        raise ModelLoadError(
+            f"'{path}': the tokenizer has {len(tokenizer)} tokens but the embedding only {rows} rows; "
+            "the tokenizer and the weights belong to different models."
+        )

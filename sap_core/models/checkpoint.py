@@ -11,6 +11,7 @@
 
 Every failure is a :class:`ModelLoadError` naming the file and what is wrong.
 """
+
 from __future__ import annotations
 
 import json
@@ -23,12 +24,40 @@ from sap_core.errors import ModelLoadError
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 INDEX = "model.safetensors.index.json"
 MAX_HEADER = 100 * 1024 * 1024  # safetensors' own limit
-DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
-               "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8}
+DTYPE_BYTES = {
+    "F64": 8,
+    "F32": 4,
+    "F16": 2,
+    "BF16": 2,
+    "I64": 8,
+    "I32": 4,
+    "I16": 2,
+    "I8": 1,
+    "U8": 1,
+    "BOOL": 1,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1,
+    "U16": 2,
+    "U32": 4,
+    "U64": 8,
+}
 # Config fields that size the model: each, when present and not null, must be an integer >= 1.
-SIZE_FIELDS = ("n_layers", "num_hidden_layers", "n_heads", "num_attention_heads", "n_kv_heads", "num_key_value_heads",
-               "d_model", "hidden_size", "mlp_hidden_size", "intermediate_size", "vocab_size", "embedding_size",
-               "max_sequence_length", "max_position_embeddings")
+SIZE_FIELDS = (
+    "n_layers",
+    "num_hidden_layers",
+    "n_heads",
+    "num_attention_heads",
+    "n_kv_heads",
+    "num_key_value_heads",
+    "d_model",
+    "hidden_size",
+    "mlp_hidden_size",
+    "intermediate_size",
+    "vocab_size",
+    "embedding_size",
+    "max_sequence_length",
+    "max_position_embeddings",
+)
 LAYER_FIELDS = ("n_layers", "num_hidden_layers")
 SPECIAL_ID_FIELDS = ("mask_token_id", "pad_token_id", "bos_token_id", "eos_token_id")
 _LAYER_INDEX = re.compile(r"(?:^|\.)(?:blocks|layers|h)\.(\d+)\.")
@@ -38,8 +67,10 @@ def read_config(path: Path) -> dict:
     """``config.json`` of ``path`` as a dict, with its size fields checked; else :class:`ModelLoadError`."""
     config_file = path / "config.json"
     if not config_file.exists():
-        raise ModelLoadError(f"'{path}' has no config.json: it is not a model directory. Point to the folder that "
-                             "holds config.json and the *.safetensors files.")
+        raise ModelLoadError(
+            f"'{path}' has no config.json: it is not a model directory. Point to the folder that "
+            "holds config.json and the *.safetensors files."
+        )
     if not config_file.is_file():
         raise ModelLoadError(f"'{config_file}' is a directory, not a file; it must be the model's JSON configuration.")
     try:
@@ -51,8 +82,9 @@ def read_config(path: Path) -> dict:
     except OSError as exc:
         raise ModelLoadError(f"Cannot read '{config_file}' ({exc.strerror}).") from None
     if not isinstance(config, dict):
-        raise ModelLoadError(f"'{config_file}' holds a JSON {type(config).__name__}, not an object of settings; "
-                             "restore the model's config.json.")
+        raise ModelLoadError(
+            f"'{config_file}' holds a JSON {type(config).__name__}, not an object of settings; restore the model's config.json."
+        )
     for name in SIZE_FIELDS:
         value = config.get(name)
         if value is None:
@@ -62,8 +94,10 @@ def read_config(path: Path) -> dict:
     heads = config.get("n_heads") or config.get("num_attention_heads")
     width = config.get("d_model") or config.get("hidden_size")
     if heads and width and width % heads:
-        raise ModelLoadError(f"'{config_file}': the width {width} is not divisible by the {heads} attention heads; "
-                             "config.json does not describe a valid model.")
+        raise ModelLoadError(
+            f"'{config_file}': the width {width} is not divisible by the {heads} attention heads; "
+            "config.json does not describe a valid model."
+        )
     for name in SPECIAL_ID_FIELDS:
         value = config.get(name)
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
@@ -86,25 +120,32 @@ def weight_files(path: Path) -> list[Path]:
         try:
             data = json.loads(index.read_text(encoding="utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError, OSError) as exc:
-            raise ModelLoadError(f"'{index}' is not a valid JSON index ({type(exc).__name__}); restore it from the "
-                                 "original checkpoint.") from None
+            raise ModelLoadError(
+                f"'{index}' is not a valid JSON index ({type(exc).__name__}); restore it from the original checkpoint."
+            ) from None
         weight_map = data.get("weight_map") if isinstance(data, dict) else None
         if not isinstance(weight_map, dict) or not weight_map or not all(isinstance(v, str) for v in weight_map.values()):
-            raise ModelLoadError(f"'{index}' has no 'weight_map' of parameter name -> shard file; restore it from the "
-                                 "original checkpoint.")
+            raise ModelLoadError(
+                f"'{index}' has no 'weight_map' of parameter name -> shard file; restore it from the original checkpoint."
+            )
         files = []
         for name in sorted(set(weight_map.values())):
             shard = path / name
             if Path(name).is_absolute() or not _inside(shard, path):
-                raise ModelLoadError(f"'{index}' points to '{name}', outside the model directory '{path}'; shards must "
-                                     "sit inside the model directory.")
+                raise ModelLoadError(
+                    f"'{index}' points to '{name}', outside the model directory '{path}'; shards must "
+                    "sit inside the model directory."
+                )
             if shard.suffix in PICKLE_SUFFIXES or not name.endswith(".safetensors"):
-                raise ModelLoadError(f"'{index}' names the shard '{name}', which is not a .safetensors file. SinkScope "
-                                     "refuses pickled weights because unpickling can run arbitrary code; convert "
-                                     "the checkpoint to safetensors.")
+                raise ModelLoadError(
+                    f"'{index}' names the shard '{name}', which is not a .safetensors file. SinkScope "
+                    "refuses pickled weights because unpickling can run arbitrary code; convert "
+                    "the checkpoint to safetensors."
+                )
             if not shard.is_file():
-                raise ModelLoadError(f"'{index}' names the shard '{name}', which is missing from '{path}'; copy every "
-                                     "shard of the checkpoint.")
+                raise ModelLoadError(
+                    f"'{index}' names the shard '{name}', which is missing from '{path}'; copy every shard of the checkpoint."
+                )
             files.append(shard)
         return files
     single = path / "model.safetensors"
@@ -114,14 +155,17 @@ def weight_files(path: Path) -> list[Path]:
         return [single]
     shards = sorted(p for p in path.glob("*.safetensors") if p.is_file())
     if shards:
-        raise ModelLoadError(f"'{path}' holds sharded weights ({shards[0].name}, ...) but no {INDEX} to say which "
-                             "parameter is where; copy the index file of the checkpoint.")
+        raise ModelLoadError(
+            f"'{path}' holds sharded weights ({shards[0].name}, ...) but no {INDEX} to say which "
+            "parameter is where; copy the index file of the checkpoint."
+        )
     pickled = sorted(p.name for p in path.iterdir() if p.is_file() and p.suffix in PICKLE_SUFFIXES)
     if pickled:
         raise ModelLoadError(
             f"'{path}' holds only pickled weights ({', '.join(pickled)}). SinkScope refuses them because unpickling "
             "can run arbitrary code. Convert the checkpoint to safetensors (e.g. model.save_pretrained(dir, "
-            "safe_serialization=True) in a trusted environment) and load that.")
+            "safe_serialization=True) in a trusted environment) and load that."
+        )
     raise ModelLoadError(f"'{path}' has no weights: expected model.safetensors or sharded *.safetensors with an index file.")
 
 
@@ -135,8 +179,10 @@ def read_header(file: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
     with open(file, "rb") as f:
         (n,) = struct.unpack("<Q", f.read(8))
         if n > MAX_HEADER or n > size - 8:
-            raise ModelLoadError(f"'{file}' is not a valid safetensors file (its header claims {n} bytes of a "
-                                 f"{size}-byte file): it is truncated or not safetensors; copy the weights again.")
+            raise ModelLoadError(
+                f"'{file}' is not a valid safetensors file (its header claims {n} bytes of a "
+                f"{size}-byte file): it is truncated or not safetensors; copy the weights again."
+            )
         raw = f.read(n)
     try:
         header = json.loads(raw.decode("utf-8"))
@@ -158,11 +204,13 @@ def read_header(file: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
         except (TypeError, KeyError, ValueError):
             ok = False
         if not ok:
-            raise ModelLoadError(f"'{file}' is not a valid safetensors file (tensor '{name}' is described wrongly); "
-                                 "copy the weights again.")
+            raise ModelLoadError(
+                f"'{file}' is not a valid safetensors file (tensor '{name}' is described wrongly); copy the weights again."
+            )
         if end > data_size:
-            raise ModelLoadError(f"'{file}' is truncated: tensor '{name}' ends at byte {end} of {data_size} bytes of "
-                                 "data; copy the weights again.")
+            raise ModelLoadError(
+                f"'{file}' is truncated: tensor '{name}' ends at byte {end} of {data_size} bytes of data; copy the weights again."
+            )
         out[name] = (dtype, shape)
     if not out:
         raise ModelLoadError(f"'{file}' holds no tensors; copy the weights again.")
@@ -186,5 +234,7 @@ def check_declared_size(path: Path, config: dict, headers: dict) -> None:
         return
     found = max(indices) + 1
     if declared != found:
-        raise ModelLoadError(f"'{path / 'config.json'}' declares {declared} layers but the weights hold {found}; "
-                             "config.json and the weights belong to different models.")
+        raise ModelLoadError(
+            f"'{path / 'config.json'}' declares {declared} layers but the weights hold {found}; "
+            "config.json and the weights belong to different models."
+        )

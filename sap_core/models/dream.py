@@ -25,6 +25,7 @@ The tokenizer of the released models is remote code (``DreamTokenizer``, a copy 
 BPE over ``vocab.json`` + ``merges.txt``); :func:`load_dream_tokenizer` reads the same files with
 transformers' own ``Qwen2Tokenizer``.
 """
+
 from __future__ import annotations
 
 from pathlib import Path

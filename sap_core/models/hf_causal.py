@@ -19,6 +19,7 @@ projections rather than ``nn.Linear``, learned positions).
 Limits of capture: one unpadded sequence per row (no padding mask), and for sliding-window layers
 (Mistral, Qwen2 with ``use_sliding_window``) sequences no longer than the window.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -57,15 +58,20 @@ def sinkscope_attention(
     if window is not None and S > window and attention_mask is None:
         raise DecodeSpecError(
             f"Layer {module.layer_idx} attends within a sliding window of {window} tokens, but the sequence has {S}; "
-            f"block-by-block runs and attention capture need sequences of at most {window} tokens.")
+            f"block-by-block runs and attention capture need sequences of at most {window} tokens."
+        )
     if recorder is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     if attention_mask is not None and not _is_plain_causal(attention_mask, query.shape[-2], S):
-        why = (f"layer {module.layer_idx} attends within a sliding window of {window} tokens and the sequence has {S}"
-               if window is not None and S > window else "the inputs come with a padding mask")
+        why = (
+            f"layer {module.layer_idx} attends within a sliding window of {window} tokens and the sequence has {S}"
+            if window is not None and S > window
+            else "the inputs come with a padding mask"
+        )
         raise DecodeSpecError(
             "Attention capture on a transformers causal LM needs plain causal attention over one unpadded sequence, "
-            f"but {why}; capture one sequence at a time, without padding and no longer than the window.")
+            f"but {why}; capture one sequence at a time, without padding and no longer than the window."
+        )
     causal = kwargs.get("is_causal")
     causal = getattr(module, "is_causal", True) if causal is None else causal
     out = attention_with_mass(query, key, value, bool(causal), recorder, module.layer_idx, scale=scaling)
@@ -105,8 +111,14 @@ class HFBlock(nn.Module):
         positions = torch.arange(hidden.shape[1], device=device)[None]
         cos, sin = self._rotary(hidden, positions)
         extra = {"attention_recorder": recorder} if recorder is not None else {}
-        out = self.layer(hidden, attention_mask=None, position_ids=positions,
-                         position_embeddings=(cos.to(device), sin.to(device)), use_cache=False, **extra)
+        out = self.layer(
+            hidden,
+            attention_mask=None,
+            position_ids=positions,
+            position_embeddings=(cos.to(device), sin.to(device)),
+            use_cache=False,
+            **extra,
+        )
         return out[0] if isinstance(out, tuple) else out
 
 
@@ -165,8 +177,17 @@ def load_hf_causal(path: Path, device: torch.device, dtype: torch.dtype, device_
 
     config = AutoConfig.from_pretrained(str(path), trust_remote_code=False)
     try:
-        model = load_pretrained(AutoModelForCausalLM, path, config.model_type, dtype, device, device_map, config=config,
-                                trust_remote_code=False, attn_implementation=ATTENTION_NAME)
+        model = load_pretrained(
+            AutoModelForCausalLM,
+            path,
+            config.model_type,
+            dtype,
+            device,
+            device_map,
+            config=config,
+            trust_remote_code=False,
+            attn_implementation=ATTENTION_NAME,
+        )
     except ValueError as exc:  # e.g. a class that refuses custom attention functions
         raise ModelLoadError(f"Could not load '{path}' as a transformers causal LM with attention capture ({exc}).") from exc
     return with_contract(model), model.config

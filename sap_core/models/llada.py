@@ -17,6 +17,7 @@ Attention is bidirectional; ``causal: true`` in the config makes it causal (the 
 built-in DLM). Pass ``attention_recorder=`` to ``forward`` to record attention mass
 (:mod:`sap_core.attention`); without it attention runs fused SDPA.
 """
+
 from __future__ import annotations
 
 from typing import Optional
@@ -34,10 +35,21 @@ from sap_core.models.placement import run_blocks
 # Keys of the official LLaDA configuration whose values this implementation fixes (RoPE in full
 # precision, no ALiBi / QK norm / input-embedding norm / logit scaling, no dropout at inference).
 OFFICIAL_KEYS = {
-    "rope": True, "rope_full_precision": True, "alibi": False, "flash_attention": False,
-    "attention_layer_norm": False, "input_emb_norm": False, "scale_logits": False, "block_group_size": 1,
-    "multi_query_attention": None, "layer_norm_with_affine": True, "attention_layer_norm_with_affine": True,
-    "bias_for_layer_norm": False, "attention_dropout": 0.0, "residual_dropout": 0.0, "embedding_dropout": 0.0,
+    "rope": True,
+    "rope_full_precision": True,
+    "alibi": False,
+    "flash_attention": False,
+    "attention_layer_norm": False,
+    "input_emb_norm": False,
+    "scale_logits": False,
+    "block_group_size": 1,
+    "multi_query_attention": None,
+    "layer_norm_with_affine": True,
+    "attention_layer_norm_with_affine": True,
+    "bias_for_layer_norm": False,
+    "attention_dropout": 0.0,
+    "residual_dropout": 0.0,
+    "embedding_dropout": 0.0,
 }
 
 
@@ -186,9 +198,7 @@ class LLaDABlock(nn.Module):
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = self.rotary.apply(q), self.rotary.apply(k)
         if recorder is None:
-            att = F.scaled_dot_product_attention(
-                q, k, v, is_causal=self.causal, enable_gqa=self.n_kv_heads != self.n_heads
-            )
+            att = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal, enable_gqa=self.n_kv_heads != self.n_heads)
         else:
             att = attention_with_mass(q, k, v, self.causal, recorder, self.layer_idx)
         return self.attn_out(att.transpose(1, 2).reshape(B, T, -1))

@@ -4,6 +4,7 @@ transformers initialises any parameter missing from a checkpoint at random and o
 directory whose ``config.json`` names one family while its weights belong to another would then load
 "successfully" as a random model. :func:`load_pretrained` refuses that with a :class:`ModelLoadError`.
 """
+
 from __future__ import annotations
 
 import math
@@ -50,24 +51,31 @@ def check_shapes(cls, config, path: Path, family: str) -> None:
     for name, p in skeleton.named_parameters():
         declared += p.numel()
         if name in headers and tuple(headers[name][1]) != tuple(p.shape):
-            raise ModelLoadError(f"'{path}': '{name}' has shape {list(headers[name][1])} in the weights but "
-                                 f"{list(p.shape)} in config.json; config.json and the weights belong to different models.")
+            raise ModelLoadError(
+                f"'{path}': '{name}' has shape {list(headers[name][1])} in the weights but "
+                f"{list(p.shape)} in config.json; config.json and the weights belong to different models."
+            )
     stored = sum(math.prod(shape) for _, shape in headers.values())
     if declared > 1.05 * stored:
-        raise ModelLoadError(f"'{path / 'config.json'}' declares a model of {declared:,} parameters but the weights hold "
-                             f"{stored:,}; config.json and the weights belong to different models.")
+        raise ModelLoadError(
+            f"'{path / 'config.json'}' declares a model of {declared:,} parameters but the weights hold "
+            f"{stored:,}; config.json and the weights belong to different models."
+        )
 
 
 def check_finite(model: PreTrainedModel, path: Path) -> None:
     """Refuse weights holding NaN or infinity (they would silently turn every output into NaN)."""
     for name, p in model.named_parameters():
         if p.device.type != "meta" and p.is_floating_point() and not bool(torch.isfinite(p).all()):
-            raise ModelLoadError(f"The weights in '{path}' hold NaN or infinite values (first in '{name}'); the "
-                                 "checkpoint is corrupt. Copy it again or re-export it.")
+            raise ModelLoadError(
+                f"The weights in '{path}' hold NaN or infinite values (first in '{name}'); the "
+                "checkpoint is corrupt. Copy it again or re-export it."
+            )
 
 
-def load_pretrained(cls, path: Path, family: str, dtype: torch.dtype, device: torch.device,
-                    device_map: DeviceMap = None, **kwargs) -> PreTrainedModel:
+def load_pretrained(
+    cls, path: Path, family: str, dtype: torch.dtype, device: torch.device, device_map: DeviceMap = None, **kwargs
+) -> PreTrainedModel:
     """``cls.from_pretrained(path)`` from safetensors, placed on ``device`` (or by ``device_map``), with
     every parameter of the model present in the checkpoint at its shape and finite; else :class:`ModelLoadError`.
     The shapes are checked against the safetensors headers before anything is allocated; a temporary
@@ -77,21 +85,26 @@ def load_pretrained(cls, path: Path, family: str, dtype: torch.dtype, device: to
     placement = from_pretrained_kwargs(device, device_map)
     offload = placement.get("offload_folder")
     try:
-        model, info = cls.from_pretrained(str(path), dtype=dtype, use_safetensors=True, output_loading_info=True,
-                                          **placement, **kwargs)
+        model, info = cls.from_pretrained(
+            str(path), dtype=dtype, use_safetensors=True, output_loading_info=True, **placement, **kwargs
+        )
     except RuntimeError as exc:
         if offload:
             shutil.rmtree(offload, ignore_errors=True)
         if "mismatch" not in str(exc):
             raise
-        raise ModelLoadError(f"The weights in '{path}' do not have the shapes its config.json gives for a "
-                             f"'{family}' model; config.json and the weights belong to different models.") from exc
+        raise ModelLoadError(
+            f"The weights in '{path}' do not have the shapes its config.json gives for a "
+            f"'{family}' model; config.json and the weights belong to different models."
+        ) from exc
     if offload:
         weakref.finalize(model, shutil.rmtree, offload, True)
     missing = sorted(info.get("missing_keys") or ())
     if missing:
         shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
-        raise ModelLoadError(f"'{path}' says model_type '{family}' but its weights lack {len(missing)} of that "
-                             f"family's parameters ({shown}); config.json and the weights belong to different models.")
+        raise ModelLoadError(
+            f"'{path}' says model_type '{family}' but its weights lack {len(missing)} of that "
+            f"family's parameters ({shown}); config.json and the weights belong to different models."
+        )
     check_finite(model, path)
     return model if device_map is not None else model.to(device)

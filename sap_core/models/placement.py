@@ -10,6 +10,7 @@ Rule, in order: the ``execution_device`` of the first accelerate hook found on t
 submodules; else the device of the module's first parameter (or buffer); else the CPU. The first rule
 is what makes offloaded blocks work: their parameters are on ``meta``, but they run on the hook's device.
 """
+
 from __future__ import annotations
 
 from typing import Optional, Union
@@ -70,7 +71,6 @@ def input_device(model: nn.Module) -> torch.device:
 def is_offloaded(model: nn.Module) -> bool:
     """True when some weights are not resident on any device (CPU/disk offload: parameters on ``meta``)."""
     return any(p.device.type == "meta" for p in model.parameters())
-
 
 
 def run_blocks(model: nn.Module, input_ids: torch.Tensor, recorder, final: nn.Module) -> torch.Tensor:

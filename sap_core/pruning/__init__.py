@@ -13,16 +13,31 @@ how they relate to the official code.
 The method table and specs import without torch (the CLI's ``--help`` reads them); the run and the
 variant load on first use.
 """
+
 from importlib import import_module
 
 from sap_core.pruning.spec import METHOD_TABLE, METHODS, CalibrationSpec, Method, PruneSpec, parse_pattern
 
-_LAZY = {"prune": "engine", "PrunedVariant": "variant", "check_sparsity": "variant", "target_linears": "variant",
-         "CalibrationRecord": "calibration"}
+_LAZY = {
+    "prune": "engine",
+    "PrunedVariant": "variant",
+    "check_sparsity": "variant",
+    "target_linears": "variant",
+    "CalibrationRecord": "calibration",
+}
 
 __all__ = [
-    "prune", "PruneSpec", "CalibrationSpec", "PrunedVariant", "CalibrationRecord", "check_sparsity", "METHODS",
-    "METHOD_TABLE", "Method", "parse_pattern", "target_linears",
+    "prune",
+    "PruneSpec",
+    "CalibrationSpec",
+    "PrunedVariant",
+    "CalibrationRecord",
+    "check_sparsity",
+    "METHODS",
+    "METHOD_TABLE",
+    "Method",
+    "parse_pattern",
+    "target_linears",
 ]
 
 

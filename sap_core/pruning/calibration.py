@@ -8,6 +8,7 @@
   ``_forward_diffusion``). The uniform draws come from the same seeded generator, after the offsets,
   so a spec gives the same noised inputs whatever the method or batch size.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -30,8 +31,10 @@ def tokenize(handle, spec: CalibrationSpec) -> list[int]:
     except TypeError:  # a tokenizer without the verbose flag
         ids = list(handle.tokenizer.encode(text, add_special_tokens=False))
     if len(ids) < spec.seqlen:
-        raise PruneSpecError(f"The calibration text is {len(ids)} tokens long but seqlen is {spec.seqlen}: give "
-                             f"more text or lower seqlen to at most {len(ids)}.")
+        raise PruneSpecError(
+            f"The calibration text is {len(ids)} tokens long but seqlen is {spec.seqlen}: give "
+            f"more text or lower seqlen to at most {len(ids)}."
+        )
     return ids
 
 
@@ -40,7 +43,7 @@ def calibration_ids(token_ids: list[int], spec: CalibrationSpec) -> tuple[torch.
     generator = torch.Generator().manual_seed(int(spec.seed))
     ids = torch.tensor(token_ids, dtype=torch.long)
     starts = torch.randint(0, len(token_ids) - spec.seqlen + 1, (spec.nsamples,), generator=generator)
-    windows = torch.stack([ids[s: s + spec.seqlen] for s in starts.tolist()])
+    windows = torch.stack([ids[s : s + spec.seqlen] for s in starts.tolist()])
     return windows, generator
 
 

@@ -8,6 +8,7 @@ selects the masks (:mod:`sap_core.pruning.masks`, :mod:`sap_core.pruning.sparseg
 The dense model is never written to. Pruning reads the shared weights under ``handle.lock`` (so no
 variant is swapped in while they are read) and computes new weight tensors.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -29,6 +30,7 @@ from sap_core.pruning.variant import PrunedVariant, fingerprint, param_names, ta
 
 # --- the run ------------------------------------------------------------------------------------
 
+
 def _check_against_model(handle, spec: PruneSpec) -> Optional[list[int]]:
     """Model-dependent checks; returns the calibration token ids when the method needs them."""
     module = handle.module
@@ -41,8 +43,10 @@ def _check_against_model(handle, spec: PruneSpec) -> Optional[list[int]]:
     if nm is not None:
         bad = sorted({f"{name} (in_features {lin.in_features})" for _, name, lin in linears if lin.in_features % nm[1]})
         if bad:
-            raise PruneSpecError(f"Pattern {spec.pattern} needs every input dimension divisible by {nm[1]}, but "
-                                 f"{', '.join(bad)} is not. Choose an M that divides it, or unstructured.")
+            raise PruneSpecError(
+                f"Pattern {spec.pattern} needs every input dimension divisible by {nm[1]}, but "
+                f"{', '.join(bad)} is not. Choose an M that divides it, or unstructured."
+            )
     if not spec.needs_calibration:
         return None
     cal = spec.calibration
@@ -51,8 +55,10 @@ def _check_against_model(handle, spec: PruneSpec) -> Optional[list[int]]:
     check_length(handle, cal.seqlen, "The calibration seqlen", PruneSpecError)
     if spec.row.needs_noise:
         if handle.mask_id is None:
-            raise PruneSpecError(f"{spec.method} corrupts calibration text with [MASK], but this model has no mask "
-                                 "token. Use magnitude, wanda or sparsegpt.")
+            raise PruneSpecError(
+                f"{spec.method} corrupts calibration text with [MASK], but this model has no mask "
+                "token. Use magnitude, wanda or sparsegpt."
+            )
         try:
             spec.sink.resolve(len(module.blocks), handle.n_heads)
         except SapError as exc:
@@ -60,8 +66,13 @@ def _check_against_model(handle, spec: PruneSpec) -> Optional[list[int]]:
     return tokenize(handle, cal)
 
 
-def prune(handle, spec: PruneSpec, calibration: Union[CalibrationSpec, str, None] = None,
-          progress: Optional[Progress] = None, cache: Optional[sc.CalibrationCache] = None) -> PrunedVariant:
+def prune(
+    handle,
+    spec: PruneSpec,
+    calibration: Union[CalibrationSpec, str, None] = None,
+    progress: Optional[Progress] = None,
+    cache: Optional[sc.CalibrationCache] = None,
+) -> PrunedVariant:
     """Prune ``handle``'s block linears as ``spec`` says; the dense model is left untouched.
 
     ``calibration`` overrides ``spec.calibration`` (a :class:`CalibrationSpec`, or a string: the
@@ -157,12 +168,14 @@ def _run(handle, taps, spec: PruneSpec, token_ids, tick, cache=None):
         record.token_weights = token_weights
 
     if row.statistic == "wanda":
+
         def make_stat(cols, device):
             return sc.ColumnSquares(cols, device)
 
         def prune_linear(i, name, W, stat):
             return _apply_mask(W, W.abs().float() * stat.norm().to(W.device)[None, :], sparsity, nm)
     else:  # hessian
+
         def make_stat(cols, device):
             return Hessian(cols, device)
 
@@ -183,8 +196,14 @@ def _apply_mask(W: torch.Tensor, score: torch.Tensor, sparsity: float, nm) -> to
     return W.masked_fill(select_mask(score, sparsity, nm).to(W.device), 0)
 
 
-def _describe(record: CalibrationRecord, handle, spec: PruneSpec, noised: torch.Tensor, mass: np.ndarray,
-              scored: tuple[np.ndarray, np.ndarray]) -> None:
+def _describe(
+    record: CalibrationRecord,
+    handle,
+    spec: PruneSpec,
+    noised: torch.Tensor,
+    mass: np.ndarray,
+    scored: tuple[np.ndarray, np.ndarray],
+) -> None:
     d = sc.describe_sinks(mass, spec.sink, handle.causal, scored)
     record.noised = noised.numpy()
     record.mass = d.mass

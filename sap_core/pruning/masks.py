@@ -7,6 +7,7 @@ hits the target within one weight; with ``N:M`` every group of M consecutive inp
 row keeps exactly its N highest-scoring weights. Ties are broken by column order (stable sort),
 so the same scores always give the same mask.
 """
+
 from __future__ import annotations
 
 from typing import Optional

@@ -30,6 +30,7 @@ ended and the scores are known. The price is memory: the inputs of every block f
 batch (``batch_size · seqlen · Σ_blocks Σ_groups in_features`` values in the model dtype; for the
 gated variant the whole sample's timesteps, since the gate needs all of them).
 """
+
 from __future__ import annotations
 
 import copy
@@ -86,10 +87,10 @@ class BlockTap:
         def fn(_module, args):
             if self.capture:
                 self._inputs[name] = args[0]
+
         return fn
 
-    def __call__(self, hidden: torch.Tensor, recorder: Optional[AttentionRecorder] = None,
-                 capture: bool = True) -> torch.Tensor:
+    def __call__(self, hidden: torch.Tensor, recorder: Optional[AttentionRecorder] = None, capture: bool = True) -> torch.Tensor:
         self._inputs = {}
         self.capture = capture
         return self.module(hidden.to(self.device), recorder)
@@ -126,6 +127,7 @@ def embed(handle, ids: torch.Tensor) -> torch.Tensor:
 
 # --- the recorded passes: every block on noised inputs, attention recorded --------------------
 
+
 def reduce_mass(mass: torch.Tensor, spec: SinkSpec) -> np.ndarray:
     """``[B, layers, heads, L]`` recorder output -> ``float32 [B, L]`` summed over the selected
     layers and heads (all of them by default, as the official code)."""
@@ -143,8 +145,7 @@ def _chunks(S: int, batch_size: int) -> list[tuple[int, int]]:
     return [(c, min(c + batch_size, S)) for c in range(0, S, batch_size)]
 
 
-def recorded_passes(handle, noised: torch.Tensor, spec: SinkSpec, batch_size: int, taps: list[BlockTap],
-                    capture: bool):
+def recorded_passes(handle, noised: torch.Tensor, spec: SinkSpec, batch_size: int, taps: list[BlockTap], capture: bool):
     """The one recorded-pass loop: for each sample ``n`` of ``noised`` ``int64 [N, S, L]`` and each
     chunk ``[c0, c1)`` of up to ``batch_size`` timesteps, one forward through every block's tap with an
     :class:`AttentionRecorder`. Yields ``(n, c0, c1, mass, inputs)``: ``mass`` ``float32 [c1 − c0, L]``
@@ -166,8 +167,14 @@ def recorded_passes(handle, noised: torch.Tensor, spec: SinkSpec, batch_size: in
 
 
 @torch.no_grad()
-def sink_mass(handle, noised: torch.Tensor, spec: SinkSpec, batch_size: int, tick: Optional[Tick] = None,
-              taps: Optional[list[BlockTap]] = None) -> np.ndarray:
+def sink_mass(
+    handle,
+    noised: torch.Tensor,
+    spec: SinkSpec,
+    batch_size: int,
+    tick: Optional[Tick] = None,
+    taps: Optional[list[BlockTap]] = None,
+) -> np.ndarray:
     """``float32 [N, S, L]`` reduced attention mass of every noised sequence (dense model, one
     recorded pass per batch, no activations kept): what the SparseGPT family's factors need."""
     N, S, L = noised.shape
@@ -233,8 +240,9 @@ class SampleSinks:
     gate: np.ndarray  # bool [N, L], positions the gated factors down-weight
 
 
-def describe_sinks(mass: np.ndarray, spec: SinkSpec, causal: bool,
-                   scored: Optional[tuple[np.ndarray, np.ndarray]] = None) -> SampleSinks:
+def describe_sinks(
+    mass: np.ndarray, spec: SinkSpec, causal: bool, scored: Optional[tuple[np.ndarray, np.ndarray]] = None
+) -> SampleSinks:
     """Scores, variance and labels of every sample from its reduced mass ``[N, S, L]``; ``scored``:
     the samples' scoring already done (``float64 [N, S, L]`` scores, ``bool [N, S, L]`` flags), else
     scored here."""
@@ -251,6 +259,7 @@ def describe_sinks(mass: np.ndarray, spec: SinkSpec, causal: bool,
 
 
 # --- noised Wanda family: one recorded pass per forward batch ----------------------------------
+
 
 @dataclass
 class NoisedStats:
@@ -281,8 +290,15 @@ Weighting = tuple[str, SinkSpec]  # (a method row's factors, the sink settings t
 
 
 @torch.no_grad()
-def noised_wanda_stats(handle, noised: torch.Tensor, spec: SinkSpec, weighting: str, batch_size: int,
-                       tick: Optional[Tick] = None, taps: Optional[list[BlockTap]] = None) -> NoisedStats:
+def noised_wanda_stats(
+    handle,
+    noised: torch.Tensor,
+    spec: SinkSpec,
+    weighting: str,
+    batch_size: int,
+    tick: Optional[Tick] = None,
+    taps: Optional[list[BlockTap]] = None,
+) -> NoisedStats:
     """Single-pass statistics of the noised Wanda family on the dense model.
 
     ``noised``: ``int64 [N, S, L]``. Each forward carries up to ``batch_size`` timesteps of one
@@ -293,8 +309,14 @@ def noised_wanda_stats(handle, noised: torch.Tensor, spec: SinkSpec, weighting: 
 
 
 @torch.no_grad()
-def noised_wanda_stats_many(handle, noised: torch.Tensor, weightings: list[Weighting], batch_size: int,
-                            tick: Optional[Tick] = None, taps: Optional[list[BlockTap]] = None) -> list[NoisedStats]:
+def noised_wanda_stats_many(
+    handle,
+    noised: torch.Tensor,
+    weightings: list[Weighting],
+    batch_size: int,
+    tick: Optional[Tick] = None,
+    taps: Optional[list[BlockTap]] = None,
+) -> list[NoisedStats]:
     """:func:`noised_wanda_stats` for several weightings from the same forward passes: one
     :class:`NoisedStats` per ``(weighting, spec)``, each equal to what a run with that weighting alone
     gives (same inputs, same reductions in the same order). The specs must select the same layers and
@@ -347,8 +369,15 @@ def noised_wanda_stats_many(handle, noised: torch.Tensor, weightings: list[Weigh
 
 
 @torch.no_grad()
-def noised_wanda_stats_two_pass(handle, noised: torch.Tensor, spec: SinkSpec, weighting: str, batch_size: int,
-                                tick: Optional[Tick] = None, taps: Optional[list[BlockTap]] = None) -> NoisedStats:
+def noised_wanda_stats_two_pass(
+    handle,
+    noised: torch.Tensor,
+    spec: SinkSpec,
+    weighting: str,
+    batch_size: int,
+    tick: Optional[Tick] = None,
+    taps: Optional[list[BlockTap]] = None,
+) -> NoisedStats:
     """The same statistics with the official code's structure: a recorded pass for the mass, then a
     second, plain pass whose hooked inputs are scaled and reduced at once. Kept as the reference the
     single-pass version is tested and benchmarked against; the pruner does not use it."""
@@ -360,7 +389,7 @@ def noised_wanda_stats_two_pass(handle, noised: torch.Tensor, spec: SinkSpec, we
     scores, flags = np.zeros((N, S, L)), np.zeros((N, S, L), bool)
     passes = 0
     for n in range(N):
-        for _, c0, c1, m, _ in recorded_passes(handle, noised[n:n + 1], spec, batch_size, taps, capture=False):
+        for _, c0, c1, m, _ in recorded_passes(handle, noised[n : n + 1], spec, batch_size, taps, capture=False):
             mass[n, c0:c1] = m  # pass 1: attention mass only
             passes += 1
         scores[n], flags[n] = score_sample(mass[n], spec, handle.causal)
@@ -377,6 +406,7 @@ def noised_wanda_stats_two_pass(handle, noised: torch.Tensor, spec: SinkSpec, we
 
 
 # --- block-sequential sweep (wanda, sparsegpt and the sink SparseGPT family) --------------------
+
 
 class ColumnSquares:
     """Wanda's statistic: ``Σ_tokens x_c²`` per input column (float32); ``norm()`` = ``‖X_c‖₂``."""
@@ -444,6 +474,7 @@ def sequential_sweep(
 
 # --- statistics shared by the runs of a sweep ---------------------------------------------------
 
+
 class CalibrationCache:
     """Calibration statistics that do not depend on sparsity, pattern or tau, computed once and
     reused by every :func:`sap_core.pruning.prune` call given this cache (a sweep makes one).
@@ -490,8 +521,16 @@ class CalibrationCache:
         if all(self._weighting_key(*w) != self._weighting_key(weighting, sink) for w in planned):
             planned.append((weighting, sink))
 
-    def noised_wanda(self, handle, noised: torch.Tensor, cal, sink: SinkSpec, weighting: str,
-                     tick: Optional[Tick] = None, taps: Optional[list[BlockTap]] = None) -> NoisedStats:
+    def noised_wanda(
+        self,
+        handle,
+        noised: torch.Tensor,
+        cal,
+        sink: SinkSpec,
+        weighting: str,
+        tick: Optional[Tick] = None,
+        taps: Optional[list[BlockTap]] = None,
+    ) -> NoisedStats:
         """:func:`noised_wanda_stats` for ``weighting``, computed (with every planned weighting of the
         same key) on the first call; ``passes`` is 0 when nothing had to run."""
         key, wkey = self._key(handle, cal, sink), self._weighting_key(weighting, sink)
@@ -510,8 +549,15 @@ class CalibrationCache:
         self._mass.setdefault(key, results[0].mass)
         return done[wkey]
 
-    def mass(self, handle, noised: torch.Tensor, cal, sink: SinkSpec, tick: Optional[Tick] = None,
-             taps: Optional[list[BlockTap]] = None) -> tuple[np.ndarray, int]:
+    def mass(
+        self,
+        handle,
+        noised: torch.Tensor,
+        cal,
+        sink: SinkSpec,
+        tick: Optional[Tick] = None,
+        taps: Optional[list[BlockTap]] = None,
+    ) -> tuple[np.ndarray, int]:
         """(:func:`sink_mass`, forward passes run now: 0 when it was cached)."""
         key = self._key(handle, cal, sink)
         if key in self._mass:

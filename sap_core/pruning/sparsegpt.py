@@ -20,6 +20,7 @@ Differences from the reference implementation, on purpose:
 * The Hessian can be built from per-token weighted inputs ``w_j x_j`` (sink-aware SparseGPT).
 * One Hessian serves every linear that reads the same input (q/k/v, gate/up).
 """
+
 from __future__ import annotations
 
 from typing import Optional
@@ -60,15 +61,17 @@ def _inverse_cholesky(H: torch.Tensor, percdamp: float) -> torch.Tensor:
     idx = torch.arange(H.shape[0], device=H.device)
     for attempt in range(6):
         Hd = H.clone()
-        Hd[idx, idx] += percdamp * (10.0 ** attempt) * mean_diag
+        Hd[idx, idx] += percdamp * (10.0**attempt) * mean_diag
         L, info = torch.linalg.cholesky_ex(Hd)
         if int(info) == 0:
             inv = torch.cholesky_inverse(L)
             U, info = torch.linalg.cholesky_ex(inv, upper=True)
             if int(info) == 0:
                 return U
-    raise RuntimeError("SparseGPT: the layer Hessian is not positive definite even with 100000× dampening; "
-                       "use more (or more varied) calibration text.")
+    raise RuntimeError(
+        "SparseGPT: the layer Hessian is not positive definite even with 100000× dampening; "
+        "use more (or more varied) calibration text."
+    )
 
 
 @torch.no_grad()
@@ -107,10 +110,10 @@ def sparsegpt_prune(
         Hinv1 = Hinv[i1:i2, i1:i2]
         d1 = torch.diag(Hinv1)
         if nm is None and selection == "official":
-            saliency = W1 ** 2 / d1[None, :] ** 2
+            saliency = W1**2 / d1[None, :] ** 2
             mask1 = saliency <= torch.sort(saliency.flatten())[0][int(saliency.numel() * sparsity)]
         elif nm is None:
-            mask1 = lowest_k(W1 ** 2 / d1[None, :] ** 2, n_prune(i2, sparsity) - n_prune(i1, sparsity))
+            mask1 = lowest_k(W1**2 / d1[None, :] ** 2, n_prune(i2, sparsity) - n_prune(i1, sparsity))
         else:
             mask1 = torch.zeros_like(W1, dtype=torch.bool)
         for i in range(i2 - i1):

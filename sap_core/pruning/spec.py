@@ -5,6 +5,7 @@ Every check here is model-free and cheap; :func:`sap_core.pruning.prune` runs :m
 and then the checks that need the model (pattern vs. input dimensions, sequence length, calibration
 text) before any forward pass, so a bad setting costs nothing.
 """
+
 from __future__ import annotations
 
 import math
@@ -48,8 +49,12 @@ class Method:
     gated: bool = False
 
     def __post_init__(self) -> None:
-        if self.data not in ("none", "clean", "noised") or self.statistic not in ("magnitude", "wanda", "hessian") \
-                or self.sink_weighting not in ("none", "step", "mean") or (self.gated and self.sink_weighting == "none"):
+        if (
+            self.data not in ("none", "clean", "noised")
+            or self.statistic not in ("magnitude", "wanda", "hessian")
+            or self.sink_weighting not in ("none", "step", "mean")
+            or (self.gated and self.sink_weighting == "none")
+        ):
             raise ValueError(f"inconsistent method row {self!r}")
 
     @property
@@ -64,12 +69,16 @@ class Method:
     @property
     def traits(self) -> str:
         """The row in words, for help texts: data · statistic · order · sink weighting."""
-        data = {"none": "no calibration data", "clean": "clean calibration windows",
-                "noised": "noised calibration windows"}[self.data]
+        data = {"none": "no calibration data", "clean": "clean calibration windows", "noised": "noised calibration windows"}[
+            self.data
+        ]
         stat = {"magnitude": "|W|", "wanda": "Wanda column norms", "hessian": "SparseGPT Hessian"}[self.statistic]
         order = "block-sequential" if self.sequential else "dense model"
-        weighting = {"none": "no sink weighting", "step": "each step's tokens scaled by 1 − sink score",
-                     "mean": "tokens scaled by 1 − sink score averaged over the noised steps"}[self.sink_weighting]
+        weighting = {
+            "none": "no sink weighting",
+            "step": "each step's tokens scaled by 1 − sink score",
+            "mean": "tokens scaled by 1 − sink score averaged over the noised steps",
+        }[self.sink_weighting]
         if self.sink_weighting != "none":
             weighting += ", unstable sinks only (variance ≥ tau)" if self.gated else ", every position (tau unused)"
         return " · ".join((data, stat, order, weighting))
@@ -88,16 +97,41 @@ METHOD_TABLE: tuple[Method, ...] = (
     Method("magnitude", "|W|, no data", "none", "magnitude", False),
     Method("wanda", "|W|·‖X_j‖₂ on clean calibration text, block-sequential (Wanda)", "clean", "wanda", True),
     Method("sparsegpt", "second-order (OBS) reconstruction, block-sequential (SparseGPT)", "clean", "hessian", True),
-    Method("sink_wanda", "Wanda on noised inputs, each token scaled by 1 − sink score (official sink-aware Wanda)",
-           "noised", "wanda", False, "step"),
-    Method("sink_sparsegpt", "SparseGPT with inputs scaled by 1 − mean sink score (official sink-aware SparseGPT)",
-           "clean", "hessian", True, "mean"),
-    Method("gated_sink_wanda", "sink_wanda, down-weighting only unstable sinks (variance ≥ tau)",
-           "noised", "wanda", False, "step", gated=True),
-    Method("gated_sink_sparsegpt", "sink_sparsegpt, down-weighting only unstable sinks (variance ≥ tau)",
-           "clean", "hessian", True, "mean", gated=True),
-    Method("noised_wanda", "control: Wanda statistics on the same noised inputs, no sink weighting",
-           "noised", "wanda", False),
+    Method(
+        "sink_wanda",
+        "Wanda on noised inputs, each token scaled by 1 − sink score (official sink-aware Wanda)",
+        "noised",
+        "wanda",
+        False,
+        "step",
+    ),
+    Method(
+        "sink_sparsegpt",
+        "SparseGPT with inputs scaled by 1 − mean sink score (official sink-aware SparseGPT)",
+        "clean",
+        "hessian",
+        True,
+        "mean",
+    ),
+    Method(
+        "gated_sink_wanda",
+        "sink_wanda, down-weighting only unstable sinks (variance ≥ tau)",
+        "noised",
+        "wanda",
+        False,
+        "step",
+        gated=True,
+    ),
+    Method(
+        "gated_sink_sparsegpt",
+        "sink_sparsegpt, down-weighting only unstable sinks (variance ≥ tau)",
+        "clean",
+        "hessian",
+        True,
+        "mean",
+        gated=True,
+    ),
+    Method("noised_wanda", "control: Wanda statistics on the same noised inputs, no sink weighting", "noised", "wanda", False),
 )
 METHOD_ROWS: dict[str, Method] = {m.name: m for m in METHOD_TABLE}
 # name -> one line a selectbox can show (the table's descriptions)
@@ -120,8 +154,10 @@ def parse_pattern(pattern: str) -> Optional[tuple[int, int]]:
     if m < 1 or n < 1:
         raise PruneSpecError(f"N:M needs N >= 1 and M >= 1 (got '{pattern}'); '2:4' keeps 2 weights of every 4.")
     if n >= m:
-        raise PruneSpecError(f"N:M needs N < M (got '{pattern}'): N is the number of weights KEPT in each group of M, "
-                             "so N >= M prunes nothing. Use e.g. '2:4' or '4:8'.")
+        raise PruneSpecError(
+            f"N:M needs N < M (got '{pattern}'): N is the number of weights KEPT in each group of M, "
+            "so N >= M prunes nothing. Use e.g. '2:4' or '4:8'."
+        )
     return n, m
 
 
@@ -171,8 +207,10 @@ class CalibrationSpec:
         if not isinstance(self.T, int) or self.T < 1:
             raise PruneSpecError(f"T (diffusion steps) must be an integer >= 1 (got {self.T}).")
         if not isinstance(self.interval, int) or not 1 <= self.interval <= self.T:
-            raise PruneSpecError(f"interval must be an integer in [1, T={self.T}] (got {self.interval}); "
-                                 "the sampled timesteps are interval, 2·interval, …, T.")
+            raise PruneSpecError(
+                f"interval must be an integer in [1, T={self.T}] (got {self.interval}); "
+                "the sampled timesteps are interval, 2·interval, …, T."
+            )
         if not (isinstance(self.eps, (int, float)) and 0.0 <= self.eps < 1.0):
             raise PruneSpecError(f"eps must be in [0, 1) (got {self.eps}).")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**63:
@@ -182,8 +220,10 @@ class CalibrationSpec:
         if not isinstance(self.batch_size, int) or self.batch_size < 1:
             raise PruneSpecError(f"batch_size must be an integer >= 1 (got {self.batch_size}).")
         if self.text is not None and not str(self.text).strip():
-            raise PruneSpecError("The calibration text is empty; paste some text or leave it unset to use "
-                                 f"{DEFAULT_CALIBRATION.relative_to(ASSETS.parent)}.")
+            raise PruneSpecError(
+                "The calibration text is empty; paste some text or leave it unset to use "
+                f"{DEFAULT_CALIBRATION.relative_to(ASSETS.parent)}."
+            )
 
     def load_text(self) -> str:
         """The calibration text; :class:`PruneSpecError` with what to do when there is none."""
@@ -192,8 +232,10 @@ class CalibrationSpec:
                 raise PruneSpecError("The calibration text is empty; give some text for calibration.")
             return str(self.text)
         if not DEFAULT_CALIBRATION.is_file():
-            raise PruneSpecError(f"No calibration text: the default {DEFAULT_CALIBRATION} is missing. "
-                                 "Pass CalibrationSpec(text=...) with a few thousand words of plain text.")
+            raise PruneSpecError(
+                f"No calibration text: the default {DEFAULT_CALIBRATION} is missing. "
+                "Pass CalibrationSpec(text=...) with a few thousand words of plain text."
+            )
         text = DEFAULT_CALIBRATION.read_text(encoding="utf-8")
         if not text.strip():
             raise PruneSpecError(f"No calibration text: {DEFAULT_CALIBRATION} is empty. Pass CalibrationSpec(text=...).")
@@ -228,8 +270,14 @@ class PruneSpec:
         """The official code's settings as one preset: :meth:`CalibrationSpec.official` (128 windows of
         ``seqlen`` tokens, the model's context there), the official sink rule (``SinkSpec()``: k = 2,
         alpha = 5, no variance gate) and SparseGPT's reference mask selection."""
-        return cls(method, sparsity, pattern, sink=SinkSpec(), calibration=CalibrationSpec.official(seqlen),
-                   sparsegpt_selection="official")
+        return cls(
+            method,
+            sparsity,
+            pattern,
+            sink=SinkSpec(),
+            calibration=CalibrationSpec.official(seqlen),
+            sparsegpt_selection="official",
+        )
 
     @property
     def nm(self) -> Optional[tuple[int, int]]:
@@ -264,16 +312,19 @@ class PruneSpec:
         if isinstance(self.sparsity, bool) or not isinstance(self.sparsity, (int, float)) or math.isnan(self.sparsity):
             raise PruneSpecError(f"sparsity must be a number in [0, 1) (got {self.sparsity!r}).")
         if not 0.0 <= float(self.sparsity) < 1.0:
-            raise PruneSpecError(f"sparsity must be in [0, 1) (got {self.sparsity}): it is the fraction of weights "
-                                 "set to zero, e.g. 0.5 for half.")
+            raise PruneSpecError(
+                f"sparsity must be in [0, 1) (got {self.sparsity}): it is the fraction of weights set to zero, e.g. 0.5 for half."
+            )
         parse_pattern(self.pattern)
         if not isinstance(self.blocksize, int) or self.blocksize < 1:
             raise PruneSpecError(f"blocksize must be an integer >= 1 (got {self.blocksize}).")
         if not (isinstance(self.percdamp, (int, float)) and math.isfinite(self.percdamp) and self.percdamp > 0):
             raise PruneSpecError(f"percdamp must be > 0 (got {self.percdamp}); SparseGPT uses 0.01.")
         if self.sparsegpt_selection not in SPARSEGPT_SELECTIONS:
-            raise PruneSpecError(f"sparsegpt_selection must be one of {', '.join(SPARSEGPT_SELECTIONS)} "
-                                 f"(got {self.sparsegpt_selection!r}); 'official' reproduces the reference code.")
+            raise PruneSpecError(
+                f"sparsegpt_selection must be one of {', '.join(SPARSEGPT_SELECTIONS)} "
+                f"(got {self.sparsegpt_selection!r}); 'official' reproduces the reference code."
+            )
         if not isinstance(self.sink, SinkSpec):
             raise PruneSpecError(f"sink must be a SinkSpec (got {type(self.sink).__name__}).")
         if not isinstance(self.calibration, CalibrationSpec):

@@ -4,6 +4,7 @@ swapped into the dense model and back (:meth:`PrunedVariant.applied`), applied t
 and :func:`check_sparsity`, the zeros of a model, a module or a variant. Every linear layer inside the
 transformer blocks (:func:`target_linears`) is pruned; the embedding, norms and LM head are not.
 """
+
 from __future__ import annotations
 
 import copy
@@ -30,10 +31,12 @@ from sap_core.pruning.spec import PruneSpec
 
 # --- which weights ------------------------------------------------------------------------------
 
+
 def target_linears(module: nn.Module) -> list[tuple[int, str, nn.Linear]]:
     """``(block index, name inside the block, linear)`` for every linear in every block."""
-    return [(i, name, m) for i, block in enumerate(module.blocks) for name, m in block.named_modules()
-            if isinstance(m, nn.Linear)]
+    return [
+        (i, name, m) for i, block in enumerate(module.blocks) for name, m in block.named_modules() if isinstance(m, nn.Linear)
+    ]
 
 
 def param_names(module: nn.Module) -> dict[int, str]:
@@ -73,8 +76,17 @@ def check_sparsity(obj, by: str = "module") -> pd.DataFrame:
         for i, name, lin in target_linears(module):
             W = lin.weight
             zeros = int((W == 0).sum())
-            rows.append(dict(block=i, module=name, rows=W.shape[0], cols=W.shape[1], params=W.numel(),
-                             zeros=zeros, sparsity=zeros / W.numel()))
+            rows.append(
+                dict(
+                    block=i,
+                    module=name,
+                    rows=W.shape[0],
+                    cols=W.shape[1],
+                    params=W.numel(),
+                    zeros=zeros,
+                    sparsity=zeros / W.numel(),
+                )
+            )
     df = _frame(rows)
     return df if by == "module" else _by_layer(df)
 
@@ -139,16 +151,23 @@ def check_save_target(directory: Union[str, Path], handle, overwrite: bool = Fal
     target = check_output_dir(directory, "Save directory").resolve()
     model_dir = _model_dir(handle)
     if model_dir is not None and (target == model_dir or model_dir in target.parents or target in model_dir.parents):
-        raise OutputPathError(f"Save directory '{target}' is the loaded model's directory '{model_dir}' (or holds it, "
-                              "or sits inside it); saving there would overwrite the dense checkpoint. Choose another directory.")
+        raise OutputPathError(
+            f"Save directory '{target}' is the loaded model's directory '{model_dir}' (or holds it, "
+            "or sits inside it); saving there would overwrite the dense checkpoint. Choose another directory."
+        )
     if target.is_dir() and any(target.iterdir()):
         if not is_variant_dir(target):
-            raise OutputPathError(f"Save directory '{target}' is not empty and is not a SinkScope variant; saving would "
-                                  "replace its files. Choose a new or empty directory.")
+            raise OutputPathError(
+                f"Save directory '{target}' is not empty and is not a SinkScope variant; saving would "
+                "replace its files. Choose a new or empty directory."
+            )
         if not overwrite:
-            raise OutputPathError(f"Save directory '{target}' holds a pruned variant already; pass overwrite=True "
-                                  "(--overwrite on the command line, the confirmation box in the app) to replace it.")
+            raise OutputPathError(
+                f"Save directory '{target}' holds a pruned variant already; pass overwrite=True "
+                "(--overwrite on the command line, the confirmation box in the app) to replace it."
+            )
     return target
+
 
 @dataclass
 class PrunedVariant:
@@ -181,8 +200,17 @@ class PrunedVariant:
             for block, name, pname in self.modules:
                 W = self.weights[pname]
                 zeros = int((W == 0).sum())
-                rows.append(dict(block=block, module=name, rows=W.shape[0], cols=W.shape[1], params=W.numel(),
-                                 zeros=zeros, sparsity=zeros / W.numel()))
+                rows.append(
+                    dict(
+                        block=block,
+                        module=name,
+                        rows=W.shape[0],
+                        cols=W.shape[1],
+                        params=W.numel(),
+                        zeros=zeros,
+                        sparsity=zeros / W.numel(),
+                    )
+                )
             self.layer_sparsity = _frame(rows)
 
     @property
@@ -204,26 +232,37 @@ class PrunedVariant:
         return {
             "format": VARIANT_FORMAT,
             "source": self.source,
-            "method": spec.method, "sparsity": spec.sparsity, "pattern": spec.pattern,
-            "target_sparsity": spec.target_sparsity, "achieved_sparsity": self.sparsity,
+            "method": spec.method,
+            "sparsity": spec.sparsity,
+            "pattern": spec.pattern,
+            "target_sparsity": spec.target_sparsity,
+            "achieved_sparsity": self.sparsity,
             "sink": spec.sink.to_dict(),
             "calibration": cal if spec.needs_calibration else None,
-            "blocksize": spec.blocksize, "percdamp": spec.percdamp, "sparsegpt_selection": spec.sparsegpt_selection,
-            "seconds": self.seconds, "timings": self.timings, "passes": self.passes,
+            "blocksize": spec.blocksize,
+            "percdamp": spec.percdamp,
+            "sparsegpt_selection": spec.sparsegpt_selection,
+            "seconds": self.seconds,
+            "timings": self.timings,
+            "passes": self.passes,
             "dense_fingerprint": self.dense_fingerprint,
         }
 
     def _params(self, module: nn.Module) -> dict[str, nn.Parameter]:
         if self.dense_fingerprint is not None and not same_weights(self.dense_fingerprint, fingerprint(module)):
-            raise PruneSpecError(f"This variant was pruned from another model ({self.source}); its weights differ from "
-                                 "this model's. Prune this model instead.")
+            raise PruneSpecError(
+                f"This variant was pruned from another model ({self.source}); its weights differ from "
+                "this model's. Prune this model instead."
+            )
         params = dict(module.named_parameters())
         out = {}
         for name, W in self.weights.items():
             p = params.get(name)
             if p is None or tuple(p.shape) != tuple(W.shape):
-                raise PruneSpecError(f"This variant was pruned from another model ({self.source}): '{name}' "
-                                     "is missing or has another shape here. Prune this model instead.")
+                raise PruneSpecError(
+                    f"This variant was pruned from another model ({self.source}): '{name}' "
+                    "is missing or has another shape here. Prune this model instead."
+                )
             out[name] = p
         return out
 
@@ -253,13 +292,14 @@ class PrunedVariant:
         same tokenizer). Costs one model's memory; the dense weights of pruned layers are not copied."""
         with handle.lock:
             params = self._params(handle.module)
-        memo = {id(p): nn.Parameter(self.weights[name].to(p.device, p.dtype).clone(), requires_grad=False)
-                for name, p in params.items()}
+        memo = {
+            id(p): nn.Parameter(self.weights[name].to(p.device, p.dtype).clone(), requires_grad=False)
+            for name, p in params.items()
+        }
         with handle.lock:
             module = copy.deepcopy(handle.module, memo)
         module.eval()
-        return dataclasses.replace(handle, module=module, lock=threading.RLock(),
-                                   source=f"{handle.name} [{self.spec.label}]")
+        return dataclasses.replace(handle, module=module, lock=threading.RLock(), source=f"{handle.name} [{self.spec.label}]")
 
     def save(self, directory: Union[str, Path], handle, overwrite: bool = False) -> Path:
         """Write the pruned model as a model directory (``model.safetensors``, ``config.json``,
