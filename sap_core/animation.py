@@ -16,8 +16,6 @@ same), like every mass figure in :mod:`sap_core.viz`, sent as one byte per value
 from __future__ import annotations
 
 import io
-import os
-import tempfile
 from dataclasses import dataclass
 from importlib.resources import files
 from pathlib import Path
@@ -27,6 +25,7 @@ import numpy as np
 import pandas as pd
 
 from sap_core.errors import SapError
+from sap_core.files import atomic_write_bytes
 from sap_core.sinks import STATES
 from sap_core.viz import MASS_SCALE, STATE_COLORS, uniform_multiple
 
@@ -37,6 +36,9 @@ COLOR_RANGE_NAMES = {
     "per-step": "per step (not comparable across steps)",
 }
 MAX_TICK_LABELS = 96  # positions up to which every token is written under the strip
+# Mass values (steps x (layers + 1) x positions, one byte each) the browser view carries at most: about
+# 16 MB of page once base64-encoded. A longer run is shown at every k-th step (the last step always).
+MAX_VIEW_VALUES = 12_000_000
 
 
 class AnimationSpecError(SapError):
@@ -194,17 +196,33 @@ def _quantise(values: np.ndarray, qmax: float) -> bytes:
     return q.tobytes()
 
 
-def explorer_data(report, tokens: Optional[Sequence[str]] = None, spec: AnimationSpec = AnimationSpec()) -> dict:
+def view_steps(n_steps: int, n_layers: int, length: int, max_values: int = MAX_VIEW_VALUES) -> np.ndarray:
+    """``int64 [K]``: the steps the browser view carries: all of them, or every k-th step (the smallest
+    k that keeps ``K * (n_layers + 1) * length`` mass values within ``max_values``) and the last one."""
+    per_step = (n_layers + 1) * length
+    stride = max(1, -(-n_steps * per_step // max_values))  # ceil
+    steps = np.arange(0, n_steps, stride)
+    if steps[-1] != n_steps - 1:
+        steps = np.append(steps, n_steps - 1)
+    return steps
+
+
+def explorer_data(
+    report, tokens: Optional[Sequence[str]] = None, spec: AnimationSpec = AnimationSpec(), max_values: int = MAX_VIEW_VALUES
+) -> dict:
     """Everything the browser view needs, once, in a compact JSON-able dict.
 
     Mass travels as one byte per value (``qmax / 254`` resolution, base64), sinks as flat indices
     ``layer * L + position`` per step, the states as one byte per (step, position); the colour
-    range per step is ``layer_hi`` (``spec.color_range``) and ``trail_hi`` for the step map."""
+    range per step is ``layer_hi`` (``spec.color_range``) and ``trail_hi`` for the step map.
+    ``step_ids`` are the steps carried (:func:`view_steps`: every step unless the run has more than
+    ``max_values`` mass values, then every ``stride``-th); every per-step entry follows them."""
     import base64
 
     tokens = _check_tokens(report, tokens)
     li = _layer_index(report, spec.layer)
-    S, L = report.n_steps, report.length
+    L = report.length
+    keep = view_steps(report.n_steps, len(report.layers), L, max_values)
     per_layer = layer_step_mass(report)  # [S, nL, L]
     agg = step_mass(report)
     if li is None:
@@ -213,15 +231,21 @@ def explorer_data(report, tokens: Optional[Sequence[str]] = None, spec: Animatio
         trail, dominant, trail_name = per_layer[:, li], report.layer_dominant[:, li], f"layer {report.layers[li]}"
     finite = np.concatenate([per_layer[np.isfinite(per_layer)], trail[np.isfinite(trail)]])
     qmax = float(max(finite.max(), 1.0)) if finite.size else 1.0
+    layer_hi = color_limits(per_layer, spec.color_range)[:, 1]  # over all steps, carried or not
+    trail_hi = float(color_limits(trail, "global99" if spec.color_range == "per-step" else spec.color_range)[0, 1])
+    per_layer, trail, dominant, agg = per_layer[keep], trail[keep], dominant[keep], agg[keep]
     enc = lambda raw: base64.b64encode(raw).decode()
-    sinks = [(np.flatnonzero(report.layer_is_sink[s].reshape(-1))).tolist() for s in range(S)]
+    sinks = [(np.flatnonzero(report.layer_is_sink[s].reshape(-1))).tolist() for s in keep]
     return {
-        "steps": S,
+        "steps": len(keep),
+        "step_ids": keep.tolist(),
+        "total_steps": report.n_steps,
+        "stride": int(keep[1] - keep[0]) if len(keep) > 1 else 1,
         "length": L,
         "layers": [int(l) for l in report.layers],
         "tokens": tokens,
         "decoded_at": report.decoded_at.astype(int).tolist(),
-        "state": enc(report.state.astype(np.uint8).tobytes()),
+        "state": enc(report.state[keep].astype(np.uint8).tobytes()),
         "state_names": list(STATES),
         "state_colors": STATE_COLOR_LIST,
         "masked": STATES.index("masked"),
@@ -229,12 +253,12 @@ def explorer_data(report, tokens: Optional[Sequence[str]] = None, spec: Animatio
         "layer_mass": enc(_quantise(per_layer, qmax)),
         "trail_mass": enc(_quantise(trail, qmax)),
         "qmax": qmax,
-        "layer_hi": color_limits(per_layer, spec.color_range)[:, 1].round(3).tolist(),
-        "trail_hi": float(color_limits(trail, "global99" if spec.color_range == "per-step" else spec.color_range)[0, 1]),
+        "layer_hi": layer_hi[keep].round(3).tolist(),
+        "trail_hi": trail_hi,
         "trail_name": trail_name,
         "dominant": dominant.astype(int).tolist(),
         "sinks": sinks,
-        "captions": [_sink_caption(report, tokens, agg[s], s) for s in range(S)],
+        "captions": [_sink_caption(report, tokens, agg[i], int(s)) for i, s in enumerate(keep)],
         "scale": MASS_SCALE,
         "range_name": COLOR_RANGE_NAMES[spec.color_range],
         "frame_ms": int(spec.frame_ms),
@@ -247,6 +271,7 @@ def explorer_html(
     tokens: Optional[Sequence[str]] = None,
     spec: AnimationSpec = AnimationSpec(),
     title: str = "SinkScope: sinks over the denoising steps",
+    max_values: int = MAX_VIEW_VALUES,
 ) -> str:
     """The run as one self-contained HTML page (no network, no library): the token strip, the layer ×
     position mass at the step with each layer's sinks, and the step × position mass of all steps with
@@ -256,14 +281,17 @@ def explorer_html(
     import html as html_lib
     import json
 
-    data = json.dumps(explorer_data(report, tokens, spec), separators=(",", ":"), ensure_ascii=False).replace("</", "<\\/")
+    data = json.dumps(explorer_data(report, tokens, spec, max_values), separators=(",", ":"), ensure_ascii=False).replace(
+        "</", "<\\/"
+    )
     page = _VIEW_TEMPLATE.read_text(encoding="utf-8")
     return page.replace("__TITLE__", html_lib.escape(title)).replace("__DATA__", data)
 
 
 def explorer_height(report) -> int:
     """Pixel height of :func:`explorer_html` (controls, canvas and legend), for the app's component frame."""
-    n_layers, S, L = len(report.layers), report.n_steps, report.length
+    n_layers, L = len(report.layers), report.length
+    S = len(view_steps(report.n_steps, n_layers, L))
     canvas = (
         (62 if L <= MAX_TICK_LABELS else 0)
         + 2
@@ -278,23 +306,6 @@ def explorer_height(report) -> int:
 
 
 # --- files -------------------------------------------------------------------------------------------
-
-
-def _write_atomic(path: Path, data: bytes) -> Path:
-    """Write to a temporary sibling and rename into place (a failed write never clobbers the file)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        mask = os.umask(0)
-        os.umask(mask)
-        os.chmod(tmp, 0o666 & ~mask)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
 
 
 def html_bytes(report, tokens: Optional[Sequence[str]] = None, spec: AnimationSpec = AnimationSpec()) -> bytes:
@@ -430,4 +441,4 @@ def write_animation(
         data = html_bytes(report, tokens, spec)
     else:
         raise AnimationSpecError(f"'{path.name}' must end in .gif or .html (the extension picks the format).")
-    return _write_atomic(path, data)
+    return atomic_write_bytes(path, data)

@@ -116,6 +116,7 @@ def atomic_write(path: PathLike, write: Callable[[Path], None], suffix: str = ""
     tmp_path = Path(tmp)
     try:
         write(tmp_path)
+        os.chmod(tmp_path, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the mode a plain open() would
         fd = os.open(tmp_path, os.O_RDONLY)
         try:
             os.fsync(fd)
@@ -131,6 +132,16 @@ def atomic_write(path: PathLike, write: Callable[[Path], None], suffix: str = ""
 
 def atomic_write_text(path: PathLike, text: str) -> Path:
     return atomic_write(path, lambda p: p.write_text(text, encoding="utf-8"))
+
+
+def atomic_write_bytes(path: PathLike, data: bytes) -> Path:
+    return atomic_write(path, lambda p: p.write_bytes(data))
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 @contextlib.contextmanager

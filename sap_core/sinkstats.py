@@ -29,8 +29,6 @@ trajectory is reduced to its statistics at once and dropped, so memory does not 
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -41,6 +39,7 @@ import pandas as pd
 
 from sap_core.diffusion import DecodeSpec
 from sap_core.errors import SapError
+from sap_core.files import atomic_write_text
 from sap_core.progress import Progress, report
 from sap_core.sinks import AGGREGATE, SinkReport, SinkSpec, _records, analyze
 
@@ -186,11 +185,11 @@ class SinkStats:
             raise SinkStatsError(f"Write to a .json or .csv file (got '{path.name}').")
         path.parent.mkdir(parents=True, exist_ok=True)
         if suffix == ".json":
-            _write_atomic(path, json.dumps(self.to_dict(), indent=1, allow_nan=False))
+            atomic_write_text(path, json.dumps(self.to_dict(), indent=1, allow_nan=False))
             return [path]
         prompts = path.with_name(f"{path.stem}.prompts.csv")
-        _write_atomic(path, self.summary().to_csv(index=False))
-        _write_atomic(prompts, self.per_prompt.to_csv(index=False))
+        atomic_write_text(path, self.summary().to_csv(index=False))
+        atomic_write_text(prompts, self.per_prompt.to_csv(index=False))
         return [path, prompts]
 
 
@@ -202,17 +201,6 @@ def mean_se(values: np.ndarray) -> tuple[float, float]:
     mean = float(values.mean())
     se = float(values.std(ddof=1) / np.sqrt(values.size)) if values.size > 1 else float("nan")
     return mean, se
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def run_sinkstats(

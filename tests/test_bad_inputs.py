@@ -226,6 +226,21 @@ def test_save_to_an_unwritable_place_is_refused(tiny_dlm, variant, tmp_path):
         locked.chmod(0o700)
 
 
+def test_atomic_writes_leave_no_sibling_and_the_mode_of_a_plain_write(tmp_path):
+    from sap_core.files import atomic_write, atomic_write_bytes, atomic_write_text
+
+    plain = tmp_path / "plain.txt"
+    plain.write_text("x")
+    atomic_write_text(tmp_path / "a.txt", "text")
+    atomic_write_bytes(tmp_path / "b.bin", b"\x00\x01")
+    with pytest.raises(RuntimeError):
+        atomic_write(tmp_path / "a.txt", lambda p: (p.write_text("half"), (_ for _ in ()).throw(RuntimeError("boom"))))
+    assert (tmp_path / "a.txt").read_text() == "text" and (tmp_path / "b.bin").read_bytes() == b"\x00\x01"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt", "b.bin", "plain.txt"]  # no temporary left
+    mode = plain.stat().st_mode & 0o777  # what open() gives under this process's umask (mkstemp alone gives 0600)
+    assert (tmp_path / "a.txt").stat().st_mode & 0o777 == mode and (tmp_path / "b.bin").stat().st_mode & 0o777 == mode
+
+
 # --- 2. the [MASK] id ------------------------------------------------------------------------------------
 
 

@@ -112,3 +112,36 @@ def test_explorer_steps_in_the_browser_without_a_rerun(app_url, page):
     gif = Image.open(download.value.path())
     assert gif.format == "GIF" and gif.n_frames == 16
     no_streamlit_exception(page)
+
+
+def test_a_run_too_large_for_the_view_is_shown_at_every_kth_step(tiny_dlm, page):
+    """A run over the view's budget travels at every k-th step (and the last); the slider, labels, hover and
+    legend show the real step numbers. The page alone, in Chromium, without the app."""
+    from playwright.sync_api import expect
+
+    from sap_core import animation
+    from sap_core.attention import AttentionRecorder
+    from sap_core.diffusion import DecodeSpec, generate
+    from sap_core.sinks import SinkSpec, analyze
+
+    traj = generate(tiny_dlm, "ROMEO.\n", DecodeSpec(48, 48, 48, "low_confidence", 0.0, 0.0, 0), recorder=AttentionRecorder())
+    report = analyze(traj, SinkSpec())
+    tokens = animation.readable_tokens(tiny_dlm.decode, traj.final_tokens)
+    budget = (len(report.layers) + 1) * report.length * 8  # room for 8 steps: every 6th of 48
+    page.set_content(animation.explorer_html(report, tokens, max_values=budget))
+    label = page.locator("#steplabel")
+    expect(label).to_have_text("Step 0 of 47")
+    expect(page.locator("#legend")).to_contain_text("every 6th of 48 steps shown")
+    page.locator("#step").focus()
+    page.locator("#step").press("ArrowRight")
+    expect(label).to_have_text("Step 6 of 47")
+    page.locator("#step").press("End")
+    expect(label).to_have_text("Step 47 of 47")
+    page.locator("#step").press("ArrowLeft")
+    expect(label).to_have_text("Step 42 of 47")
+    assert page.locator("#view").get_attribute("data-step") == "42"
+    geometry = page.evaluate("() => window.sinkscope.geometry")
+    box = page.locator("#view").bounding_box()
+    page.mouse.move(box["x"] + geometry["left"] + 2.5 * geometry["cw"], box["y"] + geometry["stepY"] + 2)
+    expect(page.locator("#tip")).to_contain_text("at step 0:")
+    page.shot("thinned")

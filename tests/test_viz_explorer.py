@@ -72,6 +72,32 @@ def test_explorer_data_round_trips_the_report(run):
     assert per_step["layer_hi"] == animation.color_limits(expected, "per-step")[:, 1].round(3).tolist()
 
 
+def test_view_steps_thin_a_long_run_and_keep_the_last_step():
+    assert animation.view_steps(16, 6, 64).tolist() == list(range(16))  # small: every step
+    steps = animation.view_steps(2048, 6, 2048)  # 2048 x 7 x 2048 values: 29 M
+    stride = steps[1] - steps[0]
+    assert stride == 3 and steps[-1] == 2047 and (np.diff(steps[:-1]) == stride).all()
+    assert len(steps) * 7 * 2048 <= animation.MAX_VIEW_VALUES + 7 * 2048  # within budget (plus the last step)
+    assert animation.view_steps(10, 1, 1, max_values=4).tolist() == [0, 5, 9]
+
+
+def test_explorer_data_of_a_thinned_run_follows_its_steps(run):
+    _, report, tokens = run
+    S, L, nL = report.n_steps, report.length, len(report.layers)
+    data = animation.explorer_data(report, tokens, max_values=(nL + 1) * L * 3)  # room for 3 steps: stride ceil(S/3)
+    keep = animation.view_steps(S, nL, L, (nL + 1) * L * 3)
+    assert data["step_ids"] == keep.tolist() and data["steps"] == len(keep) and data["total_steps"] == S
+    assert data["stride"] == keep[1] - keep[0] > 1 and keep[-1] == S - 1
+    q = np.frombuffer(base64.b64decode(data["layer_mass"]), np.uint8).reshape(len(keep), nL, L)
+    full = np.frombuffer(base64.b64decode(animation.explorer_data(report, tokens)["layer_mass"]), np.uint8).reshape(S, nL, L)
+    assert (q == full[keep]).all()
+    state = np.frombuffer(base64.b64decode(data["state"]), np.uint8).reshape(len(keep), L)
+    assert (state == report.state[keep]).all()
+    assert data["dominant"] == report.dominant[keep].tolist() and len(data["captions"]) == len(data["sinks"]) == len(keep)
+    for i, s in enumerate(keep):
+        assert sorted(data["sinks"][i]) == np.flatnonzero(report.layer_is_sink[s].reshape(-1)).tolist()
+
+
 def test_sinks_tables_name_the_tokens(run):
     _, report, tokens = run
     frame = animation.sinks_frame(report, tokens)
