@@ -560,7 +560,7 @@ class SinkReport:
     ``layer_scores`` ``float32 [S, Lsel, L]``, ``layer_is_sink`` ``bool [S, Lsel, L]``,
     ``layer_dominant`` ``int64 [S, Lsel]``, ``layer_centroid`` ``float64 [S, Lsel]`` (column ``i``
     is model layer ``layers[i]``). Per position: ``positions`` (:class:`PositionStats`),
-    ``weights`` ``float32 [L]`` (``w_j``), ``mean_mass`` ``float64 [L]`` (viewed, over the steps at
+    ``weights`` ``float32 [L]`` (the gated ``w_j``), ``mean_mass`` ``float64 [L]`` (viewed, over the steps at
     which ``j`` exists). Instability: ``aggregate`` and ``per_layer`` (:class:`Instability`).
     """
 

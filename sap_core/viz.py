@@ -502,7 +502,7 @@ def tau_sweep_figure(table: pd.DataFrame, best: Optional[pd.DataFrame] = None) -
             b = best[best["method"] == method].iloc[0]
             text = f"best {method}: tau {b['tau']:g}"
             if np.isfinite(b["se_paired"]):
-                text += f", Δnll {b['delta_nll']:+.4f} ± {b['se_paired']:.4f}"
+                text += f", Δnll vs {b.get('official', 'official')} {b['delta_nll']:+.4f} ± {b['se_paired']:.4f}"
             fig.add_trace(
                 go.Scatter(
                     x=[f"{b['tau']:g}"],

@@ -230,7 +230,7 @@ def test_tau_table_and_best_tau(both_ways):
     fig = tau_sweep_figure(table, best)
     names = [t.name for t in fig.data]
     assert "gated_sink_wanda" in names and any(n.startswith("wanda ") for n in names)
-    assert any(n.startswith("best gated_sink_wanda: tau") for n in names)
+    assert any(n.startswith("best gated_sink_wanda: tau") and "Δnll vs sink_wanda" in n for n in names)
     assert f"sink_wanda {o['ppl']:.2f} (official rule, no gate)" in names
     line = next(t for t in fig.data if t.name == "gated_sink_wanda")
     np.testing.assert_allclose(line.y, gated["ppl"])

@@ -205,7 +205,7 @@ def score_sample(mass: np.ndarray, spec: SinkSpec, causal: bool) -> Scored:
 def _gate_and_mean(scored: Scored, spec: SinkSpec, weighting: str) -> tuple[np.ndarray, np.ndarray]:
     """(positions the factors down-weight ``bool [L]``, ``mean_t s_t(j)`` ``float64 [L]``). The gate is
     explicit: every position for an ungated row ("official"); for a gated row the variance gate of
-    :func:`sap_core.sinks.position_stats` at ``spec.tau`` (unstable sinks; every position at tau = 0)."""
+    :func:`sap_core.sinks.position_stats` at ``spec.tau`` (the unstable sinks, never a non-sink)."""
     scores, flags = scored
     stats = sinks.position_stats(scores, flags, spec)
     gate = np.ones(scores.shape[-1], bool) if weighting == "official" else stats.gate
