@@ -66,6 +66,10 @@ else:
     left, right = st.columns(2)
     left.plotly_chart(viz.tau_variance_figure(gate.sink_variance, tau, traj_var))
     right.plotly_chart(viz.tau_layer_figure(gate.layer_shares(tau), tau))
+    right.caption(
+        "The gate reads the score of the mass summed over the selected layers: a position that is a sink of one layer "
+        "but not of the sum is never gated, so a layer's share can stay below 100 % even at tau = 0."
+    )
     if traj is None:
         st.caption("Generate on the **Denoising explorer** page to draw the current generation's variances beside these.")
     st.markdown("**Tokens most often gated** (sink positions of the calibration windows down-weighted at this tau)")

@@ -357,6 +357,7 @@ def test_pick_tau_page_computes_the_gate_redraws_and_runs_a_tau_sweep():
     at.slider(key="tau_pick").set_value(0.0).run()
     assert at.session_state["tau_gate"][1] is gate
     assert {m.label: m.value for m in at.metric}["Gated at this tau"] == "100%"
+    assert any("never gated" in c.value for c in at.caption)  # why a layer's share can stay below 100 % at tau = 0
     next(b for b in at.button if b.label.startswith("Use tau = 0")).click().run()
     assert at.session_state["sink_spec"].tau == 0.0
     # Which tau?
@@ -405,4 +406,8 @@ def test_pick_tau_in_a_browser(app_url, page):
     page.get_by_text("best tau =", exact=False).scroll_into_view_if_needed()
     page.wait_for_timeout(1500)
     page.shot("2-which-tau")
+    expect(page.get_by_text("(official rule, no gate)", exact=False).first).to_be_attached()  # the twin's line
+    page.get_by_text("Perplexity against tau", exact=False).first.scroll_into_view_if_needed()
+    page.wait_for_timeout(1000)
+    page.shot("3-tau-plot")
     no_streamlit_exception(page)
