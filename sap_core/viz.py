@@ -120,7 +120,7 @@ def instability_bars(
 
 def position_stability(positions: pd.DataFrame, tau: float) -> go.Figure:
     """Per-position sink-score variance (one bar per position, coloured by its label), sink frequency
-    and the pruner's down-weighting factor, on a fixed x range ``[-0.5, L - 0.5]``. A ``token_text``
+    and the gated pruner's down-weighting factor, on a fixed x range ``[-0.5, L - 0.5]``. A ``token_text``
     column, when present, names each position's token in the hover."""
     pos = positions["position"].to_numpy()
     L = int(pos.max()) + 1 if len(pos) else 1
@@ -158,7 +158,7 @@ def position_stability(positions: pd.DataFrame, tau: float) -> go.Figure:
         go.Scatter(
             x=pos,
             y=positions["weight"],
-            name="pruner's down-weighting factor",
+            name="gated pruner's down-weighting factor",
             yaxis="y2",
             mode="lines",
             line=dict(color="green"),
