@@ -35,7 +35,8 @@ with st.expander("What the labels mean", expanded=False):
         "- **transient**: a sink at some steps but fewer than half of them, with a score variance below tau;\n"
         "- **stable**: a sink at half of the steps or more, with a score variance below tau (it stays put);\n"
         "- **unstable**: a sink at some step with a score variance of tau or more (it comes and goes). "
-        "The gated pruning methods down-weight only these; tau = 0 makes every sink unstable (the official behaviour)."
+        "The gated pruning methods down-weight only these; tau = 0 makes every sink unstable (never a non-sink). "
+        "The official methods (sink_wanda, sink_sparsegpt) have no gate: they down-weight every position by its score."
     )
 
 old = sink_spec()
@@ -84,7 +85,7 @@ tau = c[3].slider(
     format="%.3f",
     key="sink_tau",
     help="A sink whose score variance over the steps is ≥ tau is unstable and gets down-weighted by the gated "
-    "pruning methods. 0 = every sink counts (the official behaviour).",
+    "pruning methods. 0 = every sink counts; a position that is never a sink is never gated.",
 )
 epsilon = c[4].slider(
     "ε (leave-one-out margin)",
@@ -155,9 +156,10 @@ with st.expander("Per-position table (frequency, variance, label, down-weighting
             "variance": number("sink-score variance", format="%.4f"),
             "label": st.column_config.TextColumn("label"),
             "weight": number(
-                "pruner's factor",
+                "gated pruner's factor",
                 format="%.3f",
-                help="1 − gate · mean sink score: what the sink-aware pruner multiplies this token's activations by.",
+                help="1 − gate · mean sink score (gate: unstable sink): what the gated sink-aware pruner multiplies this "
+                "token's activations by. The official methods use 1 − mean sink score for every token.",
             ),
         },
     )

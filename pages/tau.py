@@ -16,7 +16,8 @@ handle = active_model()
 spec = sink_spec()
 st.caption(
     f"The gated methods down-weight a calibration token only when it is a sink at some noised timestep and its "
-    f"sink-score variance v_j over those timesteps is ≥ tau (tau = 0: every token, the official rule). Sink rule from "
+    f"sink-score variance v_j over those timesteps is ≥ tau (tau = 0: every sink, never a non-sink; the official "
+    f"rule, sink_wanda / sink_sparsegpt, down-weights every token and has no gate). Sink rule from "
     f"the Sink stability page: **{spec.rule}**, k = {spec.k:g}, alpha = {spec.alpha:g}."
 )
 
@@ -65,6 +66,10 @@ else:
     left, right = st.columns(2)
     left.plotly_chart(viz.tau_variance_figure(gate.sink_variance, tau, traj_var))
     right.plotly_chart(viz.tau_layer_figure(gate.layer_shares(tau), tau))
+    right.caption(
+        "The gate reads the score of the mass summed over the selected layers: a position that is a sink of one layer "
+        "but not of the sum is never gated, so a layer's share can stay below 100 % even at tau = 0."
+    )
     if traj is None:
         st.caption("Generate on the **Denoising explorer** page to draw the current generation's variances beside these.")
     st.markdown("**Tokens most often gated** (sink positions of the calibration windows down-weighted at this tau)")
@@ -75,9 +80,9 @@ else:
 
 st.subheader("Which tau?")
 st.caption(
-    "Prunes with each gated method at every tau (tau = 0 always included) and with wanda and noised_wanda, at one "
-    "sparsity, and scores each by masked-diffusion perplexity on the same windows and masks; errors are paired "
-    "against tau = 0. Calibration: the settings above."
+    "Prunes with each gated method at every tau, with its ungated twin (sink_wanda, sink_sparsegpt: the official rule, "
+    "no gate) and with wanda and noised_wanda, at one sparsity, and scores each by masked-diffusion perplexity on the "
+    "same windows and masks; errors are paired against the official twin. Calibration: the settings above."
 )
 with st.form("which_tau"):
     c = st.columns(4)
@@ -85,7 +90,7 @@ with st.form("which_tau"):
     pattern = c[1].selectbox("Pattern", ["unstructured", "2:4", "4:8"])
     sparsity = c[2].slider("Sparsity", 0.1, 0.9, 0.5, 0.05, help="Unstructured only; N:M fixes it at 1 − N/M.")
     windows = c[3].number_input("Evaluation windows", 1, 256, 4, help="Windows of 64 tokens, 4 masking draws each.")
-    taus = st.text_input("Taus", "0, 0.01, 0.02, 0.05, 0.1", help="Comma-separated; 0 is added if missing.")
+    taus = st.text_input("Taus", "0, 0.01, 0.02, 0.05, 0.1", help="Comma-separated; 0 gates every sink and no non-sink.")
     run = st.form_submit_button("Run the tau sweep", type="primary")
 st.button("Cancel", key="tau_cancel", help="Stops a running tau sweep; the dense model is restored.")
 if run:
@@ -112,8 +117,9 @@ if result is not None and result[0] == model_choice():
     st.plotly_chart(viz.tau_sweep_figure(table, best))
     for _, b in best.iterrows():
         line = (
-            f"**{b['method']}**: best tau = {b['tau']:g}, perplexity {b['ppl']:.2f}; against tau = 0 "
-            f"Δnll = {b['delta_nll']:+.4f} ± {b['se_paired']:.4f} nats/token (paired SE)"
+            f"**{b['method']}**: best tau = {b['tau']:g}, perplexity {b['ppl']:.2f}; against {b['official']} "
+            f"(official rule, no gate; {b['official_ppl']:.2f}) Δnll = {b['delta_nll']:+.4f} ± {b['se_paired']:.4f} "
+            "nats/token (paired SE)"
         )
         for ref in ("wanda", "noised_wanda"):
             if f"delta_{ref}" in b and b[f"delta_{ref}"] == b[f"delta_{ref}"]:

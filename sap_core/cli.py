@@ -450,7 +450,8 @@ def build_parser() -> Parser:
         default=(),
         metavar="LIST",
         help="comma-separated taus, e.g. 0,0.01,0.02,0.05,0.1: one row per tau for each gated_* method "
-        "(default: --sink-tau alone)",
+        "(default: --sink-tau alone), plus the method's ungated twin (sink_wanda, sink_sparsegpt: the official rule) "
+        "as the reference",
     )
     _add_calibration(p)
     _add_eval(p)

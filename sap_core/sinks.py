@@ -76,15 +76,21 @@ Per-position stability (from the aggregate scores, over the steps at which ``j``
         * ``"transient"``: a sink at some step (``0 < f_j < phi``) and ``v_j < tau``;
         * ``"none"``: never a sink.
     The variance gate is the project's extension: the official code computes no variance and
-    treats every sink as prunable. ``tau = 0`` makes every sink unstable (``v_j >= 0``).
+    treats every sink as prunable. ``tau = 0`` makes every sink unstable (``v_j >= 0``); a position that
+    is never a sink is ``"none"`` at every tau.
 
-Down-weighting factors for the pruner
-    ``w_j = 1 - g_j * mean_score_j`` with the gate ``g_j = 1`` when ``j`` is an unstable sink and 0
-    otherwise, except that ``tau = 0`` opens the gate for *every* position. With ``tau = 0`` this is
-    exactly the official ``prune_sink_sparsegpt`` weight ``1 - mean over the sampled steps of the
-    soft sink mask``, which also down-weights positions whose soft score stays below 0.5 (by
-    that small score). :func:`step_downweights` gives the per-step factors ``1 - g_j * s_t(j)``
-    that the official Wanda-style ``prune_sink`` multiplies into each step's activations.
+Down-weighting factors for the pruner (``gated`` is an explicit keyword, never inferred from ``tau``)
+    * official rule (``gated=False``, the default): ``w_j = 1 - mean_score_j`` for *every* position,
+      exactly the official ``prune_sink_sparsegpt`` weight ``1 - mean over the sampled steps of the
+      soft sink mask``, which also down-weights positions whose soft score stays below 0.5 (by that
+      small score). :func:`step_downweights` gives the per-step factors ``1 - s_t(j)`` that the
+      official Wanda-style ``prune_sink`` multiplies into each step's activations.
+    * variance gate (``gated=True``, the project's extension): ``w_j = 1 - g_j * mean_score_j`` and
+      ``1 - g_j * s_t(j)`` with the gate ``g_j = 1`` exactly when ``j`` is an unstable sink (a sink at
+      some step and ``v_j >= tau``), 0 otherwise. A non-sink never passes the gate, at any tau; at
+      ``tau = 0`` it opens for every sink position, so the gated factors differ from the official
+      ones exactly at the positions that are never a sink (where the official rule still applies
+      their small soft scores).
 
 Position states (:data:`STATES`, ``SinkReport.state[t, j]``), so that views can split by them:
 ``"prompt"`` (``decoded_at == -1``), ``"decoding"`` (decoded by step ``t``: ``decoded_at == t``;
@@ -464,13 +470,15 @@ class PositionStats:
     mean_score: np.ndarray  # float64: mean_t s_t(j)
     variance: np.ndarray  # float64: v_j = Var_t s_t(j), population
     label: np.ndarray  # str: one of LABELS
-    gate: np.ndarray  # bool: whether w_j down-weights j
-    weight: np.ndarray  # float32: w_j = 1 - gate_j * mean_score_j
+    gate: np.ndarray  # bool: the variance gate, label == "unstable" (never a non-sink)
+    weight: np.ndarray  # float32: the gated factor w_j = 1 - gate_j * mean_score_j
 
 
 def position_stats(scores: Any, is_sink: Any, spec: SinkSpec = SinkSpec()) -> PositionStats:
-    """Frequency, mean score, variance, label and down-weighting factor of each position from
-    per-step ``scores`` ``[S, L]`` (NaN where a position does not exist) and flags ``[S, L]``."""
+    """Frequency, mean score, variance, label, variance gate and gated factor of each position from
+    per-step ``scores`` ``[S, L]`` (NaN where a position does not exist) and flags ``[S, L]``. The gate
+    opens for the unstable sinks only, at any tau (for the official, ungated factor see
+    :func:`downweight_factors`)."""
     s = _as_steps(scores)
     sink = _as_numpy(is_sink, bool).reshape(s.shape)
     present = ~np.isnan(s)
@@ -489,35 +497,38 @@ def position_stats(scores: Any, is_sink: Any, spec: SinkSpec = SinkSpec()) -> Po
     label[transient] = "transient"
     label[stable] = "stable"
     label[unstable] = "unstable"
-    gate = unstable | (spec.tau == 0)
-    weight = (1.0 - np.where(gate, mean, 0.0)).astype(np.float32)
-    return PositionStats(count.astype(np.int64), freq, mean, var, label, gate, weight)
+    weight = (1.0 - np.where(unstable, mean, 0.0)).astype(np.float32)
+    return PositionStats(count.astype(np.int64), freq, mean, var, label, unstable, weight)
 
 
-def downweight_factors(mass: Any, spec: SinkSpec = SinkSpec(), valid_length: Any = None, causal: bool = False) -> np.ndarray:
-    """``float32 [L]``: ``w_j`` for the steps of one sample's reduced mass ``[S, L]``.
+def downweight_factors(
+    mass: Any, spec: SinkSpec = SinkSpec(), valid_length: Any = None, causal: bool = False, *, gated: bool = False
+) -> np.ndarray:
+    """``float32 [L]``: the token factors of one sample's reduced mass ``[S, L]``.
 
-    With ``tau = 0`` (default) this is the official ``prune_sink_sparsegpt`` factor
-    ``1 - mean_t sigmoid(alpha·(m_t - (mean_t + k·std_t)))``.
+    ``gated=False`` (default): the official ``prune_sink_sparsegpt`` factor
+    ``1 - mean_t sigmoid(alpha·(m_t - (mean_t + k·std_t)))`` for every position (``spec.tau`` unused).
+    ``gated=True``: ``1 - g_j · mean_t s_t(j)``, only the unstable sinks at ``spec.tau`` down-weighted.
     """
-    m = _as_steps(mass)
-    valid = _valid_mask(*m.shape, valid_length)
-    scores, sink = _score(_view(m[:, None, :], valid, spec.normalize, causal), valid, spec)
-    return position_stats(scores[:, 0], sink[:, 0], spec).weight
+    scores, flags = score_steps(mass, spec, valid_length, causal)
+    stats = position_stats(scores, flags, spec)
+    return stats.weight if gated else (1.0 - stats.mean_score).astype(np.float32)
 
 
-def step_downweights(mass: Any, spec: SinkSpec = SinkSpec(), valid_length: Any = None, causal: bool = False) -> np.ndarray:
-    """``float32 [S, L]``: ``1 - g_j · s_t(j)`` per step (1 where a position does not exist).
+def step_downweights(
+    mass: Any, spec: SinkSpec = SinkSpec(), valid_length: Any = None, causal: bool = False, *, gated: bool = False
+) -> np.ndarray:
+    """``float32 [S, L]``: per-step token factors (1 where a position does not exist).
 
-    With ``tau = 0`` this is the official Wanda-style ``prune_sink`` factor ``1 - s_t(j)`` that
-    scales step ``t``'s activations.
+    ``gated=False`` (default): the official Wanda-style ``prune_sink`` factor ``1 - s_t(j)`` that scales
+    step ``t``'s activations, every position. ``gated=True``: ``1 - g_j · s_t(j)``, only the unstable
+    sinks at ``spec.tau`` down-weighted.
     """
-    m = _as_steps(mass)
-    valid = _valid_mask(*m.shape, valid_length)
-    scores, sink = _score(_view(m[:, None, :], valid, spec.normalize, causal), valid, spec)
-    stats = position_stats(scores[:, 0], sink[:, 0], spec)
-    s = np.nan_to_num(scores[:, 0], nan=0.0)
-    return (1.0 - np.where(stats.gate[None, :], s, 0.0)).astype(np.float32)
+    scores, flags = score_steps(mass, spec, valid_length, causal)
+    s = np.nan_to_num(scores, nan=0.0)
+    if gated:
+        s = np.where(position_stats(scores, flags, spec).gate[None, :], s, 0.0)
+    return (1.0 - s).astype(np.float32)
 
 
 # --- the report ---------------------------------------------------------------------------------
@@ -549,7 +560,7 @@ class SinkReport:
     ``layer_scores`` ``float32 [S, Lsel, L]``, ``layer_is_sink`` ``bool [S, Lsel, L]``,
     ``layer_dominant`` ``int64 [S, Lsel]``, ``layer_centroid`` ``float64 [S, Lsel]`` (column ``i``
     is model layer ``layers[i]``). Per position: ``positions`` (:class:`PositionStats`),
-    ``weights`` ``float32 [L]`` (``w_j``), ``mean_mass`` ``float64 [L]`` (viewed, over the steps at
+    ``weights`` ``float32 [L]`` (the gated ``w_j``), ``mean_mass`` ``float64 [L]`` (viewed, over the steps at
     which ``j`` exists). Instability: ``aggregate`` and ``per_layer`` (:class:`Instability`).
     """
 

@@ -53,7 +53,7 @@ from sap_core.models import ModelHandle
 from sap_core.progress import Progress, report
 from sap_core.pruning import METHODS, PruneSpec, parse_pattern, prune
 from sap_core.pruning.scores import CalibrationCache
-from sap_core.pruning.spec import GATED
+from sap_core.pruning.spec import GATED, UNGATED_TWIN
 from sap_core.sinks import SinkSpec
 
 COLUMNS = [
@@ -137,7 +137,9 @@ class SweepSpec:
     """The grid: every method × pattern × sparsity, plus the dense reference.
 
     ``sink_taus``: a tau sweep; each gated method named by its bare name runs once per tau (the sweep's
-    ``sink`` with that tau, labelled ``gated_sink_wanda(tau=0.05)``); :mod:`sap_core.tau` reads the result.
+    ``sink`` with that tau, labelled ``gated_sink_wanda(tau=0.05)``), preceded by its ungated twin
+    (:data:`~sap_core.pruning.spec.UNGATED_TWIN`: ``sink_wanda``, the official rule, the reference every
+    tau is compared with) unless the methods list it already; :mod:`sap_core.tau` reads the result.
     """
 
     methods: tuple[Union[str, MethodSetting], ...]
@@ -157,19 +159,23 @@ class SweepSpec:
         object.__setattr__(self, "sink_taus", taus)
         bad_taus = [t for t in taus if not (math.isfinite(t) and t >= 0)]
         if bad_taus:
-            raise SweepSpecError(f"sink_taus must be finite and >= 0 (got {bad_taus}); 0 is the official, ungated rule.")
+            raise SweepSpecError(f"sink_taus must be finite and >= 0 (got {bad_taus}); 0 gates every sink.")
         if len(set(taus)) != len(taus):
             raise SweepSpecError(f"sink_taus lists a tau twice ({list(taus)}); list each once.")
 
     @property
     def settings(self) -> list[MethodSetting]:
         """Every method as a :class:`MethodSetting`; a bare gated method name carries the sweep's sink
-        spec so that its label shows the gate (``gated_sink_wanda(tau=0.1)``)."""
+        spec so that its label shows the gate (``gated_sink_wanda(tau=0.1)``); a tau sweep adds the ungated
+        twins it compares with."""
+        listed = {m.name if isinstance(m, MethodSetting) else str(m) for m in self.methods}
         out = []
         for m in self.methods:
             if isinstance(m, MethodSetting):
                 out.append(m)
             elif str(m) in GATED and self.sink_taus:
+                if UNGATED_TWIN[str(m)] not in listed:
+                    out.append(MethodSetting(UNGATED_TWIN[str(m)]))
                 out.extend(MethodSetting(str(m), sink=replace(self._sink, tau=t)) for t in self.sink_taus)
             else:
                 out.append(MethodSetting(str(m), sink=self.sink if str(m) in GATED else None))

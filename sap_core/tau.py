@@ -3,7 +3,8 @@
 The gated methods (``gated_sink_wanda``, ``gated_sink_sparsegpt``) down-weight position ``j`` of a
 calibration window only when ``j`` is a sink at some sampled timestep and its sink-score variance
 over those timesteps ``v_j = Var_t s_t(j)`` is at least ``tau`` (``tau = 0`` opens the gate for every
-position: the official rule). :func:`calibration_gate` computes, once, what that gate is applied to:
+sink, never for a non-sink; the official rule, every position down-weighted, is the ungated twin
+``sink_wanda`` / ``sink_sparsegpt``). :func:`calibration_gate` computes, once, what that gate is applied to:
 ``v_j`` for every position of every calibration window at the pruner's noised timesteps, with the
 same code as :func:`sap_core.pruning.prune` (same windows, same noise, same statistics). Its
 :class:`GateData` then answers, for any tau, in numpy only:
@@ -15,8 +16,9 @@ same code as :func:`sap_core.pruning.prune` (same windows, same noise, same stat
 * :meth:`GateData.top_tokens`: the tokens whose sink positions are gated most often, with their text.
 
 :func:`tau_table` reads a tau sweep (:class:`sap_core.sweep.SweepSpec` with ``sink_taus``) at one
-sparsity and pattern: each gated method's perplexity at every tau, its difference from tau = 0 with the
-paired standard error, and the ``wanda`` / ``noised_wanda`` rows as references; :func:`best_taus`
+sparsity and pattern: each gated method's perplexity at every tau, its difference from its ungated
+twin (the official rule) with the paired standard error, and the ``wanda`` / ``noised_wanda`` rows as
+references; :func:`best_taus`
 picks the best tau of each gated method.
 """
 
@@ -35,7 +37,7 @@ from sap_core.errors import PruneSpecError, SapError
 from sap_core.progress import Progress, report
 from sap_core.pruning import scores as sc
 from sap_core.pruning.calibration import calibration_ids, noised_ids, tokenize
-from sap_core.pruning.spec import GATED, CalibrationSpec
+from sap_core.pruning.spec import GATED, UNGATED_TWIN, CalibrationSpec
 from sap_core.sinks import SinkSpec
 
 
@@ -73,11 +75,9 @@ class GateData:
 
     def gate(self, tau: float) -> np.ndarray:
         """``bool [N, L]``: positions the gated factors down-weight at ``tau``
-        (:func:`sap_core.sinks.position_stats`' rule: an unstable sink, or everything at tau = 0)."""
-        tau = _check_tau(tau)
-        if tau == 0:
-            return np.ones(self.variance.shape, bool)
-        return self.is_sink & (self.variance >= tau)
+        (:func:`sap_core.sinks.position_stats`' gate: the unstable sinks, never a non-sink; at tau = 0
+        every sink)."""
+        return self.is_sink & (self.variance >= _check_tau(tau))
 
     def gated_share(self, tau: float) -> float:
         """Share of the sink positions (:attr:`is_sink`) that the gate opens at ``tau``."""
@@ -127,7 +127,7 @@ class GateData:
 def _check_tau(tau) -> float:
     tau = float(tau)
     if not (math.isfinite(tau) and tau >= 0):
-        raise SapError(f"tau must be a finite number >= 0 (got {tau}); 0 is the official, ungated rule.")
+        raise SapError(f"tau must be a finite number >= 0 (got {tau}); 0 gates every sink.")
     return tau
 
 
@@ -152,23 +152,17 @@ def calibration_gate(
     clean, generator = calibration_ids(tokenize(handle, calibration), calibration)
     noised = noised_ids(clean, calibration, handle.mask_id, generator)
     N, S, L = noised.shape
-    taps = sc.make_taps(handle)
     mass = np.zeros((N, S, L), np.float32)
     per_layer = np.zeros((len(layers), N, S, L), np.float32)
     done, total = 0, N * S
     report(progress, 0, total, "calibration gate")
-    for n in range(N):
-        for c0, c1 in sc._chunks(S, calibration.batch_size):
-            recorder = sc.AttentionRecorder()
-            recorder.start_pass()
-            h = sc.embed(handle, noised[n, c0:c1])
-            for tap in taps:
-                h = tap(h, recorder, capture=False)
-            full = recorder.end_pass()  # [B, layers, heads, L]
-            mass[n, c0:c1] = sc.reduce_mass(full, sink)
-            per_layer[:, n, c0:c1] = full[:, list(layers)][:, :, list(heads)].sum(2).float().numpy().transpose(1, 0, 2)
-            done += c1 - c0
-            report(progress, done, total, f"sample {n + 1}/{N}, timesteps {c0 + 1}–{c1} of {S}")
+    for n, c0, c1, attention, _ in sc.recorded_passes(
+        handle, noised, calibration.batch_size, sc.make_taps(handle), capture=False
+    ):
+        mass[n, c0:c1] = sc.reduce_mass(attention, sink)
+        per_layer[:, n, c0:c1] = attention[:, list(layers)][:, :, list(heads)].sum(2).float().numpy().transpose(1, 0, 2)
+        done += c1 - c0
+        report(progress, done, total, f"sample {n + 1}/{N}, timesteps {c0 + 1}–{c1} of {S}")
     described = sc.describe_sinks(mass, sink, handle.causal)
     occ = np.zeros((len(layers), N, L), np.int64)
     smass = np.zeros((len(layers), N, L), np.float64)
@@ -197,84 +191,87 @@ def _base(method: str) -> str:
     return method.split("(", 1)[0]
 
 
-def tau_table(df: pd.DataFrame, sparsity: float, pattern: str = "unstructured") -> pd.DataFrame:
-    """Rows of a tau sweep at one ``sparsity`` and ``pattern`` (an N:M pattern ignores the sparsity):
-    one per gated method and tau (``kind="gated"``) with ``ppl``, ``ppl_se``, ``nll``,
-    ``delta_nll`` (nats/token against the same method at tau = 0; negative: better), ``se_paired``
-    (its paired Monte Carlo error, :func:`sap_core.sweep.paired_se`; NaN without the per-draw estimates
-    or without a tau = 0 row) and ``z``; then the ``wanda`` and ``noised_wanda`` rows
-    (``kind="reference"``, tau NaN) with their difference from each gated method's tau = 0 row left NaN."""
+def _row(kind: str, family: str, r, tau: float, ref=None, estimates=None) -> dict:
+    """One table row from sweep row ``r``; ``ref``: the sweep row its paired difference is taken against."""
     from sap_core.sweep import paired_se
 
+    d = se = math.nan
+    if ref is not None:
+        d = float(r["nll"]) - float(ref["nll"])
+        a, b = estimates.get(str(r["label"])), estimates.get(str(ref["label"]))
+        if a is not None and b is not None and np.shape(a) == np.shape(b):
+            se = paired_se(a, b)
+    return dict(
+        kind=kind,
+        family=family,
+        method=_base(str(r["method"])),
+        tau=tau,
+        ppl=float(r["ppl"]),
+        ppl_se=float(r["ppl_se"]),
+        nll=float(r["nll"]),
+        nll_se=float(r["nll_se"]),
+        delta_nll=d,
+        se_paired=se,
+        z=d / se if se > 0 else math.nan,
+        label=str(r["label"]),
+    )
+
+
+def tau_table(df: pd.DataFrame, sparsity: float, pattern: str = "unstructured") -> pd.DataFrame:
+    """Rows of a tau sweep at one ``sparsity`` and ``pattern`` (an N:M pattern ignores the sparsity).
+
+    Per gated method (``family``), first its ungated twin (``kind="official"``: ``sink_wanda`` for
+    ``gated_sink_wanda``, the official rule, every position down-weighted, tau NaN), then one row per tau
+    (``kind="gated"``; tau = 0 is an ordinary point: every sink gated, no non-sink) with ``ppl``,
+    ``ppl_se``, ``nll``, ``delta_nll`` (nats/token against the official twin; negative: better),
+    ``se_paired`` (its paired Monte Carlo error, :func:`sap_core.sweep.paired_se`; NaN without the
+    per-draw estimates or without the twin's row) and ``z``; then the ``wanda`` and ``noised_wanda``
+    rows (``kind="reference"``, tau NaN, no difference)."""
     if "tau" not in df.columns:
         raise SapError("This sweep has no tau column; run it again with this version (e.g. --sink-taus 0,0.05).")
     rows = df[df["pattern"] == pattern]
     if pattern == "unstructured":
         rows = rows[np.isclose(rows["sparsity"].astype(float), float(sparsity))]
     estimates = df.attrs.get("estimates") or {}
-    cols = ["kind", "method", "tau", "ppl", "ppl_se", "nll", "nll_se", "delta_nll", "se_paired", "z", "label"]
+    cols = ["kind", "family", "method", "tau", "ppl", "ppl_se", "nll", "nll_se", "delta_nll", "se_paired", "z", "label"]
     out = []
     gated = rows[rows["method"].map(_base).isin(GATED)]
-    for method, group in gated.groupby(gated["method"].map(_base), sort=True):
-        group = group.sort_values("tau")
-        zero = group[group["tau"] == 0]
-        z0 = zero.iloc[0] if len(zero) else None
-        for _, r in group.iterrows():
-            d = se = math.nan
-            if z0 is not None:
-                d = float(r["nll"]) - float(z0["nll"])
-                a, b = estimates.get(str(r["label"])), estimates.get(str(z0["label"]))
-                if a is not None and b is not None and np.shape(a) == np.shape(b):
-                    se = paired_se(a, b)
-            out.append(
-                dict(
-                    kind="gated",
-                    method=method,
-                    tau=float(r["tau"]),
-                    ppl=float(r["ppl"]),
-                    ppl_se=float(r["ppl_se"]),
-                    nll=float(r["nll"]),
-                    nll_se=float(r["nll_se"]),
-                    delta_nll=d,
-                    se_paired=se,
-                    z=d / se if se > 0 else math.nan,
-                    label=str(r["label"]),
-                )
-            )
+    for family, group in gated.groupby(gated["method"].map(_base), sort=True):
+        twin = rows[rows["method"] == UNGATED_TWIN[family]]
+        official = twin.iloc[0] if len(twin) else None
+        if official is not None:
+            out.append(_row("official", family, official, math.nan))
+        for _, r in group.sort_values("tau").iterrows():
+            out.append(_row("gated", family, r, float(r["tau"]), official, estimates))
     for ref in REFERENCES:
         for _, r in rows[rows["method"] == ref].iterrows():
-            out.append(
-                dict(
-                    kind="reference",
-                    method=ref,
-                    tau=math.nan,
-                    ppl=float(r["ppl"]),
-                    ppl_se=float(r["ppl_se"]),
-                    nll=float(r["nll"]),
-                    nll_se=float(r["nll_se"]),
-                    delta_nll=math.nan,
-                    se_paired=math.nan,
-                    z=math.nan,
-                    label=str(r["label"]),
-                )
-            )
+            out.append(_row("reference", "", r, math.nan))
     return pd.DataFrame(out, columns=cols)
 
 
 def best_taus(table: pd.DataFrame, df: Optional[pd.DataFrame] = None) -> pd.DataFrame:
     """The lowest-perplexity tau of each gated method in a :func:`tau_table`, with its difference from
-    tau = 0 (``delta_nll``, ``se_paired``, ``z``) and, given the sweep ``df`` (for the per-draw
-    estimates), from each reference: ``delta_<ref>`` and ``se_<ref>`` (paired)."""
+    the official ungated twin (``official``, ``official_ppl``, ``delta_nll``, ``se_paired``, ``z``) and,
+    given the sweep ``df`` (for the per-draw estimates), from each reference: ``delta_<ref>`` and
+    ``se_<ref>`` (paired)."""
     from sap_core.sweep import paired_se
 
     estimates = (df.attrs.get("estimates") or {}) if df is not None else {}
     gated = table[table["kind"] == "gated"]
+    official = table[table["kind"] == "official"].set_index("family")
     refs = table[table["kind"] == "reference"].set_index("method")
     out = []
-    for method, group in gated.groupby("method", sort=True):
+    for family, group in gated.groupby("family", sort=True):
         best = group.loc[group["nll"].idxmin()]
         row = dict(
-            method=method, tau=best["tau"], ppl=best["ppl"], delta_nll=best["delta_nll"], se_paired=best["se_paired"], z=best["z"]
+            method=family,
+            tau=best["tau"],
+            ppl=best["ppl"],
+            official=UNGATED_TWIN[family],
+            official_ppl=float(official.loc[family, "ppl"]) if family in official.index else math.nan,
+            delta_nll=best["delta_nll"],
+            se_paired=best["se_paired"],
+            z=best["z"],
         )
         for ref in REFERENCES:
             if ref in refs.index:
@@ -287,12 +284,14 @@ def best_taus(table: pd.DataFrame, df: Optional[pd.DataFrame] = None) -> pd.Data
 
 
 def tau_sweep_spec(methods, sparsity: float, pattern: str, taus, sink: SinkSpec, calibration=None, eval=None):
-    """The :class:`~sap_core.sweep.SweepSpec` of a "which tau?" run: the gated ``methods`` at every tau
-    (tau = 0 added: the official reference the errors are taken against) plus ``wanda`` and
+    """The :class:`~sap_core.sweep.SweepSpec` of a "which tau?" run: the gated ``methods`` at every tau,
+    each with its ungated twin (the official rule the errors are taken against), plus ``wanda`` and
     ``noised_wanda``, at one sparsity and pattern, without the dense row."""
     from sap_core.sweep import EvalSpec, SweepSpec
 
-    taus = tuple(sorted({0.0, *(float(t) for t in taus)}))
+    taus = tuple(sorted({float(t) for t in taus}))
+    if not taus:
+        raise SapError("List at least one tau for the tau sweep, e.g. 0, 0.01, 0.05.")
     methods = tuple(methods)
     if not methods or any(m not in GATED for m in methods):
         raise SapError(f"Choose gated methods for a tau sweep ({', '.join(sorted(GATED))}); got {list(methods)}.")

@@ -120,7 +120,7 @@ def instability_bars(
 
 def position_stability(positions: pd.DataFrame, tau: float) -> go.Figure:
     """Per-position sink-score variance (one bar per position, coloured by its label), sink frequency
-    and the pruner's down-weighting factor, on a fixed x range ``[-0.5, L - 0.5]``. A ``token_text``
+    and the gated pruner's down-weighting factor, on a fixed x range ``[-0.5, L - 0.5]``. A ``token_text``
     column, when present, names each position's token in the hover."""
     pos = positions["position"].to_numpy()
     L = int(pos.max()) + 1 if len(pos) else 1
@@ -158,7 +158,7 @@ def position_stability(positions: pd.DataFrame, tau: float) -> go.Figure:
         go.Scatter(
             x=pos,
             y=positions["weight"],
-            name="pruner's down-weighting factor",
+            name="gated pruner's down-weighting factor",
             yaxis="y2",
             mode="lines",
             line=dict(color="green"),
@@ -387,7 +387,7 @@ def tau_variance_figure(calibration: np.ndarray, tau: float, trajectory: Optiona
     """ECDF of the sink-score variance ``v_j`` of the sink positions of the calibration windows
     (:attr:`sap_core.tau.GateData.sink_variance`) and, when given, of the current generation's
     trajectory (:func:`sap_core.tau.trajectory_sink_variance`), with a vertical line at ``tau``: the
-    gate down-weights the positions to the right of it (all of them at tau = 0)."""
+    gate down-weights the sink positions to the right of it (every sink at tau = 0; never a non-sink)."""
     fig = go.Figure()
     for name, values, color in (
         ("calibration windows (what the pruner gates)", calibration, "#1f77b4"),
@@ -398,7 +398,7 @@ def tau_variance_figure(calibration: np.ndarray, tau: float, trajectory: Optiona
         v = np.sort(np.asarray(values, float))
         if v.size == 0:
             continue
-        gated = float((v >= tau).mean()) if tau > 0 else 1.0
+        gated = float((v >= tau).mean())
         fig.add_trace(
             go.Scatter(
                 x=v,
@@ -462,9 +462,10 @@ def tau_layer_figure(shares: pd.DataFrame, tau: float) -> go.Figure:
 
 def tau_sweep_figure(table: pd.DataFrame, best: Optional[pd.DataFrame] = None) -> go.Figure:
     """Perplexity against tau at one sparsity and pattern (:func:`sap_core.tau.tau_table`): one line per
-    gated method, error bars ±1 paired standard error of the difference from the same method at
-    tau = 0 (``ppl · se_paired``, to first order); ``wanda`` and ``noised_wanda`` as horizontal dashed
-    lines; the best tau of each method (:func:`sap_core.tau.best_taus`) starred."""
+    gated method, error bars ±1 paired standard error of the difference from its ungated twin, the
+    official rule (``ppl · se_paired``, to first order); the twin as a dotted horizontal line in the
+    method's colour; ``wanda`` and ``noised_wanda`` as horizontal dashed lines; the best tau of each
+    method (:func:`sap_core.tau.best_taus`) starred."""
     fig = go.Figure()
     gated = table[table["kind"] == "gated"]
     palette = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd"]
@@ -482,15 +483,26 @@ def tau_sweep_figure(table: pd.DataFrame, best: Optional[pd.DataFrame] = None) -
                 line=dict(color=palette[i % len(palette)]),
                 error_y=dict(type="data", array=np.nan_to_num(err), visible=True, thickness=1.2, width=5),
                 customdata=np.stack([part["delta_nll"].to_numpy(float), part["se_paired"].to_numpy(float)], axis=1),
-                hovertemplate=f"{method}<br>tau %{{x}}<br>ppl %{{y:.2f}}<br>Δnll vs tau 0: %{{customdata[0]:+.4f}} "
+                hovertemplate=f"{method}<br>tau %{{x}}<br>ppl %{{y:.2f}}<br>Δnll vs official: %{{customdata[0]:+.4f}} "
                 f"± %{{customdata[1]:.4f}}<extra></extra>",
             )
         )
+        for _, r in table[(table["kind"] == "official") & (table["family"] == method)].iterrows():
+            fig.add_trace(
+                go.Scatter(
+                    x=[labels[0], labels[-1]],
+                    y=[r["ppl"], r["ppl"]],
+                    mode="lines",
+                    name=f"{r['method']} {r['ppl']:.2f} (official rule, no gate)",
+                    line=dict(color=palette[i % len(palette)], dash="dot"),
+                    hovertemplate=f"{r['method']} (official rule, no gate): ppl {r['ppl']:.2f}<extra></extra>",
+                )
+            )
         if best is not None and method in set(best["method"]):
             b = best[best["method"] == method].iloc[0]
             text = f"best {method}: tau {b['tau']:g}"
             if np.isfinite(b["se_paired"]):
-                text += f", Δnll {b['delta_nll']:+.4f} ± {b['se_paired']:.4f}"
+                text += f", Δnll vs {b.get('official', 'official')} {b['delta_nll']:+.4f} ± {b['se_paired']:.4f}"
             fig.add_trace(
                 go.Scatter(
                     x=[f"{b['tau']:g}"],
@@ -516,9 +528,9 @@ def tau_sweep_figure(table: pd.DataFrame, best: Optional[pd.DataFrame] = None) -
     if not fig.data:
         fig.add_annotation(text="no tau sweep results yet", showarrow=False, x=0.5, y=0.5, xref="paper", yref="paper")
     fig.update_layout(
-        title="Perplexity against tau (error bars: ±1 paired SE against tau = 0)",
+        title="Perplexity against tau (error bars: ±1 paired SE against the official rule, no gate)",
         xaxis=dict(
-            title="tau (variance threshold; 0 = official, every sink down-weighted)",
+            title="tau (variance threshold; 0 = every sink down-weighted, no non-sink)",
             type="category",
             categoryorder="array",
             categoryarray=labels,

@@ -147,12 +147,14 @@ def test_uniform_mass_has_no_sinks(value, rule):
     assert report.aggregate.top_k_share == pytest.approx(4 / L)
     if rule == "official":
         assert np.allclose(report.scores, 0.5, atol=1e-6)
-        assert np.allclose(report.weights, 0.5, atol=1e-6)  # the official factor: 1 - 0.5, even without a sink
+        summed = traj.mass.astype(np.float64).sum(axis=(1, 2))
+        assert np.allclose(downweight_factors(summed), 0.5, atol=1e-6)  # the official factor: 1 - 0.5, even without a sink
+        assert (report.weights == 1).all() and not report.positions.gate.any()  # the gate: no sink, nothing down-weighted
     else:
         assert (report.scores == 0).all() and (report.weights == 1).all()
 
 
-def test_tau_zero_gives_the_official_weights():
+def test_official_factors_are_explicit_and_the_gate_never_passes_a_non_sink():
     rng = np.random.default_rng(0)
     S, L = 10, 40
     mass = rng.gamma(2.0, 1.0, size=(S, 3, 4, L))
@@ -165,12 +167,25 @@ def test_tau_zero_gives_the_official_weights():
     report = analyze(traj)  # defaults: official rule, k = 2, alpha = 5, tau = 0
     assert report.spec.tau == 0
     assert np.allclose(report.scores, official.numpy(), atol=1e-6)
-    assert np.allclose(report.weights, 1 - official.mean(0).numpy(), atol=1e-6)  # prune_sink_sparsegpt
-    assert np.allclose(downweight_factors(summed), report.weights)
+    # the official factors (gated=False, the default): every position, the reference code's weights
+    assert np.allclose(downweight_factors(summed), 1 - official.mean(0).numpy(), atol=1e-6)  # prune_sink_sparsegpt
     assert np.allclose(step_downweights(summed), 1 - official.numpy(), atol=1e-6)  # prune_sink, per step
+    assert np.allclose(downweight_factors(summed, SinkSpec(tau=0.2)), downweight_factors(summed))  # tau unused
     assert np.allclose(sink_scores(torch.as_tensor(summed, dtype=torch.float32)), official.numpy(), atol=1e-5)
     assert np.array_equal(sink_flags(summed), official.numpy() > 0.5)
-    # with a gate, only unstable sinks are down-weighted
+    # the gate at tau = 0: every sink, never a non-sink; the factors differ from the official ones there only
+    sink = report.positions.frequency > 0
+    assert sink.any() and (~sink).any()
+    assert np.array_equal(report.positions.gate, sink) and set(report.labels[~sink]) == {"none"}
+    gated = downweight_factors(summed, gated=True)
+    assert np.allclose(gated, report.weights) and np.allclose(gated[sink], downweight_factors(summed)[sink])
+    assert (gated[~sink] == 1).all() and (official.mean(0).numpy()[~sink] > 0).all()  # official: a tiny down-weight
+    steps = step_downweights(summed, gated=True)
+    assert np.allclose(steps[:, sink], 1 - official.numpy()[:, sink], atol=1e-6) and (steps[:, ~sink] == 1).all()
+    # a higher tau closes the gate on the stable sinks too, and still never opens it for a non-sink
+    for tau in (0.01, 0.05, 0.3):
+        stats = report.rescore(tau=tau).positions
+        assert not (stats.gate & ~sink).any() and np.array_equal(stats.gate, stats.label == "unstable")
     gated = report.rescore(tau=0.05)
     gate = gated.labels == "unstable"
     assert gate.any() and not gate.all()
@@ -391,8 +406,10 @@ def test_real_dlm_trajectory(trajectories):
     report = analyze(dlm)
     check_invariants(report, dlm)
     assert not report.causal and report.valid.all()
-    official = official_scores(dlm.mass.astype(np.float64).sum(axis=(1, 2)))
-    assert np.allclose(report.weights, 1 - official.mean(0).numpy(), atol=1e-5)
+    summed = dlm.mass.astype(np.float64).sum(axis=(1, 2))
+    official = official_scores(summed)
+    assert np.allclose(downweight_factors(summed), 1 - official.mean(0).numpy(), atol=1e-5)
+    assert np.allclose(report.weights, np.where(report.positions.gate, 1 - official.mean(0).numpy(), 1), atol=1e-5)
     states = report.state
     assert (states[:, : report.prompt_length] == STATES.index("prompt")).all()
     assert ((states == STATES.index("decoding")).sum(1) == 2).all()  # 16 tokens in 8 steps

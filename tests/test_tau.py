@@ -112,7 +112,36 @@ def test_calibration_gate_is_what_the_pruner_gates(tiny_dlm, gate):
         np.testing.assert_array_equal(data.gate(tau), v.calibration.gate)
         np.testing.assert_array_equal(data.ids, v.calibration.ids)
     assert data.is_sink.any() and (~data.is_sink).any()
+    np.testing.assert_array_equal(data.gate(0.0), data.is_sink)  # tau = 0: every sink, never a non-sink
     assert data.sink_variance.size == int(data.is_sink.sum())
+
+
+def test_calibration_gate_runs_the_pruners_pass_loop(tiny_dlm, gate):
+    """The per-layer statistics from :func:`scores.recorded_passes` equal an independent loop over the
+    same noised windows (one forward per timestep with its own recorder)."""
+    from sap_core import sinks
+    from sap_core.pruning import scores as sc
+    from sap_core.pruning.calibration import calibration_ids, noised_ids, tokenize
+
+    data, _ = gate
+    clean, generator = calibration_ids(tokenize(tiny_dlm, CALIB), CALIB)
+    noised = noised_ids(clean, CALIB, tiny_dlm.mask_id, generator)
+    taps = sc.make_taps(tiny_dlm)
+    N, S, L = noised.shape
+    per_layer = np.zeros((tiny_dlm.n_layers, N, S, L), np.float32)
+    for n in range(N):
+        for t in range(S):
+            recorder = sc.AttentionRecorder()
+            recorder.start_pass()
+            h = sc.embed(tiny_dlm, noised[n, t : t + 1])
+            for tap in taps:
+                h = tap(h, recorder, capture=False)
+            per_layer[:, n, t] = recorder.end_pass()[0].sum(1).numpy()
+    occ = np.stack([[sinks.sink_flags(per_layer[i, n], SINK).sum(0) for n in range(N)] for i in range(tiny_dlm.n_layers)])
+    np.testing.assert_array_equal(data.layer_occurrences, occ)
+    assert occ.sum() > 0
+    flags = [sinks.sink_flags(per_layer[:, n].sum(0), SINK) for n in range(N)]
+    np.testing.assert_allclose(data.frequency, np.stack([f.mean(0) for f in flags]))
 
 
 def test_layer_shares_and_top_tokens_follow_tau(tiny_dlm, gate):
@@ -121,7 +150,8 @@ def test_layer_shares_and_top_tokens_follow_tau(tiny_dlm, gate):
     mid = float(np.median(v[v > 0]))
     full, part, none = data.layer_shares(0.0), data.layer_shares(mid), data.layer_shares(float(v.max()) + 1)
     assert list(full["layer"]) == list(range(tiny_dlm.n_layers)) and (full["occurrences"] > 0).any()
-    assert np.allclose(full["occurrence_share"].dropna(), 1.0) and np.allclose(full["mass_share"].dropna(), 1.0)
+    # tau = 0 gates the aggregate's sink positions only: a layer's sink occurrence elsewhere stays ungated
+    np.testing.assert_array_equal(full["gated"], np.where(data.is_sink[None], data.layer_occurrences, 0).sum((1, 2)))
     assert (none["gated"] == 0).all()
     assert (part["gated"] <= full["gated"]).all() and 0 < part["gated"].sum() < full["gated"].sum()
     g = data.gate(mid)
@@ -170,40 +200,73 @@ def test_tau_table_and_best_tau(both_ways):
     from sap_core.viz import tau_sweep_figure
 
     _, df, _ = both_ways
+    at = (df["sparsity"] == 0.6) & (df["pattern"] == "unstructured")
     table = tau_table(df, 0.6, "unstructured")
+    assert list(table["kind"]) == ["official"] + ["gated"] * 3 + ["official"] + ["gated"] * 3 + ["reference"] * 2
+    official = table[(table["kind"] == "official") & (table["family"] == "gated_sink_wanda")].iloc[0]
+    assert official["method"] == "sink_wanda" and math.isnan(official["tau"])
     gated = table[(table["kind"] == "gated") & (table["method"] == "gated_sink_wanda")]
-    assert gated["tau"].tolist() == [0.0, 0.001, 0.05]
-    assert gated.iloc[0]["delta_nll"] == 0 and gated.iloc[0]["se_paired"] == 0
-    r = df[(df["method"] == "gated_sink_wanda(tau=0.05)") & (df["sparsity"] == 0.6) & (df["pattern"] == "unstructured")].iloc[0]
-    z = df[(df["method"] == "gated_sink_wanda(tau=0)") & (df["sparsity"] == 0.6) & (df["pattern"] == "unstructured")].iloc[0]
-    row = gated.iloc[2]
-    assert row["delta_nll"] == pytest.approx(r["nll"] - z["nll"])
-    assert row["se_paired"] == pytest.approx(paired_se(df.attrs["estimates"][r["label"]], df.attrs["estimates"][z["label"]]))
+    assert gated["tau"].tolist() == [0.0, 0.001, 0.05] and set(gated["family"]) == {"gated_sink_wanda"}
+    o = df[at & (df["method"] == "sink_wanda")].iloc[0]
+    assert official["ppl"] == o["ppl"]
+    # every tau, 0 included, is compared with the official twin, draw by draw
+    for row, tau in zip(gated.itertuples(), ("0", "0.001", "0.05")):
+        r = df[at & (df["method"] == f"gated_sink_wanda(tau={tau})")].iloc[0]
+        assert row.delta_nll == pytest.approx(r["nll"] - o["nll"])
+        se = paired_se(df.attrs["estimates"][r["label"]], df.attrs["estimates"][o["label"]])
+        assert row.se_paired == pytest.approx(se) and se > 0 and row.z == pytest.approx(row.delta_nll / se)
+    assert gated.iloc[0]["delta_nll"] != 0  # tau = 0 gates no non-sink: it is not the official rule
+    sg = table[table["family"] == "gated_sink_sparsegpt"]
+    assert sg.iloc[0]["method"] == "sink_sparsegpt" and sg["se_paired"].iloc[1:].gt(0).all()
     assert set(table[table["kind"] == "reference"]["method"]) == {"wanda", "noised_wanda"}
-    assert set(table[table["kind"] == "gated"]["method"]) == {"gated_sink_wanda", "gated_sink_sparsegpt"}
     best = best_taus(table, df)
     b = best[best["method"] == "gated_sink_wanda"].iloc[0]
     assert b["ppl"] == gated["ppl"].min() and b["tau"] == gated.loc[gated["ppl"].idxmin(), "tau"]
-    w = df[(df["method"] == "wanda") & (df["sparsity"] == 0.6) & (df["pattern"] == "unstructured")].iloc[0]
+    assert b["official"] == "sink_wanda" and b["official_ppl"] == o["ppl"]
+    assert b["delta_nll"] == pytest.approx(gated["nll"].min() - o["nll"])
+    w = df[at & (df["method"] == "wanda")].iloc[0]
     assert b["delta_wanda"] == pytest.approx(gated["nll"].min() - w["nll"]) and b["se_wanda"] > 0
-    assert len(tau_table(df, 0.5, "2:4")) == 8  # 2 gated methods x 3 taus + 2 references
+    assert len(tau_table(df, 0.5, "2:4")) == 10  # 2 gated methods x (official + 3 taus) + 2 references
     fig = tau_sweep_figure(table, best)
     names = [t.name for t in fig.data]
     assert "gated_sink_wanda" in names and any(n.startswith("wanda ") for n in names)
-    assert any(n.startswith("best gated_sink_wanda: tau") for n in names)
+    assert any(n.startswith("best gated_sink_wanda: tau") and "Δnll vs sink_wanda" in n for n in names)
+    assert f"sink_wanda {o['ppl']:.2f} (official rule, no gate)" in names
     line = next(t for t in fig.data if t.name == "gated_sink_wanda")
     np.testing.assert_allclose(line.y, gated["ppl"])
     np.testing.assert_allclose(line.error_y.array, gated["ppl"] * gated["se_paired"])
+    # without the official twin (an older sweep), the rows are there but no difference is claimed
+    no_twin = df[df["method"] != "sink_wanda"]
+    no_twin.attrs = df.attrs
+    t2 = tau_table(no_twin, 0.6, "unstructured")
+    assert t2[t2["family"] == "gated_sink_wanda"]["delta_nll"].isna().all() and "sink_wanda" not in set(t2["method"])
 
 
 def test_sink_taus_spec_and_errors():
     from sap_core.sweep import SweepSpecError
+    from sap_core.tau import tau_sweep_spec
 
     spec = SweepSpec(methods=("wanda", "gated_sink_wanda"), sparsities=(0.5,), sink=SinkSpec(k=3.0), sink_taus=[0, "0.05"])
     names = [m.name for m in spec.settings]
-    assert names == ["wanda", "gated_sink_wanda(tau=0)", "gated_sink_wanda(tau=0.05)"]
-    assert spec.settings[2].sink == SinkSpec(k=3.0, tau=0.05)
-    assert [spec.tau_of(m) for m in spec.settings][1:] == [0.0, 0.05] and math.isnan(spec.tau_of(spec.settings[0]))
+    assert names == ["wanda", "sink_wanda", "gated_sink_wanda(tau=0)", "gated_sink_wanda(tau=0.05)"]  # the twin: reference
+    assert spec.settings[3].sink == SinkSpec(k=3.0, tau=0.05)
+    assert [spec.tau_of(m) for m in spec.settings][2:] == [0.0, 0.05] and math.isnan(spec.tau_of(spec.settings[1]))
+    listed = SweepSpec(methods=("gated_sink_sparsegpt", "sink_sparsegpt"), sparsities=(0.5,), sink_taus=(0.1,))
+    assert [m.name for m in listed.settings] == ["gated_sink_sparsegpt(tau=0.1)", "sink_sparsegpt"]  # listed once
+    ws = tau_sweep_spec(["gated_sink_wanda"], 0.5, "unstructured", [0.05, 0], SinkSpec())
+    assert [m.name for m in ws.settings] == [
+        "wanda",
+        "noised_wanda",
+        "sink_wanda",
+        "gated_sink_wanda(tau=0)",
+        "gated_sink_wanda(tau=0.05)",
+    ]
+    assert [m.name for m in tau_sweep_spec(["gated_sink_wanda"], 0.5, "2:4", [0.05], SinkSpec()).settings][2:] == [
+        "sink_wanda",
+        "gated_sink_wanda(tau=0.05)",
+    ]  # tau = 0 is an ordinary point, not added
+    with pytest.raises(SapError, match="at least one tau"):
+        tau_sweep_spec(["gated_sink_wanda"], 0.5, "unstructured", [], SinkSpec())
     for kwargs, match in (
         (dict(sink_taus=(-0.1,)), "finite and >= 0"),
         (dict(sink_taus=(0.1, 0.1)), "twice"),
@@ -259,8 +322,8 @@ def test_cli_sweep_takes_sink_taus(tmp_path, tiny_dlm_dir):
     r = subprocess.run(cmd, capture_output=True, text=True, env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr
     df = pd.read_csv(out)
-    assert list(df["method"]) == ["dense", "noised_wanda", "gated_sink_wanda(tau=0)", "gated_sink_wanda(tau=0.01)"]
-    assert df["tau"].tolist()[2:] == [0.0, 0.01]
+    assert list(df["method"]) == ["dense", "noised_wanda", "sink_wanda", "gated_sink_wanda(tau=0)", "gated_sink_wanda(tau=0.01)"]
+    assert df["tau"].tolist()[3:] == [0.0, 0.01]
     bad = subprocess.run(cmd[:-2] + ["--sink-taus", "0,x", "--out", str(out)], capture_output=True, text=True)
     assert bad.returncode != 0 and "comma-separated numbers" in bad.stderr
 
@@ -294,6 +357,7 @@ def test_pick_tau_page_computes_the_gate_redraws_and_runs_a_tau_sweep():
     at.slider(key="tau_pick").set_value(0.0).run()
     assert at.session_state["tau_gate"][1] is gate
     assert {m.label: m.value for m in at.metric}["Gated at this tau"] == "100%"
+    assert any("never gated" in c.value for c in at.caption)  # why a layer's share can stay below 100 % at tau = 0
     next(b for b in at.button if b.label.startswith("Use tau = 0")).click().run()
     assert at.session_state["sink_spec"].tau == 0.0
     # Which tau?
@@ -306,12 +370,16 @@ def test_pick_tau_page_computes_the_gate_redraws_and_runs_a_tau_sweep():
     assert list(df["method"]) == [
         "wanda",
         "noised_wanda",
-        "gated_sink_wanda(tau=0)",
+        "sink_wanda",
         "gated_sink_wanda(tau=0.001)",
         "gated_sink_wanda(tau=0.05)",
     ]
     best = [m.value for m in at.markdown if "best tau" in m.value]
     assert len(best) == 1 and "paired SE" in best[0] and "against wanda" in best[0]
+    table = at.dataframe[-1].value
+    official = table[table["kind"] == "official"].iloc[0]
+    assert official["method"] == "sink_wanda" and f"against sink_wanda (official rule, no gate; {official['ppl']:.2f})" in best[0]
+    assert table[table["kind"] == "gated"]["se_paired"].gt(0).all()
     at.text_input[0].set_value("0, x")
     next(b for b in at.button if b.label == "Run the tau sweep").click().run()
     assert any("comma-separated numbers" in e.value for e in at.error)
@@ -338,4 +406,8 @@ def test_pick_tau_in_a_browser(app_url, page):
     page.get_by_text("best tau =", exact=False).scroll_into_view_if_needed()
     page.wait_for_timeout(1500)
     page.shot("2-which-tau")
+    expect(page.get_by_text("(official rule, no gate)", exact=False).first).to_be_attached()  # the twin's line
+    page.get_by_text("Perplexity against tau", exact=False).first.scroll_into_view_if_needed()
+    page.wait_for_timeout(1000)
+    page.shot("3-tau-plot")
     no_streamlit_exception(page)

@@ -69,8 +69,9 @@ class CalibrationRecord:
     * ``variance``: ``float32 [nsamples, seqlen]`` variance of ``s_t(j)`` over the timesteps.
     * ``labels``: ``str [nsamples, seqlen]`` none / transient / stable / unstable
       (:func:`sap_core.sinks.position_stats`).
-    * ``gate``: ``bool [nsamples, seqlen]`` positions the gated factors down-weight (unstable sinks;
-      every position when tau = 0).
+    * ``gate``: ``bool [nsamples, seqlen]`` positions the run's factors down-weight: for a gated method the
+      variance gate (unstable sinks, never a non-sink; every sink at tau = 0), for sink_wanda and
+      sink_sparsegpt every position (the official rule), for noised_wanda none.
     * ``token_weights``: the factor each token's layer inputs were multiplied by:
       ``[nsamples, n_timesteps, seqlen]`` for the Wanda family (``1 − s_t(j)``; gated: ``1 −
       g_j·s_t(j)``; noised_wanda: 1) and ``[nsamples, seqlen]`` for the SparseGPT family

@@ -210,4 +210,5 @@ def _describe(
     record.sink_scores = d.scores
     record.variance = d.variance
     record.labels = d.labels
-    record.gate = d.gate
+    factors = spec.row.factors  # explicit: the variance gate for a gated row, every position (official) or none
+    record.gate = d.gate if factors == "gated" else np.full(d.gate.shape, factors == "official")

@@ -145,12 +145,12 @@ def _chunks(S: int, batch_size: int) -> list[tuple[int, int]]:
     return [(c, min(c + batch_size, S)) for c in range(0, S, batch_size)]
 
 
-def recorded_passes(handle, noised: torch.Tensor, spec: SinkSpec, batch_size: int, taps: list[BlockTap], capture: bool):
+def recorded_passes(handle, noised: torch.Tensor, batch_size: int, taps: list[BlockTap], capture: bool):
     """The one recorded-pass loop: for each sample ``n`` of ``noised`` ``int64 [N, S, L]`` and each
     chunk ``[c0, c1)`` of up to ``batch_size`` timesteps, one forward through every block's tap with an
-    :class:`AttentionRecorder`. Yields ``(n, c0, c1, mass, inputs)``: ``mass`` ``float32 [c1 − c0, L]``
-    reduced as ``spec`` selects (:func:`reduce_mass`), ``inputs`` each block's
-    :meth:`BlockTap.take_inputs` when ``capture`` (else None)."""
+    :class:`AttentionRecorder`. Yields ``(n, c0, c1, attention, inputs)``: ``attention`` the recorder's
+    ``float32 [c1 − c0, layers, heads, L]`` mass per layer and head (:func:`reduce_mass` sums the
+    selection), ``inputs`` each block's :meth:`BlockTap.take_inputs` when ``capture`` (else None)."""
     N, S, _ = noised.shape
     for n in range(N):
         for c0, c1 in _chunks(S, batch_size):
@@ -163,7 +163,7 @@ def recorded_passes(handle, noised: torch.Tensor, spec: SinkSpec, batch_size: in
                 if capture:
                     inputs.append(tap.take_inputs())
             del h
-            yield n, c0, c1, reduce_mass(recorder.end_pass(), spec), inputs
+            yield n, c0, c1, recorder.end_pass(), inputs
 
 
 @torch.no_grad()
@@ -180,8 +180,8 @@ def sink_mass(
     N, S, L = noised.shape
     taps = make_taps(handle) if taps is None else taps
     mass = np.zeros((N, S, L), np.float32)
-    for n, c0, c1, m, _ in recorded_passes(handle, noised, spec, batch_size, taps, capture=False):
-        mass[n, c0:c1] = m
+    for n, c0, c1, attention, _ in recorded_passes(handle, noised, batch_size, taps, capture=False):
+        mass[n, c0:c1] = reduce_mass(attention, spec)
         if tick is not None:
             tick(c1 - c0, f"sink mass: sample {n + 1}/{N}, timesteps {c0 + 1}–{c1} of {S}")
     return mass
@@ -205,7 +205,7 @@ def score_sample(mass: np.ndarray, spec: SinkSpec, causal: bool) -> Scored:
 def _gate_and_mean(scored: Scored, spec: SinkSpec, weighting: str) -> tuple[np.ndarray, np.ndarray]:
     """(positions the factors down-weight ``bool [L]``, ``mean_t s_t(j)`` ``float64 [L]``). The gate is
     explicit: every position for an ungated row ("official"); for a gated row the variance gate of
-    :func:`sap_core.sinks.position_stats` at ``spec.tau`` (unstable sinks; every position at tau = 0)."""
+    :func:`sap_core.sinks.position_stats` at ``spec.tau`` (the unstable sinks, never a non-sink)."""
     scores, flags = scored
     stats = sinks.position_stats(scores, flags, spec)
     gate = np.ones(scores.shape[-1], bool) if weighting == "official" else stats.gate
@@ -339,8 +339,8 @@ def noised_wanda_stats_many(
     scored = {r: (np.zeros((N, S, L)), np.zeros((N, S, L), bool)) for r in rule}
     passes = 0
     pending = []
-    for n, c0, c1, m, inputs in recorded_passes(handle, noised, spec0, batch_size, taps, capture=True):
-        mass[n, c0:c1] = m
+    for n, c0, c1, attention, inputs in recorded_passes(handle, noised, batch_size, taps, capture=True):
+        m = mass[n, c0:c1] = reduce_mass(attention, spec0)
         passes += 1
         for r, (scores, flags) in scored.items():
             spec = weightings[rule.index(r)][1]
@@ -389,8 +389,8 @@ def noised_wanda_stats_two_pass(
     scores, flags = np.zeros((N, S, L)), np.zeros((N, S, L), bool)
     passes = 0
     for n in range(N):
-        for _, c0, c1, m, _ in recorded_passes(handle, noised[n : n + 1], spec, batch_size, taps, capture=False):
-            mass[n, c0:c1] = m  # pass 1: attention mass only
+        for _, c0, c1, attention, _ in recorded_passes(handle, noised[n : n + 1], batch_size, taps, capture=False):
+            mass[n, c0:c1] = reduce_mass(attention, spec)  # pass 1: attention mass only
             passes += 1
         scores[n], flags[n] = score_sample(mass[n], spec, handle.causal)
         weights[n] = step_weights((scores[n], flags[n]), spec, weighting)

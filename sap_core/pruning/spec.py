@@ -35,9 +35,10 @@ class Method:
       inputs by ``1 − s_t(j)``, the official sink-aware Wanda) or ``"mean"`` (by ``1 − mean_t s_t(j)``,
       the official sink-aware SparseGPT). A weighting needs the noised passes for its sink scores.
     * ``gated``: the variance gate decides which positions are down-weighted: only the unstable sinks
-      (variance ``>= SinkSpec.tau``); ungated methods down-weight every position, whatever ``tau``.
-      With ``tau = 0`` the gate is open for every position (:mod:`sap_core.sinks`), so a gated method
-      at ``tau = 0`` is its ungated twin.
+      (a sink at some timestep with variance ``>= SinkSpec.tau``), never a non-sink; ungated methods
+      down-weight every position by its score (the official rule), whatever ``tau``. At ``tau = 0`` the
+      gate opens for every sink, so a gated method differs from its ungated twin (:data:`UNGATED_TWIN`)
+      exactly on the positions that are never a sink.
     """
 
     name: str
@@ -137,6 +138,17 @@ METHOD_ROWS: dict[str, Method] = {m.name: m for m in METHOD_TABLE}
 # name -> one line a selectbox can show (the table's descriptions)
 METHODS: dict[str, str] = {m.name: m.description for m in METHOD_TABLE}
 GATED = frozenset(m.name for m in METHOD_TABLE if m.gated)  # the methods a tau sweep varies
+# gated method -> the row that differs from it only by the gate: the official rule, a tau sweep's reference
+UNGATED_TWIN: dict[str, str] = {
+    g.name: next(
+        m.name
+        for m in METHOD_TABLE
+        if not m.gated
+        and (m.data, m.statistic, m.sequential, m.sink_weighting) == (g.data, g.statistic, g.sequential, g.sink_weighting)
+    )
+    for g in METHOD_TABLE
+    if g.gated
+}
 
 SPARSEGPT_SELECTIONS = ("per_row", "official")
 
