@@ -309,6 +309,11 @@ def reduce_mass(trajectory: Any, spec: SinkSpec = SinkSpec()) -> StepMass:
         arr = arr[:, :, list(heads)]
     layer_mass = arr.sum(axis=2)
     mass = layer_mass.sum(axis=1)
+    if not np.isfinite(mass).all():  # NaN and infinity survive the sums: one check of [S, L] covers the record
+        raise SinkSpecError(
+            "The attention mass holds NaN or infinite values (a forward pass overflowed, e.g. in float16); "
+            "regenerate the run, in bfloat16 or float32 if it happens again."
+        )
     layer_mass.setflags(write=False)
     mass.setflags(write=False)
 

@@ -346,6 +346,24 @@ def _bomb(path: Path, mass_shape, tokens_shape=(2, 3), confidence_shape=None) ->
     return path
 
 
+def test_an_in_memory_record_with_nan_or_infinity_is_refused_by_the_analysis(tiny_dlm):
+    from sap_core.attention import AttentionRecorder
+    from dataclasses import replace
+
+    from sap_core.sinks import SinkSpec, SinkSpecError, analyze
+
+    traj = generate(tiny_dlm, "ROMEO.\n", DecodeSpec(8, 8, 8), recorder=AttentionRecorder())
+    assert analyze(traj).n_steps == 8  # the record as generated is fine
+    for bad in (np.nan, np.inf):
+        broken = traj.mass.copy()
+        broken[3, 1, 0, 2] = bad  # one value of one head of one layer
+        traj_bad = replace(traj, mass=broken)
+        with pytest.raises(SinkSpecError, match="NaN or infinite"):
+            analyze(traj_bad)
+        with pytest.raises(SinkSpecError, match="NaN or infinite"):
+            analyze(traj_bad, SinkSpec(layers=(1,), heads=(0,)))
+
+
 def test_trajectory_load_is_bounded_by_declared_shapes(tmp_path):
     bomb = _bomb(tmp_path / "bomb.npz", (2, 1000, 1000, 3))  # 24 MB would be fine, but ...
     bomb = _bomb(tmp_path / "bomb.npz", (2, 100000, 1000, 3))  # ... 2.4 GB from a 1 kB file is not
