@@ -69,7 +69,7 @@ if submitted:
         variant = prune(handle, spec, progress=progress_callback(bar, "Pruning"))
         name = f"{method} {pattern if pattern != 'unstructured' else f'{sparsity:.2f}'} #{len(variants) + 1}"
         variants.append({"name": name, "variant": variant, "model": model_choice()})
-        st.success(f"Made **{name}** in {variant.seconds:.1f} s (sparsity {variant.sparsity:.3f}).")
+        st.success(f"Made **{name}** in {variant.seconds:.1f} s (achieved sparsity {variant.achieved_sparsity:.3f}).")
     bar.empty()
     cancel_slot.button("Cancel", key="cancel_done", disabled=True, icon=":material/stop_circle:", help="Nothing is running.")
 else:
@@ -82,7 +82,10 @@ else:
     st.subheader(f"Variants of {handle.name} made in this session ({len(mine)})")
 for entry in mine:
     variant = entry["variant"]
-    with st.expander(f"{entry['name']} · sparsity {variant.sparsity:.3f} · {variant.seconds:.1f} s", expanded=entry is mine[-1]):
+    with st.expander(
+        f"{entry['name']} · achieved sparsity {variant.achieved_sparsity:.3f} · {variant.seconds:.1f} s",
+        expanded=entry is mine[-1],
+    ):
         st.table(method_settings(variant))
         st.plotly_chart(viz.sparsity_heatmap(variant.layer_sparsity), key=f"sp_{entry['name']}")
         c1, c2 = st.columns([3, 1])

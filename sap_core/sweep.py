@@ -11,7 +11,8 @@ shared dense model is restored after every job, also on cancellation) and return
   DLM, exact next-token perplexity for a causal model; see :mod:`sap_core.evaluate`);
 * ``prune_seconds``: wall time of the pruning call (calibration included);
 * ``nll``, ``nll_se``: mean negative log-likelihood per token (nats) and its standard error;
-* ``actual_sparsity``: the fraction of zeros in the pruned linear layers as reported by the variant;
+* ``achieved_sparsity``: the fraction of zeros in the pruned linear layers
+  (:attr:`~sap_core.pruning.PrunedVariant.achieved_sparsity`; ``sparsity`` is the target);
 * ``eval_seconds``: wall time of the perplexity evaluation;
 * ``tau``: the variance gate of a gated method's row (NaN for the other methods).
 
@@ -65,7 +66,7 @@ COLUMNS = [
     "prune_seconds",
     "nll",
     "nll_se",
-    "actual_sparsity",
+    "achieved_sparsity",
     "eval_seconds",
     "label",
     "tau",
@@ -286,14 +287,6 @@ def _prune_spec(setting: MethodSetting, pattern: str, sparsity: float, spec: Swe
     return PruneSpec(**kwargs)
 
 
-def _actual_sparsity(variant) -> float:
-    """Zeros over all pruned weights of the variant (NaN if it does not say)."""
-    try:
-        return float(variant.sparsity)
-    except (AttributeError, KeyError, TypeError, ValueError):
-        return math.nan
-
-
 def run_sweep(
     handle: ModelHandle,
     spec: SweepSpec,
@@ -358,7 +351,7 @@ def run_sweep(
                 prune_seconds=0.0,
                 nll=ev.nll,
                 nll_se=ev.nll_se,
-                actual_sparsity=0.0,
+                achieved_sparsity=0.0,
                 eval_seconds=ev.seconds,
                 label=DENSE,
                 tau=math.nan,
@@ -385,7 +378,7 @@ def run_sweep(
                 prune_seconds=prune_seconds,
                 nll=ev.nll,
                 nll_se=ev.nll_se,
-                actual_sparsity=_actual_sparsity(variant),
+                achieved_sparsity=variant.achieved_sparsity,
                 eval_seconds=ev.seconds,
                 label=name,
                 tau=spec.tau_of(setting),
@@ -400,7 +393,7 @@ def run_sweep(
 
 def _frame(rows: Sequence[dict]) -> pd.DataFrame:
     df = pd.DataFrame(list(rows), columns=COLUMNS)
-    for col in ("sparsity", "ppl", "ppl_se", "prune_seconds", "nll", "nll_se", "actual_sparsity", "eval_seconds", "tau"):
+    for col in ("sparsity", "ppl", "ppl_se", "prune_seconds", "nll", "nll_se", "achieved_sparsity", "eval_seconds", "tau"):
         df[col] = df[col].astype(float)
     for col in ("method", "pattern", "label"):
         df[col] = df[col].astype(str)
@@ -466,11 +459,18 @@ class SweepWriter:
         return self.out
 
 
+# Columns that older SinkScope versions wrote under another name: old -> current.
+RENAMED_COLUMNS = {"actual_sparsity": "achieved_sparsity"}
+
+
 def load_sweep(path: Union[str, Path]) -> pd.DataFrame:
+    """Read a CSV written by :func:`save_sweep` (and its per-draw estimates beside it, when present);
+    the old column names of :data:`RENAMED_COLUMNS` are read under their current names."""
     path = Path(path)
     if not path.exists():
         raise SweepSpecError(f"No sweep CSV at '{path}'.")
     df = pd.read_csv(path, keep_default_na=False, na_values=["", "nan", "NaN"])
+    df = df.rename(columns={old: new for old, new in RENAMED_COLUMNS.items() if new not in df.columns})
     missing = [c for c in COLUMNS[:6] if c not in df.columns]
     if missing:
         raise SweepSpecError(f"'{path}' is not a sweep CSV: it lacks the column(s) {', '.join(missing)}.")

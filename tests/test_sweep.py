@@ -48,7 +48,7 @@ def test_two_methods_by_two_sparsities_give_the_expected_frame(tiny_dlm, sweep):
     assert (df["ppl"] > 1).all() and np.isfinite(df["ppl"]).all() and (df["ppl_se"] >= 0).all()
     np.testing.assert_allclose(df["ppl"], np.exp(df["nll"]), rtol=1e-6)
     assert (rest["prune_seconds"] > 0).all() and (df["eval_seconds"] > 0).all()
-    np.testing.assert_allclose(rest["actual_sparsity"], rest["sparsity"], atol=0.01)
+    np.testing.assert_allclose(rest["achieved_sparsity"], rest["sparsity"], atol=0.01)
     # The dense model is intact after the sweep, and its row is the dense perplexity.
     after = _state(tiny_dlm)
     assert all(torch.equal(before[k], after[k]) for k in before)
@@ -105,6 +105,16 @@ def test_csv_round_trip(sweep, tmp_path):
     (tmp_path / "other.csv").write_text("a,b\n1,2\n")
     with pytest.raises(SapError, match="not a sweep CSV"):
         load_sweep(tmp_path / "other.csv")
+
+
+def test_an_older_csv_with_actual_sparsity_reads_as_achieved_sparsity(sweep, tmp_path):
+    df, _, _ = sweep
+    old = tmp_path / "old.csv"
+    df.rename(columns={"achieved_sparsity": "actual_sparsity"}).to_csv(old, index=False)
+    back = load_sweep(old)
+    assert "actual_sparsity" not in back.columns
+    np.testing.assert_allclose(back["achieved_sparsity"], df["achieved_sparsity"])
+    assert list(back.columns) == COLUMNS
 
 
 def test_nm_pattern_runs_once_per_method_and_gated_label():

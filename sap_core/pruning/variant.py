@@ -214,9 +214,9 @@ class PrunedVariant:
             self.layer_sparsity = _frame(rows)
 
     @property
-    def sparsity(self) -> float:
-        """Zeros over all pruned weights (the achieved sparsity: ``achieved_sparsity`` in ``pruning.json``
-        and :meth:`summary`, next to the spec's ``target_sparsity``)."""
+    def achieved_sparsity(self) -> float:
+        """Zeros over all pruned weights (also ``achieved_sparsity`` in ``pruning.json``, :meth:`summary` and a
+        sweep's rows), next to the spec's target (``spec.sparsity``, ``spec.target_sparsity``)."""
         return float(self.layer_sparsity.attrs["overall"])
 
     @property
@@ -236,7 +236,7 @@ class PrunedVariant:
             "sparsity": spec.sparsity,
             "pattern": spec.pattern,
             "target_sparsity": spec.target_sparsity,
-            "achieved_sparsity": self.sparsity,
+            "achieved_sparsity": self.achieved_sparsity,
             "sink": spec.sink.to_dict(),
             "calibration": cal if spec.needs_calibration else None,
             "blocksize": spec.blocksize,
