@@ -5,8 +5,11 @@
 shared dense model is restored after every job, also on cancellation) and returns a
 :class:`pandas.DataFrame`, one row per job, with the columns of :data:`COLUMNS`:
 
-* ``method``, ``sparsity``, ``pattern``: the job (``label`` names a method setting that is not just
-  the method's defaults, e.g. a variance-gated one);
+* ``method``, ``sparsity``, ``pattern``: the job (``method`` names a method setting that is not just
+  the method's defaults, e.g. a variance-gated one: ``gated_sink_wanda(tau=0.05)``);
+* ``label``: the run's :attr:`PruneSpec.label <sap_core.pruning.PruneSpec.label>` (``wanda 50%``,
+  ``gated_sink_wanda 2:4, tau=0.05``), after a custom :attr:`MethodSetting.label` and a colon when
+  there is one; unique in a sweep, the key of the per-draw estimates;
 * ``ppl``, ``ppl_se``: perplexity and its standard error (masked-diffusion Monte Carlo perplexity for a
   DLM, exact next-token perplexity for a causal model; see :mod:`sap_core.evaluate`);
 * ``prune_seconds``: wall time of the pruning call (calibration included);
@@ -186,6 +189,12 @@ class SweepSpec:
             return math.nan
         return float((setting.sink if setting.sink is not None else self._sink).tau)
 
+    def label_of(self, setting: MethodSetting, pattern: str, sparsity: float) -> str:
+        """The ``label`` of a job's row: its :attr:`PruneSpec.label <sap_core.pruning.PruneSpec.label>`, after
+        ``setting.label:`` for a setting with a label of its own."""
+        label = _prune_spec(setting, pattern, sparsity, self).label
+        return f"{setting.label}: {label}" if setting.label else label
+
     @property
     def jobs(self) -> list[tuple[MethodSetting, str, float]]:
         """(method setting, pattern, sparsity) per pruning run. An N:M pattern fixes the sparsity at
@@ -219,6 +228,12 @@ class SweepSpec:
             raise SweepSpecError(f"Sparsities must lie strictly between 0 and 1 (got {bad}).")
         for p in self.patterns:
             parse_pattern(p)
+        labels = [self.label_of(m, p, s) for m, p, s in self.jobs]
+        twice = sorted({label for label in labels if labels.count(label) > 1})
+        if twice:
+            raise SweepSpecError(
+                f"Two runs of the sweep would be the same run ({', '.join(twice)}); list each sparsity and pattern once."
+            )
         self.eval.validate()
 
 
@@ -360,7 +375,7 @@ def run_sweep(
         )
         report(progress, offset, total, "dense done")
     for (setting, pattern, sparsity), prune_spec in zip(jobs, prune_specs):
-        name = f"{setting.name} {pattern} {sparsity:g}"
+        name = spec.label_of(setting, pattern, sparsity)
         t0 = time.perf_counter()
         variant = prune(handle, prune_spec, progress=sub(f"{name}: prune", offset), cache=cache)
         prune_seconds = float(getattr(variant, "seconds", None) or (time.perf_counter() - t0))

@@ -97,7 +97,7 @@ def test_workflow_through_every_page(app_url, page):
     choose(page, "Method", "magnitude")
     expect(page.get_by_text("|W|, no data")).to_be_visible()
     page.get_by_role("button", name="Prune", exact=True).click()
-    expect(page.get_by_text("Made magnitude 0.50 #1", exact=False)).to_be_visible()
+    expect(page.get_by_text("Made magnitude 50%", exact=False)).to_be_visible()
     expect(page.get_by_text("Share of zero weights per block and module")).to_be_visible()
     expect(page.get_by_role("button", name="Cancel")).to_be_disabled()
     expect(page.get_by_role("button", name="Save", exact=True)).to_be_visible()

@@ -232,6 +232,7 @@ class PrunedVariant:
         return {
             "format": VARIANT_FORMAT,
             "source": self.source,
+            "label": spec.label,
             "method": spec.method,
             "sparsity": spec.sparsity,
             "pattern": spec.pattern,
