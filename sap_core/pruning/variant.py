@@ -24,7 +24,7 @@ from torch import nn
 
 from sap_core.errors import OutputPathError, PruneSpecError
 from sap_core.files import atomic_directory, check_output_dir
-from sap_core.models import ModelHandle
+from sap_core.models import ModelHandle, placement
 from sap_core.pruning.calibration import CalibrationRecord
 from sap_core.pruning.spec import PruneSpec
 
@@ -250,6 +250,7 @@ class PrunedVariant:
         }
 
     def _params(self, module: nn.Module) -> dict[str, nn.Parameter]:
+        placement.require_resident(module, "put pruned weights into this model")
         if self.dense_fingerprint is not None and not same_weights(self.dense_fingerprint, fingerprint(module)):
             raise PruneSpecError(
                 f"This variant was pruned from another model ({self.source}); its weights differ from "
@@ -312,6 +313,7 @@ class PrunedVariant:
         ``overwrite``); everything is written into a hidden sibling directory, flushed to disk and renamed
         into place, so a crash leaves the previous directory intact and ``pruning.json`` always
         describes the weights beside it."""
+        placement.require_resident(handle.module, "save a pruned variant of this model")
         target = check_save_target(directory, handle, overwrite)
         with atomic_directory(target) as tmp:
             with self.applied(handle):
