@@ -125,6 +125,33 @@ def test_workflow_through_every_page(app_url, page):
     no_streamlit_exception(page)
 
 
+def test_cancel_stops_a_running_tau_sweep(app_url, page):
+    """Pick tau's "Which tau?": Cancel is enabled only while a tau sweep runs; clicking it while the first
+    pruned variant is being scored (256 evaluation windows a row) stops the sweep, says so, keeps no result,
+    and the page checks that the model's weights are exactly those before the sweep (a fingerprint taken
+    at the start)."""
+    from playwright.sync_api import expect
+
+    page.goto(app_url)
+    expect(page.get_by_text("Active model:", exact=False).first).to_be_visible()
+    page.get_by_role("link", name="Pick tau").click()
+    expect(page.get_by_role("button", name="Run the tau sweep")).to_be_visible()
+    expect(page.get_by_role("button", name="Cancel")).to_be_disabled()  # nothing runs
+    page.get_by_role("spinbutton", name="Evaluation windows").fill("256")  # inside the form: no rerun
+    page.get_by_role("button", name="Run the tau sweep").click()
+    # the progress bar's text once wanda is pruned and being scored: its variant is swapped into the model
+    expect(page.get_by_text("Tau sweep: wanda 50%: evaluate", exact=False)).to_be_visible()
+    page.get_by_role("button", name="Cancel").click()
+    expect(page.get_by_text("Tau sweep cancelled", exact=False)).to_be_visible()
+    expect(page.get_by_text("weights match those before the sweep (dense)", exact=False)).to_be_visible()
+    expect(page.get_by_role("button", name="Cancel")).to_be_disabled()
+    expect(page.get_by_text("Tau sweep: ", exact=False)).to_have_count(0)  # the bar is gone
+    expect(page.get_by_text("best tau =", exact=False)).to_have_count(0)  # no result
+    expect(page.get_by_role("button", name="Download tau sweep (CSV)")).to_have_count(0)
+    tall_shot(page, "cancelled")
+    no_streamlit_exception(page)
+
+
 def test_the_first_model_load_is_announced(chromium):
     """A fresh server has no model in memory: the first page says it is loading instead of showing
     grey placeholders without a word, then the model page appears."""
