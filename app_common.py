@@ -141,7 +141,7 @@ def method_settings(variant):
     rows = {"method": spec.method, "pattern": spec.pattern}
     if spec.nm is None:
         rows["target sparsity"] = f"{spec.sparsity:.2f}"
-    rows["achieved sparsity (pruned layers)"] = f"{variant.sparsity:.3f}"
+    rows["achieved sparsity (pruned layers)"] = f"{variant.achieved_sparsity:.3f}"
     if spec.needs_calibration:
         rows["calibration"] = f"{cal.nsamples} windows × {cal.seqlen} tokens, seed {cal.seed}"
     if spec.row.needs_noise:

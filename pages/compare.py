@@ -210,7 +210,7 @@ if "sweep_result" in st.session_state:
             "prune_seconds": number("pruning (s)", format="%.1f"),
             "nll": number("NLL", format="%.4f"),
             "nll_se": number("NLL ± SE", format="%.4f"),
-            "actual_sparsity": number("achieved sparsity", format="%.3f"),
+            "achieved_sparsity": number("achieved sparsity", format="%.3f"),
             "eval_seconds": number("scoring (s)", format="%.1f"),
         },
     )

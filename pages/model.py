@@ -69,7 +69,7 @@ if record.is_file():
         st.warning(f"This directory has a pruning.json that cannot be read ({exc}).")
     else:
         st.markdown(
-            f"A pruned model: **{summary.get('method')}**, pattern {summary.get('pattern')}, "
+            f"A pruned model: **{summary.get('label', summary.get('method'))}**, pattern {summary.get('pattern')}, "
             f"achieved sparsity {summary.get('achieved_sparsity', float('nan')):.3f}, pruned from "
             f"`{summary.get('source')}`."
         )

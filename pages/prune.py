@@ -1,12 +1,13 @@
 """Prune: make pruned variants of the dense model (which stays unchanged) and keep them in this session."""
 
+import re
 from pathlib import Path
 
 import streamlit as st
 
 from app_common import active_model, job, method_settings, model_choice, progress_callback, sink_spec
 from sap_core import viz
-from sap_core.pruning import METHODS, CalibrationSpec, PruneSpec, prune
+from sap_core.pruning import METHODS, CalibrationSpec, PruneSpec, numbered, prune
 from sap_core.pruning.spec import METHOD_ROWS
 
 st.header("Prune")
@@ -67,9 +68,9 @@ if submitted:
     bar = st.progress(0.0, text="Pruning…")
     with job("Pruning"):
         variant = prune(handle, spec, progress=progress_callback(bar, "Pruning"))
-        name = f"{method} {pattern if pattern != 'unstructured' else f'{sparsity:.2f}'} #{len(variants) + 1}"
+        name = numbered(spec.label, [v["name"] for v in variants if v["model"] == model_choice()])
         variants.append({"name": name, "variant": variant, "model": model_choice()})
-        st.success(f"Made **{name}** in {variant.seconds:.1f} s (sparsity {variant.sparsity:.3f}).")
+        st.success(f"Made **{name}** in {variant.seconds:.1f} s (achieved sparsity {variant.achieved_sparsity:.3f}).")
     bar.empty()
     cancel_slot.button("Cancel", key="cancel_done", disabled=True, icon=":material/stop_circle:", help="Nothing is running.")
 else:
@@ -82,13 +83,16 @@ else:
     st.subheader(f"Variants of {handle.name} made in this session ({len(mine)})")
 for entry in mine:
     variant = entry["variant"]
-    with st.expander(f"{entry['name']} · sparsity {variant.sparsity:.3f} · {variant.seconds:.1f} s", expanded=entry is mine[-1]):
+    with st.expander(
+        f"{entry['name']} · achieved sparsity {variant.achieved_sparsity:.3f} · {variant.seconds:.1f} s",
+        expanded=entry is mine[-1],
+    ):
         st.table(method_settings(variant))
         st.plotly_chart(viz.sparsity_heatmap(variant.layer_sparsity), key=f"sp_{entry['name']}")
         c1, c2 = st.columns([3, 1])
         target = c1.text_input(
             "Save to directory",
-            f"runs/{entry['name'].replace(' ', '_').replace('#', '')}",
+            "runs/" + re.sub(r"[^\w.-]+", "_", entry["name"]).strip("_"),
             key=f"dir_{entry['name']}",
             help="A new or empty directory, or a variant saved before (replaced only with the box below "
             "ticked). Never the loaded model's own directory.",

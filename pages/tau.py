@@ -8,6 +8,7 @@ from app_common import active_model, current_trajectory, job, model_choice, prog
 from sap_core import viz
 from sap_core.pruning import CalibrationSpec
 from sap_core.pruning.spec import GATED
+from sap_core.pruning.variant import fingerprint
 from sap_core.sweep import EvalSpec, run_sweep
 from sap_core.tau import best_taus, calibration_gate, tau_sweep_spec, tau_table, trajectory_sink_variance
 
@@ -92,8 +93,30 @@ with st.form("which_tau"):
     windows = c[3].number_input("Evaluation windows", 1, 256, 4, help="Windows of 64 tokens, 4 masking draws each.")
     taus = st.text_input("Taus", "0, 0.01, 0.02, 0.05, 0.1", help="Comma-separated; 0 gates every sink and no non-sink.")
     run = st.form_submit_button("Run the tau sweep", type="primary")
-st.button("Cancel", key="tau_cancel", help="Stops a running tau sweep; the dense model is restored.")
+
+
+def tau_sweep_cancelled() -> None:
+    st.session_state["tau_sweep_cancelled"] = True
+
+
+cancel_slot = st.empty()  # Cancel is enabled only while the tau sweep runs (clicking it stops that run)
+if st.session_state.pop("tau_sweep_cancelled", False):
+    with handle.lock:  # waits for any other session's variant to be swapped out again
+        restored = st.session_state.get("tau_sweep_dense") == fingerprint(handle.module)  # exact: the same tensors are back
+    if restored:
+        st.warning("Tau sweep cancelled; no result was kept and the model's weights match those before the sweep (dense).")
+    else:
+        st.error("Tau sweep cancelled, but the model's weights differ from those before the sweep: reload the model.")
 if run:
+    cancel_slot.button(
+        "Cancel",
+        key="tau_cancel_running",
+        on_click=tau_sweep_cancelled,
+        icon=":material/stop_circle:",
+        help="Stops the running tau sweep; the dense model is restored.",
+    )
+    with handle.lock:
+        st.session_state["tau_sweep_dense"] = fingerprint(handle.module)
     bar = st.progress(0.0)
     with job("The tau sweep"):
         try:
@@ -109,6 +132,9 @@ if run:
             df = run_sweep(handle, sweep_spec, progress=progress_callback(bar, "Tau sweep"))
             st.session_state["tau_sweep"] = (model_choice(), df, float(sparsity), pattern)
     bar.empty()
+    cancel_slot.button("Cancel", key="tau_cancel_done", disabled=True, icon=":material/stop_circle:", help="Nothing is running.")
+else:
+    cancel_slot.button("Cancel", key="tau_cancel_idle", disabled=True, icon=":material/stop_circle:", help="Nothing is running.")
 result = st.session_state.get("tau_sweep")
 if result is not None and result[0] == model_choice():
     _, df, sp, pat = result

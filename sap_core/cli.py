@@ -760,7 +760,7 @@ def cmd_sweep(args) -> int:
         save_figure(df, args.plot)
         print(f"wrote {args.plot}", file=sys.stderr)
     if not args.quiet:
-        print(df[["method", "pattern", "sparsity", "ppl", "ppl_se", "prune_seconds"]].to_string(index=False), file=sys.stderr)
+        print(df[["label", "ppl", "ppl_se", "achieved_sparsity", "prune_seconds"]].to_string(index=False), file=sys.stderr)
     return 0
 
 

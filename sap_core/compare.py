@@ -35,7 +35,7 @@ from sap_core.diffusion import DecodeSpec, Trajectory, generate
 from sap_core.errors import SapError
 from sap_core.models import ModelHandle
 from sap_core.progress import Progress, report
-from sap_core.pruning import PrunedVariant
+from sap_core.pruning import PrunedVariant, numbered
 from sap_core.sweep import EvalSpec, paired_se, perplexity
 
 DENSE = "dense"
@@ -177,11 +177,21 @@ Variant = Union[PrunedVariant, ModelHandle]
 
 def _label_of(variant: Variant, index: int) -> str:
     if isinstance(variant, PrunedVariant):
-        spec = variant.spec
-        return f"{spec.method} {spec.sparsity:g} {spec.pattern}"
+        return variant.spec.label
     if isinstance(variant, ModelHandle):
         return variant.name
     return f"variant {index + 1}"
+
+
+def _labelled(variants: Union[Mapping[str, Variant], Sequence[Variant]]) -> list[tuple[str, Variant]]:
+    """``(label, variant)`` pairs: a mapping's own labels, else each variant's (a pruned one's
+    :attr:`PruneSpec.label <sap_core.pruning.PruneSpec.label>`, ``#2``, ``#3`` on repeats)."""
+    if isinstance(variants, Mapping):
+        return list(variants.items())
+    labels: list[str] = []
+    for i, v in enumerate(variants):
+        labels.append(numbered(_label_of(v, i), [DENSE, *labels]))
+    return list(zip(labels, variants))
 
 
 def _context(handle: ModelHandle, variant: Variant):
@@ -203,13 +213,13 @@ def compare_generations(
 ) -> Comparison:
     """Generate with the dense ``handle`` and with every variant under the same prompt, spec and seed.
 
-    ``variants`` is a mapping ``label -> variant`` or a sequence (labels are then made from each
-    variant's spec: ``"wanda 0.5 unstructured"``). A variant is a ``PrunedVariant`` (run through
+    ``variants`` is a mapping ``label -> variant`` or a sequence (labels are then each variant's
+    :attr:`~sap_core.pruning.PruneSpec.label`, ``"wanda 50%"``, numbered ``#2`` on a repeat). A variant is a ``PrunedVariant`` (run through
     ``variant.applied(handle)``) or a separately loaded ``ModelHandle`` with the same tokenizer.
     ``progress(done, total, message)`` counts decoding steps across all runs; raising
     :class:`~sap_core.errors.Cancelled` from it stops the comparison with the dense weights restored.
     """
-    items = list(variants.items()) if isinstance(variants, Mapping) else [(_label_of(v, i), v) for i, v in enumerate(variants)]
+    items = _labelled(variants)
     labels = [DENSE] + [label for label, _ in items]
     if len(set(labels)) != len(labels):
         raise SapError(f"Run labels must be unique (got {labels}); pass a mapping label -> variant.")
@@ -274,7 +284,7 @@ def perplexity_table(
     """
     spec = EvalSpec() if spec is None else spec
     spec.validate()
-    items = list(variants.items()) if isinstance(variants, Mapping) else [(_label_of(v, i), v) for i, v in enumerate(variants)]
+    items = _labelled(variants)
     labels = [DENSE] + [label for label, _ in items]
     if len(set(labels)) != len(labels):
         raise SapError(f"Model labels must be unique (got {labels}); pass a mapping label -> variant.")

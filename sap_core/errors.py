@@ -21,6 +21,10 @@ class PruneSpecError(SapError):
     """Impossible pruning settings."""
 
 
+class OffloadedModelError(SapError):
+    """Weights to be pruned, swapped or saved are offloaded to CPU memory or disk (parameters on ``meta``)."""
+
+
 class Cancelled(SapError):
     """A long job was cancelled through its progress callback."""
 

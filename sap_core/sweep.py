@@ -5,13 +5,17 @@
 shared dense model is restored after every job, also on cancellation) and returns a
 :class:`pandas.DataFrame`, one row per job, with the columns of :data:`COLUMNS`:
 
-* ``method``, ``sparsity``, ``pattern``: the job (``label`` names a method setting that is not just
-  the method's defaults, e.g. a variance-gated one);
+* ``method``, ``sparsity``, ``pattern``: the job (``method`` names a method setting that is not just
+  the method's defaults, e.g. a variance-gated one: ``gated_sink_wanda(tau=0.05)``);
+* ``label``: the run's :attr:`PruneSpec.label <sap_core.pruning.PruneSpec.label>` (``wanda 50%``,
+  ``gated_sink_wanda 2:4, tau=0.05``), after a custom :attr:`MethodSetting.label` and a colon when
+  there is one; unique in a sweep, the key of the per-draw estimates;
 * ``ppl``, ``ppl_se``: perplexity and its standard error (masked-diffusion Monte Carlo perplexity for a
   DLM, exact next-token perplexity for a causal model; see :mod:`sap_core.evaluate`);
 * ``prune_seconds``: wall time of the pruning call (calibration included);
 * ``nll``, ``nll_se``: mean negative log-likelihood per token (nats) and its standard error;
-* ``actual_sparsity``: the fraction of zeros in the pruned linear layers as reported by the variant;
+* ``achieved_sparsity``: the fraction of zeros in the pruned linear layers
+  (:attr:`~sap_core.pruning.PrunedVariant.achieved_sparsity`; ``sparsity`` is the target);
 * ``eval_seconds``: wall time of the perplexity evaluation;
 * ``tau``: the variance gate of a gated method's row (NaN for the other methods).
 
@@ -65,7 +69,7 @@ COLUMNS = [
     "prune_seconds",
     "nll",
     "nll_se",
-    "actual_sparsity",
+    "achieved_sparsity",
     "eval_seconds",
     "label",
     "tau",
@@ -191,6 +195,12 @@ class SweepSpec:
             return math.nan
         return float((setting.sink if setting.sink is not None else self._sink).tau)
 
+    def label_of(self, setting: MethodSetting, pattern: str, sparsity: float) -> str:
+        """The ``label`` of a job's row: its :attr:`PruneSpec.label <sap_core.pruning.PruneSpec.label>`, after
+        ``setting.label:`` for a setting with a label of its own."""
+        label = _prune_spec(setting, pattern, sparsity, self).label
+        return f"{setting.label}: {label}" if setting.label else label
+
     @property
     def jobs(self) -> list[tuple[MethodSetting, str, float]]:
         """(method setting, pattern, sparsity) per pruning run. An N:M pattern fixes the sparsity at
@@ -224,6 +234,12 @@ class SweepSpec:
             raise SweepSpecError(f"Sparsities must lie strictly between 0 and 1 (got {bad}).")
         for p in self.patterns:
             parse_pattern(p)
+        labels = [self.label_of(m, p, s) for m, p, s in self.jobs]
+        twice = sorted({label for label in labels if labels.count(label) > 1})
+        if twice:
+            raise SweepSpecError(
+                f"Two runs of the sweep would be the same run ({', '.join(twice)}); list each sparsity and pattern once."
+            )
         self.eval.validate()
 
 
@@ -292,14 +308,6 @@ def _prune_spec(setting: MethodSetting, pattern: str, sparsity: float, spec: Swe
     return PruneSpec(**kwargs)
 
 
-def _actual_sparsity(variant) -> float:
-    """Zeros over all pruned weights of the variant (NaN if it does not say)."""
-    try:
-        return float(variant.sparsity)
-    except (AttributeError, KeyError, TypeError, ValueError):
-        return math.nan
-
-
 def run_sweep(
     handle: ModelHandle,
     spec: SweepSpec,
@@ -364,7 +372,7 @@ def run_sweep(
                 prune_seconds=0.0,
                 nll=ev.nll,
                 nll_se=ev.nll_se,
-                actual_sparsity=0.0,
+                achieved_sparsity=0.0,
                 eval_seconds=ev.seconds,
                 label=DENSE,
                 tau=math.nan,
@@ -373,7 +381,7 @@ def run_sweep(
         )
         report(progress, offset, total, "dense done")
     for (setting, pattern, sparsity), prune_spec in zip(jobs, prune_specs):
-        name = f"{setting.name} {pattern} {sparsity:g}"
+        name = spec.label_of(setting, pattern, sparsity)
         t0 = time.perf_counter()
         variant = prune(handle, prune_spec, progress=sub(f"{name}: prune", offset), cache=cache)
         prune_seconds = float(getattr(variant, "seconds", None) or (time.perf_counter() - t0))
@@ -391,7 +399,7 @@ def run_sweep(
                 prune_seconds=prune_seconds,
                 nll=ev.nll,
                 nll_se=ev.nll_se,
-                actual_sparsity=_actual_sparsity(variant),
+                achieved_sparsity=variant.achieved_sparsity,
                 eval_seconds=ev.seconds,
                 label=name,
                 tau=spec.tau_of(setting),
@@ -406,7 +414,7 @@ def run_sweep(
 
 def _frame(rows: Sequence[dict]) -> pd.DataFrame:
     df = pd.DataFrame(list(rows), columns=COLUMNS)
-    for col in ("sparsity", "ppl", "ppl_se", "prune_seconds", "nll", "nll_se", "actual_sparsity", "eval_seconds", "tau"):
+    for col in ("sparsity", "ppl", "ppl_se", "prune_seconds", "nll", "nll_se", "achieved_sparsity", "eval_seconds", "tau"):
         df[col] = df[col].astype(float)
     for col in ("method", "pattern", "label"):
         df[col] = df[col].astype(str)
@@ -472,11 +480,18 @@ class SweepWriter:
         return self.out
 
 
+# Columns that older SinkScope versions wrote under another name: old -> current.
+RENAMED_COLUMNS = {"actual_sparsity": "achieved_sparsity"}
+
+
 def load_sweep(path: Union[str, Path]) -> pd.DataFrame:
+    """Read a CSV written by :func:`save_sweep` (and its per-draw estimates beside it, when present);
+    the old column names of :data:`RENAMED_COLUMNS` are read under their current names."""
     path = Path(path)
     if not path.exists():
         raise SweepSpecError(f"No sweep CSV at '{path}'.")
     df = pd.read_csv(path, keep_default_na=False, na_values=["", "nan", "NaN"])
+    df = df.rename(columns={old: new for old, new in RENAMED_COLUMNS.items() if new not in df.columns})
     missing = [c for c in COLUMNS[:6] if c not in df.columns]
     if missing:
         raise SweepSpecError(f"'{path}' is not a sweep CSV: it lacks the column(s) {', '.join(missing)}.")

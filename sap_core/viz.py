@@ -293,7 +293,7 @@ def sweep_figure(df: pd.DataFrame) -> go.Figure:
     error bars; an N:M pattern, whose sparsity is fixed, is one marker per method. Rows with
     method ``"dense"`` are drawn as a horizontal dashed reference line with a ±1 SE band. Points
     of different methods at the same sparsity are spread a little sideways so that their error bars
-    stay readable (the hover shows the true sparsity). The y axis turns logarithmic when the
+    stay readable (the hover shows the row's ``label`` and true sparsity). The y axis turns logarithmic when the
     perplexities span more than a factor of 10.
     """
     fig = go.Figure()
@@ -331,7 +331,8 @@ def sweep_figure(df: pd.DataFrame) -> go.Figure:
                     customdata=np.stack(
                         [part["sparsity"].to_numpy(float), se if se is not None else np.zeros(len(part))], axis=1
                     ),
-                    hovertemplate=f"{name}<br>sparsity %{{customdata[0]:.0%}}<br>ppl %{{y:.2f}} ± %{{customdata[1]:.2f}}<extra></extra>",
+                    text=[v if isinstance(v, str) and v else name for v in part.get("label", [None] * len(part))],
+                    hovertemplate="%{text}<br>sparsity %{customdata[0]:.0%}<br>ppl %{y:.2f} ± %{customdata[1]:.2f}<extra></extra>",
                 )
             )
     all_ppl = df["ppl"].to_numpy(float)

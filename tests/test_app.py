@@ -148,7 +148,7 @@ def test_model_page_shows_the_pruning_record_of_a_saved_variant(tmp_path):
     at.run()
     assert not at.exception and not at.error
     assert "Pruning record" in texts(at.subheader)
-    assert any("**magnitude**" in m and "achieved sparsity 0.3" in m for m in texts(at.markdown))
+    assert any("**magnitude 30%**" in m and "achieved sparsity 0.3" in m for m in texts(at.markdown))
 
 
 def test_prune_page_makes_a_variant_and_leaves_the_dense_model_alone():
@@ -164,7 +164,7 @@ def test_prune_page_makes_a_variant_and_leaves_the_dense_model_alone():
     nums["Calibration length"].set_value(32)
     at.button[0].click().run()
     assert not at.exception and not at.error, texts(at.error)
-    assert any("sparsity 0.500" in s for s in texts(at.success))
+    assert any("Made **wanda 50%**" in s and "achieved sparsity 0.500" in s for s in texts(at.success))  # PruneSpec.label
     settings = at.table[0].value
     assert settings.loc["calibration", "value"] == "2 windows × 32 tokens, seed 0"
     assert "sink rule" not in settings.index and "variance threshold tau" not in settings.index  # wanda uses neither
@@ -175,6 +175,9 @@ def test_prune_page_makes_a_variant_and_leaves_the_dense_model_alone():
     at.button[0].click().run()
     settings = at.table[-1].value
     assert "calibration" not in settings.index and settings.loc["method", "value"] == "magnitude"
+    at.button[0].click().run()  # the same spec again: numbered to tell the two apart
+    assert any("Made **magnitude 50% #2**" in s for s in texts(at.success))
+    assert [v["name"] for v in at.session_state["variants"]] == ["wanda 50%", "magnitude 50%", "magnitude 50% #2"]
     other = new_app()  # another browser session sees none of this session's variants
     other.switch_page("pages/prune.py").run()
     assert any("No variants yet" in i for i in texts(other.info))
@@ -213,7 +216,7 @@ def test_compare_page_side_by_side_perplexity_and_a_one_point_sweep():
     [b for b in at.button if b.label == "Compute perplexity"][0].click().run()
     assert not at.exception and not at.error, texts(at.error)
     table = at.dataframe[1].value
-    assert list(table["model"]) == ["dense", "magnitude 0.50 #1"]
+    assert list(table["model"]) == ["dense", "magnitude 50%"]
     assert table["paired"].iloc[1] and table["se_delta"].iloc[1] > 0 and table["delta_ppl"].iloc[0] == 0
     assert any("noise" in m for m in texts(at.markdown))
 
@@ -271,7 +274,7 @@ def test_the_compare_sweep_uses_the_sink_settings_of_the_stability_page():
     [b for b in at.button if b.label == "Run sweep"][0].click().run()
     assert not at.exception and not at.error, texts(at.error)
     sweep = at.dataframe[-1].value
-    assert list(sweep["label"])[1] == "gated_sink_wanda(tau=0.1) unstructured 0.5"
+    assert list(sweep["label"])[1] == "gated_sink_wanda 50%, tau=0.1"
     at.switch_page("pages/stability.py").run()  # the settings survive the visit to another page
     assert {s.label: s for s in at.slider}["tau (variance threshold)"].value == 0.1
 

@@ -28,7 +28,7 @@ def test_prune_page_save_refuses_the_model_dir_and_replaces_a_variant_only_when_
     at.selectbox[0].set_value("magnitude")
     at.button[0].click().run()  # Prune
     assert not at.exception and not at.error, texts(at.error)
-    name = "magnitude 0.50 #1"
+    name = "magnitude 50%"
     model_dir = BUILTIN_MODELS["tiny-dlm"]
     before = hashes(model_dir)
 

@@ -97,7 +97,7 @@ def test_workflow_through_every_page(app_url, page):
     choose(page, "Method", "magnitude")
     expect(page.get_by_text("|W|, no data")).to_be_visible()
     page.get_by_role("button", name="Prune", exact=True).click()
-    expect(page.get_by_text("Made magnitude 0.50 #1", exact=False)).to_be_visible()
+    expect(page.get_by_text("Made magnitude 50%", exact=False)).to_be_visible()
     expect(page.get_by_text("Share of zero weights per block and module")).to_be_visible()
     expect(page.get_by_role("button", name="Cancel")).to_be_disabled()
     expect(page.get_by_role("button", name="Save", exact=True)).to_be_visible()
@@ -122,6 +122,33 @@ def test_workflow_through_every_page(app_url, page):
     expect(page.get_by_text("Perplexity after pruning", exact=False)).to_be_visible()
     expect(page.get_by_role("button", name="Download sweep (CSV)")).to_be_visible()
     tall_shot(page, "4-compare")
+    no_streamlit_exception(page)
+
+
+def test_cancel_stops_a_running_tau_sweep(app_url, page):
+    """Pick tau's "Which tau?": Cancel is enabled only while a tau sweep runs; clicking it while the first
+    pruned variant is being scored (256 evaluation windows a row) stops the sweep, says so, keeps no result,
+    and the page checks that the model's weights are exactly those before the sweep (a fingerprint taken
+    at the start)."""
+    from playwright.sync_api import expect
+
+    page.goto(app_url)
+    expect(page.get_by_text("Active model:", exact=False).first).to_be_visible()
+    page.get_by_role("link", name="Pick tau").click()
+    expect(page.get_by_role("button", name="Run the tau sweep")).to_be_visible()
+    expect(page.get_by_role("button", name="Cancel")).to_be_disabled()  # nothing runs
+    page.get_by_role("spinbutton", name="Evaluation windows").fill("256")  # inside the form: no rerun
+    page.get_by_role("button", name="Run the tau sweep").click()
+    # the progress bar's text once wanda is pruned and being scored: its variant is swapped into the model
+    expect(page.get_by_text("Tau sweep: wanda 50%: evaluate", exact=False)).to_be_visible()
+    page.get_by_role("button", name="Cancel").click()
+    expect(page.get_by_text("Tau sweep cancelled", exact=False)).to_be_visible()
+    expect(page.get_by_text("weights match those before the sweep (dense)", exact=False)).to_be_visible()
+    expect(page.get_by_role("button", name="Cancel")).to_be_disabled()
+    expect(page.get_by_text("Tau sweep: ", exact=False)).to_have_count(0)  # the bar is gone
+    expect(page.get_by_text("best tau =", exact=False)).to_have_count(0)  # no result
+    expect(page.get_by_role("button", name="Download tau sweep (CSV)")).to_have_count(0)
+    tall_shot(page, "cancelled")
     no_streamlit_exception(page)
 
 

@@ -215,6 +215,7 @@ def test_prune_save_then_evaluate_and_generate_the_saved_model(setup, runs):
     assert pr.returncode == 0, pr.stderr
     data = json.loads((tmp / "prune.json").read_text())
     assert data["method"] == "wanda" and data["achieved_sparsity"] == pytest.approx(0.5, abs=0.01)
+    assert data["label"] == "wanda 50%" == json.loads((saved / "pruning.json").read_text())["label"]
     assert data["seconds"] > 0 and data["layer_sparsity"]
     assert all(row["sparsity"] == pytest.approx(0.5, abs=0.01) for row in data["layer_sparsity"])
     assert (saved / "config.json").exists() and (saved / "pruning.json").exists()
@@ -237,6 +238,8 @@ def test_sweep_writes_csv_and_plot(setup, runs):
     assert list(df.columns[:6]) == ["method", "sparsity", "pattern", "ppl", "ppl_se", "prune_seconds"]
     assert df["method"].tolist() == ["dense", "magnitude", "wanda"]
     assert df["sparsity"].tolist() == [0.0, 0.5, 0.5]
+    assert df["label"].tolist() == ["dense", "magnitude 50%", "wanda 50%"]
+    assert "magnitude 50%" in r.stderr  # the table printed at the end names each run by its label
     if plotted:
         assert (tmp / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

@@ -10,7 +10,8 @@ import torch
 from sap_core.compare import compare_generations, divergence_step, position_agreement, states_after_steps, step_agreement
 from sap_core.diffusion import DecodeSpec, Trajectory, generate
 from sap_core.errors import Cancelled, SapError
-from sap_core.pruning import PruneSpec, prune
+from sap_core.pruning import PruneSpec, numbered, prune
+from sap_core.sinks import SinkSpec
 
 SPEC = DecodeSpec(gen_length=16, steps=8, block_length=8, seed=3)
 PROMPT = "To be, or not to be"
@@ -47,7 +48,7 @@ def test_a_differing_variant_shows_its_divergence_step(tiny_dlm, magnitude_30):
     comparison = compare_generations(tiny_dlm, [magnitude_30], PROMPT, SPEC)
     assert _same_state(before, _state(tiny_dlm)), "the shared dense model was modified"
     dense, run = comparison.dense, comparison.variants[0]
-    assert run.label == "magnitude 0.3 unstructured"
+    assert run.label == "magnitude 30%"  # PruneSpec.label
     d = run.divergence_step
     assert d is not None and 0 <= d < SPEC.steps
     # Same states up to d, different state after step d; step_agreement is 1 before d and below 1 at d.
@@ -150,3 +151,19 @@ def test_divergence_and_agreement_on_handmade_trajectories():
 def test_duplicate_labels_are_refused(tiny_dlm, magnitude_30):
     with pytest.raises(SapError, match="unique"):
         compare_generations(tiny_dlm, {"dense": magnitude_30}, PROMPT, SPEC)
+
+
+def test_two_variants_of_one_spec_are_numbered(tiny_dlm, magnitude_30):
+    again = prune(tiny_dlm, PruneSpec("magnitude", 0.3))
+    comparison = compare_generations(tiny_dlm, [magnitude_30, again], PROMPT, SPEC)
+    assert [r.label for r in comparison.runs] == ["dense", "magnitude 30%", "magnitude 30% #2"]
+    assert comparison.variants[0].text == comparison.variants[1].text  # same spec, same weights
+
+
+def test_numbered_and_prune_spec_labels():
+    assert numbered("wanda 50%", []) == "wanda 50%"
+    assert numbered("wanda 50%", ["wanda 50%", "wanda 50% #2"]) == "wanda 50% #3"
+    assert PruneSpec("wanda", 0.55).label == "wanda 55%"
+    assert PruneSpec("wanda", 0.505).label == "wanda 50.5%"  # two sparsities, two labels
+    assert PruneSpec("sparsegpt", 0.5, "2:4").label == "sparsegpt 2:4"
+    assert PruneSpec("gated_sink_wanda", 0.5, sink=SinkSpec(tau=0.05)).label == "gated_sink_wanda 50%, tau=0.05"

@@ -48,7 +48,7 @@ def test_two_methods_by_two_sparsities_give_the_expected_frame(tiny_dlm, sweep):
     assert (df["ppl"] > 1).all() and np.isfinite(df["ppl"]).all() and (df["ppl_se"] >= 0).all()
     np.testing.assert_allclose(df["ppl"], np.exp(df["nll"]), rtol=1e-6)
     assert (rest["prune_seconds"] > 0).all() and (df["eval_seconds"] > 0).all()
-    np.testing.assert_allclose(rest["actual_sparsity"], rest["sparsity"], atol=0.01)
+    np.testing.assert_allclose(rest["achieved_sparsity"], rest["sparsity"], atol=0.01)
     # The dense model is intact after the sweep, and its row is the dense perplexity.
     after = _state(tiny_dlm)
     assert all(torch.equal(before[k], after[k]) for k in before)
@@ -83,6 +83,7 @@ def test_per_draw_estimates_reproduce_each_row(sweep):
     df, _, _ = sweep
     estimates = df.attrs["estimates"]
     assert list(estimates) == df["label"].tolist()
+    assert df["label"].tolist() == ["dense", "magnitude 30%", "magnitude 60%", "wanda 30%", "wanda 60%"]  # PruneSpec.label
     for _, row in df.iterrows():
         e = estimates[row["label"]]
         assert e.shape == (EVAL.nsamples, EVAL.draws)
@@ -107,6 +108,16 @@ def test_csv_round_trip(sweep, tmp_path):
         load_sweep(tmp_path / "other.csv")
 
 
+def test_an_older_csv_with_actual_sparsity_reads_as_achieved_sparsity(sweep, tmp_path):
+    df, _, _ = sweep
+    old = tmp_path / "old.csv"
+    df.rename(columns={"achieved_sparsity": "actual_sparsity"}).to_csv(old, index=False)
+    back = load_sweep(old)
+    assert "actual_sparsity" not in back.columns
+    np.testing.assert_allclose(back["achieved_sparsity"], df["achieved_sparsity"])
+    assert list(back.columns) == COLUMNS
+
+
 def test_nm_pattern_runs_once_per_method_and_gated_label():
     spec = SweepSpec(
         methods=("wanda", "gated_sink_wanda"),
@@ -125,7 +136,10 @@ def test_nm_pattern_runs_once_per_method_and_gated_label():
         ("gated_sink_wanda(tau=0.1)", "unstructured", 0.7),
         ("gated_sink_wanda(tau=0.1)", "2:4", 0.5),
     ]
-    assert MethodSetting("gated_sink_sparsegpt", label="gated", sink=SinkSpec(tau=0.2)).name == "gated"
+    assert [spec.label_of(m, p, s) for m, p, s in spec.jobs][3:5] == ["wanda 2:4", "gated_sink_wanda 30%, tau=0.1"]
+    own = MethodSetting("gated_sink_sparsegpt", label="gated", sink=SinkSpec(tau=0.2))
+    assert own.name == "gated"
+    assert spec.label_of(own, "unstructured", 0.5) == "gated: gated_sink_sparsegpt 50%, tau=0.2"
 
 
 @pytest.mark.parametrize(
@@ -136,6 +150,8 @@ def test_nm_pattern_runs_once_per_method_and_gated_label():
         (dict(methods=("wanda",), sparsities=(0.5,), patterns=("3:2",)), "N < M"),
         (dict(methods=(), sparsities=(0.5,)), "at least one"),
         (dict(methods=("wanda",), sparsities=(0.5,), eval=EvalSpec(nsamples=0)), "nsamples"),
+        (dict(methods=("wanda",), sparsities=(0.5, 0.5)), "same run"),
+        (dict(methods=("wanda",), sparsities=(0.5,), patterns=("2:4", "2:4")), "same run"),
     ],
 )
 def test_bad_sweeps_fail_before_any_work(tiny_dlm, kwargs, match):
@@ -152,12 +168,12 @@ def test_cancel_stops_the_sweep_with_the_dense_model_restored(tiny_dlm):
 
     def cancel_during_variant_eval(done, total, message):
         seen.append(message)
-        if "magnitude unstructured 0.5: evaluate" in message and done > 200:
+        if "magnitude 50%: evaluate" in message and done > 200:
             raise Cancelled("stop")
 
     with pytest.raises(Cancelled):
         run_sweep(tiny_dlm, spec, progress=cancel_during_variant_eval)
-    assert not any("0.7" in m for m in seen)
+    assert not any("70%" in m for m in seen)
     after = _state(tiny_dlm)
     assert all(torch.equal(before[k], after[k]) for k in before)
 
@@ -177,6 +193,8 @@ def test_sweep_figure(sweep):
     np.testing.assert_allclose(wanda.y, rows["ppl"])
     np.testing.assert_allclose(wanda.error_y.array, rows["ppl_se"])
     np.testing.assert_allclose(np.asarray(wanda.customdata)[:, 0], rows["sparsity"])
+    assert list(wanda.text) == ["wanda 30%", "wanda 60%"]  # the hover names each run by its label
+    assert list(next(t for t in fig.data if t.name == "wanda (2:4)").text) == ["wanda (2:4)"]  # a row without one
     assert "sparsity" in fig.layout.xaxis.title.text and "perplexity" in fig.layout.yaxis.title.text
     empty = sweep_figure(df.iloc[:0])
     assert len(empty.data) == 0 and empty.layout.annotations

@@ -52,7 +52,7 @@ def test_reused_calibration_gives_the_rows_of_recalibrating_every_job(both_ways)
     spec, new, old = both_ways
     assert len(new) == len(old) == 1 + len(spec.jobs)
     assert list(new["label"]) == list(old["label"])
-    for col in ("nll", "ppl", "nll_se", "actual_sparsity"):
+    for col in ("nll", "ppl", "nll_se", "achieved_sparsity"):
         np.testing.assert_allclose(new[col], old[col], rtol=1e-6, atol=1e-9, err_msg=col)
     for label, est in old.attrs["estimates"].items():
         np.testing.assert_allclose(new.attrs["estimates"][label], est, rtol=1e-6, atol=1e-9)

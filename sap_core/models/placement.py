@@ -18,6 +18,8 @@ from typing import Optional, Union
 import torch
 from torch import nn
 
+from sap_core.errors import OffloadedModelError
+
 # What load_model(device_map=...) accepts: an accelerate strategy name or module name -> device.
 DeviceMap = Optional[Union[str, dict[str, Union[int, str, torch.device]]]]
 
@@ -71,6 +73,17 @@ def input_device(model: nn.Module) -> torch.device:
 def is_offloaded(model: nn.Module) -> bool:
     """True when some weights are not resident on any device (CPU/disk offload: parameters on ``meta``)."""
     return any(p.device.type == "meta" for p in model.parameters())
+
+
+def require_resident(model: nn.Module, doing: str) -> None:
+    """Raise :class:`~sap_core.errors.OffloadedModelError` when ``model`` :func:`is_offloaded`: pruning reads
+    every weight, and swapping or saving pruned weights writes them, but an offloaded block's parameters are
+    ``meta`` placeholders (accelerate's hook reloads the stored dense weights on every call)."""
+    if is_offloaded(model):
+        raise OffloadedModelError(
+            f"Cannot {doing}: some of the model's weights are offloaded to CPU memory or disk (device_map). "
+            "Load it without offload: on one device with enough memory, with no device_map entry on disk (or on the CPU beside a GPU)."
+        )
 
 
 def run_blocks(model: nn.Module, input_ids: torch.Tensor, recorder, final: nn.Module) -> torch.Tensor:

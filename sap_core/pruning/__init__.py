@@ -16,7 +16,7 @@ variant load on first use.
 
 from importlib import import_module
 
-from sap_core.pruning.spec import METHOD_TABLE, METHODS, CalibrationSpec, Method, PruneSpec, parse_pattern
+from sap_core.pruning.spec import METHOD_TABLE, METHODS, CalibrationSpec, Method, PruneSpec, numbered, parse_pattern
 
 _LAZY = {
     "prune": "engine",
@@ -37,6 +37,7 @@ __all__ = [
     "METHOD_TABLE",
     "Method",
     "parse_pattern",
+    "numbered",
     "target_linears",
 ]
 

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from sap_core.errors import PruneSpecError, SapError
+from sap_core.models import placement
 from sap_core.progress import Progress, report
 from sap_core.pruning import scores as sc
 from sap_core.pruning.calibration import CalibrationRecord, calibration_ids, noised_ids, tokenize
@@ -36,6 +37,7 @@ def _check_against_model(handle, spec: PruneSpec) -> Optional[list[int]]:
     module = handle.module
     if not hasattr(module, "blocks"):
         raise PruneSpecError(f"{type(module).__name__} exposes no transformer .blocks; SinkScope cannot prune it.")
+    placement.require_resident(module, "prune this model")
     linears = target_linears(module)
     if not linears:
         raise PruneSpecError("The model has no linear layers inside its blocks to prune.")

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Iterable, Optional
 
 from sap_core import ASSETS
 from sap_core.errors import PruneSpecError
@@ -314,7 +314,10 @@ class PruneSpec:
 
     @property
     def label(self) -> str:
-        what = f"{self.sparsity:.0%}" if self.nm is None else self.pattern
+        """The run's one name, everywhere a run is named (progress, the app's variants, comparisons, a
+        sweep's ``label`` column): ``magnitude 50%``, ``wanda 2:4``, ``gated_sink_wanda 50%, tau=0.05``.
+        :func:`numbered` tells two runs of one label apart."""
+        what = f"{100 * self.sparsity:g}%" if self.nm is None else self.pattern
         gate = f", tau={self.sink.tau:g}" if self.method in GATED else ""
         return f"{self.method} {what}{gate}"
 
@@ -343,3 +346,15 @@ class PruneSpec:
             raise PruneSpecError(f"calibration must be a CalibrationSpec (got {type(self.calibration).__name__}).")
         if row.needs_calibration:
             self.calibration.validate()
+
+
+def numbered(label: str, taken: Iterable[str]) -> str:
+    """``label``, or ``label #n`` with the smallest n >= 2 not in ``taken``, when ``taken`` holds it already
+    (two variants of one spec made in one session, say)."""
+    taken = set(taken)
+    if label not in taken:
+        return label
+    n = 2
+    while f"{label} #{n}" in taken:
+        n += 1
+    return f"{label} #{n}"

@@ -24,7 +24,7 @@ from torch import nn
 
 from sap_core.errors import OutputPathError, PruneSpecError
 from sap_core.files import atomic_directory, check_output_dir
-from sap_core.models import ModelHandle
+from sap_core.models import ModelHandle, placement
 from sap_core.pruning.calibration import CalibrationRecord
 from sap_core.pruning.spec import PruneSpec
 
@@ -214,9 +214,9 @@ class PrunedVariant:
             self.layer_sparsity = _frame(rows)
 
     @property
-    def sparsity(self) -> float:
-        """Zeros over all pruned weights (the achieved sparsity: ``achieved_sparsity`` in ``pruning.json``
-        and :meth:`summary`, next to the spec's ``target_sparsity``)."""
+    def achieved_sparsity(self) -> float:
+        """Zeros over all pruned weights (also ``achieved_sparsity`` in ``pruning.json``, :meth:`summary` and a
+        sweep's rows), next to the spec's target (``spec.sparsity``, ``spec.target_sparsity``)."""
         return float(self.layer_sparsity.attrs["overall"])
 
     @property
@@ -232,11 +232,12 @@ class PrunedVariant:
         return {
             "format": VARIANT_FORMAT,
             "source": self.source,
+            "label": spec.label,
             "method": spec.method,
             "sparsity": spec.sparsity,
             "pattern": spec.pattern,
             "target_sparsity": spec.target_sparsity,
-            "achieved_sparsity": self.sparsity,
+            "achieved_sparsity": self.achieved_sparsity,
             "sink": spec.sink.to_dict(),
             "calibration": cal if spec.needs_calibration else None,
             "blocksize": spec.blocksize,
@@ -249,6 +250,7 @@ class PrunedVariant:
         }
 
     def _params(self, module: nn.Module) -> dict[str, nn.Parameter]:
+        placement.require_resident(module, "put pruned weights into this model")
         if self.dense_fingerprint is not None and not same_weights(self.dense_fingerprint, fingerprint(module)):
             raise PruneSpecError(
                 f"This variant was pruned from another model ({self.source}); its weights differ from "
@@ -311,6 +313,7 @@ class PrunedVariant:
         ``overwrite``); everything is written into a hidden sibling directory, flushed to disk and renamed
         into place, so a crash leaves the previous directory intact and ``pruning.json`` always
         describes the weights beside it."""
+        placement.require_resident(handle.module, "save a pruned variant of this model")
         target = check_save_target(directory, handle, overwrite)
         with atomic_directory(target) as tmp:
             with self.applied(handle):
