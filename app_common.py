@@ -87,6 +87,40 @@ def progress_callback(bar, label: str):
     return update
 
 
+class CancelButton:
+    """A Cancel button enabled only while this page's job runs. Clicking it reruns the page, which stops the
+    running script at its next Streamlit call (the job's context managers restore the dense weights);
+    :attr:`cancelled` is True on the run that follows a click, for the page's message.
+
+        cancel = CancelButton("prune")          # where the button sits
+        if cancel.cancelled: st.warning(...)
+        if submitted:
+            cancel.running("Stops ...")
+            ...the job...
+        cancel.idle()
+    """
+
+    def __init__(self, key: str) -> None:
+        self.key = key
+        self.slot = st.empty()
+        self.cancelled = bool(st.session_state.pop(f"{key}_cancelled", False))
+        self._ran = False
+
+    def _click(self) -> None:
+        st.session_state[f"{self.key}_cancelled"] = True
+
+    def running(self, help: str) -> None:
+        self._ran = True
+        self.slot.button(
+            "Cancel", key=f"{self.key}_cancel_running", on_click=self._click, icon=":material/stop_circle:", help=help
+        )
+
+    def idle(self) -> None:
+        """Disabled again (after the job, or when none ran); a widget key of its own per case, as both may be drawn in one run."""
+        key = f"{self.key}_cancel_{'done' if self._ran else 'idle'}"
+        self.slot.button("Cancel", key=key, disabled=True, icon=":material/stop_circle:", help="Nothing is running.")
+
+
 @contextlib.contextmanager
 def job(label: str) -> Iterator[None]:
     """Run a long job: errors become a message on the page and the app stays usable."""

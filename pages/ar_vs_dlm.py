@@ -5,7 +5,17 @@ from dataclasses import replace
 
 import streamlit as st
 
-from app_common import active_model, ar_model, cached_model, current_trajectory, job, model_choice, progress_callback, sink_spec
+from app_common import (
+    CancelButton,
+    active_model,
+    ar_model,
+    cached_model,
+    current_trajectory,
+    job,
+    model_choice,
+    progress_callback,
+    sink_spec,
+)
 from sap_core import viz
 from sap_core.attention import AttentionRecorder
 from sap_core.diffusion import generate
@@ -110,9 +120,11 @@ with st.form("across_prompts"):
     prompt_tokens = c[1].number_input("Tokens per prompt", 1, 256, 16, help="Length of each evaluation-text window.")
     upload = c[2].file_uploader("Prompt file (optional)", type=["txt"], help="UTF-8 text, one prompt a line.")
     submitted = st.form_submit_button("Run across prompts", type="primary")
-if st.button("Cancel", help="Stops a running across-prompts job; nothing is changed."):
-    st.warning("Across-prompts run cancelled.")
+cancel = CancelButton("across_prompts")
+if cancel.cancelled:
+    st.warning("Across-prompts run cancelled; no result was kept and neither model was changed.")
 if submitted:
+    cancel.running("Stops the running across-prompts job; nothing is changed.")
     bar = st.progress(0.0, text="Across prompts…")
     with job("The across-prompts run"):
         other = load_other()
@@ -130,6 +142,7 @@ if submitted:
         )
         st.session_state.update(sinkstats=stats, sinkstats_model=model_choice())
     bar.empty()
+cancel.idle()
 stats = st.session_state.get("sinkstats") if st.session_state.get("sinkstats_model") == model_choice() else None
 if stats is not None:
     st.caption(

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import streamlit as st
 
-from app_common import active_model, job, method_settings, model_choice, progress_callback, sink_spec
+from app_common import CancelButton, active_model, job, method_settings, model_choice, progress_callback, sink_spec
 from sap_core import viz
 from sap_core.pruning import METHODS, CalibrationSpec, PruneSpec, numbered, prune
 from sap_core.pruning.spec import METHOD_ROWS
@@ -43,21 +43,11 @@ with st.form("prune"):
     submitted = st.form_submit_button("Prune", type="primary")
 
 
-def cancelled() -> None:
-    st.session_state["prune_cancelled"] = True
-
-
-cancel_slot = st.empty()  # Cancel is enabled only while a job runs (clicking it stops that run)
-if st.session_state.pop("prune_cancelled", False):
+cancel = CancelButton("prune")
+if cancel.cancelled:
     st.warning("Pruning cancelled; no variant was made and the dense model is unchanged.")
 if submitted:
-    cancel_slot.button(
-        "Cancel",
-        key="cancel_running",
-        on_click=cancelled,
-        icon=":material/stop_circle:",
-        help="Stops the running pruning job; the dense model is never touched.",
-    )
+    cancel.running("Stops the running pruning job; the dense model is never touched.")
     spec = PruneSpec(
         method,
         float(sparsity),
@@ -72,9 +62,7 @@ if submitted:
         variants.append({"name": name, "variant": variant, "model": model_choice()})
         st.success(f"Made **{name}** in {variant.seconds:.1f} s (achieved sparsity {variant.achieved_sparsity:.3f}).")
     bar.empty()
-    cancel_slot.button("Cancel", key="cancel_done", disabled=True, icon=":material/stop_circle:", help="Nothing is running.")
-else:
-    cancel_slot.button("Cancel", key="cancel_idle", disabled=True, icon=":material/stop_circle:", help="Nothing is running.")
+cancel.idle()
 
 mine = [v for v in variants if v["model"] == model_choice()]
 if not mine:

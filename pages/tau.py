@@ -4,7 +4,7 @@ from dataclasses import replace
 
 import streamlit as st
 
-from app_common import active_model, current_trajectory, job, model_choice, progress_callback, report_for, sink_spec
+from app_common import CancelButton, active_model, current_trajectory, job, model_choice, progress_callback, report_for, sink_spec
 from sap_core import viz
 from sap_core.pruning import CalibrationSpec
 from sap_core.pruning.spec import GATED
@@ -95,12 +95,8 @@ with st.form("which_tau"):
     run = st.form_submit_button("Run the tau sweep", type="primary")
 
 
-def tau_sweep_cancelled() -> None:
-    st.session_state["tau_sweep_cancelled"] = True
-
-
-cancel_slot = st.empty()  # Cancel is enabled only while the tau sweep runs (clicking it stops that run)
-if st.session_state.pop("tau_sweep_cancelled", False):
+cancel = CancelButton("tau_sweep")
+if cancel.cancelled:
     with handle.lock:  # waits for any other session's variant to be swapped out again
         restored = st.session_state.get("tau_sweep_dense") == fingerprint(handle.module)  # exact: the same tensors are back
     if restored:
@@ -108,13 +104,7 @@ if st.session_state.pop("tau_sweep_cancelled", False):
     else:
         st.error("Tau sweep cancelled, but the model's weights differ from those before the sweep: reload the model.")
 if run:
-    cancel_slot.button(
-        "Cancel",
-        key="tau_cancel_running",
-        on_click=tau_sweep_cancelled,
-        icon=":material/stop_circle:",
-        help="Stops the running tau sweep; the dense model is restored.",
-    )
+    cancel.running("Stops the running tau sweep; the dense model is restored.")
     with handle.lock:
         st.session_state["tau_sweep_dense"] = fingerprint(handle.module)
     bar = st.progress(0.0)
@@ -132,9 +122,7 @@ if run:
             df = run_sweep(handle, sweep_spec, progress=progress_callback(bar, "Tau sweep"))
             st.session_state["tau_sweep"] = (model_choice(), df, float(sparsity), pattern)
     bar.empty()
-    cancel_slot.button("Cancel", key="tau_cancel_done", disabled=True, icon=":material/stop_circle:", help="Nothing is running.")
-else:
-    cancel_slot.button("Cancel", key="tau_cancel_idle", disabled=True, icon=":material/stop_circle:", help="Nothing is running.")
+cancel.idle()
 result = st.session_state.get("tau_sweep")
 if result is not None and result[0] == model_choice():
     _, df, sp, pat = result

@@ -119,6 +119,15 @@ def test_ar_vs_dlm_in_a_browser(app_url, page):
     page.get_by_role("button", name="Run the other model on this prompt").click()
     expect(page.get_by_text("Sink trajectories, same axes and colour range", exact=False)).to_be_visible()
     page.shot("side-by-side")
+    # Cancel: disabled while idle; enabled while a long run (512 prompts) goes, and it stops that run
+    expect(page.get_by_role("button", name="Cancel")).to_be_disabled()
+    page.get_by_role("spinbutton", name="Prompts").fill("512")  # inside the form: no rerun
+    page.get_by_role("button", name="Run across prompts").click()
+    expect(page.get_by_text("Across prompts: ", exact=False)).to_be_visible()  # the progress bar: it runs
+    page.get_by_role("button", name="Cancel").click()
+    expect(page.get_by_text("Across-prompts run cancelled", exact=False)).to_be_visible()
+    expect(page.get_by_role("button", name="Cancel")).to_be_disabled()
+    expect(page.get_by_text("Across 512 prompts", exact=False)).to_have_count(0)  # no result kept
     page.get_by_role("spinbutton", name="Prompts").fill("4")
     page.get_by_role("button", name="Run across prompts").click()
     expect(page.get_by_text("Across 4 prompts: mean ± 1 standard error")).to_be_visible()
