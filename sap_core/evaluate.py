@@ -89,9 +89,10 @@ def windows(handle: ModelHandle, text: str, seqlen: int, nsamples: int, prefix: 
 
 @functools.lru_cache(maxsize=4)
 def text_ids(tokenizer, text: str) -> tuple[int, ...]:
-    """Token ids of ``text`` without special tokens. Cached (the last few tokenizer and text pairs): a sweep
-    scores the same text some 30 times, and tokenizing the shipped evaluation text takes longer than the
-    LM head of a whole evaluation (``bench/eval_cost.py``)."""
+    """Token ids of ``text`` without special tokens (evaluation windows, calibration windows). Cached (the
+    last few tokenizer and text pairs): a sweep scores and calibrates on the same texts some 30 times each,
+    and tokenizing the shipped evaluation text takes longer than the LM head of a whole evaluation
+    (``bench/eval_cost.py``)."""
     try:  # verbose=False: the text is cut into windows, never fed whole; no "sequence too long" warning
         return tuple(tokenizer.encode(text, add_special_tokens=False, verbose=False))
     except TypeError:  # a tokenizer without the verbose flag

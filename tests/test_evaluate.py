@@ -66,7 +66,10 @@ def test_head_at_masked_positions_gives_the_full_logits_estimates(tiny_dlm, pref
         assert (new.nll, new.nll_se, new.tokens) == pytest.approx((ref.nll, ref.nll_se, ref.tokens), rel=1e-5)
 
 
-def test_evaluation_text_is_tokenized_once_per_tokenizer(tiny_dlm, tiny_ar):
+def test_evaluation_and_calibration_texts_are_tokenized_once_per_tokenizer(tiny_dlm, tiny_ar):
+    from sap_core.pruning import CalibrationSpec
+    from sap_core.pruning.calibration import tokenize
+
     text_ids.cache_clear()
     a = diffusion_perplexity(tiny_dlm, TEXT, seqlen=32, nsamples=2, draws=2)
     assert text_ids.cache_info().misses == 1
@@ -75,6 +78,10 @@ def test_evaluation_text_is_tokenized_once_per_tokenizer(tiny_dlm, tiny_ar):
     causal_perplexity(tiny_ar, TEXT, seqlen=32, nsamples=2, prefix="To")  # another tokenizer: its own entry
     assert text_ids.cache_info().misses == 2
     assert text_ids(tiny_dlm.tokenizer, TEXT) == tuple(tiny_dlm.tokenizer.encode(TEXT, add_special_tokens=False))
+    cal = CalibrationSpec(text=TEXT + " More.", seqlen=32, nsamples=2)
+    first = tokenize(tiny_dlm, cal)  # pruning's calibration text goes through the same cache
+    assert first == tokenize(tiny_dlm, cal) == tiny_dlm.tokenizer.encode(cal.text, add_special_tokens=False)
+    assert (text_ids.cache_info().misses, text_ids.cache_info().hits) == (3, 3)
 
 
 def test_prefix_is_not_scored(tiny_dlm):
