@@ -46,8 +46,9 @@ class ModelHandle:
 
     ``module`` is the transformers model; it exposes ``blocks`` (the transformer blocks, each a
     ``forward(hidden, recorder=None)``), ``embed(input_ids)`` and ``head(hidden)``, which is what
-    layer-by-layer code (pruning) uses. ``mask_id`` is the [MASK] token id (None only for causal
-    models without one). ``device`` is where token ids go (the embedding's device; with a
+    layer-by-layer code (pruning) uses; the DLM families add ``hidden_states(input_ids, recorder=None)``
+    (the blocks' output before ``head``, for logits at chosen positions). ``mask_id`` is the [MASK] token
+    id (None only for causal models without one). ``device`` is where token ids go (the embedding's device; with a
     ``device_map`` the blocks may sit elsewhere, see :mod:`sap_core.models.placement`). ``lock``
     guards any in-place work on ``module``: it is shared by every user of a cached handle.
     """
