@@ -94,6 +94,15 @@ def main() -> None:
         f"ratio, pruning part only: {new['prune_seconds'].sum() / old['prune_seconds'].sum():.2f}x wall, "
         f"{(c_new - e_new) / (c_old - e_old):.2f}x CPU time"
     )
+    per_method = {name: df.groupby("method", sort=False)["prune_seconds"].sum() for name, (df, *_) in out.items()}
+    print(
+        "pruning wall seconds per method, recalibrate -> reuse: "
+        + ", ".join(
+            f"{m} {per_method['recalibrate every job'][m]:.1f} -> {t:.1f}"
+            for m, t in per_method["reuse calibration"].items()
+            if m != "dense"
+        )
+    )
 
 
 if __name__ == "__main__":
