@@ -155,8 +155,13 @@ def diffusion_perplexity(
                 estimates[j] = ce.double().item() / ratios[j].item() / n
         else:
             mask = scored[start:stop]
-            logits = handle.logits(batch, positions=mask).float()  # [masked targets of the batch, V]
-            ce = F.cross_entropy(logits, truth[start:stop][mask].to(logits.device), reduction="none").double().cpu()
+            logits = handle.logits(batch, positions=mask)  # [masked targets of the batch, V]
+            target = truth[start:stop][mask].to(logits.device)
+            # In chunks of rows, each made float32 on its own: a chunk's log-softmax stays in cache (about 2x
+            # faster at a 4096 vocabulary), and a bf16 model's logits are never copied whole.
+            chunks = range(0, len(target), 256)
+            ce = torch.cat([F.cross_entropy(logits[a : a + 256].float(), target[a : a + 256], reduction="none") for a in chunks])
+            ce = ce.double().cpu()
             sums = torch.zeros(stop - start, dtype=torch.float64).index_add_(0, mask.nonzero()[:, 0], ce)
             estimates[start:stop] = sums / ratios[start:stop] / n
         report(progress, stop, len(inputs), "masked-diffusion perplexity")
