@@ -91,8 +91,8 @@ def windows(handle: ModelHandle, text: str, seqlen: int, nsamples: int, prefix: 
 def text_ids(tokenizer, text: str) -> tuple[int, ...]:
     """Token ids of ``text`` without special tokens (evaluation windows, calibration windows). Cached (the
     last few tokenizer and text pairs): a sweep scores and calibrates on the same texts some 30 times each,
-    and tokenizing the shipped evaluation text takes longer than the LM head of a whole evaluation
-    (``bench/eval_cost.py``)."""
+    and tokenizing the shipped evaluation text is about a tenth of a tiny-dlm evaluation (``bench/eval_cost.py``:
+    first call against in a sweep)."""
     try:  # verbose=False: the text is cut into windows, never fed whole; no "sequence too long" warning
         return tuple(tokenizer.encode(text, add_special_tokens=False, verbose=False))
     except TypeError:  # a tokenizer without the verbose flag
@@ -157,8 +157,8 @@ def diffusion_perplexity(
             mask = scored[start:stop]
             logits = handle.logits(batch, positions=mask)  # [masked targets of the batch, V]
             target = truth[start:stop][mask].to(logits.device)
-            # In chunks of rows, each made float32 on its own: a chunk's log-softmax stays in cache (about 2x
-            # faster at a 4096 vocabulary), and a bf16 model's logits are never copied whole.
+            # In chunks of rows, each made float32 on its own: a chunk's log-softmax stays in cache, and a bf16
+            # model's logits are never copied whole.
             chunks = range(0, len(target), 256)
             ce = torch.cat([F.cross_entropy(logits[a : a + 256].float(), target[a : a + 256], reduction="none") for a in chunks])
             ce = ce.double().cpu()
