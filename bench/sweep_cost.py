@@ -4,8 +4,9 @@ Runs the README's sweep (tiny-dlm; magnitude, wanda, sparsegpt, sink_wanda, sink
 noised_wanda, gated_sink_wanda at tau 0.05; sparsities 0.3, 0.5, 0.7; unstructured and 2:4; the
 default calibration and evaluation settings) twice in one process: with ``run_sweep``'s default
 (:class:`sap_core.pruning.scores.CalibrationCache`) and with ``reuse_calibration=False`` (every job
-recalibrates, as before issue 14). Checks that both give the same rows and prints the wall times, the
-pruning and evaluation parts, and the ratios. ``--taus`` adds a tau sweep of gated_sink_wanda;
+recalibrates, as before issue 14). Checks that both give the same rows and prints the wall and CPU
+times, the pruning and evaluation parts (evaluation CPU time counted around ``sap_core.sweep.perplexity``,
+pruning = the rest), and the ratios. ``--taus`` adds a tau sweep of gated_sink_wanda;
 ``--quick`` shrinks calibration and evaluation to 4 windows (a smoke run on a busy machine).
 Target (issue 14): <= 0.5x.
 
@@ -21,6 +22,7 @@ import time
 import numpy as np
 import torch
 
+import sap_core.sweep as sweep_module
 from sap_core.models import load_model
 from sap_core.pruning import CalibrationSpec
 from sap_core.sinks import SinkSpec
@@ -28,6 +30,18 @@ from sap_core.sweep import EvalSpec, SweepSpec, run_sweep
 
 
 README_METHODS = ("magnitude", "wanda", "sparsegpt", "sink_wanda", "sink_sparsegpt", "noised_wanda", "gated_sink_wanda")
+EVAL_CPU = [0.0]  # CPU seconds spent in the sweep's evaluations (the rows only record their wall time)
+
+
+def timed_perplexity(*args, **kwargs):
+    c0 = time.process_time()
+    try:
+        return PERPLEXITY(*args, **kwargs)
+    finally:
+        EVAL_CPU[0] += time.process_time() - c0
+
+
+PERPLEXITY, sweep_module.perplexity = sweep_module.perplexity, timed_perplexity
 
 
 def main() -> None:
@@ -58,23 +72,37 @@ def main() -> None:
     run_sweep(handle, SweepSpec(methods=("magnitude",), sparsities=(0.5,), eval=EvalSpec(nsamples=1, draws=2)))  # warm-up
     out = {}
     for name, reuse in (("recalibrate every job", False), ("reuse calibration", True)):
+        EVAL_CPU[0] = 0.0
         t0, c0 = time.perf_counter(), time.process_time()
         df = run_sweep(handle, spec, reuse_calibration=reuse)
         wall, cpu = time.perf_counter() - t0, time.process_time() - c0
-        out[name] = (df, wall, cpu)
+        out[name] = (df, wall, cpu, EVAL_CPU[0])
         print(
-            f"{name:>22}: {wall:7.1f} s wall, {cpu:7.1f} s CPU (pruning {df['prune_seconds'].sum():6.1f} s, "
-            f"evaluation {df['eval_seconds'].sum():6.1f} s wall); load average {os.getloadavg()[0]:.2f}",
+            f"{name:>22}: {wall:7.1f} s wall, {cpu:7.1f} s CPU (pruning {df['prune_seconds'].sum():6.1f} s wall, "
+            f"{cpu - EVAL_CPU[0]:6.1f} s CPU; evaluation {df['eval_seconds'].sum():6.1f} s wall, {EVAL_CPU[0]:6.1f} s CPU); "
+            f"load average {os.getloadavg()[0]:.2f}",
             flush=True,
         )
-    (old, t_old, c_old), (new, t_new, c_new) = out.values()
+    (old, t_old, c_old, e_old), (new, t_new, c_new, e_new) = out.values()
     diff = float(np.max(np.abs(new["nll"].to_numpy() - old["nll"].to_numpy())))
     print(f"same rows: max |delta nll| = {diff:.2e} over {len(new)} rows")
     print(
         f"ratio (reuse / recalibrate), whole sweep: {t_new / t_old:.2f}x wall, {c_new / c_old:.2f}x CPU time "
         "(CPU time is the fairer figure on a shared machine)"
     )
-    print(f"ratio, pruning part only: {new['prune_seconds'].sum() / old['prune_seconds'].sum():.2f}x wall")
+    print(
+        f"ratio, pruning part only: {new['prune_seconds'].sum() / old['prune_seconds'].sum():.2f}x wall, "
+        f"{(c_new - e_new) / (c_old - e_old):.2f}x CPU time"
+    )
+    per_method = {name: df.groupby("method", sort=False)["prune_seconds"].sum() for name, (df, *_) in out.items()}
+    print(
+        "pruning wall seconds per method, recalibrate -> reuse: "
+        + ", ".join(
+            f"{m} {per_method['recalibrate every job'][m]:.1f} -> {t:.1f}"
+            for m, t in per_method["reuse calibration"].items()
+            if m != "dense"
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ same seed gives the same number.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -75,18 +76,27 @@ def windows(handle: ModelHandle, text: str, seqlen: int, nsamples: int, prefix: 
         raise SapError("seqlen must be >= 2 and nsamples >= 1.")
     check_length(handle, seqlen, "seqlen (tokens per window, prefix included)")
     head = handle.encode(prefix or "")
-    try:  # verbose=False: the text is cut into windows, never fed whole; no "sequence too long" warning
-        body = list(handle.tokenizer.encode(text, add_special_tokens=False, verbose=False))
-    except TypeError:  # a tokenizer without the verbose flag
-        body = list(handle.tokenizer.encode(text, add_special_tokens=False))
+    body = text_ids(handle.tokenizer, text)
     n = seqlen - len(head)
     if n < 1:
         raise SapError(f"The prefix takes {len(head)} tokens, leaving none of seqlen={seqlen}; shorten it or raise seqlen.")
     if len(body) < n:
         raise SapError(f"The text has {len(body)} tokens, fewer than one window of {n}; give more text or lower seqlen.")
     starts = np.linspace(0, len(body) - n, nsamples).astype(int)
-    rows = [head + body[s : s + n] for s in starts]
+    rows = [head + list(body[s : s + n]) for s in starts]
     return torch.tensor(rows, dtype=torch.long), len(head)
+
+
+@functools.lru_cache(maxsize=4)
+def text_ids(tokenizer, text: str) -> tuple[int, ...]:
+    """Token ids of ``text`` without special tokens (evaluation windows, calibration windows). Cached (the
+    last few tokenizer and text pairs): a sweep scores and calibrates on the same texts some 30 times each,
+    and tokenizing the shipped evaluation text is about a tenth of a tiny-dlm evaluation (``bench/eval_cost.py``:
+    first call against in a sweep)."""
+    try:  # verbose=False: the text is cut into windows, never fed whole; no "sequence too long" warning
+        return tuple(tokenizer.encode(text, add_special_tokens=False, verbose=False))
+    except TypeError:  # a tokenizer without the verbose flag
+        return tuple(tokenizer.encode(text, add_special_tokens=False))
 
 
 @torch.inference_mode()
@@ -101,8 +111,13 @@ def diffusion_perplexity(
     prefix: Optional[str] = None,
     batch_size: int = 32,
     progress: Optional[Progress] = None,
+    _all_positions: bool = False,
 ) -> PerplexityResult:
-    """Masked-diffusion perplexity (Monte Carlo ELBO) of a DLM; see the module docstring."""
+    """Masked-diffusion perplexity (Monte Carlo ELBO) of a DLM; see the module docstring.
+
+    The LM head runs at the masked (scored) positions only (:meth:`ModelHandle.logits` ``positions=``).
+    ``_all_positions`` is the reference way, for tests and ``bench/eval_cost.py``: the head at every
+    position and one cross-entropy call per (window, draw); same inputs, same estimates."""
     if handle.causal:
         raise SapError("diffusion_perplexity needs a masked-diffusion model; use causal_perplexity for a causal one.")
     if draws < 2:
@@ -122,17 +137,34 @@ def diffusion_perplexity(
             inputs.append(x)
             targets.append(chosen)
             ratios.append(l / n)
+    inputs = torch.stack(inputs)  # [nsamples * draws, T]
+    truth = seqs.repeat_interleave(draws, dim=0)  # the unmasked window of every input
+    scored = torch.zeros(inputs.shape, dtype=torch.bool)
+    for j, chosen in enumerate(targets):
+        scored[j, chosen] = True
+    ratios = torch.tensor(ratios, dtype=torch.float64)
     estimates = torch.zeros(len(inputs), dtype=torch.float64)
     for start in range(0, len(inputs), batch_size):
-        batch = torch.stack(inputs[start : start + batch_size])
-        logits = handle.logits(batch).float()
-        for i in range(batch.shape[0]):
-            j = start + i
-            pos = targets[j].to(logits.device)
-            truth = seqs[j // draws, targets[j]].to(logits.device)
-            ce = F.cross_entropy(logits[i, pos], truth, reduction="sum").double().item()
-            estimates[j] = ce / ratios[j] / n
-        report(progress, min(start + batch_size, len(inputs)), len(inputs), "masked-diffusion perplexity")
+        batch, stop = inputs[start : start + batch_size], min(start + batch_size, len(inputs))
+        if _all_positions:
+            logits = handle.logits(batch).float()
+            for i in range(batch.shape[0]):
+                j = start + i
+                pos = targets[j].to(logits.device)
+                ce = F.cross_entropy(logits[i, pos], truth[j, targets[j]].to(logits.device), reduction="sum")
+                estimates[j] = ce.double().item() / ratios[j].item() / n
+        else:
+            mask = scored[start:stop]
+            logits = handle.logits(batch, positions=mask)  # [masked targets of the batch, V]
+            target = truth[start:stop][mask].to(logits.device)
+            # In chunks of rows, each made float32 on its own: a chunk's log-softmax stays in cache, and a bf16
+            # model's logits are never copied whole.
+            chunks = range(0, len(target), 256)
+            ce = torch.cat([F.cross_entropy(logits[a : a + 256].float(), target[a : a + 256], reduction="none") for a in chunks])
+            ce = ce.double().cpu()
+            sums = torch.zeros(stop - start, dtype=torch.float64).index_add_(0, mask.nonzero()[:, 0], ce)
+            estimates[start:stop] = sums / ratios[start:stop] / n
+        report(progress, stop, len(inputs), "masked-diffusion perplexity")
     per = estimates.view(nsamples, draws)
     nll = per.mean().item()
     se = math.sqrt((per.var(dim=1, unbiased=True) / draws).sum().item()) / nsamples

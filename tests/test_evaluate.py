@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from sap_core.errors import SapError
-from sap_core.evaluate import causal_perplexity, diffusion_perplexity, load_text
+from sap_core.evaluate import causal_perplexity, diffusion_perplexity, load_text, text_ids
 from sap_core.models import load_model
 
 TEXT = (
@@ -53,6 +53,35 @@ def test_diffusion_perplexity_returns_its_per_draw_estimates(tiny_dlm, tiny_ar):
     assert math.sqrt((e.var(axis=1, ddof=1) / 3).sum()) / 4 == pytest.approx(a.nll_se, rel=1e-9)
     assert "estimates" not in a.as_dict() and a.as_dict()["nll"] == a.nll
     assert causal_perplexity(tiny_ar, TEXT, seqlen=32, nsamples=2, prefix="The").estimates is None
+
+
+@pytest.mark.parametrize("prefix", [None, "To be"])
+def test_head_at_masked_positions_gives_the_full_logits_estimates(tiny_dlm, prefix):
+    """Same windows, same masks, same estimates as the reference way (LM head at every position, one
+    cross-entropy per row), for any batching."""
+    ref = diffusion_perplexity(tiny_dlm, TEXT, seqlen=40, nsamples=4, draws=5, seed=3, prefix=prefix, _all_positions=True)
+    for batch_size in (32, 7):
+        new = diffusion_perplexity(tiny_dlm, TEXT, seqlen=40, nsamples=4, draws=5, seed=3, prefix=prefix, batch_size=batch_size)
+        np.testing.assert_allclose(new.estimates, ref.estimates, rtol=1e-5)
+        assert (new.nll, new.nll_se, new.tokens) == pytest.approx((ref.nll, ref.nll_se, ref.tokens), rel=1e-5)
+
+
+def test_evaluation_and_calibration_texts_are_tokenized_once_per_tokenizer(tiny_dlm, tiny_ar):
+    from sap_core.pruning import CalibrationSpec
+    from sap_core.pruning.calibration import tokenize
+
+    text_ids.cache_clear()
+    a = diffusion_perplexity(tiny_dlm, TEXT, seqlen=32, nsamples=2, draws=2)
+    assert text_ids.cache_info().misses == 1
+    assert diffusion_perplexity(tiny_dlm, TEXT, seqlen=32, nsamples=2, draws=2) == a
+    assert text_ids.cache_info().hits == 1
+    causal_perplexity(tiny_ar, TEXT, seqlen=32, nsamples=2, prefix="To")  # another tokenizer: its own entry
+    assert text_ids.cache_info().misses == 2
+    assert text_ids(tiny_dlm.tokenizer, TEXT) == tuple(tiny_dlm.tokenizer.encode(TEXT, add_special_tokens=False))
+    cal = CalibrationSpec(text=TEXT + " More.", seqlen=32, nsamples=2)
+    first = tokenize(tiny_dlm, cal)  # pruning's calibration text goes through the same cache
+    assert first == tokenize(tiny_dlm, cal) == tiny_dlm.tokenizer.encode(cal.text, add_special_tokens=False)
+    assert (text_ids.cache_info().misses, text_ids.cache_info().hits) == (3, 3)
 
 
 def test_prefix_is_not_scored(tiny_dlm):

@@ -855,6 +855,46 @@ def test_device_map_auto_on_cpu(dream_dir, dream):
     assert h.device == torch.device("cpu") and torch.allclose(h.logits(x), dream.logits(x), atol=1e-6)
 
 
+def scored_positions(shape: tuple[int, int], seed: int = 0) -> torch.Tensor:
+    """A bool ``[B, T]`` mask with a different number of True entries per row, position 0 among them."""
+    m = torch.rand(shape, generator=torch.Generator().manual_seed(seed)) < torch.linspace(0.2, 0.9, shape[0])[:, None]
+    m[0, 0] = True
+    return m
+
+
+@pytest.mark.parametrize("handle", FAMILIES + ["tiny_dlm", "tiny_ar"], indirect=True)
+def test_logits_at_positions_are_the_full_logits_there(handle):
+    """``logits(x, positions=m)`` is ``logits(x)[m]``: head at the chosen positions only (LLaDA, Dream: with
+    Dream's shift applied before the head) or the full logits indexed (transformers causal LMs)."""
+    x = torch.cat([rand_ids(len(handle.tokenizer) - 8, 13, seed) for seed in range(3)])
+    m = scored_positions(x.shape)
+    full = handle.logits(x)
+    got = handle.logits(x, positions=m)
+    assert got.shape == (int(m.sum()), full.shape[-1])
+    torch.testing.assert_close(got, full[m], rtol=1e-5, atol=1e-5)
+    if handle.family == "Dream":  # index i of the aligned logits is the raw logits at i - 1
+        second = int(m[0].nonzero()[1, 0])  # the second chosen position of row 0 (the first is position 0)
+        torch.testing.assert_close(got[1], handle.module(x).logits[0, second - 1], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("handle", ["dream", "llada15"], indirect=True)
+def test_logits_at_positions_on_an_offloaded_model(handle):
+    off = load_model(handle.source, device="cpu", device_map=offload_map(handle.family))
+    x = torch.cat([rand_ids(len(handle.tokenizer) - 8, 11, seed) for seed in range(2)])
+    m = scored_positions(x.shape, seed=1)
+    torch.testing.assert_close(off.logits(x, positions=m), handle.logits(x)[m], rtol=1e-5, atol=1e-5)
+
+
+def test_dream_perplexity_with_the_head_at_masked_positions_equals_the_full_logits_way(dream):
+    from sap_core.evaluate import diffusion_perplexity
+
+    text = " ".join(["To be, or not to be, that is the question."] * 30)
+    new = diffusion_perplexity(dream, text, seqlen=24, nsamples=3, draws=4, seed=2, batch_size=5)
+    ref = diffusion_perplexity(dream, text, seqlen=24, nsamples=3, draws=4, seed=2, batch_size=5, _all_positions=True)
+    np.testing.assert_allclose(new.estimates, ref.estimates, rtol=1e-5)
+    assert new.nll == pytest.approx(ref.nll, rel=1e-5) and np.isfinite(new.estimates).all()
+
+
 # --- errors ----------------------------------------------------------------------------------------
 
 

@@ -18,7 +18,7 @@ from sap_core.pruning import scores as sc
 from sap_core.pruning import spec as spec_module
 from sap_core.pruning.calibration import calibration_ids, noised_ids, tokenize
 from sap_core.pruning.masks import n_prune, nm_holds, select_mask
-from sap_core.pruning.sparsegpt import Hessian, sparsegpt_prune
+from sap_core.pruning.sparsegpt import Hessian, sparsegpt_prune, sparsegpt_prune_group
 from sap_core.sinks import SinkSpec
 
 CAL_TEXT = " ".join(TEXT * 12)
@@ -132,6 +132,23 @@ def test_sparsegpt_nm_and_unaligned_blocks():
     assert nm_holds(Wp, (2, 4)) and (mask.reshape(10, 6, 4).sum(-1) == 2).all()
     Wp, mask = sparsegpt_prune(W, H.matrix(), 0.3, blocksize=7)  # per-row target across uneven blocks
     assert (mask.sum(1) == n_prune(24, 0.3)).all()
+
+
+@pytest.mark.parametrize("nm, selection", [(None, "per_row"), ((2, 4), "per_row"), (None, "official")])
+def test_sparsegpt_group_prunes_each_linear_as_on_its_own(nm, selection):
+    """q/k/v (or gate/up) share one Hessian: pruned as one stacked matrix (per-row, N:M) or one by one
+    (official), every linear gets the weights sparsegpt_prune gives it alone, in its own storage."""
+    g = torch.Generator().manual_seed(2)
+    X = torch.randn(300, 32, generator=g) @ torch.randn(32, 32, generator=g)
+    H = Hessian(32, torch.device("cpu"))
+    H.add(X[None])
+    weights = [torch.randn(rows, 32, generator=g) for rows in (32, 16, 16)]
+    group = sparsegpt_prune_group(weights, H.matrix(), 0.5, nm, blocksize=8, selection=selection)
+    for W, new in zip(weights, group):
+        alone, mask = sparsegpt_prune(W, H.matrix(), 0.5, nm, blocksize=8, selection=selection)
+        torch.testing.assert_close(new, alone, rtol=0, atol=1e-6)
+        assert torch.equal(new == 0, mask) and new.shape == W.shape and not W.eq(0).any()
+    assert len({t.untyped_storage().data_ptr() for t in group}) == 3  # saveable: no shared storage
 
 
 # --- sink weighting -----------------------------------------------------------------------------

@@ -46,8 +46,9 @@ class ModelHandle:
 
     ``module`` is the transformers model; it exposes ``blocks`` (the transformer blocks, each a
     ``forward(hidden, recorder=None)``), ``embed(input_ids)`` and ``head(hidden)``, which is what
-    layer-by-layer code (pruning) uses. ``mask_id`` is the [MASK] token id (None only for causal
-    models without one). ``device`` is where token ids go (the embedding's device; with a
+    layer-by-layer code (pruning) uses; the DLM families add ``hidden_states(input_ids, recorder=None)``
+    (the blocks' output before ``head``, for logits at chosen positions). ``mask_id`` is the [MASK] token
+    id (None only for causal models without one). ``device`` is where token ids go (the embedding's device; with a
     ``device_map`` the blocks may sit elsewhere, see :mod:`sap_core.models.placement`). ``lock``
     guards any in-place work on ``module``: it is shared by every user of a cached handle.
     """
@@ -108,14 +109,32 @@ class ModelHandle:
             embedding = next((m for m in self.module.modules() if isinstance(m, torch.nn.Embedding)), None)
             return None if embedding is None else int(embedding.num_embeddings)
 
-    def logits(self, input_ids: torch.Tensor, recorder: Optional[AttentionRecorder] = None) -> torch.Tensor:
+    def logits(
+        self,
+        input_ids: torch.Tensor,
+        recorder: Optional[AttentionRecorder] = None,
+        positions: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
         """``[B, T, V]`` logits on ``device``. DLM: the prediction for position i sits at index i (families
         whose raw logits are shifted, as Dream's, define ``align_logits``). Causal: index i predicts i + 1.
-        Runs under ``lock``, so a forward pass never sees weights that another thread has swapped in."""
-        with self.lock:  # a variant applied in place by another thread is never seen half-way
-            logits = self.module(input_ids.to(self.device), attention_recorder=recorder).logits
+
+        ``positions`` (bool ``[B, T]``): only the logits at its True entries, ``[N, V]`` in row-major order,
+        equal to ``logits(input_ids)[positions]``. Families with ``hidden_states`` (LLaDA, Dream) apply the
+        LM head at those positions only, saving its ``d × V`` product everywhere else; the others index
+        their full logits. Runs under ``lock``, so a forward pass never sees weights that another thread
+        has swapped in."""
         align = getattr(self.module, "align_logits", None)
-        return (align(logits) if align is not None else logits).to(self.device)
+        hidden_states = getattr(self.module, "hidden_states", None)
+        with self.lock:  # a variant applied in place by another thread is never seen half-way
+            if positions is not None and hidden_states is not None:
+                hidden = hidden_states(input_ids.to(self.device), recorder)
+                hidden = align(hidden) if align is not None else hidden  # a shift of positions: the head is per position
+                return self.module.head(hidden[positions.to(hidden.device)]).to(self.device)
+            logits = self.module(input_ids.to(self.device), attention_recorder=recorder).logits
+        logits = align(logits) if align is not None else logits
+        if positions is not None:
+            logits = logits[positions.to(logits.device)]
+        return logits.to(self.device)
 
     def encode(self, text: str) -> list[int]:
         """Token ids of ``text`` with the tokenizer's own special-token convention."""

@@ -228,8 +228,14 @@ class DreamModel(PreTrainedModel):
     def align_logits(logits: torch.Tensor) -> torch.Tensor:
         """Shift ``[B, T, V]`` raw logits so that index ``i`` holds the prediction for position ``i``:
         ``out[:, i] = logits[:, i − 1]`` for ``i ≥ 1``; position 0 (always prompt) keeps ``logits[:, 0]``,
-        exactly as Dream's own sampler does."""
+        exactly as Dream's own sampler does. It only moves positions, so it applies as well to the hidden
+        states ``[B, T, d]`` before the (position-wise) head: ``head(align(h)) == align(head(h))``."""
         return torch.cat([logits[:, :1], logits[:, :-1]], dim=1)
+
+    def hidden_states(self, input_ids: torch.Tensor, recorder: Optional[AttentionRecorder] = None) -> torch.Tensor:
+        """``[B, T, hidden_size]``: the last layer's output, before the head, *unshifted* (``head`` of it is
+        ``forward``'s raw logits; :meth:`ModelHandle.logits` aligns it before applying the head at chosen positions)."""
+        return run_blocks(self, input_ids, recorder, self.model.norm)
 
     def forward(
         self,
@@ -237,7 +243,7 @@ class DreamModel(PreTrainedModel):
         attention_recorder: Optional[AttentionRecorder] = None,
         **kwargs,
     ) -> MaskedLMOutput:
-        return MaskedLMOutput(logits=run_blocks(self, input_ids, attention_recorder, self.model.norm))
+        return MaskedLMOutput(logits=self.head(self.hidden_states(input_ids, attention_recorder)))
 
 
 def load_dream_tokenizer(path: Path) -> PreTrainedTokenizerBase:

@@ -266,13 +266,18 @@ class LLaDAModelLM(PreTrainedModel):
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.model.head(hidden)
 
+    def hidden_states(self, input_ids: torch.Tensor, recorder: Optional[AttentionRecorder] = None) -> torch.Tensor:
+        """``[B, T, d_model]``: the last block's output, before the head (``head`` of it is ``forward``'s
+        logits), so a caller can apply the head at chosen positions only (:meth:`ModelHandle.logits`)."""
+        return run_blocks(self, input_ids, recorder, self.model.transformer.ln_f)
+
     def forward(
         self,
         input_ids: torch.Tensor,
         attention_recorder: Optional[AttentionRecorder] = None,
         **kwargs,
     ) -> MaskedLMOutput:
-        return MaskedLMOutput(logits=run_blocks(self, input_ids, attention_recorder, self.model.transformer.ln_f))
+        return MaskedLMOutput(logits=self.head(self.hidden_states(input_ids, attention_recorder)))
 
 
 AutoConfig.register("llada", LLaDAConfig)

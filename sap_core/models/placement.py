@@ -87,9 +87,11 @@ def require_resident(model: nn.Module, doing: str) -> None:
 
 
 def run_blocks(model: nn.Module, input_ids: torch.Tensor, recorder, final: nn.Module) -> torch.Tensor:
-    """The forward pass every SinkScope family shares: ``embed``, each block on its execution device
-    (recording attention when ``recorder`` is given), then ``head`` where ``final`` (the last norm) runs."""
+    """The forward pass every SinkScope family shares, up to the LM head: ``embed``, then each block on its
+    execution device (recording attention when ``recorder`` is given). Returns the last block's hidden
+    state ``[B, T, d]`` on the device where ``final`` (the last norm, the head's first step) runs;
+    ``model.head`` of it is the logits."""
     x = model.embed(input_ids)
     for block in model.blocks:
         x = block(x.to(execution_device(block)), recorder)
-    return model.head(x.to(execution_device(final)))
+    return x.to(execution_device(final))

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from sap_core.errors import PruneSpecError
+from sap_core.evaluate import text_ids
 from sap_core.pruning.spec import CalibrationSpec
 
 
@@ -26,10 +27,7 @@ def tokenize(handle, spec: CalibrationSpec) -> list[int]:
     text = spec.load_text()
     if handle.tokenizer is None:
         raise PruneSpecError("This model has no tokenizer, so calibration text cannot be tokenized.")
-    try:  # verbose=False: a long text is cut into windows, not fed whole; no "too long" warning
-        ids = list(handle.tokenizer.encode(text, add_special_tokens=False, verbose=False))
-    except TypeError:  # a tokenizer without the verbose flag
-        ids = list(handle.tokenizer.encode(text, add_special_tokens=False))
+    ids = list(text_ids(handle.tokenizer, text))  # cached: every job of a sweep calibrates on the same text
     if len(ids) < spec.seqlen:
         raise PruneSpecError(
             f"The calibration text is {len(ids)} tokens long but seqlen is {spec.seqlen}: give "

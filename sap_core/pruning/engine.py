@@ -24,7 +24,7 @@ from sap_core.progress import Progress, report
 from sap_core.pruning import scores as sc
 from sap_core.pruning.calibration import CalibrationRecord, calibration_ids, noised_ids, tokenize
 from sap_core.pruning.masks import select_mask
-from sap_core.pruning.sparsegpt import Hessian, sparsegpt_prune
+from sap_core.pruning.sparsegpt import Hessian, sparsegpt_prune_group
 from sap_core.pruning.spec import CalibrationSpec, PruneSpec
 from sap_core.pruning.variant import PrunedVariant, fingerprint, param_names, target_linears
 
@@ -174,19 +174,22 @@ def _run(handle, taps, spec: PruneSpec, token_ids, tick, cache=None):
         def make_stat(cols, device):
             return sc.ColumnSquares(cols, device)
 
-        def prune_linear(i, name, W, stat):
-            return _apply_mask(W, W.abs().float() * stat.norm().to(W.device)[None, :], sparsity, nm)
+        def prune_group(i, names, weights, stat):
+            norms = stat.norm()
+            return [_apply_mask(W, W.abs().float() * norms.to(W.device)[None, :], sparsity, nm) for W in weights]
     else:  # hessian
 
         def make_stat(cols, device):
             return Hessian(cols, device)
 
-        def prune_linear(i, name, W, stat):
+        def prune_group(i, names, weights, stat):
             if sparsity == 0 and nm is None:
-                return W.detach()
-            return sparsegpt_prune(W, stat.matrix(), sparsity, nm, spec.blocksize, spec.percdamp, spec.sparsegpt_selection)[0]
+                return [W.detach() for W in weights]
+            return sparsegpt_prune_group(
+                weights, stat.matrix(), sparsity, nm, spec.blocksize, spec.percdamp, spec.sparsegpt_selection
+            )
 
-    new = sc.sequential_sweep(handle, clean, make_stat, prune_linear, cal.batch_size, token_weights, tick, taps)
+    new = sc.sequential_sweep(handle, clean, make_stat, prune_group, cal.batch_size, token_weights, tick, taps)
     passes += 2 * int(np.ceil(cal.nsamples / cal.batch_size))  # block-sequential: stats pass + pruned pass
     return new, record, passes, time.perf_counter() - t0
 

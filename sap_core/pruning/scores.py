@@ -429,7 +429,7 @@ def sequential_sweep(
     handle,
     clean: torch.Tensor,
     make_stat: Callable[[int, torch.device], object],
-    prune_linear: Callable[[int, str, torch.Tensor, object], torch.Tensor],
+    prune_group: Callable[[int, Group, list[torch.Tensor], object], list[torch.Tensor]],
     batch_size: int,
     token_weights: Optional[np.ndarray] = None,
     tick: Optional[Tick] = None,
@@ -440,8 +440,8 @@ def sequential_sweep(
     The hidden states of all windows for the current block are held (``N · L · d_model`` values),
     the block runs on its :class:`BlockTap` (``taps``, taken now if not given); each input group's statistic (``make_stat(in_features,
     device)``, anything with ``add(x, token_weights)``) sees the inputs, scaled per token by
-    ``token_weights`` ``[N, L]`` if given; ``prune_linear(block, name, dense_weight, stat)`` returns
-    the new weight; the tap takes the new weights and the hidden states move on through the pruned
+    ``token_weights`` ``[N, L]`` if given; ``prune_group(block, names, dense_weights, stat)`` returns
+    the new weights of the group's linears (those that read the same input, so share ``stat``); the tap takes the new weights and the hidden states move on through the pruned
     block. Returns ``{(block, linear name): new weight}``.
     """
     N = clean.shape[0]
@@ -460,8 +460,7 @@ def sequential_sweep(
                     stats[names] = make_stat(x.shape[-1], x.device)
                 stats[names].add(x, None if tw is None else tw[a:b])
         for names, stat in stats.items():
-            for name in names:
-                new = prune_linear(i, name, tap.weight(name), stat)
+            for name, new in zip(names, prune_group(i, names, [tap.weight(name) for name in names], stat)):
                 tap.set_weight(name, new)
                 out[(i, name)] = new
         del stats

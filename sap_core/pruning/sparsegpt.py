@@ -18,7 +18,9 @@ Differences from the reference implementation, on purpose:
   with ``saliency <= thresh`` pruned (so ``int(numel·s) + 1`` weights per block without ties; rows
   end at different sparsities).
 * The Hessian can be built from per-token weighted inputs ``w_j x_j`` (sink-aware SparseGPT).
-* One Hessian serves every linear that reads the same input (q/k/v, gate/up).
+* One Hessian serves every linear that reads the same input (q/k/v, gate/up), and with per-row or N:M
+  selection, which treat every row on its own, those linears are pruned as one stacked matrix
+  (:func:`sparsegpt_prune_group`): the same weights in one pass over the columns instead of one per linear.
 """
 
 from __future__ import annotations
@@ -130,3 +132,23 @@ def sparsegpt_prune(
         mask[:, i1:i2] = mask1
         W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
     return W.to(device, dtype), mask.to(device)
+
+
+def sparsegpt_prune_group(
+    weights: list[torch.Tensor],
+    hessian: torch.Tensor,
+    sparsity: float,
+    nm: Optional[tuple[int, int]] = None,
+    blocksize: int = 128,
+    percdamp: float = 0.01,
+    selection: str = "per_row",
+) -> list[torch.Tensor]:
+    """New weights of linears that read the same input (same ``hessian``), as :func:`sparsegpt_prune` gives
+    for each. Per-row and N:M selection and the OBS updates work row by row, so the rows of all the linears
+    are pruned as one stacked matrix: one pass over the columns (the slow, sequential part) instead of one
+    per linear. ``selection="official"`` draws one threshold over all rows of a column block, so there each
+    linear is pruned on its own, as the reference code does."""
+    if selection == "official" or len(weights) == 1:
+        return [sparsegpt_prune(W, hessian, sparsity, nm, blocksize, percdamp, selection)[0] for W in weights]
+    stacked = sparsegpt_prune(torch.cat(weights), hessian, sparsity, nm, blocksize, percdamp, selection)[0]
+    return [part.clone() for part in stacked.split([W.shape[0] for W in weights])]  # own storage each (saving)
