@@ -20,7 +20,6 @@ import time
 
 from tests.conftest import launch_chromium, start_app, stop_app
 
-
 # In the view's frame: time from a key press on the slider to the first animation frame after the redraw.
 STEP_TIMER = """() => ({done: new Promise(resolve => {
   let t0 = null;

@@ -23,8 +23,6 @@ import statistics
 import sys
 import time
 from dataclasses import dataclass
-from typing import Optional
-
 
 import torch
 
@@ -102,7 +100,7 @@ class Meter:
 
     def __init__(self, device: torch.device):
         self.device = device
-        self.overall: Optional[float] = None  # highest phase peak so far
+        self.overall: float | None = None  # highest phase peak so far
 
     def sync(self) -> None:
         if self.device.type == "cuda":
@@ -118,7 +116,7 @@ class Meter:
         self.sync()
         return time.perf_counter() - t0
 
-    def peak_gib(self) -> Optional[float]:
+    def peak_gib(self) -> float | None:
         if self.device.type != "cuda":
             return None
         peak = torch.cuda.max_memory_allocated(self.device) / 2**30
@@ -126,7 +124,7 @@ class Meter:
         return peak
 
 
-def fmt_mem(gib: Optional[float]) -> str:
+def fmt_mem(gib: float | None) -> str:
     return f"{gib:.1f} GiB" if gib is not None else "n/a (CPU)"
 
 
@@ -152,7 +150,7 @@ def bench_generation(handle: ModelHandle, shape: Shape, meter: Meter, repeats: i
     return dict(plain=a, captured=b, peaks=peaks, tokens=gen)
 
 
-def bench_pruning(handle: ModelHandle, shape: Shape, meter: Meter) -> Optional[dict]:
+def bench_pruning(handle: ModelHandle, shape: Shape, meter: Meter) -> dict | None:
     try:
         from sap_core.pruning import CalibrationSpec, PruneSpec, prune
     except ImportError as exc:  # pruning not installed in this checkout
@@ -169,7 +167,7 @@ def bench_pruning(handle: ModelHandle, shape: Shape, meter: Meter) -> Optional[d
     return out
 
 
-def bench_sparsegpt_block(handle: ModelHandle, shape: Shape, meter: Meter) -> Optional[tuple[float, Optional[float], int]]:
+def bench_sparsegpt_block(handle: ModelHandle, shape: Shape, meter: Meter) -> tuple[float, float | None, int] | None:
     try:
         from sap_core.pruning.sparsegpt import Hessian, sparsegpt_prune
     except ImportError as exc:
@@ -197,7 +195,7 @@ def bench_sparsegpt_block(handle: ModelHandle, shape: Shape, meter: Meter) -> Op
     return meter.stop(t0), meter.peak_gib(), len(linears)
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tiny", action="store_true", help="tiny shape; runs on CPU (for tests)")
     parser.add_argument("--repeats", type=int, default=2, help="generation runs of each kind (median)")

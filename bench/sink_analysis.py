@@ -20,7 +20,6 @@ import statistics
 import time
 from dataclasses import dataclass
 
-
 import numpy as np
 
 from sap_core.sinks import SinkSpec, analyze, clear_cache

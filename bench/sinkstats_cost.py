@@ -22,7 +22,6 @@ import os
 import statistics
 import time
 
-
 import torch
 
 from sap_core.attention import AttentionRecorder

@@ -28,7 +28,6 @@ from sap_core.pruning import CalibrationSpec
 from sap_core.sinks import SinkSpec
 from sap_core.sweep import EvalSpec, SweepSpec, run_sweep
 
-
 README_METHODS = ("magnitude", "wanda", "sparsegpt", "sink_wanda", "sink_sparsegpt", "noised_wanda", "gated_sink_wanda")
 EVAL_CPU = [0.0]  # CPU seconds spent in the sweep's evaluations (the rows only record their wall time)
 

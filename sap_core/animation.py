@@ -16,10 +16,10 @@ same), like every mass figure in :mod:`sap_core.viz`, sent as one byte per value
 from __future__ import annotations
 
 import io
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from importlib.resources import files
 from pathlib import Path
-from typing import Callable, Optional, Sequence, Union
 
 import numpy as np
 import pandas as pd
@@ -57,7 +57,7 @@ class AnimationSpec:
     """
 
     color_range: str = "global99"
-    layer: Optional[int] = None
+    layer: int | None = None
     frame_ms: int = 80
 
     def __post_init__(self) -> None:
@@ -72,7 +72,7 @@ def readable_tokens(decode: Callable[[list[int]], str], ids: Sequence[int]) -> l
     return [decode([int(i)]).replace("\n", "⏎").replace(" ", "␣") for i in ids]
 
 
-def tokenizer_texts(source: Union[str, Path], ids: Sequence[int]) -> list[str]:
+def tokenizer_texts(source: str | Path, ids: Sequence[int]) -> list[str]:
     """:func:`readable_tokens` with the tokenizer of a model directory or built-in name (weights are not loaded)."""
     from sap_core.models import _load_tokenizer, read_config, resolve_source
 
@@ -81,7 +81,7 @@ def tokenizer_texts(source: Union[str, Path], ids: Sequence[int]) -> list[str]:
     return readable_tokens(lambda i: tokenizer.decode(i, skip_special_tokens=False), ids)
 
 
-def _check_tokens(report, tokens: Optional[Sequence[str]]) -> list[str]:
+def _check_tokens(report, tokens: Sequence[str] | None) -> list[str]:
     if tokens is None:
         return [str(int(t)) for t in report.final_tokens]
     if len(tokens) != report.length:
@@ -91,7 +91,7 @@ def _check_tokens(report, tokens: Optional[Sequence[str]]) -> list[str]:
     return list(tokens)
 
 
-def _layer_index(report, layer: Optional[int]) -> Optional[int]:
+def _layer_index(report, layer: int | None) -> int | None:
     if layer is None:
         return None
     if layer not in report.layers:
@@ -124,14 +124,14 @@ def color_limits(values: np.ndarray, color_range: str) -> np.ndarray:
     return np.stack([np.zeros(S), top], axis=1)
 
 
-def tokens_at_step(report, tokens: Optional[Sequence[str]], step: int, masked: str = "[mask]") -> list[str]:
+def tokens_at_step(report, tokens: Sequence[str] | None, step: int, masked: str = "[mask]") -> list[str]:
     """The token texts of the model's input at ``step``: positions still masked read ``masked``."""
     tokens = _check_tokens(report, tokens)
     code = STATES.index("masked")
     return [masked if s == code else t for t, s in zip(tokens, report.state[step])]
 
 
-def view_step(value: Optional[str], n_steps: int) -> int:
+def view_step(value: str | None, n_steps: int) -> int:
     """The step the browser view shows, from the ``step`` query parameter it writes into the app's URL
     (0 when absent or not a step of this run)."""
     try:
@@ -141,7 +141,7 @@ def view_step(value: Optional[str], n_steps: int) -> int:
     return step if 0 <= step < n_steps else 0
 
 
-def sinks_at_step(report, tokens: Optional[Sequence[str]], step: int) -> list[tuple[int, str, float]]:
+def sinks_at_step(report, tokens: Sequence[str] | None, step: int) -> list[tuple[int, str, float]]:
     """The aggregate sinks at ``step`` as (position, token text, mass × uniform), strongest first."""
     tokens = _check_tokens(report, tokens)
     mult = step_mass(report)[step]
@@ -150,7 +150,7 @@ def sinks_at_step(report, tokens: Optional[Sequence[str]], step: int) -> list[tu
     return [(int(j), tokens[j], float(mult[j])) for j in pos]
 
 
-def sinks_frame(report, tokens: Optional[Sequence[str]]) -> pd.DataFrame:
+def sinks_frame(report, tokens: Sequence[str] | None) -> pd.DataFrame:
     """One row per (step, sink position) of the aggregate: token id and text, state, mass × uniform, score."""
     tokens = _check_tokens(report, tokens)
     mult = step_mass(report)
@@ -168,7 +168,7 @@ def sinks_frame(report, tokens: Optional[Sequence[str]]) -> pd.DataFrame:
     )
 
 
-def positions_frame(report, tokens: Optional[Sequence[str]]) -> pd.DataFrame:
+def positions_frame(report, tokens: Sequence[str] | None) -> pd.DataFrame:
     """:meth:`SinkReport.positions_frame` with the token text next to the token id."""
     frame = report.positions_frame()
     frame.insert(frame.columns.get_loc("token") + 1, "token_text", _check_tokens(report, tokens))
@@ -208,7 +208,7 @@ def view_steps(n_steps: int, n_layers: int, length: int, max_values: int = MAX_V
 
 
 def explorer_data(
-    report, tokens: Optional[Sequence[str]] = None, spec: AnimationSpec = AnimationSpec(), max_values: int = MAX_VIEW_VALUES
+    report, tokens: Sequence[str] | None = None, spec: AnimationSpec = AnimationSpec(), max_values: int = MAX_VIEW_VALUES
 ) -> dict:
     """Everything the browser view needs, once, in a compact JSON-able dict.
 
@@ -268,7 +268,7 @@ def explorer_data(
 
 def explorer_html(
     report,
-    tokens: Optional[Sequence[str]] = None,
+    tokens: Sequence[str] | None = None,
     spec: AnimationSpec = AnimationSpec(),
     title: str = "SinkScope: sinks over the denoising steps",
     max_values: int = MAX_VIEW_VALUES,
@@ -308,7 +308,7 @@ def explorer_height(report) -> int:
 # --- files -------------------------------------------------------------------------------------------
 
 
-def html_bytes(report, tokens: Optional[Sequence[str]] = None, spec: AnimationSpec = AnimationSpec()) -> bytes:
+def html_bytes(report, tokens: Sequence[str] | None = None, spec: AnimationSpec = AnimationSpec()) -> bytes:
     """:func:`explorer_html` as UTF-8 bytes (the download)."""
     return explorer_html(report, tokens, spec).encode()
 
@@ -332,7 +332,7 @@ def _hex(color: str) -> tuple[int, int, int]:
     return tuple(int(color[i : i + 2], 16) for i in (0, 2, 4))
 
 
-def gif_frames(report, tokens: Optional[Sequence[str]] = None, spec: AnimationSpec = AnimationSpec()) -> list:
+def gif_frames(report, tokens: Sequence[str] | None = None, spec: AnimationSpec = AnimationSpec()) -> list:
     """One Pillow image per step: the mass each position receives (bars, × uniform, one colour range
     for all steps unless ``spec.color_range`` is per-step), coloured by the position's state, sinks
     in red with a marker, the tokens written under the bars (rotated) and the step in the title."""
@@ -420,7 +420,7 @@ def gif_frames(report, tokens: Optional[Sequence[str]] = None, spec: AnimationSp
     return frames
 
 
-def gif_bytes(report, tokens: Optional[Sequence[str]] = None, spec: AnimationSpec = AnimationSpec()) -> bytes:
+def gif_bytes(report, tokens: Sequence[str] | None = None, spec: AnimationSpec = AnimationSpec()) -> bytes:
     """An animated GIF of the sinks moving over the steps (:func:`gif_frames`), looping."""
     frames = gif_frames(report, tokens, spec)
     buf = io.BytesIO()
@@ -428,9 +428,7 @@ def gif_bytes(report, tokens: Optional[Sequence[str]] = None, spec: AnimationSpe
     return buf.getvalue()
 
 
-def write_animation(
-    report, path: Union[str, Path], tokens: Optional[Sequence[str]] = None, spec: AnimationSpec = AnimationSpec()
-) -> Path:
+def write_animation(report, path: str | Path, tokens: Sequence[str] | None = None, spec: AnimationSpec = AnimationSpec()) -> Path:
     """Write ``.gif`` or ``.html`` (chosen by the extension) atomically; returns the path."""
     path = Path(path)
     kind = path.suffix.lower()

@@ -14,7 +14,6 @@ call fused SDPA and none of this code runs.
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import torch
 
@@ -27,25 +26,25 @@ class AttentionRecorder:
     query×key map of the last pass in :attr:`last_map` (``[B, T, S]``, float32).
     """
 
-    def __init__(self, chunk_size: int = 128, full_map: Optional[tuple[int, int]] = None):
+    def __init__(self, chunk_size: int = 128, full_map: tuple[int, int] | None = None):
         if chunk_size < 1:
             raise ValueError("chunk_size must be >= 1")
         self.chunk_size = chunk_size
         self.full_map = full_map
         self.passes: list[torch.Tensor] = []
-        self.last_map: Optional[torch.Tensor] = None
+        self.last_map: torch.Tensor | None = None
         self._layers: dict[int, torch.Tensor] = {}
 
     def start_pass(self) -> None:
         self._layers = {}
 
-    def map_head(self, layer: int) -> Optional[int]:
+    def map_head(self, layer: int) -> int | None:
         """The head whose full map is wanted at ``layer``, or None."""
         if self.full_map is not None and self.full_map[0] == layer:
             return self.full_map[1]
         return None
 
-    def add(self, layer: int, mass: torch.Tensor, full_map: Optional[torch.Tensor] = None) -> None:
+    def add(self, layer: int, mass: torch.Tensor, full_map: torch.Tensor | None = None) -> None:
         self._layers[layer] = mass.detach().to("cpu", torch.float32)
         if full_map is not None:
             self.last_map = full_map.detach().to("cpu", torch.float32)
@@ -67,7 +66,7 @@ def attention_with_mass(
     causal: bool,
     recorder: AttentionRecorder,
     layer: int,
-    scale: Optional[float] = None,
+    scale: float | None = None,
 ) -> torch.Tensor:
     """Softmax attention that records key mass.
 

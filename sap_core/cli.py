@@ -17,8 +17,9 @@ import math
 import os
 import shutil
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any
 
 EXIT_USAGE = 2
 DEFAULT_PROMPT = "To be, or not to be, that is the question:"
@@ -62,7 +63,7 @@ class Bar:
             self.bar.close()
             self.bar = None
 
-    def __enter__(self) -> "Bar":
+    def __enter__(self) -> Bar:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -103,7 +104,7 @@ def _positive(text: str) -> int:
     return value
 
 
-def _read_text(path: Optional[str]) -> Optional[str]:
+def _read_text(path: str | None) -> str | None:
     if path is None:
         return None
     from sap_core.errors import SapError
@@ -139,7 +140,7 @@ def _jsonable(obj: Any) -> Any:
     return obj
 
 
-def _write_json(data: dict, out: Optional[str]) -> None:
+def _write_json(data: dict, out: str | None) -> None:
     text = json.dumps(_jsonable(data), indent=2)
     if out is None:
         print(text)
@@ -172,7 +173,7 @@ def _check_outputs(args) -> None:
         check_save_target(args.save, SimpleNamespace(source=args.model), overwrite=args.overwrite)
 
 
-def _prompt(args) -> Optional[str]:
+def _prompt(args) -> str | None:
     """The --prompt text; refuses bytes that are not UTF-8 (the shell passes them as surrogate escapes)."""
     if args.prompt is None:
         return None
@@ -892,7 +893,7 @@ def save_figure(df, path) -> None:
 # --- entry point ------------------------------------------------------------------------------------
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     try:
         args = parser.parse_args(argv)

@@ -25,8 +25,9 @@ instance a pruned model directory saved with ``prune --save``) is also accepted 
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Mapping, Optional, Sequence, Union
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -48,7 +49,7 @@ class ComparedRun:
     label: str
     text: str
     trajectory: Trajectory
-    divergence_step: Optional[int]
+    divergence_step: int | None
     agreement: np.ndarray  # bool [gen_length]
     step_agreement: np.ndarray  # float [S]
 
@@ -140,7 +141,7 @@ def states_after_steps(trajectory: Trajectory) -> np.ndarray:
     return np.concatenate([trajectory.tokens[1:], trajectory.final_tokens[None]], axis=0)
 
 
-def divergence_step(dense: Trajectory, other: Trajectory) -> Optional[int]:
+def divergence_step(dense: Trajectory, other: Trajectory) -> int | None:
     """First step after which ``other``'s sequence differs from ``dense``'s; None if they never differ."""
     _check_comparable(dense, other)
     differs = (states_after_steps(dense) != states_after_steps(other)).any(axis=1)
@@ -172,7 +173,7 @@ def _check_comparable(a: Trajectory, b: Trajectory) -> None:
         raise SapError("These trajectories start from different prompts; decode the same prompt for both.")
 
 
-Variant = Union[PrunedVariant, ModelHandle]
+Variant = PrunedVariant | ModelHandle
 
 
 def _label_of(variant: Variant, index: int) -> str:
@@ -183,7 +184,7 @@ def _label_of(variant: Variant, index: int) -> str:
     return f"variant {index + 1}"
 
 
-def _labelled(variants: Union[Mapping[str, Variant], Sequence[Variant]]) -> list[tuple[str, Variant]]:
+def _labelled(variants: Mapping[str, Variant] | Sequence[Variant]) -> list[tuple[str, Variant]]:
     """``(label, variant)`` pairs: a mapping's own labels, else each variant's (a pruned one's
     :attr:`PruneSpec.label <sap_core.pruning.PruneSpec.label>`, ``#2``, ``#3`` on repeats)."""
     if isinstance(variants, Mapping):
@@ -205,11 +206,11 @@ def _context(handle: ModelHandle, variant: Variant):
 
 def compare_generations(
     handle: ModelHandle,
-    variants: Union[Mapping[str, Variant], Sequence[Variant]],
-    prompt: Union[str, list[int]],
+    variants: Mapping[str, Variant] | Sequence[Variant],
+    prompt: str | list[int],
     spec: DecodeSpec = DecodeSpec(),
     *,
-    progress: Optional[Progress] = None,
+    progress: Progress | None = None,
 ) -> Comparison:
     """Generate with the dense ``handle`` and with every variant under the same prompt, spec and seed.
 
@@ -267,10 +268,10 @@ PERPLEXITY_COLUMNS = ["model", "ppl", "ppl_se", "nll", "nll_se", "delta_ppl", "d
 
 def perplexity_table(
     handle: ModelHandle,
-    variants: Union[Mapping[str, Variant], Sequence[Variant]],
+    variants: Mapping[str, Variant] | Sequence[Variant],
     spec: Any = None,
     *,
-    progress: Optional[Progress] = None,
+    progress: Progress | None = None,
 ) -> pd.DataFrame:
     """Perplexity of the dense ``handle`` (first row, ``model="dense"``) and of every variant, all on
     the same windows and masking draws (:func:`sap_core.sweep.perplexity` with one

@@ -26,7 +26,6 @@ import time
 import zipfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Optional, Union
 
 import numpy as np
 import torch
@@ -75,7 +74,7 @@ class DecodeSpec:
     def n_blocks(self) -> int:
         return self.gen_length // self.block_length
 
-    def validate(self, causal: bool = False, prompt_length: int = 0, max_length: Optional[int] = None) -> None:
+    def validate(self, causal: bool = False, prompt_length: int = 0, max_length: int | None = None) -> None:
         """Raise :class:`DecodeSpecError` for impossible settings, before any work starts."""
         if self.gen_length < 1:
             raise DecodeSpecError(f"gen_length must be at least 1 (got {self.gen_length}).")
@@ -146,7 +145,7 @@ class Trajectory:
     prompt_length: int
     decoded_at: np.ndarray
     confidence: np.ndarray
-    mass: Optional[np.ndarray]
+    mass: np.ndarray | None
     valid_length: np.ndarray
     step_seconds: np.ndarray
     causal: bool
@@ -190,7 +189,7 @@ class Trajectory:
         return target
 
     @classmethod
-    def load(cls, path) -> "Trajectory":
+    def load(cls, path) -> Trajectory:
         """Read a trajectory written by :meth:`save` (``path`` with or without ``.npz``). Every array's
         declared shape is checked against the steps and length recorded in ``tokens`` before it is
         inflated, so a small hostile file cannot expand to gigabytes; a foreign or damaged file, or an
@@ -346,10 +345,10 @@ def prompt_token_ids(handle: ModelHandle, prompt) -> list[int]:
 @torch.inference_mode()
 def generate(
     handle: ModelHandle,
-    prompt: Union[str, list[int]],
+    prompt: str | list[int],
     spec: DecodeSpec = DecodeSpec(),
-    recorder: Optional[AttentionRecorder] = None,
-    progress: Optional[Progress] = None,
+    recorder: AttentionRecorder | None = None,
+    progress: Progress | None = None,
     *,
     allow_large_capture: bool = False,
 ) -> Trajectory:

@@ -24,7 +24,6 @@ import functools
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 import torch
@@ -52,14 +51,14 @@ class PerplexityResult:
     nsamples: int
     draws: int  # 1 for causal perplexity
     kind: str  # "diffusion" or "causal"
-    estimates: Optional[np.ndarray] = field(default=None, repr=False, compare=False)
+    estimates: np.ndarray | None = field(default=None, repr=False, compare=False)
 
     def as_dict(self) -> dict:
         """The scalar fields (the per-draw ``estimates`` left out)."""
         return {k: v for k, v in self.__dict__.items() if k != "estimates"}
 
 
-def load_text(text: Optional[str], default: Path = EVALUATION_TEXT) -> str:
+def load_text(text: str | None, default: Path = EVALUATION_TEXT) -> str:
     """``text`` itself, or the shipped file ``default`` when ``text`` is None."""
     if text is None:
         if not default.exists():
@@ -70,7 +69,7 @@ def load_text(text: Optional[str], default: Path = EVALUATION_TEXT) -> str:
     return text
 
 
-def windows(handle: ModelHandle, text: str, seqlen: int, nsamples: int, prefix: Optional[str]) -> tuple[torch.Tensor, int]:
+def windows(handle: ModelHandle, text: str, seqlen: int, nsamples: int, prefix: str | None) -> tuple[torch.Tensor, int]:
     """``[nsamples, P + n]`` token ids: prefix (P tokens) + ``n = seqlen - P`` text tokens, evenly spread."""
     if seqlen < 2 or nsamples < 1:
         raise SapError("seqlen must be >= 2 and nsamples >= 1.")
@@ -102,15 +101,15 @@ def text_ids(tokenizer, text: str) -> tuple[int, ...]:
 @torch.inference_mode()
 def diffusion_perplexity(
     handle: ModelHandle,
-    text: Optional[str] = None,
+    text: str | None = None,
     *,
     seqlen: int = 128,
     nsamples: int = 16,
     draws: int = 8,
     seed: int = 0,
-    prefix: Optional[str] = None,
+    prefix: str | None = None,
     batch_size: int = 32,
-    progress: Optional[Progress] = None,
+    progress: Progress | None = None,
     _all_positions: bool = False,
 ) -> PerplexityResult:
     """Masked-diffusion perplexity (Monte Carlo ELBO) of a DLM; see the module docstring.
@@ -174,13 +173,13 @@ def diffusion_perplexity(
 @torch.inference_mode()
 def causal_perplexity(
     handle: ModelHandle,
-    text: Optional[str] = None,
+    text: str | None = None,
     *,
     seqlen: int = 128,
     nsamples: int = 16,
-    prefix: Optional[str] = None,
+    prefix: str | None = None,
     batch_size: int = 16,
-    progress: Optional[Progress] = None,
+    progress: Progress | None = None,
 ) -> PerplexityResult:
     """Next-token perplexity of a causal model on the same windows as :func:`diffusion_perplexity`."""
     if not handle.causal:

@@ -15,12 +15,12 @@ import contextlib
 import os
 import shutil
 import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator, Union
 
 from sap_core.errors import OutputPathError
 
-PathLike = Union[str, Path]
+PathLike = str | Path
 
 
 def _existing_parent(path: Path) -> Path:

@@ -8,7 +8,6 @@ from __future__ import annotations
 import os
 import sys
 from dataclasses import dataclass
-from typing import Optional
 
 
 @dataclass(frozen=True)
@@ -98,7 +97,7 @@ def human(n: int) -> str:
 # --- the guard: refuse a capture that cannot fit, before it starts ---------------------------------------
 
 
-def free_memory(device) -> tuple[int, Optional[int]]:
+def free_memory(device) -> tuple[int, int | None]:
     """``(free host RAM, free memory of device or None for a CPU)`` in bytes, now.
 
     Host RAM is ``MemAvailable`` from /proc/meminfo (what can be allocated without swapping), else
@@ -123,7 +122,7 @@ def free_memory(device) -> tuple[int, Optional[int]]:
 
 
 def check_capture(
-    handle, seq_len: int, steps: int, allow: bool = False, free: Optional[tuple[int, Optional[int]]] = None
+    handle, seq_len: int, steps: int, allow: bool = False, free: tuple[int, int | None] | None = None
 ) -> MemoryEstimate:
     """Refuse (:class:`~sap_core.errors.MemoryGuardError`) a generation with attention capture whose
     record does not fit in the free host RAM, or whose per-layer scores do not fit on the device, with

@@ -7,12 +7,12 @@ undoes any in-place work before the exception leaves it.
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from collections.abc import Callable
 
 Progress = Callable[[int, int, str], None]
 
 
-def report(progress: Optional[Progress], done: int, total: int, message: str = "") -> None:
+def report(progress: Progress | None, done: int, total: int, message: str = "") -> None:
     """Call ``progress`` if one was given."""
     if progress is not None:
         progress(done, total, message)

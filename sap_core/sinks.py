@@ -109,9 +109,10 @@ import json
 import threading
 import weakref
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
-from typing import Any, Optional, Sequence, Union
+from typing import Any
 
 import numpy as np
 
@@ -179,8 +180,8 @@ class SinkSpec:
     epsilon: float = 0.5
     tau: float = 0.0
     stable_min_frequency: float = 0.5
-    layers: Optional[tuple[int, ...]] = None
-    heads: Optional[tuple[int, ...]] = None
+    layers: tuple[int, ...] | None = None
+    heads: tuple[int, ...] | None = None
     normalize: str = "raw"
     top_k: int = 4
 
@@ -226,7 +227,7 @@ class SinkSpec:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict) -> "SinkSpec":
+    def from_dict(cls, d: dict) -> SinkSpec:
         known = {f.name for f in fields(cls)}
         unknown = set(d) - known
         if unknown:
@@ -264,7 +265,7 @@ class StepMass:
     causal: bool
 
 
-_CACHE: "OrderedDict[tuple, tuple[weakref.ref, np.ndarray, np.ndarray]]" = OrderedDict()
+_CACHE: OrderedDict[tuple, tuple[weakref.ref, np.ndarray, np.ndarray]] = OrderedDict()
 _CACHE_LOCK = threading.RLock()  # re-entrant: a weakref callback may fire while it is held
 _CACHE_SIZE = 8
 
@@ -343,7 +344,7 @@ def clear_cache() -> None:
 # --- array-level rules (what the pruner calls on calibration masses) ---------------------------
 
 
-def _valid_mask(S: int, L: int, valid_length: Optional[np.ndarray]) -> np.ndarray:
+def _valid_mask(S: int, L: int, valid_length: np.ndarray | None) -> np.ndarray:
     if valid_length is None:
         return np.ones((S, L), bool)
     vl = _as_numpy(valid_length, np.int64).reshape(-1)
@@ -354,7 +355,7 @@ def _valid_mask(S: int, L: int, valid_length: Optional[np.ndarray]) -> np.ndarra
     return np.arange(L)[None, :] < vl[:, None]
 
 
-def _baseline_shape(valid: np.ndarray, normalize: str, causal: bool) -> Optional[np.ndarray]:
+def _baseline_shape(valid: np.ndarray, normalize: str, causal: bool) -> np.ndarray | None:
     """``[S, L]`` factor ``f`` with baseline ``b_t(j) = f_t(j) * total_t``; None for the raw view."""
     if normalize == "raw":
         return None
@@ -623,12 +624,12 @@ class SinkReport:
             raise SinkSpecError(f"step must be in [0, {self.n_steps - 1}] (got {step}).")
         return [STATES[i] for i in self.state[step]]
 
-    def view(self, normalize: Optional[str] = None) -> np.ndarray:
+    def view(self, normalize: str | None = None) -> np.ndarray:
         """The aggregate mass ``float64 [S, L]`` in a view (default: the spec's); 0 where absent."""
         normalize = self.spec.normalize if normalize is None else normalize
         return mass_view(self.mass, normalize, self.valid_length, self.causal)
 
-    def rescore(self, spec: Optional[SinkSpec] = None, **changes) -> "SinkReport":
+    def rescore(self, spec: SinkSpec | None = None, **changes) -> SinkReport:
         """A new report with other scoring settings (``k``, ``alpha``, ``tau``, rule, view...),
         recomputed from the reduced mass without the model or the trajectory. The layer and head
         selection must stay the same: changing it needs :func:`analyze` on the trajectory."""
@@ -693,7 +694,7 @@ class SinkReport:
         frame = pd.DataFrame(rows)
         return frame.astype({"layer": np.int64, "sink_steps": np.int64})
 
-    def scores_frame(self, layer: Optional[int] = None):
+    def scores_frame(self, layer: int | None = None):
         """Long table of one (step, position) per row: state, raw and viewed mass, score, sink flag.
         ``layer`` = a selected model layer, or None for the aggregate."""
         import pandas as pd
@@ -729,7 +730,7 @@ class SinkReport:
         }
 
     # files
-    def to_csv(self, directory: Union[str, Path]) -> Path:
+    def to_csv(self, directory: str | Path) -> Path:
         """Write ``positions.csv``, ``steps.csv``, ``layers.csv``, ``scores.csv`` and ``spec.json``
         to ``directory``; :func:`read_csv` loads them back as DataFrames."""
         directory = Path(directory)
@@ -739,7 +740,7 @@ class SinkReport:
         (directory / "spec.json").write_text(json.dumps(self.spec.to_dict(), indent=1))
         return directory
 
-    def to_json(self, path: Union[str, Path]) -> Path:
+    def to_json(self, path: str | Path) -> Path:
         """Write the report as JSON: the spec, the trajectory facts and the reduced mass (from which
         :meth:`from_json` recomputes every field exactly), plus the position and layer tables for
         readers. ``NaN`` is written as ``null``."""
@@ -765,7 +766,7 @@ class SinkReport:
         return path
 
     @classmethod
-    def from_json(cls, path: Union[str, Path]) -> "SinkReport":
+    def from_json(cls, path: str | Path) -> SinkReport:
         try:
             doc = json.loads(Path(path).read_text())
         except (OSError, ValueError) as exc:
@@ -803,7 +804,7 @@ def _records(frame) -> list:
     return out
 
 
-def read_csv(directory: Union[str, Path]) -> dict:
+def read_csv(directory: str | Path) -> dict:
     """Load what :meth:`SinkReport.to_csv` wrote: the four DataFrames and ``"spec"`` (a SinkSpec)."""
     import pandas as pd
 
@@ -985,8 +986,8 @@ class SinkComparison:
 def compare(
     first: Any,
     second: Any,
-    spec: Optional[SinkSpec] = None,
-    normalize: Optional[str] = None,
+    spec: SinkSpec | None = None,
+    normalize: str | None = None,
     labels: Sequence[str] = ("AR", "DLM"),
 ) -> SinkComparison:
     """Compare two trajectories or reports (e.g. AR against DLM on the same prompt).

@@ -30,9 +30,9 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Optional, Sequence, Union
 
 import numpy as np
 import pandas as pd
@@ -75,7 +75,7 @@ def report_statistics(report: SinkReport) -> list[dict]:
     return rows
 
 
-def evaluation_prompts(handle, n: int, prompt_tokens: int = 16, text: Optional[str] = None) -> list[str]:
+def evaluation_prompts(handle, n: int, prompt_tokens: int = 16, text: str | None = None) -> list[str]:
     """``n`` prompts of ``prompt_tokens`` tokens each: windows spread evenly over ``text`` (default:
     the shipped evaluation text, read as :mod:`sap_core.evaluate` reads it), decoded back to text so
     that models with other tokenizers get the same words."""
@@ -90,7 +90,7 @@ def evaluation_prompts(handle, n: int, prompt_tokens: int = 16, text: Optional[s
     return [handle.decode(row[P:].tolist()) for row in rows]
 
 
-def prompts_from_lines(text: str, n: Optional[int] = None) -> list[str]:
+def prompts_from_lines(text: str, n: int | None = None) -> list[str]:
     """The first ``n`` non-empty lines of a user's prompt file (one prompt a line); all when ``n`` is None."""
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     if n is not None and len(lines) < n:
@@ -176,7 +176,7 @@ class SinkStats:
             "per_prompt": _records(self.per_prompt),
         }
 
-    def save(self, path: Union[str, Path]) -> list[Path]:
+    def save(self, path: str | Path) -> list[Path]:
         """Write ``.json`` (everything) or ``.csv`` (the summary, and the per-prompt rows next to it as
         ``<stem>.prompts.csv``). Each file goes to a temporary sibling first and is renamed into place."""
         path = Path(path)
@@ -209,8 +209,8 @@ def run_sinkstats(
     prompts: Sequence[str],
     decode: DecodeSpec = DecodeSpec(),
     sink: SinkSpec = SinkSpec(),
-    labels: Optional[Sequence[str]] = None,
-    progress: Optional[Progress] = None,
+    labels: Sequence[str] | None = None,
+    progress: Progress | None = None,
 ) -> SinkStats:
     """Decode every prompt with both models (one masked-diffusion, one causal, in either order) under
     ``decode`` and collect the per-prompt statistics under ``sink``.

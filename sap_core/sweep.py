@@ -42,9 +42,10 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence, Union
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -97,8 +98,8 @@ class EvalSpec:
     nsamples: int = 16
     draws: int = 8
     seed: int = 0
-    text: Optional[str] = None
-    prefix: Optional[str] = None
+    text: str | None = None
+    prefix: str | None = None
 
     def validate(self) -> None:
         for name in ("seqlen", "nsamples", "draws", "seed"):
@@ -122,7 +123,7 @@ class MethodSetting:
     """
 
     method: str
-    label: Optional[str] = None
+    label: str | None = None
     sink: Any = None
     options: tuple[tuple[str, Any], ...] = ()
 
@@ -146,7 +147,7 @@ class SweepSpec:
     tau is compared with) unless the methods list it already; :mod:`sap_core.tau` reads the result.
     """
 
-    methods: tuple[Union[str, MethodSetting], ...]
+    methods: tuple[str | MethodSetting, ...]
     sparsities: tuple[float, ...]
     patterns: tuple[str, ...] = ("unstructured",)
     sink: Any = None  # SinkSpec for the sink-aware methods; None: the pruning default
@@ -259,10 +260,10 @@ class PerplexityRow:
     ppl_se: float
     seconds: float
     result: Any = None
-    estimates: Optional[np.ndarray] = None
+    estimates: np.ndarray | None = None
 
 
-def perplexity(handle: ModelHandle, spec: EvalSpec, progress: Optional[Progress] = None) -> PerplexityRow:
+def perplexity(handle: ModelHandle, spec: EvalSpec, progress: Progress | None = None) -> PerplexityRow:
     """Score ``handle`` as it is now (dense, or with a variant applied): masked-diffusion perplexity for a
     DLM (with its per-(window, draw) estimates for paired comparisons), next-token perplexity for a causal
     model, both from :mod:`sap_core.evaluate`."""
@@ -311,9 +312,9 @@ def _prune_spec(setting: MethodSetting, pattern: str, sparsity: float, spec: Swe
 def run_sweep(
     handle: ModelHandle,
     spec: SweepSpec,
-    progress: Optional[Progress] = None,
+    progress: Progress | None = None,
     *,
-    on_row: Optional[Callable[[dict], None]] = None,
+    on_row: Callable[[dict], None] | None = None,
     reuse_calibration: bool = True,
 ) -> pd.DataFrame:
     """Prune and score every job of ``spec``; one DataFrame row per job (see the module docstring).
@@ -425,18 +426,18 @@ def _estimates_path(path: Path) -> Path:
     return path.with_name(path.stem + ".estimates.npz")
 
 
-def estimates_path(path: Union[str, Path]) -> Path:
+def estimates_path(path: str | Path) -> Path:
     """Where :func:`save_sweep` puts the per-draw estimates of the sweep CSV ``path``."""
     return _estimates_path(Path(path))
 
 
-def partial_path(path: Union[str, Path]) -> Path:
+def partial_path(path: str | Path) -> Path:
     """Where :class:`SweepWriter` keeps the rows of an unfinished sweep whose result goes to ``path``."""
     path = Path(path)
     return path.with_name(path.stem + ".partial" + (path.suffix or ".csv"))
 
 
-def save_sweep(df: pd.DataFrame, path: Union[str, Path]) -> Path:
+def save_sweep(df: pd.DataFrame, path: str | Path) -> Path:
     """Write the sweep as CSV, atomically (a temporary sibling renamed into place); :func:`load_sweep`
     reads it back with the same columns and dtypes. The per-draw estimates (``df.attrs["estimates"]``),
     when present, go to ``<name>.estimates.npz`` beside it (:func:`estimates_path`)."""
@@ -463,7 +464,7 @@ class SweepWriter:
     with every row so far; ``writer.finish(df)`` writes ``out`` (replacing an older result only now, on
     success) and removes the partial file. After a failure the rows are in :attr:`partial`."""
 
-    def __init__(self, out: Union[str, Path]):
+    def __init__(self, out: str | Path):
         self.out = check_output_file(out, "Sweep CSV")
         self.partial = check_output_file(partial_path(out), "Partial sweep CSV")
         self.rows: list[dict] = []
@@ -484,7 +485,7 @@ class SweepWriter:
 RENAMED_COLUMNS = {"actual_sparsity": "achieved_sparsity"}
 
 
-def load_sweep(path: Union[str, Path]) -> pd.DataFrame:
+def load_sweep(path: str | Path) -> pd.DataFrame:
     """Read a CSV written by :func:`save_sweep` (and its per-draw estimates beside it, when present);
     the old column names of :data:`RENAMED_COLUMNS` are read under their current names."""
     path = Path(path)

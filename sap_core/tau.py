@@ -25,8 +25,8 @@ picks the best tau of each gated method.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Optional
 
 import numpy as np
 import pandas as pd
@@ -133,7 +133,7 @@ def _check_tau(tau) -> float:
 
 @torch.no_grad()
 def calibration_gate(
-    handle, calibration: CalibrationSpec = CalibrationSpec(), sink: SinkSpec = SinkSpec(), progress: Optional[Progress] = None
+    handle, calibration: CalibrationSpec = CalibrationSpec(), sink: SinkSpec = SinkSpec(), progress: Progress | None = None
 ) -> GateData:
     """Run the pruner's noised calibration passes once (dense model, attention recorded) and return
     the variance the gate compares with tau (see the module docstring). ``sink.tau`` is not used:
@@ -249,7 +249,7 @@ def tau_table(df: pd.DataFrame, sparsity: float, pattern: str = "unstructured") 
     return pd.DataFrame(out, columns=cols)
 
 
-def best_taus(table: pd.DataFrame, df: Optional[pd.DataFrame] = None) -> pd.DataFrame:
+def best_taus(table: pd.DataFrame, df: pd.DataFrame | None = None) -> pd.DataFrame:
     """The lowest-perplexity tau of each gated method in a :func:`tau_table`, with its difference from
     the official ungated twin (``official``, ``official_ppl``, ``delta_nll``, ``se_paired``, ``z``) and,
     given the sweep ``df`` (for the per-draw estimates), from each reference: ``delta_<ref>`` and

@@ -7,7 +7,7 @@ step (1 = average), so layers and steps are comparable.
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import pandas as pd
@@ -43,7 +43,7 @@ def uniform_multiple(mass: np.ndarray, valid: np.ndarray) -> np.ndarray:
 
 
 def attention_map_figure(
-    attention: np.ndarray, step: int, layer: int, head: int, tokens: Optional[Sequence[str]] = None, max_labels: int = 96
+    attention: np.ndarray, step: int, layer: int, head: int, tokens: Sequence[str] | None = None, max_labels: int = 96
 ) -> go.Figure:
     """The full query × key attention of one (step, layer, head), drawn square, tokens on both axes
     (tick labels up to ``max_labels`` positions; the hover always names both tokens)."""
@@ -241,7 +241,7 @@ AGREEMENT_SCALE = [[0.0, "#ef5350"], [0.5, "#ef5350"], [0.5, "#c8e6c9"], [1.0, "
 
 
 def agreement_figure(
-    table: dict[str, np.ndarray], prompt_length: int, tokens: Optional[dict[str, Sequence[str]]] = None, dense: str = "dense"
+    table: dict[str, np.ndarray], prompt_length: int, tokens: dict[str, Sequence[str]] | None = None, dense: str = "dense"
 ) -> go.Figure:
     """Variants × generated positions strip: green where the variant's final token equals the dense
     model's, red where it differs. ``tokens`` maps each label (and ``dense``) to its token texts,
@@ -384,7 +384,7 @@ def sweep_figure(df: pd.DataFrame) -> go.Figure:
 # --- picking tau (sap_core.tau) -------------------------------------------------------------------
 
 
-def tau_variance_figure(calibration: np.ndarray, tau: float, trajectory: Optional[np.ndarray] = None) -> go.Figure:
+def tau_variance_figure(calibration: np.ndarray, tau: float, trajectory: np.ndarray | None = None) -> go.Figure:
     """ECDF of the sink-score variance ``v_j`` of the sink positions of the calibration windows
     (:attr:`sap_core.tau.GateData.sink_variance`) and, when given, of the current generation's
     trajectory (:func:`sap_core.tau.trajectory_sink_variance`), with a vertical line at ``tau``: the
@@ -461,7 +461,7 @@ def tau_layer_figure(shares: pd.DataFrame, tau: float) -> go.Figure:
     return fig
 
 
-def tau_sweep_figure(table: pd.DataFrame, best: Optional[pd.DataFrame] = None) -> go.Figure:
+def tau_sweep_figure(table: pd.DataFrame, best: pd.DataFrame | None = None) -> go.Figure:
     """Perplexity against tau at one sparsity and pattern (:func:`sap_core.tau.tau_table`): one line per
     gated method, error bars ±1 paired standard error of the difference from its ungated twin, the
     official rule (``ppl · se_paired``, to first order); the twin as a dotted horizontal line in the

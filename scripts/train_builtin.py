@@ -37,7 +37,6 @@ import tarfile
 import time
 from pathlib import Path
 
-
 import torch
 import torch.nn.functional as F
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers

@@ -125,14 +125,12 @@ def card(name: str) -> str:
     kind = "masked-diffusion ELBO" if not handle.causal else "next-token NLL"
     out = [f"# {name}", ""]
     out.append(
-        (
-            "The built-in **masked diffusion language model** of SinkScope: the LLaDA architecture "
-            "(bidirectional attention) trained with LLaDA's masked-diffusion objective."
-            if not handle.causal
-            else "The built-in **autoregressive twin** of `tiny-dlm`: the same LLaDA architecture with causal attention "
-            "(`causal: true`), trained with next-token loss on the same data and tokenizer. It is the contrast "
-            "for the AR-vs-DLM sink comparison."
-        )
+        "The built-in **masked diffusion language model** of SinkScope: the LLaDA architecture "
+        "(bidirectional attention) trained with LLaDA's masked-diffusion objective."
+        if not handle.causal
+        else "The built-in **autoregressive twin** of `tiny-dlm`: the same LLaDA architecture with causal attention "
+        "(`causal: true`), trained with next-token loss on the same data and tokenizer. It is the contrast "
+        "for the AR-vs-DLM sink comparison."
     )
     out += [
         "",

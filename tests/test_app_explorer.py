@@ -4,7 +4,6 @@ masked-diffusion options, and after a failed run the stored result is labelled a
 from __future__ import annotations
 
 import pytest
-
 from test_app import generate_small, new_app, texts
 
 pytestmark = pytest.mark.slow  # the whole app through AppTest (pyproject.toml)

@@ -20,9 +20,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import make_model_dir
 from safetensors.torch import load_file, save_file
 
-from conftest import make_model_dir
 from sap_core.cli import main
 from sap_core.diffusion import DecodeSpec, Trajectory, TrajectoryError, generate, npz_path
 from sap_core.errors import DecodeSpecError, MemoryGuardError, ModelLoadError, OutputPathError, PruneSpecError, SapError
@@ -30,8 +30,8 @@ from sap_core.memory import check_capture
 from sap_core.models import load_model
 from sap_core.models.llada import LLaDAModelLM
 from sap_core.pruning import CalibrationSpec, PruneSpec, prune
-from sap_core.pruning.variant import is_variant_dir
 from sap_core.pruning.spec import parse_pattern
+from sap_core.pruning.variant import is_variant_dir
 from sap_core.sweep import EvalSpec, SweepSpec, SweepSpecError, load_sweep, partial_path, perplexity, run_sweep, save_sweep
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -347,9 +347,9 @@ def _bomb(path: Path, mass_shape, tokens_shape=(2, 3), confidence_shape=None) ->
 
 
 def test_an_in_memory_record_with_nan_or_infinity_is_refused_by_the_analysis(tiny_dlm):
-    from sap_core.attention import AttentionRecorder
     from dataclasses import replace
 
+    from sap_core.attention import AttentionRecorder
     from sap_core.sinks import SinkSpec, SinkSpecError, analyze
 
     traj = generate(tiny_dlm, "ROMEO.\n", DecodeSpec(8, 8, 8), recorder=AttentionRecorder())
@@ -669,7 +669,7 @@ def test_pattern_with_unicode_digits():
 def test_non_utf8_prompt_bytes(tiny_dlm):
     with pytest.raises(DecodeSpecError, match="not UTF-8"):
         generate(tiny_dlm, b"\xff\xfe bad", DecodeSpec(gen_length=4, steps=4, block_length=4))
-    traj = generate(tiny_dlm, "To be".encode(), DecodeSpec(gen_length=4, steps=4, block_length=4))
+    traj = generate(tiny_dlm, b"To be", DecodeSpec(gen_length=4, steps=4, block_length=4))
     assert list(traj.final_tokens[: traj.prompt_length]) == tiny_dlm.encode("To be")
 
 

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 from streamlit.testing.v1 import AppTest
+from test_bad_inputs import hashes
 
 from sap_core.models import BUILTIN_MODELS
-from test_bad_inputs import hashes
 
 pytestmark = pytest.mark.slow  # the whole app through AppTest (pyproject.toml)
 

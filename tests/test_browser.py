@@ -9,9 +9,8 @@ import io
 import time
 
 import numpy as np
-from PIL import Image
-
 from conftest import SCREENSHOTS, needs_chromium, no_streamlit_exception
+from PIL import Image
 
 pytestmark = needs_chromium
 

@@ -155,9 +155,8 @@ def test_cancel_stops_a_running_tau_sweep(app_url, page):
 def test_the_first_model_load_is_announced(chromium):
     """A fresh server has no model in memory: the first page says it is loading instead of showing
     grey placeholders without a word, then the model page appears."""
-    from playwright.sync_api import expect
-
     from conftest import start_app, stop_app
+    from playwright.sync_api import expect
 
     proc, url = start_app()
     try:

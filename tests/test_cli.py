@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-
 from conftest import TEXT, make_model_dir
+
 from sap_core import ASSETS
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -7,7 +7,6 @@ import re
 
 import pytest
 from PIL import Image
-
 from test_cli import run
 
 

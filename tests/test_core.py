@@ -8,9 +8,9 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import make_model_dir
 from safetensors.torch import load_file
 
-from conftest import make_model_dir
 from sap_core.attention import AttentionRecorder
 from sap_core.diffusion import DecodeSpec, attention_map, generate, transfer_schedule
 from sap_core.errors import DecodeSpecError, ModelLoadError

@@ -18,15 +18,14 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from conftest import make_tokenizer
 from safetensors.torch import load_file
 from torch import nn
 
-from conftest import make_tokenizer
 from sap_core.attention import AttentionRecorder
 from sap_core.diffusion import REMASKING, DecodeSpec, attention_map, generate
 from sap_core.errors import DecodeSpecError, ModelLoadError
-from sap_core.models import FAMILY_LOADERS, ModelHandle, load_model
-from sap_core.models import placement
+from sap_core.models import FAMILY_LOADERS, ModelHandle, load_model, placement
 from sap_core.models.dream import DreamConfig, DreamModel
 from sap_core.models.hf_causal import HFBlock
 from sap_core.models.llada import LLaDAConfig, LLaDAModelLM

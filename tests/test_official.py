@@ -12,10 +12,10 @@ import pytest
 import torch
 
 from sap_core import ASSETS
+from sap_core.errors import PruneSpecError
 from sap_core.models.llada import LLaDAConfig
 from sap_core.pruning import CalibrationSpec, PruneSpec
 from sap_core.pruning.sparsegpt import Hessian, sparsegpt_prune
-from sap_core.errors import PruneSpecError
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from conftest import TEXT, make_model_dir
+
 from sap_core.diffusion import DecodeSpec, generate
 from sap_core.errors import Cancelled, PruneSpecError
 from sap_core.models import load_model

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, replace
-from typing import Optional
 
 import numpy as np
 import pandas as pd
@@ -39,7 +38,7 @@ class FakeTrajectory:
     prompt_length: int
     decoded_at: np.ndarray
     confidence: np.ndarray
-    mass: Optional[np.ndarray]
+    mass: np.ndarray | None
     valid_length: np.ndarray
     causal: bool
     mask_id: int = 99

@@ -8,8 +8,8 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-
 from conftest import TEXT
+
 from sap_core.errors import Cancelled, SapError
 from sap_core.pruning import CalibrationSpec
 from sap_core.sinks import SinkSpec

@@ -9,8 +9,8 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-
 from conftest import TEXT
+
 from sap_core.errors import SapError
 from sap_core.pruning import CalibrationSpec, PruneSpec, prune
 from sap_core.pruning.scores import CalibrationCache
@@ -386,9 +386,8 @@ def test_pick_tau_page_computes_the_gate_redraws_and_runs_a_tau_sweep():
 
 
 def test_pick_tau_in_a_browser(app_url, page):
-    from playwright.sync_api import expect
-
     from conftest import CHROMIUM, generate_in_browser, no_streamlit_exception
+    from playwright.sync_api import expect
 
     if not __import__("pathlib").Path(CHROMIUM).exists():
         pytest.skip("no Chromium")

@@ -7,9 +7,9 @@ name of a built-in model in ``sap_core/assets/models/``. Nothing is downloaded: 
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional, Union
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -18,14 +18,13 @@ from transformers.utils import logging as hf_logging
 from sap_core import ASSETS
 from sap_core.attention import AttentionRecorder
 from sap_core.errors import ModelLoadError, SapError
+from sap_core.memory import tune_allocator
 from sap_core.models.checkpoint import SPECIAL_ID_FIELDS, check_declared_size, read_config, read_headers
 from sap_core.models.dream import load_dream, load_dream_tokenizer
 from sap_core.models.hf_causal import HF_CAUSAL_TYPES, load_hf_causal
 from sap_core.models.llada import LLaDAConfig, LLaDAModelLM
 from sap_core.models.loading import load_pretrained
 from sap_core.models.placement import DeviceMap, input_device
-
-from sap_core.memory import tune_allocator
 
 tune_allocator()  # freed capture buffers go back to the system (see sap_core.memory, bench/memory_growth.py)
 
@@ -55,7 +54,7 @@ class ModelHandle:
 
     module: PreTrainedModel
     tokenizer: PreTrainedTokenizerBase
-    mask_id: Optional[int]
+    mask_id: int | None
     family: str
     device: torch.device
     dtype: torch.dtype
@@ -80,7 +79,7 @@ class ModelHandle:
         return sum(p.numel() for p in self.module.parameters())
 
     @property
-    def max_length(self) -> Optional[int]:
+    def max_length(self) -> int | None:
         """The model's context in tokens (``max_sequence_length`` or ``max_position_embeddings`` of its
         config), None when the config states none: the one length limit generation, perplexity, sweeps
         and pruning calibration all check against (:func:`sap_core.evaluate.check_length`)."""
@@ -100,7 +99,7 @@ class ModelHandle:
         return int(getattr(cfg, "d_model", None) or cfg.hidden_size)
 
     @property
-    def vocab_size(self) -> Optional[int]:
+    def vocab_size(self) -> int | None:
         """Token ids a prompt may use: the tokenizer's (``load_model`` checks each has an embedding row),
         else the embedding's rows, else None (unknown)."""
         try:
@@ -112,8 +111,8 @@ class ModelHandle:
     def logits(
         self,
         input_ids: torch.Tensor,
-        recorder: Optional[AttentionRecorder] = None,
-        positions: Optional[torch.Tensor] = None,
+        recorder: AttentionRecorder | None = None,
+        positions: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """``[B, T, V]`` logits on ``device``. DLM: the prediction for position i sits at index i (families
         whose raw logits are shifted, as Dream's, define ``align_logits``). Causal: index i predicts i + 1.
@@ -144,7 +143,7 @@ class ModelHandle:
         return self.tokenizer.decode([int(i) for i in ids], skip_special_tokens=False)
 
 
-def resolve_device(device: Union[str, torch.device]) -> torch.device:
+def resolve_device(device: str | torch.device) -> torch.device:
     if str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -162,7 +161,7 @@ def resolve_device(device: Union[str, torch.device]) -> torch.device:
     return device
 
 
-def resolve_dtype(dtype: Union[str, torch.dtype], device: torch.device) -> torch.dtype:
+def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype == "auto":
@@ -174,7 +173,7 @@ def resolve_dtype(dtype: Union[str, torch.dtype], device: torch.device) -> torch
     return DTYPES[dtype]
 
 
-def _load_tokenizer(path: Path, family: Optional[str] = None) -> PreTrainedTokenizerBase:
+def _load_tokenizer(path: Path, family: str | None = None) -> PreTrainedTokenizerBase:
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
     try:
@@ -207,7 +206,7 @@ FAMILY_LOADERS: dict[str, Callable[..., tuple[PreTrainedModel, object]]] = {
 FAMILY_TOKENIZERS: dict[str, Callable[[Path], PreTrainedTokenizerBase]] = {"Dream": load_dream_tokenizer}
 
 
-def resolve_source(source: Union[str, Path]) -> Path:
+def resolve_source(source: str | Path) -> Path:
     if str(source) in BUILTIN_MODELS:
         path = BUILTIN_MODELS[str(source)]
         if not path.exists():
@@ -223,9 +222,9 @@ def resolve_source(source: Union[str, Path]) -> Path:
 
 
 def load_model(
-    source: Union[str, Path],
-    device: Union[str, torch.device] = "auto",
-    dtype: Union[str, torch.dtype] = "auto",
+    source: str | Path,
+    device: str | torch.device = "auto",
+    dtype: str | torch.dtype = "auto",
     device_map: DeviceMap = None,
 ) -> ModelHandle:
     """Load a model directory or built-in name (``tiny-dlm``, ``tiny-ar``) into a :class:`ModelHandle`.
@@ -276,7 +275,7 @@ def load_model(
     return ModelHandle(module, tokenizer, None if mask_id is None else int(mask_id), family, dev, dt, causal, str(source))
 
 
-def _check_special_ids(path: Path, module, config_dict: dict, tokenizer, mask_id: Optional[int]) -> None:
+def _check_special_ids(path: Path, module, config_dict: dict, tokenizer, mask_id: int | None) -> None:
     """Every special token id (config and tokenizer) indexes a row of the embedding."""
     try:
         embedding = module.get_input_embeddings()

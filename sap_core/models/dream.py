@@ -29,7 +29,6 @@ transformers' own ``Qwen2Tokenizer``.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -39,8 +38,8 @@ from transformers.activations import ACT2FN
 from transformers.modeling_outputs import MaskedLMOutput
 
 from sap_core.attention import AttentionRecorder, attention_with_mass
-from sap_core.models.llada import RMSNorm, Rotary
 from sap_core.errors import ModelLoadError
+from sap_core.models.llada import RMSNorm, Rotary
 from sap_core.models.loading import load_pretrained
 from sap_core.models.placement import DeviceMap, run_blocks
 
@@ -55,7 +54,7 @@ class DreamConfig(PretrainedConfig):
         intermediate_size: int = 22016,
         num_hidden_layers: int = 32,
         num_attention_heads: int = 32,
-        num_key_value_heads: Optional[int] = 32,
+        num_key_value_heads: int | None = 32,
         hidden_act: str = "silu",
         max_position_embeddings: int = 32768,
         initializer_range: float = 0.02,
@@ -63,13 +62,13 @@ class DreamConfig(PretrainedConfig):
         use_cache: bool = False,
         tie_word_embeddings: bool = False,
         rope_theta: float = 10000.0,
-        rope_scaling: Optional[dict] = None,
+        rope_scaling: dict | None = None,
         use_sliding_window: bool = False,
-        sliding_window: Optional[int] = 4096,
+        sliding_window: int | None = 4096,
         max_window_layers: int = 28,
         attention_dropout: float = 0.0,
-        mask_token_id: Optional[int] = None,
-        pad_token_id: Optional[int] = None,
+        mask_token_id: int | None = None,
+        pad_token_id: int | None = None,
         **kwargs,
     ):
         # Defaults are Dream's own, except the token ids: released configs write them (mask 151666,
@@ -118,7 +117,7 @@ class DreamAttention(nn.Module):
         self.v_proj = nn.Linear(d, kv, bias=True)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, d, bias=False)
 
-    def forward(self, x: torch.Tensor, recorder: Optional[AttentionRecorder] = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, recorder: AttentionRecorder | None = None) -> torch.Tensor:
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
@@ -162,7 +161,7 @@ class DreamDecoderLayer(nn.Module):
     def n_kv_heads(self) -> int:
         return self.self_attn.n_kv_heads
 
-    def forward(self, x: torch.Tensor, recorder: Optional[AttentionRecorder] = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, recorder: AttentionRecorder | None = None) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), recorder)
         return x + self.mlp(self.post_attention_layernorm(x))
 
@@ -232,7 +231,7 @@ class DreamModel(PreTrainedModel):
         states ``[B, T, d]`` before the (position-wise) head: ``head(align(h)) == align(head(h))``."""
         return torch.cat([logits[:, :1], logits[:, :-1]], dim=1)
 
-    def hidden_states(self, input_ids: torch.Tensor, recorder: Optional[AttentionRecorder] = None) -> torch.Tensor:
+    def hidden_states(self, input_ids: torch.Tensor, recorder: AttentionRecorder | None = None) -> torch.Tensor:
         """``[B, T, hidden_size]``: the last layer's output, before the head, *unshifted* (``head`` of it is
         ``forward``'s raw logits; :meth:`ModelHandle.logits` aligns it before applying the head at chosen positions)."""
         return run_blocks(self, input_ids, recorder, self.model.norm)
@@ -240,7 +239,7 @@ class DreamModel(PreTrainedModel):
     def forward(
         self,
         input_ids: torch.Tensor,
-        attention_recorder: Optional[AttentionRecorder] = None,
+        attention_recorder: AttentionRecorder | None = None,
         **kwargs,
     ) -> MaskedLMOutput:
         return MaskedLMOutput(logits=self.head(self.hidden_states(input_ids, attention_recorder)))

@@ -23,7 +23,6 @@ Limits of capture: one unpadded sequence per row (no padding mask), and for slid
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import torch
 from torch import nn
@@ -45,14 +44,14 @@ def sinkscope_attention(
     query: torch.Tensor,
     key: torch.Tensor,
     value: torch.Tensor,
-    attention_mask: Optional[torch.Tensor],
+    attention_mask: torch.Tensor | None,
     dropout: float = 0.0,
-    scaling: Optional[float] = None,
+    scaling: float | None = None,
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
     """transformers attention-function signature: ``query`` ``[B, H, T, d]``, ``key``/``value``
     ``[B, Hkv, S, d]``; returns ``([B, T, H, d], None)``. Records mass when ``attention_recorder`` is given."""
-    recorder: Optional[AttentionRecorder] = kwargs.pop("attention_recorder", None)
+    recorder: AttentionRecorder | None = kwargs.pop("attention_recorder", None)
     window = kwargs.get("sliding_window")
     S = key.shape[-2]
     if window is not None and S > window and attention_mask is None:
@@ -105,7 +104,7 @@ class HFBlock(nn.Module):
         self.n_heads = n_heads
         self.n_kv_heads = n_kv_heads
 
-    def forward(self, hidden: torch.Tensor, recorder: Optional[AttentionRecorder] = None) -> torch.Tensor:
+    def forward(self, hidden: torch.Tensor, recorder: AttentionRecorder | None = None) -> torch.Tensor:
         device = execution_device(self.layer)
         hidden = hidden.to(device)
         positions = torch.arange(hidden.shape[1], device=device)[None]
@@ -148,7 +147,7 @@ class CausalLMContract:
         norm = self.base_model.norm
         return self.get_output_embeddings()(norm(hidden.to(execution_device(norm))))
 
-    def forward(self, input_ids: Optional[torch.Tensor] = None, attention_recorder: Optional[AttentionRecorder] = None, **kwargs):
+    def forward(self, input_ids: torch.Tensor | None = None, attention_recorder: AttentionRecorder | None = None, **kwargs):
         kwargs.setdefault("use_cache", False)
         if attention_recorder is not None:
             kwargs["attention_recorder"] = attention_recorder

@@ -20,8 +20,6 @@ built-in DLM). Pass ``attention_recorder=`` to ``forward`` to record attention m
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -30,7 +28,6 @@ from transformers.modeling_outputs import MaskedLMOutput
 
 from sap_core.attention import AttentionRecorder, attention_with_mass
 from sap_core.models.placement import run_blocks
-
 
 # Keys of the official LLaDA configuration whose values this implementation fixes (RoPE in full
 # precision, no ALiBi / QK norm / input-embedding norm / logit scaling, no dropout at inference).
@@ -60,19 +57,19 @@ class LLaDAConfig(PretrainedConfig):
         self,
         d_model: int = 4096,
         n_heads: int = 32,
-        n_kv_heads: Optional[int] = None,
+        n_kv_heads: int | None = None,
         n_layers: int = 32,
-        mlp_hidden_size: Optional[int] = None,
+        mlp_hidden_size: int | None = None,
         mlp_ratio: int = 4,
         vocab_size: int = 126464,
-        embedding_size: Optional[int] = None,
+        embedding_size: int | None = None,
         max_sequence_length: int = 4096,
         rope_theta: float = 10000.0,
         rms_norm_eps: float = 1e-5,
         include_bias: bool = False,
         include_qkv_bias: bool = False,
         weight_tying: bool = False,
-        mask_token_id: Optional[int] = 126336,
+        mask_token_id: int | None = 126336,
         causal: bool = False,
         activation_type: str = "silu",
         block_type: str = "llama",
@@ -191,7 +188,7 @@ class LLaDABlock(nn.Module):
         self.up_proj = nn.Linear(d, hidden, bias=bias)
         self.ff_out = nn.Linear(hidden, d, bias=bias)
 
-    def attention(self, x: torch.Tensor, recorder: Optional[AttentionRecorder]) -> torch.Tensor:
+    def attention(self, x: torch.Tensor, recorder: AttentionRecorder | None) -> torch.Tensor:
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
@@ -203,7 +200,7 @@ class LLaDABlock(nn.Module):
             att = attention_with_mass(q, k, v, self.causal, recorder, self.layer_idx)
         return self.attn_out(att.transpose(1, 2).reshape(B, T, -1))
 
-    def forward(self, x: torch.Tensor, recorder: Optional[AttentionRecorder] = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, recorder: AttentionRecorder | None = None) -> torch.Tensor:
         x = x + self.attention(self.attn_norm(x), recorder)
         h = self.ff_norm(x)
         return x + self.ff_out(F.silu(self.ff_proj(h)) * self.up_proj(h))
@@ -266,7 +263,7 @@ class LLaDAModelLM(PreTrainedModel):
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.model.head(hidden)
 
-    def hidden_states(self, input_ids: torch.Tensor, recorder: Optional[AttentionRecorder] = None) -> torch.Tensor:
+    def hidden_states(self, input_ids: torch.Tensor, recorder: AttentionRecorder | None = None) -> torch.Tensor:
         """``[B, T, d_model]``: the last block's output, before the head (``head`` of it is ``forward``'s
         logits), so a caller can apply the head at chosen positions only (:meth:`ModelHandle.logits`)."""
         return run_blocks(self, input_ids, recorder, self.model.transformer.ln_f)
@@ -274,7 +271,7 @@ class LLaDAModelLM(PreTrainedModel):
     def forward(
         self,
         input_ids: torch.Tensor,
-        attention_recorder: Optional[AttentionRecorder] = None,
+        attention_recorder: AttentionRecorder | None = None,
         **kwargs,
     ) -> MaskedLMOutput:
         return MaskedLMOutput(logits=self.head(self.hidden_states(input_ids, attention_recorder)))

@@ -13,24 +13,22 @@ is what makes offloaded blocks work: their parameters are on ``meta``, but they 
 
 from __future__ import annotations
 
-from typing import Optional, Union
-
 import torch
 from torch import nn
 
 from sap_core.errors import OffloadedModelError
 
 # What load_model(device_map=...) accepts: an accelerate strategy name or module name -> device.
-DeviceMap = Optional[Union[str, dict[str, Union[int, str, torch.device]]]]
+DeviceMap = str | dict[str, int | str | torch.device] | None
 
 
-def _as_device(device: Union[int, str, torch.device]) -> torch.device:
+def _as_device(device: int | str | torch.device) -> torch.device:
     if isinstance(device, int):  # accelerate writes GPU indices as plain ints
         return torch.device("cuda", device)
     return torch.device(device)
 
 
-def hook_device(module: nn.Module) -> Optional[torch.device]:
+def hook_device(module: nn.Module) -> torch.device | None:
     """The execution device of an accelerate hook attached to ``module`` itself, or None."""
     hook = getattr(module, "_hf_hook", None)
     hooks = getattr(hook, "hooks", None) or ([hook] if hook is not None else [])  # SequentialHook or one hook

@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 import numpy as np
 import torch
@@ -78,10 +77,10 @@ class CalibrationRecord:
 
     ids: np.ndarray
     timesteps: list[int]
-    noised: Optional[np.ndarray] = None
-    mass: Optional[np.ndarray] = None
-    sink_scores: Optional[np.ndarray] = None
-    variance: Optional[np.ndarray] = None
-    labels: Optional[np.ndarray] = None
-    gate: Optional[np.ndarray] = None
-    token_weights: Optional[np.ndarray] = None
+    noised: np.ndarray | None = None
+    mass: np.ndarray | None = None
+    sink_scores: np.ndarray | None = None
+    variance: np.ndarray | None = None
+    labels: np.ndarray | None = None
+    gate: np.ndarray | None = None
+    token_weights: np.ndarray | None = None

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Optional, Union
 
 import numpy as np
 import torch
@@ -28,11 +27,10 @@ from sap_core.pruning.sparsegpt import Hessian, sparsegpt_prune_group
 from sap_core.pruning.spec import CalibrationSpec, PruneSpec
 from sap_core.pruning.variant import PrunedVariant, fingerprint, param_names, target_linears
 
-
 # --- the run ------------------------------------------------------------------------------------
 
 
-def _check_against_model(handle, spec: PruneSpec) -> Optional[list[int]]:
+def _check_against_model(handle, spec: PruneSpec) -> list[int] | None:
     """Model-dependent checks; returns the calibration token ids when the method needs them."""
     module = handle.module
     if not hasattr(module, "blocks"):
@@ -71,9 +69,9 @@ def _check_against_model(handle, spec: PruneSpec) -> Optional[list[int]]:
 def prune(
     handle,
     spec: PruneSpec,
-    calibration: Union[CalibrationSpec, str, None] = None,
-    progress: Optional[Progress] = None,
-    cache: Optional[sc.CalibrationCache] = None,
+    calibration: CalibrationSpec | str | None = None,
+    progress: Progress | None = None,
+    cache: sc.CalibrationCache | None = None,
 ) -> PrunedVariant:
     """Prune ``handle``'s block linears as ``spec`` says; the dense model is left untouched.
 

@@ -10,8 +10,6 @@ so the same scores always give the same mask.
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 
 
@@ -20,7 +18,7 @@ def n_prune(cols: int, sparsity: float) -> int:
     return int(min(cols, max(0, round(float(sparsity) * cols))))
 
 
-def select_mask(scores: torch.Tensor, sparsity: float, nm: Optional[tuple[int, int]] = None) -> torch.Tensor:
+def select_mask(scores: torch.Tensor, sparsity: float, nm: tuple[int, int] | None = None) -> torch.Tensor:
     """``scores``: ``[rows, cols]`` (higher = more important). Returns the bool prune mask."""
     rows, cols = scores.shape
     if nm is None:

@@ -35,8 +35,8 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -90,7 +90,7 @@ class BlockTap:
 
         return fn
 
-    def __call__(self, hidden: torch.Tensor, recorder: Optional[AttentionRecorder] = None, capture: bool = True) -> torch.Tensor:
+    def __call__(self, hidden: torch.Tensor, recorder: AttentionRecorder | None = None, capture: bool = True) -> torch.Tensor:
         self._inputs = {}
         self.capture = capture
         return self.module(hidden.to(self.device), recorder)
@@ -172,8 +172,8 @@ def sink_mass(
     noised: torch.Tensor,
     spec: SinkSpec,
     batch_size: int,
-    tick: Optional[Tick] = None,
-    taps: Optional[list[BlockTap]] = None,
+    tick: Tick | None = None,
+    taps: list[BlockTap] | None = None,
 ) -> np.ndarray:
     """``float32 [N, S, L]`` reduced attention mass of every noised sequence (dense model, one
     recorded pass per batch, no activations kept): what the SparseGPT family's factors need."""
@@ -241,7 +241,7 @@ class SampleSinks:
 
 
 def describe_sinks(
-    mass: np.ndarray, spec: SinkSpec, causal: bool, scored: Optional[tuple[np.ndarray, np.ndarray]] = None
+    mass: np.ndarray, spec: SinkSpec, causal: bool, scored: tuple[np.ndarray, np.ndarray] | None = None
 ) -> SampleSinks:
     """Scores, variance and labels of every sample from its reduced mass ``[N, S, L]``; ``scored``:
     the samples' scoring already done (``float64 [N, S, L]`` scores, ``bool [N, S, L]`` flags), else
@@ -296,8 +296,8 @@ def noised_wanda_stats(
     spec: SinkSpec,
     weighting: str,
     batch_size: int,
-    tick: Optional[Tick] = None,
-    taps: Optional[list[BlockTap]] = None,
+    tick: Tick | None = None,
+    taps: list[BlockTap] | None = None,
 ) -> NoisedStats:
     """Single-pass statistics of the noised Wanda family on the dense model.
 
@@ -314,8 +314,8 @@ def noised_wanda_stats_many(
     noised: torch.Tensor,
     weightings: list[Weighting],
     batch_size: int,
-    tick: Optional[Tick] = None,
-    taps: Optional[list[BlockTap]] = None,
+    tick: Tick | None = None,
+    taps: list[BlockTap] | None = None,
 ) -> list[NoisedStats]:
     """:func:`noised_wanda_stats` for several weightings from the same forward passes: one
     :class:`NoisedStats` per ``(weighting, spec)``, each equal to what a run with that weighting alone
@@ -375,8 +375,8 @@ def noised_wanda_stats_two_pass(
     spec: SinkSpec,
     weighting: str,
     batch_size: int,
-    tick: Optional[Tick] = None,
-    taps: Optional[list[BlockTap]] = None,
+    tick: Tick | None = None,
+    taps: list[BlockTap] | None = None,
 ) -> NoisedStats:
     """The same statistics with the official code's structure: a recorded pass for the mass, then a
     second, plain pass whose hooked inputs are scaled and reduced at once. Kept as the reference the
@@ -414,7 +414,7 @@ class ColumnSquares:
     def __init__(self, columns: int, device: torch.device):
         self.sum = torch.zeros(columns, dtype=torch.float32, device=device)
 
-    def add(self, x: torch.Tensor, token_weights: Optional[torch.Tensor] = None) -> None:
+    def add(self, x: torch.Tensor, token_weights: torch.Tensor | None = None) -> None:
         xf = x.float()
         if token_weights is not None:
             xf = xf * token_weights.to(xf.device, torch.float32)[..., None]
@@ -431,9 +431,9 @@ def sequential_sweep(
     make_stat: Callable[[int, torch.device], object],
     prune_group: Callable[[int, Group, list[torch.Tensor], object], list[torch.Tensor]],
     batch_size: int,
-    token_weights: Optional[np.ndarray] = None,
-    tick: Optional[Tick] = None,
-    taps: Optional[list[BlockTap]] = None,
+    token_weights: np.ndarray | None = None,
+    tick: Tick | None = None,
+    taps: list[BlockTap] | None = None,
 ) -> dict[tuple[int, str], torch.Tensor]:
     """Block-by-block pruning on calibration windows ``clean`` ``int64 [N, L]``.
 
@@ -527,8 +527,8 @@ class CalibrationCache:
         cal,
         sink: SinkSpec,
         weighting: str,
-        tick: Optional[Tick] = None,
-        taps: Optional[list[BlockTap]] = None,
+        tick: Tick | None = None,
+        taps: list[BlockTap] | None = None,
     ) -> NoisedStats:
         """:func:`noised_wanda_stats` for ``weighting``, computed (with every planned weighting of the
         same key) on the first call; ``passes`` is 0 when nothing had to run."""
@@ -554,8 +554,8 @@ class CalibrationCache:
         noised: torch.Tensor,
         cal,
         sink: SinkSpec,
-        tick: Optional[Tick] = None,
-        taps: Optional[list[BlockTap]] = None,
+        tick: Tick | None = None,
+        taps: list[BlockTap] | None = None,
     ) -> tuple[np.ndarray, int]:
         """(:func:`sink_mass`, forward passes run now: 0 when it was cached)."""
         key = self._key(handle, cal, sink)

@@ -25,8 +25,6 @@ Differences from the reference implementation, on purpose:
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 
 from sap_core.pruning.masks import lowest_k, n_prune, select_mask
@@ -38,9 +36,9 @@ class Hessian:
     def __init__(self, columns: int, device: torch.device):
         self.sum = torch.zeros(columns, columns, dtype=torch.float32, device=device)
         self.sequences = 0
-        self._matrix: Optional[torch.Tensor] = None
+        self._matrix: torch.Tensor | None = None
 
-    def add(self, x: torch.Tensor, token_weights: Optional[torch.Tensor] = None) -> None:
+    def add(self, x: torch.Tensor, token_weights: torch.Tensor | None = None) -> None:
         """``x``: ``[B, L, cols]`` layer inputs; ``token_weights``: ``[B, L]`` factors or None."""
         xf = x.float()
         if token_weights is not None:
@@ -81,7 +79,7 @@ def sparsegpt_prune(
     weight: torch.Tensor,
     hessian: torch.Tensor,
     sparsity: float,
-    nm: Optional[tuple[int, int]] = None,
+    nm: tuple[int, int] | None = None,
     blocksize: int = 128,
     percdamp: float = 0.01,
     selection: str = "per_row",
@@ -138,7 +136,7 @@ def sparsegpt_prune_group(
     weights: list[torch.Tensor],
     hessian: torch.Tensor,
     sparsity: float,
-    nm: Optional[tuple[int, int]] = None,
+    nm: tuple[int, int] | None = None,
     blocksize: int = 128,
     percdamp: float = 0.01,
     selection: str = "per_row",

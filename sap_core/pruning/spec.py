@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Iterable, Optional
 
 from sap_core import ASSETS
 from sap_core.errors import PruneSpecError
@@ -153,7 +153,7 @@ UNGATED_TWIN: dict[str, str] = {
 SPARSEGPT_SELECTIONS = ("per_row", "official")
 
 
-def parse_pattern(pattern: str) -> Optional[tuple[int, int]]:
+def parse_pattern(pattern: str) -> tuple[int, int] | None:
     """``"unstructured"`` -> None; ``"N:M"`` -> ``(N, M)``: at most N non-zero weights in every M
     consecutive input weights of a row (2:4 and 4:8 are 50 %). Raises :class:`PruneSpecError`."""
     text = str(pattern).strip().lower()
@@ -189,7 +189,7 @@ class CalibrationSpec:
     :meth:`official` gives those settings, and :meth:`PruneSpec.official` the whole official run.
     """
 
-    text: Optional[str] = None
+    text: str | None = None
     nsamples: int = 16
     seqlen: int = 128
     seed: int = 0
@@ -199,7 +199,7 @@ class CalibrationSpec:
     batch_size: int = 10
 
     @classmethod
-    def official(cls, seqlen: int, text: Optional[str] = None) -> "CalibrationSpec":
+    def official(cls, seqlen: int, text: str | None = None) -> CalibrationSpec:
         """The official code's calibration: 128 windows of ``seqlen`` tokens (there, the model's
         ``max_sequence_length``), seed 0, T = 50 diffusion steps sampled every 5, eps = 1e-3."""
         return cls(text=text, nsamples=128, seqlen=seqlen, seed=0, T=50, interval=5, eps=1e-3)
@@ -278,7 +278,7 @@ class PruneSpec:
     sparsegpt_selection: str = "per_row"
 
     @classmethod
-    def official(cls, method: str, sparsity: float, pattern: str = "unstructured", *, seqlen: int) -> "PruneSpec":
+    def official(cls, method: str, sparsity: float, pattern: str = "unstructured", *, seqlen: int) -> PruneSpec:
         """The official code's settings as one preset: :meth:`CalibrationSpec.official` (128 windows of
         ``seqlen`` tokens, the model's context there), the official sink rule (``SinkSpec()``: k = 2,
         alpha = 5, no variance gate) and SparseGPT's reference mask selection."""
@@ -292,7 +292,7 @@ class PruneSpec:
         )
 
     @property
-    def nm(self) -> Optional[tuple[int, int]]:
+    def nm(self) -> tuple[int, int] | None:
         return parse_pattern(self.pattern)
 
     @property

@@ -12,10 +12,10 @@ import dataclasses
 import hashlib
 import json
 import threading
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Optional, Union
 
 import numpy as np
 import pandas as pd
@@ -27,7 +27,6 @@ from sap_core.files import atomic_directory, check_output_dir
 from sap_core.models import ModelHandle, placement
 from sap_core.pruning.calibration import CalibrationRecord
 from sap_core.pruning.spec import PruneSpec
-
 
 # --- which weights ------------------------------------------------------------------------------
 
@@ -137,14 +136,14 @@ def is_variant_dir(path: Path) -> bool:
         return False
 
 
-def _model_dir(handle) -> Optional[Path]:
+def _model_dir(handle) -> Path | None:
     from sap_core.models import BUILTIN_MODELS
 
     source = BUILTIN_MODELS.get(str(handle.source), Path(str(handle.source)).expanduser())
     return source.resolve() if source.is_dir() else None
 
 
-def check_save_target(directory: Union[str, Path], handle, overwrite: bool = False) -> Path:
+def check_save_target(directory: str | Path, handle, overwrite: bool = False) -> Path:
     """Refuse, before any work, a directory a variant may not be saved to: the loaded model's own
     directory (or one inside it or above it), a file, an unwritable place, a non-empty directory that is
     not a SinkScope variant, and an existing variant unless ``overwrite``. Returns the resolved path."""
@@ -189,10 +188,10 @@ class PrunedVariant:
     seconds: float
     timings: dict[str, float]
     passes: int
-    calibration: Optional[CalibrationRecord]
+    calibration: CalibrationRecord | None
     source: str
     layer_sparsity: pd.DataFrame = field(repr=False, default=None)
-    dense_fingerprint: Optional[dict] = field(repr=False, default=None)
+    dense_fingerprint: dict | None = field(repr=False, default=None)
 
     def __post_init__(self) -> None:
         if self.layer_sparsity is None:
@@ -220,7 +219,7 @@ class PrunedVariant:
         return float(self.layer_sparsity.attrs["overall"])
 
     @property
-    def token_weights(self) -> Optional[np.ndarray]:
+    def token_weights(self) -> np.ndarray | None:
         """Per-token factors the run multiplied layer inputs by (see :class:`CalibrationRecord`)."""
         return None if self.calibration is None else self.calibration.token_weights
 
@@ -303,7 +302,7 @@ class PrunedVariant:
         module.eval()
         return dataclasses.replace(handle, module=module, lock=threading.RLock(), source=f"{handle.name} [{self.spec.label}]")
 
-    def save(self, directory: Union[str, Path], handle, overwrite: bool = False) -> Path:
+    def save(self, directory: str | Path, handle, overwrite: bool = False) -> Path:
         """Write the pruned model as a model directory (``model.safetensors``, ``config.json``,
         tokenizer files, and ``pruning.json`` with the spec, figures and the dense model's fingerprint)
         that ``load_model`` loads. Returns the absolute path.
