@@ -166,7 +166,8 @@ class SinkSpec:
     * ``rule``: ``"official"`` (soft sigmoid score) or ``"leave_one_out"`` (hard rule of the figure).
     * ``k``, ``alpha``: threshold ``mean + k·std`` and sigmoid slope of the official rule.
     * ``epsilon``: margin of the leave-one-out rule, in units of the step's uniform mass.
-    * ``tau``: variance threshold of the stability gate (0 = official: every sink is unstable).
+    * ``tau``: variance threshold of the stability gate (0: every sink is unstable); read only by the gated
+      methods; the official rule has no gate (the ungated methods down-weight every position).
     * ``stable_min_frequency``: a stable sink is a sink at least this share of steps.
     * ``layers``, ``heads``: indices to sum over (None = all); the head selection applies to every
       selected layer.
@@ -212,7 +213,7 @@ class SinkSpec:
         if self.epsilon < 0:
             raise SinkSpecError(f"epsilon must be >= 0 (got {self.epsilon}); it is a margin above the others' mean.")
         if self.tau < 0:
-            raise SinkSpecError(f"tau must be >= 0 (got {self.tau}); 0 treats every sink as unstable (official).")
+            raise SinkSpecError(f"tau must be >= 0 (got {self.tau}); 0 treats every sink as unstable.")
         if not 0 < self.stable_min_frequency <= 1:
             raise SinkSpecError(
                 f"stable_min_frequency must be in (0, 1] (got {self.stable_min_frequency}); 0.5 means 'a sink at most steps'."
