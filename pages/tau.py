@@ -128,6 +128,11 @@ if result is not None and result[0] == model_choice():
     _, df, sp, pat = result
     table = tau_table(df, sp, pat)
     best = best_taus(table, df)
+    st.caption(
+        f"From the last completed tau sweep: {int((df['method'] != 'dense').sum())} pruned models at {pat}"
+        + (f", sparsity {sp:g}" if pat == "unstructured" else "")
+        + (" (the run started since was cancelled)." if cancel.cancelled else ".")
+    )
     st.plotly_chart(viz.tau_sweep_figure(table, best))
     for _, b in best.iterrows():
         line = (
