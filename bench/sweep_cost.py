@@ -2,7 +2,9 @@
 
 Runs the README's sweep (tiny-dlm; magnitude, wanda, sparsegpt, sink_wanda, sink_sparsegpt,
 noised_wanda, gated_sink_wanda at tau 0.05; sparsities 0.3, 0.5, 0.7; unstructured and 2:4; the
-default calibration and evaluation settings) twice in one process: with ``run_sweep``'s default
+default calibration and evaluation settings) both ways in one process, ``--rounds`` times each in the
+order recalibrate, reuse, reuse, recalibrate (so a drift in the machine's speed cancels in the means; one
+run each was seen to swing the ratio between 0.58x and 0.74x): with ``run_sweep``'s default
 (:class:`sap_core.pruning.scores.CalibrationCache`) and with ``reuse_calibration=False`` (every job
 recalibrates, as before issue 14). Checks that both give the same rows and prints the wall and CPU
 times, the pruning and evaluation parts (evaluation CPU time counted around ``sap_core.sweep.perplexity``,
@@ -10,7 +12,7 @@ pruning = the rest), and the ratios. ``--taus`` adds a tau sweep of gated_sink_w
 ``--quick`` shrinks calibration and evaluation to 4 windows (a smoke run on a busy machine).
 Target (issue 14): <= 0.5x.
 
-    python bench/sweep_cost.py [--quick] [--taus 0,0.01,0.02,0.05,0.1] [--threads 1]
+    python bench/sweep_cost.py [--quick] [--rounds 2] [--taus 0,0.01,0.02,0.05,0.1] [--threads 1]
 """
 
 from __future__ import annotations
@@ -48,6 +50,13 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="4 calibration and 4 evaluation windows instead of 16")
     ap.add_argument("--taus", default="", help="comma-separated taus for gated_sink_wanda (default: the README's 0.05)")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument(
+        "--rounds",
+        type=int,
+        default=2,
+        help="rounds of both runs, in the order recalibrate, reuse, reuse, recalibrate, ... (ABBA: a drift in the "
+        "machine's speed cancels); 1 = one run each",
+    )
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     handle = load_model("tiny-dlm", device="cpu")
@@ -69,30 +78,37 @@ def main() -> None:
         flush=True,
     )
     run_sweep(handle, SweepSpec(methods=("magnitude",), sparsities=(0.5,), eval=EvalSpec(nsamples=1, draws=2)))  # warm-up
-    out = {}
-    for name, reuse in (("recalibrate every job", False), ("reuse calibration", True)):
+    names = {False: "recalibrate every job", True: "reuse calibration"}
+    order = (
+        [False, True]
+        if args.rounds == 1
+        else [r for k in range(args.rounds) for r in ((False, True) if k % 2 == 0 else (True, False))]
+    )
+    runs = {False: [], True: []}
+    for reuse in order:
         EVAL_CPU[0] = 0.0
         t0, c0 = time.perf_counter(), time.process_time()
         df = run_sweep(handle, spec, reuse_calibration=reuse)
         wall, cpu = time.perf_counter() - t0, time.process_time() - c0
-        out[name] = (df, wall, cpu, EVAL_CPU[0])
+        runs[reuse].append((df, wall, cpu, EVAL_CPU[0]))
         print(
-            f"{name:>22}: {wall:7.1f} s wall, {cpu:7.1f} s CPU (pruning {df['prune_seconds'].sum():6.1f} s wall, "
+            f"{names[reuse]:>22}: {wall:7.1f} s wall, {cpu:7.1f} s CPU (pruning {df['prune_seconds'].sum():6.1f} s wall, "
             f"{cpu - EVAL_CPU[0]:6.1f} s CPU; evaluation {df['eval_seconds'].sum():6.1f} s wall, {EVAL_CPU[0]:6.1f} s CPU); "
             f"load average {os.getloadavg()[0]:.2f}",
             flush=True,
         )
-    (old, t_old, c_old, e_old), (new, t_new, c_new, e_new) = out.values()
-    diff = float(np.max(np.abs(new["nll"].to_numpy() - old["nll"].to_numpy())))
-    print(f"same rows: max |delta nll| = {diff:.2e} over {len(new)} rows")
+    frames = [df for reuse in (False, True) for df, *_ in runs[reuse]]
+    diff = max(float(np.max(np.abs(df["nll"].to_numpy() - frames[0]["nll"].to_numpy()))) for df in frames)
+    print(f"same rows: max |delta nll| = {diff:.2e} over {len(frames[0])} rows and {len(frames)} runs")
+    mean = {r: np.mean([[wall, cpu, e, df["prune_seconds"].sum()] for df, wall, cpu, e in runs[r]], axis=0) for r in runs}
+    (t_old, c_old, e_old, p_old), (t_new, c_new, e_new, p_new) = mean[False], mean[True]
     print(
-        f"ratio (reuse / recalibrate), whole sweep: {t_new / t_old:.2f}x wall, {c_new / c_old:.2f}x CPU time "
-        "(CPU time is the fairer figure on a shared machine)"
+        f"ratio (reuse / recalibrate, means over {len(runs[True])} run(s) each), whole sweep: {t_new / t_old:.2f}x wall, "
+        f"{c_new / c_old:.2f}x CPU time (CPU time is the fairer figure on a shared machine); evaluation CPU "
+        f"{e_old:.1f} s vs {e_new:.1f} s (the same work)"
     )
-    print(
-        f"ratio, pruning part only: {new['prune_seconds'].sum() / old['prune_seconds'].sum():.2f}x wall, "
-        f"{(c_new - e_new) / (c_old - e_old):.2f}x CPU time"
-    )
+    print(f"ratio, pruning part only: {p_new / p_old:.2f}x wall, {(c_new - e_new) / (c_old - e_old):.2f}x CPU time")
+    out = {names[r]: runs[r][-1] for r in (False, True)}
     per_method = {name: df.groupby("method", sort=False)["prune_seconds"].sum() for name, (df, *_) in out.items()}
     print(
         "pruning wall seconds per method, recalibrate -> reuse: "
