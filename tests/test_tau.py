@@ -376,7 +376,8 @@ def test_pick_tau_page_computes_the_gate_redraws_and_runs_a_tau_sweep():
     ]
     best = [m.value for m in at.markdown if "best tau" in m.value]
     assert len(best) == 1 and "paired SE" in best[0] and "against wanda" in best[0]
-    assert any(c.value.startswith("From the last completed tau sweep: 5 pruned models at unstructured") for c in at.caption), [c.value for c in at.caption]
+    captions = [c.value for c in at.caption]
+    assert any(c.startswith("From the last completed tau sweep: 5 pruned models at unstructured") for c in captions), captions
     table = at.dataframe[-1].value
     official = table[table["kind"] == "official"].iloc[0]
     assert official["method"] == "sink_wanda" and f"against sink_wanda (official rule, no gate; {official['ppl']:.2f})" in best[0]
