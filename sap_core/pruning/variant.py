@@ -42,6 +42,14 @@ def param_names(module: nn.Module) -> dict[int, str]:
     return {id(p): n for n, p in module.named_parameters()}
 
 
+def _sparsity_row(block: int, module: str, W: torch.Tensor) -> dict:
+    """One row of a sparsity table: a linear's shape, size and zeros."""
+    zeros = int((W == 0).sum())
+    return dict(
+        block=block, module=module, rows=W.shape[0], cols=W.shape[1], params=W.numel(), zeros=zeros, sparsity=zeros / W.numel()
+    )
+
+
 def _frame(rows: list[dict]) -> pd.DataFrame:
     df = pd.DataFrame(rows, columns=["block", "module", "rows", "cols", "params", "zeros", "sparsity"])
     total = int(df["params"].sum()) if len(df) else 0
@@ -73,19 +81,7 @@ def check_sparsity(obj, by: str = "module") -> pd.DataFrame:
     rows = []
     with torch.no_grad():
         for i, name, lin in target_linears(module):
-            W = lin.weight
-            zeros = int((W == 0).sum())
-            rows.append(
-                dict(
-                    block=i,
-                    module=name,
-                    rows=W.shape[0],
-                    cols=W.shape[1],
-                    params=W.numel(),
-                    zeros=zeros,
-                    sparsity=zeros / W.numel(),
-                )
-            )
+            rows.append(_sparsity_row(i, name, lin.weight))
     df = _frame(rows)
     return df if by == "module" else _by_layer(df)
 
@@ -197,19 +193,7 @@ class PrunedVariant:
         if self.layer_sparsity is None:
             rows = []
             for block, name, pname in self.modules:
-                W = self.weights[pname]
-                zeros = int((W == 0).sum())
-                rows.append(
-                    dict(
-                        block=block,
-                        module=name,
-                        rows=W.shape[0],
-                        cols=W.shape[1],
-                        params=W.numel(),
-                        zeros=zeros,
-                        sparsity=zeros / W.numel(),
-                    )
-                )
+                rows.append(_sparsity_row(block, name, self.weights[pname]))
             self.layer_sparsity = _frame(rows)
 
     @property
