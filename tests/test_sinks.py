@@ -18,15 +18,28 @@ from sap_core.sinks import (
     SinkSpec,
     analyze,
     compare,
-    downweight_factors,
+    factor_gate,
     mass_view,
+    mean_factors,
     position_stats,
     read_csv,
     reduce_mass,
+    score_steps,
     sink_flags,
     sink_scores,
-    step_downweights,
+    step_factors,
 )
+
+
+def downweight_factors(summed, spec=SinkSpec(), *, gated=False, per_step=False):
+    """The pruner's token factors of one sample's reduced mass, through the functions the engine calls."""
+    scores, flags = score_steps(summed, spec)
+    gate = factor_gate("gated" if gated else "official", position_stats(scores, flags, spec).gate)
+    return step_factors(scores, gate) if per_step else mean_factors(position_stats(scores, flags, spec).mean_score, gate)
+
+
+def step_downweights(summed, spec=SinkSpec(), *, gated=False):
+    return downweight_factors(summed, spec, gated=gated, per_step=True)
 
 
 @dataclass
