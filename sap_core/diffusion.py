@@ -165,14 +165,6 @@ class Trajectory:
     def generated_ids(self) -> np.ndarray:
         return self.final_tokens[self.prompt_length :]
 
-    def decoded_at_step(self, step: int) -> np.ndarray:
-        """``bool [L]``: positions decoded at ``step``."""
-        return self.decoded_at == step
-
-    def masked_at_step(self, step: int) -> np.ndarray:
-        """``bool [L]``: positions still masked (or not yet generated) in the input of ``step``."""
-        return self.decoded_at >= step
-
     def save(self, path) -> Path:
         """Write to ``.npz`` (arrays plus the spec) atomically and return the path written: ``path``, with
         ``.npz`` appended when it lacks it. :meth:`load` reads it back (and accepts either form)."""

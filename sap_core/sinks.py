@@ -625,12 +625,6 @@ class SinkReport:
     def labels(self) -> np.ndarray:
         return self.positions.label
 
-    def sinks_with_label(self, label: str) -> np.ndarray:
-        """Positions (``int64``) with the given label."""
-        if label not in LABELS:
-            raise SinkSpecError(f"label must be one of {', '.join(LABELS)} (got '{label}').")
-        return np.flatnonzero(self.positions.label == label)
-
     def state_names(self, step: int) -> list[str]:
         """The state of every position at ``step``, as strings."""
         if not 0 <= step < self.n_steps:

@@ -17,12 +17,19 @@ from sap_core.pruning import METHODS, CalibrationSpec, PruneSpec, check_sparsity
 from sap_core.pruning import scores as sc
 from sap_core.pruning import spec as spec_module
 from sap_core.pruning.calibration import calibration_ids, noised_ids, tokenize
-from sap_core.pruning.masks import n_prune, nm_holds, select_mask
+from sap_core.pruning.masks import n_prune, select_mask
 from sap_core.pruning.sparsegpt import Hessian, sparsegpt_prune, sparsegpt_prune_group
 from sap_core.sinks import SinkSpec
 
 CAL_TEXT = " ".join(TEXT * 12)
 CAL = CalibrationSpec(text=CAL_TEXT, nsamples=2, seqlen=24, T=50, interval=10, batch_size=3)
+
+
+def nm_holds(weight: torch.Tensor, nm: tuple[int, int]) -> bool:
+    """True when every group of M consecutive input weights of every row has at most N non-zeros."""
+    n, m = nm
+    rows, cols = weight.shape
+    return bool(((weight != 0).reshape(rows, cols // m, m).sum(-1) <= n).all())
 
 
 def spec(method, sparsity=0.5, **kw):
