@@ -90,13 +90,18 @@ class DecodeSpec:
         if self.remasking not in REMASKING:
             raise DecodeSpecError(f"remasking must be one of {', '.join(REMASKING)} (got '{self.remasking}').")
         if causal:
-            if self.cfg_scale > 0:
-                raise DecodeSpecError(
-                    "Classifier-free guidance needs a masked-diffusion model; set cfg_scale=0 for a causal model."
-                )
-            if prompt_length < 1:
-                raise DecodeSpecError("A causal model needs at least one prompt token to continue from; give a prompt.")
-            return
+            self._validate_causal(prompt_length)
+        else:
+            self._validate_schedule()
+
+    def _validate_causal(self, prompt_length: int) -> None:
+        if self.cfg_scale > 0:
+            raise DecodeSpecError("Classifier-free guidance needs a masked-diffusion model; set cfg_scale=0 for a causal model.")
+        if prompt_length < 1:
+            raise DecodeSpecError("A causal model needs at least one prompt token to continue from; give a prompt.")
+
+    def _validate_schedule(self) -> None:
+        """The masked-diffusion schedule: blocks and steps that divide evenly."""
         if self.block_length < 1 or self.steps < 1:
             raise DecodeSpecError("steps and block_length must be at least 1.")
         if self.gen_length % self.block_length:

