@@ -530,3 +530,10 @@ def test_each_sample_is_scored_once(dlm, monkeypatch, method):
     assert len(calls) == CAL.nsamples * chunks
     assert sum(shape[0] for shape in calls) == CAL.nsamples * S  # every step scored exactly once
     assert v.calibration.sink_scores.shape == (CAL.nsamples, S, CAL.seqlen)
+
+
+def test_timings_book_the_block_sequential_pass_as_pruning(dlm):
+    assert prune(dlm, spec("wanda")).timings["calibration"] == 0.0  # no noised passes: all of it is pruning
+    v = prune(dlm, spec("sink_sparsegpt"))
+    assert v.timings["calibration"] > 0 and v.timings["pruning"] > 0
+    assert v.timings["calibration"] + v.timings["pruning"] == pytest.approx(v.seconds)

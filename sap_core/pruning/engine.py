@@ -128,7 +128,7 @@ def _run(handle, taps, spec: PruneSpec, token_ids, tick, cache=None):
         return _magnitude(taps, spec, tick), None, 0, 0.0
     t0 = time.perf_counter()
     record, stats = _calibrate(handle, taps, spec, token_ids, tick, cache)
-    t_cal = time.perf_counter() - t0
+    t_cal = 0.0 if record is None else time.perf_counter() - t0  # no noised passes: no calibration time
     passes = 0 if record is None else record.passes
     clean = calibration_ids(token_ids, cal)[0] if record is None else record.ids
     if not row.sequential:  # Wanda statistics of the dense model on noised inputs, weighted per step
