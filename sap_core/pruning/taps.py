@@ -1,7 +1,6 @@
 """Running the dense model's blocks without touching it: taps and the one recorded-pass loop.
 
-All statistics are float32. Nothing here writes to the shared model: every forward runs through a
-:class:`BlockTap`, a clone of one block that shares its weights' storage (no copy) but has its own
+Nothing here writes to the shared model: every forward runs through a :class:`BlockTap`, a clone of one block that shares its weights' storage (no copy) but has its own
 parameter objects and hooks and can take replacement weights. A tap is a snapshot: a variant that
 another thread swaps into the shared model later (:meth:`PrunedVariant.applied` replaces the
 parameters' tensors, never their contents) does not reach it, so :func:`make_taps` is the only
