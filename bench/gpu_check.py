@@ -30,6 +30,8 @@ from sap_core.attention import AttentionRecorder
 from sap_core.diffusion import DecodeSpec, generate
 from sap_core.models import ModelHandle
 from sap_core.models.llada import LLaDAConfig, LLaDAModelLM
+from sap_core.pruning import CalibrationSpec, PruneSpec, prune
+from sap_core.pruning.sparsegpt import Hessian, sparsegpt_prune
 
 
 @dataclass(frozen=True)
@@ -150,12 +152,7 @@ def bench_generation(handle: ModelHandle, shape: Shape, meter: Meter, repeats: i
     return dict(plain=a, captured=b, peaks=peaks, tokens=gen)
 
 
-def bench_pruning(handle: ModelHandle, shape: Shape, meter: Meter) -> dict | None:
-    try:
-        from sap_core.pruning import CalibrationSpec, PruneSpec, prune
-    except ImportError as exc:  # pruning not installed in this checkout
-        print(f"pruning: skipped ({exc})")
-        return None
+def bench_pruning(handle: ModelHandle, shape: Shape, meter: Meter) -> dict:
     text = " ".join(f"w{(i * 7919) % 100003}" for i in range(shape.seqlen * shape.samples * 4))
     cal = CalibrationSpec(text=text, nsamples=shape.samples, seqlen=shape.seqlen, T=shape.T, interval=shape.interval)
     out = {}
@@ -167,12 +164,7 @@ def bench_pruning(handle: ModelHandle, shape: Shape, meter: Meter) -> dict | Non
     return out
 
 
-def bench_sparsegpt_block(handle: ModelHandle, shape: Shape, meter: Meter) -> tuple[float, float | None, int] | None:
-    try:
-        from sap_core.pruning.sparsegpt import Hessian, sparsegpt_prune
-    except ImportError as exc:
-        print(f"sparsegpt: skipped ({exc})")
-        return None
+def bench_sparsegpt_block(handle: ModelHandle, shape: Shape, meter: Meter) -> tuple[float, float | None, int]:
     block = handle.module.blocks[0]
     g = torch.Generator().manual_seed(2)
     ids = torch.randint(0, shape.vocab_size, (shape.samples, shape.seqlen), generator=g).to(handle.device)
@@ -230,23 +222,16 @@ def main(argv: list[str] | None = None) -> int:
     print(f"ratio capture/plain: {g['captured'] / g['plain']:.2f}x")
 
     p = bench_pruning(handle, shape, meter)
-    if p is not None:
-        for method, (sec, peak, sparsity, timings) in p.items():
-            parts = ", ".join(f"{k} {v:.1f} s" for k, v in timings.items())
-            print(
-                f"{method} 50% on {shape.samples} x {shape.seqlen} tokens: {sec:.1f} s ({parts}), "
-                f"sparsity {sparsity:.3f}, peak {fmt_mem(peak)}"
-            )
-        print(f"ratio sink_wanda/wanda: {p['sink_wanda'][0] / p['wanda'][0]:.2f}x")
-    s = bench_sparsegpt_block(handle, shape, meter)
-    if s is not None:
-        sec, peak, n = s
+    for method, (sec, peak, sparsity, timings) in p.items():
+        parts = ", ".join(f"{k} {v:.1f} s" for k, v in timings.items())
         print(
-            f"sparsegpt 50% on one block ({n} linears, {shape.samples} x {shape.seqlen} tokens): {sec:.1f} s, "
-            f"peak {fmt_mem(peak)}"
+            f"{method} 50% on {shape.samples} x {shape.seqlen} tokens: {sec:.1f} s ({parts}), "
+            f"sparsity {sparsity:.3f}, peak {fmt_mem(peak)}"
         )
-        if p is not None:
-            print(f"ratio sparsegpt one block / wanda whole model: {sec / p['wanda'][0]:.2f}x")
+    print(f"ratio sink_wanda/wanda: {p['sink_wanda'][0] / p['wanda'][0]:.2f}x")
+    sec, peak, n = bench_sparsegpt_block(handle, shape, meter)
+    print(f"sparsegpt 50% on one block ({n} linears, {shape.samples} x {shape.seqlen} tokens): {sec:.1f} s, peak {fmt_mem(peak)}")
+    print(f"ratio sparsegpt one block / wanda whole model: {sec / p['wanda'][0]:.2f}x")
     print(f"total: {time.perf_counter() - t_all:.1f} s; peak memory over the run {fmt_mem(meter.overall)}")
     return 0
 

@@ -25,8 +25,10 @@ from sap_core.models import BUILTIN_MODELS, ModelHandle, load_model
 from sap_core.models.llada import LLaDAConfig, LLaDAModelLM
 from sap_core.pruning import METHODS, CalibrationSpec, PruneSpec, prune
 from sap_core.pruning import scores as sc
-from sap_core.pruning.calibration import calibration_ids, noised_ids, tokenize
+from sap_core.pruning.calibration import tokenize
+from sap_core.pruning.record import record_calibration
 from sap_core.pruning.spec import DEFAULT_CALIBRATION
+from sap_core.pruning.taps import chunks, embed
 from sap_core.sinks import SinkSpec
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -66,6 +68,27 @@ def median_time(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
+@torch.no_grad()
+def two_pass_stats(handle, cal, sink, token_ids):
+    """The official code's structure: a recorded pass for the attention mass (the calibration record), then
+    a second, plain pass whose hooked inputs are scaled and reduced as they come. Returns (passes, stats)."""
+    taps = sc.make_taps(handle)
+    record = record_calibration(handle, cal, sink, token_ids, taps=taps)  # pass 1: attention mass only
+    norms = sc.WandaNorms([sc.weighting("official", 0.0)], len(taps))
+    N, S, _ = record.noised.shape
+    passes = record.passes
+    for n in range(N):
+        for c0, c1 in chunks(S, cal.batch_size):  # pass 2: activations, weighted as they come
+            h = embed(handle, record.noised[n, c0:c1])
+            inputs = []
+            for tap in taps:
+                h = tap(h)
+                inputs.append(tap.take_inputs())
+            norms(n, c0, c1, inputs, record)
+            passes += 1
+    return passes, norms.result(0)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
@@ -97,11 +120,11 @@ def main() -> None:
         print(f"  {method:22s} {seconds:7.3f} s")
 
     # single pass vs two passes, same statistics, interleaved
-    clean, generator = calibration_ids(tokenize(handle, cal), cal)
-    noised = noised_ids(clean, cal, handle.mask_id, generator)
+    token_ids = tokenize(handle, cal)
     sink = SinkSpec()
-    one = sc.noised_wanda_stats(handle, noised, sink, "official", cal.batch_size)
-    two = sc.noised_wanda_stats_two_pass(handle, noised, sink, "official", cal.batch_size)
+    w = [sc.weighting("official", 0.0)]
+    one_record, (one,) = sc.noised_wanda_stats(handle, cal, sink, token_ids, w)
+    two_passes, two = two_pass_stats(handle, cal, sink, token_ids)
     worst = 0.0
     for a, b in zip(one.norms, two.norms):
         for g in a:
@@ -110,15 +133,15 @@ def main() -> None:
     singles, doubles = [], []
     for _ in range(args.repeats):
         t0 = time.perf_counter()
-        sc.noised_wanda_stats(handle, noised, sink, "official", cal.batch_size)
+        sc.noised_wanda_stats(handle, cal, sink, token_ids, w)
         singles.append(time.perf_counter() - t0)
         t0 = time.perf_counter()
-        sc.noised_wanda_stats_two_pass(handle, noised, sink, "official", cal.batch_size)
+        two_pass_stats(handle, cal, sink, token_ids)
         doubles.append(time.perf_counter() - t0)
     a, b = statistics.median(singles), statistics.median(doubles)
     print(f"\nsink-aware Wanda statistics ({cal.nsamples} samples x {len(cal.timesteps)} timesteps):")
-    print(f"  one pass : {a:.3f} s ({one.passes} forward passes)")
-    print(f"  two passes: {b:.3f} s ({two.passes} forward passes)")
+    print(f"  one pass : {a:.3f} s ({one_record.passes} forward passes)")
+    print(f"  two passes: {b:.3f} s ({two_passes} forward passes)")
     print(f"  scores agree: max relative difference of the column norms {worst:.2e}; token factors identical: {same_weights}")
     print(f"  ratio one/two: {a / b:.2f}x (target <= 0.6x)")
 

@@ -12,6 +12,7 @@ Heavy imports (torch, transformers) happen inside the handlers so that ``--help`
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -342,12 +343,13 @@ def _add_eval(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> Parser:
-    from sap_core.pruning.spec import METHODS  # the method table; light (no torch)
+    from sap_core.pruning.spec import METHODS, SPARSEGPT_SELECTIONS  # the method table; light (no torch)
 
     parser = Parser(
-        prog="python -m sap_core", description="SinkScope: attention sinks and sink-aware pruning of diffusion language models."
+        prog="sinkscope" if Path(sys.argv[0]).name == "sinkscope" else "python -m sap_core",
+        description="SinkScope: attention sinks and sink-aware pruning of diffusion language models.",
     )
-    sub = parser.add_subparsers(dest="command", metavar="{generate,analyze,prune,evaluate,sweep,sinkstats}", required=True)
+    sub = parser.add_subparsers(dest="command", required=True)  # its metavar lists every subcommand, set at the end
 
     p = sub.add_parser(
         "generate",
@@ -402,6 +404,13 @@ def build_parser() -> Parser:
     p.add_argument("--pattern", default="unstructured", help="unstructured or N:M, e.g. 2:4 (default unstructured)")
     _add_sink(p)
     _add_calibration(p)
+    p.add_argument(
+        "--sparsegpt-selection",
+        choices=list(SPARSEGPT_SELECTIONS),
+        default=None,
+        help="how the SparseGPT family picks an unstructured mask: per_row (default, the project's) or official "
+        "(the reference code's per-column-block threshold; the default of --preset official)",
+    )
     p.add_argument(
         "--preset",
         choices=["official"],
@@ -505,6 +514,7 @@ def build_parser() -> Parser:
         help="write the results (.csv: summary + <stem>.prompts.csv; .json: everything); default: JSON summary to stdout",
     )
     p.set_defaults(func=cmd_sinkstats)
+    sub.metavar = "{" + ",".join(sub.choices) + "}"  # every subcommand on the usage line
     return parser
 
 
@@ -660,6 +670,7 @@ def cmd_prune(args) -> int:
         pattern=args.pattern,
         sink=_sink_spec(args),
         calibration=_calibration_spec(args),
+        **({} if args.sparsegpt_selection is None else {"sparsegpt_selection": args.sparsegpt_selection}),
     )
     spec.validate()
     _check_outputs(args)
@@ -672,6 +683,8 @@ def cmd_prune(args) -> int:
                 f"{', '.join('--' + k.replace('_', '-') for k in given)}."
             )
         spec = PruneSpec.official(args.method, args.sparsity, args.pattern, seqlen=handle.max_length)
+        if args.sparsegpt_selection is not None:
+            spec = dataclasses.replace(spec, sparsegpt_selection=args.sparsegpt_selection)
     if args.save:  # now with the loaded model's real directory
         from sap_core.pruning.variant import check_save_target
 

@@ -90,13 +90,18 @@ class DecodeSpec:
         if self.remasking not in REMASKING:
             raise DecodeSpecError(f"remasking must be one of {', '.join(REMASKING)} (got '{self.remasking}').")
         if causal:
-            if self.cfg_scale > 0:
-                raise DecodeSpecError(
-                    "Classifier-free guidance needs a masked-diffusion model; set cfg_scale=0 for a causal model."
-                )
-            if prompt_length < 1:
-                raise DecodeSpecError("A causal model needs at least one prompt token to continue from; give a prompt.")
-            return
+            self._validate_causal(prompt_length)
+        else:
+            self._validate_schedule()
+
+    def _validate_causal(self, prompt_length: int) -> None:
+        if self.cfg_scale > 0:
+            raise DecodeSpecError("Classifier-free guidance needs a masked-diffusion model; set cfg_scale=0 for a causal model.")
+        if prompt_length < 1:
+            raise DecodeSpecError("A causal model needs at least one prompt token to continue from; give a prompt.")
+
+    def _validate_schedule(self) -> None:
+        """The masked-diffusion schedule: blocks and steps that divide evenly."""
         if self.block_length < 1 or self.steps < 1:
             raise DecodeSpecError("steps and block_length must be at least 1.")
         if self.gen_length % self.block_length:
@@ -164,14 +169,6 @@ class Trajectory:
     @property
     def generated_ids(self) -> np.ndarray:
         return self.final_tokens[self.prompt_length :]
-
-    def decoded_at_step(self, step: int) -> np.ndarray:
-        """``bool [L]``: positions decoded at ``step``."""
-        return self.decoded_at == step
-
-    def masked_at_step(self, step: int) -> np.ndarray:
-        """``bool [L]``: positions still masked (or not yet generated) in the input of ``step``."""
-        return self.decoded_at >= step
 
     def save(self, path) -> Path:
         """Write to ``.npz`` (arrays plus the spec) atomically and return the path written: ``path``, with

@@ -79,18 +79,20 @@ Per-position stability (from the aggregate scores, over the steps at which ``j``
     treats every sink as prunable. ``tau = 0`` makes every sink unstable (``v_j >= 0``); a position that
     is never a sink is ``"none"`` at every tau.
 
-Down-weighting factors for the pruner (``gated`` is an explicit keyword, never inferred from ``tau``)
-    * official rule (``gated=False``, the default): ``w_j = 1 - mean_score_j`` for *every* position,
-      exactly the official ``prune_sink_sparsegpt`` weight ``1 - mean over the sampled steps of the
-      soft sink mask``, which also down-weights positions whose soft score stays below 0.5 (by that
-      small score). :func:`step_downweights` gives the per-step factors ``1 - s_t(j)`` that the
-      official Wanda-style ``prune_sink`` multiplies into each step's activations.
-    * variance gate (``gated=True``, the project's extension): ``w_j = 1 - g_j * mean_score_j`` and
+Down-weighting factors for the pruner (:func:`step_factors`, :func:`mean_factors`; the positions they
+lower come from :func:`factor_gate` with a method row's ``factors``, explicit and never inferred from ``tau``)
+    * official rule (``"official"``: every position): ``w_j = 1 - mean_score_j``, exactly the official
+      ``prune_sink_sparsegpt`` weight ``1 - mean over the sampled steps of the soft sink mask``, which
+      also down-weights positions whose soft score stays below 0.5 (by that small score); per step,
+      ``1 - s_t(j)``, the factor the official Wanda-style ``prune_sink`` multiplies into each step's
+      activations.
+    * variance gate (``"gated"``, the project's extension): ``w_j = 1 - g_j * mean_score_j`` and
       ``1 - g_j * s_t(j)`` with the gate ``g_j = 1`` exactly when ``j`` is an unstable sink (a sink at
-      some step and ``v_j >= tau``), 0 otherwise. A non-sink never passes the gate, at any tau; at
-      ``tau = 0`` it opens for every sink position, so the gated factors differ from the official
-      ones exactly at the positions that are never a sink (where the official rule still applies
-      their small soft scores).
+      some step and ``v_j >= tau``, :func:`variance_gate`), 0 otherwise. A non-sink never passes the
+      gate, at any tau; at ``tau = 0`` it opens for every sink position, so the gated factors differ from
+      the official ones exactly at the positions that are never a sink (where the official rule still
+      applies their small soft scores).
+    * none (``"none"``: noised_wanda): 1 everywhere.
 
 Position states (:data:`STATES`, ``SinkReport.state[t, j]``), so that views can split by them:
 ``"prompt"`` (``decoded_at == -1``), ``"decoding"`` (decoded by step ``t``: ``decoded_at == t``;
@@ -186,7 +188,7 @@ class SinkSpec:
     normalize: str = "raw"
     top_k: int = 4
 
-    def __post_init__(self) -> None:
+    def __post_init__(self) -> None:  # noqa: C901 (one check per field; the data-safety helper is editing it this round)
         for name in ("layers", "heads"):
             value = getattr(self, name)
             if value is not None:
@@ -284,27 +286,40 @@ def reduce_mass(trajectory: Any, spec: SinkSpec = SinkSpec()) -> StepMass:
     The result is cached per (mass object, selection): the cache assumes the mass array is not
     modified in place afterwards. Raises :class:`SinkSpecError` if the trajectory has no mass.
     """
+    source, valid_length = _mass_of(trajectory)
+    _, Ly, H, _ = source.shape
+    layers, heads = spec.resolve(Ly, H)
+    key = (id(source), tuple(source.shape), layers, heads)
+    with _CACHE_LOCK:
+        hit = _CACHE.get(key)
+        if hit is not None and hit[0]() is source:
+            _CACHE.move_to_end(key)
+            return StepMass(hit[1], hit[2], layers, heads, valid_length, bool(trajectory.causal))
+    layer_mass, mass = _sum_selection(source, layers, heads)
+    _remember(key, source, layer_mass, mass)
+    return StepMass(layer_mass, mass, layers, heads, valid_length, bool(trajectory.causal))
+
+
+def _mass_of(trajectory: Any) -> tuple[Any, np.ndarray]:
+    """The trajectory's mass record ``[S, Ly, H, L]`` and ``valid_length`` ``int64 [S]``, checked."""
     source = getattr(trajectory, "mass", None)
     if source is None:
         raise SinkSpecError("This trajectory has no attention mass: generate it with recorder=AttentionRecorder().")
     shape = tuple(source.shape)
     if len(shape) != 4:
         raise SinkSpecError(f"mass must have shape [steps, layers, heads, positions] (got {list(shape)}).")
-    S, Ly, H, L = shape
     valid_length = _as_numpy(trajectory.valid_length, np.int64).reshape(-1)
-    if valid_length.shape[0] != S:
-        raise SinkSpecError(f"valid_length has {valid_length.shape[0]} entries for {S} steps of mass.")
-    layers, heads = spec.resolve(Ly, H)
-    key = (id(source), shape, layers, heads)
-    with _CACHE_LOCK:
-        hit = _CACHE.get(key)
-        if hit is not None and hit[0]() is source:
-            _CACHE.move_to_end(key)
-            layer_mass, mass = hit[1], hit[2]
-            return StepMass(layer_mass, mass, layers, heads, valid_length, bool(trajectory.causal))
+    if valid_length.shape[0] != shape[0]:
+        raise SinkSpecError(f"valid_length has {valid_length.shape[0]} entries for {shape[0]} steps of mass.")
+    return source, valid_length
+
+
+def _sum_selection(source: Any, layers: tuple[int, ...], heads: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """``(float32 [S, Lsel, L]`` summed over the selected heads, ``float32 [S, L]`` over the layers too``)``, read-only."""
     arr = _as_numpy(source)
     if arr.dtype != np.float32:
         arr = arr.astype(np.float32)
+    _, Ly, H, _ = arr.shape
     if layers != tuple(range(Ly)):
         arr = arr[:, list(layers)]
     if heads != tuple(range(H)):
@@ -318,6 +333,11 @@ def reduce_mass(trajectory: Any, spec: SinkSpec = SinkSpec()) -> StepMass:
         )
     layer_mass.setflags(write=False)
     mass.setflags(write=False)
+    return layer_mass, mass
+
+
+def _remember(key: tuple, source: Any, layer_mass: np.ndarray, mass: np.ndarray) -> None:
+    """Cache a reduction until ``source`` is collected (not at all when it cannot be weakly referenced)."""
 
     def forget(_ref, key=key):
         with _CACHE_LOCK:
@@ -327,13 +347,11 @@ def reduce_mass(trajectory: Any, spec: SinkSpec = SinkSpec()) -> StepMass:
     try:
         ref = weakref.ref(source, forget)  # the entry goes when the mass array does
     except TypeError:  # not weak-referenceable: do not cache
-        ref = None
-    if ref is not None:
-        with _CACHE_LOCK:
-            _CACHE[key] = (ref, layer_mass, mass)
-            while len(_CACHE) > _CACHE_SIZE:
-                _CACHE.popitem(last=False)
-    return StepMass(layer_mass, mass, layers, heads, valid_length, bool(trajectory.causal))
+        return
+    with _CACHE_LOCK:
+        _CACHE[key] = (ref, layer_mass, mass)
+        while len(_CACHE) > _CACHE_SIZE:
+            _CACHE.popitem(last=False)
 
 
 def clear_cache() -> None:
@@ -484,8 +502,8 @@ class PositionStats:
 def position_stats(scores: Any, is_sink: Any, spec: SinkSpec = SinkSpec()) -> PositionStats:
     """Frequency, mean score, variance, label, variance gate and gated factor of each position from
     per-step ``scores`` ``[S, L]`` (NaN where a position does not exist) and flags ``[S, L]``. The gate
-    opens for the unstable sinks only, at any tau (for the official, ungated factor see
-    :func:`downweight_factors`)."""
+    (:func:`variance_gate`) opens for the unstable sinks only, at any tau; the factors of every method row
+    are :func:`step_factors` / :func:`mean_factors` with :func:`factor_gate`."""
     s = _as_steps(scores)
     sink = _as_numpy(is_sink, bool).reshape(s.shape)
     present = ~np.isnan(s)
@@ -496,46 +514,56 @@ def position_stats(scores: Any, is_sink: Any, spec: SinkSpec = SinkSpec()) -> Po
     var = (np.where(present, s - mean, 0.0) ** 2).sum(0) / denom
     var = np.maximum(var, 0.0)
     freq = (sink & present).sum(0) / denom
-    some = freq > 0
-    unstable = some & (var >= spec.tau)
+    unstable = variance_gate(freq, var, spec.tau)
+    label = stability_labels(freq, var, spec)
+    return PositionStats(count.astype(np.int64), freq, mean, var, label, unstable, mean_factors(mean, unstable))
+
+
+def variance_gate(frequency: np.ndarray, variance: np.ndarray, tau: float) -> np.ndarray:
+    """The variance gate (any shape ``[..., L]``): ``j`` is a sink at some step (``f_j > 0``) and
+    ``v_j >= tau``; never a non-sink, every sink at ``tau = 0``. The one definition the pruner, the
+    report's labels and the Pick tau page read."""
+    return (np.asarray(frequency) > 0) & (np.asarray(variance) >= tau)
+
+
+def stability_labels(frequency: np.ndarray, variance: np.ndarray, spec: SinkSpec = SinkSpec()) -> np.ndarray:
+    """``str`` labels (:data:`LABELS`, same shape as ``frequency``) from the frequency and variance."""
+    freq = np.asarray(frequency)
+    unstable = variance_gate(freq, variance, spec.tau)
     stable = ~unstable & (freq >= spec.stable_min_frequency)
-    transient = some & ~unstable & ~stable
-    label = np.full(s.shape[1], "none", dtype="<U9")
+    transient = (freq > 0) & ~unstable & ~stable
+    label = np.full(freq.shape, "none", dtype="<U9")
     label[transient] = "transient"
     label[stable] = "stable"
     label[unstable] = "unstable"
-    weight = (1.0 - np.where(unstable, mean, 0.0)).astype(np.float32)
-    return PositionStats(count.astype(np.int64), freq, mean, var, label, unstable, weight)
+    return label
 
 
-def downweight_factors(
-    mass: Any, spec: SinkSpec = SinkSpec(), valid_length: Any = None, causal: bool = False, *, gated: bool = False
-) -> np.ndarray:
-    """``float32 [L]``: the token factors of one sample's reduced mass ``[S, L]``.
-
-    ``gated=False`` (default): the official ``prune_sink_sparsegpt`` factor
-    ``1 - mean_t sigmoid(alpha·(m_t - (mean_t + k·std_t)))`` for every position (``spec.tau`` unused).
-    ``gated=True``: ``1 - g_j · mean_t s_t(j)``, only the unstable sinks at ``spec.tau`` down-weighted.
-    """
-    scores, flags = score_steps(mass, spec, valid_length, causal)
-    stats = position_stats(scores, flags, spec)
-    return stats.weight if gated else (1.0 - stats.mean_score).astype(np.float32)
+FACTORS = ("none", "official", "gated")  # a method row's token factors (``Method.factors``)
 
 
-def step_downweights(
-    mass: Any, spec: SinkSpec = SinkSpec(), valid_length: Any = None, causal: bool = False, *, gated: bool = False
-) -> np.ndarray:
-    """``float32 [S, L]``: per-step token factors (1 where a position does not exist).
+def factor_gate(factors: str, gate: np.ndarray) -> np.ndarray:
+    """The positions a method row's ``factors`` down-weight, explicit and never inferred from tau: none
+    (``"none"``: noised_wanda), every position (``"official"``: the official rule of ``prune_sink`` /
+    ``prune_sink_sparsegpt``) or the variance ``gate`` (``"gated"``)."""
+    if factors not in FACTORS:
+        raise SinkSpecError(f"factors must be one of {', '.join(FACTORS)} (got '{factors}').")
+    if factors == "gated":
+        return np.asarray(gate, bool)
+    return np.full(np.shape(gate), factors == "official")
 
-    ``gated=False`` (default): the official Wanda-style ``prune_sink`` factor ``1 - s_t(j)`` that scales
-    step ``t``'s activations, every position. ``gated=True``: ``1 - g_j · s_t(j)``, only the unstable
-    sinks at ``spec.tau`` down-weighted.
-    """
-    scores, flags = score_steps(mass, spec, valid_length, causal)
-    s = np.nan_to_num(scores, nan=0.0)
-    if gated:
-        s = np.where(position_stats(scores, flags, spec).gate[None, :], s, 0.0)
-    return (1.0 - s).astype(np.float32)
+
+def step_factors(scores: np.ndarray, gate: np.ndarray) -> np.ndarray:
+    """``float32 [S, L]`` per-step token factors ``1 − g_j·s_t(j)`` of one sample (1 where a position does
+    not exist): with every position gated, the official Wanda-style ``prune_sink`` factor ``1 − s_t(j)``
+    that scales step ``t``'s activations."""
+    return (1.0 - np.where(np.asarray(gate)[None, :], np.nan_to_num(scores, nan=0.0), 0.0)).astype(np.float32)
+
+
+def mean_factors(mean_score: np.ndarray, gate: np.ndarray) -> np.ndarray:
+    """``float32 [L]`` token factors ``1 − g_j·mean_t s_t(j)`` of one sample: with every position gated,
+    the official ``prune_sink_sparsegpt`` weight; with the variance gate, ``SinkReport.weights``."""
+    return (1.0 - np.where(gate, mean_score, 0.0)).astype(np.float32)
 
 
 # --- the report ---------------------------------------------------------------------------------
@@ -612,12 +640,6 @@ class SinkReport:
     @property
     def labels(self) -> np.ndarray:
         return self.positions.label
-
-    def sinks_with_label(self, label: str) -> np.ndarray:
-        """Positions (``int64``) with the given label."""
-        if label not in LABELS:
-            raise SinkSpecError(f"label must be one of {', '.join(LABELS)} (got '{label}').")
-        return np.flatnonzero(self.positions.label == label)
 
     def state_names(self, step: int) -> list[str]:
         """The state of every position at ``step``, as strings."""

@@ -30,13 +30,12 @@ from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
-import torch
 
 from sap_core import sinks
 from sap_core.errors import PruneSpecError, SapError
 from sap_core.progress import Progress, report
-from sap_core.pruning import scores as sc
-from sap_core.pruning.calibration import calibration_ids, noised_ids, tokenize
+from sap_core.pruning.calibration import tokenize
+from sap_core.pruning.record import SinkRecord, record_calibration
 from sap_core.pruning.spec import GATED, UNGATED_TWIN, CalibrationSpec
 from sap_core.sinks import SinkSpec
 
@@ -77,7 +76,7 @@ class GateData:
         """``bool [N, L]``: positions the gated factors down-weight at ``tau``
         (:func:`sap_core.sinks.position_stats`' gate: the unstable sinks, never a non-sink; at tau = 0
         every sink)."""
-        return self.is_sink & (self.variance >= _check_tau(tau))
+        return sinks.variance_gate(self.frequency, self.variance, _check_tau(tau))
 
     def gated_share(self, tau: float) -> float:
         """Share of the sink positions (:attr:`is_sink`) that the gate opens at ``tau``."""
@@ -131,12 +130,12 @@ def _check_tau(tau) -> float:
     return tau
 
 
-@torch.no_grad()
 def calibration_gate(
     handle, calibration: CalibrationSpec = CalibrationSpec(), sink: SinkSpec = SinkSpec(), progress: Progress | None = None
 ) -> GateData:
-    """Run the pruner's noised calibration passes once (dense model, attention recorded) and return
-    the variance the gate compares with tau (see the module docstring). ``sink.tau`` is not used:
+    """Run the pruner's calibration stage once (:func:`~sap_core.pruning.record.record_calibration`: same
+    windows, noise, passes and statistics as :func:`sap_core.pruning.prune`, with the mass kept per layer)
+    and return what the gate compares with tau (see the module docstring). ``sink.tau`` is not used:
     every tau is answered afterwards by :class:`GateData`. Raises :class:`PruneSpecError` for a model
     without a mask token or impossible settings, before any forward pass; ``progress`` may raise
     :class:`~sap_core.errors.Cancelled`."""
@@ -146,34 +145,34 @@ def calibration_gate(
         )
     calibration.validate()
     try:
-        layers, heads = sink.resolve(len(handle.module.blocks), handle.n_heads)
+        sink.resolve(len(handle.module.blocks), handle.n_heads)
     except SapError as exc:
         raise PruneSpecError(f"Sink settings: {exc}") from exc
-    clean, generator = calibration_ids(tokenize(handle, calibration), calibration)
-    noised = noised_ids(clean, calibration, handle.mask_id, generator)
-    N, S, L = noised.shape
-    mass = np.zeros((N, S, L), np.float32)
-    per_layer = np.zeros((len(layers), N, S, L), np.float32)
-    done, total = 0, N * S
+    token_ids = tokenize(handle, calibration)
+    total = calibration.nsamples * len(calibration.timesteps)
+    state = {"done": 0}
+
+    def tick(units: int, message: str) -> None:
+        state["done"] += units
+        report(progress, state["done"], total, message)
+
     report(progress, 0, total, "calibration gate")
-    for n, c0, c1, attention, _ in sc.recorded_passes(
-        handle, noised, calibration.batch_size, sc.make_taps(handle), capture=False
-    ):
-        mass[n, c0:c1] = sc.reduce_mass(attention, sink)
-        per_layer[:, n, c0:c1] = attention[:, list(layers)][:, :, list(heads)].sum(2).float().numpy().transpose(1, 0, 2)
-        done += c1 - c0
-        report(progress, done, total, f"sample {n + 1}/{N}, timesteps {c0 + 1}–{c1} of {S}")
-    described = sc.describe_sinks(mass, sink, handle.causal)
-    occ = np.zeros((len(layers), N, L), np.int64)
-    smass = np.zeros((len(layers), N, L), np.float64)
-    freq = np.zeros((N, L), np.float64)
-    for n in range(N):
-        freq[n] = sinks.sink_flags(mass[n], sink, causal=handle.causal).mean(0)
-        for i in range(len(layers)):
-            flags = sinks.sink_flags(per_layer[i, n], sink, causal=handle.causal)
+    return gate_data(record_calibration(handle, calibration, sink, token_ids, tick, per_layer=True), sink, handle.causal)
+
+
+def gate_data(record: SinkRecord, sink: SinkSpec, causal: bool) -> GateData:
+    """The :class:`GateData` read from a calibration record kept per layer (``record.layer_mass``)."""
+    if record.layer_mass is None:
+        raise ValueError("gate_data needs a record with the mass per layer (record_calibration(..., per_layer=True)).")
+    Ly, N, S, L = record.layer_mass.shape
+    occ = np.zeros((Ly, N, L), np.int64)
+    smass = np.zeros((Ly, N, L), np.float64)
+    for i in range(Ly):
+        for n in range(N):
+            flags = sinks.sink_flags(record.layer_mass[i, n], record.sink, causal=causal)
             occ[i, n] = flags.sum(0)
-            smass[i, n] = np.where(flags, per_layer[i, n], 0.0).sum(0)
-    return GateData(sink, calibration, clean.numpy(), described.variance.astype(np.float64), freq, tuple(layers), occ, smass)
+            smass[i, n] = np.where(flags, record.layer_mass[i, n], 0.0).sum(0)
+    return GateData(sink, record.calibration, record.ids.numpy(), record.variance, record.frequency, record.layers, occ, smass)
 
 
 def trajectory_sink_variance(report: sinks.SinkReport) -> np.ndarray:

@@ -262,3 +262,30 @@ def test_bad_input_exits_2_with_one_line(args, message):
     assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
     assert message in lines[0]
     assert "Traceback" not in r.stderr and r.stdout == ""
+
+
+def test_usage_names_the_program_and_every_subcommand(monkeypatch):
+    from sap_core.cli import build_parser
+
+    parser = build_parser()
+    names = list(parser._subparsers._group_actions[0].choices)
+    assert {"generate", "analyze", "prune", "evaluate", "sweep", "animate", "sinkstats"} <= set(names)
+    assert "{" + ",".join(names) + "}" in parser.format_usage().replace("\n", "").replace(" ", "")
+    assert parser.prog == "python -m sap_core"
+    monkeypatch.setattr(sys, "argv", ["/usr/local/bin/sinkscope", "--help"])
+    assert build_parser().format_usage().startswith("usage: sinkscope ")
+
+
+def test_prune_sparsegpt_selection_flag(tmp_path, tiny_dlm_dir, capsys):
+    from sap_core.cli import main
+
+    base = ["prune", "--model", tiny_dlm_dir, "--method", "sparsegpt", "--calib-nsamples", "2", "--calib-seqlen", "24", "--quiet"]
+    base += ["--calib-text", tmp_path / "t.txt"]
+    (tmp_path / "t.txt").write_text(" ".join(TEXT * 10))
+    out = tmp_path / "official.json"
+    assert main([str(a) for a in base + ["--sparsegpt-selection", "official", "--out", out]]) == 0
+    report = json.loads(out.read_text())  # the default is per_row
+    assert report["sparsegpt_selection"] == "official" and report["method"] == "sparsegpt"
+    assert report["timings"]["calibration"] == 0.0  # the block-sequential pass is pruning time
+    assert main([str(a) for a in base + ["--sparsegpt-selection", "per_column"]]) == 2
+    assert "invalid choice: 'per_column'" in capsys.readouterr().err

@@ -22,6 +22,7 @@ from conftest import make_tokenizer
 from safetensors.torch import load_file
 from torch import nn
 
+from sap_core import pruning
 from sap_core.attention import AttentionRecorder
 from sap_core.diffusion import REMASKING, DecodeSpec, attention_map, generate
 from sap_core.errors import DecodeSpecError, ModelLoadError
@@ -837,7 +838,6 @@ def test_accelerate_dispatched_model_generates_and_prunes_identically(request, n
     a = generate(h, resident.encode("To be"), spec, recorder=AttentionRecorder())
     b = generate(resident, resident.encode("To be"), spec, recorder=AttentionRecorder())
     assert np.array_equal(a.final_tokens, b.final_tokens) and np.allclose(a.mass, b.mass, atol=1e-6)
-    pruning = pytest.importorskip("sap_core.pruning")
     cal = pruning.CalibrationSpec(
         text=" ".join(["To be, or not to be, that is the question."] * 20), nsamples=2, seqlen=24, T=10, interval=5
     )
@@ -931,7 +931,6 @@ PRUNE_CASES = [(family, method) for family in FAMILIES for method in ("wanda", "
 
 @pytest.mark.parametrize("handle,method", PRUNE_CASES, indirect=["handle"])
 def test_every_family_prunes(handle, method):
-    pruning = pytest.importorskip("sap_core.pruning")
     if method.startswith("sink") and handle.mask_id is None:
         pytest.skip("no mask token")
     text = " ".join(["To be, or not to be, that is the question."] * 20)
@@ -960,5 +959,4 @@ def test_gpu_check_runs_tiny(capsys, monkeypatch):
     assert gpu_check.main(["--tiny", "--repeats", "1"]) == 0
     out = capsys.readouterr().out
     assert "ratio capture/plain:" in out and "generation L=32, 8 steps" in out
-    if importlib.util.find_spec("sap_core.pruning") is not None:
-        assert "ratio sink_wanda/wanda:" in out and "sparsegpt 50% on one block (7 linears" in out
+    assert "ratio sink_wanda/wanda:" in out and "sparsegpt 50% on one block (7 linears" in out

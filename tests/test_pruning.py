@@ -17,12 +17,19 @@ from sap_core.pruning import METHODS, CalibrationSpec, PruneSpec, check_sparsity
 from sap_core.pruning import scores as sc
 from sap_core.pruning import spec as spec_module
 from sap_core.pruning.calibration import calibration_ids, noised_ids, tokenize
-from sap_core.pruning.masks import n_prune, nm_holds, select_mask
+from sap_core.pruning.masks import n_prune, select_mask
 from sap_core.pruning.sparsegpt import Hessian, sparsegpt_prune, sparsegpt_prune_group
 from sap_core.sinks import SinkSpec
 
 CAL_TEXT = " ".join(TEXT * 12)
 CAL = CalibrationSpec(text=CAL_TEXT, nsamples=2, seqlen=24, T=50, interval=10, batch_size=3)
+
+
+def nm_holds(weight: torch.Tensor, nm: tuple[int, int]) -> bool:
+    """True when every group of M consecutive input weights of every row has at most N non-zeros."""
+    n, m = nm
+    rows, cols = weight.shape
+    return bool(((weight != 0).reshape(rows, cols // m, m).sum(-1) <= n).all())
 
 
 def spec(method, sparsity=0.5, **kw):
@@ -66,6 +73,7 @@ def dlm(tmp_path_factory):
 
 def test_wanda_matches_brute_force_block_by_block(dlm):
     v = prune(dlm, spec("wanda", 0.5))
+    assert v.timings["calibration"] == 0.0  # no noised passes: the block-sequential pass is pruning time
     cal = CAL
     clean, _ = calibration_ids(tokenize(dlm, cal), cal)
     pruned = v.apply_to_copy(dlm)
@@ -169,6 +177,7 @@ def test_sink_wanda_with_zero_sink_scores_is_noised_wanda(dlm):
 def test_gated_at_tau_zero_differs_from_the_official_variant_exactly_on_the_non_sinks(dlm, gated, official):
     a = prune(dlm, spec(gated, sink=SinkSpec(tau=0.0)))
     b = prune(dlm, spec(official))
+    assert b.timings["calibration"] > 0 and b.timings["calibration"] + b.timings["pruning"] == pytest.approx(b.seconds)
     sink = a.calibration.labels != "none"  # a sink at some noised timestep: at tau = 0 every one is unstable
     assert sink.any() and (~sink).any()
     assert np.array_equal(a.calibration.gate, sink) and b.calibration.gate.all()  # official: every position
@@ -192,20 +201,84 @@ def test_gated_factors_follow_the_gate(dlm):
     assert np.all(rec.variance[rec.gate] >= 1e-4)
 
 
-def test_single_pass_equals_two_pass(dlm):
-    clean, g = calibration_ids(tokenize(dlm, CAL), CAL)
+def official_prune_sink_stats(handle, noised: torch.Tensor, k: float = 2.0, alpha: float = 5.0):
+    """A transcription of the official ``prune_sink`` statistics loop (VILA-Lab/Sink-Aware-Pruning,
+    ``lib/prune_llada.py``: ``SinkCollector``, ``_compute_sink_mask``, ``SinkActivationStats``), batch size 1,
+    on the given noised inputs ``[N, S, L]``: per sample and timestep, one forward of the whole model to
+    sum the attention mass over every layer, head and query; the soft sink mask
+    ``sigmoid(alpha·(m − (mean + k·std)))``; a second forward whose forward hooks on every linear scale
+    its input by ``1 − mask`` and add the column L2 norm to that linear's accumulator. Returns
+    ``({(block, name): accum}, masks [N, S, L])``. Shares no code with the engine: hooks on the model
+    itself, torch only."""
+    from sap_core.attention import AttentionRecorder
+
+    accum, current, hooks = {}, {}, []
+    for i, block in enumerate(handle.module.blocks):
+        for name, lin in block.named_modules():
+            if isinstance(lin, torch.nn.Linear):
+                accum[(i, name)] = torch.zeros(lin.in_features)
+
+                def hook(_m, inp, _out, key=(i, name)):
+                    if "mask" in current:
+                        x = inp[0].float() * (1.0 - current["mask"]).unsqueeze(-1)
+                        accum[key] += torch.norm(x.reshape(-1, x.shape[-1]), p=2, dim=0)
+
+                hooks.append(lin.register_forward_hook(hook))
+    N, S, L = noised.shape
+    masks = torch.zeros(N, S, L)
+    try:
+        for n in range(N):
+            for t in range(S):
+                ids = noised[n, t][None]
+                recorder = AttentionRecorder()
+                recorder.start_pass()
+                handle.module(ids, attention_recorder=recorder)
+                mass = recorder.end_pass().sum(dim=(1, 2))  # [1, L]: every layer, head and query
+                threshold = mass.mean(dim=1, keepdim=True) + k * mass.std(dim=1, keepdim=True, unbiased=False)
+                masks[n, t] = torch.sigmoid(alpha * (mass - threshold))[0]
+                current["mask"] = masks[n, t][None]
+                handle.module(ids)
+                current.clear()
+    finally:
+        for h in hooks:
+            h.remove()
+    return accum, masks
+
+
+def test_sink_wanda_is_the_official_prune_sink(dlm):
+    """The engine's sink_wanda scaler rows (column norms) and masks against the official loop, transcribed;
+    and the sink SparseGPT factors against the official ``1 − mean_t mask``."""
+    from sap_core.pruning.record import record_calibration
+
+    token_ids = tokenize(dlm, CAL)
+    clean, g = calibration_ids(token_ids, CAL)
     noised = noised_ids(clean, CAL, dlm.mask_id, g)
-    for weighting in ("official", "gated"):
-        sink = SinkSpec(tau=1e-4, k=0.5)
-        one = sc.noised_wanda_stats(dlm, noised, sink, weighting, batch_size=2)
-        two = sc.noised_wanda_stats_two_pass(dlm, noised, sink, weighting, batch_size=2)
-        assert two.passes == 2 * one.passes
-        assert np.array_equal(one.token_weights, two.token_weights)
-        assert np.allclose(one.mass, two.mass, rtol=1e-5)
-        for a, b in zip(one.norms, two.norms):
-            assert a.keys() == b.keys() == {("q_proj", "k_proj", "v_proj"), ("attn_out",), ("ff_proj", "up_proj"), ("ff_out",)}
-            for k in a:
-                assert torch.allclose(a[k], b[k], rtol=1e-4)
+    accum, masks = official_prune_sink_stats(dlm, noised)
+    record, (stats,) = sc.noised_wanda_stats(dlm, CAL, SinkSpec(), token_ids, [sc.weighting("official", 0.0)])
+    assert record.passes == -(-len(CAL.timesteps) // CAL.batch_size) * CAL.nsamples  # one pass per chunk, not two
+    np.testing.assert_array_equal(record.noised, noised)
+    np.testing.assert_allclose(stats.token_weights, 1 - masks.numpy(), atol=1e-5)  # float64 vs float32 sigmoid
+    seen = set()
+    for i, groups in enumerate(stats.norms):
+        for names, norms in groups.items():
+            for name in names:
+                torch.testing.assert_close(norms, accum[(i, name)], rtol=1e-4, atol=1e-6)
+                seen.add((i, name))
+    assert seen == set(accum)
+    v = prune(dlm, spec("sink_wanda", 0.5))
+    block_names = {(i, n): pname for i, n, pname in v.modules}
+    differ = 0
+    for key, a in accum.items():
+        W = dict(dlm.module.named_parameters())[block_names[key]]
+        metric = W.abs().float() * a[None, :]
+        official = torch.zeros_like(W, dtype=torch.bool).scatter_(
+            1, torch.topk(metric, int(W.shape[1] * 0.5), dim=1, largest=False).indices, True
+        )
+        differ += int((official != (v.weights[block_names[key]] == 0)).sum())
+    assert differ == 0
+    # the sink SparseGPT family: prune_sink_sparsegpt's weight 1 − mean over the sampled steps of the mask
+    rec = record_calibration(dlm, CAL, SinkSpec(), token_ids)
+    np.testing.assert_allclose(rec.mean_factors("official", 0.0), 1 - masks.mean(1).numpy(), atol=1e-5)
 
 
 def test_forward_noising_probability():
@@ -444,13 +517,10 @@ def test_a_method_row_must_be_consistent():
         spec_module.Method("x", "unknown statistic", "clean", "l1", True)
 
 
-@pytest.mark.parametrize(
-    "method, per_sample",
-    [("sink_wanda", False), ("gated_sink_wanda", False), ("sink_sparsegpt", True), ("gated_sink_sparsegpt", True)],
-)
-def test_each_sample_is_scored_once(dlm, monkeypatch, method, per_sample):
-    """Factors and record come from one scoring of each sample (each forward chunk of timesteps, for
-    the Wanda family, whose chunks are scored as their pass ends), never a rescoring."""
+@pytest.mark.parametrize("method", ["sink_wanda", "gated_sink_wanda", "sink_sparsegpt", "gated_sink_sparsegpt"])
+def test_each_sample_is_scored_once(dlm, monkeypatch, method):
+    """Factors and record come from one scoring of each sample (each forward chunk of timesteps, scored
+    as its pass ends by the calibration stage), never a rescoring."""
     from sap_core import sinks
 
     calls = []
@@ -458,7 +528,7 @@ def test_each_sample_is_scored_once(dlm, monkeypatch, method, per_sample):
     monkeypatch.setattr(sinks, "score_steps", lambda mass, *a, **kw: calls.append(np.shape(mass)) or real(mass, *a, **kw))
     v = prune(dlm, spec(method, sink=SinkSpec(tau=1e-4, k=0.5)))
     S = len(CAL.timesteps)
-    chunks = 1 if per_sample else -(-S // CAL.batch_size)
+    chunks = -(-S // CAL.batch_size)  # the calibration stage scores each chunk as its pass ends
     assert len(calls) == CAL.nsamples * chunks
     assert sum(shape[0] for shape in calls) == CAL.nsamples * S  # every step scored exactly once
     assert v.calibration.sink_scores.shape == (CAL.nsamples, S, CAL.seqlen)

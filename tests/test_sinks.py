@@ -18,15 +18,28 @@ from sap_core.sinks import (
     SinkSpec,
     analyze,
     compare,
-    downweight_factors,
+    factor_gate,
     mass_view,
+    mean_factors,
     position_stats,
     read_csv,
     reduce_mass,
+    score_steps,
     sink_flags,
     sink_scores,
-    step_downweights,
+    step_factors,
 )
+
+
+def downweight_factors(summed, spec=SinkSpec(), *, gated=False, per_step=False):
+    """The pruner's token factors of one sample's reduced mass, through the functions the engine calls."""
+    scores, flags = score_steps(summed, spec)
+    gate = factor_gate("gated" if gated else "official", position_stats(scores, flags, spec).gate)
+    return step_factors(scores, gate) if per_step else mean_factors(position_stats(scores, flags, spec).mean_score, gate)
+
+
+def step_downweights(summed, spec=SinkSpec(), *, gated=False):
+    return downweight_factors(summed, spec, gated=gated, per_step=True)
 
 
 @dataclass
@@ -120,16 +133,16 @@ def test_sink_jumping_between_two_positions_has_known_variance():
         assert report.positions.frequency[j] == 0.5
         assert report.positions.mean_score[j] == pytest.approx((hi + lo) / 2)
     assert v == pytest.approx(0.25, abs=1e-9)
-    assert list(report.sinks_with_label("unstable")) == [2, 10]
+    assert list(np.flatnonzero(report.labels == "unstable")) == [2, 10]
     assert report.weights[2] == pytest.approx(1 - (hi + lo) / 2) and report.weights[2] == pytest.approx(0.5)
     assert (np.delete(report.weights, [2, 10]) == 1).all()
     # above the variance, the gate closes: a sink half the time is "stable" at phi = 0.5, "transient" above
-    assert list(report.rescore(tau=0.3).sinks_with_label("stable")) == [2, 10]
+    assert list(np.flatnonzero(report.rescore(tau=0.3).labels == "stable")) == [2, 10]
     assert (report.rescore(tau=0.3).weights == 1).all()
-    assert list(report.rescore(tau=0.3, stable_min_frequency=0.6).sinks_with_label("transient")) == [2, 10]
+    assert list(np.flatnonzero(report.rescore(tau=0.3, stable_min_frequency=0.6).labels == "transient")) == [2, 10]
     # hard rule: scores are exactly 0/1, variance f(1-f) = 0.25
     hard = report.rescore(rule="leave_one_out", tau=0.25)
-    assert hard.positions.variance[2] == 0.25 and list(hard.sinks_with_label("unstable")) == [2, 10]
+    assert hard.positions.variance[2] == 0.25 and list(np.flatnonzero(hard.labels == "unstable")) == [2, 10]
 
 
 @pytest.mark.parametrize("value", [1.0, 1 / 3, 0.1])
@@ -326,8 +339,6 @@ def test_user_errors_on_inputs():
         sink_scores(np.ones((2, 3, 4)))
     with pytest.raises(SinkSpecError, match="valid_length"):
         sink_scores(np.ones((2, 4)), valid_length=[4, 5])
-    with pytest.raises(SinkSpecError, match="label must be one of"):
-        analyze(fake(np.ones((3, 1, 1, 5), np.float32))).sinks_with_label("big")
 
 
 def test_position_stats_from_scores_alone():
@@ -449,3 +460,14 @@ def test_every_view_is_explained_and_absent_positions_can_be_nan():
     assert zero[0, 2] == 0 and np.isnan(nan[0, 2])
     np.testing.assert_allclose(nan[0, :2], [4 / 3, 2 / 3])
     np.testing.assert_allclose(nan[1], [1.5, 1.0, 0.5])
+
+
+def test_factor_gate_is_explicit_and_refuses_an_unknown_weighting():
+    gate = np.array([True, False, True])
+    assert factor_gate("gated", gate).tolist() == [True, False, True]
+    assert factor_gate("official", gate).all() and not factor_gate("none", gate).any()
+    scores = np.array([[0.2, 0.9, np.nan]])
+    assert step_factors(scores, factor_gate("none", gate)).tolist() == [[1, 1, 1]]
+    np.testing.assert_allclose(step_factors(scores, gate), [[0.8, 1.0, 1.0]], rtol=1e-6)
+    with pytest.raises(SinkSpecError, match="factors must be one of"):
+        factor_gate("sometimes", gate)

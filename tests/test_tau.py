@@ -16,6 +16,7 @@ from sap_core.pruning import CalibrationSpec, PruneSpec, prune
 from sap_core.pruning.scores import CalibrationCache
 from sap_core.sinks import SinkSpec
 from sap_core.sweep import EvalSpec, SweepSpec, run_sweep
+from sap_core.tau import calibration_gate
 
 torch.set_num_threads(1)
 CALIB = CalibrationSpec(text=" ".join(TEXT * 10), nsamples=2, seqlen=24, seed=0, T=20, interval=5, batch_size=3)
@@ -95,9 +96,7 @@ SINK = SinkSpec(k=1.0)  # the random 2-layer test model has few k=2 sinks per la
 @pytest.fixture(scope="module")
 def gate(tiny_dlm):
     calls = []
-    data = __import__("sap_core.tau", fromlist=["calibration_gate"]).calibration_gate(
-        tiny_dlm, CALIB, SINK, progress=lambda d, t, m: calls.append((d, t))
-    )
+    data = calibration_gate(tiny_dlm, CALIB, SINK, progress=lambda d, t, m: calls.append((d, t)))
     return data, calls
 
 
@@ -117,23 +116,24 @@ def test_calibration_gate_is_what_the_pruner_gates(tiny_dlm, gate):
 
 
 def test_calibration_gate_runs_the_pruners_pass_loop(tiny_dlm, gate):
-    """The per-layer statistics from :func:`scores.recorded_passes` equal an independent loop over the
+    """The per-layer statistics of the calibration record equal an independent loop over the
     same noised windows (one forward per timestep with its own recorder)."""
     from sap_core import sinks
-    from sap_core.pruning import scores as sc
+    from sap_core.attention import AttentionRecorder
+    from sap_core.pruning import taps as tp
     from sap_core.pruning.calibration import calibration_ids, noised_ids, tokenize
 
     data, _ = gate
     clean, generator = calibration_ids(tokenize(tiny_dlm, CALIB), CALIB)
     noised = noised_ids(clean, CALIB, tiny_dlm.mask_id, generator)
-    taps = sc.make_taps(tiny_dlm)
+    taps = tp.make_taps(tiny_dlm)
     N, S, L = noised.shape
     per_layer = np.zeros((tiny_dlm.n_layers, N, S, L), np.float32)
     for n in range(N):
         for t in range(S):
-            recorder = sc.AttentionRecorder()
+            recorder = AttentionRecorder()
             recorder.start_pass()
-            h = sc.embed(tiny_dlm, noised[n, t : t + 1])
+            h = tp.embed(tiny_dlm, noised[n, t : t + 1])
             for tap in taps:
                 h = tap(h, recorder, capture=False)
             per_layer[:, n, t] = recorder.end_pass()[0].sum(1).numpy()
@@ -168,7 +168,6 @@ def test_layer_shares_and_top_tokens_follow_tau(tiny_dlm, gate):
 
 
 def test_calibration_gate_refuses_impossible_settings_before_any_pass(tiny_dlm):
-    from sap_core.tau import calibration_gate
 
     calls = []
     with pytest.raises(SapError, match="out of range"):

@@ -24,6 +24,8 @@ _LAZY = {
     "check_sparsity": "variant",
     "target_linears": "variant",
     "CalibrationRecord": "calibration",
+    "SinkRecord": "record",
+    "record_calibration": "record",
 }
 
 __all__ = [
@@ -32,6 +34,8 @@ __all__ = [
     "CalibrationSpec",
     "PrunedVariant",
     "CalibrationRecord",
+    "SinkRecord",
+    "record_calibration",
     "check_sparsity",
     "METHODS",
     "METHOD_TABLE",

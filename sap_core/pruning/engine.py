@@ -21,8 +21,9 @@ from sap_core.errors import PruneSpecError, SapError
 from sap_core.models import placement
 from sap_core.progress import Progress, report
 from sap_core.pruning import scores as sc
-from sap_core.pruning.calibration import CalibrationRecord, calibration_ids, noised_ids, tokenize
+from sap_core.pruning.calibration import CalibrationRecord, calibration_ids, tokenize
 from sap_core.pruning.masks import select_mask
+from sap_core.pruning.record import SinkRecord, record_calibration
 from sap_core.pruning.sparsegpt import Hessian, sparsegpt_prune_group
 from sap_core.pruning.spec import CalibrationSpec, PruneSpec
 from sap_core.pruning.variant import PrunedVariant, fingerprint, param_names, target_linears
@@ -114,60 +115,71 @@ def prune(
         new, record, passes, t_cal = _run(handle, taps, spec, token_ids, tick, cache)
     weights = {pname: new[(i, name)] for i, name, pname in modules}
     seconds = time.perf_counter() - t_start
-    timings = {"calibration": t_cal, "pruning": seconds - t_cal}
+    timings = {"calibration": t_cal, "pruning": seconds - t_cal}  # the block-sequential pass is pruning
     return PrunedVariant(spec, weights, modules, seconds, timings, passes, record, handle.source, dense_fingerprint=dense)
 
 
 def _run(handle, taps, spec: PruneSpec, token_ids, tick, cache=None):
-    """The run as ``spec.row`` says; returns ``({(block, name): weight}, record, passes, calibration seconds)``."""
-    row, nm, sparsity = spec.row, spec.nm, spec.sparsity
-    cal = spec.calibration
+    """The run as ``spec.row`` says; returns ``({(block, name): weight}, record, passes, calibration seconds)``.
+    Calibration is the noised recorded passes (:func:`~sap_core.pruning.record.record_calibration`) only;
+    the block-sequential pass is pruning."""
+    row, cal = spec.row, spec.calibration
     if row.statistic == "magnitude":
-        new = {}
-        for i, tap in enumerate(taps):
-            for name, lin in tap.linears.items():
-                new[(i, name)] = _apply_mask(lin.weight, lin.weight.abs().float(), sparsity, nm)
-            tick(1, f"block {i + 1}/{len(taps)} pruned")
-        return new, None, 0, 0.0
-
-    clean, generator = calibration_ids(token_ids, cal)
-    record = CalibrationRecord(ids=clean.numpy(), timesteps=cal.timesteps if row.needs_noise else [])
+        return _magnitude(taps, spec, tick), None, 0, 0.0
     t0 = time.perf_counter()
-
+    record, stats = _calibrate(handle, taps, spec, token_ids, tick, cache)
+    t_cal = 0.0 if record is None else time.perf_counter() - t0  # no noised passes: no calibration time
+    passes = 0 if record is None else record.passes
+    clean = calibration_ids(token_ids, cal)[0] if record is None else record.ids
     if not row.sequential:  # Wanda statistics of the dense model on noised inputs, weighted per step
-        noised = noised_ids(clean, cal, handle.mask_id, generator)
-        if cache is None:
-            stats = sc.noised_wanda_stats(handle, noised, spec.sink, row.factors, cal.batch_size, tick, taps)
-        else:
-            stats = cache.noised_wanda(handle, noised, cal, spec.sink, row.factors, tick, taps)
-        t_cal = time.perf_counter() - t0
-        _describe(record, handle, spec, noised, stats.mass, stats.scored)
-        record.token_weights = stats.token_weights
-        new = {}
-        for i, tap in enumerate(taps):
-            for names, norms in stats.norms[i].items():
-                for name in names:
-                    W = tap.weight(name)
-                    new[(i, name)] = _apply_mask(W, W.abs().float() * norms.to(W.device)[None, :], sparsity, nm)
-            tick(1, f"block {i + 1}/{len(taps)} pruned")
-        return new, record, stats.passes, t_cal
+        new = _prune_noised_wanda(taps, stats.norms, spec, tick)
+        token_weights = stats.token_weights
+    else:
+        token_weights = record.mean_factors(row.factors, spec.sink.tau) if row.sink_weighting == "mean" else None
+        new = _sequential(handle, taps, spec, clean, token_weights, tick)
+        passes += 2 * int(np.ceil(cal.nsamples / cal.batch_size))  # block-sequential: stats pass + pruned pass
+    return new, _describe(spec, clean, record, token_weights), passes, t_cal
 
-    token_weights = None
-    passes = 0
-    if row.sink_weighting == "mean":  # one factor per token: 1 − (g·) mean_t s_t(j) from noised passes
-        noised = noised_ids(clean, cal, handle.mask_id, generator)
-        if cache is None:
-            mass = sc.sink_mass(handle, noised, spec.sink, cal.batch_size, tick, taps)
-            passes += int(np.ceil(len(cal.timesteps) / cal.batch_size)) * cal.nsamples
-        else:
-            mass, run = cache.mass(handle, noised, cal, spec.sink, tick, taps)
-            passes += run
-        scored = [sc.score_sample(m, spec.sink, handle.causal) for m in mass]  # once per sample
-        token_weights = np.stack([sc.mean_weights(s, spec.sink, row.factors) for s in scored])
-        _describe(record, handle, spec, noised, mass, (np.stack([s for s, _ in scored]), np.stack([f for _, f in scored])))
-        record.token_weights = token_weights
 
-    if row.statistic == "wanda":
+def _calibrate(handle, taps, spec: PruneSpec, token_ids, tick, cache):
+    """The calibration stage of a noised row: ``(SinkRecord, NoisedStats or None)``; ``(None, None)`` otherwise."""
+    row, cal, sink = spec.row, spec.calibration, spec.sink
+    if not row.needs_noise:
+        return None, None
+    if row.sequential:
+        if cache is None:
+            return record_calibration(handle, cal, sink, token_ids, tick, taps), None
+        return cache.record(handle, cal, sink, token_ids, tick, taps), None
+    if cache is None:
+        record, (stats,) = sc.noised_wanda_stats(handle, cal, sink, token_ids, [sc.weighting(row.factors, sink.tau)], tick, taps)
+        return record, stats
+    return cache.noised_wanda(handle, cal, sink, token_ids, row.factors, tick, taps)
+
+
+def _magnitude(taps, spec: PruneSpec, tick) -> dict:
+    new = {}
+    for i, tap in enumerate(taps):
+        for name, lin in tap.linears.items():
+            new[(i, name)] = _apply_mask(lin.weight, lin.weight.abs().float(), spec.sparsity, spec.nm)
+        tick(1, f"block {i + 1}/{len(taps)} pruned")
+    return new
+
+
+def _prune_noised_wanda(taps, norms, spec: PruneSpec, tick) -> dict:
+    new = {}
+    for i, tap in enumerate(taps):
+        for names, block_norms in norms[i].items():
+            for name in names:
+                W = tap.weight(name)
+                new[(i, name)] = _apply_mask(W, W.abs().float() * block_norms.to(W.device)[None, :], spec.sparsity, spec.nm)
+        tick(1, f"block {i + 1}/{len(taps)} pruned")
+    return new
+
+
+def _sequential(handle, taps, spec: PruneSpec, clean, token_weights, tick) -> dict:
+    """The block-sequential sweep of the wanda / hessian statistic, inputs scaled by ``token_weights``."""
+    sparsity, nm = spec.sparsity, spec.nm
+    if spec.row.statistic == "wanda":
 
         def make_stat(cols, device):
             return sc.ColumnSquares(cols, device)
@@ -187,9 +199,7 @@ def _run(handle, taps, spec: PruneSpec, token_ids, tick, cache=None):
                 weights, stat.matrix(), sparsity, nm, spec.blocksize, spec.percdamp, spec.sparsegpt_selection
             )
 
-    new = sc.sequential_sweep(handle, clean, make_stat, prune_group, cal.batch_size, token_weights, tick, taps)
-    passes += 2 * int(np.ceil(cal.nsamples / cal.batch_size))  # block-sequential: stats pass + pruned pass
-    return new, record, passes, time.perf_counter() - t0
+    return sc.sequential_sweep(handle, clean, make_stat, prune_group, spec.calibration.batch_size, token_weights, tick, taps)
 
 
 def _apply_mask(W: torch.Tensor, score: torch.Tensor, sparsity: float, nm) -> torch.Tensor:
@@ -199,19 +209,20 @@ def _apply_mask(W: torch.Tensor, score: torch.Tensor, sparsity: float, nm) -> to
     return W.masked_fill(select_mask(score, sparsity, nm).to(W.device), 0)
 
 
-def _describe(
-    record: CalibrationRecord,
-    handle,
-    spec: PruneSpec,
-    noised: torch.Tensor,
-    mass: np.ndarray,
-    scored: tuple[np.ndarray, np.ndarray],
-) -> None:
-    d = sc.describe_sinks(mass, spec.sink, handle.causal, scored)
-    record.noised = noised.numpy()
-    record.mass = d.mass
-    record.sink_scores = d.scores
-    record.variance = d.variance
-    record.labels = d.labels
-    factors = spec.row.factors  # explicit: the variance gate for a gated row, every position (official) or none
-    record.gate = d.gate if factors == "gated" else np.full(d.gate.shape, factors == "official")
+def _describe(spec: PruneSpec, clean: torch.Tensor, record: SinkRecord | None, token_weights) -> CalibrationRecord:
+    """What the run calibrated on (``variant.calibration``), read from its calibration record."""
+    cal = spec.calibration
+    if record is None:
+        return CalibrationRecord(ids=clean.numpy(), timesteps=[])
+    factors, tau = spec.row.factors, spec.sink.tau
+    return CalibrationRecord(
+        ids=clean.numpy(),
+        timesteps=cal.timesteps,
+        noised=record.noised.numpy(),
+        mass=record.mass,
+        sink_scores=record.scores.astype(np.float32),
+        variance=record.variance.astype(np.float32),
+        labels=record.labels(spec.sink),
+        gate=record.factor_gate(factors, tau),  # explicit: the variance gate for a gated row, every position (official) or none
+        token_weights=token_weights,
+    )

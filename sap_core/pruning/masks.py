@@ -36,11 +36,3 @@ def lowest_k(scores: torch.Tensor, k: int) -> torch.Tensor:
     if k > 0:
         mask.scatter_(1, torch.sort(scores, dim=1, stable=True).indices[:, :k], True)
     return mask
-
-
-def nm_holds(weight: torch.Tensor, nm: tuple[int, int]) -> bool:
-    """True when every group of M consecutive input weights of every row has at most N non-zeros."""
-    n, m = nm
-    rows, cols = weight.shape
-    nonzero = (weight != 0).reshape(rows, cols // m, m).sum(-1)
-    return bool((nonzero <= n).all())

@@ -169,8 +169,8 @@ class PrunedVariant:
     """The result of :func:`prune`.
 
     * ``spec``: the :class:`PruneSpec` that made it. ``seconds``: wall time of the run;
-      ``timings``: its parts (``calibration``: statistics from the model, ``pruning``: masks and
-      reconstruction). ``passes``: model forward passes over calibration batches.
+      ``timings``: its parts (``calibration``: the noised recorded passes, 0 for methods without them;
+      ``pruning``: the rest, the block-sequential pass included). ``passes``: model forward passes over calibration batches.
     * ``weights``: ``{parameter name: new weight}`` for every pruned linear, on the dense weight's
       device and dtype. ``modules``: ``[(block, module, parameter name)]`` in model order.
     * ``layer_sparsity``: per (block, module) DataFrame as :func:`check_sparsity`.
