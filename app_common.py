@@ -10,13 +10,42 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Iterator
+from pathlib import Path
 
 import streamlit as st
-import torch
 
-from sap_core.errors import Cancelled, SapError
-from sap_core.models import ModelHandle, load_model
-from sap_core.sinks import SinkSpec
+
+def through_the_app() -> None:
+    """Send a run that Streamlit started in its page-folder mode back through app.py.
+
+    Streamlit (1.67) runs a page script on its own, listing ``pages/*.py`` by file name, while its
+    process-wide flag ``PagesManager.uses_pages_directory`` is still set: from the server's start until some
+    run of app.py reaches ``st.navigation``. So a first visitor who opens ``/explorer`` (or clicks during a
+    cold start) gets a page without app.py's sidebar, model choice or settings. Every page imports this
+    module and calls :func:`active_model`, so both check here: in folder mode the registered pages include
+    app.py itself; clear the flag (this run is the last one in folder mode) and rerun this page, which now
+    goes through app.py's ``st.navigation`` with the same URL and query string.
+    """
+    from streamlit.runtime.pages_manager import PagesManager
+    from streamlit.runtime.scriptrunner import get_script_run_ctx
+
+    ctx = get_script_run_ctx()
+    if ctx is None:  # imported outside a Streamlit run (tests, the CLI)
+        return
+    main = Path(ctx.pages_manager.main_script_path).resolve()
+    pages = ctx.pages_manager.get_pages().values()
+    if len(pages) > 1 and any(p.get("script_path") and Path(p["script_path"]).resolve() == main for p in pages):
+        PagesManager.uses_pages_directory = False
+        st.rerun()
+
+
+through_the_app()  # before the heavy imports below (torch takes seconds): the rerun paints app.py's sidebar at once
+
+import torch  # noqa: E402
+
+from sap_core.errors import Cancelled, SapError  # noqa: E402
+from sap_core.models import ModelHandle, load_model  # noqa: E402
+from sap_core.sinks import SinkSpec  # noqa: E402
 
 
 def default_model() -> str:
@@ -60,6 +89,7 @@ def model_choice() -> tuple[str, str, str]:
 
 def active_model() -> ModelHandle:
     """The selected model; if it cannot be loaded, show the loader's message and stop this page."""
+    through_the_app()
     source, device, dtype = model_choice()
     try:
         handle = cached_model(source, device, dtype)
@@ -108,6 +138,7 @@ class CancelButton:
 
     def _click(self) -> None:
         st.session_state[f"{self.key}_cancelled"] = True
+        st.session_state.pop(_RUNNING, None)  # cancelled, not interrupted: the page says so itself
 
     def running(self, help: str) -> None:
         self._ran = True
@@ -121,11 +152,46 @@ class CancelButton:
         self.slot.button("Cancel", key=key, disabled=True, icon=":material/stop_circle:", help="Nothing is running.")
 
 
+_PAGE, _RUNNING = "_sinkscope_page", "_sinkscope_running"  # session-state keys: the page shown, the job running
+
+
+def interrupted_notice(page: str) -> None:
+    """Say on a page that its last job was interrupted (app.py calls this before each page).
+
+    Streamlit stops a running script when the user switches pages (or changes a widget), so a job left
+    mid-way leaves :func:`job`'s marker behind. On another page the marker is kept (noted as left); back on
+    the job's page, the notice says what happened and the marker goes. The form values survive the switch
+    through their widgets' ``persist_state="session"``, so "run it again" is one click.
+    """
+    st.session_state[_PAGE] = page
+    run = st.session_state.get(_RUNNING)
+    if run is None:
+        return
+    if run["page"] != page:
+        run["left"] = True
+        return
+    del st.session_state[_RUNNING]
+    how = "by leaving the page" if run["left"] else "by a change made while it ran"
+    st.warning(
+        f"{run['label']} was interrupted {how}, so nothing from it was kept; your settings are kept below: run it again.",
+        icon=":material/replay:",
+    )
+
+
 @contextlib.contextmanager
 def job(label: str) -> Iterator[None]:
-    """Run a long job: errors become a message on the page and the app stays usable."""
+    """Run a long job: errors become a message on the page and the app stays usable. While it runs, a
+    marker in the session says so; a job that Streamlit stops mid-way (a page switch, a rerun) leaves the
+    marker for :func:`interrupted_notice`."""
+    from streamlit.runtime.scriptrunner_utils.exceptions import ScriptControlException
+
+    st.session_state[_RUNNING] = {"page": st.session_state.get(_PAGE), "label": label, "left": False}
+    stopped = False
     try:
         yield
+    except ScriptControlException:
+        stopped = True
+        raise
     except Cancelled:
         st.warning(f"{label} was cancelled; nothing was changed.")
     except torch.OutOfMemoryError:
@@ -137,6 +203,9 @@ def job(label: str) -> Iterator[None]:
         )
     except SapError as exc:
         st.error(f"{label} failed: {exc}")
+    finally:
+        if not stopped:
+            st.session_state.pop(_RUNNING, None)
 
 
 def current_trajectory(handle: ModelHandle, key: str = "trajectory"):
