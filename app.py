@@ -36,7 +36,7 @@ if "app_common" not in sys.modules:
 
 import torch  # noqa: E402  (after the first paint: importing torch takes seconds)
 
-from app_common import MODEL_KINDS, cached_model, interrupted_notice, is_cached, model_choice  # noqa: E402
+from app_common import MODEL_KINDS, cached_model, is_cached, model_choice, note_page  # noqa: E402
 from sap_core.errors import SapError  # noqa: E402
 
 # One CPU thread by default: the built-in models are small, and on a shared machine torch's threads
@@ -77,5 +77,5 @@ with st.sidebar:
         st.error(str(exc))
     loading.empty()
 
-interrupted_notice(page.url_path)
+note_page(page.url_path)
 page.run()

@@ -87,6 +87,12 @@ def model_choice() -> tuple[str, str, str]:
     return source, st.session_state.get("device", "auto"), st.session_state.get("dtype", "auto")
 
 
+def kept(key: str) -> dict:
+    """A form widget's keyword arguments (``**kept("prune_seed")``): a key whose value survives a page
+    switch. Streamlit drops the state of widgets a run did not draw; ``persist_state="session"`` keeps it."""
+    return {"key": key, "persist_state": "session"}
+
+
 def active_model() -> ModelHandle:
     """The selected model; if it cannot be loaded, show the loader's message and stop this page."""
     through_the_app()
@@ -101,6 +107,7 @@ def active_model() -> ModelHandle:
         f"Active model: **{handle.name}** · {handle.family}{' (causal)' if handle.causal else ''} · "
         f"{handle.n_params / 1e6:.1f}M parameters · {handle.device} · {str(handle.dtype).replace('torch.', '')}"
     )
+    interrupted_notice()
     return handle
 
 
@@ -155,20 +162,24 @@ class CancelButton:
 _PAGE, _RUNNING = "_sinkscope_page", "_sinkscope_running"  # session-state keys: the page shown, the job running
 
 
-def interrupted_notice(page: str) -> None:
-    """Say on a page that its last job was interrupted (app.py calls this before each page).
-
-    Streamlit stops a running script when the user switches pages (or changes a widget), so a job left
-    mid-way leaves :func:`job`'s marker behind. On another page the marker is kept (noted as left); back on
-    the job's page, the notice says what happened and the marker goes. The form values survive the switch
-    through their widgets' ``persist_state="session"``, so "run it again" is one click.
-    """
+def note_page(page: str) -> None:
+    """Record the page this run shows (app.py calls this before each page). A job still marked as running
+    on another page was stopped by this switch: mark it as left, for :func:`interrupted_notice`."""
     st.session_state[_PAGE] = page
     run = st.session_state.get(_RUNNING)
-    if run is None:
-        return
-    if run["page"] != page:
+    if run is not None and run["page"] != page:
         run["left"] = True
+
+
+def interrupted_notice() -> None:
+    """Say on a page that its last job was interrupted (:func:`active_model` calls this under the header).
+
+    Streamlit stops a running script when the user switches pages (or changes a widget), so a job left
+    mid-way leaves :func:`job`'s marker behind; back on the job's page, the notice says what happened and
+    the marker goes. The form values survive the switch (:func:`kept`), so "run it again" is one click.
+    """
+    run = st.session_state.get(_RUNNING)
+    if run is None or run["page"] != st.session_state.get(_PAGE):
         return
     del st.session_state[_RUNNING]
     how = "by leaving the page" if run["left"] else "by a change made while it ran"

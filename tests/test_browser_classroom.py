@@ -76,3 +76,68 @@ def shot_path(name: str):
 
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
     return SCREENSHOTS / f"test_every_url_lands_in_the_app_on_a_fresh_server-{name}.png"
+
+
+def nav(page, title: str) -> None:
+    page.locator("[data-testid='stSidebarNav']").get_by_role("link", name=title, exact=True).click()
+
+
+def test_form_values_survive_a_page_switch_and_an_interrupted_run_says_so(app_url, page):
+    """Item 3 (across pages): a generation's and a prune's form values are kept when the user goes to
+    another page and back; a prune interrupted by leaving its page says so on return and kept nothing;
+    Enter in AR vs DLM's "Prompts" box does not start the across-prompts run, its button does."""
+    from playwright.sync_api import expect
+
+    page.goto(app_url)
+    expect(page.get_by_text("Active model: tiny-dlm", exact=False)).to_be_visible()
+    nav(page, "Denoising explorer")
+    page.get_by_role("spinbutton", name="Generation length").fill("16")
+    page.get_by_role("spinbutton", name="Steps", exact=True).fill("16")
+    page.get_by_role("spinbutton", name="Seed").fill("3")
+    page.get_by_role("button", name="Generate").click()
+    expect(page.get_by_text("16 steps in", exact=False)).to_be_visible()
+
+    nav(page, "Prune")
+    page.get_by_role("spinbutton", name="Calibration samples").fill("512")
+    page.get_by_role("spinbutton", name="Calibration seed").fill("7")
+    page.get_by_role("button", name="Prune", exact=True).click()
+    expect(page.get_by_text("Pruning: sink_wanda", exact=False)).to_be_visible()  # running: leave the page now
+    nav(page, "Compare")
+    expect(page.locator("[data-testid='stMain']").get_by_role("heading", name="Compare")).to_be_visible()
+    idle(page)
+    nav(page, "Prune")
+    expect(page.get_by_text("Pruning was interrupted by leaving the page", exact=False)).to_be_visible()
+    expect(page.get_by_text("No variants yet", exact=False)).to_be_visible()
+    expect(page.get_by_role("spinbutton", name="Calibration samples")).to_have_value("512")
+    expect(page.get_by_role("spinbutton", name="Calibration seed")).to_have_value("7")
+    expect(page.get_by_role("button", name="Cancel")).to_be_disabled()
+    idle(page)
+    page.shot("1-interrupted-1440x900")
+    page.set_viewport_size({"width": 1280, "height": 720})
+    page.wait_for_timeout(500)
+    page.shot("1-interrupted-1280x720")
+    page.set_viewport_size({"width": 1440, "height": 900})
+    nav(page, "Compare")
+    idle(page)
+    nav(page, "Prune")
+    idle(page)
+    assert page.get_by_text("was interrupted", exact=False).count() == 0, "the notice is shown once"
+
+    nav(page, "Denoising explorer")
+    expect(page.get_by_role("spinbutton", name="Generation length")).to_have_value("16")
+    expect(page.get_by_role("spinbutton", name="Steps", exact=True)).to_have_value("16")
+    expect(page.get_by_role("spinbutton", name="Seed")).to_have_value("3")
+
+    nav(page, "AR vs DLM")
+    expect(page.get_by_text("Across prompts", exact=True)).to_be_visible()
+    idle(page)
+    box = page.get_by_role("spinbutton", name="Prompts", exact=True)
+    box.fill("2")
+    box.press("Enter")
+    page.wait_for_timeout(1500)
+    idle(page)
+    assert page.get_by_text("prompts × 2 models", exact=False).count() == 0, "Enter started the across-prompts run"
+    page.get_by_role("spinbutton", name="Tokens per prompt").fill("8")
+    page.get_by_role("button", name="Run across prompts").click()
+    expect(page.get_by_text("2 prompts × 2 models", exact=False)).to_be_visible()
+    no_streamlit_exception(page)
