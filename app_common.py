@@ -26,11 +26,12 @@ def through_the_app() -> None:
     app.py itself; clear the flag (this run is the last one in folder mode) and rerun this page, which now
     goes through app.py's ``st.navigation`` with the same URL and query string.
     """
+    from streamlit import config
     from streamlit.runtime.pages_manager import PagesManager
     from streamlit.runtime.scriptrunner import get_script_run_ctx
 
     ctx = get_script_run_ctx()
-    if ctx is None:  # imported outside a Streamlit run (tests, the CLI)
+    if ctx is None or config.get_option("global.appTest"):  # outside a server (the CLI; AppTest resets the flag every run)
         return
     main = Path(ctx.pages_manager.main_script_path).resolve()
     pages = ctx.pages_manager.get_pages().values()
@@ -85,6 +86,12 @@ def model_choice() -> tuple[str, str, str]:
     else:
         source = default_model() if kind == MODEL_KINDS[0] else ar_model()
     return source, st.session_state.get("device", "auto"), st.session_state.get("dtype", "auto")
+
+
+def context_of(handle: ModelHandle) -> int:
+    """The model's context in tokens (:attr:`ModelHandle.max_length`; 4096 when its config does not say):
+    the upper bound of the app's length inputs, so a length the model cannot take is never offered."""
+    return int(handle.max_length or 4096)
 
 
 def kept(key: str) -> dict:

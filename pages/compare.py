@@ -4,7 +4,18 @@ import html
 
 import streamlit as st
 
-from app_common import active_model, eval_spec, job, kept, model_choice, progress_callback, sink_spec, stored_caption, token_texts
+from app_common import (
+    active_model,
+    context_of,
+    eval_spec,
+    job,
+    kept,
+    model_choice,
+    progress_callback,
+    sink_spec,
+    stored_caption,
+    token_texts,
+)
 from sap_core import viz
 from sap_core.compare import compare_generations, noise_verdict, perplexity_table
 from sap_core.diffusion import DecodeSpec
@@ -25,8 +36,23 @@ chosen = st.multiselect("Variants", list(variants), default=list(variants)[-2:],
 with st.form("compare"):
     prompt = st.text_area("Prompt", "ROMEO.\n", **kept("cmp_prompt"))
     c = st.columns(4)
-    gen_length = c[0].number_input("Generation length", 1, 1024, 32, **kept("cmp_gen_length"))
-    steps = c[1].number_input("Steps", 1, 1024, 32, **kept("cmp_steps"))
+    longest = context_of(handle) - 1  # the prompt takes at least one token of the context
+    gen_length = c[0].number_input(
+        "Generation length",
+        1,
+        longest,
+        min(32, longest),
+        help=f"At most {longest}: the prompt and the generated tokens share the model's context of {longest + 1} tokens.",
+        **kept("cmp_gen_length"),
+    )
+    steps = c[1].number_input(
+        "Steps",
+        1,
+        longest,
+        min(32, longest),
+        help="At most the generation length: each step decodes a token or more.",
+        **kept("cmp_steps"),
+    )
     temperature = c[2].slider(
         "Temperature", 0.0, 2.0, 0.0, 0.05, help="0 = greedy, the clearest comparison.", **kept("cmp_temperature")
     )

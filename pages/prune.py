@@ -5,7 +5,17 @@ from pathlib import Path
 
 import streamlit as st
 
-from app_common import CancelButton, active_model, job, kept, method_settings, model_choice, progress_callback, sink_spec
+from app_common import (
+    CancelButton,
+    active_model,
+    context_of,
+    job,
+    kept,
+    method_settings,
+    model_choice,
+    progress_callback,
+    sink_spec,
+)
 from sap_core import viz
 from sap_core.pruning import METHODS, CalibrationSpec, PruneSpec, numbered, prune
 from sap_core.pruning.spec import METHOD_ROWS
@@ -34,11 +44,12 @@ with st.form("prune"):
     )
     sparsity = c[1].slider(
         "Sparsity",
-        0.0,
+        0.05,  # not 0: a 0% variant is the dense model itself, which Compare always shows as "dense"
         0.95,
         0.5,
         0.05,
-        help="Share of each row's weights set to zero (unstructured only).",
+        help="Share of each row's weights set to zero (unstructured only). It starts at 0.05: a 0% variant would be "
+        "the dense model itself, which the Compare page always includes as “dense”.",
         **kept("prune_sparsity"),
     )
     c = st.columns(3)
@@ -50,7 +61,14 @@ with st.form("prune"):
         help="Windows of the calibration text (sap_core/assets/text/calibration.txt); not used by magnitude.",
         **kept("prune_nsamples"),
     )
-    seqlen = c[1].number_input("Calibration length", 8, 4096, 128, help="Tokens per window.", **kept("prune_seqlen"))
+    seqlen = c[1].number_input(
+        "Calibration length",
+        8,
+        context_of(handle),
+        min(128, context_of(handle)),
+        help=f"Tokens per window; at most the model's context ({context_of(handle)} tokens), the longest input it takes.",
+        **kept("prune_seqlen"),
+    )
     seed = c[2].number_input("Calibration seed", 0, 2**31 - 1, 0, **kept("prune_seed"))
     submitted = st.form_submit_button("Prune", type="primary")
 

@@ -7,6 +7,7 @@ import streamlit as st
 from app_common import (
     CancelButton,
     active_model,
+    context_of,
     current_trajectory,
     job,
     kept,
@@ -37,7 +38,14 @@ with st.form("gate_form"):
     nsamples = c[0].number_input(
         "Calibration samples", 1, 1024, 16, help="Windows of the calibration text, as on the Prune page.", **kept("tau_nsamples")
     )
-    seqlen = c[1].number_input("Calibration length", 8, 4096, 128, help="Tokens per window.", **kept("tau_seqlen"))
+    seqlen = c[1].number_input(
+        "Calibration length",
+        8,
+        context_of(handle),
+        min(128, context_of(handle)),
+        help=f"Tokens per window; at most the model's context ({context_of(handle)} tokens).",
+        **kept("tau_seqlen"),
+    )
     seed = c[2].number_input("Calibration seed", 0, 2**31 - 1, 0, **kept("tau_seed"))
     c[3].write("")
     compute = c[3].form_submit_button(

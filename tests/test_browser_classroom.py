@@ -141,3 +141,47 @@ def test_form_values_survive_a_page_switch_and_an_interrupted_run_says_so(app_ur
     page.get_by_role("button", name="Run across prompts").click()
     expect(page.get_by_text("2 prompts × 2 models", exact=False)).to_be_visible()
     no_streamlit_exception(page)
+
+
+def help_text(page, label: str) -> str:
+    """The tooltip of the widget labelled ``label`` (hover its help icon)."""
+    page.get_by_role("button", name=f"Help for {label}").first.hover()
+    tip = page.locator("[data-testid='stTooltipContent']").last
+    tip.wait_for()
+    return tip.inner_text()
+
+
+def test_inputs_are_bounded_by_the_model(app_url, page):
+    """Item 7 (outside the explorer): Prune never makes a "0%" variant (the slider starts at 0.05 and says
+    why) and its calibration length stops at the model's context; Compare's lengths stop at the context
+    less one prompt token, with a help text that says so."""
+    from playwright.sync_api import expect
+
+    page.goto(app_url)
+    expect(page.get_by_text("Active model: tiny-dlm", exact=False)).to_be_visible()
+    nav(page, "Prune")
+    slider = page.get_by_role("slider", name="Sparsity")
+    expect(slider).to_have_attribute("min", "0.05")
+    slider.focus()
+    slider.press("Home")
+    expect(slider).to_have_value("0.05")
+    assert "dense model itself" in help_text(page, "Sparsity")
+    expect(page.get_by_role("spinbutton", name="Calibration length")).to_have_attribute("max", "512")
+    assert "model's context (512 tokens)" in help_text(page, "Calibration length")
+    page.get_by_role("combobox", name="Method").click()
+    page.get_by_role("option", name="magnitude", exact=True).click()
+    idle(page)
+    page.get_by_role("button", name="Prune", exact=True).click()
+    expect(page.get_by_text("Made magnitude 5%", exact=False)).to_be_visible()  # the least a variant prunes
+
+    nav(page, "Compare")
+    length = page.get_by_role("spinbutton", name="Generation length")
+    expect(length).to_have_attribute("max", "511")
+    expect(page.get_by_role("spinbutton", name="Steps", exact=True)).to_have_attribute("max", "511")
+    assert "context of 512 tokens" in help_text(page, "Generation length")
+    length.fill("100000")  # typed past the bound: the box says the range (its help says why)
+    length.press("Tab")
+    alert = page.locator("[data-testid='stNumberInput']").first.get_by_role("alert")
+    expect(alert).to_contain_text("between 1 and 511")
+    page.shot("1-compare-typed-too-long")
+    no_streamlit_exception(page)
