@@ -23,7 +23,7 @@ PAGES = [
     st.Page("pages/prune.py", title="Prune", icon=":material/content_cut:"),
     st.Page("pages/tau.py", title="Pick tau", icon=":material/tune:"),
     st.Page("pages/compare.py", title="Compare", icon=":material/compare_arrows:"),
-]
+]  # the order of the story (app_common.STORY, which cannot be imported before the first paint)
 page = st.navigation(PAGES)
 
 loading = st.empty()  # the first load takes seconds: say so in the main area instead of a blank page
@@ -36,7 +36,7 @@ if "app_common" not in sys.modules:
 
 import torch  # noqa: E402  (after the first paint: importing torch takes seconds)
 
-from app_common import MODEL_KINDS, cached_model, is_cached, model_choice, note_page  # noqa: E402
+from app_common import MODEL_KINDS, cached_model, is_cached, model_choice, next_link, note_page  # noqa: E402
 from sap_core.errors import SapError  # noqa: E402
 
 # One CPU thread by default: the built-in models are small, and on a shared machine torch's threads
@@ -79,3 +79,4 @@ with st.sidebar:
 
 note_page(page.url_path)
 page.run()
+next_link(page.url_path)  # not reached when a page stops early (it then says what to do first)

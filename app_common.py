@@ -88,6 +88,68 @@ def model_choice() -> tuple[str, str, str]:
     return source, st.session_state.get("device", "auto"), st.session_state.get("dtype", "auto")
 
 
+# The guided start: the pages in the order of the story (the landing page links them all in this order,
+# and every page ends with a link to the next one). (page file, URL path, title, icon, what it shows.)
+STORY = (
+    ("pages/model.py", "", "Model", ":material/memory:", "the loaded model, its facts and the memory a run needs"),
+    (
+        "pages/explorer.py",
+        "explorer",
+        "Denoising explorer",
+        ":material/animation:",
+        "generate a text and watch its sinks move, step by step",
+    ),
+    (
+        "pages/stability.py",
+        "stability",
+        "Sink stability",
+        ":material/balance:",
+        "which sinks stay put and which move: the sink rule and tau",
+    ),
+    (
+        "pages/ar_vs_dlm.py",
+        "ar_vs_dlm",
+        "AR vs DLM",
+        ":material/swap_horiz:",
+        "the paper's premise: an autoregressive model's sink sits still",
+    ),
+    (
+        "pages/prune.py",
+        "prune",
+        "Prune",
+        ":material/content_cut:",
+        "make pruned variants, sink-aware or not (the dense model is kept)",
+    ),
+    (
+        "pages/tau.py",
+        "tau",
+        "Pick tau",
+        ":material/tune:",
+        "what the gated methods' variance gate sees, and which tau prunes best",
+    ),
+    (
+        "pages/compare.py",
+        "compare",
+        "Compare",
+        ":material/compare_arrows:",
+        "the variants against the dense model: generations, perplexity, sweeps",
+    ),
+)
+
+
+def next_link(url_path: str) -> None:
+    """The guided start's "next" link at the end of the page ``url_path`` (app.py draws it after every
+    page that runs to its end): the next page of :data:`STORY`; the last one leads back to the start."""
+    paths = [s[1] for s in STORY]
+    if url_path not in paths:
+        return
+    i = paths.index(url_path)
+    file, _, title, icon, what = STORY[(i + 1) % len(STORY)]
+    st.divider()
+    label = f"**Back to the start · {title}**: {what}" if i == len(STORY) - 1 else f"**Next · {title}**: {what}"
+    st.page_link(file, label=label, icon=icon if i < len(STORY) - 1 else ":material/restart_alt:")
+
+
 def context_of(handle: ModelHandle) -> int:
     """The model's context in tokens (:attr:`ModelHandle.max_length`; 4096 when its config does not say):
     the upper bound of the app's length inputs, so a length the model cannot take is never offered."""

@@ -128,7 +128,8 @@ def test_sink_settings_default_to_the_core_default_before_the_stability_page():
 def test_landing_page_links_every_step_and_checks_memory(tmp_path):
     at = new_app()
     links = at.get("page_link")
-    assert [l.proto.page for l in links] == ["explorer", "stability", "prune", "compare"]
+    # every page in the story's order, this page itself, then the guided start's "next" link
+    assert [l.proto.page for l in links] == ["explorer", "stability", "ar_vs_dlm", "prune", "tau", "compare", "", "explorer"]
     assert any("fits in the available RAM" in c for c in texts(at.caption))
     at.number_input[0].set_value(1024).run()  # past the built-in model's 512 positions
     assert any("maximum sequence length (512)" in w for w in texts(at.warning))

@@ -185,3 +185,51 @@ def test_inputs_are_bounded_by_the_model(app_url, page):
     expect(alert).to_contain_text("between 1 and 511")
     page.shot("1-compare-typed-too-long")
     no_streamlit_exception(page)
+
+
+def test_guided_start_links_every_page_and_each_page_leads_to_the_next(app_url, page):
+    """Item 10: the landing page links all seven pages in the story's order, and every page ends with a
+    "next" link: generate → stability → AR vs DLM → prune → pick tau → compare → back to the start."""
+    from playwright.sync_api import expect
+
+    from app_common import STORY
+
+    page.goto(app_url)
+    expect(page.get_by_text("Work through the pages in order")).to_be_visible()
+    main = page.locator("[data-testid='stMain']")
+    links = main.locator("[data-testid='stPageLink'] a")
+    expect(links).to_have_count(len(STORY) + 1)  # the pages, itself, "next"
+    hrefs = [a.get_attribute("href").rsplit("/", 1)[-1] for a in links.all()]
+    assert hrefs == [s[1] for s in STORY[1:]] + ["", "explorer"], hrefs
+    nav_titles = page.locator("[data-testid='stSidebarNav'] a").all_inner_texts()
+    assert len(nav_titles) == len(STORY) and all(t.strip().endswith(s[2]) for t, s in zip(nav_titles, STORY, strict=True)), (
+        nav_titles  # the sidebar follows the story too (each entry: its icon's name, then its title)
+    )
+    for size in ({"width": 1440, "height": 900}, {"width": 1280, "height": 720}):
+        page.set_viewport_size(size)
+        page.wait_for_timeout(500)
+        page.shot(f"1-landing-{size['width']}x{size['height']}")
+    page.set_viewport_size({"width": 1440, "height": 900})
+
+    main.get_by_role("link", name="Next · Denoising explorer", exact=False).click()
+    page.get_by_role("spinbutton", name="Generation length").fill("16")
+    page.get_by_role("spinbutton", name="Steps", exact=True).fill("16")
+    page.get_by_role("button", name="Generate").click()
+    expect(page.get_by_text("16 steps in", exact=False)).to_be_visible()
+    for here, there in zip(STORY[1:], STORY[2:] + STORY[:1], strict=True):
+        idle(page)
+        link = main.get_by_role("link", name=f"· {there[2]}:", exact=False)
+        expect(link).to_be_visible()
+        link.scroll_into_view_if_needed()
+        if here[1] == "compare":
+            expect(link).to_contain_text("Back to the start")
+            page.shot("2-compare-end-1440x900")
+        if here[1] == "prune":
+            page.set_viewport_size({"width": 1280, "height": 720})
+            link.scroll_into_view_if_needed()
+            page.wait_for_timeout(500)
+            page.shot("3-prune-end-1280x720")
+            page.set_viewport_size({"width": 1440, "height": 900})
+        link.click()
+        expect(main.get_by_role("heading", name="SinkScope" if there[1] == "" else there[2]).first).to_be_visible()
+        no_streamlit_exception(page)
