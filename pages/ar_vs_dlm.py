@@ -39,7 +39,7 @@ default_other = "tiny-dlm" if handle.causal else ar_model()
 other_source = st.text_input(
     "Other model",
     default_other,
-    **kept("other_model"),
+    key="other_model",
     help="A model of the other kind: the built-in twin, or a local model directory. "
     f"The active model is {'causal (AR)' if handle.causal else 'a masked-diffusion model (DLM)'}.",
 )

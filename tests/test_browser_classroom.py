@@ -87,8 +87,8 @@ def nav(page, title: str) -> None:
 
 
 def test_form_values_survive_a_page_switch_and_an_interrupted_run_says_so(app_url, page):
-    """Item 3 (across pages): a generation's and a prune's form values are kept when the user goes to
-    another page and back; a prune interrupted by leaving its page says so on return and kept nothing;
+    """Item 3 (across pages): a generation and a prune interrupted by leaving their page say so on return,
+    keep their form values and keep nothing from the stopped run (the stored generation stays);
     Enter in AR vs DLM's "Prompts" box does not start the across-prompts run, its button does."""
     from playwright.sync_api import expect
 
@@ -100,6 +100,18 @@ def test_form_values_survive_a_page_switch_and_an_interrupted_run_says_so(app_ur
     page.get_by_role("spinbutton", name="Seed").fill("3")
     page.get_by_role("button", name="Generate").click()
     expect(page.get_by_text("16 steps in", exact=False)).to_be_visible()
+    page.get_by_role("spinbutton", name="Generation length").fill("496")  # a long one, left while it runs
+    page.get_by_role("spinbutton", name="Steps", exact=True).fill("496")
+    page.get_by_role("button", name="Generate").click()
+    expect(page.get_by_text("Generating:", exact=False)).to_be_visible()
+    nav(page, "Sink stability")
+    expect(page.locator("[data-testid='stMain']").get_by_role("heading", name="Sink stability")).to_be_visible()
+    nav(page, "Denoising explorer")
+    expect(page.get_by_text("Generation was interrupted by leaving the page", exact=False)).to_be_visible()
+    expect(page.get_by_role("spinbutton", name="Generation length")).to_have_value("496")
+    expect(page.get_by_role("spinbutton", name="Steps", exact=True)).to_have_value("496")
+    expect(page.get_by_role("spinbutton", name="Seed")).to_have_value("3")
+    expect(page.get_by_text("prompt “ROMEO.⏎” · 16 tokens", exact=False).first).to_be_visible()  # the stored run is kept
 
     nav(page, "Prune")
     page.get_by_role("spinbutton", name="Calibration samples").fill("512")
@@ -126,11 +138,6 @@ def test_form_values_survive_a_page_switch_and_an_interrupted_run_says_so(app_ur
     nav(page, "Prune")
     idle(page)
     assert page.get_by_text("was interrupted", exact=False).count() == 0, "the notice is shown once"
-
-    nav(page, "Denoising explorer")
-    expect(page.get_by_role("spinbutton", name="Generation length")).to_have_value("16")
-    expect(page.get_by_role("spinbutton", name="Steps", exact=True)).to_have_value("16")
-    expect(page.get_by_role("spinbutton", name="Seed")).to_have_value("3")
 
     nav(page, "AR vs DLM")
     expect(page.get_by_text("Across prompts", exact=True)).to_be_visible()
