@@ -14,11 +14,11 @@ handle = active_model()
 
 with st.form("decode"):
     prompt = st.text_area(
-        "Prompt", "ROMEO.\n", help="Text the model continues. It is never changed during decoding.", **kept("x_prompt")
+        "Prompt", "ROMEO.\n", help="Text the model continues. It is never changed during decoding.", **kept("decode_prompt")
     )
     c = st.columns(4)
     gen_length = c[0].number_input(
-        "Generation length", 1, 2048, 64, help="Tokens to generate (masked at the start).", **kept("x_gen_length")
+        "Generation length", 1, 2048, 64, help="Tokens to generate (masked at the start).", **kept("decode_gen_length")
     )
     steps = c[1].number_input(
         "Steps",
@@ -27,7 +27,7 @@ with st.form("decode"):
         64,
         help="Denoising steps in all; must divide evenly over the blocks. A causal model uses one step per token.",
         disabled=handle.causal,
-        **kept("x_steps"),
+        **kept("decode_steps"),
     )
     if handle.causal:  # block length, remasking and guidance only exist for a masked-diffusion model
         block_length, remasking, cfg_scale = None, REMASKING[0], 0.0
@@ -37,17 +37,23 @@ with st.form("decode"):
         )
     else:
         block_length = c[2].number_input(
-            "Block length", 1, 2048, 16, help="Semi-autoregressive blocks, filled left to right.", **kept("x_block_length")
+            "Block length", 1, 2048, 16, help="Semi-autoregressive blocks, filled left to right.", **kept("decode_block_length")
         )
         remasking = c[3].selectbox(
             "Remasking",
             REMASKING,
             help="Which masked positions are unmasked first: most confident, random, or lowest entropy.",
-            **kept("x_remasking"),
+            **kept("decode_remasking"),
         )
     c = st.columns(3)
     temperature = c[0].slider(
-        "Temperature", 0.0, 2.0, 0.8, 0.05, help="0 = greedy; Gumbel-max sampling in float64 otherwise.", **kept("x_temperature")
+        "Temperature",
+        0.0,
+        2.0,
+        0.8,
+        0.05,
+        help="0 = greedy; Gumbel-max sampling in float64 otherwise.",
+        **kept("decode_temperature"),
     )
     if not handle.causal:
         cfg_scale = c[1].number_input(
@@ -56,9 +62,11 @@ with st.form("decode"):
             20.0,
             0.0,
             help="Classifier-free guidance; the unconditional pass masks the prompt. 0 = off.",
-            **kept("x_cfg_scale"),
+            **kept("decode_cfg_scale"),
         )
-    seed = c[2].number_input("Seed", 0, 2**31 - 1, 0, help="Same seed and settings give the same trajectory.", **kept("x_seed"))
+    seed = c[2].number_input(
+        "Seed", 0, 2**31 - 1, 0, help="Same seed and settings give the same trajectory.", **kept("decode_seed")
+    )
     submitted = st.form_submit_button("Generate", type="primary", icon=":material/play_arrow:")
 
 
