@@ -1,24 +1,48 @@
 """SinkScope: attention sinks in diffusion language models, and sink-aware pruning.
 
 streamlit run app.py
+
+Every URL runs this script first (a page opened directly, even before anyone opened /, see
+``app_common.through_the_app``): the navigation and a loading message are drawn before the heavy imports
+(torch, transformers: seconds) and the model load, so a cold start is never a blank page.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 
 import streamlit as st
-import torch
-
-from app_common import MODEL_KINDS, cached_model, is_cached, model_choice
-from sap_core.errors import SapError
 
 st.set_page_config(page_title="SinkScope", page_icon=":material/blur_on:", layout="wide")
+PAGES = [
+    st.Page("pages/model.py", title="Model", icon=":material/memory:", default=True),
+    st.Page("pages/explorer.py", title="Denoising explorer", icon=":material/animation:"),
+    st.Page("pages/stability.py", title="Sink stability", icon=":material/balance:"),
+    st.Page("pages/ar_vs_dlm.py", title="AR vs DLM", icon=":material/swap_horiz:"),
+    st.Page("pages/prune.py", title="Prune", icon=":material/content_cut:"),
+    st.Page("pages/tau.py", title="Pick tau", icon=":material/tune:"),
+    st.Page("pages/compare.py", title="Compare", icon=":material/compare_arrows:"),
+]  # the order of the story (app_common.STORY, which cannot be imported before the first paint)
+page = st.navigation(PAGES)
+
+loading = st.empty()  # the first load takes seconds: say so in the main area instead of a blank page
+if "app_common" not in sys.modules:
+    loading.info(
+        "Loading SinkScope and the model… the page appears when it is ready (a few seconds for the built-in "
+        "models, minutes for an 8B checkpoint).",
+        icon=":material/hourglass_top:",
+    )
+
+import torch  # noqa: E402  (after the first paint: importing torch takes seconds)
+
+from app_common import MODEL_KINDS, cached_model, is_cached, model_choice, next_link, note_page  # noqa: E402
+from sap_core.errors import SapError  # noqa: E402
+
 # One CPU thread by default: the built-in models are small, and on a shared machine torch's threads
 # spin against other work (a 64-step generation measured 1.0 s with 1 thread, 18.9 s with 2 under load).
 torch.set_num_threads(int(os.environ.get("SINKSCOPE_THREADS", "1")))
 
-loading = st.empty()  # the first load takes seconds: say so in the main area instead of grey skeletons
 with st.sidebar:
     st.title("SinkScope")
     kind = st.radio(
@@ -53,13 +77,6 @@ with st.sidebar:
         st.error(str(exc))
     loading.empty()
 
-pages = [
-    st.Page("pages/model.py", title="Model", icon=":material/memory:", default=True),
-    st.Page("pages/explorer.py", title="Denoising explorer", icon=":material/animation:"),
-    st.Page("pages/stability.py", title="Sink stability", icon=":material/balance:"),
-    st.Page("pages/ar_vs_dlm.py", title="AR vs DLM", icon=":material/swap_horiz:"),
-    st.Page("pages/prune.py", title="Prune", icon=":material/content_cut:"),
-    st.Page("pages/tau.py", title="Pick tau", icon=":material/tune:"),
-    st.Page("pages/compare.py", title="Compare", icon=":material/compare_arrows:"),
-]
-st.navigation(pages).run()
+note_page(page.url_path)
+page.run()
+next_link(page.url_path)  # not reached when a page stops early (it then says what to do first)

@@ -10,13 +10,43 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Iterator
+from pathlib import Path
 
 import streamlit as st
-import torch
 
-from sap_core.errors import Cancelled, SapError
-from sap_core.models import ModelHandle, load_model
-from sap_core.sinks import SinkSpec
+
+def through_the_app() -> None:
+    """Send a run that Streamlit started in its page-folder mode back through app.py.
+
+    Streamlit (1.67) runs a page script on its own, listing ``pages/*.py`` by file name, while its
+    process-wide flag ``PagesManager.uses_pages_directory`` is still set: from the server's start until some
+    run of app.py reaches ``st.navigation``. So a first visitor who opens ``/explorer`` (or clicks during a
+    cold start) gets a page without app.py's sidebar, model choice or settings. Every page imports this
+    module and calls :func:`active_model`, so both check here: in folder mode the registered pages include
+    app.py itself; clear the flag (this run is the last one in folder mode) and rerun this page, which now
+    goes through app.py's ``st.navigation`` with the same URL and query string.
+    """
+    from streamlit import config
+    from streamlit.runtime.pages_manager import PagesManager
+    from streamlit.runtime.scriptrunner import get_script_run_ctx
+
+    ctx = get_script_run_ctx()
+    if ctx is None or config.get_option("global.appTest"):  # outside a server (the CLI; AppTest resets the flag every run)
+        return
+    main = Path(ctx.pages_manager.main_script_path).resolve()
+    pages = ctx.pages_manager.get_pages().values()
+    if len(pages) > 1 and any(p.get("script_path") and Path(p["script_path"]).resolve() == main for p in pages):
+        PagesManager.uses_pages_directory = False
+        st.rerun()
+
+
+through_the_app()  # before the heavy imports below (torch takes seconds): the rerun paints app.py's sidebar at once
+
+import torch  # noqa: E402
+
+from sap_core.errors import Cancelled, SapError  # noqa: E402
+from sap_core.models import ModelHandle, load_model  # noqa: E402
+from sap_core.sinks import SinkSpec  # noqa: E402
 
 
 def default_model() -> str:
@@ -58,8 +88,83 @@ def model_choice() -> tuple[str, str, str]:
     return source, st.session_state.get("device", "auto"), st.session_state.get("dtype", "auto")
 
 
+# The guided start: the pages in the order of the story (the landing page links them all in this order,
+# and every page ends with a link to the next one). (page file, URL path, title, icon, what it shows.)
+STORY = (
+    ("pages/model.py", "", "Model", ":material/memory:", "the loaded model, its facts and the memory a run needs"),
+    (
+        "pages/explorer.py",
+        "explorer",
+        "Denoising explorer",
+        ":material/animation:",
+        "generate a text and watch its sinks move, step by step",
+    ),
+    (
+        "pages/stability.py",
+        "stability",
+        "Sink stability",
+        ":material/balance:",
+        "which sinks stay put and which move: the sink rule and tau",
+    ),
+    (
+        "pages/ar_vs_dlm.py",
+        "ar_vs_dlm",
+        "AR vs DLM",
+        ":material/swap_horiz:",
+        "the paper's premise: an autoregressive model's sink sits still",
+    ),
+    (
+        "pages/prune.py",
+        "prune",
+        "Prune",
+        ":material/content_cut:",
+        "make pruned variants, sink-aware or not (the dense model is kept)",
+    ),
+    (
+        "pages/tau.py",
+        "tau",
+        "Pick tau",
+        ":material/tune:",
+        "what the gated methods' variance gate sees, and which tau prunes best",
+    ),
+    (
+        "pages/compare.py",
+        "compare",
+        "Compare",
+        ":material/compare_arrows:",
+        "the variants against the dense model: generations, perplexity, sweeps",
+    ),
+)
+
+
+def next_link(url_path: str) -> None:
+    """The guided start's "next" link at the end of the page ``url_path`` (app.py draws it after every
+    page that runs to its end): the next page of :data:`STORY`; the last one leads back to the start."""
+    paths = [s[1] for s in STORY]
+    if url_path not in paths:
+        return
+    i = paths.index(url_path)
+    file, _, title, icon, what = STORY[(i + 1) % len(STORY)]
+    st.divider()
+    label = f"**Back to the start · {title}**: {what}" if i == len(STORY) - 1 else f"**Next · {title}**: {what}"
+    st.page_link(file, label=label, icon=icon if i < len(STORY) - 1 else ":material/restart_alt:")
+
+
+def context_of(handle: ModelHandle) -> int:
+    """The model's context in tokens (:attr:`ModelHandle.max_length`; 4096 when its config does not say):
+    the upper bound of the app's length inputs, so a length the model cannot take is never offered."""
+    return int(handle.max_length or 4096)
+
+
+def kept(key: str) -> dict:
+    """A form widget's keyword arguments (``**kept("prune_seed")``): a key whose value survives a page
+    switch. Streamlit drops the state of widgets a run did not draw; ``persist_state="session"`` keeps it."""
+    return {"key": key, "persist_state": "session"}
+
+
 def active_model() -> ModelHandle:
     """The selected model; if it cannot be loaded, show the loader's message and stop this page."""
+    through_the_app()
     source, device, dtype = model_choice()
     try:
         handle = cached_model(source, device, dtype)
@@ -71,6 +176,7 @@ def active_model() -> ModelHandle:
         f"Active model: **{handle.name}** · {handle.family}{' (causal)' if handle.causal else ''} · "
         f"{handle.n_params / 1e6:.1f}M parameters · {handle.device} · {str(handle.dtype).replace('torch.', '')}"
     )
+    interrupted_notice()
     return handle
 
 
@@ -108,6 +214,7 @@ class CancelButton:
 
     def _click(self) -> None:
         st.session_state[f"{self.key}_cancelled"] = True
+        st.session_state.pop(_RUNNING, None)  # cancelled, not interrupted: the page says so itself
 
     def running(self, help: str) -> None:
         self._ran = True
@@ -121,11 +228,50 @@ class CancelButton:
         self.slot.button("Cancel", key=key, disabled=True, icon=":material/stop_circle:", help="Nothing is running.")
 
 
+_PAGE, _RUNNING = "_sinkscope_page", "_sinkscope_running"  # session-state keys: the page shown, the job running
+
+
+def note_page(page: str) -> None:
+    """Record the page this run shows (app.py calls this before each page). A job still marked as running
+    on another page was stopped by this switch: mark it as left, for :func:`interrupted_notice`."""
+    st.session_state[_PAGE] = page
+    run = st.session_state.get(_RUNNING)
+    if run is not None and run["page"] != page:
+        run["left"] = True
+
+
+def interrupted_notice() -> None:
+    """Say on a page that its last job was interrupted (:func:`active_model` calls this under the header).
+
+    Streamlit stops a running script when the user switches pages (or changes a widget), so a job left
+    mid-way leaves :func:`job`'s marker behind; back on the job's page, the notice says what happened and
+    the marker goes. The form values survive the switch (:func:`kept`), so "run it again" is one click.
+    """
+    run = st.session_state.get(_RUNNING)
+    if run is None or run["page"] != st.session_state.get(_PAGE):
+        return
+    del st.session_state[_RUNNING]
+    how = "by leaving the page" if run["left"] else "by a change made while it ran"
+    st.warning(
+        f"{run['label']} was interrupted {how}, so nothing from it was kept; your settings are kept below: run it again.",
+        icon=":material/replay:",
+    )
+
+
 @contextlib.contextmanager
 def job(label: str) -> Iterator[None]:
-    """Run a long job: errors become a message on the page and the app stays usable."""
+    """Run a long job: errors become a message on the page and the app stays usable. While it runs, a
+    marker in the session says so; a job that Streamlit stops mid-way (a page switch, a rerun) leaves the
+    marker for :func:`interrupted_notice`."""
+    from streamlit.runtime.scriptrunner_utils.exceptions import ScriptControlException
+
+    st.session_state[_RUNNING] = {"page": st.session_state.get(_PAGE), "label": label, "left": False}
+    stopped = False
     try:
         yield
+    except ScriptControlException:
+        stopped = True
+        raise
     except Cancelled:
         st.warning(f"{label} was cancelled; nothing was changed.")
     except torch.OutOfMemoryError:
@@ -137,6 +283,9 @@ def job(label: str) -> Iterator[None]:
         )
     except SapError as exc:
         st.error(f"{label} failed: {exc}")
+    finally:
+        if not stopped:
+            st.session_state.pop(_RUNNING, None)
 
 
 def current_trajectory(handle: ModelHandle, key: str = "trajectory"):

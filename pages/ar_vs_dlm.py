@@ -12,6 +12,7 @@ from app_common import (
     cached_model,
     current_trajectory,
     job,
+    kept,
     model_choice,
     progress_callback,
     sink_spec,
@@ -112,12 +113,19 @@ st.caption(
     "compare the raw-mass statistics with ±1 standard-error bars; the difference DLM − AR is paired by prompt. "
     "Prompts are windows of the evaluation text, or your own file (one prompt a line)."
 )
-with st.form("across_prompts"):
+with st.form("across_prompts", enter_to_submit=False):  # Enter in a box must not start a long run
     c = st.columns(3)
     n_prompts = c[0].number_input(
-        "Prompts", 2, 512, 16, help="More prompts, smaller error bars; each costs one generation per model."
+        "Prompts",
+        2,
+        512,
+        16,
+        help="More prompts, smaller error bars; each costs one generation per model.",
+        **kept("ar_n_prompts"),
     )
-    prompt_tokens = c[1].number_input("Tokens per prompt", 1, 256, 16, help="Length of each evaluation-text window.")
+    prompt_tokens = c[1].number_input(
+        "Tokens per prompt", 1, 256, 16, help="Length of each evaluation-text window.", **kept("ar_prompt_tokens")
+    )
     upload = c[2].file_uploader("Prompt file (optional)", type=["txt"], help="UTF-8 text, one prompt a line.")
     submitted = st.form_submit_button("Run across prompts", type="primary")
 cancel = CancelButton("across_prompts")

@@ -4,7 +4,18 @@ import html
 
 import streamlit as st
 
-from app_common import active_model, eval_spec, job, model_choice, progress_callback, sink_spec, stored_caption, token_texts
+from app_common import (
+    active_model,
+    context_of,
+    eval_spec,
+    job,
+    kept,
+    model_choice,
+    progress_callback,
+    sink_spec,
+    stored_caption,
+    token_texts,
+)
 from sap_core import viz
 from sap_core.compare import compare_generations, noise_verdict, perplexity_table
 from sap_core.diffusion import DecodeSpec
@@ -23,12 +34,29 @@ if not variants:
 st.subheader("Side by side")
 chosen = st.multiselect("Variants", list(variants), default=list(variants)[-2:], help="Made on the Prune page in this session.")
 with st.form("compare"):
-    prompt = st.text_area("Prompt", "ROMEO.\n")
+    prompt = st.text_area("Prompt", "ROMEO.\n", **kept("cmp_prompt"))
     c = st.columns(4)
-    gen_length = c[0].number_input("Generation length", 1, 1024, 32)
-    steps = c[1].number_input("Steps", 1, 1024, 32)
-    temperature = c[2].slider("Temperature", 0.0, 2.0, 0.0, 0.05, help="0 = greedy, the clearest comparison.")
-    seed = c[3].number_input("Seed", 0, 2**31 - 1, 0)
+    longest = context_of(handle) - 1  # the prompt takes at least one token of the context
+    gen_length = c[0].number_input(
+        "Generation length",
+        1,
+        longest,
+        min(32, longest),
+        help=f"At most {longest}: the prompt and the generated tokens share the model's context of {longest + 1} tokens.",
+        **kept("cmp_gen_length"),
+    )
+    steps = c[1].number_input(
+        "Steps",
+        1,
+        longest,
+        min(32, longest),
+        help="At most the generation length: each step decodes a token or more.",
+        **kept("cmp_steps"),
+    )
+    temperature = c[2].slider(
+        "Temperature", 0.0, 2.0, 0.0, 0.05, help="0 = greedy, the clearest comparison.", **kept("cmp_temperature")
+    )
+    seed = c[3].number_input("Seed", 0, 2**31 - 1, 0, **kept("cmp_seed"))
     go = st.form_submit_button("Compare", type="primary")
 compare_failed = False
 if go:
@@ -117,9 +145,11 @@ else:
     )
 c = st.columns(3)
 nsamples = c[0].number_input(
-    "Windows", 1, 512, defaults.nsamples, help=f"Windows of {defaults.seqlen} tokens of the held-out text."
+    "Windows", 1, 512, defaults.nsamples, help=f"Windows of {defaults.seqlen} tokens of the held-out text.", **kept("cmp_windows")
 )
-draws = c[1].number_input("Monte Carlo draws", 2, 64, defaults.draws, help="Masking draws per window (masked-diffusion bound).")
+draws = c[1].number_input(
+    "Monte Carlo draws", 2, 64, defaults.draws, help="Masking draws per window (masked-diffusion bound).", **kept("cmp_draws")
+)
 ppl_failed = False
 if c[2].button("Compute perplexity", type="primary"):
     bar = st.progress(0.0, text="Perplexity…")
@@ -165,10 +195,12 @@ st.caption(
     f"tau = {sweep_sink.tau:g})."
 )
 with st.form("sweep_form"):
-    methods = st.multiselect("Methods", list(METHODS), default=["magnitude", "wanda"])
+    methods = st.multiselect("Methods", list(METHODS), default=["magnitude", "wanda"], **kept("sweep_methods"))
     c = st.columns(2)
-    sparsities = c[0].multiselect("Sparsities", [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8], default=[0.3, 0.5])
-    patterns = c[1].multiselect("Patterns", ["unstructured", "2:4", "4:8"], default=["unstructured"])
+    sparsities = c[0].multiselect(
+        "Sparsities", [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8], default=[0.3, 0.5], **kept("sweep_sparsities")
+    )
+    patterns = c[1].multiselect("Patterns", ["unstructured", "2:4", "4:8"], default=["unstructured"], **kept("sweep_patterns"))
     run = st.form_submit_button("Run sweep", type="primary")
 sweep_failed = False
 if run:

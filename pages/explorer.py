@@ -4,7 +4,7 @@ import time
 
 import streamlit as st
 
-from app_common import active_model, current_trajectory, job, model_choice, progress_callback, report_for, sink_spec
+from app_common import active_model, current_trajectory, job, kept, model_choice, progress_callback, report_for, sink_spec
 from sap_core import animation, viz
 from sap_core.attention import AttentionRecorder
 from sap_core.diffusion import REMASKING, DecodeSpec, attention_map, generate
@@ -13,9 +13,13 @@ st.header("Denoising explorer")
 handle = active_model()
 
 with st.form("decode"):
-    prompt = st.text_area("Prompt", "ROMEO.\n", help="Text the model continues. It is never changed during decoding.")
+    prompt = st.text_area(
+        "Prompt", "ROMEO.\n", help="Text the model continues. It is never changed during decoding.", **kept("decode_prompt")
+    )
     c = st.columns(4)
-    gen_length = c[0].number_input("Generation length", 1, 2048, 64, help="Tokens to generate (masked at the start).")
+    gen_length = c[0].number_input(
+        "Generation length", 1, 2048, 64, help="Tokens to generate (masked at the start).", **kept("decode_gen_length")
+    )
     steps = c[1].number_input(
         "Steps",
         1,
@@ -23,6 +27,7 @@ with st.form("decode"):
         64,
         help="Denoising steps in all; must divide evenly over the blocks. A causal model uses one step per token.",
         disabled=handle.causal,
+        **kept("decode_steps"),
     )
     if handle.causal:  # block length, remasking and guidance only exist for a masked-diffusion model
         block_length, remasking, cfg_scale = None, REMASKING[0], 0.0
@@ -31,17 +36,37 @@ with st.form("decode"):
             "guidance apply to masked-diffusion models only."
         )
     else:
-        block_length = c[2].number_input("Block length", 1, 2048, 16, help="Semi-autoregressive blocks, filled left to right.")
+        block_length = c[2].number_input(
+            "Block length", 1, 2048, 16, help="Semi-autoregressive blocks, filled left to right.", **kept("decode_block_length")
+        )
         remasking = c[3].selectbox(
-            "Remasking", REMASKING, help="Which masked positions are unmasked first: most confident, random, or lowest entropy."
+            "Remasking",
+            REMASKING,
+            help="Which masked positions are unmasked first: most confident, random, or lowest entropy.",
+            **kept("decode_remasking"),
         )
     c = st.columns(3)
-    temperature = c[0].slider("Temperature", 0.0, 2.0, 0.8, 0.05, help="0 = greedy; Gumbel-max sampling in float64 otherwise.")
+    temperature = c[0].slider(
+        "Temperature",
+        0.0,
+        2.0,
+        0.8,
+        0.05,
+        help="0 = greedy; Gumbel-max sampling in float64 otherwise.",
+        **kept("decode_temperature"),
+    )
     if not handle.causal:
         cfg_scale = c[1].number_input(
-            "CFG scale", 0.0, 20.0, 0.0, help="Classifier-free guidance; the unconditional pass masks the prompt. 0 = off."
+            "CFG scale",
+            0.0,
+            20.0,
+            0.0,
+            help="Classifier-free guidance; the unconditional pass masks the prompt. 0 = off.",
+            **kept("decode_cfg_scale"),
         )
-    seed = c[2].number_input("Seed", 0, 2**31 - 1, 0, help="Same seed and settings give the same trajectory.")
+    seed = c[2].number_input(
+        "Seed", 0, 2**31 - 1, 0, help="Same seed and settings give the same trajectory.", **kept("decode_seed")
+    )
     submitted = st.form_submit_button("Generate", type="primary", icon=":material/play_arrow:")
 
 

@@ -6,7 +6,7 @@ from pathlib import Path
 import pandas as pd
 import streamlit as st
 
-from app_common import active_model
+from app_common import STORY, active_model
 from sap_core.memory import available, estimate, human
 
 st.header("SinkScope")
@@ -16,30 +16,10 @@ st.markdown(
     "([arXiv 2602.17664](https://arxiv.org/abs/2602.17664)), which discounts sinks that do not stay put. "
     "Work through the pages in order:"
 )
-st.page_link(
-    "pages/explorer.py",
-    label="1 · Generate a text and watch its sinks move, step by step",
-    icon=":material/animation:",
-    help="Denoising explorer: one generation with the attention each position receives at every step.",
-)
-st.page_link(
-    "pages/stability.py",
-    label="2 · Tune the sink rule and the variance threshold tau",
-    icon=":material/balance:",
-    help="Sink stability: which sinks are stable and which move, re-scored from the stored generation.",
-)
-st.page_link(
-    "pages/prune.py",
-    label="3 · Make pruned variants (the dense model is kept)",
-    icon=":material/content_cut:",
-    help="Prune: magnitude, Wanda, SparseGPT and their sink-aware versions; the dense model is kept.",
-)
-st.page_link(
-    "pages/compare.py",
-    label="4 · Compare them with the dense model: generations, perplexity, sweeps",
-    icon=":material/compare_arrows:",
-    help="Compare: generations side by side, perplexity with paired errors, sparsity sweeps.",
-)
+for n, (file, _, title, icon, what) in enumerate(STORY[1:], 1):
+    st.page_link(file, label=f"{n} · {what[0].upper()}{what[1:]} ({title})", icon=icon)
+model_file, _, model_title, model_icon, model_what = STORY[0]
+st.page_link(model_file, label=f"{model_title} (this page): {model_what}, below", icon=model_icon)
 st.caption("Pick the model in the sidebar first: the built-in tiny-dlm runs on a CPU in seconds.")
 
 st.subheader("Loaded model")

@@ -5,7 +5,17 @@ from pathlib import Path
 
 import streamlit as st
 
-from app_common import CancelButton, active_model, job, method_settings, model_choice, progress_callback, sink_spec
+from app_common import (
+    CancelButton,
+    active_model,
+    context_of,
+    job,
+    kept,
+    method_settings,
+    model_choice,
+    progress_callback,
+    sink_spec,
+)
 from sap_core import viz
 from sap_core.pruning import METHODS, CalibrationSpec, PruneSpec, numbered, prune
 from sap_core.pruning.spec import METHOD_ROWS
@@ -20,16 +30,28 @@ st.caption(
     f"k = {spec_sink.k:g}, alpha = {spec_sink.alpha:g}, tau = {spec_sink.tau:g} (used by the sink-aware and gated methods)."
 )
 names = list(METHODS)
-method = st.selectbox("Method", names, index=names.index("sink_wanda"), help="Changing it shows what the method does below.")
+method = st.selectbox(
+    "Method", names, index=names.index("sink_wanda"), help="Changing it shows what the method does below.", **kept("prune_method")
+)
 st.markdown(f":material/info: **{method}**: {METHODS[method]}  \n{METHOD_ROWS[method].traits}")
 with st.form("prune"):
     c = st.columns(3)
     pattern = c[0].selectbox(
         "Pattern",
         ["unstructured", "2:4", "4:8"],
+        **kept("prune_pattern"),
         help="N:M keeps N of every M consecutive weights of a row (fixes the sparsity at 1 − N/M).",
     )
-    sparsity = c[1].slider("Sparsity", 0.0, 0.95, 0.5, 0.05, help="Share of each row's weights set to zero (unstructured only).")
+    sparsity = c[1].slider(
+        "Sparsity",
+        0.05,  # not 0: a 0% variant is the dense model itself, which Compare always shows as "dense"
+        0.95,
+        0.5,
+        0.05,
+        help="Share of each row's weights set to zero (unstructured only). It starts at 0.05: a 0% variant would be "
+        "the dense model itself, which the Compare page always includes as “dense”.",
+        **kept("prune_sparsity"),
+    )
     c = st.columns(3)
     nsamples = c[0].number_input(
         "Calibration samples",
@@ -37,9 +59,17 @@ with st.form("prune"):
         1024,
         16,
         help="Windows of the calibration text (sap_core/assets/text/calibration.txt); not used by magnitude.",
+        **kept("prune_nsamples"),
     )
-    seqlen = c[1].number_input("Calibration length", 8, 4096, 128, help="Tokens per window.")
-    seed = c[2].number_input("Calibration seed", 0, 2**31 - 1, 0)
+    seqlen = c[1].number_input(
+        "Calibration length",
+        8,
+        context_of(handle),
+        min(128, context_of(handle)),
+        help=f"Tokens per window; at most the model's context ({context_of(handle)} tokens), the longest input it takes.",
+        **kept("prune_seqlen"),
+    )
+    seed = c[2].number_input("Calibration seed", 0, 2**31 - 1, 0, **kept("prune_seed"))
     submitted = st.form_submit_button("Prune", type="primary")
 
 

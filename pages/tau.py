@@ -4,7 +4,18 @@ from dataclasses import replace
 
 import streamlit as st
 
-from app_common import CancelButton, active_model, current_trajectory, job, model_choice, progress_callback, report_for, sink_spec
+from app_common import (
+    CancelButton,
+    active_model,
+    context_of,
+    current_trajectory,
+    job,
+    kept,
+    model_choice,
+    progress_callback,
+    report_for,
+    sink_spec,
+)
 from sap_core import viz
 from sap_core.pruning import CalibrationSpec
 from sap_core.pruning.spec import GATED
@@ -25,10 +36,17 @@ st.caption(
 with st.form("gate_form"):
     c = st.columns(4)
     nsamples = c[0].number_input(
-        "Calibration samples", 1, 1024, 16, help="Windows of the calibration text, as on the Prune page."
+        "Calibration samples", 1, 1024, 16, help="Windows of the calibration text, as on the Prune page.", **kept("tau_nsamples")
     )
-    seqlen = c[1].number_input("Calibration length", 8, 4096, 128, help="Tokens per window.")
-    seed = c[2].number_input("Calibration seed", 0, 2**31 - 1, 0)
+    seqlen = c[1].number_input(
+        "Calibration length",
+        8,
+        context_of(handle),
+        min(128, context_of(handle)),
+        help=f"Tokens per window; at most the model's context ({context_of(handle)} tokens).",
+        **kept("tau_seqlen"),
+    )
+    seed = c[2].number_input("Calibration seed", 0, 2**31 - 1, 0, **kept("tau_seed"))
     c[3].write("")
     compute = c[3].form_submit_button(
         "Compute the gate's inputs",
@@ -87,11 +105,17 @@ st.caption(
 )
 with st.form("which_tau"):
     c = st.columns(4)
-    methods = c[0].multiselect("Gated methods", sorted(GATED), default=["gated_sink_wanda"])
-    pattern = c[1].selectbox("Pattern", ["unstructured", "2:4", "4:8"])
-    sparsity = c[2].slider("Sparsity", 0.1, 0.9, 0.5, 0.05, help="Unstructured only; N:M fixes it at 1 − N/M.")
-    windows = c[3].number_input("Evaluation windows", 1, 256, 4, help="Windows of 64 tokens, 4 masking draws each.")
-    taus = st.text_input("Taus", "0, 0.01, 0.02, 0.05, 0.1", help="Comma-separated; 0 gates every sink and no non-sink.")
+    methods = c[0].multiselect("Gated methods", sorted(GATED), default=["gated_sink_wanda"], **kept("tau_methods"))
+    pattern = c[1].selectbox("Pattern", ["unstructured", "2:4", "4:8"], **kept("tau_pattern"))
+    sparsity = c[2].slider(
+        "Sparsity", 0.1, 0.9, 0.5, 0.05, help="Unstructured only; N:M fixes it at 1 − N/M.", **kept("tau_sparsity")
+    )
+    windows = c[3].number_input(
+        "Evaluation windows", 1, 256, 4, help="Windows of 64 tokens, 4 masking draws each.", **kept("tau_windows")
+    )
+    taus = st.text_input(
+        "Taus", "0, 0.01, 0.02, 0.05, 0.1", help="Comma-separated; 0 gates every sink and no non-sink.", **kept("tau_taus")
+    )
     run = st.form_submit_button("Run the tau sweep", type="primary")
 
 
