@@ -269,9 +269,12 @@ def _check_inflation(archive: zipfile.ZipFile, members: dict, path: Path) -> Non
 
 
 def npz_path(path) -> Path:
-    """``path`` as :meth:`Trajectory.save` writes it: with the ``.npz`` suffix numpy adds."""
+    """``path`` as :meth:`Trajectory.save` writes it: with the ``.npz`` suffix numpy adds (a device or FIFO,
+    such as ``/dev/null``, is written as it is)."""
+    from sap_core.files import is_special
+
     path = Path(path)
-    return path if path.suffix == ".npz" else path.with_name(path.name + ".npz")
+    return path if path.suffix == ".npz" or is_special(path) else path.with_name(path.name + ".npz")
 
 
 def _declared_shapes(archive: zipfile.ZipFile) -> dict[str, tuple[tuple[int, ...], int]]:

@@ -575,13 +575,16 @@ def test_sweep_save_is_atomic(tmp_path, monkeypatch):
 
     out = tmp_path / "s.csv"
     out.write_text("old\n")
+    real = Path.write_text
 
-    def boom(self, path, *a, **k):
-        Path(path).write_text("half")
-        raise OSError(28, "No space left on device")
+    def boom(self, *a, **k):
+        if self.name.startswith("."):  # the temporary sibling: half written, then the disk fills up
+            real(self, "half")
+            raise OSError(28, "No space left on device")
+        return real(self, *a, **k)
 
-    monkeypatch.setattr(pd.DataFrame, "to_csv", boom)
-    with pytest.raises(OSError):
+    monkeypatch.setattr(Path, "write_text", boom)
+    with pytest.raises(OutputPathError, match="disk is full"):
         save_sweep(pd.DataFrame({"a": [1]}), out)
     assert out.read_text() == "old\n" and sorted(p.name for p in tmp_path.iterdir()) == ["s.csv"]
 

@@ -11,6 +11,7 @@ import copy
 import dataclasses
 import hashlib
 import json
+import shutil
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -23,7 +24,8 @@ import torch
 from torch import nn
 
 from sap_core.errors import OutputPathError, PruneSpecError
-from sap_core.files import atomic_directory, check_output_dir
+from sap_core.files import atomic_directory, check_output_dir, write_error
+from sap_core.memory import human
 from sap_core.models import ModelHandle, placement
 from sap_core.pruning.calibration import CalibrationRecord
 from sap_core.pruning.spec import PruneSpec
@@ -164,6 +166,12 @@ def check_save_target(directory: str | Path, handle, overwrite: bool = False) ->
     return target
 
 
+def _existing_dir(path: Path) -> Path:
+    while not path.is_dir() and path != path.parent:
+        path = path.parent
+    return path
+
+
 @dataclass
 class PrunedVariant:
     """The result of :func:`prune`.
@@ -298,10 +306,23 @@ class PrunedVariant:
         describes the weights beside it."""
         placement.require_resident(handle.module, "save a pruned variant of this model")
         target = check_save_target(directory, handle, overwrite)
-        with atomic_directory(target) as tmp:
-            with self.applied(handle):
-                handle.module.save_pretrained(str(tmp))
-            if handle.tokenizer is not None:
-                handle.tokenizer.save_pretrained(str(tmp))
-            (tmp / "pruning.json").write_text(json.dumps(self.summary(), indent=1), encoding="utf-8")
+        need = sum(p.numel() * p.element_size() for p in handle.module.parameters())
+        free = shutil.disk_usage(_existing_dir(target)).free
+        if need > free:
+            raise OutputPathError(
+                f"Saving to '{target}' needs about {human(need)} of disk space, {human(free)} is free there; "
+                "free some space or choose another place."
+            )
+        try:
+            with atomic_directory(target) as tmp:
+                with self.applied(handle):
+                    handle.module.save_pretrained(str(tmp))
+                if handle.tokenizer is not None:
+                    handle.tokenizer.save_pretrained(str(tmp))
+                (tmp / "pruning.json").write_text(json.dumps(self.summary(), indent=1), encoding="utf-8")
+        except Exception as exc:  # safetensors reports a full disk as a SafetensorError, not an OSError
+            error = write_error(target, exc)
+            if error is None:
+                raise
+            raise error from None
         return target
