@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from test_bad_inputs import error_line, run_cli
+from test_bad_inputs import error_line, hashes, run_cli
 
 from sap_core.sweep import estimates_path, load_sweep, partial_path
 
@@ -245,3 +245,86 @@ def test_ctrl_c_during_a_sweep_names_the_partial_file(tiny_dlm_dir, tmp_path):
     assert proc.returncode == 130 and "Traceback" not in err, err
     rows = len(load_sweep(partial_path(out)))
     assert f"the {rows} finished row(s) are in {partial_path(out)}" in err and out.read_text() == "old\n"
+
+
+# --- 2. interrupted saves leave no litter; a full disk is one line -------------------------------------------
+
+KILL_IN_SAVE = """
+import os, signal, sys
+from sap_core.models.llada import LLaDAModelLM
+real = LLaDAModelLM.save_pretrained
+def save_then_signal(self, directory, *a, **k):
+    real(self, directory, *a, **k)  # the weights are in the hidden temporary: now the signal
+    os.kill(os.getpid(), getattr(signal, sys.argv[1]))
+LLaDAModelLM.save_pretrained = save_then_signal
+from sap_core.cli import main
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+def _prune_save(capsys, model_dir, save, *extra):
+    return run_cli(capsys, "prune", "--model", str(model_dir), "--method", "magnitude", "--save", str(save), *extra)
+
+
+def test_sigterm_during_prune_save_overwrite_leaves_no_temporary(capsys, tiny_dlm_dir, tmp_path):
+    save = tmp_path / "v"
+    assert _prune_save(capsys, tiny_dlm_dir, save)[0] == 0
+    before = hashes(save)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    argv = ["prune", "--model", str(tiny_dlm_dir), "--method", "magnitude", "--sparsity", "0.7", "--save", str(save)]
+    for sig in ("SIGTERM", "SIGINT"):
+        proc = subprocess.run(
+            [sys.executable, "-c", KILL_IN_SAVE, sig, *argv, "--overwrite", "--quiet"],
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+            env=env,
+            timeout=300,
+        )
+        assert proc.returncode == (143 if sig == "SIGTERM" else 130) and "Traceback" not in proc.stderr, proc.stderr
+        assert hashes(save) == before and sorted(p.name for p in tmp_path.iterdir()) == ["v"]
+
+
+def test_the_next_save_removes_temporaries_of_a_killed_save(capsys, tiny_dlm_dir, tmp_path):
+    save = tmp_path / "v"
+    dead = subprocess.Popen(["true"])
+    dead.wait()  # a pid that no longer runs: the save that wrote these was killed with SIGKILL
+    (tmp_path / f".v.tmp-{dead.pid}-abcd1234").mkdir()
+    (tmp_path / f".v.tmp-{dead.pid}-abcd1234" / "model.safetensors").write_bytes(b"\0" * 1000)
+    (tmp_path / f".v.old-{dead.pid}-wxyz_987").mkdir()
+    alive = tmp_path / f".v.tmp-{os.getppid()}-efgh5678"  # a running process's: left alone
+    alive.mkdir()
+    mine = tmp_path / "notes.txt"
+    mine.write_text("mine")
+    assert _prune_save(capsys, tiny_dlm_dir, save)[0] == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([alive.name, "notes.txt", "v"])
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(disk)], capture_output=True).returncode:
+        pytest.skip("mounting a small tmpfs needs root in a privileged container")
+    yield disk
+    subprocess.run(["umount", str(disk)], check=False)
+
+
+def test_a_save_that_cannot_fit_on_the_disk_is_refused_before_the_work(capsys, tiny_dlm_dir, small_disk):
+    code, err = _prune_save(capsys, tiny_dlm_dir, small_disk / "v")
+    assert code == 2 and "disk space" in error_line(err) and list(small_disk.iterdir()) == []
+
+
+def test_the_disk_filling_up_during_a_save_is_one_line(tiny_dlm_dir, tmp_path):
+    import resource
+
+    def limit_file_size():  # what a disk filling up mid-write does, without a disk to fill: writes past 40 KB fail
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (40_000, 40_000))
+
+    save = tmp_path / "v"
+    proc = _subprocess(
+        "prune", "--model", str(tiny_dlm_dir), "--method", "magnitude", "--save", str(save), preexec_fn=limit_file_size
+    )
+    assert proc.returncode == 2 and "file size limit" in error_line(proc.stderr), proc.stderr
+    assert list(tmp_path.iterdir()) == []
