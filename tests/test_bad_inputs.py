@@ -319,7 +319,10 @@ def test_generate_consults_the_guard_and_accepts_the_override(tiny_dlm, monkeypa
         generate(tiny_dlm, "To be", spec, recorder=AttentionRecorder())
     traj = generate(tiny_dlm, "To be", spec, recorder=AttentionRecorder(), allow_large_capture=True)
     assert traj.mass.shape == (4, 2, 4, traj.length)
-    generate(tiny_dlm, "To be", spec)  # no capture, no guard
+    generate(tiny_dlm, "To be", spec)  # no capture: only the token and confidence arrays, which fit
+    monkeypatch.setattr(memory, "free_memory", lambda device: (100, None))
+    with pytest.raises(MemoryGuardError, match="tokens and confidences"):  # ... and are guarded too (issue 21)
+        generate(tiny_dlm, "To be", spec)
 
 
 def _bomb(path: Path, mass_shape, tokens_shape=(2, 3), confidence_shape=None) -> Path:

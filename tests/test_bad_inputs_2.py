@@ -20,8 +20,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from test_bad_inputs import error_line, hashes, run_cli
+from test_bad_inputs import edit_config, error_line, hashes, one_line, refused, run_cli
 
+from sap_core.errors import ModelLoadError, SapError
+from sap_core.models import load_model
 from sap_core.sweep import estimates_path, load_sweep, partial_path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -328,3 +330,138 @@ def test_the_disk_filling_up_during_a_save_is_one_line(tiny_dlm_dir, tmp_path):
     )
     assert proc.returncode == 2 and "file size limit" in error_line(proc.stderr), proc.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+# --- 3. hostile files -------------------------------------------------------------------------------------
+
+DEEP = "[" * 100_000 + "]" * 100_000
+
+
+def test_a_deeply_nested_config_is_one_line(capsys, broken):
+    (broken / "config.json").write_text(DEEP)
+    code, err = run_cli(capsys, "generate", "--model", str(broken), "--device", "cpu")
+    assert code == 2 and "nested too deeply" in error_line(err)
+
+
+def test_deeply_nested_index_and_trajectory_metadata(capsys, broken, tiny_dlm_dir, tmp_path):
+    (broken / "model.safetensors.index.json").write_text(DEEP)
+    refused(broken, "nested too deeply")
+    traj = tmp_path / "t.npz"
+    zeros = np.zeros((2, 3), np.int64)
+    np.savez_compressed(
+        traj,
+        meta=np.array(DEEP),
+        tokens=zeros,
+        final_tokens=zeros[0],
+        decoded_at=zeros[0],
+        confidence=zeros.astype(np.float32),
+        valid_length=zeros[:, 0],
+        step_seconds=np.zeros(2),
+    )
+    code, err = run_cli(capsys, "analyze", "--trajectory", str(traj))
+    assert code == 2 and "not a trajectory" in error_line(err)
+
+
+def write_safetensors(path: Path, shapes: dict[str, tuple[int, ...]]) -> Path:
+    """A float32 safetensors file of zeros with these tensors; large ones are left sparse (no disk used)."""
+    header, offset = {}, 0
+    for name, shape in shapes.items():
+        size = int(np.prod(shape)) * 4
+        header[name] = {"dtype": "F32", "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    with open(path, "wb") as f:
+        f.write(len(raw).to_bytes(8, "little") + raw)
+        f.truncate(8 + len(raw) + offset)
+    return path
+
+
+def test_a_config_of_100000_layers_beside_one_named_block_is_refused_at_once(broken):
+    edit_config(broken, n_layers=100_000)
+    write_safetensors(broken / "model.safetensors", {"model.transformer.blocks.99999.attn_norm.weight": (32,)})
+    assert (broken / "model.safetensors").stat().st_size < 1000
+    refused(broken, "declares 100000 layers", "tensors for 1 of them")
+
+
+def test_declared_weights_beyond_the_free_memory_are_refused_before_allocation(broken):
+    from safetensors import safe_open
+
+    from sap_core.memory import free_memory
+
+    with safe_open(str(broken / "model.safetensors"), "pt") as f:
+        shapes = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
+    vocab = free_memory("cpu")[0] // (32 * 4)  # the embedding and the LM head: twice the free RAM
+    for name in ("model.transformer.wte.weight", "model.transformer.ff_out.weight"):
+        shapes[name] = (vocab, 32)
+    edit_config(broken, vocab_size=vocab)
+    write_safetensors(broken / "model.safetensors", shapes)  # sparse: the sizes agree, the disk holds nothing
+    with pytest.raises(SapError) as info:
+        load_model(broken, device="cpu")
+    assert "of host RAM" in one_line(info.value) and "refused" in str(info.value)
+
+
+def test_overlapping_tensor_data_is_one_line(broken):
+    file = broken / "model.safetensors"
+    data = file.read_bytes()
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + n])
+    norms = sorted(k for k in header if k.endswith("attn_norm.weight"))
+    header[norms[1]]["data_offsets"] = header[norms[0]]["data_offsets"]  # same size: the second overlaps the first
+    raw = json.dumps(header, separators=(",", ":")).encode().ljust(n)
+    assert len(raw) == n
+    file.write_bytes(data[:8] + raw + data[8 + n :])
+    refused(broken, "overlaps")
+
+
+@pytest.mark.parametrize(
+    "field,value,needle",
+    [
+        ("rope_theta", "abc", "rope_theta is 'abc'; it must be a finite number > 0"),
+        ("rms_norm_eps", -1, "rms_norm_eps is -1; it must be a finite number > 0"),
+        ("causal", "no", "causal is 'no'; it must be true or false"),
+        ("weight_tying", 1, "weight_tying is 1"),
+        ("mlp_ratio", 2.5, "mlp_ratio is 2.5"),
+        ("activation_type", 3, "activation_type is 3; it must be a string"),
+        ("attention_dropout", 2.0, "attention_dropout is 2.0"),
+    ],
+)
+def test_every_field_the_family_reads_is_checked_at_load(capsys, broken, field, value, needle):
+    edit_config(broken, **{field: value})
+    code, err = run_cli(capsys, "generate", "--model", str(broken), "--device", "cpu")
+    assert code == 2 and needle in error_line(err)
+
+
+def test_dream_fields_are_checked_at_load(tmp_path):
+    from sap_core.models.checkpoint import check_fields
+    from sap_core.models.dream import CONFIG_FIELDS
+
+    for field, value in (("hidden_act", "sigmoidish"), ("rope_scaling", "yes"), ("rope_theta", float("nan"))):
+        with pytest.raises(ModelLoadError, match=field):
+            check_fields(tmp_path, {field: value}, CONFIG_FIELDS)
+
+
+def test_a_fifo_as_config_json_is_named_a_fifo(broken):
+    (broken / "config.json").unlink()
+    os.mkfifo(broken / "config.json")
+    refused(broken, "FIFO")
+
+
+# --- 6. one guard for every large allocation of a run ---------------------------------------------------------
+
+
+def test_a_long_generation_without_capture_meets_the_guard(capsys, tmp_path):
+    from conftest import make_model_dir
+
+    from sap_core.memory import free_memory
+
+    # 65,280 steps x 65,280 positions (the issue's case: 31.8 GiB of token and confidence arrays), or more
+    # where the machine has more memory, so that the arrays exceed the free RAM everywhere.
+    n = max(65_280, int((2 * free_memory("cpu")[0] / 12) ** 0.5) // 16 * 16)
+    model = make_model_dir(tmp_path / "long", max_sequence_length=n + 64)
+    g = str(n)
+    code, err = run_cli(
+        capsys, "generate", "--model", str(model), "--device", "cpu", "--gen-length", g, "--steps", g, "--block-length", g
+    )
+    line = error_line(err)
+    assert code == 2 and "Generation" in line and "tokens and confidences" in line and "of host RAM" in line
