@@ -166,6 +166,32 @@ def check_save_target(directory: str | Path, handle, overwrite: bool = False) ->
     return target
 
 
+RECORD_TEXT_FIELDS = ("label", "method", "pattern", "source")
+RECORD_FRACTION_FIELDS = ("sparsity", "achieved_sparsity", "target_sparsity")
+
+
+def read_record(path: str | Path) -> tuple[dict, list[str]]:
+    """A saved variant's ``pruning.json`` (``path``: the file) as ``(what is readable, problems)``: a file
+    that is not a JSON object gives ``({}, [why])``; a field of the wrong type (a text field that is not
+    text, a sparsity that is not a number in [0, 1]) is left out with a problem naming it. Never raises."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
+        return {}, [f"'{path.name}' cannot be read ({type(exc).__name__})."]
+    if not isinstance(data, dict):
+        return {}, [f"'{path.name}' holds a JSON {type(data).__name__}, not the record of a pruning run."]
+    problems = []
+    for name in RECORD_TEXT_FIELDS:
+        if name in data and not isinstance(data[name], str):
+            problems.append(f"'{path.name}': {name} is {data.pop(name)!r}, not text.")
+    for name in RECORD_FRACTION_FIELDS:
+        value = data.get(name)
+        if name in data and (isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1):
+            problems.append(f"'{path.name}': {name} is {data.pop(name)!r}, not a fraction in [0, 1].")
+    return data, problems
+
+
 def _existing_dir(path: Path) -> Path:
     while not path.is_dir() and path != path.parent:
         path = path.parent
