@@ -24,7 +24,7 @@ from test_bad_inputs import edit_config, error_line, hashes, one_line, refused, 
 
 from sap_core.errors import ModelLoadError, SapError
 from sap_core.models import load_model
-from sap_core.sweep import estimates_path, load_sweep, partial_path
+from sap_core.sweep import SweepSpecError, estimates_path, load_sweep, partial_path
 
 ROOT = Path(__file__).resolve().parents[1]
 torch.set_num_threads(1)
@@ -465,3 +465,75 @@ def test_a_long_generation_without_capture_meets_the_guard(capsys, tmp_path):
     )
     line = error_line(err)
     assert code == 2 and "Generation" in line and "tokens and confidences" in line and "of host RAM" in line
+
+
+# --- 5. library calls raise the project's errors -------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def saved_sweep(tmp_path_factory, tiny_dlm):
+    from sap_core.sweep import EvalSpec, SweepSpec, run_sweep, save_sweep
+
+    out = tmp_path_factory.mktemp("sweep") / "s.csv"
+    save_sweep(
+        run_sweep(tiny_dlm, SweepSpec(methods=("magnitude",), sparsities=(0.5,), eval=EvalSpec(seqlen=16, nsamples=2, draws=2))),
+        out,
+    )
+    return out
+
+
+@pytest.mark.parametrize(
+    "damage,needle",
+    [
+        (lambda csv: csv.write_bytes(os.urandom(4096)), "binary"),
+        (lambda csv: csv.write_bytes(b""), "empty"),
+        (lambda csv: csv.write_text(csv.read_text().replace("\ndense,0.0,dense,", "\ndense,0.0,dense,high,", 1)), "not a number"),
+        (lambda csv: csv.write_text('method,sparsity\n"unclosed,1\n'), "not a sweep CSV"),
+        (lambda csv: estimates_path(csv).write_bytes(b"PK\x03\x04 not a zip"), "damaged"),
+        (lambda csv: (csv.unlink(), csv.mkdir()), "is a directory"),
+    ],
+)
+def test_load_sweep_refuses_what_is_not_a_sweep(saved_sweep, tmp_path, damage, needle):
+    csv = tmp_path / "s.csv"
+    shutil.copy(saved_sweep, csv)
+    shutil.copy(estimates_path(saved_sweep), estimates_path(csv))
+    damage(csv)
+    with pytest.raises(SweepSpecError) as info:
+        load_sweep(csv)
+    assert needle in one_line(info.value)
+
+
+def test_a_prompt_with_a_lone_surrogate_is_a_project_error(tiny_dlm):
+    from sap_core.diffusion import DecodeSpec, generate
+
+    with pytest.raises(SapError, match="lone surrogate"):
+        generate(tiny_dlm, "caf\ud800", DecodeSpec(gen_length=4, steps=4, block_length=4))
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(k="2"),
+        dict(alpha=True),
+        dict(tau=[0.1]),
+        dict(top_k="4"),
+        dict(layers=["0"]),
+        dict(layers=[0.5]),
+        dict(rule=["official"]),
+    ],
+)
+def test_sink_spec_refuses_mistyped_values_at_construction(kwargs):
+    from sap_core.errors import SinkSpecError
+    from sap_core.sinks import SinkSpec
+
+    with pytest.raises(SinkSpecError) as info:
+        SinkSpec(**kwargs)
+    one_line(info.value)
+
+
+def test_calibration_text_given_as_bytes_is_refused_before_the_work(tiny_dlm):
+    from sap_core.errors import PruneSpecError
+    from sap_core.pruning import CalibrationSpec, PruneSpec, prune
+
+    with pytest.raises(PruneSpecError, match="must be text"):
+        prune(tiny_dlm, PruneSpec("wanda", 0.5, calibration=CalibrationSpec(text=b"To be, or not to be" * 50)))

@@ -137,7 +137,19 @@ class ModelHandle:
         return logits.to(self.device)
 
     def encode(self, text: str) -> list[int]:
-        """Token ids of ``text`` with the tokenizer's own special-token convention."""
+        """Token ids of ``text`` with the tokenizer's own special-token convention; text that is not a
+        ``str`` of Unicode characters (bytes, a lone surrogate) is a :class:`SapError`."""
+        if not isinstance(text, str):
+            raise SapError(
+                f"Text to encode must be a str, not {type(text).__name__}; decode bytes first (e.g. data.decode('utf-8'))."
+            )
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise SapError(
+                f"The text holds a lone surrogate at character {exc.start} ({text[exc.start]!r}), which is not "
+                "Unicode text; remove it or decode the source bytes as UTF-8."
+            ) from None
         return list(self.tokenizer.encode(text, add_special_tokens=True))
 
     def decode(self, ids) -> str:
