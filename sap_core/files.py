@@ -90,7 +90,7 @@ def describe(path: Path) -> str:
 
 def _existing_parent(path: Path) -> Path:
     parent = path.parent
-    while not parent.exists():
+    while not os.path.exists(parent):
         if parent == parent.parent:
             break
         parent = parent.parent
@@ -103,8 +103,12 @@ def _check_parent(path: Path, what: str) -> None:
         raise OutputPathError(f"{what} '{path}': '{parent}' is a file, not a directory; choose another place.")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise OutputPathError(f"{what} '{path}': '{parent}' is not writable; choose a directory you can write to.")
+
+
+def _check_names(path: Path, what: str) -> None:
+    """Every name in ``path`` fits the filesystem (checked before anything else looks at the path)."""
+    limit = _name_max(_existing_parent(path))
     for part in path.parts:
-        limit = _name_max(parent)
         if len(os.fsencode(part)) > limit:
             raise OutputPathError(
                 f"{what} '{path}': the name '{part[:40]}...' is {len(os.fsencode(part))} bytes; "
@@ -118,6 +122,7 @@ def check_output_file(path: PathLike, what: str = "Output") -> Path:
     path = Path(path).expanduser()
     if str(path).strip() in ("", "."):
         raise OutputPathError(f"{what}: give a file name.")
+    _check_names(path, what)
     if is_special(path):
         if not os.access(path, os.W_OK):
             raise OutputPathError(f"{what} '{path}' is {describe(path)} that is not writable; choose another file.")
@@ -136,6 +141,7 @@ def check_output_dir(path: PathLike, what: str = "Output directory") -> Path:
     path = Path(path).expanduser()
     if str(path).strip() in ("", "."):
         raise OutputPathError(f"{what}: give a directory name.")
+    _check_names(path, what)
     if path.exists() and not path.is_dir():
         raise OutputPathError(f"{what} '{path}' is {describe(path)}; give a directory.")
     if path.is_dir() and not os.access(path, os.W_OK | os.X_OK):

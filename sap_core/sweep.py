@@ -485,6 +485,9 @@ class SweepWriter:
     def __init__(self, out: str | Path):
         self.out = check_output_file(out, "Sweep CSV")  # a link's target
         self.partial = check_output_file(partial_path(self.out), "Partial sweep CSV")
+        for side in (self.out, self.partial):  # the estimates beside each: every name checked before the work
+            if not is_special(side):
+                check_output_file(_estimates_path(side), "Sweep estimates")
         self.rows: list[dict] = []
 
     def add(self, row: dict) -> None:

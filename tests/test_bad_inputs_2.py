@@ -537,3 +537,59 @@ def test_calibration_text_given_as_bytes_is_refused_before_the_work(tiny_dlm):
 
     with pytest.raises(PruneSpecError, match="must be text"):
         prune(tiny_dlm, PruneSpec("wanda", 0.5, calibration=CalibrationSpec(text=b"To be, or not to be" * 50)))
+
+
+# --- 7. small things: long names, modes, what a path is ------------------------------------------------------
+
+
+def test_legal_250_byte_names_are_written(capsys, tiny_dlm_dir, tmp_path):
+    out = tmp_path / ("o" * 245 + ".json")
+    traj = tmp_path / ("t" * 250)  # written as t...t.npz: 254 bytes
+    quick = ["--gen-length", "4", "--steps", "4", "--block-length", "4"]
+    code, err = run_cli(
+        capsys,
+        "generate",
+        "--model",
+        str(tiny_dlm_dir),
+        *quick,
+        "--out",
+        str(out),
+        "--record-attention",
+        "--trajectory",
+        str(traj),
+    )
+    assert code == 0 and json.loads(out.read_text())["text"] is not None and Path(f"{traj}.npz").is_file()
+    save = tmp_path / ("v" * 250)
+    assert _prune_save(capsys, tiny_dlm_dir, save)[0] == 0 and (save / "pruning.json").is_file()
+    assert _prune_save(capsys, tiny_dlm_dir, save, "--overwrite", "--sparsity", "0.7")[0] == 0
+    assert json.loads((save / "pruning.json").read_text())["sparsity"] == 0.7
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([out.name, f"{traj.name}.npz", save.name])
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["generate", "--out", "{long}"],
+        ["prune", "--method", "magnitude", "--save", "{long}"],
+        ["sweep", "--out", "{csv}"],  # fits, but its estimates file <name>.estimates.npz would not
+    ],
+)
+def test_names_too_long_are_refused_before_the_work(capsys, tiny_dlm_dir, tmp_path, monkeypatch, argv):
+    import sap_core.cli as cli
+
+    monkeypatch.setattr(cli, "_load", lambda args: pytest.fail("the model was loaded before the output check"))
+    fill = dict(long=tmp_path / ("x" * 256), csv=tmp_path / ("s" * 245 + ".csv"))
+    code, err = run_cli(capsys, *[a.format(**fill) for a in argv], "--model", str(tiny_dlm_dir))
+    assert code == 2 and "this filesystem allows 255" in error_line(err) and list(tmp_path.iterdir()) == []
+
+
+def test_a_saved_variant_follows_the_umask(capsys, tiny_dlm_dir, tmp_path):
+    old = os.umask(0o022)
+    try:
+        save = tmp_path / "v"
+        assert _prune_save(capsys, tiny_dlm_dir, save)[0] == 0
+    finally:
+        os.umask(old)
+    assert save.stat().st_mode & 0o777 == 0o755
+    assert {p.name: p.stat().st_mode & 0o777 for p in save.iterdir()}["model.safetensors"] == 0o644
+    assert all(p.stat().st_mode & 0o777 == 0o644 for p in save.iterdir())
