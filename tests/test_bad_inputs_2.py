@@ -562,7 +562,7 @@ def test_legal_250_byte_names_are_written(capsys, tiny_dlm_dir, tmp_path):
     [
         ["generate", "--out", "{long}"],
         ["prune", "--method", "magnitude", "--save", "{long}"],
-        ["sweep", "--out", "{csv}"],  # fits, but its estimates file <name>.estimates.npz would not
+        ["sweep", "--out", "{csv}"],  # fits, but its companions <name>.partial.csv and <name>.estimates.npz would not
     ],
 )
 def test_names_too_long_are_refused_before_the_work(capsys, tiny_dlm_dir, tmp_path, monkeypatch, argv):
