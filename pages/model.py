@@ -1,6 +1,5 @@
 """Model page (the landing page): what SinkScope is, what is loaded, and the memory a run will need."""
 
-import json
 from pathlib import Path
 
 import pandas as pd
@@ -8,6 +7,7 @@ import streamlit as st
 
 from app_common import STORY, active_model
 from sap_core.memory import available, estimate, human
+from sap_core.pruning.variant import read_record
 
 st.header("SinkScope")
 st.markdown(
@@ -43,16 +43,17 @@ st.table(pd.DataFrame({"value": [str(v) for v in facts.values()]}, index=list(fa
 record = Path(handle.source) / "pruning.json"
 if record.is_file():
     st.subheader("Pruning record")
-    try:
-        summary = json.loads(record.read_text())
-    except (OSError, ValueError) as exc:
-        st.warning(f"This directory has a pruning.json that cannot be read ({exc}).")
-    else:
-        st.markdown(
-            f"A pruned model: **{summary.get('label', summary.get('method'))}**, pattern {summary.get('pattern')}, "
-            f"achieved sparsity {summary.get('achieved_sparsity', float('nan')):.3f}, pruned from "
-            f"`{summary.get('source')}`."
-        )
+    summary, problems = read_record(record)  # whatever is readable; each problem a warning
+    for problem in problems:
+        st.warning(f"This directory's pruning record is damaged: {problem}")
+    if summary:
+        facts = [
+            f"**{summary.get('label', summary.get('method', 'unknown method'))}**",
+            *([f"pattern {summary['pattern']}"] if "pattern" in summary else []),
+            *([f"achieved sparsity {summary['achieved_sparsity']:.3f}"] if "achieved_sparsity" in summary else []),
+            *([f"pruned from `{summary['source']}`"] if "source" in summary else []),
+        ]
+        st.markdown(f"A pruned model: {', '.join(facts)}.")
         st.json(summary, expanded=False)
 
 st.subheader("Memory estimate")

@@ -767,14 +767,23 @@ def cmd_sweep(args) -> int:
                 file=sys.stderr,
             )
         raise
-    writer.finish(df)
-    side = estimates_path(args.out)
-    print(f"wrote {args.out}" + (f" and {side} (per-draw estimates)" if side.exists() else ""), file=sys.stderr)
-    if args.plot:
-        save_figure(df, args.plot)
-        print(f"wrote {args.plot}", file=sys.stderr)
-    if not args.quiet:
-        print(df[["label", "ppl", "ppl_se", "achieved_sparsity", "prune_seconds"]].to_string(index=False), file=sys.stderr)
+    from sap_core.files import _signals_held
+
+    with _signals_held():  # the CSV and its estimates are written (and the partial file removed) as one step
+        writer.finish(df)
+    side, plotted = estimates_path(args.out), not args.plot
+    try:
+        print(f"wrote {args.out}" + (f" and {side} (per-draw estimates)" if side.exists() else ""), file=sys.stderr)
+        if args.plot:
+            save_figure(df, args.plot)
+            plotted = True
+            print(f"wrote {args.plot}", file=sys.stderr)
+        if not args.quiet:
+            print(df[["label", "ppl", "ppl_se", "achieved_sparsity", "prune_seconds"]].to_string(index=False), file=sys.stderr)
+    except KeyboardInterrupt:  # the sweep's result is written: only the plot or the summary was cut short
+        if not plotted:
+            print(f"note: interrupted; {args.out} was written, the plot was not", file=sys.stderr)
+            return 130
     return 0
 
 
@@ -872,8 +881,9 @@ def cmd_sinkstats(args) -> int:
 
 def _check_plot_path(path: str) -> None:
     from sap_core.errors import SapError
+    from sap_core.files import is_special
 
-    if Path(path).suffix.lower() not in (".png", ".svg", ".pdf", ".jpg", ".jpeg", ".webp"):
+    if not is_special(path) and Path(path).suffix.lower() not in (".png", ".svg", ".pdf", ".jpg", ".jpeg", ".webp"):
         raise SapError(f"--plot '{path}': give a .png, .svg, .pdf, .jpg or .webp file name.")
 
 
@@ -895,7 +905,11 @@ def save_figure(df, path) -> None:
 
     fig = sweep_figure(df)
     try:
-        atomic_write(path, lambda tmp: fig.write_image(str(tmp), width=1000, height=600, scale=2), suffix=Path(path).suffix)
+        atomic_write(
+            path, lambda tmp: fig.write_image(str(tmp), width=1000, height=600, scale=2), suffix=Path(path).suffix or ".png"
+        )
+    except SapError:
+        raise
     except Exception as exc:  # kaleido raises several kinds when no browser works
         raise SapError(
             f"Could not write the plot '{path}' ({type(exc).__name__}: {exc}). Install Chromium "
@@ -906,17 +920,31 @@ def save_figure(df, path) -> None:
 # --- entry point ------------------------------------------------------------------------------------
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C so that every ``finally`` runs (temporaries are removed)."""
+
+
+def _on_sigterm(signum, frame):
+    raise Terminated()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    import signal
+    import threading
+
     parser = build_parser()
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         args = parser.parse_args(argv)
         return int(args.func(args) or 0)
     except UsageError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        print("error: terminated" if isinstance(exc, Terminated) else "error: interrupted", file=sys.stderr)
+        return 143 if isinstance(exc, Terminated) else 130
     except BrokenPipeError:  # e.g. piped into `head`: stop quietly
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
@@ -936,3 +964,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
             return 1
         raise
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)

@@ -216,7 +216,16 @@ class Trajectory:
             traj = cls(mass=arrays.pop("mass", None), spec=spec, **arrays, **meta)
         except SapError:
             raise
-        except (OSError, ValueError, KeyError, TypeError, zipfile.BadZipFile, json.JSONDecodeError, EOFError) as exc:
+        except (
+            OSError,
+            ValueError,
+            KeyError,
+            TypeError,
+            zipfile.BadZipFile,
+            json.JSONDecodeError,
+            EOFError,
+            RecursionError,
+        ) as exc:
             raise TrajectoryError(
                 f"'{path}' is not a trajectory .npz written by 'generate --trajectory' ({type(exc).__name__})."
             ) from None
@@ -266,9 +275,12 @@ def _check_inflation(archive: zipfile.ZipFile, members: dict, path: Path) -> Non
 
 
 def npz_path(path) -> Path:
-    """``path`` as :meth:`Trajectory.save` writes it: with the ``.npz`` suffix numpy adds."""
+    """``path`` as :meth:`Trajectory.save` writes it: with the ``.npz`` suffix numpy adds (a device or FIFO,
+    such as ``/dev/null``, is written as it is)."""
+    from sap_core.files import is_special
+
     path = Path(path)
-    return path if path.suffix == ".npz" else path.with_name(path.name + ".npz")
+    return path if path.suffix == ".npz" or is_special(path) else path.with_name(path.name + ".npz")
 
 
 def _declared_shapes(archive: zipfile.ZipFile) -> dict[str, tuple[tuple[int, ...], int]]:
@@ -351,8 +363,9 @@ def generate(
 ) -> Trajectory:
     """Decode ``spec.gen_length`` tokens after ``prompt``; record the trajectory (and mass, with a recorder).
 
-    With a recorder, :func:`sap_core.memory.check_capture` first compares the record's size with the
-    free memory and refuses what cannot fit (``allow_large_capture=True`` overrides). The record is
+    :func:`sap_core.memory.check_capture` first compares the run's allocations (the per-step token and
+    confidence arrays, and with a recorder the attention record) with the free memory and refuses what
+    cannot fit (``allow_large_capture=True`` overrides). The record is
     preallocated and filled step by step (the recorder keeps no copy), and freed memory is handed back
     to the system afterwards, so a long-running app does not grow with every capture."""
     from sap_core.memory import check_capture, release_freed
@@ -360,9 +373,8 @@ def generate(
     prompt_ids = prompt_token_ids(handle, prompt)
     spec.validate(handle.causal, len(prompt_ids), handle.max_length)
     text = prompt if isinstance(prompt, str) else ""
-    if recorder is not None:
-        steps = spec.gen_length if handle.causal else spec.steps
-        check_capture(handle, len(prompt_ids) + spec.gen_length, steps, allow=allow_large_capture)
+    steps = spec.gen_length if handle.causal else spec.steps  # every allocation of the run, before any is made
+    check_capture(handle, len(prompt_ids) + spec.gen_length, steps, allow=allow_large_capture, capture=recorder is not None)
     try:
         if handle.causal:
             return _generate_causal(handle, prompt_ids, spec, recorder, progress, text)

@@ -55,7 +55,7 @@ def available(device) -> tuple[int, str]:
     return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")), "free RAM"
 
 
-def estimate(handle, seq_len: int, steps: int, chunk_size: int = 128, calib_tokens: int = 16 * 128) -> MemoryEstimate:
+def estimate(handle, seq_len: int, steps: int, chunk_size: int = 128, calib_tokens: int = 16 * 128) -> MemoryEstimate | None:
     """Estimate memory for a generation of ``seq_len`` positions over ``steps`` steps with capture,
     and for pruning with ``calib_tokens`` calibration tokens."""
     cfg = handle.module.config
@@ -121,31 +121,59 @@ def free_memory(device) -> tuple[int, int | None]:
     return ram, vram
 
 
-def check_capture(
-    handle, seq_len: int, steps: int, allow: bool = False, free: tuple[int, int | None] | None = None
-) -> MemoryEstimate:
-    """Refuse (:class:`~sap_core.errors.MemoryGuardError`) a generation with attention capture whose
-    record does not fit in the free host RAM, or whose per-layer scores do not fit on the device, with
-    the estimate and what to change; ``allow=True`` is the explicit override. ``free`` replaces the
+def check_allocation(
+    what: str,
+    host: int,
+    device=None,
+    on_device: int = 0,
+    fix: str = "",
+    allow: bool = False,
+    free: tuple[int, int | None] | None = None,
+) -> None:
+    """The one memory guard: refuse (:class:`~sap_core.errors.MemoryGuardError`) work that would allocate
+    ``host`` bytes of host RAM (and ``on_device`` bytes on a CUDA ``device``) when that exceeds
+    :data:`GUARD_SHARE` of what is free now, before anything is allocated. ``what`` names the work and
+    its parts, ``fix`` says what to change; ``allow=True`` is the explicit override; ``free`` replaces the
     measured ``(ram, vram)`` (tests)."""
     from sap_core.errors import MemoryGuardError
 
-    est = estimate(handle, seq_len, steps)
-    ram, vram = free_memory(handle.device) if free is None else free
-    host_need = CAPTURE_COPIES * est.capture_record + (est.activations if handle.device.type == "cpu" else 0)
+    ram, vram = free_memory(device if device is not None else "cpu") if free is None else free
     problems = []
-    if host_need > GUARD_SHARE * ram:
-        problems.append(f"the attention record needs about {human(host_need)} of host RAM, {human(ram)} is free")
-    if vram is not None and est.capture_peak + est.activations > GUARD_SHARE * vram:
-        problems.append(
-            f"the capture needs about {human(est.capture_peak + est.activations)} of GPU memory, {human(vram)} is free"
-        )
+    if host > GUARD_SHARE * ram:
+        problems.append(f"about {human(host)} of host RAM, {human(ram)} is free")
+    if vram is not None and on_device > GUARD_SHARE * vram:
+        problems.append(f"about {human(on_device)} of GPU memory, {human(vram)} is free")
     if problems and not allow:
-        raise MemoryGuardError(
-            f"Capture refused: {'; '.join(problems)} ({steps} steps x {handle.n_layers} layers x {handle.n_heads} heads x "
-            f"{seq_len} positions). Use fewer steps or a shorter generation, analyse fewer layers, or override "
-            "(allow_large_capture=True, --allow-large-capture on the command line)."
-        )
+        raise MemoryGuardError(f"{what} refused: it needs {'; '.join(problems)}. {fix}".strip())
+
+
+def check_capture(
+    handle, seq_len: int, steps: int, allow: bool = False, free: tuple[int, int | None] | None = None, capture: bool = True
+) -> MemoryEstimate | None:
+    """Refuse (:class:`~sap_core.errors.MemoryGuardError`) a generation whose allocations do not fit,
+    before it starts: the per-step token and confidence arrays (``steps x seq_len``, int64 + float32) and,
+    with ``capture``, the attention record in host RAM, and the per-layer capture scores on the device;
+    with the estimate and what to change. ``allow=True`` is the explicit override. ``free`` replaces the
+    measured ``(ram, vram)`` (tests). Returns the capture's :class:`MemoryEstimate` (None without capture)."""
+    host = steps * seq_len * (8 + 4)  # Trajectory.tokens (int64) and .confidence (float32)
+    parts = f"{steps} steps x {seq_len} positions of tokens and confidences"
+    est, on_device = None, 0
+    if capture:
+        est = estimate(handle, seq_len, steps)
+        host += CAPTURE_COPIES * est.capture_record + (est.activations if handle.device.type == "cpu" else 0)
+        on_device = est.capture_peak + est.activations
+        parts += f", and the attention record of {handle.n_layers} layers x {handle.n_heads} heads"
+    check_allocation(
+        f"Generation ({parts})",
+        int(host),
+        handle.device,
+        int(on_device),
+        "Use fewer steps or a shorter generation"
+        + (", analyse fewer layers" if capture else "")
+        + ", or override (allow_large_capture=True, --allow-large-capture on the command line).",
+        allow,
+        free,
+    )
     return est
 
 

@@ -108,6 +108,7 @@ the rule or the view re-scores the reduced ``[S, Lsel, L]`` arrays only (:meth:`
 from __future__ import annotations
 
 import json
+import numbers
 import threading
 import weakref
 from collections import OrderedDict
@@ -195,14 +196,26 @@ class SinkSpec:
                 if isinstance(value, (int, np.integer)):
                     value = (value,)
                 try:
-                    value = tuple(int(v) for v in value)
-                except (TypeError, ValueError):
-                    raise SinkSpecError(f"{name} must be a list of integer indices or None for all (got {value!r}).") from None
+                    items = tuple(value)
+                except TypeError:
+                    items = (None,)
+                if isinstance(value, str) or not all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in items):
+                    raise SinkSpecError(f"{name} must be a list of integer indices or None for all (got {value!r}).")
+                value = tuple(int(v) for v in items)
                 if not value:
                     raise SinkSpecError(f"{name} is empty: select at least one, or None for all.")
                 if len(set(value)) != len(value):
                     raise SinkSpecError(f"{name} lists an index twice ({list(value)}); list each once.")
                 object.__setattr__(self, name, value)
+        for name in ("rule", "normalize"):
+            if not isinstance(getattr(self, name), str):
+                raise SinkSpecError(f"{name} must be text (got {getattr(self, name)!r}).")
+        for name in ("k", "alpha", "epsilon", "tau", "stable_min_frequency"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Real):
+                raise SinkSpecError(f"{name} must be a number (got {value!r}).")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, numbers.Integral):
+            raise SinkSpecError(f"top_k must be a whole number >= 1 (got {self.top_k!r}).")
         if self.rule not in RULES:
             raise SinkSpecError(f"rule must be one of {', '.join(RULES)} (got '{self.rule}').")
         if self.normalize not in VIEWS:

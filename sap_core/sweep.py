@@ -53,7 +53,7 @@ import pandas as pd
 from sap_core import evaluate
 from sap_core.errors import SapError
 from sap_core.evaluate import check_length
-from sap_core.files import atomic_write, check_output_file
+from sap_core.files import atomic_write, atomic_write_text, check_output_file, is_special, output_target
 from sap_core.models import ModelHandle
 from sap_core.progress import Progress, report
 from sap_core.pruning import METHODS, PruneSpec, parse_pattern, prune
@@ -427,34 +427,52 @@ def _estimates_path(path: Path) -> Path:
 
 
 def estimates_path(path: str | Path) -> Path:
-    """Where :func:`save_sweep` puts the per-draw estimates of the sweep CSV ``path``."""
-    return _estimates_path(Path(path))
+    """Where :func:`save_sweep` puts the per-draw estimates of the sweep CSV ``path`` (beside a link's target)."""
+    return _estimates_path(output_target(path))
 
 
 def partial_path(path: str | Path) -> Path:
-    """Where :class:`SweepWriter` keeps the rows of an unfinished sweep whose result goes to ``path``."""
+    """Where :class:`SweepWriter` keeps the rows of an unfinished sweep whose result goes to ``path``:
+    beside it, or in the current directory for a device or FIFO (``/dev/stdout`` → ``./stdout.partial.csv``)."""
     path = Path(path)
+    if is_special(path):
+        return Path.cwd() / (path.stem + ".partial.csv")
     return path.with_name(path.stem + ".partial" + (path.suffix or ".csv"))
 
 
 def save_sweep(df: pd.DataFrame, path: str | Path) -> Path:
     """Write the sweep as CSV, atomically (a temporary sibling renamed into place); :func:`load_sweep`
     reads it back with the same columns and dtypes. The per-draw estimates (``df.attrs["estimates"]``),
-    when present, go to ``<name>.estimates.npz`` beside it (:func:`estimates_path`)."""
-    path = Path(path)
+    when present, go to ``<name>.estimates.npz`` beside it (:func:`estimates_path`) with the sha256 of the
+    CSV's bytes, written after the CSV: a crash between the two leaves a pair that :func:`load_sweep`
+    recognises as mismatched. A sweep without estimates removes an older run's estimates file. A link is
+    followed (its target replaced); a device or FIFO (``/dev/stdout``) gets the CSV only."""
+    text = df.to_csv(index=False)
+    if is_special(path):
+        return atomic_write_text(path, text)
+    path = atomic_write_text(path, text)
+    side = _estimates_path(path)
     estimates = df.attrs.get("estimates") or {}
     if estimates:
         atomic_write(
-            _estimates_path(path),
+            side,
             lambda tmp: np.savez_compressed(
                 tmp,
                 **{f"row{i}": np.asarray(v) for i, v in enumerate(estimates.values())},
                 labels=np.array(list(estimates), dtype=str),
+                csv_sha256=np.array(_sha256(text.encode("utf-8"))),
             ),
             suffix=".npz",
         )
-    atomic_write(path, lambda tmp: df.to_csv(tmp, index=False))
+    elif side.exists() and side.is_file():
+        side.unlink()  # an older run's estimates would no longer match the CSV
     return path
+
+
+def _sha256(data: bytes) -> str:
+    import hashlib
+
+    return hashlib.sha256(data).hexdigest()
 
 
 class SweepWriter:
@@ -465,13 +483,16 @@ class SweepWriter:
     success) and removes the partial file. After a failure the rows are in :attr:`partial`."""
 
     def __init__(self, out: str | Path):
-        self.out = check_output_file(out, "Sweep CSV")
-        self.partial = check_output_file(partial_path(out), "Partial sweep CSV")
+        self.out = check_output_file(out, "Sweep CSV")  # a link's target
+        self.partial = check_output_file(partial_path(self.out), "Partial sweep CSV")
+        for side in (self.out, self.partial):  # the estimates beside each: every name checked before the work
+            if not is_special(side):
+                check_output_file(_estimates_path(side), "Sweep estimates")
         self.rows: list[dict] = []
 
     def add(self, row: dict) -> None:
-        self.rows.append(row)
-        save_sweep(_frame(self.rows), self.partial)
+        save_sweep(_frame([*self.rows, row]), self.partial)
+        self.rows.append(row)  # counted once on disk, so an interruption's note names what the file holds
 
     def finish(self, df: pd.DataFrame) -> Path:
         save_sweep(df, self.out)
@@ -481,28 +502,77 @@ class SweepWriter:
         return self.out
 
 
+NUMERIC_COLUMNS = ("sparsity", "ppl", "ppl_se", "prune_seconds", "nll", "nll_se", "achieved_sparsity", "eval_seconds", "tau")
 # Columns that older SinkScope versions wrote under another name: old -> current.
 RENAMED_COLUMNS = {"actual_sparsity": "achieved_sparsity"}
 
 
 def load_sweep(path: str | Path) -> pd.DataFrame:
     """Read a CSV written by :func:`save_sweep` (and its per-draw estimates beside it, when present);
-    the old column names of :data:`RENAMED_COLUMNS` are read under their current names."""
-    path = Path(path)
+    the old column names of :data:`RENAMED_COLUMNS` are read under their current names. Anything that is
+    not such a CSV (a directory, an empty or binary file, text in a numeric column, a damaged estimates
+    file) is a :class:`SweepSpecError`. Estimates whose recorded CSV hash differs from the CSV's (a crash
+    between the two writes, or a CSV edited since) are left out with a warning; older estimates files
+    without a hash are read as before."""
+    import io
+    import warnings
+
+    path = output_target(path)
     if not path.exists():
         raise SweepSpecError(f"No sweep CSV at '{path}'.")
-    df = pd.read_csv(path, keep_default_na=False, na_values=["", "nan", "NaN"])
+    if path.is_dir():
+        raise SweepSpecError(f"'{path}' is a directory; give the sweep's .csv file.")
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise SweepSpecError(f"Cannot read '{path}' ({exc.strerror}).") from None
+    if not raw.strip():
+        raise SweepSpecError(f"'{path}' is empty: not a sweep CSV.")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise SweepSpecError(f"'{path}' is binary, not a sweep CSV (text).") from None
+    try:
+        df = pd.read_csv(io.StringIO(text), keep_default_na=False, na_values=["", "nan", "NaN"])
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, ValueError) as exc:
+        raise SweepSpecError(f"'{path}' is not a sweep CSV ({' '.join(str(exc).split())[:120]}).") from None
     df = df.rename(columns={old: new for old, new in RENAMED_COLUMNS.items() if new not in df.columns})
     missing = [c for c in COLUMNS[:6] if c not in df.columns]
     if missing:
         raise SweepSpecError(f"'{path}' is not a sweep CSV: it lacks the column(s) {', '.join(missing)}.")
+    for col in NUMERIC_COLUMNS:
+        if col in df.columns:
+            values = pd.to_numeric(df[col], errors="coerce")
+            bad = values.isna() & df[col].notna()
+            if bad.any():
+                row = int(bad.to_numpy().argmax())
+                raise SweepSpecError(
+                    f"'{path}': column '{col}' holds {df[col].iloc[row]!r} in row {row + 1}, not a number; "
+                    "restore the CSV the sweep wrote."
+                )
+            df[col] = values.astype(float)
     for col in ("method", "pattern", "label"):
         if col in df.columns:
             df[col] = df[col].astype(str)
     side = _estimates_path(path)
     if side.exists():
-        with np.load(side, allow_pickle=False) as data:
-            df.attrs["estimates"] = {str(label): data[f"row{i}"] for i, label in enumerate(data["labels"])}
+        try:
+            with np.load(side, allow_pickle=False) as data:
+                recorded = str(data["csv_sha256"]) if "csv_sha256" in data.files else None
+                estimates = {str(label): np.asarray(data[f"row{i}"], float) for i, label in enumerate(data["labels"])}
+        except Exception as exc:  # zipfile / numpy raise many kinds for a damaged file
+            raise SweepSpecError(
+                f"'{side}' (the sweep's per-draw estimates) is damaged ({type(exc).__name__}); delete it to read "
+                f"'{path.name}' without paired errors."
+            ) from None
+        if recorded is not None and recorded != _sha256(raw):
+            warnings.warn(
+                f"'{side.name}' belongs to another run than '{path.name}' (interrupted write or edited CSV); "
+                "its per-draw estimates are left out, so paired errors fall back to independent ones.",
+                stacklevel=2,
+            )
+        else:
+            df.attrs["estimates"] = estimates
     return df
 
 

@@ -319,7 +319,10 @@ def test_generate_consults_the_guard_and_accepts_the_override(tiny_dlm, monkeypa
         generate(tiny_dlm, "To be", spec, recorder=AttentionRecorder())
     traj = generate(tiny_dlm, "To be", spec, recorder=AttentionRecorder(), allow_large_capture=True)
     assert traj.mass.shape == (4, 2, 4, traj.length)
-    generate(tiny_dlm, "To be", spec)  # no capture, no guard
+    generate(tiny_dlm, "To be", spec)  # no capture: only the token and confidence arrays, which fit
+    monkeypatch.setattr(memory, "free_memory", lambda device: (100, None))
+    with pytest.raises(MemoryGuardError, match="tokens and confidences"):  # ... and are guarded too (issue 21)
+        generate(tiny_dlm, "To be", spec)
 
 
 def _bomb(path: Path, mass_shape, tokens_shape=(2, 3), confidence_shape=None) -> Path:
@@ -575,13 +578,16 @@ def test_sweep_save_is_atomic(tmp_path, monkeypatch):
 
     out = tmp_path / "s.csv"
     out.write_text("old\n")
+    real = Path.write_text
 
-    def boom(self, path, *a, **k):
-        Path(path).write_text("half")
-        raise OSError(28, "No space left on device")
+    def boom(self, *a, **k):
+        if self.name.startswith("."):  # the temporary sibling: half written, then the disk fills up
+            real(self, "half")
+            raise OSError(28, "No space left on device")
+        return real(self, *a, **k)
 
-    monkeypatch.setattr(pd.DataFrame, "to_csv", boom)
-    with pytest.raises(OSError):
+    monkeypatch.setattr(Path, "write_text", boom)
+    with pytest.raises(OutputPathError, match="disk is full"):
         save_sweep(pd.DataFrame({"a": [1]}), out)
     assert out.read_text() == "old\n" and sorted(p.name for p in tmp_path.iterdir()) == ["s.csv"]
 

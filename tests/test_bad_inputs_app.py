@@ -77,3 +77,31 @@ def test_a_corrupt_model_directory_is_a_message_and_the_app_keeps_working(tmp_pa
     at.session_state["model_kind"] = "Built-in DLM (tiny-dlm)"
     at.run()
     assert not at.exception and not at.error
+
+
+@pytest.mark.parametrize(
+    "record,warned,shown",
+    [
+        ([1, 2, 3], "holds a JSON list", None),
+        (
+            {"label": "wanda 50%", "pattern": "2:4", "achieved_sparsity": "n/a", "sparsity": 0.5},
+            "achieved_sparsity is 'n/a'",
+            "wanda 50%",
+        ),
+        ("[" * 100_000 + "]" * 100_000, "cannot be read", None),
+    ],
+)
+def test_the_model_page_shows_what_a_damaged_pruning_record_holds(tmp_path, record, warned, shown):
+    """Issue 21: a variant whose pruning.json is a list, or holds "n/a" where a number belongs, is a warning."""
+    variant = Path(shutil.copytree(BUILTIN_MODELS["tiny-dlm"], tmp_path / "variant"))
+    (variant / "pruning.json").write_text(record if isinstance(record, str) else json.dumps(record))
+    at = AppTest.from_file(APP, default_timeout=300)
+    at.run()
+    at.session_state["model_kind"] = "Local directory"
+    at.session_state["model_path"] = str(variant)
+    at.run()
+    assert not at.exception and not at.error
+    assert any(warned in w for w in texts(at.warning)), texts(at.warning)
+    if shown:
+        assert any(shown in m and "pattern 2:4" in m for m in texts(at.markdown))
+    assert any("Memory estimate" in h for h in texts(at.subheader))  # the rest of the page is there

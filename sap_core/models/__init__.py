@@ -19,7 +19,8 @@ from sap_core import ASSETS
 from sap_core.attention import AttentionRecorder
 from sap_core.errors import ModelLoadError, SapError
 from sap_core.memory import tune_allocator
-from sap_core.models.checkpoint import SPECIAL_ID_FIELDS, check_declared_size, read_config, read_headers
+from sap_core.models import dream, llada
+from sap_core.models.checkpoint import SPECIAL_ID_FIELDS, check_declared_size, check_fields, read_config, read_headers
 from sap_core.models.dream import load_dream, load_dream_tokenizer
 from sap_core.models.hf_causal import HF_CAUSAL_TYPES, load_hf_causal
 from sap_core.models.llada import LLaDAConfig, LLaDAModelLM
@@ -136,7 +137,19 @@ class ModelHandle:
         return logits.to(self.device)
 
     def encode(self, text: str) -> list[int]:
-        """Token ids of ``text`` with the tokenizer's own special-token convention."""
+        """Token ids of ``text`` with the tokenizer's own special-token convention; text that is not a
+        ``str`` of Unicode characters (bytes, a lone surrogate) is a :class:`SapError`."""
+        if not isinstance(text, str):
+            raise SapError(
+                f"Text to encode must be a str, not {type(text).__name__}; decode bytes first (e.g. data.decode('utf-8'))."
+            )
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise SapError(
+                f"The text holds a lone surrogate at character {exc.start} ({text[exc.start]!r}), which is not "
+                "Unicode text; remove it or decode the source bytes as UTF-8."
+            ) from None
         return list(self.tokenizer.encode(text, add_special_tokens=True))
 
     def decode(self, ids) -> str:
@@ -202,6 +215,8 @@ FAMILY_LOADERS: dict[str, Callable[..., tuple[PreTrainedModel, object]]] = {
     "Dream": load_dream,
     **{model_type: load_hf_causal for model_type in HF_CAUSAL_TYPES},
 }
+# model_type -> the config.json fields its code reads and the values they may take (others: the common ones).
+FAMILY_FIELDS: dict[str, dict] = {"llada": llada.CONFIG_FIELDS, "Dream": dream.CONFIG_FIELDS}
 # model_type -> tokenizer loader, for families whose released tokenizer is remote code.
 FAMILY_TOKENIZERS: dict[str, Callable[[Path], PreTrainedTokenizerBase]] = {"Dream": load_dream_tokenizer}
 
@@ -239,6 +254,7 @@ def load_model(
     if family not in FAMILY_LOADERS:
         known = ", ".join(sorted(FAMILY_LOADERS))
         raise ModelLoadError(f"'{path}' is a '{family}' model; SinkScope knows the families: {known}.")
+    check_fields(path, config_dict, FAMILY_FIELDS.get(family, {}))
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     check_declared_size(path, config_dict, read_headers(path))  # before any allocation

@@ -15,11 +15,13 @@ Every failure is a :class:`ModelLoadError` naming the file and what is wrong.
 from __future__ import annotations
 
 import json
+import math
 import re
 import struct
 from pathlib import Path
 
 from sap_core.errors import ModelLoadError
+from sap_core.files import describe
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 INDEX = "model.safetensors.index.json"
@@ -72,15 +74,10 @@ def read_config(path: Path) -> dict:  # noqa: C901 (one check per config field i
             "holds config.json and the *.safetensors files."
         )
     if not config_file.is_file():
-        raise ModelLoadError(f"'{config_file}' is a directory, not a file; it must be the model's JSON configuration.")
-    try:
-        config = json.loads(config_file.read_text(encoding="utf-8"))
-    except UnicodeDecodeError:
-        raise ModelLoadError(f"'{config_file}' is binary, not JSON text; restore the model's config.json.") from None
-    except json.JSONDecodeError as exc:
-        raise ModelLoadError(f"'{config_file}' is not valid JSON ({exc}); restore the model's config.json.") from None
-    except OSError as exc:
-        raise ModelLoadError(f"Cannot read '{config_file}' ({exc.strerror}).") from None
+        raise ModelLoadError(
+            f"'{config_file}' is {describe(config_file)}, not a file; it must be the model's JSON configuration."
+        )
+    config = read_json(config_file, "restore the model's config.json")
     if not isinstance(config, dict):
         raise ModelLoadError(
             f"'{config_file}' holds a JSON {type(config).__name__}, not an object of settings; restore the model's config.json."
@@ -105,6 +102,92 @@ def read_config(path: Path) -> dict:  # noqa: C901 (one check per config field i
     return config
 
 
+def read_json(file: Path, fix: str, what: str = "valid JSON"):
+    """The JSON value in ``file``; a binary, malformed, unreadable or absurdly nested file (which would
+    exhaust Python's recursion) is a one-line :class:`ModelLoadError` ending with ``fix``."""
+    try:
+        return json.loads(file.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise ModelLoadError(f"'{file}' is binary, not JSON text; {fix}.") from None
+    except json.JSONDecodeError as exc:
+        raise ModelLoadError(f"'{file}' is not {what} ({exc}); {fix}.") from None
+    except RecursionError:
+        raise ModelLoadError(f"'{file}' is nested too deeply to be a model's JSON file; {fix}.") from None
+    except OSError as exc:
+        raise ModelLoadError(f"Cannot read '{file}' ({exc.strerror}).") from None
+
+
+# --- the fields a family reads: each checked for type and range at load ----------------------------------
+
+
+def whole(minimum: int = 1, null: bool = False):
+    def check(value):
+        if value is None and null:
+            return None
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            return f"a whole number >= {minimum}" + (" or null" if null else "")
+        return None
+
+    return check
+
+
+def number(low: float = 0.0, high: float | None = None, low_open: bool = True, null: bool = False):
+    def check(value):
+        if value is None and null:
+            return None
+        ok = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+        ok = ok and (value > low if low_open else value >= low) and (high is None or value <= high)
+        if not ok:
+            where = f"{'>' if low_open else '>='} {low:g}" + (f" and <= {high:g}" if high is not None else "")
+            return f"a finite number {where}" + (" or null" if null else "")
+        return None
+
+    return check
+
+
+def boolean(null: bool = False):
+    def check(value):
+        if value is None and null:
+            return None
+        return None if isinstance(value, bool) else "true or false" + (" or null" if null else "")
+
+    return check
+
+
+def text(choices: tuple[str, ...] = ()):
+    def check(value):
+        if not isinstance(value, str) or (choices and value not in choices):
+            return "one of " + ", ".join(repr(c) for c in choices) if choices else "a string"
+        return None
+
+    return check
+
+
+def mapping_or_null(value):
+    return None if value is None or isinstance(value, dict) else "an object or null"
+
+
+# Fields that every family reads with these meanings (transformers' causal LMs included).
+COMMON_FIELDS = {
+    "rope_theta": number(),
+    "rms_norm_eps": number(),
+    "layer_norm_eps": number(),
+    "layer_norm_epsilon": number(),
+    "tie_word_embeddings": boolean(),
+    "use_cache": boolean(),
+}
+
+
+def check_fields(path: Path, config: dict, rules: dict) -> None:
+    """Every field of ``config`` named in ``rules`` (and :data:`COMMON_FIELDS`) has a value its rule
+    accepts; else a one-line :class:`ModelLoadError` naming the field, its value and what it must be."""
+    for name, rule in {**COMMON_FIELDS, **rules}.items():
+        if name in config:
+            problem = rule(config[name])
+            if problem:
+                raise ModelLoadError(f"'{path / 'config.json'}': {name} is {config[name]!r}; it must be {problem}.")
+
+
 def _inside(path: Path, root: Path) -> bool:
     try:
         path.resolve().relative_to(root.resolve())
@@ -117,12 +200,9 @@ def weight_files(path: Path) -> list[Path]:
     """The safetensors files holding the weights of ``path``; refuses pickles, missing or foreign files."""
     index = path / INDEX
     if index.exists():
-        try:
-            data = json.loads(index.read_text(encoding="utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError, OSError) as exc:
-            raise ModelLoadError(
-                f"'{index}' is not a valid JSON index ({type(exc).__name__}); restore it from the original checkpoint."
-            ) from None
+        if not index.is_file():
+            raise ModelLoadError(f"'{index}' is {describe(index)}, not a file; restore it from the original checkpoint.")
+        data = read_json(index, "restore it from the original checkpoint", "a valid JSON index")
         weight_map = data.get("weight_map") if isinstance(data, dict) else None
         if not isinstance(weight_map, dict) or not weight_map or not all(isinstance(v, str) for v in weight_map.values()):
             raise ModelLoadError(
@@ -151,7 +231,7 @@ def weight_files(path: Path) -> list[Path]:
     single = path / "model.safetensors"
     if single.exists():
         if not single.is_file():
-            raise ModelLoadError(f"'{single}' is a directory, not a safetensors file.")
+            raise ModelLoadError(f"'{single}' is {describe(single)}, not a safetensors file.")
         return [single]
     shards = sorted(p for p in path.glob("*.safetensors") if p.is_file())
     if shards:
@@ -186,12 +266,12 @@ def read_header(file: Path) -> dict[str, tuple[str, tuple[int, ...]]]:  # noqa: 
         raw = f.read(n)
     try:
         header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError):
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
         raise ModelLoadError(f"'{file}' is not a valid safetensors file (unreadable header); copy the weights again.") from None
     if not isinstance(header, dict):
         raise ModelLoadError(f"'{file}' is not a valid safetensors file (its header is not a table of tensors).")
     data_size = size - 8 - n
-    out = {}
+    out, spans = {}, []
     for name, info in header.items():
         if name == "__metadata__":
             continue
@@ -212,8 +292,21 @@ def read_header(file: Path) -> dict[str, tuple[str, tuple[int, ...]]]:  # noqa: 
                 f"'{file}' is truncated: tensor '{name}' ends at byte {end} of {data_size} bytes of data; copy the weights again."
             )
         out[name] = (dtype, shape)
+        spans.append((start, end, name))
     if not out:
         raise ModelLoadError(f"'{file}' holds no tensors; copy the weights again.")
+    offset = 0
+    for start, end, name in sorted(spans):  # safetensors: the tensors tile the data, no overlap and no gap
+        if start != offset:
+            what = "overlaps the one before it" if start < offset else "leaves a gap before it"
+            raise ModelLoadError(
+                f"'{file}' is not a valid safetensors file (tensor '{name}' {what} in the data); copy the weights again."
+            )
+        offset = end
+    if offset != data_size:
+        raise ModelLoadError(
+            f"'{file}' is not a valid safetensors file ({data_size - offset} bytes after the last tensor); copy the weights again."
+        )
     return out
 
 
@@ -237,4 +330,9 @@ def check_declared_size(path: Path, config: dict, headers: dict) -> None:
         raise ModelLoadError(
             f"'{path / 'config.json'}' declares {declared} layers but the weights hold {found}; "
             "config.json and the weights belong to different models."
+        )
+    if len(indices) != declared:
+        raise ModelLoadError(
+            f"'{path / 'config.json'}' declares {declared} layers but the weights hold tensors for {len(indices)} of them; "
+            "the checkpoint is incomplete or config.json belongs to another model."
         )

@@ -39,9 +39,34 @@ from transformers.modeling_outputs import MaskedLMOutput
 
 from sap_core.attention import AttentionRecorder, attention_with_mass
 from sap_core.errors import ModelLoadError
+from sap_core.models.checkpoint import boolean, mapping_or_null, number, text, whole
 from sap_core.models.llada import RMSNorm, Rotary
 from sap_core.models.loading import load_pretrained
 from sap_core.models.placement import DeviceMap, run_blocks
+
+# Every config.json field this implementation reads, with the values it accepts (checked at load).
+CONFIG_FIELDS = {
+    "vocab_size": whole(),
+    "hidden_size": whole(),
+    "intermediate_size": whole(),
+    "num_hidden_layers": whole(),
+    "num_attention_heads": whole(),
+    "num_key_value_heads": whole(null=True),
+    "hidden_act": text(tuple(sorted(ACT2FN))),
+    "max_position_embeddings": whole(),
+    "initializer_range": number(0.0, low_open=False),
+    "rms_norm_eps": number(),
+    "use_cache": boolean(),
+    "tie_word_embeddings": boolean(),
+    "rope_theta": number(),
+    "rope_scaling": mapping_or_null,
+    "use_sliding_window": boolean(),
+    "sliding_window": whole(null=True),
+    "max_window_layers": whole(0),
+    "attention_dropout": number(0.0, 1.0, low_open=False),
+    "mask_token_id": whole(0, null=True),
+    "pad_token_id": whole(0, null=True),
+}
 
 
 class DreamConfig(PretrainedConfig):

@@ -27,6 +27,7 @@ from transformers import AutoConfig, AutoModel, PretrainedConfig, PreTrainedMode
 from transformers.modeling_outputs import MaskedLMOutput
 
 from sap_core.attention import AttentionRecorder, attention_with_mass
+from sap_core.models.checkpoint import boolean, number, text, whole
 from sap_core.models.placement import run_blocks
 
 # Keys of the official LLaDA configuration whose values this implementation fixes (RoPE in full
@@ -47,6 +48,34 @@ OFFICIAL_KEYS = {
     "attention_dropout": 0.0,
     "residual_dropout": 0.0,
     "embedding_dropout": 0.0,
+}
+
+
+# Every config.json field this implementation reads, with the values it accepts (checked at load by
+# sap_core.models.checkpoint.check_fields, before anything is built).
+CONFIG_FIELDS = {
+    "d_model": whole(),
+    "n_heads": whole(),
+    "n_kv_heads": whole(null=True),
+    "n_layers": whole(),
+    "mlp_hidden_size": whole(null=True),
+    "mlp_ratio": whole(),
+    "vocab_size": whole(),
+    "embedding_size": whole(null=True),
+    "max_sequence_length": whole(),
+    "rope_theta": number(),
+    "rms_norm_eps": number(),
+    "include_bias": boolean(),
+    "include_qkv_bias": boolean(),
+    "weight_tying": boolean(),
+    "mask_token_id": whole(0, null=True),
+    "causal": boolean(),
+    "activation_type": text(),
+    "block_type": text(),
+    "layer_norm_type": text(),
+    **{key: boolean(null=value is None) for key, value in OFFICIAL_KEYS.items() if value is None or isinstance(value, bool)},
+    "block_group_size": whole(),
+    **{key: number(0.0, 1.0, low_open=False) for key in ("attention_dropout", "residual_dropout", "embedding_dropout")},
 }
 
 

@@ -36,10 +36,10 @@ def from_pretrained_kwargs(device: torch.device, device_map: DeviceMap = None) -
     return kwargs
 
 
-def check_shapes(cls, config, path: Path, family: str) -> None:
+def check_shapes(cls, config, path: Path, family: str) -> int:
     """Build the model ``config`` describes on the meta device (no memory) and compare it with the
     safetensors headers: a parameter whose shape differs, or a model much larger than its weights, is
-    refused before anything is allocated."""
+    refused before anything is allocated. Returns the number of parameters the config declares."""
     headers = read_headers(path)
     build = getattr(cls, "from_config", None) or cls._from_config
     with torch.device("meta"):
@@ -61,6 +61,7 @@ def check_shapes(cls, config, path: Path, family: str) -> None:
             f"'{path / 'config.json'}' declares a model of {declared:,} parameters but the weights hold "
             f"{stored:,}; config.json and the weights belong to different models."
         )
+    return declared
 
 
 def check_finite(model: PreTrainedModel, path: Path) -> None:
@@ -81,7 +82,18 @@ def load_pretrained(
     The shapes are checked against the safetensors headers before anything is allocated; a temporary
     offload folder is removed with the model (or at exit)."""
     if "config" in kwargs:
-        check_shapes(cls, kwargs["config"], path, family)
+        declared = check_shapes(cls, kwargs["config"], path, family)
+        if device_map is None:  # the weights must fit where they go (a device_map spreads them instead)
+            from sap_core.memory import check_allocation
+
+            need = declared * torch.empty((), dtype=dtype).element_size()
+            check_allocation(
+                f"Loading '{path}' ({declared:,} parameters in {str(dtype).replace('torch.', '')})",
+                need if device.type == "cpu" else 0,
+                device,
+                need,
+                "Load it on a larger device, in a smaller dtype (--dtype bfloat16), or spread it with a device_map.",
+            )
     placement = from_pretrained_kwargs(device, device_map)
     offload = placement.get("offload_folder")
     try:

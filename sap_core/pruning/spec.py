@@ -231,6 +231,11 @@ class CalibrationSpec:
             raise PruneSpecError(f"eps must be a finite number in [0, 1) (got {self.eps!r}).")
         if not isinstance(self.batch_size, int) or self.batch_size < 1:
             raise PruneSpecError(f"batch_size must be an integer >= 1 (got {self.batch_size}).")
+        if self.text is not None and not isinstance(self.text, str):
+            raise PruneSpecError(
+                f"The calibration text must be text (str), not {type(self.text).__name__}; decode it first "
+                "(e.g. data.decode('utf-8'))."
+            )
         if self.text is not None and not str(self.text).strip():
             raise PruneSpecError(
                 "The calibration text is empty; paste some text or leave it unset to use "

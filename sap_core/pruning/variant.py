@@ -11,6 +11,7 @@ import copy
 import dataclasses
 import hashlib
 import json
+import shutil
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -23,7 +24,8 @@ import torch
 from torch import nn
 
 from sap_core.errors import OutputPathError, PruneSpecError
-from sap_core.files import atomic_directory, check_output_dir
+from sap_core.files import atomic_directory, check_output_dir, write_error
+from sap_core.memory import human
 from sap_core.models import ModelHandle, placement
 from sap_core.pruning.calibration import CalibrationRecord
 from sap_core.pruning.spec import PruneSpec
@@ -164,6 +166,38 @@ def check_save_target(directory: str | Path, handle, overwrite: bool = False) ->
     return target
 
 
+RECORD_TEXT_FIELDS = ("label", "method", "pattern", "source")
+RECORD_FRACTION_FIELDS = ("sparsity", "achieved_sparsity", "target_sparsity")
+
+
+def read_record(path: str | Path) -> tuple[dict, list[str]]:
+    """A saved variant's ``pruning.json`` (``path``: the file) as ``(what is readable, problems)``: a file
+    that is not a JSON object gives ``({}, [why])``; a field of the wrong type (a text field that is not
+    text, a sparsity that is not a number in [0, 1]) is left out with a problem naming it. Never raises."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
+        return {}, [f"'{path.name}' cannot be read ({type(exc).__name__})."]
+    if not isinstance(data, dict):
+        return {}, [f"'{path.name}' holds a JSON {type(data).__name__}, not the record of a pruning run."]
+    problems = []
+    for name in RECORD_TEXT_FIELDS:
+        if name in data and not isinstance(data[name], str):
+            problems.append(f"'{path.name}': {name} is {data.pop(name)!r}, not text.")
+    for name in RECORD_FRACTION_FIELDS:
+        value = data.get(name)
+        if name in data and (isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1):
+            problems.append(f"'{path.name}': {name} is {data.pop(name)!r}, not a fraction in [0, 1].")
+    return data, problems
+
+
+def _existing_dir(path: Path) -> Path:
+    while not path.is_dir() and path != path.parent:
+        path = path.parent
+    return path
+
+
 @dataclass
 class PrunedVariant:
     """The result of :func:`prune`.
@@ -298,10 +332,23 @@ class PrunedVariant:
         describes the weights beside it."""
         placement.require_resident(handle.module, "save a pruned variant of this model")
         target = check_save_target(directory, handle, overwrite)
-        with atomic_directory(target) as tmp:
-            with self.applied(handle):
-                handle.module.save_pretrained(str(tmp))
-            if handle.tokenizer is not None:
-                handle.tokenizer.save_pretrained(str(tmp))
-            (tmp / "pruning.json").write_text(json.dumps(self.summary(), indent=1), encoding="utf-8")
+        need = sum(p.numel() * p.element_size() for p in handle.module.parameters())
+        free = shutil.disk_usage(_existing_dir(target)).free
+        if need > free:
+            raise OutputPathError(
+                f"Saving to '{target}' needs about {human(need)} of disk space, {human(free)} is free there; "
+                "free some space or choose another place."
+            )
+        try:
+            with atomic_directory(target) as tmp:
+                with self.applied(handle):
+                    handle.module.save_pretrained(str(tmp))
+                if handle.tokenizer is not None:
+                    handle.tokenizer.save_pretrained(str(tmp))
+                (tmp / "pruning.json").write_text(json.dumps(self.summary(), indent=1), encoding="utf-8")
+        except Exception as exc:  # safetensors reports a full disk as a SafetensorError, not an OSError
+            error = write_error(target, exc)
+            if error is None:
+                raise
+            raise error from None
         return target
