@@ -189,7 +189,7 @@ class SinkSpec:
     normalize: str = "raw"
     top_k: int = 4
 
-    def __post_init__(self) -> None:  # noqa: C901 (one check per field; the data-safety helper is editing it this round)
+    def __post_init__(self) -> None:  # noqa: C901 (one check per field, in order)
         for name in ("layers", "heads"):
             value = getattr(self, name)
             if value is not None:

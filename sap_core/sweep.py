@@ -514,10 +514,17 @@ def load_sweep(path: str | Path) -> pd.DataFrame:
     file) is a :class:`SweepSpecError`. Estimates whose recorded CSV hash differs from the CSV's (a crash
     between the two writes, or a CSV edited since) are left out with a warning; older estimates files
     without a hash are read as before."""
-    import io
-    import warnings
-
     path = output_target(path)
+    raw = _read_sweep_bytes(path)
+    df = _parse_sweep_csv(path, raw)
+    estimates = _read_estimates(path, raw)
+    if estimates is not None:
+        df.attrs["estimates"] = estimates
+    return df
+
+
+def _read_sweep_bytes(path: Path) -> bytes:
+    """The CSV's bytes, or a one-line SweepSpecError for a missing path, a directory, an unreadable or empty file."""
     if not path.exists():
         raise SweepSpecError(f"No sweep CSV at '{path}'.")
     if path.is_dir():
@@ -528,6 +535,13 @@ def load_sweep(path: str | Path) -> pd.DataFrame:
         raise SweepSpecError(f"Cannot read '{path}' ({exc.strerror}).") from None
     if not raw.strip():
         raise SweepSpecError(f"'{path}' is empty: not a sweep CSV.")
+    return raw
+
+
+def _parse_sweep_csv(path: Path, raw: bytes) -> pd.DataFrame:
+    """The sweep table from the CSV's bytes: current column names, numeric columns as float, text columns as str."""
+    import io
+
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError:
@@ -554,26 +568,33 @@ def load_sweep(path: str | Path) -> pd.DataFrame:
     for col in ("method", "pattern", "label"):
         if col in df.columns:
             df[col] = df[col].astype(str)
-    side = _estimates_path(path)
-    if side.exists():
-        try:
-            with np.load(side, allow_pickle=False) as data:
-                recorded = str(data["csv_sha256"]) if "csv_sha256" in data.files else None
-                estimates = {str(label): np.asarray(data[f"row{i}"], float) for i, label in enumerate(data["labels"])}
-        except Exception as exc:  # zipfile / numpy raise many kinds for a damaged file
-            raise SweepSpecError(
-                f"'{side}' (the sweep's per-draw estimates) is damaged ({type(exc).__name__}); delete it to read "
-                f"'{path.name}' without paired errors."
-            ) from None
-        if recorded is not None and recorded != _sha256(raw):
-            warnings.warn(
-                f"'{side.name}' belongs to another run than '{path.name}' (interrupted write or edited CSV); "
-                "its per-draw estimates are left out, so paired errors fall back to independent ones.",
-                stacklevel=2,
-            )
-        else:
-            df.attrs["estimates"] = estimates
     return df
+
+
+def _read_estimates(path: Path, raw: bytes) -> dict[str, np.ndarray] | None:
+    """The per-draw estimates beside the CSV, by label; None when there are none or they belong to another run."""
+    import warnings
+
+    side = _estimates_path(path)
+    if not side.exists():
+        return None
+    try:
+        with np.load(side, allow_pickle=False) as data:
+            recorded = str(data["csv_sha256"]) if "csv_sha256" in data.files else None
+            estimates = {str(label): np.asarray(data[f"row{i}"], float) for i, label in enumerate(data["labels"])}
+    except Exception as exc:  # zipfile / numpy raise many kinds for a damaged file
+        raise SweepSpecError(
+            f"'{side}' (the sweep's per-draw estimates) is damaged ({type(exc).__name__}); delete it to read "
+            f"'{path.name}' without paired errors."
+        ) from None
+    if recorded is not None and recorded != _sha256(raw):
+        warnings.warn(
+            f"'{side.name}' belongs to another run than '{path.name}' (interrupted write or edited CSV); "
+            "its per-draw estimates are left out, so paired errors fall back to independent ones.",
+            stacklevel=3,
+        )
+        return None
+    return estimates
 
 
 # Sink-aware methods and the baselines they are meant to beat (method, baseline).

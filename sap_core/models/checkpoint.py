@@ -65,7 +65,7 @@ SPECIAL_ID_FIELDS = ("mask_token_id", "pad_token_id", "bos_token_id", "eos_token
 _LAYER_INDEX = re.compile(r"(?:^|\.)(?:blocks|layers|h)\.(\d+)\.")
 
 
-def read_config(path: Path) -> dict:  # noqa: C901 (one check per config field in order; models/* is the data-safety helper's this round)
+def read_config(path: Path) -> dict:  # noqa: C901 (one check per config field, in order)
     """``config.json`` of ``path`` as a dict, with its size fields checked; else :class:`ModelLoadError`."""
     config_file = path / "config.json"
     if not config_file.exists():
@@ -249,7 +249,7 @@ def weight_files(path: Path) -> list[Path]:
     raise ModelLoadError(f"'{path}' has no weights: expected model.safetensors or sharded *.safetensors with an index file.")
 
 
-def read_header(file: Path) -> dict[str, tuple[str, tuple[int, ...]]]:  # noqa: C901 (one check per header field; models/* is the data-safety helper's this round)
+def read_header(file: Path) -> dict[str, tuple[str, tuple[int, ...]]]:  # noqa: C901 (one check per header field, in order)
     """``{tensor name: (dtype, shape)}`` from a safetensors header, checked against the file's size."""
     size = file.stat().st_size
     if size == 0:
