@@ -151,6 +151,28 @@ def accuracy_table(
     return AccuracyResult(table, results, per_doc, spec, limit)
 
 
+def task_accuracy(
+    handle: ModelHandle, task: str, mc_num: int, seed: int, limit: int | None, progress: Progress | None = None
+) -> dict:
+    """``acc``, ``acc_se`` and ``acc_task`` of ``handle`` as it is now (dense, or with a variant applied) on one
+    task: a sweep's accuracy columns (``sweep --metric acc:TASK``)."""
+    import lm_eval
+
+    spec = BenchSpec(mc_num=mc_num, batch_size=mc_num, seed=seed)
+    with offline():
+        out = lm_eval.simple_evaluate(
+            model=make_lm(handle, spec=spec, progress=progress),
+            tasks=[task],
+            task_manager=manager_for([task]),
+            limit=check_limit(limit),
+            log_samples=True,
+            verbosity="ERROR",
+        )
+    samples = out["samples"][task]
+    row = paired_row(_per_doc(samples, _metric(samples, task)), None)
+    return dict(acc=row["acc"], acc_se=row["acc_se"], acc_task=task)
+
+
 def save_accuracy(result: AccuracyResult, out: str | Path) -> tuple[Path, Path]:
     """``out`` (JSON: spec, table and lm-eval's results per model) and ``<stem>.csv`` (the table) beside it,
     each written atomically (:mod:`sap_core.files`)."""

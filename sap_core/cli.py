@@ -239,6 +239,9 @@ def _eval_spec(args):
         seed=args.eval_seed,
         text=_read_text(args.text),
         prefix=args.prefix,
+        metric=getattr(args, "metric", "ppl"),
+        limit=getattr(args, "limit", None),
+        mc_num=getattr(args, "mc_num", 32),
     )
 
 
@@ -485,6 +488,12 @@ def build_parser() -> Parser:
         "finished rows to <name>.partial.csv while the sweep runs",
     )
     p.add_argument("--plot", default=None, metavar="PNG", help="also save the perplexity-vs-sparsity plot (PNG/SVG/PDF)")
+    g = p.add_argument_group("accuracy (with --metric acc:TASK)")
+    g.add_argument(
+        "--metric", default="ppl", help="ppl (default) or acc:TASK: also lm-eval accuracy on TASK (columns acc, acc_se, acc_task)"
+    )
+    g.add_argument("--limit", type=_positive, default=None, help="documents of TASK (default: all)")
+    g.add_argument("--mc-num", type=_positive, default=32, help="Monte Carlo rows per request, DLM only (default 32)")
     p.set_defaults(func=cmd_sweep)
     _add_animate(sub)
 
@@ -812,7 +821,12 @@ def cmd_sweep(args) -> int:
         save_figure(df, args.plot)
         print(f"wrote {args.plot}", file=sys.stderr)
     if not args.quiet:
-        print(df[["label", "ppl", "ppl_se", "achieved_sparsity", "prune_seconds"]].to_string(index=False), file=sys.stderr)
+        cols = (
+            ["label", "ppl", "ppl_se"]
+            + [c for c in ("acc", "acc_se") if c in df.columns]
+            + ["achieved_sparsity", "prune_seconds"]
+        )
+        print(df[cols].to_string(index=False), file=sys.stderr)
     return 0
 
 

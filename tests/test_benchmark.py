@@ -205,3 +205,17 @@ def test_cli_evaluate_tasks_and_lm_eval_entry_point(ar, tmp_path, capsys):
     argv = ["--model", "sinkscope", "--model_args", "model=tiny-ar,device=cpu", "--tasks", BUILTIN_TASK, "--limit", "2"]
     assert lm_eval_main(argv) == 0
     assert BUILTIN_TASK in capsys.readouterr().out
+
+
+def test_sweep_metric_acc(ar, tmp_path):
+    from sap_core.sweep import EvalSpec, SweepSpec, SweepSpecError, load_sweep, run_sweep, save_sweep
+
+    ev = EvalSpec(nsamples=2, metric=f"acc:{BUILTIN_TASK}", limit=4)
+    df = run_sweep(ar, SweepSpec(methods=("magnitude",), sparsities=(0.5,), eval=ev))
+    assert list(df["label"]) == ["dense", "magnitude 50%"] and list(df["acc_task"]) == [BUILTIN_TASK] * 2
+    assert df["acc"].between(0, 1).all() and df["ppl"].notna().all()
+    back = load_sweep(save_sweep(df, tmp_path / "s.csv"))
+    assert back["acc"].tolist() == pytest.approx(df["acc"].tolist())
+    assert "acc" not in run_sweep(ar, SweepSpec(methods=("magnitude",), sparsities=(0.5,), eval=EvalSpec(nsamples=2))).columns
+    with pytest.raises(SweepSpecError, match="acc:TASK"):
+        SweepSpec(methods=("magnitude",), sparsities=(0.5,), eval=EvalSpec(metric="accuracy")).validate()
