@@ -209,3 +209,42 @@ def format_table(table: pd.DataFrame) -> pd.DataFrame:
             }
         )
     return pd.DataFrame(rows)
+
+
+@dataclass(frozen=True)
+class Cost:
+    """What a run of :func:`accuracy_table` costs: ``requests`` per model, ``passes`` (``requests × mc_num /
+    batch_size`` forward passes per model, as the official class counts them; one per request for a causal
+    model), ``models``, and ``seconds``: the estimate on this device from a timed forward pass."""
+
+    requests: int
+    passes: int
+    models: int
+    seconds: float
+
+
+def estimate_cost(handle: ModelHandle, tasks: Sequence[str], spec: BenchSpec, limit: int | None, models: int) -> Cost:
+    """The cost of scoring ``models`` models (dense + variants) on ``tasks``: lm-eval's requests are built (no
+    model work), and one forward pass of ``batch_size`` rows of their mean length is timed here."""
+    import time
+
+    import torch
+
+    limit = check_limit(limit)
+    loaded = load_tasks(tasks, manager_for(list(tasks)))
+    requests, tokens = 0, 0
+    for task in loaded.values():
+        task.build_all_requests(limit=limit, rank=0, world_size=1)
+        for inst in task.instances:
+            requests += 1
+            tokens += sum(len(a) for a in inst.args if isinstance(a, str)) // 3 + 1  # about 3 characters a token
+    length = max(2, min(tokens // max(requests, 1), handle.max_length or 4096))
+    rows = 1 if handle.causal else spec.batch_size
+    batch = torch.randint(4, min(handle.vocab_size or 100, 100), (rows, length))
+    with torch.inference_mode():
+        handle.logits(batch[:, :2])  # warm-up
+        t0 = time.perf_counter()
+        handle.logits(batch)
+        per_pass = time.perf_counter() - t0
+    passes = requests if handle.causal else spec.forward_passes(requests)
+    return Cost(requests, passes, models, passes * models * per_pass)
