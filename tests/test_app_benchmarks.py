@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-
 from test_app import dense_fingerprint, new_app, texts
 
 pytestmark = pytest.mark.slow
