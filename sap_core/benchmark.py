@@ -41,11 +41,18 @@ from dataclasses import dataclass, fields
 
 import torch
 import torch.nn.functional as F
+from lm_eval.api.model import LM
+from lm_eval.api.registry import register_model
 
 from sap_core.errors import Cancelled, SapError
 from sap_core.evaluate import check_length
 from sap_core.models import ModelHandle
 from sap_core.progress import Progress, report
+
+if __name__ == "__main__":  # python -m sap_core.benchmark: run the importable module, which registers "sinkscope" once
+    from sap_core.benchmark import main as _main
+
+    raise SystemExit(_main())
 
 MODEL_NAME = "sinkscope"
 ROW_TOKENS = 8192  # tokens per forward pass when rows of several requests are stacked (speed only)
@@ -146,60 +153,22 @@ def stratified_masks(n: int, mc_num: int, batch_size: int, generator: torch.Gene
     return torch.cat(out)
 
 
-class SinkScopeLM:  # the lm_eval.api.model.LM base is added by _lm_class() (lm-eval imported lazily)
-    pass
+@register_model(MODEL_NAME)
+class SinkScopeLM(LM):
+    """lm-eval's model over a SinkScope :class:`ModelHandle` (see the module docstring). ``variant``: a
+    :class:`~sap_core.pruning.PrunedVariant` swapped in for every call, a saved variant directory, or a
+    separately loaded handle. From lm-eval's command line: ``--model_args model=NAME_OR_DIR,variant=DIR,...``
+    with ``device``, ``dtype`` and :class:`BenchSpec`'s fields."""
 
-
-def _lm_class():
-    """:class:`SinkScopeLM` as a subclass of ``lm_eval.api.model.LM``, registered as ``sinkscope``."""
-    global SinkScopeLM
-    if getattr(SinkScopeLM, "_registered", False):
-        return SinkScopeLM
-    from lm_eval.api.model import LM
-    from lm_eval.api.registry import register_model
-
-    class _SinkScopeLM(_Scorer, LM):
-        _registered = True
-
-        def __init__(self, handle=None, variant=None, spec: BenchSpec | None = None, progress: Progress | None = None, **kw):
-            LM.__init__(self)
-            _Scorer.__init__(self, handle, variant, spec, progress, **kw)
-
-        @classmethod
-        def create_from_arg_obj(cls, arg_dict: dict, additional_config: dict | None = None):
-            """lm-eval's ``--model_args`` (as a dict) win over its ``--batch_size`` / ``--device`` flags (as in the
-            official class, ``--batch_size`` is the stratification group when model_args give none)."""
-            args = dict(arg_dict)
-            for key in ("batch_size", "device"):
-                value = (additional_config or {}).get(key)
-                if key == "device" and str(value).startswith("cuda") and not torch.cuda.is_available():
-                    value = None  # lm-eval's default --device is cuda; "auto" picks the CPU here
-                if value is not None and key not in args:
-                    args[key] = value
-            return cls(**args)
-
-        @classmethod
-        def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None):
-            from lm_eval.utils import simple_parse_args_string
-
-            return cls.create_from_arg_obj(simple_parse_args_string(arg_string), additional_config)
-
-    _SinkScopeLM.__name__ = _SinkScopeLM.__qualname__ = "SinkScopeLM"
-    _SinkScopeLM.__module__ = __name__
-    SinkScopeLM = _SinkScopeLM
-    register_model(MODEL_NAME)(SinkScopeLM)
-    return SinkScopeLM
-
-
-def make_lm(handle: ModelHandle, variant=None, spec: BenchSpec | None = None, progress: Progress | None = None):
-    """A registered :class:`SinkScopeLM` over ``handle`` (with ``variant`` applied for every call)."""
-    return _lm_class()(handle, variant, spec, progress)
-
-
-class _Scorer:
-    """The scoring half of :class:`SinkScopeLM` (no lm-eval import needed)."""
-
-    def __init__(self, handle=None, variant=None, spec=None, progress=None, **kw):
+    def __init__(
+        self,
+        handle: ModelHandle | None = None,
+        variant=None,
+        spec: BenchSpec | None = None,
+        progress: Progress | None = None,
+        **kw,
+    ):
+        super().__init__()
         spec_keys = {f.name for f in fields(BenchSpec)}
         given = {k: v for k, v in kw.items() if k in spec_keys}
         unknown = sorted(set(kw) - spec_keys - {"model", "device", "dtype", "max_length"})
@@ -229,6 +198,25 @@ class _Scorer:
                 handle, variant = variant, None
         self.handle, self.variant, self.spec, self.progress = handle, variant, spec, progress
         self.passes = 0  # forward passes run (each over up to ROW_TOKENS tokens)
+
+    @classmethod
+    def create_from_arg_obj(cls, arg_dict: dict, additional_config: dict | None = None):
+        """lm-eval's ``--model_args`` (as a dict) win over its ``--batch_size`` / ``--device`` flags (as in the
+        official class, ``--batch_size`` is the stratification group when model_args give none)."""
+        args = dict(arg_dict)
+        for key in ("batch_size", "device"):
+            value = (additional_config or {}).get(key)
+            if key == "device" and str(value).startswith("cuda") and not torch.cuda.is_available():
+                value = None  # lm-eval's default --device is cuda; "auto" picks the CPU here
+            if value is not None and key not in args:
+                args[key] = value
+        return cls(**args)
+
+    @classmethod
+    def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None):
+        from lm_eval.utils import simple_parse_args_string
+
+        return cls.create_from_arg_obj(simple_parse_args_string(arg_string), additional_config)
 
     # --- lm-eval's interface ------------------------------------------------------------------------
 
@@ -383,6 +371,11 @@ class _Scorer:
         return out
 
 
+def make_lm(handle: ModelHandle, variant=None, spec: BenchSpec | None = None, progress: Progress | None = None) -> SinkScopeLM:
+    """A :class:`SinkScopeLM` over ``handle`` (with ``variant`` applied for every call)."""
+    return SinkScopeLM(handle, variant, spec, progress)
+
+
 @contextlib.contextmanager
 def _handle_context(handle: ModelHandle):
     with handle.lock:
@@ -435,7 +428,6 @@ def main(argv=None) -> int:
 
     from sap_core.tasks import TASKS_DIR, offline
 
-    _lm_class()
     argv = list(sys.argv[1:] if argv is None else argv)
     if not any(a == "--include_path" or a.startswith("--include_path=") for a in argv):
         argv += ["--include_path", str(TASKS_DIR)]
@@ -451,7 +443,5 @@ def main(argv=None) -> int:
     return 0
 
 
-if __name__ == "__main__":  # run as sap_core.benchmark's main, so the class registered is the importable one
-    from sap_core.benchmark import main as _main
-
-    raise SystemExit(_main())
+if __name__ == "__main__":
+    raise SystemExit(main())
