@@ -48,6 +48,7 @@ class AccuracyResult:
             "spec": self.spec.__dict__,
             "limit": self.limit,
             "table": json.loads(self.table.to_json(orient="records")),
+            "per_doc": {task: {m: acc.tolist() for (t, m), acc in self.per_doc.items() if t == task} for task, _ in self.per_doc},
             "lm_eval": self.results,
         }
         return json.dumps(data, indent=1, default=handle_non_serializable)
@@ -174,7 +175,7 @@ def task_accuracy(
 
 
 def save_accuracy(result: AccuracyResult, out: str | Path) -> tuple[Path, Path]:
-    """``out`` (JSON: spec, table and lm-eval's results per model) and ``<stem>.csv`` (the table) beside it,
+    """``out`` (JSON: spec, table, per-document scores and lm-eval's results per model) and ``<stem>.csv`` (the table) beside it,
     each written atomically (:mod:`sap_core.files`)."""
     from sap_core.files import atomic_write_text
 

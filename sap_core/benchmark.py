@@ -171,7 +171,7 @@ class SinkScopeLM(LM):
         super().__init__()
         spec_keys = {f.name for f in fields(BenchSpec)}
         given = {k: v for k, v in kw.items() if k in spec_keys}
-        unknown = sorted(set(kw) - spec_keys - {"model", "device", "dtype", "max_length"})
+        unknown = sorted(set(kw) - spec_keys - {"model", "device", "dtype"})
         if unknown:
             raise BenchSpecError(
                 f"Unknown model_args {', '.join(unknown)}; use model, variant, device, dtype and {', '.join(sorted(spec_keys))}."
