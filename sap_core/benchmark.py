@@ -55,7 +55,7 @@ if __name__ == "__main__":  # python -m sap_core.benchmark: run the importable m
     raise SystemExit(_main())
 
 MODEL_NAME = "sinkscope"
-ROW_TOKENS = 8192  # tokens per forward pass when rows of several requests are stacked (speed only)
+ROW_TOKENS = 4096  # tokens per forward pass when rows of several requests are stacked (speed only)
 
 
 class BenchSpecError(SapError):
