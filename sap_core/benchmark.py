@@ -17,8 +17,9 @@ context / continuation split follows the official ``_encode_pair`` (trailing spa
 the continuation). Differences from the official class, none of which changes an estimate: every request
 draws its masks from its own generator, seeded from ``seed`` and the request's token ids
 (:func:`request_seed`), so a request gets the same masks whatever the order, ``--limit`` or model (dense and
-variants are paired draw for draw, and choices scoring the same continuation share masks); all masks are drawn first and the forward passes run over rows of
-several requests of equal length at once; the LM head runs at the masked positions only
+variants are paired draw for draw, and choices scoring the same continuation share masks); all masks are drawn first,
+a row repeating another of its request (the same masked set) runs once and counts twice, and the forward passes run
+over rows of several requests of equal length at once; the LM head runs at the masked positions only
 (:meth:`ModelHandle.logits` ``positions=``). ``tests/test_benchmark.py`` checks equality with a transcription
 of the official ``get_loglikelihood`` (same seed). ``is_check_greedy``: whether greedy decoding of the
 continuation, one most-confident token per step (:func:`sap_core.diffusion.generate`), gives it back.
@@ -303,18 +304,22 @@ class SinkScopeLM(LM):
 
     def _diffusion(self, h: ModelHandle, pairs) -> list[float]:
         s = self.spec
-        # Draw every request's masks first (its own generator), then stack rows of equal length.
+        # Draw every request's masks first (its own generator), then stack rows of equal length. A row that
+        # repeats another of its request (the same masked set, e.g. all tokens masked) runs once, counted twice.
         groups: dict[int, list[int]] = defaultdict(list)
-        masks, lls = {}, [0.0] * len(pairs)
+        masks, counts, lls = {}, {}, [0.0] * len(pairs)
         for i, (prefix, target) in enumerate(pairs):
             if target:
                 g = torch.Generator().manual_seed(request_seed(s.seed, target))
-                masks[i] = stratified_masks(len(target), s.mc_num, s.batch_size, g)
+                masks[i], inverse = torch.unique(
+                    stratified_masks(len(target), s.mc_num, s.batch_size, g), dim=0, return_inverse=True
+                )
+                counts[i] = torch.bincount(inverse, minlength=len(masks[i])).double()
                 groups[len(prefix) + len(target)].append(i)
-        total, done = sum(len(v) for v in groups.values()) * s.mc_num, 0
+        total, done = sum(len(masks[i]) for v in groups.values() for i in v), 0
         for length, members in sorted(groups.items()):
             per_pass = max(1, ROW_TOKENS // length // (2 if s.cfg > 0 else 1))
-            rows = [(i, r) for i in members for r in range(s.mc_num)]
+            rows = [(i, r) for i in members for r in range(len(masks[i]))]
             sums = defaultdict(float)
             for a in range(0, len(rows), per_pass):
                 chunk = rows[a : a + per_pass]
@@ -329,8 +334,8 @@ class SinkScopeLM(LM):
                 row_of = scored.nonzero()[:, 0]
                 ratio = torch.tensor([masks[i][r].sum().item() / len(pairs[i][1]) for i, r in chunk], dtype=torch.float64)
                 per_row = torch.zeros(len(chunk), dtype=torch.float64).index_add_(0, row_of, ce) / ratio
-                for j, (i, _) in enumerate(chunk):
-                    sums[i] += per_row[j].item()
+                for j, (i, r) in enumerate(chunk):
+                    sums[i] += per_row[j].item() * counts[i][r].item()
                 done += len(chunk)
                 report(self.progress, done, total, "log-likelihood (Monte Carlo)")
             for i in members:
