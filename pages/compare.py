@@ -247,3 +247,7 @@ if "sweep_result" in st.session_state:
         },
     )
     st.download_button("Download sweep (CSV)", df.to_csv(index=False), "sweep.csv", "text/csv")
+
+from app_benchmarks import benchmarks_section  # noqa: E402 - the section sits at the end of the page
+
+benchmarks_section(handle, variants)

@@ -240,6 +240,9 @@ def _eval_spec(args):
         seed=args.eval_seed,
         text=_read_text(args.text),
         prefix=args.prefix,
+        metric=getattr(args, "metric", "ppl"),
+        limit=getattr(args, "limit", None),
+        mc_num=getattr(args, "mc_num", 32),
     )
 
 
@@ -342,6 +345,24 @@ def _add_eval(p: argparse.ArgumentParser) -> None:
     g.add_argument("--eval-seed", type=int, default=0, help="seed of the masking draws (default 0)")
 
 
+def _add_bench(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("benchmark accuracy (lm-evaluation-harness; with --tasks)")
+    g.add_argument(
+        "--tasks",
+        type=_names,
+        default=None,
+        help="comma-separated lm-eval tasks (the built-in one: sinkscope_nextline); scores accuracy instead of perplexity",
+    )
+    g.add_argument("--variant", nargs="+", default=(), metavar="DIR", help="saved variants (prune --save) of --model to compare")
+    g.add_argument("--limit", type=_positive, default=None, help="documents per task (default: all)")
+    g.add_argument("--mc-num", type=_positive, default=32, help="Monte Carlo rows per request, DLM only (default 32)")
+    g.add_argument(
+        "--mc-batch", type=_positive, default=None, help="rows per stratified group; mc-num must be a multiple (default mc-num)"
+    )
+    g.add_argument("--cfg", type=float, default=0.0, help="unsupervised classifier-free guidance scale, DLM only (default 0)")
+    g.add_argument("--include-path", default=None, metavar="DIR", help="a folder of extra lm-eval task YAML files")
+
+
 def build_parser() -> Parser:
     from sap_core.pruning.spec import METHODS, SPARSEGPT_SELECTIONS  # the method table; light (no torch)
 
@@ -431,12 +452,15 @@ def build_parser() -> Parser:
 
     p = sub.add_parser(
         "evaluate",
-        help="perplexity of a model",
+        help="perplexity of a model, or benchmark accuracy with --tasks",
         description="Masked-diffusion Monte Carlo perplexity of a DLM (next-token perplexity of a causal model), "
-        "with standard errors. Writes JSON.",
+        "with standard errors. Writes JSON. With --tasks: lm-eval accuracy of --model and every --variant on the "
+        "same documents and Monte Carlo masks; --out X.json gets lm-eval's results and the table, X.csv the table "
+        "(task, model, acc ± SE, delta vs dense ± paired SE).",
     )
     _add_model(p)
     _add_eval(p)
+    _add_bench(p)
     p.add_argument("--out", default=None, metavar="JSON", help="write the JSON here (default: stdout)")
     p.set_defaults(func=cmd_evaluate)
 
@@ -473,6 +497,12 @@ def build_parser() -> Parser:
         "finished rows to <name>.partial.csv while the sweep runs",
     )
     p.add_argument("--plot", default=None, metavar="PNG", help="also save the perplexity-vs-sparsity plot (PNG/SVG/PDF)")
+    g = p.add_argument_group("accuracy (with --metric acc:TASK)")
+    g.add_argument(
+        "--metric", default="ppl", help="ppl (default) or acc:TASK: also lm-eval accuracy on TASK (columns acc, acc_se, acc_task)"
+    )
+    g.add_argument("--limit", type=_positive, default=None, help="documents of TASK (default: all)")
+    g.add_argument("--mc-num", type=_positive, default=32, help="Monte Carlo rows per request, DLM only (default 32)")
     p.set_defaults(func=cmd_sweep)
     _add_animate(sub)
 
@@ -706,8 +736,38 @@ def cmd_prune(args) -> int:
     return 0
 
 
+def cmd_accuracy(args) -> int:
+    from sap_core.accuracy import accuracy_table, format_table, save_accuracy
+    from sap_core.benchmark import BenchSpec, load_variant
+    from sap_core.tasks import load_tasks, manager_for
+
+    spec = BenchSpec(mc_num=args.mc_num, batch_size=args.mc_batch or args.mc_num, cfg=args.cfg, seed=args.eval_seed)
+    _check_outputs(args)
+    load_tasks(args.tasks, manager_for(args.tasks, args.include_path))  # before the model loads
+    handle = _load(args)
+    variants = {}
+    for d in args.variant:
+        v = load_variant(handle, d)
+        variants[v.label if v.label not in variants else f"{v.label} ({d})"] = v
+    with Bar("accuracy", not args.quiet) as bar:
+        result = accuracy_table(
+            handle, variants, args.tasks, spec, limit=args.limit, include_path=args.include_path, progress=bar
+        )
+    if args.out:
+        out, csv = save_accuracy(result, args.out)
+        print(f"wrote {out} and {csv}", file=sys.stderr)
+    else:
+        print(result.to_json())
+    if not args.quiet:
+        print(format_table(result.table).to_string(index=False), file=sys.stderr)
+    return 0
+
+
 def cmd_evaluate(args) -> int:
     from sap_core.sweep import perplexity
+
+    if args.tasks:
+        return cmd_accuracy(args)
 
     spec = _eval_spec(args)
     spec.validate()
@@ -779,7 +839,12 @@ def cmd_sweep(args) -> int:
             plotted = True
             print(f"wrote {args.plot}", file=sys.stderr)
         if not args.quiet:
-            print(df[["label", "ppl", "ppl_se", "achieved_sparsity", "prune_seconds"]].to_string(index=False), file=sys.stderr)
+            cols = (
+                ["label", "ppl", "ppl_se"]
+                + [c for c in ("acc", "acc_se") if c in df.columns]
+                + ["achieved_sparsity", "prune_seconds"]
+            )
+            print(df[cols].to_string(index=False), file=sys.stderr)
     except KeyboardInterrupt:  # the sweep's result is written: only the plot or the summary was cut short
         if not plotted:
             print(f"note: interrupted; {args.out} was written, the plot was not", file=sys.stderr)

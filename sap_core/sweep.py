@@ -91,7 +91,9 @@ class EvalSpec:
     masking draws per window (Monte Carlo samples of the masked-diffusion bound, >= 2; ignored for
     causal models); ``seed`` fixes the draws, shared by every row; ``prefix``: conditioning text before
     every window, never scored (None: the tokenizer's BOS convention only; a causal model needs at
-    least one prefix token).
+    least one prefix token). ``metric``: ``"ppl"`` (perplexity only, the default) or ``"acc:TASK"``: also
+    the accuracy on the lm-eval task TASK (:mod:`sap_core.accuracy`; ``limit`` documents, ``mc_num`` Monte
+    Carlo rows per request, the masks seeded by ``seed``), in the columns ``acc``, ``acc_se``, ``acc_task``.
     """
 
     seqlen: int = 128
@@ -100,6 +102,14 @@ class EvalSpec:
     seed: int = 0
     text: str | None = None
     prefix: str | None = None
+    metric: str = "ppl"
+    limit: int | None = None
+    mc_num: int = 32
+
+    @property
+    def task(self) -> str | None:
+        """The lm-eval task of an ``acc:TASK`` metric, None for perplexity only."""
+        return self.metric[4:] if isinstance(self.metric, str) and self.metric.startswith("acc:") else None
 
     def validate(self) -> None:
         for name in ("seqlen", "nsamples", "draws", "seed"):
@@ -112,6 +122,16 @@ class EvalSpec:
             raise SweepSpecError(f"seqlen must be >= 2 and nsamples >= 1 (got seqlen={self.seqlen}, nsamples={self.nsamples}).")
         if self.draws < 2:
             raise SweepSpecError(f"draws must be >= 2 to estimate the Monte Carlo error (got {self.draws}).")
+        if self.metric != "ppl":
+            if not self.task:
+                raise SweepSpecError(f"metric must be ppl or acc:TASK, e.g. acc:sinkscope_nextline (got {self.metric!r}).")
+            from sap_core.accuracy import check_limit
+            from sap_core.benchmark import BenchSpec
+            from sap_core.tasks import load_tasks
+
+            check_limit(self.limit)
+            BenchSpec(mc_num=self.mc_num, batch_size=self.mc_num)
+            load_tasks([self.task])  # an unknown task or missing data: one line now, before any pruning
 
 
 @dataclass(frozen=True)
@@ -261,6 +281,7 @@ class PerplexityRow:
     seconds: float
     result: Any = None
     estimates: np.ndarray | None = None
+    accuracy: dict | None = None  # acc, acc_se, acc_task when the EvalSpec's metric is acc:TASK
 
 
 def perplexity(handle: ModelHandle, spec: EvalSpec, progress: Progress | None = None) -> PerplexityRow:
@@ -284,8 +305,20 @@ def perplexity(handle: ModelHandle, spec: EvalSpec, progress: Progress | None = 
             progress=progress,
         )
     seconds = time.perf_counter() - t0
+    accuracy = None
+    if spec.task:
+        from sap_core.accuracy import task_accuracy
+
+        accuracy = task_accuracy(handle, spec.task, spec.mc_num, spec.seed, spec.limit, progress)
     return PerplexityRow(
-        float(result.nll), float(result.nll_se), float(result.ppl), float(result.ppl_se), seconds, result, result.estimates
+        float(result.nll),
+        float(result.nll_se),
+        float(result.ppl),
+        float(result.ppl_se),
+        seconds,
+        result,
+        result.estimates,
+        accuracy,
     )
 
 
@@ -352,6 +385,7 @@ def run_sweep(
     estimates: dict[str, np.ndarray] = {}
 
     def add(row: dict, ev: PerplexityRow) -> None:
+        row.update(ev.accuracy or {})
         rows.append(row)
         if ev.estimates is not None:
             estimates[row["label"]] = ev.estimates
@@ -413,8 +447,11 @@ def run_sweep(
     return df
 
 
+ACC_COLUMNS = ["acc", "acc_se", "acc_task"]  # with EvalSpec(metric="acc:TASK")
+
+
 def _frame(rows: Sequence[dict]) -> pd.DataFrame:
-    df = pd.DataFrame(list(rows), columns=COLUMNS)
+    df = pd.DataFrame(list(rows), columns=COLUMNS + [c for c in ACC_COLUMNS if any(c in r for r in rows)])
     for col in ("sparsity", "ppl", "ppl_se", "prune_seconds", "nll", "nll_se", "achieved_sparsity", "eval_seconds", "tau"):
         df[col] = df[col].astype(float)
     for col in ("method", "pattern", "label"):
