@@ -71,6 +71,7 @@ if submitted:
         float(cfg_scale),
         int(seed),
     )
+    st.query_params.pop("step", None)  # a new run opens at its step 0
     bar = st.progress(0.0, text="Generating…")
     failed = True
     with job("Generation"):
@@ -130,9 +131,14 @@ trail_layer = c[1].selectbox(
 anim_spec = animation.AnimationSpec(color_range=color_range, layer=trail_layer)
 views = st.session_state.setdefault("explorer_views", {})
 view_key = (id(traj), spec, anim_spec)
+view_step = animation.view_step(st.query_params.get("step"), traj.n_steps)  # the step the view shows (it writes ?step=)
 if view_key not in views:
-    views.clear()  # one view per session: the latest trajectory and settings
-    views[view_key] = animation.explorer_html(report, tokens, anim_spec)
+    # one view per session: the latest trajectory and settings; rebuilt for new settings at the step it showed
+    same_run = any(key[0] == id(traj) for key in views)
+    views.clear()
+    views[view_key] = animation.explorer_html(
+        report, tokens, anim_spec, start_step=view_step if same_run else 0, follow_box=".st-key-map_step input"
+    )
 st.iframe(views[view_key], height=animation.explorer_height(report))
 
 c = st.columns(4)
@@ -183,11 +189,22 @@ with st.expander(f"Sinks at every step ({len(sinks)} rows)"):
 
 st.subheader("Full attention map")
 c = st.columns([2, 1, 1, 1, 1])
+
+
+def _view_step_to_box() -> None:
+    st.session_state["map_step"] = animation.view_step(st.query_params.get("step"), traj.n_steps)
+
+
 follow = c[0].toggle(
-    "Step of the view above", True, help="On: the step the view above shows when you press the button; off: type a step."
+    "Step of the view above",
+    True,
+    key="map_follow",
+    on_change=_view_step_to_box,  # turned off: typing starts from the view's step
+    help="On: the step the view above shows (the greyed box follows it); off: type a step.",
 )
-view_step = animation.view_step(st.query_params.get("step"), traj.n_steps)
-m_step = c[1].number_input("Step", 0, traj.n_steps - 1, traj.n_steps - 1, key="map_step", disabled=follow)
+if follow or st.session_state.get("map_step", 0) >= traj.n_steps:
+    st.session_state["map_step"] = view_step
+m_step = c[1].number_input("Step", 0, traj.n_steps - 1, key="map_step", disabled=follow)
 m_layer = c[2].number_input("Layer", 0, handle.n_layers - 1, 0, key="map_layer")
 m_head = c[3].number_input("Head", 0, handle.n_heads - 1, 0, key="map_head")
 if c[4].button(

@@ -208,7 +208,12 @@ def view_steps(n_steps: int, n_layers: int, length: int, max_values: int = MAX_V
 
 
 def explorer_data(
-    report, tokens: Sequence[str] | None = None, spec: AnimationSpec = AnimationSpec(), max_values: int = MAX_VIEW_VALUES
+    report,
+    tokens: Sequence[str] | None = None,
+    spec: AnimationSpec = AnimationSpec(),
+    max_values: int = MAX_VIEW_VALUES,
+    start_step: int = 0,
+    follow_box: str | None = None,
 ) -> dict:
     """Everything the browser view needs, once, in a compact JSON-able dict.
 
@@ -216,7 +221,10 @@ def explorer_data(
     ``layer * L + position`` per step, the states as one byte per (step, position); the colour
     range per step is ``layer_hi`` (``spec.color_range``) and ``trail_hi`` for the step map.
     ``step_ids`` are the steps carried (:func:`view_steps`: every step unless the run has more than
-    ``max_values`` mass values, then every ``stride``-th); every per-step entry follows them."""
+    ``max_values`` mass values, then every ``stride``-th); every per-step entry follows them.
+    ``start_step``: the step shown first (the carried step at or before it). ``follow_box``: a CSS
+    selector of an input in the embedding page that shows the view's step as it moves (the app's
+    greyed "Step" box of the full attention map)."""
     import base64
 
     tokens = _check_tokens(report, tokens)
@@ -263,6 +271,8 @@ def explorer_data(
         "range_name": COLOR_RANGE_NAMES[spec.color_range],
         "frame_ms": int(spec.frame_ms),
         "max_labels": MAX_TICK_LABELS,
+        "start": int(max(0, min(int(start_step), report.n_steps - 1))),
+        "follow_box": follow_box,
     }
 
 
@@ -272,18 +282,20 @@ def explorer_html(
     spec: AnimationSpec = AnimationSpec(),
     title: str = "SinkScope: sinks over the denoising steps",
     max_values: int = MAX_VIEW_VALUES,
+    start_step: int = 0,
+    follow_box: str | None = None,
 ) -> str:
     """The run as one self-contained HTML page (no network, no library): the token strip, the layer ×
     position mass at the step with each layer's sinks, and the step × position mass of all steps with
     the dominant sink of each and a line at the current step, on one shared position axis; its own
     slider and play/pause move through the steps in the browser. The app shows this page as a
-    component; :func:`write_animation` saves it."""
+    component (``start_step``, ``follow_box``: see :func:`explorer_data`); :func:`write_animation` saves it."""
     import html as html_lib
     import json
 
-    data = json.dumps(explorer_data(report, tokens, spec, max_values), separators=(",", ":"), ensure_ascii=False).replace(
-        "</", "<\\/"
-    )
+    data = json.dumps(
+        explorer_data(report, tokens, spec, max_values, start_step, follow_box), separators=(",", ":"), ensure_ascii=False
+    ).replace("</", "<\\/")
     page = _VIEW_TEMPLATE.read_text(encoding="utf-8")
     return page.replace("__TITLE__", html_lib.escape(title)).replace("__DATA__", data)
 

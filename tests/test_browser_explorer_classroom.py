@@ -1,0 +1,88 @@
+"""The Denoising explorer as a class or a paper sees it (issue 18), in Debian's Chromium: the view keeps its
+step across reruns and the full map's step box follows it, sinks still masked are called masked, the
+decoding inputs are bounded by the model's context, the view fits a projector's window with readable
+labels, the exports stand alone, and every head is drawn at once. One generation, shared by every test
+of this module (one browser page, in order)."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from conftest import SCREENSHOTS, needs_chromium, no_streamlit_exception
+
+pytestmark = needs_chromium
+
+N = 16  # tokens = steps of the shared run
+
+
+@pytest.fixture(scope="module")
+def explorer(chromium, app_url):
+    """One page on the explorer after a 16-token, 16-step generation (block 16, greedy)."""
+    from playwright.sync_api import expect
+
+    context = chromium.new_context(viewport={"width": 1440, "height": 900}, accept_downloads=True)
+    page = context.new_page()
+    page.set_default_timeout(120_000)
+    expect.set_options(timeout=120_000)
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    page.goto(app_url)
+    expect(page.get_by_text("Active model: tiny-dlm", exact=False)).to_be_visible()
+    page.get_by_role("link", name="Denoising explorer").click()
+    page.get_by_role("spinbutton", name="Generation length").fill(str(N))
+    page.get_by_role("spinbutton", name="Steps", exact=True).fill(str(N))
+    page.get_by_role("button", name="Generate").click()
+    expect(page.get_by_text(f"{N} steps in", exact=False)).to_be_visible()
+    yield page
+    context.close()
+
+
+def view(page):
+    return page.frame_locator("iframe").first
+
+
+def settle(page) -> None:
+    """Wait until the app's script has finished its rerun."""
+    page.wait_for_function("() => !document.querySelector('[data-testid=\"stStatusWidget\"]')")
+    time.sleep(0.5)
+
+
+def go_to_step(page, step: int) -> None:
+    from playwright.sync_api import expect
+
+    slider = view(page).locator("#step")
+    slider.focus()
+    slider.press("Home")
+    for _ in range(step):
+        slider.press("ArrowRight")
+    expect(view(page).locator("#steplabel")).to_have_text(f"Step {step} of {N - 1}")
+
+
+def test_step_survives_colour_range_and_layer_and_the_map_box_follows_it(explorer):
+    """Item 3: a rerun that rebuilds the view (colour range, layer) keeps its step; the full map's greyed Step
+    box shows the view's step and follows it; Recompute map uses it."""
+    from playwright.sync_api import expect
+
+    page = explorer
+    page.locator("iframe").first.scroll_into_view_if_needed()
+    go_to_step(page, 5)
+    box = page.locator(".st-key-map_step input")
+    expect(box).to_have_value("5")
+    expect(box).to_be_disabled()
+    page.get_by_text("per step (not comparable across steps)").click()
+    settle(page)
+    expect(view(page).locator("#legend")).to_contain_text("per step")
+    expect(view(page).locator("#steplabel")).to_have_text(f"Step 5 of {N - 1}")
+    page.get_by_role("combobox", name="Layer of the step × position map").click()
+    page.get_by_role("option", name="layer 2").click()
+    settle(page)
+    expect(view(page).locator("#legend")).to_contain_text("layer 2")
+    expect(view(page).locator("#steplabel")).to_have_text(f"Step 5 of {N - 1}")
+    expect(box).to_have_value("5")
+    go_to_step(page, 7)
+    expect(box).to_have_value("7")
+    page.get_by_role("button", name="Recompute map").click()
+    expect(page.get_by_text("Attention map: step 7, layer 0, head 0")).to_be_visible()
+    expect(box).to_have_value("7")
+    expect(view(page).locator("#steplabel")).to_have_text(f"Step 7 of {N - 1}")
+    no_streamlit_exception(page)
