@@ -142,8 +142,9 @@ def view_step(value: str | None, n_steps: int) -> int:
 
 
 def sinks_at_step(report, tokens: Sequence[str] | None, step: int) -> list[tuple[int, str, float]]:
-    """The aggregate sinks at ``step`` as (position, token text, mass × uniform), strongest first."""
-    tokens = _check_tokens(report, tokens)
+    """The aggregate sinks at ``step`` as (position, token text at that step, mass × uniform), strongest first;
+    a position still masked at ``step`` reads ``[mask]`` (:func:`tokens_at_step`)."""
+    tokens = tokens_at_step(report, tokens, step)
     mult = step_mass(report)[step]
     pos = np.flatnonzero(report.is_sink[step])
     pos = pos[np.argsort(-np.nan_to_num(mult[pos]), kind="stable")]
@@ -180,7 +181,8 @@ def _sink_caption(report, tokens: list[str], mult: np.ndarray, step: int, limit:
     if pos.size == 0:
         return "no sink at this step (all layers summed)"
     pos = pos[np.argsort(-np.nan_to_num(mult[pos]), kind="stable")]
-    shown = ", ".join(f"{j} '{tokens[j]}' {mult[j]:.1f}×" for j in pos[:limit])
+    masked = report.state[step] == STATES.index("masked")  # not yet decoded: its final token is not there yet
+    shown = ", ".join(f"{j} " + ("masked" if masked[j] else f"'{tokens[j]}'") + f" {mult[j]:.1f}×" for j in pos[:limit])
     more = f" and {pos.size - limit} more" if pos.size > limit else ""
     return f"sinks at this step (all layers summed): {shown}{more}"
 

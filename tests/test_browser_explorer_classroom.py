@@ -86,3 +86,20 @@ def test_step_survives_colour_range_and_layer_and_the_map_box_follows_it(explore
     expect(box).to_have_value("7")
     expect(view(page).locator("#steplabel")).to_have_text(f"Step 7 of {N - 1}")
     no_streamlit_exception(page)
+
+
+def test_caption_calls_a_sink_still_masked_masked(explorer):
+    """Item 5: the caption at step t names each sink as it is at t: 'masked' while its position is masked."""
+    import re
+
+    page = explorer
+    frame = view(page)
+    masked_seen = 0
+    for step in range(N):
+        frame.locator("body").evaluate(f"() => window.sinkscope.draw({step})")
+        caption = frame.locator("#caption").text_content()
+        for j, what in re.findall(r"(\d+) (masked|'[^']*') [\d.]+×", caption):
+            state = frame.locator("body").evaluate(f"() => window.sinkscope.stateAt({step}, {j})")
+            assert (what == "masked") == (state == "masked"), (step, j, what, state, caption)
+            masked_seen += what == "masked"
+    assert masked_seen > 0, "no sink was masked at any step of this run"

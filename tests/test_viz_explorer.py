@@ -181,3 +181,21 @@ def test_per_layer_view_is_each_layers_mass_over_its_mean(run):
         report.mass[0, : int(report.valid[0].sum())] / report.mass[0, : int(report.valid[0].sum())].mean(),
         rtol=1e-6,
     )
+
+
+def test_a_sink_still_masked_is_called_masked_not_by_its_final_token(run):
+    """The caption at step t names a sink's token as it is at t: a position still masked reads 'masked'."""
+    _, report, tokens = run
+    data = animation.explorer_data(report, tokens)
+    masked_code = STATES.index("masked")
+    seen = 0
+    for s in range(report.n_steps):
+        caption = data["captions"][s]
+        listed = animation.sinks_at_step(report, tokens, s)
+        for j, text, _ in listed[:8]:
+            if report.state[s, j] == masked_code:
+                seen += 1
+                assert text == "[mask]" and f"{j} masked " in caption and f"{j} '{tokens[j]}'" not in caption
+            else:
+                assert text == tokens[j] and f"{j} '{tokens[j]}'" in caption
+    assert seen > 0, "no masked sink in this run: the test checks nothing"
