@@ -12,16 +12,27 @@ from sap_core.diffusion import REMASKING, DecodeSpec, attention_map, generate
 st.header("Denoising explorer")
 handle = active_model()
 
+# The model's context bounds every length input: the prompt and the generated tokens must fit in it together.
+context = handle.max_length
+limit = context or 4096
+why = (
+    f"at most {limit}: this model reads at most {limit} tokens (max_sequence_length in its config), prompt and generation together"
+    if context
+    else f"at most {limit} (this model's config states no context length)"
+)
 with st.form("decode"):
     prompt = st.text_area("Prompt", "ROMEO.\n", help="Text the model continues. It is never changed during decoding.")
     c = st.columns(4)
-    gen_length = c[0].number_input("Generation length", 1, 2048, 64, help="Tokens to generate (masked at the start).")
+    gen_length = c[0].number_input(
+        "Generation length", 1, limit, min(64, limit), help=f"Tokens to generate (masked at the start); {why}."
+    )
     steps = c[1].number_input(
         "Steps",
         1,
-        2048,
-        64,
-        help="Denoising steps in all; must divide evenly over the blocks. A causal model uses one step per token.",
+        limit,
+        min(64, limit),
+        help="Denoising steps in all; must divide evenly over the blocks and be at most the generation length. "
+        "A causal model uses one step per token.",
         disabled=handle.causal,
     )
     if handle.causal:  # block length, remasking and guidance only exist for a masked-diffusion model
@@ -31,7 +42,13 @@ with st.form("decode"):
             "guidance apply to masked-diffusion models only."
         )
     else:
-        block_length = c[2].number_input("Block length", 1, 2048, 16, help="Semi-autoregressive blocks, filled left to right.")
+        block_length = c[2].number_input(
+            "Block length",
+            1,
+            limit,
+            min(16, limit),
+            help="Semi-autoregressive blocks, filled left to right; must divide the generation length.",
+        )
         remasking = c[3].selectbox(
             "Remasking", REMASKING, help="Which masked positions are unmasked first: most confident, random, or lowest entropy."
         )
@@ -43,6 +60,7 @@ with st.form("decode"):
         )
     seed = c[2].number_input("Seed", 0, 2**31 - 1, 0, help="Same seed and settings give the same trajectory.")
     submitted = st.form_submit_button("Generate", type="primary", icon=":material/play_arrow:")
+    st.caption(f"Generation length, steps and block length are {why}; a larger typed value is refused in its box.")
 
 
 def run_label(spec: DecodeSpec, text: str) -> str:
@@ -62,19 +80,19 @@ def run_label(spec: DecodeSpec, text: str) -> str:
 failed = False
 if submitted:
     length = int(gen_length)
-    spec = DecodeSpec(
-        length,
-        length if handle.causal else int(steps),
-        length if handle.causal else int(block_length),
-        remasking,
-        float(temperature),
-        float(cfg_scale),
-        int(seed),
-    )
     st.query_params.pop("step", None)  # a new run opens at its step 0
     bar = st.progress(0.0, text="Generating…")
     failed = True
-    with job("Generation"):
+    with job("Generation"):  # an impossible spec shows its one-line error (DecodeSpec checks, then generate's)
+        spec = DecodeSpec(
+            length,
+            length if handle.causal else int(steps),
+            length if handle.causal else int(block_length),
+            remasking,
+            float(temperature),
+            float(cfg_scale),
+            int(seed),
+        )
         t0 = time.perf_counter()
         traj = generate(handle, prompt, spec, recorder=AttentionRecorder(), progress=progress_callback(bar, "Generating"))
         st.session_state.update(

@@ -49,3 +49,25 @@ def test_attention_map_follows_the_view_or_the_typed_step():
     next(b for b in at.button if b.label == "Recompute map").click().run()
     assert at.session_state["attention"][0] == 3
     assert any("Attention map: step 3" in str(c.proto) for c in at.get("plotly_chart"))
+
+
+def test_lengths_are_bounded_by_the_models_context_and_an_impossible_spec_says_why():
+    at = new_app()
+    at.switch_page("pages/explorer.py").run()
+    form = {n.label: n for n in at.number_input}
+    for name in ("Generation length", "Steps", "Block length"):
+        assert form[name].max == 512, name  # tiny-dlm's max_sequence_length, not a fixed 2048
+    assert "max_sequence_length" in form["Generation length"].help and "512" in form["Generation length"].help
+    assert any("at most 512" in c for c in texts(at.caption))
+    form["Generation length"].set_value(512)  # the prompt's tokens do not fit beside 512 generated ones
+    form["Steps"].set_value(64)
+    at.button[0].click().run()
+    assert not at.exception
+    assert any("exceeds the model's max_sequence_length 512" in e for e in texts(at.error)), texts(at.error)
+    assert not at.success
+    form = {n.label: n for n in at.number_input}
+    form["Generation length"].set_value(16)
+    form["Steps"].set_value(32)  # more steps than tokens: the spec's one-line error, no traceback
+    at.button[0].click().run()
+    assert not at.exception
+    assert any("cannot exceed gen_length" in e for e in texts(at.error)), texts(at.error)

@@ -103,3 +103,27 @@ def test_caption_calls_a_sink_still_masked_masked(explorer):
             assert (what == "masked") == (state == "masked"), (step, j, what, state, caption)
             masked_seen += what == "masked"
     assert masked_seen > 0, "no sink was masked at any step of this run"
+
+
+def test_lengths_over_the_models_context_are_refused_and_say_why(explorer):
+    """Item 7: the length boxes stop at the model's context (512 for tiny-dlm) and the page says why; a
+    typed 100000 is flagged in its box; a length whose prompt does not fit gets the spec's one-line error."""
+    from playwright.sync_api import expect
+
+    page = explorer
+    page.set_viewport_size({"width": 1280, "height": 720})
+    form = page.locator("[data-testid='stForm']").first
+    form.scroll_into_view_if_needed()
+    expect(form.get_by_text("at most 512: this model reads at most 512 tokens", exact=False)).to_be_visible()
+    length = page.get_by_role("spinbutton", name="Generation length")
+    length.fill("100000")
+    page.get_by_role("button", name="Generate").click()
+    expect(form).to_contain_text("between 1 and 512")
+    page.screenshot(path=str(SCREENSHOTS / "classroom-length-over-context-1280.png"))
+    length.fill("512")
+    page.get_by_role("button", name="Generate").click()
+    expect(page.get_by_text("exceeds the model's max_sequence_length 512", exact=False)).to_be_visible()
+    expect(page.get_by_text("previous run", exact=False)).to_be_visible()  # the stored run stays, labelled
+    length.fill(str(N))
+    page.set_viewport_size({"width": 1440, "height": 900})
+    no_streamlit_exception(page)
