@@ -15,6 +15,7 @@ same), like every mass figure in :mod:`sap_core.viz`, sent as one byte per value
 
 from __future__ import annotations
 
+import bisect
 import io
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -35,7 +36,7 @@ COLOR_RANGE_NAMES = {
     "global": "fixed: maximum of all steps",
     "per-step": "per step (not comparable across steps)",
 }
-MAX_TICK_LABELS = 96  # positions up to which every token is written under the strip
+LABEL_PX = 13  # font size of the view's token labels: readable from the back of a room (every k-th position past ~14 px a cell)
 # Mass values (steps x (layers + 1) x positions, one byte each) the browser view carries at most: about
 # 16 MB of page once base64-encoded. A longer run is shown at every k-th step (the last step always).
 MAX_VIEW_VALUES = 12_000_000
@@ -272,7 +273,8 @@ def explorer_data(
         "scale": MASS_SCALE,
         "range_name": COLOR_RANGE_NAMES[spec.color_range],
         "frame_ms": int(spec.frame_ms),
-        "max_labels": MAX_TICK_LABELS,
+        "label_px": LABEL_PX,
+        "agg_sinks": [np.flatnonzero(report.is_sink[s]).tolist() for s in keep],
         "start": int(max(0, min(int(start_step), report.n_steps - 1))),
         "follow_box": follow_box,
     }
@@ -302,21 +304,10 @@ def explorer_html(
     return page.replace("__TITLE__", html_lib.escape(title)).replace("__DATA__", data)
 
 
-def explorer_height(report) -> int:
-    """Pixel height of :func:`explorer_html` (controls, canvas and legend), for the app's component frame."""
-    n_layers, L = len(report.layers), report.length
-    S = len(view_steps(report.n_steps, n_layers, L))
-    canvas = (
-        (62 if L <= MAX_TICK_LABELS else 0)
-        + 2
-        + 16
-        + 10
-        + max(12, min(26, 170 / n_layers)) * n_layers
-        + 14
-        + max(160, min(320, 5 * S))
-        + 40
-    )
-    return int(canvas) + 34 + 24 + 80  # controls, caption, legend (two lines, room for a third)
+def explorer_height(report=None) -> int:
+    """Pixel height of the app's frame for :func:`explorer_html` before the page fits it to the browser window
+    (the page sets its frame as tall as the window allows and its canvas to the frame's height)."""
+    return 640
 
 
 # --- files -------------------------------------------------------------------------------------------
@@ -346,6 +337,30 @@ def _hex(color: str) -> tuple[int, int, int]:
     return tuple(int(color[i : i + 2], 16) for i in (0, 2, 4))
 
 
+GIF_LABEL_PX = 14  # font size of the GIF's token labels
+
+
+def _thinned_labels(sink_positions: np.ndarray, states: np.ndarray, every: int, cell: float) -> list[int]:
+    """Positions whose token is written at a step: every sink first, then every ``every``-th known (not
+    masked, not absent) token, none within a label's width of another (``every * cell`` pixels apart)."""
+    masked, absent = STATES.index("masked"), STATES.index("absent")
+    gap = every * cell - 0.5
+    taken: list[int] = []  # sorted
+
+    def place(j: int) -> None:
+        i = bisect.bisect(taken, j)
+        if all(abs(j - taken[k]) * cell >= gap for k in (i - 1, i) if 0 <= k < len(taken)):
+            taken.insert(i, j)
+
+    for j in sink_positions.tolist():
+        if states[j] != absent:
+            place(j)
+    for j in range(0, len(states), every):
+        if states[j] != masked and states[j] != absent:
+            place(j)
+    return taken
+
+
 def gif_frames(report, tokens: Sequence[str] | None = None, spec: AnimationSpec = AnimationSpec()) -> list:
     """One Pillow image per step: the mass each position receives (bars, × uniform, one colour range
     for all steps unless ``spec.color_range`` is per-step), coloured by the position's state, sinks
@@ -356,20 +371,22 @@ def gif_frames(report, tokens: Sequence[str] | None = None, spec: AnimationSpec 
     S, L = report.n_steps, report.length
     mult = step_mass(report)
     limits = color_limits(mult, spec.color_range)
-    cell = 14 if L <= 96 else max(4, 1344 // L)
-    left, right, top, plot_h, label_h = 56, 16, 46, 220, (70 if L <= 96 else 24)
-    width, height = left + cell * L + right, top + plot_h + label_h + 22
-    font, small = _font(13), _font(10)
+    font, small, label_font = _font(16), _font(12), _font(GIF_LABEL_PX)
+    cell = 17 if L <= 96 else max(4, 1632 // L)
+    every = max(1, -(-(GIF_LABEL_PX + 3) // cell))  # label every k-th position (and every sink): no two labels touch
+    label_w = min(90, max(int(label_font.getlength(t[:10])) for t in [*tokens, "[mask]"]) + 6)
+    left, right, top, plot_h, label_h = 56, 16, 50, 220, label_w
+    width, height = left + cell * L + right, top + plot_h + label_h + 24
     # the static part: axes, y ticks, rotated token labels
     base = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(base)
     y0 = top + plot_h
     draw.line([(left - 1, top), (left - 1, y0), (left + cell * L, y0)], fill=(90, 90, 90))
-    draw.text((4, top - 16), "× uniform", fill=(60, 60, 60), font=small)
+    draw.text((4, top - 18), "× uniform", fill=(60, 60, 60), font=small)
     step_ticks = [j for j in range(0, L, max(1, (L + 15) // 16))]
     for j in step_ticks:
-        draw.text((left + j * cell, height - 18), str(j), fill=(90, 90, 90), font=small)
-    draw.text((4, height - 18), "position", fill=(90, 90, 90), font=small)
+        draw.text((left + j * cell, height - 20), str(j), fill=(90, 90, 90), font=small)
+    draw.text((4, height - 20), "position", fill=(90, 90, 90), font=small)
     x = left + 110
     for name, rgb in [
         ("prompt", _hex(STATE_COLORS["prompt"])),
@@ -378,8 +395,8 @@ def gif_frames(report, tokens: Sequence[str] | None = None, spec: AnimationSpec 
         ("masked", (200, 200, 200)),
         ("sink", (229, 57, 53)),
     ]:
-        draw.rectangle([x, 28, x + 9, 37], fill=rgb)
-        draw.text((x + 13, 26), name, fill=(60, 60, 60), font=small)
+        draw.rectangle([x, 31, x + 10, 41], fill=rgb)
+        draw.text((x + 14, 29), name, fill=(60, 60, 60), font=small)
         x += 22 + int(draw.textlength(name, font=small))
     colors = {name: _hex(STATE_COLORS[name]) for name in STATES}
     colors["masked"] = (200, 200, 200)
@@ -391,12 +408,14 @@ def gif_frames(report, tokens: Sequence[str] | None = None, spec: AnimationSpec 
     pal = Image.new("P", (1, 1))
     pal.putpalette([c for rgb in palette for c in rgb] + [255] * 3 * (256 - len(palette)))
     base = base.quantize(palette=pal, dither=Image.Dither.NONE)
-    labels = []  # each token rotated, drawn once; pasted at the steps where the token is known
-    if L <= 96:
-        for t in tokens:
-            label = Image.new("RGB", (label_h - 4, cell), "white")
-            ImageDraw.Draw(label).text((0, 0), t[:10], fill=(40, 40, 40), font=small)
-            labels.append(label.rotate(90, expand=True).quantize(palette=pal, dither=Image.Dither.NONE))
+
+    def rotated(text: str, ink) -> Image.Image:
+        label = Image.new("RGB", (label_h - 4, GIF_LABEL_PX + 3), "white")
+        ImageDraw.Draw(label).text((0, 0), text[:10], fill=ink, font=label_font)
+        return label.rotate(90, expand=True).quantize(palette=pal, dither=Image.Dither.NONE)
+
+    labels = [rotated(t, (40, 40, 40)) for t in tokens]  # each token drawn once; pasted where the token is known
+    sink_labels = {}  # a sink's label, red, drawn when first needed
     masked = STATES.index("masked")
     ink = {rgb: i for i, rgb in enumerate(palette)}  # palette indices: no colour look-up per shape
     dark, mid, light = ink[(34, 34, 34)], ink[(85, 85, 85)], ink[(170, 170, 170)]
@@ -424,12 +443,17 @@ def gif_frames(report, tokens: Sequence[str] | None = None, spec: AnimationSpec 
             d.rectangle([x + 1, y0 - h, x + cell - 2, y0 - 1], fill=red if sinks[j] else state_ink[states[j]])
             if sinks[j]:
                 d.polygon([(x + cell / 2, y0 - h - 3), (x + 1, y0 - h - 10), (x + cell - 1, y0 - h - 10)], fill=red)
-        for j, label in enumerate(labels):
-            if states[j] != masked:
-                img.paste(label, (left + j * cell, y0 + 3))
+        for j in _thinned_labels(np.flatnonzero(sinks), states, every, cell):
+            if sinks[j]:
+                if (j, states[j] == masked) not in sink_labels:
+                    sink_labels[j, states[j] == masked] = rotated("[mask]" if states[j] == masked else tokens[j], sink_color)
+                label = sink_labels[j, states[j] == masked]
+            else:
+                label = labels[j]
+            img.paste(label, (int(left + j * cell + cell / 2 - label.width / 2), y0 + 3))
         d.text((left, 8), f"Step {s} of {S - 1}", fill=dark, font=font)
         caption = _sink_caption(report, tokens, mult[s], s, limit=4)
-        d.text((left + 110, 10), caption[: max(10, (width - left - 120) // 6)], fill=mid, font=small)
+        d.text((left + 130, 10), caption[: max(10, (width - left - 140) // 7)], fill=mid, font=small)
         frames.append(img)
     return frames
 

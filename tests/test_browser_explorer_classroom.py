@@ -33,6 +33,7 @@ def explorer(chromium, app_url):
     page.get_by_role("spinbutton", name="Steps", exact=True).fill(str(N))
     page.get_by_role("button", name="Generate").click()
     expect(page.get_by_text(f"{N} steps in", exact=False)).to_be_visible()
+    expect(page.frame_locator("iframe").first.locator("#steplabel")).to_have_text(f"Step 0 of {N - 1}")
     yield page
     context.close()
 
@@ -127,3 +128,87 @@ def test_lengths_over_the_models_context_are_refused_and_say_why(explorer):
     length.fill(str(N))
     page.set_viewport_size({"width": 1440, "height": 900})
     no_streamlit_exception(page)
+
+
+def frame_checks(page) -> dict:
+    """What the view in the app's frame measures: its own scroll height against its window (an inner scrollbar
+    when larger), the frame against the browser window, the label font and the drawn labels' positions."""
+    frame = next(f for f in page.frames if f != page.main_frame)
+    return frame.evaluate(
+        """() => ({scroll: document.documentElement.scrollHeight, inner: window.innerHeight,
+                   overflowX: document.documentElement.scrollWidth > window.innerWidth,
+                   frame: window.frameElement.getBoundingClientRect().height, window: window.parent.innerHeight,
+                   font: window.sinkscope.geometry.labelPx, every: window.sinkscope.geometry.every,
+                   labels: window.sinkscope.geometry.labels.map(p => [p.j, p.x, p.sink]),
+                   sinks: Array.from(new Set(window.sinkscope.sinksAt(window.sinkscope.step)))})"""
+    )
+
+
+@pytest.mark.parametrize("width,height", [(1280, 720), (1024, 720), (1440, 900)])
+def test_view_fits_a_projector_window_with_readable_thinned_labels(explorer, width, height):
+    """Item 2: at a projector's 1280x720 and a 1024-px window the view fits the window with no inner
+    scrollbar; token labels are at least 12 px, thinned rather than dropped, never closer than their size,
+    and every sink of the step is labelled."""
+    from playwright.sync_api import expect
+
+    page = explorer
+    page.set_viewport_size({"width": width, "height": height})
+    time.sleep(1.0)  # the view refits its frame to the window
+    page.locator("iframe").first.scroll_into_view_if_needed()
+    go_to_step(page, N // 2)
+    got = frame_checks(page)
+    assert got["scroll"] <= got["inner"] and not got["overflowX"], got  # no inner scrollbar
+    assert got["frame"] <= got["window"] - 60, got  # the whole view fits the browser window
+    assert got["font"] >= 12
+    xs = sorted(x for _, x, _ in got["labels"])
+    assert len(xs) >= 8 and all(b - a >= got["font"] for a, b in zip(xs, xs[1:])), got["labels"]  # no collisions
+    labelled = {j for j, _, _ in got["labels"]}
+    assert {j for j, _, sink in got["labels"] if sink} <= set(got["sinks"])
+    assert set(got["sinks"]) <= labelled | {j for j in range(200) if any(abs(j - k) <= 1 for k in labelled)}
+    page.screenshot(path=str(SCREENSHOTS / f"classroom-explorer-{width}x{height}.png"))
+    expect(view(page).locator("#steplabel")).to_have_text(f"Step {N // 2} of {N - 1}")
+
+
+def test_fullscreen_button_fills_the_screen_with_the_view(explorer):
+    page = explorer
+    page.set_viewport_size({"width": 1280, "height": 720})
+    page.locator("iframe").first.scroll_into_view_if_needed()
+    view(page).locator("#full").click()
+    page.wait_for_function("() => document.fullscreenElement && document.fullscreenElement.tagName === 'IFRAME'")
+    time.sleep(0.5)
+    got = frame_checks(page)
+    assert got["scroll"] <= got["inner"], got
+    page.screenshot(path=str(SCREENSHOTS / "classroom-explorer-fullscreen-1280x720.png"))
+    view(page).locator("#full").click()
+    page.wait_for_function("() => !document.fullscreenElement")
+    page.set_viewport_size({"width": 1440, "height": 900})
+
+
+def test_sink_marks_have_a_dark_outline_on_bright_cells(explorer):
+    """Item 2: a layer's sink ✕ on a bright (yellow) cell is still visible: red strokes with a dark outline."""
+    frame = next(f for f in explorer.frames if f != explorer.main_frame)
+    found = frame.evaluate(
+        """() => {
+      const S = window.sinkscope, G = S.geometry, c = document.getElementById('view'), ctx = c.getContext('2d');
+      const r = c.width / G.W, out = [];
+      for (let s = 0; s < S.nSteps; s++) {
+        S.draw(s);
+        for (const f of S.layerSinksAt(s)) {
+          const l = Math.floor(f / S.length), j = f % S.length, row = S.layers - 1 - l;
+          const x = Math.round((G.left + j * G.cw) * r), y = Math.round((G.layerY + row * G.rowH) * r);
+          const w = Math.max(1, Math.floor(G.cw * r)), h = Math.max(1, Math.floor(G.rowH * r));
+          const px = ctx.getImageData(x, y, w, h).data, corner = [px[0], px[1], px[2]];
+          if (0.2126 * corner[0] + 0.7152 * corner[1] + 0.0722 * corner[2] < 150) continue;  // not a bright cell
+          let red = 0, dark = 0;
+          for (let i = 0; i < px.length; i += 4) {
+            if (px[i] > 200 && px[i + 1] < 110 && px[i + 2] < 110) red++;
+            if (px[i] + px[i + 1] + px[i + 2] < 120) dark++;
+          }
+          out.push([s, f, red, dark]);
+        }
+      }
+      return out;
+    }"""
+    )
+    assert found, "no sink on a bright cell in this run"
+    assert all(red > 0 and dark > 0 for _, _, red, dark in found), found

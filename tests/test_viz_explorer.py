@@ -199,3 +199,29 @@ def test_a_sink_still_masked_is_called_masked_not_by_its_final_token(run):
             else:
                 assert text == tokens[j] and f"{j} '{tokens[j]}'" in caption
     assert seen > 0, "no masked sink in this run: the test checks nothing"
+
+
+def test_gif_labels_are_thinned_not_dropped_and_keep_every_sink():
+    """Past ~96 positions the GIF writes every k-th known token plus every sink, none closer than a label."""
+    masked, decoded = STATES.index("masked"), STATES.index("decoded")
+    states = np.full(300, decoded, np.int8)
+    states[250:] = masked
+    sinks = np.array([0, 10, 101, 260])  # 260: a masked sink, labelled "[mask]"
+    cell = 5.0
+    every = 4
+    got = animation._thinned_labels(sinks, states, every, cell)
+    assert set(sinks.tolist()) <= set(got)
+    assert all(states[j] != masked for j in got if j not in sinks)
+    xs = sorted(got)
+    assert all((b - a) * cell >= every * cell - 0.5 for a, b in zip(xs, xs[1:]))
+    assert len(got) > 50  # thinned, not dropped
+
+
+def test_gif_of_a_long_run_writes_labels(tiny_dlm):
+    traj = generate(tiny_dlm, "To be", DecodeSpec(120, 8, 120, "low_confidence", 0.0, 0.0, 0), recorder=AttentionRecorder())
+    report = analyze(traj, SinkSpec(k=0.5))
+    tokens = animation.readable_tokens(tiny_dlm.decode, traj.final_tokens)
+    frame = np.asarray(animation.gif_frames(report, tokens)[-1].convert("L"))
+    band = frame[50 + 220 + 4 : -24, 56:-16]  # under the bars, above the position ticks: the token labels
+    inked = (band < 128).any(0)
+    assert inked.mean() > 0.2  # labels are written across the whole run (the old GIF wrote none past 96)
