@@ -63,18 +63,20 @@ with st.form("decode"):
     st.caption(f"Generation length, steps and block length are {why}; a larger typed value is refused in its box.")
 
 
-def run_label(spec: DecodeSpec, text: str) -> str:
-    """What a run was: the label stored with its result (trajectory_label), as every stored result has one."""
-    shown = text if len(text) <= 60 else text[:57] + "…"
+def run_settings(spec: DecodeSpec) -> str:
+    """The decoding settings of a run, for people: length, steps, blocks, sampling."""
     decoding = (
         "causal, one token per step"
         if handle.causal
         else (f"{spec.steps} steps, block {spec.block_length}, {spec.remasking}, CFG {spec.cfg_scale:g}")
     )
-    return (
-        f"prompt “{shown.replace(chr(10), '⏎')}” · {spec.gen_length} tokens · {decoding} · "
-        f"temperature {spec.temperature:g} · seed {spec.seed}"
-    )
+    return f"{spec.gen_length} tokens · {decoding} · temperature {spec.temperature:g} · seed {spec.seed}"
+
+
+def run_label(spec: DecodeSpec, text: str) -> str:
+    """What a run was: the label stored with its result (trajectory_label), as every stored result has one."""
+    shown = text if len(text) <= 60 else text[:57] + "…"
+    return f"prompt “{shown.replace(chr(10), '⏎')}” · {run_settings(spec)}"
 
 
 failed = False
@@ -159,11 +161,36 @@ if view_key not in views:
     )
 st.iframe(views[view_key], height=animation.explorer_height(report))
 
+# The exports stand alone: the HTML names the run (model, prompt, settings); every file name carries them.
+about = [
+    ("Model", f"{handle.name} · {handle.family}{' (causal)' if handle.causal else ''} · {handle.n_params / 1e6:.1f}M parameters"),
+    ("Prompt", traj.prompt),
+    ("Decoding", run_settings(traj.spec)),
+    (
+        "Sinks",
+        (
+            f"official rule, k = {spec.k:g}, alpha = {spec.alpha:g}"
+            if spec.rule == "official"
+            else f"leave_one_out, ε = {spec.epsilon:g}"
+        )
+        + f", tau = {spec.tau:g}, {spec.normalize} mass, layers {'all' if spec.layers is None else list(spec.layers)}, "
+        f"heads {'all' if spec.heads is None else list(spec.heads)}",
+    ),
+    ("Colour", animation.COLOR_RANGE_NAMES[anim_spec.color_range]),
+    ("Output", output),
+]
+settings = animation.run_settings(traj.spec, handle.causal)
+
+
+def file_name(kind: str, ext: str) -> str:
+    return animation.export_name(kind, handle.name, traj.prompt, settings, ext)
+
+
 c = st.columns(4)
 c[0].download_button(
     "Animated GIF",
     lambda: animation.gif_bytes(report, tokens, anim_spec),
-    file_name="sinks.gif",
+    file_name=file_name("sinks", "gif"),
     mime="image/gif",
     on_click="ignore",
     icon=":material/gif_box:",
@@ -171,18 +198,18 @@ c[0].download_button(
 )
 c[1].download_button(
     "Interactive HTML",
-    lambda: animation.html_bytes(report, tokens, anim_spec),
-    file_name="sinks.html",
+    lambda: animation.html_bytes(report, tokens, anim_spec, about),
+    file_name=file_name("sinks", "html"),
     mime="text/html",
     on_click="ignore",
     icon=":material/html:",
-    help="The view above as one self-contained page (opens offline, no library).",
+    help="The view above as one self-contained page (opens offline, no library), headed by the model, prompt and settings.",
 )
 sinks = animation.sinks_frame(report, tokens)
 c[2].download_button(
     "Sinks per step (CSV)",
     lambda: sinks.to_csv(index=False),
-    file_name="sinks_per_step.csv",
+    file_name=file_name("sinks-per-step", "csv"),
     mime="text/csv",
     on_click="ignore",
     icon=":material/table:",
@@ -190,7 +217,7 @@ c[2].download_button(
 c[3].download_button(
     "Positions (CSV)",
     lambda: animation.positions_frame(report, tokens).to_csv(index=False),
-    file_name="positions.csv",
+    file_name=file_name("positions", "csv"),
     mime="text/csv",
     on_click="ignore",
     icon=":material/table:",

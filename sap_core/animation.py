@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import bisect
 import io
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from importlib.resources import files
@@ -217,6 +218,7 @@ def explorer_data(
     max_values: int = MAX_VIEW_VALUES,
     start_step: int = 0,
     follow_box: str | None = None,
+    about: Sequence[tuple[str, str]] | None = None,
 ) -> dict:
     """Everything the browser view needs, once, in a compact JSON-able dict.
 
@@ -227,7 +229,9 @@ def explorer_data(
     ``max_values`` mass values, then every ``stride``-th); every per-step entry follows them.
     ``start_step``: the step shown first (the carried step at or before it). ``follow_box``: a CSS
     selector of an input in the embedding page that shows the view's step as it moves (the app's
-    greyed "Step" box of the full attention map)."""
+    greyed "Step" box of the full attention map). ``about``: (name, text) rows that describe the run
+    (model, prompt, settings), written above the view with page margins: the page then stands alone
+    (the HTML export)."""
     import base64
 
     tokens = _check_tokens(report, tokens)
@@ -277,6 +281,7 @@ def explorer_data(
         "agg_sinks": [np.flatnonzero(report.is_sink[s]).tolist() for s in keep],
         "start": int(max(0, min(int(start_step), report.n_steps - 1))),
         "follow_box": follow_box,
+        "about": [[str(k), str(v)] for k, v in about] if about else None,
     }
 
 
@@ -288,17 +293,19 @@ def explorer_html(
     max_values: int = MAX_VIEW_VALUES,
     start_step: int = 0,
     follow_box: str | None = None,
+    about: Sequence[tuple[str, str]] | None = None,
 ) -> str:
     """The run as one self-contained HTML page (no network, no library): the token strip, the layer ×
     position mass at the step with each layer's sinks, and the step × position mass of all steps with
     the dominant sink of each and a line at the current step, on one shared position axis; its own
     slider and play/pause move through the steps in the browser. The app shows this page as a
-    component (``start_step``, ``follow_box``: see :func:`explorer_data`); :func:`write_animation` saves it."""
+    component (``start_step``, ``follow_box``, ``about``: see :func:`explorer_data`); :func:`write_animation`
+    saves it."""
     import html as html_lib
     import json
 
     data = json.dumps(
-        explorer_data(report, tokens, spec, max_values, start_step, follow_box), separators=(",", ":"), ensure_ascii=False
+        explorer_data(report, tokens, spec, max_values, start_step, follow_box, about), separators=(",", ":"), ensure_ascii=False
     ).replace("</", "<\\/")
     page = _VIEW_TEMPLATE.read_text(encoding="utf-8")
     return page.replace("__TITLE__", html_lib.escape(title)).replace("__DATA__", data)
@@ -313,9 +320,43 @@ def explorer_height(report=None) -> int:
 # --- files -------------------------------------------------------------------------------------------
 
 
-def html_bytes(report, tokens: Sequence[str] | None = None, spec: AnimationSpec = AnimationSpec()) -> bytes:
-    """:func:`explorer_html` as UTF-8 bytes (the download)."""
-    return explorer_html(report, tokens, spec).encode()
+def html_bytes(
+    report,
+    tokens: Sequence[str] | None = None,
+    spec: AnimationSpec = AnimationSpec(),
+    about: Sequence[tuple[str, str]] | None = None,
+) -> bytes:
+    """:func:`explorer_html` as UTF-8 bytes (the download); ``about`` rows (model, prompt, settings) make it
+    stand alone."""
+    return explorer_html(report, tokens, spec, about=about).encode()
+
+
+def slug(text: str, limit: int = 24) -> str:
+    """``text`` as a file-name part: lower-case ASCII letters, digits, '.' and '-' only, at most ``limit``
+    characters ("run" when nothing is left)."""
+    part = re.sub(r"[^a-z0-9.]+|\.{2,}", "-", text.lower()).strip("-.")
+    return part[:limit].strip("-.") or "run"
+
+
+def run_settings(spec, causal: bool = False) -> str:
+    """A decoding spec (:class:`~sap_core.diffusion.DecodeSpec`) in a few characters, for file names:
+    ``64tok-64steps-b16-low_confidence-t0.8-cfg0-seed0`` (a causal model: ``64tok-causal-t0.8-seed0``)."""
+    if causal:
+        return f"{spec.gen_length}tok-causal-t{spec.temperature:g}-seed{spec.seed}"
+    return (
+        f"{spec.gen_length}tok-{spec.steps}steps-b{spec.block_length}-{spec.remasking}-t{spec.temperature:g}"
+        f"-cfg{spec.cfg_scale:g}-seed{spec.seed}"
+    )
+
+
+def export_name(kind: str, model: str, prompt: str, settings: str, ext: str, limit: int = 120) -> str:
+    """A download's file name that says which run it is: ``<kind>_<model>_<prompt slug>_<settings>.<ext>``,
+    each part sanitised (:func:`slug`; a model path by its last part), the whole at most ``limit``
+    characters (the settings shortened first, then the prompt)."""
+    model = slug(re.split(r"[\\/]", model.rstrip("/\\"))[-1], 32)
+    head = f"{slug(kind, 24)}_{model}_{slug(prompt, 24)}"
+    tail = slug(settings, max(8, limit - len(head) - len(ext) - 2))
+    return f"{head}_{tail}"[: limit - len(ext) - 1].rstrip("-._") + "." + ext.lstrip(".")
 
 
 _FONT_FILES = ("/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf", "DejaVuSans.ttf")
@@ -466,15 +507,22 @@ def gif_bytes(report, tokens: Sequence[str] | None = None, spec: AnimationSpec =
     return buf.getvalue()
 
 
-def write_animation(report, path: str | Path, tokens: Sequence[str] | None = None, spec: AnimationSpec = AnimationSpec()) -> Path:
-    """Write ``.gif`` or ``.html`` (chosen by the extension) atomically; returns the path."""
+def write_animation(
+    report,
+    path: str | Path,
+    tokens: Sequence[str] | None = None,
+    spec: AnimationSpec = AnimationSpec(),
+    about: Sequence[tuple[str, str]] | None = None,
+) -> Path:
+    """Write ``.gif`` or ``.html`` (chosen by the extension; ``about``: see :func:`html_bytes`) atomically;
+    returns the path."""
     path = Path(path)
     kind = path.suffix.lower()
     _layer_index(report, spec.layer)  # an unknown layer fails before any drawing
     if kind == ".gif":
         data = gif_bytes(report, tokens, spec)
     elif kind in (".html", ".htm"):
-        data = html_bytes(report, tokens, spec)
+        data = html_bytes(report, tokens, spec, about)
     else:
         raise AnimationSpecError(f"'{path.name}' must end in .gif or .html (the extension picks the format).")
     return atomic_write_bytes(path, data)

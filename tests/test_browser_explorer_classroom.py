@@ -215,3 +215,38 @@ def test_sink_marks_have_a_dark_outline_on_bright_cells(explorer):
     )
     assert found, "no sink on a bright cell in this run"
     assert all(red > 0 and dark > 0 for _, _, red, dark in found), found
+
+
+def test_exports_stand_alone_and_are_named_after_the_run(explorer, chromium):
+    """Item 6: the HTML export opens alone with the model, prompt and decoding settings above the view and page
+    margins; the GIF, HTML and CSV file names carry model, prompt slug and settings."""
+    from playwright.sync_api import expect
+
+    page = explorer
+    settings = f"{N}tok-{N}steps-b16-low-confidence-t0.8-cfg0-seed0"
+    names = {}
+    for button, kind, ext in (
+        ("Animated GIF", "sinks", "gif"),
+        ("Interactive HTML", "sinks", "html"),
+        ("Sinks per step (CSV)", "sinks-per-step", "csv"),
+        ("Positions (CSV)", "positions", "csv"),
+    ):
+        with page.expect_download() as download:
+            page.get_by_role("button", name=button).click()
+        names[button] = download.value
+        assert download.value.suggested_filename == f"{kind}_tiny-dlm_romeo_{settings}.{ext}"
+    html = open(names["Interactive HTML"].path(), encoding="utf-8").read()
+    alone = chromium.new_page(viewport={"width": 1280, "height": 720})
+    try:
+        alone.set_content(html)
+        about = alone.locator("#about")
+        expect(about).to_contain_text("tiny-dlm")
+        expect(about).to_contain_text("ROMEO.")
+        expect(about).to_contain_text(f"{N} tokens · {N} steps, block 16, low_confidence")
+        expect(about).to_contain_text("official rule, k = 2")
+        margin = alone.evaluate("() => parseFloat(getComputedStyle(document.body).marginLeft)")
+        assert margin >= 16
+        assert alone.evaluate("() => document.documentElement.scrollHeight <= window.innerHeight + 1")
+        alone.screenshot(path=str(SCREENSHOTS / "classroom-html-export-1280x720.png"))
+    finally:
+        alone.close()

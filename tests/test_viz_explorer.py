@@ -225,3 +225,25 @@ def test_gif_of_a_long_run_writes_labels(tiny_dlm):
     band = frame[50 + 220 + 4 : -24, 56:-16]  # under the bars, above the position ticks: the token labels
     inked = (band < 128).any(0)
     assert inked.mean() > 0.2  # labels are written across the whole run (the old GIF wrote none past 96)
+
+
+def test_export_names_say_which_run_and_are_safe():
+    name = animation.export_name(
+        "sinks", "tiny-dlm", "ROMEO.\n", animation.run_settings(DecodeSpec(64, 64, 16, temperature=0.8)), "gif"
+    )
+    assert name == "sinks_tiny-dlm_romeo_64tok-64steps-b16-low-confidence-t0.8-cfg0-seed0.gif"
+    assert animation.run_settings(DecodeSpec(12, 12, 12, temperature=0.5, seed=3), causal=True) == "12tok-causal-t0.5-seed3"
+    hostile = animation.export_name("positions", "/models/LLaDA-8B/", "Ünï ✓ <b>/../../etc/passwd" * 9, "x" * 500, "csv")
+    assert len(hostile) <= 120 and hostile.endswith(".csv") and hostile.startswith("positions_llada-8b_")
+    assert re.fullmatch(r"[a-z0-9._-]+", hostile) and ".." not in hostile and "/" not in hostile
+    assert animation.export_name("sinks", "", "", "", "html") == "sinks_run_run_run.html"
+
+
+def test_html_export_with_about_names_the_run_and_escapes_it(run):
+    _, report, tokens = run
+    about = [("Model", "tiny-dlm"), ("Prompt", "To be, or not <script>alert(1)</script>")]
+    page = animation.html_bytes(report, tokens, about=about).decode()
+    data = json.loads(re.search(r"const D = (\{.*?\});\n", page.replace("<\\/", "</"), re.S).group(1))
+    assert data["about"] == [list(row) for row in about]
+    assert "alert(1)</script>" not in page  # carried as JSON with '</' escaped (written into the page as text)
+    assert animation.explorer_data(report, tokens)["about"] is None  # the app's view: no header, no margins
