@@ -131,7 +131,9 @@ st.caption(
     "through them runs neither the model nor the server. Top: each position's state at the step, its token "
     "written above once decoded. Middle: the attention mass each position receives in each layer at the step, "
     "as a multiple of the uniform mass (1 = average), sinks marked ✕. Bottom: the same for every step, the "
-    "dominant sink of each step (○) and the current step (dotted line). Hover for token, position and state."
+    "dominant sink of each step (○) and the current step (dotted line). Below (**every head**, H): one thumbnail per "
+    "layer and head of the mass each position receives from that head at the step, so a sink that lives in a few heads "
+    "shows. Hover for token, position and state; **Fullscreen** (F) for a projector."
 )
 c = st.columns(2)
 color_range = c[0].radio(
@@ -157,7 +159,12 @@ if view_key not in views:
     same_run = any(key[0] == id(traj) for key in views)
     views.clear()
     views[view_key] = animation.explorer_html(
-        report, tokens, anim_spec, start_step=view_step if same_run else 0, follow_box=".st-key-map_step input"
+        report,
+        tokens,
+        anim_spec,
+        start_step=view_step if same_run else 0,
+        follow_box=".st-key-map_step input",
+        head_mass=traj.mass,
     )
 st.iframe(views[view_key], height=animation.explorer_height(report))
 
@@ -198,7 +205,7 @@ c[0].download_button(
 )
 c[1].download_button(
     "Interactive HTML",
-    lambda: animation.html_bytes(report, tokens, anim_spec, about),
+    lambda: animation.html_bytes(report, tokens, anim_spec, about, traj.mass),
     file_name=file_name("sinks", "html"),
     mime="text/html",
     on_click="ignore",

@@ -41,6 +41,9 @@ LABEL_PX = 13  # font size of the view's token labels: readable from the back of
 # Mass values (steps x (layers + 1) x positions, one byte each) the browser view carries at most: about
 # 16 MB of page once base64-encoded. A longer run is shown at every k-th step (the last step always).
 MAX_VIEW_VALUES = 12_000_000
+# Per-head mass values (steps x layers x heads x positions) the head grid carries at most (about 8 MB of page);
+# beyond it the grid is carried at every k-th carried step (and the last), and shows the one at or before the view's step.
+MAX_HEAD_VALUES = 6_000_000
 
 
 class AnimationSpecError(SapError):
@@ -211,6 +214,29 @@ def view_steps(n_steps: int, n_layers: int, length: int, max_values: int = MAX_V
     return steps
 
 
+def head_view_steps(steps: np.ndarray, n_layers: int, n_heads: int, length: int, max_values: int = MAX_HEAD_VALUES) -> np.ndarray:
+    """``int64 [K]``: the steps, of the view's ``steps`` (:func:`view_steps`), at which the head grid is carried:
+    all of them, or every k-th (and the last) so that ``K * n_layers * n_heads * length`` stays within ``max_values``."""
+    per_step = max(1, n_layers * n_heads * length)
+    stride = max(1, -(-len(steps) * per_step // max_values))
+    idx = np.arange(0, len(steps), stride)
+    if idx[-1] != len(steps) - 1:
+        idx = np.append(idx, len(steps) - 1)
+    return np.asarray(steps)[idx]
+
+
+def head_step_mass(report, head_mass: np.ndarray) -> np.ndarray:
+    """``float64 [S, layers, heads, L]``: the mass each position receives from each analysed (layer, head),
+    as a multiple of that head's uniform mass at the step (NaN where absent). ``head_mass``: the trajectory's
+    record ``[S, model layers, model heads, L]``."""
+    if head_mass.ndim != 4 or head_mass.shape[0] != report.n_steps or head_mass.shape[3] != report.length:
+        raise AnimationSpecError(
+            f"head mass has shape {list(head_mass.shape)}; pass the trajectory's mass [{report.n_steps}, layers, heads, {report.length}]."
+        )
+    picked = head_mass[:, list(report.layers)][:, :, list(report.heads)].astype(np.float64)
+    return uniform_multiple(picked, report.valid[:, None, None, :])
+
+
 def explorer_data(
     report,
     tokens: Sequence[str] | None = None,
@@ -219,6 +245,8 @@ def explorer_data(
     start_step: int = 0,
     follow_box: str | None = None,
     about: Sequence[tuple[str, str]] | None = None,
+    head_mass: np.ndarray | None = None,
+    max_head_values: int = MAX_HEAD_VALUES,
 ) -> dict:
     """Everything the browser view needs, once, in a compact JSON-able dict.
 
@@ -231,7 +259,9 @@ def explorer_data(
     selector of an input in the embedding page that shows the view's step as it moves (the app's
     greyed "Step" box of the full attention map). ``about``: (name, text) rows that describe the run
     (model, prompt, settings), written above the view with page margins: the page then stands alone
-    (the HTML export)."""
+    (the HTML export). ``head_mass``: the trajectory's record ``[S, layers, heads, L]``; with it the page
+    carries every analysed head's mass (one byte each, :func:`head_step_mass`) at :func:`head_view_steps`
+    for its layer × head grid."""
     import base64
 
     tokens = _check_tokens(report, tokens)
@@ -251,6 +281,19 @@ def explorer_data(
     per_layer, trail, dominant, agg = per_layer[keep], trail[keep], dominant[keep], agg[keep]
     enc = lambda raw: base64.b64encode(raw).decode()
     sinks = [(np.flatnonzero(report.layer_is_sink[s].reshape(-1))).tolist() for s in keep]
+    heads = None
+    if head_mass is not None:
+        hm = head_step_mass(report, head_mass)
+        hkeep = head_view_steps(keep, len(report.layers), len(report.heads), L, max_head_values)
+        finite = hm[np.isfinite(hm)]
+        hq = float(max(finite.max(), 1.0)) if finite.size else 1.0
+        heads = {
+            "heads": [int(h) for h in report.heads],
+            "step_ids": hkeep.tolist(),
+            "mass": enc(_quantise(hm[hkeep], hq)),
+            "qmax": hq,
+            "hi": color_limits(hm, spec.color_range)[hkeep, 1].round(3).tolist(),
+        }
     return {
         "steps": len(keep),
         "step_ids": keep.tolist(),
@@ -282,6 +325,7 @@ def explorer_data(
         "start": int(max(0, min(int(start_step), report.n_steps - 1))),
         "follow_box": follow_box,
         "about": [[str(k), str(v)] for k, v in about] if about else None,
+        "heads": heads,
     }
 
 
@@ -294,18 +338,21 @@ def explorer_html(
     start_step: int = 0,
     follow_box: str | None = None,
     about: Sequence[tuple[str, str]] | None = None,
+    head_mass: np.ndarray | None = None,
 ) -> str:
     """The run as one self-contained HTML page (no network, no library): the token strip, the layer ×
     position mass at the step with each layer's sinks, and the step × position mass of all steps with
     the dominant sink of each and a line at the current step, on one shared position axis; its own
     slider and play/pause move through the steps in the browser. The app shows this page as a
-    component (``start_step``, ``follow_box``, ``about``: see :func:`explorer_data`); :func:`write_animation`
-    saves it."""
+    component (``start_step``, ``follow_box``, ``about``, ``head_mass``: see :func:`explorer_data`);
+    :func:`write_animation` saves it."""
     import html as html_lib
     import json
 
     data = json.dumps(
-        explorer_data(report, tokens, spec, max_values, start_step, follow_box, about), separators=(",", ":"), ensure_ascii=False
+        explorer_data(report, tokens, spec, max_values, start_step, follow_box, about, head_mass),
+        separators=(",", ":"),
+        ensure_ascii=False,
     ).replace("</", "<\\/")
     page = _VIEW_TEMPLATE.read_text(encoding="utf-8")
     return page.replace("__TITLE__", html_lib.escape(title)).replace("__DATA__", data)
@@ -325,10 +372,11 @@ def html_bytes(
     tokens: Sequence[str] | None = None,
     spec: AnimationSpec = AnimationSpec(),
     about: Sequence[tuple[str, str]] | None = None,
+    head_mass: np.ndarray | None = None,
 ) -> bytes:
     """:func:`explorer_html` as UTF-8 bytes (the download); ``about`` rows (model, prompt, settings) make it
-    stand alone."""
-    return explorer_html(report, tokens, spec, about=about).encode()
+    stand alone; ``head_mass`` adds the head grid."""
+    return explorer_html(report, tokens, spec, about=about, head_mass=head_mass).encode()
 
 
 def slug(text: str, limit: int = 24) -> str:

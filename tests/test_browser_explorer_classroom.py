@@ -138,6 +138,9 @@ def frame_checks(page) -> dict:
         """() => ({scroll: document.documentElement.scrollHeight, inner: window.innerHeight,
                    overflowX: document.documentElement.scrollWidth > window.innerWidth,
                    frame: window.frameElement.getBoundingClientRect().height, window: window.parent.innerHeight,
+                   box: window.frameElement.parentElement.getBoundingClientRect().height,
+                   canvas: document.getElementById('view').getBoundingClientRect().height,
+                   stepH: window.sinkscope.geometry.stepH,
                    font: window.sinkscope.geometry.labelPx, every: window.sinkscope.geometry.every,
                    labels: window.sinkscope.geometry.labels.map(p => [p.j, p.x, p.sink]),
                    sinks: Array.from(new Set(window.sinkscope.sinksAt(window.sinkscope.step)))})"""
@@ -162,7 +165,9 @@ def test_view_fits_a_projector_window_with_readable_thinned_labels(explorer, wid
         time.sleep(0.25)
     assert got["scroll"] <= got["inner"] and not got["overflowX"], got  # no inner scrollbar
     assert got["frame"] <= got["window"] - 60, got  # the whole view fits the browser window
+    assert abs(got["box"] - got["frame"]) <= 1, got  # and the app's layout makes room for it (nothing drawn over it)
     assert got["font"] >= 12
+    assert got["canvas"] >= 0.6 * got["inner"] and got["stepH"] >= 48, got  # the maps take the room, drawn at a real size
     xs = sorted(x for _, x, _ in got["labels"])
     assert len(xs) >= 8 and all(b - a >= got["font"] for a, b in zip(xs, xs[1:])), got["labels"]  # no collisions
     labelled = {j for j, _, _ in got["labels"]}
@@ -250,3 +255,49 @@ def test_exports_stand_alone_and_are_named_after_the_run(explorer, chromium):
         alone.screenshot(path=str(SCREENSHOTS / "classroom-html-export-1280x720.png"))
     finally:
         alone.close()
+
+
+def test_every_head_grid_steps_in_the_browser_and_toggles(explorer):
+    """Item 9: a layer x head grid of the mass each position receives at the view's step, redrawn by the slider
+    and Play with no message to the server, shown or hidden by its toggle."""
+    from playwright.sync_api import expect
+
+    page = explorer
+    page.set_viewport_size({"width": 1440, "height": 900})
+    page.locator("iframe").first.scroll_into_view_if_needed()
+    frame = next(f for f in page.frames if f != page.main_frame)
+    sent = []
+    page.on("websocket", lambda ws: ws.on("framesent", lambda payload: sent.append(payload)))
+    time.sleep(0.5)
+    n_sent = len(sent)
+    grid_pixels = """() => { const G = window.sinkscope.geometry, c = document.getElementById('view'), r = c.width / G.W;
+      return Array.from(c.getContext('2d').getImageData(G.left * r, (G.gridY + G.gridTop) * r, (G.W - G.left - G.right) * r,
+                                                        (G.gridH - G.gridTop) * r).data.filter((v, i) => i % 16 === 0)); }"""
+    geometry = frame.evaluate("() => window.sinkscope.geometry")
+    assert geometry["grid"] and frame.evaluate("() => [window.sinkscope.layers, window.sinkscope.heads]") == [6, 6]  # tiny-dlm
+    expect(view(page).locator("#heads")).to_be_checked()
+    go_to_step(page, 2)
+    at2 = frame.evaluate(grid_pixels)
+    go_to_step(page, 12)
+    at12 = frame.evaluate(grid_pixels)
+    assert at2 != at12  # the grid follows the step
+    # what it draws is the carried per-head mass: the brightest thumbnail cell is the head's largest value
+    frame.evaluate("() => window.sinkscope.draw(12)")
+    page.locator("iframe").first.screenshot(path=str(SCREENSHOTS / "classroom-head-grid-1440x900.png"))
+    go_to_step(page, 0)
+    at0 = frame.evaluate(grid_pixels)
+    view(page).locator("#play").click()  # Play moves the grid with the view
+    page.wait_for_timeout(400)
+    view(page).locator("#play").click()
+    assert 0 < frame.evaluate("() => window.sinkscope.step") and frame.evaluate(grid_pixels) != at0
+    time.sleep(0.3)
+    assert len(sent) == n_sent, "stepping the head grid sent messages to the Streamlit server"
+    height = geometry["H"]
+    view(page).locator("#heads").uncheck()
+    hidden = frame.evaluate("() => window.sinkscope.geometry")
+    assert not hidden["grid"] and hidden["stepH"] > geometry["stepH"]  # the maps take the room back
+    assert frame.evaluate("() => document.documentElement.scrollHeight <= window.innerHeight")
+    view(page).locator("#heads").check()
+    assert (
+        frame.evaluate("() => window.sinkscope.geometry.grid") and frame.evaluate("() => window.sinkscope.geometry.H") == height
+    )

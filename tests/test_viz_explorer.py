@@ -247,3 +247,28 @@ def test_html_export_with_about_names_the_run_and_escapes_it(run):
     assert data["about"] == [list(row) for row in about]
     assert "alert(1)</script>" not in page  # carried as JSON with '</' escaped (written into the page as text)
     assert animation.explorer_data(report, tokens)["about"] is None  # the app's view: no header, no margins
+
+
+def test_head_grid_carries_every_head_per_step_within_its_budget(run):
+    traj, report, tokens = run
+    S, L, nL, nH = report.n_steps, report.length, len(report.layers), len(report.heads)
+    assert traj.mass.shape == (S, nL, nH, L)  # the trajectory's record is [step, layer, head, L]
+    data = animation.explorer_data(report, tokens, head_mass=traj.mass)["heads"]
+    assert data["heads"] == list(report.heads) and data["step_ids"] == list(range(S))
+    q = np.frombuffer(base64.b64decode(data["mass"]), np.uint8).reshape(S, nL, nH, L)
+    expected = animation.head_step_mass(report, traj.mass)
+    for s in (0, S - 1):
+        for layer in range(nL):
+            n = int(report.valid[s].sum())
+            row = traj.mass[s, layer, :, :n].astype(np.float64)
+            np.testing.assert_allclose(expected[s, layer, :, :n], row / row.mean(-1, keepdims=True), rtol=1e-9)
+    ok = ~np.isnan(expected)
+    assert ((q == 255) == ~ok).all()
+    assert np.abs(q[ok] * data["qmax"] / 254 - expected[ok]).max() <= data["qmax"] / 254 / 2 + 1e-9
+    # a tight budget: every k-th carried step and the last, and the payload shrinks with it
+    small = animation.explorer_data(report, tokens, head_mass=traj.mass, max_head_values=nL * nH * L * 3)["heads"]
+    assert small["step_ids"][-1] == S - 1 and 2 <= len(small["step_ids"]) <= 4
+    assert len(base64.b64decode(small["mass"])) == len(small["step_ids"]) * nL * nH * L
+    assert animation.explorer_data(report, tokens)["heads"] is None
+    with pytest.raises(animation.AnimationSpecError, match="trajectory's mass"):
+        animation.explorer_data(report, tokens, head_mass=traj.mass[:, :, :, :-1])
