@@ -166,7 +166,7 @@ if view_key not in views:
         follow_box=".st-key-map_step input",
         head_mass=traj.mass,
     )
-st.iframe(views[view_key], height=animation.explorer_height(report))
+st.iframe(views[view_key], height=animation.FRAME_HEIGHT)
 
 # The exports stand alone: the HTML names the run (model, prompt, settings); every file name carries them.
 about = [

@@ -358,10 +358,9 @@ def explorer_html(
     return page.replace("__TITLE__", html_lib.escape(title)).replace("__DATA__", data)
 
 
-def explorer_height(report=None) -> int:
-    """Pixel height of the app's frame for :func:`explorer_html` before the page fits it to the browser window
-    (the page sets its frame as tall as the window allows and its canvas to the frame's height)."""
-    return 640
+# The app's first frame height for the view; the page then sets its frame as tall as the browser window allows
+# and fits its canvas inside.
+FRAME_HEIGHT = 640
 
 
 # --- files -------------------------------------------------------------------------------------------
