@@ -12,20 +12,34 @@ from sap_core.diffusion import REMASKING, DecodeSpec, attention_map, generate
 st.header("Denoising explorer")
 handle = active_model()
 
+# The model's context bounds every length input: the prompt and the generated tokens must fit in it together.
+context = handle.max_length
+limit = context or 4096
+why = (
+    f"at most {limit}: this model reads at most {limit} tokens (max_sequence_length in its config), prompt and generation together"
+    if context
+    else f"at most {limit} (this model's config states no context length)"
+)
 with st.form("decode"):
     prompt = st.text_area(
         "Prompt", "ROMEO.\n", help="Text the model continues. It is never changed during decoding.", **kept("decode_prompt")
     )
     c = st.columns(4)
     gen_length = c[0].number_input(
-        "Generation length", 1, 2048, 64, help="Tokens to generate (masked at the start).", **kept("decode_gen_length")
+        "Generation length",
+        1,
+        limit,
+        min(64, limit),
+        help=f"Tokens to generate (masked at the start); {why}.",
+        **kept("decode_gen_length"),
     )
     steps = c[1].number_input(
         "Steps",
         1,
-        2048,
-        64,
-        help="Denoising steps in all; must divide evenly over the blocks. A causal model uses one step per token.",
+        limit,
+        min(64, limit),
+        help="Denoising steps in all; must divide evenly over the blocks and be at most the generation length. "
+        "A causal model uses one step per token.",
         disabled=handle.causal,
         **kept("decode_steps"),
     )
@@ -37,7 +51,12 @@ with st.form("decode"):
         )
     else:
         block_length = c[2].number_input(
-            "Block length", 1, 2048, 16, help="Semi-autoregressive blocks, filled left to right.", **kept("decode_block_length")
+            "Block length",
+            1,
+            limit,
+            min(16, limit),
+            help="Semi-autoregressive blocks, filled left to right; must divide the generation length.",
+            **kept("decode_block_length"),
         )
         remasking = c[3].selectbox(
             "Remasking",
@@ -68,37 +87,41 @@ with st.form("decode"):
         "Seed", 0, 2**31 - 1, 0, help="Same seed and settings give the same trajectory.", **kept("decode_seed")
     )
     submitted = st.form_submit_button("Generate", type="primary", icon=":material/play_arrow:")
+    st.caption(f"Generation length, steps and block length are {why}; a larger typed value is refused in its box.")
 
 
-def run_label(spec: DecodeSpec, text: str) -> str:
-    """What a run was: the label stored with its result (trajectory_label), as every stored result has one."""
-    shown = text if len(text) <= 60 else text[:57] + "…"
+def run_settings(spec: DecodeSpec) -> str:
+    """The decoding settings of a run, for people: length, steps, blocks, sampling."""
     decoding = (
         "causal, one token per step"
         if handle.causal
         else (f"{spec.steps} steps, block {spec.block_length}, {spec.remasking}, CFG {spec.cfg_scale:g}")
     )
-    return (
-        f"prompt “{shown.replace(chr(10), '⏎')}” · {spec.gen_length} tokens · {decoding} · "
-        f"temperature {spec.temperature:g} · seed {spec.seed}"
-    )
+    return f"{spec.gen_length} tokens · {decoding} · temperature {spec.temperature:g} · seed {spec.seed}"
+
+
+def run_label(spec: DecodeSpec, text: str) -> str:
+    """What a run was: the label stored with its result (trajectory_label), as every stored result has one."""
+    shown = text if len(text) <= 60 else text[:57] + "…"
+    return f"prompt “{shown.replace(chr(10), '⏎')}” · {run_settings(spec)}"
 
 
 failed = False
 if submitted:
     length = int(gen_length)
-    spec = DecodeSpec(
-        length,
-        length if handle.causal else int(steps),
-        length if handle.causal else int(block_length),
-        remasking,
-        float(temperature),
-        float(cfg_scale),
-        int(seed),
-    )
+    st.query_params.pop("step", None)  # a new run opens at its step 0
     bar = st.progress(0.0, text="Generating…")
     failed = True
-    with job("Generation"):
+    with job("Generation"):  # an impossible spec shows its one-line error (DecodeSpec checks, then generate's)
+        spec = DecodeSpec(
+            length,
+            length if handle.causal else int(steps),
+            length if handle.causal else int(block_length),
+            remasking,
+            float(temperature),
+            float(cfg_scale),
+            int(seed),
+        )
         t0 = time.perf_counter()
         traj = generate(handle, prompt, spec, recorder=AttentionRecorder(), progress=progress_callback(bar, "Generating"))
         st.session_state.update(
@@ -135,7 +158,9 @@ st.caption(
     "through them runs neither the model nor the server. Top: each position's state at the step, its token "
     "written above once decoded. Middle: the attention mass each position receives in each layer at the step, "
     "as a multiple of the uniform mass (1 = average), sinks marked ✕. Bottom: the same for every step, the "
-    "dominant sink of each step (○) and the current step (dotted line). Hover for token, position and state."
+    "dominant sink of each step (○) and the current step (dotted line). Below (**every head**, H): one thumbnail per "
+    "layer and head of the mass each position receives from that head at the step, so a sink that lives in a few heads "
+    "shows. Hover for token, position and state; **Fullscreen** (F) for a projector."
 )
 c = st.columns(2)
 color_range = c[0].radio(
@@ -155,16 +180,51 @@ trail_layer = c[1].selectbox(
 anim_spec = animation.AnimationSpec(color_range=color_range, layer=trail_layer)
 views = st.session_state.setdefault("explorer_views", {})
 view_key = (id(traj), spec, anim_spec)
+view_step = animation.view_step(st.query_params.get("step"), traj.n_steps)  # the step the view shows (it writes ?step=)
 if view_key not in views:
-    views.clear()  # one view per session: the latest trajectory and settings
-    views[view_key] = animation.explorer_html(report, tokens, anim_spec)
-st.iframe(views[view_key], height=animation.explorer_height(report))
+    # one view per session: the latest trajectory and settings; rebuilt for new settings at the step it showed
+    same_run = any(key[0] == id(traj) for key in views)
+    views.clear()
+    views[view_key] = animation.explorer_html(
+        report,
+        tokens,
+        anim_spec,
+        start_step=view_step if same_run else 0,
+        follow_box=".st-key-map_step input",
+        head_mass=traj.mass,
+    )
+st.iframe(views[view_key], height=animation.FRAME_HEIGHT)
+
+# The exports stand alone: the HTML names the run (model, prompt, settings); every file name carries them.
+about = [
+    ("Model", f"{handle.name} · {handle.family}{' (causal)' if handle.causal else ''} · {handle.n_params / 1e6:.1f}M parameters"),
+    ("Prompt", traj.prompt),
+    ("Decoding", run_settings(traj.spec)),
+    (
+        "Sinks",
+        (
+            f"official rule, k = {spec.k:g}, alpha = {spec.alpha:g}"
+            if spec.rule == "official"
+            else f"leave_one_out, ε = {spec.epsilon:g}"
+        )
+        + f", tau = {spec.tau:g}, {spec.normalize} mass, layers {'all' if spec.layers is None else list(spec.layers)}, "
+        f"heads {'all' if spec.heads is None else list(spec.heads)}",
+    ),
+    ("Colour", animation.COLOR_RANGE_NAMES[anim_spec.color_range]),
+    ("Output", output),
+]
+settings = animation.run_settings(traj.spec, handle.causal)
+
+
+def file_name(kind: str, ext: str) -> str:
+    return animation.export_name(kind, handle.name, traj.prompt, settings, ext)
+
 
 c = st.columns(4)
 c[0].download_button(
     "Animated GIF",
     lambda: animation.gif_bytes(report, tokens, anim_spec),
-    file_name="sinks.gif",
+    file_name=file_name("sinks", "gif"),
     mime="image/gif",
     on_click="ignore",
     icon=":material/gif_box:",
@@ -172,18 +232,18 @@ c[0].download_button(
 )
 c[1].download_button(
     "Interactive HTML",
-    lambda: animation.html_bytes(report, tokens, anim_spec),
-    file_name="sinks.html",
+    lambda: animation.html_bytes(report, tokens, anim_spec, about, traj.mass),
+    file_name=file_name("sinks", "html"),
     mime="text/html",
     on_click="ignore",
     icon=":material/html:",
-    help="The view above as one self-contained page (opens offline, no library).",
+    help="The view above as one self-contained page (opens offline, no library), headed by the model, prompt and settings.",
 )
 sinks = animation.sinks_frame(report, tokens)
 c[2].download_button(
     "Sinks per step (CSV)",
     lambda: sinks.to_csv(index=False),
-    file_name="sinks_per_step.csv",
+    file_name=file_name("sinks-per-step", "csv"),
     mime="text/csv",
     on_click="ignore",
     icon=":material/table:",
@@ -191,7 +251,7 @@ c[2].download_button(
 c[3].download_button(
     "Positions (CSV)",
     lambda: animation.positions_frame(report, tokens).to_csv(index=False),
-    file_name="positions.csv",
+    file_name=file_name("positions", "csv"),
     mime="text/csv",
     on_click="ignore",
     icon=":material/table:",
@@ -208,11 +268,22 @@ with st.expander(f"Sinks at every step ({len(sinks)} rows)"):
 
 st.subheader("Full attention map")
 c = st.columns([2, 1, 1, 1, 1])
+
+
+def _view_step_to_box() -> None:
+    st.session_state["map_step"] = animation.view_step(st.query_params.get("step"), traj.n_steps)
+
+
 follow = c[0].toggle(
-    "Step of the view above", True, help="On: the step the view above shows when you press the button; off: type a step."
+    "Step of the view above",
+    True,
+    key="map_follow",
+    on_change=_view_step_to_box,  # turned off: typing starts from the view's step
+    help="On: the step the view above shows (the greyed box follows it); off: type a step.",
 )
-view_step = animation.view_step(st.query_params.get("step"), traj.n_steps)
-m_step = c[1].number_input("Step", 0, traj.n_steps - 1, traj.n_steps - 1, key="map_step", disabled=follow)
+if follow or st.session_state.get("map_step", 0) >= traj.n_steps:
+    st.session_state["map_step"] = view_step
+m_step = c[1].number_input("Step", 0, traj.n_steps - 1, key="map_step", disabled=follow)
 m_layer = c[2].number_input("Layer", 0, handle.n_layers - 1, 0, key="map_layer")
 m_head = c[3].number_input("Head", 0, handle.n_heads - 1, 0, key="map_head")
 if c[4].button(

@@ -15,7 +15,9 @@ same), like every mass figure in :mod:`sap_core.viz`, sent as one byte per value
 
 from __future__ import annotations
 
+import bisect
 import io
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from importlib.resources import files
@@ -35,10 +37,13 @@ COLOR_RANGE_NAMES = {
     "global": "fixed: maximum of all steps",
     "per-step": "per step (not comparable across steps)",
 }
-MAX_TICK_LABELS = 96  # positions up to which every token is written under the strip
+LABEL_PX = 13  # font size of the view's token labels: readable from the back of a room (every k-th position past ~14 px a cell)
 # Mass values (steps x (layers + 1) x positions, one byte each) the browser view carries at most: about
 # 16 MB of page once base64-encoded. A longer run is shown at every k-th step (the last step always).
 MAX_VIEW_VALUES = 12_000_000
+# Per-head mass values (steps x layers x heads x positions) the head grid carries at most (about 8 MB of page);
+# beyond it the grid is carried at every k-th carried step (and the last), and shows the one at or before the view's step.
+MAX_HEAD_VALUES = 6_000_000
 
 
 class AnimationSpecError(SapError):
@@ -142,8 +147,9 @@ def view_step(value: str | None, n_steps: int) -> int:
 
 
 def sinks_at_step(report, tokens: Sequence[str] | None, step: int) -> list[tuple[int, str, float]]:
-    """The aggregate sinks at ``step`` as (position, token text, mass × uniform), strongest first."""
-    tokens = _check_tokens(report, tokens)
+    """The aggregate sinks at ``step`` as (position, token text at that step, mass × uniform), strongest first;
+    a position still masked at ``step`` reads ``[mask]`` (:func:`tokens_at_step`)."""
+    tokens = tokens_at_step(report, tokens, step)
     mult = step_mass(report)[step]
     pos = np.flatnonzero(report.is_sink[step])
     pos = pos[np.argsort(-np.nan_to_num(mult[pos]), kind="stable")]
@@ -180,7 +186,8 @@ def _sink_caption(report, tokens: list[str], mult: np.ndarray, step: int, limit:
     if pos.size == 0:
         return "no sink at this step (all layers summed)"
     pos = pos[np.argsort(-np.nan_to_num(mult[pos]), kind="stable")]
-    shown = ", ".join(f"{j} '{tokens[j]}' {mult[j]:.1f}×" for j in pos[:limit])
+    masked = report.state[step] == STATES.index("masked")  # not yet decoded: its final token is not there yet
+    shown = ", ".join(f"{j} " + ("masked" if masked[j] else f"'{tokens[j]}'") + f" {mult[j]:.1f}×" for j in pos[:limit])
     more = f" and {pos.size - limit} more" if pos.size > limit else ""
     return f"sinks at this step (all layers summed): {shown}{more}"
 
@@ -207,8 +214,39 @@ def view_steps(n_steps: int, n_layers: int, length: int, max_values: int = MAX_V
     return steps
 
 
+def head_view_steps(steps: np.ndarray, n_layers: int, n_heads: int, length: int, max_values: int = MAX_HEAD_VALUES) -> np.ndarray:
+    """``int64 [K]``: the steps, of the view's ``steps`` (:func:`view_steps`), at which the head grid is carried:
+    all of them, or every k-th (and the last) so that ``K * n_layers * n_heads * length`` stays within ``max_values``."""
+    per_step = max(1, n_layers * n_heads * length)
+    stride = max(1, -(-len(steps) * per_step // max_values))
+    idx = np.arange(0, len(steps), stride)
+    if idx[-1] != len(steps) - 1:
+        idx = np.append(idx, len(steps) - 1)
+    return np.asarray(steps)[idx]
+
+
+def head_step_mass(report, head_mass: np.ndarray) -> np.ndarray:
+    """``float64 [S, layers, heads, L]``: the mass each position receives from each analysed (layer, head),
+    as a multiple of that head's uniform mass at the step (NaN where absent). ``head_mass``: the trajectory's
+    record ``[S, model layers, model heads, L]``."""
+    if head_mass.ndim != 4 or head_mass.shape[0] != report.n_steps or head_mass.shape[3] != report.length:
+        raise AnimationSpecError(
+            f"head mass has shape {list(head_mass.shape)}; pass the trajectory's mass [{report.n_steps}, layers, heads, {report.length}]."
+        )
+    picked = head_mass[:, list(report.layers)][:, :, list(report.heads)].astype(np.float64)
+    return uniform_multiple(picked, report.valid[:, None, None, :])
+
+
 def explorer_data(
-    report, tokens: Sequence[str] | None = None, spec: AnimationSpec = AnimationSpec(), max_values: int = MAX_VIEW_VALUES
+    report,
+    tokens: Sequence[str] | None = None,
+    spec: AnimationSpec = AnimationSpec(),
+    max_values: int = MAX_VIEW_VALUES,
+    start_step: int = 0,
+    follow_box: str | None = None,
+    about: Sequence[tuple[str, str]] | None = None,
+    head_mass: np.ndarray | None = None,
+    max_head_values: int = MAX_HEAD_VALUES,
 ) -> dict:
     """Everything the browser view needs, once, in a compact JSON-able dict.
 
@@ -216,7 +254,14 @@ def explorer_data(
     ``layer * L + position`` per step, the states as one byte per (step, position); the colour
     range per step is ``layer_hi`` (``spec.color_range``) and ``trail_hi`` for the step map.
     ``step_ids`` are the steps carried (:func:`view_steps`: every step unless the run has more than
-    ``max_values`` mass values, then every ``stride``-th); every per-step entry follows them."""
+    ``max_values`` mass values, then every ``stride``-th); every per-step entry follows them.
+    ``start_step``: the step shown first (the carried step at or before it). ``follow_box``: a CSS
+    selector of an input in the embedding page that shows the view's step as it moves (the app's
+    greyed "Step" box of the full attention map). ``about``: (name, text) rows that describe the run
+    (model, prompt, settings), written above the view with page margins: the page then stands alone
+    (the HTML export). ``head_mass``: the trajectory's record ``[S, layers, heads, L]``; with it the page
+    carries every analysed head's mass (one byte each, :func:`head_step_mass`) at :func:`head_view_steps`
+    for its layer × head grid."""
     import base64
 
     tokens = _check_tokens(report, tokens)
@@ -236,6 +281,19 @@ def explorer_data(
     per_layer, trail, dominant, agg = per_layer[keep], trail[keep], dominant[keep], agg[keep]
     enc = lambda raw: base64.b64encode(raw).decode()
     sinks = [(np.flatnonzero(report.layer_is_sink[s].reshape(-1))).tolist() for s in keep]
+    heads = None
+    if head_mass is not None:
+        hm = head_step_mass(report, head_mass)
+        hkeep = head_view_steps(keep, len(report.layers), len(report.heads), L, max_head_values)
+        finite = hm[np.isfinite(hm)]
+        hq = float(max(finite.max(), 1.0)) if finite.size else 1.0
+        heads = {
+            "heads": [int(h) for h in report.heads],
+            "step_ids": hkeep.tolist(),
+            "mass": enc(_quantise(hm[hkeep], hq)),
+            "qmax": hq,
+            "hi": color_limits(hm, spec.color_range)[hkeep, 1].round(3).tolist(),
+        }
     return {
         "steps": len(keep),
         "step_ids": keep.tolist(),
@@ -262,7 +320,12 @@ def explorer_data(
         "scale": MASS_SCALE,
         "range_name": COLOR_RANGE_NAMES[spec.color_range],
         "frame_ms": int(spec.frame_ms),
-        "max_labels": MAX_TICK_LABELS,
+        "label_px": LABEL_PX,
+        "agg_sinks": [np.flatnonzero(report.is_sink[s]).tolist() for s in keep],
+        "start": int(max(0, min(int(start_step), report.n_steps - 1))),
+        "follow_box": follow_box,
+        "about": [[str(k), str(v)] for k, v in about] if about else None,
+        "heads": heads,
     }
 
 
@@ -272,45 +335,75 @@ def explorer_html(
     spec: AnimationSpec = AnimationSpec(),
     title: str = "SinkScope: sinks over the denoising steps",
     max_values: int = MAX_VIEW_VALUES,
+    start_step: int = 0,
+    follow_box: str | None = None,
+    about: Sequence[tuple[str, str]] | None = None,
+    head_mass: np.ndarray | None = None,
 ) -> str:
     """The run as one self-contained HTML page (no network, no library): the token strip, the layer ×
     position mass at the step with each layer's sinks, and the step × position mass of all steps with
     the dominant sink of each and a line at the current step, on one shared position axis; its own
     slider and play/pause move through the steps in the browser. The app shows this page as a
-    component; :func:`write_animation` saves it."""
+    component (``start_step``, ``follow_box``, ``about``, ``head_mass``: see :func:`explorer_data`);
+    :func:`write_animation` saves it."""
     import html as html_lib
     import json
 
-    data = json.dumps(explorer_data(report, tokens, spec, max_values), separators=(",", ":"), ensure_ascii=False).replace(
-        "</", "<\\/"
-    )
+    data = json.dumps(
+        explorer_data(report, tokens, spec, max_values, start_step, follow_box, about, head_mass),
+        separators=(",", ":"),
+        ensure_ascii=False,
+    ).replace("</", "<\\/")
     page = _VIEW_TEMPLATE.read_text(encoding="utf-8")
     return page.replace("__TITLE__", html_lib.escape(title)).replace("__DATA__", data)
 
 
-def explorer_height(report) -> int:
-    """Pixel height of :func:`explorer_html` (controls, canvas and legend), for the app's component frame."""
-    n_layers, L = len(report.layers), report.length
-    S = len(view_steps(report.n_steps, n_layers, L))
-    canvas = (
-        (62 if L <= MAX_TICK_LABELS else 0)
-        + 2
-        + 16
-        + 10
-        + max(12, min(26, 170 / n_layers)) * n_layers
-        + 14
-        + max(160, min(320, 5 * S))
-        + 40
-    )
-    return int(canvas) + 34 + 24 + 80  # controls, caption, legend (two lines, room for a third)
+# The app's first frame height for the view; the page then sets its frame as tall as the browser window allows
+# and fits its canvas inside.
+FRAME_HEIGHT = 640
 
 
 # --- files -------------------------------------------------------------------------------------------
 
 
-def html_bytes(report, tokens: Sequence[str] | None = None, spec: AnimationSpec = AnimationSpec()) -> bytes:
-    """:func:`explorer_html` as UTF-8 bytes (the download)."""
-    return explorer_html(report, tokens, spec).encode()
+def html_bytes(
+    report,
+    tokens: Sequence[str] | None = None,
+    spec: AnimationSpec = AnimationSpec(),
+    about: Sequence[tuple[str, str]] | None = None,
+    head_mass: np.ndarray | None = None,
+) -> bytes:
+    """:func:`explorer_html` as UTF-8 bytes (the download); ``about`` rows (model, prompt, settings) make it
+    stand alone; ``head_mass`` adds the head grid."""
+    return explorer_html(report, tokens, spec, about=about, head_mass=head_mass).encode()
+
+
+def slug(text: str, limit: int = 24) -> str:
+    """``text`` as a file-name part: lower-case ASCII letters, digits, '.' and '-' only, at most ``limit``
+    characters ("run" when nothing is left)."""
+    part = re.sub(r"[^a-z0-9.]+|\.{2,}", "-", text.lower()).strip("-.")
+    return part[:limit].strip("-.") or "run"
+
+
+def run_settings(spec, causal: bool = False) -> str:
+    """A decoding spec (:class:`~sap_core.diffusion.DecodeSpec`) in a few characters, for file names:
+    ``64tok-64steps-b16-low_confidence-t0.8-cfg0-seed0`` (a causal model: ``64tok-causal-t0.8-seed0``)."""
+    if causal:
+        return f"{spec.gen_length}tok-causal-t{spec.temperature:g}-seed{spec.seed}"
+    return (
+        f"{spec.gen_length}tok-{spec.steps}steps-b{spec.block_length}-{spec.remasking}-t{spec.temperature:g}"
+        f"-cfg{spec.cfg_scale:g}-seed{spec.seed}"
+    )
+
+
+def export_name(kind: str, model: str, prompt: str, settings: str, ext: str, limit: int = 120) -> str:
+    """A download's file name that says which run it is: ``<kind>_<model>_<prompt slug>_<settings>.<ext>``,
+    each part sanitised (:func:`slug`; a model path by its last part), the whole at most ``limit``
+    characters (the settings shortened first, then the prompt)."""
+    model = slug(re.split(r"[\\/]", model.rstrip("/\\"))[-1], 32)
+    head = f"{slug(kind, 24)}_{model}_{slug(prompt, 24)}"
+    tail = slug(settings, max(8, limit - len(head) - len(ext) - 2))
+    return f"{head}_{tail}"[: limit - len(ext) - 1].rstrip("-._") + "." + ext.lstrip(".")
 
 
 _FONT_FILES = ("/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf", "DejaVuSans.ttf")
@@ -332,6 +425,30 @@ def _hex(color: str) -> tuple[int, int, int]:
     return tuple(int(color[i : i + 2], 16) for i in (0, 2, 4))
 
 
+GIF_LABEL_PX = 14  # font size of the GIF's token labels
+
+
+def _thinned_labels(sink_positions: np.ndarray, states: np.ndarray, every: int, cell: float) -> list[int]:
+    """Positions whose token is written at a step: every sink first, then every ``every``-th known (not
+    masked, not absent) token, none within a label's width of another (``every * cell`` pixels apart)."""
+    masked, absent = STATES.index("masked"), STATES.index("absent")
+    gap = every * cell - 0.5
+    taken: list[int] = []  # sorted
+
+    def place(j: int) -> None:
+        i = bisect.bisect(taken, j)
+        if all(abs(j - taken[k]) * cell >= gap for k in (i - 1, i) if 0 <= k < len(taken)):
+            taken.insert(i, j)
+
+    for j in sink_positions.tolist():
+        if states[j] != absent:
+            place(j)
+    for j in range(0, len(states), every):
+        if states[j] != masked and states[j] != absent:
+            place(j)
+    return taken
+
+
 def gif_frames(report, tokens: Sequence[str] | None = None, spec: AnimationSpec = AnimationSpec()) -> list:
     """One Pillow image per step: the mass each position receives (bars, × uniform, one colour range
     for all steps unless ``spec.color_range`` is per-step), coloured by the position's state, sinks
@@ -342,20 +459,22 @@ def gif_frames(report, tokens: Sequence[str] | None = None, spec: AnimationSpec 
     S, L = report.n_steps, report.length
     mult = step_mass(report)
     limits = color_limits(mult, spec.color_range)
-    cell = 14 if L <= 96 else max(4, 1344 // L)
-    left, right, top, plot_h, label_h = 56, 16, 46, 220, (70 if L <= 96 else 24)
-    width, height = left + cell * L + right, top + plot_h + label_h + 22
-    font, small = _font(13), _font(10)
+    font, small, label_font = _font(16), _font(12), _font(GIF_LABEL_PX)
+    cell = 17 if L <= 96 else max(4, 1632 // L)
+    every = max(1, -(-(GIF_LABEL_PX + 3) // cell))  # label every k-th position (and every sink): no two labels touch
+    label_w = min(90, max(int(label_font.getlength(t[:10])) for t in [*tokens, "[mask]"]) + 6)
+    left, right, top, plot_h, label_h = 56, 16, 50, 220, label_w
+    width, height = left + cell * L + right, top + plot_h + label_h + 24
     # the static part: axes, y ticks, rotated token labels
     base = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(base)
     y0 = top + plot_h
     draw.line([(left - 1, top), (left - 1, y0), (left + cell * L, y0)], fill=(90, 90, 90))
-    draw.text((4, top - 16), "× uniform", fill=(60, 60, 60), font=small)
+    draw.text((4, top - 18), "× uniform", fill=(60, 60, 60), font=small)
     step_ticks = [j for j in range(0, L, max(1, (L + 15) // 16))]
     for j in step_ticks:
-        draw.text((left + j * cell, height - 18), str(j), fill=(90, 90, 90), font=small)
-    draw.text((4, height - 18), "position", fill=(90, 90, 90), font=small)
+        draw.text((left + j * cell, height - 20), str(j), fill=(90, 90, 90), font=small)
+    draw.text((4, height - 20), "position", fill=(90, 90, 90), font=small)
     x = left + 110
     for name, rgb in [
         ("prompt", _hex(STATE_COLORS["prompt"])),
@@ -364,8 +483,8 @@ def gif_frames(report, tokens: Sequence[str] | None = None, spec: AnimationSpec 
         ("masked", (200, 200, 200)),
         ("sink", (229, 57, 53)),
     ]:
-        draw.rectangle([x, 28, x + 9, 37], fill=rgb)
-        draw.text((x + 13, 26), name, fill=(60, 60, 60), font=small)
+        draw.rectangle([x, 31, x + 10, 41], fill=rgb)
+        draw.text((x + 14, 29), name, fill=(60, 60, 60), font=small)
         x += 22 + int(draw.textlength(name, font=small))
     colors = {name: _hex(STATE_COLORS[name]) for name in STATES}
     colors["masked"] = (200, 200, 200)
@@ -377,12 +496,14 @@ def gif_frames(report, tokens: Sequence[str] | None = None, spec: AnimationSpec 
     pal = Image.new("P", (1, 1))
     pal.putpalette([c for rgb in palette for c in rgb] + [255] * 3 * (256 - len(palette)))
     base = base.quantize(palette=pal, dither=Image.Dither.NONE)
-    labels = []  # each token rotated, drawn once; pasted at the steps where the token is known
-    if L <= 96:
-        for t in tokens:
-            label = Image.new("RGB", (label_h - 4, cell), "white")
-            ImageDraw.Draw(label).text((0, 0), t[:10], fill=(40, 40, 40), font=small)
-            labels.append(label.rotate(90, expand=True).quantize(palette=pal, dither=Image.Dither.NONE))
+
+    def rotated(text: str, ink) -> Image.Image:
+        label = Image.new("RGB", (label_h - 4, GIF_LABEL_PX + 3), "white")
+        ImageDraw.Draw(label).text((0, 0), text[:10], fill=ink, font=label_font)
+        return label.rotate(90, expand=True).quantize(palette=pal, dither=Image.Dither.NONE)
+
+    labels = [rotated(t, (40, 40, 40)) for t in tokens]  # each token drawn once; pasted where the token is known
+    sink_labels = {}  # a sink's label, red, drawn when first needed
     masked = STATES.index("masked")
     ink = {rgb: i for i, rgb in enumerate(palette)}  # palette indices: no colour look-up per shape
     dark, mid, light = ink[(34, 34, 34)], ink[(85, 85, 85)], ink[(170, 170, 170)]
@@ -410,12 +531,17 @@ def gif_frames(report, tokens: Sequence[str] | None = None, spec: AnimationSpec 
             d.rectangle([x + 1, y0 - h, x + cell - 2, y0 - 1], fill=red if sinks[j] else state_ink[states[j]])
             if sinks[j]:
                 d.polygon([(x + cell / 2, y0 - h - 3), (x + 1, y0 - h - 10), (x + cell - 1, y0 - h - 10)], fill=red)
-        for j, label in enumerate(labels):
-            if states[j] != masked:
-                img.paste(label, (left + j * cell, y0 + 3))
+        for j in _thinned_labels(np.flatnonzero(sinks), states, every, cell):
+            if sinks[j]:
+                if (j, states[j] == masked) not in sink_labels:
+                    sink_labels[j, states[j] == masked] = rotated("[mask]" if states[j] == masked else tokens[j], sink_color)
+                label = sink_labels[j, states[j] == masked]
+            else:
+                label = labels[j]
+            img.paste(label, (int(left + j * cell + cell / 2 - label.width / 2), y0 + 3))
         d.text((left, 8), f"Step {s} of {S - 1}", fill=dark, font=font)
         caption = _sink_caption(report, tokens, mult[s], s, limit=4)
-        d.text((left + 110, 10), caption[: max(10, (width - left - 120) // 6)], fill=mid, font=small)
+        d.text((left + 130, 10), caption[: max(10, (width - left - 140) // 7)], fill=mid, font=small)
         frames.append(img)
     return frames
 
@@ -428,15 +554,22 @@ def gif_bytes(report, tokens: Sequence[str] | None = None, spec: AnimationSpec =
     return buf.getvalue()
 
 
-def write_animation(report, path: str | Path, tokens: Sequence[str] | None = None, spec: AnimationSpec = AnimationSpec()) -> Path:
-    """Write ``.gif`` or ``.html`` (chosen by the extension) atomically; returns the path."""
+def write_animation(
+    report,
+    path: str | Path,
+    tokens: Sequence[str] | None = None,
+    spec: AnimationSpec = AnimationSpec(),
+    about: Sequence[tuple[str, str]] | None = None,
+) -> Path:
+    """Write ``.gif`` or ``.html`` (chosen by the extension; ``about``: see :func:`html_bytes`) atomically;
+    returns the path."""
     path = Path(path)
     kind = path.suffix.lower()
     _layer_index(report, spec.layer)  # an unknown layer fails before any drawing
     if kind == ".gif":
         data = gif_bytes(report, tokens, spec)
     elif kind in (".html", ".htm"):
-        data = html_bytes(report, tokens, spec)
+        data = html_bytes(report, tokens, spec, about)
     else:
         raise AnimationSpecError(f"'{path.name}' must end in .gif or .html (the extension picks the format).")
     return atomic_write_bytes(path, data)

@@ -42,8 +42,32 @@ def test_attention_map_follows_the_view_or_the_typed_step():
     assert not at.exception and not at.error
     step, layer, head, amap = at.session_state["attention"]
     assert (step, layer, head) == (7, 0, 0) and amap.shape[0] == amap.shape[1]
+    assert at.number_input(key="map_step").value == 7  # the greyed box shows the step used, not the last step
     at.toggle[0].set_value(False).run()
+    assert at.number_input(key="map_step").value == 7  # typing starts from the view's step
     at.number_input(key="map_step").set_value(3).run()
     next(b for b in at.button if b.label == "Recompute map").click().run()
     assert at.session_state["attention"][0] == 3
     assert any("Attention map: step 3" in str(c.proto) for c in at.get("plotly_chart"))
+
+
+def test_lengths_are_bounded_by_the_models_context_and_an_impossible_spec_says_why():
+    at = new_app()
+    at.switch_page("pages/explorer.py").run()
+    form = {n.label: n for n in at.number_input}
+    for name in ("Generation length", "Steps", "Block length"):
+        assert form[name].max == 512, name  # tiny-dlm's max_sequence_length, not a fixed 2048
+    assert "max_sequence_length" in form["Generation length"].help and "512" in form["Generation length"].help
+    assert any("at most 512" in c for c in texts(at.caption))
+    form["Generation length"].set_value(512)  # the prompt's tokens do not fit beside 512 generated ones
+    form["Steps"].set_value(64)
+    at.button[0].click().run()
+    assert not at.exception
+    assert any("exceeds the model's max_sequence_length 512" in e for e in texts(at.error)), texts(at.error)
+    assert not at.success
+    form = {n.label: n for n in at.number_input}
+    form["Generation length"].set_value(16)
+    form["Steps"].set_value(32)  # more steps than tokens: the spec's one-line error, no traceback
+    at.button[0].click().run()
+    assert not at.exception
+    assert any("cannot exceed gen_length" in e for e in texts(at.error)), texts(at.error)

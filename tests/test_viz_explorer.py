@@ -181,3 +181,94 @@ def test_per_layer_view_is_each_layers_mass_over_its_mean(run):
         report.mass[0, : int(report.valid[0].sum())] / report.mass[0, : int(report.valid[0].sum())].mean(),
         rtol=1e-6,
     )
+
+
+def test_a_sink_still_masked_is_called_masked_not_by_its_final_token(run):
+    """The caption at step t names a sink's token as it is at t: a position still masked reads 'masked'."""
+    _, report, tokens = run
+    data = animation.explorer_data(report, tokens)
+    masked_code = STATES.index("masked")
+    seen = 0
+    for s in range(report.n_steps):
+        caption = data["captions"][s]
+        listed = animation.sinks_at_step(report, tokens, s)
+        for j, text, _ in listed[:8]:
+            if report.state[s, j] == masked_code:
+                seen += 1
+                assert text == "[mask]" and f"{j} masked " in caption and f"{j} '{tokens[j]}'" not in caption
+            else:
+                assert text == tokens[j] and f"{j} '{tokens[j]}'" in caption
+    assert seen > 0, "no masked sink in this run: the test checks nothing"
+
+
+def test_gif_labels_are_thinned_not_dropped_and_keep_every_sink():
+    """Past ~96 positions the GIF writes every k-th known token plus every sink, none closer than a label."""
+    masked, decoded = STATES.index("masked"), STATES.index("decoded")
+    states = np.full(300, decoded, np.int8)
+    states[250:] = masked
+    sinks = np.array([0, 10, 101, 260])  # 260: a masked sink, labelled "[mask]"
+    cell = 5.0
+    every = 4
+    got = animation._thinned_labels(sinks, states, every, cell)
+    assert set(sinks.tolist()) <= set(got)
+    assert all(states[j] != masked for j in got if j not in sinks)
+    xs = sorted(got)
+    assert all((b - a) * cell >= every * cell - 0.5 for a, b in zip(xs, xs[1:]))
+    assert len(got) > 50  # thinned, not dropped
+
+
+def test_gif_of_a_long_run_writes_labels(tiny_dlm):
+    traj = generate(tiny_dlm, "To be", DecodeSpec(120, 8, 120, "low_confidence", 0.0, 0.0, 0), recorder=AttentionRecorder())
+    report = analyze(traj, SinkSpec(k=0.5))
+    tokens = animation.readable_tokens(tiny_dlm.decode, traj.final_tokens)
+    frame = np.asarray(animation.gif_frames(report, tokens)[-1].convert("L"))
+    band = frame[50 + 220 + 4 : -24, 56:-16]  # under the bars, above the position ticks: the token labels
+    inked = (band < 128).any(0)
+    assert inked.mean() > 0.2  # labels are written across the whole run (the old GIF wrote none past 96)
+
+
+def test_export_names_say_which_run_and_are_safe():
+    name = animation.export_name(
+        "sinks", "tiny-dlm", "ROMEO.\n", animation.run_settings(DecodeSpec(64, 64, 16, temperature=0.8)), "gif"
+    )
+    assert name == "sinks_tiny-dlm_romeo_64tok-64steps-b16-low-confidence-t0.8-cfg0-seed0.gif"
+    assert animation.run_settings(DecodeSpec(12, 12, 12, temperature=0.5, seed=3), causal=True) == "12tok-causal-t0.5-seed3"
+    hostile = animation.export_name("positions", "/models/LLaDA-8B/", "Ünï ✓ <b>/../../etc/passwd" * 9, "x" * 500, "csv")
+    assert len(hostile) <= 120 and hostile.endswith(".csv") and hostile.startswith("positions_llada-8b_")
+    assert re.fullmatch(r"[a-z0-9._-]+", hostile) and ".." not in hostile and "/" not in hostile
+    assert animation.export_name("sinks", "", "", "", "html") == "sinks_run_run_run.html"
+
+
+def test_html_export_with_about_names_the_run_and_escapes_it(run):
+    _, report, tokens = run
+    about = [("Model", "tiny-dlm"), ("Prompt", "To be, or not <script>alert(1)</script>")]
+    page = animation.html_bytes(report, tokens, about=about).decode()
+    data = json.loads(re.search(r"const D = (\{.*?\});\n", page.replace("<\\/", "</"), re.S).group(1))
+    assert data["about"] == [list(row) for row in about]
+    assert "alert(1)</script>" not in page  # carried as JSON with '</' escaped (written into the page as text)
+    assert animation.explorer_data(report, tokens)["about"] is None  # the app's view: no header, no margins
+
+
+def test_head_grid_carries_every_head_per_step_within_its_budget(run):
+    traj, report, tokens = run
+    S, L, nL, nH = report.n_steps, report.length, len(report.layers), len(report.heads)
+    assert traj.mass.shape == (S, nL, nH, L)  # the trajectory's record is [step, layer, head, L]
+    data = animation.explorer_data(report, tokens, head_mass=traj.mass)["heads"]
+    assert data["heads"] == list(report.heads) and data["step_ids"] == list(range(S))
+    q = np.frombuffer(base64.b64decode(data["mass"]), np.uint8).reshape(S, nL, nH, L)
+    expected = animation.head_step_mass(report, traj.mass)
+    for s in (0, S - 1):
+        for layer in range(nL):
+            n = int(report.valid[s].sum())
+            row = traj.mass[s, layer, :, :n].astype(np.float64)
+            np.testing.assert_allclose(expected[s, layer, :, :n], row / row.mean(-1, keepdims=True), rtol=1e-9)
+    ok = ~np.isnan(expected)
+    assert ((q == 255) == ~ok).all()
+    assert np.abs(q[ok] * data["qmax"] / 254 - expected[ok]).max() <= data["qmax"] / 254 / 2 + 1e-9
+    # a tight budget: every k-th carried step and the last, and the payload shrinks with it
+    small = animation.explorer_data(report, tokens, head_mass=traj.mass, max_head_values=nL * nH * L * 3)["heads"]
+    assert small["step_ids"][-1] == S - 1 and 2 <= len(small["step_ids"]) <= 4
+    assert len(base64.b64decode(small["mass"])) == len(small["step_ids"]) * nL * nH * L
+    assert animation.explorer_data(report, tokens)["heads"] is None
+    with pytest.raises(animation.AnimationSpecError, match="trajectory's mass"):
+        animation.explorer_data(report, tokens, head_mass=traj.mass[:, :, :, :-1])
