@@ -196,7 +196,16 @@ if "sweep_result" in st.session_state:
     stored = st.session_state["sweep_result"]
     stored_caption(stored, sweep_failed)
     df = stored["table"]
-    st.plotly_chart(viz.sweep_figure(df))
+    view = st.radio(
+        "Plot",
+        ["Δ vs dense (paired errors)", "perplexity (each row's own error)"],
+        horizontal=True,
+        key="sweep_view",
+        help="Δ vs dense: the change of perplexity with ±2 standard errors of the difference, paired draw by draw "
+        "on the same windows and masks (a bar clear of 0 is beyond the noise). Perplexity: each row's own ±1 SE, "
+        "which is mostly masking noise that every row shares, so it hides real differences.",
+    )
+    st.plotly_chart(viz.sweep_figure(df, "delta" if view.startswith("Δ") else "absolute"))
     number = st.column_config.NumberColumn
     shown = df.copy()
     shown.attrs = {}  # the per-draw estimates stay with the stored frame; the table shows the columns

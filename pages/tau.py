@@ -135,11 +135,17 @@ if result is not None and result[0] == model_choice():
     )
     st.plotly_chart(viz.tau_sweep_figure(table, best))
     for _, b in best.iterrows():
-        line = (
-            f"**{b['method']}**: best tau = {b['tau']:g}, perplexity {b['ppl']:.2f}; against {b['official']} "
-            f"(official rule, no gate; {b['official_ppl']:.2f}) Δnll = {b['delta_nll']:+.4f} ± {b['se_paired']:.4f} "
-            "nats/token (paired SE)"
+        diff = (
+            f"Δnll = {b['delta_nll']:+.4f} ± {b['se_paired']:.4f} nats/token (paired SE, z = {b['z']:+.1f}) against "
+            f"{b['official']} (official rule, no gate; perplexity {b['official_ppl']:.2f})"
         )
+        if b["beats_official"]:
+            line = f"**{b['method']}**: best tau = {b['tau']:g}, perplexity {b['ppl']:.2f}; {diff}"
+        else:
+            line = (
+                f"**{b['method']}**: no tau beats {b['official']} beyond 2 paired standard errors, so none is marked best; "
+                f"the lowest perplexity, {b['ppl']:.2f} at tau = {b['tau']:g}, is within the noise: {diff}"
+            )
         for ref in ("wanda", "noised_wanda"):
             if f"delta_{ref}" in b and b[f"delta_{ref}"] == b[f"delta_{ref}"]:
                 line += f"; against {ref} {b[f'delta_{ref}']:+.4f} ± {b[f'se_{ref}']:.4f}"

@@ -230,11 +230,13 @@ def test_tau_table_and_best_tau(both_ways):
     fig = tau_sweep_figure(table, best)
     names = [t.name for t in fig.data]
     assert "gated_sink_wanda" in names and any(n.startswith("wanda ") for n in names)
-    assert any(n.startswith("best gated_sink_wanda: tau") and "Δnll vs sink_wanda" in n for n in names)
+    starred = any(n.startswith("best gated_sink_wanda: tau") and "Δnll vs sink_wanda" in n for n in names)
+    assert starred == bool(b["beats_official"]) == (b["z"] < -2)  # a star only beyond 2 paired SE
     assert f"sink_wanda {o['ppl']:.2f} (official rule, no gate)" in names
     line = next(t for t in fig.data if t.name == "gated_sink_wanda")
     np.testing.assert_allclose(line.y, gated["ppl"])
-    np.testing.assert_allclose(line.error_y.array, gated["ppl"] * gated["se_paired"])
+    np.testing.assert_allclose(line.error_y.array, gated["ppl"] * np.expm1(2 * gated["se_paired"]))  # ±2 paired SE
+    np.testing.assert_allclose(line.x, gated["tau"])  # a numeric axis, not categories
     # without the official twin (an older sweep), the rows are there but no difference is claimed
     no_twin = df[df["method"] != "sink_wanda"]
     no_twin.attrs = df.attrs
