@@ -22,12 +22,32 @@ if not variants:
 
 st.subheader("Side by side")
 chosen = st.multiselect("Variants", list(variants), default=list(variants)[-2:], help="Made on the Prune page in this session.")
+st.caption(
+    "Decoding defaults differ from the Denoising explorer's on purpose: 32 tokens greedily (temperature 0) here, "
+    "64 tokens at temperature 0.8 there; set them as you like."
+)
 with st.form("compare"):
     prompt = st.text_area("Prompt", "ROMEO.\n")
     c = st.columns(4)
-    gen_length = c[0].number_input("Generation length", 1, 1024, 32)
+    gen_length = c[0].number_input(
+        "Generation length",
+        1,
+        1024,
+        32,
+        help="32 here, 64 on the Denoising explorer: the dense model and every variant decode it, so a shorter "
+        "text keeps the comparison quick.",
+    )
     steps = c[1].number_input("Steps", 1, 1024, 32)
-    temperature = c[2].slider("Temperature", 0.0, 2.0, 0.0, 0.05, help="0 = greedy, the clearest comparison.")
+    temperature = c[2].slider(
+        "Temperature",
+        0.0,
+        2.0,
+        0.0,
+        0.05,
+        help="0 = greedy, the default here (the Denoising explorer samples at 0.8): greedy decoding does not depend "
+        "on the seed, so two runs differ only where the weights change which token wins. The tiny built-in "
+        "model repeats itself more when greedy.",
+    )
     seed = c[3].number_input("Seed", 0, 2**31 - 1, 0)
     go = st.form_submit_button("Compare", type="primary")
 compare_failed = False
@@ -69,17 +89,21 @@ if stored is not None:
     tokens = {}
     for col, run in zip(cols, comparison.runs):
         pieces = []
-        tokens[run.label] = token_texts(handle, run.generated_ids)
-        for tok, same in zip(tokens[run.label], [a == b for a, b in zip(run.generated_ids, dense_ids)]):
-            style = "" if same else "background:#ffcdd2"
-            pieces.append(f"<span style='{style}'>{html.escape(tok)}</span>")
+        tokens[run.label] = token_texts(handle, run.generated_ids)  # ⏎ and ␣ in the hovers of the agreement strip
+        for i, same in zip(run.generated_ids, [a == b for a, b in zip(run.generated_ids, dense_ids)]):
+            text = html.escape(handle.decode([int(i)]))  # running text: real spaces and newlines, so it wraps at words
+            if not same and not text.strip():  # a differing space or newline: make the change visible
+                text = text.replace(" ", "␣").replace("\n", "⏎\n")
+            pieces.append(text if same else f"<span style='background:#ffcdd2'>{text}</span>")
         col.markdown(
             f"**{run.label}**  \ndivergence step: {run.divergence_step if run.divergence_step is not None else 'none'} · "
             f"agreement {run.agreement_rate:.0%} · {run.mean_step_ms:.0f} ms/step"
         )
-        col.markdown(
-            "<div style='font-family:monospace;white-space:pre-wrap'>" + "".join(pieces) + "</div>", unsafe_allow_html=True
-        )
+        with col:  # st.html: no markdown pass over the generated text (a blank line or a * stays text)
+            st.html(
+                "<div data-testid='sinkscope-generation' style='white-space:pre-wrap;word-break:normal;"
+                "overflow-wrap:break-word;line-height:1.6'>" + "".join(pieces) + "</div>"
+            )
     if comparison.variants:
         st.plotly_chart(
             viz.agreement_figure(

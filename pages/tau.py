@@ -6,6 +6,7 @@ import streamlit as st
 
 from app_common import CancelButton, active_model, current_trajectory, job, model_choice, progress_callback, report_for, sink_spec
 from sap_core import viz
+from sap_core.animation import readable_tokens
 from sap_core.pruning import CalibrationSpec
 from sap_core.pruning.spec import GATED
 from sap_core.pruning.variant import fingerprint
@@ -74,7 +75,11 @@ else:
     if traj is None:
         st.caption("Generate on the **Denoising explorer** page to draw the current generation's variances beside these.")
     st.markdown("**Tokens most often gated** (sink positions of the calibration windows down-weighted at this tau)")
-    st.dataframe(gate.top_tokens(tau, handle.decode), hide_index=True)
+    st.dataframe(
+        gate.top_tokens(tau, lambda ids: readable_tokens(handle.decode, ids)[0]),
+        hide_index=True,
+        column_config={"text": st.column_config.TextColumn("text", help="⏎ a newline, ␣ a space.")},
+    )
     if st.button(f"Use tau = {tau:g} for pruning", help="Sets the tau of the app's sink settings (Prune and Compare pages)."):
         st.session_state["sink_spec"] = replace(spec, tau=float(tau))
         st.success(f"tau = {tau:g} is now the app's sink setting.")

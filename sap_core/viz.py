@@ -255,6 +255,74 @@ def sparsity_heatmap(layer_sparsity: pd.DataFrame, title: str = "Share of zero w
     return _clear_of_toolbar(fig)
 
 
+FACTOR_SCALE = [[0.0, "#b71c1c"], [0.5, "#ef9a9a"], [1.0, "#f5f5f5"]]  # factor 0 (down-weighted) to 1 (untouched)
+
+
+def factor_strip(
+    tokens: Sequence[str], mean_score: np.ndarray, gated: np.ndarray, tau: float, window: int = 0, label_below: float = 0.9
+) -> go.Figure:
+    """One calibration window of a pruning run as two strips of its tokens, coloured by the factor each
+    token's layer inputs were multiplied by (mean over the noised timesteps): ``official rule`` (no gate,
+    ``sink_wanda`` / ``sink_sparsegpt``): ``1 − s̄_j`` for every token; ``gated at tau``: ``1 − g_j · s̄_j``,
+    ``g_j`` the variance gate (``gated``: its unstable sinks). Dark = down-weighted, white = untouched.
+    The x axis names the tokens whose official factor is below ``label_below`` (the sinks); the hover shows
+    token, position, score and both factors."""
+    score = np.asarray(mean_score, float)
+    gate = np.asarray(gated, bool)
+    n = score.size
+    if len(tokens) != n or gate.size != n:
+        raise ValueError(f"tokens, mean_score and gated must have one entry per position (got {len(tokens)}, {n}, {gate.size})")
+    official, gated_f = 1.0 - score, 1.0 - np.where(gate, score, 0.0)
+    rows = ["official rule (no gate)", f"gated at tau = {tau:g}"]
+    state = np.where(gate, "unstable sink: gated", "not gated")
+    custom = np.array(
+        [[[tokens[j], f"{score[j]:.3f}", f"{official[j]:.3f}", f"{gated_f[j]:.3f}", state[j]] for j in range(n)]] * 2,
+        dtype=object,
+    )
+    fig = go.Figure(
+        go.Heatmap(
+            z=np.stack([official, gated_f]),
+            x=np.arange(n),
+            y=rows,
+            zmin=0,
+            zmax=1,
+            colorscale=FACTOR_SCALE,
+            xgap=1,
+            ygap=3,
+            colorbar=dict(title=dict(text="factor", side="right"), thickness=12, len=1.0, tickvals=[0, 0.5, 1]),
+            customdata=custom,
+            hovertemplate="%{y}<br>position %{x} '%{customdata[0]}'<br>mean sink score %{customdata[1]}"
+            "<br>factor %{z:.3f} (official %{customdata[2]}, gated %{customdata[3]}; %{customdata[4]})<extra></extra>",
+        )
+    )
+    marked = [j for j in range(n) if official[j] < label_below]
+    n_gated = int(gate.sum())
+    fig.update_layout(
+        title=dict(
+            text=f"Which calibration tokens were down-weighted (window {window}, {n} tokens)",
+            subtitle=dict(
+                text=f"factor = 1 − sink score, mean over the noised timesteps; {len(marked)} tokens below {label_below:g} "
+                f"under the official rule, {n_gated} gated at tau = {tau:g}"
+            ),
+        ),
+        xaxis=dict(
+            title="calibration position (labelled: tokens the official rule down-weights)",
+            range=[-0.5, n - 0.5],
+            tickmode="array",
+            tickvals=marked,
+            ticktext=[f"{tokens[j]} ({j})" for j in marked],
+            tickangle=-45,
+            showgrid=False,
+            zeroline=False,
+        ),
+        yaxis=dict(autorange="reversed", showgrid=False),
+        height=250,
+        margin=dict(l=10, r=10, t=40, b=90),
+        plot_bgcolor="white",
+    )
+    return _clear_of_toolbar(fig)
+
+
 AGREEMENT_SCALE = [[0.0, "#ef5350"], [0.5, "#ef5350"], [0.5, "#c8e6c9"], [1.0, "#c8e6c9"]]  # differs, same
 
 

@@ -118,3 +118,31 @@ def test_every_title_sits_below_the_toolbar():
         title = fig.layout.title
         assert title.yref == "container" and title.yanchor == "top" and title.pad.t >= viz.TOOLBAR_PX
         assert fig.layout.margin.t >= title.pad.t + 40  # room for the title under the toolbar's band
+
+
+def test_factor_strip_from_a_pruning_record(tiny_dlm):
+    """The Prune page's strip, from a real gated run's calibration record: the official row is 1 − s̄ for
+    every token, the gated row leaves every token the gate does not open at 1."""
+    from sap_core.animation import readable_tokens
+    from sap_core.pruning import CalibrationSpec, PruneSpec, prune
+    from sap_core.sinks import SinkSpec
+
+    spec = PruneSpec(
+        "gated_sink_wanda", 0.5, sink=SinkSpec(tau=0.05), calibration=CalibrationSpec(nsamples=2, seqlen=32, batch_size=2)
+    )
+    record = prune(tiny_dlm, spec).calibration
+    score = record.sink_scores[1].mean(0)
+    gate = record.labels[1] == "unstable"
+    tokens = readable_tokens(tiny_dlm.decode, record.ids[1])
+    fig = viz.factor_strip(tokens, score, gate, 0.05, window=1)
+    z = np.asarray(fig.data[0].z, float)
+    np.testing.assert_allclose(z[0], 1 - score)
+    np.testing.assert_allclose(z[1], np.where(gate, 1 - score, 1.0))
+    assert (z[1] >= z[0] - 1e-12).all()  # the gate only ever removes down-weighting
+    assert list(fig.data[0].y) == ["official rule (no gate)", "gated at tau = 0.05"]
+    marked = [int(j) for j in fig.layout.xaxis.tickvals]
+    assert marked == [j for j in range(len(score)) if 1 - score[j] < 0.9]  # the labelled tokens are the down-weighted ones
+    assert fig.data[0].customdata[0][3][0] == tokens[3]  # the hover names the token
+    assert "window 1" in fig.layout.title.text and f"{int(gate.sum())} gated" in fig.layout.title.subtitle.text
+    with pytest.raises(ValueError, match="one entry per position"):
+        viz.factor_strip(tokens[:-1], score, gate, 0.05)
