@@ -276,7 +276,7 @@ def factor_strip(
     rows = ["official rule (no gate)", f"gated at tau = {tau:g}"]
     state = np.where(gate, "unstable sink: gated", "not gated")
     custom = np.array(
-        [[[tokens[j], f"{score[j]:.3f}", f"{official[j]:.3f}", f"{gated_f[j]:.3f}", state[j]] for j in range(n)]] * 2,
+        [[[tokens[j], f"{score[j]:.3f}", f"{official[j]:.3f}", f"{gated_f[j]:.3f}", state[j], j] for j in range(n)]] * 2,
         dtype=object,
     )
     fig = go.Figure(
@@ -291,7 +291,7 @@ def factor_strip(
             ygap=3,
             colorbar=dict(title=dict(text="factor", side="right"), thickness=12, len=1.0, tickvals=[0, 0.5, 1]),
             customdata=custom,
-            hovertemplate="%{y}<br>position %{x} '%{customdata[0]}'<br>mean sink score %{customdata[1]}"
+            hovertemplate="%{y}<br>position %{customdata[5]} '%{customdata[0]}'<br>mean sink score %{customdata[1]}"
             "<br>factor %{z:.3f} (official %{customdata[2]}, gated %{customdata[3]}; %{customdata[4]})<extra></extra>",
         )
     )

@@ -30,7 +30,7 @@ def title_clear_of_toolbar(page, title: str) -> None:
     chart = page.locator("[data-testid='stPlotlyChart']").filter(has_text=title).first
     chart.scroll_into_view_if_needed()
     chart.hover()
-    bar = chart.locator(".modebar-container, .modebar").first
+    bar = chart.locator(".modebar").first
     expect(bar).to_be_visible()
     text = chart.locator(".gtitle").first.bounding_box()
     box = bar.bounding_box()
@@ -153,10 +153,13 @@ def test_prune_shows_the_down_weighted_tokens_and_compare_wraps_at_words(app_url
     expect(strip.get_by_text("official rule (no gate)")).to_be_visible()
     expect(strip.get_by_text("gated at tau = 0", exact=True)).to_be_visible()
     expect(page.get_by_text("this variant used the gated row", exact=False)).to_be_visible()
-    box = strip.locator(".nsewdrag").first.bounding_box()
-    page.mouse.move(box["x"] + 3, box["y"] + box["height"] * 0.25)  # position 0 of the official row
-    expect(page.locator(".hoverlayer")).to_contain_text("position 0")
-    expect(page.locator(".hoverlayer")).to_contain_text("mean sink score")
+    area = strip.locator(".nsewdrag").first
+    area.scroll_into_view_if_needed()
+    height = area.bounding_box()["height"]
+    area.hover(position={"x": 4, "y": height * 0.25})  # position 0 of the official row
+    area.hover(position={"x": 5, "y": height * 0.25})
+    expect(strip.locator(".hoverlayer")).to_contain_text("position 0")
+    expect(strip.locator(".hoverlayer")).to_contain_text("mean sink score")
     title_clear_of_toolbar(page, title)
     shots(page, "prune")
 
