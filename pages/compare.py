@@ -236,15 +236,27 @@ if "sweep_result" in st.session_state:
     st.dataframe(
         shown,
         hide_index=True,
-        column_config={
-            "sparsity": number("sparsity", format="%.2f"),
-            "ppl": number("perplexity", format="%.2f"),
-            "ppl_se": number("± SE", format="%.2f"),
-            "prune_seconds": number("pruning (s)", format="%.1f"),
-            "nll": number("NLL", format="%.4f"),
-            "nll_se": number("NLL ± SE", format="%.4f"),
-            "achieved_sparsity": number("achieved sparsity", format="%.3f"),
-            "eval_seconds": number("scoring (s)", format="%.1f"),
+        column_order=[
+            "label",
+            "sparsity",
+            "achieved_sparsity",
+            "ppl",
+            "ppl_se",
+            "nll",
+            "nll_se",
+            "prune_seconds",
+            "eval_seconds",
+        ],
+        column_config={  # method and pattern are in the label; every column fits the page (all of them in the CSV)
+            "label": st.column_config.TextColumn("run", pinned=True),
+            "sparsity": number("sparsity", format="%.2f", width="small"),
+            "achieved_sparsity": number("achieved", format="%.3f", width="small", help="Achieved sparsity."),
+            "ppl": number("perplexity", format="%.2f", width="small"),
+            "ppl_se": number("± SE", format="%.2f", width="small", help="The row's own standard error (unpaired)."),
+            "nll": number("NLL", format="%.4f", width="small", help="Nats per token."),
+            "nll_se": number("NLL ± SE", format="%.4f", width="small"),
+            "prune_seconds": number("pruning (s)", format="%.1f", width="small"),
+            "eval_seconds": number("scoring (s)", format="%.1f", width="small"),
         },
     )
     st.download_button("Download sweep (CSV)", df.to_csv(index=False), "sweep.csv", "text/csv")

@@ -255,7 +255,12 @@ def sparsity_heatmap(layer_sparsity: pd.DataFrame, title: str = "Share of zero w
     return _clear_of_toolbar(fig)
 
 
-FACTOR_SCALE = [[0.0, "#b71c1c"], [0.5, "#ef9a9a"], [1.0, "#f5f5f5"]]  # factor 0 (down-weighted) to 1 (untouched)
+FACTOR_SCALE = [
+    [0.0, "#7f0000"],
+    [0.5, "#d32f2f"],
+    [0.8, "#ff8a65"],
+    [1.0, "#f5f5f5"],
+]  # factor 0 (down-weighted) to 1 (untouched)
 
 
 def factor_strip(
@@ -316,7 +321,7 @@ def factor_strip(
             zeroline=False,
         ),
         yaxis=dict(autorange="reversed", showgrid=False),
-        height=250,
+        height=300,
         margin=dict(l=10, r=10, t=40, b=90),
         plot_bgcolor="white",
     )
@@ -588,7 +593,9 @@ def sweep_figure(df: pd.DataFrame, view: str = "delta") -> go.Figure:
             xaxis=xaxis,
             yaxis=dict(title="perplexity" + (" (log scale)" if log_y else ""), type="log" if log_y else "linear"),
         )
-    fig.update_layout(legend=dict(title="method (pattern)"), template="plotly_white", hovermode="closest")
+    fig.update_layout(
+        legend=dict(title="method (pattern)"), template="plotly_white", hovermode="closest", margin=dict(t=50, b=60)
+    )
     return _clear_of_toolbar(fig)
 
 

@@ -62,6 +62,9 @@ def test_sweep_plot_shows_changes_against_dense_with_paired_errors(app_url, page
     expect(page.get_by_text("±2 paired standard errors of the difference", exact=False)).to_be_visible()
     expect(page.get_by_text("Δ perplexity vs dense (%)", exact=False)).to_be_visible()
     title_clear_of_toolbar(page, title)
+    grid = page.locator("[data-testid='stDataFrame']").last  # the sweep table fits the page
+    widths = grid.locator(".dvn-scroller").first.evaluate("e => [e.scrollWidth, e.clientWidth]")
+    assert widths[0] <= widths[1] + 1, f"the sweep table is {widths[0]} px wide in a {widths[1]} px box"
     shots(page, "delta")
     page.get_by_text("perplexity (each row's own error)").click()
     expect(page.get_by_text("Perplexity after pruning", exact=False)).to_be_visible()
