@@ -547,7 +547,7 @@ def sweep_figure(df: pd.DataFrame, view: str = "delta") -> go.Figure:
         )
         fig.update_layout(
             title=dict(
-                text="Change of perplexity against the dense model (lower is better)",
+                text="Perplexity after pruning: change against the dense model (lower is better)",
                 subtitle=dict(text=f"error bars: ±2 {kind} standard errors of the difference; clear of 0 = beyond the noise"),
             ),
             xaxis=xaxis,

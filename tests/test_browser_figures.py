@@ -57,7 +57,7 @@ def test_sweep_plot_shows_changes_against_dense_with_paired_errors(app_url, page
     page.get_by_role("button", name="Remove wanda").click()  # magnitude at 0.5 only
     page.get_by_role("button", name="Remove 0.3").click()
     page.get_by_role("button", name="Run sweep").click()
-    title = "Change of perplexity against the dense model"
+    title = "Perplexity after pruning: change against the dense model"
     expect(page.get_by_text(title, exact=False)).to_be_visible()
     expect(page.get_by_text("±2 paired standard errors of the difference", exact=False)).to_be_visible()
     expect(page.get_by_text("Δ perplexity vs dense (%)", exact=False)).to_be_visible()
