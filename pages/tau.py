@@ -142,7 +142,7 @@ if result is not None and result[0] == model_choice():
     for _, b in best.iterrows():
         diff = (
             f"Δnll = {b['delta_nll']:+.4f} ± {b['se_paired']:.4f} nats/token (paired SE, z = {b['z']:+.1f}) against "
-            f"{b['official']} (official rule, no gate; perplexity {b['official_ppl']:.2f})"
+            f"{b['official']} (official rule, no gate; {b['official_ppl']:.2f})"
         )
         if b["beats_official"]:
             line = f"**{b['method']}**: best tau = {b['tau']:g}, perplexity {b['ppl']:.2f}; {diff}"
@@ -155,5 +155,19 @@ if result is not None and result[0] == model_choice():
             if f"delta_{ref}" in b and b[f"delta_{ref}"] == b[f"delta_{ref}"]:
                 line += f"; against {ref} {b[f'delta_{ref}']:+.4f} ± {b[f'se_{ref}']:.4f}"
         st.markdown(line + ".")
-    st.dataframe(table.drop(columns=["label"]), hide_index=True)
+    number = st.column_config.NumberColumn
+    st.dataframe(
+        table.drop(columns=["label"]),
+        hide_index=True,
+        column_config={
+            "tau": number("tau", format="%g", width="small"),
+            "ppl": number("perplexity", format="%.2f", width="small"),
+            "ppl_se": number("± SE", format="%.2f", width="small", help="The row's own standard error (unpaired)."),
+            "nll": number("NLL", format="%.4f", width="small"),
+            "nll_se": number("NLL ± SE", format="%.4f", width="small"),
+            "delta_nll": number("Δ NLL vs official", format="%+.4f", help="Against the ungated twin (nats/token)."),
+            "se_paired": number("paired SE", format="%.4f", width="small"),
+            "z": number("z", format="%+.1f", width="small", help="Δ / paired SE; below −2: beyond the noise."),
+        },
+    )
     st.download_button("Download tau sweep (CSV)", df.to_csv(index=False), "tau_sweep.csv", "text/csv")
