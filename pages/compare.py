@@ -33,6 +33,10 @@ if not variants:
 
 st.subheader("Side by side")
 chosen = st.multiselect("Variants", list(variants), default=list(variants)[-2:], help="Made on the Prune page in this session.")
+st.caption(
+    "Decoding defaults differ from the Denoising explorer's on purpose: 32 tokens greedily (temperature 0) here, "
+    "64 tokens at temperature 0.8 there; set them as you like."
+)
 with st.form("compare"):
     prompt = st.text_area("Prompt", "ROMEO.\n", **kept("cmp_prompt"))
     c = st.columns(4)
@@ -42,7 +46,9 @@ with st.form("compare"):
         1,
         longest,
         min(32, longest),
-        help=f"At most {longest}: the prompt and the generated tokens share the model's context of {longest + 1} tokens.",
+        help=f"32 here, 64 on the Denoising explorer: the dense model and every variant decode it, so a shorter text keeps "
+        f"the comparison quick. At most {longest}: the prompt and the generated tokens share the model's context of "
+        f"{longest + 1} tokens.",
         **kept("cmp_gen_length"),
     )
     steps = c[1].number_input(
@@ -54,7 +60,15 @@ with st.form("compare"):
         **kept("cmp_steps"),
     )
     temperature = c[2].slider(
-        "Temperature", 0.0, 2.0, 0.0, 0.05, help="0 = greedy, the clearest comparison.", **kept("cmp_temperature")
+        "Temperature",
+        0.0,
+        2.0,
+        0.0,
+        0.05,
+        help="0 = greedy, the default here (the Denoising explorer samples at 0.8): greedy decoding does not depend "
+        "on the seed, so two runs differ only where the weights change which token wins. The tiny built-in "
+        "model repeats itself more when greedy.",
+        **kept("cmp_temperature"),
     )
     seed = c[3].number_input("Seed", 0, 2**31 - 1, 0, **kept("cmp_seed"))
     go = st.form_submit_button("Compare", type="primary")
@@ -97,17 +111,21 @@ if stored is not None:
     tokens = {}
     for col, run in zip(cols, comparison.runs):
         pieces = []
-        tokens[run.label] = token_texts(handle, run.generated_ids)
-        for tok, same in zip(tokens[run.label], [a == b for a, b in zip(run.generated_ids, dense_ids)]):
-            style = "" if same else "background:#ffcdd2"
-            pieces.append(f"<span style='{style}'>{html.escape(tok)}</span>")
+        tokens[run.label] = token_texts(handle, run.generated_ids)  # ⏎ and ␣ in the hovers of the agreement strip
+        for i, same in zip(run.generated_ids, [a == b for a, b in zip(run.generated_ids, dense_ids)]):
+            text = html.escape(handle.decode([int(i)]))  # running text: real spaces and newlines, so it wraps at words
+            if not same and not text.strip():  # a differing space or newline: make the change visible
+                text = text.replace(" ", "␣").replace("\n", "⏎\n")
+            pieces.append(text if same else f"<span style='background:#ffcdd2'>{text}</span>")
         col.markdown(
             f"**{run.label}**  \ndivergence step: {run.divergence_step if run.divergence_step is not None else 'none'} · "
             f"agreement {run.agreement_rate:.0%} · {run.mean_step_ms:.0f} ms/step"
         )
-        col.markdown(
-            "<div style='font-family:monospace;white-space:pre-wrap'>" + "".join(pieces) + "</div>", unsafe_allow_html=True
-        )
+        with col:  # st.html: no markdown pass over the generated text (a blank line or a * stays text)
+            st.html(
+                "<div data-testid='sinkscope-generation' style='white-space:pre-wrap;word-break:normal;"
+                "overflow-wrap:break-word;line-height:1.6'>" + "".join(pieces) + "</div>"
+            )
     if comparison.variants:
         st.plotly_chart(
             viz.agreement_figure(
@@ -228,22 +246,43 @@ if "sweep_result" in st.session_state:
     stored = st.session_state["sweep_result"]
     stored_caption(stored, sweep_failed)
     df = stored["table"]
-    st.plotly_chart(viz.sweep_figure(df))
+    view = st.radio(
+        "Plot",
+        ["Δ vs dense (paired errors)", "perplexity (each row's own error)"],
+        horizontal=True,
+        key="sweep_view",
+        help="Δ vs dense: the change of perplexity with ±2 standard errors of the difference, paired draw by draw "
+        "on the same windows and masks (a bar clear of 0 is beyond the noise). Perplexity: each row's own ±1 SE, "
+        "which is mostly masking noise that every row shares, so it hides real differences.",
+    )
+    st.plotly_chart(viz.sweep_figure(df, "delta" if view.startswith("Δ") else "absolute"))
     number = st.column_config.NumberColumn
     shown = df.copy()
     shown.attrs = {}  # the per-draw estimates stay with the stored frame; the table shows the columns
     st.dataframe(
         shown,
         hide_index=True,
-        column_config={
-            "sparsity": number("sparsity", format="%.2f"),
-            "ppl": number("perplexity", format="%.2f"),
-            "ppl_se": number("± SE", format="%.2f"),
-            "prune_seconds": number("pruning (s)", format="%.1f"),
-            "nll": number("NLL", format="%.4f"),
-            "nll_se": number("NLL ± SE", format="%.4f"),
-            "achieved_sparsity": number("achieved sparsity", format="%.3f"),
-            "eval_seconds": number("scoring (s)", format="%.1f"),
+        column_order=[
+            "label",
+            "sparsity",
+            "achieved_sparsity",
+            "ppl",
+            "ppl_se",
+            "nll",
+            "nll_se",
+            "prune_seconds",
+            "eval_seconds",
+        ],
+        column_config={  # method and pattern are in the label; every column fits the page (all of them in the CSV)
+            "label": st.column_config.TextColumn("run", pinned=True),
+            "sparsity": number("sparsity", format="%.2f", width="small"),
+            "achieved_sparsity": number("achieved", format="%.3f", width="small", help="Achieved sparsity."),
+            "ppl": number("perplexity", format="%.2f", width="small"),
+            "ppl_se": number("± SE", format="%.2f", width="small", help="The row's own standard error (unpaired)."),
+            "nll": number("NLL", format="%.4f", width="small", help="Nats per token."),
+            "nll_se": number("NLL ± SE", format="%.4f", width="small"),
+            "prune_seconds": number("pruning (s)", format="%.1f", width="small"),
+            "eval_seconds": number("scoring (s)", format="%.1f", width="small"),
         },
     )
     st.download_button("Download sweep (CSV)", df.to_csv(index=False), "sweep.csv", "text/csv")

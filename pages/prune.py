@@ -17,6 +17,7 @@ from app_common import (
     sink_spec,
 )
 from sap_core import viz
+from sap_core.animation import readable_tokens
 from sap_core.pruning import METHODS, CalibrationSpec, PruneSpec, numbered, prune
 from sap_core.pruning.spec import METHOD_ROWS
 
@@ -94,6 +95,39 @@ if submitted:
     bar.empty()
 cancel.idle()
 
+USED = {
+    "official": "this variant used the **official rule** row (every token by its score)",
+    "gated": "this variant used the **gated** row (only the unstable sinks)",
+    "none": "this variant weighted every token 1 (a control: neither row)",
+}
+
+
+def factor_strip(name: str, variant) -> None:
+    """What the pruner down-weighted: one calibration window's tokens coloured by their factor, official rule
+    against gated at the variant's tau (from the run's calibration record: no extra model pass)."""
+    record = variant.calibration
+    if record is None or record.sink_scores is None or record.labels is None:
+        st.caption("No token was down-weighted: this method scores no sinks (only the noised methods do).")
+        return
+    n = record.ids.shape[0]
+    window = 0
+    if n > 1:
+        window = int(
+            st.number_input(
+                "Calibration window shown", 0, n - 1, 0, key=f"win_{name}", help=f"One of the {n} calibration windows."
+            )
+        )
+    tokens = readable_tokens(handle.decode, record.ids[window])
+    score = record.sink_scores[window].mean(0)
+    st.plotly_chart(
+        viz.factor_strip(tokens, score, record.labels[window] == "unstable", variant.spec.sink.tau, window), key=f"fs_{name}"
+    )
+    st.caption(
+        f"Dark tokens had their layer inputs scaled down before the weights were scored; {USED[variant.spec.row.factors]}. "
+        "Hover a token for its position, sink score and both factors."
+    )
+
+
 mine = [v for v in variants if v["model"] == model_choice()]
 if not mine:
     st.info("No variants yet in this session. Choose a method and press **Prune**.")
@@ -107,6 +141,7 @@ for entry in mine:
     ):
         st.table(method_settings(variant))
         st.plotly_chart(viz.sparsity_heatmap(variant.layer_sparsity), key=f"sp_{entry['name']}")
+        factor_strip(entry["name"], variant)
         c1, c2 = st.columns([3, 1])
         target = c1.text_input(
             "Save to directory",

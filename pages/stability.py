@@ -1,12 +1,14 @@
 """Sink stability: tune the sink rule and the variance threshold on the stored trajectory."""
 
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 
 import streamlit as st
 
-from app_common import active_model, current_trajectory, report_for, sink_spec, token_texts
+from app_common import active_model, current_trajectory, report_for, sink_spec
 from sap_core import viz
+from sap_core.animation import readable_tokens
 from sap_core.errors import SapError
 from sap_core.sinks import RULES, SinkSpec
 
@@ -50,140 +52,208 @@ for key, value in (
     ("sink_epsilon", float(old.epsilon)),
 ):
     st.session_state.setdefault(key, value)
-c = st.columns(5)
-rule = c[0].selectbox(
-    "Rule",
-    RULES,
-    key="sink_rule",
-    help="official: soft score sigmoid(alpha·(mass − (mean + k·std))); leave_one_out: the paper figure's "
-    "hard rule, mass above the mean of the other positions + ε.",
-)
-official = rule == "official"
-k = c[1].slider(
-    "k (std multiples)",
-    0.0,
-    6.0,
-    step=0.1,
-    key="sink_k",
-    disabled=not official,
-    help="Official rule: a position is a sink when its mass exceeds mean + k·std of its step.",
-)
-alpha = c[2].slider(
-    "alpha (sharpness)",
-    0.1,
-    20.0,
-    step=0.1,
-    key="sink_alpha",
-    disabled=not official,
-    help="Official rule: steepness of the soft sink score.",
-)
-tau = c[3].slider(
-    "tau (variance threshold)",
-    0.0,
-    0.25,
-    step=0.005,
-    format="%.3f",
-    key="sink_tau",
-    help="A sink whose score variance over the steps is ≥ tau is unstable and gets down-weighted by the gated "
-    "pruning methods. 0 = every sink counts; a position that is never a sink is never gated.",
-)
-epsilon = c[4].slider(
-    "ε (leave-one-out margin)",
-    0.0,
-    5.0,
-    step=0.1,
-    key="sink_epsilon",
-    disabled=official,
-    help="Only for the leave_one_out rule: margin in units of the step's uniform mass.",
-)
-try:
-    spec = SinkSpec(rule=rule, k=k, alpha=alpha, tau=tau, epsilon=epsilon)
-except SapError as exc:
-    st.error(str(exc))
-    st.stop()
-st.session_state["sink_spec"] = spec
-report = report_for(traj, spec)
 
-agg = report.aggregate
-m = st.columns(4)
-m[0].metric(
-    "Dominant-sink position variance",
-    f"{agg.dominant_var:.1f} tokens²",
-    help="Variance over the steps of the position that receives the most mass. Does not depend on the sliders.",
-)
-m[1].metric(
-    "Unstable sinks",
-    int((report.labels == "unstable").sum()),
-    help="Positions labelled unstable (depends on k, alpha, ε and tau).",
-)
-m[2].metric(
-    "Stable sinks", int((report.labels == "stable").sum()), help="Positions labelled stable (depends on k, alpha, ε and tau)."
-)
-m[3].metric(
-    f"Mass share of the top {spec.top_k} positions",
-    f"{agg.top_k_share:.0%}",
-    help="Share of the mean attention mass held by the most-attended positions. Does not depend on the sliders.",
-)
-st.caption(
-    "Independent of the sliders: the dominant-sink variance, the top-positions mass share and the mean mass "
-    "(they come from the mass alone). The sink sets, the centre of the sinks, the labels and the pruner's factors "
-    "follow the rule, k, alpha, ε and tau."
-)
 
-layers = report.layers_frame()
-st.plotly_chart(viz.instability_bars(layers))
-positions = report.positions_frame()
-positions.insert(2, "token_text", token_texts(handle, positions["token"]))
-st.plotly_chart(viz.position_stability(positions, tau))
-
-number = st.column_config.NumberColumn
-with st.expander("Per-position table (frequency, variance, label, down-weighting factor)"):
-    st.dataframe(
-        positions,
-        hide_index=True,
-        column_config={
-            "position": number("position", format="%d"),
-            "token": number("token id", format="%d"),
-            "token_text": st.column_config.TextColumn("token"),
-            "is_prompt": st.column_config.CheckboxColumn("prompt"),
-            "decoded_at": number("decoded at step", format="%d", help="-1: part of the prompt"),
-            "valid_steps": number("steps present", format="%d"),
-            "mean_mass": number(
-                "mean mass", format="%.3f", help="Mean attention mass received (summed over layers, heads and queries)."
-            ),
-            "frequency": number("share of steps as a sink", format="%.2f"),
-            "mean_score": number("mean sink score", format="%.3f"),
-            "variance": number("sink-score variance", format="%.4f"),
-            "label": st.column_config.TextColumn("label"),
-            "weight": number(
-                "gated pruner's factor",
-                format="%.3f",
-                help="1 − gate · mean sink score (gate: unstable sink): what the gated sink-aware pruner multiplies this "
-                "token's activations by. The official methods use 1 − mean sink score for every token.",
-            ),
-        },
+def rescore() -> None:
+    """The settings and everything they change. What does not depend on tau (the per-layer figure, the token
+    texts) is kept between reruns, so a tau change re-scores in numpy and rebuilds only the labels, the
+    per-position figure and the tables. (An ``st.fragment`` here was measured slower: its rerun ended
+    about 0.7 s after its last element, against 0.1 s for a whole-page rerun.)"""
+    c = st.columns(5)
+    rule = c[0].selectbox(
+        "Rule",
+        RULES,
+        key="sink_rule",
+        help="official: soft score sigmoid(alpha·(mass − (mean + k·std))); leave_one_out: the paper figure's "
+        "hard rule, mass above the mean of the other positions + ε.",
     )
-with st.expander("Per-layer table (variance of the sink positions over the steps)"):
-    st.dataframe(
-        layers,
-        hide_index=True,
-        column_config={
-            "layer": number("layer", format="%d", help="-1: all layers together"),
-            "dominant_var": number("dominant-sink variance (tokens²)", format="%.2f"),
-            "dominant_var_norm": number("dominant-sink variance / L²", format="%.4f"),
-            "centroid_var": number("sink-centre variance (tokens²)", format="%.2f"),
-            "centroid_var_norm": number("sink-centre variance / L²", format="%.4f"),
-            "sink_steps": number("steps with a sink", format="%d"),
-            "entropy": number("entropy of the mean mass (nats)", format="%.3f"),
-            "entropy_norm": number("entropy / ln(positions)", format="%.3f"),
-            "top_k_share": number(f"mass share of the top {spec.top_k}", format="%.2f"),
-        },
+    official = rule == "official"
+    k = c[1].slider(
+        "k (std multiples)",
+        0.0,
+        6.0,
+        step=0.1,
+        key="sink_k",
+        disabled=not official,
+        help="Official rule: a position is a sink when its mass exceeds mean + k·std of its step.",
+    )
+    alpha = c[2].slider(
+        "alpha (sharpness)",
+        0.1,
+        20.0,
+        step=0.1,
+        key="sink_alpha",
+        disabled=not official,
+        help="Official rule: steepness of the soft sink score.",
+    )
+    tau = c[3].slider(
+        "tau (variance threshold)",
+        0.0,
+        0.25,
+        step=0.005,
+        format="%.3f",
+        key="sink_tau",
+        help="A sink whose score variance over the steps is ≥ tau is unstable and gets down-weighted by the gated "
+        "pruning methods. 0 = every sink counts; a position that is never a sink is never gated.",
+    )
+    epsilon = c[4].slider(
+        "ε (leave-one-out margin)",
+        0.0,
+        5.0,
+        step=0.1,
+        key="sink_epsilon",
+        disabled=official,
+        help="Only for the leave_one_out rule: margin in units of the step's uniform mass.",
+    )
+    try:
+        spec = SinkSpec(rule=rule, k=k, alpha=alpha, tau=tau, epsilon=epsilon)
+    except SapError as exc:
+        st.error(str(exc))
+        return
+    st.session_state["sink_spec"] = spec
+    report = report_for(traj, spec)
+
+    agg = report.aggregate
+    m = st.columns(4)
+    m[0].metric(
+        "Dominant-sink position variance",
+        f"{agg.dominant_var:.1f} tokens²",
+        help="Variance over the steps of the position that receives the most mass. Does not depend on the sliders.",
+    )
+    m[1].metric(
+        "Unstable sinks",
+        int((report.labels == "unstable").sum()),
+        help="Positions labelled unstable (depends on k, alpha, ε and tau).",
+    )
+    m[2].metric(
+        "Stable sinks", int((report.labels == "stable").sum()), help="Positions labelled stable (depends on k, alpha, ε and tau)."
+    )
+    m[3].metric(
+        f"Mass share of the top {spec.top_k} positions",
+        f"{agg.top_k_share:.0%}",
+        help="Share of the mean attention mass held by the most-attended positions. Does not depend on the sliders.",
+    )
+    if spec.tau == 0 and (report.labels != "none").any():
+        st.info(
+            "**Why every sink is unstable here:** at tau = 0 the variance gate opens for every sink (any variance "
+            "is ≥ 0), so every position that is a sink at some step counts as unstable and none as stable or "
+            "transient; a position that is never a sink stays 'none'. Raise tau to separate the sinks that come "
+            "and go (variance ≥ tau: unstable, down-weighted by the gated pruners) from those that stay.",
+            icon=":material/help:",
+        )
+    st.caption(
+        "Independent of the sliders: the dominant-sink variance, the top-positions mass share and the mean mass "
+        "(they come from the mass alone). The sink sets, the centre of the sinks, the labels and the pruner's factors "
+        "follow the rule, k, alpha, ε and tau; tau changes only the labels and factors. Moving a slider never runs the "
+        "model: the stored record is re-scored in numpy (milliseconds), then the page reruns to redraw, which takes "
+        "about as long as any rerun of this app (a few hundred ms; bench/stability_latency.py)."
     )
 
-c1, c2 = st.columns(2)
-c1.download_button("Download positions (CSV)", positions.to_csv(index=False), "sink_positions.csv", "text/csv")
-with tempfile.TemporaryDirectory() as tmp:
-    report.to_json(Path(tmp) / "report.json")
-    c2.download_button(
-        "Download full report (JSON)", (Path(tmp) / "report.json").read_text(), "sink_report.json", "application/json"
-    )
+    layers, bars = _layers(traj, spec)
+    st.plotly_chart(bars)
+    positions = report.positions_frame()
+    positions.insert(2, "token_text", _token_texts(traj, positions["token"]))
+    st.plotly_chart(viz.position_stability(positions, tau))
+
+    number = st.column_config.NumberColumn
+    with st.expander("Per-position table (label, variance, down-weighting factor, frequency)"):
+        st.dataframe(
+            positions,
+            hide_index=True,
+            column_order=[
+                "position",
+                "token_text",
+                "label",
+                "variance",
+                "weight",
+                "frequency",
+                "mean_score",
+                "mean_mass",
+                "decoded_at",
+            ],
+            column_config={
+                "position": number("pos.", format="%d", width="small", pinned=True),
+                "token_text": st.column_config.TextColumn(
+                    "token", width="small", pinned=True, help="⏎ a newline, ␣ a space (the CSV adds the token id)."
+                ),
+                "label": st.column_config.TextColumn("label", width="small"),
+                "variance": number("score var.", format="%.4f", width="small", help="Variance of the sink score over the steps."),
+                "weight": number(
+                    "factor",
+                    format="%.3f",
+                    width="small",
+                    help="Gated pruner's factor, 1 − gate · mean sink score (gate: unstable sink): what the gated "
+                    "sink-aware pruner multiplies this token's activations by. The official methods use 1 − mean sink "
+                    "score for every token.",
+                ),
+                "frequency": number("sink share", format="%.2f", width="small", help="Share of the steps at which it is a sink."),
+                "mean_score": number("mean score", format="%.3f", width="small", help="Mean sink score over the steps."),
+                "mean_mass": number(
+                    "mean mass",
+                    format="%.3f",
+                    width="small",
+                    help="Mean attention mass received (summed over layers, heads and queries).",
+                ),
+                "decoded_at": number("decoded at", format="%d", width="small", help="Step it was decoded at; -1: prompt."),
+            },
+        )
+    with st.expander("Per-layer table (variance of the sink positions over the steps)"):
+        shown = layers.copy()
+        shown["layer"] = ["all layers" if int(v) == -1 else f"layer {int(v)}" for v in shown["layer"]]
+        st.dataframe(
+            shown,
+            hide_index=True,
+            column_config={
+                "layer": st.column_config.TextColumn(
+                    "layer", width="small", pinned=True, help="all layers: summed over the layers"
+                ),
+                "dominant_var": number(
+                    "dominant var.", format="%.2f", width="small", help="Variance of the dominant sink's position (tokens²)."
+                ),
+                "dominant_var_norm": number("… / L²", format="%.4f", width="small", help="Divided by the squared length."),
+                "centroid_var": number(
+                    "centre var.", format="%.2f", width="small", help="Variance of the mass-weighted sink centre (tokens²)."
+                ),
+                "centroid_var_norm": number("… / L²", format="%.4f", width="small", help="Divided by the squared length."),
+                "sink_steps": number("sink steps", format="%d", width="small", help="Steps with a sink."),
+                "entropy": number("entropy", format="%.3f", width="small", help="Entropy of the mean mass (nats)."),
+                "entropy_norm": number("… / ln L", format="%.3f", width="small", help="Entropy / ln(positions)."),
+                "top_k_share": number(
+                    f"top-{spec.top_k} share", format="%.2f", width="small", help="Mass share of the top positions."
+                ),
+            },
+        )
+
+    c1, c2 = st.columns(2)
+    c1.download_button("Download positions (CSV)", positions.to_csv(index=False), "sink_positions.csv", "text/csv")
+    c2.download_button("Download full report (JSON)", _report_json(report), "sink_report.json", "application/json")
+
+
+def _layers(traj, spec: SinkSpec):
+    """The per-layer frame and its figure, which do not depend on tau: kept for the last (run, settings
+    without tau), so a tau change neither rebuilds nor resends a new figure."""
+    key = (id(traj), replace(spec, tau=0.0))
+    cached = st.session_state.get("_stability_layers")
+    if cached is None or cached[0] != key:
+        layers = report_for(traj, spec).layers_frame()
+        cached = (key, layers, viz.instability_bars(layers))
+        st.session_state["_stability_layers"] = cached
+    return cached[1], cached[2]
+
+
+def _token_texts(traj, ids) -> list[str]:
+    """Readable token texts (⏎ newline, ␣ space) of the run, decoded once per run."""
+    cached = st.session_state.get("_stability_tokens")
+    if cached is None or cached[0] != id(traj):
+        cached = (id(traj), readable_tokens(handle.decode, ids))
+        st.session_state["_stability_tokens"] = cached
+    return cached[1]
+
+
+def _report_json(report) -> str:
+    with tempfile.TemporaryDirectory() as tmp:
+        report.to_json(Path(tmp) / "report.json")
+        return (Path(tmp) / "report.json").read_text()
+
+
+rescore()

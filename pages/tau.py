@@ -17,6 +17,7 @@ from app_common import (
     sink_spec,
 )
 from sap_core import viz
+from sap_core.animation import readable_tokens
 from sap_core.pruning import CalibrationSpec
 from sap_core.pruning.spec import GATED
 from sap_core.pruning.variant import fingerprint
@@ -92,7 +93,11 @@ else:
     if traj is None:
         st.caption("Generate on the **Denoising explorer** page to draw the current generation's variances beside these.")
     st.markdown("**Tokens most often gated** (sink positions of the calibration windows down-weighted at this tau)")
-    st.dataframe(gate.top_tokens(tau, handle.decode), hide_index=True)
+    st.dataframe(
+        gate.top_tokens(tau, lambda ids: readable_tokens(handle.decode, ids)[0]),
+        hide_index=True,
+        column_config={"text": st.column_config.TextColumn("text", help="⏎ a newline, ␣ a space.")},
+    )
     if st.button(f"Use tau = {tau:g} for pruning", help="Sets the tau of the app's sink settings (Prune and Compare pages)."):
         st.session_state["sink_spec"] = replace(spec, tau=float(tau))
         st.success(f"tau = {tau:g} is now the app's sink setting.")
@@ -159,14 +164,34 @@ if result is not None and result[0] == model_choice():
     )
     st.plotly_chart(viz.tau_sweep_figure(table, best))
     for _, b in best.iterrows():
-        line = (
-            f"**{b['method']}**: best tau = {b['tau']:g}, perplexity {b['ppl']:.2f}; against {b['official']} "
-            f"(official rule, no gate; {b['official_ppl']:.2f}) Δnll = {b['delta_nll']:+.4f} ± {b['se_paired']:.4f} "
-            "nats/token (paired SE)"
+        diff = (
+            f"Δnll = {b['delta_nll']:+.4f} ± {b['se_paired']:.4f} nats/token (paired SE, z = {b['z']:+.1f}) against "
+            f"{b['official']} (official rule, no gate; {b['official_ppl']:.2f})"
         )
+        if b["beats_official"]:
+            line = f"**{b['method']}**: best tau = {b['tau']:g}, perplexity {b['ppl']:.2f}; {diff}"
+        else:
+            line = (
+                f"**{b['method']}**: no tau beats {b['official']} beyond 2 paired standard errors, so none is marked best; "
+                f"the lowest perplexity, {b['ppl']:.2f} at tau = {b['tau']:g}, is within the noise: {diff}"
+            )
         for ref in ("wanda", "noised_wanda"):
             if f"delta_{ref}" in b and b[f"delta_{ref}"] == b[f"delta_{ref}"]:
                 line += f"; against {ref} {b[f'delta_{ref}']:+.4f} ± {b[f'se_{ref}']:.4f}"
         st.markdown(line + ".")
-    st.dataframe(table.drop(columns=["label"]), hide_index=True)
+    number = st.column_config.NumberColumn
+    st.dataframe(
+        table.drop(columns=["label"]),
+        hide_index=True,
+        column_config={
+            "tau": number("tau", format="%g", width="small"),
+            "ppl": number("perplexity", format="%.2f", width="small"),
+            "ppl_se": number("± SE", format="%.2f", width="small", help="The row's own standard error (unpaired)."),
+            "nll": number("NLL", format="%.4f", width="small"),
+            "nll_se": number("NLL ± SE", format="%.4f", width="small"),
+            "delta_nll": number("Δ NLL vs official", format="%+.4f", help="Against the ungated twin (nats/token)."),
+            "se_paired": number("paired SE", format="%.4f", width="small"),
+            "z": number("z", format="%+.1f", width="small", help="Δ / paired SE; below −2: beyond the noise."),
+        },
+    )
     st.download_button("Download tau sweep (CSV)", df.to_csv(index=False), "tau_sweep.csv", "text/csv")

@@ -497,6 +497,13 @@ def build_parser() -> Parser:
         "finished rows to <name>.partial.csv while the sweep runs",
     )
     p.add_argument("--plot", default=None, metavar="PNG", help="also save the perplexity-vs-sparsity plot (PNG/SVG/PDF)")
+    p.add_argument(
+        "--plot-view",
+        choices=("delta", "absolute"),
+        default="delta",
+        help="delta (default): change of perplexity against the dense model with ±2 paired SE of the difference; "
+        "absolute: perplexity with each row's own ±1 SE (unpaired)",
+    )
     g = p.add_argument_group("accuracy (with --metric acc:TASK)")
     g.add_argument(
         "--metric", default="ppl", help="ppl (default) or acc:TASK: also lm-eval accuracy on TASK (columns acc, acc_se, acc_task)"
@@ -835,7 +842,7 @@ def cmd_sweep(args) -> int:
     try:
         print(f"wrote {args.out}" + (f" and {side} (per-draw estimates)" if side.exists() else ""), file=sys.stderr)
         if args.plot:
-            save_figure(df, args.plot)
+            save_figure(df, args.plot, args.plot_view)
             plotted = True
             print(f"wrote {args.plot}", file=sys.stderr)
         if not args.quiet:
@@ -952,8 +959,8 @@ def _check_plot_path(path: str) -> None:
         raise SapError(f"--plot '{path}': give a .png, .svg, .pdf, .jpg or .webp file name.")
 
 
-def save_figure(df, path) -> None:
-    """Draw the sweep with :func:`sap_core.viz.sweep_figure` and write it with kaleido.
+def save_figure(df, path, view: str = "delta") -> None:
+    """Draw the sweep with :func:`sap_core.viz.sweep_figure` (``view``: ``delta`` or ``absolute``) and write it with kaleido.
 
     kaleido 1.x drives a Chrome/Chromium; when none is on PATH and ``BROWSER_PATH`` is unset, Debian's
     ``/usr/bin/chromium`` is used.
@@ -968,7 +975,7 @@ def save_figure(df, path) -> None:
             os.environ["BROWSER_PATH"] = "/usr/bin/chromium"
     from sap_core.files import atomic_write
 
-    fig = sweep_figure(df)
+    fig = sweep_figure(df, view)
     try:
         atomic_write(
             path, lambda tmp: fig.write_image(str(tmp), width=1000, height=600, scale=2), suffix=Path(path).suffix or ".png"

@@ -19,7 +19,8 @@ same code as :func:`sap_core.pruning.prune` (same windows, same noise, same stat
 sparsity and pattern: each gated method's perplexity at every tau, its difference from its ungated
 twin (the official rule) with the paired standard error, and the ``wanda`` / ``noised_wanda`` rows as
 references; :func:`best_taus`
-picks the best tau of each gated method.
+picks the lowest-perplexity tau of each gated method and says whether it beats the official twin beyond
+the noise (2 paired standard errors by default).
 """
 
 from __future__ import annotations
@@ -248,12 +249,18 @@ def tau_table(df: pd.DataFrame, sparsity: float, pattern: str = "unstructured") 
     return pd.DataFrame(out, columns=cols)
 
 
-def best_taus(table: pd.DataFrame, df: pd.DataFrame | None = None) -> pd.DataFrame:
+def best_taus(table: pd.DataFrame, df: pd.DataFrame | None = None, threshold: float = 2.0) -> pd.DataFrame:
     """The lowest-perplexity tau of each gated method in a :func:`tau_table`, with its difference from
-    the official ungated twin (``official``, ``official_ppl``, ``delta_nll``, ``se_paired``, ``z``) and,
-    given the sweep ``df`` (for the per-draw estimates), from each reference: ``delta_<ref>`` and
-    ``se_<ref>`` (paired)."""
+    the official ungated twin (``official``, ``official_ppl``, ``delta_nll``, ``se_paired``, ``z``),
+    ``beats_official``: whether that difference is below ``-threshold`` paired standard errors (the
+    lowest perplexity alone is no evidence: with differences inside the noise it is a coin toss; False
+    without a paired error), and, given the sweep ``df`` (for the per-draw estimates), the difference
+    from each reference: ``delta_<ref>`` and ``se_<ref>`` (paired)."""
     from sap_core.sweep import paired_se
+
+    threshold = float(threshold)
+    if not (math.isfinite(threshold) and threshold >= 0):
+        raise SapError(f"The threshold is a number of standard errors >= 0 (got {threshold}), e.g. 2.")
 
     estimates = (df.attrs.get("estimates") or {}) if df is not None else {}
     gated = table[table["kind"] == "gated"]
@@ -271,6 +278,7 @@ def best_taus(table: pd.DataFrame, df: pd.DataFrame | None = None) -> pd.DataFra
             delta_nll=best["delta_nll"],
             se_paired=best["se_paired"],
             z=best["z"],
+            beats_official=bool(np.isfinite(best["z"]) and best["z"] < -threshold),
         )
         for ref in REFERENCES:
             if ref in refs.index:

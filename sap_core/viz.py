@@ -7,6 +7,7 @@ step (1 = average), so layers and steps are comparable.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -31,6 +32,23 @@ PROBABILITY_SCALE = [
     [0.8, "#fe9f6d"],
     [1.0, "#fcfdbf"],
 ]  # magma, first stop lifted out of Streamlit's placeholder range
+
+
+TOOLBAR_PX = 30  # height of the band at a figure's top where plotly's toolbar (modebar) appears on hover
+
+
+def _clear_of_toolbar(fig: go.Figure) -> go.Figure:
+    """Keep a figure's title out of the band at its top where plotly's toolbar appears (the toolbar sits
+    in the top-right corner of the figure and covered titles): the title goes just below that band, left
+    aligned, and the top margin grows by the band's height so nothing else moves into it. A subtitle
+    (``title.subtitle``) gets a further line."""
+    t = fig.layout.margin.t if fig.layout.margin.t is not None else 80
+    extra = 18 if fig.layout.title.subtitle.text else 0
+    fig.update_layout(
+        margin=dict(t=t + TOOLBAR_PX + extra),
+        title=dict(x=0, xref="paper", xanchor="left", y=1, yref="container", yanchor="top", pad=dict(t=TOOLBAR_PX)),
+    )
+    return fig
 
 
 def uniform_multiple(mass: np.ndarray, valid: np.ndarray) -> np.ndarray:
@@ -82,7 +100,7 @@ def attention_map_figure(
         margin=dict(l=80, r=10, t=40, b=80),
         plot_bgcolor="#ffffff",
     )
-    return fig
+    return _clear_of_toolbar(fig)
 
 
 def instability_bars(
@@ -115,7 +133,7 @@ def instability_bars(
         margin=dict(l=60, r=10, t=50, b=40),
         legend=dict(orientation="h", y=1.12, x=0),
     )
-    return fig
+    return _clear_of_toolbar(fig)
 
 
 def position_stability(positions: pd.DataFrame, tau: float) -> go.Figure:
@@ -182,7 +200,7 @@ def position_stability(positions: pd.DataFrame, tau: float) -> go.Figure:
         margin=dict(l=60, r=60, t=50, b=40),
         legend=dict(orientation="h", y=-0.2),
     )
-    return fig
+    return _clear_of_toolbar(fig)
 
 
 def comparison_bars(frame: pd.DataFrame, labels: Sequence[str], metric: str = "dominant_var") -> go.Figure:
@@ -203,7 +221,7 @@ def comparison_bars(frame: pd.DataFrame, labels: Sequence[str], metric: str = "d
         height=340,
         margin=dict(l=60, r=10, t=40, b=40),
     )
-    return fig
+    return _clear_of_toolbar(fig)
 
 
 def sparsity_heatmap(layer_sparsity: pd.DataFrame, title: str = "Share of zero weights per block and module") -> go.Figure:
@@ -234,7 +252,80 @@ def sparsity_heatmap(layer_sparsity: pd.DataFrame, title: str = "Share of zero w
         height=max(260, 60 + 28 * len(blocks)),
         margin=dict(l=80, r=10, t=50, b=50),
     )
-    return fig
+    return _clear_of_toolbar(fig)
+
+
+FACTOR_SCALE = [
+    [0.0, "#7f0000"],
+    [0.5, "#d32f2f"],
+    [0.8, "#ff8a65"],
+    [1.0, "#f5f5f5"],
+]  # factor 0 (down-weighted) to 1 (untouched)
+
+
+def factor_strip(
+    tokens: Sequence[str], mean_score: np.ndarray, gated: np.ndarray, tau: float, window: int = 0, label_below: float = 0.9
+) -> go.Figure:
+    """One calibration window of a pruning run as two strips of its tokens, coloured by the factor each
+    token's layer inputs were multiplied by (mean over the noised timesteps): ``official rule`` (no gate,
+    ``sink_wanda`` / ``sink_sparsegpt``): ``1 − s̄_j`` for every token; ``gated at tau``: ``1 − g_j · s̄_j``,
+    ``g_j`` the variance gate (``gated``: its unstable sinks). Dark = down-weighted, white = untouched.
+    The x axis names the tokens whose official factor is below ``label_below`` (the sinks); the hover shows
+    token, position, score and both factors."""
+    score = np.asarray(mean_score, float)
+    gate = np.asarray(gated, bool)
+    n = score.size
+    if len(tokens) != n or gate.size != n:
+        raise ValueError(f"tokens, mean_score and gated must have one entry per position (got {len(tokens)}, {n}, {gate.size})")
+    official, gated_f = 1.0 - score, 1.0 - np.where(gate, score, 0.0)
+    rows = ["official rule (no gate)", f"gated at tau = {tau:g}"]
+    state = np.where(gate, "unstable sink: gated", "not gated")
+    custom = np.array(
+        [[[tokens[j], f"{score[j]:.3f}", f"{official[j]:.3f}", f"{gated_f[j]:.3f}", state[j], j] for j in range(n)]] * 2,
+        dtype=object,
+    )
+    fig = go.Figure(
+        go.Heatmap(
+            z=np.stack([official, gated_f]),
+            x=np.arange(n),
+            y=rows,
+            zmin=0,
+            zmax=1,
+            colorscale=FACTOR_SCALE,
+            xgap=1,
+            ygap=3,
+            colorbar=dict(title=dict(text="factor", side="right"), thickness=12, len=1.0, tickvals=[0, 0.5, 1]),
+            customdata=custom,
+            hovertemplate="%{y}<br>position %{customdata[5]} '%{customdata[0]}'<br>mean sink score %{customdata[1]}"
+            "<br>factor %{z:.3f} (official %{customdata[2]}, gated %{customdata[3]}; %{customdata[4]})<extra></extra>",
+        )
+    )
+    marked = [j for j in range(n) if official[j] < label_below]
+    n_gated = int(gate.sum())
+    fig.update_layout(
+        title=dict(
+            text=f"Which calibration tokens were down-weighted (window {window}, {n} tokens)",
+            subtitle=dict(
+                text=f"factor = 1 − sink score, mean over the noised timesteps; {len(marked)} tokens below {label_below:g} "
+                f"under the official rule, {n_gated} gated at tau = {tau:g}"
+            ),
+        ),
+        xaxis=dict(
+            title="calibration position (labelled: tokens the official rule down-weights)",
+            range=[-0.5, n - 0.5],
+            tickmode="array",
+            tickvals=marked,
+            ticktext=[f"{tokens[j]} ({j})" for j in marked],
+            tickangle=-45,
+            showgrid=False,
+            zeroline=False,
+        ),
+        yaxis=dict(autorange="reversed", showgrid=False),
+        height=300,
+        margin=dict(l=10, r=10, t=40, b=90),
+        plot_bgcolor="white",
+    )
+    return _clear_of_toolbar(fig)
 
 
 AGREEMENT_SCALE = [[0.0, "#ef5350"], [0.5, "#ef5350"], [0.5, "#c8e6c9"], [1.0, "#c8e6c9"]]  # differs, same
@@ -283,29 +374,92 @@ def agreement_figure(
         legend=dict(orientation="h", y=1.02, x=1, xanchor="right", yanchor="bottom"),
         plot_bgcolor="white",
     )
-    return fig
+    return _clear_of_toolbar(fig)
 
 
-def sweep_figure(df: pd.DataFrame) -> go.Figure:
-    """Perplexity against sparsity from a sweep DataFrame (:func:`sap_core.sweep.run_sweep`).
+SWEEP_VIEWS = ("delta", "absolute")
+PALETTE = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#bcbd22", "#7f7f7f"]
 
-    One line per method and pattern (colour: method; dash and marker: pattern), with ``ppl_se`` as
-    error bars; an N:M pattern, whose sparsity is fixed, is one marker per method. Rows with
-    method ``"dense"`` are drawn as a horizontal dashed reference line with a ±1 SE band. Points
-    of different methods at the same sparsity are spread a little sideways so that their error bars
-    stay readable (the hover shows the row's ``label`` and true sparsity). The y axis turns logarithmic when the
-    perplexities span more than a factor of 10.
+
+def sweep_deltas(df: pd.DataFrame) -> pd.DataFrame:
+    """Every pruned row of a sweep against its ``dense`` row: ``delta_nll`` (nats/token), ``se`` and
+    ``paired``: the paired standard error of the difference (:func:`sap_core.sweep.paired_se`, draw by draw
+    on the per-draw estimates in ``df.attrs["estimates"]``) when both rows have them, else the independent
+    one ``sqrt(se² + se_dense²)`` (``paired`` False: a causal model, or a CSV without its estimates); ``z``;
+    ``rel_ppl`` = ppl/ppl_dense − 1 = exp(delta_nll) − 1 and its ±2 SE interval ``rel_lo``, ``rel_hi``.
+    Empty without a dense row."""
+    from sap_core.sweep import paired_se
+
+    cols = ["method", "pattern", "sparsity", "label", "delta_nll", "se", "paired", "z", "rel_ppl", "rel_lo", "rel_hi"]
+    dense = df[df["method"] == "dense"] if df is not None and len(df) else df
+    if dense is None or dense.empty:
+        return pd.DataFrame(columns=cols)
+    d0 = dense.iloc[0]
+    estimates = df.attrs.get("estimates") or {}
+    e0 = estimates.get(str(d0.get("label", "dense")))
+    rows = []
+    for _, r in df[df["method"] != "dense"].iterrows():
+        e = estimates.get(str(r.get("label", "")))
+        d = float(r["nll"]) - float(d0["nll"])
+        paired = e is not None and e0 is not None and np.shape(e) == np.shape(e0)
+        se = paired_se(e, e0) if paired else math.sqrt(float(r["nll_se"]) ** 2 + float(d0["nll_se"]) ** 2)
+        rows.append(
+            dict(
+                method=r["method"],
+                pattern=r["pattern"],
+                sparsity=float(r["sparsity"]),
+                label=str(r.get("label", "")),
+                delta_nll=d,
+                se=se,
+                paired=paired,
+                z=d / se if se > 0 else math.nan,
+                rel_ppl=math.expm1(d),
+                rel_lo=math.expm1(d - 2 * se),
+                rel_hi=math.expm1(d + 2 * se),
+            )
+        )
+    return pd.DataFrame(rows, columns=cols)
+
+
+def sweep_figure(df: pd.DataFrame, view: str = "delta") -> go.Figure:
+    """A sweep DataFrame (:func:`sap_core.sweep.run_sweep`) against sparsity, in one of two views.
+
+    ``view="delta"`` (default): the change of perplexity against the dense model, ppl/ppl_dense − 1 in
+    percent, with error bars ±2 standard errors of the *difference* (:func:`sweep_deltas`: paired, draw
+    by draw on the same windows and masks, when the per-draw estimates are there); a bar that does not
+    cross 0 is a change beyond the Monte Carlo noise. Each row's own error is mostly the masking noise that
+    every row shares, so it hides differences that the paired error shows. Without a dense row (or without
+    ``nll`` columns) it falls back to the absolute view and says so in the title.
+
+    ``view="absolute"``: perplexity with each row's own ±1 SE (``ppl_se``, unpaired), the dense row as a
+    horizontal dashed line with a ±1 SE band; the y axis turns logarithmic when the perplexities span more
+    than a factor of 10.
+
+    Both: one line per method and pattern (colour: method; dash and marker: pattern); an N:M pattern,
+    whose sparsity is fixed, is one marker per method; points of different methods at the same sparsity
+    are spread a little sideways so that their error bars stay readable (the hover shows the row's
+    ``label``, true sparsity and, in the delta view, the difference in nats/token with its SE and z).
     """
+    if view not in SWEEP_VIEWS:
+        raise ValueError(f"view must be one of {SWEEP_VIEWS} (got {view!r})")
     fig = go.Figure()
     if df is None or len(df) == 0:
         fig.add_annotation(text="no sweep results yet", showarrow=False, x=0.5, y=0.5, xref="paper", yref="paper")
         fig.update_layout(xaxis_title="sparsity (fraction of weights removed)", yaxis_title="perplexity")
-        return fig
+        return _clear_of_toolbar(fig)
+    fallback = None
+    if view == "delta":
+        if not (df["method"] == "dense").any():
+            fallback = "no dense row to compare with"
+        elif not {"nll", "nll_se"} <= set(df.columns):
+            fallback = "no nll columns"
+    if fallback:
+        view = "absolute"
     dense = df[df["method"] == "dense"]
     rest = df[df["method"] != "dense"]
+    deltas = sweep_deltas(df).set_index("label") if view == "delta" else None
     methods = list(dict.fromkeys(rest["method"]))
     patterns = list(dict.fromkeys(rest["pattern"]))
-    palette = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#bcbd22", "#7f7f7f"]
     dashes = ["solid", "dash", "dot", "dashdot", "longdash"]
     symbols = ["circle", "diamond", "square", "triangle-up", "x"]
     width = 0.003 * max(len(methods) - 1, 0)
@@ -317,68 +471,132 @@ def sweep_figure(df: pd.DataFrame) -> go.Figure:
             if part.empty:
                 continue
             name = f"{method} ({pattern})"
-            se = part["ppl_se"].to_numpy(float) if has_se else None
-            fig.add_trace(
-                go.Scatter(
-                    x=part["sparsity"].to_numpy(float) + offset,
-                    y=part["ppl"].to_numpy(float),
-                    mode="lines+markers" if len(part) > 1 else "markers",
-                    name=name,
-                    legendgroup=method,
-                    line=dict(color=palette[i % len(palette)], dash=dashes[j % len(dashes)]),
-                    marker=dict(symbol=symbols[j % len(symbols)], size=8 if len(part) > 1 else 10),
-                    error_y=dict(type="data", array=se, visible=se is not None, thickness=1.2, width=4),
-                    customdata=np.stack(
-                        [part["sparsity"].to_numpy(float), se if se is not None else np.zeros(len(part))], axis=1
-                    ),
-                    text=[v if isinstance(v, str) and v else name for v in part.get("label", [None] * len(part))],
-                    hovertemplate="%{text}<br>sparsity %{customdata[0]:.0%}<br>ppl %{y:.2f} ± %{customdata[1]:.2f}<extra></extra>",
-                )
+            labels = [v if isinstance(v, str) and v else name for v in part.get("label", [None] * len(part))]
+            common = dict(
+                x=part["sparsity"].to_numpy(float) + offset,
+                mode="lines+markers" if len(part) > 1 else "markers",
+                name=name,
+                legendgroup=method,
+                line=dict(color=PALETTE[i % len(PALETTE)], dash=dashes[j % len(dashes)]),
+                marker=dict(symbol=symbols[j % len(symbols)], size=8 if len(part) > 1 else 10),
+                text=labels,
             )
-    all_ppl = df["ppl"].to_numpy(float)
-    all_ppl = all_ppl[np.isfinite(all_ppl) & (all_ppl > 0)]
-    log_y = all_ppl.size > 0 and all_ppl.max() / all_ppl.min() > 10
+            if view == "delta":
+                d = deltas.reindex([str(v) for v in part["label"]])
+                y = 100 * d["rel_ppl"].to_numpy(float)
+                fig.add_trace(
+                    go.Scatter(
+                        y=y,
+                        error_y=dict(
+                            type="data",
+                            symmetric=False,
+                            array=100 * d["rel_hi"].to_numpy(float) - y,
+                            arrayminus=y - 100 * d["rel_lo"].to_numpy(float),
+                            thickness=1.2,
+                            width=4,
+                        ),
+                        customdata=np.stack(
+                            [
+                                part["sparsity"].to_numpy(float),
+                                d["delta_nll"].to_numpy(float),
+                                d["se"].to_numpy(float),
+                                d["z"].to_numpy(float),
+                                part["ppl"].to_numpy(float),
+                                np.where(d["paired"].to_numpy(bool), 1.0, 0.0),
+                            ],
+                            axis=1,
+                        ),
+                        hovertemplate="%{text}<br>sparsity %{customdata[0]:.0%} · ppl %{customdata[4]:.2f}"
+                        "<br>Δ perplexity vs dense %{y:+.1f} %<br>Δ NLL %{customdata[1]:+.4f} ± %{customdata[2]:.4f} "
+                        "nats/token (z = %{customdata[3]:+.1f})<extra></extra>",
+                        **common,
+                    )
+                )
+            else:
+                se = part["ppl_se"].to_numpy(float) if has_se else None
+                fig.add_trace(
+                    go.Scatter(
+                        y=part["ppl"].to_numpy(float),
+                        error_y=dict(type="data", array=se, visible=se is not None, thickness=1.2, width=4),
+                        customdata=np.stack(
+                            [part["sparsity"].to_numpy(float), se if se is not None else np.zeros(len(part))], axis=1
+                        ),
+                        hovertemplate="%{text}<br>sparsity %{customdata[0]:.0%}<br>ppl %{y:.2f} ± %{customdata[1]:.2f}"
+                        "<extra></extra>",
+                        **common,
+                    )
+                )
     xs = rest["sparsity"].to_numpy(float) if not rest.empty else np.array([0.0])
     x_range = [max(float(xs.min()) - 0.08, 0.0), min(float(xs.max()) + 0.08, 1.0)]
-    if not dense.empty:
+    xaxis = dict(
+        title="sparsity (fraction of weights removed)", tickformat=".0%", tickvals=sorted(set(np.round(xs, 4))), range=x_range
+    )
+    if view == "delta":
         ppl = float(dense["ppl"].iloc[0])
-        se = float(dense["ppl_se"].iloc[0]) if has_se and np.isfinite(dense["ppl_se"].iloc[0]) else 0.0
-        label = f"dense {ppl:.2f}" + (f" ± {se:.2f}" if se > 0 else "")
-        if se > 0:  # ±1 SE band as a filled trace (shapes need log10 coordinates on a log axis)
-            fig.add_trace(
-                go.Scatter(
-                    x=[x_range[0], x_range[1], x_range[1], x_range[0]],
-                    y=[ppl - se, ppl - se, ppl + se, ppl + se],
-                    fill="toself",
-                    mode="none",
-                    fillcolor="rgba(0,0,0,0.1)",
-                    hoverinfo="skip",
-                    showlegend=False,
-                    legendgroup="dense",
-                )
-            )
+        paired = bool(deltas["paired"].all()) if len(deltas) else True
+        kind = "paired" if paired else "independent (no per-draw estimates)"
         fig.add_trace(
             go.Scatter(
                 x=x_range,
-                y=[ppl, ppl],
+                y=[0, 0],
                 mode="lines",
-                name=label,
-                legendgroup="dense",
+                name=f"dense (perplexity {ppl:.2f})",
                 line=dict(color="black", dash="dash", width=1.5),
-                hovertemplate=f"{label}<extra></extra>",
+                hovertemplate=f"dense: perplexity {ppl:.2f}<extra></extra>",
             )
         )
+        fig.update_layout(
+            title=dict(
+                text="Perplexity after pruning: change against the dense model (lower is better)",
+                subtitle=dict(text=f"error bars: ±2 {kind} standard errors of the difference; clear of 0 = beyond the noise"),
+            ),
+            xaxis=xaxis,
+            yaxis=dict(title="Δ perplexity vs dense (%)", ticksuffix=" %", zeroline=True),
+        )
+    else:
+        all_ppl = df["ppl"].to_numpy(float)
+        all_ppl = all_ppl[np.isfinite(all_ppl) & (all_ppl > 0)]
+        log_y = all_ppl.size > 0 and all_ppl.max() / all_ppl.min() > 10
+        if not dense.empty:
+            ppl = float(dense["ppl"].iloc[0])
+            se = float(dense["ppl_se"].iloc[0]) if has_se and np.isfinite(dense["ppl_se"].iloc[0]) else 0.0
+            label = f"dense {ppl:.2f}" + (f" ± {se:.2f}" if se > 0 else "")
+            if se > 0:  # ±1 SE band as a filled trace (shapes need log10 coordinates on a log axis)
+                fig.add_trace(
+                    go.Scatter(
+                        x=[x_range[0], x_range[1], x_range[1], x_range[0]],
+                        y=[ppl - se, ppl - se, ppl + se, ppl + se],
+                        fill="toself",
+                        mode="none",
+                        fillcolor="rgba(0,0,0,0.1)",
+                        hoverinfo="skip",
+                        showlegend=False,
+                        legendgroup="dense",
+                    )
+                )
+            fig.add_trace(
+                go.Scatter(
+                    x=x_range,
+                    y=[ppl, ppl],
+                    mode="lines",
+                    name=label,
+                    legendgroup="dense",
+                    line=dict(color="black", dash="dash", width=1.5),
+                    hovertemplate=f"{label}<extra></extra>",
+                )
+            )
+        note = "error bars: ±1 standard error of each row (unpaired; mostly masking noise that every row shares)"
+        if fallback:
+            note = f"Δ view unavailable ({fallback}); " + note
+        fig.update_layout(
+            title=dict(text="Perplexity after pruning (lower is better)", subtitle=dict(text=note)),
+            xaxis=xaxis,
+            yaxis=dict(title="perplexity" + (" (log scale)" if log_y else ""), type="log" if log_y else "linear"),
+        )
     fig.update_layout(
-        title="Perplexity after pruning (lower is better; error bars: ±1 standard error)",
-        xaxis=dict(
-            title="sparsity (fraction of weights removed)", tickformat=".0%", tickvals=sorted(set(np.round(xs, 4))), range=x_range
-        ),
-        yaxis=dict(title="perplexity" + (" (log scale)" if log_y else ""), type="log" if log_y else "linear"),
-        legend=dict(title="method (pattern)"),
-        template="plotly_white",
-        hovermode="closest",
+        legend=dict(title="method (pattern)"), template="plotly_white", hovermode="closest", margin=dict(t=50, b=60)
     )
-    return fig
+    return _clear_of_toolbar(fig)
 
 
 # --- picking tau (sap_core.tau) -------------------------------------------------------------------
@@ -423,7 +641,7 @@ def tau_variance_figure(calibration: np.ndarray, tau: float, trajectory: np.ndar
         height=420,
         margin=dict(t=60, b=10),
     )
-    return fig
+    return _clear_of_toolbar(fig)
 
 
 def tau_layer_figure(shares: pd.DataFrame, tau: float) -> go.Figure:
@@ -458,40 +676,53 @@ def tau_layer_figure(shares: pd.DataFrame, tau: float) -> go.Figure:
         height=380,
         margin=dict(t=60, b=10),
     )
-    return fig
+    return _clear_of_toolbar(fig)
 
 
 def tau_sweep_figure(table: pd.DataFrame, best: pd.DataFrame | None = None) -> go.Figure:
-    """Perplexity against tau at one sparsity and pattern (:func:`sap_core.tau.tau_table`): one line per
-    gated method, error bars ±1 paired standard error of the difference from its ungated twin, the
-    official rule (``ppl · se_paired``, to first order); the twin as a dotted horizontal line in the
-    method's colour; ``wanda`` and ``noised_wanda`` as horizontal dashed lines; the best tau of each
-    method (:func:`sap_core.tau.best_taus`) starred."""
+    """Perplexity against tau at one sparsity and pattern (:func:`sap_core.tau.tau_table`) on a numeric tau
+    axis (the taus are ticks at their values, not evenly spaced categories): one line per gated method,
+    error bars ±2 paired standard errors of the difference from its ungated twin, the official rule
+    (``ppl · exp(±2 se_paired)``: a bar that does not reach the twin's line is a difference beyond the
+    noise); the twin as a dotted horizontal line in the method's colour; ``wanda`` and ``noised_wanda``
+    as horizontal dashed lines. A star marks a method's best tau (:func:`sap_core.tau.best_taus`) only
+    when it beats the twin beyond the threshold (``beats_official``); the subtitle says when no tau does."""
     fig = go.Figure()
     gated = table[table["kind"] == "gated"]
     palette = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd"]
     taus = sorted(set(gated["tau"].astype(float)))
-    labels = [f"{t:g}" for t in taus]
+    span = (taus[-1] - taus[0]) if len(taus) > 1 else max(taus[0] if taus else 0.0, 0.01)
+    x0, x1 = (taus[0] - 0.04 * span, taus[-1] + 0.04 * span) if taus else (0.0, 1.0)
+    notes = []
     for i, (method, part) in enumerate(gated.groupby("method", sort=True)):
         part = part.sort_values("tau")
-        err = (part["ppl"] * part["se_paired"]).to_numpy(float)
+        ppl, se = part["ppl"].to_numpy(float), np.nan_to_num(part["se_paired"].to_numpy(float))
         fig.add_trace(
             go.Scatter(
-                x=[f"{t:g}" for t in part["tau"]],
-                y=part["ppl"],
+                x=part["tau"].to_numpy(float),
+                y=ppl,
                 mode="lines+markers",
                 name=method,
                 line=dict(color=palette[i % len(palette)]),
-                error_y=dict(type="data", array=np.nan_to_num(err), visible=True, thickness=1.2, width=5),
-                customdata=np.stack([part["delta_nll"].to_numpy(float), part["se_paired"].to_numpy(float)], axis=1),
-                hovertemplate=f"{method}<br>tau %{{x}}<br>ppl %{{y:.2f}}<br>Δnll vs official: %{{customdata[0]:+.4f}} "
-                f"± %{{customdata[1]:.4f}}<extra></extra>",
+                error_y=dict(
+                    type="data",
+                    symmetric=False,
+                    array=ppl * np.expm1(2 * se),
+                    arrayminus=-ppl * np.expm1(-2 * se),
+                    thickness=1.2,
+                    width=5,
+                ),
+                customdata=np.stack([part["delta_nll"].to_numpy(float), part["se_paired"].to_numpy(float), part["z"]], axis=1),
+                hovertemplate=f"{method}<br>tau %{{x:g}}<br>ppl %{{y:.2f}}<br>Δnll vs official: %{{customdata[0]:+.4f}} "
+                f"± %{{customdata[1]:.4f}} (z = %{{customdata[2]:+.1f}})<extra></extra>",
             )
         )
+        twin = None
         for _, r in table[(table["kind"] == "official") & (table["family"] == method)].iterrows():
+            twin = r["method"]
             fig.add_trace(
                 go.Scatter(
-                    x=[labels[0], labels[-1]],
+                    x=[x0, x1],
                     y=[r["ppl"], r["ppl"]],
                     mode="lines",
                     name=f"{r['method']} {r['ppl']:.2f} (official rule, no gate)",
@@ -499,14 +730,12 @@ def tau_sweep_figure(table: pd.DataFrame, best: pd.DataFrame | None = None) -> g
                     hovertemplate=f"{r['method']} (official rule, no gate): ppl {r['ppl']:.2f}<extra></extra>",
                 )
             )
-        if best is not None and method in set(best["method"]):
-            b = best[best["method"] == method].iloc[0]
-            text = f"best {method}: tau {b['tau']:g}"
-            if np.isfinite(b["se_paired"]):
-                text += f", Δnll vs {b.get('official', 'official')} {b['delta_nll']:+.4f} ± {b['se_paired']:.4f}"
+        b = best[best["method"] == method].iloc[0] if best is not None and method in set(best["method"]) else None
+        if b is not None and bool(b.get("beats_official", False)):
+            text = f"best {method}: tau {b['tau']:g}, Δnll vs {b.get('official', 'official')} {b['delta_nll']:+.4f} ± {b['se_paired']:.4f}"
             fig.add_trace(
                 go.Scatter(
-                    x=[f"{b['tau']:g}"],
+                    x=[float(b["tau"])],
                     y=[b["ppl"]],
                     mode="markers",
                     name=text,
@@ -514,11 +743,14 @@ def tau_sweep_figure(table: pd.DataFrame, best: pd.DataFrame | None = None) -> g
                     hoverinfo="name",
                 )
             )
+            notes.append(f"{method}: best tau {b['tau']:g}")
+        elif twin is not None:
+            notes.append(f"{method}: no tau beats {twin} beyond the noise")
     refs = table[table["kind"] == "reference"]
     for j, (_, r) in enumerate(refs.iterrows()):
         fig.add_trace(
             go.Scatter(
-                x=[labels[0], labels[-1]] if labels else [0, 1],
+                x=[x0, x1],
                 y=[r["ppl"], r["ppl"]],
                 mode="lines",
                 name=f"{r['method']} {r['ppl']:.2f}",
@@ -528,20 +760,23 @@ def tau_sweep_figure(table: pd.DataFrame, best: pd.DataFrame | None = None) -> g
         )
     if not fig.data:
         fig.add_annotation(text="no tau sweep results yet", showarrow=False, x=0.5, y=0.5, xref="paper", yref="paper")
+    subtitle = "error bars: ±2 paired SE against the official rule (no gate)" + ("; " + "; ".join(notes) if notes else "")
     fig.update_layout(
-        title="Perplexity against tau (error bars: ±1 paired SE against the official rule, no gate)",
+        title=dict(text="Perplexity against tau", subtitle=dict(text=subtitle)),
         xaxis=dict(
             title="tau (variance threshold; 0 = every sink down-weighted, no non-sink)",
-            type="category",
-            categoryorder="array",
-            categoryarray=labels,
+            type="linear",
+            range=[x0, x1],
+            tickmode="array",
+            tickvals=taus,
+            ticktext=[f"{t:g}" for t in taus],
         ),
         yaxis_title="perplexity (masked-diffusion bound)",
         legend=dict(orientation="h", y=-0.3),
         height=460,
         margin=dict(t=60, b=10),
     )
-    return fig
+    return _clear_of_toolbar(fig)
 
 
 def sink_trajectory_pair(reports: dict, normalize: str = "raw") -> go.Figure:
@@ -607,7 +842,7 @@ def sink_trajectory_pair(reports: dict, normalize: str = "raw") -> go.Figure:
         legend=dict(orientation="h", y=-0.15),
         plot_bgcolor="white",
     )
-    return fig
+    return _clear_of_toolbar(fig)
 
 
 def sinkstats_figure(summary: pd.DataFrame, labels: Sequence[str]) -> go.Figure:
@@ -652,4 +887,4 @@ def sinkstats_figure(summary: pd.DataFrame, labels: Sequence[str]) -> go.Figure:
         template="plotly_white",
         legend=dict(orientation="h", x=0.5, xanchor="center", y=1.1, yanchor="bottom"),
     )
-    return fig
+    return _clear_of_toolbar(fig)

@@ -227,7 +227,7 @@ def test_compare_page_side_by_side_perplexity_and_a_one_point_sweep():
     [b for b in at.button if b.label == "Run sweep"][0].click().run()
     assert not at.exception and not at.error, texts(at.error)
     figure = at.get("plotly_chart")[-1].proto.spec
-    assert "Perplexity after pruning" in figure
+    assert "Perplexity after pruning: change against the dense model" in figure  # the Δ view, paired errors
     sweep = at.dataframe[-1].value
     assert list(sweep["method"]) == ["dense", "magnitude"] and sweep["sparsity"].iloc[1] == 0.5
     assert sweep["ppl"].iloc[0] == pytest.approx(table["ppl"].iloc[0])  # the same evaluation settings as the table

@@ -183,7 +183,7 @@ def test_sweep_figure(sweep):
 
     df, _, _ = sweep
     extra = pd.DataFrame([dict(method="wanda", sparsity=0.5, pattern="2:4", ppl=50.0, ppl_se=2.0, prune_seconds=0.1)])
-    fig = sweep_figure(pd.concat([df, extra], ignore_index=True))
+    fig = sweep_figure(pd.concat([df, extra], ignore_index=True), "absolute")
     names = [t.name for t in fig.data]
     assert "magnitude (unstructured)" in names and "wanda (unstructured)" in names and "wanda (2:4)" in names
     dense = [t for t in fig.data if t.name and t.name.startswith("dense")]
