@@ -421,6 +421,118 @@ def sweep_deltas(df: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=cols)
 
 
+def _sweep_trace(part: pd.DataFrame, common: dict, deltas: pd.DataFrame | None, has_se: bool) -> go.Scatter:
+    """One method × pattern line of :func:`sweep_figure`: Δ vs dense with its ±2 SE (``deltas`` given) or perplexity ± 1 SE."""
+    if deltas is not None:
+        d = deltas.reindex([str(v) for v in part["label"]])
+        y = 100 * d["rel_ppl"].to_numpy(float)
+        return go.Scatter(
+            y=y,
+            error_y=dict(
+                type="data",
+                symmetric=False,
+                array=100 * d["rel_hi"].to_numpy(float) - y,
+                arrayminus=y - 100 * d["rel_lo"].to_numpy(float),
+                thickness=1.2,
+                width=4,
+            ),
+            customdata=np.stack(
+                [
+                    part["sparsity"].to_numpy(float),
+                    d["delta_nll"].to_numpy(float),
+                    d["se"].to_numpy(float),
+                    d["z"].to_numpy(float),
+                    part["ppl"].to_numpy(float),
+                    np.where(d["paired"].to_numpy(bool), 1.0, 0.0),
+                ],
+                axis=1,
+            ),
+            hovertemplate="%{text}<br>sparsity %{customdata[0]:.0%} · ppl %{customdata[4]:.2f}"
+            "<br>Δ perplexity vs dense %{y:+.1f} %<br>Δ NLL %{customdata[1]:+.4f} ± %{customdata[2]:.4f} "
+            "nats/token (z = %{customdata[3]:+.1f})<extra></extra>",
+            **common,
+        )
+    else:
+        se = part["ppl_se"].to_numpy(float) if has_se else None
+        return go.Scatter(
+            y=part["ppl"].to_numpy(float),
+            error_y=dict(type="data", array=se, visible=se is not None, thickness=1.2, width=4),
+            customdata=np.stack([part["sparsity"].to_numpy(float), se if se is not None else np.zeros(len(part))], axis=1),
+            hovertemplate="%{text}<br>sparsity %{customdata[0]:.0%}<br>ppl %{y:.2f} ± %{customdata[1]:.2f}<extra></extra>",
+            **common,
+        )
+
+
+def _delta_layout(fig: go.Figure, dense: pd.DataFrame, deltas: pd.DataFrame, xaxis: dict, x_range: list) -> None:
+    """The dense line at 0 and the titles of :func:`sweep_figure`'s Δ view."""
+    ppl = float(dense["ppl"].iloc[0])
+    paired = bool(deltas["paired"].all()) if len(deltas) else True
+    kind = "paired" if paired else "independent (no per-draw estimates)"
+    fig.add_trace(
+        go.Scatter(
+            x=x_range,
+            y=[0, 0],
+            mode="lines",
+            name=f"dense (perplexity {ppl:.2f})",
+            line=dict(color="black", dash="dash", width=1.5),
+            hovertemplate=f"dense: perplexity {ppl:.2f}<extra></extra>",
+        )
+    )
+    fig.update_layout(
+        title=dict(
+            text="Perplexity after pruning: change against the dense model (lower is better)",
+            subtitle=dict(text=f"error bars: ±2 {kind} standard errors of the difference; clear of 0 = beyond the noise"),
+        ),
+        xaxis=xaxis,
+        yaxis=dict(title="Δ perplexity vs dense (%)", ticksuffix=" %", zeroline=True),
+    )
+
+
+def _absolute_layout(
+    fig: go.Figure, df: pd.DataFrame, dense: pd.DataFrame, has_se: bool, xaxis: dict, x_range: list, fallback: str | None
+) -> None:
+    """The dense line with its ±1 SE band and the titles of :func:`sweep_figure`'s absolute view."""
+    all_ppl = df["ppl"].to_numpy(float)
+    all_ppl = all_ppl[np.isfinite(all_ppl) & (all_ppl > 0)]
+    log_y = all_ppl.size > 0 and all_ppl.max() / all_ppl.min() > 10
+    if not dense.empty:
+        ppl = float(dense["ppl"].iloc[0])
+        se = float(dense["ppl_se"].iloc[0]) if has_se and np.isfinite(dense["ppl_se"].iloc[0]) else 0.0
+        label = f"dense {ppl:.2f}" + (f" ± {se:.2f}" if se > 0 else "")
+        if se > 0:  # ±1 SE band as a filled trace (shapes need log10 coordinates on a log axis)
+            fig.add_trace(
+                go.Scatter(
+                    x=[x_range[0], x_range[1], x_range[1], x_range[0]],
+                    y=[ppl - se, ppl - se, ppl + se, ppl + se],
+                    fill="toself",
+                    mode="none",
+                    fillcolor="rgba(0,0,0,0.1)",
+                    hoverinfo="skip",
+                    showlegend=False,
+                    legendgroup="dense",
+                )
+            )
+        fig.add_trace(
+            go.Scatter(
+                x=x_range,
+                y=[ppl, ppl],
+                mode="lines",
+                name=label,
+                legendgroup="dense",
+                line=dict(color="black", dash="dash", width=1.5),
+                hovertemplate=f"{label}<extra></extra>",
+            )
+        )
+    note = "error bars: ±1 standard error of each row (unpaired; mostly masking noise that every row shares)"
+    if fallback:
+        note = f"Δ view unavailable ({fallback}); " + note
+    fig.update_layout(
+        title=dict(text="Perplexity after pruning (lower is better)", subtitle=dict(text=note)),
+        xaxis=xaxis,
+        yaxis=dict(title="perplexity" + (" (log scale)" if log_y else ""), type="log" if log_y else "linear"),
+    )
+
+
 def sweep_figure(df: pd.DataFrame, view: str = "delta") -> go.Figure:
     """A sweep DataFrame (:func:`sap_core.sweep.run_sweep`) against sparsity, in one of two views.
 
@@ -481,118 +593,16 @@ def sweep_figure(df: pd.DataFrame, view: str = "delta") -> go.Figure:
                 marker=dict(symbol=symbols[j % len(symbols)], size=8 if len(part) > 1 else 10),
                 text=labels,
             )
-            if view == "delta":
-                d = deltas.reindex([str(v) for v in part["label"]])
-                y = 100 * d["rel_ppl"].to_numpy(float)
-                fig.add_trace(
-                    go.Scatter(
-                        y=y,
-                        error_y=dict(
-                            type="data",
-                            symmetric=False,
-                            array=100 * d["rel_hi"].to_numpy(float) - y,
-                            arrayminus=y - 100 * d["rel_lo"].to_numpy(float),
-                            thickness=1.2,
-                            width=4,
-                        ),
-                        customdata=np.stack(
-                            [
-                                part["sparsity"].to_numpy(float),
-                                d["delta_nll"].to_numpy(float),
-                                d["se"].to_numpy(float),
-                                d["z"].to_numpy(float),
-                                part["ppl"].to_numpy(float),
-                                np.where(d["paired"].to_numpy(bool), 1.0, 0.0),
-                            ],
-                            axis=1,
-                        ),
-                        hovertemplate="%{text}<br>sparsity %{customdata[0]:.0%} · ppl %{customdata[4]:.2f}"
-                        "<br>Δ perplexity vs dense %{y:+.1f} %<br>Δ NLL %{customdata[1]:+.4f} ± %{customdata[2]:.4f} "
-                        "nats/token (z = %{customdata[3]:+.1f})<extra></extra>",
-                        **common,
-                    )
-                )
-            else:
-                se = part["ppl_se"].to_numpy(float) if has_se else None
-                fig.add_trace(
-                    go.Scatter(
-                        y=part["ppl"].to_numpy(float),
-                        error_y=dict(type="data", array=se, visible=se is not None, thickness=1.2, width=4),
-                        customdata=np.stack(
-                            [part["sparsity"].to_numpy(float), se if se is not None else np.zeros(len(part))], axis=1
-                        ),
-                        hovertemplate="%{text}<br>sparsity %{customdata[0]:.0%}<br>ppl %{y:.2f} ± %{customdata[1]:.2f}"
-                        "<extra></extra>",
-                        **common,
-                    )
-                )
+            fig.add_trace(_sweep_trace(part, common, deltas, has_se))
     xs = rest["sparsity"].to_numpy(float) if not rest.empty else np.array([0.0])
     x_range = [max(float(xs.min()) - 0.08, 0.0), min(float(xs.max()) + 0.08, 1.0)]
     xaxis = dict(
         title="sparsity (fraction of weights removed)", tickformat=".0%", tickvals=sorted(set(np.round(xs, 4))), range=x_range
     )
     if view == "delta":
-        ppl = float(dense["ppl"].iloc[0])
-        paired = bool(deltas["paired"].all()) if len(deltas) else True
-        kind = "paired" if paired else "independent (no per-draw estimates)"
-        fig.add_trace(
-            go.Scatter(
-                x=x_range,
-                y=[0, 0],
-                mode="lines",
-                name=f"dense (perplexity {ppl:.2f})",
-                line=dict(color="black", dash="dash", width=1.5),
-                hovertemplate=f"dense: perplexity {ppl:.2f}<extra></extra>",
-            )
-        )
-        fig.update_layout(
-            title=dict(
-                text="Perplexity after pruning: change against the dense model (lower is better)",
-                subtitle=dict(text=f"error bars: ±2 {kind} standard errors of the difference; clear of 0 = beyond the noise"),
-            ),
-            xaxis=xaxis,
-            yaxis=dict(title="Δ perplexity vs dense (%)", ticksuffix=" %", zeroline=True),
-        )
+        _delta_layout(fig, dense, deltas, xaxis, x_range)
     else:
-        all_ppl = df["ppl"].to_numpy(float)
-        all_ppl = all_ppl[np.isfinite(all_ppl) & (all_ppl > 0)]
-        log_y = all_ppl.size > 0 and all_ppl.max() / all_ppl.min() > 10
-        if not dense.empty:
-            ppl = float(dense["ppl"].iloc[0])
-            se = float(dense["ppl_se"].iloc[0]) if has_se and np.isfinite(dense["ppl_se"].iloc[0]) else 0.0
-            label = f"dense {ppl:.2f}" + (f" ± {se:.2f}" if se > 0 else "")
-            if se > 0:  # ±1 SE band as a filled trace (shapes need log10 coordinates on a log axis)
-                fig.add_trace(
-                    go.Scatter(
-                        x=[x_range[0], x_range[1], x_range[1], x_range[0]],
-                        y=[ppl - se, ppl - se, ppl + se, ppl + se],
-                        fill="toself",
-                        mode="none",
-                        fillcolor="rgba(0,0,0,0.1)",
-                        hoverinfo="skip",
-                        showlegend=False,
-                        legendgroup="dense",
-                    )
-                )
-            fig.add_trace(
-                go.Scatter(
-                    x=x_range,
-                    y=[ppl, ppl],
-                    mode="lines",
-                    name=label,
-                    legendgroup="dense",
-                    line=dict(color="black", dash="dash", width=1.5),
-                    hovertemplate=f"{label}<extra></extra>",
-                )
-            )
-        note = "error bars: ±1 standard error of each row (unpaired; mostly masking noise that every row shares)"
-        if fallback:
-            note = f"Δ view unavailable ({fallback}); " + note
-        fig.update_layout(
-            title=dict(text="Perplexity after pruning (lower is better)", subtitle=dict(text=note)),
-            xaxis=xaxis,
-            yaxis=dict(title="perplexity" + (" (log scale)" if log_y else ""), type="log" if log_y else "linear"),
-        )
+        _absolute_layout(fig, df, dense, has_se, xaxis, x_range, fallback)
     fig.update_layout(
         legend=dict(title="method (pattern)"), template="plotly_white", hovermode="closest", margin=dict(t=50, b=60)
     )
