@@ -118,6 +118,40 @@ def prune(
     return PrunedVariant(spec, weights, modules, seconds, timings, passes, record, handle.source, dense_fingerprint=dense)
 
 
+def shares_calibration(spec: PruneSpec) -> bool:
+    """Whether ``spec``'s run reads statistics a :class:`~sap_core.pruning.scores.CalibrationCache` keeps
+    (the noised Wanda family's column norms, the sink SparseGPT family's attention mass)."""
+    row = spec.row
+    return row.statistic != "magnitude" and (not row.sequential or row.sink_weighting == "mean")
+
+
+def calibration_key(spec: PruneSpec) -> tuple:
+    """What the cached statistics of ``spec`` depend on: (calibration, sink layers, sink heads)."""
+    return (spec.calibration, spec.sink.layers, spec.sink.heads)
+
+
+def calibrate(handle, specs: list[PruneSpec], cache: sc.CalibrationCache) -> None:
+    """Fill ``cache`` with the sparsity-independent statistics of ``specs`` (those that
+    :func:`shares_calibration`), exactly as the first :func:`prune` of each would compute them, so the
+    pruning runs that follow only cut masks. Runs the same checks as :func:`prune` first."""
+    specs = [s for s in specs if shares_calibration(s)]
+    for spec in specs:
+        spec.validate()
+        cache.plan(handle, spec)
+    taps = None
+    for spec in specs:
+        token_ids = _check_against_model(handle, spec)
+        cal = spec.calibration
+        clean, generator = calibration_ids(token_ids, cal)
+        noised = noised_ids(clean, cal, handle.mask_id, generator)
+        taps = taps if taps is not None else sc.make_taps(handle)
+        with torch.no_grad():
+            if not spec.row.sequential:
+                cache.noised_wanda(handle, noised, cal, spec.sink, spec.row.factors, None, taps)
+            else:
+                cache.mass(handle, noised, cal, spec.sink, None, taps)
+
+
 def _run(handle, taps, spec: PruneSpec, token_ids, tick, cache=None):
     """The run as ``spec.row`` says; returns ``({(block, name): weight}, record, passes, calibration seconds)``."""
     row, nm, sparsity = spec.row, spec.nm, spec.sparsity

@@ -566,3 +566,20 @@ class CalibrationCache:
             return self._mass[key], 0
         self._mass[key] = sink_mass(handle, noised, sink, cal.batch_size, tick, taps)
         return self._mass[key], len(_chunks(noised.shape[1], cal.batch_size)) * noised.shape[0]
+
+    def export(self, handle) -> dict[tuple, tuple[dict, np.ndarray | None]]:
+        """What is cached for ``handle``'s model, keyed by (calibration, sink layers, sink heads) without
+        the model: ``{key: (noised Wanda statistics per weighting, reduced mass or None)}``. Another
+        process holding the same weights takes it with :meth:`adopt` (a distributed sweep computes each
+        calibration once and ships it to every worker)."""
+        own = id(handle.module)
+        keys = {k for k in (*self._stats, *self._mass) if k[0] == own}
+        return {k[1:]: (dict(self._stats.get(k, {})), self._mass.get(k)) for k in keys}
+
+    def adopt(self, handle, entries: dict[tuple, tuple[dict, np.ndarray | None]]) -> None:
+        """Add :meth:`export` ed statistics for ``handle``'s model (the same weights they were computed on)."""
+        own = id(handle.module)
+        for key, (stats, mass) in entries.items():
+            self._stats.setdefault((own, *key), {}).update(stats)
+            if mass is not None:
+                self._mass.setdefault((own, *key), mass)
