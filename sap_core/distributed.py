@@ -29,6 +29,7 @@ import heapq
 import math
 import os
 import socket
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -123,6 +124,7 @@ class RayExecutor:
     cpus_per_worker: int = 1
     retries: int = 2
     status: dict = field(default_factory=dict, compare=False, repr=False)  # worker name -> {pid, host, job}
+    stats: dict = field(default_factory=dict, compare=False, repr=False)  # calibrations, retries, started workers of the last run
 
     def __post_init__(self) -> None:
         for name in ("workers", "cpus_per_worker", "retries"):
@@ -211,6 +213,7 @@ class RayExecutor:
         if not jobs:
             return
         source = portable_source(handle.source)
+        t_start = time.perf_counter()
         started = self._connect()
         workers: dict[str, Any] = {}
         try:
@@ -231,6 +234,9 @@ class RayExecutor:
             inflight: dict[Any, tuple[str, str, Any]] = {}  # ref -> (worker, "job"|"calibrate", job or key)
             idle = list(workers)
             n_done, replacements = 0, 0
+            self.stats.update(calibrations=0, retries=0, workers=len(workers), startup_seconds=time.perf_counter() - t_start)
+            self.stats["round_trips"] = round_trips = {}  # label -> seconds from dispatch to result (bench/sweep_parallel.py)
+            sent: dict[Any, float] = {}
 
             def fail(job, message: str) -> None:
                 row = dict(
@@ -256,12 +262,14 @@ class RayExecutor:
                         key = to_calibrate.pop(0)
                         specs = [j.prune for j in groups[key]]
                         ref = workers[name].calibrate.remote(key, specs)
+                        self.stats["calibrations"] += 1
                         inflight[ref] = (name, "calibrate", key)
                         self.status[name]["job"] = f"calibrating for {groups[key][0].label}"
                     else:
                         _, job = heapq.heappop(ready)
                         deps = [(needs[job.index], calibrated[needs[job.index]])] if job.index in needs else []
                         ref = workers[name].run.remote(spec, job, deps)
+                        sent[ref] = time.perf_counter()
                         inflight[ref] = (name, "job", job)
                         self.status[name]["job"] = job.label
                     show()
@@ -282,13 +290,16 @@ class RayExecutor:
                             fail(job, reason)
                             n_done += 1
                     elif kind == "calibrate":
+                        self.stats["retries"] += 1
                         to_calibrate.insert(0, what)
                     else:
+                        self.stats["retries"] += 1
                         heapq.heappush(ready, (what.index, what))
                     if replacements < self.workers * (self.retries + 1):
                         replacements += 1
                         new = f"w{self.workers + replacements - 1}"
                         workers[new] = self._start(new, handle, source)
+                        self.stats["workers"] += 1
                         self._await_ready({new: workers[new]})
                         idle.append(new)
                     elif not workers:
@@ -310,6 +321,7 @@ class RayExecutor:
                             heapq.heappush(ready, (job.index, job))
                     else:
                         row, estimates = value
+                        round_trips[what.label] = time.perf_counter() - sent.pop(ref)
                         n_done += 1
                         finished(row, estimates)
                 self.status[name]["job"] = "idle"

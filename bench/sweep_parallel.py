@@ -1,0 +1,90 @@
+"""The README sweep serial against Ray with 2 workers (one torch thread each), Ray's start-up included.
+
+Runs the README's sweep (tiny-dlm; magnitude, wanda, sparsegpt, sink_wanda, sink_sparsegpt, noised_wanda,
+gated_sink_wanda at tau 0.05; sparsities 0.3, 0.5, 0.7; unstructured and 2:4; default calibration and
+evaluation) once serially in this process (one torch thread) and once with
+``run_sweep(..., executor=RayExecutor(workers=2))``, which starts a local Ray (``ray.init``), starts the two
+workers (each loads the model) and stops Ray again, all inside the timed call. Checks that the rows are
+identical and prints both wall times and their ratio (target, issue 20: <= 0.65x), Ray's start-up cost
+(``ray.init`` + the per-node model probe + the workers loading the model) and the per-job overhead (a job's
+round trip as the driver sees it minus the time the worker spent in it: scheduling, argument and result
+transfer, fetching the shared calibration). ``--quick``: 4 calibration and evaluation windows and one
+sparsity (a smoke run). ``--ray-first`` swaps the order. The load average is printed before and after:
+the machine is shared, so figures are only comparable within one run.
+
+    python bench/sweep_parallel.py [--quick] [--workers 2] [--ray-first]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+import numpy as np
+import pandas as pd
+import torch
+
+from sap_core.distributed import RayExecutor
+from sap_core.models import load_model
+from sap_core.pruning import CalibrationSpec
+from sap_core.sinks import SinkSpec
+from sap_core.sweep import EvalSpec, SweepSpec, run_sweep
+
+README_METHODS = ("magnitude", "wanda", "sparsegpt", "sink_wanda", "sink_sparsegpt", "noised_wanda", "gated_sink_wanda")
+TIMINGS = ["prune_seconds", "eval_seconds"]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="4 calibration and 4 evaluation windows, sparsity 0.5 only")
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--ray-first", action="store_true", help="run the Ray sweep before the serial one")
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    handle = load_model("tiny-dlm", device="cpu")
+    n = 4 if args.quick else 16
+    spec = SweepSpec(
+        methods=README_METHODS,
+        sparsities=(0.5,) if args.quick else (0.3, 0.5, 0.7),
+        patterns=("unstructured", "2:4"),
+        sink=SinkSpec(tau=0.05),
+        calibration=CalibrationSpec(nsamples=n),
+        eval=EvalSpec(nsamples=n),
+    )
+    print(
+        f"{len(spec.jobs)} jobs + dense; calibration {n} windows; evaluation {n} windows x {spec.eval.draws} draws; "
+        f"{os.cpu_count()} CPUs; load average at start {os.getloadavg()[0]:.2f}",
+        flush=True,
+    )
+    run_sweep(handle, SweepSpec(methods=("magnitude",), sparsities=(0.5,), eval=EvalSpec(nsamples=1, draws=2)))  # warm-up
+
+    executor = RayExecutor(workers=args.workers)
+    results = {}
+    for name in ("ray", "serial") if args.ray_first else ("serial", "ray"):
+        t0 = time.perf_counter()
+        df = run_sweep(handle, spec, executor=executor if name == "ray" else None)
+        results[name] = (time.perf_counter() - t0, df)
+        print(f"{name:>6}: {results[name][0]:7.1f} s wall (load average {os.getloadavg()[0]:.2f})", flush=True)
+
+    (t_serial, serial), (t_ray, distributed) = results["serial"], results["ray"]
+    pd.testing.assert_frame_equal(serial.drop(columns=TIMINGS), distributed.drop(columns=TIMINGS), check_exact=True)
+    assert all(np.array_equal(v, distributed.attrs["estimates"][k]) for k, v in serial.attrs["estimates"].items())
+    stats = executor.stats
+    work = distributed.set_index("label")[TIMINGS].sum(axis=1)
+    overhead = [stats["round_trips"][label] - work[label] for label in stats["round_trips"]]
+    print(f"identical rows: yes ({len(serial)} rows)")
+    print(f"ray / serial wall: {t_ray / t_serial:.2f}x  (target <= 0.65x)")
+    print(
+        f"ray start-up (ray.init, model probe, {stats['workers']} workers loading the model): {stats['startup_seconds']:.1f} s; "
+        f"sweep after start-up {t_ray - stats['startup_seconds']:.1f} s"
+    )
+    print(
+        f"per-job overhead (round trip - work): median {np.median(overhead) * 1000:.0f} ms, "
+        f"max {max(overhead) * 1000:.0f} ms over {len(overhead)} jobs; calibrations computed: {stats['calibrations']}"
+    )
+    print(f"load average at end {os.getloadavg()[0]:.2f}")
+
+
+if __name__ == "__main__":
+    main()
