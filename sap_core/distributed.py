@@ -29,12 +29,34 @@ import heapq
 import math
 import os
 import socket
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from sap_core.errors import SapError
+
+_CONNECT = threading.Lock()  # one ray.init per process, also when two app sessions start sweeps at once
+# Ray starts its workers at niceness 15 (to keep its own daemons responsive); on a machine shared with other work
+# that starves the sweep, which is the work the user asked for: a local Ray runs them at the driver's priority.
+LOCAL_CONFIG = {"worker_niceness": 0}
+ADDRESS_ENV = "SINKSCOPE_RAY_ADDRESS"  # the app's sweeps run on this Ray cluster when it is set
+
+
+def executor_from_env(env: dict | None = None) -> RayExecutor | None:
+    """The app's executor: a :class:`RayExecutor` joining ``$SINKSCOPE_RAY_ADDRESS`` (``auto``: the cluster
+    started on this machine with ``ray start --head``) with ``$SINKSCOPE_RAY_WORKERS`` workers (default 2) of
+    ``$SINKSCOPE_RAY_GPUS_PER_WORKER`` GPUs (default 0), staying connected; None when the address is unset."""
+    env = os.environ if env is None else env
+    address = env.get(ADDRESS_ENV, "").strip()
+    if not address:
+        return None
+    try:
+        workers, gpus = int(env.get("SINKSCOPE_RAY_WORKERS", "2")), float(env.get("SINKSCOPE_RAY_GPUS_PER_WORKER", "0"))
+    except ValueError:
+        raise ClusterError("SINKSCOPE_RAY_WORKERS must be a whole number and SINKSCOPE_RAY_GPUS_PER_WORKER a number.") from None
+    return RayExecutor(workers=workers, address=address, gpus_per_worker=gpus, stay_connected=True)
 
 
 class ClusterError(SapError):
@@ -51,14 +73,26 @@ def portable_source(source: str) -> str:
 
 
 def probe_model(source: str) -> str | None:
-    """None when ``source`` can be read here (its ``config.json`` parses), else the reason."""
-    try:
-        from sap_core.models import read_config, resolve_source
+    """None when ``source`` (from :func:`portable_source`) can be read here: its ``config.json`` is a JSON
+    object and its weight files are readable; else the reason. Light (no torch import): it runs once per node."""
+    import json
 
-        read_config(resolve_source(source))
-        return None
-    except Exception as exc:  # reported per node by the driver
+    from sap_core import ASSETS
+
+    path = Path(source) if os.path.isabs(source) else ASSETS / "models" / source
+    try:
+        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+        if not isinstance(config, dict):
+            return f"'{path / 'config.json'}' is not a JSON object"
+        weights = sorted(path.glob("*.safetensors")) + sorted(path.glob("*.safetensors.index.json"))
+        if not weights:
+            return f"no *.safetensors in '{path}'"
+        for w in weights:
+            with open(w, "rb") as f:
+                f.read(8)
+    except (OSError, ValueError) as exc:
         return f"{type(exc).__name__}: {exc}"
+    return None
 
 
 def local_runtime_env() -> dict:
@@ -123,6 +157,7 @@ class RayExecutor:
     gpus_per_worker: float = 0.0
     cpus_per_worker: int = 1
     retries: int = 2
+    stay_connected: bool = False  # leave a Ray this executor started running (the app: one connection for every sweep)
     status: dict = field(default_factory=dict, compare=False, repr=False)  # worker name -> {pid, host, job}
     stats: dict = field(default_factory=dict, compare=False, repr=False)  # calibrations, retries, started workers of the last run
 
@@ -143,11 +178,17 @@ class RayExecutor:
         """Initialise Ray unless it is; True when this call started it (and so must shut it down)."""
         import ray
 
-        if ray.is_initialized():
-            return False
+        with _CONNECT:
+            if ray.is_initialized():
+                return False
+            return self._init(ray) and not self.stay_connected
+
+    def _init(self, ray) -> bool:
         kwargs: dict[str, Any] = dict(include_dashboard=False, log_to_driver=False, configure_logging=False)
         if self.address is None:
-            kwargs.update(num_cpus=self.workers * self.cpus_per_worker, runtime_env=local_runtime_env())
+            kwargs.update(
+                num_cpus=self.workers * self.cpus_per_worker, runtime_env=local_runtime_env(), _system_config=LOCAL_CONFIG
+            )
             if self.gpus_per_worker:
                 kwargs.update(num_gpus=math.ceil(self.workers * self.gpus_per_worker))
         else:
@@ -158,7 +199,7 @@ class RayExecutor:
             raise ClusterError(f"Cannot start or join Ray at {self.address or 'this machine'}: {exc}") from None
         return True
 
-    def _check_cluster(self, source: str) -> None:
+    def _check_cluster(self, source: str, probe: bool = True) -> None:
         import ray
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
@@ -169,6 +210,8 @@ class RayExecutor:
                 f"{self.workers} workers need {need_cpu} CPUs and {need_gpu:g} GPUs, but the cluster has "
                 f"{have.get('CPU', 0):g} CPUs and {have.get('GPU', 0):g} GPUs: ask for fewer workers or a smaller share."
             )
+        if not probe:
+            return
         probe = ray.remote(num_cpus=0)(probe_model)
         nodes = [n for n in ray.nodes() if n.get("Alive")]
         refs = [
@@ -217,7 +260,7 @@ class RayExecutor:
         started = self._connect()
         workers: dict[str, Any] = {}
         try:
-            self._check_cluster(source)
+            self._check_cluster(source, probe=not started)  # a Ray started here has one node: this one
             for i in range(self.workers):
                 workers[f"w{i}"] = self._start(f"w{i}", handle, source)
             self._await_ready(workers)

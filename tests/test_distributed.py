@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 import torch
 
-from sap_core.distributed import ClusterError, RayExecutor, local_runtime_env
+from sap_core.distributed import LOCAL_CONFIG, ClusterError, RayExecutor, local_runtime_env
 from sap_core.errors import Cancelled
 from sap_core.models import load_model
 from sap_core.pruning.spec import CalibrationSpec
@@ -30,7 +30,14 @@ TIMINGS = ["prune_seconds", "eval_seconds"]
 
 @pytest.fixture(scope="module")
 def cluster():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False, runtime_env=local_runtime_env())
+    ray.init(
+        num_cpus=2,
+        include_dashboard=False,
+        log_to_driver=False,
+        configure_logging=False,
+        runtime_env=local_runtime_env(),
+        _system_config=LOCAL_CONFIG,
+    )
     yield
     ray.shutdown()
 
