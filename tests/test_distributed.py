@@ -223,3 +223,38 @@ def test_cli_sweep_on_ray_resumes_from_the_partial_csv(cluster, one_thread, tiny
     assert not partial_path(tmp_path / "r.csv").exists()
     assert main(common + ["--out", str(tmp_path / "x.csv"), "--address", "localhost:1"]) == 2
     assert "--address needs --executor ray" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_compare_page_sweep_runs_on_the_cluster_named_by_the_environment(cluster, monkeypatch):
+    from pathlib import Path
+
+    from streamlit.testing.v1 import AppTest
+
+    import sap_core.distributed as distributed
+
+    calls = []
+    original = distributed.RayExecutor.run
+
+    def recorded(self, handle, spec, jobs, progress, finished):
+        calls.append((self.address, self.workers, [j.label for j in jobs]))
+        return original(self, handle, spec, jobs, progress, finished)
+
+    monkeypatch.setattr(distributed.RayExecutor, "run", recorded)
+    monkeypatch.setenv(distributed.ADDRESS_ENV, "auto")  # the Ray of this process is used as it is
+    at = AppTest.from_file(str(Path(__file__).resolve().parents[1] / "app.py"), default_timeout=300)
+    at.run()
+    at.switch_page("pages/compare.py").run()
+    assert any("runs on the Ray cluster at auto" in c.value for c in at.caption)
+    nums = {n.label: n for n in at.number_input}
+    nums["Windows"].set_value(2)
+    nums["Monte Carlo draws"].set_value(2)
+    ms = {m.label: m for m in at.multiselect}
+    ms["Methods"].set_value(["magnitude"])
+    ms["Sparsities"].set_value([0.5])
+    [b for b in at.button if b.label == "Run sweep"][0].click().run()
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    assert calls == [("auto", 2, ["dense", "magnitude 50%"])]
+    sweep = at.dataframe[-1].value
+    assert list(sweep["label"]) == ["dense", "magnitude 50%"] and sweep["ppl"].notna().all()
+    assert ray.is_initialized()  # the app stays connected
