@@ -185,18 +185,19 @@ class RayExecutor:
 
     def _init(self, ray) -> bool:
         kwargs: dict[str, Any] = dict(include_dashboard=False, log_to_driver=False, configure_logging=False)
-        if self.address is None:
+        address = self.address or os.environ.get("RAY_ADDRESS", "").strip() or None  # Ray's own variable names a cluster too
+        if address is None:
             kwargs.update(
                 num_cpus=self.workers * self.cpus_per_worker, runtime_env=local_runtime_env(), _system_config=LOCAL_CONFIG
             )
             if self.gpus_per_worker:
                 kwargs.update(num_gpus=math.ceil(self.workers * self.gpus_per_worker))
         else:
-            kwargs.update(address=self.address)
+            kwargs.update(address=address)
         try:
             ray.init(**kwargs)
         except (ConnectionError, RuntimeError, ValueError) as exc:
-            raise ClusterError(f"Cannot start or join Ray at {self.address or 'this machine'}: {exc}") from None
+            raise ClusterError(f"Cannot start or join Ray at {address or 'this machine'}: {exc}") from None
         return True
 
     def _check_cluster(self, source: str, probe: bool = True) -> None:
@@ -256,6 +257,8 @@ class RayExecutor:
         if not jobs:
             return
         source = portable_source(handle.source)
+        if progress is not None:
+            progress(0, len(jobs), f"starting Ray and {self.workers} worker(s)")
         t_start = time.perf_counter()
         started = self._connect()
         workers: dict[str, Any] = {}

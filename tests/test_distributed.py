@@ -132,29 +132,56 @@ def test_ray_sweep_retries_a_killed_worker_keeps_a_failing_job_alone_and_resumes
     assert len(resumed.rows) == 4 and resumed.done is not None
     again = []
     df2 = run_sweep(
-        tiny_dlm, spec, executor=RayExecutor(workers=2), done=resumed.done, on_result=lambda r, e: again.append(r["label"])
+        tiny_dlm, spec, executor=RayExecutor(workers=1), done=resumed.done, on_result=lambda r, e: again.append(r["label"])
     )
     assert again == ["short: wanda 60%"]
     pd.testing.assert_frame_equal(df2.drop(columns=TIMINGS), df.drop(columns=TIMINGS), check_exact=True)
 
 
-def test_cancelling_a_ray_sweep_stops_the_workers(cluster, tiny_dlm):
-    executor = RayExecutor(workers=2)
+def test_ctrl_c_stops_the_workers_keeps_the_partial_csv_and_says_how_to_resume(
+    cluster, tiny_dlm_dir, tmp_path, capsys, monkeypatch
+):
+    import sap_core.cli as cli
+    import sap_core.distributed as distributed
+
     pids = []
+    await_ready = distributed.RayExecutor._await_ready
 
-    def cancel(done, total, message):
-        running = [s["pid"] for s in executor.status.values() if s["pid"] and s["job"] not in ("idle", "starting")]
-        if running:
-            pids.extend(s["pid"] for s in executor.status.values())
-            raise Cancelled("stop")
+    def record_pids(self, workers):
+        await_ready(self, workers)
+        pids.extend(s["pid"] for s in self.status.values())
 
-    with pytest.raises(Cancelled):
-        run_sweep(tiny_dlm, grid(methods=("magnitude",), patterns=("unstructured",)), executor=executor, progress=cancel)
-    assert pids and not executor.status and ray.is_initialized()  # the module's Ray is left running
+    def interrupt(self, done, total, message=""):
+        if done >= 1:  # a row is in the partial CSV: the user presses Ctrl-C
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(distributed.RayExecutor, "_await_ready", record_pids)
+    monkeypatch.setattr(cli.Bar, "__call__", interrupt)
+    out = tmp_path / "s.csv"
+    argv = ["sweep", "--model", str(tiny_dlm_dir), "--device", "cpu", "--methods", "magnitude", "--sparsities", "0.3,0.5,0.7"]
+    argv += ["--seqlen", "32", "--nsamples", "2", "--draws", "2", "--out", str(out), "--executor", "ray"]
+    assert cli.main(argv) == 130
+    err = capsys.readouterr().err
+    assert f"are in {partial_path(out)}" in err and "run the same command with --resume to continue" in err
+    assert not out.exists() and len(load_sweep(partial_path(out))) >= 1
+    assert len(pids) == 2 and ray.is_initialized()  # the module's Ray is left running
     deadline = time.monotonic() + 60
     while any(_alive(p) for p in pids) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not any(_alive(p) for p in pids)
+
+
+def test_cancelling_a_ray_sweep_while_it_starts(cluster, tiny_dlm):
+    messages = []
+
+    def cancel(done, total, message):  # the app's Cancel button raises Cancelled from the progress callback
+        messages.append(message)
+        raise Cancelled("stop")
+
+    executor = RayExecutor(workers=1)
+    with pytest.raises(Cancelled):
+        run_sweep(tiny_dlm, grid(methods=("magnitude",), patterns=("unstructured",)), executor=executor, progress=cancel)
+    assert messages == ["starting Ray and 1 worker(s)"] and not executor.status and ray.is_initialized()
 
 
 def _alive(pid: int) -> bool:
