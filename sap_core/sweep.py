@@ -27,6 +27,11 @@ statistics still run per job. ``prune_seconds`` is what each job cost: the job t
 statistics carries their cost, later jobs only their own work. ``run_sweep(..., reuse_calibration=False)``
 recalibrates every job from scratch (same rows; ``bench/sweep_cost.py`` compares the two).
 
+The grid is a list of :class:`SweepJob` (:func:`sweep_jobs`), each run by :func:`run_job`; ``run_sweep``
+runs them here one after the other (the reference) or hands them to an executor
+(:class:`sap_core.distributed.RayExecutor`: Ray workers, same rows), skips those already done (``done=``, a
+resumed sweep) and returns the rows in job order whatever order they finished in.
+
 The dense model is the first row (``method="dense"``, ``sparsity=0``, ``pattern="dense"``) unless
 ``include_dense=False``. Every evaluation uses the same :class:`EvalSpec` and seed, so all rows are
 scored on the same text windows and the same masking draws (common random numbers). ``ppl_se`` is the
