@@ -1,6 +1,7 @@
 """Compare: dense and pruned variants side by side, perplexity, and sparsity sweeps."""
 
 import html
+import os
 
 import streamlit as st
 
@@ -19,6 +20,7 @@ from app_common import (
 from sap_core import viz
 from sap_core.compare import compare_generations, noise_verdict, perplexity_table
 from sap_core.diffusion import DecodeSpec
+from sap_core.distributed import ADDRESS_ENV, executor_from_env
 from sap_core.pruning import METHODS
 from sap_core.sweep import SweepSpec, run_sweep
 
@@ -220,6 +222,8 @@ with st.form("sweep_form"):
     )
     patterns = c[1].multiselect("Patterns", ["unstructured", "2:4", "4:8"], default=["unstructured"], **kept("sweep_patterns"))
     run = st.form_submit_button("Run sweep", type="primary")
+if os.environ.get(ADDRESS_ENV, "").strip():
+    st.caption(f"The sweep runs on the Ray cluster at {os.environ[ADDRESS_ENV].strip()} ({ADDRESS_ENV}).")
 sweep_failed = False
 if run:
     bar = st.progress(0.0, text="Sweep…")
@@ -232,7 +236,10 @@ if run:
             sink=sweep_sink,
             eval=eval_spec(nsamples=int(nsamples), draws=int(draws)),
         )
-        df = run_sweep(handle, spec, progress=progress_callback(bar, "Sweep"))
+        df = run_sweep(handle, spec, progress=progress_callback(bar, "Sweep"), executor=executor_from_env())
+        for label, error in zip(df["label"], df.get("error", [""] * len(df))):
+            if error:
+                st.warning(f"{label} failed: {error}")
         st.session_state["sweep_result"] = {
             "table": df,
             "label": (

@@ -510,6 +510,38 @@ def build_parser() -> Parser:
     )
     g.add_argument("--limit", type=_positive, default=None, help="documents of TASK (default: all)")
     g.add_argument("--mc-num", type=_positive, default=32, help="Monte Carlo rows per request, DLM only (default 32)")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="skip the jobs whose rows are already in <out>.partial.csv (from an interrupted run of the same sweep)",
+    )
+    p.add_argument(
+        "--executor",
+        choices=["serial", "ray"],
+        default="serial",
+        help="serial (default: one job after the other in this process) or ray (jobs spread over Ray workers; same rows)",
+    )
+    p.add_argument(
+        "--address",
+        default=None,
+        metavar="HOST:PORT",
+        help="with --executor ray: join this Ray cluster (started with 'ray start --head'); default: start Ray on this machine",
+    )
+    p.add_argument("--workers", type=int, default=2, metavar="N", help="with --executor ray: number of workers (default 2)")
+    p.add_argument(
+        "--gpus-per-worker",
+        type=float,
+        default=0.0,
+        metavar="G",
+        help="with --executor ray: GPUs per worker (default 0: CPU workers); > 0 loads the model on CUDA in each worker",
+    )
+    p.add_argument(
+        "--cpus-per-worker",
+        type=int,
+        default=1,
+        metavar="C",
+        help="with --executor ray: CPUs (and torch threads) per worker (default 1)",
+    )
     p.set_defaults(func=cmd_sweep)
     _add_animate(sub)
 
@@ -819,18 +851,33 @@ def cmd_sweep(args) -> int:
         sink_taus=tuple(args.sink_taus),
     )
     spec.validate()
+    executor = None
+    if args.executor == "ray":
+        from sap_core.distributed import RayExecutor
+
+        executor = RayExecutor(
+            workers=args.workers, address=args.address, gpus_per_worker=args.gpus_per_worker, cpus_per_worker=args.cpus_per_worker
+        )
+    elif args.address is not None:
+        raise UsageError("--address needs --executor ray")
     if args.plot:
         _check_plot_path(args.plot)
     _check_outputs(args)
-    writer = SweepWriter(args.out)  # finished rows go to <out>.partial.csv; --out is replaced only on success
+    # Finished rows go to <out>.partial.csv as they arrive; --out is replaced only on success.
+    writer = SweepWriter(args.out, resume=args.resume)
+    if args.resume and writer.done is not None:
+        print(f"resuming: {len(writer.rows)} finished row(s) from {writer.partial}", file=sys.stderr)
     handle = _load(args)
     try:
         with Bar("sweep", not args.quiet) as bar:
-            df = run_sweep(handle, spec, progress=bar, on_row=writer.add)
-    except BaseException:
+            df = run_sweep(handle, spec, progress=bar, on_result=writer.add, executor=executor, done=writer.done)
+    except BaseException as exc:
         if writer.rows:
+            again = (
+                "run the same command with --resume to continue" if isinstance(exc, KeyboardInterrupt) else "--resume skips them"
+            )
             print(
-                f"note: the {len(writer.rows)} finished row(s) are in {writer.partial}; {args.out} was not changed",
+                f"note: the {len(writer.rows)} finished row(s) are in {writer.partial}; {args.out} was not changed; {again}",
                 file=sys.stderr,
             )
         raise
@@ -856,7 +903,10 @@ def cmd_sweep(args) -> int:
         if not plotted:
             print(f"note: interrupted; {args.out} was written, the plot was not", file=sys.stderr)
             return 130
-    return 0
+    failed = [(label, error) for label, error in zip(df["label"], df.get("error", [""] * len(df))) if str(error or "")]
+    for label, error in failed:
+        print(f"error: job '{label}' failed (its row in {args.out} holds the error): {error}", file=sys.stderr)
+    return 1 if failed else 0
 
 
 def _add_animate(sub) -> None:

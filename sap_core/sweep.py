@@ -27,6 +27,11 @@ statistics still run per job. ``prune_seconds`` is what each job cost: the job t
 statistics carries their cost, later jobs only their own work. ``run_sweep(..., reuse_calibration=False)``
 recalibrates every job from scratch (same rows; ``bench/sweep_cost.py`` compares the two).
 
+The grid is a list of :class:`SweepJob` (:func:`sweep_jobs`), each run by :func:`run_job`; ``run_sweep``
+runs them here one after the other (the reference) or hands them to an executor
+(:class:`sap_core.distributed.RayExecutor`: Ray workers, same rows), skips those already done (``done=``, a
+resumed sweep) and returns the rows in job order whatever order they finished in.
+
 The dense model is the first row (``method="dense"``, ``sparsity=0``, ``pattern="dense"``) unless
 ``include_dense=False``. Every evaluation uses the same :class:`EvalSpec` and seed, so all rows are
 scored on the same text windows and the same masking draws (common random numbers). ``ppl_se`` is the
@@ -342,37 +347,158 @@ def _prune_spec(setting: MethodSetting, pattern: str, sparsity: float, spec: Swe
     return PruneSpec(**kwargs)
 
 
+@dataclass(frozen=True)
+class SweepJob:
+    """One row of a sweep as a unit of work: ``index`` is its place among the rows (the dense reference
+    first), ``label`` its row's label (unique in the sweep), ``prune`` its pruning run (None: dense)."""
+
+    index: int
+    label: str
+    setting: MethodSetting | None
+    pattern: str
+    sparsity: float
+    prune: PruneSpec | None
+
+
+def sweep_jobs(spec: SweepSpec) -> list[SweepJob]:
+    """Every row of ``spec`` as a :class:`SweepJob`, in row order; each PruneSpec is validated here,
+    before any work starts, so a bad combination fails fast."""
+    jobs = [SweepJob(0, DENSE, None, DENSE, 0.0, None)] if spec.include_dense else []
+    for setting, pattern, sparsity in spec.jobs:
+        ps = _prune_spec(setting, pattern, sparsity, spec)
+        ps.validate()
+        jobs.append(SweepJob(len(jobs), spec.label_of(setting, pattern, sparsity), setting, pattern, sparsity, ps))
+    return jobs
+
+
+def run_job(
+    handle: ModelHandle,
+    spec: SweepSpec,
+    job: SweepJob,
+    cache: CalibrationCache | None = None,
+    progress: Callable[[str], Progress | None] = lambda phase: None,
+) -> tuple[dict, np.ndarray | None]:
+    """Prune (unless dense) and score one job; returns its row and its per-draw estimates.
+    ``progress(phase)`` gives the callback of the ``"prune"`` and ``"evaluate"`` phases."""
+    if job.prune is None:
+        with handle.lock:
+            ev = perplexity(handle, spec.eval, progress("evaluate"))
+        prune_seconds, achieved, method, tau = 0.0, 0.0, DENSE, math.nan
+    else:
+        t0 = time.perf_counter()
+        variant = prune(handle, job.prune, progress=progress("prune"), cache=cache)
+        prune_seconds = float(getattr(variant, "seconds", None) or (time.perf_counter() - t0))
+        with variant.applied(handle):
+            ev = perplexity(handle, spec.eval, progress("evaluate"))
+        achieved, method, tau = variant.achieved_sparsity, job.setting.name, spec.tau_of(job.setting)
+    row = dict(
+        method=method,
+        sparsity=job.sparsity,
+        pattern=job.pattern,
+        ppl=ev.ppl,
+        ppl_se=ev.ppl_se,
+        prune_seconds=prune_seconds,
+        nll=ev.nll,
+        nll_se=ev.nll_se,
+        achieved_sparsity=achieved,
+        eval_seconds=ev.seconds,
+        label=job.label,
+        tau=tau,
+    )
+    row.update(ev.accuracy or {})
+    return row, ev.estimates
+
+
 def run_sweep(
     handle: ModelHandle,
     spec: SweepSpec,
     progress: Progress | None = None,
     *,
     on_row: Callable[[dict], None] | None = None,
+    on_result: Callable[[dict, np.ndarray | None], None] | None = None,
     reuse_calibration: bool = True,
+    executor: Any = None,
+    done: pd.DataFrame | None = None,
 ) -> pd.DataFrame:
     """Prune and score every job of ``spec``; one DataFrame row per job (see the module docstring).
 
     ``progress(done, total, message)`` runs across the whole sweep (``total`` is fixed up front: 100
     units per pruning call and per evaluation). Raising :class:`~sap_core.errors.Cancelled` from it
-    stops the sweep with the dense weights restored. ``on_row`` is called with each finished row.
-    ``reuse_calibration=False`` recalibrates every job (see the module docstring).
+    stops the sweep with the dense weights restored. ``on_row(row)`` and ``on_result(row, estimates)``
+    are called with each finished row, in the order the rows finish. ``reuse_calibration=False``
+    recalibrates every job (see the module docstring).
+
+    ``executor``: None or ``"serial"`` runs the jobs here, one after the other (the reference);
+    ``"ray"`` or a :class:`sap_core.distributed.RayExecutor` spreads them over Ray workers (same rows).
+    ``done``: rows of an interrupted run of the same sweep (:func:`load_sweep` of its partial CSV):
+    their jobs are skipped and their rows (and per-draw estimates) kept. Rows come back in job order
+    whatever order they finish in.
     """
     spec.validate()
     check_length(handle, spec.eval.seqlen, "The evaluation seqlen", SweepSpecError)
     if spec.calibration is not None:
         check_length(handle, spec.calibration.seqlen, "The calibration seqlen", SweepSpecError)
-    jobs = spec.jobs
-    # Validate every PruneSpec before any work starts, so a bad combination fails fast.
-    prune_specs = [_prune_spec(m, p, s, spec) for m, p, s in jobs]
-    for ps in prune_specs:
-        ps.validate()
+    jobs = sweep_jobs(spec)
+    results: dict[str, dict] = {}
+    estimates: dict[str, np.ndarray] = {}
+    if done is not None:
+        _adopt_done(done, jobs, results, estimates)
+    todo = [j for j in jobs if j.label not in results]
+
+    def finished(row: dict, est: np.ndarray | None) -> None:
+        results[row["label"]] = row
+        if est is not None:
+            estimates[row["label"]] = est
+        if on_row is not None:
+            on_row(row)
+        if on_result is not None:
+            on_result(row, est)
+
+    if executor == "ray":
+        from sap_core.distributed import RayExecutor
+
+        executor = RayExecutor()
+    if executor is None or executor == "serial":
+        _run_serial(handle, spec, todo, progress, finished, reuse_calibration)
+    elif isinstance(executor, str):
+        raise SweepSpecError(f"Unknown executor '{executor}': use 'serial' or 'ray'.")
+    else:
+        executor.run(handle, spec, todo, progress, finished)
+    df = _frame([results[j.label] for j in jobs if j.label in results])
+    df.attrs["estimates"] = {j.label: estimates[j.label] for j in jobs if j.label in estimates}
+    return df
+
+
+def _adopt_done(done: pd.DataFrame, jobs: list[SweepJob], results: dict, estimates: dict) -> None:
+    """Take the finished rows of ``done`` (rows that hold an error are run again)."""
+    labels = {j.label for j in jobs}
+    failed = done["error"].fillna("").astype(str) != "" if "error" in done.columns else pd.Series(False, index=done.index)
+    foreign = sorted(set(done["label"].astype(str)) - labels)
+    if foreign:
+        raise SweepSpecError(
+            f"The rows to resume are from another sweep: {', '.join(foreign[:3])} is not a run of this one. "
+            "Resume with the same settings, or start afresh (another --out, or delete the partial CSV)."
+        )
+    saved = done.attrs.get("estimates") or {}
+    for record, bad in zip(done.drop(columns=["error"], errors="ignore").to_dict("records"), failed):
+        if bad:
+            continue
+        results[str(record["label"])] = {c: record.get(c, math.nan) for c in COLUMNS + ACC_COLUMNS if c in record or c in COLUMNS}
+        if str(record["label"]) in saved:
+            estimates[str(record["label"])] = saved[str(record["label"])]
+
+
+def _run_serial(handle, spec, jobs, progress, finished, reuse_calibration) -> None:
     cache = CalibrationCache() if reuse_calibration else None
     if cache is not None:
-        for ps in prune_specs:
-            cache.plan(handle, ps)
+        for job in jobs:
+            if job.prune is not None:
+                cache.plan(handle, job.prune)
     unit = 100
-    total = unit * (2 * len(jobs) + (1 if spec.include_dense else 0))
-    offset = 0
+    starts, total = [], 0
+    for job in jobs:
+        starts.append(total)
+        total += unit * (1 if job.prune is None else 2)
 
     def sub(label: str, start: int) -> Progress:
         def inner(done: int, sub_total: int, message: str) -> None:
@@ -381,77 +507,29 @@ def run_sweep(
 
         return inner
 
-    rows: list[dict] = []
-    estimates: dict[str, np.ndarray] = {}
-
-    def add(row: dict, ev: PerplexityRow) -> None:
-        row.update(ev.accuracy or {})
-        rows.append(row)
-        if ev.estimates is not None:
-            estimates[row["label"]] = ev.estimates
-        if on_row is not None:
-            on_row(row)
-
     report(progress, 0, total, "sweep")
-    if spec.include_dense:
-        with handle.lock:
-            ev = perplexity(handle, spec.eval, sub("dense: evaluate", offset))
-        offset += unit
-        add(
-            dict(
-                method=DENSE,
-                sparsity=0.0,
-                pattern=DENSE,
-                ppl=ev.ppl,
-                ppl_se=ev.ppl_se,
-                prune_seconds=0.0,
-                nll=ev.nll,
-                nll_se=ev.nll_se,
-                achieved_sparsity=0.0,
-                eval_seconds=ev.seconds,
-                label=DENSE,
-                tau=math.nan,
-            ),
-            ev,
-        )
-        report(progress, offset, total, "dense done")
-    for (setting, pattern, sparsity), prune_spec in zip(jobs, prune_specs):
-        name = spec.label_of(setting, pattern, sparsity)
-        t0 = time.perf_counter()
-        variant = prune(handle, prune_spec, progress=sub(f"{name}: prune", offset), cache=cache)
-        prune_seconds = float(getattr(variant, "seconds", None) or (time.perf_counter() - t0))
-        offset += unit
-        with variant.applied(handle):
-            ev = perplexity(handle, spec.eval, sub(f"{name}: evaluate", offset))
-        offset += unit
-        add(
-            dict(
-                method=setting.name,
-                sparsity=sparsity,
-                pattern=pattern,
-                ppl=ev.ppl,
-                ppl_se=ev.ppl_se,
-                prune_seconds=prune_seconds,
-                nll=ev.nll,
-                nll_se=ev.nll_se,
-                achieved_sparsity=variant.achieved_sparsity,
-                eval_seconds=ev.seconds,
-                label=name,
-                tau=spec.tau_of(setting),
-            ),
-            ev,
-        )
-        report(progress, offset, total, f"{name} done")
-    df = _frame(rows)
-    df.attrs["estimates"] = estimates
-    return df
+    for job, start in zip(jobs, starts):
+
+        def phase(name: str, job=job, start=start) -> Progress:
+            return sub(f"{job.label}: {name}", start + (unit if name == "evaluate" and job.prune is not None else 0))
+
+        row, est = run_job(handle, spec, job, cache, phase)
+        finished(row, est)
+        report(progress, start + unit * (1 if job.prune is None else 2), total, f"{job.label} done")
 
 
 ACC_COLUMNS = ["acc", "acc_se", "acc_task"]  # with EvalSpec(metric="acc:TASK")
 
 
 def _frame(rows: Sequence[dict]) -> pd.DataFrame:
-    df = pd.DataFrame(list(rows), columns=COLUMNS + [c for c in ACC_COLUMNS if any(c in r for r in rows)])
+    """The rows as a sweep DataFrame: the accuracy columns when some row has them (``metric="acc:TASK"``);
+    an ``error`` column (the message of a job that failed on its own input, empty for the others) only
+    when some row has one (a distributed sweep)."""
+    errors = [str(r.get("error") or "") for r in rows]
+    extra = [c for c in ACC_COLUMNS if any(c in r for r in rows)] + (["error"] if any(errors) else [])
+    df = pd.DataFrame(list(rows), columns=COLUMNS + extra)
+    if any(errors):
+        df["error"] = errors
     for col in ("sparsity", "ppl", "ppl_se", "prune_seconds", "nll", "nll_se", "achieved_sparsity", "eval_seconds", "tau"):
         df[col] = df[col].astype(float)
     for col in ("method", "pattern", "label"):
@@ -515,21 +593,42 @@ def _sha256(data: bytes) -> str:
 class SweepWriter:
     """Keeps a sweep's finished rows on disk while it runs, without touching the result file.
 
-    ``writer.add(row)`` (use it as ``run_sweep(..., on_row=writer.add)``) rewrites ``partial_path(out)``
-    with every row so far; ``writer.finish(df)`` writes ``out`` (replacing an older result only now, on
-    success) and removes the partial file. After a failure the rows are in :attr:`partial`."""
+    ``writer.add(row, estimates)`` (use it as ``run_sweep(..., on_result=writer.add)``; ``on_row=writer.add``
+    keeps the rows without their per-draw estimates) rewrites ``partial_path(out)`` (and its estimates)
+    with every row so far, atomically; ``writer.finish(df)`` writes ``out`` (replacing an older result
+    only now, on success) and removes the partial file. After a failure the rows are in :attr:`partial`.
+    ``resume=True`` starts from the rows already in the partial file (those that hold an error are
+    dropped, to be run again); :attr:`done` holds them for ``run_sweep(..., done=writer.done)``."""
 
-    def __init__(self, out: str | Path):
+    def __init__(self, out: str | Path, resume: bool = False):
         self.out = check_output_file(out, "Sweep CSV")  # a link's target
         self.partial = check_output_file(partial_path(self.out), "Partial sweep CSV")
         for side in (self.out, self.partial):  # the estimates beside each: every name checked before the work
             if not is_special(side):
                 check_output_file(_estimates_path(side), "Sweep estimates")
         self.rows: list[dict] = []
+        self.estimates: dict[str, np.ndarray] = {}
+        self.done: pd.DataFrame | None = None
+        if resume and self.partial.exists():
+            done = load_sweep(self.partial)
+            if "error" in done.columns:
+                keep = done["error"].fillna("").astype(str) == ""
+                done = done[keep].drop(columns=["error"]).reset_index(drop=True)
+                done.attrs["estimates"] = {
+                    k: v for k, v in (done.attrs.get("estimates") or {}).items() if k in set(done["label"])
+                }
+            self.done = done
+            self.rows = [{c: r.get(c) for c in COLUMNS + ACC_COLUMNS if c in r or c in COLUMNS} for r in done.to_dict("records")]
+            self.estimates = dict(done.attrs.get("estimates") or {})
 
-    def add(self, row: dict) -> None:
-        save_sweep(_frame([*self.rows, row]), self.partial)
-        self.rows.append(row)  # counted once on disk, so an interruption's note names what the file holds
+    def add(self, row: dict, estimates: np.ndarray | None = None) -> None:
+        rows, kept = [*self.rows, row], dict(self.estimates)
+        if estimates is not None:
+            kept[row["label"]] = estimates
+        df = _frame(rows)
+        df.attrs["estimates"] = {r["label"]: kept[r["label"]] for r in rows if r["label"] in kept}
+        save_sweep(df, self.partial)
+        self.rows, self.estimates = rows, kept  # counted once on disk, so an interruption's note names what the file holds
 
     def finish(self, df: pd.DataFrame) -> Path:
         save_sweep(df, self.out)

@@ -23,7 +23,7 @@ from sap_core.progress import Progress, report
 from sap_core.pruning import scores as sc
 from sap_core.pruning.calibration import CalibrationRecord, calibration_ids, tokenize
 from sap_core.pruning.masks import select_mask
-from sap_core.pruning.record import SinkRecord, record_calibration
+from sap_core.pruning.record import SinkRecord, record_calibration, scoring_spec
 from sap_core.pruning.sparsegpt import Hessian, sparsegpt_prune_group
 from sap_core.pruning.spec import CalibrationSpec, PruneSpec
 from sap_core.pruning.variant import PrunedVariant, fingerprint, param_names, target_linears
@@ -117,6 +117,36 @@ def prune(
     seconds = time.perf_counter() - t_start
     timings = {"calibration": t_cal, "pruning": seconds - t_cal}  # the block-sequential pass is pruning
     return PrunedVariant(spec, weights, modules, seconds, timings, passes, record, handle.source, dense_fingerprint=dense)
+
+
+def shares_calibration(spec: PruneSpec) -> bool:
+    """Whether ``spec``'s run reads what a :class:`~sap_core.pruning.scores.CalibrationCache` keeps: the
+    calibration record of the noised passes (and, for the noised Wanda family, its column norms)."""
+    return spec.row.statistic != "magnitude" and spec.row.needs_noise
+
+
+def calibration_key(spec: PruneSpec) -> tuple:
+    """What the cached calibration of ``spec`` depends on: (calibration, the sink scoring settings), the
+    cache's own key without the model (:meth:`~sap_core.pruning.scores.CalibrationCache.export`)."""
+    return (spec.calibration, scoring_spec(spec.sink))
+
+
+def calibrate(handle, specs: list[PruneSpec], cache: sc.CalibrationCache) -> None:
+    """Fill ``cache`` with the sparsity-independent calibration of ``specs`` (those that
+    :func:`shares_calibration`), exactly as the first :func:`prune` of each would compute it, so the
+    pruning runs that follow only cut masks. Runs the same checks as :func:`prune` first."""
+    specs = [s for s in specs if shares_calibration(s)]
+    for spec in specs:
+        spec.validate()
+        cache.plan(handle, spec)
+    taps = None
+    for spec in specs:
+        token_ids = _check_against_model(handle, spec)
+        if taps is None:
+            with handle.lock:
+                taps = sc.make_taps(handle)
+        with torch.no_grad():
+            _calibrate(handle, taps, spec, token_ids, None, cache)
 
 
 def _run(handle, taps, spec: PruneSpec, token_ids, tick, cache=None):

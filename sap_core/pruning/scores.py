@@ -277,3 +277,20 @@ class CalibrationCache:
         done.update(zip(todo, results))
         self._records.setdefault(key, record)
         return record, done[w]
+
+    def export(self, handle) -> dict[tuple, tuple[SinkRecord | None, dict[Weighting, NoisedStats]]]:
+        """What is cached for ``handle``'s model, keyed by (calibration, scoring spec) without the model
+        (:func:`sap_core.pruning.engine.calibration_key`): ``{key: (record or None, noised Wanda statistics
+        per weighting)}``. Another process holding the same weights takes it with :meth:`adopt` (a
+        distributed sweep computes each calibration once and ships it to every worker)."""
+        own = id(handle.module)
+        keys = {k for k in (*self._records, *self._stats) if k[0] == own}
+        return {k[1:]: (self._records.get(k), dict(self._stats.get(k, {}))) for k in keys}
+
+    def adopt(self, handle, entries: dict[tuple, tuple[SinkRecord | None, dict[Weighting, NoisedStats]]]) -> None:
+        """Add :meth:`export` ed records and statistics for ``handle``'s model (the same weights they were computed on)."""
+        own = id(handle.module)
+        for key, (record, stats) in entries.items():
+            if record is not None:
+                self._records.setdefault((own, *key), record)
+            self._stats.setdefault((own, *key), {}).update(stats)

@@ -1,0 +1,397 @@
+"""Sweeps over Ray: the jobs of :func:`sap_core.sweep.run_sweep` spread over workers on one machine or a cluster.
+
+``run_sweep(handle, spec, executor=RayExecutor(workers=2))`` (CLI: ``sweep --executor ray``) gives the
+rows the serial sweep gives, bit for bit on CPU, in the same order:
+
+* each worker is a Ray actor with its CPU (and GPU) share that loads the model once, from the same
+  source as ``handle`` (a built-in name, or the model directory's absolute path, which must be readable
+  on every node: checked up front by a probe task per node), with the same dtype, and checks that its
+  weights are the driver's (:func:`sap_core.pruning.variant.fingerprint`);
+* the sparsity-independent calibration statistics (:class:`~sap_core.pruning.scores.CalibrationCache`)
+  are computed once per distinct calibration by one worker (:func:`sap_core.pruning.engine.calibrate`)
+  and shared through Ray's object store; the jobs that read them wait for it, the others run meanwhile;
+* every job is :func:`sap_core.sweep.run_job`, the serial sweep's own code, with the same seeds;
+* a worker that dies (killed, out of memory) has its job run again on another worker (up to
+  ``retries`` times; a replacement worker is started); a job that raises fails alone: its row holds
+  the message in an ``error`` column and the sweep goes on;
+* results are handed to ``run_sweep``'s ``on_row``/``on_result`` as they arrive (the CLI streams them to
+  ``<out>.partial.csv``); Ctrl-C or :class:`~sap_core.errors.Cancelled` from ``progress`` kills the
+  workers and leaves Ray as it was found.
+
+Without an address Ray starts on this machine (``num_cpus`` = workers × CPUs per worker, no dashboard)
+and stops afterwards; with one (``ray start --head`` on one node, ``ray start --address HEAD:6379`` on
+the others) the sweep joins that cluster. A Ray already initialised in this process is used as it is.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+import os
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sap_core.errors import SapError
+
+_CONNECT = threading.Lock()  # one ray.init per process, also when two app sessions start sweeps at once
+# Ray starts its workers at niceness 15 (to keep its own daemons responsive); on a machine shared with other work
+# that starves the sweep, which is the work the user asked for: a local Ray runs them at the driver's priority.
+LOCAL_CONFIG = {"worker_niceness": 0}
+ADDRESS_ENV = "SINKSCOPE_RAY_ADDRESS"  # the app's sweeps run on this Ray cluster when it is set
+
+
+def executor_from_env(env: dict | None = None) -> RayExecutor | None:
+    """The app's executor: a :class:`RayExecutor` joining ``$SINKSCOPE_RAY_ADDRESS`` (``auto``: the cluster
+    started on this machine with ``ray start --head``) with ``$SINKSCOPE_RAY_WORKERS`` workers (default 2) of
+    ``$SINKSCOPE_RAY_GPUS_PER_WORKER`` GPUs (default 0), staying connected; None when the address is unset."""
+    env = os.environ if env is None else env
+    address = env.get(ADDRESS_ENV, "").strip()
+    if not address:
+        return None
+    try:
+        workers, gpus = int(env.get("SINKSCOPE_RAY_WORKERS", "2")), float(env.get("SINKSCOPE_RAY_GPUS_PER_WORKER", "0"))
+    except ValueError:
+        raise ClusterError("SINKSCOPE_RAY_WORKERS must be a whole number and SINKSCOPE_RAY_GPUS_PER_WORKER a number.") from None
+    return RayExecutor(workers=workers, address=address, gpus_per_worker=gpus, stay_connected=True)
+
+
+class ClusterError(SapError):
+    """The Ray cluster cannot run the sweep (too few resources, model not readable on a node, ...)."""
+
+
+def portable_source(source: str) -> str:
+    """A model source every process can open: a built-in name as it is, a directory as an absolute path."""
+    from sap_core.models import BUILTIN_MODELS
+
+    if source in BUILTIN_MODELS:
+        return source
+    return str(Path(source).expanduser().resolve())
+
+
+def probe_model(source: str) -> str | None:
+    """None when ``source`` (from :func:`portable_source`) can be read here: its ``config.json`` is a JSON
+    object and its weight files are readable; else the reason. Light (no torch import): it runs once per node."""
+    import json
+
+    from sap_core import ASSETS
+
+    path = Path(source) if os.path.isabs(source) else ASSETS / "models" / source
+    try:
+        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+        if not isinstance(config, dict):
+            return f"'{path / 'config.json'}' is not a JSON object"
+        weights = sorted(path.glob("*.safetensors")) + sorted(path.glob("*.safetensors.index.json"))
+        if not weights:
+            return f"no *.safetensors in '{path}'"
+        for w in weights:
+            with open(w, "rb") as f:
+                f.read(8)
+    except (OSError, ValueError) as exc:
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
+def local_runtime_env() -> dict:
+    """A local Ray's workers import the ``sap_core`` this process runs (a checkout may not be the installed copy)."""
+    import sap_core
+
+    here = str(Path(sap_core.__file__).resolve().parent.parent)
+    path = os.pathsep.join(p for p in (here, os.environ.get("PYTHONPATH", "")) if p)
+    return {"env_vars": {"PYTHONPATH": path}}
+
+
+class SweepWorker:
+    """The body of a Ray actor: one model, loaded once, running sweep jobs (see the module docstring)."""
+
+    def __init__(self, source: str, device: str, dtype: Any, threads: int, dense: dict):
+        import torch
+
+        from sap_core.models import load_model
+        from sap_core.pruning.scores import CalibrationCache
+        from sap_core.pruning.variant import fingerprint, same_weights
+
+        torch.set_num_threads(threads)
+        self.error = None
+        self.handle = load_model(source, device=device, dtype=dtype)
+        if not same_weights(fingerprint(self.handle.module), dense):
+            self.error = f"the model at '{source}' on {socket.gethostname()} has other weights than the driver's"
+        self.cache = CalibrationCache()
+        self.adopted: set = set()
+
+    def ready(self) -> dict:
+        return dict(pid=os.getpid(), host=socket.gethostname(), error=self.error)
+
+    def calibrate(self, key: tuple, prune_specs: list) -> dict:
+        from sap_core.pruning.engine import calibrate
+
+        calibrate(self.handle, prune_specs, self.cache)
+        self.adopted.add(key)
+        return {k: v for k, v in self.cache.export(self.handle).items() if k == key}
+
+    def run(self, spec, job, calibration: list) -> tuple[dict, Any]:
+        """``calibration``: ``[(key, ObjectRef)]`` of the shared statistics the job reads (fetched once per key)."""
+        import ray
+
+        from sap_core.sweep import run_job
+
+        for key, ref in calibration:
+            if key not in self.adopted:
+                self.cache.adopt(self.handle, ray.get(ref))
+                self.adopted.add(key)
+        return run_job(self.handle, spec, job, self.cache)
+
+
+@dataclass(frozen=True)
+class RayExecutor:
+    """Run a sweep's jobs on ``workers`` Ray actors of ``cpus_per_worker`` CPUs (and torch threads) and
+    ``gpus_per_worker`` GPUs each (> 0: the workers load the model on CUDA). ``address``: a running
+    cluster (``ray start --head``; ``"auto"`` finds a local one); None starts Ray here for the sweep.
+    ``retries``: how often a job whose worker died is run again before its row records the failure."""
+
+    workers: int = 2
+    address: str | None = None
+    gpus_per_worker: float = 0.0
+    cpus_per_worker: int = 1
+    retries: int = 2
+    stay_connected: bool = False  # leave a Ray this executor started running (the app: one connection for every sweep)
+    status: dict = field(default_factory=dict, compare=False, repr=False)  # worker name -> {pid, host, job}
+    stats: dict = field(default_factory=dict, compare=False, repr=False)  # calibrations, retries, started workers of the last run
+
+    def __post_init__(self) -> None:
+        for name in ("workers", "cpus_per_worker", "retries"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < (0 if name == "retries" else 1):
+                raise ClusterError(f"{name} must be a whole number >= {0 if name == 'retries' else 1} (got {value!r}).")
+        g = self.gpus_per_worker
+        if isinstance(g, bool) or not isinstance(g, (int, float)) or not math.isfinite(g) or g < 0:
+            raise ClusterError(f"gpus_per_worker must be a number >= 0 (got {g!r}).")
+        if self.address is not None and not str(self.address).strip():
+            raise ClusterError("The Ray address is empty: give HOST:PORT of the head node, 'auto', or no address.")
+
+    # --- cluster ---------------------------------------------------------------------------------
+
+    def _connect(self) -> bool:
+        """Initialise Ray unless it is; True when this call started it (and so must shut it down)."""
+        import ray
+
+        with _CONNECT:
+            if ray.is_initialized():
+                return False
+            return self._init(ray) and not self.stay_connected
+
+    def _init(self, ray) -> bool:
+        kwargs: dict[str, Any] = dict(include_dashboard=False, log_to_driver=False, configure_logging=False)
+        address = self.address or os.environ.get("RAY_ADDRESS", "").strip() or None  # Ray's own variable names a cluster too
+        if address is None:
+            kwargs.update(
+                num_cpus=self.workers * self.cpus_per_worker, runtime_env=local_runtime_env(), _system_config=LOCAL_CONFIG
+            )
+            if self.gpus_per_worker:
+                kwargs.update(num_gpus=math.ceil(self.workers * self.gpus_per_worker))
+        else:
+            kwargs.update(address=address)
+        try:
+            ray.init(**kwargs)
+        except (ConnectionError, RuntimeError, ValueError) as exc:
+            raise ClusterError(f"Cannot start or join Ray at {address or 'this machine'}: {exc}") from None
+        return True
+
+    def _check_cluster(self, source: str, probe: bool = True) -> None:
+        import ray
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        have = ray.cluster_resources()
+        need_cpu, need_gpu = self.workers * self.cpus_per_worker, self.workers * self.gpus_per_worker
+        if have.get("CPU", 0) < need_cpu or have.get("GPU", 0) < need_gpu:
+            raise ClusterError(
+                f"{self.workers} workers need {need_cpu} CPUs and {need_gpu:g} GPUs, but the cluster has "
+                f"{have.get('CPU', 0):g} CPUs and {have.get('GPU', 0):g} GPUs: ask for fewer workers or a smaller share."
+            )
+        if not probe:
+            return
+        probe = ray.remote(num_cpus=0)(probe_model)
+        nodes = [n for n in ray.nodes() if n.get("Alive")]
+        refs = [
+            probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote(source)
+            for n in nodes
+        ]
+        for node, ref in zip(nodes, refs):
+            try:
+                problem = ray.get(ref, timeout=120)
+            except Exception as exc:  # e.g. sap_core not importable there
+                problem = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else ''}"
+            if problem:
+                raise ClusterError(
+                    f"The model '{source}' cannot be read on node {node.get('NodeManagerAddress')} ({problem}). Every node "
+                    "needs SinkScope installed and the model directory at the same path (a shared filesystem, or a copy)."
+                )
+
+    def _start(self, name: str, handle, source: str):
+        import ray
+
+        from sap_core.pruning.variant import fingerprint
+
+        actor = ray.remote(SweepWorker).options(
+            num_cpus=self.cpus_per_worker, num_gpus=self.gpus_per_worker, max_restarts=0, max_task_retries=0, name=None
+        )
+        device = "cuda" if self.gpus_per_worker > 0 else "cpu"
+        with handle.lock:
+            dense = fingerprint(handle.module)
+        worker = actor.remote(source, device, handle.dtype, self.cpus_per_worker, dense)
+        self.status[name] = dict(pid=None, host=None, job="starting")
+        return worker
+
+    # --- the sweep -------------------------------------------------------------------------------
+
+    def run(self, handle, spec, jobs: list, progress, finished) -> None:  # noqa: C901 (to be split: one scheduling loop)
+        """Run ``jobs`` (:class:`sap_core.sweep.SweepJob`) and call ``finished(row, estimates)`` for each as it arrives."""
+        import ray
+
+        from sap_core.pruning.engine import calibration_key, shares_calibration
+        from sap_core.sweep import DENSE
+
+        if not jobs:
+            return
+        source = portable_source(handle.source)
+        if progress is not None:
+            progress(0, len(jobs), f"starting Ray and {self.workers} worker(s)")
+        t_start = time.perf_counter()
+        started = self._connect()
+        workers: dict[str, Any] = {}
+        try:
+            self._check_cluster(source, probe=not started)  # a Ray started here has one node: this one
+            for i in range(self.workers):
+                workers[f"w{i}"] = self._start(f"w{i}", handle, source)
+            self._await_ready(workers)
+            groups: dict[tuple, list] = {}
+            for job in jobs:
+                if job.prune is not None and shares_calibration(job.prune):
+                    groups.setdefault(calibration_key(job.prune), []).append(job)
+            needs = {job.index: calibration_key(job.prune) for js in groups.values() for job in js}
+            ready = [(j.index, j) for j in jobs if j.index not in needs]
+            heapq.heapify(ready)
+            to_calibrate = list(groups)  # in job order: the first key is the first job's
+            calibrated: dict[tuple, Any] = {}
+            attempts: dict[Any, int] = {}
+            inflight: dict[Any, tuple[str, str, Any]] = {}  # ref -> (worker, "job"|"calibrate", job or key)
+            idle = list(workers)
+            n_done, replacements = 0, 0
+            self.stats.update(calibrations=0, retries=0, workers=len(workers), startup_seconds=time.perf_counter() - t_start)
+            self.stats["round_trips"] = round_trips = {}  # label -> seconds from dispatch to result (bench/sweep_parallel.py)
+            sent: dict[Any, float] = {}
+
+            def fail(job, message: str) -> None:
+                row = dict(
+                    method=DENSE if job.setting is None else job.setting.name,
+                    sparsity=job.sparsity,
+                    pattern=job.pattern,
+                    label=job.label,
+                    tau=math.nan if job.setting is None else spec.tau_of(job.setting),
+                    error=message,
+                )
+                finished(row, None)
+
+            def show() -> None:
+                parts = [f"{w} {s['job']}" for w, s in sorted(self.status.items()) if w in workers]
+                if progress is not None:
+                    progress(n_done, len(jobs), f"{n_done}/{len(jobs)} rows · " + " | ".join(parts))
+
+            show()
+            while ready or to_calibrate or inflight:
+                while idle and (to_calibrate or ready):
+                    name = idle.pop(0)
+                    if to_calibrate:
+                        key = to_calibrate.pop(0)
+                        specs = [j.prune for j in groups[key]]
+                        ref = workers[name].calibrate.remote(key, specs)
+                        self.stats["calibrations"] += 1
+                        inflight[ref] = (name, "calibrate", key)
+                        self.status[name]["job"] = f"calibrating for {groups[key][0].label}"
+                    else:
+                        _, job = heapq.heappop(ready)
+                        deps = [(needs[job.index], calibrated[needs[job.index]])] if job.index in needs else []
+                        ref = workers[name].run.remote(spec, job, deps)
+                        sent[ref] = time.perf_counter()
+                        inflight[ref] = (name, "job", job)
+                        self.status[name]["job"] = job.label
+                    show()
+                if not inflight:
+                    break
+                (ref,), _ = ray.wait(list(inflight), num_returns=1)
+                name, kind, what = inflight.pop(ref)
+                try:
+                    value = ray.get(ref)  # raises the worker's death or the job's own error
+                except ray.exceptions.RayActorError as exc:  # the worker died: run its work elsewhere
+                    del workers[name]
+                    self.status.pop(name, None)
+                    tag = what if kind == "calibrate" else what.index
+                    attempts[tag] = tries = attempts.get(tag, 0) + 1
+                    if tries > self.retries:
+                        reason = f"WorkerDied: a worker died {tries} times running this job ({type(exc).__name__})"
+                        for job in groups[what] if kind == "calibrate" else [what]:
+                            fail(job, reason)
+                            n_done += 1
+                    elif kind == "calibrate":
+                        self.stats["retries"] += 1
+                        to_calibrate.insert(0, what)
+                    else:
+                        self.stats["retries"] += 1
+                        heapq.heappush(ready, (what.index, what))
+                    if replacements < self.workers * (self.retries + 1):
+                        replacements += 1
+                        new = f"w{self.workers + replacements - 1}"
+                        workers[new] = self._start(new, handle, source)
+                        self.stats["workers"] += 1
+                        self._await_ready({new: workers[new]})
+                        idle.append(new)
+                    elif not workers:
+                        raise ClusterError("Every Ray worker died; the finished rows are kept, resume when the cluster is back.")
+                    show()
+                    continue
+                except ray.exceptions.RayTaskError as exc:  # the job raised on its own input: it fails alone
+                    cause = exc.cause if getattr(exc, "cause", None) is not None else exc
+                    message = f"{type(cause).__name__}: {cause}".splitlines()[0]
+                    for job in groups[what] if kind == "calibrate" else [what]:
+                        fail(job, message if kind == "job" else f"calibration failed: {message}")
+                        n_done += 1
+                    if kind == "calibrate":
+                        groups.pop(what)
+                else:
+                    if kind == "calibrate":
+                        calibrated[what] = ref  # stays in the object store while referenced; workers fetch it once
+                        for job in groups[what]:
+                            heapq.heappush(ready, (job.index, job))
+                    else:
+                        row, estimates = value
+                        round_trips[what.label] = time.perf_counter() - sent.pop(ref)
+                        n_done += 1
+                        finished(row, estimates)
+                self.status[name]["job"] = "idle"
+                idle.append(name)
+                show()
+        finally:
+            for worker in workers.values():
+                ray.kill(worker, no_restart=True)
+            self.status.clear()
+            if started:
+                ray.shutdown()
+
+    def _await_ready(self, workers: dict) -> None:
+        import ray
+
+        for name, worker in workers.items():
+            try:
+                info = ray.get(worker.ready.remote())
+            except ray.exceptions.RayActorError as exc:
+                cause = getattr(exc, "cause", None) or exc
+                message = str(cause).strip().splitlines()
+                raise ClusterError(
+                    f"A Ray worker could not load the model: {message[-1] if message else type(cause).__name__}"
+                ) from None
+            if info["error"]:
+                raise ClusterError(f"Ray worker {name}: {info['error']}; every node needs the same model.")
+            self.status[name] = dict(pid=info["pid"], host=info["host"], job="idle")
