@@ -211,3 +211,21 @@ def test_cli_prune_structured_saves_a_smaller_model(tmp_path, tiny_dlm_dir):
     assert report["method"] == "sink_struct_wanda" and report["config_changes"] == {"mlp_hidden_size": 45}
     assert load_model(out, device="cpu").module.blocks[0].ff_out.in_features == 45
     assert main([str(a) for a in args[:7] + ["--heads", "1.5"]]) == 2
+
+
+def test_compare_and_sweep_take_a_structured_variant(dlm):
+    from sap_core.compare import compare_generations
+    from sap_core.diffusion import DecodeSpec
+    from sap_core.sweep import EvalSpec, SweepSpec, run_sweep
+
+    before = snapshot(dlm)
+    v = prune(dlm, PruneSpec("flap", 0.5, heads=0.5, calibration=CAL))
+    comparison = compare_generations(dlm, [v], "To be", DecodeSpec(gen_length=8, steps=8, block_length=8))
+    table = comparison.table()
+    assert list(table["label"]) == ["dense", "flap 50%, heads 50%"] and (table["tokens_per_second"] > 0).all()
+    spec = SweepSpec(("sink_flap",), (0.5,), calibration=CAL, eval=EvalSpec(seqlen=16, nsamples=2, draws=2, text=" ".join(TEXT)))
+    df = run_sweep(dlm, spec)
+    assert (
+        list(df["method"]) == ["dense", "sink_flap"] and abs(df["achieved_sparsity"].iloc[1] - 0.3) < 1e-9
+    )  # half of the MLP, 3/5 of the block
+    assert all(torch.equal(before[k], t) for k, t in snapshot(dlm).items())
