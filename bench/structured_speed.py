@@ -1,0 +1,134 @@
+"""Structured pruning on the built-in DLM (tiny-dlm), CPU: is the pruned model really smaller and faster, and
+what does it cost in perplexity, baseline vs sink-aware?
+
+For each pruning ratio r (default 0.3 and 0.5; a fraction r of every block's MLP channels *and* attention
+heads removed):
+
+* speed: generation time of the pruned model against the dense one on the same prompts, in the same run,
+  interleaved prompt by prompt (dense, pruned, dense, pruned, ...) so that load on the machine hits both
+  alike; prints the median seconds per prompt and the median of the pairwise ratios pruned/dense and the forward FLOPs removed (counted by ``torch.utils.flop_counter`` on
+  one forward pass of the decoding length), parameters and ``model.safetensors`` bytes of the saved model;
+* quality: a sweep (:func:`sap_core.sweep.run_sweep`: same evaluation windows and masking draws for every
+  row) of struct_wanda, sink_struct_wanda, flap and sink_flap, and the paired standard error of each
+  sink-aware method against its baseline (:func:`sap_core.sweep.method_differences`).
+
+Benchmark accuracy (the built-in lm-eval task) is not scored yet: ``sap_core.benchmark`` is another branch's
+work; the ``accuracy`` column is printed as ``n/a`` until it is merged (marked ``BENCHMARK`` below).
+
+    OMP_NUM_THREADS=1 python bench/structured_speed.py [--ratios 0.3 0.5] [--repeats 5] [--csv OUT.csv]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import pandas as pd
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from sap_core.diffusion import DecodeSpec, generate
+from sap_core.models import load_model
+from sap_core.pruning import PruneSpec, prune
+from sap_core.sweep import EvalSpec, MethodSetting, SweepSpec, method_differences, run_sweep
+
+PROMPTS = ["ROMEO.\n", "To be, or not to be", "KING HENRY.\nOnce more unto the breach", "The quality of mercy"]
+PAIRS = (("sink_struct_wanda", "struct_wanda"), ("sink_flap", "flap"))
+
+
+def forward_flops(handle, length: int) -> int:
+    ids = torch.full((1, length), 5, dtype=torch.long)
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        handle.module(ids)
+    return counter.get_total_flops()
+
+
+def time_generation(handle, pruned, spec: DecodeSpec, repeats: int) -> tuple[float, float, float]:
+    """Dense and pruned (a separate copy: no swapping inside the timing) decode each prompt back to back,
+    ``repeats`` times; returns the median seconds per prompt of each and the median of the pairwise ratios
+    (each ratio from two adjacent runs, so the machine's load drifts out of it)."""
+    dense, small, ratios = [], [], []
+    for _ in range(repeats):
+        for p in PROMPTS:
+            pair = []
+            for model in (handle, pruned):
+                t0 = time.perf_counter()
+                generate(model, p, spec)
+                pair.append(time.perf_counter() - t0)
+            dense.append(pair[0])
+            small.append(pair[1])
+            ratios.append(pair[1] / pair[0])
+    return statistics.median(dense), statistics.median(small), statistics.median(ratios)
+
+
+def speed_rows(handle, ratios, repeats: int, decode: DecodeSpec) -> pd.DataFrame:
+    rows = []
+    length = len(handle.encode(PROMPTS[0])) + decode.gen_length
+    dense_flops, dense_params = forward_flops(handle, length), handle.n_params
+    with tempfile.TemporaryDirectory() as tmp:
+        handle.module.save_pretrained(str(Path(tmp) / "dense"))
+        dense_bytes = (Path(tmp) / "dense" / "model.safetensors").stat().st_size
+        for r in ratios:
+            v = prune(handle, PruneSpec("struct_wanda", r, heads=r))
+            with v.applied(handle):
+                flops, params = forward_flops(handle, length), handle.n_params
+            size = (v.save(Path(tmp) / f"r{r}", handle) / "model.safetensors").stat().st_size
+            t_dense, t_pruned, ratio = time_generation(handle, v.apply_to_copy(handle), decode, repeats)
+            rows.append(
+                dict(
+                    ratio=r,
+                    params=params,
+                    params_ratio=params / dense_params,
+                    bytes_ratio=size / dense_bytes,
+                    flops_removed=1 - flops / dense_flops,
+                    dense_s=t_dense,
+                    pruned_s=t_pruned,
+                    time_ratio=ratio,
+                )
+            )
+    return pd.DataFrame(rows)
+
+
+def quality_rows(handle, ratios, eval_spec: EvalSpec) -> tuple[pd.DataFrame, pd.DataFrame]:
+    frames, diffs = [], []
+    methods = [m for pair in PAIRS for m in reversed(pair)]
+    for i, r in enumerate(ratios):
+        settings = tuple(MethodSetting(m, options=(("heads", r),)) for m in methods)
+        df = run_sweep(handle, SweepSpec(settings, (r,), eval=eval_spec, include_dense=i == 0))
+        frames.append(df)
+        diffs.append(method_differences(df, PAIRS))
+    df = pd.concat(frames, ignore_index=True)
+    df["accuracy"] = "n/a"  # BENCHMARK: sap_core.benchmark (built-in lm-eval task) fills this once merged
+    return df, pd.concat(diffs, ignore_index=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--ratios", type=float, nargs="+", default=[0.3, 0.5])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--gen-length", type=int, default=64)
+    parser.add_argument("--csv", default=None, help="write the quality rows here")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    handle = load_model("tiny-dlm", device="cpu", dtype="float32")
+    decode = DecodeSpec(gen_length=args.gen_length, steps=args.gen_length, block_length=args.gen_length)
+    print(f"tiny-dlm, {handle.n_params:,} parameters, {torch.get_num_threads()} threads; decoding {decode}")
+    speed = speed_rows(handle, args.ratios, args.repeats, decode)
+    print("\nspeed (struct_wanda; every structured method removes the same shapes):")
+    print(speed.to_string(index=False, float_format=lambda x: f"{x:.3f}"))
+    df, diffs = quality_rows(handle, args.ratios, EvalSpec())
+    print("\nperplexity (EvalSpec(): 16 windows of 128 tokens, 8 draws; accuracy: see BENCHMARK):")
+    print(df[["label", "ppl", "ppl_se", "achieved_sparsity", "prune_seconds", "accuracy"]].to_string(index=False))
+    print("\nsink-aware vs baseline (delta_nll < 0: sink-aware better; z with the paired SE):")
+    print(diffs[["method", "baseline", "sparsity", "ppl", "ppl_baseline", "delta_nll", "se_paired", "z"]].to_string(index=False))
+    if args.csv:
+        from sap_core.sweep import save_sweep
+
+        save_sweep(df.drop(columns=["accuracy"]), args.csv)
+
+
+if __name__ == "__main__":
+    main()
