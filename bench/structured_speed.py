@@ -9,8 +9,8 @@ heads removed):
   alike; prints the median seconds per prompt and the median of the pairwise ratios pruned/dense and the forward FLOPs removed (counted by ``torch.utils.flop_counter`` on
   one forward pass of the decoding length), parameters and ``model.safetensors`` bytes of the saved model;
 * quality: a sweep (:func:`sap_core.sweep.run_sweep`: same evaluation windows and masking draws for every
-  row) of struct_wanda, sink_struct_wanda, flap and sink_flap, and the paired standard error of each
-  sink-aware method against its baseline (:func:`sap_core.sweep.method_differences`).
+  row) of struct_wanda, flap (clean windows), their noised controls and their sink-aware variants, and the
+  paired standard error of each sink-aware method against its baseline and its control (:func:`sap_core.sweep.method_differences`).
 
 Benchmark accuracy (the built-in lm-eval task) is not scored yet: ``sap_core.benchmark`` is another branch's
 work; the ``accuracy`` column is printed as ``n/a`` until it is merged (marked ``BENCHMARK`` below).
@@ -36,7 +36,14 @@ from sap_core.pruning import PruneSpec, prune
 from sap_core.sweep import EvalSpec, MethodSetting, SweepSpec, method_differences, run_sweep
 
 PROMPTS = ["ROMEO.\n", "To be, or not to be", "KING HENRY.\nOnce more unto the breach", "The quality of mercy"]
-PAIRS = (("sink_struct_wanda", "struct_wanda"), ("sink_flap", "flap"))
+# (sink-aware, reference): the baseline on clean windows, and the control on the same noised windows without sink weights
+PAIRS = (
+    ("sink_struct_wanda", "struct_wanda"),
+    ("sink_flap", "flap"),
+    ("sink_struct_wanda", "noised_struct_wanda"),
+    ("sink_flap", "noised_flap"),
+)
+METHODS = ("struct_wanda", "noised_struct_wanda", "sink_struct_wanda", "flap", "noised_flap", "sink_flap")
 
 
 def forward_flops(handle, length: int) -> int:
@@ -94,9 +101,8 @@ def speed_rows(handle, ratios, repeats: int, decode: DecodeSpec) -> pd.DataFrame
 
 def quality_rows(handle, ratios, eval_spec: EvalSpec) -> tuple[pd.DataFrame, pd.DataFrame]:
     frames, diffs = [], []
-    methods = [m for pair in PAIRS for m in reversed(pair)]
     for i, r in enumerate(ratios):
-        settings = tuple(MethodSetting(m, options=(("heads", r),)) for m in methods)
+        settings = tuple(MethodSetting(m, options=(("heads", r),)) for m in METHODS)
         df = run_sweep(handle, SweepSpec(settings, (r,), eval=eval_spec, include_dense=i == 0))
         frames.append(df)
         diffs.append(method_differences(df, PAIRS))

@@ -207,6 +207,22 @@ METHOD_TABLE: tuple[Method, ...] = (
         gated=True,
         structure="channels",
     ),
+    Method(
+        "noised_struct_wanda",
+        "control: struct_wanda on the same noised inputs, no sink weighting",
+        "noised",
+        "wanda",
+        False,
+        structure="channels",
+    ),
+    Method(
+        "noised_flap",
+        "control: flap on the same noised inputs, no sink weighting",
+        "noised",
+        "fluctuation",
+        False,
+        structure="channels",
+    ),
 )
 METHOD_ROWS: dict[str, Method] = {m.name: m for m in METHOD_TABLE}
 # name -> one line a selectbox can show (the table's descriptions)
