@@ -15,7 +15,7 @@ heads removed):
 Benchmark accuracy (the built-in lm-eval task) is not scored yet: ``sap_core.benchmark`` is another branch's
 work; the ``accuracy`` column is printed as ``n/a`` until it is merged (marked ``BENCHMARK`` below).
 
-    OMP_NUM_THREADS=1 python bench/structured_speed.py [--ratios 0.3 0.5] [--repeats 5] [--csv OUT.csv]
+    OMP_NUM_THREADS=1 python bench/structured_speed.py [--ratios 0.3 0.5] [--repeats 5] [--csv OUT.csv] [--speed-only]
 """
 
 from __future__ import annotations
@@ -117,6 +117,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--gen-length", type=int, default=64)
     parser.add_argument("--csv", default=None, help="write the quality rows here")
+    parser.add_argument("--speed-only", action="store_true", help="skip the perplexity sweep")
     args = parser.parse_args()
     torch.manual_seed(0)
     handle = load_model("tiny-dlm", device="cpu", dtype="float32")
@@ -125,6 +126,8 @@ def main() -> None:
     speed = speed_rows(handle, args.ratios, args.repeats, decode)
     print("\nspeed (struct_wanda; every structured method removes the same shapes):")
     print(speed.to_string(index=False, float_format=lambda x: f"{x:.3f}"))
+    if args.speed_only:
+        return
     df, diffs = quality_rows(handle, args.ratios, EvalSpec())
     print("\nperplexity (EvalSpec(): 16 windows of 128 tokens, 8 draws; accuracy: see BENCHMARK):")
     print(df[["label", "ppl", "ppl_se", "achieved_sparsity", "prune_seconds", "accuracy"]].to_string(index=False))

@@ -229,3 +229,19 @@ def test_compare_and_sweep_take_a_structured_variant(dlm):
         list(df["method"]) == ["dense", "sink_flap"] and abs(df["achieved_sparsity"].iloc[1] - 0.3) < 1e-9
     )  # half of the MLP, 3/5 of the block
     assert all(torch.equal(before[k], t) for k, t in snapshot(dlm).items())
+
+
+def test_dream_mlp_channels_save_and_load_but_heads_are_refused(tmp_path):
+    from test_families import make_dream_dir
+
+    dream = load_model(make_dream_dir(tmp_path / "dream"), device="cpu")
+    with pytest.raises(PruneSpecError, match="head size"):
+        prune(dream, PruneSpec("flap", 0.5, heads=0.5, calibration=CAL))
+    v = prune(dream, PruneSpec("sink_struct_wanda", 0.5, calibration=CAL))
+    ids = torch.randint(4, 100, (1, 12), generator=torch.Generator().manual_seed(3))
+    with v.applied(dream):
+        expected = dream.logits(ids)
+    hidden = dream.module.config.intermediate_size
+    loaded = load_model(v.save(tmp_path / "small", dream), device="cpu")
+    assert loaded.module.config.intermediate_size == hidden - round(0.5 * hidden)
+    assert torch.allclose(loaded.logits(ids), expected, atol=1e-5)

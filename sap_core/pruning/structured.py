@@ -315,7 +315,7 @@ def _prune_block(tap, stats: StructStats, i: int, plan: Plan, spec: PruneSpec, p
             rows = sum(lin[n].weight.double().abs() @ x_q.norm() for n in (q, k, v))
             cols = rows + x_o.norm() * Wo.abs().sum(0)
         head_keep = keep_best(cols.reshape(plan.n_heads, plan.head_dim).sum(1), plan.heads)
-        idx = (head_keep[:, None] * plan.head_dim + torch.arange(plan.head_dim)).reshape(-1)
+        idx = (head_keep[:, None] * plan.head_dim + torch.arange(plan.head_dim, device=head_keep.device)).reshape(-1)
         for n in (q, k, v):
             _cut(out, prefix, lin[n], n, rows=idx)
         _cut(out, prefix, lin[o], o, cols=idx, mean=x_o.mean() if spec.bias_compensation else None)
@@ -334,9 +334,9 @@ def _cut(out: dict, prefix: str, lin: nn.Linear, name: str, rows=None, cols=None
         if rows is not None:
             b = b[rows]
         elif mean is not None:
-            removed = torch.ones(W.shape[1], dtype=torch.bool)
+            removed = torch.ones(W.shape[1], dtype=torch.bool, device=W.device)
             removed[cols] = False
-            b = (b.double() + W[:, removed].double() @ mean[removed.to(mean.device)]).to(b.dtype)
+            b = (b.double() + W[:, removed].double() @ mean.to(W.device)[removed]).to(b.dtype)
         out[f"{prefix}{name}.bias"] = b.clone()
 
 
