@@ -245,3 +245,23 @@ def test_dream_mlp_channels_save_and_load_but_heads_are_refused(tmp_path):
     loaded = load_model(v.save(tmp_path / "small", dream), device="cpu")
     assert loaded.module.config.intermediate_size == hidden - round(0.5 * hidden)
     assert torch.allclose(loaded.logits(ids), expected, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_compare_page_runs_a_structured_variant_and_shows_tokens_per_second():
+    from test_app import new_app, texts
+
+    at = new_app()
+    at.switch_page("pages/prune.py").run()
+    at.selectbox[0].set_value("flap")
+    at.button[0].click().run()
+    assert not at.exception and not at.error, texts(at.error)
+    at.switch_page("pages/compare.py").run()
+    nums = {n.label: n for n in at.number_input}
+    nums["Generation length"].set_value(16)
+    nums["Steps"].set_value(16)
+    at.button[0].click().run()
+    assert not at.exception and not at.error, texts(at.error)
+    heads = [m for m in texts(at.markdown) if "tokens/s" in m]
+    assert len(heads) == 2 and any(m.startswith("**flap 50%") for m in heads), heads
+    assert (at.dataframe[0].value["tokens_per_second"] > 0).all()
