@@ -106,9 +106,33 @@ def quality_rows(handle, ratios, eval_spec: EvalSpec) -> tuple[pd.DataFrame, pd.
         df = run_sweep(handle, SweepSpec(settings, (r,), eval=eval_spec, include_dense=i == 0))
         frames.append(df)
         diffs.append(method_differences(df, PAIRS))
-    df = pd.concat(frames, ignore_index=True)
-    df["accuracy"] = "n/a"  # BENCHMARK: sap_core.benchmark (built-in lm-eval task) fills this once merged
-    return df, pd.concat(diffs, ignore_index=True)
+    return pd.concat(frames, ignore_index=True), pd.concat(diffs, ignore_index=True)
+
+
+def accuracy_rows(handle, ratios, limit: int, mc_num: int) -> pd.DataFrame | None:
+    """BENCHMARK: accuracy on the built-in lm-eval task, paired per document; None without ``sap_core.accuracy``."""
+    try:
+        from sap_core.accuracy import accuracy_table
+        from sap_core.benchmark import BenchSpec
+    except ImportError:
+        return None
+    rows = []
+    for r in ratios:
+        variants = {m: prune(handle, PruneSpec(m, r, heads=r)) for m in METHODS}
+        res = accuracy_table(handle, variants, spec=BenchSpec(mc_num=mc_num, batch_size=mc_num), limit=limit)
+        acc = {model: a for (_, model), a in res.per_doc.items()}
+        for method, ref in (("dense", None), *((m, None) for m in METHODS), *PAIRS):
+            if method == "dense" and r != ratios[0]:
+                continue
+            a = acc[method]
+            row = dict(
+                ratio=0.0 if method == "dense" else r, method=method, n=len(a), acc=a.mean(), acc_se=a.std(ddof=1) / len(a) ** 0.5
+            )
+            if ref is not None:
+                d = a - acc[ref]
+                row.update(method=f"{method} − {ref}", acc=d.mean(), acc_se=d.std(ddof=1) / len(d) ** 0.5)
+            rows.append(row)
+    return pd.DataFrame(rows)
 
 
 def main() -> None:
@@ -117,7 +141,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--gen-length", type=int, default=64)
     parser.add_argument("--csv", default=None, help="write the quality rows here")
-    parser.add_argument("--speed-only", action="store_true", help="skip the perplexity sweep")
+    parser.add_argument("--speed-only", action="store_true", help="skip the perplexity sweep and the accuracy")
+    parser.add_argument("--limit", type=int, default=100, help="documents of the built-in task (accuracy)")
+    parser.add_argument("--mc-num", type=int, default=8, help="Monte Carlo rows per request (accuracy)")
     args = parser.parse_args()
     torch.manual_seed(0)
     handle = load_model("tiny-dlm", device="cpu", dtype="float32")
@@ -129,14 +155,22 @@ def main() -> None:
     if args.speed_only:
         return
     df, diffs = quality_rows(handle, args.ratios, EvalSpec())
-    print("\nperplexity (EvalSpec(): 16 windows of 128 tokens, 8 draws; accuracy: see BENCHMARK):")
-    print(df[["label", "ppl", "ppl_se", "achieved_sparsity", "prune_seconds", "accuracy"]].to_string(index=False))
+    print("\nperplexity (EvalSpec(): 16 windows of 128 tokens, 8 draws):")
+    print(df[["label", "ppl", "ppl_se", "achieved_sparsity", "prune_seconds"]].to_string(index=False))
     print("\nsink-aware vs baseline (delta_nll < 0: sink-aware better; z with the paired SE):")
     print(diffs[["method", "baseline", "sparsity", "ppl", "ppl_baseline", "delta_nll", "se_paired", "z"]].to_string(index=False))
     if args.csv:
         from sap_core.sweep import save_sweep
 
-        save_sweep(df.drop(columns=["accuracy"]), args.csv)
+        save_sweep(df, args.csv)
+    acc = accuracy_rows(handle, args.ratios, args.limit, args.mc_num)
+    if acc is None:
+        print("\naccuracy: n/a (sap_core.accuracy, the lm-eval branch, is not in this checkout)")
+    else:
+        print(
+            f"\naccuracy on sinkscope_nextline ({args.limit} documents, mc_num {args.mc_num}; differences paired per document):"
+        )
+        print(acc.to_string(index=False, float_format=lambda x: f"{x:.3f}"))
 
 
 if __name__ == "__main__":
