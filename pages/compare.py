@@ -121,7 +121,7 @@ if stored is not None:
             pieces.append(text if same else f"<span style='background:#ffcdd2'>{text}</span>")
         col.markdown(
             f"**{run.label}**  \ndivergence step: {run.divergence_step if run.divergence_step is not None else 'none'} · "
-            f"agreement {run.agreement_rate:.0%} · {run.mean_step_ms:.0f} ms/step"
+            f"agreement {run.agreement_rate:.0%} · {run.mean_step_ms:.0f} ms/step · {run.tokens_per_second:.1f} tokens/s"
         )
         with col:  # st.html: no markdown pass over the generated text (a blank line or a * stays text)
             st.html(
@@ -144,6 +144,7 @@ if stored is not None:
             "divergence_step": number("divergence step", format="%d"),
             "agreement_rate": number("same final tokens", format="percent"),
             "seconds": number("time (s)", format="%.2f"),
+            "tokens_per_second": number("tokens/s", format="%.1f"),
             "mean_step_ms": number("mean ms/step", format="%.1f"),
             "median_step_ms": number("median ms/step", format="%.1f"),
         },

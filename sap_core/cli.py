@@ -423,6 +423,17 @@ def build_parser() -> Parser:
     )
     p.add_argument("--sparsity", type=_fraction, default=0.5, help="fraction of weights to remove (default 0.5)")
     p.add_argument("--pattern", default="unstructured", help="unstructured or N:M, e.g. 2:4 (default unstructured)")
+    p.add_argument(
+        "--heads",
+        type=_fraction,
+        default=0.0,
+        help="structured methods: fraction of each block's attention heads removed (default 0; LLaDA without GQA only)",
+    )
+    p.add_argument(
+        "--bias-compensation",
+        action="store_true",
+        help="FLAP methods: add the removed channels' mean output to the output projection's bias (needs a bias there)",
+    )
     _add_sink(p)
     _add_calibration(p)
     p.add_argument(
@@ -739,6 +750,8 @@ def cmd_prune(args) -> int:
         pattern=args.pattern,
         sink=_sink_spec(args),
         calibration=_calibration_spec(args),
+        heads=args.heads,
+        bias_compensation=args.bias_compensation,
         **({} if args.sparsegpt_selection is None else {"sparsegpt_selection": args.sparsegpt_selection}),
     )
     spec.validate()
@@ -752,6 +765,7 @@ def cmd_prune(args) -> int:
                 f"{', '.join('--' + k.replace('_', '-') for k in given)}."
             )
         spec = PruneSpec.official(args.method, args.sparsity, args.pattern, seqlen=handle.max_length)
+        spec = dataclasses.replace(spec, heads=args.heads, bias_compensation=args.bias_compensation)
         if args.sparsegpt_selection is not None:
             spec = dataclasses.replace(spec, sparsegpt_selection=args.sparsegpt_selection)
     if args.save:  # now with the loaded model's real directory

@@ -40,6 +40,16 @@ from sap_core.pruning import PrunedVariant, numbered
 from sap_core.sweep import EvalSpec, paired_se, perplexity
 
 DENSE = "dense"
+TABLE_COLUMNS = [
+    "label",
+    "text",
+    "divergence_step",
+    "agreement_rate",
+    "seconds",
+    "tokens_per_second",
+    "mean_step_ms",
+    "median_step_ms",
+]
 
 
 @dataclass
@@ -66,6 +76,11 @@ class ComparedRun:
         return float(self.trajectory.step_seconds.sum())
 
     @property
+    def tokens_per_second(self) -> float:
+        """Generated tokens over the generation's wall time (the speed a structured variant gains)."""
+        return len(self.trajectory.generated_ids) / self.seconds if self.seconds > 0 else float("nan")
+
+    @property
     def mean_step_ms(self) -> float:
         return 1000.0 * float(np.mean(self.trajectory.step_seconds))
 
@@ -88,6 +103,7 @@ class ComparedRun:
             "agreement": [bool(a) for a in self.agreement],
             "step_agreement": [float(a) for a in self.step_agreement],
             "seconds": self.seconds,
+            "tokens_per_second": self.tokens_per_second,
             "mean_step_ms": self.mean_step_ms,
             "median_step_ms": self.median_step_ms,
             "step_seconds": [float(s) for s in self.step_seconds],
@@ -118,17 +134,8 @@ class Comparison:
 
     def table(self) -> pd.DataFrame:
         """One row per run: label, text, divergence_step, agreement_rate, timing."""
-        rows = [
-            {
-                k: v
-                for k, v in run.summary().items()
-                if k in ("label", "text", "divergence_step", "agreement_rate", "seconds", "mean_step_ms", "median_step_ms")
-            }
-            for run in self.runs
-        ]
-        df = pd.DataFrame(
-            rows, columns=["label", "text", "divergence_step", "agreement_rate", "seconds", "mean_step_ms", "median_step_ms"]
-        )
+        rows = [{k: v for k, v in run.summary().items() if k in TABLE_COLUMNS} for run in self.runs]
+        df = pd.DataFrame(rows, columns=TABLE_COLUMNS)
         df["divergence_step"] = df["divergence_step"].astype("Int64")
         return df
 

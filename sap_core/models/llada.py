@@ -138,8 +138,10 @@ class LLaDAConfig(PretrainedConfig):
         return self.n_kv_heads or self.n_heads
 
     @property
-    def head_dim(self) -> int:
-        return self.d_model // self.n_heads
+    def head_size(self) -> int:
+        """Width of one attention head: ``head_dim`` when config.json gives it (a model whose heads were pruned,
+        :mod:`sap_core.pruning.structured`; the official class does not read it), else ``d_model // n_heads``."""
+        return getattr(self, "head_dim", None) or self.d_model // self.n_heads
 
     @property
     def ffn_hidden_size(self) -> int:
@@ -200,19 +202,19 @@ class LLaDABlock(nn.Module):
         self.layer_idx = layer_idx
         self.n_heads = config.n_heads
         self.n_kv_heads = config.effective_n_kv_heads
-        self.head_dim = config.head_dim
+        self.head_dim = config.head_size
         self.causal = bool(config.causal)
         self.rotary = rotary
-        d, kv = config.d_model, config.effective_n_kv_heads * config.head_dim
+        d, kv = config.d_model, config.effective_n_kv_heads * config.head_size
         qkv_bias = bool(config.include_bias or config.include_qkv_bias)
         bias = bool(config.include_bias)
         hidden = config.ffn_hidden_size
         self.attn_norm = RMSNorm(d, config.rms_norm_eps, bias)
         self.ff_norm = RMSNorm(d, config.rms_norm_eps, bias)
-        self.q_proj = nn.Linear(d, d, bias=qkv_bias)
+        self.q_proj = nn.Linear(d, self.n_heads * self.head_dim, bias=qkv_bias)
         self.k_proj = nn.Linear(d, kv, bias=qkv_bias)
         self.v_proj = nn.Linear(d, kv, bias=qkv_bias)
-        self.attn_out = nn.Linear(d, d, bias=bias)
+        self.attn_out = nn.Linear(self.n_heads * self.head_dim, d, bias=bias)
         self.ff_proj = nn.Linear(d, hidden, bias=bias)
         self.up_proj = nn.Linear(d, hidden, bias=bias)
         self.ff_out = nn.Linear(hidden, d, bias=bias)
@@ -240,7 +242,7 @@ class LLaDAModel(nn.Module):
 
     def __init__(self, config: LLaDAConfig):
         super().__init__()
-        rotary = Rotary(config.head_dim, config.rope_theta)
+        rotary = Rotary(config.head_size, config.rope_theta)
         parts = dict(
             wte=nn.Embedding(config.padded_vocab_size, config.d_model),
             blocks=nn.ModuleList(LLaDABlock(config, i, rotary) for i in range(config.n_layers)),

@@ -93,6 +93,10 @@ def prune(
         raise PruneSpecError(f"calibration must be a CalibrationSpec or a text (got {type(calibration).__name__}).")
     spec.validate()
     token_ids = _check_against_model(handle, spec)
+    if spec.row.structure != "weights":  # whole channels / heads cut out: a smaller model
+        from sap_core.pruning.structured import prune_structured
+
+        return prune_structured(handle, spec, token_ids, progress)
 
     t_start = time.perf_counter()
     n_blocks = len(handle.module.blocks)
@@ -168,7 +172,7 @@ def _run(handle, taps, spec: PruneSpec, token_ids, tick, cache=None):
         token_weights = record.mean_factors(row.factors, spec.sink.tau) if row.sink_weighting == "mean" else None
         new = _sequential(handle, taps, spec, clean, token_weights, tick)
         passes += 2 * int(np.ceil(cal.nsamples / cal.batch_size))  # block-sequential: stats pass + pruned pass
-    return new, _describe(spec, clean, record, token_weights), passes, t_cal
+    return new, describe_calibration(spec, clean, record, token_weights), passes, t_cal
 
 
 def _calibrate(handle, taps, spec: PruneSpec, token_ids, tick, cache):
@@ -239,7 +243,7 @@ def _apply_mask(W: torch.Tensor, score: torch.Tensor, sparsity: float, nm) -> to
     return W.masked_fill(select_mask(score, sparsity, nm).to(W.device), 0)
 
 
-def _describe(spec: PruneSpec, clean: torch.Tensor, record: SinkRecord | None, token_weights) -> CalibrationRecord:
+def describe_calibration(spec: PruneSpec, clean: torch.Tensor, record: SinkRecord | None, token_weights) -> CalibrationRecord:
     """What the run calibrated on (``variant.calibration``), read from its calibration record."""
     cal = spec.calibration
     if record is None:

@@ -238,7 +238,7 @@ class CalibrationCache:
         """Announce a coming run of :class:`~sap_core.pruning.PruneSpec` ``spec``: a noised Wanda
         method's weighting is then computed in the first pass of its key (other methods: no-op)."""
         row = METHOD_ROWS[spec.method]
-        if row.sequential or row.statistic != "wanda":
+        if row.sequential or row.statistic != "wanda" or row.structure != "weights":  # structured runs calibrate on their own
             return
         planned = self._planned.setdefault(self._key(handle, spec.calibration, spec.sink), [])
         w = weighting(row.factors, spec.sink.tau)

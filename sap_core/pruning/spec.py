@@ -34,6 +34,10 @@ class Method:
     * ``sink_weighting``: how sink tokens scale the layer inputs: ``"none"``, ``"step"`` (each timestep's
       inputs by ``1 − s_t(j)``, the official sink-aware Wanda) or ``"mean"`` (by ``1 − mean_t s_t(j)``,
       the official sink-aware SparseGPT). A weighting needs the noised passes for its sink scores.
+    * ``structure``: what is removed: ``"weights"`` (single weights set to zero; the model keeps its shape)
+      or ``"channels"`` (whole MLP channels, and attention heads when ``PruneSpec.heads > 0``, cut out of the
+      model, which becomes smaller: :mod:`sap_core.pruning.structured`). ``statistic`` ``"fluctuation"``
+      (FLAP: variance of a channel's input × squared norm of its output column) exists only for channels.
     * ``gated``: the variance gate decides which positions are down-weighted: only the unstable sinks
       (a sink at some timestep with variance ``>= SinkSpec.tau``), never a non-sink; ungated methods
       down-weight every position by its score (the official rule), whatever ``tau``. At ``tau = 0`` the
@@ -48,13 +52,21 @@ class Method:
     sequential: bool
     sink_weighting: str = "none"
     gated: bool = False
+    structure: str = "weights"
 
     def __post_init__(self) -> None:
+        structured = self.structure == "channels"
         if (
             self.data not in ("none", "clean", "noised")
-            or self.statistic not in ("magnitude", "wanda", "hessian")
+            or self.statistic not in ("magnitude", "wanda", "hessian", "fluctuation")
             or self.sink_weighting not in ("none", "step", "mean")
             or (self.gated and self.sink_weighting == "none")
+            or self.structure not in ("weights", "channels")
+            or (self.statistic == "fluctuation" and not structured)
+            or (
+                structured
+                and (self.sequential or self.sink_weighting == "mean" or self.statistic not in ("wanda", "fluctuation"))
+            )
         ):
             raise ValueError(f"inconsistent method row {self!r}")
 
@@ -73,7 +85,14 @@ class Method:
         data = {"none": "no calibration data", "clean": "clean calibration windows", "noised": "noised calibration windows"}[
             self.data
         ]
-        stat = {"magnitude": "|W|", "wanda": "Wanda column norms", "hessian": "SparseGPT Hessian"}[self.statistic]
+        stat = {
+            "magnitude": "|W|",
+            "wanda": "Wanda column norms",
+            "hessian": "SparseGPT Hessian",
+            "fluctuation": "FLAP input variance × output column norm²",
+        }[self.statistic]
+        if self.structure == "channels":
+            stat = f"whole MLP channels / heads removed, {stat}"
         order = "block-sequential" if self.sequential else "dense model"
         weighting = {
             "none": "no sink weighting",
@@ -133,18 +152,91 @@ METHOD_TABLE: tuple[Method, ...] = (
         gated=True,
     ),
     Method("noised_wanda", "control: Wanda statistics on the same noised inputs, no sink weighting", "noised", "wanda", False),
+    # Structured: whole MLP channels (and heads, PruneSpec.heads) cut out; the model gets smaller and faster.
+    Method(
+        "struct_wanda",
+        "structured: removes MLP channels / heads by Σ|W|·‖X‖ over the structure (Wanda-sp)",
+        "clean",
+        "wanda",
+        False,
+        structure="channels",
+    ),
+    Method(
+        "flap",
+        "structured: removes MLP channels / heads by input variance × ‖output column‖² (FLAP)",
+        "clean",
+        "fluctuation",
+        False,
+        structure="channels",
+    ),
+    Method(
+        "sink_struct_wanda",
+        "struct_wanda on noised inputs, each token scaled by 1 − sink score",
+        "noised",
+        "wanda",
+        False,
+        "step",
+        structure="channels",
+    ),
+    Method(
+        "sink_flap",
+        "flap on noised inputs, each token weighted by 1 − sink score",
+        "noised",
+        "fluctuation",
+        False,
+        "step",
+        structure="channels",
+    ),
+    Method(
+        "gated_sink_struct_wanda",
+        "sink_struct_wanda, down-weighting only unstable sinks (variance ≥ tau)",
+        "noised",
+        "wanda",
+        False,
+        "step",
+        gated=True,
+        structure="channels",
+    ),
+    Method(
+        "gated_sink_flap",
+        "sink_flap, down-weighting only unstable sinks (variance ≥ tau)",
+        "noised",
+        "fluctuation",
+        False,
+        "step",
+        gated=True,
+        structure="channels",
+    ),
+    Method(
+        "noised_struct_wanda",
+        "control: struct_wanda on the same noised inputs, no sink weighting",
+        "noised",
+        "wanda",
+        False,
+        structure="channels",
+    ),
+    Method(
+        "noised_flap",
+        "control: flap on the same noised inputs, no sink weighting",
+        "noised",
+        "fluctuation",
+        False,
+        structure="channels",
+    ),
 )
 METHOD_ROWS: dict[str, Method] = {m.name: m for m in METHOD_TABLE}
 # name -> one line a selectbox can show (the table's descriptions)
 METHODS: dict[str, str] = {m.name: m.description for m in METHOD_TABLE}
 GATED = frozenset(m.name for m in METHOD_TABLE if m.gated)  # the methods a tau sweep varies
+STRUCTURED = frozenset(m.name for m in METHOD_TABLE if m.structure != "weights")  # the methods that make the model smaller
 # gated method -> the row that differs from it only by the gate: the official rule, a tau sweep's reference
 UNGATED_TWIN: dict[str, str] = {
     g.name: next(
         m.name
         for m in METHOD_TABLE
         if not m.gated
-        and (m.data, m.statistic, m.sequential, m.sink_weighting) == (g.data, g.statistic, g.sequential, g.sink_weighting)
+        and (m.data, m.statistic, m.sequential, m.sink_weighting, m.structure)
+        == (g.data, g.statistic, g.sequential, g.sink_weighting, g.structure)
     )
     for g in METHOD_TABLE
     if g.gated
@@ -271,6 +363,11 @@ class PruneSpec:
     Hessian diagonal). ``sparsegpt_selection`` is how the SparseGPT family picks an unstructured mask:
     ``"per_row"`` (the project's: every row at exactly the target) or ``"official"`` (the reference
     code's single threshold per column block; see :mod:`sap_core.pruning.sparsegpt`).
+
+    Structured methods (:data:`STRUCTURED`): ``sparsity`` is the fraction of each block's MLP channels
+    removed, ``heads`` the fraction of each block's attention heads removed (0: none; LLaDA with as many
+    key/value heads as query heads only); ``bias_compensation`` (FLAP methods) adds the removed channels'
+    mean contribution to the output projection's bias (models whose output projections have a bias only).
     """
 
     method: str
@@ -281,6 +378,8 @@ class PruneSpec:
     blocksize: int = 128
     percdamp: float = 0.01
     sparsegpt_selection: str = "per_row"
+    heads: float = 0.0
+    bias_compensation: bool = False
 
     @classmethod
     def official(cls, method: str, sparsity: float, pattern: str = "unstructured", *, seqlen: int) -> PruneSpec:
@@ -323,6 +422,10 @@ class PruneSpec:
         sweep's ``label`` column): ``magnitude 50%``, ``wanda 2:4``, ``gated_sink_wanda 50%, tau=0.05``.
         :func:`numbered` tells two runs of one label apart."""
         what = f"{100 * self.sparsity:g}%" if self.nm is None else self.pattern
+        if self.heads:
+            what += f", heads {100 * self.heads:g}%"
+        if self.bias_compensation:
+            what += ", bias compensated"
         gate = f", tau={self.sink.tau:g}" if self.method in GATED else ""
         return f"{self.method} {what}{gate}"
 
@@ -336,6 +439,7 @@ class PruneSpec:
                 f"sparsity must be in [0, 1) (got {self.sparsity}): it is the fraction of weights set to zero, e.g. 0.5 for half."
             )
         parse_pattern(self.pattern)
+        self._validate_structure(row)
         if not isinstance(self.blocksize, int) or self.blocksize < 1:
             raise PruneSpecError(f"blocksize must be an integer >= 1 (got {self.blocksize}).")
         if not (isinstance(self.percdamp, (int, float)) and math.isfinite(self.percdamp) and self.percdamp > 0):
@@ -351,6 +455,27 @@ class PruneSpec:
             raise PruneSpecError(f"calibration must be a CalibrationSpec (got {type(self.calibration).__name__}).")
         if row.needs_calibration:
             self.calibration.validate()
+
+    def _validate_structure(self, row: Method) -> None:
+        """The structured settings: heads in [0, 1), both only for structured rows, compensation only for FLAP."""
+        if isinstance(self.heads, bool) or not isinstance(self.heads, (int, float)) or not 0.0 <= float(self.heads) < 1.0:
+            raise PruneSpecError(
+                f"heads must be a number in [0, 1) (got {self.heads!r}): the fraction of attention heads removed."
+            )
+        if not isinstance(self.bias_compensation, bool):
+            raise PruneSpecError(f"bias_compensation must be true or false (got {self.bias_compensation!r}).")
+        structured = row.structure != "weights"
+        if self.heads and not structured:
+            raise PruneSpecError(
+                f"heads={self.heads} removes attention heads, which only the structured methods do "
+                f"({', '.join(sorted(STRUCTURED))}); {self.method} masks single weights."
+            )
+        if structured and self.pattern.strip().lower() != "unstructured":
+            raise PruneSpecError(f"{self.method} removes whole channels; an N:M pattern ({self.pattern}) does not apply to it.")
+        if self.bias_compensation and row.statistic != "fluctuation":
+            raise PruneSpecError(
+                f"bias_compensation is FLAP's (flap, sink_flap, gated_sink_flap); {self.method} does not compensate."
+            )
 
 
 def numbered(label: str, taken: Iterable[str]) -> str:
