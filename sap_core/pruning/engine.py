@@ -125,8 +125,9 @@ def prune(
 
 def shares_calibration(spec: PruneSpec) -> bool:
     """Whether ``spec``'s run reads what a :class:`~sap_core.pruning.scores.CalibrationCache` keeps: the
-    calibration record of the noised passes (and, for the noised Wanda family, its column norms)."""
-    return spec.row.statistic != "magnitude" and spec.row.needs_noise
+    calibration record of the noised passes (and, for the noised Wanda family, its column norms); the
+    structured methods calibrate on their own (:mod:`sap_core.pruning.structured`)."""
+    return spec.row.structure == "weights" and spec.row.statistic != "magnitude" and spec.row.needs_noise
 
 
 def calibration_key(spec: PruneSpec) -> tuple:
