@@ -247,13 +247,8 @@ class RayExecutor:
 
     # --- the sweep -------------------------------------------------------------------------------
 
-    def run(self, handle, spec, jobs: list, progress, finished) -> None:  # noqa: C901 (to be split: one scheduling loop)
+    def run(self, handle, spec, jobs: list, progress, finished) -> None:
         """Run ``jobs`` (:class:`sap_core.sweep.SweepJob`) and call ``finished(row, estimates)`` for each as it arrives."""
-        import ray
-
-        from sap_core.pruning.engine import calibration_key, shares_calibration
-        from sap_core.sweep import DENSE
-
         if not jobs:
             return
         source = portable_source(handle.source)
@@ -261,124 +256,25 @@ class RayExecutor:
             progress(0, len(jobs), f"starting Ray and {self.workers} worker(s)")
         t_start = time.perf_counter()
         started = self._connect()
-        workers: dict[str, Any] = {}
+        workers: dict[str, Any] = {}  # name -> actor; the schedule replaces dead ones here, so all are killed below
         try:
             self._check_cluster(source, probe=not started)  # a Ray started here has one node: this one
             for i in range(self.workers):
                 workers[f"w{i}"] = self._start(f"w{i}", handle, source)
             self._await_ready(workers)
-            groups: dict[tuple, list] = {}
-            for job in jobs:
-                if job.prune is not None and shares_calibration(job.prune):
-                    groups.setdefault(calibration_key(job.prune), []).append(job)
-            needs = {job.index: calibration_key(job.prune) for js in groups.values() for job in js}
-            ready = [(j.index, j) for j in jobs if j.index not in needs]
-            heapq.heapify(ready)
-            to_calibrate = list(groups)  # in job order: the first key is the first job's
-            calibrated: dict[tuple, Any] = {}
-            attempts: dict[Any, int] = {}
-            inflight: dict[Any, tuple[str, str, Any]] = {}  # ref -> (worker, "job"|"calibrate", job or key)
-            idle = list(workers)
-            n_done, replacements = 0, 0
-            self.stats.update(calibrations=0, retries=0, workers=len(workers), startup_seconds=time.perf_counter() - t_start)
-            self.stats["round_trips"] = round_trips = {}  # label -> seconds from dispatch to result (bench/sweep_parallel.py)
-            sent: dict[Any, float] = {}
-
-            def fail(job, message: str) -> None:
-                row = dict(
-                    method=DENSE if job.setting is None else job.setting.name,
-                    sparsity=job.sparsity,
-                    pattern=job.pattern,
-                    label=job.label,
-                    tau=math.nan if job.setting is None else spec.tau_of(job.setting),
-                    error=message,
-                )
-                finished(row, None)
-
-            def show() -> None:
-                parts = [f"{w} {s['job']}" for w, s in sorted(self.status.items()) if w in workers]
-                if progress is not None:
-                    progress(n_done, len(jobs), f"{n_done}/{len(jobs)} rows · " + " | ".join(parts))
-
-            show()
-            while ready or to_calibrate or inflight:
-                while idle and (to_calibrate or ready):
-                    name = idle.pop(0)
-                    if to_calibrate:
-                        key = to_calibrate.pop(0)
-                        specs = [j.prune for j in groups[key]]
-                        ref = workers[name].calibrate.remote(key, specs)
-                        self.stats["calibrations"] += 1
-                        inflight[ref] = (name, "calibrate", key)
-                        self.status[name]["job"] = f"calibrating for {groups[key][0].label}"
-                    else:
-                        _, job = heapq.heappop(ready)
-                        deps = [(needs[job.index], calibrated[needs[job.index]])] if job.index in needs else []
-                        ref = workers[name].run.remote(spec, job, deps)
-                        sent[ref] = time.perf_counter()
-                        inflight[ref] = (name, "job", job)
-                        self.status[name]["job"] = job.label
-                    show()
-                if not inflight:
-                    break
-                (ref,), _ = ray.wait(list(inflight), num_returns=1)
-                name, kind, what = inflight.pop(ref)
-                try:
-                    value = ray.get(ref)  # raises the worker's death or the job's own error
-                except ray.exceptions.RayActorError as exc:  # the worker died: run its work elsewhere
-                    del workers[name]
-                    self.status.pop(name, None)
-                    tag = what if kind == "calibrate" else what.index
-                    attempts[tag] = tries = attempts.get(tag, 0) + 1
-                    if tries > self.retries:
-                        reason = f"WorkerDied: a worker died {tries} times running this job ({type(exc).__name__})"
-                        for job in groups[what] if kind == "calibrate" else [what]:
-                            fail(job, reason)
-                            n_done += 1
-                    elif kind == "calibrate":
-                        self.stats["retries"] += 1
-                        to_calibrate.insert(0, what)
-                    else:
-                        self.stats["retries"] += 1
-                        heapq.heappush(ready, (what.index, what))
-                    if replacements < self.workers * (self.retries + 1):
-                        replacements += 1
-                        new = f"w{self.workers + replacements - 1}"
-                        workers[new] = self._start(new, handle, source)
-                        self.stats["workers"] += 1
-                        self._await_ready({new: workers[new]})
-                        idle.append(new)
-                    elif not workers:
-                        raise ClusterError("Every Ray worker died; the finished rows are kept, resume when the cluster is back.")
-                    show()
-                    continue
-                except ray.exceptions.RayTaskError as exc:  # the job raised on its own input: it fails alone
-                    cause = exc.cause if getattr(exc, "cause", None) is not None else exc
-                    message = f"{type(cause).__name__}: {cause}".splitlines()[0]
-                    for job in groups[what] if kind == "calibrate" else [what]:
-                        fail(job, message if kind == "job" else f"calibration failed: {message}")
-                        n_done += 1
-                    if kind == "calibrate":
-                        groups.pop(what)
-                else:
-                    if kind == "calibrate":
-                        calibrated[what] = ref  # stays in the object store while referenced; workers fetch it once
-                        for job in groups[what]:
-                            heapq.heappush(ready, (job.index, job))
-                    else:
-                        row, estimates = value
-                        round_trips[what.label] = time.perf_counter() - sent.pop(ref)
-                        n_done += 1
-                        finished(row, estimates)
-                self.status[name]["job"] = "idle"
-                idle.append(name)
-                show()
+            _Schedule(self, handle, source, spec, jobs, workers, progress, finished, t_start).run()
         finally:
-            for worker in workers.values():
-                ray.kill(worker, no_restart=True)
-            self.status.clear()
-            if started:
-                ray.shutdown()
+            self._stop(workers, started)
+
+    def _stop(self, workers: dict, started: bool) -> None:
+        """Kill the workers and leave Ray as it was found (shut down only when this run started it)."""
+        import ray
+
+        for worker in workers.values():
+            ray.kill(worker, no_restart=True)
+        self.status.clear()
+        if started:
+            ray.shutdown()
 
     def _await_ready(self, workers: dict) -> None:
         import ray
@@ -395,3 +291,194 @@ class RayExecutor:
             if info["error"]:
                 raise ClusterError(f"Ray worker {name}: {info['error']}; every node needs the same model.")
             self.status[name] = dict(pid=info["pid"], host=info["host"], job="idle")
+
+
+def _calibration_groups(jobs: list) -> dict[tuple, list]:
+    """The jobs that read a shared calibration, by calibration key, keys in job order (the first key is the first job's)."""
+    from sap_core.pruning.engine import calibration_key, shares_calibration
+
+    groups: dict[tuple, list] = {}
+    for job in jobs:
+        if job.prune is not None and shares_calibration(job.prune):
+            groups.setdefault(calibration_key(job.prune), []).append(job)
+    return groups
+
+
+def _error_row(spec, job, message: str) -> dict:
+    """The row of a job that failed: its identity and ``error``, no measurements."""
+    from sap_core.sweep import DENSE
+
+    return dict(
+        method=DENSE if job.setting is None else job.setting.name,
+        sparsity=job.sparsity,
+        pattern=job.pattern,
+        label=job.label,
+        tau=math.nan if job.setting is None else spec.tau_of(job.setting),
+        error=message,
+    )
+
+
+def _first_line(exc) -> str:
+    """``ExceptionType: message`` of a task's own error (the cause Ray wraps), first line only."""
+    cause = exc.cause if getattr(exc, "cause", None) is not None else exc
+    return f"{type(cause).__name__}: {cause}".splitlines()[0]
+
+
+class _Schedule:
+    """One :meth:`RayExecutor.run`'s scheduling loop over ready workers: calibrations first (one per key, in job
+    order), then jobs in job order as their calibration is in; each finished task is settled as a job done, a
+    calibration done, a worker death (retry on a replacement worker) or a task's own error (its jobs fail alone)."""
+
+    def __init__(self, executor: RayExecutor, handle, source: str, spec, jobs: list, workers: dict, progress, finished, t_start):
+        from sap_core.pruning.engine import calibration_key
+
+        self.executor, self.handle, self.source, self.spec = executor, handle, source, spec
+        self.jobs, self.workers, self.progress, self.finished = jobs, workers, progress, finished
+        self.groups = _calibration_groups(jobs)
+        self.needs = {job.index: calibration_key(job.prune) for js in self.groups.values() for job in js}
+        self.ready = [(j.index, j) for j in jobs if j.index not in self.needs]  # a heap: the lowest job index first
+        heapq.heapify(self.ready)
+        self.to_calibrate = list(self.groups)
+        self.calibrated: dict[tuple, Any] = {}  # key -> ObjectRef of the exported statistics
+        self.attempts: dict[Any, int] = {}  # job index or calibration key -> worker deaths while running it
+        self.inflight: dict[Any, tuple[str, str, Any]] = {}  # ref -> (worker, "job"|"calibrate", job or key)
+        self.idle = list(workers)
+        self.n_done, self.replacements = 0, 0
+        self.stats = executor.stats
+        self.stats.update(calibrations=0, retries=0, workers=len(workers), startup_seconds=time.perf_counter() - t_start)
+        self.stats["round_trips"] = self.round_trips = {}  # label -> seconds from dispatch to result (bench/sweep_parallel.py)
+        self.sent: dict[Any, float] = {}
+
+    def run(self) -> None:
+        self.show()
+        while self.ready or self.to_calibrate or self.inflight:
+            self.dispatch()
+            if not self.inflight:
+                break
+            self.settle(self.next_finished())
+
+    # --- dispatch ------------------------------------------------------------------------------
+
+    def dispatch(self) -> None:
+        """Give every idle worker a task: a calibration while one is pending, else the lowest ready job."""
+        while self.idle and (self.to_calibrate or self.ready):
+            name = self.idle.pop(0)
+            if self.to_calibrate:
+                self.send_calibration(name, self.to_calibrate.pop(0))
+            else:
+                self.send_job(name, heapq.heappop(self.ready)[1])
+            self.show()
+
+    def send_calibration(self, name: str, key: tuple) -> None:
+        group = self.groups[key]
+        ref = self.workers[name].calibrate.remote(key, [j.prune for j in group])
+        self.stats["calibrations"] += 1
+        self.inflight[ref] = (name, "calibrate", key)
+        self.executor.status[name]["job"] = f"calibrating for {group[0].label}"
+
+    def send_job(self, name: str, job) -> None:
+        deps = [(self.needs[job.index], self.calibrated[self.needs[job.index]])] if job.index in self.needs else []
+        ref = self.workers[name].run.remote(self.spec, job, deps)
+        self.sent[ref] = time.perf_counter()
+        self.inflight[ref] = (name, "job", job)
+        self.executor.status[name]["job"] = job.label
+
+    # --- results -------------------------------------------------------------------------------
+
+    def next_finished(self):
+        import ray
+
+        (ref,), _ = ray.wait(list(self.inflight), num_returns=1)
+        return ref
+
+    def settle(self, ref) -> None:
+        """Handle one finished task; its worker goes back to idle unless it died."""
+        import ray
+
+        name, kind, what = self.inflight.pop(ref)
+        try:
+            value = ray.get(ref)  # raises the worker's death or the job's own error
+        except ray.exceptions.RayActorError as exc:  # the worker died: run its work elsewhere
+            self.worker_died(name, kind, what, exc)
+            self.show()
+            return
+        except ray.exceptions.RayTaskError as exc:  # the task raised on its own input: its jobs fail alone
+            self.task_failed(kind, what, exc)
+        else:
+            if kind == "calibrate":
+                self.calibration_done(what, ref)
+            else:
+                self.job_done(ref, what, value)
+        self.executor.status[name]["job"] = "idle"
+        self.idle.append(name)
+        self.show()
+
+    def job_done(self, ref, job, value) -> None:
+        row, estimates = value
+        self.round_trips[job.label] = time.perf_counter() - self.sent.pop(ref)
+        self.n_done += 1
+        self.finished(row, estimates)
+
+    def calibration_done(self, key: tuple, ref) -> None:
+        self.calibrated[key] = ref  # stays in the object store while referenced; workers fetch it once
+        for job in self.groups[key]:
+            heapq.heappush(self.ready, (job.index, job))
+
+    def task_failed(self, kind: str, what, exc) -> None:
+        message = _first_line(exc)
+        self.fail(self.jobs_of(kind, what), message if kind == "job" else f"calibration failed: {message}")
+        if kind == "calibrate":
+            self.groups.pop(what)
+
+    def worker_died(self, name: str, kind: str, what, exc) -> None:
+        """Forget the dead worker, queue its task again (or fail its jobs after ``retries``) and start a replacement."""
+        del self.workers[name]
+        self.executor.status.pop(name, None)
+        self.retry(kind, what, exc)
+        self.replace_worker()
+
+    def retry(self, kind: str, what, exc) -> None:
+        tag = what if kind == "calibrate" else what.index
+        self.attempts[tag] = tries = self.attempts.get(tag, 0) + 1
+        if tries > self.executor.retries:
+            self.fail(
+                self.jobs_of(kind, what), f"WorkerDied: a worker died {tries} times running this job ({type(exc).__name__})"
+            )
+            return
+        self.stats["retries"] += 1
+        if kind == "calibrate":
+            self.to_calibrate.insert(0, what)
+        else:
+            heapq.heappush(self.ready, (what.index, what))
+
+    def replace_worker(self) -> None:
+        """Start a new worker while replacements are left (workers × (retries + 1) in all); none left and none alive: stop."""
+        executor = self.executor
+        if self.replacements < executor.workers * (executor.retries + 1):
+            self.replacements += 1
+            new = f"w{executor.workers + self.replacements - 1}"
+            self.workers[new] = executor._start(new, self.handle, self.source)
+            self.stats["workers"] += 1
+            executor._await_ready({new: self.workers[new]})
+            self.idle.append(new)
+        elif not self.workers:
+            raise ClusterError("Every Ray worker died; the finished rows are kept, resume when the cluster is back.")
+
+    # --- rows and progress ---------------------------------------------------------------------
+
+    def jobs_of(self, kind: str, what) -> list:
+        """The jobs a task stands for: its calibration key's group, or the job itself."""
+        return self.groups[what] if kind == "calibrate" else [what]
+
+    def fail(self, jobs: list, message: str) -> None:
+        for job in jobs:
+            self.finished(_error_row(self.spec, job, message), None)
+            self.n_done += 1
+
+    def show(self) -> None:
+        """Report the rows done and each live worker's status to ``progress``."""
+        if self.progress is None:
+            return
+        total = len(self.jobs)
+        parts = [f"{w} {s['job']}" for w, s in sorted(self.executor.status.items()) if w in self.workers]
+        self.progress(self.n_done, total, f"{self.n_done}/{total} rows · " + " | ".join(parts))
