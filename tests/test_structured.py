@@ -4,6 +4,7 @@ the model shrinks, the dense one comes back bit for bit, a saved variant loads t
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -177,7 +178,7 @@ def test_bias_compensation_adds_the_removed_mean(tmp_path):
         (dict(method="flap", sparsity=-0.1), "sparsity must be in"),
         (dict(method="flap", sparsity=0.995), "would remove all 64 MLP channels"),
         (dict(method="flap", sparsity=0.3, heads=1.0), "heads must be a number in"),
-        (dict(method="flap", sparsity=0.3, heads=0.9), "would remove all 4 attention heads"),
+        (dict(method="flap", sparsity=0.3, heads=0.9), "would remove all 6 attention heads"),
         (dict(method="flap", sparsity=0.3, heads=0.25), "does not divide the width"),
         (dict(method="wanda", sparsity=0.3, heads=0.5), "only the structured methods"),
         (dict(method="struct_wanda", sparsity=0.3, pattern="2:4"), "N:M pattern"),
@@ -265,3 +266,35 @@ def test_compare_page_runs_a_structured_variant_and_shows_tokens_per_second():
     heads = [m for m in texts(at.markdown) if "tokens/s" in m]
     assert len(heads) == 2 and any(m.startswith("**flap 50%") for m in heads), heads
     assert (at.dataframe[0].value["tokens_per_second"] > 0).all()
+
+
+def test_prune_page_heads_control_makes_a_smaller_variant_and_refuses_all_heads():
+    """The Prune page shows "Heads removed" (and FLAP's bias compensation) only for structured methods; the
+    variant's summary names the channels/heads removed and the smaller parameter count; removing every head
+    is the core's one-line refusal, with no variant made."""
+    from test_app import new_app, texts
+
+    at = new_app()
+    at.switch_page("pages/prune.py").run()
+    at.selectbox[0].set_value("wanda").run()
+    assert "Heads removed" not in [n.label for n in at.number_input]
+    at.selectbox[0].set_value("sink_flap").run()
+    nums = {n.label: n for n in at.number_input}
+    assert "Bias compensation" in [c.label for c in at.checkbox]
+    nums["Calibration samples"].set_value(2)
+    nums["Calibration length"].set_value(32)
+    nums["Heads removed"].set_value(0.95)
+    at.button[0].click().run()
+    assert any("would remove all 6 attention heads" in e for e in texts(at.error)), texts(at.error)
+    assert not at.session_state["variants"]
+    {n.label: n for n in at.number_input}["Heads removed"].set_value(0.5)
+    at.button[0].click().run()
+    assert not at.exception and not at.error, texts(at.error)
+    (made,) = [s for s in texts(at.success) if s.startswith("Made")]
+    assert "removed 256 of 512 MLP channels and 3 of 6 heads per block" in made and "fewer)" in made, made
+    variant = at.session_state["variants"][0]["variant"]
+    small, dense = (int(x.replace(",", "")) for x in re.search(r"· ([\d,]+) parameters \(dense ([\d,]+)", made).groups())
+    assert dense - small == variant.layer_sparsity["zeros"].sum() > 0
+    settings = at.table[0].value["value"]
+    assert settings["heads removed"] == "0.50" and settings["bias compensation"] == "no"
+    assert float(settings["removed parameters (pruned layers)"]) == pytest.approx(variant.achieved_sparsity, abs=1e-3)
