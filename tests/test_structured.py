@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -178,7 +179,7 @@ def test_bias_compensation_adds_the_removed_mean(tmp_path):
         (dict(method="flap", sparsity=-0.1), "sparsity must be in"),
         (dict(method="flap", sparsity=0.995), "would remove all 64 MLP channels"),
         (dict(method="flap", sparsity=0.3, heads=1.0), "heads must be a number in"),
-        (dict(method="flap", sparsity=0.3, heads=0.9), "would remove all 6 attention heads"),
+        (dict(method="flap", sparsity=0.3, heads=0.9), "would remove all 4 attention heads"),
         (dict(method="flap", sparsity=0.3, heads=0.25), "does not divide the width"),
         (dict(method="wanda", sparsity=0.3, heads=0.5), "only the structured methods"),
         (dict(method="struct_wanda", sparsity=0.3, pattern="2:4"), "N:M pattern"),
@@ -223,13 +224,44 @@ def test_compare_and_sweep_take_a_structured_variant(dlm):
     v = prune(dlm, PruneSpec("flap", 0.5, heads=0.5, calibration=CAL))
     comparison = compare_generations(dlm, [v], "To be", DecodeSpec(gen_length=8, steps=8, block_length=8))
     table = comparison.table()
-    assert list(table["label"]) == ["dense", "flap 50%, heads 50%"] and (table["tokens_per_second"] > 0).all()
+    assert list(table["label"]) == ["dense", "flap 50% channels, 50% heads"] and (table["tokens_per_second"] > 0).all()
     spec = SweepSpec(("sink_flap",), (0.5,), calibration=CAL, eval=EvalSpec(seqlen=16, nsamples=2, draws=2, text=" ".join(TEXT)))
     df = run_sweep(dlm, spec)
     assert (
         list(df["method"]) == ["dense", "sink_flap"] and abs(df["achieved_sparsity"].iloc[1] - 0.3) < 1e-9
     )  # half of the MLP, 3/5 of the block
     assert all(torch.equal(before[k], t) for k, t in snapshot(dlm).items())
+
+
+def test_sweep_heads_reach_the_structured_rows_only_and_name_the_structure(dlm, tmp_path, tiny_dlm_dir):
+    from sap_core.cli import main
+    from sap_core.errors import SapError
+    from sap_core.sweep import EvalSpec, SweepSpec, run_sweep, sweep_jobs
+
+    spec = SweepSpec(("wanda", "flap"), (0.5,), calibration=CAL, heads=0.5, eval=EvalSpec(seqlen=16, nsamples=1, draws=2))
+    jobs = {j.label: j.prune for j in sweep_jobs(spec)[1:]}
+    assert list(jobs) == ["wanda 50%", "flap 50% channels, 50% heads"]
+    assert jobs["wanda 50%"].heads == 0 and jobs["flap 50% channels, 50% heads"].heads == 0.5
+    df = run_sweep(dlm, replace(spec, methods=("flap",), eval=replace(spec.eval, text=" ".join(TEXT))))
+    # half of the MLP channels and half of the heads: every linear of the block loses half its parameters
+    assert list(df["label"]) == ["dense", "flap 50% channels, 50% heads"] and df["achieved_sparsity"].iloc[1] == 0.5
+    for bad, match in (
+        (dict(heads=0.5, methods=("wanda",)), "only the structured methods"),
+        (dict(heads=1.0), "heads must be a fraction"),
+        (dict(heads=float("nan")), "heads must be a fraction"),
+    ):
+        with pytest.raises(SapError, match=match):
+            replace(spec, **bad).validate()
+    (tmp_path / "t.txt").write_text(" ".join(TEXT * 10))
+    args = ["sweep", "--model", tiny_dlm_dir, "--methods", "flap", "--sparsities", "0.25", "--heads", "0.5", "--quiet"]
+    args += ["--calib-text", tmp_path / "t.txt", "--calib-nsamples", "2", "--calib-seqlen", "24"]
+    args += ["--text", tmp_path / "t.txt", "--nsamples", "1", "--seqlen", "16", "--draws", "2"]
+    assert main([str(a) for a in args + ["--out", tmp_path / "s.csv"]]) == 0
+    import pandas as pd
+
+    assert list(pd.read_csv(tmp_path / "s.csv")["label"]) == ["dense", "flap 25% channels, 50% heads"]
+    assert main([str(a) for a in args[:5] + ["--heads", "1.5", "--out", tmp_path / "x.csv"]]) == 2
+    assert main([str(a) for a in args[:3] + ["--methods", "wanda", "--heads", "0.25", "--out", tmp_path / "x.csv"]]) != 0
 
 
 def test_dream_mlp_channels_save_and_load_but_heads_are_refused(tmp_path):
