@@ -154,6 +154,31 @@ def test_save_then_load_model_gives_the_in_memory_logits(dlm, tmp_path):
     assert (target / "model.safetensors").stat().st_size < 0.9 * dense_size
 
 
+def test_kept_heads_need_not_divide_the_width_with_an_explicit_head_dim(dlm, tmp_path):
+    """3 of 4 heads kept (32 % 3 != 0): the saved config gives head_dim, load_model accepts it and gives the
+    in-memory logits; the same config without head_dim, or a head_dim the weights do not have, is refused."""
+    from sap_core.errors import ModelLoadError
+
+    v = prune(dlm, PruneSpec("sink_flap", 0.25, heads=0.25, calibration=CAL))
+    ids = torch.randint(4, 200, (2, 20), generator=torch.Generator().manual_seed(3))
+    with v.applied(dlm):
+        expected = dlm.logits(ids)
+    target = v.save(tmp_path / "three", dlm)
+    config = json.loads((target / "config.json").read_text())
+    assert (config["d_model"], config["n_heads"], config["head_dim"]) == (32, 3, 8)
+    assert torch.allclose(load_model(target, device="cpu").logits(ids), expected, atol=1e-6)
+    for change, match in (
+        (dict(head_dim=None), "not divisible by the 3 attention heads"),
+        (dict(head_dim=4), "has shape .24, 32. in the weights but .12, 32. in config.json"),
+    ):
+        (target / "config.json").write_text(json.dumps({**config, **change}))
+        with pytest.raises(ModelLoadError, match=match):
+            load_model(target, device="cpu")
+    (target / "config.json").write_text(json.dumps({**config, "head_dim": 0}))
+    with pytest.raises(ModelLoadError, match="head_dim is 0"):
+        load_model(target, device="cpu")
+
+
 def test_bias_compensation_adds_the_removed_mean(tmp_path):
     handle = load_model(make_model_dir(tmp_path / "biased", include_bias=True), device="cpu")
     plain = prune(handle, PruneSpec("flap", 0.5, calibration=CAL))
@@ -180,7 +205,6 @@ def test_bias_compensation_adds_the_removed_mean(tmp_path):
         (dict(method="flap", sparsity=0.995), "would remove all 64 MLP channels"),
         (dict(method="flap", sparsity=0.3, heads=1.0), "heads must be a number in"),
         (dict(method="flap", sparsity=0.3, heads=0.9), "would remove all 4 attention heads"),
-        (dict(method="flap", sparsity=0.3, heads=0.25), "does not divide the width"),
         (dict(method="wanda", sparsity=0.3, heads=0.5), "only the structured methods"),
         (dict(method="struct_wanda", sparsity=0.3, pattern="2:4"), "N:M pattern"),
         (dict(method="struct_wanda", sparsity=0.3, bias_compensation=True), "FLAP's"),
@@ -253,13 +277,13 @@ def test_sweep_heads_reach_the_structured_rows_only_and_name_the_structure(dlm, 
         with pytest.raises(SapError, match=match):
             replace(spec, **bad).validate()
     (tmp_path / "t.txt").write_text(" ".join(TEXT * 10))
-    args = ["sweep", "--model", tiny_dlm_dir, "--methods", "flap", "--sparsities", "0.25", "--heads", "0.5", "--quiet"]
+    args = ["sweep", "--model", tiny_dlm_dir, "--methods", "flap", "--sparsities", "0.25", "--heads", "0.25", "--quiet"]
     args += ["--calib-text", tmp_path / "t.txt", "--calib-nsamples", "2", "--calib-seqlen", "24"]
     args += ["--text", tmp_path / "t.txt", "--nsamples", "1", "--seqlen", "16", "--draws", "2"]
     assert main([str(a) for a in args + ["--out", tmp_path / "s.csv"]]) == 0
     import pandas as pd
 
-    assert list(pd.read_csv(tmp_path / "s.csv")["label"]) == ["dense", "flap 25% channels, 50% heads"]
+    assert list(pd.read_csv(tmp_path / "s.csv")["label"]) == ["dense", "flap 25% channels, 25% heads"]
     assert main([str(a) for a in args[:5] + ["--heads", "1.5", "--out", tmp_path / "x.csv"]]) == 2
     assert main([str(a) for a in args[:3] + ["--methods", "wanda", "--heads", "0.25", "--out", tmp_path / "x.csv"]]) != 0
 
