@@ -320,11 +320,20 @@ def method_settings(variant):
     gated ones, SparseGPT's block size and dampening only for the SparseGPT family."""
     import pandas as pd
 
+    from sap_core.pruning.spec import STRUCTURED
+
     spec, cal, sink = variant.spec, variant.spec.calibration, variant.spec.sink
     rows = {"method": spec.method, "pattern": spec.pattern}
-    if spec.nm is None:
-        rows["target sparsity"] = f"{spec.sparsity:.2f}"
-    rows["achieved sparsity (pruned layers)"] = f"{variant.achieved_sparsity:.3f}"
+    if spec.method in STRUCTURED:
+        rows["MLP channels removed"] = f"{spec.sparsity:.2f}"
+        rows["heads removed"] = f"{spec.heads:.2f}"
+        if spec.row.statistic == "fluctuation":
+            rows["bias compensation"] = "yes" if spec.bias_compensation else "no"
+        rows["removed parameters (pruned layers)"] = f"{variant.achieved_sparsity:.3f}"
+    else:
+        if spec.nm is None:
+            rows["target sparsity"] = f"{spec.sparsity:.2f}"
+        rows["achieved sparsity (pruned layers)"] = f"{variant.achieved_sparsity:.3f}"
     if spec.needs_calibration:
         rows["calibration"] = f"{cal.nsamples} windows × {cal.seqlen} tokens, seed {cal.seed}"
     if spec.row.needs_noise:

@@ -19,7 +19,8 @@ from app_common import (
 from sap_core import viz
 from sap_core.animation import readable_tokens
 from sap_core.pruning import METHODS, CalibrationSpec, PruneSpec, numbered, prune
-from sap_core.pruning.spec import METHOD_ROWS
+from sap_core.pruning.spec import METHOD_ROWS, STRUCTURED
+from sap_core.pruning.structured import StructuredVariant
 
 st.header("Prune")
 handle = active_model()
@@ -71,7 +72,43 @@ with st.form("prune"):
         **kept("prune_seqlen"),
     )
     seed = c[2].number_input("Calibration seed", 0, 2**31 - 1, 0, **kept("prune_seed"))
+    heads, bias_compensation = 0.0, False
+    if method in STRUCTURED:  # sparsity is then the share of each block's MLP channels removed
+        c = st.columns(3)
+        heads = c[0].number_input(
+            "Heads removed",
+            0.0,
+            0.95,
+            0.0,
+            0.05,
+            help="Fraction of each block's attention heads removed (0: MLP channels only). Only the project's LLaDA "
+            "class loads a head-pruned model (the official one derives the head size from d_model // n_heads); "
+            "refused, with a one-line reason, for GQA models and Dream.",
+            **kept("prune_heads"),
+        )
+        if METHOD_ROWS[method].statistic == "fluctuation":
+            bias_compensation = c[1].checkbox(
+                "Bias compensation",
+                help="FLAP's: adds the removed channels' mean contribution to the output projection's bias "
+                "(models whose output projections have a bias only).",
+                **kept("prune_bias_compensation"),
+            )
     submitted = st.form_submit_button("Prune", type="primary")
+
+
+def removed_summary(variant) -> str:
+    """What the variant took away: its zero weights, or for a structured variant the channels/heads removed per
+    block and its parameter count against the dense model's."""
+    if not isinstance(variant, StructuredVariant):
+        return f"achieved sparsity {variant.achieved_sparsity:.3f}"
+    plan = variant.plan
+    dense = sum(p.numel() for p in handle.module.parameters())
+    removed = int(variant.layer_sparsity["zeros"].sum())
+    heads = f" and {plan.heads} of {plan.n_heads} heads" if plan.heads else ""
+    return (
+        f"removed {plan.channels} of {plan.hidden} MLP channels{heads} per block · "
+        f"{dense - removed:,} parameters (dense {dense:,}, {removed / dense:.1%} fewer)"
+    )
 
 
 cancel = CancelButton("prune")
@@ -85,13 +122,15 @@ if submitted:
         pattern,
         sink=spec_sink,
         calibration=CalibrationSpec(nsamples=int(nsamples), seqlen=int(seqlen), seed=int(seed)),
+        heads=float(heads),
+        bias_compensation=bool(bias_compensation),
     )
     bar = st.progress(0.0, text="Pruning…")
     with job("Pruning"):
         variant = prune(handle, spec, progress=progress_callback(bar, "Pruning"))
         name = numbered(spec.label, [v["name"] for v in variants if v["model"] == model_choice()])
         variants.append({"name": name, "variant": variant, "model": model_choice()})
-        st.success(f"Made **{name}** in {variant.seconds:.1f} s (achieved sparsity {variant.achieved_sparsity:.3f}).")
+        st.success(f"Made **{name}** in {variant.seconds:.1f} s ({removed_summary(variant)}).")
     bar.empty()
 cancel.idle()
 
@@ -136,11 +175,12 @@ else:
 for entry in mine:
     variant = entry["variant"]
     with st.expander(
-        f"{entry['name']} · achieved sparsity {variant.achieved_sparsity:.3f} · {variant.seconds:.1f} s",
+        f"{entry['name']} · {removed_summary(variant)} · {variant.seconds:.1f} s",
         expanded=entry is mine[-1],
     ):
         st.table(method_settings(variant))
-        st.plotly_chart(viz.sparsity_heatmap(variant.layer_sparsity), key=f"sp_{entry['name']}")
+        structured = isinstance(variant, StructuredVariant)
+        st.plotly_chart(viz.sparsity_heatmap(variant.layer_sparsity, removed=structured), key=f"sp_{entry['name']}")
         factor_strip(entry["name"], variant)
         c1, c2 = st.columns([3, 1])
         target = c1.text_input(

@@ -498,6 +498,14 @@ def build_parser() -> Parser:
         "(default: --sink-tau alone), plus the method's ungated twin (sink_wanda, sink_sparsegpt: the official rule) "
         "as the reference",
     )
+    p.add_argument(
+        "--heads",
+        type=_fraction,
+        default=0.0,
+        metavar="F",
+        help="fraction of each block's attention heads the structured methods (struct_wanda, flap, their sink-aware "
+        "variants) also remove (default 0: MLP channels only; LLaDA without GQA only)",
+    )
     _add_calibration(p)
     _add_eval(p)
     p.add_argument(
@@ -863,6 +871,7 @@ def cmd_sweep(args) -> int:
         calibration=_calibration_spec(args),
         eval=_eval_spec(args),
         sink_taus=tuple(args.sink_taus),
+        heads=args.heads,
     )
     spec.validate()
     executor = None

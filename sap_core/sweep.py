@@ -63,7 +63,7 @@ from sap_core.models import ModelHandle
 from sap_core.progress import Progress, report
 from sap_core.pruning import METHODS, PruneSpec, parse_pattern, prune
 from sap_core.pruning.scores import CalibrationCache
-from sap_core.pruning.spec import GATED, UNGATED_TWIN
+from sap_core.pruning.spec import GATED, STRUCTURED, UNGATED_TWIN
 from sap_core.sinks import SinkSpec
 
 COLUMNS = [
@@ -166,6 +166,9 @@ class MethodSetting:
 class SweepSpec:
     """The grid: every method × pattern × sparsity, plus the dense reference.
 
+    ``heads``: the fraction of each block's attention heads the structured methods (:data:`~sap_core.pruning.spec.STRUCTURED`)
+    also remove, beside their MLP channels (a :class:`MethodSetting` with its own ``heads`` option keeps it).
+
     ``sink_taus``: a tau sweep; each gated method named by its bare name runs once per tau (the sweep's
     ``sink`` with that tau, labelled ``gated_sink_wanda(tau=0.05)``), preceded by its ungated twin
     (:data:`~sap_core.pruning.spec.UNGATED_TWIN`: ``sink_wanda``, the official rule, the reference every
@@ -180,6 +183,7 @@ class SweepSpec:
     eval: EvalSpec = field(default_factory=EvalSpec)
     include_dense: bool = True
     sink_taus: tuple[float, ...] = ()  # taus for the gated methods (one row each); (): the sink spec's tau
+    heads: float = 0.0  # fraction of attention heads every structured row also removes (PruneSpec.heads)
 
     def __post_init__(self) -> None:
         try:
@@ -254,6 +258,15 @@ class SweepSpec:
             raise SweepSpecError(
                 "sink_taus applies to the gated methods only: add gated_sink_wanda or "
                 "gated_sink_sparsegpt to the methods, or drop the taus."
+            )
+        if isinstance(self.heads, bool) or not isinstance(self.heads, (int, float)) or not 0.0 <= self.heads < 1.0:
+            raise SweepSpecError(
+                f"heads must be a fraction in [0, 1) (got {self.heads!r}): the share of attention heads removed."
+            )
+        if self.heads and not any(m.method in STRUCTURED for m in self.settings):
+            raise SweepSpecError(
+                f"heads={self.heads} removes attention heads, which only the structured methods do; add one of "
+                f"{', '.join(sorted(STRUCTURED))} to the methods, or drop heads."
             )
         bad = [s for s in self.sparsities if not 0.0 < float(s) < 1.0]  # NaN fails too
         if bad:
@@ -343,6 +356,8 @@ def _prune_spec(setting: MethodSetting, pattern: str, sparsity: float, spec: Swe
         kwargs["sink"] = sink
     if spec.calibration is not None:
         kwargs["calibration"] = spec.calibration
+    if spec.heads and setting.method in STRUCTURED:
+        kwargs["heads"] = spec.heads
     kwargs.update(dict(setting.options))
     return PruneSpec(**kwargs)
 

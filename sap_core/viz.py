@@ -224,9 +224,12 @@ def comparison_bars(frame: pd.DataFrame, labels: Sequence[str], metric: str = "d
     return _clear_of_toolbar(fig)
 
 
-def sparsity_heatmap(layer_sparsity: pd.DataFrame, title: str = "Share of zero weights per block and module") -> go.Figure:
+def sparsity_heatmap(layer_sparsity: pd.DataFrame, title: str | None = None, *, removed: bool = False) -> go.Figure:
     """Block × module share of zero weights; modules in the order the forward pass runs them (the
-    frame's own order, :func:`sap_core.pruning.target_linears`), every block labelled."""
+    frame's own order, :func:`sap_core.pruning.target_linears`), every block labelled. ``removed``: a
+    structured variant's frame, whose "zeros" are parameters removed from the model (titles say so)."""
+    what = "removed parameters" if removed else "zero weights"
+    title = title or f"Share of {what} per block and module"
     order = list(dict.fromkeys(layer_sparsity["module"]))
     table = layer_sparsity.pivot_table(index="block", columns="module", values="sparsity").reindex(columns=order)
     blocks = [f"block {b}" for b in table.index]
@@ -238,9 +241,11 @@ def sparsity_heatmap(layer_sparsity: pd.DataFrame, title: str = "Share of zero w
             zmin=0,
             zmax=1,
             colorscale="Blues",
-            colorbar=dict(title="sparsity"),
+            colorbar=dict(title="removed" if removed else "sparsity"),
             texttemplate="%{z:.2f}",
-            hovertemplate="%{y}, %{x}: %{z:.3f} of the weights are zero<extra></extra>",
+            hovertemplate="%{y}, %{x}: %{z:.3f} of the "
+            + ("parameters removed" if removed else "weights are zero")
+            + "<extra></extra>",
         )
     )
     fig.update_layout(

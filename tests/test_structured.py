@@ -4,6 +4,8 @@ the model shrinks, the dense one comes back bit for bit, a saved variant loads t
 from __future__ import annotations
 
 import json
+import re
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -152,6 +154,31 @@ def test_save_then_load_model_gives_the_in_memory_logits(dlm, tmp_path):
     assert (target / "model.safetensors").stat().st_size < 0.9 * dense_size
 
 
+def test_kept_heads_need_not_divide_the_width_with_an_explicit_head_dim(dlm, tmp_path):
+    """3 of 4 heads kept (32 % 3 != 0): the saved config gives head_dim, load_model accepts it and gives the
+    in-memory logits; the same config without head_dim, or a head_dim the weights do not have, is refused."""
+    from sap_core.errors import ModelLoadError
+
+    v = prune(dlm, PruneSpec("sink_flap", 0.25, heads=0.25, calibration=CAL))
+    ids = torch.randint(4, 200, (2, 20), generator=torch.Generator().manual_seed(3))
+    with v.applied(dlm):
+        expected = dlm.logits(ids)
+    target = v.save(tmp_path / "three", dlm)
+    config = json.loads((target / "config.json").read_text())
+    assert (config["d_model"], config["n_heads"], config["head_dim"]) == (32, 3, 8)
+    assert torch.allclose(load_model(target, device="cpu").logits(ids), expected, atol=1e-6)
+    for change, match in (
+        (dict(head_dim=None), "not divisible by the 3 attention heads"),
+        (dict(head_dim=4), "has shape .24, 32. in the weights but .12, 32. in config.json"),
+    ):
+        (target / "config.json").write_text(json.dumps({**config, **change}))
+        with pytest.raises(ModelLoadError, match=match):
+            load_model(target, device="cpu")
+    (target / "config.json").write_text(json.dumps({**config, "head_dim": 0}))
+    with pytest.raises(ModelLoadError, match="head_dim is 0"):
+        load_model(target, device="cpu")
+
+
 def test_bias_compensation_adds_the_removed_mean(tmp_path):
     handle = load_model(make_model_dir(tmp_path / "biased", include_bias=True), device="cpu")
     plain = prune(handle, PruneSpec("flap", 0.5, calibration=CAL))
@@ -178,7 +205,6 @@ def test_bias_compensation_adds_the_removed_mean(tmp_path):
         (dict(method="flap", sparsity=0.995), "would remove all 64 MLP channels"),
         (dict(method="flap", sparsity=0.3, heads=1.0), "heads must be a number in"),
         (dict(method="flap", sparsity=0.3, heads=0.9), "would remove all 4 attention heads"),
-        (dict(method="flap", sparsity=0.3, heads=0.25), "does not divide the width"),
         (dict(method="wanda", sparsity=0.3, heads=0.5), "only the structured methods"),
         (dict(method="struct_wanda", sparsity=0.3, pattern="2:4"), "N:M pattern"),
         (dict(method="struct_wanda", sparsity=0.3, bias_compensation=True), "FLAP's"),
@@ -222,13 +248,44 @@ def test_compare_and_sweep_take_a_structured_variant(dlm):
     v = prune(dlm, PruneSpec("flap", 0.5, heads=0.5, calibration=CAL))
     comparison = compare_generations(dlm, [v], "To be", DecodeSpec(gen_length=8, steps=8, block_length=8))
     table = comparison.table()
-    assert list(table["label"]) == ["dense", "flap 50%, heads 50%"] and (table["tokens_per_second"] > 0).all()
+    assert list(table["label"]) == ["dense", "flap 50% channels, 50% heads"] and (table["tokens_per_second"] > 0).all()
     spec = SweepSpec(("sink_flap",), (0.5,), calibration=CAL, eval=EvalSpec(seqlen=16, nsamples=2, draws=2, text=" ".join(TEXT)))
     df = run_sweep(dlm, spec)
     assert (
         list(df["method"]) == ["dense", "sink_flap"] and abs(df["achieved_sparsity"].iloc[1] - 0.3) < 1e-9
     )  # half of the MLP, 3/5 of the block
     assert all(torch.equal(before[k], t) for k, t in snapshot(dlm).items())
+
+
+def test_sweep_heads_reach_the_structured_rows_only_and_name_the_structure(dlm, tmp_path, tiny_dlm_dir):
+    from sap_core.cli import main
+    from sap_core.errors import SapError
+    from sap_core.sweep import EvalSpec, SweepSpec, run_sweep, sweep_jobs
+
+    spec = SweepSpec(("wanda", "flap"), (0.5,), calibration=CAL, heads=0.5, eval=EvalSpec(seqlen=16, nsamples=1, draws=2))
+    jobs = {j.label: j.prune for j in sweep_jobs(spec)[1:]}
+    assert list(jobs) == ["wanda 50%", "flap 50% channels, 50% heads"]
+    assert jobs["wanda 50%"].heads == 0 and jobs["flap 50% channels, 50% heads"].heads == 0.5
+    df = run_sweep(dlm, replace(spec, methods=("flap",), eval=replace(spec.eval, text=" ".join(TEXT))))
+    # half of the MLP channels and half of the heads: every linear of the block loses half its parameters
+    assert list(df["label"]) == ["dense", "flap 50% channels, 50% heads"] and df["achieved_sparsity"].iloc[1] == 0.5
+    for bad, match in (
+        (dict(heads=0.5, methods=("wanda",)), "only the structured methods"),
+        (dict(heads=1.0), "heads must be a fraction"),
+        (dict(heads=float("nan")), "heads must be a fraction"),
+    ):
+        with pytest.raises(SapError, match=match):
+            replace(spec, **bad).validate()
+    (tmp_path / "t.txt").write_text(" ".join(TEXT * 10))
+    args = ["sweep", "--model", tiny_dlm_dir, "--methods", "flap", "--sparsities", "0.25", "--heads", "0.25", "--quiet"]
+    args += ["--calib-text", tmp_path / "t.txt", "--calib-nsamples", "2", "--calib-seqlen", "24"]
+    args += ["--text", tmp_path / "t.txt", "--nsamples", "1", "--seqlen", "16", "--draws", "2"]
+    assert main([str(a) for a in args + ["--out", tmp_path / "s.csv"]]) == 0
+    import pandas as pd
+
+    assert list(pd.read_csv(tmp_path / "s.csv")["label"]) == ["dense", "flap 25% channels, 25% heads"]
+    assert main([str(a) for a in args[:5] + ["--heads", "1.5", "--out", tmp_path / "x.csv"]]) == 2
+    assert main([str(a) for a in args[:3] + ["--methods", "wanda", "--heads", "0.25", "--out", tmp_path / "x.csv"]]) != 0
 
 
 def test_dream_mlp_channels_save_and_load_but_heads_are_refused(tmp_path):
@@ -265,3 +322,35 @@ def test_compare_page_runs_a_structured_variant_and_shows_tokens_per_second():
     heads = [m for m in texts(at.markdown) if "tokens/s" in m]
     assert len(heads) == 2 and any(m.startswith("**flap 50%") for m in heads), heads
     assert (at.dataframe[0].value["tokens_per_second"] > 0).all()
+
+
+def test_prune_page_heads_control_makes_a_smaller_variant_and_refuses_all_heads():
+    """The Prune page shows "Heads removed" (and FLAP's bias compensation) only for structured methods; the
+    variant's summary names the channels/heads removed and the smaller parameter count; removing every head
+    is the core's one-line refusal, with no variant made."""
+    from test_app import new_app, texts
+
+    at = new_app()
+    at.switch_page("pages/prune.py").run()
+    at.selectbox[0].set_value("wanda").run()
+    assert "Heads removed" not in [n.label for n in at.number_input]
+    at.selectbox[0].set_value("sink_flap").run()
+    nums = {n.label: n for n in at.number_input}
+    assert "Bias compensation" in [c.label for c in at.checkbox]
+    nums["Calibration samples"].set_value(2)
+    nums["Calibration length"].set_value(32)
+    nums["Heads removed"].set_value(0.95)
+    at.button[0].click().run()
+    assert any("would remove all 6 attention heads" in e for e in texts(at.error)), texts(at.error)
+    assert not at.session_state["variants"]
+    {n.label: n for n in at.number_input}["Heads removed"].set_value(0.5)
+    at.button[0].click().run()
+    assert not at.exception and not at.error, texts(at.error)
+    (made,) = [s for s in texts(at.success) if s.startswith("Made")]
+    assert "removed 256 of 512 MLP channels and 3 of 6 heads per block" in made and "fewer)" in made, made
+    variant = at.session_state["variants"][0]["variant"]
+    small, dense = (int(x.replace(",", "")) for x in re.search(r"· ([\d,]+) parameters \(dense ([\d,]+)", made).groups())
+    assert dense - small == variant.layer_sparsity["zeros"].sum() > 0
+    settings = at.table[0].value["value"]
+    assert settings["heads removed"] == "0.50" and settings["bias compensation"] == "no"
+    assert float(settings["removed parameters (pruned layers)"]) == pytest.approx(variant.achieved_sparsity, abs=1e-3)

@@ -59,6 +59,7 @@ SIZE_FIELDS = (
     "embedding_size",
     "max_sequence_length",
     "max_position_embeddings",
+    "head_dim",
 )
 LAYER_FIELDS = ("n_layers", "num_hidden_layers")
 SPECIAL_ID_FIELDS = ("mask_token_id", "pad_token_id", "bos_token_id", "eos_token_id")
@@ -90,10 +91,12 @@ def read_config(path: Path) -> dict:  # noqa: C901 (one check per config field, 
             raise ModelLoadError(f"'{config_file}': {name} is {value!r}; it must be a whole number >= 1.")
     heads = config.get("n_heads") or config.get("num_attention_heads")
     width = config.get("d_model") or config.get("hidden_size")
-    if heads and width and width % heads:
+    # An explicit head_dim (a head-pruned model the project saved) sets the head size; the weights' shapes
+    # are then checked against it when the model is built.
+    if heads and width and width % heads and config.get("head_dim") is None:
         raise ModelLoadError(
-            f"'{config_file}': the width {width} is not divisible by the {heads} attention heads; "
-            "config.json does not describe a valid model."
+            f"'{config_file}': the width {width} is not divisible by the {heads} attention heads and no head_dim is "
+            "given; config.json does not describe a valid model."
         )
     for name in SPECIAL_ID_FIELDS:
         value = config.get(name)

@@ -419,11 +419,12 @@ class PruneSpec:
     @property
     def label(self) -> str:
         """The run's one name, everywhere a run is named (progress, the app's variants, comparisons, a
-        sweep's ``label`` column): ``magnitude 50%``, ``wanda 2:4``, ``gated_sink_wanda 50%, tau=0.05``.
+        sweep's ``label`` column): ``magnitude 50%``, ``wanda 2:4``, ``gated_sink_wanda 50%, tau=0.05``; a structured
+        method names what it removes: ``sink_flap 30% channels, 25% heads``.
         :func:`numbered` tells two runs of one label apart."""
         what = f"{100 * self.sparsity:g}%" if self.nm is None else self.pattern
-        if self.heads:
-            what += f", heads {100 * self.heads:g}%"
+        if self.method in STRUCTURED:  # the structure removed, named
+            what += " channels" + (f", {100 * self.heads:g}% heads" if self.heads else "")
         if self.bias_compensation:
             what += ", bias compensated"
         gate = f", tau={self.sink.tau:g}" if self.method in GATED else ""

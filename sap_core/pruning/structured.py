@@ -124,12 +124,6 @@ def _check_heads(handle, spec: PruneSpec, layout: Layout, block, n_heads: int, h
         )
     if heads >= n_heads:
         raise PruneSpecError(f"heads {spec.heads} would remove all {n_heads} attention heads of every block; choose less.")
-    kept = n_heads - heads
-    if handle.d_model % kept:
-        raise PruneSpecError(
-            f"heads {spec.heads} leaves {kept} heads, which does not divide the width {handle.d_model}; model loading "
-            "requires it. Choose a ratio that leaves a divisor of the width."
-        )
 
 
 # --- statistics ---------------------------------------------------------------------------------
