@@ -72,7 +72,7 @@ def main() -> None:
             page.set_default_timeout(60_000)
             expect.set_options(timeout=60_000)
             generate_in_browser(page, url, args.length)
-            page.get_by_role("link", name="Sink stability").click()
+            page.locator("[data-testid='stSidebarNav']").get_by_role("link", name="Sink stability", exact=True).click()
             expect(page.get_by_text("Per-position sink stability", exact=False)).to_be_visible()
             page.wait_for_function(SETTLED.replace("window.__key > 0 && ", ""), polling=100)
             slider = page.get_by_role("slider", name="tau (variance threshold)")

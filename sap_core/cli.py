@@ -904,9 +904,9 @@ def cmd_sweep(args) -> int:
                 file=sys.stderr,
             )
         raise
-    from sap_core.files import _signals_held
+    from sap_core.files import signals_held
 
-    with _signals_held():  # the CSV and its estimates are written (and the partial file removed) as one step
+    with signals_held():  # the CSV and its estimates are written (and the partial file removed) as one step
         writer.finish(df)
     side, plotted = estimates_path(args.out), not args.plot
     try:

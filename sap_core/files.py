@@ -228,7 +228,7 @@ def remove_stale_temporaries(target: PathLike) -> list[Path]:
         m = pattern.match(entry.name)
         if not m or m["stem"] not in stems or int(m["pid"]) == os.getpid() or _alive(int(m["pid"])):
             continue
-        with _signals_held():
+        with signals_held():
             if entry.is_dir() and not entry.is_symlink():
                 shutil.rmtree(entry, ignore_errors=True)
             else:
@@ -239,7 +239,7 @@ def remove_stale_temporaries(target: PathLike) -> list[Path]:
 
 
 @contextlib.contextmanager
-def _signals_held() -> Iterator[None]:
+def signals_held() -> Iterator[None]:
     """Hold SIGINT and SIGTERM back (they are delivered on exit) while a temporary is created or removed,
     so Ctrl-C cannot land between creating it and the ``finally`` that removes it."""
     held = threading.current_thread() is threading.main_thread() and hasattr(signal, "pthread_sigmask")
@@ -299,7 +299,7 @@ def atomic_write(path: PathLike, write: Callable[[Path], None], suffix: str = ""
     remove_stale_temporaries(path)
     tmp_path = None
     try:
-        with _signals_held():
+        with signals_held():
             fd, tmp = tempfile.mkstemp(
                 dir=path.parent, prefix=_prefix(path.name, path.parent, "tmp"), suffix=suffix[:_SUFFIX_ROOM]
             )
@@ -318,7 +318,7 @@ def atomic_write(path: PathLike, write: Callable[[Path], None], suffix: str = ""
         raise (write_error(path, exc) or exc) from None
     finally:
         if tmp_path is not None:
-            with _signals_held():
+            with signals_held():
                 if tmp_path.exists():
                     tmp_path.unlink()
     return path
@@ -356,7 +356,7 @@ def atomic_directory(target: PathLike) -> Iterator[Path]:
     remove_stale_temporaries(target)
     tmp = old = None
     try:
-        with _signals_held():
+        with signals_held():
             tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=_prefix(target.name, target.parent, "tmp")))
         yield tmp
         _plain_modes(tmp)
@@ -365,14 +365,14 @@ def atomic_directory(target: PathLike) -> Iterator[Path]:
             _fsync_dir(target.parent)
             return
         if target.exists():  # no renameat2: the old directory stays whole under .<name>.old-* until the new one is in place
-            with _signals_held():
+            with signals_held():
                 old = Path(tempfile.mkdtemp(dir=target.parent, prefix=_prefix(target.name, target.parent, "old")))
                 os.rmdir(old)
                 os.rename(target, old)
         os.rename(tmp, target)
         _fsync_dir(target.parent)
     finally:
-        with _signals_held():
+        with signals_held():
             if old is not None and old.exists():
                 if target.exists():  # the new directory is in place
                     shutil.rmtree(old, ignore_errors=True)

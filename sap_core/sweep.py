@@ -58,7 +58,7 @@ import pandas as pd
 from sap_core import evaluate
 from sap_core.errors import SapError
 from sap_core.evaluate import check_length
-from sap_core.files import atomic_write, atomic_write_text, check_output_file, is_special, output_target
+from sap_core.files import atomic_write, atomic_write_text, check_output_file, is_special, output_target, signals_held
 from sap_core.models import ModelHandle
 from sap_core.progress import Progress, report
 from sap_core.pruning import METHODS, PruneSpec, parse_pattern, prune
@@ -642,8 +642,9 @@ class SweepWriter:
             kept[row["label"]] = estimates
         df = _frame(rows)
         df.attrs["estimates"] = {r["label"]: kept[r["label"]] for r in rows if r["label"] in kept}
-        save_sweep(df, self.partial)
-        self.rows, self.estimates = rows, kept  # counted once on disk, so an interruption's note names what the file holds
+        with signals_held():  # a row counts once it is on disk: Ctrl-C cannot land between the write and the count
+            save_sweep(df, self.partial)
+            self.rows, self.estimates = rows, kept
 
     def finish(self, df: pd.DataFrame) -> Path:
         save_sweep(df, self.out)

@@ -205,7 +205,7 @@ def generate_in_browser(page, app_url: str, tokens: int) -> None:
 
     page.goto(app_url)
     expect(page.get_by_text("Active model:", exact=False).first).to_be_visible()
-    page.get_by_role("link", name="Denoising explorer").click()
+    page.locator("[data-testid='stSidebarNav']").get_by_role("link", name="Denoising explorer", exact=True).click()
     page.get_by_role("spinbutton", name="Generation length").fill(str(tokens))
     page.get_by_role("spinbutton", name="Steps", exact=True).fill(str(tokens))
     page.get_by_role("button", name="Generate").click()

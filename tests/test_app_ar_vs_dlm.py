@@ -115,7 +115,7 @@ def test_ar_vs_dlm_in_a_browser(app_url, page):
     from playwright.sync_api import expect
 
     generate_in_browser(page, app_url, 32)
-    page.get_by_role("link", name="AR vs DLM").click()
+    page.locator("[data-testid='stSidebarNav']").get_by_role("link", name="AR vs DLM", exact=True).click()
     page.get_by_role("button", name="Run the other model on this prompt").click()
     expect(page.get_by_text("Sink trajectories, same axes and colour range", exact=False)).to_be_visible()
     page.shot("side-by-side")

@@ -5,7 +5,7 @@ every page in the story's order. Screenshots: tests/screenshots/test_*-*.png (14
 
 from __future__ import annotations
 
-from conftest import launch_chromium, needs_chromium, no_streamlit_exception, start_app, stop_app
+from conftest import needs_chromium, no_streamlit_exception, start_app, stop_app
 
 pytestmark = needs_chromium
 
@@ -38,39 +38,37 @@ def assert_real_app(page, header: str) -> None:
     no_streamlit_exception(page)
 
 
-def test_every_url_lands_in_the_app_on_a_fresh_server(tmp_path):
+def test_every_url_lands_in_the_app_on_a_fresh_server(chromium):
     """Item 1: a fresh server whose first visitor opens a shared /explorer?step= link before anyone opened /
     and clicks a page while the model loads, and a second visitor on the same link: both get the real app.
     The first paint says the model is loading."""
-    from playwright.sync_api import expect, sync_playwright
+    from playwright.sync_api import expect
 
     proc, url = start_app()
     try:
-        with sync_playwright() as p:
-            browser = launch_chromium(p)
-            for size in ({"width": 1440, "height": 900}, {"width": 1280, "height": 720}):
-                context = browser.new_context(viewport=size)
-                page = context.new_page()
-                page.set_default_timeout(120_000)
-                expect.set_options(timeout=120_000)
-                name = f"{size['width']}x{size['height']}"
-                if size["width"] == 1440:
-                    page.goto(url + "/explorer?step=3")  # a shared link, the server's first visitor
-                    # a cold start: the main area says what it is waiting for, not a blank page, and the
-                    # navigation is the app's (titles, not file names); a click on it while the model loads
-                    # lands in the app too
-                    expect(page.get_by_text("Loading", exact=False).first).to_be_visible()
-                    page.screenshot(path=str(shot_path(f"cold-start-{name}")))
-                    nav(page, "Prune")
-                    assert_real_app(page, "Prune")
-                else:
-                    page.goto(url + "/explorer?step=3")
-                    assert_real_app(page, "Denoising explorer")
-                    assert "step=3" in page.url
-                idle(page)
-                page.screenshot(path=str(shot_path(f"first-url-{name}")))
-                context.close()
-            browser.close()
+        browser = chromium  # the session's browser (a second sync_playwright in one thread is refused)
+        for size in ({"width": 1440, "height": 900}, {"width": 1280, "height": 720}):
+            context = browser.new_context(viewport=size)
+            page = context.new_page()
+            page.set_default_timeout(120_000)
+            expect.set_options(timeout=120_000)
+            name = f"{size['width']}x{size['height']}"
+            if size["width"] == 1440:
+                page.goto(url + "/explorer?step=3")  # a shared link, the server's first visitor
+                # a cold start: the main area says what it is waiting for, not a blank page, and the
+                # navigation is the app's (titles, not file names); a click on it while the model loads
+                # lands in the app too
+                expect(page.get_by_text("Loading", exact=False).first).to_be_visible()
+                page.screenshot(path=str(shot_path(f"cold-start-{name}")))
+                nav(page, "Prune")
+                assert_real_app(page, "Prune")
+            else:
+                page.goto(url + "/explorer?step=3")
+                assert_real_app(page, "Denoising explorer")
+                assert "step=3" in page.url
+            idle(page)
+            page.screenshot(path=str(shot_path(f"first-url-{name}")))
+            context.close()
     finally:
         stop_app(proc)
 

@@ -28,7 +28,7 @@ def explorer(chromium, app_url):
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
     page.goto(app_url)
     expect(page.get_by_text("Active model: tiny-dlm", exact=False)).to_be_visible()
-    page.get_by_role("link", name="Denoising explorer").click()
+    page.locator("[data-testid='stSidebarNav']").get_by_role("link", name="Denoising explorer", exact=True).click()
     page.get_by_role("spinbutton", name="Generation length").fill(str(N))
     page.get_by_role("spinbutton", name="Steps", exact=True).fill(str(N))
     page.get_by_role("button", name="Generate").click()

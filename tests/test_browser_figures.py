@@ -50,7 +50,7 @@ def test_sweep_plot_shows_changes_against_dense_with_paired_errors(app_url, page
 
     page.goto(app_url)
     expect(page.get_by_text("Active model: tiny-dlm", exact=False).first).to_be_visible()
-    page.get_by_role("link", name="Compare", exact=True).click()
+    page.locator("[data-testid='stSidebarNav']").get_by_role("link", name="Compare", exact=True).click()
     idle(page)
     set_number(page, "Windows", "1")
     set_number(page, "Monte Carlo draws", "2")
@@ -80,7 +80,7 @@ def test_tau_sweep_on_a_numeric_axis_names_a_best_tau_only_beyond_the_noise(app_
 
     page.goto(app_url)
     expect(page.get_by_text("Active model: tiny-dlm", exact=False).first).to_be_visible()
-    page.get_by_role("link", name="Pick tau").click()
+    page.locator("[data-testid='stSidebarNav']").get_by_role("link", name="Pick tau", exact=True).click()
     page.get_by_role("spinbutton", name="Calibration samples").fill("2")  # inside forms: no rerun
     page.get_by_role("spinbutton", name="Calibration length").fill("32")
     page.get_by_role("spinbutton", name="Evaluation windows").fill("1")
@@ -109,7 +109,7 @@ def test_stability_labels_tables_and_the_meaning_of_tau_zero(app_url, page):
 
     page.set_viewport_size({"width": 1280, "height": 720})
     generate_in_browser(page, app_url, 16)
-    page.get_by_role("link", name="Sink stability").click()
+    page.locator("[data-testid='stSidebarNav']").get_by_role("link", name="Sink stability", exact=True).click()
     expect(page.get_by_text("Per-position sink stability", exact=False)).to_be_visible()
     expect(page.get_by_text("Why every sink is unstable here", exact=False)).to_be_visible()
     expect(page.get_by_text("Stable sinks", exact=True)).to_be_visible()
@@ -146,7 +146,7 @@ def test_prune_shows_the_down_weighted_tokens_and_compare_wraps_at_words(app_url
 
     page.goto(app_url)
     expect(page.get_by_text("Active model: tiny-dlm", exact=False).first).to_be_visible()
-    page.get_by_role("link", name="Prune", exact=True).click()
+    page.locator("[data-testid='stSidebarNav']").get_by_role("link", name="Prune", exact=True).click()
     choose(page, "Method", "gated_sink_wanda")
     page.get_by_role("spinbutton", name="Calibration samples").fill("2")
     page.get_by_role("spinbutton", name="Calibration length").fill("48")
@@ -168,7 +168,7 @@ def test_prune_shows_the_down_weighted_tokens_and_compare_wraps_at_words(app_url
     title_clear_of_toolbar(page, title)
     shots(page, "prune")
 
-    page.get_by_role("link", name="Compare", exact=True).click()
+    page.locator("[data-testid='stSidebarNav']").get_by_role("link", name="Compare", exact=True).click()
     expect(page.get_by_text("Decoding defaults differ from the Denoising explorer's", exact=False)).to_be_visible()
     page.get_by_role("spinbutton", name="Generation length").fill("48")
     page.get_by_role("spinbutton", name="Steps", exact=True).fill("48")

@@ -69,7 +69,7 @@ def test_workflow_through_every_page(app_url, page):
     page.get_by_role("button", name="Generate").click()
     expect(page.get_by_text("16 steps in", exact=False)).to_be_visible()
 
-    page.get_by_role("link", name="Sink stability").click()
+    page.locator("[data-testid='stSidebarNav']").get_by_role("link", name="Sink stability", exact=True).click()
     expect(page.get_by_text("Re-scoring the stored generation", exact=False)).to_be_visible()
     expect(page.get_by_text("Per-position sink stability", exact=False)).to_be_visible()
     choose(page, "Rule", "leave_one_out")
@@ -82,7 +82,7 @@ def test_workflow_through_every_page(app_url, page):
     tall_shot(page, "2-stability")
     no_streamlit_exception(page)
 
-    page.get_by_role("link", name="Prune", exact=True).click()
+    page.locator("[data-testid='stSidebarNav']").get_by_role("link", name="Prune", exact=True).click()
     expect(page.get_by_role("button", name="Cancel")).to_be_disabled()  # nothing runs
     choose(page, "Method", "sparsegpt")  # a long job (128 windows of 256 tokens), cancelled at once
     page.get_by_role("spinbutton", name="Calibration samples").fill("128")
@@ -104,7 +104,7 @@ def test_workflow_through_every_page(app_url, page):
     tall_shot(page, "3-prune")
     no_streamlit_exception(page)
 
-    page.get_by_role("link", name="Compare", exact=True).click()
+    page.locator("[data-testid='stSidebarNav']").get_by_role("link", name="Compare", exact=True).click()
     page.get_by_role("spinbutton", name="Generation length").fill("16")
     page.get_by_role("spinbutton", name="Steps", exact=True).fill("16")
     page.get_by_role("button", name="Compare", exact=True).click()
@@ -134,7 +134,7 @@ def test_cancel_stops_a_running_tau_sweep(app_url, page):
 
     page.goto(app_url)
     expect(page.get_by_text("Active model:", exact=False).first).to_be_visible()
-    page.get_by_role("link", name="Pick tau").click()
+    page.locator("[data-testid='stSidebarNav']").get_by_role("link", name="Pick tau", exact=True).click()
     expect(page.get_by_role("button", name="Run the tau sweep")).to_be_visible()
     expect(page.get_by_role("button", name="Cancel")).to_be_disabled()  # nothing runs
     page.get_by_role("spinbutton", name="Evaluation windows").fill("256")  # inside the form: no rerun

@@ -16,7 +16,7 @@ def test_prune_save_and_overwrite_confirmation_in_a_browser(app_url, page, tmp_p
     target = tmp_path / "variant"
     page.goto(app_url)
     expect(page.get_by_text("Active model: tiny-dlm", exact=False)).to_be_visible()
-    page.get_by_role("link", name="Prune").click()
+    page.locator("[data-testid='stSidebarNav']").get_by_role("link", name="Prune", exact=True).click()
     expect(page.get_by_text("No variants yet", exact=False)).to_be_visible()
     page.locator("[data-testid='stMain'] [data-testid='stSelectbox']").first.click()
     page.get_by_role("option", name="magnitude").click()

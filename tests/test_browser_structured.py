@@ -29,7 +29,7 @@ def test_sink_flap_variant_is_smaller_and_compare_shows_its_speed(app_url, page)
 
     page.goto(app_url)
     expect(page.get_by_text("Active model: tiny-dlm", exact=False).first).to_be_visible()
-    page.get_by_role("link", name="Prune", exact=True).click()
+    page.locator("[data-testid='stSidebarNav']").get_by_role("link", name="Prune", exact=True).click()
     choose(page, "Method", "wanda")
     expect(page.get_by_role("spinbutton", name="Heads removed")).to_have_count(0)  # masking methods: no heads
     choose(page, "Method", "sink_flap")
@@ -54,7 +54,7 @@ def test_sink_flap_variant_is_smaller_and_compare_shows_its_speed(app_url, page)
     shot(page, "prune")
     no_streamlit_exception(page)
 
-    page.get_by_role("link", name="Compare", exact=True).click()
+    page.locator("[data-testid='stSidebarNav']").get_by_role("link", name="Compare", exact=True).click()
     page.get_by_role("spinbutton", name="Generation length").fill("32")
     page.get_by_role("spinbutton", name="Steps", exact=True).fill("32")
     page.get_by_role("button", name="Compare", exact=True).click()

@@ -399,7 +399,7 @@ def test_pick_tau_in_a_browser(app_url, page):
     if not __import__("pathlib").Path(CHROMIUM).exists():
         pytest.skip("no Chromium")
     generate_in_browser(page, app_url, 32)
-    page.get_by_role("link", name="Pick tau").click()
+    page.locator("[data-testid='stSidebarNav']").get_by_role("link", name="Pick tau", exact=True).click()
     page.get_by_role("spinbutton", name="Calibration samples").fill("4")
     page.get_by_role("button", name="Compute the gate's inputs").click()
     expect(page.get_by_text("Tokens most often gated")).to_be_visible()
