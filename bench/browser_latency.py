@@ -36,6 +36,27 @@ PLAY_TIMER = """(ms) => ({done: new Promise(resolve => {
 })})"""
 
 
+def idle(page) -> None:
+    """Wait until the app's script run has ended (Streamlit's running indicator is gone)."""
+    page.wait_for_timeout(300)
+    page.locator("[data-testid='stStatusWidget']").wait_for(state="hidden")
+
+
+def set_number(page, label: str, value: str) -> None:
+    """Type into a number input outside a form, wait for the rerun it causes, and type again if a late
+    rerun put the old value back (as tests/test_browser_pages.py does)."""
+    box = page.get_by_role("spinbutton", name=label)
+    for _ in range(4):
+        box.fill(value)
+        box.press("Tab")
+        idle(page)
+        page.wait_for_timeout(500)
+        idle(page)
+        if box.input_value() == value:
+            return
+    raise RuntimeError(f"{label!r} did not keep the value {value!r}")
+
+
 def note(text: str) -> None:
     print(f"... {text}", file=sys.stderr, flush=True)
 
@@ -128,20 +149,14 @@ def main() -> None:
             note(f"reruns {reruns}")
             sweep = None
             if not args.no_sweep:
-                page.get_by_role("link", name="Compare").click()
-                form = page.locator("[data-testid='stForm']").filter(has_text="Run sweep")
-                boxes = form.locator("[data-testid='stMultiSelect']")
-                for i, keep in ((0, "magnitude"), (1, "0.5")):  # methods, sparsities: one each
-                    box = boxes.nth(i)
-                    box.get_by_role("button", name="Clear all").click() if box.get_by_role(
-                        "button", name="Clear all"
-                    ).count() else None
-                    box.locator("input").fill(keep)
-                    box.locator("input").press("Enter")
-                    page.keyboard.press("Escape")
-                form.get_by_role("spinbutton").first.fill("1")
+                page.get_by_role("link", name="Compare", exact=True).click()
+                idle(page)
+                set_number(page, "Windows", "1")  # outside the form: each reruns the page
+                set_number(page, "Monte Carlo draws", "2")
+                page.get_by_role("button", name="Remove wanda").click()  # magnitude at 0.5 only
+                page.get_by_role("button", name="Remove 0.3").click()
                 t = time.perf_counter()
-                form.get_by_role("button", name="Run sweep").click()
+                page.get_by_role("button", name="Run sweep").click()
                 expect(page.get_by_role("button", name="Download sweep (CSV)")).to_be_visible()
                 sweep = time.perf_counter() - t
             browser.close()
