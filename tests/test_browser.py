@@ -33,7 +33,7 @@ def test_explorer_steps_in_the_browser_without_a_rerun(app_url, page):
     page.on("websocket", lambda ws: ws.on("framesent", lambda payload: sent.append(time.time())))
     page.goto(app_url)
     expect(page.get_by_text("Active model: tiny-dlm", exact=False)).to_be_visible()
-    page.get_by_role("link", name="Denoising explorer").click()
+    page.get_by_test_id("stSidebarNavItems").get_by_role("link", name="Denoising explorer").click()
     page.get_by_role("spinbutton", name="Generation length").fill("16")
     page.get_by_role("spinbutton", name="Steps", exact=True).fill("16")
     page.get_by_role("button", name="Generate").click()

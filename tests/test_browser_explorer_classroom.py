@@ -28,12 +28,13 @@ def explorer(chromium, app_url):
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
     page.goto(app_url)
     expect(page.get_by_text("Active model: tiny-dlm", exact=False)).to_be_visible()
-    page.get_by_role("link", name="Denoising explorer").click()
+    page.get_by_test_id("stSidebarNavItems").get_by_role("link", name="Denoising explorer").click()
     page.get_by_role("spinbutton", name="Generation length").fill(str(N))
     page.get_by_role("spinbutton", name="Steps", exact=True).fill(str(N))
     page.get_by_role("button", name="Generate").click()
     expect(page.get_by_text(f"{N} steps in", exact=False)).to_be_visible()
     expect(page.frame_locator("iframe").first.locator("#steplabel")).to_have_text(f"Step 0 of {N - 1}")
+    settle(page)  # the view is drawn before the rest of the page (the map's Step box) is
     yield page
     context.close()
 
