@@ -138,6 +138,9 @@ if submitted:
 traj = current_trajectory(handle)
 if traj is None:
     st.info("Set the decoding options and press **Generate**: the attention each position receives is recorded at every step.")
+    # The view's frame, empty, at its place: the browser loads the frame's code now rather than after the first
+    # generation (that first-use load was ~1.2 s of Generate -> first view, bench/browser_latency.py)
+    st.iframe(animation.PLACEHOLDER_HTML, height=60)
     st.stop()
 
 label = st.session_state.get("trajectory_label", "")

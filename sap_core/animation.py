@@ -358,6 +358,9 @@ def explorer_html(
     return page.replace("__TITLE__", html_lib.escape(title)).replace("__DATA__", data)
 
 
+# What the app's view frame shows before the first run.
+PLACEHOLDER_HTML = "<p style='font:14px sans-serif;color:#808495;margin:8px 0'>The run's view appears here: every step, drawn in your browser.</p>"
+
 # The app's first frame height for the view; the page then sets its frame as tall as the browser window allows
 # and fits its canvas inside.
 FRAME_HEIGHT = 640

@@ -34,6 +34,7 @@ def explorer(chromium, app_url):
     page.get_by_role("button", name="Generate").click()
     expect(page.get_by_text(f"{N} steps in", exact=False)).to_be_visible()
     expect(page.frame_locator("iframe").first.locator("#steplabel")).to_have_text(f"Step 0 of {N - 1}")
+    settle(page)  # the view is drawn before the rest of the page (the map's Step box) is
     yield page
     context.close()
 
