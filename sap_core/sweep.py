@@ -5,8 +5,9 @@
 shared dense model is restored after every job, also on cancellation) and returns a
 :class:`pandas.DataFrame`, one row per job, with the columns of :data:`COLUMNS`:
 
-* ``method``, ``sparsity``, ``pattern``: the job (``method`` names a method setting that is not just
-  the method's defaults, e.g. a variance-gated one: ``gated_sink_wanda(tau=0.05)``);
+* ``method``, ``sparsity``, ``pattern``: the job (``method`` is the bare method name, e.g.
+  ``gated_sink_wanda``; a gated method's variance gate is the ``tau`` column, and both are in the label;
+  :func:`series` names a method at one tau, e.g. for a plot's lines);
 * ``label``: the run's :attr:`PruneSpec.label <sap_core.pruning.PruneSpec.label>` (``wanda 50%``,
   ``gated_sink_wanda 2:4, tau=0.05``), after a custom :attr:`MethodSetting.label` and a colon when
   there is one; unique in a sweep, the key of the per-draw estimates;
@@ -154,12 +155,15 @@ class MethodSetting:
 
     @property
     def name(self) -> str:
-        """``label``, else the method, with ``(tau=...)`` for a gated method (whose gate is its setting)."""
-        if self.label:
-            return self.label
-        if self.method in GATED and self.sink is not None:
-            return f"{self.method}(tau={self.sink.tau:g})"
+        """The ``method`` column of this setting's rows: the bare method name (tau is a column of its own)."""
         return self.method
+
+    @property
+    def key(self) -> tuple:
+        """What tells two settings of a sweep apart: the label, else the method and, for a gated method, its tau."""
+        if self.label:
+            return (self.label,)
+        return (self.method, float(self.sink.tau)) if self.method in GATED and self.sink is not None else (self.method,)
 
 
 @dataclass(frozen=True)
@@ -170,7 +174,7 @@ class SweepSpec:
     also remove, beside their MLP channels (a :class:`MethodSetting` with its own ``heads`` option keeps it).
 
     ``sink_taus``: a tau sweep; each gated method named by its bare name runs once per tau (the sweep's
-    ``sink`` with that tau, labelled ``gated_sink_wanda(tau=0.05)``), preceded by its ungated twin
+    ``sink`` with that tau, its rows' ``tau`` column), preceded by its ungated twin
     (:data:`~sap_core.pruning.spec.UNGATED_TWIN`: ``sink_wanda``, the official rule, the reference every
     tau is compared with) unless the methods list it already; :mod:`sap_core.tau` reads the result.
     """
@@ -200,9 +204,8 @@ class SweepSpec:
     @property
     def settings(self) -> list[MethodSetting]:
         """Every method as a :class:`MethodSetting`; a bare gated method name carries the sweep's sink
-        spec so that its label shows the gate (``gated_sink_wanda(tau=0.1)``); a tau sweep adds the ungated
-        twins it compares with."""
-        listed = {m.name if isinstance(m, MethodSetting) else str(m) for m in self.methods}
+        spec (its rows' ``tau``); a tau sweep adds the ungated twins it compares with."""
+        listed = {m.key[0] if isinstance(m, MethodSetting) else str(m) for m in self.methods}
         out = []
         for m in self.methods:
             if isinstance(m, MethodSetting):
@@ -251,9 +254,9 @@ class SweepSpec:
         unknown = [m.method for m in self.settings if m.method not in METHODS]
         if unknown:
             raise SweepSpecError(f"Unknown pruning method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}.")
-        names = [m.name for m in self.settings]
-        if len(set(names)) != len(names):
-            raise SweepSpecError(f"Method labels must be unique (got {names}).")
+        keys = [m.key for m in self.settings]
+        if len(set(keys)) != len(keys):
+            raise SweepSpecError(f"Method labels must be unique (got {[' '.join(map(str, k)) for k in keys]}).")
         if self.sink_taus and not any(str(m) in GATED for m in self.methods if not isinstance(m, MethodSetting)):
             raise SweepSpecError(
                 "sink_taus applies to the gated methods only: add gated_sink_wanda or "
@@ -720,7 +723,35 @@ def _parse_sweep_csv(path: Path, raw: bytes) -> pd.DataFrame:
     for col in ("method", "pattern", "label"):
         if col in df.columns:
             df[col] = df[col].astype(str)
+    return _bare_methods(df)
+
+
+_OLD_GATED_METHOD = r"^(?P<method>[A-Za-z_]\w*)\(tau=(?P<tau>[^()]*)\)$"
+
+
+def _bare_methods(df: pd.DataFrame) -> pd.DataFrame:
+    """Older sweeps wrote a gated method as ``gated_sink_wanda(tau=0.05)``: read it once, here, as the bare
+    method with the number in the ``tau`` column (added when missing; a tau already there is kept)."""
+    parts = df["method"].str.extract(_OLD_GATED_METHOD)
+    old = parts["method"].notna()
+    if not old.any():
+        return df
+    if "tau" not in df.columns:
+        df["tau"] = math.nan
+    df.loc[old, "method"] = parts.loc[old, "method"]
+    df.loc[old & df["tau"].isna(), "tau"] = pd.to_numeric(parts["tau"], errors="coerce")
     return df
+
+
+def series(df: pd.DataFrame) -> pd.Series:
+    """One name per row for the method at its setting: the method, with ``, tau=0.05`` for a row with a
+    tau (a gated method), so that a gated method at several taus gives several lines of a plot."""
+    tau = df["tau"] if "tau" in df.columns else pd.Series(math.nan, index=df.index)
+    return pd.Series(
+        [m if not np.isfinite(t) else f"{m}, tau={t:g}" for m, t in zip(df["method"].astype(str), tau.astype(float))],
+        index=df.index,
+        dtype=object,
+    )
 
 
 def _read_estimates(path: Path, raw: bytes) -> dict[str, np.ndarray] | None:
@@ -758,12 +789,12 @@ DEFAULT_PAIRS: tuple[tuple[str, str], ...] = (
 
 
 def method_differences(df: pd.DataFrame, pairs: Sequence[tuple[str, str]] = DEFAULT_PAIRS) -> pd.DataFrame:
-    """One row per (method, baseline, pattern, sparsity) present in ``df``: both perplexities,
+    """One row per (method row, baseline) present in ``df`` at the same pattern and sparsity: both perplexities,
     ``delta_ppl = ppl_method - ppl_baseline`` (negative: the method is better), ``rel_ppl`` (ratio − 1),
     ``delta_nll`` (nats/token), ``se_indep = sqrt(nll_se_m² + nll_se_b²)`` (treats the two Monte Carlo
     errors as independent: conservative), ``se_paired`` (:func:`paired_se` on the per-draw estimates in
     ``df.attrs["estimates"]``; NaN without them) and ``z = delta_nll / se`` with the paired error when
-    known, else the independent one. Labels such as ``gated_sink_wanda(tau=0.05)`` work as methods."""
+    known, else the independent one. A gated method at several taus gives one row per tau (``tau``)."""
     cols = [
         "method",
         "baseline",
@@ -777,15 +808,18 @@ def method_differences(df: pd.DataFrame, pairs: Sequence[tuple[str, str]] = DEFA
         "se_indep",
         "se_paired",
         "z",
+        "tau",
     ]
     estimates = df.attrs.get("estimates") or {}
     key = ["pattern", "sparsity"]
     rows = []
     for method, baseline in pairs:
-        a = df[df["method"] == method].set_index(key)
-        b = df[df["method"] == baseline].set_index(key)
-        for idx in a.index.intersection(b.index):
-            ra, rb = a.loc[idx], b.loc[idx]
+        b = df[df["method"] == baseline].drop_duplicates(key).set_index(key)
+        for _, ra in df[df["method"] == method].iterrows():
+            idx = (ra["pattern"], ra["sparsity"])
+            if idx not in b.index:
+                continue
+            rb = b.loc[idx]
             se = math.sqrt(float(ra["nll_se"]) ** 2 + float(rb["nll_se"]) ** 2)
             ea, eb = estimates.get(str(ra["label"])), estimates.get(str(rb["label"]))
             sp = paired_se(ea, eb) if ea is not None and eb is not None and np.shape(ea) == np.shape(eb) else math.nan
@@ -805,6 +839,7 @@ def method_differences(df: pd.DataFrame, pairs: Sequence[tuple[str, str]] = DEFA
                     se_indep=se,
                     se_paired=sp,
                     z=d_nll / use if use > 0 else math.nan,
+                    tau=float(ra.get("tau", math.nan)),
                 )
             )
     return pd.DataFrame(rows, columns=cols)

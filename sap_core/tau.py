@@ -187,10 +187,6 @@ def trajectory_sink_variance(report: sinks.SinkReport) -> np.ndarray:
 REFERENCES = ("wanda", "noised_wanda")
 
 
-def _base(method: str) -> str:
-    return method.split("(", 1)[0]
-
-
 def _row(kind: str, family: str, r, tau: float, ref=None, estimates=None) -> dict:
     """One table row from sweep row ``r``; ``ref``: the sweep row its paired difference is taken against."""
     from sap_core.sweep import paired_se
@@ -204,7 +200,7 @@ def _row(kind: str, family: str, r, tau: float, ref=None, estimates=None) -> dic
     return dict(
         kind=kind,
         family=family,
-        method=_base(str(r["method"])),
+        method=str(r["method"]),
         tau=tau,
         ppl=float(r["ppl"]),
         ppl_se=float(r["ppl_se"]),
@@ -235,8 +231,8 @@ def tau_table(df: pd.DataFrame, sparsity: float, pattern: str = "unstructured") 
     estimates = df.attrs.get("estimates") or {}
     cols = ["kind", "family", "method", "tau", "ppl", "ppl_se", "nll", "nll_se", "delta_nll", "se_paired", "z", "label"]
     out = []
-    gated = rows[rows["method"].map(_base).isin(GATED)]
-    for family, group in gated.groupby(gated["method"].map(_base), sort=True):
+    gated = rows[rows["method"].isin(GATED)]
+    for family, group in gated.groupby("method", sort=True):
         twin = rows[rows["method"] == UNGATED_TWIN[family]]
         official = twin.iloc[0] if len(twin) else None
         if official is not None:

@@ -572,8 +572,11 @@ def sweep_figure(df: pd.DataFrame, view: str = "delta") -> go.Figure:
             fallback = "no nll columns"
     if fallback:
         view = "absolute"
+    from sap_core.sweep import series
+
     dense = df[df["method"] == "dense"]
     rest = df[df["method"] != "dense"]
+    rest = rest.assign(method=series(rest))  # a gated method at each tau is a line of its own
     deltas = sweep_deltas(df).set_index("label") if view == "delta" else None
     methods = list(dict.fromkeys(rest["method"]))
     patterns = list(dict.fromkeys(rest["pattern"]))
