@@ -19,7 +19,7 @@ from app_common import (
 from sap_core import viz
 from sap_core.animation import readable_tokens
 from sap_core.pruning import METHODS, CalibrationSpec, PruneSpec, numbered, prune
-from sap_core.pruning.spec import METHOD_ROWS, STRUCTURED
+from sap_core.pruning.spec import METHOD_ROWS, PATTERNS, STRUCTURED
 from sap_core.pruning.structured import StructuredVariant
 
 st.header("Prune")
@@ -40,7 +40,7 @@ with st.form("prune"):
     c = st.columns(3)
     pattern = c[0].selectbox(
         "Pattern",
-        ["unstructured", "2:4", "4:8"],
+        list(PATTERNS),
         **kept("prune_pattern"),
         help="N:M keeps N of every M consecutive weights of a row (fixes the sparsity at 1 − N/M).",
     )

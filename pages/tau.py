@@ -19,8 +19,9 @@ from app_common import (
 from sap_core import viz
 from sap_core.animation import readable_tokens
 from sap_core.pruning import CalibrationSpec
-from sap_core.pruning.spec import GATED
+from sap_core.pruning.spec import GATED, PATTERNS
 from sap_core.pruning.variant import fingerprint
+from sap_core.sinks import parse_taus
 from sap_core.sweep import EvalSpec, run_sweep
 from sap_core.tau import best_taus, calibration_gate, tau_sweep_spec, tau_table, trajectory_sink_variance
 
@@ -111,7 +112,7 @@ st.caption(
 with st.form("which_tau"):
     c = st.columns(4)
     methods = c[0].multiselect("Gated methods", sorted(GATED), default=["gated_sink_wanda"], **kept("tau_methods"))
-    pattern = c[1].selectbox("Pattern", ["unstructured", "2:4", "4:8"], **kept("tau_pattern"))
+    pattern = c[1].selectbox("Pattern", list(PATTERNS), **kept("tau_pattern"))
     sparsity = c[2].slider(
         "Sparsity", 0.1, 0.9, 0.5, 0.05, help="Unstructured only; N:M fixes it at 1 − N/M.", **kept("tau_sparsity")
     )
@@ -138,18 +139,11 @@ if run:
         st.session_state["tau_sweep_dense"] = fingerprint(handle.module)
     bar = st.progress(0.0)
     with job("The tau sweep"):
-        try:
-            values = [float(t) for t in taus.split(",") if t.strip()]
-        except ValueError:
-            values = None
-        if values is None:
-            st.error(f"Taus must be comma-separated numbers such as 0, 0.01, 0.05 (got '{taus}').")
-        else:
-            sweep_spec = tau_sweep_spec(
-                methods, sparsity, pattern, values, spec, calibration, EvalSpec(seqlen=64, nsamples=int(windows), draws=4)
-            )
-            df = run_sweep(handle, sweep_spec, progress=progress_callback(bar, "Tau sweep"))
-            st.session_state["tau_sweep"] = (model_choice(), df, float(sparsity), pattern)
+        sweep_spec = tau_sweep_spec(
+            methods, sparsity, pattern, parse_taus(taus), spec, calibration, EvalSpec(seqlen=64, nsamples=int(windows), draws=4)
+        )
+        df = run_sweep(handle, sweep_spec, progress=progress_callback(bar, "Tau sweep"))
+        st.session_state["tau_sweep"] = (model_choice(), df, float(sparsity), pattern)
     bar.empty()
 cancel.idle()
 result = st.session_state.get("tau_sweep")

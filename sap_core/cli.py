@@ -86,13 +86,27 @@ def _names(text: str) -> list[str]:
 
 
 def _fraction(text: str) -> float:
+    from sap_core.errors import SapError
+    from sap_core.pruning.spec import check_sparsity
+
     try:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number between 0 and 1, got '{text}'") from None
-    if not 0.0 <= value < 1.0:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {value}")
-    return value
+    try:
+        return check_sparsity(value)
+    except SapError:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {value}") from None
+
+
+def _taus(text: str) -> tuple[float, ...]:
+    from sap_core.errors import SapError
+    from sap_core.sinks import parse_taus
+
+    try:
+        return parse_taus(text)
+    except SapError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _positive(text: str) -> int:
@@ -491,7 +505,7 @@ def build_parser() -> Parser:
     _add_sink(p)
     p.add_argument(
         "--sink-taus",
-        type=_floats,
+        type=_taus,
         default=(),
         metavar="LIST",
         help="comma-separated taus, e.g. 0,0.01,0.02,0.05,0.1: one row per tau for each gated_* method "

@@ -119,7 +119,7 @@ from typing import Any
 
 import numpy as np
 
-from sap_core.errors import SinkSpecError
+from sap_core.errors import SapError, SinkSpecError
 
 RULES = ("official", "leave_one_out")
 VIEWS = ("raw", "uniform", "per_query", "expected")
@@ -160,6 +160,29 @@ _RTOL = 1e-6
 
 
 # --- spec --------------------------------------------------------------------------------------
+
+
+def check_tau(tau: Any, error: type[SapError] = SinkSpecError) -> float:
+    """The one rule for a variance gate ``tau``: a finite number >= 0 (0 gates every sink, never a
+    non-sink). Returns it as a float; anything else raises ``error`` with one line."""
+    try:
+        value = float(tau)
+    except (TypeError, ValueError):
+        raise error(f"tau must be a number >= 0 such as 0.05 (got {tau!r}).") from None
+    if not (np.isfinite(value) and value >= 0):
+        raise error(f"tau must be finite and >= 0 (got {value}); 0 gates every sink.")
+    return value
+
+
+def parse_taus(values: Any, error: type[SapError] = SinkSpecError) -> tuple[float, ...]:
+    """A list of taus, from comma-separated text (``"0, 0.01, 0.05"``, as the CLI and the app take it) or
+    numbers, each checked by :func:`check_tau`; raises ``error`` with one line."""
+    items = [x for x in values.split(",") if x.strip()] if isinstance(values, str) else list(values)
+    try:
+        taus = tuple(float(x) for x in items)
+    except (TypeError, ValueError):
+        raise error(f"taus must be comma-separated numbers such as 0, 0.01, 0.05 (got {values!r}).") from None
+    return tuple(check_tau(t, error) for t in taus)
 
 
 @dataclass(frozen=True)
@@ -210,7 +233,8 @@ class SinkSpec:
         for name in ("rule", "normalize"):
             if not isinstance(getattr(self, name), str):
                 raise SinkSpecError(f"{name} must be text (got {getattr(self, name)!r}).")
-        for name in ("k", "alpha", "epsilon", "tau", "stable_min_frequency"):
+        check_tau(self.tau)
+        for name in ("k", "alpha", "epsilon", "stable_min_frequency"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, numbers.Real):
                 raise SinkSpecError(f"{name} must be a number (got {value!r}).")
@@ -220,15 +244,14 @@ class SinkSpec:
             raise SinkSpecError(f"rule must be one of {', '.join(RULES)} (got '{self.rule}').")
         if self.normalize not in VIEWS:
             raise SinkSpecError(f"normalize must be one of {', '.join(VIEWS)} (got '{self.normalize}').")
-        for name in ("k", "alpha", "epsilon", "tau", "stable_min_frequency"):
+        check_tau(self.tau)
+        for name in ("k", "alpha", "epsilon", "stable_min_frequency"):
             if not np.isfinite(float(getattr(self, name))):
                 raise SinkSpecError(f"{name} must be a finite number (got {getattr(self, name)}).")
         if self.alpha <= 0:
             raise SinkSpecError(f"alpha must be > 0 (got {self.alpha}); it is the sigmoid slope, 5 by default.")
         if self.epsilon < 0:
             raise SinkSpecError(f"epsilon must be >= 0 (got {self.epsilon}); it is a margin above the others' mean.")
-        if self.tau < 0:
-            raise SinkSpecError(f"tau must be >= 0 (got {self.tau}); 0 treats every sink as unstable.")
         if not 0 < self.stable_min_frequency <= 1:
             raise SinkSpecError(
                 f"stable_min_frequency must be in (0, 1] (got {self.stable_min_frequency}); 0.5 means 'a sink at most steps'."

@@ -64,8 +64,8 @@ from sap_core.models import ModelHandle
 from sap_core.progress import Progress, report
 from sap_core.pruning import METHODS, PruneSpec, parse_pattern, prune
 from sap_core.pruning.scores import CalibrationCache
-from sap_core.pruning.spec import GATED, STRUCTURED, UNGATED_TWIN
-from sap_core.sinks import SinkSpec
+from sap_core.pruning.spec import GATED, STRUCTURED, UNGATED_TWIN, check_sparsity
+from sap_core.sinks import SinkSpec, parse_taus
 
 COLUMNS = [
     "method",
@@ -190,14 +190,8 @@ class SweepSpec:
     heads: float = 0.0  # fraction of attention heads every structured row also removes (PruneSpec.heads)
 
     def __post_init__(self) -> None:
-        try:
-            taus = tuple(float(t) for t in self.sink_taus)
-        except (TypeError, ValueError):
-            raise SweepSpecError(f"sink_taus must be numbers such as 0,0.01,0.05 (got {self.sink_taus!r}).") from None
+        taus = parse_taus(self.sink_taus, SweepSpecError)
         object.__setattr__(self, "sink_taus", taus)
-        bad_taus = [t for t in taus if not (math.isfinite(t) and t >= 0)]
-        if bad_taus:
-            raise SweepSpecError(f"sink_taus must be finite and >= 0 (got {bad_taus}); 0 gates every sink.")
         if len(set(taus)) != len(taus):
             raise SweepSpecError(f"sink_taus lists a tau twice ({list(taus)}); list each once.")
 
@@ -271,9 +265,8 @@ class SweepSpec:
                 f"heads={self.heads} removes attention heads, which only the structured methods do; add one of "
                 f"{', '.join(sorted(STRUCTURED))} to the methods, or drop heads."
             )
-        bad = [s for s in self.sparsities if not 0.0 < float(s) < 1.0]  # NaN fails too
-        if bad:
-            raise SweepSpecError(f"Sparsities must lie strictly between 0 and 1 (got {bad}).")
+        for s in self.sparsities:
+            check_sparsity(s, SweepSpecError)
         for p in self.patterns:
             parse_pattern(p)
         labels = [self.label_of(m, p, s) for m, p, s in self.jobs]

@@ -77,7 +77,7 @@ class GateData:
         """``bool [N, L]``: positions the gated factors down-weight at ``tau``
         (:func:`sap_core.sinks.position_stats`' gate: the unstable sinks, never a non-sink; at tau = 0
         every sink)."""
-        return sinks.variance_gate(self.frequency, self.variance, _check_tau(tau))
+        return sinks.variance_gate(self.frequency, self.variance, sinks.check_tau(tau, SapError))
 
     def gated_share(self, tau: float) -> float:
         """Share of the sink positions (:attr:`is_sink`) that the gate opens at ``tau``."""
@@ -122,13 +122,6 @@ class GateData:
             for i in order
         ]
         return pd.DataFrame(rows, columns=["token", "text", "gated", "sinks", "gated_share"])
-
-
-def _check_tau(tau) -> float:
-    tau = float(tau)
-    if not (math.isfinite(tau) and tau >= 0):
-        raise SapError(f"tau must be a finite number >= 0 (got {tau}); 0 gates every sink.")
-    return tau
 
 
 def calibration_gate(
@@ -292,7 +285,7 @@ def tau_sweep_spec(methods, sparsity: float, pattern: str, taus, sink: SinkSpec,
     ``noised_wanda``, at one sparsity and pattern, without the dense row."""
     from sap_core.sweep import EvalSpec, SweepSpec
 
-    taus = tuple(sorted({float(t) for t in taus}))
+    taus = tuple(sorted(set(sinks.parse_taus(taus, SapError))))
     if not taus:
         raise SapError("List at least one tau for the tau sweep, e.g. 0, 0.01, 0.05.")
     methods = tuple(methods)

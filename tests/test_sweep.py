@@ -146,7 +146,7 @@ def test_nm_pattern_runs_once_per_method_and_gated_label():
     "kwargs, match",
     [
         (dict(methods=("nope",), sparsities=(0.5,)), "Unknown pruning method"),
-        (dict(methods=("wanda",), sparsities=(1.2,)), "between 0 and 1"),
+        (dict(methods=("wanda",), sparsities=(1.2,)), r"sparsity must be in \[0, 1\)"),
         (dict(methods=("wanda",), sparsities=(0.5,), patterns=("3:2",)), "N < M"),
         (dict(methods=(), sparsities=(0.5,)), "at least one"),
         (dict(methods=("wanda",), sparsities=(0.5,), eval=EvalSpec(nsamples=0)), "nsamples"),
