@@ -22,11 +22,11 @@ import pandas as pd
 
 from sap_core.benchmark import BenchSpec, make_lm
 from sap_core.errors import SapError
+from sap_core.evaluate import DENSE
 from sap_core.models import ModelHandle
 from sap_core.progress import Progress, report
 from sap_core.tasks import load_tasks, manager_for, offline
 
-DENSE = "dense"
 COLUMNS = ["task", "model", "metric", "n", "acc", "acc_se", "delta", "se_delta", "z", "beyond_2se"]
 
 

@@ -34,12 +34,11 @@ import pandas as pd
 
 from sap_core.diffusion import DecodeSpec, Trajectory, generate
 from sap_core.errors import SapError
+from sap_core.evaluate import DENSE, EvalSpec, paired_se_if_known, perplexity
 from sap_core.models import ModelHandle
 from sap_core.progress import Progress, report
 from sap_core.pruning import PrunedVariant, numbered
-from sap_core.sweep import EvalSpec, paired_se, perplexity
 
-DENSE = "dense"
 TABLE_COLUMNS = [
     "label",
     "text",
@@ -281,11 +280,11 @@ def perplexity_table(
     progress: Progress | None = None,
 ) -> pd.DataFrame:
     """Perplexity of the dense ``handle`` (first row, ``model="dense"``) and of every variant, all on
-    the same windows and masking draws (:func:`sap_core.sweep.perplexity` with one
-    :class:`~sap_core.sweep.EvalSpec`, default ``EvalSpec()``: the sweep's settings).
+    the same windows and masking draws (:func:`sap_core.evaluate.perplexity` with one
+    :class:`~sap_core.evaluate.EvalSpec`, default ``EvalSpec()``: the sweep's settings).
 
     Per variant: ``delta_ppl = ppl - ppl_dense``, ``delta_nll`` (nats/token) and ``se_delta``, the
-    standard error of ``delta_nll``: paired draw by draw (:func:`sap_core.sweep.paired_se`,
+    standard error of ``delta_nll``: paired draw by draw (:func:`sap_core.evaluate.paired_se`,
     ``paired=True``) when the per-draw estimates are known (masked-diffusion perplexity), else
     ``sqrt(nll_se² + nll_se_dense²)`` (``paired=False``, conservative). ``z = delta_nll / se_delta``.
     ``progress`` counts evaluation batches across all models, the message naming the model.
@@ -316,8 +315,9 @@ def perplexity_table(
             dense = res
             row.update(delta_ppl=0.0, delta_nll=0.0, se_delta=float("nan"), paired=False, z=float("nan"))
         else:
-            paired = res.estimates is not None and dense.estimates is not None and res.estimates.shape == dense.estimates.shape
-            se = paired_se(res.estimates, dense.estimates) if paired else float(np.hypot(res.nll_se, dense.nll_se))
+            sp = paired_se_if_known(res.estimates, dense.estimates)
+            paired = bool(np.isfinite(sp))
+            se = sp if paired else float(np.hypot(res.nll_se, dense.nll_se))
             d = res.nll - dense.nll
             row.update(
                 delta_ppl=res.ppl - dense.ppl, delta_nll=d, se_delta=se, paired=paired, z=d / se if se > 0 else float("nan")

@@ -40,7 +40,7 @@ Monte Carlo error of one row given those windows (see :mod:`sap_core.evaluate`);
 the text-sampling error nor the variability of calibration. :func:`method_differences` sets methods
 against their baselines: with the per-(window, draw) estimates each evaluation records
 (``df.attrs["estimates"]``) the error of a difference is computed draw by draw (paired, common random
-numbers, :func:`paired_se`); ``se_indep = sqrt(nll_se_a**2 + nll_se_b**2)``, which treats the two
+numbers, :func:`~sap_core.evaluate.paired_se`); ``se_indep = sqrt(nll_se_a**2 + nll_se_b**2)``, which treats the two
 errors as independent, is the conservative fallback.
 """
 
@@ -56,9 +56,15 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from sap_core import evaluate
-from sap_core.errors import SapError
-from sap_core.evaluate import check_length
+from sap_core.errors import SweepSpecError
+from sap_core.evaluate import (  # EvalSpec, perplexity, paired_se: sap_core.evaluate's, also importable from here
+    DENSE,
+    EvalSpec,
+    check_length,
+    paired_se,  # noqa: F401 - re-exported: older imports take it from here
+    paired_se_if_known,
+    perplexity,
+)
 from sap_core.files import atomic_write, atomic_write_text, check_output_file, is_special, output_target, signals_held
 from sap_core.models import ModelHandle
 from sap_core.progress import Progress, report
@@ -81,63 +87,6 @@ COLUMNS = [
     "label",
     "tau",
 ]
-DENSE = "dense"
-
-
-class SweepSpecError(SapError):
-    """Impossible sweep settings."""
-
-
-@dataclass(frozen=True)
-class EvalSpec:
-    """How every row of a sweep is scored (defaults: those of :func:`sap_core.evaluate.diffusion_perplexity`).
-    ``text=None`` uses the built-in evaluation text.
-
-    ``seqlen``: tokens per window (prefix included); ``nsamples``: number of windows; ``draws``:
-    masking draws per window (Monte Carlo samples of the masked-diffusion bound, >= 2; ignored for
-    causal models); ``seed`` fixes the draws, shared by every row; ``prefix``: conditioning text before
-    every window, never scored (None: the tokenizer's BOS convention only; a causal model needs at
-    least one prefix token). ``metric``: ``"ppl"`` (perplexity only, the default) or ``"acc:TASK"``: also
-    the accuracy on the lm-eval task TASK (:mod:`sap_core.accuracy`; ``limit`` documents, ``mc_num`` Monte
-    Carlo rows per request, the masks seeded by ``seed``), in the columns ``acc``, ``acc_se``, ``acc_task``.
-    """
-
-    seqlen: int = 128
-    nsamples: int = 16
-    draws: int = 8
-    seed: int = 0
-    text: str | None = None
-    prefix: str | None = None
-    metric: str = "ppl"
-    limit: int | None = None
-    mc_num: int = 32
-
-    @property
-    def task(self) -> str | None:
-        """The lm-eval task of an ``acc:TASK`` metric, None for perplexity only."""
-        return self.metric[4:] if isinstance(self.metric, str) and self.metric.startswith("acc:") else None
-
-    def validate(self) -> None:
-        for name in ("seqlen", "nsamples", "draws", "seed"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-                raise SweepSpecError(f"{name} must be a whole number (got {value!r}).")
-        if not 0 <= self.seed < 2**63:
-            raise SweepSpecError(f"seed must be in [0, 2**63) (got {self.seed}).")
-        if self.seqlen < 2 or self.nsamples < 1:
-            raise SweepSpecError(f"seqlen must be >= 2 and nsamples >= 1 (got seqlen={self.seqlen}, nsamples={self.nsamples}).")
-        if self.draws < 2:
-            raise SweepSpecError(f"draws must be >= 2 to estimate the Monte Carlo error (got {self.draws}).")
-        if self.metric != "ppl":
-            if not self.task:
-                raise SweepSpecError(f"metric must be ppl or acc:TASK, e.g. acc:sinkscope_nextline (got {self.metric!r}).")
-            from sap_core.accuracy import check_limit
-            from sap_core.benchmark import BenchSpec
-            from sap_core.tasks import load_tasks
-
-            check_limit(self.limit)
-            BenchSpec(mc_num=self.mc_num, batch_size=self.mc_num)
-            load_tasks([self.task])  # an unknown task or missing data: one line now, before any pruning
 
 
 @dataclass(frozen=True)
@@ -276,73 +225,6 @@ class SweepSpec:
                 f"Two runs of the sweep would be the same run ({', '.join(twice)}); list each sparsity and pattern once."
             )
         self.eval.validate()
-
-
-@dataclass
-class PerplexityRow:
-    """What one evaluation gives the sweep (a view on :class:`sap_core.evaluate.PerplexityResult`).
-
-    ``estimates``: ``float64 [nsamples, draws]``, the per-(window, draw) NLL estimates whose mean is
-    ``nll`` (:attr:`sap_core.evaluate.PerplexityResult.estimates`; masked-diffusion perplexity only,
-    None for a causal model). Two rows scored with the same :class:`EvalSpec` share windows and masks, so
-    their estimates can be differenced draw by draw (:func:`paired_se`).
-    """
-
-    nll: float
-    nll_se: float
-    ppl: float
-    ppl_se: float
-    seconds: float
-    result: Any = None
-    estimates: np.ndarray | None = None
-    accuracy: dict | None = None  # acc, acc_se, acc_task when the EvalSpec's metric is acc:TASK
-
-
-def perplexity(handle: ModelHandle, spec: EvalSpec, progress: Progress | None = None) -> PerplexityRow:
-    """Score ``handle`` as it is now (dense, or with a variant applied): masked-diffusion perplexity for a
-    DLM (with its per-(window, draw) estimates for paired comparisons), next-token perplexity for a causal
-    model, both from :mod:`sap_core.evaluate`."""
-    t0 = time.perf_counter()
-    if handle.causal:
-        result = evaluate.causal_perplexity(
-            handle, spec.text, seqlen=spec.seqlen, nsamples=spec.nsamples, prefix=spec.prefix, progress=progress
-        )  # deterministic: no seed
-    else:
-        result = evaluate.diffusion_perplexity(
-            handle,
-            spec.text,
-            seqlen=spec.seqlen,
-            nsamples=spec.nsamples,
-            draws=spec.draws,
-            seed=spec.seed,
-            prefix=spec.prefix,
-            progress=progress,
-        )
-    seconds = time.perf_counter() - t0
-    accuracy = None
-    if spec.task:
-        from sap_core.accuracy import task_accuracy
-
-        accuracy = task_accuracy(handle, spec.task, spec.mc_num, spec.seed, spec.limit, progress)
-    return PerplexityRow(
-        float(result.nll),
-        float(result.nll_se),
-        float(result.ppl),
-        float(result.ppl_se),
-        seconds,
-        result,
-        result.estimates,
-        accuracy,
-    )
-
-
-def paired_se(a: np.ndarray, b: np.ndarray) -> float:
-    """Monte Carlo standard error of ``mean(a) - mean(b)`` for per-(window, draw) estimates ``[W, D]``
-    scored on the same windows and masks: the evaluator's own formula
-    ``sqrt(sum_w Var_d(a - b)[w] / D) / W`` applied to the difference."""
-    d = np.asarray(a, np.float64) - np.asarray(b, np.float64)
-    W, D = d.shape
-    return float(math.sqrt((d.var(axis=1, ddof=1) / D).sum()) / W)
 
 
 def _prune_spec(setting: MethodSetting, pattern: str, sparsity: float, spec: SweepSpec):
@@ -785,7 +667,7 @@ def method_differences(df: pd.DataFrame, pairs: Sequence[tuple[str, str]] = DEFA
     """One row per (method row, baseline) present in ``df`` at the same pattern and sparsity: both perplexities,
     ``delta_ppl = ppl_method - ppl_baseline`` (negative: the method is better), ``rel_ppl`` (ratio − 1),
     ``delta_nll`` (nats/token), ``se_indep = sqrt(nll_se_m² + nll_se_b²)`` (treats the two Monte Carlo
-    errors as independent: conservative), ``se_paired`` (:func:`paired_se` on the per-draw estimates in
+    errors as independent: conservative), ``se_paired`` (:func:`~sap_core.evaluate.paired_se` on the per-draw estimates in
     ``df.attrs["estimates"]``; NaN without them) and ``z = delta_nll / se`` with the paired error when
     known, else the independent one. A gated method at several taus gives one row per tau (``tau``)."""
     cols = [
@@ -815,7 +697,7 @@ def method_differences(df: pd.DataFrame, pairs: Sequence[tuple[str, str]] = DEFA
             rb = b.loc[idx]
             se = math.sqrt(float(ra["nll_se"]) ** 2 + float(rb["nll_se"]) ** 2)
             ea, eb = estimates.get(str(ra["label"])), estimates.get(str(rb["label"]))
-            sp = paired_se(ea, eb) if ea is not None and eb is not None and np.shape(ea) == np.shape(eb) else math.nan
+            sp = paired_se_if_known(ea, eb)
             d_nll = float(ra["nll"]) - float(rb["nll"])
             use = sp if np.isfinite(sp) else se
             rows.append(

@@ -34,6 +34,7 @@ import pandas as pd
 
 from sap_core import sinks
 from sap_core.errors import PruneSpecError, SapError
+from sap_core.evaluate import EvalSpec, paired_se_if_known
 from sap_core.progress import Progress, report
 from sap_core.pruning.calibration import tokenize
 from sap_core.pruning.record import SinkRecord, record_calibration
@@ -182,14 +183,10 @@ REFERENCES = ("wanda", "noised_wanda")
 
 def _row(kind: str, family: str, r, tau: float, ref=None, estimates=None) -> dict:
     """One table row from sweep row ``r``; ``ref``: the sweep row its paired difference is taken against."""
-    from sap_core.sweep import paired_se
-
     d = se = math.nan
     if ref is not None:
         d = float(r["nll"]) - float(ref["nll"])
-        a, b = estimates.get(str(r["label"])), estimates.get(str(ref["label"]))
-        if a is not None and b is not None and np.shape(a) == np.shape(b):
-            se = paired_se(a, b)
+        se = paired_se_if_known(estimates.get(str(r["label"])), estimates.get(str(ref["label"])))
     return dict(
         kind=kind,
         family=family,
@@ -213,7 +210,7 @@ def tau_table(df: pd.DataFrame, sparsity: float, pattern: str = "unstructured") 
     ``gated_sink_wanda``, the official rule, every position down-weighted, tau NaN), then one row per tau
     (``kind="gated"``; tau = 0 is an ordinary point: every sink gated, no non-sink) with ``ppl``,
     ``ppl_se``, ``nll``, ``delta_nll`` (nats/token against the official twin; negative: better),
-    ``se_paired`` (its paired Monte Carlo error, :func:`sap_core.sweep.paired_se`; NaN without the
+    ``se_paired`` (its paired Monte Carlo error, :func:`sap_core.evaluate.paired_se`; NaN without the
     per-draw estimates or without the twin's row) and ``z``; then the ``wanda`` and ``noised_wanda``
     rows (``kind="reference"``, tau NaN, no difference)."""
     if "tau" not in df.columns:
@@ -245,8 +242,6 @@ def best_taus(table: pd.DataFrame, df: pd.DataFrame | None = None, threshold: fl
     lowest perplexity alone is no evidence: with differences inside the noise it is a coin toss; False
     without a paired error), and, given the sweep ``df`` (for the per-draw estimates), the difference
     from each reference: ``delta_<ref>`` and ``se_<ref>`` (paired)."""
-    from sap_core.sweep import paired_se
-
     threshold = float(threshold)
     if not (math.isfinite(threshold) and threshold >= 0):
         raise SapError(f"The threshold is a number of standard errors >= 0 (got {threshold}), e.g. 2.")
@@ -273,8 +268,7 @@ def best_taus(table: pd.DataFrame, df: pd.DataFrame | None = None, threshold: fl
             if ref in refs.index:
                 r = refs.loc[ref]
                 row[f"delta_{ref}"] = float(best["nll"]) - float(r["nll"])
-                a, b = estimates.get(str(best["label"])), estimates.get(str(r["label"]))
-                row[f"se_{ref}"] = paired_se(a, b) if a is not None and b is not None and np.shape(a) == np.shape(b) else math.nan
+                row[f"se_{ref}"] = paired_se_if_known(estimates.get(str(best["label"])), estimates.get(str(r["label"])))
         out.append(row)
     return pd.DataFrame(out)
 
@@ -283,7 +277,7 @@ def tau_sweep_spec(methods, sparsity: float, pattern: str, taus, sink: SinkSpec,
     """The :class:`~sap_core.sweep.SweepSpec` of a "which tau?" run: the gated ``methods`` at every tau,
     each with its ungated twin (the official rule the errors are taken against), plus ``wanda`` and
     ``noised_wanda``, at one sparsity and pattern, without the dense row."""
-    from sap_core.sweep import EvalSpec, SweepSpec
+    from sap_core.sweep import SweepSpec
 
     taus = tuple(sorted(set(sinks.parse_taus(taus, SapError))))
     if not taus:

@@ -253,3 +253,13 @@ def test_old_csv_with_tau_in_the_method_name_loads_bare(tmp_path):
     no_tau_column = tmp_path / "older.csv"
     no_tau_column.write_text("\n".join(line.rsplit(",", 1)[0] for line in old.read_text().splitlines()) + "\n")
     assert list(load_sweep(no_tau_column)["tau"].iloc[1:]) == [0.05, 0.1]
+
+
+def test_paired_se_if_known_is_the_one_guard():
+    from sap_core.evaluate import paired_se, paired_se_if_known
+
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(3, 4)), rng.normal(size=(3, 4))
+    assert paired_se_if_known(a, b) == paired_se(a, b) > 0
+    assert math.isnan(paired_se_if_known(a, None)) and math.isnan(paired_se_if_known(None, b))
+    assert math.isnan(paired_se_if_known(a, b[:, :2]))  # other windows or draws: not paired
