@@ -298,7 +298,7 @@ def current_trajectory(handle: ModelHandle, key: str = "trajectory"):
 def report_for(trajectory, spec: SinkSpec):
     """Sink analysis of a stored trajectory; recomputed only when the trajectory or the spec changes
     (the mass reduction itself is cached in ``sap_core.sinks``), never by rerunning the model."""
-    from sap_core.sinks import analyze
+    from sap_core.sink_report import analyze
 
     cache = st.session_state.setdefault("report_cache", {})
     key = (id(trajectory), spec)

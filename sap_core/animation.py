@@ -2,7 +2,7 @@
 browser (the explorer's view and the HTML export), an animated GIF, and tables of the sinks with
 their token texts.
 
-Everything here is a pure function of a :class:`sap_core.sinks.SinkReport` and the token texts of
+Everything here is a pure function of a :class:`sap_core.sink_report.SinkReport` and the token texts of
 its final sequence (:func:`readable_tokens`); no model is run. The page carries every step once
 and draws it on a canvas with its own slider and play/pause (``static/explorer.html``), so moving
 through the steps asks nothing of the server. Plotly animation frames were tried first: each step

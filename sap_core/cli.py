@@ -692,7 +692,7 @@ def cmd_analyze(args) -> int:
         )
     _check_outputs(args)
     from sap_core.diffusion import Trajectory
-    from sap_core.sinks import analyze
+    from sap_core.sink_report import analyze
 
     sink_spec = _sink_spec(args)
     if args.trajectory:
@@ -724,10 +724,12 @@ def cmd_analyze(args) -> int:
         from sap_core.files import atomic_write
 
         atomic_write(args.out, report.to_json)
-        print(f"wrote {args.out} (load with sap_core.sinks.SinkReport.from_json)", file=sys.stderr)
+        print(f"wrote {args.out} (load with sap_core.sink_report.SinkReport.from_json)", file=sys.stderr)
     if args.csv:
         report.to_csv(args.csv)
-        print(f"wrote {args.csv}/ (positions, steps, layers, scores .csv; load with sap_core.sinks.read_csv)", file=sys.stderr)
+        print(
+            f"wrote {args.csv}/ (positions, steps, layers, scores .csv; load with sap_core.sink_report.read_csv)", file=sys.stderr
+        )
     _write_json(_report_summary(report, source), None)
     return 0
 
@@ -989,7 +991,7 @@ def cmd_animate(args) -> int:
         raise SapError(f"--out '{args.out}' must end in .gif or .html (the extension picks the format).")
     from sap_core import animation
     from sap_core.diffusion import Trajectory
-    from sap_core.sinks import analyze
+    from sap_core.sink_report import analyze
 
     spec = animation.AnimationSpec(color_range=args.color_range, layer=args.layer, frame_ms=args.frame_ms)
     try:

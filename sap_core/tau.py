@@ -39,6 +39,7 @@ from sap_core.progress import Progress, report
 from sap_core.pruning.calibration import tokenize
 from sap_core.pruning.record import SinkRecord, record_calibration
 from sap_core.pruning.spec import GATED, UNGATED_TWIN, CalibrationSpec
+from sap_core.sink_report import SinkReport
 from sap_core.sinks import SinkSpec
 
 
@@ -170,7 +171,7 @@ def gate_data(record: SinkRecord, sink: SinkSpec, causal: bool) -> GateData:
     return GateData(sink, record.calibration, record.ids.numpy(), record.variance, record.frequency, record.layers, occ, smass)
 
 
-def trajectory_sink_variance(report: sinks.SinkReport) -> np.ndarray:
+def trajectory_sink_variance(report: SinkReport) -> np.ndarray:
     """``v_j`` of the positions that are a sink at some step of a generation's trajectory (the
     quantity :attr:`GateData.sink_variance` holds for the calibration windows)."""
     return np.asarray(report.positions.variance, np.float64)[np.asarray(report.positions.frequency) > 0]

@@ -205,8 +205,8 @@ def position_stability(positions: pd.DataFrame, tau: float) -> go.Figure:
 
 def comparison_bars(frame: pd.DataFrame, labels: Sequence[str], metric: str = "dominant_var") -> go.Figure:
     """A metric per layer for two reports side by side (e.g. AR against DLM); ``frame`` is
-    :meth:`sap_core.sinks.SinkComparison.frame`."""
-    from sap_core.sinks import METRIC_TITLES
+    :meth:`sap_core.sink_report.SinkComparison.frame`."""
+    from sap_core.sink_report import METRIC_TITLES
 
     title = METRIC_TITLES.get(metric, metric)
     x = ["all" if l == -1 else str(l) for l in frame["layer"]]

@@ -11,18 +11,15 @@ import pytest
 import torch
 
 from sap_core.errors import SapError, SinkSpecError
+from sap_core.sink_report import SinkReport, analyze, compare, read_csv
 from sap_core.sinks import (
     LABELS,
     STATES,
-    SinkReport,
     SinkSpec,
-    analyze,
-    compare,
     factor_gate,
     mass_view,
     mean_factors,
     position_stats,
-    read_csv,
     reduce_mass,
     score_steps,
     sink_flags,
