@@ -15,9 +15,9 @@ from app_common import (
     progress_callback,
     sink_spec,
     stored_caption,
-    token_texts,
 )
 from sap_core import viz
+from sap_core.animation import readable_tokens
 from sap_core.compare import compare_generations, noise_verdict, perplexity_table
 from sap_core.diffusion import DecodeSpec
 from sap_core.distributed import ADDRESS_ENV, executor_from_env
@@ -114,7 +114,7 @@ if stored is not None:
     tokens = {}
     for col, run in zip(cols, comparison.runs):
         pieces = []
-        tokens[run.label] = token_texts(handle, run.generated_ids)  # ⏎ and ␣ in the hovers of the agreement strip
+        tokens[run.label] = readable_tokens(handle.decode, run.generated_ids)  # ⏎ and ␣ in the hovers of the agreement strip
         for i, same in zip(run.generated_ids, [a == b for a, b in zip(run.generated_ids, dense_ids)]):
             text = html.escape(handle.decode([int(i)]))  # running text: real spaces and newlines, so it wraps at words
             if not same and not text.strip():  # a differing space or newline: make the change visible

@@ -79,10 +79,10 @@ def readable_tokens(decode: Callable[[list[int]], str], ids: Sequence[int]) -> l
 
 def tokenizer_texts(source: str | Path, ids: Sequence[int]) -> list[str]:
     """:func:`readable_tokens` with the tokenizer of a model directory or built-in name (weights are not loaded)."""
-    from sap_core.models import _load_tokenizer, read_config, resolve_source
+    from sap_core.models import load_tokenizer, read_config, resolve_source
 
     path = resolve_source(source)
-    tokenizer = _load_tokenizer(path, read_config(path).get("model_type"))
+    tokenizer = load_tokenizer(path, read_config(path).get("model_type"))
     return readable_tokens(lambda i: tokenizer.decode(i, skip_special_tokens=False), ids)
 
 

@@ -190,7 +190,7 @@ def _label_of(variant: Variant, index: int) -> str:
     return f"variant {index + 1}"
 
 
-def _labelled(variants: Mapping[str, Variant] | Sequence[Variant]) -> list[tuple[str, Variant]]:
+def labelled_variants(variants: Mapping[str, Variant] | Sequence[Variant]) -> list[tuple[str, Variant]]:
     """``(label, variant)`` pairs: a mapping's own labels, else each variant's (a pruned one's
     :attr:`PruneSpec.label <sap_core.pruning.PruneSpec.label>`, ``#2``, ``#3`` on repeats)."""
     if isinstance(variants, Mapping):
@@ -201,7 +201,7 @@ def _labelled(variants: Mapping[str, Variant] | Sequence[Variant]) -> list[tuple
     return list(zip(labels, variants))
 
 
-def _context(handle: ModelHandle, variant: Variant):
+def variant_context(handle: ModelHandle, variant: Variant):
     """The model to run and the context that makes it safe to run."""
     if isinstance(variant, ModelHandle):
         return variant, variant.lock
@@ -226,7 +226,7 @@ def compare_generations(
     ``progress(done, total, message)`` counts decoding steps across all runs; raising
     :class:`~sap_core.errors.Cancelled` from it stops the comparison with the dense weights restored.
     """
-    items = _labelled(variants)
+    items = labelled_variants(variants)
     labels = [DENSE] + [label for label, _ in items]
     if len(set(labels)) != len(labels):
         raise SapError(f"Run labels must be unique (got {labels}); pass a mapping label -> variant.")
@@ -245,7 +245,7 @@ def compare_generations(
         if i == 0:
             model, ctx = handle, handle.lock
         else:
-            model, ctx = _context(handle, items[i - 1][1])
+            model, ctx = variant_context(handle, items[i - 1][1])
         with ctx if ctx is not None else contextlib.nullcontext():
             traj = generate(model, prompt_ids, spec, progress=sub_progress(i * n_steps, label))
         traj.prompt = prompt if isinstance(prompt, str) else ""
@@ -291,7 +291,7 @@ def perplexity_table(
     """
     spec = EvalSpec() if spec is None else spec
     spec.validate()
-    items = _labelled(variants)
+    items = labelled_variants(variants)
     labels = [DENSE] + [label for label, _ in items]
     if len(set(labels)) != len(labels):
         raise SapError(f"Model labels must be unique (got {labels}); pass a mapping label -> variant.")
@@ -307,7 +307,7 @@ def perplexity_table(
         if i == 0:
             model, ctx = handle, handle.lock
         else:
-            model, ctx = _context(handle, items[i - 1][1])
+            model, ctx = variant_context(handle, items[i - 1][1])
         with ctx:
             res = perplexity(model, spec, progress=sub_progress(i, label))
         row = dict(model=label, ppl=res.ppl, ppl_se=res.ppl_se, nll=res.nll, nll_se=res.nll_se)
