@@ -794,7 +794,7 @@ def test_cli_checks_output_paths_before_any_work(capsys, no_load, tmp_path, tiny
         (["prune", "--pattern", "²:4"], "N:M"),
         (["prune", "--calib-seed", str(2**70)], "seed"),
         (["sweep", "--eval-seed", str(2**70)], "seed"),
-        (["sweep", "--sparsities", "nan"], "Sparsities"),
+        (["sweep", "--sparsities", "nan"], "sparsity must be a number in [0, 1)"),
         (["analyze", "--trajectory", "/no/such.npz"], "No trajectory"),
     ],
 )
