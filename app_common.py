@@ -298,7 +298,7 @@ def current_trajectory(handle: ModelHandle, key: str = "trajectory"):
 def report_for(trajectory, spec: SinkSpec):
     """Sink analysis of a stored trajectory; recomputed only when the trajectory or the spec changes
     (the mass reduction itself is cached in ``sap_core.sinks``), never by rerunning the model."""
-    from sap_core.sinks import analyze
+    from sap_core.sink_report import analyze
 
     cache = st.session_state.setdefault("report_cache", {})
     key = (id(trajectory), spec)
@@ -309,46 +309,26 @@ def report_for(trajectory, spec: SinkSpec):
     return cache[key]
 
 
-def token_texts(handle: ModelHandle, ids) -> list[str]:
-    """Readable text of each token id (whitespace made visible)."""
-    return [handle.decode([int(i)]).replace("\n", "⏎").replace(" ", "␣") for i in ids]
+def calibration_control(columns, handle: ModelHandle, prefix: str, samples_help: str, length_help: str):
+    """The calibration inputs (samples, length, seed) in three ``columns`` of a form, with the defaults of
+    :class:`~sap_core.pruning.CalibrationSpec` (the length capped by the model's context); each widget's
+    state is kept under ``{prefix}_nsamples``, ``{prefix}_seqlen``, ``{prefix}_seed``. Returns the spec."""
+    from sap_core.pruning import CalibrationSpec
 
-
-def method_settings(variant):
-    """The settings a pruned variant's method actually uses, labelled for people (one-column DataFrame):
-    no calibration for magnitude, the noising and sink rule only for the noised methods, tau only for the
-    gated ones, SparseGPT's block size and dampening only for the SparseGPT family."""
-    import pandas as pd
-
-    from sap_core.pruning.spec import STRUCTURED
-
-    spec, cal, sink = variant.spec, variant.spec.calibration, variant.spec.sink
-    rows = {"method": spec.method, "pattern": spec.pattern}
-    if spec.method in STRUCTURED:
-        rows["MLP channels removed"] = f"{spec.sparsity:.2f}"
-        rows["heads removed"] = f"{spec.heads:.2f}"
-        if spec.row.statistic == "fluctuation":
-            rows["bias compensation"] = "yes" if spec.bias_compensation else "no"
-        rows["removed parameters (pruned layers)"] = f"{variant.achieved_sparsity:.3f}"
-    else:
-        if spec.nm is None:
-            rows["target sparsity"] = f"{spec.sparsity:.2f}"
-        rows["achieved sparsity (pruned layers)"] = f"{variant.achieved_sparsity:.3f}"
-    if spec.needs_calibration:
-        rows["calibration"] = f"{cal.nsamples} windows × {cal.seqlen} tokens, seed {cal.seed}"
-    if spec.row.needs_noise:
-        rows["noised timesteps"] = f"t = {cal.interval}, {2 * cal.interval}, …, {cal.T} of T = {cal.T} (mask probability t/T)"
-        rows["sink rule"] = (
-            f"official: k = {sink.k:g}, alpha = {sink.alpha:g}"
-            if sink.rule == "official"
-            else f"leave_one_out: ε = {sink.epsilon:g}"
-        )
-    if spec.row.gated:
-        rows["variance threshold tau"] = f"{sink.tau:g}"
-    if spec.row.statistic == "hessian":
-        rows["SparseGPT block size / dampening"] = f"{spec.blocksize} columns / {spec.percdamp:g}"
-    rows["time"] = f"{variant.seconds:.1f} s"
-    return pd.DataFrame({"value": list(rows.values())}, index=list(rows))
+    default = CalibrationSpec()
+    nsamples = columns[0].number_input(
+        "Calibration samples", 1, 1024, default.nsamples, help=samples_help, **kept(f"{prefix}_nsamples")
+    )
+    seqlen = columns[1].number_input(
+        "Calibration length",
+        8,
+        context_of(handle),
+        min(default.seqlen, context_of(handle)),
+        help=length_help,
+        **kept(f"{prefix}_seqlen"),
+    )
+    seed = columns[2].number_input("Calibration seed", 0, 2**31 - 1, default.seed, **kept(f"{prefix}_seed"))
+    return CalibrationSpec(nsamples=int(nsamples), seqlen=int(seqlen), seed=int(seed))
 
 
 def eval_spec(**changes):

@@ -73,7 +73,8 @@ def payload(steps: int) -> tuple[int, int]:
     from sap_core.attention import AttentionRecorder
     from sap_core.diffusion import DecodeSpec, generate
     from sap_core.models import load_model
-    from sap_core.sinks import SinkSpec, analyze
+    from sap_core.sink_report import analyze
+    from sap_core.sinks import SinkSpec
 
     torch.set_num_threads(1)
     handle = load_model("tiny-dlm", device="cpu")

@@ -28,7 +28,8 @@ def main() -> None:
     from sap_core.attention import AttentionRecorder
     from sap_core.diffusion import DecodeSpec, generate
     from sap_core.models import load_model
-    from sap_core.sinks import SinkSpec, analyze
+    from sap_core.sink_report import analyze
+    from sap_core.sinks import SinkSpec
     from sap_core.viz import STATE_COLORS
 
     torch.set_num_threads(1)

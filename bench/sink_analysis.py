@@ -22,7 +22,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from sap_core.sinks import SinkSpec, analyze, clear_cache
+from sap_core.sink_report import analyze
+from sap_core.sinks import SinkSpec, clear_cache
 
 
 @dataclass

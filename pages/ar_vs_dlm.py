@@ -21,7 +21,8 @@ from sap_core import viz
 from sap_core.attention import AttentionRecorder
 from sap_core.diffusion import generate
 from sap_core.errors import SapError
-from sap_core.sinks import COMPARE_METRICS, METRIC_TITLES, VIEW_NOTES, compare
+from sap_core.sink_report import COMPARE_METRICS, METRIC_TITLES, compare
+from sap_core.sinks import VIEW_NOTES
 from sap_core.sinkstats import evaluation_prompts, prompts_from_lines, run_sinkstats
 
 st.header("AR vs DLM")

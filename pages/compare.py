@@ -15,13 +15,14 @@ from app_common import (
     progress_callback,
     sink_spec,
     stored_caption,
-    token_texts,
 )
 from sap_core import viz
+from sap_core.animation import readable_tokens
 from sap_core.compare import compare_generations, noise_verdict, perplexity_table
 from sap_core.diffusion import DecodeSpec
 from sap_core.distributed import ADDRESS_ENV, executor_from_env
 from sap_core.pruning import METHODS
+from sap_core.pruning.spec import PATTERNS
 from sap_core.sweep import SweepSpec, run_sweep
 
 st.header("Compare")
@@ -113,7 +114,7 @@ if stored is not None:
     tokens = {}
     for col, run in zip(cols, comparison.runs):
         pieces = []
-        tokens[run.label] = token_texts(handle, run.generated_ids)  # ⏎ and ␣ in the hovers of the agreement strip
+        tokens[run.label] = readable_tokens(handle.decode, run.generated_ids)  # ⏎ and ␣ in the hovers of the agreement strip
         for i, same in zip(run.generated_ids, [a == b for a, b in zip(run.generated_ids, dense_ids)]):
             text = html.escape(handle.decode([int(i)]))  # running text: real spaces and newlines, so it wraps at words
             if not same and not text.strip():  # a differing space or newline: make the change visible
@@ -221,7 +222,7 @@ with st.form("sweep_form"):
     sparsities = c[0].multiselect(
         "Sparsities", [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8], default=[0.3, 0.5], **kept("sweep_sparsities")
     )
-    patterns = c[1].multiselect("Patterns", ["unstructured", "2:4", "4:8"], default=["unstructured"], **kept("sweep_patterns"))
+    patterns = c[1].multiselect("Patterns", list(PATTERNS), default=["unstructured"], **kept("sweep_patterns"))
     run = st.form_submit_button("Run sweep", type="primary")
 if os.environ.get(ADDRESS_ENV, "").strip():
     st.caption(f"The sweep runs on the Ray cluster at {os.environ[ADDRESS_ENV].strip()} ({ADDRESS_ENV}).")

@@ -8,18 +8,18 @@ import streamlit as st
 from app_common import (
     CancelButton,
     active_model,
+    calibration_control,
     context_of,
     job,
     kept,
-    method_settings,
     model_choice,
     progress_callback,
     sink_spec,
 )
 from sap_core import viz
 from sap_core.animation import readable_tokens
-from sap_core.pruning import METHODS, CalibrationSpec, PruneSpec, numbered, prune
-from sap_core.pruning.spec import METHOD_ROWS, STRUCTURED
+from sap_core.pruning import METHODS, PruneSpec, numbered, prune
+from sap_core.pruning.spec import METHOD_ROWS, PATTERNS, STRUCTURED
 from sap_core.pruning.structured import StructuredVariant
 
 st.header("Prune")
@@ -40,7 +40,7 @@ with st.form("prune"):
     c = st.columns(3)
     pattern = c[0].selectbox(
         "Pattern",
-        ["unstructured", "2:4", "4:8"],
+        list(PATTERNS),
         **kept("prune_pattern"),
         help="N:M keeps N of every M consecutive weights of a row (fixes the sparsity at 1 − N/M).",
     )
@@ -55,23 +55,13 @@ with st.form("prune"):
         **kept("prune_sparsity"),
     )
     c = st.columns(3)
-    nsamples = c[0].number_input(
-        "Calibration samples",
-        1,
-        1024,
-        16,
-        help="Windows of the calibration text (sap_core/assets/text/calibration.txt); not used by magnitude.",
-        **kept("prune_nsamples"),
+    calibration = calibration_control(
+        c,
+        handle,
+        "prune",
+        "Windows of the calibration text (sap_core/assets/text/calibration.txt); not used by magnitude.",
+        f"Tokens per window; at most the model's context ({context_of(handle)} tokens), the longest input it takes.",
     )
-    seqlen = c[1].number_input(
-        "Calibration length",
-        8,
-        context_of(handle),
-        min(128, context_of(handle)),
-        help=f"Tokens per window; at most the model's context ({context_of(handle)} tokens), the longest input it takes.",
-        **kept("prune_seqlen"),
-    )
-    seed = c[2].number_input("Calibration seed", 0, 2**31 - 1, 0, **kept("prune_seed"))
     heads, bias_compensation = 0.0, False
     if method in STRUCTURED:  # sparsity is then the share of each block's MLP channels removed
         c = st.columns(3)
@@ -121,7 +111,7 @@ if submitted:
         float(sparsity),
         pattern,
         sink=spec_sink,
-        calibration=CalibrationSpec(nsamples=int(nsamples), seqlen=int(seqlen), seed=int(seed)),
+        calibration=calibration,
         heads=float(heads),
         bias_compensation=bool(bias_compensation),
     )
@@ -178,7 +168,7 @@ for entry in mine:
         f"{entry['name']} · {removed_summary(variant)} · {variant.seconds:.1f} s",
         expanded=entry is mine[-1],
     ):
-        st.table(method_settings(variant))
+        st.table(variant.settings_table())
         structured = isinstance(variant, StructuredVariant)
         st.plotly_chart(viz.sparsity_heatmap(variant.layer_sparsity, removed=structured), key=f"sp_{entry['name']}")
         factor_strip(entry["name"], variant)

@@ -7,6 +7,7 @@ import streamlit as st
 from app_common import (
     CancelButton,
     active_model,
+    calibration_control,
     context_of,
     current_trajectory,
     job,
@@ -18,9 +19,9 @@ from app_common import (
 )
 from sap_core import viz
 from sap_core.animation import readable_tokens
-from sap_core.pruning import CalibrationSpec
-from sap_core.pruning.spec import GATED
-from sap_core.pruning.variant import fingerprint
+from sap_core.pruning.spec import GATED, PATTERNS
+from sap_core.pruning.variant import weights_fingerprint, weights_restored
+from sap_core.sinks import parse_taus
 from sap_core.sweep import EvalSpec, run_sweep
 from sap_core.tau import best_taus, calibration_gate, tau_sweep_spec, tau_table, trajectory_sink_variance
 
@@ -36,25 +37,19 @@ st.caption(
 
 with st.form("gate_form"):
     c = st.columns(4)
-    nsamples = c[0].number_input(
-        "Calibration samples", 1, 1024, 16, help="Windows of the calibration text, as on the Prune page.", **kept("tau_nsamples")
+    calibration = calibration_control(
+        c,
+        handle,
+        "tau",
+        "Windows of the calibration text, as on the Prune page.",
+        f"Tokens per window; at most the model's context ({context_of(handle)} tokens).",
     )
-    seqlen = c[1].number_input(
-        "Calibration length",
-        8,
-        context_of(handle),
-        min(128, context_of(handle)),
-        help=f"Tokens per window; at most the model's context ({context_of(handle)} tokens).",
-        **kept("tau_seqlen"),
-    )
-    seed = c[2].number_input("Calibration seed", 0, 2**31 - 1, 0, **kept("tau_seed"))
     c[3].write("")
     compute = c[3].form_submit_button(
         "Compute the gate's inputs",
         type="primary",
         help="One recorded pass over the noised calibration windows; moving tau afterwards costs nothing.",
     )
-calibration = CalibrationSpec(nsamples=int(nsamples), seqlen=int(seqlen), seed=int(seed))
 key = (model_choice(), calibration, replace(spec, tau=0.0))
 if compute:
     bar = st.progress(0.0)
@@ -111,7 +106,7 @@ st.caption(
 with st.form("which_tau"):
     c = st.columns(4)
     methods = c[0].multiselect("Gated methods", sorted(GATED), default=["gated_sink_wanda"], **kept("tau_methods"))
-    pattern = c[1].selectbox("Pattern", ["unstructured", "2:4", "4:8"], **kept("tau_pattern"))
+    pattern = c[1].selectbox("Pattern", list(PATTERNS), **kept("tau_pattern"))
     sparsity = c[2].slider(
         "Sparsity", 0.1, 0.9, 0.5, 0.05, help="Unstructured only; N:M fixes it at 1 − N/M.", **kept("tau_sparsity")
     )
@@ -126,30 +121,20 @@ with st.form("which_tau"):
 
 cancel = CancelButton("tau_sweep")
 if cancel.cancelled:
-    with handle.lock:  # waits for any other session's variant to be swapped out again
-        restored = st.session_state.get("tau_sweep_dense") == fingerprint(handle.module)  # exact: the same tensors are back
-    if restored:
+    if weights_restored(handle, st.session_state.get("tau_sweep_dense")):
         st.warning("Tau sweep cancelled; no result was kept and the model's weights match those before the sweep (dense).")
     else:
         st.error("Tau sweep cancelled, but the model's weights differ from those before the sweep: reload the model.")
 if run:
     cancel.running("Stops the running tau sweep; the dense model is restored.")
-    with handle.lock:
-        st.session_state["tau_sweep_dense"] = fingerprint(handle.module)
+    st.session_state["tau_sweep_dense"] = weights_fingerprint(handle)
     bar = st.progress(0.0)
     with job("The tau sweep"):
-        try:
-            values = [float(t) for t in taus.split(",") if t.strip()]
-        except ValueError:
-            values = None
-        if values is None:
-            st.error(f"Taus must be comma-separated numbers such as 0, 0.01, 0.05 (got '{taus}').")
-        else:
-            sweep_spec = tau_sweep_spec(
-                methods, sparsity, pattern, values, spec, calibration, EvalSpec(seqlen=64, nsamples=int(windows), draws=4)
-            )
-            df = run_sweep(handle, sweep_spec, progress=progress_callback(bar, "Tau sweep"))
-            st.session_state["tau_sweep"] = (model_choice(), df, float(sparsity), pattern)
+        sweep_spec = tau_sweep_spec(
+            methods, sparsity, pattern, parse_taus(taus), spec, calibration, EvalSpec(seqlen=64, nsamples=int(windows), draws=4)
+        )
+        df = run_sweep(handle, sweep_spec, progress=progress_callback(bar, "Tau sweep"))
+        st.session_state["tau_sweep"] = (model_choice(), df, float(sparsity), pattern)
     bar.empty()
 cancel.idle()
 result = st.session_state.get("tau_sweep")

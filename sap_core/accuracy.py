@@ -22,11 +22,11 @@ import pandas as pd
 
 from sap_core.benchmark import BenchSpec, make_lm
 from sap_core.errors import SapError
+from sap_core.evaluate import DENSE
 from sap_core.models import ModelHandle
 from sap_core.progress import Progress, report
 from sap_core.tasks import load_tasks, manager_for, offline
 
-DENSE = "dense"
 COLUMNS = ["task", "model", "metric", "n", "acc", "acc_se", "delta", "se_delta", "z", "beyond_2se"]
 
 
@@ -108,18 +108,18 @@ def accuracy_table(
     :class:`~sap_core.errors.Cancelled` from it stops with the dense weights restored."""
     import lm_eval
 
-    from sap_core.compare import _context, _labelled
+    from sap_core.compare import labelled_variants, variant_context
 
     limit = check_limit(limit)
     tasks = [t.strip() for t in tasks if t and t.strip()]
     manager = manager_for(tasks, include_path)
     load_tasks(tasks, manager)  # unknown names and missing data fail here, before any model work
-    items = _labelled(variants)
+    items = labelled_variants(variants)
     labels = [DENSE] + [label for label, _ in items]
     if len(set(labels)) != len(labels):
         raise SapError(f"Model labels must be unique (got {labels}); pass a mapping label -> variant.")
     for _, v in items:
-        _context(handle, v)  # a PrunedVariant or a loaded ModelHandle, else one line now
+        variant_context(handle, v)  # a PrunedVariant or a loaded ModelHandle, else one line now
         if hasattr(v, "dense_fingerprint"):
             with handle.lock:
                 v._params(handle.module)  # a variant of another model: one line now, not after the dense run

@@ -2,7 +2,7 @@
 browser (the explorer's view and the HTML export), an animated GIF, and tables of the sinks with
 their token texts.
 
-Everything here is a pure function of a :class:`sap_core.sinks.SinkReport` and the token texts of
+Everything here is a pure function of a :class:`sap_core.sink_report.SinkReport` and the token texts of
 its final sequence (:func:`readable_tokens`); no model is run. The page carries every step once
 and draws it on a canvas with its own slider and play/pause (``static/explorer.html``), so moving
 through the steps asks nothing of the server. Plotly animation frames were tried first: each step
@@ -79,10 +79,10 @@ def readable_tokens(decode: Callable[[list[int]], str], ids: Sequence[int]) -> l
 
 def tokenizer_texts(source: str | Path, ids: Sequence[int]) -> list[str]:
     """:func:`readable_tokens` with the tokenizer of a model directory or built-in name (weights are not loaded)."""
-    from sap_core.models import _load_tokenizer, read_config, resolve_source
+    from sap_core.models import load_tokenizer, read_config, resolve_source
 
     path = resolve_source(source)
-    tokenizer = _load_tokenizer(path, read_config(path).get("model_type"))
+    tokenizer = load_tokenizer(path, read_config(path).get("model_type"))
     return readable_tokens(lambda i: tokenizer.decode(i, skip_special_tokens=False), ids)
 
 

@@ -192,9 +192,9 @@ class SinkScopeLM(LM):
         if isinstance(variant, str):
             variant = load_variant(handle, variant) if variant else None
         elif variant is not None:
-            from sap_core.compare import _context
+            from sap_core.compare import variant_context
 
-            _context(handle, variant)  # a type check only: a PrunedVariant or a loaded ModelHandle
+            variant_context(handle, variant)  # a type check only: a PrunedVariant or a loaded ModelHandle
             if isinstance(variant, ModelHandle):
                 handle, variant = variant, None
         self.handle, self.variant, self.spec, self.progress = handle, variant, spec, progress

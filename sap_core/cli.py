@@ -86,13 +86,27 @@ def _names(text: str) -> list[str]:
 
 
 def _fraction(text: str) -> float:
+    from sap_core.errors import SapError
+    from sap_core.pruning.spec import check_sparsity
+
     try:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number between 0 and 1, got '{text}'") from None
-    if not 0.0 <= value < 1.0:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {value}")
-    return value
+    try:
+        return check_sparsity(value)
+    except SapError:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {value}") from None
+
+
+def _taus(text: str) -> tuple[float, ...]:
+    from sap_core.errors import SapError
+    from sap_core.sinks import parse_taus
+
+    try:
+        return parse_taus(text)
+    except SapError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _positive(text: str) -> int:
@@ -491,7 +505,7 @@ def build_parser() -> Parser:
     _add_sink(p)
     p.add_argument(
         "--sink-taus",
-        type=_floats,
+        type=_taus,
         default=(),
         metavar="LIST",
         help="comma-separated taus, e.g. 0,0.01,0.02,0.05,0.1: one row per tau for each gated_* method "
@@ -678,7 +692,7 @@ def cmd_analyze(args) -> int:
         )
     _check_outputs(args)
     from sap_core.diffusion import Trajectory
-    from sap_core.sinks import analyze
+    from sap_core.sink_report import analyze
 
     sink_spec = _sink_spec(args)
     if args.trajectory:
@@ -710,10 +724,12 @@ def cmd_analyze(args) -> int:
         from sap_core.files import atomic_write
 
         atomic_write(args.out, report.to_json)
-        print(f"wrote {args.out} (load with sap_core.sinks.SinkReport.from_json)", file=sys.stderr)
+        print(f"wrote {args.out} (load with sap_core.sink_report.SinkReport.from_json)", file=sys.stderr)
     if args.csv:
         report.to_csv(args.csv)
-        print(f"wrote {args.csv}/ (positions, steps, layers, scores .csv; load with sap_core.sinks.read_csv)", file=sys.stderr)
+        print(
+            f"wrote {args.csv}/ (positions, steps, layers, scores .csv; load with sap_core.sink_report.read_csv)", file=sys.stderr
+        )
     _write_json(_report_summary(report, source), None)
     return 0
 
@@ -975,7 +991,7 @@ def cmd_animate(args) -> int:
         raise SapError(f"--out '{args.out}' must end in .gif or .html (the extension picks the format).")
     from sap_core import animation
     from sap_core.diffusion import Trajectory
-    from sap_core.sinks import analyze
+    from sap_core.sink_report import analyze
 
     spec = animation.AnimationSpec(color_range=args.color_range, layer=args.layer, frame_ms=args.frame_ms)
     try:

@@ -34,12 +34,11 @@ import pandas as pd
 
 from sap_core.diffusion import DecodeSpec, Trajectory, generate
 from sap_core.errors import SapError
+from sap_core.evaluate import DENSE, EvalSpec, paired_se_if_known, perplexity
 from sap_core.models import ModelHandle
 from sap_core.progress import Progress, report
 from sap_core.pruning import PrunedVariant, numbered
-from sap_core.sweep import EvalSpec, paired_se, perplexity
 
-DENSE = "dense"
 TABLE_COLUMNS = [
     "label",
     "text",
@@ -191,7 +190,7 @@ def _label_of(variant: Variant, index: int) -> str:
     return f"variant {index + 1}"
 
 
-def _labelled(variants: Mapping[str, Variant] | Sequence[Variant]) -> list[tuple[str, Variant]]:
+def labelled_variants(variants: Mapping[str, Variant] | Sequence[Variant]) -> list[tuple[str, Variant]]:
     """``(label, variant)`` pairs: a mapping's own labels, else each variant's (a pruned one's
     :attr:`PruneSpec.label <sap_core.pruning.PruneSpec.label>`, ``#2``, ``#3`` on repeats)."""
     if isinstance(variants, Mapping):
@@ -202,7 +201,7 @@ def _labelled(variants: Mapping[str, Variant] | Sequence[Variant]) -> list[tuple
     return list(zip(labels, variants))
 
 
-def _context(handle: ModelHandle, variant: Variant):
+def variant_context(handle: ModelHandle, variant: Variant):
     """The model to run and the context that makes it safe to run."""
     if isinstance(variant, ModelHandle):
         return variant, variant.lock
@@ -227,7 +226,7 @@ def compare_generations(
     ``progress(done, total, message)`` counts decoding steps across all runs; raising
     :class:`~sap_core.errors.Cancelled` from it stops the comparison with the dense weights restored.
     """
-    items = _labelled(variants)
+    items = labelled_variants(variants)
     labels = [DENSE] + [label for label, _ in items]
     if len(set(labels)) != len(labels):
         raise SapError(f"Run labels must be unique (got {labels}); pass a mapping label -> variant.")
@@ -246,7 +245,7 @@ def compare_generations(
         if i == 0:
             model, ctx = handle, handle.lock
         else:
-            model, ctx = _context(handle, items[i - 1][1])
+            model, ctx = variant_context(handle, items[i - 1][1])
         with ctx if ctx is not None else contextlib.nullcontext():
             traj = generate(model, prompt_ids, spec, progress=sub_progress(i * n_steps, label))
         traj.prompt = prompt if isinstance(prompt, str) else ""
@@ -281,18 +280,18 @@ def perplexity_table(
     progress: Progress | None = None,
 ) -> pd.DataFrame:
     """Perplexity of the dense ``handle`` (first row, ``model="dense"``) and of every variant, all on
-    the same windows and masking draws (:func:`sap_core.sweep.perplexity` with one
-    :class:`~sap_core.sweep.EvalSpec`, default ``EvalSpec()``: the sweep's settings).
+    the same windows and masking draws (:func:`sap_core.evaluate.perplexity` with one
+    :class:`~sap_core.evaluate.EvalSpec`, default ``EvalSpec()``: the sweep's settings).
 
     Per variant: ``delta_ppl = ppl - ppl_dense``, ``delta_nll`` (nats/token) and ``se_delta``, the
-    standard error of ``delta_nll``: paired draw by draw (:func:`sap_core.sweep.paired_se`,
+    standard error of ``delta_nll``: paired draw by draw (:func:`sap_core.evaluate.paired_se`,
     ``paired=True``) when the per-draw estimates are known (masked-diffusion perplexity), else
     ``sqrt(nll_se² + nll_se_dense²)`` (``paired=False``, conservative). ``z = delta_nll / se_delta``.
     ``progress`` counts evaluation batches across all models, the message naming the model.
     """
     spec = EvalSpec() if spec is None else spec
     spec.validate()
-    items = _labelled(variants)
+    items = labelled_variants(variants)
     labels = [DENSE] + [label for label, _ in items]
     if len(set(labels)) != len(labels):
         raise SapError(f"Model labels must be unique (got {labels}); pass a mapping label -> variant.")
@@ -308,7 +307,7 @@ def perplexity_table(
         if i == 0:
             model, ctx = handle, handle.lock
         else:
-            model, ctx = _context(handle, items[i - 1][1])
+            model, ctx = variant_context(handle, items[i - 1][1])
         with ctx:
             res = perplexity(model, spec, progress=sub_progress(i, label))
         row = dict(model=label, ppl=res.ppl, ppl_se=res.ppl_se, nll=res.nll, nll_se=res.nll_se)
@@ -316,8 +315,9 @@ def perplexity_table(
             dense = res
             row.update(delta_ppl=0.0, delta_nll=0.0, se_delta=float("nan"), paired=False, z=float("nan"))
         else:
-            paired = res.estimates is not None and dense.estimates is not None and res.estimates.shape == dense.estimates.shape
-            se = paired_se(res.estimates, dense.estimates) if paired else float(np.hypot(res.nll_se, dense.nll_se))
+            sp = paired_se_if_known(res.estimates, dense.estimates)
+            paired = bool(np.isfinite(sp))
+            se = sp if paired else float(np.hypot(res.nll_se, dense.nll_se))
             d = res.nll - dense.nll
             row.update(
                 delta_ppl=res.ppl - dense.ppl, delta_nll=d, se_delta=se, paired=paired, z=d / se if se > 0 else float("nan")

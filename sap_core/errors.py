@@ -36,3 +36,7 @@ class OutputPathError(SapError):
 
 class MemoryGuardError(SapError):
     """A job whose memory estimate exceeds the free RAM / GPU memory; refused before it starts."""
+
+
+class SweepSpecError(SapError):
+    """Impossible sweep or evaluation settings."""

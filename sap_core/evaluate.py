@@ -22,18 +22,21 @@ from __future__ import annotations
 
 import functools
 import math
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from sap_core.errors import SapError
+from sap_core.errors import SapError, SweepSpecError
 from sap_core.models import ASSETS, ModelHandle
 from sap_core.progress import Progress, report
 
 EVALUATION_TEXT = ASSETS / "text" / "evaluation.txt"
+DENSE = "dense"  # the name of the unpruned model's row in every comparison (sweep, compare, accuracy)
 
 
 @dataclass(frozen=True)
@@ -41,7 +44,7 @@ class PerplexityResult:
     """One perplexity evaluation. ``estimates`` (masked-diffusion perplexity only, None for a causal
     model): ``float64 [nsamples, draws]``, the per-(window, draw) NLL estimates whose mean is ``nll``.
     Two evaluations with the same windows, draws and seed share windows and masks, so their estimates
-    can be differenced draw by draw (:func:`sap_core.sweep.paired_se`)."""
+    can be differenced draw by draw (:func:`paired_se`)."""
 
     nll: float  # nats per token
     nll_se: float
@@ -207,3 +210,134 @@ def check_length(handle: ModelHandle, length: int, what: str, error=SapError) ->
     limit = handle.max_length
     if limit is not None and length > limit:
         raise error(f"{what} is {length} tokens, more than the model's context of {limit} tokens; lower it to {limit} or less.")
+
+
+# --- scoring a model for comparisons (the sweep, Compare, Pick tau) ----------------------------------
+
+
+@dataclass(frozen=True)
+class EvalSpec:
+    """How every row of a sweep is scored (defaults: those of :func:`diffusion_perplexity`).
+    ``text=None`` uses the built-in evaluation text.
+
+    ``seqlen``: tokens per window (prefix included); ``nsamples``: number of windows; ``draws``:
+    masking draws per window (Monte Carlo samples of the masked-diffusion bound, >= 2; ignored for
+    causal models); ``seed`` fixes the draws, shared by every row; ``prefix``: conditioning text before
+    every window, never scored (None: the tokenizer's BOS convention only; a causal model needs at
+    least one prefix token). ``metric``: ``"ppl"`` (perplexity only, the default) or ``"acc:TASK"``: also
+    the accuracy on the lm-eval task TASK (:mod:`sap_core.accuracy`; ``limit`` documents, ``mc_num`` Monte
+    Carlo rows per request, the masks seeded by ``seed``), in the columns ``acc``, ``acc_se``, ``acc_task``.
+    """
+
+    seqlen: int = 128
+    nsamples: int = 16
+    draws: int = 8
+    seed: int = 0
+    text: str | None = None
+    prefix: str | None = None
+    metric: str = "ppl"
+    limit: int | None = None
+    mc_num: int = 32
+
+    @property
+    def task(self) -> str | None:
+        """The lm-eval task of an ``acc:TASK`` metric, None for perplexity only."""
+        return self.metric[4:] if isinstance(self.metric, str) and self.metric.startswith("acc:") else None
+
+    def validate(self) -> None:
+        for name in ("seqlen", "nsamples", "draws", "seed"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+                raise SweepSpecError(f"{name} must be a whole number (got {value!r}).")
+        if not 0 <= self.seed < 2**63:
+            raise SweepSpecError(f"seed must be in [0, 2**63) (got {self.seed}).")
+        if self.seqlen < 2 or self.nsamples < 1:
+            raise SweepSpecError(f"seqlen must be >= 2 and nsamples >= 1 (got seqlen={self.seqlen}, nsamples={self.nsamples}).")
+        if self.draws < 2:
+            raise SweepSpecError(f"draws must be >= 2 to estimate the Monte Carlo error (got {self.draws}).")
+        if self.metric != "ppl":
+            if not self.task:
+                raise SweepSpecError(f"metric must be ppl or acc:TASK, e.g. acc:sinkscope_nextline (got {self.metric!r}).")
+            from sap_core.accuracy import check_limit
+            from sap_core.benchmark import BenchSpec
+            from sap_core.tasks import load_tasks
+
+            check_limit(self.limit)
+            BenchSpec(mc_num=self.mc_num, batch_size=self.mc_num)
+            load_tasks([self.task])  # an unknown task or missing data: one line now, before any pruning
+
+
+@dataclass
+class PerplexityRow:
+    """What one evaluation gives the sweep (a view on :class:`sap_core.evaluate.PerplexityResult`).
+
+    ``estimates``: ``float64 [nsamples, draws]``, the per-(window, draw) NLL estimates whose mean is
+    ``nll`` (:attr:`sap_core.evaluate.PerplexityResult.estimates`; masked-diffusion perplexity only,
+    None for a causal model). Two rows scored with the same :class:`EvalSpec` share windows and masks, so
+    their estimates can be differenced draw by draw (:func:`paired_se`).
+    """
+
+    nll: float
+    nll_se: float
+    ppl: float
+    ppl_se: float
+    seconds: float
+    result: Any = None
+    estimates: np.ndarray | None = None
+    accuracy: dict | None = None  # acc, acc_se, acc_task when the EvalSpec's metric is acc:TASK
+
+
+def perplexity(handle: ModelHandle, spec: EvalSpec, progress: Progress | None = None) -> PerplexityRow:
+    """Score ``handle`` as it is now (dense, or with a variant applied): masked-diffusion perplexity for a
+    DLM (with its per-(window, draw) estimates for paired comparisons), next-token perplexity for a causal
+    model, both from :mod:`sap_core.evaluate`."""
+    t0 = time.perf_counter()
+    if handle.causal:
+        result = causal_perplexity(
+            handle, spec.text, seqlen=spec.seqlen, nsamples=spec.nsamples, prefix=spec.prefix, progress=progress
+        )  # deterministic: no seed
+    else:
+        result = diffusion_perplexity(
+            handle,
+            spec.text,
+            seqlen=spec.seqlen,
+            nsamples=spec.nsamples,
+            draws=spec.draws,
+            seed=spec.seed,
+            prefix=spec.prefix,
+            progress=progress,
+        )
+    seconds = time.perf_counter() - t0
+    accuracy = None
+    if spec.task:
+        from sap_core.accuracy import task_accuracy
+
+        accuracy = task_accuracy(handle, spec.task, spec.mc_num, spec.seed, spec.limit, progress)
+    return PerplexityRow(
+        float(result.nll),
+        float(result.nll_se),
+        float(result.ppl),
+        float(result.ppl_se),
+        seconds,
+        result,
+        result.estimates,
+        accuracy,
+    )
+
+
+def paired_se(a: np.ndarray, b: np.ndarray) -> float:
+    """Monte Carlo standard error of ``mean(a) - mean(b)`` for per-(window, draw) estimates ``[W, D]``
+    scored on the same windows and masks: the evaluator's own formula
+    ``sqrt(sum_w Var_d(a - b)[w] / D) / W`` applied to the difference."""
+    d = np.asarray(a, np.float64) - np.asarray(b, np.float64)
+    W, D = d.shape
+    return float(math.sqrt((d.var(axis=1, ddof=1) / D).sum()) / W)
+
+
+def paired_se_if_known(a: np.ndarray | None, b: np.ndarray | None) -> float:
+    """:func:`paired_se` when both rows have per-draw estimates of one shape (scored with the same
+    :class:`EvalSpec`), else NaN (a causal model, a CSV without its estimates): the one guard every
+    paired comparison uses before falling back to independent errors."""
+    if a is None or b is None or np.shape(a) != np.shape(b):
+        return math.nan
+    return paired_se(a, b)

@@ -1,6 +1,8 @@
-"""Attention sinks over a generation trajectory: scores, dominant positions, instability, stability.
+"""Attention sinks over a generation trajectory: the math (spec, mass views, scores, the variance gate, the pruner's factors).
 
-Every statistic SinkScope shows about sinks is defined here, once. Shapes use ``S`` steps,
+Every statistic SinkScope shows about sinks is defined here, once; :mod:`sap_core.sink_report` assembles
+them into the report of one generation (:class:`~sap_core.sink_report.SinkReport`, :func:`~sap_core.sink_report.analyze`,
+its JSON/CSV) and the AR-vs-DLM comparison (:func:`~sap_core.sink_report.compare`). Shapes use ``S`` steps,
 ``Ly`` layers, ``H`` heads, ``L`` positions (prompt + generation); ``Lsel`` is the number of
 selected layers. The input is a :class:`sap_core.diffusion.Trajectory` (or any object with the same
 fields), whose ``mass[t, l, h, j]`` is the attention mass key ``j`` receives at step ``t`` in layer
@@ -31,7 +33,7 @@ Views of the mass (``SinkSpec.normalize``); each divides ``m_t(j)`` by a baselin
       position, causal or not. ``"per_query"`` alone still favours key 0 by a factor
       ``H(n) ~ ln n`` under uniform causal attention (early queries split their probability over
       fewer keys). :data:`VIEW_NOTES` says, for people, what each view corrects and what it
-      distorts; :func:`compare` uses the spec's view, ``"raw"`` by default, so that an AR-vs-DLM
+      distorts; :func:`sap_core.sink_report.compare` uses the spec's view, ``"raw"`` by default, so that an AR-vs-DLM
       comparison shows the very numbers of each model's own analysis.
 
 Sink score and sink set at step t (``SinkSpec.rule``); ``mean_t`` and ``std_t`` are the mean and the
@@ -54,14 +56,14 @@ Dominant sink and centroid (per step, for the aggregate and for each layer)
     of the sink set; NaN at a step with no sink. Per layer, the sink set uses the same rule on
     ``m_t^(l)``.
 
-Trajectory instability (:class:`Instability`, per layer and for the aggregate)
+Trajectory instability (:class:`~sap_core.sink_report.Instability`, per layer and for the aggregate)
     ``dominant_var = Var_t(d_t)`` (population variance over all steps, tokens^2) and
     ``centroid_var = Var_t(c_t)`` over the steps with a sink; ``*_norm`` are the same for the
     relative position ``d_t / L`` (``= Var / L**2``), comparable across lengths. This is what the
     paper means by "the attention-sink position exhibits substantially higher variance over the
     full generation trajectory".
 
-Spatial concentration (in :class:`Instability`)
+Spatial concentration (in :class:`~sap_core.sink_report.Instability`)
     ``p_j`` is the mean over the steps at which ``j`` exists of its viewed mass, normalised to sum to
     1. ``entropy = -sum_j p_j ln p_j`` (nats), ``entropy_norm = entropy / ln(n)`` over the ``n``
     positions that ever exist (1 = flat, 0 = one position holds everything), and ``top_k_share``,
@@ -102,24 +104,21 @@ fed), ``"absent"`` (``j >= valid_length[t]``), ``"masked"`` (decoded later), ``"
 
 Cost: the only pass over the ``[S, Ly, H, L]`` mass is its sum over heads (:func:`reduce_mass`),
 cached per (mass array, layer and head selection); changing ``k``, ``alpha``, ``epsilon``, ``tau``,
-the rule or the view re-scores the reduced ``[S, Lsel, L]`` arrays only (:meth:`SinkReport.rescore`).
+the rule or the view re-scores the reduced ``[S, Lsel, L]`` arrays only (:meth:`sap_core.sink_report.SinkReport.rescore`).
 """
 
 from __future__ import annotations
 
-import json
 import numbers
 import threading
 import weakref
 from collections import OrderedDict
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass, fields, replace
-from pathlib import Path
+from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 import numpy as np
 
-from sap_core.errors import SinkSpecError
+from sap_core.errors import SapError, SinkSpecError
 
 RULES = ("official", "leave_one_out")
 VIEWS = ("raw", "uniform", "per_query", "expected")
@@ -160,6 +159,29 @@ _RTOL = 1e-6
 
 
 # --- spec --------------------------------------------------------------------------------------
+
+
+def check_tau(tau: Any, error: type[SapError] = SinkSpecError) -> float:
+    """The one rule for a variance gate ``tau``: a finite number >= 0 (0 gates every sink, never a
+    non-sink). Returns it as a float; anything else raises ``error`` with one line."""
+    try:
+        value = float(tau)
+    except (TypeError, ValueError):
+        raise error(f"tau must be a number >= 0 such as 0.05 (got {tau!r}).") from None
+    if not (np.isfinite(value) and value >= 0):
+        raise error(f"tau must be finite and >= 0 (got {value}); 0 gates every sink.")
+    return value
+
+
+def parse_taus(values: Any, error: type[SapError] = SinkSpecError) -> tuple[float, ...]:
+    """A list of taus, from comma-separated text (``"0, 0.01, 0.05"``, as the CLI and the app take it) or
+    numbers, each checked by :func:`check_tau`; raises ``error`` with one line."""
+    items = [x for x in values.split(",") if x.strip()] if isinstance(values, str) else list(values)
+    try:
+        taus = tuple(float(x) for x in items)
+    except (TypeError, ValueError):
+        raise error(f"taus must be comma-separated numbers such as 0, 0.01, 0.05 (got {values!r}).") from None
+    return tuple(check_tau(t, error) for t in taus)
 
 
 @dataclass(frozen=True)
@@ -210,7 +232,8 @@ class SinkSpec:
         for name in ("rule", "normalize"):
             if not isinstance(getattr(self, name), str):
                 raise SinkSpecError(f"{name} must be text (got {getattr(self, name)!r}).")
-        for name in ("k", "alpha", "epsilon", "tau", "stable_min_frequency"):
+        check_tau(self.tau)
+        for name in ("k", "alpha", "epsilon", "stable_min_frequency"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, numbers.Real):
                 raise SinkSpecError(f"{name} must be a number (got {value!r}).")
@@ -220,15 +243,14 @@ class SinkSpec:
             raise SinkSpecError(f"rule must be one of {', '.join(RULES)} (got '{self.rule}').")
         if self.normalize not in VIEWS:
             raise SinkSpecError(f"normalize must be one of {', '.join(VIEWS)} (got '{self.normalize}').")
-        for name in ("k", "alpha", "epsilon", "tau", "stable_min_frequency"):
+        check_tau(self.tau)
+        for name in ("k", "alpha", "epsilon", "stable_min_frequency"):
             if not np.isfinite(float(getattr(self, name))):
                 raise SinkSpecError(f"{name} must be a finite number (got {getattr(self, name)}).")
         if self.alpha <= 0:
             raise SinkSpecError(f"alpha must be > 0 (got {self.alpha}); it is the sigmoid slope, 5 by default.")
         if self.epsilon < 0:
             raise SinkSpecError(f"epsilon must be >= 0 (got {self.epsilon}); it is a margin above the others' mean.")
-        if self.tau < 0:
-            raise SinkSpecError(f"tau must be >= 0 (got {self.tau}); 0 treats every sink as unstable.")
         if not 0 < self.stable_min_frequency <= 1:
             raise SinkSpecError(
                 f"stable_min_frequency must be in (0, 1] (got {self.stable_min_frequency}); 0.5 means 'a sink at most steps'."
@@ -286,7 +308,7 @@ _CACHE_LOCK = threading.RLock()  # re-entrant: a weakref callback may fire while
 _CACHE_SIZE = 8
 
 
-def _as_numpy(x: Any, dtype=None) -> np.ndarray:
+def as_numpy(x: Any, dtype=None) -> np.ndarray:
     if hasattr(x, "detach"):  # torch tensor, without importing torch
         x = x.detach().cpu()
         x = x.float().numpy() if x.is_floating_point() else x.numpy()
@@ -321,7 +343,7 @@ def _mass_of(trajectory: Any) -> tuple[Any, np.ndarray]:
     shape = tuple(source.shape)
     if len(shape) != 4:
         raise SinkSpecError(f"mass must have shape [steps, layers, heads, positions] (got {list(shape)}).")
-    valid_length = _as_numpy(trajectory.valid_length, np.int64).reshape(-1)
+    valid_length = as_numpy(trajectory.valid_length, np.int64).reshape(-1)
     if valid_length.shape[0] != shape[0]:
         raise SinkSpecError(f"valid_length has {valid_length.shape[0]} entries for {shape[0]} steps of mass.")
     return source, valid_length
@@ -329,7 +351,7 @@ def _mass_of(trajectory: Any) -> tuple[Any, np.ndarray]:
 
 def _sum_selection(source: Any, layers: tuple[int, ...], heads: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
     """``(float32 [S, Lsel, L]`` summed over the selected heads, ``float32 [S, L]`` over the layers too``)``, read-only."""
-    arr = _as_numpy(source)
+    arr = as_numpy(source)
     if arr.dtype != np.float32:
         arr = arr.astype(np.float32)
     _, Ly, H, _ = arr.shape
@@ -376,10 +398,10 @@ def clear_cache() -> None:
 # --- array-level rules (what the pruner calls on calibration masses) ---------------------------
 
 
-def _valid_mask(S: int, L: int, valid_length: np.ndarray | None) -> np.ndarray:
+def valid_mask(S: int, L: int, valid_length: np.ndarray | None) -> np.ndarray:
     if valid_length is None:
         return np.ones((S, L), bool)
-    vl = _as_numpy(valid_length, np.int64).reshape(-1)
+    vl = as_numpy(valid_length, np.int64).reshape(-1)
     if vl.shape[0] != S:
         raise SinkSpecError(f"valid_length has {vl.shape[0]} entries for {S} steps.")
     if (vl < 1).any() or (vl > L).any():
@@ -405,7 +427,7 @@ def _baseline_shape(valid: np.ndarray, normalize: str, causal: bool) -> np.ndarr
     return np.where(valid, f, 1.0)
 
 
-def _view(m: np.ndarray, valid: np.ndarray, normalize: str, causal: bool) -> np.ndarray:
+def viewed(m: np.ndarray, valid: np.ndarray, normalize: str, causal: bool) -> np.ndarray:
     """``m``: ``[S, G, L]`` float64; ``valid``: ``[S, L]``. Returns the viewed mass, 0 where invalid."""
     m = np.where(valid[:, None, :], m, 0.0)
     f = _baseline_shape(valid, normalize, causal)
@@ -425,7 +447,7 @@ def _sigmoid(x: np.ndarray) -> np.ndarray:
     return np.reciprocal(out, out=out)
 
 
-def _score(v: np.ndarray, valid: np.ndarray, spec: SinkSpec) -> tuple[np.ndarray, np.ndarray]:
+def scored(v: np.ndarray, valid: np.ndarray, spec: SinkSpec) -> tuple[np.ndarray, np.ndarray]:
     """Scores (float64, NaN where invalid) and sink flags of viewed mass ``v`` ``[S, G, L]``."""
     vm = valid[:, None, :]
     n = vm.sum(-1, keepdims=True).astype(np.float64)
@@ -448,7 +470,7 @@ def _score(v: np.ndarray, valid: np.ndarray, spec: SinkSpec) -> tuple[np.ndarray
 
 
 def _as_steps(mass: Any) -> np.ndarray:
-    m = _as_numpy(mass, np.float64)
+    m = as_numpy(mass, np.float64)
     if m.ndim == 1:
         m = m[None, :]
     if m.ndim != 2:
@@ -467,8 +489,8 @@ def mass_view(
     if normalize not in VIEWS:
         raise SinkSpecError(f"normalize must be one of {', '.join(VIEWS)} (got '{normalize}').")
     m = _as_steps(mass)
-    valid = _valid_mask(*m.shape, valid_length)
-    out = _view(m[:, None, :], valid, normalize, causal)[:, 0]
+    valid = valid_mask(*m.shape, valid_length)
+    out = viewed(m[:, None, :], valid, normalize, causal)[:, 0]
     return out if absent == 0.0 else np.where(valid, out, absent)
 
 
@@ -494,8 +516,8 @@ def score_steps(
     NaN where a position does not exist, ``bool [S, L]`` flags``)``. :func:`sink_scores` is the first
     in float32, :func:`sink_flags` the second; :func:`position_stats` takes both."""
     m = _as_steps(mass)
-    valid = _valid_mask(*m.shape, valid_length)
-    scores, sink = _score(_view(m[:, None, :], valid, spec.normalize, causal), valid, spec)
+    valid = valid_mask(*m.shape, valid_length)
+    scores, sink = scored(viewed(m[:, None, :], valid, spec.normalize, causal), valid, spec)
     return scores[:, 0], sink[:, 0]
 
 
@@ -518,7 +540,7 @@ def position_stats(scores: Any, is_sink: Any, spec: SinkSpec = SinkSpec()) -> Po
     (:func:`variance_gate`) opens for the unstable sinks only, at any tau; the factors of every method row
     are :func:`step_factors` / :func:`mean_factors` with :func:`factor_gate`."""
     s = _as_steps(scores)
-    sink = _as_numpy(is_sink, bool).reshape(s.shape)
+    sink = as_numpy(is_sink, bool).reshape(s.shape)
     present = ~np.isnan(s)
     count = present.sum(0)
     denom = np.maximum(count, 1)
@@ -577,477 +599,3 @@ def mean_factors(mean_score: np.ndarray, gate: np.ndarray) -> np.ndarray:
     """``float32 [L]`` token factors ``1 − g_j·mean_t s_t(j)`` of one sample: with every position gated,
     the official ``prune_sink_sparsegpt`` weight; with the variance gate, ``SinkReport.weights``."""
     return (1.0 - np.where(gate, mean_score, 0.0)).astype(np.float32)
-
-
-# --- the report ---------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Instability:
-    """Trajectory instability and spatial concentration of one layer (``layer = -1``: aggregate)."""
-
-    layer: int
-    dominant_var: float  # Var_t d_t, tokens^2
-    dominant_var_norm: float  # Var_t (d_t / L)
-    centroid_var: float  # Var_t c_t over steps with a sink, tokens^2 (NaN if none)
-    centroid_var_norm: float  # Var_t (c_t / L)
-    sink_steps: int  # steps with at least one sink
-    entropy: float  # nats, of the mean (viewed) mass distribution
-    entropy_norm: float  # entropy / ln(positions)
-    top_k_share: float  # share of the mean mass held by the top_k positions
-
-
-@dataclass(frozen=True, eq=False)
-class SinkReport:
-    """Everything :func:`analyze` computes (see the module docstring for each definition).
-
-    Per step: ``mass`` ``float32 [S, L]`` (raw mass summed over the selection), ``scores``
-    ``float32 [S, L]`` (NaN where a position does not exist), ``is_sink`` ``bool [S, L]``,
-    ``dominant`` ``int64 [S]``, ``centroid`` ``float64 [S]`` (NaN: no sink), ``state`` ``int8
-    [S, L]`` (index into :data:`STATES`), ``valid`` ``bool [S, L]``. Per layer: ``layer_mass``,
-    ``layer_scores`` ``float32 [S, Lsel, L]``, ``layer_is_sink`` ``bool [S, Lsel, L]``,
-    ``layer_dominant`` ``int64 [S, Lsel]``, ``layer_centroid`` ``float64 [S, Lsel]`` (column ``i``
-    is model layer ``layers[i]``). Per position: ``positions`` (:class:`PositionStats`),
-    ``weights`` ``float32 [L]`` (the gated ``w_j``), ``mean_mass`` ``float64 [L]`` (viewed, over the steps at
-    which ``j`` exists). Instability: ``aggregate`` and ``per_layer`` (:class:`Instability`).
-    """
-
-    spec: SinkSpec
-    layers: tuple[int, ...]
-    heads: tuple[int, ...]
-    causal: bool
-    prompt_length: int
-    final_tokens: np.ndarray
-    decoded_at: np.ndarray
-    valid_length: np.ndarray
-    valid: np.ndarray
-    state: np.ndarray
-    mass: np.ndarray
-    layer_mass: np.ndarray
-    scores: np.ndarray
-    is_sink: np.ndarray
-    dominant: np.ndarray
-    centroid: np.ndarray
-    layer_scores: np.ndarray
-    layer_is_sink: np.ndarray
-    layer_dominant: np.ndarray
-    layer_centroid: np.ndarray
-    mean_mass: np.ndarray
-    positions: PositionStats
-    aggregate: Instability
-    per_layer: tuple[Instability, ...]
-
-    # shapes and shortcuts
-    @property
-    def n_steps(self) -> int:
-        return int(self.mass.shape[0])
-
-    @property
-    def length(self) -> int:
-        return int(self.mass.shape[1])
-
-    @property
-    def weights(self) -> np.ndarray:
-        return self.positions.weight
-
-    @property
-    def labels(self) -> np.ndarray:
-        return self.positions.label
-
-    def state_names(self, step: int) -> list[str]:
-        """The state of every position at ``step``, as strings."""
-        if not 0 <= step < self.n_steps:
-            raise SinkSpecError(f"step must be in [0, {self.n_steps - 1}] (got {step}).")
-        return [STATES[i] for i in self.state[step]]
-
-    def view(self, normalize: str | None = None) -> np.ndarray:
-        """The aggregate mass ``float64 [S, L]`` in a view (default: the spec's); 0 where absent."""
-        normalize = self.spec.normalize if normalize is None else normalize
-        return mass_view(self.mass, normalize, self.valid_length, self.causal)
-
-    def rescore(self, spec: SinkSpec | None = None, **changes) -> SinkReport:
-        """A new report with other scoring settings (``k``, ``alpha``, ``tau``, rule, view...),
-        recomputed from the reduced mass without the model or the trajectory. The layer and head
-        selection must stay the same: changing it needs :func:`analyze` on the trajectory."""
-        spec = replace(spec if spec is not None else self.spec, **changes)
-        for name, chosen in (("layers", self.layers), ("heads", self.heads)):
-            new, old = getattr(spec, name), getattr(self.spec, name)
-            if not (new is None and old is None or new is not None and tuple(new) == chosen):
-                raise SinkSpecError(
-                    f"Changing the {name} selection needs the full mass: call analyze(trajectory, spec) "
-                    f"(this report covers {name} {list(chosen)})."
-                )
-        sm = StepMass(self.layer_mass, self.mass, self.layers, self.heads, self.valid_length, self.causal)
-        return _build(sm, self.prompt_length, self.final_tokens, self.decoded_at, spec)
-
-    # tables
-    def positions_frame(self):
-        """One row per position: token, prompt flag, decoded_at, existence, mean mass and stability."""
-        import pandas as pd
-
-        p = self.positions
-        return pd.DataFrame(
-            {
-                "position": np.arange(self.length, dtype=np.int64),
-                "token": self.final_tokens.astype(np.int64),
-                "is_prompt": np.arange(self.length) < self.prompt_length,
-                "decoded_at": self.decoded_at.astype(np.int64),
-                "valid_steps": p.valid_steps,
-                "mean_mass": self.mean_mass.astype(np.float64),
-                "frequency": p.frequency.astype(np.float64),
-                "mean_score": p.mean_score.astype(np.float64),
-                "variance": p.variance.astype(np.float64),
-                "label": p.label.astype(str),
-                "weight": p.weight.astype(np.float64),
-            }
-        )
-
-    def steps_frame(self):
-        """One row per (step, layer): dominant position, centroid, number of sinks (layer -1 = aggregate)."""
-        import pandas as pd
-
-        S, n = self.n_steps, len(self.layers)
-        layer_ids = np.array([AGGREGATE] + list(self.layers), dtype=np.int64)
-        dom = np.concatenate([self.dominant[:, None], self.layer_dominant], axis=1)
-        cen = np.concatenate([self.centroid[:, None], self.layer_centroid], axis=1)
-        cnt = np.concatenate([self.is_sink.sum(-1)[:, None], self.layer_is_sink.sum(-1)], axis=1)
-        return pd.DataFrame(
-            {
-                "step": np.repeat(np.arange(S, dtype=np.int64), n + 1),
-                "layer": np.tile(layer_ids, S),
-                "valid_length": np.repeat(self.valid_length.astype(np.int64), n + 1),
-                "dominant": dom.reshape(-1).astype(np.int64),
-                "centroid": cen.reshape(-1).astype(np.float64),
-                "n_sinks": cnt.reshape(-1).astype(np.int64),
-            }
-        )
-
-    def layers_frame(self):
-        """One row per layer (first row: aggregate, layer -1) with the :class:`Instability` figures."""
-        import pandas as pd
-
-        rows = [asdict(self.aggregate)] + [asdict(x) for x in self.per_layer]
-        frame = pd.DataFrame(rows)
-        return frame.astype({"layer": np.int64, "sink_steps": np.int64})
-
-    def scores_frame(self, layer: int | None = None):
-        """Long table of one (step, position) per row: state, raw and viewed mass, score, sink flag.
-        ``layer`` = a selected model layer, or None for the aggregate."""
-        import pandas as pd
-
-        if layer is None or layer == AGGREGATE:
-            mass, scores, sink = self.mass, self.scores, self.is_sink
-        else:
-            if layer not in self.layers:
-                raise SinkSpecError(f"layer {layer} was not analysed; analysed layers: {list(self.layers)}.")
-            i = self.layers.index(layer)
-            mass, scores, sink = self.layer_mass[:, i], self.layer_scores[:, i], self.layer_is_sink[:, i]
-        view = mass_view(mass, self.spec.normalize, self.valid_length, self.causal)
-        S, L = mass.shape
-        return pd.DataFrame(
-            {
-                "step": np.repeat(np.arange(S, dtype=np.int64), L),
-                "position": np.tile(np.arange(L, dtype=np.int64), S),
-                "state": np.asarray(STATES, dtype=object)[self.state.reshape(-1)],
-                "mass": mass.reshape(-1).astype(np.float64),
-                "view": view.reshape(-1),
-                "score": scores.reshape(-1).astype(np.float64),
-                "is_sink": sink.reshape(-1),
-            }
-        )
-
-    def to_frames(self) -> dict:
-        """``{"positions", "steps", "layers", "scores"}`` DataFrames."""
-        return {
-            "positions": self.positions_frame(),
-            "steps": self.steps_frame(),
-            "layers": self.layers_frame(),
-            "scores": self.scores_frame(),
-        }
-
-    # files
-    def to_csv(self, directory: str | Path) -> Path:
-        """Write ``positions.csv``, ``steps.csv``, ``layers.csv``, ``scores.csv`` and ``spec.json``
-        to ``directory``; :func:`read_csv` loads them back as DataFrames."""
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        for name, frame in self.to_frames().items():
-            frame.to_csv(directory / f"{name}.csv", index=False)
-        (directory / "spec.json").write_text(json.dumps(self.spec.to_dict(), indent=1))
-        return directory
-
-    def to_json(self, path: str | Path) -> Path:
-        """Write the report as JSON: the spec, the trajectory facts and the reduced mass (from which
-        :meth:`from_json` recomputes every field exactly), plus the position and layer tables for
-        readers. ``NaN`` is written as ``null``."""
-        path = Path(path)
-        doc = {
-            "format": "sinkscope.sink_report/1",
-            "spec": self.spec.to_dict(),
-            "layers": list(self.layers),
-            "heads": list(self.heads),
-            "causal": self.causal,
-            "prompt_length": self.prompt_length,
-            "final_tokens": self.final_tokens.tolist(),
-            "decoded_at": self.decoded_at.tolist(),
-            "valid_length": self.valid_length.tolist(),
-            "mass": self.mass.tolist(),
-            "layer_mass": self.layer_mass.tolist(),
-            "tables": {
-                "positions": _records(self.positions_frame()),
-                "layers": _records(self.layers_frame()),
-            },
-        }
-        path.write_text(json.dumps(doc, allow_nan=False))
-        return path
-
-    @classmethod
-    def from_json(cls, path: str | Path) -> SinkReport:
-        try:
-            doc = json.loads(Path(path).read_text())
-        except (OSError, ValueError) as exc:
-            raise SinkSpecError(
-                f"Cannot read a sink report from {path}: {exc}. Pick a file written by SinkReport.to_json."
-            ) from None
-        if not isinstance(doc, dict) or doc.get("format") != "sinkscope.sink_report/1":
-            raise SinkSpecError(f"{path} is not a sink report written by SinkReport.to_json.")
-        sm = StepMass(
-            layer_mass=np.asarray(doc["layer_mass"], np.float32),
-            mass=np.asarray(doc["mass"], np.float32),
-            layers=tuple(doc["layers"]),
-            heads=tuple(doc["heads"]),
-            valid_length=np.asarray(doc["valid_length"], np.int64),
-            causal=bool(doc["causal"]),
-        )
-        return _build(
-            sm,
-            int(doc["prompt_length"]),
-            np.asarray(doc["final_tokens"], np.int64),
-            np.asarray(doc["decoded_at"], np.int64),
-            SinkSpec.from_dict(doc["spec"]),
-        )
-
-
-def _records(frame) -> list:
-    out = []
-    for row in frame.to_dict(orient="records"):
-        out.append(
-            {
-                k: (None if isinstance(v, float) and not np.isfinite(v) else (v.item() if hasattr(v, "item") else v))
-                for k, v in row.items()
-            }
-        )
-    return out
-
-
-def read_csv(directory: str | Path) -> dict:
-    """Load what :meth:`SinkReport.to_csv` wrote: the four DataFrames and ``"spec"`` (a SinkSpec)."""
-    import pandas as pd
-
-    directory = Path(directory)
-    out: dict = {}
-    for name in ("positions", "steps", "layers", "scores"):
-        file = directory / f"{name}.csv"
-        if not file.exists():
-            raise SinkSpecError(f"{file} is missing: pick a folder written by SinkReport.to_csv.")
-        frame = pd.read_csv(file, keep_default_na=False, na_values=[""])
-        if "label" in frame:
-            frame["label"] = frame["label"].astype(str)
-        if "state" in frame:
-            frame["state"] = frame["state"].astype(object)
-        out[name] = frame
-    out["spec"] = SinkSpec.from_dict(json.loads((directory / "spec.json").read_text()))
-    return out
-
-
-def _states(decoded_at: np.ndarray, valid: np.ndarray) -> np.ndarray:
-    S, L = valid.shape
-    t = np.arange(S)[:, None]
-    d = decoded_at[None, :]
-    state = np.where(d > t, STATES.index("masked"), STATES.index("decoded"))
-    state = np.where(~valid, STATES.index("absent"), state)
-    state = np.where(d == t, STATES.index("decoding"), state)
-    state = np.where(np.broadcast_to(d < 0, (S, L)), STATES.index("prompt"), state)
-    return state.astype(np.int8)
-
-
-def _instability(layer: int, dom: np.ndarray, cen: np.ndarray, mean_view: np.ndarray, L: int, top_k: int) -> Instability:
-    dom_var = float(np.var(dom.astype(np.float64)))
-    have = ~np.isnan(cen)
-    cen_var = float(np.var(cen[have])) if have.any() else float("nan")
-    exists = ~np.isnan(mean_view)
-    p = np.where(exists, mean_view, 0.0)
-    total = p.sum()
-    n = int(exists.sum())
-    if total > 0:
-        p = p / total
-        nz = p[p > 0]
-        entropy = float(-(nz * np.log(nz)).sum())
-        top = float(np.sort(p)[::-1][: min(top_k, n)].sum())
-    else:
-        entropy, top = float("nan"), float("nan")
-    entropy_norm = entropy / np.log(n) if n > 1 else 0.0
-    return Instability(
-        layer, dom_var, dom_var / L**2, cen_var, cen_var / L**2, int(have.sum()), entropy, float(entropy_norm), top
-    )
-
-
-def _build(sm: StepMass, prompt_length: int, final_tokens: np.ndarray, decoded_at: np.ndarray, spec: SinkSpec) -> SinkReport:
-    S, nL, L = sm.layer_mass.shape
-    valid = _valid_mask(S, L, sm.valid_length)
-    # aggregate and every layer in one batch: [S, 1 + Lsel, L]
-    m = np.concatenate([sm.mass[:, None, :], sm.layer_mass], axis=1).astype(np.float64)
-    v = _view(m, valid, spec.normalize, sm.causal)
-    scores, sink = _score(v, valid, spec)
-    vm = valid[:, None, :]
-    pos = np.arange(L, dtype=np.float64)
-    dominant = np.argmax(np.where(vm, v, -np.inf), axis=-1).astype(np.int64)  # [S, G]
-    w = np.where(sink, v, 0.0)
-    wsum = w.sum(-1)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        centroid = np.where(sink.any(-1), (w * pos).sum(-1) / np.where(wsum > 0, wsum, 1.0), np.nan)
-    # a sink set whose viewed mass sums to 0 cannot happen for mass >= 0 above mean + k·std, unless all is 0
-    count = vm.sum(0)  # [1, L]
-    with np.errstate(divide="ignore", invalid="ignore"):
-        mean_view = np.where(count > 0, np.where(vm, v, 0.0).sum(0) / np.maximum(count, 1), np.nan)  # [G, L]
-    figures = [
-        _instability(AGGREGATE if g == 0 else sm.layers[g - 1], dominant[:, g], centroid[:, g], mean_view[g], L, spec.top_k)
-        for g in range(nL + 1)
-    ]
-    positions = position_stats(scores[:, 0], sink[:, 0], spec)
-    arrays = dict(
-        valid=valid,
-        state=_states(decoded_at, valid),
-        mass=np.asarray(sm.mass, np.float32),
-        layer_mass=np.asarray(sm.layer_mass, np.float32),
-        scores=scores[:, 0].astype(np.float32),
-        is_sink=sink[:, 0],
-        dominant=dominant[:, 0],
-        centroid=centroid[:, 0],
-        layer_scores=scores[:, 1:].astype(np.float32),
-        layer_is_sink=sink[:, 1:],
-        layer_dominant=dominant[:, 1:],
-        layer_centroid=centroid[:, 1:],
-        mean_mass=mean_view[0],
-    )
-    return SinkReport(
-        spec=spec,
-        layers=tuple(sm.layers),
-        heads=tuple(sm.heads),
-        causal=bool(sm.causal),
-        prompt_length=int(prompt_length),
-        final_tokens=np.asarray(final_tokens, np.int64),
-        decoded_at=np.asarray(decoded_at, np.int64),
-        valid_length=np.asarray(sm.valid_length, np.int64),
-        positions=positions,
-        aggregate=figures[0],
-        per_layer=tuple(figures[1:]),
-        **arrays,
-    )
-
-
-def analyze(trajectory: Any, spec: SinkSpec = SinkSpec()) -> SinkReport:
-    """Analyse the sinks of a trajectory (any object with the fields of
-    :class:`sap_core.diffusion.Trajectory`). Pure computation on its arrays; no model is run."""
-    if not isinstance(spec, SinkSpec):
-        raise SinkSpecError(f"spec must be a SinkSpec (got {type(spec).__name__}).")
-    sm = reduce_mass(trajectory, spec)
-    S, _, L = sm.layer_mass.shape
-    decoded_at = _as_numpy(trajectory.decoded_at, np.int64).reshape(-1)
-    final_tokens = _as_numpy(trajectory.final_tokens, np.int64).reshape(-1)
-    if decoded_at.shape[0] != L or final_tokens.shape[0] != L:
-        raise SinkSpecError(f"decoded_at and final_tokens must have {L} entries, one per position of the mass.")
-    _valid_mask(S, L, sm.valid_length)  # range check with a clear message
-    return _build(sm, int(trajectory.prompt_length), final_tokens, decoded_at, spec)
-
-
-# --- AR vs DLM ----------------------------------------------------------------------------------
-
-COMPARE_METRICS = (
-    "dominant_var",
-    "dominant_var_norm",
-    "centroid_var",
-    "centroid_var_norm",
-    "sink_steps",
-    "entropy_norm",
-    "top_k_share",
-)
-# Readable names of the :class:`Instability` figures, for tables and axes.
-METRIC_TITLES = {
-    "dominant_var": "Var(dominant position) (tokens²)",
-    "dominant_var_norm": "Var(dominant position / length)",
-    "centroid_var": "Var(sink centroid) (tokens²)",
-    "centroid_var_norm": "Var(sink centroid / length)",
-    "sink_steps": "Steps with a sink",
-    "entropy_norm": "Normalised entropy of the mean mass",
-    "top_k_share": "Top-k mass share",
-}
-
-
-@dataclass(frozen=True, eq=False)
-class SinkComparison:
-    """Two reports scored the same way (same rule, parameters and view), e.g. AR against DLM."""
-
-    labels: tuple[str, str]
-    reports: tuple[SinkReport, SinkReport]
-    same_prompt: bool
-
-    def frame(self):
-        """Per-layer instability side by side: one row per layer (first: aggregate, layer -1),
-        columns ``<label>_<metric>`` for :data:`COMPARE_METRICS`. Layers only one model has are NaN there."""
-        import pandas as pd
-
-        parts = []
-        for label, report in zip(self.labels, self.reports):
-            f = report.layers_frame().set_index("layer")[list(COMPARE_METRICS)]
-            parts.append(f.add_prefix(f"{label}_"))
-        out = pd.concat(parts, axis=1, join="outer")
-        order = [AGGREGATE] + sorted(i for i in out.index if i != AGGREGATE)
-        return out.loc[order].reset_index()
-
-    def readable_frame(self):
-        """:meth:`frame` with readable column names (``"<label>: <title>"``) and layer ``"all"`` for the aggregate."""
-        frame = self.frame()
-        names = {"layer": "Layer"}
-        for label in self.labels:
-            names.update({f"{label}_{m}": f"{label}: {METRIC_TITLES[m]}" for m in COMPARE_METRICS})
-        frame["layer"] = ["all" if x == AGGREGATE else str(int(x)) for x in frame["layer"]]
-        return frame.rename(columns=names)
-
-    def summary(self) -> dict:
-        """The aggregate figures of both reports, keyed by label."""
-        return {label: asdict(r.aggregate) for label, r in zip(self.labels, self.reports)}
-
-
-def compare(
-    first: Any,
-    second: Any,
-    spec: SinkSpec | None = None,
-    normalize: str | None = None,
-    labels: Sequence[str] = ("AR", "DLM"),
-) -> SinkComparison:
-    """Compare two trajectories or reports (e.g. AR against DLM on the same prompt).
-
-    Both are scored with ``spec`` (default: the first report's spec, or :class:`SinkSpec`) in the
-    view ``normalize`` (default None: ``spec.normalize``, which is ``"raw"`` unless chosen otherwise,
-    so each side's figures equal :func:`analyze` of that trajectory under ``spec``: the numbers of
-    its own Sink stability page). The normalised views are options; :data:`VIEW_NOTES` says what
-    each corrects and distorts. Trajectories are analysed with ``spec``; reports are rescored with
-    it and keep their own layer and head selection.
-    """
-    if len(labels) != 2 or labels[0] == labels[1]:
-        raise SinkSpecError("labels must be two different names, e.g. ('AR', 'DLM').")
-    if spec is None:
-        spec = first.spec if isinstance(first, SinkReport) else SinkSpec()
-    if normalize is not None:
-        spec = replace(spec, normalize=normalize)
-    reports = []
-    for item in (first, second):
-        if isinstance(item, SinkReport):
-            reports.append(item.rescore(replace(spec, layers=item.spec.layers, heads=item.spec.heads)))
-        else:
-            reports.append(analyze(item, spec))
-    a, b = reports
-    P = min(a.prompt_length, b.prompt_length)
-    same = a.prompt_length == b.prompt_length and bool(np.array_equal(a.final_tokens[:P], b.final_tokens[:P]))
-    return SinkComparison((str(labels[0]), str(labels[1])), (a, b), same)

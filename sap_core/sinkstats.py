@@ -2,16 +2,16 @@
 
 One prompt is an anecdote. :func:`run_sinkstats` decodes ``N`` prompts with a masked-diffusion model
 (DLM) and a causal model (AR) under the same :class:`~sap_core.diffusion.DecodeSpec`, analyses each
-trajectory with :func:`sap_core.sinks.analyze` under one :class:`~sap_core.sinks.SinkSpec`, and
+trajectory with :func:`sap_core.sink_report.analyze` under one :class:`~sap_core.sinks.SinkSpec`, and
 keeps, per prompt, model and layer (``-1`` = all selected layers, the Sink stability page's
 aggregate), the statistics of :data:`STATISTICS`:
 
 * ``dominant_var``: ``Var_t(d_t)``, the variance over steps of the dominant position (tokens²),
-  exactly :attr:`sap_core.sinks.Instability.dominant_var`;
+  exactly :attr:`sap_core.sink_report.Instability.dominant_var`;
 * ``distinct_dominant``: the number of different positions ``d_t`` takes over the steps;
 * ``first_token_share``: the share of steps with ``d_t = 0`` (the first token, BOS for the
   built-in models);
-* ``top_k_share``: :attr:`sap_core.sinks.Instability.top_k_share`, the share of the mean mass held
+* ``top_k_share``: :attr:`sap_core.sink_report.Instability.top_k_share`, the share of the mean mass held
   by the ``SinkSpec.top_k`` largest positions.
 
 :meth:`SinkStats.summary` gives, per layer and statistic, the mean over prompts and its standard
@@ -41,7 +41,8 @@ from sap_core.diffusion import DecodeSpec
 from sap_core.errors import SapError
 from sap_core.files import atomic_write_text
 from sap_core.progress import Progress, report
-from sap_core.sinks import AGGREGATE, SinkReport, SinkSpec, _records, analyze
+from sap_core.sink_report import SinkReport, analyze, json_records
+from sap_core.sinks import AGGREGATE, SinkSpec
 
 STATISTICS = {
     "dominant_var": "Var(dominant position) (tokens²)",
@@ -172,8 +173,8 @@ class SinkStats:
             "decode": asdict(self.decode),
             "sink": self.sink.to_dict(),
             "prompts": list(self.prompts),
-            "summary": _records(self.summary()),
-            "per_prompt": _records(self.per_prompt),
+            "summary": json_records(self.summary()),
+            "per_prompt": json_records(self.per_prompt),
         }
 
     def save(self, path: str | Path) -> list[Path]:

@@ -5,8 +5,9 @@
 shared dense model is restored after every job, also on cancellation) and returns a
 :class:`pandas.DataFrame`, one row per job, with the columns of :data:`COLUMNS`:
 
-* ``method``, ``sparsity``, ``pattern``: the job (``method`` names a method setting that is not just
-  the method's defaults, e.g. a variance-gated one: ``gated_sink_wanda(tau=0.05)``);
+* ``method``, ``sparsity``, ``pattern``: the job (``method`` is the bare method name, e.g.
+  ``gated_sink_wanda``; a gated method's variance gate is the ``tau`` column, and both are in the label;
+  :func:`series` names a method at one tau, e.g. for a plot's lines);
 * ``label``: the run's :attr:`PruneSpec.label <sap_core.pruning.PruneSpec.label>` (``wanda 50%``,
   ``gated_sink_wanda 2:4, tau=0.05``), after a custom :attr:`MethodSetting.label` and a colon when
   there is one; unique in a sweep, the key of the per-draw estimates;
@@ -39,7 +40,7 @@ Monte Carlo error of one row given those windows (see :mod:`sap_core.evaluate`);
 the text-sampling error nor the variability of calibration. :func:`method_differences` sets methods
 against their baselines: with the per-(window, draw) estimates each evaluation records
 (``df.attrs["estimates"]``) the error of a difference is computed draw by draw (paired, common random
-numbers, :func:`paired_se`); ``se_indep = sqrt(nll_se_a**2 + nll_se_b**2)``, which treats the two
+numbers, :func:`~sap_core.evaluate.paired_se`); ``se_indep = sqrt(nll_se_a**2 + nll_se_b**2)``, which treats the two
 errors as independent, is the conservative fallback.
 """
 
@@ -55,16 +56,22 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from sap_core import evaluate
-from sap_core.errors import SapError
-from sap_core.evaluate import check_length
+from sap_core.errors import SweepSpecError
+from sap_core.evaluate import (  # EvalSpec, perplexity, paired_se: sap_core.evaluate's, also importable from here
+    DENSE,
+    EvalSpec,
+    check_length,
+    paired_se,  # noqa: F401 - re-exported: older imports take it from here
+    paired_se_if_known,
+    perplexity,
+)
 from sap_core.files import atomic_write, atomic_write_text, check_output_file, is_special, output_target, signals_held
 from sap_core.models import ModelHandle
 from sap_core.progress import Progress, report
 from sap_core.pruning import METHODS, PruneSpec, parse_pattern, prune
 from sap_core.pruning.scores import CalibrationCache
-from sap_core.pruning.spec import GATED, STRUCTURED, UNGATED_TWIN
-from sap_core.sinks import SinkSpec
+from sap_core.pruning.spec import GATED, STRUCTURED, UNGATED_TWIN, check_sparsity
+from sap_core.sinks import SinkSpec, parse_taus
 
 COLUMNS = [
     "method",
@@ -80,63 +87,6 @@ COLUMNS = [
     "label",
     "tau",
 ]
-DENSE = "dense"
-
-
-class SweepSpecError(SapError):
-    """Impossible sweep settings."""
-
-
-@dataclass(frozen=True)
-class EvalSpec:
-    """How every row of a sweep is scored (defaults: those of :func:`sap_core.evaluate.diffusion_perplexity`).
-    ``text=None`` uses the built-in evaluation text.
-
-    ``seqlen``: tokens per window (prefix included); ``nsamples``: number of windows; ``draws``:
-    masking draws per window (Monte Carlo samples of the masked-diffusion bound, >= 2; ignored for
-    causal models); ``seed`` fixes the draws, shared by every row; ``prefix``: conditioning text before
-    every window, never scored (None: the tokenizer's BOS convention only; a causal model needs at
-    least one prefix token). ``metric``: ``"ppl"`` (perplexity only, the default) or ``"acc:TASK"``: also
-    the accuracy on the lm-eval task TASK (:mod:`sap_core.accuracy`; ``limit`` documents, ``mc_num`` Monte
-    Carlo rows per request, the masks seeded by ``seed``), in the columns ``acc``, ``acc_se``, ``acc_task``.
-    """
-
-    seqlen: int = 128
-    nsamples: int = 16
-    draws: int = 8
-    seed: int = 0
-    text: str | None = None
-    prefix: str | None = None
-    metric: str = "ppl"
-    limit: int | None = None
-    mc_num: int = 32
-
-    @property
-    def task(self) -> str | None:
-        """The lm-eval task of an ``acc:TASK`` metric, None for perplexity only."""
-        return self.metric[4:] if isinstance(self.metric, str) and self.metric.startswith("acc:") else None
-
-    def validate(self) -> None:
-        for name in ("seqlen", "nsamples", "draws", "seed"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-                raise SweepSpecError(f"{name} must be a whole number (got {value!r}).")
-        if not 0 <= self.seed < 2**63:
-            raise SweepSpecError(f"seed must be in [0, 2**63) (got {self.seed}).")
-        if self.seqlen < 2 or self.nsamples < 1:
-            raise SweepSpecError(f"seqlen must be >= 2 and nsamples >= 1 (got seqlen={self.seqlen}, nsamples={self.nsamples}).")
-        if self.draws < 2:
-            raise SweepSpecError(f"draws must be >= 2 to estimate the Monte Carlo error (got {self.draws}).")
-        if self.metric != "ppl":
-            if not self.task:
-                raise SweepSpecError(f"metric must be ppl or acc:TASK, e.g. acc:sinkscope_nextline (got {self.metric!r}).")
-            from sap_core.accuracy import check_limit
-            from sap_core.benchmark import BenchSpec
-            from sap_core.tasks import load_tasks
-
-            check_limit(self.limit)
-            BenchSpec(mc_num=self.mc_num, batch_size=self.mc_num)
-            load_tasks([self.task])  # an unknown task or missing data: one line now, before any pruning
 
 
 @dataclass(frozen=True)
@@ -154,12 +104,15 @@ class MethodSetting:
 
     @property
     def name(self) -> str:
-        """``label``, else the method, with ``(tau=...)`` for a gated method (whose gate is its setting)."""
-        if self.label:
-            return self.label
-        if self.method in GATED and self.sink is not None:
-            return f"{self.method}(tau={self.sink.tau:g})"
+        """The ``method`` column of this setting's rows: the bare method name (tau is a column of its own)."""
         return self.method
+
+    @property
+    def key(self) -> tuple:
+        """What tells two settings of a sweep apart: the label, else the method and, for a gated method, its tau."""
+        if self.label:
+            return (self.label,)
+        return (self.method, float(self.sink.tau)) if self.method in GATED and self.sink is not None else (self.method,)
 
 
 @dataclass(frozen=True)
@@ -170,7 +123,7 @@ class SweepSpec:
     also remove, beside their MLP channels (a :class:`MethodSetting` with its own ``heads`` option keeps it).
 
     ``sink_taus``: a tau sweep; each gated method named by its bare name runs once per tau (the sweep's
-    ``sink`` with that tau, labelled ``gated_sink_wanda(tau=0.05)``), preceded by its ungated twin
+    ``sink`` with that tau, its rows' ``tau`` column), preceded by its ungated twin
     (:data:`~sap_core.pruning.spec.UNGATED_TWIN`: ``sink_wanda``, the official rule, the reference every
     tau is compared with) unless the methods list it already; :mod:`sap_core.tau` reads the result.
     """
@@ -186,23 +139,16 @@ class SweepSpec:
     heads: float = 0.0  # fraction of attention heads every structured row also removes (PruneSpec.heads)
 
     def __post_init__(self) -> None:
-        try:
-            taus = tuple(float(t) for t in self.sink_taus)
-        except (TypeError, ValueError):
-            raise SweepSpecError(f"sink_taus must be numbers such as 0,0.01,0.05 (got {self.sink_taus!r}).") from None
+        taus = parse_taus(self.sink_taus, SweepSpecError)
         object.__setattr__(self, "sink_taus", taus)
-        bad_taus = [t for t in taus if not (math.isfinite(t) and t >= 0)]
-        if bad_taus:
-            raise SweepSpecError(f"sink_taus must be finite and >= 0 (got {bad_taus}); 0 gates every sink.")
         if len(set(taus)) != len(taus):
             raise SweepSpecError(f"sink_taus lists a tau twice ({list(taus)}); list each once.")
 
     @property
     def settings(self) -> list[MethodSetting]:
         """Every method as a :class:`MethodSetting`; a bare gated method name carries the sweep's sink
-        spec so that its label shows the gate (``gated_sink_wanda(tau=0.1)``); a tau sweep adds the ungated
-        twins it compares with."""
-        listed = {m.name if isinstance(m, MethodSetting) else str(m) for m in self.methods}
+        spec (its rows' ``tau``); a tau sweep adds the ungated twins it compares with."""
+        listed = {m.key[0] if isinstance(m, MethodSetting) else str(m) for m in self.methods}
         out = []
         for m in self.methods:
             if isinstance(m, MethodSetting):
@@ -251,9 +197,9 @@ class SweepSpec:
         unknown = [m.method for m in self.settings if m.method not in METHODS]
         if unknown:
             raise SweepSpecError(f"Unknown pruning method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}.")
-        names = [m.name for m in self.settings]
-        if len(set(names)) != len(names):
-            raise SweepSpecError(f"Method labels must be unique (got {names}).")
+        keys = [m.key for m in self.settings]
+        if len(set(keys)) != len(keys):
+            raise SweepSpecError(f"Method labels must be unique (got {[' '.join(map(str, k)) for k in keys]}).")
         if self.sink_taus and not any(str(m) in GATED for m in self.methods if not isinstance(m, MethodSetting)):
             raise SweepSpecError(
                 "sink_taus applies to the gated methods only: add gated_sink_wanda or "
@@ -268,9 +214,8 @@ class SweepSpec:
                 f"heads={self.heads} removes attention heads, which only the structured methods do; add one of "
                 f"{', '.join(sorted(STRUCTURED))} to the methods, or drop heads."
             )
-        bad = [s for s in self.sparsities if not 0.0 < float(s) < 1.0]  # NaN fails too
-        if bad:
-            raise SweepSpecError(f"Sparsities must lie strictly between 0 and 1 (got {bad}).")
+        for s in self.sparsities:
+            check_sparsity(s, SweepSpecError)
         for p in self.patterns:
             parse_pattern(p)
         labels = [self.label_of(m, p, s) for m, p, s in self.jobs]
@@ -280,73 +225,6 @@ class SweepSpec:
                 f"Two runs of the sweep would be the same run ({', '.join(twice)}); list each sparsity and pattern once."
             )
         self.eval.validate()
-
-
-@dataclass
-class PerplexityRow:
-    """What one evaluation gives the sweep (a view on :class:`sap_core.evaluate.PerplexityResult`).
-
-    ``estimates``: ``float64 [nsamples, draws]``, the per-(window, draw) NLL estimates whose mean is
-    ``nll`` (:attr:`sap_core.evaluate.PerplexityResult.estimates`; masked-diffusion perplexity only,
-    None for a causal model). Two rows scored with the same :class:`EvalSpec` share windows and masks, so
-    their estimates can be differenced draw by draw (:func:`paired_se`).
-    """
-
-    nll: float
-    nll_se: float
-    ppl: float
-    ppl_se: float
-    seconds: float
-    result: Any = None
-    estimates: np.ndarray | None = None
-    accuracy: dict | None = None  # acc, acc_se, acc_task when the EvalSpec's metric is acc:TASK
-
-
-def perplexity(handle: ModelHandle, spec: EvalSpec, progress: Progress | None = None) -> PerplexityRow:
-    """Score ``handle`` as it is now (dense, or with a variant applied): masked-diffusion perplexity for a
-    DLM (with its per-(window, draw) estimates for paired comparisons), next-token perplexity for a causal
-    model, both from :mod:`sap_core.evaluate`."""
-    t0 = time.perf_counter()
-    if handle.causal:
-        result = evaluate.causal_perplexity(
-            handle, spec.text, seqlen=spec.seqlen, nsamples=spec.nsamples, prefix=spec.prefix, progress=progress
-        )  # deterministic: no seed
-    else:
-        result = evaluate.diffusion_perplexity(
-            handle,
-            spec.text,
-            seqlen=spec.seqlen,
-            nsamples=spec.nsamples,
-            draws=spec.draws,
-            seed=spec.seed,
-            prefix=spec.prefix,
-            progress=progress,
-        )
-    seconds = time.perf_counter() - t0
-    accuracy = None
-    if spec.task:
-        from sap_core.accuracy import task_accuracy
-
-        accuracy = task_accuracy(handle, spec.task, spec.mc_num, spec.seed, spec.limit, progress)
-    return PerplexityRow(
-        float(result.nll),
-        float(result.nll_se),
-        float(result.ppl),
-        float(result.ppl_se),
-        seconds,
-        result,
-        result.estimates,
-        accuracy,
-    )
-
-
-def paired_se(a: np.ndarray, b: np.ndarray) -> float:
-    """Monte Carlo standard error of ``mean(a) - mean(b)`` for per-(window, draw) estimates ``[W, D]``
-    scored on the same windows and masks: the evaluator's own formula
-    ``sqrt(sum_w Var_d(a - b)[w] / D) / W`` applied to the difference."""
-    d = np.asarray(a, np.float64) - np.asarray(b, np.float64)
-    W, D = d.shape
-    return float(math.sqrt((d.var(axis=1, ddof=1) / D).sum()) / W)
 
 
 def _prune_spec(setting: MethodSetting, pattern: str, sparsity: float, spec: SweepSpec):
@@ -720,7 +598,35 @@ def _parse_sweep_csv(path: Path, raw: bytes) -> pd.DataFrame:
     for col in ("method", "pattern", "label"):
         if col in df.columns:
             df[col] = df[col].astype(str)
+    return _bare_methods(df)
+
+
+_OLD_GATED_METHOD = r"^(?P<method>[A-Za-z_]\w*)\(tau=(?P<tau>[^()]*)\)$"
+
+
+def _bare_methods(df: pd.DataFrame) -> pd.DataFrame:
+    """Older sweeps wrote a gated method as ``gated_sink_wanda(tau=0.05)``: read it once, here, as the bare
+    method with the number in the ``tau`` column (added when missing; a tau already there is kept)."""
+    parts = df["method"].str.extract(_OLD_GATED_METHOD)
+    old = parts["method"].notna()
+    if not old.any():
+        return df
+    if "tau" not in df.columns:
+        df["tau"] = math.nan
+    df.loc[old, "method"] = parts.loc[old, "method"]
+    df.loc[old & df["tau"].isna(), "tau"] = pd.to_numeric(parts["tau"], errors="coerce")
     return df
+
+
+def series(df: pd.DataFrame) -> pd.Series:
+    """One name per row for the method at its setting: the method, with ``, tau=0.05`` for a row with a
+    tau (a gated method), so that a gated method at several taus gives several lines of a plot."""
+    tau = df["tau"] if "tau" in df.columns else pd.Series(math.nan, index=df.index)
+    return pd.Series(
+        [m if not np.isfinite(t) else f"{m}, tau={t:g}" for m, t in zip(df["method"].astype(str), tau.astype(float))],
+        index=df.index,
+        dtype=object,
+    )
 
 
 def _read_estimates(path: Path, raw: bytes) -> dict[str, np.ndarray] | None:
@@ -758,12 +664,12 @@ DEFAULT_PAIRS: tuple[tuple[str, str], ...] = (
 
 
 def method_differences(df: pd.DataFrame, pairs: Sequence[tuple[str, str]] = DEFAULT_PAIRS) -> pd.DataFrame:
-    """One row per (method, baseline, pattern, sparsity) present in ``df``: both perplexities,
+    """One row per (method row, baseline) present in ``df`` at the same pattern and sparsity: both perplexities,
     ``delta_ppl = ppl_method - ppl_baseline`` (negative: the method is better), ``rel_ppl`` (ratio − 1),
     ``delta_nll`` (nats/token), ``se_indep = sqrt(nll_se_m² + nll_se_b²)`` (treats the two Monte Carlo
-    errors as independent: conservative), ``se_paired`` (:func:`paired_se` on the per-draw estimates in
+    errors as independent: conservative), ``se_paired`` (:func:`~sap_core.evaluate.paired_se` on the per-draw estimates in
     ``df.attrs["estimates"]``; NaN without them) and ``z = delta_nll / se`` with the paired error when
-    known, else the independent one. Labels such as ``gated_sink_wanda(tau=0.05)`` work as methods."""
+    known, else the independent one. A gated method at several taus gives one row per tau (``tau``)."""
     cols = [
         "method",
         "baseline",
@@ -777,18 +683,21 @@ def method_differences(df: pd.DataFrame, pairs: Sequence[tuple[str, str]] = DEFA
         "se_indep",
         "se_paired",
         "z",
+        "tau",
     ]
     estimates = df.attrs.get("estimates") or {}
     key = ["pattern", "sparsity"]
     rows = []
     for method, baseline in pairs:
-        a = df[df["method"] == method].set_index(key)
-        b = df[df["method"] == baseline].set_index(key)
-        for idx in a.index.intersection(b.index):
-            ra, rb = a.loc[idx], b.loc[idx]
+        b = df[df["method"] == baseline].drop_duplicates(key).set_index(key)
+        for _, ra in df[df["method"] == method].iterrows():
+            idx = (ra["pattern"], ra["sparsity"])
+            if idx not in b.index:
+                continue
+            rb = b.loc[idx]
             se = math.sqrt(float(ra["nll_se"]) ** 2 + float(rb["nll_se"]) ** 2)
             ea, eb = estimates.get(str(ra["label"])), estimates.get(str(rb["label"]))
-            sp = paired_se(ea, eb) if ea is not None and eb is not None and np.shape(ea) == np.shape(eb) else math.nan
+            sp = paired_se_if_known(ea, eb)
             d_nll = float(ra["nll"]) - float(rb["nll"])
             use = sp if np.isfinite(sp) else se
             rows.append(
@@ -805,6 +714,7 @@ def method_differences(df: pd.DataFrame, pairs: Sequence[tuple[str, str]] = DEFA
                     se_indep=se,
                     se_paired=sp,
                     z=d_nll / use if use > 0 else math.nan,
+                    tau=float(ra.get("tau", math.nan)),
                 )
             )
     return pd.DataFrame(rows, columns=cols)

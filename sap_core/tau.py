@@ -34,10 +34,12 @@ import pandas as pd
 
 from sap_core import sinks
 from sap_core.errors import PruneSpecError, SapError
+from sap_core.evaluate import EvalSpec, paired_se_if_known
 from sap_core.progress import Progress, report
 from sap_core.pruning.calibration import tokenize
 from sap_core.pruning.record import SinkRecord, record_calibration
 from sap_core.pruning.spec import GATED, UNGATED_TWIN, CalibrationSpec
+from sap_core.sink_report import SinkReport
 from sap_core.sinks import SinkSpec
 
 
@@ -77,7 +79,7 @@ class GateData:
         """``bool [N, L]``: positions the gated factors down-weight at ``tau``
         (:func:`sap_core.sinks.position_stats`' gate: the unstable sinks, never a non-sink; at tau = 0
         every sink)."""
-        return sinks.variance_gate(self.frequency, self.variance, _check_tau(tau))
+        return sinks.variance_gate(self.frequency, self.variance, sinks.check_tau(tau, SapError))
 
     def gated_share(self, tau: float) -> float:
         """Share of the sink positions (:attr:`is_sink`) that the gate opens at ``tau``."""
@@ -122,13 +124,6 @@ class GateData:
             for i in order
         ]
         return pd.DataFrame(rows, columns=["token", "text", "gated", "sinks", "gated_share"])
-
-
-def _check_tau(tau) -> float:
-    tau = float(tau)
-    if not (math.isfinite(tau) and tau >= 0):
-        raise SapError(f"tau must be a finite number >= 0 (got {tau}); 0 gates every sink.")
-    return tau
 
 
 def calibration_gate(
@@ -176,7 +171,7 @@ def gate_data(record: SinkRecord, sink: SinkSpec, causal: bool) -> GateData:
     return GateData(sink, record.calibration, record.ids.numpy(), record.variance, record.frequency, record.layers, occ, smass)
 
 
-def trajectory_sink_variance(report: sinks.SinkReport) -> np.ndarray:
+def trajectory_sink_variance(report: SinkReport) -> np.ndarray:
     """``v_j`` of the positions that are a sink at some step of a generation's trajectory (the
     quantity :attr:`GateData.sink_variance` holds for the calibration windows)."""
     return np.asarray(report.positions.variance, np.float64)[np.asarray(report.positions.frequency) > 0]
@@ -187,24 +182,16 @@ def trajectory_sink_variance(report: sinks.SinkReport) -> np.ndarray:
 REFERENCES = ("wanda", "noised_wanda")
 
 
-def _base(method: str) -> str:
-    return method.split("(", 1)[0]
-
-
 def _row(kind: str, family: str, r, tau: float, ref=None, estimates=None) -> dict:
     """One table row from sweep row ``r``; ``ref``: the sweep row its paired difference is taken against."""
-    from sap_core.sweep import paired_se
-
     d = se = math.nan
     if ref is not None:
         d = float(r["nll"]) - float(ref["nll"])
-        a, b = estimates.get(str(r["label"])), estimates.get(str(ref["label"]))
-        if a is not None and b is not None and np.shape(a) == np.shape(b):
-            se = paired_se(a, b)
+        se = paired_se_if_known(estimates.get(str(r["label"])), estimates.get(str(ref["label"])))
     return dict(
         kind=kind,
         family=family,
-        method=_base(str(r["method"])),
+        method=str(r["method"]),
         tau=tau,
         ppl=float(r["ppl"]),
         ppl_se=float(r["ppl_se"]),
@@ -224,7 +211,7 @@ def tau_table(df: pd.DataFrame, sparsity: float, pattern: str = "unstructured") 
     ``gated_sink_wanda``, the official rule, every position down-weighted, tau NaN), then one row per tau
     (``kind="gated"``; tau = 0 is an ordinary point: every sink gated, no non-sink) with ``ppl``,
     ``ppl_se``, ``nll``, ``delta_nll`` (nats/token against the official twin; negative: better),
-    ``se_paired`` (its paired Monte Carlo error, :func:`sap_core.sweep.paired_se`; NaN without the
+    ``se_paired`` (its paired Monte Carlo error, :func:`sap_core.evaluate.paired_se`; NaN without the
     per-draw estimates or without the twin's row) and ``z``; then the ``wanda`` and ``noised_wanda``
     rows (``kind="reference"``, tau NaN, no difference)."""
     if "tau" not in df.columns:
@@ -235,8 +222,8 @@ def tau_table(df: pd.DataFrame, sparsity: float, pattern: str = "unstructured") 
     estimates = df.attrs.get("estimates") or {}
     cols = ["kind", "family", "method", "tau", "ppl", "ppl_se", "nll", "nll_se", "delta_nll", "se_paired", "z", "label"]
     out = []
-    gated = rows[rows["method"].map(_base).isin(GATED)]
-    for family, group in gated.groupby(gated["method"].map(_base), sort=True):
+    gated = rows[rows["method"].isin(GATED)]
+    for family, group in gated.groupby("method", sort=True):
         twin = rows[rows["method"] == UNGATED_TWIN[family]]
         official = twin.iloc[0] if len(twin) else None
         if official is not None:
@@ -256,8 +243,6 @@ def best_taus(table: pd.DataFrame, df: pd.DataFrame | None = None, threshold: fl
     lowest perplexity alone is no evidence: with differences inside the noise it is a coin toss; False
     without a paired error), and, given the sweep ``df`` (for the per-draw estimates), the difference
     from each reference: ``delta_<ref>`` and ``se_<ref>`` (paired)."""
-    from sap_core.sweep import paired_se
-
     threshold = float(threshold)
     if not (math.isfinite(threshold) and threshold >= 0):
         raise SapError(f"The threshold is a number of standard errors >= 0 (got {threshold}), e.g. 2.")
@@ -284,8 +269,7 @@ def best_taus(table: pd.DataFrame, df: pd.DataFrame | None = None, threshold: fl
             if ref in refs.index:
                 r = refs.loc[ref]
                 row[f"delta_{ref}"] = float(best["nll"]) - float(r["nll"])
-                a, b = estimates.get(str(best["label"])), estimates.get(str(r["label"]))
-                row[f"se_{ref}"] = paired_se(a, b) if a is not None and b is not None and np.shape(a) == np.shape(b) else math.nan
+                row[f"se_{ref}"] = paired_se_if_known(estimates.get(str(best["label"])), estimates.get(str(r["label"])))
         out.append(row)
     return pd.DataFrame(out)
 
@@ -294,9 +278,9 @@ def tau_sweep_spec(methods, sparsity: float, pattern: str, taus, sink: SinkSpec,
     """The :class:`~sap_core.sweep.SweepSpec` of a "which tau?" run: the gated ``methods`` at every tau,
     each with its ungated twin (the official rule the errors are taken against), plus ``wanda`` and
     ``noised_wanda``, at one sparsity and pattern, without the dense row."""
-    from sap_core.sweep import EvalSpec, SweepSpec
+    from sap_core.sweep import SweepSpec
 
-    taus = tuple(sorted({float(t) for t in taus}))
+    taus = tuple(sorted(set(sinks.parse_taus(taus, SapError))))
     if not taus:
         raise SapError("List at least one tau for the tau sweep, e.g. 0, 0.01, 0.05.")
     methods = tuple(methods)

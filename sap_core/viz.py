@@ -205,8 +205,8 @@ def position_stability(positions: pd.DataFrame, tau: float) -> go.Figure:
 
 def comparison_bars(frame: pd.DataFrame, labels: Sequence[str], metric: str = "dominant_var") -> go.Figure:
     """A metric per layer for two reports side by side (e.g. AR against DLM); ``frame`` is
-    :meth:`sap_core.sinks.SinkComparison.frame`."""
-    from sap_core.sinks import METRIC_TITLES
+    :meth:`sap_core.sink_report.SinkComparison.frame`."""
+    from sap_core.sink_report import METRIC_TITLES
 
     title = METRIC_TITLES.get(metric, metric)
     x = ["all" if l == -1 else str(l) for l in frame["layer"]]
@@ -388,26 +388,27 @@ PALETTE = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e
 
 def sweep_deltas(df: pd.DataFrame) -> pd.DataFrame:
     """Every pruned row of a sweep against its ``dense`` row: ``delta_nll`` (nats/token), ``se`` and
-    ``paired``: the paired standard error of the difference (:func:`sap_core.sweep.paired_se`, draw by draw
+    ``paired``: the paired standard error of the difference (:func:`sap_core.evaluate.paired_se`, draw by draw
     on the per-draw estimates in ``df.attrs["estimates"]``) when both rows have them, else the independent
     one ``sqrt(se² + se_dense²)`` (``paired`` False: a causal model, or a CSV without its estimates); ``z``;
     ``rel_ppl`` = ppl/ppl_dense − 1 = exp(delta_nll) − 1 and its ±2 SE interval ``rel_lo``, ``rel_hi``.
     Empty without a dense row."""
-    from sap_core.sweep import paired_se
+    from sap_core.evaluate import DENSE, paired_se_if_known
 
     cols = ["method", "pattern", "sparsity", "label", "delta_nll", "se", "paired", "z", "rel_ppl", "rel_lo", "rel_hi"]
-    dense = df[df["method"] == "dense"] if df is not None and len(df) else df
+    dense = df[df["method"] == DENSE] if df is not None and len(df) else df
     if dense is None or dense.empty:
         return pd.DataFrame(columns=cols)
     d0 = dense.iloc[0]
     estimates = df.attrs.get("estimates") or {}
-    e0 = estimates.get(str(d0.get("label", "dense")))
+    e0 = estimates.get(str(d0.get("label", DENSE)))
     rows = []
-    for _, r in df[df["method"] != "dense"].iterrows():
+    for _, r in df[df["method"] != DENSE].iterrows():
         e = estimates.get(str(r.get("label", "")))
         d = float(r["nll"]) - float(d0["nll"])
-        paired = e is not None and e0 is not None and np.shape(e) == np.shape(e0)
-        se = paired_se(e, e0) if paired else math.sqrt(float(r["nll_se"]) ** 2 + float(d0["nll_se"]) ** 2)
+        sp = paired_se_if_known(e, e0)
+        paired = bool(np.isfinite(sp))
+        se = sp if paired else math.sqrt(float(r["nll_se"]) ** 2 + float(d0["nll_se"]) ** 2)
         rows.append(
             dict(
                 method=r["method"],
@@ -557,6 +558,9 @@ def sweep_figure(df: pd.DataFrame, view: str = "delta") -> go.Figure:
     are spread a little sideways so that their error bars stay readable (the hover shows the row's
     ``label``, true sparsity and, in the delta view, the difference in nats/token with its SE and z).
     """
+    from sap_core.evaluate import DENSE
+    from sap_core.sweep import series
+
     if view not in SWEEP_VIEWS:
         raise ValueError(f"view must be one of {SWEEP_VIEWS} (got {view!r})")
     fig = go.Figure()
@@ -566,14 +570,15 @@ def sweep_figure(df: pd.DataFrame, view: str = "delta") -> go.Figure:
         return _clear_of_toolbar(fig)
     fallback = None
     if view == "delta":
-        if not (df["method"] == "dense").any():
+        if not (df["method"] == DENSE).any():
             fallback = "no dense row to compare with"
         elif not {"nll", "nll_se"} <= set(df.columns):
             fallback = "no nll columns"
     if fallback:
         view = "absolute"
-    dense = df[df["method"] == "dense"]
-    rest = df[df["method"] != "dense"]
+    dense = df[df["method"] == DENSE]
+    rest = df[df["method"] != DENSE]
+    rest = rest.assign(method=series(rest))  # a gated method at each tau is a line of its own
     deltas = sweep_deltas(df).set_index("label") if view == "delta" else None
     methods = list(dict.fromkeys(rest["method"]))
     patterns = list(dict.fromkeys(rest["pattern"]))

@@ -192,7 +192,7 @@ def card(name: str) -> str:
     out += [
         "## Attention sinks",
         "",
-        f"Measured with `sap_core.sinks.analyze` on the first sample above (prompt {PROMPTS[0]!r}, "
+        f"Measured with `sap_core.sink_report.analyze` on the first sample above (prompt {PROMPTS[0]!r}, "
         f"{DEFAULT_DECODE.steps if not handle.causal else DEFAULT_DECODE.gen_length} steps), raw view (the paper's, "
         "and the default of the app's Sink stability and AR vs DLM pages). Mass is shown as a multiple of the step's "
         "mean mass (1 = uniform), averaged over the steps; 'distinct dominant' counts the different argmax positions "

@@ -10,7 +10,8 @@ import pytest
 from conftest import SCREENSHOTS, generate_in_browser, needs_chromium, no_streamlit_exception
 from streamlit.testing.v1 import AppTest
 
-from sap_core.sinks import SinkSpec, analyze
+from sap_core.sink_report import analyze
+from sap_core.sinks import SinkSpec
 
 pytestmark = pytest.mark.slow  # the whole app through AppTest (pyproject.toml)
 

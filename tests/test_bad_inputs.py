@@ -353,7 +353,8 @@ def test_an_in_memory_record_with_nan_or_infinity_is_refused_by_the_analysis(tin
     from dataclasses import replace
 
     from sap_core.attention import AttentionRecorder
-    from sap_core.sinks import SinkSpec, SinkSpecError, analyze
+    from sap_core.sink_report import analyze
+    from sap_core.sinks import SinkSpec, SinkSpecError
 
     traj = generate(tiny_dlm, "ROMEO.\n", DecodeSpec(8, 8, 8), recorder=AttentionRecorder())
     assert analyze(traj).n_steps == 8  # the record as generated is fine
@@ -793,7 +794,7 @@ def test_cli_checks_output_paths_before_any_work(capsys, no_load, tmp_path, tiny
         (["prune", "--pattern", "²:4"], "N:M"),
         (["prune", "--calib-seed", str(2**70)], "seed"),
         (["sweep", "--eval-seed", str(2**70)], "seed"),
-        (["sweep", "--sparsities", "nan"], "Sparsities"),
+        (["sweep", "--sparsities", "nan"], "sparsity must be a number in [0, 1)"),
         (["analyze", "--trajectory", "/no/such.npz"], "No trajectory"),
     ],
 )

@@ -121,7 +121,8 @@ def test_a_run_too_large_for_the_view_is_shown_at_every_kth_step(tiny_dlm, page)
     from sap_core import animation
     from sap_core.attention import AttentionRecorder
     from sap_core.diffusion import DecodeSpec, generate
-    from sap_core.sinks import SinkSpec, analyze
+    from sap_core.sink_report import analyze
+    from sap_core.sinks import SinkSpec
 
     traj = generate(tiny_dlm, "ROMEO.\n", DecodeSpec(48, 48, 48, "low_confidence", 0.0, 0.0, 0), recorder=AttentionRecorder())
     report = analyze(traj, SinkSpec())

@@ -200,7 +200,7 @@ def test_generate_then_analyze(setup, runs):
     summary = json.loads(analyze.stdout)
     assert summary["spec"]["k"] == 1.5 and summary["n_steps"] == 8
     assert sum(summary["label_counts"].values()) == loaded.length
-    from sap_core.sinks import SinkReport, read_csv
+    from sap_core.sink_report import SinkReport, read_csv
 
     back = SinkReport.from_json(tmp / "report.json")
     assert back.spec.k == 1.5 and back.n_steps == 8

@@ -648,11 +648,12 @@ def test_generation_with_and_without_recorder(handle):
 @pytest.mark.parametrize("handle", ["dream", "llama"], indirect=True)
 def test_trajectories_feed_sink_analytics(handle):
     from sap_core import sinks
+    from sap_core.sink_report import analyze
 
     traj = generate(
         handle, handle.encode("To be, or not"), DecodeSpec(gen_length=8, steps=8, block_length=8), recorder=AttentionRecorder()
     )
-    report = sinks.analyze(traj, sinks.SinkSpec())
+    report = analyze(traj, sinks.SinkSpec())
     S, L = traj.n_steps, traj.length
     assert report.causal == handle.causal and report.scores.shape == (S, L) and report.layer_scores.shape == (S, 2, L)
     assert np.allclose(report.mass, traj.mass.sum(axis=(1, 2)), rtol=1e-5)  # the same mass, reduced

@@ -14,10 +14,11 @@ from sap_core import viz
 from sap_core.attention import AttentionRecorder
 from sap_core.compare import noise_verdict, perplexity_table
 from sap_core.diffusion import DecodeSpec, generate
+from sap_core.evaluate import EvalSpec, paired_se, perplexity
 from sap_core.memory import available, estimate
 from sap_core.pruning import PruneSpec, prune
-from sap_core.sinks import SinkSpec, analyze
-from sap_core.sweep import EvalSpec, paired_se, perplexity
+from sap_core.sink_report import analyze
+from sap_core.sinks import SinkSpec
 
 torch.set_num_threads(1)
 

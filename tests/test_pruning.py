@@ -541,3 +541,18 @@ def test_each_sample_is_scored_once(dlm, monkeypatch, method):
     assert len(calls) == CAL.nsamples * chunks
     assert sum(shape[0] for shape in calls) == CAL.nsamples * S  # every step scored exactly once
     assert v.calibration.sink_scores.shape == (CAL.nsamples, S, CAL.seqlen)
+
+
+def test_weights_restored_after_a_variant_and_settings_table(dlm):
+    """The pages' check after a cancel: the dense weights are back exactly when the variant is swapped out."""
+    from sap_core.pruning.variant import weights_fingerprint, weights_restored
+
+    before = weights_fingerprint(dlm)
+    variant = prune(dlm, spec("wanda"))
+    assert weights_restored(dlm, before) and not weights_restored(dlm, None)
+    with variant.applied(dlm):
+        assert not (weights_fingerprint(dlm) == before)
+    assert weights_restored(dlm, before)
+    table = variant.settings_table()
+    assert table.loc["method", "value"] == "wanda" and "variance threshold tau" not in table.index
+    assert table.loc["calibration", "value"].startswith(f"{CAL.nsamples} windows")

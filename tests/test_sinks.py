@@ -11,18 +11,15 @@ import pytest
 import torch
 
 from sap_core.errors import SapError, SinkSpecError
+from sap_core.sink_report import SinkReport, analyze, compare, read_csv
 from sap_core.sinks import (
     LABELS,
     STATES,
-    SinkReport,
     SinkSpec,
-    analyze,
-    compare,
     factor_gate,
     mass_view,
     mean_factors,
     position_stats,
-    read_csv,
     reduce_mass,
     score_steps,
     sink_flags,
@@ -314,7 +311,7 @@ def test_reduction_is_cached_and_rescoring_skips_it():
         (dict(rule="soft"), "rule must be one of"),
         (dict(normalize="softmax"), "normalize must be one of"),
         (dict(alpha=0), "alpha must be > 0"),
-        (dict(tau=-0.1), "tau must be >= 0"),
+        (dict(tau=-0.1), "tau must be finite and >= 0"),
         (dict(epsilon=-1), "epsilon must be >= 0"),
         (dict(stable_min_frequency=0), "stable_min_frequency"),
         (dict(k=float("nan")), "finite"),

@@ -18,7 +18,8 @@ from sap_core.attention import AttentionRecorder
 from sap_core.diffusion import DecodeSpec, generate
 from sap_core.errors import Cancelled, DecodeSpecError, SinkSpecError
 from sap_core.models import load_model
-from sap_core.sinks import SinkSpec, analyze
+from sap_core.sink_report import analyze
+from sap_core.sinks import SinkSpec
 from sap_core.sinkstats import (
     DIFFERENCE,
     STATISTICS,

@@ -117,6 +117,9 @@ def test_the_model_shrinks_and_the_dense_one_comes_back_bit_for_bit(dlm):
     ids = torch.randint(4, 200, (1, 16), generator=torch.Generator().manual_seed(0))
     dense_logits, dense_params = dlm.logits(ids), dlm.n_params
     v = prune(dlm, PruneSpec("sink_flap", 0.5, heads=0.5, calibration=CAL))
+    table = v.settings_table()  # the Prune page's table: channels and heads removed, not a target sparsity
+    assert table.loc["heads removed", "value"] == "0.50" and "target sparsity" not in table.index
+    assert "bias compensation" in table.index and "variance threshold tau" not in table.index
     assert_restored = lambda: all(torch.equal(before[k], t) for k, t in snapshot(dlm).items())  # noqa: E731
     assert_restored()
     copy = v.apply_to_copy(dlm)

@@ -125,20 +125,20 @@ def test_nm_pattern_runs_once_per_method_and_gated_label():
         patterns=("unstructured", "2:4"),
         sink=SinkSpec(tau=0.1),
     )
-    jobs = [(m.name, p, s) for m, p, s in spec.jobs]
+    jobs = [(m.name, spec.tau_of(m), p, s) for m, p, s in spec.jobs]
     assert jobs == [
-        ("wanda", "unstructured", 0.3),
-        ("wanda", "unstructured", 0.5),
-        ("wanda", "unstructured", 0.7),
-        ("wanda", "2:4", 0.5),
-        ("gated_sink_wanda(tau=0.1)", "unstructured", 0.3),
-        ("gated_sink_wanda(tau=0.1)", "unstructured", 0.5),
-        ("gated_sink_wanda(tau=0.1)", "unstructured", 0.7),
-        ("gated_sink_wanda(tau=0.1)", "2:4", 0.5),
+        ("wanda", pytest.approx(math.nan, nan_ok=True), "unstructured", 0.3),
+        ("wanda", pytest.approx(math.nan, nan_ok=True), "unstructured", 0.5),
+        ("wanda", pytest.approx(math.nan, nan_ok=True), "unstructured", 0.7),
+        ("wanda", pytest.approx(math.nan, nan_ok=True), "2:4", 0.5),
+        ("gated_sink_wanda", 0.1, "unstructured", 0.3),
+        ("gated_sink_wanda", 0.1, "unstructured", 0.5),
+        ("gated_sink_wanda", 0.1, "unstructured", 0.7),
+        ("gated_sink_wanda", 0.1, "2:4", 0.5),
     ]
     assert [spec.label_of(m, p, s) for m, p, s in spec.jobs][3:5] == ["wanda 2:4", "gated_sink_wanda 30%, tau=0.1"]
     own = MethodSetting("gated_sink_sparsegpt", label="gated", sink=SinkSpec(tau=0.2))
-    assert own.name == "gated"
+    assert own.name == "gated_sink_sparsegpt" and own.key == ("gated",)  # the method column is the bare method
     assert spec.label_of(own, "unstructured", 0.5) == "gated: gated_sink_sparsegpt 50%, tau=0.2"
 
 
@@ -146,7 +146,7 @@ def test_nm_pattern_runs_once_per_method_and_gated_label():
     "kwargs, match",
     [
         (dict(methods=("nope",), sparsities=(0.5,)), "Unknown pruning method"),
-        (dict(methods=("wanda",), sparsities=(1.2,)), "between 0 and 1"),
+        (dict(methods=("wanda",), sparsities=(1.2,)), r"sparsity must be in \[0, 1\)"),
         (dict(methods=("wanda",), sparsities=(0.5,), patterns=("3:2",)), "N < M"),
         (dict(methods=(), sparsities=(0.5,)), "at least one"),
         (dict(methods=("wanda",), sparsities=(0.5,), eval=EvalSpec(nsamples=0)), "nsamples"),
@@ -231,3 +231,35 @@ def test_causal_model_sweep(tiny_ar):
     df = run_sweep(tiny_ar, spec)
     assert df["method"].tolist() == ["dense", "magnitude"] and np.isfinite(df["ppl"]).all()
     assert (df["ppl_se"] > 0).all()
+
+
+def test_old_csv_with_tau_in_the_method_name_loads_bare(tmp_path):
+    """Older sweeps wrote a gated method as ``gated_sink_wanda(tau=0.05)``: it loads as the bare method
+    with tau a number, and the tau table reads it like a new sweep."""
+    from sap_core.tau import tau_table
+
+    old = tmp_path / "old.csv"
+    old.write_text(
+        "method,sparsity,pattern,ppl,ppl_se,prune_seconds,nll,nll_se,achieved_sparsity,eval_seconds,label,tau\n"
+        "sink_wanda,0.5,unstructured,20.0,0.5,1.0,3.0,0.02,0.5,1.0,sink_wanda 50%,\n"
+        'gated_sink_wanda(tau=0.05),0.5,unstructured,19.0,0.5,1.0,2.9,0.02,0.5,1.0,"gated_sink_wanda 50%, tau=0.05",\n'
+        'gated_sink_wanda(tau=0.1),0.5,unstructured,21.0,0.5,1.0,3.1,0.02,0.5,1.0,"gated_sink_wanda 50%, tau=0.1",0.1\n'
+    )
+    df = load_sweep(old)
+    assert list(df["method"]) == ["sink_wanda", "gated_sink_wanda", "gated_sink_wanda"]
+    assert df["tau"].iloc[1] == 0.05 and df["tau"].iloc[2] == 0.1 and math.isnan(df["tau"].iloc[0])
+    table = tau_table(df, 0.5)
+    assert list(table["kind"]) == ["official", "gated", "gated"] and list(table["tau"].iloc[1:]) == [0.05, 0.1]
+    no_tau_column = tmp_path / "older.csv"
+    no_tau_column.write_text("\n".join(line.rsplit(",", 1)[0] for line in old.read_text().splitlines()) + "\n")
+    assert list(load_sweep(no_tau_column)["tau"].iloc[1:]) == [0.05, 0.1]
+
+
+def test_paired_se_if_known_is_the_one_guard():
+    from sap_core.evaluate import paired_se, paired_se_if_known
+
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(3, 4)), rng.normal(size=(3, 4))
+    assert paired_se_if_known(a, b) == paired_se(a, b) > 0
+    assert math.isnan(paired_se_if_known(a, None)) and math.isnan(paired_se_if_known(None, b))
+    assert math.isnan(paired_se_if_known(a, b[:, :2]))  # other windows or draws: not paired

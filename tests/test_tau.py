@@ -210,7 +210,7 @@ def test_tau_table_and_best_tau(both_ways):
     assert official["ppl"] == o["ppl"]
     # every tau, 0 included, is compared with the official twin, draw by draw
     for row, tau in zip(gated.itertuples(), ("0", "0.001", "0.05")):
-        r = df[at & (df["method"] == f"gated_sink_wanda(tau={tau})")].iloc[0]
+        r = df[at & (df["method"] == "gated_sink_wanda") & (df["tau"] == float(tau))].iloc[0]
         assert row.delta_nll == pytest.approx(r["nll"] - o["nll"])
         se = paired_se(df.attrs["estimates"][r["label"]], df.attrs["estimates"][o["label"]])
         assert row.se_paired == pytest.approx(se) and se > 0 and row.z == pytest.approx(row.delta_nll / se)
@@ -248,23 +248,24 @@ def test_sink_taus_spec_and_errors():
     from sap_core.tau import tau_sweep_spec
 
     spec = SweepSpec(methods=("wanda", "gated_sink_wanda"), sparsities=(0.5,), sink=SinkSpec(k=3.0), sink_taus=[0, "0.05"])
-    names = [m.name for m in spec.settings]
-    assert names == ["wanda", "sink_wanda", "gated_sink_wanda(tau=0)", "gated_sink_wanda(tau=0.05)"]  # the twin: reference
+    keys = [m.key for m in spec.settings]
+    assert keys == [("wanda",), ("sink_wanda",), ("gated_sink_wanda", 0.0), ("gated_sink_wanda", 0.05)]  # the twin: reference
+    assert [m.name for m in spec.settings][2:] == ["gated_sink_wanda"] * 2  # the method column: bare, tau a number
     assert spec.settings[3].sink == SinkSpec(k=3.0, tau=0.05)
     assert [spec.tau_of(m) for m in spec.settings][2:] == [0.0, 0.05] and math.isnan(spec.tau_of(spec.settings[1]))
     listed = SweepSpec(methods=("gated_sink_sparsegpt", "sink_sparsegpt"), sparsities=(0.5,), sink_taus=(0.1,))
-    assert [m.name for m in listed.settings] == ["gated_sink_sparsegpt(tau=0.1)", "sink_sparsegpt"]  # listed once
+    assert [m.key for m in listed.settings] == [("gated_sink_sparsegpt", 0.1), ("sink_sparsegpt",)]  # listed once
     ws = tau_sweep_spec(["gated_sink_wanda"], 0.5, "unstructured", [0.05, 0], SinkSpec())
-    assert [m.name for m in ws.settings] == [
-        "wanda",
-        "noised_wanda",
-        "sink_wanda",
-        "gated_sink_wanda(tau=0)",
-        "gated_sink_wanda(tau=0.05)",
+    assert [m.key for m in ws.settings] == [
+        ("wanda",),
+        ("noised_wanda",),
+        ("sink_wanda",),
+        ("gated_sink_wanda", 0.0),
+        ("gated_sink_wanda", 0.05),
     ]
-    assert [m.name for m in tau_sweep_spec(["gated_sink_wanda"], 0.5, "2:4", [0.05], SinkSpec()).settings][2:] == [
-        "sink_wanda",
-        "gated_sink_wanda(tau=0.05)",
+    assert [m.key for m in tau_sweep_spec(["gated_sink_wanda"], 0.5, "2:4", [0.05], SinkSpec()).settings][2:] == [
+        ("sink_wanda",),
+        ("gated_sink_wanda", 0.05),
     ]  # tau = 0 is an ordinary point, not added
     with pytest.raises(SapError, match="at least one tau"):
         tau_sweep_spec(["gated_sink_wanda"], 0.5, "unstructured", [], SinkSpec())
@@ -323,7 +324,7 @@ def test_cli_sweep_takes_sink_taus(tmp_path, tiny_dlm_dir):
     r = subprocess.run(cmd, capture_output=True, text=True, env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr
     df = pd.read_csv(out)
-    assert list(df["method"]) == ["dense", "noised_wanda", "sink_wanda", "gated_sink_wanda(tau=0)", "gated_sink_wanda(tau=0.01)"]
+    assert list(df["method"]) == ["dense", "noised_wanda", "sink_wanda", "gated_sink_wanda", "gated_sink_wanda"]
     assert df["tau"].tolist()[3:] == [0.0, 0.01]
     bad = subprocess.run(cmd[:-2] + ["--sink-taus", "0,x", "--out", str(out)], capture_output=True, text=True)
     assert bad.returncode != 0 and "comma-separated numbers" in bad.stderr
@@ -374,9 +375,10 @@ def test_pick_tau_page_computes_the_gate_redraws_and_runs_a_tau_sweep():
         "wanda",
         "noised_wanda",
         "sink_wanda",
-        "gated_sink_wanda(tau=0.001)",
-        "gated_sink_wanda(tau=0.05)",
+        "gated_sink_wanda",
+        "gated_sink_wanda",
     ]
+    assert list(df["tau"])[3:] == [0.001, 0.05]
     best = [m.value for m in at.markdown if "best tau" in m.value or "no tau beats" in m.value]  # a best tau only beyond 2 SE
     assert len(best) == 1 and "paired SE" in best[0] and "against wanda" in best[0]
     b = best_taus(tau_table(df, sp, pat), df).iloc[0]

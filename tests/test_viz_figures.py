@@ -146,3 +146,24 @@ def test_factor_strip_from_a_pruning_record(tiny_dlm):
     assert "window 1" in fig.layout.title.text and f"{int(gate.sum())} gated" in fig.layout.title.subtitle.text
     with pytest.raises(ValueError, match="one entry per position"):
         viz.factor_strip(tokens[:-1], score, gate, 0.05)
+
+
+def test_sweep_figure_draws_a_gated_method_at_each_tau_as_its_own_line():
+    import pandas as pd
+
+    from sap_core.viz import sweep_figure
+
+    rows = [("dense", 0.0, "dense", float("nan"), "dense")] + [
+        (m, s, "unstructured", t, f"{m} {100 * s:g}%" + (f", tau={t:g}" if t == t else ""))
+        for m, t in (("wanda", float("nan")), ("gated_sink_wanda", 0.0), ("gated_sink_wanda", 0.05))
+        for s in (0.3, 0.5)
+    ]
+    df = pd.DataFrame(rows, columns=["method", "sparsity", "pattern", "tau", "label"])
+    df["ppl"], df["ppl_se"], df["nll"], df["nll_se"] = 10.0 + df.index, 0.5, 2.0 + 0.01 * df.index, 0.01
+    for view in ("delta", "absolute"):
+        names = [t.name for t in sweep_figure(df, view).data if t.name and "(unstructured)" in t.name]
+        assert names == [
+            "wanda (unstructured)",
+            "gated_sink_wanda, tau=0 (unstructured)",
+            "gated_sink_wanda, tau=0.05 (unstructured)",
+        ]

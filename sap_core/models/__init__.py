@@ -186,7 +186,7 @@ def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype
     return DTYPES[dtype]
 
 
-def _load_tokenizer(path: Path, family: str | None = None) -> PreTrainedTokenizerBase:
+def load_tokenizer(path: Path, family: str | None = None) -> PreTrainedTokenizerBase:
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
     try:
@@ -258,7 +258,7 @@ def load_model(
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     check_declared_size(path, config_dict, read_headers(path))  # before any allocation
-    tokenizer = _load_tokenizer(path, family)
+    tokenizer = load_tokenizer(path, family)
     causal = bool(config_dict.get("causal", False)) or family not in ("llada", "Dream")
     # The raw config.json, not the config class: LLaDAConfig defaults mask_token_id to LLaDA-8B's 126336.
     mask_id = config_dict.get("mask_token_id")

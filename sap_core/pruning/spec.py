@@ -14,7 +14,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from sap_core import ASSETS
-from sap_core.errors import PruneSpecError
+from sap_core.errors import PruneSpecError, SapError
 from sap_core.sinks import SinkSpec
 
 DEFAULT_CALIBRATION = ASSETS / "text" / "calibration.txt"
@@ -243,6 +243,17 @@ UNGATED_TWIN: dict[str, str] = {
 }
 
 SPARSEGPT_SELECTIONS = ("per_row", "official")
+PATTERNS = ("unstructured", "2:4", "4:8")  # the patterns the app offers (any N:M with N < M is valid)
+
+
+def check_sparsity(sparsity, error: type[SapError] = PruneSpecError) -> float:
+    """The one rule for a target sparsity: a number in [0, 1), the fraction of weights set to zero
+    (0 prunes nothing). Returns it as a float; anything else raises ``error`` with one line."""
+    if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or math.isnan(sparsity):
+        raise error(f"sparsity must be a number in [0, 1) (got {sparsity!r}).")
+    if not 0.0 <= float(sparsity) < 1.0:
+        raise error(f"sparsity must be in [0, 1) (got {sparsity}): it is the fraction of weights set to zero, e.g. 0.5 for half.")
+    return float(sparsity)
 
 
 def parse_pattern(pattern: str) -> tuple[int, int] | None:
@@ -433,12 +444,7 @@ class PruneSpec:
     def validate(self) -> None:
         """Raise :class:`PruneSpecError` for anything impossible, before any work."""
         row = self.row  # an unknown method fails first
-        if isinstance(self.sparsity, bool) or not isinstance(self.sparsity, (int, float)) or math.isnan(self.sparsity):
-            raise PruneSpecError(f"sparsity must be a number in [0, 1) (got {self.sparsity!r}).")
-        if not 0.0 <= float(self.sparsity) < 1.0:
-            raise PruneSpecError(
-                f"sparsity must be in [0, 1) (got {self.sparsity}): it is the fraction of weights set to zero, e.g. 0.5 for half."
-            )
+        check_sparsity(self.sparsity)
         parse_pattern(self.pattern)
         self._validate_structure(row)
         if not isinstance(self.blocksize, int) or self.blocksize < 1:

@@ -28,7 +28,7 @@ from sap_core.files import atomic_directory, check_output_dir, write_error
 from sap_core.memory import human
 from sap_core.models import ModelHandle, placement
 from sap_core.pruning.calibration import CalibrationRecord
-from sap_core.pruning.spec import PruneSpec
+from sap_core.pruning.spec import STRUCTURED, PruneSpec
 
 # --- which weights ------------------------------------------------------------------------------
 
@@ -123,6 +123,20 @@ def same_weights(a: dict, b: dict) -> bool:
         if abs(sa - sb) > FINGERPRINT_RTOL * scale or abs(aa - ab) > FINGERPRINT_RTOL * scale:
             return False
     return True
+
+
+def weights_fingerprint(handle: ModelHandle) -> dict:
+    """:func:`fingerprint` of a shared model's weights, taken under its lock (so never of another session's
+    variant swapped in): what :func:`weights_restored` compares with after a cancelled job."""
+    with handle.lock:
+        return fingerprint(handle.module)
+
+
+def weights_restored(handle: ModelHandle, before: dict | None) -> bool:
+    """Whether the shared model's weights are exactly those of ``before`` (a :func:`weights_fingerprint`
+    taken before a job): the check after a cancel that the dense model is back. Exact, not up to dtype
+    rounding: restoring puts the very same tensors back. False without a ``before``."""
+    return before is not None and weights_fingerprint(handle) == before
 
 
 def is_variant_dir(path: Path) -> bool:
@@ -240,6 +254,38 @@ class PrunedVariant:
     def token_weights(self) -> np.ndarray | None:
         """Per-token factors the run multiplied layer inputs by (see :class:`CalibrationRecord`)."""
         return None if self.calibration is None else self.calibration.token_weights
+
+    def settings_table(self) -> pd.DataFrame:
+        """The settings this variant's method actually uses, labelled for people (one ``value`` column):
+        channels and heads removed for a structured method, no calibration for magnitude, the noising and sink rule only for the noised methods, tau only for
+        the gated ones, SparseGPT's block size and dampening only for the SparseGPT family."""
+        spec, cal, sink = self.spec, self.spec.calibration, self.spec.sink
+        rows = {"method": spec.method, "pattern": spec.pattern}
+        if spec.method in STRUCTURED:
+            rows["MLP channels removed"] = f"{spec.sparsity:.2f}"
+            rows["heads removed"] = f"{spec.heads:.2f}"
+            if spec.row.statistic == "fluctuation":
+                rows["bias compensation"] = "yes" if spec.bias_compensation else "no"
+            rows["removed parameters (pruned layers)"] = f"{self.achieved_sparsity:.3f}"
+        else:
+            if spec.nm is None:
+                rows["target sparsity"] = f"{spec.sparsity:.2f}"
+            rows["achieved sparsity (pruned layers)"] = f"{self.achieved_sparsity:.3f}"
+        if spec.needs_calibration:
+            rows["calibration"] = f"{cal.nsamples} windows × {cal.seqlen} tokens, seed {cal.seed}"
+        if spec.row.needs_noise:
+            rows["noised timesteps"] = f"t = {cal.interval}, {2 * cal.interval}, …, {cal.T} of T = {cal.T} (mask probability t/T)"
+            rows["sink rule"] = (
+                f"official: k = {sink.k:g}, alpha = {sink.alpha:g}"
+                if sink.rule == "official"
+                else f"leave_one_out: ε = {sink.epsilon:g}"
+            )
+        if spec.row.gated:
+            rows["variance threshold tau"] = f"{sink.tau:g}"
+        if spec.row.statistic == "hessian":
+            rows["SparseGPT block size / dampening"] = f"{spec.blocksize} columns / {spec.percdamp:g}"
+        rows["time"] = f"{self.seconds:.1f} s"
+        return pd.DataFrame({"value": list(rows.values())}, index=list(rows))
 
     def summary(self) -> dict:
         spec = self.spec
