@@ -214,7 +214,7 @@ class CancelButton:
 
     def _click(self) -> None:
         st.session_state[f"{self.key}_cancelled"] = True
-        st.session_state.pop(_RUNNING, None)  # cancelled, not interrupted: the page says so itself
+        _runs().pop(st.session_state.get(_PAGE), None)  # cancelled, not interrupted: the page says so itself
 
     def running(self, help: str) -> None:
         self._ran = True
@@ -228,16 +228,22 @@ class CancelButton:
         self.slot.button("Cancel", key=key, disabled=True, icon=":material/stop_circle:", help="Nothing is running.")
 
 
-_PAGE, _RUNNING = "_sinkscope_page", "_sinkscope_running"  # session-state keys: the page shown, the job running
+_PAGE, _RUNNING = "_sinkscope_page", "_sinkscope_running"  # session-state keys: the page shown, the jobs running
+
+
+def _runs() -> dict[str, dict]:
+    """The job running on each page, by page: a page's own job never overwrites another page's marker
+    (Compare's cost estimate runs as a job on every visit, after a prune left on the Prune page)."""
+    return st.session_state.setdefault(_RUNNING, {})
 
 
 def note_page(page: str) -> None:
     """Record the page this run shows (app.py calls this before each page). A job still marked as running
     on another page was stopped by this switch: mark it as left, for :func:`interrupted_notice`."""
     st.session_state[_PAGE] = page
-    run = st.session_state.get(_RUNNING)
-    if run is not None and run["page"] != page:
-        run["left"] = True
+    for shown, run in _runs().items():
+        if shown != page:
+            run["left"] = True
 
 
 def interrupted_notice() -> None:
@@ -247,10 +253,9 @@ def interrupted_notice() -> None:
     mid-way leaves :func:`job`'s marker behind; back on the job's page, the notice says what happened and
     the marker goes. The form values survive the switch (:func:`kept`), so "run it again" is one click.
     """
-    run = st.session_state.get(_RUNNING)
-    if run is None or run["page"] != st.session_state.get(_PAGE):
+    run = _runs().pop(st.session_state.get(_PAGE), None)
+    if run is None:
         return
-    del st.session_state[_RUNNING]
     how = "by leaving the page" if run["left"] else "by a change made while it ran"
     st.warning(
         f"{run['label']} was interrupted {how}, so nothing from it was kept; your settings are kept below: run it again.",
@@ -265,7 +270,8 @@ def job(label: str) -> Iterator[None]:
     marker for :func:`interrupted_notice`."""
     from streamlit.runtime.scriptrunner_utils.exceptions import ScriptControlException
 
-    st.session_state[_RUNNING] = {"page": st.session_state.get(_PAGE), "label": label, "left": False}
+    page = st.session_state.get(_PAGE)
+    _runs()[page] = {"label": label, "left": False}
     stopped = False
     try:
         yield
@@ -285,7 +291,7 @@ def job(label: str) -> Iterator[None]:
         st.error(f"{label} failed: {exc}")
     finally:
         if not stopped:
-            st.session_state.pop(_RUNNING, None)
+            _runs().pop(page, None)
 
 
 def current_trajectory(handle: ModelHandle, key: str = "trajectory"):

@@ -184,6 +184,7 @@ def test_inputs_are_bounded_by_the_model(app_url, page):
     expect(page.get_by_text("Made magnitude 5%", exact=False)).to_be_visible()  # the least a variant prunes
 
     nav(page, "Compare")
+    idle(page)  # the page's cost estimate reruns it: hover once it has settled
     length = page.get_by_role("spinbutton", name="Generation length")
     expect(length).to_have_attribute("max", "511")
     expect(page.get_by_role("spinbutton", name="Steps", exact=True)).to_have_attribute("max", "511")
