@@ -746,9 +746,9 @@ def error_line(err: str) -> str:
 @pytest.fixture
 def no_load(monkeypatch):
     """Fail the test if a command loads the model: output checks must come first."""
-    import sap_core.cli as cli
+    from sap_core.cli import common
 
-    monkeypatch.setattr(cli, "_load", lambda args: pytest.fail("the model was loaded before the output check"))
+    monkeypatch.setattr(common, "load", lambda args: pytest.fail("the model was loaded before the output check"))
 
 
 @pytest.mark.parametrize(

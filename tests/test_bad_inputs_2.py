@@ -566,9 +566,9 @@ def test_legal_250_byte_names_are_written(capsys, tiny_dlm_dir, tmp_path):
     ],
 )
 def test_names_too_long_are_refused_before_the_work(capsys, tiny_dlm_dir, tmp_path, monkeypatch, argv):
-    import sap_core.cli as cli
+    from sap_core.cli import common
 
-    monkeypatch.setattr(cli, "_load", lambda args: pytest.fail("the model was loaded before the output check"))
+    monkeypatch.setattr(common, "load", lambda args: pytest.fail("the model was loaded before the output check"))
     fill = dict(long=tmp_path / ("x" * 256), csv=tmp_path / ("s" * 245 + ".csv"))
     code, err = run_cli(capsys, *[a.format(**fill) for a in argv], "--model", str(tiny_dlm_dir))
     assert code == 2 and "this filesystem allows 255" in error_line(err) and list(tmp_path.iterdir()) == []

@@ -1,0 +1,108 @@
+"""``sinkscope evaluate``: perplexity of a model, or lm-eval accuracy with ``--tasks``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from sap_core.cli import common
+
+
+def _add_bench(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("benchmark accuracy (lm-evaluation-harness; with --tasks)")
+    g.add_argument(
+        "--tasks",
+        type=common.names,
+        default=None,
+        help="comma-separated lm-eval tasks (the built-in one: sinkscope_nextline); scores accuracy instead of perplexity",
+    )
+    g.add_argument("--variant", nargs="+", default=(), metavar="DIR", help="saved variants (prune --save) of --model to compare")
+    g.add_argument("--limit", type=common.positive, default=None, help="documents per task (default: all)")
+    g.add_argument("--mc-num", type=common.positive, default=32, help="Monte Carlo rows per request, DLM only (default 32)")
+    g.add_argument(
+        "--mc-batch",
+        type=common.positive,
+        default=None,
+        help="rows per stratified group; mc-num must be a multiple (default mc-num)",
+    )
+    g.add_argument("--cfg", type=float, default=0.0, help="unsupervised classifier-free guidance scale, DLM only (default 0)")
+    g.add_argument("--include-path", default=None, metavar="DIR", help="a folder of extra lm-eval task YAML files")
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser(
+        "evaluate",
+        help="perplexity of a model, or benchmark accuracy with --tasks",
+        description="Masked-diffusion Monte Carlo perplexity of a DLM (next-token perplexity of a causal model), "
+        "with standard errors. Writes JSON. With --tasks: lm-eval accuracy of --model and every --variant on the "
+        "same documents and Monte Carlo masks; --out X.json gets lm-eval's results and the table, X.csv the table "
+        "(task, model, acc ± SE, delta vs dense ± paired SE).",
+    )
+    common.add_model(p)
+    common.add_eval(p)
+    _add_bench(p)
+    p.add_argument("--out", default=None, metavar="JSON", help="write the JSON here (default: stdout)")
+    p.set_defaults(func=cmd_evaluate)
+
+
+def cmd_accuracy(args) -> int:
+    from sap_core.accuracy import accuracy_table, format_table, save_accuracy
+    from sap_core.benchmark import BenchSpec, load_variant
+    from sap_core.tasks import load_tasks, manager_for
+
+    spec = BenchSpec(mc_num=args.mc_num, batch_size=args.mc_batch or args.mc_num, cfg=args.cfg, seed=args.eval_seed)
+    common.check_outputs(args)
+    load_tasks(args.tasks, manager_for(args.tasks, args.include_path))  # before the model loads
+    handle = common.load(args)
+    variants = {}
+    for d in args.variant:
+        v = load_variant(handle, d)
+        variants[v.label if v.label not in variants else f"{v.label} ({d})"] = v
+    with common.Bar("accuracy", not args.quiet) as bar:
+        result = accuracy_table(
+            handle, variants, args.tasks, spec, limit=args.limit, include_path=args.include_path, progress=bar
+        )
+    if args.out:
+        out, csv = save_accuracy(result, args.out)
+        print(f"wrote {out} and {csv}", file=sys.stderr)
+    else:
+        print(result.to_json())
+    if not args.quiet:
+        print(format_table(result.table).to_string(index=False), file=sys.stderr)
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from sap_core.sweep import perplexity
+
+    if args.tasks:
+        return cmd_accuracy(args)
+
+    spec = common.eval_spec(args)
+    spec.validate()
+    common.check_outputs(args)
+    handle = common.load(args)
+    from sap_core.evaluate import check_length
+
+    check_length(handle, spec.seqlen, "--seqlen")
+    with common.Bar("perplexity", not args.quiet) as bar:
+        row = perplexity(handle, spec, progress=bar)
+    common.write_json(
+        {
+            "model": args.model,
+            "kind": "causal" if handle.causal else "masked-diffusion",
+            "ppl": row.ppl,
+            "ppl_se": row.ppl_se,
+            "nll": row.nll,
+            "nll_se": row.nll_se,
+            "seconds": row.seconds,
+            "seqlen": spec.seqlen,
+            "nsamples": spec.nsamples,
+            "draws": None if handle.causal else spec.draws,
+            "seed": None if handle.causal else spec.seed,
+            "prefix": spec.prefix,
+            "text": args.text or "built-in",
+        },
+        args.out,
+    )
+    return 0
