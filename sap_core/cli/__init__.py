@@ -1,4 +1,4 @@
-"""The SinkScope command line: ``python -m sap_core generate|analyze|prune|evaluate|sweep``.
+"""The SinkScope command line: ``python -m sap_core`` (or ``sinkscope``) ``generate|analyze|prune|evaluate|sweep|animate|sinkstats``.
 
 Every subcommand loads ``--model`` (a built-in name or a model directory, including one written by
 ``prune --save``), shows tqdm progress bars on stderr for long work, and writes JSON (or CSV for
