@@ -75,6 +75,10 @@ with st.form("compare"):
     )
     seed = c[3].number_input("Seed", 0, 2**31 - 1, 0, **kept("cmp_seed"))
     go = st.form_submit_button("Compare", type="primary")
+    st.caption(
+        f"Generation length and steps are at most {longest}: the prompt and the generated tokens share the model's "
+        f"context of {longest + 1} tokens; a larger typed value is refused in its box."
+    )
 compare_failed = False
 if go:
     bar = st.progress(0.0, text="Decoding…")
