@@ -17,6 +17,8 @@ CONFIRM_SECONDS = 180  # runs estimated longer than this ask for confirmation fi
 
 
 def _minutes(seconds: float) -> str:
+    if seconds < 1:
+        return "under a second"
     return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.1f} min"
 
 
