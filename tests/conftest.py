@@ -62,6 +62,27 @@ def make_model_dir(path: Path, *, causal: bool = False, seed: int = 0, **overrid
     return path
 
 
+def _one_torch_thread():
+    """Torch on one thread, as a sweep's Ray worker runs it (a serial reference then reduces in the same order);
+    on tiny tensors more threads only add synchronisation and spin against other jobs on a shared machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.fixture
+def one_thread():
+    yield from _one_torch_thread()
+
+
+@pytest.fixture(scope="module")
+def one_thread_module():
+    yield from _one_torch_thread()
+
+
 @pytest.fixture(scope="session")
 def tiny_dlm_dir(tmp_path_factory) -> Path:
     return make_model_dir(tmp_path_factory.mktemp("tiny-dlm"))

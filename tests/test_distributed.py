@@ -9,13 +9,13 @@ import os
 import shutil
 import signal
 import time
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 
-from sap_core.distributed import LOCAL_CONFIG, ClusterError, RayExecutor, local_runtime_env
+from sap_core.distributed import LOCAL_CONFIG, ClusterError, RayExecutor, workers_import_this_checkout
 from sap_core.errors import Cancelled
 from sap_core.models import load_model
 from sap_core.pruning.spec import CalibrationSpec
@@ -30,24 +30,10 @@ TIMINGS = ["prune_seconds", "eval_seconds"]
 
 @pytest.fixture(scope="module")
 def cluster():
-    ray.init(
-        num_cpus=2,
-        include_dashboard=False,
-        log_to_driver=False,
-        configure_logging=False,
-        runtime_env=local_runtime_env(),
-        _system_config=LOCAL_CONFIG,
-    )
+    with workers_import_this_checkout():
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False, _system_config=LOCAL_CONFIG)
     yield
     ray.shutdown()
-
-
-@pytest.fixture
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # the workers' setting: the serial reference must reduce in the same order
-    yield
-    torch.set_num_threads(before)
 
 
 def grid(**changes) -> SweepSpec:
@@ -285,3 +271,23 @@ def test_compare_page_sweep_runs_on_the_cluster_named_by_the_environment(cluster
     sweep = at.dataframe[-1].value
     assert list(sweep["label"]) == ["dense", "magnitude 50%"] and sweep["ppl"].notna().all()
     assert ray.is_initialized()  # the app stays connected
+
+
+def test_a_local_ray_runs_this_checkouts_sap_core(cluster, monkeypatch):
+    import sap_core
+
+    monkeypatch.setenv("PYTHONPATH", "/elsewhere")
+    with workers_import_this_checkout():
+        first, *rest = os.environ["PYTHONPATH"].split(os.pathsep)
+        assert first == str(Path(sap_core.__file__).resolve().parent.parent) and rest == ["/elsewhere"]
+    assert os.environ["PYTHONPATH"] == "/elsewhere"  # only while Ray starts
+    with workers_import_this_checkout(local=False):
+        assert os.environ["PYTHONPATH"] == "/elsewhere"  # joining a cluster changes nothing here
+
+    @ray.remote(num_cpus=0)
+    def where() -> str:
+        import sap_core as worker_copy
+
+        return worker_copy.__file__
+
+    assert ray.get(where.remote()) == sap_core.__file__  # the module's Ray started under the context

@@ -53,13 +53,7 @@ def assert_same_weights(v1, v2):
         assert torch.equal(v1.weights[k], v2.weights[k]), k
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny tensors: threads only add synchronisation (and spin against other jobs on a shared box)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread_module")  # conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -20,12 +20,7 @@ from sap_core.pruning.calibration import calibration_ids, tokenize
 CAL = CalibrationSpec(text=" ".join(TEXT * 20), nsamples=2, seqlen=24, T=50, interval=10, batch_size=3)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread_module")  # conftest.py
 
 
 @pytest.fixture(scope="module")
