@@ -207,6 +207,22 @@ def test_cli_evaluate_tasks_and_lm_eval_entry_point(ar, tmp_path, capsys):
     assert BUILTIN_TASK in capsys.readouterr().out
 
 
+def test_cli_evaluate_refuses_the_other_modes_options(capsys, monkeypatch):
+    import sap_core.cli.common as common
+    from sap_core.cli import main
+
+    monkeypatch.setattr(common, "load", lambda args: pytest.fail("the model loaded despite a useless option"))
+    assert main(["evaluate", "--tasks", BUILTIN_TASK, "--nsamples", "4", "--draws", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "--nsamples, --draws are perplexity options, which --tasks (accuracy) does not use: drop them" in err
+    assert main(["evaluate", "--tasks", BUILTIN_TASK, "--seqlen", "64"]) == 2
+    assert "--seqlen is a perplexity option" in capsys.readouterr().err
+    assert main(["evaluate", "--mc-num", "4", "--limit", "3"]) == 2
+    assert "--limit, --mc-num are for benchmark accuracy and only used with --tasks: add --tasks" in capsys.readouterr().err
+    assert main(["evaluate", "--tasks", BUILTIN_TASK, "--eval-seed", "3", "--text", ""]) == 2  # '' is not the default None
+    assert "--text is a perplexity option" in capsys.readouterr().err
+
+
 def test_sweep_metric_acc(ar, tmp_path):
     from sap_core.sweep import EvalSpec, SweepSpec, SweepSpecError, load_sweep, run_sweep, save_sweep
 

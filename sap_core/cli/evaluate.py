@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 
 from sap_core.cli import common
@@ -42,7 +43,31 @@ def add_parser(sub) -> None:
     common.add_eval(p)
     _add_bench(p)
     p.add_argument("--out", default=None, metavar="JSON", help="write the JSON here (default: stdout)")
-    p.set_defaults(func=cmd_evaluate)
+    defaults = {dest: p.get_default(dest) for dest in PERPLEXITY_ONLY + ACCURACY_ONLY}
+    p.set_defaults(func=functools.partial(cmd_evaluate, defaults=defaults))
+
+
+PERPLEXITY_ONLY = ("text", "seqlen", "nsamples", "draws", "prefix")
+ACCURACY_ONLY = ("variant", "limit", "mc_num", "mc_batch", "cfg", "include_path")
+
+
+def check_options(args, defaults: dict) -> None:
+    """Refuse options of the other mode (perplexity's with --tasks, accuracy's without): they would do nothing."""
+    unused = PERPLEXITY_ONLY if args.tasks else ACCURACY_ONLY
+    given = ["--" + d.replace("_", "-") for d in unused if getattr(args, d) != defaults[d]]
+    if not given:
+        return
+    names, one = ", ".join(given), len(given) == 1
+    if args.tasks:
+        raise common.UsageError(
+            f"{names} {'is a perplexity option' if one else 'are perplexity options'}, which --tasks (accuracy) does not "
+            f"use: drop {'it' if one else 'them'} (accuracy takes --limit, --mc-num, --mc-batch, --cfg, --eval-seed), "
+            "or drop --tasks for perplexity."
+        )
+    raise common.UsageError(
+        f"{names} {'is' if one else 'are'} for benchmark accuracy and only used with --tasks: add --tasks, or drop "
+        f"{'it' if one else 'them'}."
+    )
 
 
 def cmd_accuracy(args) -> int:
@@ -72,9 +97,10 @@ def cmd_accuracy(args) -> int:
     return 0
 
 
-def cmd_evaluate(args) -> int:
+def cmd_evaluate(args, defaults: dict) -> int:
     from sap_core.sweep import perplexity
 
+    check_options(args, defaults)
     if args.tasks:
         return cmd_accuracy(args)
 
