@@ -46,6 +46,7 @@ errors as independent, is the conservative fallback.
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -302,6 +303,21 @@ def run_job(
     return row, ev.estimates
 
 
+def sweep_settings(model: str, spec: SweepSpec) -> dict[str, str]:
+    """What a resumed sweep must share with the rows it keeps, besides their labels: the model (a directory as its
+    absolute path) and each sweep-wide setting that changes a row's numbers, as its repr. Saved with the rows'
+    per-draw estimates (:func:`save_sweep`); :func:`run_sweep` refuses ``done`` rows saved under other settings.
+    (A :class:`MethodSetting`'s own options are not compared: its label names them.)"""
+    path = Path(model).expanduser()
+    return {
+        "model": str(path.resolve()) if path.exists() else str(model),
+        "calibration": repr(spec.calibration),
+        "evaluation": repr(spec.eval),
+        "sink": repr(spec.sink),
+        "heads": repr(spec.heads),
+    }
+
+
 def run_sweep(
     handle: ModelHandle,
     spec: SweepSpec,
@@ -324,8 +340,9 @@ def run_sweep(
     ``executor``: None or ``"serial"`` runs the jobs here, one after the other (the reference);
     ``"ray"`` or a :class:`sap_core.distributed.RayExecutor` spreads them over Ray workers (same rows).
     ``done``: rows of an interrupted run of the same sweep (:func:`load_sweep` of its partial CSV):
-    their jobs are skipped and their rows (and per-draw estimates) kept. Rows come back in job order
-    whatever order they finish in.
+    their jobs are skipped and their rows (and per-draw estimates) kept, unless they were saved under other
+    :func:`sweep_settings` (a :class:`SweepSpecError`). Rows come back in job order whatever order they finish
+    in; ``df.attrs["settings"]`` holds this sweep's settings.
     """
     spec.validate()
     check_length(handle, spec.eval.seqlen, "The evaluation seqlen", SweepSpecError)
@@ -334,7 +351,9 @@ def run_sweep(
     jobs = sweep_jobs(spec)
     results: dict[str, dict] = {}
     estimates: dict[str, np.ndarray] = {}
+    settings = sweep_settings(handle.source, spec)
     if done is not None:
+        _check_settings(done.attrs.get("settings"), settings)
         _adopt_done(done, jobs, results, estimates)
     todo = [j for j in jobs if j.label not in results]
 
@@ -359,7 +378,21 @@ def run_sweep(
         executor.run(handle, spec, todo, progress, finished)
     df = _frame([results[j.label] for j in jobs if j.label in results])
     df.attrs["estimates"] = {j.label: estimates[j.label] for j in jobs if j.label in estimates}
+    df.attrs["settings"] = settings
     return df
+
+
+def _check_settings(saved: dict | None, settings: dict) -> None:
+    """Refuse rows to resume that were computed under other settings (None: saved without any; nothing to compare)."""
+    if saved is None:
+        return
+    changed = [k for k in settings if saved.get(k) != settings[k]]
+    if changed:
+        k = changed[0]
+        raise SweepSpecError(
+            f"The rows to resume were computed with another {', '.join(changed)} ({k}: {saved.get(k)} then, "
+            f"{settings[k]} now). Resume with the same settings, or start afresh (another --out, or delete the partial CSV)."
+        )
 
 
 def _adopt_done(done: pd.DataFrame, jobs: list[SweepJob], results: dict, estimates: dict) -> None:
@@ -452,8 +485,8 @@ def save_sweep(df: pd.DataFrame, path: str | Path) -> Path:
     """Write the sweep as CSV, atomically (a temporary sibling renamed into place); :func:`load_sweep`
     reads it back with the same columns and dtypes. The per-draw estimates (``df.attrs["estimates"]``),
     when present, go to ``<name>.estimates.npz`` beside it (:func:`estimates_path`) with the sha256 of the
-    CSV's bytes, written after the CSV: a crash between the two leaves a pair that :func:`load_sweep`
-    recognises as mismatched. A sweep without estimates removes an older run's estimates file. A link is
+    CSV's bytes and the sweep's settings (``df.attrs["settings"]``, :func:`sweep_settings`), written after the
+    CSV: a crash between the two leaves a pair that :func:`load_sweep` recognises as mismatched. A sweep without estimates removes an older run's estimates file. A link is
     followed (its target replaced); a device or FIFO (``/dev/stdout``) gets the CSV only."""
     text = df.to_csv(index=False)
     if is_special(path):
@@ -469,6 +502,7 @@ def save_sweep(df: pd.DataFrame, path: str | Path) -> Path:
                 **{f"row{i}": np.asarray(v) for i, v in enumerate(estimates.values())},
                 labels=np.array(list(estimates), dtype=str),
                 csv_sha256=np.array(_sha256(text.encode("utf-8"))),
+                settings=np.array(json.dumps(df.attrs.get("settings") or {}, sort_keys=True)),
             ),
             suffix=".npz",
         )
@@ -493,7 +527,8 @@ class SweepWriter:
     ``resume=True`` starts from the rows already in the partial file (those that hold an error are
     dropped, to be run again); :attr:`done` holds them for ``run_sweep(..., done=writer.done)``."""
 
-    def __init__(self, out: str | Path, resume: bool = False):
+    def __init__(self, out: str | Path, resume: bool = False, settings: dict | None = None):
+        self.settings = settings  # :func:`sweep_settings`, saved with the rows (a later --resume compares them)
         self.out = check_output_file(out, "Sweep CSV")  # a link's target
         self.partial = check_output_file(partial_path(self.out), "Partial sweep CSV")
         for side in (self.out, self.partial):  # the estimates beside each: every name checked before the work
@@ -504,12 +539,15 @@ class SweepWriter:
         self.done: pd.DataFrame | None = None
         if resume and self.partial.exists():
             done = load_sweep(self.partial)
+            saved = done.attrs.get("settings")
             if "error" in done.columns:
                 keep = done["error"].fillna("").astype(str) == ""
                 done = done[keep].drop(columns=["error"]).reset_index(drop=True)
                 done.attrs["estimates"] = {
                     k: v for k, v in (done.attrs.get("estimates") or {}).items() if k in set(done["label"])
                 }
+            if saved is not None:
+                done.attrs["settings"] = saved  # for run_sweep to compare with the resumed sweep's
             self.done = done
             self.rows = [{c: r.get(c) for c in COLUMNS + ACC_COLUMNS if c in r or c in COLUMNS} for r in done.to_dict("records")]
             self.estimates = dict(done.attrs.get("estimates") or {})
@@ -520,6 +558,8 @@ class SweepWriter:
             kept[row["label"]] = estimates
         df = _frame(rows)
         df.attrs["estimates"] = {r["label"]: kept[r["label"]] for r in rows if r["label"] in kept}
+        if self.settings is not None:
+            df.attrs["settings"] = self.settings
         with signals_held():  # a row counts once it is on disk: Ctrl-C cannot land between the write and the count
             save_sweep(df, self.partial)
             self.rows, self.estimates = rows, kept
@@ -547,9 +587,11 @@ def load_sweep(path: str | Path) -> pd.DataFrame:
     path = output_target(path)
     raw = _read_sweep_bytes(path)
     df = _parse_sweep_csv(path, raw)
-    estimates = _read_estimates(path, raw)
+    estimates, settings = _read_estimates(path, raw)
     if estimates is not None:
         df.attrs["estimates"] = estimates
+    if settings:
+        df.attrs["settings"] = settings
     return df
 
 
@@ -629,17 +671,19 @@ def series(df: pd.DataFrame) -> pd.Series:
     )
 
 
-def _read_estimates(path: Path, raw: bytes) -> dict[str, np.ndarray] | None:
-    """The per-draw estimates beside the CSV, by label; None when there are none or they belong to another run."""
+def _read_estimates(path: Path, raw: bytes) -> tuple[dict[str, np.ndarray] | None, dict | None]:
+    """The per-draw estimates beside the CSV, by label, and the sweep's settings; (None, None) when there are
+    none or they belong to another run (settings None also for files written before they were saved)."""
     import warnings
 
     side = _estimates_path(path)
     if not side.exists():
-        return None
+        return None, None
     try:
         with np.load(side, allow_pickle=False) as data:
             recorded = str(data["csv_sha256"]) if "csv_sha256" in data.files else None
             estimates = {str(label): np.asarray(data[f"row{i}"], float) for i, label in enumerate(data["labels"])}
+            settings = json.loads(str(data["settings"])) if "settings" in data.files else None
     except Exception as exc:  # zipfile / numpy raise many kinds for a damaged file
         raise SweepSpecError(
             f"'{side}' (the sweep's per-draw estimates) is damaged ({type(exc).__name__}); delete it to read "
@@ -651,8 +695,8 @@ def _read_estimates(path: Path, raw: bytes) -> dict[str, np.ndarray] | None:
             "its per-draw estimates are left out, so paired errors fall back to independent ones.",
             stacklevel=3,
         )
-        return None
-    return estimates
+        return None, None
+    return estimates, settings
 
 
 # Sink-aware methods and the baselines they are meant to beat (method, baseline).

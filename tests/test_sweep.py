@@ -263,3 +263,38 @@ def test_paired_se_if_known_is_the_one_guard():
     assert paired_se_if_known(a, b) == paired_se(a, b) > 0
     assert math.isnan(paired_se_if_known(a, None)) and math.isnan(paired_se_if_known(None, b))
     assert math.isnan(paired_se_if_known(a, b[:, :2]))  # other windows or draws: not paired
+
+
+def test_resume_refuses_rows_computed_with_other_settings(tiny_dlm_dir, tmp_path, capsys, monkeypatch):
+    from sap_core import sweep as sw
+    from sap_core.cli import main
+    from sap_core.sweep import partial_path
+
+    out = tmp_path / "s.csv"
+    argv = ["sweep", "--model", str(tiny_dlm_dir), "--device", "cpu", "--methods", "magnitude", "--sparsities", "0.3,0.5"]
+    argv += ["--seqlen", "32", "--nsamples", "2", "--draws", "2", "--out", str(out), "--quiet"]
+    real, calls = sw.run_job, []
+
+    def interrupted(*args, **kwargs):  # the dense row is saved, then Ctrl-C
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(sw, "run_job", interrupted)
+    assert main(argv) == 130
+    monkeypatch.setattr(sw, "run_job", real)
+    kept = load_sweep(partial_path(out))
+    assert list(kept["label"]) == ["dense"] and kept.attrs["settings"]["model"] == str(tiny_dlm_dir.resolve())
+
+    changed = [a if a != "2" or argv[i - 1] != "--nsamples" else "3" for i, a in enumerate(argv)]  # --nsamples 3
+    assert main(changed + ["--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "computed with another evaluation (evaluation: EvalSpec(" in err and "start afresh" in err
+    assert load_sweep(partial_path(out)).equals(kept) and not out.exists()  # nothing lost, nothing mixed
+
+    assert main(argv + ["--resume"]) == 0  # the same command goes on from the saved row
+    assert "resuming: 1 finished row(s)" in capsys.readouterr().err
+    done = load_sweep(out)
+    assert list(done["label"]) == ["dense", "magnitude 30%", "magnitude 50%"] and done.attrs["settings"] == kept.attrs["settings"]
+    pd.testing.assert_frame_equal(done.iloc[:1], kept, check_exact=True)

@@ -105,7 +105,7 @@ def add_parser(sub) -> None:
 
 
 def cmd_sweep(args) -> int:
-    from sap_core.sweep import SweepSpec, SweepWriter, estimates_path, run_sweep
+    from sap_core.sweep import SweepSpec, SweepWriter, estimates_path, run_sweep, sweep_settings
 
     spec = SweepSpec(
         methods=tuple(args.methods),
@@ -131,7 +131,7 @@ def cmd_sweep(args) -> int:
         _check_plot_path(args.plot)
     common.check_outputs(args)
     # Finished rows go to <out>.partial.csv as they arrive; --out is replaced only on success.
-    writer = SweepWriter(args.out, resume=args.resume)
+    writer = SweepWriter(args.out, resume=args.resume, settings=sweep_settings(args.model, spec))
     if args.resume and writer.done is not None:
         print(f"resuming: {len(writer.rows)} finished row(s) from {writer.partial}", file=sys.stderr)
     handle = common.load(args)
