@@ -97,25 +97,21 @@ def probe_model(source: str) -> str | None:
     return None
 
 
-def checkout_path() -> str:
-    """``PYTHONPATH`` with the checkout whose ``sap_core`` this process runs first (a checkout may not be the installed copy)."""
-    import sap_core
-
-    here = str(Path(sap_core.__file__).resolve().parent.parent)
-    return os.pathsep.join(p for p in (here, os.environ.get("PYTHONPATH", "")) if p)
-
-
 @contextlib.contextmanager
 def workers_import_this_checkout(local: bool = True):
-    """While a local Ray starts (``local``): ``PYTHONPATH`` is :func:`checkout_path`, so Ray's processes started
-    now, and the workers they start, import this process's ``sap_core``. Inherited rather than given as a
+    """While a local Ray starts (``local``): the checkout whose ``sap_core`` this process runs is first on
+    ``PYTHONPATH`` (a checkout may not be the installed copy), so Ray's processes started now, and the workers
+    they start, import it. Inherited rather than given as a
     ``runtime_env``: with one, Ray starts fresh worker processes for the actors instead of handing them the
     ones it prestarted (0.8 s more to a ready worker here, and two idle processes)."""
     if not local:
         yield
         return
+    import sap_core
+
     before = os.environ.get("PYTHONPATH")
-    os.environ["PYTHONPATH"] = checkout_path()
+    here = str(Path(sap_core.__file__).resolve().parent.parent)
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (here, before) if p)
     try:
         yield
     finally:
@@ -180,9 +176,7 @@ class RayExecutor:
     retries: int = 2
     stay_connected: bool = False  # leave a Ray this executor started running (the app: one connection for every sweep)
     status: dict = field(default_factory=dict, compare=False, repr=False)  # worker name -> {pid, host, job}
-    stats: dict = field(
-        default_factory=dict, compare=False, repr=False
-    )  # calibrations, retries, workers, seconds of the last run
+    stats: dict = field(default_factory=dict, compare=False, repr=False)  # counts and seconds of the last run
 
     def __post_init__(self) -> None:
         for name in ("workers", "cpus_per_worker", "retries"):
@@ -276,13 +270,13 @@ class RayExecutor:
         if progress is not None:
             progress(0, len(jobs), f"starting Ray and {self.workers} worker(s)")
         t_start = time.perf_counter()
+        self.stats.clear()
         with handle.lock:
             dense = fingerprint(handle.module)
         workers: dict[str, Any] = {}  # name -> actor; the schedule replaces dead ones here, so all are killed below
         started = False
         try:
             started = self._connect()
-            self.stats.clear()
             self.stats["init_seconds"] = time.perf_counter() - t_start
             self._check_cluster(source, probe=not started)  # a Ray started here has one node: this one
             for i in range(self.workers):

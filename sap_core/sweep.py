@@ -308,9 +308,10 @@ def sweep_settings(model: str, spec: SweepSpec) -> dict[str, str]:
     absolute path) and each sweep-wide setting that changes a row's numbers, as its repr. Saved with the rows'
     per-draw estimates (:func:`save_sweep`); :func:`run_sweep` refuses ``done`` rows saved under other settings.
     (A :class:`MethodSetting`'s own options are not compared: its label names them.)"""
-    path = Path(model).expanduser()
+    from sap_core.distributed import portable_source
+
     return {
-        "model": str(path.resolve()) if path.exists() else str(model),
+        "model": portable_source(str(model)),
         "calibration": repr(spec.calibration),
         "evaluation": repr(spec.eval),
         "sink": repr(spec.sink),
@@ -486,7 +487,8 @@ def save_sweep(df: pd.DataFrame, path: str | Path) -> Path:
     reads it back with the same columns and dtypes. The per-draw estimates (``df.attrs["estimates"]``),
     when present, go to ``<name>.estimates.npz`` beside it (:func:`estimates_path`) with the sha256 of the
     CSV's bytes and the sweep's settings (``df.attrs["settings"]``, :func:`sweep_settings`), written after the
-    CSV: a crash between the two leaves a pair that :func:`load_sweep` recognises as mismatched. A sweep without estimates removes an older run's estimates file. A link is
+    CSV: a crash between the two leaves a pair that :func:`load_sweep` recognises as mismatched. A sweep without
+    estimates removes an older run's estimates file. A link is
     followed (its target replaced); a device or FIFO (``/dev/stdout``) gets the CSV only."""
     text = df.to_csv(index=False)
     if is_special(path):
@@ -684,6 +686,8 @@ def _read_estimates(path: Path, raw: bytes) -> tuple[dict[str, np.ndarray] | Non
             recorded = str(data["csv_sha256"]) if "csv_sha256" in data.files else None
             estimates = {str(label): np.asarray(data[f"row{i}"], float) for i, label in enumerate(data["labels"])}
             settings = json.loads(str(data["settings"])) if "settings" in data.files else None
+            if settings is not None and not isinstance(settings, dict):
+                raise ValueError("settings are not a JSON object")
     except Exception as exc:  # zipfile / numpy raise many kinds for a damaged file
         raise SweepSpecError(
             f"'{side}' (the sweep's per-draw estimates) is damaged ({type(exc).__name__}); delete it to read "

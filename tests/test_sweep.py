@@ -298,3 +298,17 @@ def test_resume_refuses_rows_computed_with_other_settings(tiny_dlm_dir, tmp_path
     done = load_sweep(out)
     assert list(done["label"]) == ["dense", "magnitude 30%", "magnitude 50%"] and done.attrs["settings"] == kept.attrs["settings"]
     pd.testing.assert_frame_equal(done.iloc[:1], kept, check_exact=True)
+
+
+def test_estimates_whose_settings_are_not_an_object_read_as_damaged(sweep, tmp_path):
+    from sap_core.errors import SweepSpecError
+    from sap_core.sweep import estimates_path
+
+    out = save_sweep(sweep[0], tmp_path / "s.csv")
+    assert load_sweep(out).attrs["settings"]["evaluation"] == repr(EVAL)  # saved with the estimates
+    with np.load(estimates_path(out)) as data:
+        fields = {k: data[k] for k in data.files}
+    fields["settings"] = np.array("[1, 2]")  # a hand-edited or hostile file
+    np.savez_compressed(estimates_path(out), **fields)
+    with pytest.raises(SweepSpecError, match="damaged"):
+        load_sweep(out)
