@@ -67,7 +67,8 @@ def test_sweep_plot_shows_changes_against_dense_with_paired_errors(app_url, page
     assert widths[0] <= widths[1] + 1, f"the sweep table is {widths[0]} px wide in a {widths[1]} px box"
     shots(page, "delta")
     page.get_by_text("perplexity (each row's own error)").click()
-    expect(page.get_by_text("Perplexity after pruning", exact=False)).to_be_visible()
+    # the absolute view's own title (while Streamlit reruns, the Δ figure can still be on the page for a moment)
+    expect(page.get_by_text("Perplexity after pruning (lower is better)", exact=False)).to_be_visible()
     expect(page.get_by_text("unpaired", exact=False).first).to_be_visible()
     expect(page.get_by_text(title, exact=False)).to_have_count(0)
     no_streamlit_exception(page)
