@@ -67,6 +67,14 @@ def test_readme_shows_commands():
     assert {argv[0] for argv in readme_commands()} >= {"generate", "analyze", "animate", "prune", "evaluate", "sweep"}
 
 
+def test_readme_python_imports():
+    """The names the README's Python example imports exist (running it is the explorer's and pruning's tests' job)."""
+    (block,) = fenced_blocks(README.read_text(encoding="utf-8"), "python")
+    imports = [line for line in block.splitlines() if line.startswith(("from ", "import "))]
+    assert imports
+    exec("\n".join(imports), {})
+
+
 def test_readme_scripts_exist():
     names = set(re.findall(r"(?:scripts|bench)/\w+\.py", README.read_text(encoding="utf-8")))
     assert names, "the README names no script"
