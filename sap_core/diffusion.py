@@ -47,6 +47,8 @@ class DecodeSpec:
     temperature: float = 0.0
     cfg_scale: float = 0.0
     seed: int = 0
+    # MMaDA only: pick among its text rows, never an image-codebook row (sap_core.mmada_sampler).
+    text_only: bool = False
 
     def __post_init__(self) -> None:
         """Model-free checks (types, finiteness, ranges) at construction; :meth:`validate` adds the model's."""
@@ -69,6 +71,8 @@ class DecodeSpec:
             object.__setattr__(self, name, float(value))
         if not isinstance(self.remasking, str):
             raise DecodeSpecError(f"remasking must be one of {', '.join(REMASKING)} (got {self.remasking!r}).")
+        if not isinstance(self.text_only, bool):
+            raise DecodeSpecError(f"text_only must be true or false (got {self.text_only!r}).")
 
     @property
     def n_blocks(self) -> int:
@@ -372,12 +376,19 @@ def generate(
 
     prompt_ids = prompt_token_ids(handle, prompt)
     spec.validate(handle.causal, len(prompt_ids), handle.max_length)
+    mmada = handle.family == "mmada" or spec.text_only  # MMaDA's own sampler (sap_core.mmada_sampler)
+    if mmada:
+        from sap_core.mmada_sampler import check_mmada_spec, generate_mmada
+
+        check_mmada_spec(handle, spec)
     text = prompt if isinstance(prompt, str) else ""
     steps = spec.gen_length if handle.causal else spec.steps  # every allocation of the run, before any is made
     check_capture(handle, len(prompt_ids) + spec.gen_length, steps, allow=allow_large_capture, capture=recorder is not None)
     try:
         if handle.causal:
             return _generate_causal(handle, prompt_ids, spec, recorder, progress, text)
+        if mmada:
+            return generate_mmada(handle, prompt_ids, spec, recorder, progress, text)
         return _generate_diffusion(handle, prompt_ids, spec, recorder, progress, text)
     finally:
         if recorder is not None:

@@ -213,6 +213,7 @@ def decode_spec(args):
         temperature=args.temperature,
         cfg_scale=args.cfg_scale,
         seed=args.seed,
+        text_only=getattr(args, "text_only", False),  # generate's --text-only (MMaDA)
     )
 
 

@@ -18,6 +18,11 @@ def add_parser(sub) -> None:
     )
     common.add_model(p)
     common.add_decode(p, prompt_required=True)
+    p.add_argument(
+        "--text-only",
+        action="store_true",
+        help="MMaDA: pick among text tokens only (default: over the whole vocabulary, image-codebook tokens included, as MMaDA's own sampler)",
+    )
     p.add_argument("--record-attention", action="store_true", help="record attention mass per step (for analyze)")
     p.add_argument("--trajectory", default=None, metavar="NPZ", help="save the trajectory here (.npz)")
     p.add_argument(

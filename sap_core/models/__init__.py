@@ -19,12 +19,13 @@ from sap_core import ASSETS
 from sap_core.attention import AttentionRecorder
 from sap_core.errors import ModelLoadError, SapError
 from sap_core.memory import tune_allocator
-from sap_core.models import dream, llada
+from sap_core.models import dream, llada, mmada
 from sap_core.models.checkpoint import SPECIAL_ID_FIELDS, check_declared_size, check_fields, read_config, read_headers
 from sap_core.models.dream import load_dream, load_dream_tokenizer
 from sap_core.models.hf_causal import HF_CAUSAL_TYPES, load_hf_causal
 from sap_core.models.llada import LLaDAConfig, LLaDAModelLM
 from sap_core.models.loading import load_pretrained
+from sap_core.models.mmada import load_mmada, load_mmada_tokenizer
 from sap_core.models.placement import DeviceMap, input_device
 
 tune_allocator()  # freed capture buffers go back to the system (see sap_core.memory, bench/memory_growth.py)
@@ -212,13 +213,21 @@ def _load_llada(
 # Loaders that take a device_map get it only when load_model() is given one.
 FAMILY_LOADERS: dict[str, Callable[..., tuple[PreTrainedModel, object]]] = {
     "llada": _load_llada,
+    "mmada": load_mmada,
     "Dream": load_dream,
     **{model_type: load_hf_causal for model_type in HF_CAUSAL_TYPES},
 }
 # model_type -> the config.json fields its code reads and the values they may take (others: the common ones).
-FAMILY_FIELDS: dict[str, dict] = {"llada": llada.CONFIG_FIELDS, "Dream": dream.CONFIG_FIELDS}
-# model_type -> tokenizer loader, for families whose released tokenizer is remote code.
-FAMILY_TOKENIZERS: dict[str, Callable[[Path], PreTrainedTokenizerBase]] = {"Dream": load_dream_tokenizer}
+FAMILY_FIELDS: dict[str, dict] = {"llada": llada.CONFIG_FIELDS, "mmada": mmada.CONFIG_FIELDS, "Dream": dream.CONFIG_FIELDS}
+# model_type -> a check of the keys its config.json must carry, before any work.
+FAMILY_REQUIRED: dict[str, Callable[[Path, dict], None]] = {"mmada": mmada.check_llada_keys}
+# model_type -> tokenizer loader, for families whose released tokenizer is remote code or needs the family's chat template.
+FAMILY_TOKENIZERS: dict[str, Callable[[Path], PreTrainedTokenizerBase]] = {
+    "Dream": load_dream_tokenizer,
+    "mmada": load_mmada_tokenizer,
+}
+# The masked-diffusion families (the others are causal LMs).
+DLM_FAMILIES = ("llada", "mmada", "Dream")
 
 
 def resolve_source(source: str | Path) -> Path:
@@ -254,12 +263,14 @@ def load_model(
     if family not in FAMILY_LOADERS:
         known = ", ".join(sorted(FAMILY_LOADERS))
         raise ModelLoadError(f"'{path}' is a '{family}' model; SinkScope knows the families: {known}.")
+    if family in FAMILY_REQUIRED:
+        FAMILY_REQUIRED[family](path, config_dict)
     check_fields(path, config_dict, FAMILY_FIELDS.get(family, {}))
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     check_declared_size(path, config_dict, read_headers(path))  # before any allocation
     tokenizer = load_tokenizer(path, family)
-    causal = bool(config_dict.get("causal", False)) or family not in ("llada", "Dream")
+    causal = bool(config_dict.get("causal", False)) or family not in DLM_FAMILIES
     # The raw config.json, not the config class: LLaDAConfig defaults mask_token_id to LLaDA-8B's 126336.
     mask_id = config_dict.get("mask_token_id")
     if mask_id is None:

@@ -61,6 +61,7 @@ LAYOUTS = {
     "llada": Layout("ff_proj", "up_proj", "ff_out", "mlp_hidden_size", ("q_proj", "k_proj", "v_proj", "attn_out")),
     "Dream": Layout("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj", "intermediate_size", None),
 }
+LAYOUTS["mmada"] = LAYOUTS["llada"]  # MMaDA's blocks are LLaDA's
 
 
 @dataclass(frozen=True)
