@@ -124,7 +124,9 @@ def ours(handle, prompt, **kw):
     return generate(handle, prompt, DecodeSpec(sampler="dream", **kw))
 
 
-def reference(handle, prompt, seed=0, gen_length=12, steps=12, eps=1e-3, alg="entropy", alg_temp=0.0, temperature=0.0, top_p=1.0, top_k=0):
+def reference(
+    handle, prompt, seed=0, gen_length=12, steps=12, eps=1e-3, alg="entropy", alg_temp=0.0, temperature=0.0, top_p=1.0, top_k=0
+):
     torch.manual_seed(seed)
     out = ref_diffusion_generate(
         handle.module,
@@ -201,7 +203,9 @@ def test_trajectory_records_the_run_and_replays(dream, tmp_path):
     traj = generate(dream, prompt, spec, recorder=AttentionRecorder(chunk_size=3))
     assert traj.spec.sampler == "dream" and spec.sampler is None  # the Dream family's own, recorded
     assert np.array_equal(plain.final_tokens, traj.final_tokens)
-    assert np.array_equal(traj.final_tokens, reference(dream, prompt, seed=2, gen_length=10, steps=4, alg="topk_margin", temperature=0.8))
+    assert np.array_equal(
+        traj.final_tokens, reference(dream, prompt, seed=2, gen_length=10, steps=4, alg="topk_margin", temperature=0.8)
+    )
     S, L = 4, P + 10
     assert traj.tokens.shape == (S, L) and traj.mass.shape == (S, 2, 4, L) and (traj.valid_length == L).all()
     assert (traj.tokens[0, P:] == dream.mask_id).all() and (traj.final_tokens != dream.mask_id).all()
@@ -322,4 +326,8 @@ def test_cli_generates_with_dreams_sampler_and_capture(dream, tmp_path):
     assert np.array_equal(traj.final_tokens, reference(dream, dream.encode(PROMPT), seed=3, **kw))
     assert summary["generated_ids"] == traj.generated_ids.tolist()
     bad = subprocess.run([sys.executable, "-m", "sap_core", "generate", *args, "--top-p", "2"], capture_output=True, text=True)
-    assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [bad.stderr.strip()] and "top_p must be in (0, 1]" in bad.stderr
+    assert (
+        bad.returncode == 2
+        and bad.stderr.strip().splitlines() == [bad.stderr.strip()]
+        and "top_p must be in (0, 1]" in bad.stderr
+    )

@@ -314,9 +314,14 @@ def add_decode(p: argparse.ArgumentParser, prompt_required: bool = False) -> Non
         help="dream sampler: which positions a step unmasks (default entropy)",
     )  # sap_core.diffusion.DREAM_ALGS
     g.add_argument(
-        "--alg-temp", type=float, default=0.0, help="dream sampler: draw positions from softmax(confidence/X) (default 0 = top ones)"
+        "--alg-temp",
+        type=float,
+        default=0.0,
+        help="dream sampler: draw positions from softmax(confidence/X) (default 0 = top ones)",
     )
-    g.add_argument("--eps", type=float, default=1e-3, help="dream sampler: final time of linspace(1, eps, steps+1) (default 0.001)")
+    g.add_argument(
+        "--eps", type=float, default=1e-3, help="dream sampler: final time of linspace(1, eps, steps+1) (default 0.001)"
+    )
     g.add_argument("--top-p", type=float, default=1.0, help="dream sampler: nucleus filtering, in (0, 1] (default 1 = off)")
     g.add_argument("--top-k", type=int, default=0, help="dream sampler: keep the k most probable tokens (default 0 = off)")
     g.add_argument(
