@@ -259,7 +259,7 @@ class SinkScopeLM(LM):
             gen = int(kwargs.get("max_gen_toks", s.gen_length)) if h.causal else s.gen_length
             spec = DecodeSpec(gen_length=gen, steps=s.steps, block_length=s.block_length, cfg_scale=s.cfg, seed=s.seed)
             ids = h.encode(context)
-            spec.validate(h.causal, len(ids), h.max_length)  # every request checked before any work
+            spec.validate(h.causal, len(ids), h.max_length, h.family)  # every request checked before any work
             jobs.append((ids, spec, until))
         out = []
         with self._model() as model:

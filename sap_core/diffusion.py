@@ -15,6 +15,14 @@ With classifier-free guidance, an unconditional pass with the prompt masked give
 
 A causal model decodes token by token through the same API, one step per token, so AR and DLM
 trajectories are comparable (``steps`` and ``block_length`` are then not used).
+
+``DecodeSpec.sampler`` picks the algorithm for a masked-diffusion model: ``"llada"`` is the sampler
+above; ``"dream"`` is Dream's own ``diffusion_generate`` (:mod:`sap_core.dream_sampler`: the timestep
+schedule ``linspace(1, eps, steps + 1)``, the algorithms ``alg``, ``alg_temp``, ``top_p``, ``top_k``;
+``block_length``, ``remasking`` and ``cfg_scale`` are not used). Left at None, each family gets its
+authors' sampler (:data:`DEFAULT_SAMPLER`: Dream models ``"dream"``, every other ``"llada"``), and the
+trajectory records the one that ran. The LLaDA sampler on a Dream model stays available and says in
+``Trajectory.note`` that it is not Dream's.
 """
 
 from __future__ import annotations
@@ -24,7 +32,7 @@ import math
 import numbers
 import time
 import zipfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +44,10 @@ from sap_core.models import ModelHandle
 from sap_core.progress import Progress, report
 
 REMASKING = ("low_confidence", "random", "entropy")
+SAMPLERS = ("llada", "dream", "mmada")
+DREAM_ALGS = ("origin", "maskgit_plus", "topk_margin", "entropy")
+# model family (``ModelHandle.family``) -> the sampler its authors decode with; every other family: "llada"
+DEFAULT_SAMPLER = {"Dream": "dream", "mmada": "mmada"}
 
 
 @dataclass(frozen=True)
@@ -47,39 +59,68 @@ class DecodeSpec:
     temperature: float = 0.0
     cfg_scale: float = 0.0
     seed: int = 0
+    # Dream's sampler (sampler="dream"); None: the model family's own (DEFAULT_SAMPLER)
+    sampler: str | None = None
+    alg: str = "entropy"
+    alg_temp: float = 0.0
+    eps: float = 1e-3
+    top_p: float = 1.0
+    top_k: int = 0
     # MMaDA only: pick among its text rows, never an image-codebook row (sap_core.mmada_sampler).
     text_only: bool = False
 
     def __post_init__(self) -> None:
         """Model-free checks (types, finiteness, ranges) at construction; :meth:`validate` adds the model's."""
-        for name in ("gen_length", "steps", "block_length", "seed"):
+        for name in ("gen_length", "steps", "block_length", "seed", "top_k"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, numbers.Integral):
                 raise DecodeSpecError(f"{name} must be a whole number (got {value!r}).")
             object.__setattr__(self, name, int(value))
         if not 0 <= self.seed < 2**63:
             raise DecodeSpecError(f"seed must be in [0, 2**63) (got {self.seed}).")
-        for name in ("temperature", "cfg_scale"):
+        for name, hint in FLOAT_HINTS.items():
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, numbers.Real):
                 raise DecodeSpecError(f"{name} must be a number (got {value!r}).")
             if not math.isfinite(value):
-                raise DecodeSpecError(
-                    f"{name} must be a finite number (got {value}); "
-                    + ("0 means greedy." if name == "temperature" else "0 turns guidance off.")
-                )
+                raise DecodeSpecError(f"{name} must be a finite number (got {value}); {hint}.")
             object.__setattr__(self, name, float(value))
         if not isinstance(self.remasking, str):
             raise DecodeSpecError(f"remasking must be one of {', '.join(REMASKING)} (got {self.remasking!r}).")
         if not isinstance(self.text_only, bool):
             raise DecodeSpecError(f"text_only must be true or false (got {self.text_only!r}).")
+        self._check_dream_options()
+
+    def _check_dream_options(self) -> None:
+        """The sampler's name and Dream's options (model-free: they do not depend on the model)."""
+        if self.sampler is not None and self.sampler not in SAMPLERS:
+            raise DecodeSpecError(
+                f"sampler must be one of {', '.join(SAMPLERS)} (got {self.sampler!r}); leave it unset for the model family's own."
+            )
+        if self.alg not in DREAM_ALGS:
+            raise DecodeSpecError(f"alg must be one of {', '.join(DREAM_ALGS)} (got {self.alg!r}).")
+        if self.alg_temp < 0:
+            raise DecodeSpecError(f"alg_temp must be >= 0 (got {self.alg_temp}); 0 unmasks the most confident positions.")
+        if not 0 < self.eps < 1:
+            raise DecodeSpecError(f"eps must be in (0, 1) (got {self.eps}); Dream's default is 0.001.")
+        if not 0 < self.top_p <= 1:
+            raise DecodeSpecError(f"top_p must be in (0, 1] (got {self.top_p}); 1 turns nucleus filtering off.")
+        if self.top_k < 0:
+            raise DecodeSpecError(f"top_k must be >= 0 (got {self.top_k}); 0 turns top-k filtering off.")
+
+    def sampler_for(self, family: str | None) -> str:
+        """The sampler that runs for a model of ``family``: :attr:`sampler`, else the family's own."""
+        return self.sampler or DEFAULT_SAMPLER.get(family, "llada")
 
     @property
     def n_blocks(self) -> int:
         return self.gen_length // self.block_length
 
-    def validate(self, causal: bool = False, prompt_length: int = 0, max_length: int | None = None) -> None:
-        """Raise :class:`DecodeSpecError` for impossible settings, before any work starts."""
+    def validate(
+        self, causal: bool = False, prompt_length: int = 0, max_length: int | None = None, family: str | None = None
+    ) -> None:
+        """Raise :class:`DecodeSpecError` for impossible settings, before any work starts (``family``:
+        the model's, which picks the sampler when :attr:`sampler` is None)."""
         if self.gen_length < 1:
             raise DecodeSpecError(f"gen_length must be at least 1 (got {self.gen_length}).")
         if max_length is not None and prompt_length + self.gen_length > max_length:
@@ -94,7 +135,14 @@ class DecodeSpec:
         if self.remasking not in REMASKING:
             raise DecodeSpecError(f"remasking must be one of {', '.join(REMASKING)} (got '{self.remasking}').")
         if causal:
+            if self.sampler == "dream":
+                raise DecodeSpecError("Dream's sampler decodes a masked-diffusion model; a causal model decodes token by token.")
             self._validate_causal(prompt_length)
+        elif self.sampler_for(family) == "dream":
+            if self.steps < 1:
+                raise DecodeSpecError(f"steps must be at least 1 (got {self.steps}).")
+            if self.cfg_scale > 0:
+                raise DecodeSpecError("Dream's sampler has no classifier-free guidance; set cfg_scale=0 or sampler='llada'.")
         else:
             self._validate_schedule()
 
@@ -124,6 +172,15 @@ class DecodeSpec:
             )
 
 
+FLOAT_HINTS = {
+    "temperature": "0 means greedy",
+    "cfg_scale": "0 turns guidance off",
+    "alg_temp": "0 unmasks the most confident positions",
+    "eps": "Dream's default is 0.001",
+    "top_p": "1 turns nucleus filtering off",
+}
+
+
 def _divisor_hint(n: int, near: int) -> int:
     divisors = [d for d in range(1, n + 1) if n % d == 0]
     return min(divisors, key=lambda d: abs(d - near))
@@ -141,12 +198,16 @@ class Trajectory:
 
     * ``tokens``: ``int64 [S, L]``, the model input at each step (AR: positions not yet fed hold ``filler_id``).
     * ``final_tokens``: ``int64 [L]``, the sequence after the last step.
-    * ``decoded_at``: ``int64 [L]``, the step at which each position was decoded; -1 for the prompt.
+    * ``decoded_at``: ``int64 [L]``, the step at which each position was decoded; -1 for the prompt (Dream's
+      sampler also fills a ``[MASK]`` written in the prompt, as Dream's code does) and for a position still
+      masked at the end (Dream's sampler can draw the mask token itself).
     * ``confidence``: ``float32 [S, L]``, softmax probability of each token decoded at that step; NaN elsewhere.
     * ``mass``: ``float32 [S, layers, heads, L]`` or None, the attention mass each key position
       receives (sum over queries of softmax probabilities); sums to ``valid_length[s]`` over keys.
     * ``valid_length``: ``int64 [S]``, positions fed to the model at each step (L for a DLM).
     * ``step_seconds``: ``float64 [S]``, wall time of each step.
+    * ``spec``: the settings, with ``sampler`` set to the sampler that ran; ``note``: what a reader should
+      know about it (the LLaDA sampler on a Dream model is not Dream's own; empty otherwise).
     """
 
     tokens: np.ndarray
@@ -161,6 +222,7 @@ class Trajectory:
     mask_id: int
     spec: DecodeSpec
     prompt: str = ""
+    note: str = ""
 
     @property
     def n_steps(self) -> int:
@@ -183,7 +245,12 @@ class Trajectory:
         if self.mass is not None:
             arrays["mass"] = self.mass
         meta = dict(
-            prompt_length=self.prompt_length, causal=self.causal, mask_id=self.mask_id, spec=asdict(self.spec), prompt=self.prompt
+            prompt_length=self.prompt_length,
+            causal=self.causal,
+            mask_id=self.mask_id,
+            spec=asdict(self.spec),
+            prompt=self.prompt,
+            note=self.note,
         )
         target = npz_path(path)
         atomic_write(target, lambda tmp: np.savez_compressed(tmp, meta=np.array(json.dumps(meta)), **arrays), suffix=".npz")
@@ -216,7 +283,10 @@ class Trajectory:
                 _check_inflation(data.zip, members, path)
                 meta = json.loads(str(data["meta"]))
                 arrays = {k: data[k] for k in ARRAYS + ("mass",) if k in data.files}
-            spec = DecodeSpec(**meta.pop("spec"))
+            spec = meta.pop("spec")
+            if isinstance(spec, dict):
+                spec.setdefault("sampler", "llada")  # written before Dream's sampler existed: the LLaDA one ran
+            spec = DecodeSpec(**spec)
             traj = cls(mass=arrays.pop("mass", None), spec=spec, **arrays, **meta)
         except SapError:
             raise
@@ -317,7 +387,7 @@ def _expected_shapes(shapes: dict, path: Path) -> dict[str, tuple[int, ...]]:
     }
 
 
-def _gumbel_argmax(logits: torch.Tensor, temperature: float, generator: torch.Generator) -> torch.Tensor:
+def gumbel_argmax(logits: torch.Tensor, temperature: float, generator: torch.Generator) -> torch.Tensor:
     """``argmax(logits + T·Gumbel)`` in float64: a sample from ``softmax(logits / T)`` (greedy at T=0)."""
     logits = logits.double()
     if temperature == 0:
@@ -375,10 +445,10 @@ def generate(
     from sap_core.memory import check_capture, release_freed
 
     prompt_ids = prompt_token_ids(handle, prompt)
-    spec.validate(handle.causal, len(prompt_ids), handle.max_length)
-    mmada = handle.family == "mmada" or spec.text_only  # MMaDA's own sampler (sap_core.mmada_sampler)
-    if mmada:
-        from sap_core.mmada_sampler import check_mmada_spec, generate_mmada
+    spec.validate(handle.causal, len(prompt_ids), handle.max_length, handle.family)
+    spec = replace(spec, sampler=spec.sampler_for(handle.family))  # the trajectory records the sampler that ran
+    if spec.text_only or spec.sampler == "mmada":
+        from sap_core.mmada_sampler import check_mmada_spec
 
         check_mmada_spec(handle, spec)
     text = prompt if isinstance(prompt, str) else ""
@@ -387,15 +457,27 @@ def generate(
     try:
         if handle.causal:
             return _generate_causal(handle, prompt_ids, spec, recorder, progress, text)
-        if mmada:
+        if spec.sampler == "mmada":
+            from sap_core.mmada_sampler import generate_mmada
+
             return generate_mmada(handle, prompt_ids, spec, recorder, progress, text)
-        return _generate_diffusion(handle, prompt_ids, spec, recorder, progress, text)
+        if spec.sampler == "dream":
+            from sap_core.dream_sampler import generate_dream
+
+            return generate_dream(handle, prompt_ids, spec, recorder, progress, text)
+        traj = _generate_diffusion(handle, prompt_ids, spec, recorder, progress, text)
+        if handle.family in DEFAULT_SAMPLER:
+            traj.note = (
+                f"LLaDA-style sampler (blocks, an even split of tokens per step) on a {handle.family} model: "
+                f"not {handle.family}'s own; sampler='{DEFAULT_SAMPLER[handle.family]}' decodes as its authors do."
+            )
+        return traj
     finally:
         if recorder is not None:
             release_freed()
 
 
-def _take_pass(recorder: AttentionRecorder) -> np.ndarray:
+def take_pass(recorder: AttentionRecorder) -> np.ndarray:
     """The mass of the pass just run, ``[layers, heads, L]`` (first batch row); the recorder keeps no copy."""
     out = recorder.end_pass()[0].numpy()
     recorder.passes.clear()
@@ -432,12 +514,12 @@ def _generate_diffusion(handle, prompt_ids, spec, recorder, progress, prompt_tex
             else:
                 logits = handle.logits(x, recorder)
             if recorder is not None:
-                step_mass = _take_pass(recorder)
+                step_mass = take_pass(recorder)
                 if mass is None:  # preallocated once: no list of per-step arrays, no final stack copy
                     mass = np.empty((S,) + step_mass.shape, np.float32)
                 mass[step] = step_mass
             block_logits = logits[0, lo:hi].double()
-            x0 = _gumbel_argmax(block_logits, spec.temperature, generator)
+            x0 = gumbel_argmax(block_logits, spec.temperature, generator)
             x0_p = torch.softmax(block_logits, -1).gather(-1, x0[:, None])[:, 0]
             if spec.remasking == "random":
                 score = torch.rand(hi - lo, generator=generator, device=x.device, dtype=torch.float64)
@@ -490,11 +572,11 @@ def _generate_causal(handle, prompt_ids, spec, recorder, progress, prompt_text) 
             recorder.start_pass()
         logits = handle.logits(seq[None, :n], recorder)[0, -1].double()
         if recorder is not None:
-            step_mass = _take_pass(recorder)
+            step_mass = take_pass(recorder)
             if mass is None:
                 mass = np.zeros((G,) + step_mass.shape[:-1] + (L,), np.float32)
             mass[s, ..., :n] = step_mass
-        token = _gumbel_argmax(logits, spec.temperature, generator)
+        token = gumbel_argmax(logits, spec.temperature, generator)
         seq[n] = token
         decoded_at[n] = s
         confidence[s, n] = float(torch.softmax(logits, -1)[token])

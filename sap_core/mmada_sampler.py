@@ -29,7 +29,7 @@ import time
 import numpy as np
 import torch
 
-from sap_core.diffusion import DecodeSpec, Trajectory, _gumbel_argmax, _take_pass, transfer_schedule
+from sap_core.diffusion import DecodeSpec, Trajectory, gumbel_argmax, take_pass, transfer_schedule
 from sap_core.errors import DecodeSpecError
 from sap_core.progress import report
 
@@ -46,7 +46,9 @@ def check_mmada_spec(handle, spec: DecodeSpec) -> None:
         raise DecodeSpecError(
             "text_only needs the number of text rows; this MMaDA config.json gives neither llm_vocab_size nor codebook_size."
         )
-    if spec.remasking not in MMADA_REMASKING:
+    if spec.text_only and spec.sampler != "mmada":
+        raise DecodeSpecError(f"text_only is an option of MMaDA's sampler, not of sampler='{spec.sampler}'; drop text_only.")
+    if spec.sampler == "mmada" and spec.remasking not in MMADA_REMASKING:
         raise DecodeSpecError(
             f"MMaDA's sampler remasks by {' or '.join(MMADA_REMASKING)}, not '{spec.remasking}' (that is Dream's order)."
         )
@@ -89,13 +91,13 @@ def generate_mmada(handle, prompt_ids: list[int], spec: DecodeSpec, recorder, pr
                 recorder.start_pass()
             logits = _step_logits(handle, x, P, spec, recorder)
             if recorder is not None:
-                step_mass = _take_pass(recorder)
+                step_mass = take_pass(recorder)
                 if mass is None:
                     mass = np.empty((S,) + step_mass.shape, np.float32)
                 mass[step] = step_mass
             if rows is not None:
                 logits = logits[:, :rows]
-            x0 = _gumbel_argmax(logits, spec.temperature, generator)  # every position, every row: MMaDA's draws
+            x0 = gumbel_argmax(logits, spec.temperature, generator)  # every position, every row: MMaDA's draws
             candidate = masked & (position < end)
             if spec.remasking == "random":
                 score = torch.rand(L, generator=generator, device=x.device, dtype=torch.float32).double()

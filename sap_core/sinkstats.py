@@ -242,7 +242,7 @@ def run_sinkstats(
         for i, p_ids in enumerate(ids):
             if not p_ids:
                 raise SinkStatsError(f"Prompt {i + 1} is empty for {handle.name}; drop it.")
-            decode.validate(handle.causal, len(p_ids), handle.max_length)
+            decode.validate(handle.causal, len(p_ids), handle.max_length, handle.family)
         encoded[id(handle)] = ids
     runs = [(dlm, dlm_label), (ar, ar_label)]
     steps = {id(dlm): decode.steps, id(ar): decode.gen_length}

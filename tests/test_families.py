@@ -413,10 +413,11 @@ def test_dream_shift_is_applied(dream):
     raw = dream.module(x).logits
     aligned = dream.logits(x)
     assert torch.equal(aligned[:, 1:], raw[:, :-1]) and torch.equal(aligned[:, 0], raw[:, 0])
-    # The sampler fills position p from the hidden state at p - 1: one token per step, greedy.
+    # The LLaDA sampler fills position p from the hidden state at p - 1: one token per step, greedy.
+    # (Dream's own sampler, the Dream default, is checked against Dream's code in test_dream_sampler.py.)
     prompt = dream.encode("To be, or not")
     P = len(prompt)
-    traj = generate(dream, prompt, DecodeSpec(gen_length=8, steps=8, block_length=8))
+    traj = generate(dream, prompt, DecodeSpec(gen_length=8, steps=8, block_length=8, sampler="llada"))
     for s in range(8):
         step_raw = dream.module(torch.as_tensor(traj.tokens[s])[None]).logits[0].double()
         probs = torch.softmax(step_raw, -1)
@@ -700,7 +701,7 @@ def test_entropy_remasking_prefers_low_entropy_over_high_top1():
 
 def test_entropy_remasking_orders_by_negative_entropy_of_sampling_distribution(dream):
     T = 0.7
-    spec = DecodeSpec(gen_length=8, steps=8, block_length=8, remasking="entropy", temperature=T, seed=1)
+    spec = DecodeSpec(gen_length=8, steps=8, block_length=8, remasking="entropy", temperature=T, seed=1, sampler="llada")
     traj = generate(dream, dream.encode("To be, or not"), spec)
     differs = 0
     for s in range(8):

@@ -352,7 +352,12 @@ def test_capture_replay_and_save_work_as_for_llada(mmada, tmp_path):
     full = attention_map(mmada, traj, 3, 1, 2)
     np.testing.assert_allclose(full.sum(0), traj.mass[3, 1, 2], rtol=1e-4, atol=1e-5)
     back = Trajectory.load(traj.save(tmp_path / "t"))
-    assert back.spec == spec and back.spec.text_only and np.array_equal(back.final_tokens, traj.final_tokens)
+    assert (
+        back.spec == traj.spec
+        and back.spec.sampler == "mmada"
+        and back.spec.text_only
+        and np.array_equal(back.final_tokens, traj.final_tokens)
+    )
 
 
 def test_bad_decoding_input_is_refused_before_work(mmada, tiny_dlm):

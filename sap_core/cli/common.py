@@ -213,6 +213,12 @@ def decode_spec(args):
         temperature=args.temperature,
         cfg_scale=args.cfg_scale,
         seed=args.seed,
+        sampler=args.sampler,
+        alg=args.alg,
+        alg_temp=args.alg_temp,
+        eps=args.eps,
+        top_p=args.top_p,
+        top_k=args.top_k,
         text_only=getattr(args, "text_only", False),  # generate's --text-only (MMaDA)
     )
 
@@ -295,6 +301,30 @@ def add_decode(p: argparse.ArgumentParser, prompt_required: bool = False) -> Non
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default 0)")
     g.add_argument("--cfg-scale", type=float, default=0.0, help="classifier-free guidance scale (default 0 = off)")
     g.add_argument("--seed", type=int, default=0, help="decoding seed (default 0)")
+    g.add_argument(
+        "--sampler",
+        default=None,
+        choices=["llada", "dream"],
+        help="llada: blocks and an even split per step; dream: Dream's own diffusion_generate "
+        "(default: the model family's own, dream for Dream models, llada otherwise)",
+    )  # sap_core.diffusion.SAMPLERS
+    g.add_argument(
+        "--alg",
+        default="entropy",
+        choices=["origin", "maskgit_plus", "topk_margin", "entropy"],
+        help="dream sampler: which positions a step unmasks (default entropy)",
+    )  # sap_core.diffusion.DREAM_ALGS
+    g.add_argument(
+        "--alg-temp",
+        type=float,
+        default=0.0,
+        help="dream sampler: draw positions from softmax(confidence/X) (default 0 = top ones)",
+    )
+    g.add_argument(
+        "--eps", type=float, default=1e-3, help="dream sampler: final time of linspace(1, eps, steps+1) (default 0.001)"
+    )
+    g.add_argument("--top-p", type=float, default=1.0, help="dream sampler: nucleus filtering, in (0, 1] (default 1 = off)")
+    g.add_argument("--top-k", type=int, default=0, help="dream sampler: keep the k most probable tokens (default 0 = off)")
     g.add_argument(
         "--allow-large-capture",
         action="store_true",

@@ -11,7 +11,8 @@ def add_parser(sub) -> None:
     p = sub.add_parser(
         "generate",
         help="decode a prompt and save the trajectory",
-        description="Decode a prompt with the masked-diffusion sampler (token by token for a causal model). "
+        description="Decode a prompt with the model family's own masked-diffusion sampler (--sampler: Dream's for Dream "
+        "models, LLaDA's otherwise; token by token for a causal model). "
         "Prints/writes a JSON summary (text, timing); --trajectory saves the full record as .npz. "
         "--compare MODEL... decodes the same prompt with other models (e.g. pruned ones) and reports "
         "divergence step and per-position agreement.",
@@ -53,7 +54,8 @@ def cmd_generate(args) -> int:
             "prompt": args.prompt,
             "text": handle.decode(traj.generated_ids),
             "generated_ids": traj.generated_ids,
-            "spec": spec,
+            "spec": traj.spec,
+            "note": traj.note,
             "n_steps": traj.n_steps,
             "seconds": float(traj.step_seconds.sum()),
             "mean_step_ms": 1000 * float(traj.step_seconds.mean()),
