@@ -76,7 +76,7 @@ with st.form("prune"):
             "refused, with a one-line reason, for GQA models and Dream.",
             **kept("prune_heads"),
         )
-        if METHOD_ROWS[method].statistic == "fluctuation":
+        if METHOD_ROWS[method].statistic.compensates:
             bias_compensation = c[1].checkbox(
                 "Bias compensation",
                 help="FLAP's: adds the removed channels' mean contribution to the output projection's bias "
@@ -84,21 +84,6 @@ with st.form("prune"):
                 **kept("prune_bias_compensation"),
             )
     submitted = st.form_submit_button("Prune", type="primary")
-
-
-def removed_summary(variant) -> str:
-    """What the variant took away: its zero weights, or for a structured variant the channels/heads removed per
-    block and its parameter count against the dense model's."""
-    if not isinstance(variant, StructuredVariant):
-        return f"achieved sparsity {variant.achieved_sparsity:.3f}"
-    plan = variant.plan
-    dense = sum(p.numel() for p in handle.module.parameters())
-    removed = int(variant.layer_sparsity["zeros"].sum())
-    heads = f" and {plan.heads} of {plan.n_heads} heads" if plan.heads else ""
-    return (
-        f"removed {plan.channels} of {plan.hidden} MLP channels{heads} per block · "
-        f"{dense - removed:,} parameters (dense {dense:,}, {removed / dense:.1%} fewer)"
-    )
 
 
 cancel = CancelButton("prune")
@@ -120,7 +105,7 @@ if submitted:
         variant = prune(handle, spec, progress=progress_callback(bar, "Pruning"))
         name = numbered(spec.label, [v["name"] for v in variants if v["model"] == model_choice()])
         variants.append({"name": name, "variant": variant, "model": model_choice()})
-        st.success(f"Made **{name}** in {variant.seconds:.1f} s ({removed_summary(variant)}).")
+        st.success(f"Made **{name}** in {variant.seconds:.1f} s ({variant.removed_summary(handle)}).")
     bar.empty()
 cancel.idle()
 
@@ -135,7 +120,7 @@ def factor_strip(name: str, variant) -> None:
     """What the pruner down-weighted: one calibration window's tokens coloured by their factor, official rule
     against gated at the variant's tau (from the run's calibration record: no extra model pass)."""
     record = variant.calibration
-    if record is None or record.sink_scores is None or record.labels is None:
+    if record is None or record.record is None:
         st.caption("No token was down-weighted: this method scores no sinks (only the noised methods do).")
         return
     n = record.ids.shape[0]
@@ -147,10 +132,7 @@ def factor_strip(name: str, variant) -> None:
             )
         )
     tokens = readable_tokens(handle.decode, record.ids[window])
-    score = record.sink_scores[window].mean(0)
-    st.plotly_chart(
-        viz.factor_strip(tokens, score, record.labels[window] == "unstable", variant.spec.sink.tau, window), key=f"fs_{name}"
-    )
+    st.plotly_chart(viz.factor_strip(tokens, record.window_factors(window), variant.spec.sink.tau, window), key=f"fs_{name}")
     st.caption(
         f"Dark tokens had their layer inputs scaled down before the weights were scored; {USED[variant.spec.row.factors]}. "
         "Hover a token for its position, sink score and both factors."
@@ -165,7 +147,7 @@ else:
 for entry in mine:
     variant = entry["variant"]
     with st.expander(
-        f"{entry['name']} · {removed_summary(variant)} · {variant.seconds:.1f} s",
+        f"{entry['name']} · {variant.removed_summary(handle)} · {variant.seconds:.1f} s",
         expanded=entry is mine[-1],
     ):
         st.table(variant.settings_table())

@@ -23,7 +23,7 @@ from sap_core.pruning.spec import GATED, PATTERNS
 from sap_core.pruning.variant import weights_fingerprint, weights_restored
 from sap_core.sinks import parse_taus
 from sap_core.sweep import EvalSpec, run_sweep
-from sap_core.tau import best_taus, calibration_gate, tau_sweep_spec, tau_table, trajectory_sink_variance
+from sap_core.tau import best_taus, calibration_gate, tau_sweep_spec, tau_table, trajectory_gate_inputs
 
 st.header("Pick tau")
 handle = active_model()
@@ -73,13 +73,13 @@ if gate is None:
     st.info("Press **Compute the gate's inputs** to see what the pruner gates for these calibration settings.")
 else:
     traj = current_trajectory(handle)
-    traj_var = trajectory_sink_variance(report_for(traj, spec)) if traj is not None else None
+    traj_gate = trajectory_gate_inputs(report_for(traj, spec)) if traj is not None else None
     m = st.columns(3)
     m[0].metric("Sink positions in the calibration windows", int(gate.is_sink.sum()))
     m[1].metric("Gated at this tau", f"{gate.gated_share(tau):.0%}")
     m[2].metric("Windows × noised timesteps", f"{gate.ids.shape[0]} × {len(calibration.timesteps)}")
     left, right = st.columns(2)
-    left.plotly_chart(viz.tau_variance_figure(gate.sink_variance, tau, traj_var))
+    left.plotly_chart(viz.tau_variance_figure((gate.frequency, gate.variance), tau, traj_gate))
     right.plotly_chart(viz.tau_layer_figure(gate.layer_shares(tau), tau))
     right.caption(
         "The gate reads the score of the mass summed over the selected layers: a position that is a sink of one layer "

@@ -561,6 +561,20 @@ def variance_gate(frequency: np.ndarray, variance: np.ndarray, tau: float) -> np
     return (np.asarray(frequency) > 0) & (np.asarray(variance) >= tau)
 
 
+def sink_variance(frequency: np.ndarray, variance: np.ndarray) -> np.ndarray:
+    """``float64 [n]``: ``v_j`` of the positions that are a sink at some step (``f_j > 0``), flattened: the
+    values the variance gate compares with tau."""
+    return np.asarray(variance, np.float64)[np.asarray(frequency) > 0]
+
+
+def gated_share(frequency: np.ndarray, variance: np.ndarray, tau: float) -> float:
+    """Share of the sink positions (``f_j > 0``) the variance gate (:func:`variance_gate`) opens at ``tau``;
+    NaN without any sink."""
+    is_sink = np.asarray(frequency) > 0
+    n = int(is_sink.sum())
+    return float((variance_gate(frequency, variance, tau) & is_sink).sum() / n) if n else float("nan")
+
+
 def stability_labels(frequency: np.ndarray, variance: np.ndarray, spec: SinkSpec = SinkSpec()) -> np.ndarray:
     """``str`` labels (:data:`LABELS`, same shape as ``frequency``) from the frequency and variance."""
     freq = np.asarray(frequency)

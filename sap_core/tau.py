@@ -7,13 +7,15 @@ sink, never for a non-sink; the official rule, every position down-weighted, is 
 ``sink_wanda`` / ``sink_sparsegpt``). :func:`calibration_gate` computes, once, what that gate is applied to:
 ``v_j`` for every position of every calibration window at the pruner's noised timesteps, with the
 same code as :func:`sap_core.pruning.prune` (same windows, same noise, same statistics). Its
-:class:`GateData` then answers, for any tau, in numpy only:
+:class:`~sap_core.pruning.record.SinkRecord` (the pruner's own record, kept per layer) then answers, for any
+tau, in numpy only:
 
-* :meth:`GateData.gate`: which positions the gate opens;
-* :meth:`GateData.layer_shares`: per selected layer, the share of that layer's sink occurrences
-  (a position is a sink of layer ``l`` at timestep ``t`` when its mass in layer ``l`` alone passes the
-  sink rule) that fall on gated positions, and the share of the mass those occurrences receive;
-* :meth:`GateData.top_tokens`: the tokens whose sink positions are gated most often, with their text.
+* :meth:`~sap_core.pruning.record.SinkRecord.gate`: which positions the gate opens;
+* :meth:`~sap_core.pruning.record.SinkRecord.layer_shares`: per selected layer, the share of that layer's sink
+  occurrences (a position is a sink of layer ``l`` at timestep ``t`` when its mass in layer ``l`` alone passes
+  the sink rule) that fall on gated positions, and the share of the mass those occurrences receive;
+* :meth:`~sap_core.pruning.record.SinkRecord.top_tokens`: the tokens whose sink positions are gated most often,
+  with their text.
 
 :func:`tau_table` reads a tau sweep (:class:`sap_core.sweep.SweepSpec` with ``sink_taus``) at one
 sparsity and pattern: each gated method's perplexity at every tau, its difference from its ungated
@@ -26,8 +28,6 @@ the noise (2 paired standard errors by default).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
-from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
@@ -43,96 +43,13 @@ from sap_core.sink_report import SinkReport
 from sap_core.sinks import SinkSpec
 
 
-@dataclass(frozen=True, eq=False)
-class GateData:
-    """The gate's inputs on ``N`` calibration windows of ``L`` tokens, ``S`` noised timesteps each.
-
-    * ``ids``: ``int64 [N, L]`` clean window tokens.
-    * ``variance``: ``float64 [N, L]`` ``v_j`` (population variance of ``s_t(j)`` over the timesteps,
-      the score of the mass summed over the selected layers and heads, as the pruner computes it).
-    * ``frequency``: ``float64 [N, L]`` share of the timesteps at which ``j`` is a sink.
-    * ``layers``: the selected model layers; ``layer_occurrences``: ``int64 [Ly, N, L]`` timesteps at
-      which ``j`` is a sink of that layer alone; ``layer_sink_mass``: ``float64 [Ly, N, L]`` the mass
-      ``j`` receives in that layer, summed over those timesteps.
-    """
-
-    spec: SinkSpec
-    calibration: CalibrationSpec
-    ids: np.ndarray
-    variance: np.ndarray
-    frequency: np.ndarray
-    layers: tuple[int, ...]
-    layer_occurrences: np.ndarray
-    layer_sink_mass: np.ndarray
-
-    @property
-    def is_sink(self) -> np.ndarray:
-        """``bool [N, L]``: sink at some timestep (only these can be unstable)."""
-        return self.frequency > 0
-
-    @property
-    def sink_variance(self) -> np.ndarray:
-        """``v_j`` of every (window, position) that is a sink at some timestep: the values tau cuts."""
-        return self.variance[self.is_sink]
-
-    def gate(self, tau: float) -> np.ndarray:
-        """``bool [N, L]``: positions the gated factors down-weight at ``tau``
-        (:func:`sap_core.sinks.position_stats`' gate: the unstable sinks, never a non-sink; at tau = 0
-        every sink)."""
-        return sinks.variance_gate(self.frequency, self.variance, sinks.check_tau(tau, SapError))
-
-    def gated_share(self, tau: float) -> float:
-        """Share of the sink positions (:attr:`is_sink`) that the gate opens at ``tau``."""
-        n = int(self.is_sink.sum())
-        return float((self.gate(tau) & self.is_sink).sum() / n) if n else math.nan
-
-    def layer_shares(self, tau: float) -> pd.DataFrame:
-        """One row per selected layer: ``occurrences`` (sink occurrences of the layer), ``gated`` (those
-        on gated positions), ``occurrence_share`` and ``mass_share`` (share of the mass they receive)."""
-        g = self.gate(tau)[None]
-        occ = self.layer_occurrences.reshape(len(self.layers), -1).sum(1)
-        gated = np.where(g, self.layer_occurrences, 0).reshape(len(self.layers), -1).sum(1)
-        mass = self.layer_sink_mass.reshape(len(self.layers), -1).sum(1)
-        gmass = np.where(g, self.layer_sink_mass, 0).reshape(len(self.layers), -1).sum(1)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            return pd.DataFrame(
-                dict(
-                    layer=list(self.layers),
-                    occurrences=occ,
-                    gated=gated,
-                    occurrence_share=np.where(occ > 0, gated / np.maximum(occ, 1), np.nan),
-                    mass_share=np.where(mass > 0, gmass / np.where(mass > 0, mass, 1), np.nan),
-                )
-            )
-
-    def top_tokens(self, tau: float, decode: Callable[[list[int]], str], n: int = 10) -> pd.DataFrame:
-        """The ``n`` tokens with the most gated sink positions at ``tau``: ``token`` id, ``text``,
-        ``gated`` (gated sink positions), ``sinks`` (sink positions) and ``gated_share``."""
-        sink_ids = self.ids[self.is_sink]
-        gated_ids = self.ids[self.is_sink & self.gate(tau)]
-        tokens, counts = np.unique(gated_ids, return_counts=True)
-        order = np.lexsort((tokens, -counts))[:n]
-        sink_counts = {int(t): int(c) for t, c in zip(*np.unique(sink_ids, return_counts=True))}
-        rows = [
-            dict(
-                token=int(tokens[i]),
-                text=decode([int(tokens[i])]),
-                gated=int(counts[i]),
-                sinks=sink_counts[int(tokens[i])],
-                gated_share=counts[i] / sink_counts[int(tokens[i])],
-            )
-            for i in order
-        ]
-        return pd.DataFrame(rows, columns=["token", "text", "gated", "sinks", "gated_share"])
-
-
 def calibration_gate(
     handle, calibration: CalibrationSpec = CalibrationSpec(), sink: SinkSpec = SinkSpec(), progress: Progress | None = None
-) -> GateData:
+) -> SinkRecord:
     """Run the pruner's calibration stage once (:func:`~sap_core.pruning.record.record_calibration`: same
     windows, noise, passes and statistics as :func:`sap_core.pruning.prune`, with the mass kept per layer)
-    and return what the gate compares with tau (see the module docstring). ``sink.tau`` is not used:
-    every tau is answered afterwards by :class:`GateData`. Raises :class:`PruneSpecError` for a model
+    and return its :class:`~sap_core.pruning.record.SinkRecord`, with each selected layer's own sinks kept (see
+    the module docstring). ``sink.tau`` is not used: every tau is answered afterwards by the record. Raises :class:`PruneSpecError` for a model
     without a mask token or impossible settings, before any forward pass; ``progress`` may raise
     :class:`~sap_core.errors.Cancelled`."""
     if handle.mask_id is None:
@@ -153,28 +70,13 @@ def calibration_gate(
         report(progress, state["done"], total, message)
 
     report(progress, 0, total, "calibration gate")
-    return gate_data(record_calibration(handle, calibration, sink, token_ids, tick, per_layer=True), sink, handle.causal)
+    return record_calibration(handle, calibration, sink, token_ids, tick, per_layer=True)
 
 
-def gate_data(record: SinkRecord, sink: SinkSpec, causal: bool) -> GateData:
-    """The :class:`GateData` read from a calibration record kept per layer (``record.layer_mass``)."""
-    if record.layer_mass is None:
-        raise ValueError("gate_data needs a record with the mass per layer (record_calibration(..., per_layer=True)).")
-    Ly, N, S, L = record.layer_mass.shape
-    occ = np.zeros((Ly, N, L), np.int64)
-    smass = np.zeros((Ly, N, L), np.float64)
-    for i in range(Ly):
-        for n in range(N):
-            flags = sinks.sink_flags(record.layer_mass[i, n], record.sink, causal=causal)
-            occ[i, n] = flags.sum(0)
-            smass[i, n] = np.where(flags, record.layer_mass[i, n], 0.0).sum(0)
-    return GateData(sink, record.calibration, record.ids.numpy(), record.variance, record.frequency, record.layers, occ, smass)
-
-
-def trajectory_sink_variance(report: SinkReport) -> np.ndarray:
-    """``v_j`` of the positions that are a sink at some step of a generation's trajectory (the
-    quantity :attr:`GateData.sink_variance` holds for the calibration windows)."""
-    return np.asarray(report.positions.variance, np.float64)[np.asarray(report.positions.frequency) > 0]
+def trajectory_gate_inputs(report: SinkReport) -> tuple[np.ndarray, np.ndarray]:
+    """``(frequency, variance)`` ``float64 [L]`` of a generation's positions over its trajectory: what the gate
+    would compare with tau there (the calibration windows' are the record's ``frequency`` and ``variance``)."""
+    return np.asarray(report.positions.frequency, np.float64), np.asarray(report.positions.variance, np.float64)
 
 
 # --- tau sweeps -----------------------------------------------------------------------------------

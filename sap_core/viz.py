@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 
+from sap_core import sinks
 from sap_core.sinks import mass_view
 
 STATE_COLORS = {"prompt": "#9e9e9e", "masked": "#e0e0e0", "decoded": "#90caf9", "decoding": "#ff7043", "absent": "#ffffff"}
@@ -269,20 +270,21 @@ FACTOR_SCALE = [
 
 
 def factor_strip(
-    tokens: Sequence[str], mean_score: np.ndarray, gated: np.ndarray, tau: float, window: int = 0, label_below: float = 0.9
+    tokens: Sequence[str], factors: pd.DataFrame, tau: float, window: int = 0, label_below: float = 0.9
 ) -> go.Figure:
     """One calibration window of a pruning run as two strips of its tokens, coloured by the factor each
-    token's layer inputs were multiplied by (mean over the noised timesteps): ``official rule`` (no gate,
-    ``sink_wanda`` / ``sink_sparsegpt``): ``1 − s̄_j`` for every token; ``gated at tau``: ``1 − g_j · s̄_j``,
-    ``g_j`` the variance gate (``gated``: its unstable sinks). Dark = down-weighted, white = untouched.
-    The x axis names the tokens whose official factor is below ``label_below`` (the sinks); the hover shows
-    token, position, score and both factors."""
-    score = np.asarray(mean_score, float)
-    gate = np.asarray(gated, bool)
+    token's layer inputs were multiplied by (mean over the noised timesteps), read from the run's record
+    (:meth:`sap_core.pruning.record.SinkRecord.window_factors`: columns ``mean_score``, ``official``, ``gate``,
+    ``gated``): ``official rule`` (no gate, ``sink_wanda`` / ``sink_sparsegpt``): ``1 − s̄_j`` for every
+    token; ``gated at tau``: ``1 − g_j · s̄_j``, ``g_j`` the variance gate (its unstable sinks). Dark =
+    down-weighted, white = untouched. The x axis names the tokens whose official factor is below
+    ``label_below`` (the sinks); the hover shows token, position, score and both factors."""
+    score = factors["mean_score"].to_numpy(float)
+    official, gated_f = factors["official"].to_numpy(float), factors["gated"].to_numpy(float)
+    gate = factors["gate"].to_numpy(bool)
     n = score.size
-    if len(tokens) != n or gate.size != n:
-        raise ValueError(f"tokens, mean_score and gated must have one entry per position (got {len(tokens)}, {n}, {gate.size})")
-    official, gated_f = 1.0 - score, 1.0 - np.where(gate, score, 0.0)
+    if len(tokens) != n:
+        raise ValueError(f"tokens and factors must have one entry per position (got {len(tokens)}, {n})")
     rows = ["official rule (no gate)", f"gated at tau = {tau:g}"]
     state = np.where(gate, "unstable sink: gated", "not gated")
     custom = np.array(
@@ -622,22 +624,26 @@ def sweep_figure(df: pd.DataFrame, view: str = "delta") -> go.Figure:
 # --- picking tau (sap_core.tau) -------------------------------------------------------------------
 
 
-def tau_variance_figure(calibration: np.ndarray, tau: float, trajectory: np.ndarray | None = None) -> go.Figure:
-    """ECDF of the sink-score variance ``v_j`` of the sink positions of the calibration windows
-    (:attr:`sap_core.tau.GateData.sink_variance`) and, when given, of the current generation's
-    trajectory (:func:`sap_core.tau.trajectory_sink_variance`), with a vertical line at ``tau``: the
-    gate down-weights the sink positions to the right of it (every sink at tau = 0; never a non-sink)."""
+def tau_variance_figure(
+    calibration: tuple[np.ndarray, np.ndarray], tau: float, trajectory: tuple[np.ndarray, np.ndarray] | None = None
+) -> go.Figure:
+    """ECDF of the sink-score variance ``v_j`` of the sink positions of the calibration windows and, when
+    given, of the current generation's trajectory, with a vertical line at ``tau``: the gate down-weights the
+    sink positions to the right of it (every sink at tau = 0; never a non-sink). Each is a ``(frequency,
+    variance)`` pair of per-position arrays (the record's, :func:`sap_core.tau.trajectory_gate_inputs`); the
+    sink positions and the share gated are :func:`sap_core.sinks.sink_variance` and
+    :func:`sap_core.sinks.gated_share`."""
     fig = go.Figure()
-    for name, values, color in (
+    for name, pair, color in (
         ("calibration windows (what the pruner gates)", calibration, "#1f77b4"),
         ("current generation", trajectory, "#d62728"),
     ):
-        if values is None:
+        if pair is None:
             continue
-        v = np.sort(np.asarray(values, float))
+        v = np.sort(sinks.sink_variance(*pair))
         if v.size == 0:
             continue
-        gated = float((v >= tau).mean())
+        gated = sinks.gated_share(*pair, tau)
         fig.add_trace(
             go.Scatter(
                 x=v,
@@ -666,7 +672,7 @@ def tau_variance_figure(calibration: np.ndarray, tau: float, trajectory: np.ndar
 
 def tau_layer_figure(shares: pd.DataFrame, tau: float) -> go.Figure:
     """Per layer, the share of its sink occurrences, and of the mass they receive, that the gate
-    down-weights at ``tau`` (:meth:`sap_core.tau.GateData.layer_shares`)."""
+    down-weights at ``tau`` (:meth:`sap_core.pruning.record.SinkRecord.layer_shares`)."""
     layers = [f"layer {int(l)}" for l in shares["layer"]]
     fig = go.Figure(
         [

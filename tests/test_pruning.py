@@ -16,6 +16,7 @@ from sap_core.models import load_model
 from sap_core.pruning import METHODS, CalibrationSpec, PruneSpec, check_sparsity, prune
 from sap_core.pruning import scores as sc
 from sap_core.pruning import spec as spec_module
+from sap_core.pruning import statistics as stats
 from sap_core.pruning.calibration import calibration_ids, noised_ids, tokenize
 from sap_core.pruning.masks import n_prune, select_mask
 from sap_core.pruning.sparsegpt import Hessian, sparsegpt_prune, sparsegpt_prune_group
@@ -515,9 +516,68 @@ def test_the_pruner_reads_the_row_not_the_name(dlm, monkeypatch):
 
 def test_a_method_row_must_be_consistent():
     with pytest.raises(ValueError, match="inconsistent"):
-        spec_module.Method("x", "gated without weighting", "clean", "wanda", True, "none", gated=True)
+        spec_module.Method("x", "gated without weighting", "clean", stats.WANDA, True, "none", gated=True)
     with pytest.raises(ValueError, match="inconsistent"):
-        spec_module.Method("x", "unknown statistic", "clean", "l1", True)
+        spec_module.Method("x", "a key, not a statistic", "clean", "wanda", True)
+    with pytest.raises(ValueError, match="inconsistent"):
+        spec_module.Method("x", "FLAP masks no single weight", "clean", stats.FLUCTUATION, True)
+    with pytest.raises(ValueError, match="inconsistent"):
+        spec_module.Method("x", "SparseGPT is block-sequential", "noised", stats.HESSIAN, False)
+    with pytest.raises(ValueError, match="inconsistent"):
+        spec_module.Method("x", "magnitude reads no data", "clean", stats.MAGNITUDE, True)
+
+
+def test_the_registry_holds_one_object_per_statistic():
+    """Each statistic is one registered object, and the method table refers to those objects (its ``name``
+    the key shown): adding one is its class and a table row."""
+    assert list(stats.STATISTICS) == ["magnitude", "wanda", "hessian", "fluctuation"]
+    assert [type(s) for s in stats.STATISTICS.values()] == [stats.Magnitude, stats.Wanda, stats.Hessian, stats.Fluctuation]
+    assert {row.statistic for row in spec_module.METHOD_TABLE} == set(stats.STATISTICS.values())
+    for row in spec_module.METHOD_TABLE:
+        assert row.statistic is stats.STATISTICS[row.statistic.name] and row.statistic.words in row.traits
+    assert {row.name for row in spec_module.METHOD_TABLE if row.statistic.compensates} == {
+        "flap",
+        "sink_flap",
+        "gated_sink_flap",
+        "noised_flap",
+    }
+
+
+class _ToyWanda(stats.Statistic):
+    """Wanda's score written again, under another name."""
+
+    name = "toy_wanda"
+    words = "toy: |W| times the column norm"
+
+    def weight_scores(self, W, norms):
+        return W.abs().float() * norms.to(W.device)[None, :]
+
+
+class _ToyReversed(stats.Statistic):
+    """Prunes the weights Wanda keeps: the negated Wanda score."""
+
+    name = "toy_reversed"
+    words = "toy: −|W| times the column norm"
+
+    def weight_scores(self, W, norms):
+        return -(W.abs().float() * norms.to(W.device)[None, :])
+
+
+def test_a_statistic_registered_in_a_test_prunes_through_the_engine(dlm, monkeypatch):
+    monkeypatch.setattr(stats, "STATISTICS", dict(stats.STATISTICS))  # registered for this test only
+    for cls, name in ((_ToyWanda, "toy_wanda_method"), (_ToyReversed, "toy_reversed_method")):
+        stats.register(cls)
+        row = spec_module.Method(name, cls.__doc__, "clean", stats.STATISTICS[cls.name], True)
+        monkeypatch.setitem(spec_module.METHOD_ROWS, name, row)
+        monkeypatch.setitem(spec_module.METHODS, name, row.description)
+    assert set(stats.STATISTICS) >= {"toy_wanda", "toy_reversed"}
+    wanda = prune(dlm, spec("wanda"))
+    assert_same_weights(prune(dlm, spec("toy_wanda_method")), wanda)  # the same score: the same variant, bit for bit
+    reversed_ = prune(dlm, spec("toy_reversed_method"))
+    assert reversed_.achieved_sparsity == pytest.approx(wanda.achieved_sparsity)
+    first = next(iter(wanda.weights))  # the first block sees the same inputs: its masks are complements
+    kept_w, kept_r = wanda.weights[first] != 0, reversed_.weights[first] != 0
+    assert not (kept_w & kept_r).any() and kept_w.sum() == kept_r.sum()
 
 
 @pytest.mark.parametrize("method", ["sink_wanda", "gated_sink_wanda", "sink_sparsegpt", "gated_sink_sparsegpt"])

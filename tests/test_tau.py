@@ -162,7 +162,7 @@ def test_layer_shares_and_top_tokens_follow_tau(tiny_dlm, gate):
     assert 0 < len(top) <= 5 and list(top["gated"]) == sorted(top["gated"], reverse=True)
     t = top.iloc[0]
     assert t["text"] == tiny_dlm.decode([int(t["token"])])
-    assert t["gated"] == int(((data.ids == t["token"]) & g & data.is_sink).sum()) and t["gated"] <= t["sinks"]
+    assert t["gated"] == int(((data.ids.numpy() == t["token"]) & g & data.is_sink).sum()) and t["gated"] <= t["sinks"]
     with pytest.raises(SapError, match="tau must be"):
         data.gate(-1)
 
@@ -181,10 +181,12 @@ def test_variance_figure_marks_tau_and_both_distributions(gate):
     from sap_core.viz import tau_layer_figure, tau_variance_figure
 
     data, _ = gate
-    traj = data.sink_variance[:5]
-    fig = tau_variance_figure(data.sink_variance, 0.01, traj)
+    traj = (data.frequency[0], data.variance[0])  # one window's positions, as a generation's would be
+    fig = tau_variance_figure((data.frequency, data.variance), 0.01, traj)
     assert len(fig.data) == 2 and len(fig.data[0].x) == data.sink_variance.size
+    assert len(fig.data[1].x) == int((data.frequency[0] > 0).sum())
     assert f"{(data.sink_variance >= 0.01).mean():.0%} gated" in fig.data[0].name
+    assert f"{data.gated_share(0.01):.0%} gated" in fig.data[0].name  # the figure reads the record's share
     assert fig.layout.shapes[0].x0 == 0.01 and "variance" in fig.layout.xaxis.title.text
     bars = tau_layer_figure(data.layer_shares(0.01), 0.01)
     np.testing.assert_allclose(np.asarray(bars.data[0].y, float), data.layer_shares(0.01)["occurrence_share"])
@@ -357,7 +359,7 @@ def test_pick_tau_page_computes_the_gate_redraws_and_runs_a_tau_sweep():
     assert metrics["Gated at this tau"] == f"{gate.gated_share(at.slider(key='tau_pick').value):.0%}"
     top = at.dataframe[0].value
     assert list(top.columns) == ["token", "text", "gated", "sinks", "gated_share"]
-    # Moving tau re-scores the stored variances: same GateData object, no new pass.
+    # Moving tau re-scores the stored variances: same calibration record, no new pass.
     at.slider(key="tau_pick").set_value(0.0).run()
     assert at.session_state["tau_gate"][1] is gate
     assert {m.label: m.value for m in at.metric}["Gated at this tau"] == "100%"

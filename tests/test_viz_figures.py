@@ -131,21 +131,25 @@ def test_factor_strip_from_a_pruning_record(tiny_dlm):
         "gated_sink_wanda", 0.5, sink=SinkSpec(tau=0.05), calibration=CalibrationSpec(nsamples=2, seqlen=32, batch_size=2)
     )
     record = prune(tiny_dlm, spec).calibration
-    score = record.sink_scores[1].mean(0)
-    gate = record.labels[1] == "unstable"
+    factors = record.window_factors(1)
+    score, gate = factors["mean_score"].to_numpy(), factors["gate"].to_numpy()
+    np.testing.assert_allclose(score, record.sink_scores[1].mean(0), rtol=1e-6)  # the mean over the noised timesteps
+    np.testing.assert_array_equal(gate, record.labels[1] == "unstable")  # the variance gate at the run's tau
     tokens = readable_tokens(tiny_dlm.decode, record.ids[1])
-    fig = viz.factor_strip(tokens, score, gate, 0.05, window=1)
+    fig = viz.factor_strip(tokens, factors, 0.05, window=1)
     z = np.asarray(fig.data[0].z, float)
-    np.testing.assert_allclose(z[0], 1 - score)
-    np.testing.assert_allclose(z[1], np.where(gate, 1 - score, 1.0))
+    np.testing.assert_array_equal(z[0], factors["official"])  # the record's factors, drawn as they are
+    np.testing.assert_array_equal(z[1], factors["gated"])
+    np.testing.assert_allclose(z[0], 1 - score, rtol=1e-6)
+    np.testing.assert_allclose(z[1], np.where(gate, 1 - score, 1.0), rtol=1e-6)
     assert (z[1] >= z[0] - 1e-12).all()  # the gate only ever removes down-weighting
     assert list(fig.data[0].y) == ["official rule (no gate)", "gated at tau = 0.05"]
     marked = [int(j) for j in fig.layout.xaxis.tickvals]
-    assert marked == [j for j in range(len(score)) if 1 - score[j] < 0.9]  # the labelled tokens are the down-weighted ones
+    assert marked == [j for j in range(len(score)) if z[0][j] < 0.9]  # the labelled tokens are the down-weighted ones
     assert fig.data[0].customdata[0][3][0] == tokens[3]  # the hover names the token
     assert "window 1" in fig.layout.title.text and f"{int(gate.sum())} gated" in fig.layout.title.subtitle.text
     with pytest.raises(ValueError, match="one entry per position"):
-        viz.factor_strip(tokens[:-1], score, gate, 0.05)
+        viz.factor_strip(tokens[:-1], factors, 0.05)
 
 
 def test_sweep_figure_draws_a_gated_method_at_each_tau_as_its_own_line():

@@ -23,7 +23,7 @@ _LAZY = {
     "PrunedVariant": "variant",
     "check_sparsity": "variant",
     "target_linears": "variant",
-    "CalibrationRecord": "calibration",
+    "CalibrationRecord": "record",
     "SinkRecord": "record",
     "record_calibration": "record",
 }

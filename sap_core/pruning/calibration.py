@@ -1,4 +1,4 @@
-"""Calibration data: token windows from text, forward noising, and the record of what a run used.
+"""Calibration data: token windows from text, and forward noising.
 
 * :func:`calibration_ids`: ``int64 [nsamples, seqlen]`` windows of the tokenized text (no special
   tokens) at random offsets drawn from ``torch.Generator().manual_seed(seed)``, as Wanda/SparseGPT
@@ -11,9 +11,6 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-import numpy as np
 import torch
 
 from sap_core.errors import PruneSpecError
@@ -50,37 +47,3 @@ def noised_ids(clean: torch.Tensor, spec: CalibrationSpec, mask_id: int, generat
     p = torch.tensor([spec.mask_probability(t) for t in steps], dtype=torch.float32)
     u = torch.rand(clean.shape[0], len(steps), clean.shape[1], generator=generator)
     return torch.where(u < p[None, :, None], torch.full_like(clean[:, None], int(mask_id)), clean[:, None])
-
-
-@dataclass
-class CalibrationRecord:
-    """What a pruning run calibrated on, for display and for reproducing it.
-
-    * ``ids``: ``int64 [nsamples, seqlen]`` clean windows.
-    * ``timesteps``: the sampled diffusion timesteps (noised methods), else empty.
-    * ``noised``: ``int64 [nsamples, n_timesteps, seqlen]`` model inputs of the noised methods.
-    * ``mass``: ``float32 [nsamples, n_timesteps, seqlen]`` attention mass each position receives,
-      summed over the selected layers, heads and all queries.
-    * ``sink_scores``: ``float32 [nsamples, n_timesteps, seqlen]`` soft sink score ``s_t(j)``
-      (:func:`sap_core.sinks.sink_scores`).
-    * ``variance``: ``float32 [nsamples, seqlen]`` variance of ``s_t(j)`` over the timesteps.
-    * ``labels``: ``str [nsamples, seqlen]`` none / transient / stable / unstable
-      (:func:`sap_core.sinks.position_stats`).
-    * ``gate``: ``bool [nsamples, seqlen]`` positions the run's factors down-weight: for a gated method the
-      variance gate (unstable sinks, never a non-sink; every sink at tau = 0), for sink_wanda and
-      sink_sparsegpt every position (the official rule), for noised_wanda none.
-    * ``token_weights``: the factor each token's layer inputs were multiplied by:
-      ``[nsamples, n_timesteps, seqlen]`` for the Wanda family (``1 − s_t(j)``; gated: ``1 −
-      g_j·s_t(j)``; noised_wanda: 1) and ``[nsamples, seqlen]`` for the SparseGPT family
-      (``1 − mean_t s_t(j)``; gated: ``1 − g_j·mean_t s_t(j)``). None when no token was weighted.
-    """
-
-    ids: np.ndarray
-    timesteps: list[int]
-    noised: np.ndarray | None = None
-    mass: np.ndarray | None = None
-    sink_scores: np.ndarray | None = None
-    variance: np.ndarray | None = None
-    labels: np.ndarray | None = None
-    gate: np.ndarray | None = None
-    token_weights: np.ndarray | None = None

@@ -21,11 +21,12 @@ from sap_core.errors import PruneSpecError, SapError
 from sap_core.models import placement
 from sap_core.progress import Progress, report
 from sap_core.pruning import scores as sc
-from sap_core.pruning.calibration import CalibrationRecord, calibration_ids, tokenize
+from sap_core.pruning.calibration import calibration_ids, tokenize
 from sap_core.pruning.masks import select_mask
-from sap_core.pruning.record import SinkRecord, record_calibration, scoring_spec
+from sap_core.pruning.record import CalibrationRecord, record_calibration, scoring_spec
 from sap_core.pruning.sparsegpt import Hessian, sparsegpt_prune_group
 from sap_core.pruning.spec import CalibrationSpec, PruneSpec
+from sap_core.pruning.structured import prune_structured
 from sap_core.pruning.variant import PrunedVariant, fingerprint, param_names, target_linears
 
 # --- the run ------------------------------------------------------------------------------------
@@ -94,8 +95,6 @@ def prune(
     spec.validate()
     token_ids = _check_against_model(handle, spec)
     if spec.row.structure != "weights":  # whole channels / heads cut out: a smaller model
-        from sap_core.pruning.structured import prune_structured
-
         return prune_structured(handle, spec, token_ids, progress)
 
     t_start = time.perf_counter()
@@ -127,7 +126,7 @@ def shares_calibration(spec: PruneSpec) -> bool:
     """Whether ``spec``'s run reads what a :class:`~sap_core.pruning.scores.CalibrationCache` keeps: the
     calibration record of the noised passes (and, for the noised Wanda family, its column norms); the
     structured methods calibrate on their own (:mod:`sap_core.pruning.structured`)."""
-    return spec.row.structure == "weights" and spec.row.statistic != "magnitude" and spec.row.needs_noise
+    return spec.row.structure == "weights" and spec.row.needs_noise
 
 
 def calibration_key(spec: PruneSpec) -> tuple:
@@ -159,21 +158,21 @@ def _run(handle, taps, spec: PruneSpec, token_ids, tick, cache=None):
     Calibration is the noised recorded passes (:func:`~sap_core.pruning.record.record_calibration`) only;
     the block-sequential pass is pruning."""
     row, cal = spec.row, spec.calibration
-    if row.statistic == "magnitude":
-        return _magnitude(taps, spec, tick), None, 0, 0.0
+    if not row.statistic.needs_inputs:
+        return _data_free(taps, spec, tick), None, 0, 0.0
     t0 = time.perf_counter()
     record, stats = _calibrate(handle, taps, spec, token_ids, tick, cache)
     t_cal = 0.0 if record is None else time.perf_counter() - t0  # no noised passes: no calibration time
     passes = 0 if record is None else record.passes
     clean = calibration_ids(token_ids, cal)[0] if record is None else record.ids
-    if not row.sequential:  # Wanda statistics of the dense model on noised inputs, weighted per step
-        new = _prune_noised_wanda(taps, stats.norms, spec, tick)
+    if row.reads_noised_norms:  # Wanda statistics of the dense model on noised inputs, weighted per step
+        new = _prune_noised_norms(taps, stats.norms, spec, tick)
         token_weights = stats.token_weights
     else:
         token_weights = record.mean_factors(row.factors, spec.sink.tau) if row.sink_weighting == "mean" else None
         new = _sequential(handle, taps, spec, clean, token_weights, tick)
         passes += 2 * int(np.ceil(cal.nsamples / cal.batch_size))  # block-sequential: stats pass + pruned pass
-    return new, describe_calibration(spec, clean, record, token_weights), passes, t_cal
+    return new, CalibrationRecord.of(spec, clean, record, token_weights), passes, t_cal
 
 
 def _calibrate(handle, taps, spec: PruneSpec, token_ids, tick, cache):
@@ -191,47 +190,51 @@ def _calibrate(handle, taps, spec: PruneSpec, token_ids, tick, cache):
     return cache.noised_wanda(handle, cal, sink, token_ids, row.factors, tick, taps)
 
 
-def _magnitude(taps, spec: PruneSpec, tick) -> dict:
-    new = {}
+def _data_free(taps, spec: PruneSpec, tick) -> dict:
+    """A statistic without inputs (magnitude): each weight scored on its own."""
+    stat, new = spec.row.statistic, {}
     for i, tap in enumerate(taps):
         for name, lin in tap.linears.items():
-            new[(i, name)] = _apply_mask(lin.weight, lin.weight.abs().float(), spec.sparsity, spec.nm)
+            new[(i, name)] = _apply_mask(lin.weight, stat.weight_scores(lin.weight, None), spec.sparsity, spec.nm)
         tick(1, f"block {i + 1}/{len(taps)} pruned")
     return new
 
 
-def _prune_noised_wanda(taps, norms, spec: PruneSpec, tick) -> dict:
-    new = {}
+def _prune_noised_norms(taps, norms, spec: PruneSpec, tick) -> dict:
+    """Every block scored from the column norms of the dense model on the noised windows."""
+    stat, new = spec.row.statistic, {}
     for i, tap in enumerate(taps):
         for names, block_norms in norms[i].items():
             for name in names:
                 W = tap.weight(name)
-                new[(i, name)] = _apply_mask(W, W.abs().float() * block_norms.to(W.device)[None, :], spec.sparsity, spec.nm)
+                new[(i, name)] = _apply_mask(W, stat.weight_scores(W, block_norms), spec.sparsity, spec.nm)
         tick(1, f"block {i + 1}/{len(taps)} pruned")
     return new
 
 
 def _sequential(handle, taps, spec: PruneSpec, clean, token_weights, tick) -> dict:
-    """The block-sequential sweep of the wanda / hessian statistic, inputs scaled by ``token_weights``."""
-    sparsity, nm = spec.sparsity, spec.nm
-    if spec.row.statistic == "wanda":
+    """The block-sequential sweep of the row's statistic, inputs scaled by ``token_weights``: a scoring
+    statistic masks each weight by its score from the column norms, a reconstructing one (SparseGPT) solves
+    the layer again from its Hessian."""
+    stat, sparsity, nm = spec.row.statistic, spec.sparsity, spec.nm
+    if not stat.reconstructs:
 
         def make_stat(cols, device):
             return sc.ColumnSquares(cols, device)
 
-        def prune_group(i, names, weights, stat):
-            norms = stat.norm()
-            return [_apply_mask(W, W.abs().float() * norms.to(W.device)[None, :], sparsity, nm) for W in weights]
-    else:  # hessian
+        def prune_group(i, names, weights, acc):
+            norms = acc.norm()
+            return [_apply_mask(W, stat.weight_scores(W, norms), sparsity, nm) for W in weights]
+    else:
 
         def make_stat(cols, device):
             return Hessian(cols, device)
 
-        def prune_group(i, names, weights, stat):
+        def prune_group(i, names, weights, acc):
             if sparsity == 0 and nm is None:
                 return [W.detach() for W in weights]
             return sparsegpt_prune_group(
-                weights, stat.matrix(), sparsity, nm, spec.blocksize, spec.percdamp, spec.sparsegpt_selection
+                weights, acc.matrix(), sparsity, nm, spec.blocksize, spec.percdamp, spec.sparsegpt_selection
             )
 
     return sc.sequential_sweep(handle, clean, make_stat, prune_group, spec.calibration.batch_size, token_weights, tick, taps)
@@ -242,22 +245,3 @@ def _apply_mask(W: torch.Tensor, score: torch.Tensor, sparsity: float, nm) -> to
     if sparsity == 0 and nm is None:
         return W.detach()
     return W.masked_fill(select_mask(score, sparsity, nm).to(W.device), 0)
-
-
-def describe_calibration(spec: PruneSpec, clean: torch.Tensor, record: SinkRecord | None, token_weights) -> CalibrationRecord:
-    """What the run calibrated on (``variant.calibration``), read from its calibration record."""
-    cal = spec.calibration
-    if record is None:
-        return CalibrationRecord(ids=clean.numpy(), timesteps=[])
-    factors, tau = spec.row.factors, spec.sink.tau
-    return CalibrationRecord(
-        ids=clean.numpy(),
-        timesteps=cal.timesteps,
-        noised=record.noised.numpy(),
-        mass=record.mass,
-        sink_scores=record.scores.astype(np.float32),
-        variance=record.variance.astype(np.float32),
-        labels=record.labels(spec.sink),
-        gate=record.factor_gate(factors, tau),  # explicit: the variance gate for a gated row, every position (official) or none
-        token_weights=token_weights,
-    )

@@ -36,20 +36,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from sap_core import sinks
-from sap_core.pruning.record import SinkRecord, record_calibration, scoring_spec
+from sap_core.pruning.record import SinkRecord, TokenFactors, Weighting, record_calibration, scoring_spec, weighting
 from sap_core.pruning.spec import METHOD_ROWS
 from sap_core.pruning.taps import BlockTap, Group, Tick, chunks, embed, make_taps
 from sap_core.sinks import SinkSpec
 
 # --- noised Wanda family: column norms from the calibration record's passes ---------------------
-
-Weighting = tuple[str, float]  # (a method row's factors, tau: read only by "gated")
-
-
-def weighting(factors: str, tau: float) -> Weighting:
-    """The key of a row's token factors: tau only matters to the gated ones."""
-    return (factors, float(tau) if factors == "gated" else 0.0)
 
 
 def _accumulate(acc: dict[Group, torch.Tensor], groups: list[tuple[Group, torch.Tensor]], w: np.ndarray) -> None:
@@ -72,46 +64,18 @@ class NoisedStats:
     token_weights: np.ndarray
 
 
-class WandaNorms:
+class WandaNorms(TokenFactors):
     """The ``on_pass`` callback of :func:`~sap_core.pruning.record.record_calibration` that accumulates the
-    noised Wanda family's column norms for several weightings from the same passes. An ungated weighting
-    scales each chunk as soon as it is scored; a gated one needs the sample's variance, so it holds the
-    sample's chunks (references to the block inputs) until its last chunk."""
+    noised Wanda family's column norms for several weightings from the same passes (each chunk's inputs scaled
+    by the weighting's token factors, :class:`~sap_core.pruning.record.TokenFactors`)."""
 
     def __init__(self, weightings: list[Weighting], n_blocks: int):
-        if not weightings:
-            raise ValueError("WandaNorms needs at least one weighting.")
-        self.weightings = list(weightings)
+        super().__init__(weightings)
         self.norms: list[list[dict[Group, torch.Tensor]]] = [[{} for _ in range(n_blocks)] for _ in self.weightings]
-        self.token_weights: np.ndarray | None = None
-        self._pending: list = []
 
-    def _add(self, k: int, inputs: list, w: np.ndarray) -> None:
+    def consume(self, k: int, inputs: list, w: np.ndarray) -> None:
         for acc, groups in zip(self.norms[k], inputs):
             _accumulate(acc, groups, w)
-
-    def __call__(self, n: int, c0: int, c1: int, inputs: list, record) -> None:
-        N, S, L = record.shape
-        if self.token_weights is None:
-            self.token_weights = np.zeros((len(self.weightings), N, S, L), np.float32)
-        gated = [factors == "gated" for factors, _ in self.weightings]
-        for k, (factors, _) in enumerate(self.weightings):
-            if not gated[k]:
-                w = self.token_weights[k, n, c0:c1] = sinks.step_factors(
-                    record.scores[n, c0:c1], sinks.factor_gate(factors, np.zeros(L, bool))
-                )
-                self._add(k, inputs, w)
-        if not any(gated):
-            return
-        self._pending.append((c0, c1, inputs))
-        if c1 < S:
-            return
-        for k, (factors, tau) in enumerate(self.weightings):  # the sample's last chunk: its variance is known
-            if gated[k]:
-                w = self.token_weights[k, n] = sinks.step_factors(record.scores[n], record.gate(tau)[n])
-                for p0, p1, held in self._pending:
-                    self._add(k, held, w[p0:p1])
-        self._pending = []
 
     def result(self, k: int) -> NoisedStats:
         return NoisedStats(self.norms[k], self.token_weights[k])
@@ -238,7 +202,7 @@ class CalibrationCache:
         """Announce a coming run of :class:`~sap_core.pruning.PruneSpec` ``spec``: a noised Wanda
         method's weighting is then computed in the first pass of its key (other methods: no-op)."""
         row = METHOD_ROWS[spec.method]
-        if row.sequential or row.statistic != "wanda" or row.structure != "weights":  # structured runs calibrate on their own
+        if not row.reads_noised_norms:  # block-sequential rows, magnitude and the structured rows (own calibration)
             return
         planned = self._planned.setdefault(self._key(handle, spec.calibration, spec.sink), [])
         w = weighting(row.factors, spec.sink.tau)

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 from sap_core import ASSETS
 from sap_core.errors import PruneSpecError, SapError
+from sap_core.pruning.statistics import FLUCTUATION, HESSIAN, MAGNITUDE, WANDA, Statistic
 from sap_core.sinks import SinkSpec
 
 DEFAULT_CALIBRATION = ASSETS / "text" / "calibration.txt"
@@ -27,8 +28,10 @@ class Method:
 
     * ``data``: the inputs the weight statistic is taken on: ``"none"`` (no calibration), ``"clean"``
       (calibration windows) or ``"noised"`` (the windows corrupted at the sampled diffusion timesteps).
-    * ``statistic``: ``"magnitude"`` (``|W|``), ``"wanda"`` (``|W|·‖X_c‖₂``) or ``"hessian"`` (SparseGPT's
-      OBS reconstruction from ``X^T X``).
+    * ``statistic``: what the weights are scored with, one object of
+      :data:`~sap_core.pruning.statistics.STATISTICS`: magnitude (``|W|``), wanda (``|W|·‖X_c‖₂``), hessian
+      (SparseGPT's OBS reconstruction from ``X^T X``) or fluctuation (FLAP, channels only); its ``name`` is
+      the key shown and written.
     * ``sequential``: block by block, each block's statistic taken on the outputs of the already-pruned
       blocks (else every statistic comes from the dense model).
     * ``sink_weighting``: how sink tokens scale the layer inputs: ``"none"``, ``"step"`` (each timestep's
@@ -36,8 +39,7 @@ class Method:
       the official sink-aware SparseGPT). A weighting needs the noised passes for its sink scores.
     * ``structure``: what is removed: ``"weights"`` (single weights set to zero; the model keeps its shape)
       or ``"channels"`` (whole MLP channels, and attention heads when ``PruneSpec.heads > 0``, cut out of the
-      model, which becomes smaller: :mod:`sap_core.pruning.structured`). ``statistic`` ``"fluctuation"``
-      (FLAP: variance of a channel's input × squared norm of its output column) exists only for channels.
+      model, which becomes smaller: :mod:`sap_core.pruning.structured`), one of the statistic's ``structures``.
     * ``gated``: the variance gate decides which positions are down-weighted: only the unstable sinks
       (a sink at some timestep with variance ``>= SinkSpec.tau``), never a non-sink; ungated methods
       down-weight every position by its score (the official rule), whatever ``tau``. At ``tau = 0`` the
@@ -48,7 +50,7 @@ class Method:
     name: str
     description: str
     data: str
-    statistic: str
+    statistic: Statistic
     sequential: bool
     sink_weighting: str = "none"
     gated: bool = False
@@ -56,17 +58,17 @@ class Method:
 
     def __post_init__(self) -> None:
         structured = self.structure == "channels"
+        stat = self.statistic
         if (
             self.data not in ("none", "clean", "noised")
-            or self.statistic not in ("magnitude", "wanda", "hessian", "fluctuation")
+            or not isinstance(stat, Statistic)
             or self.sink_weighting not in ("none", "step", "mean")
             or (self.gated and self.sink_weighting == "none")
-            or self.structure not in ("weights", "channels")
-            or (self.statistic == "fluctuation" and not structured)
-            or (
-                structured
-                and (self.sequential or self.sink_weighting == "mean" or self.statistic not in ("wanda", "fluctuation"))
-            )
+            or self.structure not in stat.structures
+            or stat.needs_inputs != (self.data != "none")
+            or (stat.reconstructs and not self.sequential)
+            or (not structured and stat.needs_inputs and not self.sequential and not self.needs_noise)
+            or (structured and (self.sequential or self.sink_weighting == "mean"))
         ):
             raise ValueError(f"inconsistent method row {self!r}")
 
@@ -85,12 +87,7 @@ class Method:
         data = {"none": "no calibration data", "clean": "clean calibration windows", "noised": "noised calibration windows"}[
             self.data
         ]
-        stat = {
-            "magnitude": "|W|",
-            "wanda": "Wanda column norms",
-            "hessian": "SparseGPT Hessian",
-            "fluctuation": "FLAP input variance × output column norm²",
-        }[self.statistic]
+        stat = self.statistic.words
         if self.structure == "channels":
             stat = f"whole MLP channels / heads removed, {stat}"
         order = "block-sequential" if self.sequential else "dense model"
@@ -104,6 +101,12 @@ class Method:
         return " · ".join((data, stat, order, weighting))
 
     @property
+    def reads_noised_norms(self) -> bool:
+        """Scores single weights from the dense model's column norms on the noised windows (the noised Wanda
+        family: :class:`~sap_core.pruning.scores.WandaNorms`), not block by block."""
+        return self.structure == "weights" and not self.sequential and self.needs_noise
+
+    @property
     def factors(self) -> str:
         """The token factors :mod:`sap_core.pruning.scores` computes: ``"none"``, ``"official"``
         (``1 − s``, every position) or ``"gated"`` (``1 − g·s``)."""
@@ -114,14 +117,14 @@ class Method:
 
 # Order: baselines, the paper's methods, the project's additions.
 METHOD_TABLE: tuple[Method, ...] = (
-    Method("magnitude", "|W|, no data", "none", "magnitude", False),
-    Method("wanda", "|W|·‖X_j‖₂ on clean calibration text, block-sequential (Wanda)", "clean", "wanda", True),
-    Method("sparsegpt", "second-order (OBS) reconstruction, block-sequential (SparseGPT)", "clean", "hessian", True),
+    Method("magnitude", "|W|, no data", "none", MAGNITUDE, False),
+    Method("wanda", "|W|·‖X_j‖₂ on clean calibration text, block-sequential (Wanda)", "clean", WANDA, True),
+    Method("sparsegpt", "second-order (OBS) reconstruction, block-sequential (SparseGPT)", "clean", HESSIAN, True),
     Method(
         "sink_wanda",
         "Wanda on noised inputs, each token scaled by 1 − sink score (official sink-aware Wanda)",
         "noised",
-        "wanda",
+        WANDA,
         False,
         "step",
     ),
@@ -129,7 +132,7 @@ METHOD_TABLE: tuple[Method, ...] = (
         "sink_sparsegpt",
         "SparseGPT with inputs scaled by 1 − mean sink score (official sink-aware SparseGPT)",
         "clean",
-        "hessian",
+        HESSIAN,
         True,
         "mean",
     ),
@@ -137,7 +140,7 @@ METHOD_TABLE: tuple[Method, ...] = (
         "gated_sink_wanda",
         "sink_wanda, down-weighting only unstable sinks (variance ≥ tau)",
         "noised",
-        "wanda",
+        WANDA,
         False,
         "step",
         gated=True,
@@ -146,18 +149,18 @@ METHOD_TABLE: tuple[Method, ...] = (
         "gated_sink_sparsegpt",
         "sink_sparsegpt, down-weighting only unstable sinks (variance ≥ tau)",
         "clean",
-        "hessian",
+        HESSIAN,
         True,
         "mean",
         gated=True,
     ),
-    Method("noised_wanda", "control: Wanda statistics on the same noised inputs, no sink weighting", "noised", "wanda", False),
+    Method("noised_wanda", "control: Wanda statistics on the same noised inputs, no sink weighting", "noised", WANDA, False),
     # Structured: whole MLP channels (and heads, PruneSpec.heads) cut out; the model gets smaller and faster.
     Method(
         "struct_wanda",
         "structured: removes MLP channels / heads by Σ|W|·‖X‖ over the structure (Wanda-sp)",
         "clean",
-        "wanda",
+        WANDA,
         False,
         structure="channels",
     ),
@@ -165,7 +168,7 @@ METHOD_TABLE: tuple[Method, ...] = (
         "flap",
         "structured: removes MLP channels / heads by input variance × ‖output column‖² (FLAP)",
         "clean",
-        "fluctuation",
+        FLUCTUATION,
         False,
         structure="channels",
     ),
@@ -173,7 +176,7 @@ METHOD_TABLE: tuple[Method, ...] = (
         "sink_struct_wanda",
         "struct_wanda on noised inputs, each token scaled by 1 − sink score",
         "noised",
-        "wanda",
+        WANDA,
         False,
         "step",
         structure="channels",
@@ -182,7 +185,7 @@ METHOD_TABLE: tuple[Method, ...] = (
         "sink_flap",
         "flap on noised inputs, each token weighted by 1 − sink score",
         "noised",
-        "fluctuation",
+        FLUCTUATION,
         False,
         "step",
         structure="channels",
@@ -191,7 +194,7 @@ METHOD_TABLE: tuple[Method, ...] = (
         "gated_sink_struct_wanda",
         "sink_struct_wanda, down-weighting only unstable sinks (variance ≥ tau)",
         "noised",
-        "wanda",
+        WANDA,
         False,
         "step",
         gated=True,
@@ -201,7 +204,7 @@ METHOD_TABLE: tuple[Method, ...] = (
         "gated_sink_flap",
         "sink_flap, down-weighting only unstable sinks (variance ≥ tau)",
         "noised",
-        "fluctuation",
+        FLUCTUATION,
         False,
         "step",
         gated=True,
@@ -211,7 +214,7 @@ METHOD_TABLE: tuple[Method, ...] = (
         "noised_struct_wanda",
         "control: struct_wanda on the same noised inputs, no sink weighting",
         "noised",
-        "wanda",
+        WANDA,
         False,
         structure="channels",
     ),
@@ -219,7 +222,7 @@ METHOD_TABLE: tuple[Method, ...] = (
         "noised_flap",
         "control: flap on the same noised inputs, no sink weighting",
         "noised",
-        "fluctuation",
+        FLUCTUATION,
         False,
         structure="channels",
     ),
@@ -479,7 +482,7 @@ class PruneSpec:
             )
         if structured and self.pattern.strip().lower() != "unstructured":
             raise PruneSpecError(f"{self.method} removes whole channels; an N:M pattern ({self.pattern}) does not apply to it.")
-        if self.bias_compensation and row.statistic != "fluctuation":
+        if self.bias_compensation and not row.statistic.compensates:
             raise PruneSpecError(
                 f"bias_compensation is FLAP's (flap, sink_flap, gated_sink_flap); {self.method} does not compensate."
             )

@@ -13,6 +13,9 @@ inputs on the calibration windows (``X``: a linear's inputs, one row per token, 
 * ``fluctuation`` (FLAP): ``Var_w(a_j) · ‖W_out[:, j]‖²``, ``Var_w`` the ``w``-weighted variance over the
   calibration tokens of the channel's input ``a_j`` (summed over a head's columns for a head).
 
+Each is its statistic's :meth:`~sap_core.pruning.statistics.Statistic.structure_scores`
+(:mod:`sap_core.pruning.statistics`); this module takes the moments they read and cuts the model.
+
 Each block keeps its ``round((1 − ratio)·n)`` best channels (and heads), so the saved config stays a standard
 one with a smaller ``mlp_hidden_size`` / ``intermediate_size``. FLAP's bias compensation adds the removed
 channels' mean contribution ``W_out[:, removed] · E_w[a_removed]`` to the output projection's bias; it is
@@ -35,11 +38,11 @@ import pandas as pd
 import torch
 from torch import nn
 
-from sap_core import sinks
 from sap_core.errors import PruneSpecError
+from sap_core.models import placement
 from sap_core.progress import Progress, report
 from sap_core.pruning.calibration import calibration_ids
-from sap_core.pruning.record import record_calibration
+from sap_core.pruning.record import CalibrationRecord, TokenFactors, record_calibration, weighting
 from sap_core.pruning.spec import PruneSpec
 from sap_core.pruning.taps import chunks, embed, make_taps
 from sap_core.pruning.variant import PrunedVariant, fingerprint, same_weights
@@ -158,16 +161,14 @@ class Moments:
         return (self.squares / self.weight.clamp_min(1e-12) - self.mean() ** 2).clamp_min(0.0)
 
 
-class StructStats:
+class StructStats(TokenFactors):
     """Moments of every block's input groups; as an ``on_pass`` callback of
     :func:`~sap_core.pruning.record.record_calibration` it weights each step's tokens by the row's sink factors
-    (a gated row holds a sample's chunks until its variance gate is known, as the noised Wanda family does)."""
+    (:class:`~sap_core.pruning.record.TokenFactors`, as the noised Wanda family does)."""
 
     def __init__(self, n_blocks: int, factors: str = "none", tau: float = 0.0):
+        super().__init__([weighting(factors, tau)])
         self.moments: list[dict[tuple[str, ...], Moments]] = [{} for _ in range(n_blocks)]
-        self.factors, self.tau = factors, tau
-        self.token_weights: np.ndarray | None = None
-        self._pending: list = []
 
     def add(self, inputs: list, w: np.ndarray | None) -> None:
         for acc, groups in zip(self.moments, inputs):
@@ -176,22 +177,8 @@ class StructStats:
                     acc[names] = Moments(x.shape[-1], x.device)
                 acc[names].add(x, None if w is None else torch.from_numpy(np.ascontiguousarray(w)))
 
-    def __call__(self, n: int, c0: int, c1: int, inputs: list, record) -> None:
-        N, S, L = record.shape
-        if self.token_weights is None:
-            self.token_weights = np.ones((N, S, L), np.float32)
-        if self.factors != "gated":
-            gate = sinks.factor_gate(self.factors, np.zeros(L, bool))
-            w = self.token_weights[n, c0:c1] = sinks.step_factors(record.scores[n, c0:c1], gate)
-            self.add(inputs, w)
-            return
-        self._pending.append((c0, c1, inputs))
-        if c1 < S:
-            return
-        w = self.token_weights[n] = sinks.step_factors(record.scores[n], record.gate(self.tau)[n])
-        for p0, p1, held in self._pending:
-            self.add(held, w[p0:p1])
-        self._pending = []
+    def consume(self, k: int, inputs: list, w: np.ndarray) -> None:
+        self.add(inputs, w)
 
     def of(self, block: int, name: str) -> Moments:
         """The moments of the input ``name`` (a linear inside the block) reads."""
@@ -210,17 +197,6 @@ def clean_stats(handle, taps, clean: torch.Tensor, batch_size: int, tick) -> Str
         del inputs, h
         tick(b - a, f"windows {a + 1}–{b} of {clean.shape[0]}")
     return stats
-
-
-def channel_scores(statistic: str, W_gate, W_up, W_out, x_in: Moments, x_out: Moments) -> torch.Tensor:
-    """``float64 [channels]``: the score of each column of ``W_out`` with its rows of ``W_gate`` / ``W_up``
-    (``W_gate``/``W_up`` may be lists of row-blocks sharing the input ``x_in``; ``x_out``: ``W_out``'s input)."""
-    Wo = W_out.double()
-    if statistic == "fluctuation":
-        return x_out.variance() * Wo.pow(2).sum(0)
-    n_in = x_in.norm()
-    rows = sum(W.double().abs() @ n_in for W in (W_gate, W_up))
-    return rows + x_out.norm() * Wo.abs().sum(0)
 
 
 def keep_best(scores: torch.Tensor, remove: int) -> torch.Tensor:
@@ -265,9 +241,7 @@ def prune_structured(handle, spec: PruneSpec, token_ids: list[int], progress: Pr
         for i, tap in enumerate(taps):
             kept.append(_prune_block(tap, stats, i, plan, spec, prefixes[i], weights))
             tick(1, f"block {i + 1}/{n_blocks} pruned")
-    from sap_core.pruning.engine import describe_calibration
-
-    token_weights = None if record is None else stats.token_weights
+    token_weights = None if record is None else stats.token_weights[0]
     seconds = time.perf_counter() - t_start
     return StructuredVariant(
         spec,
@@ -276,7 +250,7 @@ def prune_structured(handle, spec: PruneSpec, token_ids: list[int], progress: Pr
         seconds,
         {"calibration": t_cal, "pruning": seconds - t_cal},
         0 if record is None else record.passes,
-        describe_calibration(spec, clean, record, token_weights),
+        CalibrationRecord.of(spec, clean, record, token_weights),
         handle.source,
         layer_sparsity=_removed_frame(taps, plan),
         dense_fingerprint=dense,
@@ -294,7 +268,7 @@ def _prune_block(tap, stats: StructStats, i: int, plan: Plan, spec: PruneSpec, p
     lay, stat = plan.layout, spec.row.statistic
     lin = tap.linears
     x_in, x_a = stats.of(i, lay.gate), stats.of(i, lay.out)
-    scores = channel_scores(stat, lin[lay.gate].weight, lin[lay.up].weight, lin[lay.out].weight, x_in, x_a)
+    scores = stat.structure_scores([lin[lay.gate].weight, lin[lay.up].weight], lin[lay.out].weight, x_in, x_a)
     keep = keep_best(scores, plan.channels)
     _cut(out, prefix, lin[lay.gate], lay.gate, rows=keep)
     _cut(out, prefix, lin[lay.up], lay.up, rows=keep)
@@ -303,12 +277,7 @@ def _prune_block(tap, stats: StructStats, i: int, plan: Plan, spec: PruneSpec, p
     if plan.heads:
         q, k, v, o = lay.attn
         x_q, x_o = stats.of(i, q), stats.of(i, o)
-        Wo = lin[o].weight.double()
-        if stat == "fluctuation":
-            cols = x_o.variance() * Wo.pow(2).sum(0)
-        else:
-            rows = sum(lin[n].weight.double().abs() @ x_q.norm() for n in (q, k, v))
-            cols = rows + x_o.norm() * Wo.abs().sum(0)
+        cols = stat.structure_scores([lin[n].weight for n in (q, k, v)], lin[o].weight, x_q, x_o)
         head_keep = keep_best(cols.reshape(plan.n_heads, plan.head_dim).sum(1), plan.heads)
         idx = (head_keep[:, None] * plan.head_dim + torch.arange(plan.head_dim, device=head_keep.device)).reshape(-1)
         for n in (q, k, v):
@@ -385,6 +354,16 @@ class StructuredVariant(PrunedVariant):
             changes.update(n_heads=kept, n_kv_heads=kept, head_dim=plan.head_dim)
         return changes
 
+    def removed_summary(self, handle) -> str:
+        plan = self.plan
+        dense = sum(p.numel() for p in handle.module.parameters())
+        removed = int(self.layer_sparsity["zeros"].sum())
+        heads = f" and {plan.heads} of {plan.n_heads} heads" if plan.heads else ""
+        return (
+            f"removed {plan.channels} of {plan.hidden} MLP channels{heads} per block · "
+            f"{dense - removed:,} parameters (dense {dense:,}, {removed / dense:.1%} fewer)"
+        )
+
     def summary(self) -> dict:
         out = super().summary()
         out.update(
@@ -398,8 +377,6 @@ class StructuredVariant(PrunedVariant):
         return out
 
     def _params(self, module: nn.Module) -> dict:
-        from sap_core.models import placement
-
         placement.require_resident(module, "put a structured variant into this model")
         if self.dense_fingerprint is not None and not same_weights(self.dense_fingerprint, fingerprint(module)):
             raise PruneSpecError(

@@ -26,8 +26,8 @@ from torch import nn
 from sap_core.errors import OutputPathError, PruneSpecError
 from sap_core.files import atomic_directory, check_output_dir, write_error
 from sap_core.memory import human
-from sap_core.models import ModelHandle, placement
-from sap_core.pruning.calibration import CalibrationRecord
+from sap_core.models import BUILTIN_MODELS, ModelHandle, placement
+from sap_core.pruning.record import CalibrationRecord
 from sap_core.pruning.spec import STRUCTURED, PruneSpec
 
 # --- which weights ------------------------------------------------------------------------------
@@ -149,8 +149,6 @@ def is_variant_dir(path: Path) -> bool:
 
 
 def _model_dir(handle) -> Path | None:
-    from sap_core.models import BUILTIN_MODELS
-
     source = BUILTIN_MODELS.get(str(handle.source), Path(str(handle.source)).expanduser())
     return source.resolve() if source.is_dir() else None
 
@@ -222,8 +220,9 @@ class PrunedVariant:
     * ``weights``: ``{parameter name: new weight}`` for every pruned linear, on the dense weight's
       device and dtype. ``modules``: ``[(block, module, parameter name)]`` in model order.
     * ``layer_sparsity``: per (block, module) DataFrame as :func:`check_sparsity`.
-    * ``calibration``: a :class:`CalibrationRecord` (ids, noised inputs, sink scores, variance,
-      labels, and ``token_weights``: the per-token down-weighting factors), None for magnitude.
+    * ``calibration``: a :class:`~sap_core.pruning.record.CalibrationRecord`, the run's view of its calibration
+      record (ids, noised inputs, sink scores, variance, labels, gate, and ``token_weights``: the per-token
+      down-weighting factors), None for magnitude.
     """
 
     spec: PruneSpec
@@ -264,7 +263,7 @@ class PrunedVariant:
         if spec.method in STRUCTURED:
             rows["MLP channels removed"] = f"{spec.sparsity:.2f}"
             rows["heads removed"] = f"{spec.heads:.2f}"
-            if spec.row.statistic == "fluctuation":
+            if spec.row.statistic.compensates:
                 rows["bias compensation"] = "yes" if spec.bias_compensation else "no"
             rows["removed parameters (pruned layers)"] = f"{self.achieved_sparsity:.3f}"
         else:
@@ -282,10 +281,15 @@ class PrunedVariant:
             )
         if spec.row.gated:
             rows["variance threshold tau"] = f"{sink.tau:g}"
-        if spec.row.statistic == "hessian":
+        if spec.row.statistic.reconstructs:
             rows["SparseGPT block size / dampening"] = f"{spec.blocksize} columns / {spec.percdamp:g}"
         rows["time"] = f"{self.seconds:.1f} s"
         return pd.DataFrame({"value": list(rows.values())}, index=list(rows))
+
+    def removed_summary(self, handle) -> str:
+        """What the variant took away, in words: its zero weights (a structured variant: the channels and heads
+        removed per block, and its parameter count against ``handle``'s dense model)."""
+        return f"achieved sparsity {self.achieved_sparsity:.3f}"
 
     def summary(self) -> dict:
         spec = self.spec
