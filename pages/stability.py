@@ -1,8 +1,6 @@
 """Sink stability: tune the sink rule and the variance threshold on the stored trajectory."""
 
-import tempfile
 from dataclasses import replace
-from pathlib import Path
 
 import streamlit as st
 
@@ -226,7 +224,7 @@ def rescore() -> None:
 
     c1, c2 = st.columns(2)
     c1.download_button("Download positions (CSV)", positions.to_csv(index=False), "sink_positions.csv", "text/csv")
-    c2.download_button("Download full report (JSON)", _report_json(report), "sink_report.json", "application/json")
+    c2.download_button("Download full report (JSON)", report.json_text(), "sink_report.json", "application/json")
 
 
 def _layers(traj, spec: SinkSpec):
@@ -248,12 +246,6 @@ def _token_texts(traj, ids) -> list[str]:
         cached = (id(traj), readable_tokens(handle.decode, ids))
         st.session_state["_stability_tokens"] = cached
     return cached[1]
-
-
-def _report_json(report) -> str:
-    with tempfile.TemporaryDirectory() as tmp:
-        report.to_json(Path(tmp) / "report.json")
-        return (Path(tmp) / "report.json").read_text()
 
 
 rescore()

@@ -23,7 +23,7 @@ from sap_core.pruning.spec import GATED, PATTERNS
 from sap_core.pruning.variant import weights_fingerprint, weights_restored
 from sap_core.sinks import parse_taus
 from sap_core.sweep import EvalSpec, run_sweep
-from sap_core.tau import best_taus, calibration_gate, tau_sweep_spec, tau_table, trajectory_gate_inputs
+from sap_core.tau import best_tau_sentences, best_taus, calibration_gate, tau_sweep_spec, tau_table, trajectory_gate_inputs
 
 st.header("Pick tau")
 handle = active_model()
@@ -148,22 +148,8 @@ if result is not None and result[0] == model_choice():
         + (" (the run started since was cancelled)." if cancel.cancelled else ".")
     )
     st.plotly_chart(viz.tau_sweep_figure(table, best))
-    for _, b in best.iterrows():
-        diff = (
-            f"Δnll = {b['delta_nll']:+.4f} ± {b['se_paired']:.4f} nats/token (paired SE, z = {b['z']:+.1f}) against "
-            f"{b['official']} (official rule, no gate; {b['official_ppl']:.2f})"
-        )
-        if b["beats_official"]:
-            line = f"**{b['method']}**: best tau = {b['tau']:g}, perplexity {b['ppl']:.2f}; {diff}"
-        else:
-            line = (
-                f"**{b['method']}**: no tau beats {b['official']} beyond 2 paired standard errors, so none is marked best; "
-                f"the lowest perplexity, {b['ppl']:.2f} at tau = {b['tau']:g}, is within the noise: {diff}"
-            )
-        for ref in ("wanda", "noised_wanda"):
-            if f"delta_{ref}" in b and b[f"delta_{ref}"] == b[f"delta_{ref}"]:
-                line += f"; against {ref} {b[f'delta_{ref}']:+.4f} ± {b[f'se_{ref}']:.4f}"
-        st.markdown(line + ".")
+    for sentence in best_tau_sentences(best):
+        st.markdown(sentence)
     number = st.column_config.NumberColumn
     st.dataframe(
         table.drop(columns=["label"]),

@@ -15,8 +15,11 @@ same), like every mass figure in :mod:`sap_core.viz`, sent as one byte per value
 
 from __future__ import annotations
 
+import base64
 import bisect
+import html as html_lib
 import io
+import json
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -25,9 +28,11 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from PIL import Image, ImageDraw, ImageFont
 
 from sap_core.errors import SapError
 from sap_core.files import atomic_write_bytes
+from sap_core.models import load_tokenizer, read_config, resolve_source
 from sap_core.sinks import STATES
 from sap_core.viz import MASS_SCALE, STATE_COLORS, uniform_multiple
 
@@ -79,8 +84,6 @@ def readable_tokens(decode: Callable[[list[int]], str], ids: Sequence[int]) -> l
 
 def tokenizer_texts(source: str | Path, ids: Sequence[int]) -> list[str]:
     """:func:`readable_tokens` with the tokenizer of a model directory or built-in name (weights are not loaded)."""
-    from sap_core.models import load_tokenizer, read_config, resolve_source
-
     path = resolve_source(source)
     tokenizer = load_tokenizer(path, read_config(path).get("model_type"))
     return readable_tokens(lambda i: tokenizer.decode(i, skip_special_tokens=False), ids)
@@ -262,8 +265,6 @@ def explorer_data(
     (the HTML export). ``head_mass``: the trajectory's record ``[S, layers, heads, L]``; with it the page
     carries every analysed head's mass (one byte each, :func:`head_step_mass`) at :func:`head_view_steps`
     for its layer × head grid."""
-    import base64
-
     tokens = _check_tokens(report, tokens)
     li = _layer_index(report, spec.layer)
     L = report.length
@@ -346,9 +347,6 @@ def explorer_html(
     slider and play/pause move through the steps in the browser. The app shows this page as a
     component (``start_step``, ``follow_box``, ``about``, ``head_mass``: see :func:`explorer_data`);
     :func:`write_animation` saves it."""
-    import html as html_lib
-    import json
-
     data = json.dumps(
         explorer_data(report, tokens, spec, max_values, start_step, follow_box, about, head_mass),
         separators=(",", ":"),
@@ -413,8 +411,6 @@ _FONT_FILES = ("/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf", "DejaVuSans.tt
 
 
 def _font(size: int):
-    from PIL import ImageFont
-
     for name in _FONT_FILES:
         try:
             return ImageFont.truetype(name, size)
@@ -456,8 +452,6 @@ def gif_frames(report, tokens: Sequence[str] | None = None, spec: AnimationSpec 
     """One Pillow image per step: the mass each position receives (bars, × uniform, one colour range
     for all steps unless ``spec.color_range`` is per-step), coloured by the position's state, sinks
     in red with a marker, the tokens written under the bars (rotated) and the step in the title."""
-    from PIL import Image, ImageDraw
-
     tokens = _check_tokens(report, tokens)
     S, L = report.n_steps, report.length
     mult = step_mass(report)

@@ -27,8 +27,7 @@ class AttentionRecorder:
     """
 
     def __init__(self, chunk_size: int = 128, full_map: tuple[int, int] | None = None):
-        if chunk_size < 1:
-            raise ValueError("chunk_size must be >= 1")
+        assert chunk_size >= 1, chunk_size
         self.chunk_size = chunk_size
         self.full_map = full_map
         self.passes: list[torch.Tensor] = []
@@ -51,8 +50,7 @@ class AttentionRecorder:
 
     def end_pass(self) -> torch.Tensor:
         """Stack the layers of the pass just run into ``[B, layers, heads, S]`` and keep it."""
-        if not self._layers:
-            raise RuntimeError("no attention was recorded in this pass")
+        assert self._layers, "no attention was recorded in this pass (the model's attention layers call add)"
         out = torch.stack([self._layers[i] for i in sorted(self._layers)], dim=1)
         self.passes.append(out)
         self._layers = {}

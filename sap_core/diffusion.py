@@ -40,6 +40,8 @@ import torch
 
 from sap_core.attention import AttentionRecorder
 from sap_core.errors import DecodeSpecError, SapError
+from sap_core.files import atomic_write, is_special
+from sap_core.memory import check_capture, free_memory, release_freed
 from sap_core.models import ModelHandle
 from sap_core.progress import Progress, report
 
@@ -239,8 +241,6 @@ class Trajectory:
     def save(self, path) -> Path:
         """Write to ``.npz`` (arrays plus the spec) atomically and return the path written: ``path``, with
         ``.npz`` appended when it lacks it. :meth:`load` reads it back (and accepts either form)."""
-        from sap_core.files import atomic_write
-
         arrays = {k: getattr(self, k) for k in ARRAYS}
         if self.mass is not None:
             arrays["mass"] = self.mass
@@ -325,8 +325,6 @@ INFLATION_EXEMPT = 64 * 2**20
 
 def _check_inflation(archive: zipfile.ZipFile, members: dict, path: Path) -> None:
     """Refuse members whose declared size is far beyond their stored size, or beyond the free RAM."""
-    from sap_core.memory import free_memory
-
     total = 0
     for info in archive.infolist():
         name = info.filename[:-4]
@@ -351,8 +349,6 @@ def _check_inflation(archive: zipfile.ZipFile, members: dict, path: Path) -> Non
 def npz_path(path) -> Path:
     """``path`` as :meth:`Trajectory.save` writes it: with the ``.npz`` suffix numpy adds (a device or FIFO,
     such as ``/dev/null``, is written as it is)."""
-    from sap_core.files import is_special
-
     path = Path(path)
     return path if path.suffix == ".npz" or is_special(path) else path.with_name(path.name + ".npz")
 
@@ -442,8 +438,6 @@ def generate(
     cannot fit (``allow_large_capture=True`` overrides). The record is
     preallocated and filled step by step (the recorder keeps no copy), and freed memory is handed back
     to the system afterwards, so a long-running app does not grow with every capture."""
-    from sap_core.memory import check_capture, release_freed
-
     prompt_ids = prompt_token_ids(handle, prompt)
     spec.validate(handle.causal, len(prompt_ids), handle.max_length, handle.family)
     spec = replace(spec, sampler=spec.sampler_for(handle.family))  # the trajectory records the sampler that ran

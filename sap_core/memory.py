@@ -5,9 +5,15 @@ All figures are bytes and upper-bound estimates of the dominant terms (not alloc
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import os
 import sys
 from dataclasses import dataclass
+
+import torch
+
+from sap_core.errors import MemoryGuardError
 
 
 @dataclass(frozen=True)
@@ -37,10 +43,6 @@ def available(device) -> tuple[int, str]:
     """Free memory on ``device`` in bytes and what it is: free CUDA memory on a GPU
     (``torch.cuda.mem_get_info``), else the host's available RAM (``MemAvailable`` in /proc/meminfo,
     or free pages where there is no /proc)."""
-    import os
-
-    import torch
-
     device = torch.device(device)
     if device.type == "cuda" and torch.cuda.is_available():
         free, _ = torch.cuda.mem_get_info(device)
@@ -115,8 +117,6 @@ def free_memory(device) -> tuple[int, int | None]:
         ram = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     vram = None
     if getattr(device, "type", str(device)) == "cuda":
-        import torch
-
         vram = int(torch.cuda.mem_get_info(device)[0])
     return ram, vram
 
@@ -135,8 +135,6 @@ def check_allocation(
     :data:`GUARD_SHARE` of what is free now, before anything is allocated. ``what`` names the work and
     its parts, ``fix`` says what to change; ``allow=True`` is the explicit override; ``free`` replaces the
     measured ``(ram, vram)`` (tests)."""
-    from sap_core.errors import MemoryGuardError
-
     ram, vram = free_memory(device if device is not None else "cpu") if free is None else free
     problems = []
     if host > GUARD_SHARE * ram:
@@ -217,9 +215,6 @@ def release_freed() -> None:
 
 
 def _libc():
-    import ctypes
-    import ctypes.util
-
     if not sys.platform.startswith("linux"):
         return None
     try:

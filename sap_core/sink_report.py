@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 
 from sap_core.errors import SinkSpecError
 from sap_core.sinks import (
@@ -138,8 +139,6 @@ class SinkReport:
     # tables
     def positions_frame(self):
         """One row per position: token, prompt flag, decoded_at, existence, mean mass and stability."""
-        import pandas as pd
-
         p = self.positions
         return pd.DataFrame(
             {
@@ -159,8 +158,6 @@ class SinkReport:
 
     def steps_frame(self):
         """One row per (step, layer): dominant position, centroid, number of sinks (layer -1 = aggregate)."""
-        import pandas as pd
-
         S, n = self.n_steps, len(self.layers)
         layer_ids = np.array([AGGREGATE] + list(self.layers), dtype=np.int64)
         dom = np.concatenate([self.dominant[:, None], self.layer_dominant], axis=1)
@@ -179,8 +176,6 @@ class SinkReport:
 
     def layers_frame(self):
         """One row per layer (first row: aggregate, layer -1) with the :class:`Instability` figures."""
-        import pandas as pd
-
         rows = [asdict(self.aggregate)] + [asdict(x) for x in self.per_layer]
         frame = pd.DataFrame(rows)
         return frame.astype({"layer": np.int64, "sink_steps": np.int64})
@@ -188,8 +183,6 @@ class SinkReport:
     def scores_frame(self, layer: int | None = None):
         """Long table of one (step, position) per row: state, raw and viewed mass, score, sink flag.
         ``layer`` = a selected model layer, or None for the aggregate."""
-        import pandas as pd
-
         if layer is None or layer == AGGREGATE:
             mass, scores, sink = self.mass, self.scores, self.is_sink
         else:
@@ -232,10 +225,15 @@ class SinkReport:
         return directory
 
     def to_json(self, path: str | Path) -> Path:
-        """Write the report as JSON: the spec, the trajectory facts and the reduced mass (from which
-        :meth:`from_json` recomputes every field exactly), plus the position and layer tables for
-        readers. ``NaN`` is written as ``null``."""
+        """Write :meth:`json_text` to ``path``; :meth:`from_json` reads it back."""
         path = Path(path)
+        path.write_text(self.json_text())
+        return path
+
+    def json_text(self) -> str:
+        """The report as JSON text (what :meth:`to_json` writes and the app downloads): the spec, the
+        trajectory facts and the reduced mass (from which :meth:`from_json` recomputes every field exactly),
+        plus the position and layer tables for readers. ``NaN`` is written as ``null``."""
         doc = {
             "format": "sinkscope.sink_report/1",
             "spec": self.spec.to_dict(),
@@ -253,8 +251,7 @@ class SinkReport:
                 "layers": json_records(self.layers_frame()),
             },
         }
-        path.write_text(json.dumps(doc, allow_nan=False))
-        return path
+        return json.dumps(doc, allow_nan=False)
 
     @classmethod
     def from_json(cls, path: str | Path) -> SinkReport:
@@ -297,8 +294,6 @@ def json_records(frame) -> list:
 
 def read_csv(directory: str | Path) -> dict:
     """Load what :meth:`SinkReport.to_csv` wrote: the four DataFrames and ``"spec"`` (a SinkSpec)."""
-    import pandas as pd
-
     directory = Path(directory)
     out: dict = {}
     for name in ("positions", "steps", "layers", "scores"):
@@ -450,8 +445,6 @@ class SinkComparison:
     def frame(self):
         """Per-layer instability side by side: one row per layer (first: aggregate, layer -1),
         columns ``<label>_<metric>`` for :data:`COMPARE_METRICS`. Layers only one model has are NaN there."""
-        import pandas as pd
-
         parts = []
         for label, report in zip(self.labels, self.reports):
             f = report.layers_frame().set_index("layer")[list(COMPARE_METRICS)]

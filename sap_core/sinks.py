@@ -184,6 +184,36 @@ def parse_taus(values: Any, error: type[SapError] = SinkSpecError) -> tuple[floa
     return tuple(check_tau(t, error) for t in taus)
 
 
+_REAL_FIELDS = ("k", "alpha", "epsilon", "stable_min_frequency")
+# The range of each bounded field, checked in this order: (field, accepts the value, what it must be, the
+# message's end after "(got value)").
+_RANGES = (
+    ("alpha", lambda v: v > 0, "> 0", "; it is the sigmoid slope, 5 by default."),
+    ("epsilon", lambda v: v >= 0, ">= 0", "; it is a margin above the others' mean."),
+    ("stable_min_frequency", lambda v: 0 < v <= 1, "in (0, 1]", "; 0.5 means 'a sink at most steps'."),
+    ("top_k", lambda v: v >= 1, "a whole number >= 1", "."),  # already an integer (checked with the types)
+)
+
+
+def _index_tuple(name: str, value: Any) -> tuple[int, ...]:
+    """A ``layers`` / ``heads`` selection as a tuple of distinct ints (one int is a one-item list);
+    anything else raises :class:`SinkSpecError` with one line."""
+    if isinstance(value, (int, np.integer)):
+        value = (value,)
+    try:
+        items = tuple(value)
+    except TypeError:
+        items = (None,)
+    if isinstance(value, str) or not all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in items):
+        raise SinkSpecError(f"{name} must be a list of integer indices or None for all (got {value!r}).")
+    indices = tuple(int(v) for v in items)
+    if not indices:
+        raise SinkSpecError(f"{name} is empty: select at least one, or None for all.")
+    if len(set(indices)) != len(indices):
+        raise SinkSpecError(f"{name} lists an index twice ({list(indices)}); list each once.")
+    return indices
+
+
 @dataclass(frozen=True)
 class SinkSpec:
     """Settings of the sink analysis. Defaults reproduce the official Sink-Aware Pruning code.
@@ -211,52 +241,38 @@ class SinkSpec:
     normalize: str = "raw"
     top_k: int = 4
 
-    def __post_init__(self) -> None:  # noqa: C901 (one check per field, in order)
+    def __post_init__(self) -> None:
         for name in ("layers", "heads"):
-            value = getattr(self, name)
-            if value is not None:
-                if isinstance(value, (int, np.integer)):
-                    value = (value,)
-                try:
-                    items = tuple(value)
-                except TypeError:
-                    items = (None,)
-                if isinstance(value, str) or not all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in items):
-                    raise SinkSpecError(f"{name} must be a list of integer indices or None for all (got {value!r}).")
-                value = tuple(int(v) for v in items)
-                if not value:
-                    raise SinkSpecError(f"{name} is empty: select at least one, or None for all.")
-                if len(set(value)) != len(value):
-                    raise SinkSpecError(f"{name} lists an index twice ({list(value)}); list each once.")
-                object.__setattr__(self, name, value)
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, _index_tuple(name, getattr(self, name)))
+        self._check_types()
+        self._check_values()
+
+    def _check_types(self) -> None:
+        """Text, number and whole-number fields hold values of their type (one line each, in field order)."""
         for name in ("rule", "normalize"):
             if not isinstance(getattr(self, name), str):
                 raise SinkSpecError(f"{name} must be text (got {getattr(self, name)!r}).")
         check_tau(self.tau)
-        for name in ("k", "alpha", "epsilon", "stable_min_frequency"):
+        for name in _REAL_FIELDS:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, numbers.Real):
                 raise SinkSpecError(f"{name} must be a number (got {value!r}).")
         if isinstance(self.top_k, bool) or not isinstance(self.top_k, numbers.Integral):
             raise SinkSpecError(f"top_k must be a whole number >= 1 (got {self.top_k!r}).")
+
+    def _check_values(self) -> None:
+        """Each field's value is in its range (the fields' types are already checked)."""
         if self.rule not in RULES:
             raise SinkSpecError(f"rule must be one of {', '.join(RULES)} (got '{self.rule}').")
         if self.normalize not in VIEWS:
             raise SinkSpecError(f"normalize must be one of {', '.join(VIEWS)} (got '{self.normalize}').")
-        check_tau(self.tau)
-        for name in ("k", "alpha", "epsilon", "stable_min_frequency"):
+        for name in _REAL_FIELDS:
             if not np.isfinite(float(getattr(self, name))):
                 raise SinkSpecError(f"{name} must be a finite number (got {getattr(self, name)}).")
-        if self.alpha <= 0:
-            raise SinkSpecError(f"alpha must be > 0 (got {self.alpha}); it is the sigmoid slope, 5 by default.")
-        if self.epsilon < 0:
-            raise SinkSpecError(f"epsilon must be >= 0 (got {self.epsilon}); it is a margin above the others' mean.")
-        if not 0 < self.stable_min_frequency <= 1:
-            raise SinkSpecError(
-                f"stable_min_frequency must be in (0, 1] (got {self.stable_min_frequency}); 0.5 means 'a sink at most steps'."
-            )
-        if int(self.top_k) != self.top_k or self.top_k < 1:
-            raise SinkSpecError(f"top_k must be a whole number >= 1 (got {self.top_k}).")
+        for name, ok, must, end in _RANGES:
+            if not ok(getattr(self, name)):
+                raise SinkSpecError(f"{name} must be {must} (got {getattr(self, name)}){end}")
 
     def to_dict(self) -> dict:
         d = asdict(self)

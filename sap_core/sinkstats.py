@@ -37,8 +37,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from sap_core.diffusion import DecodeSpec
+from sap_core.attention import AttentionRecorder
+from sap_core.diffusion import DecodeSpec, generate
 from sap_core.errors import SapError
+from sap_core.evaluate import load_text, windows
 from sap_core.files import atomic_write_text
 from sap_core.progress import Progress, report
 from sap_core.sink_report import SinkReport, analyze, json_records
@@ -80,8 +82,6 @@ def evaluation_prompts(handle, n: int, prompt_tokens: int = 16, text: str | None
     """``n`` prompts of ``prompt_tokens`` tokens each: windows spread evenly over ``text`` (default:
     the shipped evaluation text, read as :mod:`sap_core.evaluate` reads it), decoded back to text so
     that models with other tokenizers get the same words."""
-    from sap_core.evaluate import load_text, windows
-
     if n < 2:
         raise SinkStatsError(f"Give at least 2 prompts (got {n}): a standard error needs two.")
     if prompt_tokens < 1:
@@ -220,9 +220,6 @@ def run_sinkstats(
     before any decoding. ``progress(done, total, message)`` is called once per generation step of
     each run; raising :class:`~sap_core.errors.Cancelled` from it stops the run (nothing is changed).
     """
-    from sap_core.attention import AttentionRecorder
-    from sap_core.diffusion import generate
-
     if bool(first.causal) == bool(second.causal):
         kind = "causal" if first.causal else "masked-diffusion"
         raise SinkStatsError(f"Both models are {kind}; compare one masked-diffusion model (DLM) with one causal model (AR).")

@@ -22,7 +22,7 @@ sparsity and pattern: each gated method's perplexity at every tau, its differenc
 twin (the official rule) with the paired standard error, and the ``wanda`` / ``noised_wanda`` rows as
 references; :func:`best_taus`
 picks the lowest-perplexity tau of each gated method and says whether it beats the official twin beyond
-the noise (2 paired standard errors by default).
+the noise (2 paired standard errors by default); :func:`best_tau_sentences` says so in words.
 """
 
 from __future__ import annotations
@@ -174,6 +174,30 @@ def best_taus(table: pd.DataFrame, df: pd.DataFrame | None = None, threshold: fl
                 row[f"se_{ref}"] = paired_se_if_known(estimates.get(str(best["label"])), estimates.get(str(r["label"])))
         out.append(row)
     return pd.DataFrame(out)
+
+
+def best_tau_sentences(best: pd.DataFrame) -> list[str]:
+    """One Markdown sentence per row of :func:`best_taus`: the best tau and its perplexity when it beats the
+    official twin beyond the noise, else that none is marked best; then the paired difference from the twin
+    and from each reference (:data:`REFERENCES`) the row has."""
+    sentences = []
+    for _, b in best.iterrows():
+        diff = (
+            f"Δnll = {b['delta_nll']:+.4f} ± {b['se_paired']:.4f} nats/token (paired SE, z = {b['z']:+.1f}) against "
+            f"{b['official']} (official rule, no gate; {b['official_ppl']:.2f})"
+        )
+        if b["beats_official"]:
+            line = f"**{b['method']}**: best tau = {b['tau']:g}, perplexity {b['ppl']:.2f}; {diff}"
+        else:
+            line = (
+                f"**{b['method']}**: no tau beats {b['official']} beyond 2 paired standard errors, so none is marked best; "
+                f"the lowest perplexity, {b['ppl']:.2f} at tau = {b['tau']:g}, is within the noise: {diff}"
+            )
+        for ref in REFERENCES:
+            if f"delta_{ref}" in b and b[f"delta_{ref}"] == b[f"delta_{ref}"]:  # present and not NaN
+                line += f"; against {ref} {b[f'delta_{ref}']:+.4f} ± {b[f'se_{ref}']:.4f}"
+        sentences.append(line + ".")
+    return sentences
 
 
 def tau_sweep_spec(methods, sparsity: float, pattern: str, taus, sink: SinkSpec, calibration=None, eval=None):

@@ -13,9 +13,14 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
+from plotly.subplots import make_subplots
 
 from sap_core import sinks
-from sap_core.sinks import mass_view
+from sap_core.evaluate import DENSE, paired_se_if_known
+from sap_core.sink_report import METRIC_TITLES
+from sap_core.sinks import VIEW_NOTES, mass_view
+from sap_core.sinkstats import STATISTICS
+from sap_core.sweep import series
 
 STATE_COLORS = {"prompt": "#9e9e9e", "masked": "#e0e0e0", "decoded": "#90caf9", "decoding": "#ff7043", "absent": "#ffffff"}
 PAIR_COLORS = ("#1f77b4", "#d62728")  # AR, DLM (or first, second) wherever two models are compared
@@ -207,8 +212,6 @@ def position_stability(positions: pd.DataFrame, tau: float) -> go.Figure:
 def comparison_bars(frame: pd.DataFrame, labels: Sequence[str], metric: str = "dominant_var") -> go.Figure:
     """A metric per layer for two reports side by side (e.g. AR against DLM); ``frame`` is
     :meth:`sap_core.sink_report.SinkComparison.frame`."""
-    from sap_core.sink_report import METRIC_TITLES
-
     title = METRIC_TITLES.get(metric, metric)
     x = ["all" if l == -1 else str(l) for l in frame["layer"]]
     fig = go.Figure(
@@ -395,8 +398,6 @@ def sweep_deltas(df: pd.DataFrame) -> pd.DataFrame:
     one ``sqrt(se² + se_dense²)`` (``paired`` False: a causal model, or a CSV without its estimates); ``z``;
     ``rel_ppl`` = ppl/ppl_dense − 1 = exp(delta_nll) − 1 and its ±2 SE interval ``rel_lo``, ``rel_hi``.
     Empty without a dense row."""
-    from sap_core.evaluate import DENSE, paired_se_if_known
-
     cols = ["method", "pattern", "sparsity", "label", "delta_nll", "se", "paired", "z", "rel_ppl", "rel_lo", "rel_hi"]
     dense = df[df["method"] == DENSE] if df is not None and len(df) else df
     if dense is None or dense.empty:
@@ -560,9 +561,6 @@ def sweep_figure(df: pd.DataFrame, view: str = "delta") -> go.Figure:
     are spread a little sideways so that their error bars stay readable (the hover shows the row's
     ``label``, true sparsity and, in the delta view, the difference in nats/token with its SE and z).
     """
-    from sap_core.evaluate import DENSE
-    from sap_core.sweep import series
-
     if view not in SWEEP_VIEWS:
         raise ValueError(f"view must be one of {SWEEP_VIEWS} (got {view!r})")
     fig = go.Figure()
@@ -811,10 +809,6 @@ def sink_trajectory_pair(reports: dict, normalize: str = "raw") -> go.Figure:
     one whose argmax is the dominant position ``d_t``, traced in red). Positions a causal model has
     not fed yet are blank. The colour range runs from 0 to the 99th percentile of both panels, so
     one extreme cell does not wash out the rest."""
-    from plotly.subplots import make_subplots
-
-    from sap_core.sinks import VIEW_NOTES, mass_view
-
     labels = list(reports)
     views = [mass_view(r.mass, normalize, r.valid_length, r.causal, absent=np.nan) for r in reports.values()]
     finite = np.concatenate([v[np.isfinite(v)] for v in views])
@@ -875,10 +869,6 @@ def sinkstats_figure(summary: pd.DataFrame, labels: Sequence[str]) -> go.Figure:
     """Across-prompt statistics per layer with ±1 standard-error bars: one panel per statistic, one
     series per model (``labels`` = (DLM, AR), drawn AR first in the AR and DLM colours), from :meth:`sap_core.sinkstats.SinkStats.summary`. Layer "all"
     is the aggregate over the selected layers (the Sink stability page's figures)."""
-    from plotly.subplots import make_subplots
-
-    from sap_core.sinkstats import STATISTICS
-
     stats = list(STATISTICS)
     fig = make_subplots(
         rows=2, cols=2, subplot_titles=[STATISTICS[s] for s in stats], vertical_spacing=0.2, horizontal_spacing=0.08

@@ -361,6 +361,7 @@ def test_exports_load_back(tmp_path):
     for name, frame in frames.items():
         pd.testing.assert_frame_equal(back[name], frame, check_dtype=False)
     loaded = SinkReport.from_json(report.to_json(tmp_path / "report.json"))
+    assert (tmp_path / "report.json").read_text() == report.json_text()  # the Sink stability page's download
     assert loaded.spec == report.spec and loaded.layers == report.layers and loaded.aggregate == report.aggregate
     for name in ("mass", "layer_mass", "scores", "is_sink", "dominant", "centroid", "layer_scores", "state", "weights", "labels"):
         assert np.array_equal(

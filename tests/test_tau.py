@@ -197,7 +197,7 @@ def test_variance_figure_marks_tau_and_both_distributions(gate):
 
 def test_tau_table_and_best_tau(both_ways):
     from sap_core.sweep import paired_se
-    from sap_core.tau import best_taus, tau_table
+    from sap_core.tau import best_tau_sentences, best_taus, tau_table
     from sap_core.viz import tau_sweep_figure
 
     _, df, _ = both_ways
@@ -227,6 +227,9 @@ def test_tau_table_and_best_tau(both_ways):
     assert b["delta_nll"] == pytest.approx(gated["nll"].min() - o["nll"])
     w = df[at & (df["method"] == "wanda")].iloc[0]
     assert b["delta_wanda"] == pytest.approx(gated["nll"].min() - w["nll"]) and b["se_wanda"] > 0
+    sentence = dict(zip(best["method"], best_tau_sentences(best)))["gated_sink_wanda"]  # what Pick tau shows
+    assert sentence.startswith("**gated_sink_wanda**: ") and sentence.endswith(f"± {b['se_noised_wanda']:.4f}.")
+    assert ("best tau =" in sentence) == bool(b["beats_official"]) and f"; against wanda {b['delta_wanda']:+.4f}" in sentence
     assert len(tau_table(df, 0.5, "2:4")) == 10  # 2 gated methods x (official + 3 taus) + 2 references
     fig = tau_sweep_figure(table, best)
     names = [t.name for t in fig.data]

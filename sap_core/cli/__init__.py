@@ -14,13 +14,16 @@ One module per subcommand (its ``add_parser(sub)`` and ``cmd_*``); :mod:`sap_cor
 from __future__ import annotations
 
 import os
+import signal
 import sys
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 
 from sap_core.cli import analyze, animate, evaluate, generate, prune, sinkstats, sweep
 from sap_core.cli.common import DEFAULT_PROMPT, EXIT_USAGE, Bar, Parser, UsageError
 from sap_core.cli.sweep import save_figure
+from sap_core.errors import SapError
 
 __all__ = ["DEFAULT_PROMPT", "EXIT_USAGE", "Bar", "Parser", "Terminated", "UsageError", "build_parser", "main", "save_figure"]
 
@@ -48,9 +51,6 @@ def _on_sigterm(signum, frame):
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    import signal
-    import threading
-
     parser = build_parser()
     previous = None
     if threading.current_thread() is threading.main_thread():
@@ -69,8 +69,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.dup2(devnull, sys.stdout.fileno())
         return 0
     except Exception as exc:
-        from sap_core.errors import SapError
-
         if isinstance(exc, SapError):
             message = " ".join(str(exc).split()) or type(exc).__name__
             print(f"error: {message}", file=sys.stderr)

@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
+import numpy as np
+
 from sap_core.cli import common
+from sap_core.errors import SapError
+from sap_core.files import atomic_write
 
 
 def add_parser(sub) -> None:
@@ -28,8 +33,6 @@ def add_parser(sub) -> None:
 
 
 def cmd_analyze(args) -> int:
-    from sap_core.errors import SapError
-
     # Cheap checks first: a wrong path fails before torch is imported.
     if args.trajectory and args.prompt:
         raise SapError("Give either --trajectory or --prompt, not both.")
@@ -38,6 +41,7 @@ def cmd_analyze(args) -> int:
             f"No trajectory at '{args.trajectory}'; write one with 'generate --record-attention --trajectory {args.trajectory}'."
         )
     common.check_outputs(args)
+    # lazy: --help must not import torch
     from sap_core.diffusion import Trajectory
     from sap_core.sink_report import analyze
 
@@ -51,6 +55,7 @@ def cmd_analyze(args) -> int:
             )
         source = str(path)
     else:
+        # lazy: --help must not import torch
         from sap_core.attention import AttentionRecorder
         from sap_core.diffusion import generate
 
@@ -68,8 +73,6 @@ def cmd_analyze(args) -> int:
         source = args.model
     report = analyze(traj, sink_spec)
     if args.out:
-        from sap_core.files import atomic_write
-
         atomic_write(args.out, report.to_json)
         print(f"wrote {args.out} (load with sap_core.sink_report.SinkReport.from_json)", file=sys.stderr)
     if args.csv:
@@ -83,10 +86,6 @@ def cmd_analyze(args) -> int:
 
 def _report_summary(report, source: str) -> dict:
     """A short JSON view of a SinkReport: the aggregate instability, label counts, the sink positions."""
-    from dataclasses import asdict
-
-    import numpy as np
-
     labels = report.labels
     counts = {name: int((labels == name).sum()) for name in ("stable", "transient", "unstable", "none")}
     order = np.argsort(-report.positions.frequency, kind="stable")

@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 from sap_core.cli import common
+from sap_core.errors import SapError
 
 
 def add_parser(sub) -> None:
@@ -42,13 +43,12 @@ def add_parser(sub) -> None:
 
 
 def cmd_animate(args) -> int:
-    from sap_core.errors import SapError
-
     path = Path(args.trajectory)
     if not path.is_file():
         raise SapError(f"No trajectory at '{path}'; write one with 'generate --record-attention --trajectory {path}'.")
     if Path(args.out).suffix.lower() not in (".gif", ".html", ".htm"):
         raise SapError(f"--out '{args.out}' must end in .gif or .html (the extension picks the format).")
+    # lazy: --help must not import torch
     from sap_core import animation
     from sap_core.diffusion import Trajectory
     from sap_core.sink_report import analyze

@@ -7,8 +7,18 @@ import argparse
 import json
 import math
 import sys
+from dataclasses import asdict
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from sap_core.errors import SapError
+from sap_core.files import atomic_write_text, check_output_dir, check_output_file
+from sap_core.pruning.spec import check_sparsity
+from sap_core.sinks import SinkSpec, parse_taus
 
 EXIT_USAGE = 2
 
@@ -36,8 +46,6 @@ class Bar:
     def __call__(self, done: int, total: int, message: str = "") -> None:
         if not self.enabled:
             return
-        from tqdm import tqdm
-
         if self.bar is None or self.bar.total != total or done < self.bar.n:
             self.close()
             self.bar = tqdm(total=total, desc=self.desc, file=sys.stderr, dynamic_ncols=True, leave=False)
@@ -69,9 +77,6 @@ def names(text: str) -> list[str]:
 
 
 def fraction(text: str) -> float:
-    from sap_core.errors import SapError
-    from sap_core.pruning.spec import check_sparsity
-
     try:
         value = float(text)
     except ValueError:
@@ -83,9 +88,6 @@ def fraction(text: str) -> float:
 
 
 def taus(text: str) -> tuple[float, ...]:
-    from sap_core.errors import SapError
-    from sap_core.sinks import parse_taus
-
     try:
         return parse_taus(text)
     except SapError as exc:
@@ -112,8 +114,6 @@ def _indices(text: str) -> tuple[int, ...]:
 def read_text(path: str | None) -> str | None:
     if path is None:
         return None
-    from sap_core.errors import SapError
-
     p = Path(path)
     if not p.is_file():
         raise SapError(f"No text file at '{path}'; give a UTF-8 text file.")
@@ -124,8 +124,6 @@ def read_text(path: str | None) -> str | None:
 
 
 def _jsonable(obj: Any) -> Any:
-    import numpy as np
-
     if isinstance(obj, dict):
         return {str(k): _jsonable(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
@@ -139,8 +137,6 @@ def _jsonable(obj: Any) -> Any:
     if isinstance(obj, Path):
         return str(obj)
     if hasattr(obj, "__dataclass_fields__"):
-        from dataclasses import asdict
-
         return _jsonable(asdict(obj))
     return obj
 
@@ -150,22 +146,16 @@ def write_json(data: dict, out: str | None) -> None:
     if out is None:
         print(text)
         return
-    from sap_core.files import atomic_write_text
-
     path = atomic_write_text(out, text + "\n")
     print(f"wrote {path}", file=sys.stderr)
 
 
 def check_outputs(args) -> None:
     """Every output path of the command can be written: checked before any model is loaded or work done."""
-    from types import SimpleNamespace
-
-    from sap_core.files import check_output_dir, check_output_file
-
     if getattr(args, "out", None):
         check_output_file(args.out, "--out")
     if getattr(args, "trajectory", None) and args.command == "generate":
-        from sap_core.diffusion import npz_path
+        from sap_core.diffusion import npz_path  # lazy: --help must not import torch
 
         check_output_file(npz_path(args.trajectory), "--trajectory")
     if getattr(args, "csv", None):
@@ -173,7 +163,7 @@ def check_outputs(args) -> None:
     if getattr(args, "plot", None):
         check_output_file(args.plot, "--plot")
     if getattr(args, "save", None):
-        from sap_core.pruning.variant import check_save_target
+        from sap_core.pruning.variant import check_save_target  # lazy: --help must not import torch
 
         check_save_target(args.save, SimpleNamespace(source=args.model), overwrite=args.overwrite)
 
@@ -185,13 +175,12 @@ def _prompt(args) -> str | None:
     try:
         args.prompt.encode("utf-8")
     except UnicodeEncodeError as exc:
-        from sap_core.errors import SapError
-
         raise SapError(f"--prompt is not UTF-8 text (character {exc.start}); give UTF-8 text.") from None
     return args.prompt
 
 
 def load(args):
+    # lazy: --help must not import torch
     from transformers.utils import logging as hf_logging
 
     from sap_core.models import load_model
@@ -202,7 +191,7 @@ def load(args):
 
 
 def decode_spec(args):
-    from sap_core.diffusion import DecodeSpec
+    from sap_core.diffusion import DecodeSpec  # lazy: --help must not import torch
 
     _prompt(args)
     return DecodeSpec(
@@ -224,14 +213,12 @@ def decode_spec(args):
 
 
 def sink_spec(args):
-    from sap_core.sinks import SinkSpec
-
     given = {name: getattr(args, f"sink_{name}") for name in SINK_OPTIONS if getattr(args, f"sink_{name}", None) is not None}
     return SinkSpec(**given)
 
 
 def calibration_spec(args):
-    from sap_core.pruning import CalibrationSpec
+    from sap_core.pruning import CalibrationSpec  # lazy: --help must not import torch
 
     given = {
         name: getattr(args, f"calib_{name}")
@@ -242,7 +229,7 @@ def calibration_spec(args):
 
 
 def eval_spec(args):
-    from sap_core.sweep import EvalSpec
+    from sap_core.sweep import EvalSpec  # lazy: --help must not import torch
 
     return EvalSpec(
         seqlen=args.seqlen,

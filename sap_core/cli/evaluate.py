@@ -71,6 +71,7 @@ def check_options(args, defaults: dict) -> None:
 
 
 def cmd_accuracy(args) -> int:
+    # lazy: lm-eval is optional and heavy, and --help must not import torch
     from sap_core.accuracy import accuracy_table, format_table, save_accuracy
     from sap_core.benchmark import BenchSpec, load_variant
     from sap_core.tasks import load_tasks, manager_for
@@ -98,6 +99,7 @@ def cmd_accuracy(args) -> int:
 
 
 def cmd_evaluate(args, defaults: dict) -> int:
+    # lazy: --help must not import torch
     from sap_core.sweep import perplexity
 
     check_options(args, defaults)
@@ -108,7 +110,7 @@ def cmd_evaluate(args, defaults: dict) -> int:
     spec.validate()
     common.check_outputs(args)
     handle = common.load(args)
-    from sap_core.evaluate import check_length
+    from sap_core.evaluate import check_length  # lazy: --help must not import torch
 
     check_length(handle, spec.seqlen, "--seqlen")
     with common.Bar("perplexity", not args.quiet) as bar:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 
 from sap_core.cli import common
+from sap_core.errors import SapError
 
 
 def add_parser(sub) -> None:
@@ -34,6 +35,7 @@ def add_parser(sub) -> None:
 
 
 def cmd_generate(args) -> int:
+    # lazy: --help must not import torch
     from sap_core.attention import AttentionRecorder
     from sap_core.diffusion import generate
 
@@ -69,6 +71,7 @@ def cmd_generate(args) -> int:
 
 
 def _compare(args, handle, spec) -> int:
+    # lazy: --help must not import torch
     from sap_core.compare import compare_generations
     from sap_core.models import load_model
 
@@ -76,8 +79,6 @@ def _compare(args, handle, spec) -> int:
     for source in args.compare:
         other = load_model(source, device=args.device, dtype=args.dtype)
         if len(other.tokenizer) != len(handle.tokenizer) or other.mask_id != handle.mask_id:
-            from sap_core.errors import SapError
-
             raise SapError(
                 f"'{source}' has a different tokenizer from '{args.model}'; compare models of the same family and vocabulary."
             )

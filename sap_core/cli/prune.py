@@ -6,11 +6,10 @@ import dataclasses
 import sys
 
 from sap_core.cli import common
+from sap_core.pruning.spec import METHODS, SPARSEGPT_SELECTIONS  # the method table; light (no torch)
 
 
 def add_parser(sub) -> None:
-    from sap_core.pruning.spec import METHODS, SPARSEGPT_SELECTIONS  # the method table; light (no torch)
-
     p = sub.add_parser(
         "prune",
         help="prune a model and save the variant",
@@ -67,6 +66,7 @@ def add_parser(sub) -> None:
 
 
 def cmd_prune(args) -> int:
+    # lazy: --help must not import torch
     from sap_core.pruning import PruneSpec, check_sparsity, prune
 
     spec = PruneSpec(
@@ -94,6 +94,7 @@ def cmd_prune(args) -> int:
         if args.sparsegpt_selection is not None:
             spec = dataclasses.replace(spec, sparsegpt_selection=args.sparsegpt_selection)
     if args.save:  # now with the loaded model's real directory
+        # lazy: --help must not import torch
         from sap_core.pruning.variant import check_save_target
 
         check_save_target(args.save, handle, overwrite=args.overwrite)

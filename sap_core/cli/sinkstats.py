@@ -6,6 +6,7 @@ import os
 import sys
 
 from sap_core.cli import common
+from sap_core.errors import SapError
 
 
 def add_parser(sub) -> None:
@@ -50,13 +51,12 @@ def add_parser(sub) -> None:
 
 
 def cmd_sinkstats(args) -> int:
-    from sap_core.errors import SapError
-
     if len(args.models) != 2:
         raise SapError(f"--models takes two models, one masked-diffusion and one causal (got {len(args.models)}).")
     prompt_text = common.read_text(args.prompt_file)  # a wrong path fails before torch is imported
     if args.prompt:
         raise SapError("sinkstats runs many prompts: give --prompt-file (one prompt a line) instead of --prompt.")
+    # lazy: --help must not import torch
     import torch
 
     from sap_core.models import load_model

@@ -8,6 +8,8 @@ import sys
 from pathlib import Path
 
 from sap_core.cli import common
+from sap_core.errors import SapError
+from sap_core.files import atomic_write, is_special, signals_held
 
 
 def add_parser(sub) -> None:
@@ -105,6 +107,7 @@ def add_parser(sub) -> None:
 
 
 def cmd_sweep(args) -> int:
+    # lazy: --help must not import torch
     from sap_core.sweep import SweepSpec, SweepWriter, estimates_path, run_sweep, sweep_settings
 
     spec = SweepSpec(
@@ -120,7 +123,7 @@ def cmd_sweep(args) -> int:
     spec.validate()
     executor = None
     if args.executor == "ray":
-        from sap_core.distributed import RayExecutor
+        from sap_core.distributed import RayExecutor  # lazy: Ray is optional and heavy (only --executor ray)
 
         executor = RayExecutor(
             workers=args.workers, address=args.address, gpus_per_worker=args.gpus_per_worker, cpus_per_worker=args.cpus_per_worker
@@ -148,8 +151,6 @@ def cmd_sweep(args) -> int:
                 file=sys.stderr,
             )
         raise
-    from sap_core.files import signals_held
-
     with signals_held():  # the CSV and its estimates are written (and the partial file removed) as one step
         writer.finish(df)
     side, plotted = estimates_path(args.out), not args.plot
@@ -177,9 +178,6 @@ def cmd_sweep(args) -> int:
 
 
 def _check_plot_path(path: str) -> None:
-    from sap_core.errors import SapError
-    from sap_core.files import is_special
-
     if not is_special(path) and Path(path).suffix.lower() not in (".png", ".svg", ".pdf", ".jpg", ".jpeg", ".webp"):
         raise SapError(f"--plot '{path}': give a .png, .svg, .pdf, .jpg or .webp file name.")
 
@@ -190,15 +188,13 @@ def save_figure(df, path, view: str = "delta") -> None:
     kaleido 1.x drives a Chrome/Chromium; when none is on PATH and ``BROWSER_PATH`` is unset, Debian's
     ``/usr/bin/chromium`` is used.
     """
-    from sap_core.errors import SapError
-    from sap_core.viz import sweep_figure
+    from sap_core.viz import sweep_figure  # lazy: --help must not import torch (nor plotly)
 
     if "BROWSER_PATH" not in os.environ and not any(
         shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome", "chrome")
     ):
         if Path("/usr/bin/chromium").exists():
             os.environ["BROWSER_PATH"] = "/usr/bin/chromium"
-    from sap_core.files import atomic_write
 
     fig = sweep_figure(df, view)
     try:

@@ -66,9 +66,16 @@ SPECIAL_ID_FIELDS = ("mask_token_id", "pad_token_id", "bos_token_id", "eos_token
 _LAYER_INDEX = re.compile(r"(?:^|\.)(?:blocks|layers|h)\.(\d+)\.")
 
 
-def read_config(path: Path) -> dict:  # noqa: C901 (one check per config field, in order)
+def read_config(path: Path) -> dict:
     """``config.json`` of ``path`` as a dict, with its size fields checked; else :class:`ModelLoadError`."""
     config_file = path / "config.json"
+    config = _config_object(path, config_file)
+    _check_sizes(config_file, config)
+    return config
+
+
+def _config_object(path: Path, config_file: Path) -> dict:
+    """The JSON object in ``config_file``; a missing file, a folder or another JSON value is refused."""
     if not config_file.exists():
         raise ModelLoadError(
             f"'{path}' has no config.json: it is not a model directory. Point to the folder that "
@@ -83,12 +90,14 @@ def read_config(path: Path) -> dict:  # noqa: C901 (one check per config field, 
         raise ModelLoadError(
             f"'{config_file}' holds a JSON {type(config).__name__}, not an object of settings; restore the model's config.json."
         )
+    return config
+
+
+def _check_sizes(config_file: Path, config: dict) -> None:
+    """The size fields are whole numbers >= 1, the width splits into the heads, the special ids are >= 0 (in this order)."""
     for name in SIZE_FIELDS:
-        value = config.get(name)
-        if value is None:
-            continue
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ModelLoadError(f"'{config_file}': {name} is {value!r}; it must be a whole number >= 1.")
+        if config.get(name) is not None and whole(1)(config[name]):
+            raise ModelLoadError(f"'{config_file}': {name} is {config[name]!r}; it must be a whole number >= 1.")
     heads = config.get("n_heads") or config.get("num_attention_heads")
     width = config.get("d_model") or config.get("hidden_size")
     # An explicit head_dim (a head-pruned model the project saved) sets the head size; the weights' shapes
@@ -99,10 +108,8 @@ def read_config(path: Path) -> dict:  # noqa: C901 (one check per config field, 
             "given; config.json does not describe a valid model."
         )
     for name in SPECIAL_ID_FIELDS:
-        value = config.get(name)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
-            raise ModelLoadError(f"'{config_file}': {name} is {value!r}; it must be a token id (an integer >= 0).")
-    return config
+        if config.get(name) is not None and whole(0)(config[name]):
+            raise ModelLoadError(f"'{config_file}': {name} is {config[name]!r}; it must be a token id (an integer >= 0).")
 
 
 def read_json(file: Path, fix: str, what: str = "valid JSON"):
@@ -252,8 +259,28 @@ def weight_files(path: Path) -> list[Path]:
     raise ModelLoadError(f"'{path}' has no weights: expected model.safetensors or sharded *.safetensors with an index file.")
 
 
-def read_header(file: Path) -> dict[str, tuple[str, tuple[int, ...]]]:  # noqa: C901 (one check per header field, in order)
+def read_header(file: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
     """``{tensor name: (dtype, shape)}`` from a safetensors header, checked against the file's size."""
+    header, data_size = _header_table(file)
+    out, spans = {}, []
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        dtype, shape, start, end = _tensor_entry(file, name, info)
+        if end > data_size:
+            raise ModelLoadError(
+                f"'{file}' is truncated: tensor '{name}' ends at byte {end} of {data_size} bytes of data; copy the weights again."
+            )
+        out[name] = (dtype, shape)
+        spans.append((start, end, name))
+    if not out:
+        raise ModelLoadError(f"'{file}' holds no tensors; copy the weights again.")
+    _check_tiling(file, spans, data_size)
+    return out
+
+
+def _header_table(file: Path) -> tuple[dict, int]:
+    """The JSON table at the head of a safetensors ``file`` and the number of data bytes after it."""
     size = file.stat().st_size
     if size == 0:
         raise ModelLoadError(f"'{file}' is empty (0 bytes); copy the weights again.")
@@ -273,33 +300,27 @@ def read_header(file: Path) -> dict[str, tuple[str, tuple[int, ...]]]:  # noqa: 
         raise ModelLoadError(f"'{file}' is not a valid safetensors file (unreadable header); copy the weights again.") from None
     if not isinstance(header, dict):
         raise ModelLoadError(f"'{file}' is not a valid safetensors file (its header is not a table of tensors).")
-    data_size = size - 8 - n
-    out, spans = {}, []
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        try:
-            dtype, shape, (start, end) = info["dtype"], tuple(int(s) for s in info["shape"]), info["data_offsets"]
-            count = 1
-            for s in shape:
-                count *= s
-            ok = dtype in DTYPE_BYTES and 0 <= start <= end and end - start == count * DTYPE_BYTES[dtype]
-        except (TypeError, KeyError, ValueError):
-            ok = False
-        if not ok:
-            raise ModelLoadError(
-                f"'{file}' is not a valid safetensors file (tensor '{name}' is described wrongly); copy the weights again."
-            )
-        if end > data_size:
-            raise ModelLoadError(
-                f"'{file}' is truncated: tensor '{name}' ends at byte {end} of {data_size} bytes of data; copy the weights again."
-            )
-        out[name] = (dtype, shape)
-        spans.append((start, end, name))
-    if not out:
-        raise ModelLoadError(f"'{file}' holds no tensors; copy the weights again.")
+    return header, size - 8 - n
+
+
+def _tensor_entry(file: Path, name: str, info) -> tuple[str, tuple[int, ...], int, int]:
+    """``(dtype, shape, start, end)`` of one header entry whose byte span fits its dtype and shape."""
+    try:
+        dtype, shape, (start, end) = info["dtype"], tuple(int(s) for s in info["shape"]), info["data_offsets"]
+        ok = dtype in DTYPE_BYTES and 0 <= start <= end and end - start == math.prod(shape) * DTYPE_BYTES[dtype]
+    except (TypeError, KeyError, ValueError):
+        ok = False
+    if not ok:
+        raise ModelLoadError(
+            f"'{file}' is not a valid safetensors file (tensor '{name}' is described wrongly); copy the weights again."
+        )
+    return dtype, shape, start, end
+
+
+def _check_tiling(file: Path, spans: list[tuple[int, int, str]], data_size: int) -> None:
+    """safetensors: the tensors' ``(start, end, name)`` spans tile the data, no overlap and no gap."""
     offset = 0
-    for start, end, name in sorted(spans):  # safetensors: the tensors tile the data, no overlap and no gap
+    for start, end, name in sorted(spans):
         if start != offset:
             what = "overlaps the one before it" if start < offset else "leaves a gap before it"
             raise ModelLoadError(
@@ -310,7 +331,6 @@ def read_header(file: Path) -> dict[str, tuple[str, tuple[int, ...]]]:  # noqa: 
         raise ModelLoadError(
             f"'{file}' is not a valid safetensors file ({data_size - offset} bytes after the last tensor); copy the weights again."
         )
-    return out
 
 
 def read_headers(path: Path) -> dict[str, tuple[str, tuple[int, ...]]]:

@@ -17,6 +17,7 @@ import torch
 from transformers import PreTrainedModel
 
 from sap_core.errors import ModelLoadError
+from sap_core.memory import check_allocation
 from sap_core.models.checkpoint import read_headers
 from sap_core.models.placement import DeviceMap
 
@@ -84,8 +85,6 @@ def load_pretrained(
     if "config" in kwargs:
         declared = check_shapes(cls, kwargs["config"], path, family)
         if device_map is None:  # the weights must fit where they go (a device_map spreads them instead)
-            from sap_core.memory import check_allocation
-
             need = declared * torch.empty((), dtype=dtype).element_size()
             check_allocation(
                 f"Loading '{path}' ({declared:,} parameters in {str(dtype).replace('torch.', '')})",
