@@ -26,13 +26,14 @@ from safetensors.torch import load_file, save_file
 from sap_core.cli import main
 from sap_core.diffusion import DecodeSpec, Trajectory, TrajectoryError, generate, npz_path
 from sap_core.errors import DecodeSpecError, MemoryGuardError, ModelLoadError, OutputPathError, PruneSpecError, SapError
+from sap_core.evaluate import EvalSpec, perplexity
 from sap_core.memory import check_capture
 from sap_core.models import load_model
 from sap_core.models.llada import LLaDAModelLM
 from sap_core.pruning import CalibrationSpec, PruneSpec, prune
 from sap_core.pruning.spec import parse_pattern
 from sap_core.pruning.variant import is_variant_dir
-from sap_core.sweep import EvalSpec, SweepSpec, SweepSpecError, load_sweep, partial_path, perplexity, run_sweep, save_sweep
+from sap_core.sweep import SweepSpec, SweepSpecError, load_sweep, partial_path, run_sweep, save_sweep
 
 ROOT = Path(__file__).resolve().parents[1]
 torch.set_num_threads(1)
