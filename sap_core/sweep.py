@@ -304,7 +304,7 @@ def run_job(
         tau=tau,
     )
     row.update(score.columns)
-    return row, score.estimates
+    return {c: row[c] for c in dict.fromkeys([*COLUMNS, *row])}, score.estimates  # COLUMNS' order, then the metrics'
 
 
 def sweep_settings(model: str, spec: SweepSpec) -> dict[str, str]:
