@@ -1,7 +1,7 @@
 """The Compare page's Benchmarks section: lm-eval accuracy of the dense model and chosen variants, paired.
 
 Drawn by ``pages/compare.py`` (``benchmarks_section(handle, variants)``); the work is
-:func:`sap_core.accuracy.accuracy_table`, the cost shown first is :func:`sap_core.accuracy.estimate_cost`.
+:func:`sap_core.lmeval.accuracy.accuracy_table`, the cost shown first is :func:`sap_core.lmeval.accuracy.estimate_cost`.
 """
 
 from __future__ import annotations
@@ -9,9 +9,9 @@ from __future__ import annotations
 import streamlit as st
 
 from app_common import CancelButton, job, model_choice, progress_callback, stored_caption
-from sap_core.accuracy import estimate_cost, format_table
-from sap_core.benchmark import BenchSpec
-from sap_core.tasks import BUILTIN_TASK
+from sap_core.lmeval.accuracy import accuracy_table, estimate_cost, format_table
+from sap_core.lmeval.model import BenchSpec
+from sap_core.lmeval.tasks import BUILTIN_TASK
 
 CONFIRM_SECONDS = 180  # runs estimated longer than this ask for confirmation first
 
@@ -81,8 +81,6 @@ def benchmarks_section(handle, variants: dict) -> None:
         bar = st.progress(0.0, text="Benchmarks…")
         failed = True
         with job("The benchmark run"):
-            from sap_core.accuracy import accuracy_table
-
             result = accuracy_table(
                 handle,
                 {n: variants[n] for n in chosen},

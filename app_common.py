@@ -338,11 +338,11 @@ def calibration_control(columns, handle: ModelHandle, prefix: str, samples_help:
 
 
 def eval_spec(**changes):
-    """The app's perplexity settings: the sweep's :class:`~sap_core.sweep.EvalSpec` defaults with
+    """The app's perplexity settings: the sweep's :class:`~sap_core.evaluate.EvalSpec` defaults with
     ``changes`` (windows, draws) applied. The Compare page's perplexity table and its sweep both use it."""
     from dataclasses import replace
 
-    from sap_core.sweep import EvalSpec
+    from sap_core.evaluate import EvalSpec
 
     return replace(EvalSpec(), **changes)
 

@@ -27,8 +27,9 @@ import time
 import numpy as np
 import torch
 
-from sap_core.evaluate import diffusion_perplexity, text_ids
+from sap_core.evaluate import diffusion_perplexity
 from sap_core.models import load_model
+from sap_core.text import text_ids
 
 
 def main() -> None:

@@ -6,7 +6,7 @@ On the built-in DLM (tiny-dlm), the requests of the first ``--docs`` documents o
 * **official**: the transcription of the official ``get_loglikelihood`` (``tests/official_lmeval.py``), one
   request at a time, ``mc_num / batch_size`` forward passes of ``batch_size`` rows with the LM head at every
   position, the global RNG seeded per request with the same seed SinkScope's request gets;
-* **sinkscope**: :meth:`sap_core.benchmark.SinkScopeLM.score_pairs` on the same requests: all masks drawn
+* **sinkscope**: :meth:`sap_core.lmeval.model.SinkScopeLM.score_pairs` on the same requests: all masks drawn
   first, rows of equal-length requests stacked into passes of up to ``ROW_TOKENS`` tokens, the head at the
   masked positions only.
 
@@ -25,9 +25,9 @@ import time
 
 import torch
 
-from sap_core.benchmark import BenchSpec, encode_pair, make_lm, request_seed
+from sap_core.lmeval.model import BenchSpec, encode_pair, make_lm, request_seed
+from sap_core.lmeval.tasks import BUILTIN_TASK, TASKS_DIR
 from sap_core.models import load_model
-from sap_core.tasks import BUILTIN_TASK, TASKS_DIR
 from tests.official_lmeval import Official
 
 

@@ -12,7 +12,7 @@ heads removed):
   row) of struct_wanda, flap (clean windows), their noised controls and their sink-aware variants, and the
   paired standard error of each sink-aware method against its baseline and its control (:func:`sap_core.sweep.method_differences`).
 
-Benchmark accuracy (the built-in lm-eval task) is not scored yet: ``sap_core.benchmark`` is another branch's
+Benchmark accuracy (the built-in lm-eval task) is not scored yet: ``sap_core.lmeval`` is another branch's
 work; the ``accuracy`` column is printed as ``n/a`` until it is merged (marked ``BENCHMARK`` below).
 
     OMP_NUM_THREADS=1 python bench/structured_speed.py [--ratios 0.3 0.5] [--repeats 5] [--csv OUT.csv] [--speed-only]
@@ -31,9 +31,10 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from sap_core.diffusion import DecodeSpec, generate
+from sap_core.evaluate import EvalSpec
 from sap_core.models import load_model
 from sap_core.pruning import PruneSpec, prune
-from sap_core.sweep import EvalSpec, MethodSetting, SweepSpec, method_differences, run_sweep
+from sap_core.sweep import MethodSetting, SweepSpec, method_differences, run_sweep
 
 PROMPTS = ["ROMEO.\n", "To be, or not to be", "KING HENRY.\nOnce more unto the breach", "The quality of mercy"]
 # (sink-aware, reference): the baseline on clean windows, and the control on the same noised windows without sink weights
@@ -110,10 +111,10 @@ def quality_rows(handle, ratios, eval_spec: EvalSpec) -> tuple[pd.DataFrame, pd.
 
 
 def accuracy_rows(handle, ratios, limit: int, mc_num: int) -> pd.DataFrame | None:
-    """BENCHMARK: accuracy on the built-in lm-eval task, paired per document; None without ``sap_core.accuracy``."""
+    """BENCHMARK: accuracy on the built-in lm-eval task, paired per document; None without ``sap_core.lmeval``."""
     try:
-        from sap_core.accuracy import accuracy_table
-        from sap_core.benchmark import BenchSpec
+        from sap_core.lmeval.accuracy import accuracy_table
+        from sap_core.lmeval.model import BenchSpec
     except ImportError:
         return None
     rows = []
@@ -165,7 +166,7 @@ def main() -> None:
         save_sweep(df, args.csv)
     acc = accuracy_rows(handle, args.ratios, args.limit, args.mc_num)
     if acc is None:
-        print("\naccuracy: n/a (sap_core.accuracy, the lm-eval branch, is not in this checkout)")
+        print("\naccuracy: n/a (sap_core.lmeval, the lm-eval branch, is not in this checkout)")
     else:
         print(
             f"\naccuracy on sinkscope_nextline ({args.limit} documents, mc_num {args.mc_num}; differences paired per document):"

@@ -7,7 +7,7 @@ order recalibrate, reuse, reuse, recalibrate (so a drift in the machine's speed 
 run each was seen to swing the ratio between 0.58x and 0.74x): with ``run_sweep``'s default
 (:class:`sap_core.pruning.scores.CalibrationCache`) and with ``reuse_calibration=False`` (every job
 recalibrates, as before issue 14). Checks that both give the same rows and prints the wall and CPU
-times, the pruning and evaluation parts (evaluation CPU time counted around ``sap_core.sweep.perplexity``,
+times, the pruning and evaluation parts (evaluation CPU time counted around ``sap_core.evaluate.perplexity``,
 pruning = the rest), and the ratios. ``--taus`` adds a tau sweep of gated_sink_wanda;
 ``--quick`` shrinks calibration and evaluation to 4 windows (a smoke run on a busy machine).
 Target (issue 14): <= 0.5x.
@@ -24,11 +24,12 @@ import time
 import numpy as np
 import torch
 
-import sap_core.sweep as sweep_module
+import sap_core.evaluate as evaluate_module
+from sap_core.evaluate import EvalSpec
 from sap_core.models import load_model
 from sap_core.pruning import CalibrationSpec
 from sap_core.sinks import SinkSpec
-from sap_core.sweep import EvalSpec, SweepSpec, run_sweep
+from sap_core.sweep import SweepSpec, run_sweep
 
 README_METHODS = ("magnitude", "wanda", "sparsegpt", "sink_wanda", "sink_sparsegpt", "noised_wanda", "gated_sink_wanda")
 EVAL_CPU = [0.0]  # CPU seconds spent in the sweep's evaluations (the rows only record their wall time)
@@ -42,7 +43,7 @@ def timed_perplexity(*args, **kwargs):
         EVAL_CPU[0] += time.process_time() - c0
 
 
-PERPLEXITY, sweep_module.perplexity = sweep_module.perplexity, timed_perplexity
+PERPLEXITY, evaluate_module.perplexity = evaluate_module.perplexity, timed_perplexity
 
 
 def main() -> None:

@@ -34,10 +34,11 @@ import pandas as pd
 import torch
 
 from sap_core.distributed import RayExecutor, workers_import_this_checkout
+from sap_core.evaluate import EvalSpec
 from sap_core.models import load_model
 from sap_core.pruning import CalibrationSpec
 from sap_core.sinks import SinkSpec
-from sap_core.sweep import EvalSpec, SweepSpec, run_sweep
+from sap_core.sweep import SweepSpec, run_sweep
 
 
 def busy_core_seconds() -> float:

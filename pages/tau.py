@@ -19,10 +19,11 @@ from app_common import (
 )
 from sap_core import viz
 from sap_core.animation import readable_tokens
+from sap_core.evaluate import EvalSpec
 from sap_core.pruning.spec import GATED, PATTERNS
 from sap_core.pruning.variant import weights_fingerprint, weights_restored
 from sap_core.sinks import parse_taus
-from sap_core.sweep import EvalSpec, run_sweep
+from sap_core.sweep import run_sweep
 from sap_core.tau import best_tau_sentences, best_taus, calibration_gate, tau_sweep_spec, tau_table, trajectory_gate_inputs
 
 st.header("Pick tau")

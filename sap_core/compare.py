@@ -34,7 +34,7 @@ import pandas as pd
 
 from sap_core.diffusion import DecodeSpec, Trajectory, generate
 from sap_core.errors import SapError
-from sap_core.evaluate import DENSE, EvalSpec, paired_se_if_known, perplexity
+from sap_core.evaluate import DENSE, EvalSpec, Metric, Perplexity, paired_se_if_known, score_all
 from sap_core.models import ModelHandle
 from sap_core.progress import Progress, report
 from sap_core.pruning import PrunedVariant, numbered
@@ -275,13 +275,15 @@ PERPLEXITY_COLUMNS = ["model", "ppl", "ppl_se", "nll", "nll_se", "delta_ppl", "d
 def perplexity_table(
     handle: ModelHandle,
     variants: Mapping[str, Variant] | Sequence[Variant],
-    spec: Any = None,
+    spec: EvalSpec | None = None,
     *,
+    metrics: Sequence[Metric] = (),
     progress: Progress | None = None,
 ) -> pd.DataFrame:
     """Perplexity of the dense ``handle`` (first row, ``model="dense"``) and of every variant, all on
-    the same windows and masking draws (:func:`sap_core.evaluate.perplexity` with one
-    :class:`~sap_core.evaluate.EvalSpec`, default ``EvalSpec()``: the sweep's settings).
+    the same windows and masking draws (:class:`~sap_core.evaluate.Perplexity` with one
+    :class:`~sap_core.evaluate.EvalSpec`, default ``EvalSpec()``: the sweep's settings), and each of the
+    further ``metrics`` (:class:`~sap_core.evaluate.Metric`), their columns after :data:`PERPLEXITY_COLUMNS`.
 
     Per variant: ``delta_ppl = ppl - ppl_dense``, ``delta_nll`` (nats/token) and ``se_delta``, the
     standard error of ``delta_nll``: paired draw by draw (:func:`sap_core.evaluate.paired_se`,
@@ -289,8 +291,9 @@ def perplexity_table(
     ``sqrt(nll_se² + nll_se_dense²)`` (``paired=False``, conservative). ``z = delta_nll / se_delta``.
     ``progress`` counts evaluation batches across all models, the message naming the model.
     """
-    spec = EvalSpec() if spec is None else spec
-    spec.validate()
+    scored = (Perplexity(EvalSpec() if spec is None else spec), *metrics)
+    for metric in scored:
+        metric.validate()
     items = labelled_variants(variants)
     labels = [DENSE] + [label for label, _ in items]
     if len(set(labels)) != len(labels):
@@ -302,28 +305,34 @@ def perplexity_table(
 
         return inner
 
-    rows, dense = [], None
+    rows, dense, extra = [], None, []
     for i, label in enumerate(labels):
         if i == 0:
             model, ctx = handle, handle.lock
         else:
             model, ctx = variant_context(handle, items[i - 1][1])
         with ctx:
-            res = perplexity(model, spec, progress=sub_progress(i, label))
-        row = dict(model=label, ppl=res.ppl, ppl_se=res.ppl_se, nll=res.nll, nll_se=res.nll_se)
+            res = score_all(model, scored, progress=sub_progress(i, label))
+        c = res.columns
+        row = dict(model=label, ppl=c["ppl"], ppl_se=c["ppl_se"], nll=c["nll"], nll_se=c["nll_se"])
         if dense is None:
             dense = res
             row.update(delta_ppl=0.0, delta_nll=0.0, se_delta=float("nan"), paired=False, z=float("nan"))
         else:
             sp = paired_se_if_known(res.estimates, dense.estimates)
             paired = bool(np.isfinite(sp))
-            se = sp if paired else float(np.hypot(res.nll_se, dense.nll_se))
-            d = res.nll - dense.nll
+            se = sp if paired else float(np.hypot(c["nll_se"], dense.columns["nll_se"]))
+            d = c["nll"] - dense.columns["nll"]
             row.update(
-                delta_ppl=res.ppl - dense.ppl, delta_nll=d, se_delta=se, paired=paired, z=d / se if se > 0 else float("nan")
+                delta_ppl=c["ppl"] - dense.columns["ppl"],
+                delta_nll=d,
+                se_delta=se,
+                paired=paired,
+                z=d / se if se > 0 else float("nan"),
             )
-        rows.append(row)
-    return pd.DataFrame(rows, columns=PERPLEXITY_COLUMNS)
+        extra = [k for k in c if k not in row and k != "eval_seconds"]
+        rows.append(row | {k: c[k] for k in extra})
+    return pd.DataFrame(rows, columns=PERPLEXITY_COLUMNS + extra)
 
 
 def noise_verdict(table: pd.DataFrame, threshold: float = 2.0) -> str:

@@ -20,12 +20,12 @@ same seed gives the same number.
 
 from __future__ import annotations
 
-import functools
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, Protocol
 
 import numpy as np
 import torch
@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from sap_core.errors import SapError, SweepSpecError
 from sap_core.models import ASSETS, ModelHandle
 from sap_core.progress import Progress, report
+from sap_core.text import check_length, text_ids
 
 EVALUATION_TEXT = ASSETS / "text" / "evaluation.txt"
 DENSE = "dense"  # the name of the unpruned model's row in every comparison (sweep, compare, accuracy)
@@ -87,18 +88,6 @@ def windows(handle: ModelHandle, text: str, seqlen: int, nsamples: int, prefix: 
     starts = np.linspace(0, len(body) - n, nsamples).astype(int)
     rows = [head + list(body[s : s + n]) for s in starts]
     return torch.tensor(rows, dtype=torch.long), len(head)
-
-
-@functools.lru_cache(maxsize=4)
-def text_ids(tokenizer, text: str) -> tuple[int, ...]:
-    """Token ids of ``text`` without special tokens (evaluation windows, calibration windows). Cached (the
-    last few tokenizer and text pairs): a sweep scores and calibrates on the same texts some 30 times each,
-    and tokenizing the shipped evaluation text is about a tenth of a tiny-dlm evaluation (``bench/eval_cost.py``:
-    first call against in a sweep)."""
-    try:  # verbose=False: the text is cut into windows, never fed whole; no "sequence too long" warning
-        return tuple(tokenizer.encode(text, add_special_tokens=False, verbose=False))
-    except TypeError:  # a tokenizer without the verbose flag
-        return tuple(tokenizer.encode(text, add_special_tokens=False))
 
 
 @torch.inference_mode()
@@ -205,28 +194,19 @@ def causal_perplexity(
     return PerplexityResult(nll, se, math.exp(nll), math.exp(nll) * se, nsamples * n, nsamples, 1, "causal")
 
 
-def check_length(handle: ModelHandle, length: int, what: str, error=SapError) -> None:
-    """Raise ``error`` when ``length`` tokens exceed the model's context (:attr:`ModelHandle.max_length`)."""
-    limit = handle.max_length
-    if limit is not None and length > limit:
-        raise error(f"{what} is {length} tokens, more than the model's context of {limit} tokens; lower it to {limit} or less.")
-
-
 # --- scoring a model for comparisons (the sweep, Compare, Pick tau) ----------------------------------
 
 
 @dataclass(frozen=True)
 class EvalSpec:
-    """How every row of a sweep is scored (defaults: those of :func:`diffusion_perplexity`).
-    ``text=None`` uses the built-in evaluation text.
+    """How perplexity is scored (defaults: those of :func:`diffusion_perplexity`). ``text=None`` uses the
+    built-in evaluation text.
 
     ``seqlen``: tokens per window (prefix included); ``nsamples``: number of windows; ``draws``:
     masking draws per window (Monte Carlo samples of the masked-diffusion bound, >= 2; ignored for
     causal models); ``seed`` fixes the draws, shared by every row; ``prefix``: conditioning text before
     every window, never scored (None: the tokenizer's BOS convention only; a causal model needs at
-    least one prefix token). ``metric``: ``"ppl"`` (perplexity only, the default) or ``"acc:TASK"``: also
-    the accuracy on the lm-eval task TASK (:mod:`sap_core.accuracy`; ``limit`` documents, ``mc_num`` Monte
-    Carlo rows per request, the masks seeded by ``seed``), in the columns ``acc``, ``acc_se``, ``acc_task``.
+    least one prefix token). Other measures (task accuracy) are :class:`Metric` objects of their own.
     """
 
     seqlen: int = 128
@@ -235,14 +215,6 @@ class EvalSpec:
     seed: int = 0
     text: str | None = None
     prefix: str | None = None
-    metric: str = "ppl"
-    limit: int | None = None
-    mc_num: int = 32
-
-    @property
-    def task(self) -> str | None:
-        """The lm-eval task of an ``acc:TASK`` metric, None for perplexity only."""
-        return self.metric[4:] if isinstance(self.metric, str) and self.metric.startswith("acc:") else None
 
     def validate(self) -> None:
         for name in ("seqlen", "nsamples", "draws", "seed"):
@@ -255,16 +227,6 @@ class EvalSpec:
             raise SweepSpecError(f"seqlen must be >= 2 and nsamples >= 1 (got seqlen={self.seqlen}, nsamples={self.nsamples}).")
         if self.draws < 2:
             raise SweepSpecError(f"draws must be >= 2 to estimate the Monte Carlo error (got {self.draws}).")
-        if self.metric != "ppl":
-            if not self.task:
-                raise SweepSpecError(f"metric must be ppl or acc:TASK, e.g. acc:sinkscope_nextline (got {self.metric!r}).")
-            from sap_core.accuracy import check_limit
-            from sap_core.benchmark import BenchSpec
-            from sap_core.tasks import load_tasks
-
-            check_limit(self.limit)
-            BenchSpec(mc_num=self.mc_num, batch_size=self.mc_num)
-            load_tasks([self.task])  # an unknown task or missing data: one line now, before any pruning
 
 
 @dataclass
@@ -284,7 +246,6 @@ class PerplexityRow:
     seconds: float
     result: Any = None
     estimates: np.ndarray | None = None
-    accuracy: dict | None = None  # acc, acc_se, acc_task when the EvalSpec's metric is acc:TASK
 
 
 def perplexity(handle: ModelHandle, spec: EvalSpec, progress: Progress | None = None) -> PerplexityRow:
@@ -308,21 +269,72 @@ def perplexity(handle: ModelHandle, spec: EvalSpec, progress: Progress | None = 
             progress=progress,
         )
     seconds = time.perf_counter() - t0
-    accuracy = None
-    if spec.task:
-        from sap_core.accuracy import task_accuracy
-
-        accuracy = task_accuracy(handle, spec.task, spec.mc_num, spec.seed, spec.limit, progress)
     return PerplexityRow(
-        float(result.nll),
-        float(result.nll_se),
-        float(result.ppl),
-        float(result.ppl_se),
-        seconds,
-        result,
-        result.estimates,
-        accuracy,
+        float(result.nll), float(result.nll_se), float(result.ppl), float(result.ppl_se), seconds, result, result.estimates
     )
+
+
+# --- metrics: what a sweep, Compare and the CLI score each model with ----------------------------------
+
+
+@dataclass(frozen=True)
+class Score:
+    """What one :class:`Metric` gives for one model: ``columns``, the row's columns it fills (name -> value,
+    in the order they appear in a table), and ``estimates``, ``float64 [windows, draws]`` per-(window, draw)
+    estimates for paired differences where the metric has them (masked-diffusion perplexity), else None."""
+
+    columns: dict[str, Any]
+    estimates: np.ndarray | None = field(default=None, repr=False, compare=False)
+
+
+class Metric(Protocol):
+    """One measure of a model: perplexity (:class:`Perplexity`), task accuracy through lm-eval
+    (:class:`sap_core.lmeval.accuracy.TaskAccuracy`), or whatever comes next. ``name`` says what it is;
+    ``validate()`` refuses impossible settings with one line before any model work; ``score(handle, progress)``
+    scores ``handle`` as it is now (dense, or with a variant applied: the caller holds the model's lock)."""
+
+    @property
+    def name(self) -> str: ...
+
+    def validate(self) -> None: ...
+
+    def score(self, handle: ModelHandle, progress: Progress | None = None) -> Score: ...
+
+
+@dataclass(frozen=True)
+class Perplexity:
+    """Perplexity as a :class:`Metric` (:func:`perplexity` with ``spec``): the columns ``ppl``, ``ppl_se``,
+    ``nll``, ``nll_se`` and ``eval_seconds``, and for a DLM the per-(window, draw) estimates."""
+
+    spec: EvalSpec = field(default_factory=EvalSpec)
+    columns: ClassVar[tuple[str, ...]] = ("ppl", "ppl_se", "nll", "nll_se", "eval_seconds")
+
+    @property
+    def name(self) -> str:
+        return "ppl"
+
+    def validate(self) -> None:
+        self.spec.validate()
+
+    def score(self, handle: ModelHandle, progress: Progress | None = None) -> Score:
+        row = perplexity(handle, self.spec, progress)
+        values = (row.ppl, row.ppl_se, row.nll, row.nll_se, row.seconds)
+        return Score(dict(zip(self.columns, values)), row.estimates)
+
+
+def score_all(handle: ModelHandle, metrics: Sequence[Metric], progress: Progress | None = None) -> Score:
+    """Every metric's columns for ``handle`` as it is now, in the order of ``metrics``, and the per-draw
+    estimates of the first metric that has them (a sweep's or Compare's paired errors: its perplexity)."""
+    columns: dict[str, Any] = {}
+    estimates = None
+    for metric in metrics:
+        s = metric.score(handle, progress)
+        twice = sorted(set(s.columns) & set(columns))
+        if twice:
+            raise SweepSpecError(f"Two metrics fill the column {twice[0]}; score them in separate runs.")
+        columns.update(s.columns)
+        estimates = s.estimates if estimates is None else estimates
+    return Score(columns, estimates)
 
 
 def paired_se(a: np.ndarray, b: np.ndarray) -> float:

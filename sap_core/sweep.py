@@ -58,14 +58,7 @@ import numpy as np
 import pandas as pd
 
 from sap_core.errors import SweepSpecError
-from sap_core.evaluate import (  # EvalSpec, perplexity, paired_se: sap_core.evaluate's, also importable from here
-    DENSE,
-    EvalSpec,
-    check_length,
-    paired_se,  # noqa: F401 - re-exported: older imports take it from here
-    paired_se_if_known,
-    perplexity,
-)
+from sap_core.evaluate import DENSE, EvalSpec, Metric, Perplexity, paired_se_if_known, score_all
 from sap_core.files import atomic_write, atomic_write_text, check_output_file, is_special, output_target, signals_held
 from sap_core.models import ModelHandle
 from sap_core.progress import Progress, report
@@ -73,6 +66,7 @@ from sap_core.pruning import METHODS, PruneSpec, parse_pattern, prune
 from sap_core.pruning.scores import CalibrationCache
 from sap_core.pruning.spec import GATED, STRUCTURED, UNGATED_TWIN, check_sparsity
 from sap_core.sinks import SinkSpec, parse_taus
+from sap_core.text import check_length
 
 COLUMNS = [
     "method",
@@ -127,6 +121,11 @@ class SweepSpec:
     ``sink`` with that tau, its rows' ``tau`` column), preceded by its ungated twin
     (:data:`~sap_core.pruning.spec.UNGATED_TWIN`: ``sink_wanda``, the official rule, the reference every
     tau is compared with) unless the methods list it already; :mod:`sap_core.tau` reads the result.
+
+    ``eval``: the perplexity every row is scored with (the columns of :data:`COLUMNS` and the per-draw
+    estimates); ``metrics``: further :class:`~sap_core.evaluate.Metric` objects each row is also scored with,
+    their columns after :data:`COLUMNS` (e.g. :class:`sap_core.lmeval.accuracy.TaskAccuracy`: ``acc``,
+    ``acc_se``, ``acc_task``).
     """
 
     methods: tuple[str | MethodSetting, ...]
@@ -135,6 +134,7 @@ class SweepSpec:
     sink: Any = None  # SinkSpec for the sink-aware methods; None: the pruning default
     calibration: Any = None  # CalibrationSpec; None: the pruning default
     eval: EvalSpec = field(default_factory=EvalSpec)
+    metrics: tuple[Metric, ...] = ()  # scored beside the perplexity, in this order
     include_dense: bool = True
     sink_taus: tuple[float, ...] = ()  # taus for the gated methods (one row each); (): the sink spec's tau
     heads: float = 0.0  # fraction of attention heads every structured row also removes (PruneSpec.heads)
@@ -161,6 +161,11 @@ class SweepSpec:
             else:
                 out.append(MethodSetting(str(m), sink=self.sink if str(m) in GATED else None))
         return out
+
+    @property
+    def scored(self) -> tuple[Metric, ...]:
+        """Every metric a row is scored with: the perplexity of ``eval`` first, then ``metrics``."""
+        return (Perplexity(self.eval), *self.metrics)
 
     @property
     def _sink(self):
@@ -225,7 +230,11 @@ class SweepSpec:
             raise SweepSpecError(
                 f"Two runs of the sweep would be the same run ({', '.join(twice)}); list each sparsity and pattern once."
             )
-        self.eval.validate()
+        names = [m.name for m in self.scored]
+        if len(set(names)) != len(names):
+            raise SweepSpecError(f"A sweep scores each metric once (got {', '.join(names)}); list each metric once.")
+        for metric in self.scored:
+            metric.validate()
 
 
 def _prune_spec(setting: MethodSetting, pattern: str, sparsity: float, spec: SweepSpec):
@@ -276,31 +285,26 @@ def run_job(
     ``progress(phase)`` gives the callback of the ``"prune"`` and ``"evaluate"`` phases."""
     if job.prune is None:
         with handle.lock:
-            ev = perplexity(handle, spec.eval, progress("evaluate"))
+            score = score_all(handle, spec.scored, progress("evaluate"))
         prune_seconds, achieved, method, tau = 0.0, 0.0, DENSE, math.nan
     else:
         t0 = time.perf_counter()
         variant = prune(handle, job.prune, progress=progress("prune"), cache=cache)
         prune_seconds = float(getattr(variant, "seconds", None) or (time.perf_counter() - t0))
         with variant.applied(handle):
-            ev = perplexity(handle, spec.eval, progress("evaluate"))
+            score = score_all(handle, spec.scored, progress("evaluate"))
         achieved, method, tau = variant.achieved_sparsity, job.setting.name, spec.tau_of(job.setting)
     row = dict(
         method=method,
         sparsity=job.sparsity,
         pattern=job.pattern,
-        ppl=ev.ppl,
-        ppl_se=ev.ppl_se,
         prune_seconds=prune_seconds,
-        nll=ev.nll,
-        nll_se=ev.nll_se,
         achieved_sparsity=achieved,
-        eval_seconds=ev.seconds,
         label=job.label,
         tau=tau,
     )
-    row.update(ev.accuracy or {})
-    return row, ev.estimates
+    row.update(score.columns)
+    return {c: row[c] for c in dict.fromkeys([*COLUMNS, *row])}, score.estimates  # COLUMNS' order, then the metrics'
 
 
 def sweep_settings(model: str, spec: SweepSpec) -> dict[str, str]:
@@ -314,6 +318,7 @@ def sweep_settings(model: str, spec: SweepSpec) -> dict[str, str]:
         "model": portable_source(str(model)),
         "calibration": repr(spec.calibration),
         "evaluation": repr(spec.eval),
+        "metrics": repr(spec.metrics),
         "sink": repr(spec.sink),
         "heads": repr(spec.heads),
     }
@@ -410,7 +415,7 @@ def _adopt_done(done: pd.DataFrame, jobs: list[SweepJob], results: dict, estimat
     for record, bad in zip(done.drop(columns=["error"], errors="ignore").to_dict("records"), failed):
         if bad:
             continue
-        results[str(record["label"])] = {c: record.get(c, math.nan) for c in COLUMNS + ACC_COLUMNS if c in record or c in COLUMNS}
+        results[str(record["label"])] = {c: record.get(c, math.nan) for c in dict.fromkeys([*COLUMNS, *record])}
         if str(record["label"]) in saved:
             estimates[str(record["label"])] = saved[str(record["label"])]
 
@@ -445,15 +450,14 @@ def _run_serial(handle, spec, jobs, progress, finished, reuse_calibration) -> No
         report(progress, start + unit * (1 if job.prune is None else 2), total, f"{job.label} done")
 
 
-ACC_COLUMNS = ["acc", "acc_se", "acc_task"]  # with EvalSpec(metric="acc:TASK")
-
-
 def _frame(rows: Sequence[dict]) -> pd.DataFrame:
-    """The rows as a sweep DataFrame: the accuracy columns when some row has them (``metric="acc:TASK"``);
-    an ``error`` column (the message of a job that failed on its own input, empty for the others) only
-    when some row has one (a distributed sweep)."""
+    """The rows as a sweep DataFrame: :data:`COLUMNS`, then the columns of the sweep's further metrics
+    (:attr:`SweepSpec.metrics`, e.g. ``acc``, ``acc_se``, ``acc_task``) in the order the rows give them; an
+    ``error`` column (the message of a job that failed on its own input, empty for the others) only when some
+    row has one (a distributed sweep)."""
     errors = [str(r.get("error") or "") for r in rows]
-    extra = [c for c in ACC_COLUMNS if any(c in r for r in rows)] + (["error"] if any(errors) else [])
+    metrics = [c for c in dict.fromkeys(c for r in rows for c in r) if c not in COLUMNS and c != "error"]
+    extra = metrics + (["error"] if any(errors) else [])
     df = pd.DataFrame(list(rows), columns=COLUMNS + extra)
     if any(errors):
         df["error"] = errors
@@ -551,7 +555,7 @@ class SweepWriter:
             if saved is not None:
                 done.attrs["settings"] = saved  # for run_sweep to compare with the resumed sweep's
             self.done = done
-            self.rows = [{c: r.get(c) for c in COLUMNS + ACC_COLUMNS if c in r or c in COLUMNS} for r in done.to_dict("records")]
+            self.rows = [{c: r.get(c) for c in dict.fromkeys([*COLUMNS, *r])} for r in done.to_dict("records")]
             self.estimates = dict(done.attrs.get("estimates") or {})
 
     def add(self, row: dict, estimates: np.ndarray | None = None) -> None:

@@ -1,6 +1,6 @@
 """A transcription of the official lm-eval model class's estimator (``eval_llada.py`` of ML-GSAI/LLaDA, which
 VILA-Lab/Sink-Aware-Pruning evaluates with): ``_forward_process``, ``get_logits`` and ``get_loglikelihood``,
-written out independently of :mod:`sap_core.benchmark` as the reference that ``tests/test_benchmark.py`` and
+written out independently of :mod:`sap_core.lmeval.model` as the reference that ``tests/test_benchmark.py`` and
 ``bench/lmeval_cost.py`` compare it with."""
 
 from __future__ import annotations

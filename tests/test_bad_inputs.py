@@ -26,13 +26,14 @@ from safetensors.torch import load_file, save_file
 from sap_core.cli import main
 from sap_core.diffusion import DecodeSpec, Trajectory, TrajectoryError, generate, npz_path
 from sap_core.errors import DecodeSpecError, MemoryGuardError, ModelLoadError, OutputPathError, PruneSpecError, SapError
+from sap_core.evaluate import EvalSpec, perplexity
 from sap_core.memory import check_capture
 from sap_core.models import load_model
 from sap_core.models.llada import LLaDAModelLM
 from sap_core.pruning import CalibrationSpec, PruneSpec, prune
 from sap_core.pruning.spec import parse_pattern
 from sap_core.pruning.variant import is_variant_dir
-from sap_core.sweep import EvalSpec, SweepSpec, SweepSpecError, load_sweep, partial_path, perplexity, run_sweep, save_sweep
+from sap_core.sweep import SweepSpec, SweepSpecError, load_sweep, partial_path, run_sweep, save_sweep
 
 ROOT = Path(__file__).resolve().parents[1]
 torch.set_num_threads(1)
@@ -545,7 +546,7 @@ def test_length_checks_agree_everywhere(tiny_dlm):
 
 
 def test_a_failing_sweep_keeps_the_old_csv_and_the_finished_rows(tiny_dlm, tmp_path, monkeypatch):
-    from sap_core import sweep as sw
+    from sap_core import evaluate
     from sap_core.sweep import SweepWriter
 
     out = tmp_path / "sweep.csv"
@@ -553,7 +554,7 @@ def test_a_failing_sweep_keeps_the_old_csv_and_the_finished_rows(tiny_dlm, tmp_p
     before = hashes(out)
     spec = SweepSpec(methods=("magnitude",), sparsities=(0.3, 0.5), eval=EvalSpec(seqlen=16, nsamples=2, draws=2))
     calls = {"n": 0}
-    real = sw.perplexity
+    real = evaluate.perplexity
 
     def flaky(*a, **k):
         calls["n"] += 1
@@ -561,13 +562,13 @@ def test_a_failing_sweep_keeps_the_old_csv_and_the_finished_rows(tiny_dlm, tmp_p
             raise SapError("disk on fire")
         return real(*a, **k)
 
-    monkeypatch.setattr(sw, "perplexity", flaky)
+    monkeypatch.setattr(evaluate, "perplexity", flaky)
     writer = SweepWriter(out)
     with pytest.raises(SapError, match="disk on fire"):
         run_sweep(tiny_dlm, spec, on_row=writer.add)
     assert hashes(out) == before
     assert writer.partial == partial_path(out) and list(load_sweep(writer.partial)["method"]) == ["dense"]
-    monkeypatch.setattr(sw, "perplexity", real)
+    monkeypatch.setattr(evaluate, "perplexity", real)
     writer = SweepWriter(out)
     df = run_sweep(tiny_dlm, spec, on_row=writer.add)
     writer.finish(df)
@@ -852,11 +853,11 @@ def test_cli_prune_save_overwrite_and_trajectory_round_trip(capsys, tiny_dlm_dir
 
 
 def test_cli_failing_sweep_names_the_partial_file(capsys, tiny_dlm_dir, tmp_path, monkeypatch):
-    from sap_core import sweep as sw
+    from sap_core import evaluate
 
     out = tmp_path / "s.csv"
     out.write_text("old\n")
-    real, calls = sw.perplexity, {"n": 0}
+    real, calls = evaluate.perplexity, {"n": 0}
 
     def flaky(*a, **k):
         calls["n"] += 1
@@ -864,7 +865,7 @@ def test_cli_failing_sweep_names_the_partial_file(capsys, tiny_dlm_dir, tmp_path
             raise SapError("evaluation failed")
         return real(*a, **k)
 
-    monkeypatch.setattr(sw, "perplexity", flaky)
+    monkeypatch.setattr(evaluate, "perplexity", flaky)
     code, err = run_cli(
         capsys,
         "sweep",

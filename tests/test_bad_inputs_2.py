@@ -188,7 +188,8 @@ def test_older_sweep_pairs_without_a_hash_still_load(capsys, tiny_dlm_dir, tmp_p
 
 
 def test_a_sweep_without_estimates_removes_the_previous_runs(tiny_ar, tmp_path):
-    from sap_core.sweep import EvalSpec, SweepSpec, run_sweep, save_sweep
+    from sap_core.evaluate import EvalSpec
+    from sap_core.sweep import SweepSpec, run_sweep, save_sweep
 
     out = tmp_path / "s.csv"
     np.savez_compressed(estimates_path(out), row0=np.zeros((2, 2)), labels=np.array(["dense"]))  # an older run's
@@ -463,7 +464,8 @@ def test_a_long_generation_without_capture_meets_the_guard(capsys, tmp_path):
 
 @pytest.fixture(scope="module")
 def saved_sweep(tmp_path_factory, tiny_dlm):
-    from sap_core.sweep import EvalSpec, SweepSpec, run_sweep, save_sweep
+    from sap_core.evaluate import EvalSpec
+    from sap_core.sweep import SweepSpec, run_sweep, save_sweep
 
     out = tmp_path_factory.mktemp("sweep") / "s.csv"
     save_sweep(

@@ -11,10 +11,10 @@ import pytest
 import torch
 from official_lmeval import Official  # tests/official_lmeval.py (pytest puts tests/ on the path)
 
-from sap_core.benchmark import BenchSpec, BenchSpecError, encode_pair, load_variant, make_lm, request_seed
 from sap_core.errors import Cancelled, SapError
+from sap_core.lmeval.model import BenchSpec, BenchSpecError, encode_pair, load_variant, make_lm, request_seed
+from sap_core.lmeval.tasks import BUILTIN_TASK, TASKS_DIR, TaskError, load_tasks, manager_for
 from sap_core.models import load_model
-from sap_core.tasks import BUILTIN_TASK, TASKS_DIR, TaskError, load_tasks, manager_for
 
 TOL = 1e-4  # absolute, on log-likelihoods of about -30 to -80 nats: float32 logits, summed in another order
 
@@ -122,7 +122,7 @@ def test_registered_and_simple_evaluate_on_builtin_task(dlm, ar):
 
 
 def test_accuracy_table_paired(ar, tmp_path):
-    from sap_core.accuracy import accuracy_table, format_table, save_accuracy
+    from sap_core.lmeval.accuracy import accuracy_table, format_table, save_accuracy
     from sap_core.pruning import PruneSpec, prune
 
     variant = prune(ar, PruneSpec(method="magnitude", sparsity=0.5))
@@ -141,7 +141,7 @@ def test_accuracy_table_paired(ar, tmp_path):
 
 
 def test_cancel_restores_dense_weights(ar):
-    from sap_core.accuracy import accuracy_table
+    from sap_core.lmeval.accuracy import accuracy_table
     from sap_core.pruning import PruneSpec, prune
 
     variant = prune(ar, PruneSpec(method="magnitude", sparsity=0.5))
@@ -188,8 +188,8 @@ def test_bad_input_one_line_before_work(dlm, ar, tmp_path):
 
 
 def test_cli_evaluate_tasks_and_lm_eval_entry_point(ar, tmp_path, capsys):
-    from sap_core.benchmark import main as lm_eval_main
     from sap_core.cli import main
+    from sap_core.lmeval.model import main as lm_eval_main
     from sap_core.pruning import PruneSpec, prune
 
     prune(ar, PruneSpec(method="magnitude", sparsity=0.5)).save(tmp_path / "v", ar)
@@ -224,14 +224,25 @@ def test_cli_evaluate_refuses_the_other_modes_options(capsys, monkeypatch):
 
 
 def test_sweep_metric_acc(ar, tmp_path):
-    from sap_core.sweep import EvalSpec, SweepSpec, SweepSpecError, load_sweep, run_sweep, save_sweep
+    from argparse import Namespace
 
-    ev = EvalSpec(nsamples=2, metric=f"acc:{BUILTIN_TASK}", limit=4)
-    df = run_sweep(ar, SweepSpec(methods=("magnitude",), sparsities=(0.5,), eval=ev))
+    from sap_core.cli.common import metrics
+    from sap_core.evaluate import EvalSpec
+    from sap_core.lmeval.accuracy import TaskAccuracy
+    from sap_core.sweep import SweepSpec, SweepSpecError, load_sweep, run_sweep, save_sweep
+
+    ev = EvalSpec(nsamples=2)
+    acc = TaskAccuracy(BUILTIN_TASK, limit=4)
+    df = run_sweep(ar, SweepSpec(methods=("magnitude",), sparsities=(0.5,), eval=ev, metrics=(acc,)))
     assert list(df["label"]) == ["dense", "magnitude 50%"] and list(df["acc_task"]) == [BUILTIN_TASK] * 2
+    assert list(df.columns[-3:]) == ["acc", "acc_se", "acc_task"]
     assert df["acc"].between(0, 1).all() and df["ppl"].notna().all()
     back = load_sweep(save_sweep(df, tmp_path / "s.csv"))
     assert back["acc"].tolist() == pytest.approx(df["acc"].tolist())
     assert "acc" not in run_sweep(ar, SweepSpec(methods=("magnitude",), sparsities=(0.5,), eval=EvalSpec(nsamples=2))).columns
+    args = Namespace(metric=f"acc:{BUILTIN_TASK}", limit=4, mc_num=32, eval_seed=0)
+    assert metrics(args) == (acc,)  # the CLI's --metric acc:TASK --limit --mc-num --eval-seed
     with pytest.raises(SweepSpecError, match="acc:TASK"):
-        SweepSpec(methods=("magnitude",), sparsities=(0.5,), eval=EvalSpec(metric="accuracy")).validate()
+        metrics(Namespace(metric="accuracy", limit=None, mc_num=32, eval_seed=0))
+    with pytest.raises(TaskError, match="Unknown lm-eval task"):
+        SweepSpec(methods=("magnitude",), sparsities=(0.5,), metrics=(TaskAccuracy("no_such_task"),)).validate()

@@ -17,9 +17,10 @@ import pytest
 
 from sap_core.distributed import LOCAL_CONFIG, ClusterError, RayExecutor, workers_import_this_checkout
 from sap_core.errors import Cancelled
+from sap_core.evaluate import EvalSpec
 from sap_core.models import load_model
 from sap_core.pruning.spec import CalibrationSpec
-from sap_core.sweep import EvalSpec, MethodSetting, SweepSpec, SweepWriter, load_sweep, partial_path, run_sweep
+from sap_core.sweep import MethodSetting, SweepSpec, SweepWriter, load_sweep, partial_path, run_sweep
 
 ray = pytest.importorskip("ray")
 

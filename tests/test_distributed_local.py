@@ -13,8 +13,9 @@ import pandas as pd
 import pytest
 
 from sap_core.distributed import RayExecutor
+from sap_core.evaluate import EvalSpec
 from sap_core.pruning.spec import CalibrationSpec
-from sap_core.sweep import EvalSpec, SweepSpec, run_sweep
+from sap_core.sweep import SweepSpec, run_sweep
 
 ray = pytest.importorskip("ray")
 

@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from sap_core.errors import SapError
-from sap_core.evaluate import causal_perplexity, diffusion_perplexity, load_text, text_ids
+from sap_core.evaluate import causal_perplexity, diffusion_perplexity, load_text
 from sap_core.models import load_model
+from sap_core.text import text_ids
 
 TEXT = (
     "To be, or not to be, that is the question: whether 'tis nobler in the mind to suffer "

@@ -43,13 +43,14 @@ def _estimates(df) -> dict:
 
 
 def compute() -> dict[str, dict]:
-    from sap_core.accuracy import accuracy_table
-    from sap_core.benchmark import BenchSpec
+    from sap_core.evaluate import EvalSpec
+    from sap_core.lmeval.accuracy import accuracy_table
+    from sap_core.lmeval.model import BenchSpec
+    from sap_core.lmeval.tasks import BUILTIN_TASK
     from sap_core.models import load_model
     from sap_core.pruning import CalibrationSpec, PruneSpec, prune
     from sap_core.sinks import SinkSpec
-    from sap_core.sweep import EvalSpec, SweepSpec, run_sweep
-    from sap_core.tasks import BUILTIN_TASK
+    from sap_core.sweep import SweepSpec, run_sweep
     from sap_core.tau import tau_sweep_spec, tau_table
 
     handle = load_model("tiny-dlm", device="cpu")

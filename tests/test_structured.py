@@ -240,7 +240,8 @@ def test_cli_prune_structured_saves_a_smaller_model(tmp_path, tiny_dlm_dir):
 def test_compare_and_sweep_take_a_structured_variant(dlm):
     from sap_core.compare import compare_generations
     from sap_core.diffusion import DecodeSpec
-    from sap_core.sweep import EvalSpec, SweepSpec, run_sweep
+    from sap_core.evaluate import EvalSpec
+    from sap_core.sweep import SweepSpec, run_sweep
 
     before = snapshot(dlm)
     v = prune(dlm, PruneSpec("flap", 0.5, heads=0.5, calibration=CAL))
@@ -258,7 +259,8 @@ def test_compare_and_sweep_take_a_structured_variant(dlm):
 def test_sweep_heads_reach_the_structured_rows_only_and_name_the_structure(dlm, tmp_path, tiny_dlm_dir):
     from sap_core.cli import main
     from sap_core.errors import SapError
-    from sap_core.sweep import EvalSpec, SweepSpec, run_sweep, sweep_jobs
+    from sap_core.evaluate import EvalSpec
+    from sap_core.sweep import SweepSpec, run_sweep, sweep_jobs
 
     spec = SweepSpec(("wanda", "flap"), (0.5,), calibration=CAL, heads=0.5, eval=EvalSpec(seqlen=16, nsamples=1, draws=2))
     jobs = {j.label: j.prune for j in sweep_jobs(spec)[1:]}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import numpy as np
 import pandas as pd
@@ -10,10 +11,12 @@ import pytest
 import torch
 from conftest import TEXT
 
+from sap_core.compare import perplexity_table
 from sap_core.errors import Cancelled, SapError
+from sap_core.evaluate import EvalSpec, Perplexity, Score, perplexity
 from sap_core.pruning import CalibrationSpec
 from sap_core.sinks import SinkSpec
-from sap_core.sweep import COLUMNS, EvalSpec, MethodSetting, SweepSpec, load_sweep, perplexity, run_sweep, save_sweep
+from sap_core.sweep import COLUMNS, MethodSetting, SweepSpec, load_sweep, run_sweep, save_sweep, sweep_settings
 
 CALIB = CalibrationSpec(text=" ".join(TEXT * 10), nsamples=2, seqlen=24, seed=0)
 EVAL = EvalSpec(seqlen=24, nsamples=2, draws=2, seed=0, text=" ".join(TEXT * 10))
@@ -78,7 +81,7 @@ def test_progress_spans_the_whole_sweep(sweep):
 
 
 def test_per_draw_estimates_reproduce_each_row(sweep):
-    from sap_core.sweep import paired_se
+    from sap_core.evaluate import paired_se
 
     df, _, _ = sweep
     estimates = df.attrs["estimates"]
@@ -312,3 +315,49 @@ def test_estimates_whose_settings_are_not_an_object_read_as_damaged(sweep, tmp_p
     np.savez_compressed(estimates_path(out), **fields)
     with pytest.raises(SweepSpecError, match="damaged"):
         load_sweep(out)
+
+
+class TokenCount:
+    """A toy metric (the :class:`~sap_core.evaluate.Metric` protocol, nothing else): the vocabulary size and
+    whether a variant is applied (its first pruned weight holds zeros), as two columns of every row."""
+
+    name = "toy"
+
+    def __init__(self, fail: bool = False):
+        self.fail, self.calls = fail, 0
+
+    def validate(self) -> None:
+        if self.fail:
+            raise SapError("toy metric: refused before any work")
+
+    def score(self, handle, progress=None) -> Score:
+        self.calls += 1
+        weight = next(m.weight for m in handle.module.modules() if isinstance(m, torch.nn.Linear))
+        return Score({"vocab": handle.vocab_size, "zeros": float((weight == 0).float().mean())})
+
+
+def test_a_new_metric_adds_its_columns_to_every_row(tiny_dlm):
+    toy = TokenCount()
+    spec = SweepSpec(methods=("magnitude",), sparsities=(0.5,), eval=EVAL, metrics=(toy,))
+    df = run_sweep(tiny_dlm, spec)
+    assert list(df.columns) == COLUMNS + ["vocab", "zeros"] and toy.calls == 2
+    assert df["vocab"].tolist() == [tiny_dlm.vocab_size] * 2
+    assert df["zeros"].iloc[0] == 0.0 and df["zeros"].iloc[1] > 0.4  # scored on the dense model, then with the variant applied
+    plain = run_sweep(tiny_dlm, SweepSpec(methods=("magnitude",), sparsities=(0.5,), eval=EVAL))
+    assert (
+        df[COLUMNS].drop(columns=["prune_seconds", "eval_seconds"]).equals(plain.drop(columns=["prune_seconds", "eval_seconds"]))
+    )
+    assert (
+        sweep_settings("m", spec)["metrics"] != sweep_settings("m", replace(spec, metrics=()))["metrics"]
+    )  # a resume compares them
+    with pytest.raises(SapError, match="refused before any work"):
+        run_sweep(tiny_dlm, replace(spec, metrics=(TokenCount(fail=True),)))
+    table = perplexity_table(tiny_dlm, {}, EVAL, metrics=(toy,))  # Compare takes the same metrics
+    assert list(table.columns[-2:]) == ["vocab", "zeros"] and table["vocab"].tolist() == [tiny_dlm.vocab_size]
+
+
+def test_eval_spec_is_perplexity_only(tiny_dlm):
+    with pytest.raises(TypeError, match="metric"):
+        EvalSpec(metric="acc:sinkscope_nextline")
+    metric = Perplexity(EvalSpec(seqlen=24, nsamples=2, draws=2, text=EVAL.text))
+    assert metric.name == "ppl" and metric.score(tiny_dlm).columns["nll"] == perplexity(tiny_dlm, metric.spec).nll

@@ -12,10 +12,11 @@ import torch
 from conftest import TEXT
 
 from sap_core.errors import SapError
+from sap_core.evaluate import EvalSpec
 from sap_core.pruning import CalibrationSpec, PruneSpec, prune
 from sap_core.pruning.scores import CalibrationCache
 from sap_core.sinks import SinkSpec
-from sap_core.sweep import EvalSpec, SweepSpec, run_sweep
+from sap_core.sweep import SweepSpec, run_sweep
 from sap_core.tau import calibration_gate
 
 torch.set_num_threads(1)
@@ -196,7 +197,7 @@ def test_variance_figure_marks_tau_and_both_distributions(gate):
 
 
 def test_tau_table_and_best_tau(both_ways):
-    from sap_core.sweep import paired_se
+    from sap_core.evaluate import paired_se
     from sap_core.tau import best_tau_sentences, best_taus, tau_table
     from sap_core.viz import tau_sweep_figure
 

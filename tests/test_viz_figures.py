@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 
 from sap_core import viz
-from sap_core.sweep import paired_se
+from sap_core.evaluate import paired_se
 
 
 def _sweep(shared_noise: float = 0.5, shift: float = 0.02) -> pd.DataFrame:

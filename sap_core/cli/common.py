@@ -229,7 +229,7 @@ def calibration_spec(args):
 
 
 def eval_spec(args):
-    from sap_core.sweep import EvalSpec  # lazy: --help must not import torch
+    from sap_core.evaluate import EvalSpec  # lazy: --help must not import torch
 
     return EvalSpec(
         seqlen=args.seqlen,
@@ -238,10 +238,22 @@ def eval_spec(args):
         seed=args.eval_seed,
         text=read_text(args.text),
         prefix=args.prefix,
-        metric=getattr(args, "metric", "ppl"),
-        limit=getattr(args, "limit", None),
-        mc_num=getattr(args, "mc_num", 32),
     )
+
+
+def metrics(args) -> tuple:
+    """The metrics scored beside perplexity, from ``--metric`` (``ppl``: none; ``acc:TASK``: the accuracy on the
+    lm-eval task TASK, with ``--limit``, ``--mc-num`` and the masks seeded by ``--eval-seed``)."""
+    from sap_core.errors import SweepSpecError
+
+    metric = args.metric
+    if metric == "ppl":
+        return ()
+    if not metric.startswith("acc:") or not metric[4:]:
+        raise SweepSpecError(f"metric must be ppl or acc:TASK, e.g. acc:sinkscope_nextline (got {metric!r}).")
+    from sap_core.lmeval.accuracy import TaskAccuracy
+
+    return (TaskAccuracy(metric[4:], limit=args.limit, mc_num=args.mc_num, seed=args.eval_seed),)
 
 
 # SinkSpec fields exposed as --sink-<name> (None: keep SinkSpec's default, which is the official rule).

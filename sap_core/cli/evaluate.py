@@ -72,9 +72,9 @@ def check_options(args, defaults: dict) -> None:
 
 def cmd_accuracy(args) -> int:
     # lazy: lm-eval is optional and heavy, and --help must not import torch
-    from sap_core.accuracy import accuracy_table, format_table, save_accuracy
-    from sap_core.benchmark import BenchSpec, load_variant
-    from sap_core.tasks import load_tasks, manager_for
+    from sap_core.lmeval.accuracy import accuracy_table, format_table, save_accuracy
+    from sap_core.lmeval.model import BenchSpec, load_variant
+    from sap_core.lmeval.tasks import load_tasks, manager_for
 
     spec = BenchSpec(mc_num=args.mc_num, batch_size=args.mc_batch or args.mc_num, cfg=args.cfg, seed=args.eval_seed)
     common.check_outputs(args)
@@ -100,30 +100,30 @@ def cmd_accuracy(args) -> int:
 
 def cmd_evaluate(args, defaults: dict) -> int:
     # lazy: --help must not import torch
-    from sap_core.sweep import perplexity
+    from sap_core.evaluate import Perplexity
+    from sap_core.text import check_length
 
     check_options(args, defaults)
     if args.tasks:
         return cmd_accuracy(args)
 
     spec = common.eval_spec(args)
-    spec.validate()
+    metric = Perplexity(spec)
+    metric.validate()
     common.check_outputs(args)
     handle = common.load(args)
-    from sap_core.evaluate import check_length  # lazy: --help must not import torch
-
     check_length(handle, spec.seqlen, "--seqlen")
     with common.Bar("perplexity", not args.quiet) as bar:
-        row = perplexity(handle, spec, progress=bar)
+        row = metric.score(handle, progress=bar).columns
     common.write_json(
         {
             "model": args.model,
             "kind": "causal" if handle.causal else "masked-diffusion",
-            "ppl": row.ppl,
-            "ppl_se": row.ppl_se,
-            "nll": row.nll,
-            "nll_se": row.nll_se,
-            "seconds": row.seconds,
+            "ppl": row["ppl"],
+            "ppl_se": row["ppl_se"],
+            "nll": row["nll"],
+            "nll_se": row["nll_se"],
+            "seconds": row["eval_seconds"],
             "seqlen": spec.seqlen,
             "nsamples": spec.nsamples,
             "draws": None if handle.causal else spec.draws,

@@ -117,6 +117,7 @@ def cmd_sweep(args) -> int:
         sink=common.sink_spec(args),
         calibration=common.calibration_spec(args),
         eval=common.eval_spec(args),
+        metrics=common.metrics(args),
         sink_taus=tuple(args.sink_taus),
         heads=args.heads,
     )

@@ -84,7 +84,7 @@ class ModelHandle:
     def max_length(self) -> int | None:
         """The model's context in tokens (``max_sequence_length`` or ``max_position_embeddings`` of its
         config), None when the config states none: the one length limit generation, perplexity, sweeps
-        and pruning calibration all check against (:func:`sap_core.evaluate.check_length`)."""
+        and pruning calibration all check against (:func:`sap_core.text.check_length`)."""
         cfg = self.module.config
         for key in ("max_sequence_length", "max_position_embeddings"):
             value = getattr(cfg, key, None)

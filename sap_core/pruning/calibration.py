@@ -14,8 +14,8 @@ from __future__ import annotations
 import torch
 
 from sap_core.errors import PruneSpecError
-from sap_core.evaluate import text_ids
 from sap_core.pruning.spec import CalibrationSpec
+from sap_core.text import text_ids
 
 
 def tokenize(handle, spec: CalibrationSpec) -> list[int]:

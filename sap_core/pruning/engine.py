@@ -28,6 +28,7 @@ from sap_core.pruning.sparsegpt import Hessian, sparsegpt_prune_group
 from sap_core.pruning.spec import CalibrationSpec, PruneSpec
 from sap_core.pruning.structured import prune_structured
 from sap_core.pruning.variant import PrunedVariant, fingerprint, param_names, target_linears
+from sap_core.text import check_length
 
 # --- the run ------------------------------------------------------------------------------------
 
@@ -52,8 +53,6 @@ def _check_against_model(handle, spec: PruneSpec) -> list[int] | None:
     if not spec.needs_calibration:
         return None
     cal = spec.calibration
-    from sap_core.evaluate import check_length
-
     check_length(handle, cal.seqlen, "The calibration seqlen", PruneSpecError)
     if spec.row.needs_noise:
         if handle.mask_id is None:

@@ -1,31 +1,38 @@
 """Benchmark accuracy of the dense model and its variants, paired document by document.
 
 :func:`accuracy_table` scores the dense model and every variant on the same lm-eval tasks through
-:class:`sap_core.benchmark.SinkScopeLM`, with the same documents (``limit``) and the same Monte Carlo masks
-(each request's masks come from the spec's seed and its own tokens, :func:`sap_core.benchmark.request_seed`),
+:class:`sap_core.lmeval.model.SinkScopeLM`, with the same documents (``limit``) and the same Monte Carlo masks
+(each request's masks come from the spec's seed and its own tokens, :func:`sap_core.lmeval.model.request_seed`),
 so a variant's accuracy difference from the dense model gets a paired standard error from the per-document
 results: ``se_delta = std(acc_variant − acc_dense) / sqrt(n)`` over the ``n`` documents, not two independent
 error bars. Variants run through ``variant.applied(handle)`` (the dense weights come back bit for bit, also
-on cancel) or are separately loaded handles.
+on cancel) or are separately loaded handles. :class:`TaskAccuracy` is one task's accuracy as a
+:class:`~sap_core.evaluate.Metric` (a sweep's ``acc`` columns).
 """
 
 from __future__ import annotations
 
 import json
 import math
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import lm_eval
 import numpy as np
 import pandas as pd
+import torch
+from lm_eval.utils import handle_non_serializable
 
-from sap_core.benchmark import BenchSpec, make_lm
-from sap_core.errors import SapError
-from sap_core.evaluate import DENSE
+from sap_core.compare import labelled_variants, variant_context
+from sap_core.errors import SapError, SweepSpecError
+from sap_core.evaluate import DENSE, Score
+from sap_core.files import atomic_write_text
+from sap_core.lmeval.model import BenchSpec, make_lm
+from sap_core.lmeval.tasks import load_tasks, manager_for, offline
 from sap_core.models import ModelHandle
 from sap_core.progress import Progress, report
-from sap_core.tasks import load_tasks, manager_for, offline
 
 COLUMNS = ["task", "model", "metric", "n", "acc", "acc_se", "delta", "se_delta", "z", "beyond_2se"]
 
@@ -42,8 +49,6 @@ class AccuracyResult:
     limit: int | None = None
 
     def to_json(self) -> str:
-        from lm_eval.utils import handle_non_serializable
-
         data = {
             "spec": self.spec.__dict__,
             "limit": self.limit,
@@ -106,10 +111,6 @@ def accuracy_table(
     Unknown tasks, missing task data, impossible specs and too long requests raise one-line errors before
     any model work; ``progress`` counts Monte Carlo rows (or requests) across models; raising
     :class:`~sap_core.errors.Cancelled` from it stops with the dense weights restored."""
-    import lm_eval
-
-    from sap_core.compare import labelled_variants, variant_context
-
     limit = check_limit(limit)
     tasks = [t.strip() for t in tasks if t and t.strip()]
     manager = manager_for(tasks, include_path)
@@ -152,33 +153,53 @@ def accuracy_table(
     return AccuracyResult(table, results, per_doc, spec, limit)
 
 
-def task_accuracy(
-    handle: ModelHandle, task: str, mc_num: int, seed: int, limit: int | None, progress: Progress | None = None
-) -> dict:
-    """``acc``, ``acc_se`` and ``acc_task`` of ``handle`` as it is now (dense, or with a variant applied) on one
-    task: a sweep's accuracy columns (``sweep --metric acc:TASK``)."""
-    import lm_eval
+ACCURACY_COLUMNS = ("acc", "acc_se", "acc_task")
 
-    spec = BenchSpec(mc_num=mc_num, batch_size=mc_num, seed=seed)
-    with offline():
-        out = lm_eval.simple_evaluate(
-            model=make_lm(handle, spec=spec, progress=progress),
-            tasks=[task],
-            task_manager=manager_for([task]),
-            limit=check_limit(limit),
-            log_samples=True,
-            verbosity="ERROR",
-        )
-    samples = out["samples"][task]
-    row = paired_row(_per_doc(samples, _metric(samples, task)), None)
-    return dict(acc=row["acc"], acc_se=row["acc_se"], acc_task=task)
+
+@dataclass(frozen=True)
+class TaskAccuracy:
+    """Accuracy on one lm-eval ``task`` as a :class:`~sap_core.evaluate.Metric`: the columns ``acc``, ``acc_se``
+    and ``acc_task`` of a model as it is now (dense, or with a variant applied; ``sweep --metric acc:TASK``).
+    ``limit`` documents (None: all), ``mc_num`` Monte Carlo rows per request in one stratified group, the masks
+    seeded by ``seed`` (:class:`~sap_core.lmeval.model.BenchSpec`)."""
+
+    task: str
+    limit: int | None = None
+    mc_num: int = 32
+    seed: int = 0
+
+    @property
+    def name(self) -> str:
+        return f"acc:{self.task}"
+
+    def validate(self) -> None:
+        if not isinstance(self.task, str) or not self.task.strip():
+            raise SweepSpecError(f"Name the lm-eval task to score accuracy on, e.g. acc:sinkscope_nextline (got {self.task!r}).")
+        check_limit(self.limit)
+        self.bench_spec()
+        load_tasks([self.task])  # an unknown task or missing data: one line now, before any pruning
+
+    def bench_spec(self) -> BenchSpec:
+        return BenchSpec(mc_num=self.mc_num, batch_size=self.mc_num, seed=self.seed)
+
+    def score(self, handle: ModelHandle, progress: Progress | None = None) -> Score:
+        with offline():
+            out = lm_eval.simple_evaluate(
+                model=make_lm(handle, spec=self.bench_spec(), progress=progress),
+                tasks=[self.task],
+                task_manager=manager_for([self.task]),
+                limit=check_limit(self.limit),
+                log_samples=True,
+                verbosity="ERROR",
+            )
+        samples = out["samples"][self.task]
+        row = paired_row(_per_doc(samples, _metric(samples, self.task)), None)
+        return Score(dict(zip(ACCURACY_COLUMNS, (row["acc"], row["acc_se"], self.task))))
 
 
 def save_accuracy(result: AccuracyResult, out: str | Path) -> tuple[Path, Path]:
     """``out`` (JSON: spec, table, per-document scores and lm-eval's results per model) and ``<stem>.csv`` (the table) beside it,
     each written atomically (:mod:`sap_core.files`)."""
-    from sap_core.files import atomic_write_text
-
     out = Path(out)
     csv = out.with_suffix(".csv") if out.suffix.lower() != ".csv" else out.with_name(out.stem + ".table.csv")
     atomic_write_text(csv, result.table.to_csv(index=False))
@@ -227,10 +248,6 @@ class Cost:
 def estimate_cost(handle: ModelHandle, tasks: Sequence[str], spec: BenchSpec, limit: int | None, models: int) -> Cost:
     """The cost of scoring ``models`` models (dense + variants) on ``tasks``: lm-eval's requests are built (no
     model work), and one forward pass of ``batch_size`` rows of their mean length is timed here."""
-    import time
-
-    import torch
-
     limit = check_limit(limit)
     loaded = load_tasks(tasks, manager_for(list(tasks)))
     requests, tokens = 0, 0

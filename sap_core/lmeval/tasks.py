@@ -33,7 +33,7 @@ def offline() -> Iterator[None]:
     os.environ.update({k: "1" for k in OFFLINE_VARIABLES})
     flags = []
     with contextlib.suppress(ImportError):
-        import datasets.config as dc
+        import datasets.config as dc  # lazy: optional (lm-eval's own dependency); the variables alone do without it
 
         flags.append((dc, "HF_HUB_OFFLINE", dc.HF_HUB_OFFLINE))
         dc.HF_HUB_OFFLINE = True
@@ -56,7 +56,7 @@ def offline() -> Iterator[None]:
 def task_manager(include_path: str | None = None, defaults: bool = True):
     """lm-eval's ``TaskManager`` with the built-in tasks (and ``include_path``, when given) included, and
     lm-eval's own tasks when ``defaults`` (indexing those takes some seconds; cached)."""
-    from lm_eval.tasks import TaskManager
+    from lm_eval.tasks import TaskManager  # lazy: lm-eval's task index is heavy; this module's names are not
 
     paths = [str(TASKS_DIR)] + ([str(include_path)] if include_path else [])
     logging.getLogger("lm_eval").setLevel(logging.ERROR)
@@ -72,7 +72,7 @@ def manager_for(names: Sequence[str], include_path: str | None = None):
 def load_tasks(names: Sequence[str], manager=None) -> dict:
     """lm-eval's task dictionary for ``names``, loaded offline; :class:`TaskError` (one line) for an unknown
     name or a task whose data is missing, before any model work."""
-    from lm_eval.tasks import get_task_dict
+    from lm_eval.tasks import get_task_dict  # lazy: as task_manager's
 
     names = [n.strip() for n in names if n and n.strip()]
     if not names:

@@ -1,0 +1,429 @@
+"""Benchmark accuracy through lm-evaluation-harness: an ``lm_eval`` model over a SinkScope model.
+
+:class:`SinkScopeLM` wraps a loaded :class:`~sap_core.models.ModelHandle`, optionally with a pruned
+variant swapped in for each call (``variant.applied``, under the model's lock), and is registered with
+lm-eval as ``sinkscope``, so ``lm_eval.simple_evaluate(model=SinkScopeLM(handle), tasks=[...])`` and lm-eval's
+own command line (``python -m sap_core.benchmark --model sinkscope --model_args model=tiny-dlm,mc_num=32 ...``)
+both work.
+
+**Masked-diffusion models** score a continuation with the official estimator (LLaDA's ``eval_llada.py``,
+which the paper's code uses): ``mc_num`` copies of prompt + continuation in groups of ``batch_size``; in each
+group one uniform ``k`` in ``[1, n]`` stratifies the number of masked continuation tokens over the group
+(``round(linspace(k, k + (b - 1)·n / b, b))`` wrapped into ``[1, n]``), each row masks that many continuation
+tokens at random, and the cross-entropy on the masked tokens, divided by the mask ratio, averaged over the
+``mc_num`` rows, is minus the log-likelihood bound. Unsupervised classifier-free guidance (``cfg > 0``) as the
+official ``get_logits``: ``un + (cfg + 1)·(cond − un)`` with the prompt masked in the unconditional row. The
+context / continuation split follows the official ``_encode_pair`` (trailing spaces of the context move to
+the continuation). Differences from the official class, none of which changes an estimate: every request
+draws its masks from its own generator, seeded from ``seed`` and the request's token ids
+(:func:`request_seed`), so a request gets the same masks whatever the order, ``--limit`` or model (dense and
+variants are paired draw for draw, and choices scoring the same continuation share masks); all masks are drawn first,
+a row repeating another of its request (the same masked set) runs once and counts twice, and the forward passes run
+over rows of several requests of equal length at once; the LM head runs at the masked positions only
+(:meth:`ModelHandle.logits` ``positions=``). ``tests/test_benchmark.py`` checks equality with a transcription
+of the official ``get_loglikelihood`` (same seed). ``is_check_greedy``: whether greedy decoding of the
+continuation, one most-confident token per step (:func:`sap_core.diffusion.generate`), gives it back.
+``loglikelihood_rolling`` (which the official class lacks) sums the same bound over lm-eval's disjoint rolling
+windows; ``generate_until`` decodes with the project's sampler (``gen_length``, ``steps``, ``block_length``,
+``cfg``, greedy) and cuts at the first stop sequence.
+
+**Causal models** score exactly: the sum of next-token log-probabilities of the continuation, and whether
+each continuation token is the argmax.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import numbers
+import sys
+from collections import defaultdict
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from lm_eval.api.model import LM
+from lm_eval.api.registry import register_model
+from lm_eval.utils import get_rolling_token_windows, make_disjoint_window, simple_parse_args_string
+from safetensors.torch import load_file
+
+from sap_core.compare import variant_context
+from sap_core.diffusion import DecodeSpec, generate
+from sap_core.errors import Cancelled, SapError
+from sap_core.lmeval.tasks import TASKS_DIR, offline
+from sap_core.models import ModelHandle, load_model
+from sap_core.progress import Progress, report
+from sap_core.pruning.spec import PruneSpec
+from sap_core.pruning.variant import PrunedVariant, fingerprint, is_variant_dir, param_names, same_weights, target_linears
+from sap_core.text import check_length
+
+MODEL_NAME = "sinkscope"
+ROW_TOKENS = 4096  # tokens per forward pass when rows of several requests are stacked (speed only)
+
+
+class BenchSpecError(SapError):
+    """Impossible benchmark settings."""
+
+
+@dataclass(frozen=True)
+class BenchSpec:
+    """How :class:`SinkScopeLM` scores. ``mc_num`` Monte Carlo rows per request in groups of ``batch_size``
+    (a group shares one stratified draw, so ``mc_num`` must be a multiple of ``batch_size``); ``cfg``:
+    unsupervised classifier-free guidance scale (0 = off); ``is_check_greedy``: also check greedy decoding
+    (masked-diffusion models; one forward pass per continuation token); ``seed``: of the masks;
+    ``gen_length`` / ``steps`` / ``block_length``: ``generate_until``'s sampler (greedy)."""
+
+    mc_num: int = 32
+    batch_size: int = 32
+    cfg: float = 0.0
+    is_check_greedy: bool = False
+    seed: int = 0
+    gen_length: int = 64
+    steps: int = 64
+    block_length: int = 64
+
+    def __post_init__(self) -> None:
+        for f in ("mc_num", "batch_size", "seed", "gen_length", "steps", "block_length"):
+            value = getattr(self, f)
+            if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+                value = int(value)
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+                raise BenchSpecError(f"{f} must be a whole number (got {value!r}).")
+            object.__setattr__(self, f, int(value))
+        for f in ("mc_num", "batch_size", "gen_length", "steps", "block_length"):
+            if getattr(self, f) < 1:
+                raise BenchSpecError(f"{f} must be at least 1 (got {getattr(self, f)}).")
+        if self.mc_num % self.batch_size:
+            raise BenchSpecError(
+                f"mc_num ({self.mc_num}) must be a multiple of batch_size ({self.batch_size}): the estimator stratifies "
+                f"within groups of batch_size rows; e.g. mc_num={max(1, round(self.mc_num / self.batch_size)) * self.batch_size}."
+            )
+        cfg = self.cfg
+        if isinstance(cfg, str):
+            try:
+                cfg = float(cfg)
+            except ValueError:
+                raise BenchSpecError(f"cfg must be a number (got {cfg!r}).") from None
+        if isinstance(cfg, bool) or not isinstance(cfg, numbers.Real) or not math.isfinite(cfg) or cfg < 0:
+            raise BenchSpecError(f"cfg must be a finite number >= 0 (got {cfg!r}); 0 turns guidance off.")
+        object.__setattr__(self, "cfg", float(cfg))
+        greedy = self.is_check_greedy
+        if isinstance(greedy, str):
+            if greedy.lower() not in ("true", "false", "1", "0"):
+                raise BenchSpecError(f"is_check_greedy must be true or false (got {greedy!r}).")
+            greedy = greedy.lower() in ("true", "1")
+        object.__setattr__(self, "is_check_greedy", bool(greedy))
+
+    def forward_passes(self, requests: int) -> int:
+        """Forward passes of ``requests`` log-likelihood requests as the official class runs them
+        (``requests × mc_num / batch_size`` passes of ``batch_size`` rows)."""
+        return requests * self.mc_num // self.batch_size
+
+
+def request_seed(seed: int, target: list[int]) -> int:
+    """The seed of one request's masks: from ``seed`` and the continuation's token ids, so the same request
+    gets the same masks in any order, subset or model, and choices that score the same continuation after
+    different contexts (the built-in task) share their masks, which makes their comparison less noisy."""
+    h = hashlib.sha256(f"{seed}|{','.join(map(str, target))}".encode()).digest()
+    return int.from_bytes(h[:8], "little") >> 1
+
+
+def encode_pair(handle: ModelHandle, context: str, continuation: str) -> tuple[list[int], list[int]]:
+    """The official ``_encode_pair``: trailing whitespace of ``context`` moves to ``continuation``; the
+    continuation's ids are the whole text's ids after the context's (the tokenizer's own BOS convention)."""
+    n_spaces = len(context) - len(context.rstrip())
+    if n_spaces > 0:
+        continuation = context[-n_spaces:] + continuation
+        context = context[:-n_spaces]
+    whole = handle.encode(context + continuation)
+    ctx = handle.encode(context)
+    return ctx, whole[len(ctx) :]
+
+
+def stratified_masks(n: int, mc_num: int, batch_size: int, generator: torch.Generator) -> torch.Tensor:
+    """``bool [mc_num, n]``: which continuation tokens each Monte Carlo row masks, drawn as the official
+    ``_forward_process`` draws them, group by group (one ``randint`` then one ``randperm`` per row)."""
+    out = []
+    b = batch_size
+    for _ in range(mc_num // b):
+        k = torch.randint(1, n + 1, (), generator=generator)
+        x = torch.round(torch.linspace(float(k), k + (b - 1) * (n / b), steps=b)).long()
+        x = ((x - 1) % n) + 1
+        below = torch.arange(n).repeat(b, 1) < x.unsqueeze(1)
+        for i in range(b):
+            below[i] = below[i][torch.randperm(n, generator=generator)]
+        out.append(below)
+    return torch.cat(out)
+
+
+@register_model(MODEL_NAME)
+class SinkScopeLM(LM):
+    """lm-eval's model over a SinkScope :class:`ModelHandle` (see the module docstring). ``variant``: a
+    :class:`~sap_core.pruning.PrunedVariant` swapped in for every call, a saved variant directory, or a
+    separately loaded handle. From lm-eval's command line: ``--model_args model=NAME_OR_DIR,variant=DIR,...``
+    with ``device``, ``dtype`` and :class:`BenchSpec`'s fields."""
+
+    def __init__(
+        self,
+        handle: ModelHandle | None = None,
+        variant=None,
+        spec: BenchSpec | None = None,
+        progress: Progress | None = None,
+        **kw,
+    ):
+        super().__init__()
+        spec_keys = {f.name for f in fields(BenchSpec)}
+        given = {k: v for k, v in kw.items() if k in spec_keys}
+        unknown = sorted(set(kw) - spec_keys - {"model", "device", "dtype"})
+        if unknown:
+            raise BenchSpecError(
+                f"Unknown model_args {', '.join(unknown)}; use model, variant, device, dtype and {', '.join(sorted(spec_keys))}."
+            )
+        if spec is None:
+            spec = BenchSpec(**given)
+        elif given:
+            raise BenchSpecError("Give either spec or its fields, not both.")
+        if handle is None:
+            if not kw.get("model"):
+                raise BenchSpecError(
+                    "model_args needs model=NAME_OR_DIR (a built-in name such as tiny-dlm, or a model directory)."
+                )
+            handle = load_model(kw["model"], device=kw.get("device") or "auto", dtype=kw.get("dtype") or "auto")
+        if isinstance(variant, str):
+            variant = load_variant(handle, variant) if variant else None
+        elif variant is not None:
+            variant_context(handle, variant)  # a type check only: a PrunedVariant or a loaded ModelHandle
+            if isinstance(variant, ModelHandle):
+                handle, variant = variant, None
+        self.handle, self.variant, self.spec, self.progress = handle, variant, spec, progress
+        self.passes = 0  # forward passes run (each over up to ROW_TOKENS tokens)
+
+    @classmethod
+    def create_from_arg_obj(cls, arg_dict: dict, additional_config: dict | None = None):
+        """lm-eval's ``--model_args`` (as a dict) win over its ``--batch_size`` / ``--device`` flags (as in the
+        official class, ``--batch_size`` is the stratification group when model_args give none)."""
+        args = dict(arg_dict)
+        for key in ("batch_size", "device"):
+            value = (additional_config or {}).get(key)
+            if key == "device" and str(value).startswith("cuda") and not torch.cuda.is_available():
+                value = None  # lm-eval's default --device is cuda; "auto" picks the CPU here
+            if value is not None and key not in args:
+                args[key] = value
+        return cls(**args)
+
+    @classmethod
+    def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None):
+        return cls.create_from_arg_obj(simple_parse_args_string(arg_string), additional_config)
+
+    # --- lm-eval's interface ------------------------------------------------------------------------
+
+    def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
+        pairs = [encode_pair(self.handle, *req.args) for req in requests]
+        return self.score_pairs(pairs)
+
+    def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
+        h = self.handle
+        bos = h.encode("")
+        start = bos[0] if bos else (h.tokenizer.eos_token_id if h.causal else h.mask_id)
+        if start is None:
+            raise SapError(
+                "This model's tokenizer has no BOS or EOS token to start a rolling window; it cannot score whole texts."
+            )
+        window = (h.max_length or 4096) - (0 if bos else 1)
+        pairs, owner = [], []
+        for r, req in enumerate(requests):
+            ids = list(h.tokenizer.encode(req.args[0], add_special_tokens=False))
+            for ctx, pred in map(make_disjoint_window, get_rolling_token_windows(ids, start, window, 1)):
+                pairs.append((list(ctx), list(pred)))
+                owner.append(r)
+        out = [0.0] * len(requests)
+        for r, (ll, _) in zip(owner, self.score_pairs(pairs, greedy=False)):
+            out[r] += ll
+        return out
+
+    def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
+        s, h = self.spec, self.handle
+        jobs = []
+        for req in requests:
+            context, kwargs = req.args[0], dict(req.args[1] or {})
+            until = kwargs.get("until") or []
+            until = [until] if isinstance(until, str) else list(until)
+            gen = int(kwargs.get("max_gen_toks", s.gen_length)) if h.causal else s.gen_length
+            spec = DecodeSpec(gen_length=gen, steps=s.steps, block_length=s.block_length, cfg_scale=s.cfg, seed=s.seed)
+            ids = h.encode(context)
+            spec.validate(h.causal, len(ids), h.max_length, h.family)  # every request checked before any work
+            jobs.append((ids, spec, until))
+        out = []
+        with self._model() as model:
+            for i, (ids, spec, until) in enumerate(jobs):
+                text = model.decode(generate(model, ids, spec).generated_ids)
+                cut = min((text.find(u) for u in until if u and u in text), default=len(text))
+                out.append(text[:cut])
+                report(self.progress, i + 1, len(jobs), "generate_until")
+        return out
+
+    # --- scoring ------------------------------------------------------------------------------------
+
+    def _model(self):
+        """The model to run and the context that makes it safe: the variant swapped in under the lock."""
+        if self.variant is None:
+            return _handle_context(self.handle)
+        return self.variant.applied(self.handle)
+
+    def check_pairs(self, pairs) -> None:
+        """One-line errors before any work: a request longer than the model's context."""
+        for i, (prefix, target) in enumerate(pairs):
+            check_length(self.handle, len(prefix) + len(target), f"Request {i + 1} (context + continuation)")
+            if not self.handle.causal and len(target) and self.spec.cfg > 0 and not len(prefix):
+                raise BenchSpecError(f"Request {i + 1} has no context; classifier-free guidance needs one (set cfg=0).")
+            if self.handle.causal and not len(prefix) and len(target):
+                raise BenchSpecError(f"Request {i + 1} has no context token; a causal model needs one to predict from.")
+
+    @torch.inference_mode()
+    def score_pairs(self, pairs, greedy: bool | None = None) -> list[tuple[float, bool]]:
+        """``(log-likelihood, is_greedy)`` of every ``(prefix ids, target ids)`` pair."""
+        pairs = [(list(map(int, p)), list(map(int, t))) for p, t in pairs]
+        self.check_pairs(pairs)
+        greedy = self.spec.is_check_greedy if greedy is None else greedy
+        with self._model() as model:
+            if model.causal:
+                return self._causal(model, pairs)
+            lls = self._diffusion(model, pairs)
+            flags = [False] * len(pairs)
+            if greedy:
+                flags = [bool(t) and self._greedy(model, p, t) for p, t in pairs]
+        return list(zip(lls, flags))
+
+    def _diffusion(self, h: ModelHandle, pairs) -> list[float]:
+        s = self.spec
+        # Draw every request's masks first (its own generator), then stack rows of equal length. A row that
+        # repeats another of its request (the same masked set, e.g. all tokens masked) runs once, counted twice.
+        groups: dict[int, list[int]] = defaultdict(list)
+        masks, counts, lls = {}, {}, [0.0] * len(pairs)
+        for i, (prefix, target) in enumerate(pairs):
+            if target:
+                g = torch.Generator().manual_seed(request_seed(s.seed, target))
+                masks[i], inverse = torch.unique(
+                    stratified_masks(len(target), s.mc_num, s.batch_size, g), dim=0, return_inverse=True
+                )
+                counts[i] = torch.bincount(inverse, minlength=len(masks[i])).double()
+                groups[len(prefix) + len(target)].append(i)
+        total, done = sum(len(masks[i]) for v in groups.values() for i in v), 0
+        for length, members in sorted(groups.items()):
+            per_pass = max(1, ROW_TOKENS // length // (2 if s.cfg > 0 else 1))
+            rows = [(i, r) for i in members for r in range(len(masks[i]))]
+            sums = defaultdict(float)
+            for a in range(0, len(rows), per_pass):
+                chunk = rows[a : a + per_pass]
+                seq = torch.stack([torch.tensor(pairs[i][0] + pairs[i][1]) for i, _ in chunk])
+                P = torch.tensor([len(pairs[i][0]) for i, _ in chunk])
+                scored = torch.zeros(seq.shape, dtype=torch.bool)
+                for j, (i, r) in enumerate(chunk):
+                    scored[j, P[j] :] = masks[i][r]
+                noisy = seq.masked_fill(scored, h.mask_id)
+                logits = self._logits(h, noisy, scored, P)
+                ce = F.cross_entropy(logits.float(), seq[scored].to(logits.device), reduction="none").double().cpu()
+                row_of = scored.nonzero()[:, 0]
+                ratio = torch.tensor([masks[i][r].sum().item() / len(pairs[i][1]) for i, r in chunk], dtype=torch.float64)
+                per_row = torch.zeros(len(chunk), dtype=torch.float64).index_add_(0, row_of, ce) / ratio
+                for j, (i, r) in enumerate(chunk):
+                    sums[i] += per_row[j].item() * counts[i][r].item()
+                done += len(chunk)
+                report(self.progress, done, total, "log-likelihood (Monte Carlo)")
+            for i in members:
+                lls[i] = -sums[i] / s.mc_num
+        return lls
+
+    def _logits(self, h: ModelHandle, noisy: torch.Tensor, scored: torch.Tensor, P: torch.Tensor) -> torch.Tensor:
+        """Logits at the ``scored`` positions, guided as the official ``get_logits`` when ``cfg > 0``."""
+        self.passes += 1
+        if self.spec.cfg <= 0:
+            return h.logits(noisy, positions=scored)
+        prompt = torch.arange(noisy.shape[1])[None, :] < P[:, None]
+        uncond = noisy.masked_fill(prompt, h.mask_id)
+        both = h.logits(torch.cat([noisy, uncond]), positions=torch.cat([scored, scored]))
+        cond, un = both[: len(both) // 2], both[len(both) // 2 :]
+        return un + (self.spec.cfg + 1) * (cond - un)
+
+    def _greedy(self, h: ModelHandle, prefix: list[int], target: list[int]) -> bool:
+        n = len(target)
+        spec = DecodeSpec(gen_length=n, steps=n, block_length=n, cfg_scale=self.spec.cfg)
+        return generate(h, prefix, spec).generated_ids.tolist() == target
+
+    def _causal(self, h: ModelHandle, pairs) -> list[tuple[float, bool]]:
+        out = []
+        for i, (prefix, target) in enumerate(pairs):
+            if not target:
+                out.append((0.0, True))
+                continue
+            seq = torch.tensor([prefix + target])
+            self.passes += 1
+            logits = h.logits(seq)[0, len(prefix) - 1 : -1].double().log_softmax(-1)
+            truth = torch.tensor(target, device=logits.device)
+            ll = logits.gather(-1, truth[:, None])[:, 0].sum().item()
+            out.append((ll, bool((logits.argmax(-1) == truth).all())))
+            report(self.progress, i + 1, len(pairs), "log-likelihood (exact)")
+        return out
+
+
+def make_lm(handle: ModelHandle, variant=None, spec: BenchSpec | None = None, progress: Progress | None = None) -> SinkScopeLM:
+    """A :class:`SinkScopeLM` over ``handle`` (with ``variant`` applied for every call)."""
+    return SinkScopeLM(handle, variant, spec, progress)
+
+
+@contextlib.contextmanager
+def _handle_context(handle: ModelHandle):
+    with handle.lock:
+        yield handle
+
+
+def load_variant(handle: ModelHandle, directory):
+    """A saved variant directory (``prune --save``) as a :class:`~sap_core.pruning.PrunedVariant` of
+    ``handle``: its pruned linears' weights, refused when it was pruned from another model."""
+    path = Path(directory).expanduser()
+    if not is_variant_dir(path):
+        raise SapError(f"'{directory}' is not a saved SinkScope variant (no pruning.json); save one with 'prune --save DIR'.")
+    record = json.loads((path / "pruning.json").read_text(encoding="utf-8"))
+    dense = record.get("dense_fingerprint")
+    with handle.lock:
+        if dense is None or not same_weights(dense, fingerprint(handle.module)):
+            raise SapError(
+                f"The variant '{directory}' was pruned from another model ({record.get('source')}), not from "
+                f"{handle.name}; load that model, or prune this one."
+            )
+        names = param_names(handle.module)
+        modules = [(b, name, names[id(m.weight)]) for b, name, m in target_linears(handle.module)]
+    files = sorted(path.glob("*.safetensors"))
+    state = {}
+    for f in files:
+        state.update(load_file(str(f)))
+    missing = [p for _, _, p in modules if p not in state]
+    if missing:
+        raise SapError(f"The variant '{directory}' lacks the weight '{missing[0]}'; save it again with 'prune --save'.")
+    spec = PruneSpec(method=record["method"], sparsity=record["sparsity"], pattern=record.get("pattern", "unstructured"))
+    weights = {p: state[p] for _, _, p in modules}
+    variant = PrunedVariant(spec, weights, modules, record.get("seconds", 0.0), {}, 0, None, str(path), dense_fingerprint=dense)
+    variant.label = record.get("label") or spec.label
+    return variant
+
+
+def main(argv=None) -> int:
+    """lm-eval's own command line with ``sinkscope`` registered (``python -m sap_core.benchmark --model sinkscope
+    --model_args model=tiny-dlm,mc_num=32 --tasks sinkscope_nextline --include_path ...``); the built-in tasks'
+    folder is added to ``--include_path`` when none is given. SinkScope's errors print one line."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not any(a == "--include_path" or a.startswith("--include_path=") for a in argv):
+        argv += ["--include_path", str(TASKS_DIR)]
+    sys.argv = ["lm_eval", *argv]
+    from lm_eval.__main__ import cli_evaluate  # lazy: lm-eval's command-line module, needed by this command only
+
+    try:
+        with offline():
+            cli_evaluate()
+    except (SapError, Cancelled) as exc:
+        print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
+        return 2
+    return 0
