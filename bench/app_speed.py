@@ -15,7 +15,8 @@ from pathlib import Path
 
 from streamlit.testing.v1 import AppTest
 
-from sap_core.diffusion import DecodeSpec, generate
+from sap_core.decoding import DecodeSpec
+from sap_core.diffusion import generate
 from sap_core.models import load_model
 
 ROOT = Path(__file__).resolve().parents[1]

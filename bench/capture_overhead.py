@@ -15,7 +15,8 @@ import time
 import torch
 
 from sap_core.attention import AttentionRecorder
-from sap_core.diffusion import DecodeSpec, generate
+from sap_core.decoding import DecodeSpec
+from sap_core.diffusion import generate
 from sap_core.models import BUILTIN_MODELS, ModelHandle, load_model
 from sap_core.models.llada import LLaDAConfig, LLaDAModelLM
 

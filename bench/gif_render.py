@@ -26,7 +26,8 @@ def main() -> None:
 
     from sap_core import animation
     from sap_core.attention import AttentionRecorder
-    from sap_core.diffusion import DecodeSpec, generate
+    from sap_core.decoding import DecodeSpec
+    from sap_core.diffusion import generate
     from sap_core.models import load_model
     from sap_core.sink_report import analyze
     from sap_core.sinks import SinkSpec

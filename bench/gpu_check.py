@@ -27,7 +27,8 @@ from dataclasses import dataclass
 import torch
 
 from sap_core.attention import AttentionRecorder
-from sap_core.diffusion import DecodeSpec, generate
+from sap_core.decoding import DecodeSpec
+from sap_core.diffusion import generate
 from sap_core.models import ModelHandle
 from sap_core.models.llada import LLaDAConfig, LLaDAModelLM
 from sap_core.pruning import CalibrationSpec, PruneSpec, prune

@@ -39,7 +39,8 @@ def measure(args) -> float:
 
     torch.set_num_threads(1)
     from sap_core.attention import AttentionRecorder
-    from sap_core.diffusion import DecodeSpec, generate
+    from sap_core.decoding import DecodeSpec
+    from sap_core.diffusion import generate
     from sap_core.memory import estimate, human
     from sap_core.models import load_model
 

@@ -25,7 +25,8 @@ import time
 import torch
 
 from sap_core.attention import AttentionRecorder
-from sap_core.diffusion import DecodeSpec, generate
+from sap_core.decoding import DecodeSpec
+from sap_core.diffusion import generate
 from sap_core.models import load_model
 from sap_core.sinkstats import evaluation_prompts, run_sinkstats
 

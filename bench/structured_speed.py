@@ -30,7 +30,8 @@ import pandas as pd
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from sap_core.diffusion import DecodeSpec, generate
+from sap_core.decoding import DecodeSpec
+from sap_core.diffusion import generate
 from sap_core.evaluate import EvalSpec
 from sap_core.models import load_model
 from sap_core.pruning import PruneSpec, prune

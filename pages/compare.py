@@ -19,7 +19,7 @@ from app_common import (
 from sap_core import viz
 from sap_core.animation import readable_tokens
 from sap_core.compare import compare_generations, noise_verdict, perplexity_table
-from sap_core.diffusion import DecodeSpec
+from sap_core.decoding import DecodeSpec
 from sap_core.distributed import ADDRESS_ENV, executor_from_env
 from sap_core.pruning import METHODS
 from sap_core.pruning.spec import PATTERNS

@@ -7,7 +7,8 @@ import streamlit as st
 from app_common import active_model, current_trajectory, job, kept, model_choice, progress_callback, report_for, sink_spec
 from sap_core import animation, viz
 from sap_core.attention import AttentionRecorder
-from sap_core.diffusion import REMASKING, DecodeSpec, attention_map, generate
+from sap_core.decoding import REMASKING, DecodeSpec
+from sap_core.diffusion import attention_map, generate
 
 st.header("Denoising explorer")
 handle = active_model()

@@ -387,7 +387,7 @@ def slug(text: str, limit: int = 24) -> str:
 
 
 def run_settings(spec, causal: bool = False) -> str:
-    """A decoding spec (:class:`~sap_core.diffusion.DecodeSpec`) in a few characters, for file names:
+    """A decoding spec (:class:`~sap_core.decoding.DecodeSpec`) in a few characters, for file names:
     ``64tok-64steps-b16-low_confidence-t0.8-cfg0-seed0`` (a causal model: ``64tok-causal-t0.8-seed0``)."""
     if causal:
         return f"{spec.gen_length}tok-causal-t{spec.temperature:g}-seed{spec.seed}"

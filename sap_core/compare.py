@@ -1,6 +1,6 @@
 """Side-by-side generation: the dense model against pruned variants, same prompt, spec and seed.
 
-Every run decodes the same prompt with the same :class:`~sap_core.diffusion.DecodeSpec` (hence the
+Every run decodes the same prompt with the same :class:`~sap_core.decoding.DecodeSpec` (hence the
 same seed), so any difference between two runs comes from the weights alone. For each variant the
 comparison reports
 
@@ -32,7 +32,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from sap_core.diffusion import DecodeSpec, Trajectory, generate
+from sap_core.decoding import DecodeSpec, Trajectory
+from sap_core.diffusion import generate
 from sap_core.errors import SapError
 from sap_core.evaluate import DENSE, EvalSpec, Metric, Perplexity, paired_se_if_known, score_all
 from sap_core.models import ModelHandle

@@ -1,4 +1,4 @@
-"""Dream's own sampler (``DecodeSpec(sampler="dream")``), recorded as a :class:`~sap_core.diffusion.Trajectory`.
+"""Dream's own sampler (``DecodeSpec(sampler="dream")``), recorded as a :class:`~sap_core.decoding.Trajectory`.
 
 The algorithm of ``diffusion_generate`` in ``generation_utils.py`` shipped with the Dream-v0 checkpoints
 (Dream-org/Dream-v0-{Base,Instruct}-7B), reimplemented here:
@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from sap_core.attention import AttentionRecorder
-from sap_core.diffusion import DEFAULT_SAMPLER, DecodeSpec, Trajectory, take_pass
+from sap_core.decoding import DEFAULT_SAMPLER, DecodeSpec, Trajectory, take_pass
 from sap_core.models import ModelHandle
 from sap_core.progress import Progress, report
 

@@ -19,7 +19,7 @@ It follows MMaDA's text generation (Gen-Verse/MMaDA ``generate.py`` ``generate``
 ``DecodeSpec(text_only=True)`` (``generate --text-only``) restricts the pick to the text rows
 (``llm_vocab_size``, the first 126,464): the distribution is then ``softmax`` over the text rows only, and no
 image-codebook id is ever emitted. The trajectory (tokens, confidence, recorded mass) has the shapes and
-meanings of :class:`sap_core.diffusion.Trajectory`, so capture, replay and the explorer work unchanged.
+meanings of :class:`sap_core.decoding.Trajectory`, so capture, replay and the explorer work unchanged.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ import time
 import numpy as np
 import torch
 
-from sap_core.diffusion import DecodeSpec, Trajectory, gumbel_argmax, take_pass, transfer_schedule
+from sap_core.decoding import DecodeSpec, Trajectory, gumbel_argmax, take_pass, transfer_schedule
 from sap_core.errors import DecodeSpecError
 from sap_core.progress import report
 

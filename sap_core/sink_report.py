@@ -398,7 +398,7 @@ def _build(sm: StepMass, prompt_length: int, final_tokens: np.ndarray, decoded_a
 
 def analyze(trajectory: Any, spec: SinkSpec = SinkSpec()) -> SinkReport:
     """Analyse the sinks of a trajectory (any object with the fields of
-    :class:`sap_core.diffusion.Trajectory`). Pure computation on its arrays; no model is run."""
+    :class:`sap_core.decoding.Trajectory`). Pure computation on its arrays; no model is run."""
     if not isinstance(spec, SinkSpec):
         raise SinkSpecError(f"spec must be a SinkSpec (got {type(spec).__name__}).")
     sm = reduce_mass(trajectory, spec)

@@ -4,7 +4,7 @@ Every statistic SinkScope shows about sinks is defined here, once; :mod:`sap_cor
 them into the report of one generation (:class:`~sap_core.sink_report.SinkReport`, :func:`~sap_core.sink_report.analyze`,
 its JSON/CSV) and the AR-vs-DLM comparison (:func:`~sap_core.sink_report.compare`). Shapes use ``S`` steps,
 ``Ly`` layers, ``H`` heads, ``L`` positions (prompt + generation); ``Lsel`` is the number of
-selected layers. The input is a :class:`sap_core.diffusion.Trajectory` (or any object with the same
+selected layers. The input is a :class:`sap_core.decoding.Trajectory` (or any object with the same
 fields), whose ``mass[t, l, h, j]`` is the attention mass key ``j`` receives at step ``t`` in layer
 ``l``, head ``h``: the sum over queries of the softmax probabilities. Only positions
 ``j < valid_length[t]`` exist at step ``t`` (all of them for a DLM; the tokens fed so far for a

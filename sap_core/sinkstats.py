@@ -1,7 +1,7 @@
 """Do DLM sinks move more than AR sinks? Sink statistics across many prompts, with error bars.
 
 One prompt is an anecdote. :func:`run_sinkstats` decodes ``N`` prompts with a masked-diffusion model
-(DLM) and a causal model (AR) under the same :class:`~sap_core.diffusion.DecodeSpec`, analyses each
+(DLM) and a causal model (AR) under the same :class:`~sap_core.decoding.DecodeSpec`, analyses each
 trajectory with :func:`sap_core.sink_report.analyze` under one :class:`~sap_core.sinks.SinkSpec`, and
 keeps, per prompt, model and layer (``-1`` = all selected layers, the Sink stability page's
 aggregate), the statistics of :data:`STATISTICS`:
@@ -38,7 +38,8 @@ import numpy as np
 import pandas as pd
 
 from sap_core.attention import AttentionRecorder
-from sap_core.diffusion import DecodeSpec, generate
+from sap_core.decoding import DecodeSpec
+from sap_core.diffusion import generate
 from sap_core.errors import SapError
 from sap_core.evaluate import load_text, windows
 from sap_core.files import atomic_write_text

@@ -16,7 +16,8 @@ import warnings
 import numpy as np
 
 from sap_core.attention import AttentionRecorder
-from sap_core.diffusion import DecodeSpec, generate
+from sap_core.decoding import DecodeSpec
+from sap_core.diffusion import generate
 from sap_core.files import atomic_write_text
 from sap_core.models import BUILTIN_MODELS, load_model
 from sap_core.sinks import SinkSpec, analyze, mass_view

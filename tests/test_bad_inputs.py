@@ -24,7 +24,8 @@ from conftest import make_model_dir
 from safetensors.torch import load_file, save_file
 
 from sap_core.cli import main
-from sap_core.diffusion import DecodeSpec, Trajectory, TrajectoryError, generate, npz_path
+from sap_core.decoding import DecodeSpec, Trajectory, TrajectoryError, npz_path
+from sap_core.diffusion import generate
 from sap_core.errors import DecodeSpecError, MemoryGuardError, ModelLoadError, OutputPathError, PruneSpecError, SapError
 from sap_core.evaluate import EvalSpec, perplexity
 from sap_core.memory import check_capture

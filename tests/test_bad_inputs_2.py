@@ -497,7 +497,8 @@ def test_load_sweep_refuses_what_is_not_a_sweep(saved_sweep, tmp_path, damage, n
 
 
 def test_a_prompt_with_a_lone_surrogate_is_a_project_error(tiny_dlm):
-    from sap_core.diffusion import DecodeSpec, generate
+    from sap_core.decoding import DecodeSpec
+    from sap_core.diffusion import generate
 
     with pytest.raises(SapError, match="lone surrogate"):
         generate(tiny_dlm, "caf\ud800", DecodeSpec(gen_length=4, steps=4, block_length=4))

@@ -81,7 +81,8 @@ def test_causal_loglikelihood_is_exact(ar, docs):
 
 
 def test_dlm_greedy_check(dlm):
-    from sap_core.diffusion import DecodeSpec, generate
+    from sap_core.decoding import DecodeSpec
+    from sap_core.diffusion import generate
 
     prefix = dlm.encode("To be, or not to be")
     target = generate(dlm, prefix, DecodeSpec(gen_length=4, steps=4, block_length=4)).generated_ids.tolist()

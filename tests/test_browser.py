@@ -120,7 +120,8 @@ def test_a_run_too_large_for_the_view_is_shown_at_every_kth_step(tiny_dlm, page)
 
     from sap_core import animation
     from sap_core.attention import AttentionRecorder
-    from sap_core.diffusion import DecodeSpec, generate
+    from sap_core.decoding import DecodeSpec
+    from sap_core.diffusion import generate
     from sap_core.sink_report import analyze
     from sap_core.sinks import SinkSpec
 

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 from transformers import AutoModel, PreTrainedTokenizerFast
 
-from sap_core.diffusion import DecodeSpec, generate
+from sap_core.decoding import DecodeSpec
+from sap_core.diffusion import generate
 from sap_core.evaluate import causal_perplexity, diffusion_perplexity, load_text
 from sap_core.models import BUILTIN_MODELS, load_model
 from sap_core.models.llada import LLaDAModelLM

@@ -190,7 +190,7 @@ def test_generate_then_analyze(setup, runs):
     data = json.loads((tmp / "gen.json").read_text())
     assert data["prompt"] == "To be, or not to be" and isinstance(data["text"], str)
     assert len(data["generated_ids"]) == 16 and data["n_steps"] == 8 and len(data["step_seconds"]) == 8
-    from sap_core.diffusion import Trajectory
+    from sap_core.decoding import Trajectory
 
     loaded = Trajectory.load(tmp / "traj.npz")
     assert loaded.mass is not None and loaded.n_steps == 8

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from sap_core.compare import compare_generations, divergence_step, position_agreement, states_after_steps, step_agreement
-from sap_core.diffusion import DecodeSpec, Trajectory, generate
+from sap_core.decoding import DecodeSpec, Trajectory
+from sap_core.diffusion import generate
 from sap_core.errors import Cancelled, SapError
 from sap_core.pruning import PruneSpec, numbered, prune
 from sap_core.sinks import SinkSpec

@@ -12,7 +12,8 @@ from conftest import make_model_dir
 from safetensors.torch import load_file
 
 from sap_core.attention import AttentionRecorder
-from sap_core.diffusion import DecodeSpec, attention_map, generate, transfer_schedule
+from sap_core.decoding import DecodeSpec, transfer_schedule
+from sap_core.diffusion import attention_map, generate
 from sap_core.errors import DecodeSpecError, ModelLoadError
 from sap_core.models import load_model
 from sap_core.models.llada import LLaDAConfig, LLaDAModelLM
@@ -310,7 +311,7 @@ def test_causal_decode_errors(tiny_ar):
 
 def test_cli_offers_every_remasking_rule(capsys):
     from sap_core.cli import build_parser
-    from sap_core.diffusion import REMASKING
+    from sap_core.decoding import REMASKING
 
     with pytest.raises(SystemExit):
         build_parser().parse_args(["generate", "--help"])

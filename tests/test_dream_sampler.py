@@ -15,7 +15,8 @@ import torch.nn.functional as F
 from test_families import make_dream_dir  # tests/ is on the path
 
 from sap_core.attention import AttentionRecorder
-from sap_core.diffusion import DREAM_ALGS, DecodeSpec, Trajectory, attention_map, generate
+from sap_core.decoding import DREAM_ALGS, DecodeSpec, Trajectory
+from sap_core.diffusion import attention_map, generate
 from sap_core.errors import DecodeSpecError
 from sap_core.models import load_model
 

@@ -24,7 +24,8 @@ from torch import nn
 
 from sap_core import pruning
 from sap_core.attention import AttentionRecorder
-from sap_core.diffusion import REMASKING, DecodeSpec, attention_map, generate
+from sap_core.decoding import REMASKING, DecodeSpec
+from sap_core.diffusion import attention_map, generate
 from sap_core.errors import DecodeSpecError, ModelLoadError
 from sap_core.models import FAMILY_LOADERS, ModelHandle, load_model, placement
 from sap_core.models.dream import DreamConfig, DreamModel

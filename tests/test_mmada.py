@@ -30,7 +30,8 @@ from safetensors.torch import load_file
 
 from sap_core import pruning
 from sap_core.attention import AttentionRecorder
-from sap_core.diffusion import DecodeSpec, Trajectory, attention_map, generate
+from sap_core.decoding import DecodeSpec, Trajectory
+from sap_core.diffusion import attention_map, generate
 from sap_core.errors import DecodeSpecError, ModelLoadError
 from sap_core.models import load_model
 from sap_core.models.llada import LLaDAConfig, LLaDAModelLM

@@ -13,7 +13,8 @@ import torch
 from sap_core import viz
 from sap_core.attention import AttentionRecorder
 from sap_core.compare import noise_verdict, perplexity_table
-from sap_core.diffusion import DecodeSpec, generate
+from sap_core.decoding import DecodeSpec
+from sap_core.diffusion import generate
 from sap_core.evaluate import EvalSpec, paired_se, perplexity
 from sap_core.memory import available, estimate
 from sap_core.pruning import PruneSpec, prune

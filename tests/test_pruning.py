@@ -10,7 +10,8 @@ import pytest
 import torch
 from conftest import TEXT, make_model_dir
 
-from sap_core.diffusion import DecodeSpec, generate
+from sap_core.decoding import DecodeSpec
+from sap_core.diffusion import generate
 from sap_core.errors import Cancelled, PruneSpecError
 from sap_core.models import load_model
 from sap_core.pruning import METHODS, CalibrationSpec, PruneSpec, check_sparsity, prune

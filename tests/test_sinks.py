@@ -41,7 +41,7 @@ def step_downweights(summed, spec=SinkSpec(), *, gated=False):
 
 @dataclass
 class FakeTrajectory:
-    """The fields of sap_core.diffusion.Trajectory that the analysis reads."""
+    """The fields of sap_core.decoding.Trajectory that the analysis reads."""
 
     tokens: np.ndarray
     final_tokens: np.ndarray
@@ -377,7 +377,8 @@ def test_exports_load_back(tmp_path):
 @pytest.fixture(scope="module")
 def trajectories(tiny_dlm, tiny_ar):
     from sap_core.attention import AttentionRecorder
-    from sap_core.diffusion import DecodeSpec, generate
+    from sap_core.decoding import DecodeSpec
+    from sap_core.diffusion import generate
 
     prompt = tiny_dlm.encode("To be, or not to be")
     dlm = generate(tiny_dlm, prompt, DecodeSpec(gen_length=16, steps=8, block_length=8), recorder=AttentionRecorder())

@@ -15,7 +15,8 @@ import torch
 
 from sap_core import ASSETS
 from sap_core.attention import AttentionRecorder
-from sap_core.diffusion import DecodeSpec, generate
+from sap_core.decoding import DecodeSpec
+from sap_core.diffusion import generate
 from sap_core.errors import Cancelled, DecodeSpecError, SinkSpecError
 from sap_core.models import load_model
 from sap_core.sink_report import analyze

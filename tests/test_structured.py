@@ -239,7 +239,7 @@ def test_cli_prune_structured_saves_a_smaller_model(tmp_path, tiny_dlm_dir):
 
 def test_compare_and_sweep_take_a_structured_variant(dlm):
     from sap_core.compare import compare_generations
-    from sap_core.diffusion import DecodeSpec
+    from sap_core.decoding import DecodeSpec
     from sap_core.evaluate import EvalSpec
     from sap_core.sweep import SweepSpec, run_sweep
 

@@ -13,7 +13,8 @@ from PIL import Image
 
 from sap_core import animation, viz
 from sap_core.attention import AttentionRecorder
-from sap_core.diffusion import DecodeSpec, generate
+from sap_core.decoding import DecodeSpec
+from sap_core.diffusion import generate
 from sap_core.sink_report import analyze
 from sap_core.sinks import STATES, SinkSpec
 

@@ -42,7 +42,7 @@ def cmd_analyze(args) -> int:
         )
     common.check_outputs(args)
     # lazy: --help must not import torch
-    from sap_core.diffusion import Trajectory
+    from sap_core.decoding import Trajectory
     from sap_core.sink_report import analyze
 
     sink_spec = common.sink_spec(args)

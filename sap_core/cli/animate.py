@@ -50,7 +50,7 @@ def cmd_animate(args) -> int:
         raise SapError(f"--out '{args.out}' must end in .gif or .html (the extension picks the format).")
     # lazy: --help must not import torch
     from sap_core import animation
-    from sap_core.diffusion import Trajectory
+    from sap_core.decoding import Trajectory
     from sap_core.sink_report import analyze
 
     spec = animation.AnimationSpec(color_range=args.color_range, layer=args.layer, frame_ms=args.frame_ms)

@@ -155,7 +155,7 @@ def check_outputs(args) -> None:
     if getattr(args, "out", None):
         check_output_file(args.out, "--out")
     if getattr(args, "trajectory", None) and args.command == "generate":
-        from sap_core.diffusion import npz_path  # lazy: --help must not import torch
+        from sap_core.decoding import npz_path  # lazy: --help must not import torch
 
         check_output_file(npz_path(args.trajectory), "--trajectory")
     if getattr(args, "csv", None):
@@ -191,7 +191,7 @@ def load(args):
 
 
 def decode_spec(args):
-    from sap_core.diffusion import DecodeSpec  # lazy: --help must not import torch
+    from sap_core.decoding import DecodeSpec  # lazy: --help must not import torch
 
     _prompt(args)
     return DecodeSpec(
@@ -296,7 +296,7 @@ def add_decode(p: argparse.ArgumentParser, prompt_required: bool = False) -> Non
     g.add_argument("--block-length", type=int, default=16, help="semi-autoregressive block length (default 16)")
     g.add_argument(
         "--remasking", default="low_confidence", choices=["low_confidence", "random", "entropy"]
-    )  # sap_core.diffusion.REMASKING, kept literal for a fast --help
+    )  # sap_core.decoding.REMASKING, kept literal for a fast --help
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default 0)")
     g.add_argument("--cfg-scale", type=float, default=0.0, help="classifier-free guidance scale (default 0 = off)")
     g.add_argument("--seed", type=int, default=0, help="decoding seed (default 0)")
@@ -306,13 +306,13 @@ def add_decode(p: argparse.ArgumentParser, prompt_required: bool = False) -> Non
         choices=["llada", "dream"],
         help="llada: blocks and an even split per step; dream: Dream's own diffusion_generate "
         "(default: the model family's own, dream for Dream models, llada otherwise)",
-    )  # sap_core.diffusion.SAMPLERS
+    )  # sap_core.decoding.SAMPLERS
     g.add_argument(
         "--alg",
         default="entropy",
         choices=["origin", "maskgit_plus", "topk_margin", "entropy"],
         help="dream sampler: which positions a step unmasks (default entropy)",
-    )  # sap_core.diffusion.DREAM_ALGS
+    )  # sap_core.decoding.DREAM_ALGS
     g.add_argument(
         "--alg-temp",
         type=float,

@@ -51,7 +51,8 @@ from lm_eval.utils import get_rolling_token_windows, make_disjoint_window, simpl
 from safetensors.torch import load_file
 
 from sap_core.compare import variant_context
-from sap_core.diffusion import DecodeSpec, generate
+from sap_core.decoding import DecodeSpec
+from sap_core.diffusion import generate
 from sap_core.errors import Cancelled, SapError
 from sap_core.lmeval.tasks import TASKS_DIR, offline
 from sap_core.models import ModelHandle, load_model
