@@ -236,6 +236,13 @@ def resolve_source(source: str | Path) -> Path:
     return path
 
 
+def portable_source(source: str) -> str:
+    """A model source every process can open: a built-in name as it is, a directory as an absolute path."""
+    if source in BUILTIN_MODELS:
+        return source
+    return str(Path(source).expanduser().resolve())
+
+
 def load_model(
     source: str | Path,
     device: str | torch.device = "auto",
