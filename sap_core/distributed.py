@@ -28,7 +28,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import heapq
-import json
 import math
 import os
 import socket
@@ -41,9 +40,9 @@ from typing import Any
 import torch
 
 import sap_core
-from sap_core import ASSETS
 from sap_core.errors import SapError
 from sap_core.evaluate import DENSE
+from sap_core.model_probe import probe_model
 from sap_core.models import ModelHandle, load_model, portable_source
 from sap_core.progress import Progress
 from sap_core.pruning import engine
@@ -75,25 +74,6 @@ def executor_from_env(env: dict | None = None) -> RayExecutor | None:
 
 class ClusterError(SapError):
     """The Ray cluster cannot run the sweep (too few resources, model not readable on a node, ...)."""
-
-
-def probe_model(source: str) -> str | None:
-    """None when ``source`` (from :func:`portable_source`) can be read here: its ``config.json`` is a JSON
-    object and its weight files are readable; else the reason. It runs once per node, as a Ray task."""
-    path = Path(source) if os.path.isabs(source) else ASSETS / "models" / source
-    try:
-        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
-        if not isinstance(config, dict):
-            return f"'{path / 'config.json'}' is not a JSON object"
-        weights = sorted(path.glob("*.safetensors")) + sorted(path.glob("*.safetensors.index.json"))
-        if not weights:
-            return f"no *.safetensors in '{path}'"
-        for w in weights:
-            with open(w, "rb") as f:
-                f.read(8)
-    except (OSError, ValueError) as exc:
-        return f"{type(exc).__name__}: {exc}"
-    return None
 
 
 @contextlib.contextmanager
