@@ -1,7 +1,7 @@
 """Sweeps over Ray: the jobs of :func:`sap_core.sweep.run_sweep` spread over workers on one machine or a cluster.
 
-``run_sweep(handle, spec, executor=RayExecutor(workers=2))`` (CLI: ``sweep --executor ray``) gives the
-rows the serial sweep gives, bit for bit on CPU, in the same order:
+``run_sweep(handle, spec, executor=RayExecutor(workers=2))`` (CLI: ``sweep --executor ray``; a
+:class:`sap_core.sweep.Executor`) gives the rows the serial sweep gives, bit for bit on CPU, in the same order:
 
 * each worker is a Ray actor with its CPU (and GPU) share that loads the model once, from the same
   source as ``handle`` (a built-in name, or the model directory's absolute path, which must be readable
