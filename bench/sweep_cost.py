@@ -5,7 +5,7 @@ noised_wanda, gated_sink_wanda at tau 0.05; sparsities 0.3, 0.5, 0.7; unstructur
 default calibration and evaluation settings) both ways in one process, ``--rounds`` times each in the
 order recalibrate, reuse, reuse, recalibrate (so a drift in the machine's speed cancels in the means; one
 run each was seen to swing the ratio between 0.58x and 0.74x): with ``run_sweep``'s default
-(:class:`sap_core.pruning.scores.CalibrationCache`) and with ``reuse_calibration=False`` (every job
+(:class:`sap_core.pruning.scores.CalibrationCache`) and with ``SerialExecutor(reuse_calibration=False)`` (every job
 recalibrates, as before issue 14). Checks that both give the same rows and prints the wall and CPU
 times, the pruning and evaluation parts (evaluation CPU time counted around ``sap_core.evaluate.perplexity``,
 pruning = the rest), and the ratios. ``--taus`` adds a tau sweep of gated_sink_wanda;
@@ -29,7 +29,7 @@ from sap_core.evaluate import EvalSpec
 from sap_core.models import load_model
 from sap_core.pruning import CalibrationSpec
 from sap_core.sinks import SinkSpec
-from sap_core.sweep import SweepSpec, run_sweep
+from sap_core.sweep import SerialExecutor, SweepSpec, run_sweep
 
 README_METHODS = ("magnitude", "wanda", "sparsegpt", "sink_wanda", "sink_sparsegpt", "noised_wanda", "gated_sink_wanda")
 EVAL_CPU = [0.0]  # CPU seconds spent in the sweep's evaluations (the rows only record their wall time)
@@ -89,7 +89,7 @@ def main() -> None:
     for reuse in order:
         EVAL_CPU[0] = 0.0
         t0, c0 = time.perf_counter(), time.process_time()
-        df = run_sweep(handle, spec, reuse_calibration=reuse)
+        df = run_sweep(handle, spec, executor=SerialExecutor(reuse_calibration=reuse))
         wall, cpu = time.perf_counter() - t0, time.process_time() - c0
         runs[reuse].append((df, wall, cpu, EVAL_CPU[0]))
         print(

@@ -1,7 +1,7 @@
 """Sweeps over Ray: the jobs of :func:`sap_core.sweep.run_sweep` spread over workers on one machine or a cluster.
 
-``run_sweep(handle, spec, executor=RayExecutor(workers=2))`` (CLI: ``sweep --executor ray``) gives the
-rows the serial sweep gives, bit for bit on CPU, in the same order:
+``run_sweep(handle, spec, executor=RayExecutor(workers=2))`` (CLI: ``sweep --executor ray``; a
+:class:`sap_core.sweep.Executor`) gives the rows the serial sweep gives, bit for bit on CPU, in the same order:
 
 * each worker is a Ray actor with its CPU (and GPU) share that loads the model once, from the same
   source as ``handle`` (a built-in name, or the model directory's absolute path, which must be readable
@@ -37,7 +37,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
+import sap_core
 from sap_core.errors import SapError
+from sap_core.evaluate import DENSE
+from sap_core.model_probe import probe_model
+from sap_core.models import ModelHandle, load_model, portable_source
+from sap_core.progress import Progress
+from sap_core.pruning import engine
+from sap_core.pruning.scores import CalibrationCache
+from sap_core.pruning.variant import fingerprint, same_weights
+from sap_core.sweep import Finished, SweepJob, SweepSpec, run_job
 
 _CONNECT = threading.Lock()  # one ray.init per process, also when two app sessions start sweeps at once
 # Ray starts its workers at niceness 15 (to keep its own daemons responsive); on a machine shared with other work
@@ -65,38 +76,6 @@ class ClusterError(SapError):
     """The Ray cluster cannot run the sweep (too few resources, model not readable on a node, ...)."""
 
 
-def portable_source(source: str) -> str:
-    """A model source every process can open: a built-in name as it is, a directory as an absolute path."""
-    from sap_core.models import BUILTIN_MODELS
-
-    if source in BUILTIN_MODELS:
-        return source
-    return str(Path(source).expanduser().resolve())
-
-
-def probe_model(source: str) -> str | None:
-    """None when ``source`` (from :func:`portable_source`) can be read here: its ``config.json`` is a JSON
-    object and its weight files are readable; else the reason. Light (no torch import): it runs once per node."""
-    import json
-
-    from sap_core import ASSETS
-
-    path = Path(source) if os.path.isabs(source) else ASSETS / "models" / source
-    try:
-        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
-        if not isinstance(config, dict):
-            return f"'{path / 'config.json'}' is not a JSON object"
-        weights = sorted(path.glob("*.safetensors")) + sorted(path.glob("*.safetensors.index.json"))
-        if not weights:
-            return f"no *.safetensors in '{path}'"
-        for w in weights:
-            with open(w, "rb") as f:
-                f.read(8)
-    except (OSError, ValueError) as exc:
-        return f"{type(exc).__name__}: {exc}"
-    return None
-
-
 @contextlib.contextmanager
 def workers_import_this_checkout(local: bool = True):
     """While a local Ray starts (``local``): the checkout whose ``sap_core`` this process runs is first on
@@ -107,8 +86,6 @@ def workers_import_this_checkout(local: bool = True):
     if not local:
         yield
         return
-    import sap_core
-
     before = os.environ.get("PYTHONPATH")
     here = str(Path(sap_core.__file__).resolve().parent.parent)
     os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (here, before) if p)
@@ -125,12 +102,6 @@ class SweepWorker:
     """The body of a Ray actor: one model, loaded once, running sweep jobs (see the module docstring)."""
 
     def __init__(self, source: str, device: str, dtype: Any, threads: int, dense: dict):
-        import torch
-
-        from sap_core.models import load_model
-        from sap_core.pruning.scores import CalibrationCache
-        from sap_core.pruning.variant import fingerprint, same_weights
-
         torch.set_num_threads(threads)
         self.error = None
         self.handle = load_model(source, device=device, dtype=dtype)
@@ -143,17 +114,13 @@ class SweepWorker:
         return dict(pid=os.getpid(), host=socket.gethostname(), error=self.error)
 
     def calibrate(self, key: tuple, prune_specs: list) -> dict:
-        from sap_core.pruning.engine import calibrate
-
-        calibrate(self.handle, prune_specs, self.cache)
+        engine.calibrate(self.handle, prune_specs, self.cache)
         self.adopted.add(key)
         return {k: v for k, v in self.cache.export(self.handle).items() if k == key}
 
     def run(self, spec, job, calibration: list) -> tuple[dict, Any]:
         """``calibration``: ``[(key, ObjectRef)]`` of the shared statistics the job reads (fetched once per key)."""
-        import ray
-
-        from sap_core.sweep import run_job
+        import ray  # lazy: Ray takes ~1 s to import and only a sweep on Ray needs it
 
         for key, ref in calibration:
             if key not in self.adopted:
@@ -193,7 +160,7 @@ class RayExecutor:
 
     def _connect(self) -> bool:
         """Initialise Ray unless it is; True when this call started it (and so must shut it down)."""
-        import ray
+        import ray  # lazy: Ray takes ~1 s to import and only a sweep on Ray needs it
 
         with _CONNECT:
             if ray.is_initialized():
@@ -217,8 +184,8 @@ class RayExecutor:
         return True
 
     def _check_cluster(self, source: str, probe: bool = True) -> None:
-        import ray
-        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+        import ray  # lazy: Ray takes ~1 s to import and only a sweep on Ray needs it
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy  # lazy: as ray
 
         have = ray.cluster_resources()
         need_cpu, need_gpu = self.workers * self.cpus_per_worker, self.workers * self.gpus_per_worker
@@ -248,7 +215,7 @@ class RayExecutor:
 
     def _start(self, name: str, handle, source: str, dense: dict):
         """Create worker ``name``'s actor (``dense``: the driver's weights' fingerprint, which it checks its own against)."""
-        import ray
+        import ray  # lazy: Ray takes ~1 s to import and only a sweep on Ray needs it
 
         actor = ray.remote(SweepWorker).options(
             num_cpus=self.cpus_per_worker, num_gpus=self.gpus_per_worker, max_restarts=0, max_task_retries=0, name=None
@@ -260,10 +227,11 @@ class RayExecutor:
 
     # --- the sweep -------------------------------------------------------------------------------
 
-    def run(self, handle, spec, jobs: list, progress, finished) -> None:
-        """Run ``jobs`` (:class:`sap_core.sweep.SweepJob`) and call ``finished(row, estimates)`` for each as it arrives."""
-        from sap_core.pruning.variant import fingerprint
-
+    def run(
+        self, handle: ModelHandle, spec: SweepSpec, jobs: list[SweepJob], progress: Progress | None, finished: Finished
+    ) -> None:
+        """The :class:`sap_core.sweep.Executor` method: run ``jobs`` on the workers and call ``finished(row, estimates)``
+        for each as it arrives."""
         if not jobs:
             return
         source = portable_source(handle.source)
@@ -289,7 +257,7 @@ class RayExecutor:
 
     def _stop(self, workers: dict, started: bool) -> None:
         """Kill the workers and leave Ray as it was found (shut down only when this run started it)."""
-        import ray
+        import ray  # lazy: Ray takes ~1 s to import and only a sweep on Ray needs it
 
         for worker in workers.values():
             ray.kill(worker, no_restart=True)
@@ -301,7 +269,7 @@ class RayExecutor:
             self.stats["shutdown_seconds"] = time.perf_counter() - t0
 
     def _await_ready(self, workers: dict) -> None:
-        import ray
+        import ray  # lazy: Ray takes ~1 s to import and only a sweep on Ray needs it
 
         for name, worker in workers.items():
             try:
@@ -322,10 +290,10 @@ def _stop_autoscaler_monitor() -> None:
     the monitor's SIGTERM handler then tries to report to the dead GCS until Ray's 1-s timeout kills it, so every
     shutdown took 1 s longer (measured: 1.1-1.4 s, 0.1 s with this). A local Ray has nothing to autoscale. Ray's
     own process table is private: if it is not where 2.60 keeps it, the shutdown is left as Ray does it."""
-    import ray
+    import ray  # lazy: Ray takes ~1 s to import and only a sweep on Ray needs it
 
     try:
-        from ray._private import ray_constants
+        from ray._private import ray_constants  # lazy: as ray
 
         processes = ray._private.worker._global_node.all_processes.get(ray_constants.PROCESS_TYPE_MONITOR, [])
         for info in processes:
@@ -337,19 +305,15 @@ def _stop_autoscaler_monitor() -> None:
 
 def _calibration_groups(jobs: list) -> dict[tuple, list]:
     """The jobs that read a shared calibration, by calibration key, keys in job order (the first key is the first job's)."""
-    from sap_core.pruning.engine import calibration_key, shares_calibration
-
     groups: dict[tuple, list] = {}
     for job in jobs:
-        if job.prune is not None and shares_calibration(job.prune):
-            groups.setdefault(calibration_key(job.prune), []).append(job)
+        if job.prune is not None and engine.shares_calibration(job.prune):
+            groups.setdefault(engine.calibration_key(job.prune), []).append(job)
     return groups
 
 
 def _error_row(spec, job, message: str) -> dict:
     """The row of a job that failed: its identity and ``error``, no measurements."""
-    from sap_core.sweep import DENSE
-
     return dict(
         method=DENSE if job.setting is None else job.setting.name,
         sparsity=job.sparsity,
@@ -373,12 +337,10 @@ class _Schedule:
 
     def __init__(self, executor: RayExecutor, start_worker, spec, jobs: list, workers: dict, progress, finished, t_start):
         """``start_worker(name)`` creates a replacement worker's actor."""
-        from sap_core.pruning.engine import calibration_key
-
         self.executor, self.start_worker, self.spec = executor, start_worker, spec
         self.jobs, self.workers, self.progress, self.finished = jobs, workers, progress, finished
         self.groups = _calibration_groups(jobs)
-        self.needs = {job.index: calibration_key(job.prune) for js in self.groups.values() for job in js}
+        self.needs = {job.index: engine.calibration_key(job.prune) for js in self.groups.values() for job in js}
         self.ready = [(j.index, j) for j in jobs if j.index not in self.needs]  # a heap: the lowest job index first
         heapq.heapify(self.ready)
         self.to_calibrate = list(self.groups)
@@ -429,14 +391,14 @@ class _Schedule:
     # --- results -------------------------------------------------------------------------------
 
     def next_finished(self):
-        import ray
+        import ray  # lazy: Ray takes ~1 s to import and only a sweep on Ray needs it
 
         (ref,), _ = ray.wait(list(self.inflight), num_returns=1)
         return ref
 
     def settle(self, ref) -> None:
         """Handle one finished task; its worker goes back to idle unless it died."""
-        import ray
+        import ray  # lazy: Ray takes ~1 s to import and only a sweep on Ray needs it
 
         name, kind, what = self.inflight.pop(ref)
         try:

@@ -25,13 +25,14 @@ Wanda family's statistics are computed once per (calibration, sink layers and he
 noised_wanda and gated_sink_wanda at every tau in the same forward passes, and the sink SparseGPT
 family's attention mass once; the masks are then cut per sparsity and pattern. Block-sequential
 statistics still run per job. ``prune_seconds`` is what each job cost: the job that computed the shared
-statistics carries their cost, later jobs only their own work. ``run_sweep(..., reuse_calibration=False)``
-recalibrates every job from scratch (same rows; ``bench/sweep_cost.py`` compares the two).
+statistics carries their cost, later jobs only their own work. ``run_sweep(...,
+executor=SerialExecutor(reuse_calibration=False))`` recalibrates every job from scratch (same rows;
+``bench/sweep_cost.py`` compares the two).
 
 The grid is a list of :class:`SweepJob` (:func:`sweep_jobs`), each run by :func:`run_job`; ``run_sweep``
-runs them here one after the other (the reference) or hands them to an executor
-(:class:`sap_core.distributed.RayExecutor`: Ray workers, same rows), skips those already done (``done=``, a
-resumed sweep) and returns the rows in job order whatever order they finished in.
+hands them to an :class:`Executor`: :class:`SerialExecutor` runs them here one after the other (the default
+and the reference), :class:`sap_core.distributed.RayExecutor` on Ray workers (same rows). It skips the jobs
+already done (``done=``, a resumed sweep) and returns the rows in job order whatever order they finished in.
 
 The dense model is the first row (``method="dense"``, ``sparsity=0``, ``pattern="dense"``) unless
 ``include_dense=False``. Every evaluation uses the same :class:`EvalSpec` and seed, so all rows are
@@ -46,13 +47,16 @@ errors as independent, is the conservative fallback.
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import math
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import pandas as pd
@@ -60,7 +64,7 @@ import pandas as pd
 from sap_core.errors import SweepSpecError
 from sap_core.evaluate import DENSE, EvalSpec, Metric, Perplexity, paired_se_if_known, score_all
 from sap_core.files import atomic_write, atomic_write_text, check_output_file, is_special, output_target, signals_held
-from sap_core.models import ModelHandle
+from sap_core.models import ModelHandle, portable_source
 from sap_core.progress import Progress, report
 from sap_core.pruning import METHODS, PruneSpec, parse_pattern, prune
 from sap_core.pruning.scores import CalibrationCache
@@ -312,8 +316,6 @@ def sweep_settings(model: str, spec: SweepSpec) -> dict[str, str]:
     absolute path) and each sweep-wide setting that changes a row's numbers, as its repr. Saved with the rows'
     per-draw estimates (:func:`save_sweep`); :func:`run_sweep` refuses ``done`` rows saved under other settings.
     (A :class:`MethodSetting`'s own options are not compared: its label names them.)"""
-    from sap_core.distributed import portable_source
-
     return {
         "model": portable_source(str(model)),
         "calibration": repr(spec.calibration),
@@ -324,6 +326,23 @@ def sweep_settings(model: str, spec: SweepSpec) -> dict[str, str]:
     }
 
 
+Finished = Callable[[dict, np.ndarray | None], None]  # called with each job's row and per-draw estimates as it finishes
+
+
+@runtime_checkable
+class Executor(Protocol):
+    """How :func:`run_sweep` runs a sweep's jobs. ``run`` runs every job of ``jobs`` (:class:`SweepJob`, in job
+    order) on ``handle``'s model as :func:`run_job` does (the same rows) and calls ``finished(row, estimates)``
+    once per job as it finishes, in any order; a job that fails alone may give a row of its identity and an
+    ``error`` column with estimates None. ``progress`` (None: silent) reports across the run; a
+    :class:`~sap_core.errors.Cancelled` raised from it stops the run with the dense weights restored.
+    A new executor is a class with this method (:class:`SerialExecutor`, :class:`sap_core.distributed.RayExecutor`)."""
+
+    def run(
+        self, handle: ModelHandle, spec: SweepSpec, jobs: list[SweepJob], progress: Progress | None, finished: Finished
+    ) -> None: ...
+
+
 def run_sweep(
     handle: ModelHandle,
     spec: SweepSpec,
@@ -331,8 +350,7 @@ def run_sweep(
     *,
     on_row: Callable[[dict], None] | None = None,
     on_result: Callable[[dict, np.ndarray | None], None] | None = None,
-    reuse_calibration: bool = True,
-    executor: Any = None,
+    executor: Executor | None = None,
     done: pd.DataFrame | None = None,
 ) -> pd.DataFrame:
     """Prune and score every job of ``spec``; one DataFrame row per job (see the module docstring).
@@ -340,16 +358,18 @@ def run_sweep(
     ``progress(done, total, message)`` runs across the whole sweep (``total`` is fixed up front: 100
     units per pruning call and per evaluation). Raising :class:`~sap_core.errors.Cancelled` from it
     stops the sweep with the dense weights restored. ``on_row(row)`` and ``on_result(row, estimates)``
-    are called with each finished row, in the order the rows finish. ``reuse_calibration=False``
-    recalibrates every job (see the module docstring).
+    are called with each finished row, in the order the rows finish.
 
-    ``executor``: None or ``"serial"`` runs the jobs here, one after the other (the reference);
-    ``"ray"`` or a :class:`sap_core.distributed.RayExecutor` spreads them over Ray workers (same rows).
+    ``executor``: an :class:`Executor`; None is ``SerialExecutor()`` (the jobs here, one after the other:
+    the reference); a :class:`sap_core.distributed.RayExecutor` spreads them over Ray workers (same rows).
     ``done``: rows of an interrupted run of the same sweep (:func:`load_sweep` of its partial CSV):
     their jobs are skipped and their rows (and per-draw estimates) kept, unless they were saved under other
     :func:`sweep_settings` (a :class:`SweepSpecError`). Rows come back in job order whatever order they finish
     in; ``df.attrs["settings"]`` holds this sweep's settings.
     """
+    executor = SerialExecutor() if executor is None else executor
+    if not isinstance(executor, Executor):
+        raise SweepSpecError(f"executor={executor!r} is not an executor: pass SerialExecutor() or RayExecutor(...).")
     spec.validate()
     check_length(handle, spec.eval.seqlen, "The evaluation seqlen", SweepSpecError)
     if spec.calibration is not None:
@@ -372,16 +392,7 @@ def run_sweep(
         if on_result is not None:
             on_result(row, est)
 
-    if executor == "ray":
-        from sap_core.distributed import RayExecutor
-
-        executor = RayExecutor()
-    if executor is None or executor == "serial":
-        _run_serial(handle, spec, todo, progress, finished, reuse_calibration)
-    elif isinstance(executor, str):
-        raise SweepSpecError(f"Unknown executor '{executor}': use 'serial' or 'ray'.")
-    else:
-        executor.run(handle, spec, todo, progress, finished)
+    executor.run(handle, spec, todo, progress, finished)
     df = _frame([results[j.label] for j in jobs if j.label in results])
     df.attrs["estimates"] = {j.label: estimates[j.label] for j in jobs if j.label in estimates}
     df.attrs["settings"] = settings
@@ -420,34 +431,44 @@ def _adopt_done(done: pd.DataFrame, jobs: list[SweepJob], results: dict, estimat
             estimates[str(record["label"])] = saved[str(record["label"])]
 
 
-def _run_serial(handle, spec, jobs, progress, finished, reuse_calibration) -> None:
-    cache = CalibrationCache() if reuse_calibration else None
-    if cache is not None:
+@dataclass(frozen=True)
+class SerialExecutor:
+    """The reference :class:`Executor`: the jobs in this process, one after the other, in job order, sharing one
+    :class:`~sap_core.pruning.scores.CalibrationCache` (``reuse_calibration=False``: every job recalibrates from
+    scratch; same rows)."""
+
+    reuse_calibration: bool = True
+
+    def run(
+        self, handle: ModelHandle, spec: SweepSpec, jobs: list[SweepJob], progress: Progress | None, finished: Finished
+    ) -> None:
+        cache = CalibrationCache() if self.reuse_calibration else None
+        if cache is not None:
+            for job in jobs:
+                if job.prune is not None:
+                    cache.plan(handle, job.prune)
+        unit = 100
+        starts, total = [], 0
         for job in jobs:
-            if job.prune is not None:
-                cache.plan(handle, job.prune)
-    unit = 100
-    starts, total = [], 0
-    for job in jobs:
-        starts.append(total)
-        total += unit * (1 if job.prune is None else 2)
+            starts.append(total)
+            total += unit * (1 if job.prune is None else 2)
 
-    def sub(label: str, start: int) -> Progress:
-        def inner(done: int, sub_total: int, message: str) -> None:
-            frac = min(max(done / sub_total, 0.0), 1.0) if sub_total else 1.0
-            report(progress, start + int(round(frac * unit)), total, f"{label}: {message}" if message else label)
+        def sub(label: str, start: int) -> Progress:
+            def inner(done: int, sub_total: int, message: str) -> None:
+                frac = min(max(done / sub_total, 0.0), 1.0) if sub_total else 1.0
+                report(progress, start + int(round(frac * unit)), total, f"{label}: {message}" if message else label)
 
-        return inner
+            return inner
 
-    report(progress, 0, total, "sweep")
-    for job, start in zip(jobs, starts):
+        report(progress, 0, total, "sweep")
+        for job, start in zip(jobs, starts):
 
-        def phase(name: str, job=job, start=start) -> Progress:
-            return sub(f"{job.label}: {name}", start + (unit if name == "evaluate" and job.prune is not None else 0))
+            def phase(name: str, job=job, start=start) -> Progress:
+                return sub(f"{job.label}: {name}", start + (unit if name == "evaluate" and job.prune is not None else 0))
 
-        row, est = run_job(handle, spec, job, cache, phase)
-        finished(row, est)
-        report(progress, start + unit * (1 if job.prune is None else 2), total, f"{job.label} done")
+            row, est = run_job(handle, spec, job, cache, phase)
+            finished(row, est)
+            report(progress, start + unit * (1 if job.prune is None else 2), total, f"{job.label} done")
 
 
 def _frame(rows: Sequence[dict]) -> pd.DataFrame:
@@ -518,7 +539,6 @@ def save_sweep(df: pd.DataFrame, path: str | Path) -> Path:
 
 
 def _sha256(data: bytes) -> str:
-    import hashlib
 
     return hashlib.sha256(data).hexdigest()
 
@@ -618,7 +638,6 @@ def _read_sweep_bytes(path: Path) -> bytes:
 
 def _parse_sweep_csv(path: Path, raw: bytes) -> pd.DataFrame:
     """The sweep table from the CSV's bytes: current column names, numeric columns as float, text columns as str."""
-    import io
 
     try:
         text = raw.decode("utf-8")
@@ -680,7 +699,6 @@ def series(df: pd.DataFrame) -> pd.Series:
 def _read_estimates(path: Path, raw: bytes) -> tuple[dict[str, np.ndarray] | None, dict | None]:
     """The per-draw estimates beside the CSV, by label, and the sweep's settings; (None, None) when there are
     none or they belong to another run (settings None also for files written before they were saved)."""
-    import warnings
 
     side = _estimates_path(path)
     if not side.exists():

@@ -41,6 +41,7 @@ from sap_core.pruning.record import SinkRecord, record_calibration
 from sap_core.pruning.spec import GATED, UNGATED_TWIN, CalibrationSpec
 from sap_core.sink_report import SinkReport
 from sap_core.sinks import SinkSpec
+from sap_core.sweep import SweepSpec
 
 
 def calibration_gate(
@@ -204,8 +205,6 @@ def tau_sweep_spec(methods, sparsity: float, pattern: str, taus, sink: SinkSpec,
     """The :class:`~sap_core.sweep.SweepSpec` of a "which tau?" run: the gated ``methods`` at every tau,
     each with its ungated twin (the official rule the errors are taken against), plus ``wanda`` and
     ``noised_wanda``, at one sparsity and pattern, without the dense row."""
-    from sap_core.sweep import SweepSpec
-
     taus = tuple(sorted(set(sinks.parse_taus(taus, SapError))))
     if not taus:
         raise SapError("List at least one tau for the tau sweep, e.g. 0, 0.01, 0.05.")

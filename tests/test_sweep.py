@@ -16,7 +16,7 @@ from sap_core.errors import Cancelled, SapError
 from sap_core.evaluate import EvalSpec, Perplexity, Score, perplexity
 from sap_core.pruning import CalibrationSpec
 from sap_core.sinks import SinkSpec
-from sap_core.sweep import COLUMNS, MethodSetting, SweepSpec, load_sweep, run_sweep, save_sweep, sweep_settings
+from sap_core.sweep import COLUMNS, MethodSetting, SweepSpec, load_sweep, run_job, run_sweep, save_sweep, sweep_settings
 
 CALIB = CalibrationSpec(text=" ".join(TEXT * 10), nsamples=2, seqlen=24, seed=0)
 EVAL = EvalSpec(seqlen=24, nsamples=2, draws=2, seed=0, text=" ".join(TEXT * 10))
@@ -361,3 +361,34 @@ def test_eval_spec_is_perplexity_only(tiny_dlm):
         EvalSpec(metric="acc:sinkscope_nextline")
     metric = Perplexity(EvalSpec(seqlen=24, nsamples=2, draws=2, text=EVAL.text))
     assert metric.name == "ppl" and metric.score(tiny_dlm).columns["nll"] == perplexity(tiny_dlm, metric.spec).nll
+
+
+class ReversedExecutor:
+    """A toy executor (the protocol is one method): the jobs in reverse order through run_job, no shared calibration."""
+
+    def run(self, handle, spec, jobs, progress, finished) -> None:
+        for job in reversed(jobs):
+            finished(*run_job(handle, spec, job))
+
+
+def test_a_custom_executor_gives_the_serial_rows_in_job_order(tiny_dlm, sweep):
+    serial, _, _ = sweep
+    spec = SweepSpec(methods=("magnitude", "wanda"), sparsities=(0.3, 0.6), calibration=CALIB, eval=EVAL)
+    arrived = []
+    df = run_sweep(tiny_dlm, spec, executor=ReversedExecutor(), on_row=lambda row: arrived.append(row["label"]))
+    assert arrived == list(serial["label"])[::-1]
+    timings = ["prune_seconds", "eval_seconds"]
+    pd.testing.assert_frame_equal(df.drop(columns=timings), serial.drop(columns=timings), check_exact=True)
+    assert list(df.attrs["estimates"]) == list(serial.attrs["estimates"])
+    for label, est in serial.attrs["estimates"].items():
+        assert np.array_equal(df.attrs["estimates"][label], est), label
+
+
+@pytest.mark.parametrize("executor", ["ray", "serial", object()])
+def test_run_sweep_takes_only_executor_objects(tiny_dlm, executor):
+    calls = []
+    with pytest.raises(SapError, match=r"is not an executor: pass SerialExecutor\(\) or RayExecutor\(\.\.\.\)\.$"):
+        run_sweep(
+            tiny_dlm, SweepSpec(methods=("magnitude",), sparsities=(0.5,)), progress=lambda *a: calls.append(a), executor=executor
+        )
+    assert calls == []

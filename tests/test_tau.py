@@ -16,7 +16,7 @@ from sap_core.evaluate import EvalSpec
 from sap_core.pruning import CalibrationSpec, PruneSpec, prune
 from sap_core.pruning.scores import CalibrationCache
 from sap_core.sinks import SinkSpec
-from sap_core.sweep import SweepSpec, run_sweep
+from sap_core.sweep import SerialExecutor, SweepSpec, run_sweep
 from sap_core.tau import calibration_gate
 
 torch.set_num_threads(1)
@@ -46,7 +46,7 @@ def both_ways(tiny_dlm):
         eval=EVAL,
     )
     new = run_sweep(tiny_dlm, spec)
-    old = run_sweep(tiny_dlm, spec, reuse_calibration=False)
+    old = run_sweep(tiny_dlm, spec, executor=SerialExecutor(reuse_calibration=False))
     return spec, new, old
 
 

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from sap_core.errors import SapError
+from sap_core.errors import SapError, SweepSpecError
 from sap_core.files import atomic_write_text, check_output_dir, check_output_file
 from sap_core.pruning.spec import check_sparsity
 from sap_core.sinks import SinkSpec, parse_taus
@@ -244,14 +244,12 @@ def eval_spec(args):
 def metrics(args) -> tuple:
     """The metrics scored beside perplexity, from ``--metric`` (``ppl``: none; ``acc:TASK``: the accuracy on the
     lm-eval task TASK, with ``--limit``, ``--mc-num`` and the masks seeded by ``--eval-seed``)."""
-    from sap_core.errors import SweepSpecError
-
     metric = args.metric
     if metric == "ppl":
         return ()
     if not metric.startswith("acc:") or not metric[4:]:
         raise SweepSpecError(f"metric must be ppl or acc:TASK, e.g. acc:sinkscope_nextline (got {metric!r}).")
-    from sap_core.lmeval.accuracy import TaskAccuracy
+    from sap_core.lmeval.accuracy import TaskAccuracy  # lazy: lm-eval is heavy, and only --metric acc:TASK needs it
 
     return (TaskAccuracy(metric[4:], limit=args.limit, mc_num=args.mc_num, seed=args.eval_seed),)
 

@@ -108,7 +108,7 @@ def add_parser(sub) -> None:
 
 def cmd_sweep(args) -> int:
     # lazy: --help must not import torch
-    from sap_core.sweep import SweepSpec, SweepWriter, estimates_path, run_sweep, sweep_settings
+    from sap_core.sweep import SerialExecutor, SweepSpec, SweepWriter, estimates_path, run_sweep, sweep_settings
 
     spec = SweepSpec(
         methods=tuple(args.methods),
@@ -122,7 +122,7 @@ def cmd_sweep(args) -> int:
         heads=args.heads,
     )
     spec.validate()
-    executor = None
+    executor = SerialExecutor()
     if args.executor == "ray":
         from sap_core.distributed import RayExecutor  # lazy: Ray is optional and heavy (only --executor ray)
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 from transformers.utils import logging as hf_logging
 
 from sap_core import ASSETS
@@ -188,7 +188,6 @@ def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype
 
 
 def load_tokenizer(path: Path, family: str | None = None) -> PreTrainedTokenizerBase:
-    from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
     try:
         if family in FAMILY_TOKENIZERS:
@@ -243,6 +242,13 @@ def resolve_source(source: str | Path) -> Path:
     if not path.is_dir():
         raise ModelLoadError(f"'{source}' is a file; give the directory that holds config.json and the weights.")
     return path
+
+
+def portable_source(source: str) -> str:
+    """A model source every process can open: a built-in name as it is, a directory as an absolute path."""
+    if source in BUILTIN_MODELS:
+        return source
+    return str(Path(source).expanduser().resolve())
 
 
 def load_model(

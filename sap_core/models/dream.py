@@ -33,7 +33,15 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import AutoConfig, AutoModel, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    PretrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    PreTrainedTokenizerFast,
+    Qwen2Tokenizer,
+)
 from transformers.activations import ACT2FN
 from transformers.modeling_outputs import MaskedLMOutput
 
@@ -277,7 +285,6 @@ def load_dream_tokenizer(path: Path) -> PreTrainedTokenizerBase:
     with the special tokens (``<|mask|>``, ``<|endoftext|>``, ...) listed in ``tokenizer_config.json``:
     the files the released ``DreamTokenizer`` reads, with the same rules.
     """
-    from transformers import PreTrainedTokenizerFast, Qwen2Tokenizer
 
     if (path / "tokenizer.json").exists():
         return PreTrainedTokenizerFast.from_pretrained(str(path))

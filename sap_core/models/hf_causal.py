@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import AttentionInterface, PreTrainedModel
+from transformers import AttentionInterface, AutoConfig, AutoModelForCausalLM, PreTrainedModel
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
@@ -172,7 +172,6 @@ def with_contract(model: PreTrainedModel) -> PreTrainedModel:
 
 def load_hf_causal(path: Path, device: torch.device, dtype: torch.dtype, device_map: DeviceMap = None):
     """Loader for FAMILY_LOADERS: ``(model, config)`` for a transformers-native causal LM directory."""
-    from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.from_pretrained(str(path), trust_remote_code=False)
     try:

@@ -19,7 +19,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModel, PreTrainedTokenizerBase
+from transformers import AutoConfig, AutoModel, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from sap_core.errors import ModelLoadError
 from sap_core.models import llada
@@ -106,7 +106,6 @@ def check_llada_keys(path: Path, config: dict) -> None:
 
 def load_mmada_tokenizer(path: Path) -> PreTrainedTokenizerBase:
     """LLaDA's tokenizer of an MMaDA directory, with MMaDA's chat template (:data:`CHAT_TEMPLATE`)."""
-    from transformers import PreTrainedTokenizerFast
 
     tokenizer = PreTrainedTokenizerFast.from_pretrained(str(path))
     tokenizer.chat_template = CHAT_TEMPLATE
