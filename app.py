@@ -36,6 +36,7 @@ if "app_common" not in sys.modules:
 
 import torch  # noqa: E402  (after the first paint: importing torch takes seconds)
 
+import app_shared  # noqa: E402
 from app_common import MODEL_KINDS, cached_model, is_cached, model_choice, next_link, note_page  # noqa: E402
 from sap_core.errors import SapError  # noqa: E402
 
@@ -43,15 +44,29 @@ from sap_core.errors import SapError  # noqa: E402
 # spin against other work (a 64-step generation measured 1.0 s with 1 thread, 18.9 s with 2 under load).
 torch.set_num_threads(int(os.environ.get("SINKSCOPE_THREADS", "1")))
 
+try:
+    app_shared.settings()
+except SapError as exc:  # a bad SINKSCOPE_* setting: the server cannot serve
+    st.error(f"This server's settings are wrong: {exc}")
+    st.stop()
+app_shared.session()  # ?sid= in the URL: a reload or a new tab finds this session's work
 with st.sidebar:
     st.title("SinkScope")
-    kind = st.radio(
-        "Model",
-        MODEL_KINDS,
-        key="model_kind",
-        help="The built-in models ship with SinkScope and run on a CPU. A local directory holds a "
-        "LLaDA, Dream or transformers causal-LM checkpoint (config.json + safetensors).",
-    )
+    if app_shared.shared():  # a class: only the models the server offers, by name (never a path)
+        kind = st.selectbox(
+            "Model",
+            app_shared.settings().model_names(),
+            key="model_name",
+            help="The built-in models and the models the host offers on this server.",
+        )
+    else:
+        kind = st.radio(
+            "Model",
+            MODEL_KINDS,
+            key="model_kind",
+            help="The built-in models ship with SinkScope and run on a CPU. A local directory holds a "
+            "LLaDA, Dream or transformers causal-LM checkpoint (config.json + safetensors).",
+        )
     if kind == MODEL_KINDS[2]:
         st.text_input(
             "Model directory",
@@ -74,7 +89,7 @@ with st.sidebar:
         handle = cached_model(*model_choice())
         st.success(f"Loaded **{handle.name}** on {handle.device}")
     except SapError as exc:
-        st.error(str(exc))
+        st.error(app_shared.shown(exc))
     loading.empty()
 
 note_page(page.url_path)

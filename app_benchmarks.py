@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import streamlit as st
 
+import app_shared
 from app_common import CancelButton, job, model_choice, progress_callback, stored_caption
 from sap_core.lmeval.accuracy import accuracy_table, estimate_cost, format_table
 from sap_core.lmeval.model import BenchSpec
@@ -24,6 +25,9 @@ def _minutes(seconds: float) -> str:
 
 def benchmarks_section(handle, variants: dict) -> None:
     st.subheader("Benchmarks")
+    if not app_shared.settings().heavy_jobs:
+        st.info("Benchmarks are turned off on this server by its host (heavy jobs are off).", icon=":material/block:")
+        return
     st.caption(
         "Accuracy through lm-evaluation-harness, as the paper measures it. The built-in task asks which of four passages "
         "of a held-out play a line continues (chance 25 %). Every model scores the same documents with the same Monte "

@@ -44,6 +44,7 @@ through_the_app()  # before the heavy imports below (torch takes seconds): the r
 
 import torch  # noqa: E402
 
+import app_shared  # noqa: E402
 from sap_core.errors import Cancelled, SapError  # noqa: E402
 from sap_core.models import ModelHandle, load_model  # noqa: E402
 from sap_core.sinks import SinkSpec  # noqa: E402
@@ -79,9 +80,13 @@ MODEL_KINDS = ("Built-in DLM (tiny-dlm)", "Built-in AR twin (tiny-ar)", "Local d
 
 
 def model_choice() -> tuple[str, str, str]:
-    """The (source, device, dtype) selected by the sidebar widgets (their session-state keys)."""
+    """The (source, device, dtype) selected by the sidebar widgets (their session-state keys). In shared mode
+    the model is a name the server offers (``model_name``), never a path."""
     kind = st.session_state.get("model_kind", MODEL_KINDS[0])
-    if kind == MODEL_KINDS[2]:
+    if app_shared.shared():
+        name = st.session_state.get("model_name", "tiny-dlm")
+        source = app_shared.settings().source_of(name if name in app_shared.settings().model_names() else "tiny-dlm")
+    elif kind == MODEL_KINDS[2]:
         source = (st.session_state.get("model_path") or "").strip() or default_model()
     else:
         source = default_model() if kind == MODEL_KINDS[0] else ar_model()
@@ -169,7 +174,7 @@ def active_model() -> ModelHandle:
     try:
         handle = cached_model(source, device, dtype)
     except SapError as exc:
-        st.error(f"Could not load the model: {exc}")
+        st.error(f"Could not load the model: {app_shared.shown(exc)}")
         st.info("Pick the built-in model in the sidebar, or fix the path.")
         st.stop()
     st.caption(
@@ -288,7 +293,7 @@ def job(label: str) -> Iterator[None]:
             "or a smaller dtype (bfloat16); the dense model is unchanged."
         )
     except SapError as exc:
-        st.error(f"{label} failed: {exc}")
+        st.error(f"{label} failed: {app_shared.shown(exc)}")
     finally:
         if not stopped:
             _runs().pop(page, None)

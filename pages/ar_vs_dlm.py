@@ -2,9 +2,11 @@
 
 import json
 from dataclasses import replace
+from pathlib import Path
 
 import streamlit as st
 
+import app_shared
 from app_common import (
     CancelButton,
     active_model,
@@ -37,13 +39,19 @@ if traj is None:
     st.stop()
 
 default_other = "tiny-dlm" if handle.causal else ar_model()
-other_source = st.text_input(
-    "Other model",
-    default_other,
-    key="other_model",
-    help="A model of the other kind: the built-in twin, or a local model directory. "
-    f"The active model is {'causal (AR)' if handle.causal else 'a masked-diffusion model (DLM)'}.",
-)
+if app_shared.shared():  # a class: the models the server offers, by name (never a path)
+    names = app_shared.settings().model_names()
+    other_source = app_shared.settings().source_of(
+        st.selectbox("Other model", names, names.index(default_other), key="other_model_name", help="A model of the other kind.")
+    )
+else:
+    other_source = st.text_input(
+        "Other model",
+        default_other,
+        key="other_model",
+        help="A model of the other kind: the built-in twin, or a local model directory. "
+        f"The active model is {'causal (AR)' if handle.causal else 'a masked-diffusion model (DLM)'}.",
+    )
 views = ["raw", "uniform", "expected"]
 view = st.radio(
     "Mass view",
@@ -89,7 +97,9 @@ if st.button("Run the other model on this prompt", type="primary"):
     bar.empty()
 other_traj = st.session_state.get("other_trajectory") if st.session_state.get("other_trajectory_key") == run_key else None
 if other_traj is None:
-    st.info(f"Press the button to decode the Denoising explorer's prompt with **{other_source}** under the same settings.")
+    st.info(
+        f"Press the button to decode the Denoising explorer's prompt with **{Path(other_source).name if app_shared.shared() else other_source}** under the same settings."
+    )
 else:
     ar_traj, dlm_traj = (other_traj, traj) if other_traj.causal else (traj, other_traj)
     comparison = compare(ar_traj, dlm_traj, spec=spec, labels=("AR", "DLM"))

@@ -4,6 +4,7 @@ import time
 
 import streamlit as st
 
+import app_shared
 from app_common import active_model, current_trajectory, job, kept, model_choice, progress_callback, report_for, sink_spec
 from sap_core import animation, viz
 from sap_core.attention import AttentionRecorder
@@ -12,10 +13,11 @@ from sap_core.diffusion import attention_map, generate
 
 st.header("Denoising explorer")
 handle = active_model()
+app_shared.open_linked_run(handle, animation.readable_tokens)  # /explorer?run=ID&step=N
 
 # The model's context bounds every length input: the prompt and the generated tokens must fit in it together.
 context = handle.max_length
-limit = context or 4096
+limit = min(context or 4096, app_shared.settings().max_gen_length or 4096)
 why = (
     f"at most {limit}: this model reads at most {limit} tokens (max_sequence_length in its config), prompt and generation together"
     if context
@@ -133,6 +135,7 @@ if submitted:
             trajectory_label=run_label(spec, prompt),
         )
         st.session_state.pop("attention", None)
+        app_shared.store_run(traj, st.session_state["trajectory_label"])
         failed = False
     bar.empty()
 
@@ -149,6 +152,7 @@ if failed:
     st.warning(f"Below is the **previous run**, not the settings above: {label}", icon=":material/history:")
 else:
     st.success(f"{traj.n_steps} steps in {st.session_state.get('trajectory_seconds', 0):.1f} s · {label}")
+app_shared.run_link(animation.view_step(st.query_params.get("step"), traj.n_steps))
 output = traj.prompt + handle.decode(traj.generated_ids)
 st.caption("Output (prompt and generated text)")
 st.code(output, language=None, wrap_lines=True)
@@ -193,7 +197,7 @@ if view_key not in views:
         report,
         tokens,
         anim_spec,
-        start_step=view_step if same_run else 0,
+        start_step=view_step if same_run or st.session_state.pop("run_opened", False) else 0,
         follow_box=".st-key-map_step input",
         head_mass=traj.mass,
     )

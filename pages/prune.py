@@ -5,6 +5,7 @@ from pathlib import Path
 
 import streamlit as st
 
+import app_shared
 from app_common import (
     CancelButton,
     active_model,
@@ -24,6 +25,7 @@ from sap_core.pruning.structured import StructuredVariant
 
 st.header("Prune")
 handle = active_model()
+app_shared.heavy_jobs_or_stop("Pruning")
 variants = st.session_state.setdefault("variants", [])
 
 spec_sink = sink_spec()
@@ -102,9 +104,11 @@ if submitted:
     )
     bar = st.progress(0.0, text="Pruning…")
     with job("Pruning"):
+        app_shared.check_caps(calibration_samples=calibration.nsamples)
+        app_shared.make_room(spec, handle)  # the server's memory budget, before anything is allocated
         variant = prune(handle, spec, progress=progress_callback(bar, "Pruning"))
         name = numbered(spec.label, [v["name"] for v in variants if v["model"] == model_choice()])
-        variants.append({"name": name, "variant": variant, "model": model_choice()})
+        variant = app_shared.keep_variant({"name": name, "variant": variant, "model": model_choice()}, handle)["variant"]
         st.success(f"Made **{name}** in {variant.seconds:.1f} s ({variant.removed_summary(handle)}).")
     bar.empty()
 cancel.idle()
@@ -155,6 +159,10 @@ for entry in mine:
         st.plotly_chart(viz.sparsity_heatmap(variant.layer_sparsity, removed=structured), key=f"sp_{entry['name']}")
         factor_strip(entry["name"], variant)
         c1, c2 = st.columns([3, 1])
+        app_shared.drop_button(entry, c2)
+        if app_shared.shared():  # no path asked or shown: saved under --runs with a name the server makes
+            app_shared.save_shared(entry, handle, c1)
+            continue
         target = c1.text_input(
             "Save to directory",
             "runs/" + re.sub(r"[^\w.-]+", "_", entry["name"]).strip("_"),

@@ -4,6 +4,7 @@ from dataclasses import replace
 
 import streamlit as st
 
+import app_shared
 from app_common import (
     CancelButton,
     active_model,
@@ -28,6 +29,7 @@ from sap_core.tau import best_tau_sentences, best_taus, calibration_gate, tau_sw
 
 st.header("Pick tau")
 handle = active_model()
+app_shared.heavy_jobs_or_stop("Picking tau (it prunes at every tau)")
 spec = sink_spec()
 st.caption(
     f"The gated methods down-weight a calibration token only when it is a sink at some noised timestep and its "

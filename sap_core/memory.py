@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from sap_core.errors import MemoryGuardError
+from sap_core.errors import MemoryGuardError, SapError
 
 
 @dataclass(frozen=True)
@@ -223,3 +223,60 @@ def _libc():
     except (OSError, AttributeError):
         return None
     return libc
+
+
+# --- variants held by a server: what one costs, and one budget for all sessions ---------------------------
+
+# LLaDA-8B-Instruct's shape (its config.json): the reference for "memory per variant".
+LLADA_8B = {"d_model": 4096, "n_heads": 32, "n_kv_heads": 32, "n_layers": 32, "mlp_hidden_size": 12288}
+
+
+def block_linear_params(config: dict) -> int:
+    """Weights of every linear inside the transformer blocks (what a variant prunes), from a checkpoint's
+    ``config.json`` as a dict: LLaDA keys (``d_model``, ``n_heads``, ``n_kv_heads``, ``n_layers``,
+    ``mlp_hidden_size``) or transformers' (``hidden_size``, ``num_attention_heads``, ``num_key_value_heads``,
+    ``num_hidden_layers``, ``intermediate_size``). Attention q, k, v, o and a SwiGLU MLP (three matrices)."""
+    if "d_model" in config:
+        d, heads, layers = config["d_model"], config["n_heads"], config["n_layers"]
+        kv = config.get("n_kv_heads") or heads
+        hidden = config.get("mlp_hidden_size") or config.get("mlp_ratio", 4) * d
+    else:
+        d, heads, layers = config["hidden_size"], config["num_attention_heads"], config["num_hidden_layers"]
+        kv = config.get("num_key_value_heads") or heads
+        hidden = config["intermediate_size"]
+    head = d // heads
+    return int(layers * (2 * d * heads * head + 2 * d * kv * head + 3 * d * hidden))
+
+
+def variant_bytes(linear_params: int, element_size: int, mask_only: bool) -> int:
+    """Memory a variant holds: a bit per pruned weight for a mask-only variant (magnitude, Wanda, the sink-aware
+    Wanda family; :class:`~sap_core.pruning.variant.MaskedVariant`), else a copy of every block linear at the
+    model's ``element_size`` (SparseGPT-style variants change the weights they keep)."""
+    return (int(linear_params) + 7) // 8 if mask_only else int(linear_params) * int(element_size)
+
+
+def llada_8b_variant_memory() -> dict[str, int]:
+    """Bytes per variant at LLaDA-8B shape (:data:`LLADA_8B`, bfloat16): ``mask`` (a mask-only variant,
+    one bit per weight) and ``copy`` (a SparseGPT-style variant), with ``linear_params`` pruned."""
+    n = block_linear_params(LLADA_8B)
+    return {"linear_params": n, "mask": variant_bytes(n, 2, True), "copy": variant_bytes(n, 2, False)}
+
+
+class BudgetError(SapError):
+    """A variant that would pass the server's memory budget for variants."""
+
+
+@dataclass(frozen=True)
+class MemoryBudget:
+    """One server-wide limit (bytes) on the memory all sessions' variants hold, and where it is counted
+    (``"GPU memory"`` on a GPU, ``"RAM"`` otherwise). :meth:`check` refuses before anything is allocated."""
+
+    limit: int
+    where: str = "RAM"
+
+    def check(self, need: int, used: int, fix: str = "") -> None:
+        if used + need > self.limit:
+            raise BudgetError(
+                f"A new variant needs about {human(need)}; variants already hold {human(used)} of this server's "
+                f"{human(self.limit)} budget ({self.where}). {fix}".strip()
+            )

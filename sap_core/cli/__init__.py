@@ -1,4 +1,4 @@
-"""The SinkScope command line: ``python -m sap_core`` (or ``sinkscope``) ``generate|analyze|prune|evaluate|sweep|animate|sinkstats``.
+"""The SinkScope command line: ``python -m sap_core`` (or ``sinkscope``) ``generate|analyze|prune|evaluate|sweep|animate|sinkstats|app``.
 
 Every subcommand loads ``--model`` (a built-in name or a model directory, including one written by
 ``prune --save``), shows tqdm progress bars on stderr for long work, and writes JSON (or CSV for
@@ -20,14 +20,14 @@ import threading
 from collections.abc import Sequence
 from pathlib import Path
 
-from sap_core.cli import analyze, animate, evaluate, generate, prune, sinkstats, sweep
+from sap_core.cli import analyze, animate, app, evaluate, generate, prune, sinkstats, sweep
 from sap_core.cli.common import DEFAULT_PROMPT, EXIT_USAGE, Bar, Parser, UsageError
 from sap_core.cli.sweep import save_figure
 from sap_core.errors import SapError
 
 __all__ = ["DEFAULT_PROMPT", "EXIT_USAGE", "Bar", "Parser", "Terminated", "UsageError", "build_parser", "main", "save_figure"]
 
-SUBCOMMANDS = (generate, analyze, prune, evaluate, sweep, animate, sinkstats)  # in the order of the usage line
+SUBCOMMANDS = (generate, analyze, prune, evaluate, sweep, animate, sinkstats, app)  # in the order of the usage line
 
 
 def build_parser() -> Parser:

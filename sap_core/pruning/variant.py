@@ -13,10 +13,11 @@ import hashlib
 import json
 import shutil
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
@@ -402,3 +403,74 @@ class PrunedVariant:
                 raise
             raise error from None
         return target
+
+
+# --- the packed form of a mask-only variant ----------------------------------------------------------
+
+_BITS = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}  # a float dtype's bits, by element size
+
+
+class MaskedWeights(Mapping):
+    """``{parameter name: pruned weight}`` made on demand from the dense weights and a bit mask per weight
+    (``numpy.packbits`` of "kept", uint8 in host RAM): a mask-only variant's :attr:`PrunedVariant.weights`.
+    Each lookup builds one weight (``dense.masked_fill(~kept, 0)``), freed when dropped."""
+
+    def __init__(self, dense: dict[str, torch.Tensor], packed: dict[str, np.ndarray]) -> None:
+        self.dense, self.packed = dense, packed  # the dense tensors are the model's own (no copy)
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        W = self.dense[name]
+        kept = torch.from_numpy(np.unpackbits(self.packed[name], count=W.numel()).view(np.bool_))
+        return W.masked_fill(~kept.view(W.shape).to(W.device), 0)
+
+    def __iter__(self):
+        return iter(self.packed)
+
+    def __len__(self) -> int:
+        return len(self.packed)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(p.nbytes for p in self.packed.values())
+
+
+class MaskedVariant(PrunedVariant):
+    """A :class:`PrunedVariant` whose weights are the dense ones with zeros (magnitude, Wanda, the sink-aware
+    Wanda family), held as one bit per weight (:class:`MaskedWeights`) instead of a copy: 1/16 of a bfloat16
+    copy, 1/32 of a float32 one. It applies, saves and compares exactly as the variant it was packed from;
+    :meth:`applied` builds the pruned weights while it runs (one copy, freed on exit). Made by :func:`pack`."""
+
+    def _params(self, module: nn.Module) -> dict[str, nn.Parameter]:
+        """As :meth:`PrunedVariant._params`, checked against the dense shapes (without building any weight)."""
+        shapes = SimpleNamespace(weights=self.weights.dense, dense_fingerprint=self.dense_fingerprint, source=self.source)
+        return PrunedVariant._params(shapes, module)
+
+
+def pack(variant: PrunedVariant, handle) -> PrunedVariant:
+    """The packed form (:class:`MaskedVariant`) of a variant whose every pruned weight is either the dense
+    weight, bit for bit, or +0.0; any other variant (SparseGPT-style, structured, or already packed) unchanged."""
+    if type(variant) is not PrunedVariant:  # already packed, or structured (it swaps smaller modules in)
+        return variant
+    with handle.lock:
+        params = variant._params(handle.module)
+        dense = {name: p.data for name, p in params.items()}
+    packed = {}
+    with torch.no_grad():
+        for name, W in variant.weights.items():
+            D = dense[name]
+            if W.dtype != D.dtype or W.device != D.device:
+                return variant
+            bits = _BITS[D.element_size()]
+            kept = W.view(bits) == D.view(bits)
+            if bool((W.view(bits)[~kept] != 0).any()):  # a weight that changed to something other than +0.0
+                return variant
+            packed[name] = np.packbits(kept.reshape(-1).cpu().numpy())
+    fields = {f.name: getattr(variant, f.name) for f in dataclasses.fields(variant)}
+    return MaskedVariant(**{**fields, "weights": MaskedWeights(dense, packed)})
+
+
+def resident_bytes(variant: PrunedVariant) -> int:
+    """Memory a variant holds between uses: its packed masks, or its copies of the pruned weights."""
+    if isinstance(variant.weights, MaskedWeights):
+        return variant.weights.nbytes
+    return sum(W.numel() * W.element_size() for W in variant.weights.values())
