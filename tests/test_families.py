@@ -1,7 +1,8 @@
 """Model families (issue 8): Dream, LLaDA-1.5-shaped LLaDA checkpoints, transformers causal LMs;
 Dream's entropy remasking; placement over devices (device_map); the GPU check script (``--tiny``).
 
-Every checkpoint here is tiny and random but written in its family's real on-disk format: the
+Every checkpoint here (written by conftest.py's make_dream_dir, make_llada15_dir, make_causal_dir) is tiny and
+random but written in its family's real on-disk format: the
 released config keys (including ``auto_map`` / ``architectures``), sharded safetensors, the tokenizer
 files the family ships, and decoy remote-code files that raise if anything imports them.
 """
