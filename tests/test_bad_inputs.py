@@ -37,7 +37,7 @@ from sap_core.pruning.variant import is_variant_dir
 from sap_core.sweep import SweepSpec, SweepSpecError, load_sweep, partial_path, run_sweep, save_sweep
 
 ROOT = Path(__file__).resolve().parents[1]
-torch.set_num_threads(1)
+pytestmark = pytest.mark.usefixtures("one_thread_module")  # conftest.py
 
 
 def hashes(*roots: Path) -> dict[str, str]:

@@ -19,7 +19,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from test_bad_inputs import edit_config, error_line, hashes, one_line, refused, run_cli
 
 from sap_core.errors import ModelLoadError, SapError
@@ -27,7 +26,7 @@ from sap_core.models import load_model
 from sap_core.sweep import SweepSpecError, estimates_path, load_sweep, partial_path
 
 ROOT = Path(__file__).resolve().parents[1]
-torch.set_num_threads(1)
+pytestmark = pytest.mark.usefixtures("one_thread_module")  # conftest.py
 QUICK_EVAL = ["--seqlen", "16", "--nsamples", "2", "--draws", "2"]
 QUICK_SWEEP = ["sweep", "--methods", "magnitude", "--sparsities", "0.5", *QUICK_EVAL]
 

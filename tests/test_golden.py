@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
+from conftest import one_torch_thread
 
 GOLDEN = Path(__file__).resolve().parent / "golden"
 TIMINGS = {"prune_seconds", "eval_seconds"}
@@ -94,13 +94,8 @@ def _canonical(obj) -> str:
 
 
 @pytest.fixture(scope="module")
-def computed():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # one reduction order, whatever the machine
-    try:
-        yield compute()
-    finally:
-        torch.set_num_threads(before)
+def computed(one_thread_module):  # one reduction order, whatever the machine
+    return compute()
 
 
 @pytest.mark.parametrize("name", ["sweep", "tau_sweep", "structured_sweep", "lmeval"])
@@ -110,8 +105,9 @@ def test_rows_are_bit_identical_to_the_golden_run(computed, name):
 
 
 if __name__ == "__main__" and "--write" in sys.argv:
-    torch.set_num_threads(1)
+    with one_torch_thread():
+        computed_now = compute()
     GOLDEN.mkdir(exist_ok=True)
-    for name, value in compute().items():
+    for name, value in computed_now.items():
         (GOLDEN / f"{name}.json").write_text(_canonical(value) + "\n")
         print("wrote", GOLDEN / f"{name}.json")

@@ -121,10 +121,9 @@ def test_cli_preset_refuses_explicit_calibration_settings():
     assert proc.returncode != 0 and "--calib-nsamples" in proc.stderr and "Traceback" not in proc.stderr
 
 
-def test_official_selection_prunes_a_model(tiny_dlm):
+def test_official_selection_prunes_a_model(one_thread, tiny_dlm):
     from sap_core.pruning import prune
 
-    torch.set_num_threads(1)
     calibration = CalibrationSpec(nsamples=2, seqlen=16, batch_size=2)
     official = prune(tiny_dlm, PruneSpec("sparsegpt", 0.5, calibration=calibration, sparsegpt_selection="official"))
     per_row = prune(tiny_dlm, PruneSpec("sparsegpt", 0.5, calibration=calibration))

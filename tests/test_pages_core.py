@@ -8,7 +8,6 @@ import math
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 
 from sap_core import viz
 from sap_core.attention import AttentionRecorder
@@ -21,7 +20,7 @@ from sap_core.pruning import PruneSpec, prune
 from sap_core.sink_report import analyze
 from sap_core.sinks import SinkSpec
 
-torch.set_num_threads(1)
+pytestmark = pytest.mark.usefixtures("one_thread_module")  # conftest.py
 
 
 def _positions(labels: list[str]) -> pd.DataFrame:

@@ -11,7 +11,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 
 from sap_core import ASSETS
 from sap_core.attention import AttentionRecorder
@@ -38,8 +37,7 @@ DECODE = DecodeSpec(gen_length=8, steps=8, block_length=8)
 
 
 @pytest.fixture(scope="module")
-def models():
-    torch.set_num_threads(1)
+def models(one_thread_module):
     return load_model("tiny-dlm", device="cpu"), load_model("tiny-ar", device="cpu")
 
 

@@ -10,7 +10,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
-from conftest import TEXT, make_model_dir
+from conftest import TEXT, make_dream_dir, make_model_dir
 
 from sap_core.errors import PruneSpecError
 from sap_core.models import load_model
@@ -289,8 +289,6 @@ def test_sweep_heads_reach_the_structured_rows_only_and_name_the_structure(dlm, 
 
 
 def test_dream_mlp_channels_save_and_load_but_heads_are_refused(tmp_path):
-    from test_families import make_dream_dir
-
     dream = load_model(make_dream_dir(tmp_path / "dream"), device="cpu")
     with pytest.raises(PruneSpecError, match="head size"):
         prune(dream, PruneSpec("flap", 0.5, heads=0.5, calibration=CAL))

@@ -19,7 +19,7 @@ from sap_core.sinks import SinkSpec
 from sap_core.sweep import SerialExecutor, SweepSpec, run_sweep
 from sap_core.tau import calibration_gate
 
-torch.set_num_threads(1)
+pytestmark = pytest.mark.usefixtures("one_thread_module")  # conftest.py
 CALIB = CalibrationSpec(text=" ".join(TEXT * 10), nsamples=2, seqlen=24, seed=0, T=20, interval=5, batch_size=3)
 EVAL = EvalSpec(seqlen=24, nsamples=2, draws=2, seed=0, text=" ".join(TEXT * 10))
 ALL = (
