@@ -241,15 +241,35 @@ def remove_stale_temporaries(target: PathLike) -> list[Path]:
 @contextlib.contextmanager
 def signals_held() -> Iterator[None]:
     """Hold SIGINT and SIGTERM back (they are delivered on exit) while a temporary is created or removed,
-    so Ctrl-C cannot land between creating it and the ``finally`` that removes it."""
-    held = threading.current_thread() is threading.main_thread() and hasattr(signal, "pthread_sigmask")
-    if held:
-        old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    so Ctrl-C cannot land between creating it and the ``finally`` that removes it.
+
+    Ctrl-C is sent to the whole process, and the kernel may hand it to any thread (torch's workers, tqdm's
+    monitor); Python then runs the handler in the main thread at its next instruction. So blocking the signal
+    in the main thread alone is not enough: while the block runs, the Python handlers only note a signal, and
+    it is raised again after the block. Outside the main thread, or where a handler was not set from Python,
+    the signals are blocked for this thread instead."""
+    names = (signal.SIGINT, signal.SIGTERM)
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    before = {s: signal.getsignal(s) for s in names}
+    if any(h is None for h in before.values()):  # a handler Python cannot put back: block in this thread instead
+        old = signal.pthread_sigmask(signal.SIG_BLOCK, set(names))
+        try:
+            yield
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old)
+        return
+    pending: list[int] = []
+    for s in names:
+        signal.signal(s, lambda signum, frame: pending.append(signum))
     try:
         yield
     finally:
-        if held:
-            signal.pthread_sigmask(signal.SIG_SETMASK, old)
+        for s, handler in before.items():
+            signal.signal(s, handler)
+        for s in dict.fromkeys(pending):
+            signal.raise_signal(s)
 
 
 def _umask() -> int:
