@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +27,7 @@ from sap_core.sinks import (
     SinkSpec,
     StepMass,
     as_numpy,
+    detector_scores,
     mass_view,
     position_stats,
     reduce_mass,
@@ -92,6 +93,7 @@ class SinkReport:
     positions: PositionStats
     aggregate: Instability
     per_layer: tuple[Instability, ...]
+    head_mass: Any = field(default=None, repr=False)  # the trajectory's per-head mass (not a copy), for gu; None from a file
 
     # shapes and shortcuts
     @property
@@ -133,7 +135,7 @@ class SinkReport:
                     f"Changing the {name} selection needs the full mass: call analyze(trajectory, spec) "
                     f"(this report covers {name} {list(chosen)})."
                 )
-        sm = StepMass(self.layer_mass, self.mass, self.layers, self.heads, self.valid_length, self.causal)
+        sm = StepMass(self.layer_mass, self.mass, self.layers, self.heads, self.valid_length, self.causal, self.head_mass)
         return _build(sm, self.prompt_length, self.final_tokens, self.decoded_at, spec)
 
     # tables
@@ -348,7 +350,7 @@ def _build(sm: StepMass, prompt_length: int, final_tokens: np.ndarray, decoded_a
     # aggregate and every layer in one batch: [S, 1 + Lsel, L]
     m = np.concatenate([sm.mass[:, None, :], sm.layer_mass], axis=1).astype(np.float64)
     v = viewed(m, valid, spec.normalize, sm.causal)
-    scores, sink = scored(v, valid, spec)
+    scores, sink = scored(v, valid, spec) if spec.detector == "official" else detector_scores(sm, spec.sink_detector, valid)
     vm = valid[:, None, :]
     pos = np.arange(L, dtype=np.float64)
     dominant = np.argmax(np.where(vm, v, -np.inf), axis=-1).astype(np.int64)  # [S, G]
@@ -392,15 +394,19 @@ def _build(sm: StepMass, prompt_length: int, final_tokens: np.ndarray, decoded_a
         positions=positions,
         aggregate=figures[0],
         per_layer=tuple(figures[1:]),
+        head_mass=sm.source,
         **arrays,
     )
 
 
-def analyze(trajectory: Any, spec: SinkSpec = SinkSpec()) -> SinkReport:
+def analyze(trajectory: Any, spec: SinkSpec = SinkSpec(), detector: Any = None) -> SinkReport:
     """Analyse the sinks of a trajectory (any object with the fields of
-    :class:`sap_core.decoding.Trajectory`). Pure computation on its arrays; no model is run."""
+    :class:`sap_core.decoding.Trajectory`). Pure computation on its arrays; no model is run. ``detector``
+    (``NAME[:PARAM]`` text or a :class:`~sap_core.detectors.Detector`), when given, replaces ``spec.detector``."""
     if not isinstance(spec, SinkSpec):
         raise SinkSpecError(f"spec must be a SinkSpec (got {type(spec).__name__}).")
+    if detector is not None:
+        spec = replace(spec, detector=detector)
     sm = reduce_mass(trajectory, spec)
     S, _, L = sm.layer_mass.shape
     decoded_at = as_numpy(trajectory.decoded_at, np.int64).reshape(-1)
