@@ -340,6 +340,7 @@ class StepMass:
     valid_length: np.ndarray
     causal: bool
     source: Any = None  # the trajectory's per-head mass [S, Ly, H, L] (None when read from a file): for gu
+    head_counts: np.ndarray | None = None  # gu's counts [S, 1 + Lsel, L] read from a file (detector_counts)
 
 
 _CACHE: OrderedDict[tuple, tuple[weakref.ref, np.ndarray, np.ndarray]] = OrderedDict()
@@ -391,6 +392,14 @@ def detector_scores(sm: StepMass, detector: Detector, valid: np.ndarray) -> tupl
     if not detector.needs_heads:
         m = np.concatenate([sm.mass[:, None, :], sm.layer_mass], axis=1).astype(np.float64)
         return detector.from_sums(np.where(valid[:, None, :], m, 0.0), n_heads, valid)
+    return detector.from_counts(detector_counts(sm, detector, valid), n_heads, valid)
+
+
+def detector_counts(sm: StepMass, detector: Detector, valid: np.ndarray) -> np.ndarray:
+    """``int64 [S, 1 + Lsel, L]``: the heads in which a per-head detector (``gu``) finds a sink at ``j``, over
+    every selected head (aggregate) and per selected layer; what a saved report keeps in place of the mass."""
+    if sm.head_counts is not None:
+        return sm.head_counts
     if sm.source is None:
         raise SinkSpecError(f"The {detector.name} detector needs the per-head mass: analyse the trajectory, not a saved report.")
     key = (detector.name, detector.param, id(sm.source), tuple(sm.source.shape), sm.layers, sm.heads)
@@ -399,7 +408,7 @@ def detector_scores(sm: StepMass, detector: Detector, valid: np.ndarray) -> tupl
         counts = detector.head_counts(_selected_heads(sm.source, sm.layers, sm.heads), valid)
         hit = (np.concatenate([counts.sum(1, keepdims=True), counts], axis=1), None)
         _remember(key, sm.source, *hit)
-    return detector.from_counts(hit[0], n_heads, valid)
+    return hit[0]
 
 
 def _mass_of(trajectory: Any) -> tuple[Any, np.ndarray]:
