@@ -7,8 +7,8 @@ import streamlit as st
 from app_common import active_model, current_trajectory, report_for, sink_spec
 from sap_core import viz
 from sap_core.animation import readable_tokens
-from sap_core.errors import SapError
 from sap_core.detectors import DETECTORS
+from sap_core.errors import SapError
 from sap_core.sink_report import detector_agreement
 from sap_core.sinks import RULES, SinkSpec
 
@@ -127,7 +127,12 @@ def rescore() -> None:
     )
     try:
         spec = SinkSpec(
-            rule=rule, k=k, alpha=alpha, tau=tau, epsilon=epsilon, detector="official" if name == "official" else f"{name}:{param}"
+            rule=rule,
+            k=k,
+            alpha=alpha,
+            tau=tau,
+            epsilon=epsilon,
+            detector="official" if name == "official" else f"{name}:{param}",
         )
     except SapError as exc:
         st.error(str(exc))
