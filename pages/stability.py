@@ -7,7 +7,9 @@ import streamlit as st
 from app_common import active_model, current_trajectory, report_for, sink_spec
 from sap_core import viz
 from sap_core.animation import readable_tokens
+from sap_core.detectors import DETECTORS
 from sap_core.errors import SapError
+from sap_core.sink_report import detector_agreement
 from sap_core.sinks import RULES, SinkSpec
 
 st.header("Sink stability")
@@ -103,8 +105,35 @@ def rescore() -> None:
         disabled=official,
         help="Only for the leave_one_out rule: margin in units of the step's uniform mass.",
     )
+    d = st.columns([2, 1, 3])
+    name = d[0].selectbox(
+        "Detector",
+        list(DETECTORS),
+        index=list(DETECTORS).index(old.detector.partition(":")[0]),
+        format_func=lambda n: DETECTORS[n].title,
+        key="sink_detector_name",
+        help="Which published definition of a sink scores the record (docs/sinks.md). The official rule uses the "
+        "sliders above; the others their own parameter ε.",
+    )
+    chosen = DETECTORS[name]
+    param = d[1].number_input(
+        f"{chosen.symbol} ({name})",
+        value=chosen.default,
+        step=0.05 if chosen.default < 1 else 0.5,
+        format="%.2f",
+        key=f"sink_detector_{name}",
+        disabled=name == "official",
+        help="gu, head: mean attention per query (0..1); rulli: multiple of uniform attention. Official: use k.",
+    )
     try:
-        spec = SinkSpec(rule=rule, k=k, alpha=alpha, tau=tau, epsilon=epsilon)
+        spec = SinkSpec(
+            rule=rule,
+            k=k,
+            alpha=alpha,
+            tau=tau,
+            epsilon=epsilon,
+            detector="official" if name == "official" else f"{name}:{param}",
+        )
     except SapError as exc:
         st.error(str(exc))
         return
@@ -222,6 +251,10 @@ def rescore() -> None:
             },
         )
 
+    with st.expander("Do the detectors agree? Overlap of their sink sets, per layer"):
+        st.plotly_chart(_agreement(traj, spec))
+        st.caption("Each detector at its default parameter (docs/sinks.md); 1 = the same sinks, 0 = none in common.")
+
     c1, c2 = st.columns(2)
     c1.download_button("Download positions (CSV)", positions.to_csv(index=False), "sink_positions.csv", "text/csv")
     c2.download_button("Download full report (JSON)", report.json_text(), "sink_report.json", "application/json")
@@ -237,6 +270,16 @@ def _layers(traj, spec: SinkSpec):
         cached = (key, layers, viz.instability_bars(layers))
         st.session_state["_stability_layers"] = cached
     return cached[1], cached[2]
+
+
+def _agreement(traj, spec: SinkSpec):
+    """The detectors' agreement figure, kept for the last (run, official settings)."""
+    key = (id(traj), replace(spec, tau=0.0, detector="official"))
+    cached = st.session_state.get("_stability_agreement")
+    if cached is None or cached[0] != key:
+        cached = (key, viz.detector_agreement_figure(detector_agreement(traj, key[1])))
+        st.session_state["_stability_agreement"] = cached
+    return cached[1]
 
 
 def _token_texts(traj, ids) -> list[str]:

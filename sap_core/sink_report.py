@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
+from sap_core.detectors import default_detectors, parse_detector
 from sap_core.errors import SinkSpecError
 from sap_core.sinks import (
     AGGREGATE,
@@ -27,6 +28,8 @@ from sap_core.sinks import (
     SinkSpec,
     StepMass,
     as_numpy,
+    detector_counts,
+    detector_scores,
     mass_view,
     position_stats,
     reduce_mass,
@@ -92,6 +95,7 @@ class SinkReport:
     positions: PositionStats
     aggregate: Instability
     per_layer: tuple[Instability, ...]
+    head_mass: Any = field(default=None, repr=False)  # the trajectory's per-head mass (not a copy), for gu; None from a file
 
     # shapes and shortcuts
     @property
@@ -133,7 +137,7 @@ class SinkReport:
                     f"Changing the {name} selection needs the full mass: call analyze(trajectory, spec) "
                     f"(this report covers {name} {list(chosen)})."
                 )
-        sm = StepMass(self.layer_mass, self.mass, self.layers, self.heads, self.valid_length, self.causal)
+        sm = StepMass(self.layer_mass, self.mass, self.layers, self.heads, self.valid_length, self.causal, self.head_mass)
         return _build(sm, self.prompt_length, self.final_tokens, self.decoded_at, spec)
 
     # tables
@@ -246,12 +250,21 @@ class SinkReport:
             "valid_length": self.valid_length.tolist(),
             "mass": self.mass.tolist(),
             "layer_mass": self.layer_mass.tolist(),
+            **self._detector_counts(),
             "tables": {
                 "positions": json_records(self.positions_frame()),
                 "layers": json_records(self.layers_frame()),
             },
         }
         return json.dumps(doc, allow_nan=False)
+
+    def _detector_counts(self) -> dict:
+        """``{"detector_counts": ...}`` for a detector that needs the per-head mass (which the file does not keep)."""
+        detector = self.spec.sink_detector
+        if not detector.needs_heads:
+            return {}
+        sm = StepMass(self.layer_mass, self.mass, self.layers, self.heads, self.valid_length, self.causal, self.head_mass)
+        return {"detector_counts": detector_counts(sm, detector, self.valid).tolist()}
 
     @classmethod
     def from_json(cls, path: str | Path) -> SinkReport:
@@ -270,6 +283,7 @@ class SinkReport:
             heads=tuple(doc["heads"]),
             valid_length=np.asarray(doc["valid_length"], np.int64),
             causal=bool(doc["causal"]),
+            head_counts=np.asarray(doc["detector_counts"], np.int64) if "detector_counts" in doc else None,
         )
         return _build(
             sm,
@@ -348,7 +362,7 @@ def _build(sm: StepMass, prompt_length: int, final_tokens: np.ndarray, decoded_a
     # aggregate and every layer in one batch: [S, 1 + Lsel, L]
     m = np.concatenate([sm.mass[:, None, :], sm.layer_mass], axis=1).astype(np.float64)
     v = viewed(m, valid, spec.normalize, sm.causal)
-    scores, sink = scored(v, valid, spec)
+    scores, sink = scored(v, valid, spec) if spec.detector == "official" else detector_scores(sm, spec.sink_detector, valid)
     vm = valid[:, None, :]
     pos = np.arange(L, dtype=np.float64)
     dominant = np.argmax(np.where(vm, v, -np.inf), axis=-1).astype(np.int64)  # [S, G]
@@ -392,15 +406,19 @@ def _build(sm: StepMass, prompt_length: int, final_tokens: np.ndarray, decoded_a
         positions=positions,
         aggregate=figures[0],
         per_layer=tuple(figures[1:]),
+        head_mass=sm.source,
         **arrays,
     )
 
 
-def analyze(trajectory: Any, spec: SinkSpec = SinkSpec()) -> SinkReport:
+def analyze(trajectory: Any, spec: SinkSpec = SinkSpec(), detector: Any = None) -> SinkReport:
     """Analyse the sinks of a trajectory (any object with the fields of
-    :class:`sap_core.decoding.Trajectory`). Pure computation on its arrays; no model is run."""
+    :class:`sap_core.decoding.Trajectory`). Pure computation on its arrays; no model is run. ``detector``
+    (``NAME[:PARAM]`` text or a :class:`~sap_core.detectors.Detector`), when given, replaces ``spec.detector``."""
     if not isinstance(spec, SinkSpec):
         raise SinkSpecError(f"spec must be a SinkSpec (got {type(spec).__name__}).")
+    if detector is not None:
+        spec = replace(spec, detector=detector)
     sm = reduce_mass(trajectory, spec)
     S, _, L = sm.layer_mass.shape
     decoded_at = as_numpy(trajectory.decoded_at, np.int64).reshape(-1)
@@ -499,3 +517,32 @@ def compare(
     P = min(a.prompt_length, b.prompt_length)
     same = a.prompt_length == b.prompt_length and bool(np.array_equal(a.final_tokens[:P], b.final_tokens[:P]))
     return SinkComparison((str(labels[0]), str(labels[1])), (a, b), same)
+
+
+# --- detectors side by side -----------------------------------------------------------------------------------
+
+
+def detector_agreement(trajectory: Any, spec: SinkSpec = SinkSpec(), detectors: Sequence[Any] | None = None):
+    """How far the sink sets of several detectors agree on one run: one row per (layer, first, second)
+    detector pair, ``layer`` -1 for the aggregate, ``jaccard`` = |A ∩ B| / |A ∪ B| of their (step, position)
+    sink flags in that layer (1 when both are empty: the same, empty set). Symmetric, 1 on the diagonal.
+    ``detectors``: ``NAME[:PARAM]`` texts or :class:`~sap_core.detectors.Detector` objects (default: one of
+    each published definition, :func:`sap_core.detectors.default_detectors`); names are ``str(detector)``."""
+    chosen = [parse_detector(d) for d in (default_detectors() if detectors is None else detectors)]
+    names = [str(d) for d in chosen]
+    if len(set(names)) != len(names):
+        raise SinkSpecError(f"detectors lists one twice ({names}); list each once.")
+    flags = []
+    for d in chosen:
+        report = analyze(trajectory, spec, detector=d)
+        flags.append(np.concatenate([report.is_sink[:, None, :], report.layer_is_sink], axis=1))  # [S, 1 + Lsel, L]
+    layer_ids = [AGGREGATE] + list(report.layers)
+    rows = []
+    for g, layer in enumerate(layer_ids):
+        for i, a in enumerate(names):
+            for j, b in enumerate(names):
+                fa, fb = flags[i][:, g], flags[j][:, g]
+                union = int((fa | fb).sum())
+                rows.append((layer, a, b, (fa & fb).sum() / union if union else 1.0))
+    frame = pd.DataFrame(rows, columns=["layer", "first", "second", "jaccard"])
+    return frame.astype({"layer": np.int64, "jaccard": np.float64})

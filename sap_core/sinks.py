@@ -118,6 +118,7 @@ from typing import Any
 
 import numpy as np
 
+from sap_core.detectors import OFFICIAL, Detector, LeaveOneOut, Official, leave_one_out_rule, official_rule, parse_detector
 from sap_core.errors import SapError, SinkSpecError
 
 RULES = ("official", "leave_one_out")
@@ -155,7 +156,6 @@ VIEW_NOTES = {
 LABELS = ("none", "transient", "stable", "unstable")
 STATES = ("prompt", "decoded", "decoding", "masked", "absent")
 AGGREGATE = -1  # the ``layer`` value of aggregate rows in tables
-_RTOL = 1e-6
 
 
 # --- spec --------------------------------------------------------------------------------------
@@ -228,6 +228,9 @@ class SinkSpec:
       selected layer.
     * ``normalize``: the mass view scored (:data:`VIEWS`).
     * ``top_k``: positions counted by the top-k mass share.
+    * ``detector``: which definition of a sink scores (:mod:`sap_core.detectors`, ``NAME[:PARAM]``):
+      ``"official"`` (default) is the rule above with ``k``, ``alpha`` or ``epsilon``; ``"official:2.5"`` sets
+      ``k``; ``"gu:0.3"``, ``"rulli:3"``, ``"head:0.3"`` replace the rule (kept as their canonical text).
     """
 
     rule: str = "official"
@@ -240,13 +243,32 @@ class SinkSpec:
     heads: tuple[int, ...] | None = None
     normalize: str = "raw"
     top_k: int = 4
+    detector: str = "official"
 
     def __post_init__(self) -> None:
         for name in ("layers", "heads"):
             if getattr(self, name) is not None:
                 object.__setattr__(self, name, _index_tuple(name, getattr(self, name)))
+        chosen = parse_detector(self.detector)
+        if isinstance(chosen, Official):
+            if self.detector != "official":  # official:K (or an Official object) sets k
+                object.__setattr__(self, "k", chosen.param)
+            object.__setattr__(self, "detector", "official")
+        elif isinstance(chosen, LeaveOneOut):
+            raise SinkSpecError("detector must be official, gu, rulli or head; the leave-one-out rule is rule='leave_one_out'.")
+        else:
+            object.__setattr__(self, "detector", str(chosen))
         self._check_types()
         self._check_values()
+
+    @property
+    def sink_detector(self) -> Detector:
+        """The chosen :class:`~sap_core.detectors.Detector`: the spec's rule with its parameters for ``"official"``."""
+        if self.detector != "official":
+            return parse_detector(self.detector)
+        if self.rule == "leave_one_out":
+            return LeaveOneOut(self.epsilon)
+        return OFFICIAL if (self.k, self.alpha) == (OFFICIAL.param, OFFICIAL.alpha) else Official(self.k, self.alpha)
 
     def _check_types(self) -> None:
         """Text, number and whole-number fields hold values of their type (one line each, in field order)."""
@@ -317,6 +339,8 @@ class StepMass:
     heads: tuple[int, ...]
     valid_length: np.ndarray
     causal: bool
+    source: Any = None  # the trajectory's per-head mass [S, Ly, H, L] (None when read from a file): for gu
+    head_counts: np.ndarray | None = None  # gu's counts [S, 1 + Lsel, L] read from a file (detector_counts)
 
 
 _CACHE: OrderedDict[tuple, tuple[weakref.ref, np.ndarray, np.ndarray]] = OrderedDict()
@@ -341,14 +365,50 @@ def reduce_mass(trajectory: Any, spec: SinkSpec = SinkSpec()) -> StepMass:
     _, Ly, H, _ = source.shape
     layers, heads = spec.resolve(Ly, H)
     key = (id(source), tuple(source.shape), layers, heads)
+    hit = _cached(key, source)
+    if hit is not None:
+        return StepMass(hit[0], hit[1], layers, heads, valid_length, bool(trajectory.causal), source)
+    layer_mass, mass = _sum_selection(source, layers, heads)
+    _remember(key, source, layer_mass, mass)
+    return StepMass(layer_mass, mass, layers, heads, valid_length, bool(trajectory.causal), source)
+
+
+def _cached(key: tuple, source: Any) -> tuple | None:
+    """The cached pair of ``key`` while ``source`` is alive, else None."""
     with _CACHE_LOCK:
         hit = _CACHE.get(key)
         if hit is not None and hit[0]() is source:
             _CACHE.move_to_end(key)
-            return StepMass(hit[1], hit[2], layers, heads, valid_length, bool(trajectory.causal))
-    layer_mass, mass = _sum_selection(source, layers, heads)
-    _remember(key, source, layer_mass, mass)
-    return StepMass(layer_mass, mass, layers, heads, valid_length, bool(trajectory.causal))
+            return hit[1], hit[2]
+    return None
+
+
+def detector_scores(sm: StepMass, detector: Detector, valid: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Scores and flags ``[S, 1 + Lsel, L]`` (aggregate first, then each selected layer) of a detector other
+    than the spec's own rule: from the head-summed mass, or for ``gu`` from its per-head counts, taken in one
+    pass over the selected per-head mass and cached like the reduction (per mass array, selection and ε)."""
+    Lsel, H = len(sm.layers), len(sm.heads)
+    n_heads = np.array([Lsel * H] + [H] * Lsel)
+    if not detector.needs_heads:
+        m = np.concatenate([sm.mass[:, None, :], sm.layer_mass], axis=1).astype(np.float64)
+        return detector.from_sums(np.where(valid[:, None, :], m, 0.0), n_heads, valid)
+    return detector.from_counts(detector_counts(sm, detector, valid), n_heads, valid)
+
+
+def detector_counts(sm: StepMass, detector: Detector, valid: np.ndarray) -> np.ndarray:
+    """``int64 [S, 1 + Lsel, L]``: the heads in which a per-head detector (``gu``) finds a sink at ``j``, over
+    every selected head (aggregate) and per selected layer; what a saved report keeps in place of the mass."""
+    if sm.head_counts is not None:
+        return sm.head_counts
+    if sm.source is None:
+        raise SinkSpecError(f"The {detector.name} detector needs the per-head mass: analyse the trajectory, not a saved report.")
+    key = (detector.name, detector.param, id(sm.source), tuple(sm.source.shape), sm.layers, sm.heads)
+    hit = _cached(key, sm.source)
+    if hit is None:
+        counts = detector.head_counts(_selected_heads(sm.source, sm.layers, sm.heads), valid)
+        hit = (np.concatenate([counts.sum(1, keepdims=True), counts], axis=1), None)
+        _remember(key, sm.source, *hit)
+    return hit[0]
 
 
 def _mass_of(trajectory: Any) -> tuple[Any, np.ndarray]:
@@ -367,14 +427,7 @@ def _mass_of(trajectory: Any) -> tuple[Any, np.ndarray]:
 
 def _sum_selection(source: Any, layers: tuple[int, ...], heads: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
     """``(float32 [S, Lsel, L]`` summed over the selected heads, ``float32 [S, L]`` over the layers too``)``, read-only."""
-    arr = as_numpy(source)
-    if arr.dtype != np.float32:
-        arr = arr.astype(np.float32)
-    _, Ly, H, _ = arr.shape
-    if layers != tuple(range(Ly)):
-        arr = arr[:, list(layers)]
-    if heads != tuple(range(H)):
-        arr = arr[:, :, list(heads)]
+    arr = _selected_heads(source, layers, heads)
     layer_mass = arr.sum(axis=2)
     mass = layer_mass.sum(axis=1)
     if not np.isfinite(mass).all():  # NaN and infinity survive the sums: one check of [S, L] covers the record
@@ -385,6 +438,19 @@ def _sum_selection(source: Any, layers: tuple[int, ...], heads: tuple[int, ...])
     layer_mass.setflags(write=False)
     mass.setflags(write=False)
     return layer_mass, mass
+
+
+def _selected_heads(source: Any, layers: tuple[int, ...], heads: tuple[int, ...]) -> np.ndarray:
+    """``float32 [S, Lsel, Hsel, L]``: the selected layers and heads of a per-head mass record."""
+    arr = as_numpy(source)
+    if arr.dtype != np.float32:
+        arr = arr.astype(np.float32)
+    _, Ly, H, _ = arr.shape
+    if layers != tuple(range(Ly)):
+        arr = arr[:, list(layers)]
+    if heads != tuple(range(H)):
+        arr = arr[:, :, list(heads)]
+    return arr
 
 
 def _remember(key: tuple, source: Any, layer_mass: np.ndarray, mass: np.ndarray) -> None:
@@ -456,32 +522,14 @@ def viewed(m: np.ndarray, valid: np.ndarray, normalize: str, causal: bool) -> np
     return out
 
 
-def _sigmoid(x: np.ndarray) -> np.ndarray:
-    """``1 / (1 + exp(-x))``; the clip keeps ``exp`` finite (sigmoid(-700) ~ 1e-304 is kept)."""
-    out = np.exp(-np.clip(x, -700.0, 700.0))
-    out += 1.0
-    return np.reciprocal(out, out=out)
-
-
 def scored(v: np.ndarray, valid: np.ndarray, spec: SinkSpec) -> tuple[np.ndarray, np.ndarray]:
-    """Scores (float64, NaN where invalid) and sink flags of viewed mass ``v`` ``[S, G, L]``."""
-    vm = valid[:, None, :]
-    n = vm.sum(-1, keepdims=True).astype(np.float64)
-    total = np.where(vm, v, 0.0).sum(-1, keepdims=True)
-    mean = total / n
-    tol = _RTOL * np.abs(mean)
+    """Scores (float64, NaN where invalid) and sink flags of viewed mass ``v`` ``[S, G, L]`` under the spec's
+    rule (:func:`sap_core.detectors.official_rule` or :func:`sap_core.detectors.leave_one_out_rule`)."""
     if spec.rule == "official":
-        std = np.sqrt((np.where(vm, v - mean, 0.0) ** 2).sum(-1, keepdims=True) / n)
-        margin = v - (mean + spec.k * std)
-        scores = _sigmoid(spec.alpha * margin)
-        sink = (margin > tol) & vm
+        scores, sink = official_rule(v, valid, spec.k, spec.alpha)
     else:
-        with np.errstate(divide="ignore", invalid="ignore"):
-            others = (total - v) / (n - 1)
-        margin = v - (others + spec.epsilon * mean)
-        sink = (margin > tol) & vm & (n > 1)
-        scores = sink.astype(np.float64)
-    scores = np.where(vm, scores, np.nan)
+        scores, sink = leave_one_out_rule(v, valid, spec.epsilon)
+    scores = np.where(valid[:, None, :], scores, np.nan)
     return scores, sink
 
 

@@ -142,6 +142,39 @@ def instability_bars(
     return _clear_of_toolbar(fig)
 
 
+def detector_agreement_figure(agreement: pd.DataFrame) -> go.Figure:
+    """Heat map of :func:`sap_core.sink_report.detector_agreement`: one row per pair of different detectors,
+    one column per layer (``all layers`` first), colour and text the Jaccard overlap of their sink sets."""
+    names = list(dict.fromkeys(agreement["first"]))
+    pairs = [(a, b) for i, a in enumerate(names) for b in names[i + 1 :]]
+    layers = list(dict.fromkeys(agreement["layer"]))
+    table = agreement.set_index(["first", "second", "layer"])["jaccard"]
+    z = np.array([[table[a, b, layer] for layer in layers] for a, b in pairs], np.float64).reshape(len(pairs), len(layers))
+    x = ["all layers" if l == -1 else f"layer {l}" for l in layers]
+    y = [f"{a} vs {b}" for a, b in pairs]
+    fig = go.Figure(
+        go.Heatmap(
+            z=z,
+            x=x,
+            y=y,
+            zmin=0,
+            zmax=1,
+            colorscale="Viridis",
+            text=np.round(z, 2),
+            texttemplate="%{text}",
+            colorbar=dict(title="Jaccard"),
+            hovertemplate="%{y}, %{x}: Jaccard %{z:.2f}<extra></extra>",
+        )
+    )
+    fig.update_layout(
+        title="Do the detectors find the same sinks? Overlap of their (step, position) sink sets",
+        height=max(220, 60 + 34 * len(pairs)),
+        margin=dict(l=160, r=10, t=50, b=40),
+        yaxis=dict(autorange="reversed"),
+    )
+    return _clear_of_toolbar(fig)
+
+
 def position_stability(positions: pd.DataFrame, tau: float) -> go.Figure:
     """Per-position sink-score variance (one bar per position, coloured by its label), sink frequency
     and the gated pruner's down-weighting factor, on a fixed x range ``[-0.5, L - 0.5]``. A ``token_text``

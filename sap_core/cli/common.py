@@ -214,6 +214,8 @@ def decode_spec(args):
 
 def sink_spec(args):
     given = {name: getattr(args, f"sink_{name}") for name in SINK_OPTIONS if getattr(args, f"sink_{name}", None) is not None}
+    if getattr(args, "detector", None) is not None:
+        given["detector"] = args.detector
     return SinkSpec(**given)
 
 
@@ -340,6 +342,14 @@ def add_sink(p: argparse.ArgumentParser) -> None:
             help=text,
             metavar="LIST" if name in ("layers", "heads") else "X",
         )
+    g.add_argument(
+        "--detector",
+        default=None,
+        metavar="NAME[:PARAM]",
+        help="which definition of a sink: official (default; official:K sets k), gu[:EPS] (Gu et al., share of heads "
+        "with mean attention > EPS, 0.3), rulli[:EPS] (Rulli et al., attention > EPS x uniform, 3), head[:EPS] "
+        "(mean attention over heads > EPS, 0.3); docs/sinks.md",
+    )
 
 
 def add_calibration(p: argparse.ArgumentParser) -> None:

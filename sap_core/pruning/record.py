@@ -350,7 +350,7 @@ def record_calibration(
     for n, c0, c1, attention, inputs in recorded_passes(handle, noised, calibration.batch_size, taps, on_pass is not None):
         passes += 1
         m = record.mass[n, c0:c1] = _selected(attention, layers, heads)
-        record.scores[n, c0:c1], record.flags[n, c0:c1] = sinks.score_steps(m, sink, causal=handle.causal)
+        record.scores[n, c0:c1], record.flags[n, c0:c1] = _scored(attention, m, sink, layers, heads, handle.causal)
         if per_layer:
             layer_mass[:, c0:c1] = attention[:, list(layers)][:, :, list(heads)].sum(2).float().numpy().transpose(1, 0, 2)
         if c1 == S:
@@ -372,6 +372,16 @@ def _layer_sinks(record: SinkRecord, n: int, layer_mass: np.ndarray) -> None:
         flags = sinks.sink_flags(layer_mass[i], record.sink, causal=record.causal)
         record.layer_occurrences[i, n] = flags.sum(0)
         record.layer_sink_mass[i, n] = np.where(flags, layer_mass[i], 0.0).sum(0)
+
+
+def _scored(attention: torch.Tensor, m: np.ndarray, sink: SinkSpec, layers, heads, causal: bool):
+    """Scores and flags ``[B, L]`` of a chunk: the spec's rule on the summed mass ``m`` (the official reference), or
+    the chosen detector (``sink.detector``) on every selected head of the recorder's ``[B, layers, heads, L]`` mass."""
+    if sink.detector == "official":
+        return sinks.score_steps(m, sink, causal=causal)
+    per_head = attention[:, list(layers)][:, :, list(heads)].float().numpy()
+    scores, flags = sink.sink_detector.detect(per_head.reshape(per_head.shape[0], 1, -1, per_head.shape[-1]))
+    return scores[:, 0], flags[:, 0]
 
 
 def _selected(attention: torch.Tensor, layers: tuple[int, ...], heads: tuple[int, ...]) -> np.ndarray:
