@@ -209,7 +209,7 @@ def test_compare_page_side_by_side_perplexity_and_a_one_point_sweep():
     assert any("Divergence step" in c for c in texts(at.caption))
     strip = at.get("plotly_chart")[0].proto.spec
     assert "Final tokens compared" in strip and '"type":"heatmap"' in strip.replace(" ", "")
-    assert any(c.startswith("From the last run: the prompt 'ROMEO.") for c in texts(at.caption))
+    assert any(c.startswith("From the last run: the prompt “ROMEO.⏎”") for c in texts(at.caption))
 
     nums = {n.label: n for n in at.number_input}
     nums["Windows"].set_value(2)
