@@ -176,9 +176,12 @@ def test_prune_page_makes_a_variant_and_leaves_the_dense_model_alone():
     at.button[0].click().run()
     settings = at.table[-1].value
     assert "calibration" not in settings.index and settings.loc["method", "value"] == "magnitude"
-    at.button[0].click().run()  # the same spec again: numbered to tell the two apart
-    assert any("Made **magnitude 50% #2**" in s for s in texts(at.success))
-    assert [v["name"] for v in at.session_state["variants"]] == ["wanda 50%", "magnitude 50%", "magnitude 50% #2"]
+    at.button[0].click().run()  # the same spec again: no identical "#2", a pointer to the one there is
+    assert any("**magnitude 50%** has exactly these settings already" in i for i in texts(at.info)), texts(at.info)
+    assert not at.success
+    assert [v["name"] for v in at.session_state["variants"]] == ["wanda 50%", "magnitude 50%"]
+    [b for b in at.button if b.label == "Show magnitude 50%"][0].click().run()
+    assert at.session_state["prune_open"] == "magnitude 50%"
     other = new_app()  # another browser session sees none of this session's variants
     other.switch_page("pages/prune.py").run()
     assert any("No variants yet" in i for i in texts(other.info))

@@ -116,7 +116,12 @@ def test_lengths_over_the_models_context_are_refused_and_say_why(explorer):
     page.set_viewport_size({"width": 1280, "height": 720})
     form = page.locator("[data-testid='stForm']").first
     form.scroll_into_view_if_needed()
-    expect(form.get_by_text("at most 511: the prompt (one token or more) and the generated tokens share the model's context of 512 tokens", exact=False)).to_be_visible()
+    expect(
+        form.get_by_text(
+            "at most 511: the prompt (one token or more) and the generated tokens share the model's context of 512 tokens",
+            exact=False,
+        )
+    ).to_be_visible()
     length = page.get_by_role("spinbutton", name="Generation length")
     length.fill("100000")
     page.get_by_role("button", name="Generate").click()
