@@ -87,7 +87,10 @@ with st.sidebar:
         )
     try:
         handle = cached_model(*model_choice())
-        st.success(f"Loaded **{handle.name}** on {handle.device}")
+        if kind == MODEL_KINDS[2] and not (st.session_state.get("model_path") or "").strip():  # nothing typed yet
+            st.info(f"No directory given yet: the pages use **{handle.name}** until you type one above.")
+        else:
+            st.success(f"Loaded **{handle.name}** on {handle.device}")
     except SapError as exc:
         st.error(app_shared.shown(exc))
     loading.empty()

@@ -9,18 +9,12 @@ from __future__ import annotations
 import streamlit as st
 
 import app_shared
-from app_common import CancelButton, job, model_choice, progress_callback, stored_caption
+from app_common import CancelButton, duration, job, model_choice, progress_callback, stored_caption
 from sap_core.lmeval.accuracy import accuracy_table, estimate_cost, format_table
 from sap_core.lmeval.model import BenchSpec
 from sap_core.lmeval.tasks import BUILTIN_TASK
 
 CONFIRM_SECONDS = 180  # runs estimated longer than this ask for confirmation first
-
-
-def _minutes(seconds: float) -> str:
-    if seconds < 1:
-        return "under a second"
-    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.1f} min"
 
 
 def benchmarks_section(handle, variants: dict) -> None:
@@ -66,19 +60,18 @@ def benchmarks_section(handle, variants: dict) -> None:
         st.caption(
             f"Cost: {cost.requests} requests × {cost.models} model(s)"
             + ("" if handle.causal else f" × mc_num {spec.mc_num} / batch {spec.batch_size}")
-            + f" = {cost.passes * cost.models} forward passes; about {_minutes(cost.seconds)} on this device."
+            + f" = {cost.passes * cost.models} forward passes; about {duration(cost.seconds)} on this device."
         )
     confirmed = True
     if cost is not None and cost.seconds > CONFIRM_SECONDS:
         confirmed = st.checkbox(
-            f"Run it anyway (estimated {_minutes(cost.seconds)})",
+            f"Run it anyway (estimated {duration(cost.seconds)})",
             key="bench_confirm",
             help="Lower Documents or mc_num for a quicker look.",
         )
     go = st.button("Score benchmarks", type="primary", disabled=cost is None or not confirmed)
-    cancel = CancelButton("benchmarks")
-    if cancel.cancelled:
-        st.warning("Benchmark run cancelled; no result was kept and the dense model is unchanged.")
+    cancel = CancelButton("benchmarks", handle)
+    cancel.notice("Benchmark run", "no result was kept")
     failed = False
     if go and cost is not None:
         cancel.running("Stops the running benchmark; the dense model is restored.")

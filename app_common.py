@@ -47,6 +47,7 @@ import torch  # noqa: E402
 import app_shared  # noqa: E402
 from sap_core.errors import Cancelled, SapError  # noqa: E402
 from sap_core.models import ModelHandle, load_model  # noqa: E402
+from sap_core.pruning.variant import weights_fingerprint, weights_restored  # noqa: E402
 from sap_core.sinks import SinkSpec  # noqa: E402
 
 
@@ -191,28 +192,58 @@ def sink_spec() -> SinkSpec:
     return st.session_state.get("sink_spec", SinkSpec())
 
 
-def progress_callback(bar, label: str):
+def progress_callback(bar, label: str, unit: str | None = None):
+    """``progress(done, total, message)`` drawn on ``bar``: the count with its ``unit`` ("(40/256 steps)"), or, for a
+    job whose count mixes kinds of work (calibration passes and blocks, a sweep's rows), the share done ("(16 %)")."""
+
     def update(done: int, total: int, message: str) -> None:
-        bar.progress(min(done / max(total, 1), 1.0), text=f"{label}: {message} ({done}/{total})")
+        share = min(done / max(total, 1), 1.0)
+        count = f"{done}/{total} {unit}" if unit else f"{share:.0%}"
+        bar.progress(share, text=f"{label}: {message} ({count})")
 
     return update
+
+
+def duration(seconds: float) -> str:
+    """An estimated time in words: "under a second", "40 s", "2.5 min" (the cost lines of Benchmarks and AR vs DLM)."""
+    if seconds < 1:
+        return "under a second"
+    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.1f} min"
+
+
+def longest_generation(handle: ModelHandle) -> int:
+    """The most tokens a page lets this model generate: its context (:func:`context_of`) less the one token a
+    prompt takes at least, and at most the server's ``max_gen_length``. The explorer and Compare both use it."""
+    return min(context_of(handle) - 1, app_shared.settings().max_gen_length or 4096)
+
+
+def length_help(handle: ModelHandle) -> str:
+    """The one sentence on that bound, the same on every page."""
+    longest = longest_generation(handle)
+    if handle.max_length is None:
+        return f"at most {longest} (this model's config states no context length)"
+    return (
+        f"at most {longest}: the prompt (one token or more) and the generated tokens share the model's context of "
+        f"{context_of(handle)} tokens"
+    )
 
 
 class CancelButton:
     """A Cancel button enabled only while this page's job runs. Clicking it reruns the page, which stops the
     running script at its next Streamlit call (the job's context managers restore the dense weights);
-    :attr:`cancelled` is True on the run that follows a click, for the page's message.
+    :attr:`cancelled` is True on the run that follows a click, for the page's message. Each job has its own.
 
-        cancel = CancelButton("prune")          # where the button sits
-        if cancel.cancelled: st.warning(...)
+        cancel = CancelButton("prune", handle)  # where the button sits
+        cancel.notice("Pruning", "no variant was made")
         if submitted:
-            cancel.running("Stops ...")
+            cancel.running("Stops ...")         # takes the dense weights' fingerprint first
             ...the job...
         cancel.idle()
     """
 
-    def __init__(self, key: str) -> None:
+    def __init__(self, key: str, handle: ModelHandle | None = None) -> None:
         self.key = key
+        self.handle = handle
         self.slot = st.empty()
         self.cancelled = bool(st.session_state.pop(f"{key}_cancelled", False))
         self._ran = False
@@ -223,9 +254,23 @@ class CancelButton:
 
     def running(self, help: str) -> None:
         self._ran = True
+        if self.handle is not None:  # what notice() compares with after a cancel
+            st.session_state[f"{self.key}_dense"] = weights_fingerprint(self.handle)
         self.slot.button(
             "Cancel", key=f"{self.key}_cancel_running", on_click=self._click, icon=":material/stop_circle:", help=help
         )
+
+    def notice(self, what: str, kept: str) -> None:
+        """After a cancel: say that ``what`` was cancelled, that ``kept`` (e.g. "no result was kept"), and whether
+        the model's weights are those taken before the job (checked, with a handle: :func:`weights_restored`)."""
+        if not self.cancelled:
+            return
+        if self.handle is None:
+            st.warning(f"{what} cancelled; {kept}.")
+        elif weights_restored(self.handle, st.session_state.get(f"{self.key}_dense")):
+            st.warning(f"{what} cancelled; {kept}, and the model's weights match those before it ran (dense, unchanged).")
+        else:
+            st.error(f"{what} cancelled, but the model's weights differ from those before it ran: reload the model.")
 
     def idle(self) -> None:
         """Disabled again (after the job, or when none ran); a widget key of its own per case, as both may be drawn in one run."""

@@ -13,6 +13,8 @@ from app_common import (
     ar_model,
     cached_model,
     current_trajectory,
+    duration,
+    is_cached,
     job,
     kept,
     model_choice,
@@ -25,7 +27,7 @@ from sap_core.diffusion import generate
 from sap_core.errors import SapError
 from sap_core.sink_report import COMPARE_METRICS, METRIC_TITLES, compare
 from sap_core.sinks import VIEW_NOTES
-from sap_core.sinkstats import evaluation_prompts, prompts_from_lines, run_sinkstats
+from sap_core.sinkstats import estimate_cost, evaluation_prompts, prompts_from_lines, run_sinkstats
 
 st.header("AR vs DLM")
 st.caption(
@@ -91,7 +93,7 @@ if st.button("Run the other model on this prompt", type="primary"):
             traj.prompt or traj.final_tokens[: traj.prompt_length].tolist(),
             traj.spec,
             recorder=AttentionRecorder(),
-            progress=progress_callback(bar, f"{other.name} decoding"),
+            progress=progress_callback(bar, f"{other.name} decoding", "steps"),
         )
         st.session_state.update(other_trajectory=other_traj, other_trajectory_key=run_key)
     bar.empty()
@@ -120,28 +122,57 @@ else:
 
 st.subheader("Across prompts")
 st.caption(
-    "One prompt is an anecdote. Decode N prompts with both models under the Denoising explorer's settings and "
-    "compare the raw-mass statistics with ±1 standard-error bars; the difference DLM − AR is paired by prompt. "
-    "Prompts are windows of the evaluation text, or your own file (one prompt a line)."
+    "One prompt is an anecdote. Decode N prompts with both models and compare the raw-mass statistics with ±1 "
+    "standard-error bars; the difference DLM − AR is paired by prompt. Prompts are windows of the evaluation text, "
+    "or your own file (one prompt a line)."
 )
-with st.form("across_prompts", enter_to_submit=False):  # Enter in a box must not start a long run
-    c = st.columns(3)
-    n_prompts = c[0].number_input(
-        "Prompts",
-        2,
-        512,
-        16,
-        help="More prompts, smaller error bars; each costs one generation per model.",
-        **kept("ar_n_prompts"),
+d = traj.spec
+st.markdown(
+    f"**Decoding settings** (the Denoising explorer's last run; change them there): {d.gen_length} tokens generated, "
+    f"DLM in {d.steps} steps (blocks of {d.block_length}), the AR model one step per token; temperature "
+    f"{d.temperature:g}, seed {d.seed}."
+)
+c = st.columns(3)  # no form: the estimate below follows every change, and only the button starts the run
+n_prompts = c[0].number_input(
+    "Prompts",
+    2,
+    512,
+    16,
+    help="More prompts, smaller error bars; each costs one generation per model.",
+    **kept("ar_n_prompts"),
+)
+prompt_tokens = c[1].number_input(
+    "Prompt length (tokens)",
+    1,
+    256,
+    16,
+    help="Tokens of each prompt (a window of the evaluation text); not the generation length, which is the explorer's "
+    f"({d.gen_length}). Unused with a prompt file.",
+    **kept("ar_prompt_tokens"),
+)
+upload = c[2].file_uploader("Prompt file (optional)", type=["txt"], help="UTF-8 text, one prompt a line.")
+cost = None
+if is_cached(other_source.strip(), *model_choice()[1:]):
+    with job("The cost estimate"):
+        key = (model_choice(), other_source.strip(), int(n_prompts), int(prompt_tokens), d)
+        cached = st.session_state.get("sinkstats_cost")
+        if cached is None or cached[0] != key:  # two timed passes per model, once per setting
+            st.session_state["sinkstats_cost"] = (key, estimate_cost(handle, load_other(), int(n_prompts), int(prompt_tokens), d))
+        cost = st.session_state["sinkstats_cost"][1]
+if cost is not None:
+    st.caption(
+        f"Cost: {cost.n_prompts} prompts × ({d.steps} DLM steps + {d.gen_length} AR steps) = {cost.passes} forward passes "
+        f"with the attention recorded; about {duration(cost.seconds)} on this device."
     )
-    prompt_tokens = c[1].number_input(
-        "Tokens per prompt", 1, 256, 16, help="Length of each evaluation-text window.", **kept("ar_prompt_tokens")
+else:
+    st.caption(
+        f"Cost: {int(n_prompts)} prompts × ({d.steps} DLM steps + {d.gen_length} AR steps) = "
+        f"{int(n_prompts) * (d.steps + d.gen_length)} forward passes; the time is estimated once the other model "
+        "is loaded (the run, or the side-by-side button above, loads it)."
     )
-    upload = c[2].file_uploader("Prompt file (optional)", type=["txt"], help="UTF-8 text, one prompt a line.")
-    submitted = st.form_submit_button("Run across prompts", type="primary")
+submitted = st.button("Run across prompts", type="primary")
 cancel = CancelButton("across_prompts")
-if cancel.cancelled:
-    st.warning("Across-prompts run cancelled; no result was kept and neither model was changed.")
+cancel.notice("Across-prompts run", "no result was kept and neither model was changed (no weights are touched)")
 if submitted:
     cancel.running("Stops the running across-prompts job; nothing is changed.")
     bar = st.progress(0.0, text="Across prompts…")
@@ -157,7 +188,12 @@ if submitted:
         else:
             prompts = evaluation_prompts(dlm_handle, int(n_prompts), int(prompt_tokens))
         stats = run_sinkstats(
-            handle, other, prompts, traj.spec, replace(spec, normalize="raw"), progress=progress_callback(bar, "Across prompts")
+            handle,
+            other,
+            prompts,
+            traj.spec,
+            replace(spec, normalize="raw"),
+            progress=progress_callback(bar, "Across prompts", "decoding steps"),
         )
         st.session_state.update(sinkstats=stats, sinkstats_model=model_choice())
     bar.empty()

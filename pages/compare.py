@@ -6,11 +6,13 @@ import os
 import streamlit as st
 
 from app_common import (
+    CancelButton,
     active_model,
-    context_of,
     eval_spec,
     job,
     kept,
+    length_help,
+    longest_generation,
     model_choice,
     progress_callback,
     sink_spec,
@@ -24,6 +26,7 @@ from sap_core.distributed import ADDRESS_ENV, executor_from_env
 from sap_core.pruning import METHODS
 from sap_core.pruning.spec import PATTERNS
 from sap_core.sweep import SweepSpec, run_sweep
+from sap_core.text import shown_prompt
 
 st.header("Compare")
 handle = active_model()
@@ -40,18 +43,17 @@ st.caption(
     "Decoding defaults differ from the Denoising explorer's on purpose: 32 tokens greedily (temperature 0) here, "
     "64 tokens at temperature 0.8 there; set them as you like."
 )
-with st.form("compare"):
+with st.form("compare", enter_to_submit=False):  # Enter in a box never starts a run: only the button does
     prompt = st.text_area("Prompt", "ROMEO.\n", **kept("cmp_prompt"))
     c = st.columns(4)
-    longest = context_of(handle) - 1  # the prompt takes at least one token of the context
+    longest = longest_generation(handle)  # the explorer's bound too
     gen_length = c[0].number_input(
         "Generation length",
         1,
         longest,
         min(32, longest),
         help=f"32 here, 64 on the Denoising explorer: the dense model and every variant decode it, so a shorter text keeps "
-        f"the comparison quick. At most {longest}: the prompt and the generated tokens share the model's context of "
-        f"{longest + 1} tokens.",
+        f"the comparison quick; {length_help(handle)}.",
         **kept("cmp_gen_length"),
     )
     steps = c[1].number_input(
@@ -75,12 +77,12 @@ with st.form("compare"):
     )
     seed = c[3].number_input("Seed", 0, 2**31 - 1, 0, **kept("cmp_seed"))
     go = st.form_submit_button("Compare", type="primary")
-    st.caption(
-        f"Generation length and steps are at most {longest}: the prompt and the generated tokens share the model's "
-        f"context of {longest + 1} tokens; a larger typed value is refused in its box."
-    )
+    st.caption(f"Generation length and steps: {length_help(handle)}; a larger typed value is refused in its box.")
+compare_cancel = CancelButton("compare", handle)
+compare_cancel.notice("The comparison", "no result was kept")
 compare_failed = False
 if go:
+    compare_cancel.running("Stops the running comparison; the dense model is restored.")
     bar = st.progress(0.0, text="Decoding…")
     compare_failed = True
     with job("The comparison"):
@@ -92,18 +94,18 @@ if go:
             seed=int(seed),
         )
         result = compare_generations(
-            handle, {n: variants[n] for n in chosen}, prompt, spec, progress=progress_callback(bar, "Decoding")
+            handle, {n: variants[n] for n in chosen}, prompt, spec, progress=progress_callback(bar, "Decoding", "decoding steps")
         )
-        shown = prompt if len(prompt) <= 40 else prompt[:37] + "…"
         st.session_state["comparison"] = {
             "result": result,
             "label": (
-                f"the prompt {shown!r}: {spec.gen_length} tokens in {spec.steps} steps, temperature {spec.temperature:g}, "
+                f"the prompt {shown_prompt(prompt)}: {spec.gen_length} tokens in {spec.steps} steps, temperature {spec.temperature:g}, "
                 f"seed {spec.seed}; variants: {', '.join(chosen) or 'none'}"
             ),
         }
         compare_failed = False
     bar.empty()
+compare_cancel.idle()
 stored = st.session_state.get("comparison")
 if stored is not None:
     comparison = stored["result"]
@@ -154,6 +156,8 @@ if stored is not None:
             "median_step_ms": number("median ms/step", format="%.1f"),
         },
     )
+    if comparison.speed_note():
+        st.caption(comparison.speed_note())
 
 st.subheader("Perplexity")
 defaults = eval_spec()
@@ -176,13 +180,22 @@ nsamples = c[0].number_input(
 draws = c[1].number_input(
     "Monte Carlo draws", 2, 64, defaults.draws, help="Masking draws per window (masked-diffusion bound).", **kept("cmp_draws")
 )
+ppl_go = c[2].button("Compute perplexity", type="primary")
+ppl_cancel = CancelButton("perplexity", handle)
+ppl_cancel.notice("Perplexity", "no result was kept")
 ppl_failed = False
-if c[2].button("Compute perplexity", type="primary"):
+if ppl_go:
+    ppl_cancel.running("Stops the running perplexity job; the dense model is restored.")
     bar = st.progress(0.0, text="Perplexity…")
     ppl_failed = True
     with job("Perplexity"):
         spec = eval_spec(nsamples=int(nsamples), draws=int(draws))
-        table = perplexity_table(handle, {n: variants[n] for n in chosen}, spec, progress=progress_callback(bar, "Perplexity"))
+        table = perplexity_table(
+            handle,
+            {n: variants[n] for n in chosen},
+            spec,
+            progress=progress_callback(bar, "Perplexity", "masked windows" if not handle.causal else "windows"),
+        )
         st.session_state["ppl_table"] = {
             "table": table,
             "label": (
@@ -192,6 +205,7 @@ if c[2].button("Compute perplexity", type="primary"):
         }
         ppl_failed = False
     bar.empty()
+ppl_cancel.idle()
 if "ppl_table" in st.session_state:
     stored = st.session_state["ppl_table"]
     stored_caption(stored, ppl_failed)
@@ -206,8 +220,14 @@ if "ppl_table" in st.session_state:
             "nll_se": number("NLL ± SE", format="%.4f"),
             "delta_ppl": number("Δ perplexity vs dense", format="%+.2f"),
             "delta_nll": number("Δ NLL vs dense", format="%+.4f"),
-            "se_delta": number("SE of Δ NLL", format="%.4f", help="Paired: draw by draw on the same windows and masks."),
-            "paired": st.column_config.CheckboxColumn("paired SE"),
+            "se_delta": number(
+                "SE of Δ NLL",
+                format="%.4f",
+                help="Paired: draw by draw on the same windows and masks."
+                if not handle.causal
+                else "The two models' errors taken as independent (conservative).",
+            ),
+            "paired": None,  # said by the SE column's help and the caption above
             "z": number("Δ / SE", format="%+.1f", help="Beyond ±2: the difference is larger than the Monte Carlo noise."),
         },
     )
@@ -220,7 +240,7 @@ st.caption(
     f"methods use the app's sink settings (rule {sweep_sink.rule}, k = {sweep_sink.k:g}, alpha = {sweep_sink.alpha:g}, "
     f"tau = {sweep_sink.tau:g})."
 )
-with st.form("sweep_form"):
+with st.form("sweep_form", enter_to_submit=False):
     methods = st.multiselect("Methods", list(METHODS), default=["magnitude", "wanda"], **kept("sweep_methods"))
     c = st.columns(2)
     sparsities = c[0].multiselect(
@@ -230,8 +250,11 @@ with st.form("sweep_form"):
     run = st.form_submit_button("Run sweep", type="primary")
 if os.environ.get(ADDRESS_ENV, "").strip():
     st.caption(f"The sweep runs on the Ray cluster at {os.environ[ADDRESS_ENV].strip()} ({ADDRESS_ENV}).")
+sweep_cancel = CancelButton("sweep", handle)
+sweep_cancel.notice("The sweep", "no result was kept")
 sweep_failed = False
 if run:
+    sweep_cancel.running("Stops the running sweep; the dense model is restored.")
     bar = st.progress(0.0, text="Sweep…")
     sweep_failed = True
     with job("The sweep"):
@@ -255,6 +278,7 @@ if run:
         }
         sweep_failed = False
     bar.empty()
+sweep_cancel.idle()
 if "sweep_result" in st.session_state:
     stored = st.session_state["sweep_result"]
     stored_caption(stored, sweep_failed)

@@ -5,25 +5,32 @@ import time
 import streamlit as st
 
 import app_shared
-from app_common import active_model, current_trajectory, job, kept, model_choice, progress_callback, report_for, sink_spec
+from app_common import (
+    active_model,
+    current_trajectory,
+    job,
+    kept,
+    length_help,
+    longest_generation,
+    model_choice,
+    progress_callback,
+    report_for,
+    sink_spec,
+)
 from sap_core import animation, viz
 from sap_core.attention import AttentionRecorder
 from sap_core.decoding import REMASKING, DecodeSpec
 from sap_core.diffusion import attention_map, generate
+from sap_core.text import shown_prompt
 
 st.header("Denoising explorer")
 handle = active_model()
 app_shared.open_linked_run(handle, animation.readable_tokens)  # /explorer?run=ID&step=N
 
-# The model's context bounds every length input: the prompt and the generated tokens must fit in it together.
-context = handle.max_length
-limit = min(context or 4096, app_shared.settings().max_gen_length or 4096)
-why = (
-    f"at most {limit}: this model reads at most {limit} tokens (max_sequence_length in its config), prompt and generation together"
-    if context
-    else f"at most {limit} (this model's config states no context length)"
-)
-with st.form("decode"):
+# The model's context bounds every length input: the prompt and the generated tokens must fit in it together
+# (the same bound and sentence as Compare's).
+limit = longest_generation(handle)
+with st.form("decode", enter_to_submit=False):  # Enter in a box never starts a generation: only the button does
     prompt = st.text_area(
         "Prompt", "ROMEO.\n", help="Text the model continues. It is never changed during decoding.", **kept("decode_prompt")
     )
@@ -33,7 +40,7 @@ with st.form("decode"):
         1,
         limit,
         min(64, limit),
-        help=f"Tokens to generate (masked at the start); {why}.",
+        help=f"Tokens to generate (masked at the start); {length_help(handle)}.",
         **kept("decode_gen_length"),
     )
     steps = c[1].number_input(
@@ -90,7 +97,9 @@ with st.form("decode"):
         "Seed", 0, 2**31 - 1, 0, help="Same seed and settings give the same trajectory.", **kept("decode_seed")
     )
     submitted = st.form_submit_button("Generate", type="primary", icon=":material/play_arrow:")
-    st.caption(f"Generation length, steps and block length are {why}; a larger typed value is refused in its box.")
+    st.caption(
+        f"Generation length, steps and block length are {length_help(handle)}; a larger typed value is refused in its box."
+    )
 
 
 def run_settings(spec: DecodeSpec) -> str:
@@ -105,8 +114,7 @@ def run_settings(spec: DecodeSpec) -> str:
 
 def run_label(spec: DecodeSpec, text: str) -> str:
     """What a run was: the label stored with its result (trajectory_label), as every stored result has one."""
-    shown = text if len(text) <= 60 else text[:57] + "…"
-    return f"prompt “{shown.replace(chr(10), '⏎')}” · {run_settings(spec)}"
+    return f"prompt {shown_prompt(text)} · {run_settings(spec)}"
 
 
 failed = False
@@ -126,7 +134,9 @@ if submitted:
             int(seed),
         )
         t0 = time.perf_counter()
-        traj = generate(handle, prompt, spec, recorder=AttentionRecorder(), progress=progress_callback(bar, "Generating"))
+        traj = generate(
+            handle, prompt, spec, recorder=AttentionRecorder(), progress=progress_callback(bar, "Generating", "steps")
+        )
         st.session_state.update(
             trajectory=traj,
             trajectory_model=model_choice(),

@@ -38,22 +38,34 @@ method = st.selectbox(
     "Method", names, index=names.index("sink_wanda"), help="Changing it shows what the method does below.", **kept("prune_method")
 )
 st.markdown(f":material/info: **{method}**: {METHODS[method]}  \n{METHOD_ROWS[method].traits}")
-with st.form("prune"):
+with st.form("prune", enter_to_submit=False):  # Enter in a box never starts a prune: only the button does
     c = st.columns(3)
-    pattern = c[0].selectbox(
-        "Pattern",
-        list(PATTERNS),
-        **kept("prune_pattern"),
-        help="N:M keeps N of every M consecutive weights of a row (fixes the sparsity at 1 − N/M).",
-    )
+    structured = method in STRUCTURED
+    if structured:  # whole channels and heads go: a pattern of single weights does not apply
+        pattern = "unstructured"
+        c[0].markdown(
+            "**Pattern**  \nstructured: whole MLP channels (and attention heads, below)",
+            help="A structured method removes whole MLP channels (and attention heads, below): no N:M pattern.",
+        )
+    else:
+        pattern = c[0].selectbox(
+            "Pattern",
+            list(PATTERNS),
+            **kept("prune_pattern"),
+            help="N:M keeps N of every M consecutive weights of a row (fixes the sparsity at 1 − N/M).",
+        )
     sparsity = c[1].slider(
         "Sparsity",
         0.05,  # not 0: a 0% variant is the dense model itself, which Compare always shows as "dense"
         0.95,
         0.5,
         0.05,
-        help="Share of each row's weights set to zero (unstructured only). It starts at 0.05: a 0% variant would be "
-        "the dense model itself, which the Compare page always includes as “dense”.",
+        help=(
+            "Share of each block's MLP channels removed."
+            if structured
+            else "Share of each row's weights set to zero (unstructured only)."
+        )
+        + " It starts at 0.05: a 0% variant would be the dense model itself, which the Compare page always includes as “dense”.",
         **kept("prune_sparsity"),
     )
     c = st.columns(3)
@@ -65,7 +77,7 @@ with st.form("prune"):
         f"Tokens per window; at most the model's context ({context_of(handle)} tokens), the longest input it takes.",
     )
     heads, bias_compensation = 0.0, False
-    if method in STRUCTURED:  # sparsity is then the share of each block's MLP channels removed
+    if structured:  # sparsity is then the share of each block's MLP channels removed
         c = st.columns(3)
         heads = c[0].number_input(
             "Heads removed",
@@ -88,11 +100,10 @@ with st.form("prune"):
     submitted = st.form_submit_button("Prune", type="primary")
 
 
-cancel = CancelButton("prune")
-if cancel.cancelled:
-    st.warning("Pruning cancelled; no variant was made and the dense model is unchanged.")
+cancel = CancelButton("prune", handle)
+cancel.notice("Pruning", "no variant was made")
+mine = [v for v in variants if v["model"] == model_choice()]
 if submitted:
-    cancel.running("Stops the running pruning job; the dense model is never touched.")
     spec = PruneSpec(
         method,
         float(sparsity),
@@ -102,6 +113,19 @@ if submitted:
         heads=float(heads),
         bias_compensation=bool(bias_compensation),
     )
+    same = next((v for v in mine if v["variant"].spec == spec), None)  # one variant per spec: pruning is deterministic
+    if same is not None:
+        submitted = False
+        st.info(f"**{same['name']}** has exactly these settings already; pruning again would make the same variant.")
+        st.button(  # a callback: the rerun of the click draws no form result, so the button's value would be lost
+            f"Show {same['name']}",
+            icon=":material/visibility:",
+            key="prune_show_same",
+            on_click=st.session_state.update,
+            kwargs={"prune_open": same["name"]},
+        )
+if submitted:
+    cancel.running("Stops the running pruning job; the dense model is never touched.")
     bar = st.progress(0.0, text="Pruning…")
     with job("Pruning"):
         app_shared.check_caps(calibration_samples=calibration.nsamples)
@@ -109,6 +133,7 @@ if submitted:
         variant = prune(handle, spec, progress=progress_callback(bar, "Pruning"))
         name = numbered(spec.label, [v["name"] for v in variants if v["model"] == model_choice()])
         variant = app_shared.keep_variant({"name": name, "variant": variant, "model": model_choice()}, handle)["variant"]
+        st.session_state["prune_open"] = name
         st.success(f"Made **{name}** in {variant.seconds:.1f} s ({variant.removed_summary(handle)}).")
     bar.empty()
 cancel.idle()
@@ -125,7 +150,10 @@ def factor_strip(name: str, variant) -> None:
     against gated at the variant's tau (from the run's calibration record: no extra model pass)."""
     record = variant.calibration
     if record is None or record.record is None:
-        st.caption("No token was down-weighted: this method scores no sinks (only the noised methods do).")
+        st.caption(
+            f"No token was down-weighted: {variant.spec.method} weighs every calibration token alike. The sink-aware "
+            "methods (sink_wanda, gated_sink_wanda, …) are the ones that down-weight sink tokens."
+        )
         return
     n = record.ids.shape[0]
     window = 0
@@ -144,6 +172,8 @@ def factor_strip(name: str, variant) -> None:
 
 
 mine = [v for v in variants if v["model"] == model_choice()]
+opened = st.session_state.get("prune_open")
+opened = opened if opened in [v["name"] for v in mine] else (mine[-1]["name"] if mine else None)
 if not mine:
     st.info("No variants yet in this session. Choose a method and press **Prune**.")
 else:
@@ -152,7 +182,7 @@ for entry in mine:
     variant = entry["variant"]
     with st.expander(
         f"{entry['name']} · {variant.removed_summary(handle)} · {variant.seconds:.1f} s",
-        expanded=entry is mine[-1],
+        expanded=entry["name"] == opened,
     ):
         st.table(variant.settings_table())
         structured = isinstance(variant, StructuredVariant)

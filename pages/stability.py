@@ -10,7 +10,8 @@ from sap_core.animation import readable_tokens
 from sap_core.detectors import DETECTORS
 from sap_core.errors import SapError
 from sap_core.sink_report import detector_agreement
-from sap_core.sinks import RULES, SinkSpec
+from sap_core.sinks import RULES, SinkSpec, separating_tau
+from sap_core.text import shown_prompt
 
 st.header("Sink stability")
 handle = active_model()
@@ -21,9 +22,8 @@ if traj is None:
     st.stop()
 
 d = traj.spec
-shown_prompt = traj.prompt if len(traj.prompt) <= 60 else traj.prompt[:57] + "…"
 st.info(
-    f"Re-scoring the stored generation of the prompt **{shown_prompt!r}**: {d.gen_length} tokens in {d.steps} steps "
+    f"Re-scoring the stored generation of the prompt **{shown_prompt(traj.prompt)}**: {d.gen_length} tokens in {d.steps} steps "
     f"(blocks of {d.block_length}, {d.remasking}, temperature {d.temperature:g}, seed {d.seed}). "
     "Moving the sliders never runs the model; generate again on the Denoising explorer to study another run.",
     icon=":material/history:",
@@ -161,13 +161,27 @@ def rescore() -> None:
         help="Share of the mean attention mass held by the most-attended positions. Does not depend on the sliders.",
     )
     if spec.tau == 0 and (report.labels != "none").any():
+        split = separating_tau(report.positions.frequency, report.positions.variance)
         st.info(
             "**Why every sink is unstable here:** at tau = 0 the variance gate opens for every sink (any variance "
             "is ≥ 0), so every position that is a sink at some step counts as unstable and none as stable or "
             "transient; a position that is never a sink stays 'none'. Raise tau to separate the sinks that come "
-            "and go (variance ≥ tau: unstable, down-weighted by the gated pruners) from those that stay.",
+            "and go (variance ≥ tau: unstable, down-weighted by the gated pruners) from those that stay"
+            + (
+                f": on this run, tau = {split:.3f} (the median score variance of its sinks) splits them about in half."
+                if split is not None
+                else "."
+            ),
             icon=":material/help:",
         )
+        if split is not None:  # the app's tau (Prune's too) changes only when asked: tau = 0 is the official rule
+            st.button(
+                f"See the stable sinks: tau = {split:.3f}",
+                on_click=st.session_state.update,
+                kwargs={"sink_tau": split},
+                icon=":material/balance:",
+                help="Sets the tau slider (and so the app's sink settings used by Prune) to this run's median sink variance.",
+            )
     st.caption(
         "Independent of the sliders: the dominant-sink variance, the top-positions mass share and the mean mass "
         "(they come from the mass alone). The sink sets, the centre of the sinks, the labels and the pruner's factors "

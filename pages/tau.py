@@ -22,7 +22,6 @@ from sap_core import viz
 from sap_core.animation import readable_tokens
 from sap_core.evaluate import EvalSpec
 from sap_core.pruning.spec import GATED, PATTERNS
-from sap_core.pruning.variant import weights_fingerprint, weights_restored
 from sap_core.sinks import parse_taus
 from sap_core.sweep import run_sweep
 from sap_core.tau import best_tau_sentences, best_taus, calibration_gate, tau_sweep_spec, tau_table, trajectory_gate_inputs
@@ -122,15 +121,10 @@ with st.form("which_tau"):
     run = st.form_submit_button("Run the tau sweep", type="primary")
 
 
-cancel = CancelButton("tau_sweep")
-if cancel.cancelled:
-    if weights_restored(handle, st.session_state.get("tau_sweep_dense")):
-        st.warning("Tau sweep cancelled; no result was kept and the model's weights match those before the sweep (dense).")
-    else:
-        st.error("Tau sweep cancelled, but the model's weights differ from those before the sweep: reload the model.")
+cancel = CancelButton("tau_sweep", handle)
+cancel.notice("Tau sweep", "no result was kept")
 if run:
     cancel.running("Stops the running tau sweep; the dense model is restored.")
-    st.session_state["tau_sweep_dense"] = weights_fingerprint(handle)
     bar = st.progress(0.0)
     with job("The tau sweep"):
         sweep_spec = tau_sweep_spec(

@@ -39,6 +39,7 @@ from sap_core.evaluate import DENSE, EvalSpec, Metric, Perplexity, paired_se_if_
 from sap_core.models import ModelHandle
 from sap_core.progress import Progress, report
 from sap_core.pruning import PrunedVariant, numbered
+from sap_core.pruning.structured import StructuredVariant
 
 TABLE_COLUMNS = [
     "label",
@@ -62,6 +63,7 @@ class ComparedRun:
     divergence_step: int | None
     agreement: np.ndarray  # bool [gen_length]
     step_agreement: np.ndarray  # float [S]
+    masked: bool = False  # a mask-only variant: the dense model's computation with zeros in it (never the dense run)
 
     @property
     def agreement_rate(self) -> float:
@@ -131,6 +133,24 @@ class Comparison:
             if run.label == label:
                 return run
         raise KeyError(label)
+
+    def speed_note(self) -> str:
+        """What the tokens/s of masked variants mean, in one sentence ("" without one): a masked variant computes
+        exactly what the dense model computes (its zeros are multiplied like any other weight), so its speed differs
+        from the dense run's by timing noise only. Quotes their range of tokens/s and the spread of all the runs'
+        step times (10th to 90th percentile), which is that noise."""
+        masked = [r for r in self.variants if r.masked]
+        if not masked:
+            return ""
+        speeds = [r.tokens_per_second for r in [self.dense, *masked]]
+        ms = 1000.0 * np.concatenate([r.step_seconds for r in [self.dense, *masked]])
+        lo, hi = np.percentile(ms, [10, 90])
+        return (
+            f"Tokens/s of the dense model and its masked variants ({min(speeds):.0f}–{max(speeds):.0f} here) differ by timing "
+            f"noise only: a masked variant computes exactly what the dense model computes, its zeros multiplied like any "
+            f"other weight, and the step times of these runs spread from {lo:.1f} to {hi:.1f} ms (10th–90th percentile). "
+            "Only a structured variant, a smaller model, can be faster."
+        )
 
     def table(self) -> pd.DataFrame:
         """One row per run: label, text, divergence_step, agreement_rate, timing."""
@@ -254,7 +274,8 @@ def compare_generations(
 
     dense = trajectories[0]
     runs = []
-    for label, traj in zip(labels, trajectories):
+    masked = [False] + [isinstance(v, PrunedVariant) and not isinstance(v, StructuredVariant) for _, v in items]
+    for label, traj, is_masked in zip(labels, trajectories, masked):
         runs.append(
             ComparedRun(
                 label=label,
@@ -263,6 +284,7 @@ def compare_generations(
                 divergence_step=divergence_step(dense, traj),
                 agreement=position_agreement(dense, traj),
                 step_agreement=step_agreement(dense, traj),
+                masked=is_masked,
             )
         )
     return Comparison(prompt=prompt if isinstance(prompt, str) else handle.decode(prompt_ids), spec=spec, runs=runs)

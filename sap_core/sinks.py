@@ -639,6 +639,20 @@ def gated_share(frequency: np.ndarray, variance: np.ndarray, tau: float) -> floa
     return float((variance_gate(frequency, variance, tau) & is_sink).sum() / n) if n else float("nan")
 
 
+def separating_tau(frequency: np.ndarray, variance: np.ndarray, step: float = 0.005) -> float | None:
+    """A tau that splits a run's sinks into those that stay and those that come and go: the median score variance
+    of its sink positions (:func:`sink_variance`), rounded up to ``step`` (a slider's) while some sink stays at or
+    above it. About half the sinks are then gated (unstable), the others stable or transient. None with fewer than
+    two sinks, or when they all have one variance (no tau splits them)."""
+    v = sink_variance(frequency, variance)
+    if v.size < 2 or v.min() == v.max():
+        return None
+    median = float(np.median(v))
+    rounded = float(np.ceil(median / step - 1e-9) * step)
+    tau = rounded if (v >= rounded).any() else median
+    return tau if (v >= tau).any() and (v < tau).any() else float(v.max())
+
+
 def stability_labels(frequency: np.ndarray, variance: np.ndarray, spec: SinkSpec = SinkSpec()) -> np.ndarray:
     """``str`` labels (:data:`LABELS`, same shape as ``frequency``) from the frequency and variance."""
     freq = np.asarray(frequency)

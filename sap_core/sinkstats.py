@@ -36,9 +36,10 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import torch
 
 from sap_core.attention import AttentionRecorder
-from sap_core.decoding import DecodeSpec
+from sap_core.decoding import DecodeSpec, take_pass
 from sap_core.diffusion import generate
 from sap_core.errors import SapError
 from sap_core.evaluate import load_text, windows
@@ -269,11 +270,66 @@ def run_sinkstats(
     return SinkStats((dlm_label, ar_label), tuple(prompts), decode, sink, frame, time.perf_counter() - start)
 
 
+@dataclass(frozen=True)
+class SinkStatsCost:
+    """What :func:`run_sinkstats` will cost, said before it runs. ``passes``: forward passes in all (per prompt,
+    the DLM's ``steps`` and the AR model's ``gen_length``, one a token); ``step_seconds``: one pass with the
+    attention recorded, timed here, of (DLM, AR) at the run's mean length; ``seconds``: the estimate,
+    ``n_prompts × (steps × dlm + gen_length × ar)`` (the statistics themselves take little beside)."""
+
+    n_prompts: int
+    prompt_tokens: int
+    decode: DecodeSpec
+    passes: int
+    step_seconds: tuple[float, float]
+    seconds: float
+
+
+def _pass_seconds(handle, length: int) -> float:
+    """Seconds of one forward pass of ``handle`` on ``length`` tokens with the attention recorded (after a warm-up)."""
+    ids = torch.randint(4, max(5, min(handle.vocab_size or 100, 100)), (1, max(length, 2)))
+    recorder = AttentionRecorder()
+    with torch.inference_mode():
+        times = []
+        for _ in range(2):  # the first is the warm-up
+            t0 = time.perf_counter()
+            recorder.start_pass()
+            handle.logits(ids, recorder)
+            take_pass(recorder)
+            times.append(time.perf_counter() - t0)
+    return times[-1]
+
+
+def estimate_cost(first, second, n_prompts: int, prompt_tokens: int, decode: DecodeSpec = DecodeSpec()) -> SinkStatsCost:
+    """The cost of :func:`run_sinkstats` on ``n_prompts`` prompts of about ``prompt_tokens`` tokens (the
+    :func:`evaluation_prompts` windows) under ``decode``, from a timed pass of each model (two passes each: a
+    second or so for the built-in models). The models are ``first`` and ``second`` in either order."""
+    if bool(first.causal) == bool(second.causal):
+        kind = "causal" if first.causal else "masked-diffusion"
+        raise SinkStatsError(f"Both models are {kind}; compare one masked-diffusion model (DLM) with one causal model (AR).")
+    dlm, ar = sorted((first, second), key=lambda h: bool(h.causal))
+    head = len(dlm.encode(""))
+    full = head + prompt_tokens + decode.gen_length
+    dlm_step = _pass_seconds(dlm, full)
+    ar_step = _pass_seconds(ar, full - decode.gen_length // 2)  # its sequence grows a token a step: the mean length
+    per_prompt = decode.steps * dlm_step + decode.gen_length * ar_step
+    return SinkStatsCost(
+        int(n_prompts),
+        int(prompt_tokens),
+        decode,
+        int(n_prompts) * (decode.steps + decode.gen_length),
+        (dlm_step, ar_step),
+        int(n_prompts) * per_prompt,
+    )
+
+
 __all__ = [
     "STATISTICS",
     "DIFFERENCE",
     "SinkStats",
     "SinkStatsError",
+    "SinkStatsCost",
+    "estimate_cost",
     "run_sinkstats",
     "evaluation_prompts",
     "prompts_from_lines",

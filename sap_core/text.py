@@ -1,4 +1,5 @@
-"""Text as a model reads it: token ids of a text (evaluation and calibration windows) and the model's length limit.
+"""Text as a model reads it: token ids of a text (evaluation and calibration windows) and the model's length limit;
+and a prompt as the app shows it (:func:`shown_prompt`).
 
 Below :mod:`sap_core.evaluate` and :mod:`sap_core.pruning`, which both cut texts into windows of a length
 the model must accept.
@@ -29,3 +30,10 @@ def check_length(handle: ModelHandle, length: int, what: str, error=SapError) ->
     limit = handle.max_length
     if limit is not None and length > limit:
         raise error(f"{what} is {length} tokens, more than the model's context of {limit} tokens; lower it to {limit} or less.")
+
+
+def shown_prompt(text: str, limit: int = 60) -> str:
+    """A prompt as every page shows it: in curly quotes, each newline as ``⏎`` (spaces kept), cut to ``limit``
+    characters with ``…``: ``'ROMEO.\\n'`` shows as ``“ROMEO.⏎”``."""
+    cut = text if len(text) <= limit else text[: limit - 1] + "…"
+    return "“" + cut.replace("\n", "⏎") + "”"

@@ -176,9 +176,12 @@ def test_prune_page_makes_a_variant_and_leaves_the_dense_model_alone():
     at.button[0].click().run()
     settings = at.table[-1].value
     assert "calibration" not in settings.index and settings.loc["method", "value"] == "magnitude"
-    at.button[0].click().run()  # the same spec again: numbered to tell the two apart
-    assert any("Made **magnitude 50% #2**" in s for s in texts(at.success))
-    assert [v["name"] for v in at.session_state["variants"]] == ["wanda 50%", "magnitude 50%", "magnitude 50% #2"]
+    at.button[0].click().run()  # the same spec again: no identical "#2", a pointer to the one there is
+    assert any("**magnitude 50%** has exactly these settings already" in i for i in texts(at.info)), texts(at.info)
+    assert not at.success
+    assert [v["name"] for v in at.session_state["variants"]] == ["wanda 50%", "magnitude 50%"]
+    [b for b in at.button if b.label == "Show magnitude 50%"][0].click().run()
+    assert at.session_state["prune_open"] == "magnitude 50%"
     other = new_app()  # another browser session sees none of this session's variants
     other.switch_page("pages/prune.py").run()
     assert any("No variants yet" in i for i in texts(other.info))
@@ -209,7 +212,7 @@ def test_compare_page_side_by_side_perplexity_and_a_one_point_sweep():
     assert any("Divergence step" in c for c in texts(at.caption))
     strip = at.get("plotly_chart")[0].proto.spec
     assert "Final tokens compared" in strip and '"type":"heatmap"' in strip.replace(" ", "")
-    assert any(c.startswith("From the last run: the prompt 'ROMEO.") for c in texts(at.caption))
+    assert any(c.startswith("From the last run: the prompt “ROMEO.⏎”") for c in texts(at.caption))
 
     nums = {n.label: n for n in at.number_input}
     nums["Windows"].set_value(2)

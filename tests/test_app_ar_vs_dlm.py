@@ -84,7 +84,7 @@ def test_across_prompts_panel_runs_and_plots_error_bars():
     at.switch_page(PAGE).run()
     form = {n.label: n for n in at.number_input}
     form["Prompts"].set_value(2)
-    form["Tokens per prompt"].set_value(6)
+    form["Prompt length (tokens)"].set_value(6)
     button(at, "Run across prompts").click().run()
     assert not at.exception and not at.error, texts(at.error)
     stats = at.session_state["sinkstats"]

@@ -56,10 +56,10 @@ def test_lengths_are_bounded_by_the_models_context_and_an_impossible_spec_says_w
     at.switch_page("pages/explorer.py").run()
     form = {n.label: n for n in at.number_input}
     for name in ("Generation length", "Steps", "Block length"):
-        assert form[name].max == 512, name  # tiny-dlm's max_sequence_length, not a fixed 2048
-    assert "max_sequence_length" in form["Generation length"].help and "512" in form["Generation length"].help
-    assert any("at most 512" in c for c in texts(at.caption))
-    form["Generation length"].set_value(512)  # the prompt's tokens do not fit beside 512 generated ones
+        assert form[name].max == 511, name  # tiny-dlm's context (512) less a prompt token, not a fixed 2048; as Compare's
+    assert "context of 512 tokens" in form["Generation length"].help
+    assert any("at most 511" in c for c in texts(at.caption))
+    form["Generation length"].set_value(511)  # the prompt's tokens do not fit beside 511 generated ones
     form["Steps"].set_value(64)
     at.button[0].click().run()
     assert not at.exception

@@ -146,7 +146,7 @@ def test_form_values_survive_a_page_switch_and_an_interrupted_run_says_so(app_ur
     page.wait_for_timeout(1500)
     idle(page)
     assert page.get_by_text("prompts × 2 models", exact=False).count() == 0, "Enter started the across-prompts run"
-    page.get_by_role("spinbutton", name="Tokens per prompt").fill("8")
+    page.get_by_role("spinbutton", name="Prompt length (tokens)").fill("8")
     page.get_by_role("button", name="Run across prompts").click()
     expect(page.get_by_text("2 prompts × 2 models", exact=False)).to_be_visible()
     no_streamlit_exception(page)

@@ -116,13 +116,18 @@ def test_lengths_over_the_models_context_are_refused_and_say_why(explorer):
     page.set_viewport_size({"width": 1280, "height": 720})
     form = page.locator("[data-testid='stForm']").first
     form.scroll_into_view_if_needed()
-    expect(form.get_by_text("at most 512: this model reads at most 512 tokens", exact=False)).to_be_visible()
+    expect(
+        form.get_by_text(
+            "at most 511: the prompt (one token or more) and the generated tokens share the model's context of 512 tokens",
+            exact=False,
+        )
+    ).to_be_visible()
     length = page.get_by_role("spinbutton", name="Generation length")
     length.fill("100000")
     page.get_by_role("button", name="Generate").click()
-    expect(form).to_contain_text("between 1 and 512")
+    expect(form).to_contain_text("between 1 and 511")
     page.screenshot(path=str(SCREENSHOTS / "classroom-length-over-context-1280.png"))
-    length.fill("512")
+    length.fill("511")
     page.get_by_role("button", name="Generate").click()
     expect(page.get_by_text("exceeds the model's max_sequence_length 512", exact=False)).to_be_visible()
     expect(page.get_by_text("previous run", exact=False)).to_be_visible()  # the stored run stays, labelled

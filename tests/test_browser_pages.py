@@ -143,7 +143,7 @@ def test_cancel_stops_a_running_tau_sweep(app_url, page):
     expect(page.get_by_text("Tau sweep: wanda 50%: evaluate", exact=False)).to_be_visible()
     page.get_by_role("button", name="Cancel").click()
     expect(page.get_by_text("Tau sweep cancelled", exact=False)).to_be_visible()
-    expect(page.get_by_text("weights match those before the sweep (dense)", exact=False)).to_be_visible()
+    expect(page.get_by_text("weights match those before it ran (dense, unchanged)", exact=False)).to_be_visible()
     expect(page.get_by_role("button", name="Cancel")).to_be_disabled()
     expect(page.get_by_text("Tau sweep: ", exact=False)).to_have_count(0)  # the bar is gone
     expect(page.get_by_text("best tau =", exact=False)).to_have_count(0)  # no result

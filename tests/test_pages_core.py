@@ -129,3 +129,64 @@ def test_memory_totals_and_what_is_available(tiny_dlm):
     with open("/proc/meminfo") as f:
         total = int(next(line for line in f if line.startswith("MemTotal:")).split()[1]) * 1024
     assert free <= total
+
+
+# --- issue 31: what the pages say before and after a job ---------------------------------------------------
+
+
+def test_shown_prompt_is_one_rendering_for_every_page():
+    from sap_core.text import shown_prompt
+
+    assert shown_prompt("ROMEO.\n") == "“ROMEO.⏎”"
+    long = shown_prompt("a b\n" * 40, limit=20)
+    assert long.startswith("“a b⏎") and long.endswith("…”") and len(long) == 22
+
+
+def test_separating_tau_splits_the_sinks_of_a_run():
+    from sap_core.sinks import separating_tau, stability_labels
+
+    freq = np.array([0.0, 0.9, 0.8, 1.0, 0.2, 0.6])
+    var = np.array([0.0, 0.002, 0.01, 0.07, 0.2, 0.004])
+    tau = separating_tau(freq, var)
+    labels = stability_labels(freq, var, SinkSpec(tau=tau))
+    assert tau == pytest.approx(0.01) and "stable" in labels and "unstable" in labels
+    assert separating_tau(np.array([0.5, 0.0]), np.array([0.1, 0.0])) is None  # one sink: nothing to split
+    assert separating_tau(np.array([0.5, 0.9]), np.array([0.1, 0.1])) is None  # one variance: no tau splits them
+
+
+def test_a_structured_variant_records_what_it_removes_not_a_pattern(tiny_dlm):
+    spec = PruneSpec("struct_wanda", 0.25, heads=0.5)
+    assert spec.structure == "structured: MLP channels and attention heads"
+    assert PruneSpec("flap", 0.25).structure == "structured: MLP channels"
+    assert PruneSpec("wanda", 0.5, "2:4").structure == "2:4"
+    variant = prune(tiny_dlm, PruneSpec("flap", 0.25, calibration=_small_calibration()))
+    assert variant.settings_table().loc["pattern", "value"] == "structured: MLP channels"
+    assert variant.summary()["pattern"] == "structured: MLP channels" and variant.summary()["structure"] == "channels"
+
+
+def _small_calibration():
+    from sap_core.pruning import CalibrationSpec
+
+    return CalibrationSpec(nsamples=2, seqlen=16)
+
+
+def test_masked_variants_speed_is_called_timing_noise(tiny_dlm):
+    from sap_core.compare import compare_generations
+
+    variant = prune(tiny_dlm, PruneSpec("magnitude", 0.5))
+    result = compare_generations(tiny_dlm, {"m": variant}, "ROMEO.\n", DecodeSpec(8, 8, 8))
+    note = result.speed_note()
+    assert result["m"].masked and not result.dense.masked
+    assert "timing noise" in note and "ms (10th–90th percentile)" in note
+    assert compare_generations(tiny_dlm, {}, "ROMEO.\n", DecodeSpec(8, 8, 8)).speed_note() == ""
+
+
+def test_sinkstats_cost_is_said_before_the_run(tiny_dlm, tiny_ar):
+    from sap_core.sinkstats import SinkStatsError, estimate_cost
+
+    decode = DecodeSpec(8, 4, 8)
+    cost = estimate_cost(tiny_ar, tiny_dlm, 3, 6, decode)  # either order
+    assert cost.passes == 3 * (4 + 8) and cost.seconds > 0 and all(s > 0 for s in cost.step_seconds)
+    assert cost.seconds == pytest.approx(3 * (4 * cost.step_seconds[0] + 8 * cost.step_seconds[1]))
+    with pytest.raises(SinkStatsError, match="Both models are causal"):
+        estimate_cost(tiny_ar, tiny_ar, 3, 6, decode)

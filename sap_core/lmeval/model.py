@@ -388,6 +388,8 @@ def load_variant(handle: ModelHandle, directory):
     if not is_variant_dir(path):
         raise SapError(f"'{directory}' is not a saved SinkScope variant (no pruning.json); save one with 'prune --save DIR'.")
     record = json.loads((path / "pruning.json").read_text(encoding="utf-8"))
+    if "structure" in record:  # a structured variant is a smaller model with a standard config, not masks
+        raise SapError(f"'{directory}' holds a structured variant (a smaller model); score it as a model directory of its own.")
     dense = record.get("dense_fingerprint")
     with handle.lock:
         if dense is None or not same_weights(dense, fingerprint(handle.module)):

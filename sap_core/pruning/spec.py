@@ -419,6 +419,15 @@ class PruneSpec:
         return self.sparsity if nm is None else 1.0 - nm[0] / nm[1]
 
     @property
+    def structure(self) -> str:
+        """What the run removes, in words (the "pattern" of its settings table and of ``pruning.json``): the N:M
+        pattern or ``unstructured`` for single weights; a structured method says ``structured: MLP channels``
+        (``structured: MLP channels and attention heads`` when it removes heads), not the unused pattern."""
+        if self.method not in STRUCTURED:
+            return self.pattern
+        return "structured: MLP channels" + (" and attention heads" if self.heads else "")
+
+    @property
     def row(self) -> Method:
         """This run's row of :data:`METHOD_TABLE`; :class:`PruneSpecError` for an unknown method."""
         row = METHOD_ROWS.get(self.method)

@@ -260,7 +260,7 @@ class PrunedVariant:
         channels and heads removed for a structured method, no calibration for magnitude, the noising and sink rule only for the noised methods, tau only for
         the gated ones, SparseGPT's block size and dampening only for the SparseGPT family."""
         spec, cal, sink = self.spec, self.spec.calibration, self.spec.sink
-        rows = {"method": spec.method, "pattern": spec.pattern}
+        rows = {"method": spec.method, "pattern": spec.structure}
         if spec.method in STRUCTURED:
             rows["MLP channels removed"] = f"{spec.sparsity:.2f}"
             rows["heads removed"] = f"{spec.heads:.2f}"
@@ -303,7 +303,7 @@ class PrunedVariant:
             "label": spec.label,
             "method": spec.method,
             "sparsity": spec.sparsity,
-            "pattern": spec.pattern,
+            "pattern": spec.structure,
             "target_sparsity": spec.target_sparsity,
             "achieved_sparsity": self.achieved_sparsity,
             "sink": spec.sink.to_dict(),
