@@ -191,13 +191,6 @@ def sink_spec() -> SinkSpec:
     return st.session_state.get("sink_spec", SinkSpec())
 
 
-def progress_callback(bar, label: str):
-    def update(done: int, total: int, message: str) -> None:
-        bar.progress(min(done / max(total, 1), 1.0), text=f"{label}: {message} ({done}/{total})")
-
-    return update
-
-
 class CancelButton:
     """A Cancel button enabled only while this page's job runs. Clicking it reruns the page, which stops the
     running script at its next Streamlit call (the job's context managers restore the dense weights);
@@ -252,12 +245,16 @@ def note_page(page: str) -> None:
 
 
 def interrupted_notice() -> None:
-    """Say on a page that its last job was interrupted (:func:`active_model` calls this under the header).
+    """Say on a page that its last job was interrupted (:func:`active_model` calls this under the header), or
+    that it left the queue (its Cancel, :func:`queued_job`).
 
     Streamlit stops a running script when the user switches pages (or changes a widget), so a job left
     mid-way leaves :func:`job`'s marker behind; back on the job's page, the notice says what happened and
     the marker goes. The form values survive the switch (:func:`kept`), so "run it again" is one click.
     """
+    left = st.session_state.pop(_LEFT_QUEUE, None)
+    if left is not None:
+        st.info(left, icon=":material/stop_circle:")
     run = _runs().pop(st.session_state.get(_PAGE), None)
     if run is None:
         return
@@ -297,6 +294,53 @@ def job(label: str) -> Iterator[None]:
     finally:
         if not stopped:
             _runs().pop(page, None)
+
+
+_LEFT_QUEUE = "_sinkscope_left_queue"  # session-state key: the notice of a job cancelled from the queue
+
+
+def queued_generation(handle: ModelHandle, prompt, spec, recorder, bar, label: str = "Generating"):
+    """A generation through the model's queue (:mod:`sap_core.scheduler`): decoded with the other sessions'
+    generations that arrive with it, as one batch. Returns the trajectory (see :func:`queued_job`)."""
+    from sap_core.scheduler import scheduler_for
+
+    queue = scheduler_for(handle)
+    return _wait(queue, queue.generate(prompt, spec, recorder, owner=st.session_state.get("sid"), label=label), bar, True)
+
+
+def queued_job(handle: ModelHandle, label: str, work, bar, cancel: bool = True):
+    """A heavy job (``work(progress)``: prune, sweep, evaluation) through the model's queue: one at a time on the
+    device. While it waits, the page says its place and the estimated wait; the progress bar follows it once it
+    runs; ``cancel`` draws a Cancel button (a page with its own :class:`CancelButton` passes False). The job
+    leaves the queue when the script stops: a Cancel, a page switch, a closed tab (Streamlit stops the script at
+    its next call, and the ``finally`` cancels the ticket). Returns the job's result; raises its error."""
+    from sap_core.scheduler import scheduler_for
+
+    queue = scheduler_for(handle)
+    return _wait(queue, queue.heavy(work, owner=st.session_state.get("sid"), label=label), bar, cancel)
+
+
+def _wait(queue, ticket, bar, cancel: bool):
+    def leave() -> None:
+        st.session_state[_LEFT_QUEUE] = f"{ticket.label} was cancelled; it left the queue and nothing was kept."
+        _runs().pop(st.session_state.get(_PAGE), None)
+
+    place = st.empty()
+    if cancel:
+        st.button("Cancel", key=f"queue_cancel_{ticket.kind}", on_click=leave, icon=":material/stop_circle:")
+    try:
+        while True:  # every pass sends to the browser: that is where Streamlit can stop the script
+            if ticket.state == "queued":
+                place.info(queue.status(ticket), icon=":material/hourglass_top:")
+            else:
+                place.empty()
+                done, total, message = ticket.progress
+                bar.progress(min(done / max(total, 1), 1.0), text=f"{ticket.label}: {message} ({done}/{total})")
+            if ticket.wait(0.2):
+                return ticket.outcome()
+    finally:
+        queue.cancel(ticket)  # nothing once it ended; otherwise it leaves the queue (or its batch)
+        place.empty()
 
 
 def current_trajectory(handle: ModelHandle, key: str = "trajectory"):

@@ -5,11 +5,11 @@ import time
 import streamlit as st
 
 import app_shared
-from app_common import active_model, current_trajectory, job, kept, model_choice, progress_callback, report_for, sink_spec
+from app_common import active_model, current_trajectory, job, kept, model_choice, queued_generation, report_for, sink_spec
 from sap_core import animation, viz
 from sap_core.attention import AttentionRecorder
 from sap_core.decoding import REMASKING, DecodeSpec
-from sap_core.diffusion import attention_map, generate
+from sap_core.diffusion import attention_map
 
 st.header("Denoising explorer")
 handle = active_model()
@@ -126,7 +126,7 @@ if submitted:
             int(seed),
         )
         t0 = time.perf_counter()
-        traj = generate(handle, prompt, spec, recorder=AttentionRecorder(), progress=progress_callback(bar, "Generating"))
+        traj = queued_generation(handle, prompt, spec, AttentionRecorder(), bar)  # the model's queue: place, wait, batch
         st.session_state.update(
             trajectory=traj,
             trajectory_model=model_choice(),
