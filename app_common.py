@@ -47,6 +47,7 @@ import torch  # noqa: E402
 import app_shared  # noqa: E402
 from sap_core.errors import Cancelled, SapError  # noqa: E402
 from sap_core.models import ModelHandle, load_model  # noqa: E402
+from sap_core.scheduler import scheduler_for  # noqa: E402
 from sap_core.sinks import SinkSpec  # noqa: E402
 
 
@@ -302,8 +303,6 @@ _LEFT_QUEUE = "_sinkscope_left_queue"  # session-state key: the notice of a job 
 def queued_generation(handle: ModelHandle, prompt, spec, recorder, bar, label: str = "Generating"):
     """A generation through the model's queue (:mod:`sap_core.scheduler`): decoded with the other sessions'
     generations that arrive with it, as one batch. Returns the trajectory (see :func:`queued_job`)."""
-    from sap_core.scheduler import scheduler_for
-
     queue = scheduler_for(handle)
     return _wait(queue, queue.generate(prompt, spec, recorder, owner=st.session_state.get("sid"), label=label), bar, True)
 
@@ -314,8 +313,6 @@ def queued_job(handle: ModelHandle, label: str, work, bar, cancel: bool = True):
     runs; ``cancel`` draws a Cancel button (a page with its own :class:`CancelButton` passes False). The job
     leaves the queue when the script stops: a Cancel, a page switch, a closed tab (Streamlit stops the script at
     its next call, and the ``finally`` cancels the ticket). Returns the job's result; raises its error."""
-    from sap_core.scheduler import scheduler_for
-
     queue = scheduler_for(handle)
     return _wait(queue, queue.heavy(work, owner=st.session_state.get("sid"), label=label), bar, cancel)
 
