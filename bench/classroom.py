@@ -23,6 +23,7 @@ import time
 
 from tests.conftest import launch_chromium, start_app, stop_app
 
+WAIT_MS = 600_000  # every wait of a page, in ms: a crowd on two cores is slow
 CLICK_TIMER = """() => document.addEventListener('click', () => { window.clickedAt = performance.timeOrigin + performance.now(); },
   {capture: true, once: true})"""
 # Whether the page ever said the student's place while waiting (checked every 50 ms until the run is drawn).
@@ -38,11 +39,11 @@ def open_explorer(browser, url: str, length: int):
     from playwright.sync_api import expect
 
     page = browser.new_context(viewport={"width": 1280, "height": 800}).new_page()
-    page.set_default_timeout(600_000)
+    page.set_default_timeout(WAIT_MS)
     page.goto(url)
-    expect(page.get_by_text("Active model:", exact=False).first).to_be_visible()
+    expect(page.get_by_text("Active model:", exact=False).first).to_be_visible(timeout=WAIT_MS)
     page.get_by_test_id("stSidebarNavItems").get_by_role("link", name="Denoising explorer").click()
-    expect(page.get_by_role("button", name="Generate")).to_be_visible()
+    expect(page.get_by_role("button", name="Generate")).to_be_visible(timeout=WAIT_MS)
     if length != 64:
         page.get_by_role("spinbutton", name="Generation length").fill(str(length))
         page.get_by_role("spinbutton", name="Steps", exact=True).fill(str(length))
@@ -59,7 +60,7 @@ def result(page, length: int) -> dict:
     """The app's generation time, click -> drawn view, told place, exception box: once the run is drawn."""
     from playwright.sync_api import expect
 
-    expect(page.frame_locator("iframe").first.locator("#steplabel")).to_have_text(f"Step 0 of {length - 1}")
+    expect(page.frame_locator("iframe").first.locator("#steplabel")).to_have_text(f"Step 0 of {length - 1}", timeout=WAIT_MS)
     done = page.get_by_text(f"{length} steps in", exact=False).first.text_content()
     frame = next(f for f in page.frames if f != page.main_frame and f.evaluate("() => !!window.sinkscope"))
     view = (frame.evaluate("() => window.sinkscope.timing.drawn") - page.evaluate("() => window.clickedAt")) / 1000
@@ -101,7 +102,7 @@ def main() -> None:
             late = browser.new_context(viewport={"width": 1280, "height": 800}).new_page()
             t = time.perf_counter()
             late.goto(url + "/explorer")
-            expect(late.get_by_role("heading", name="Denoising explorer")).to_be_visible(timeout=600_000)
+            expect(late.get_by_role("heading", name="Denoising explorer")).to_be_visible(timeout=WAIT_MS)
             late_paint = time.perf_counter() - t
             crowd = [result(page, args.length) for page in students]
             late_exception = late.locator("[data-testid='stException']").count() > 0
