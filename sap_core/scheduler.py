@@ -211,8 +211,7 @@ class Scheduler:
                 batch = [first]
             else:
                 same = [t for t in self._queue[i:] if t.kind == GENERATION and t.key == first.key]
-                idle = self.workers - len(self._running)  # this worker and those waiting for work
-                batch = same[: min(self.max_batch, math.ceil(len(same) / max(1, idle)))]
+                batch = same[: min(self.max_batch, math.ceil(len(same) / self.workers))]  # a share for every worker
             for t in batch:
                 self._queue.remove(t)
                 t.state, t.started, t.rows = RUNNING, time.monotonic(), len(batch)
