@@ -9,7 +9,7 @@ from __future__ import annotations
 import streamlit as st
 
 import app_shared
-from app_common import CancelButton, duration, job, model_choice, progress_callback, stored_caption
+from app_common import CancelButton, duration, job, model_choice, queued_job, stored_caption
 from sap_core.lmeval.accuracy import accuracy_table, estimate_cost, format_table
 from sap_core.lmeval.model import BenchSpec
 from sap_core.lmeval.tasks import BUILTIN_TASK
@@ -78,13 +78,13 @@ def benchmarks_section(handle, variants: dict) -> None:
         bar = st.progress(0.0, text="Benchmarks…")
         failed = True
         with job("The benchmark run"):
-            result = accuracy_table(
+            picked = {n: variants[n] for n in chosen}
+            result = queued_job(
                 handle,
-                {n: variants[n] for n in chosen},
-                tasks,
-                spec,
-                limit=int(limit),
-                progress=progress_callback(bar, "Scoring"),
+                "Scoring",
+                lambda progress: accuracy_table(handle, picked, tasks, spec, limit=int(limit), progress=progress),
+                bar,
+                cancel=False,
             )
             st.session_state["bench_result"] = {
                 "model": model_choice(),

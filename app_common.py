@@ -48,6 +48,7 @@ import app_shared  # noqa: E402
 from sap_core.errors import Cancelled, SapError  # noqa: E402
 from sap_core.models import ModelHandle, load_model  # noqa: E402
 from sap_core.pruning.variant import weights_fingerprint, weights_restored  # noqa: E402
+from sap_core.scheduler import scheduler_for  # noqa: E402
 from sap_core.sinks import SinkSpec  # noqa: E402
 
 
@@ -297,12 +298,16 @@ def note_page(page: str) -> None:
 
 
 def interrupted_notice() -> None:
-    """Say on a page that its last job was interrupted (:func:`active_model` calls this under the header).
+    """Say on a page that its last job was interrupted (:func:`active_model` calls this under the header), or
+    that it left the queue (its Cancel, :func:`queued_job`).
 
     Streamlit stops a running script when the user switches pages (or changes a widget), so a job left
     mid-way leaves :func:`job`'s marker behind; back on the job's page, the notice says what happened and
     the marker goes. The form values survive the switch (:func:`kept`), so "run it again" is one click.
     """
+    left = st.session_state.pop(_LEFT_QUEUE, None)
+    if left is not None:
+        st.info(left, icon=":material/stop_circle:")
     run = _runs().pop(st.session_state.get(_PAGE), None)
     if run is None:
         return
@@ -342,6 +347,49 @@ def job(label: str) -> Iterator[None]:
     finally:
         if not stopped:
             _runs().pop(page, None)
+
+
+_LEFT_QUEUE = "_sinkscope_left_queue"  # session-state key: the notice of a job cancelled from the queue
+
+
+def queued_generation(handle: ModelHandle, prompt, spec, recorder, bar, label: str = "Generating", unit: str | None = "steps"):
+    """A generation through the model's queue (:mod:`sap_core.scheduler`): decoded with the other sessions'
+    generations that arrive with it, as one batch. Returns the trajectory (see :func:`queued_job`)."""
+    queue = scheduler_for(handle)
+    return _wait(queue, queue.generate(prompt, spec, recorder, owner=st.session_state.get("sid"), label=label), bar, True, unit)
+
+
+def queued_job(handle: ModelHandle, label: str, work, bar, cancel: bool = True, unit: str | None = None):
+    """A heavy job (``work(progress)``: prune, sweep, evaluation) through the model's queue: one at a time on the
+    device. While it waits, the page says its place and the estimated wait; the progress bar follows it once it
+    runs; ``cancel`` draws a Cancel button (a page with its own :class:`CancelButton` passes False). The job
+    leaves the queue when the script stops: a Cancel, a page switch, a closed tab (Streamlit stops the script at
+    its next call, and the ``finally`` cancels the ticket). Returns the job's result; raises its error."""
+    queue = scheduler_for(handle)
+    return _wait(queue, queue.heavy(work, owner=st.session_state.get("sid"), label=label), bar, cancel, unit)
+
+
+def _wait(queue, ticket, bar, cancel: bool, unit: str | None):
+    def leave() -> None:
+        st.session_state[_LEFT_QUEUE] = f"{ticket.label} was cancelled; it left the queue and nothing was kept."
+        _runs().pop(st.session_state.get(_PAGE), None)
+
+    place, stop = st.empty(), st.empty()  # both cleared when the job ends: no Cancel stays behind
+    if cancel:
+        stop.button("Cancel", key=f"queue_cancel_{ticket.kind}", on_click=leave, icon=":material/stop_circle:")
+    try:
+        while True:  # every pass sends to the browser: that is where Streamlit can stop the script
+            if ticket.state == "queued":
+                place.info(queue.status(ticket), icon=":material/hourglass_top:")
+            else:
+                place.empty()
+                progress_callback(bar, ticket.label, unit)(*ticket.progress)
+            if ticket.wait(0.2):
+                return ticket.outcome()
+    finally:
+        queue.cancel(ticket)  # nothing once it ended; otherwise it leaves the queue (or its batch)
+        place.empty()
+        stop.empty()
 
 
 def current_trajectory(handle: ModelHandle, key: str = "trajectory"):

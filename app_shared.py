@@ -47,8 +47,8 @@ def stores() -> tuple[RunStore, SessionStore]:
     return runs, SessionStore(budget)
 
 
-def shown(exc: Exception) -> str:
-    """An error's message as a page may show it: without any server path in shared mode."""
+def shown(exc: Exception | str) -> str:
+    """An error (or a message) as a page may show it: without any server path in shared mode."""
     return without_paths(str(exc)) if shared() else str(exc)
 
 
@@ -82,6 +82,13 @@ def heavy_jobs_or_stop(what: str) -> None:
     if not settings().heavy_jobs:
         st.info(f"{what} is turned off on this server by its host (heavy jobs are off).", icon=":material/block:")
         st.stop()
+
+
+def check_heavy(what: str) -> None:
+    """Refuse (one-line :class:`SapError`) a heavy job the host turned off (``--no-heavy-jobs``): for a page that
+    keeps its light parts (Compare's perplexity) and disables the buttons of its heavy ones."""
+    if not settings().heavy_jobs:
+        raise SapError(f"{what} is turned off on this server by its host (heavy jobs are off).")
 
 
 def check_caps(calibration_samples: int | None = None) -> None:

@@ -18,12 +18,12 @@ from app_common import (
     job,
     kept,
     model_choice,
-    progress_callback,
+    queued_generation,
+    queued_job,
     sink_spec,
 )
 from sap_core import viz
 from sap_core.attention import AttentionRecorder
-from sap_core.diffusion import generate
 from sap_core.errors import SapError
 from sap_core.sink_report import COMPARE_METRICS, METRIC_TITLES, compare
 from sap_core.sinks import VIEW_NOTES
@@ -88,13 +88,8 @@ if st.button("Run the other model on this prompt", type="primary"):
     bar = st.progress(0.0)
     with job("The other model's run"):
         other = load_other()
-        other_traj = generate(
-            other,
-            traj.prompt or traj.final_tokens[: traj.prompt_length].tolist(),
-            traj.spec,
-            recorder=AttentionRecorder(),
-            progress=progress_callback(bar, f"{other.name} decoding", "steps"),
-        )
+        prompt = traj.prompt or traj.final_tokens[: traj.prompt_length].tolist()
+        other_traj = queued_generation(other, prompt, traj.spec, AttentionRecorder(), bar, f"{other.name} decoding", unit="steps")
         st.session_state.update(other_trajectory=other_traj, other_trajectory_key=run_key)
     bar.empty()
 other_traj = st.session_state.get("other_trajectory") if st.session_state.get("other_trajectory_key") == run_key else None
@@ -187,13 +182,14 @@ if submitted:
             prompts = prompts_from_lines(text, int(n_prompts))
         else:
             prompts = evaluation_prompts(dlm_handle, int(n_prompts), int(prompt_tokens))
-        stats = run_sinkstats(
+        raw = replace(spec, normalize="raw")
+        stats = queued_job(
             handle,
-            other,
-            prompts,
-            traj.spec,
-            replace(spec, normalize="raw"),
-            progress=progress_callback(bar, "Across prompts", "decoding steps"),
+            "Across prompts",
+            lambda progress: run_sinkstats(handle, other, prompts, traj.spec, raw, progress=progress),
+            bar,
+            False,
+            unit="decoding steps",
         )
         st.session_state.update(sinkstats=stats, sinkstats_model=model_choice())
     bar.empty()

@@ -5,6 +5,7 @@ import os
 
 import streamlit as st
 
+import app_shared
 from app_common import (
     CancelButton,
     active_model,
@@ -14,7 +15,7 @@ from app_common import (
     length_help,
     longest_generation,
     model_choice,
-    progress_callback,
+    queued_job,
     sink_spec,
     stored_caption,
 )
@@ -38,6 +39,8 @@ if not variants:
     )
 
 st.subheader("Side by side")
+if not app_shared.settings().heavy_jobs:
+    st.info("The side-by-side run is turned off on this server by its host (heavy jobs are off).", icon=":material/block:")
 chosen = st.multiselect("Variants", list(variants), default=list(variants)[-2:], help="Made on the Prune page in this session.")
 st.caption(
     "Decoding defaults differ from the Denoising explorer's on purpose: 32 tokens greedily (temperature 0) here, "
@@ -76,7 +79,7 @@ with st.form("compare", enter_to_submit=False):  # Enter in a box never starts a
         **kept("cmp_temperature"),
     )
     seed = c[3].number_input("Seed", 0, 2**31 - 1, 0, **kept("cmp_seed"))
-    go = st.form_submit_button("Compare", type="primary")
+    go = st.form_submit_button("Compare", type="primary", disabled=not app_shared.settings().heavy_jobs)
     st.caption(f"Generation length and steps: {length_help(handle)}; a larger typed value is refused in its box.")
 compare_cancel = CancelButton("compare", handle)
 compare_cancel.notice("The comparison", "no result was kept")
@@ -93,8 +96,15 @@ if go:
             temperature=float(temperature),
             seed=int(seed),
         )
-        result = compare_generations(
-            handle, {n: variants[n] for n in chosen}, prompt, spec, progress=progress_callback(bar, "Decoding", "decoding steps")
+        app_shared.check_heavy("The side-by-side run")
+        picked = {n: variants[n] for n in chosen}
+        result = queued_job(
+            handle,
+            "Decoding",
+            lambda progress: compare_generations(handle, picked, prompt, spec, progress=progress),
+            bar,
+            False,
+            unit="decoding steps",
         )
         st.session_state["comparison"] = {
             "result": result,
@@ -190,11 +200,14 @@ if ppl_go:
     ppl_failed = True
     with job("Perplexity"):
         spec = eval_spec(nsamples=int(nsamples), draws=int(draws))
-        table = perplexity_table(
+        picked = {n: variants[n] for n in chosen}
+        table = queued_job(
             handle,
-            {n: variants[n] for n in chosen},
-            spec,
-            progress=progress_callback(bar, "Perplexity", "masked windows" if not handle.causal else "windows"),
+            "Perplexity",
+            lambda progress: perplexity_table(handle, picked, spec, progress=progress),
+            bar,
+            False,
+            unit="masked windows" if not handle.causal else "windows",
         )
         st.session_state["ppl_table"] = {
             "table": table,
@@ -234,6 +247,8 @@ if "ppl_table" in st.session_state:
     st.markdown(noise_verdict(stored["table"]))
 
 st.subheader("Sparsity sweep")
+if not app_shared.settings().heavy_jobs:
+    st.info("The sweep is turned off on this server by its host (heavy jobs are off).", icon=":material/block:")
 sweep_sink = sink_spec()
 st.caption(
     f"Prunes every method at every sparsity and scores it with the perplexity settings above; the sink-aware "
@@ -247,7 +262,7 @@ with st.form("sweep_form", enter_to_submit=False):
         "Sparsities", [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8], default=[0.3, 0.5], **kept("sweep_sparsities")
     )
     patterns = c[1].multiselect("Patterns", list(PATTERNS), default=["unstructured"], **kept("sweep_patterns"))
-    run = st.form_submit_button("Run sweep", type="primary")
+    run = st.form_submit_button("Run sweep", type="primary", disabled=not app_shared.settings().heavy_jobs)
 if os.environ.get(ADDRESS_ENV, "").strip():
     st.caption(f"The sweep runs on the Ray cluster at {os.environ[ADDRESS_ENV].strip()} ({ADDRESS_ENV}).")
 sweep_cancel = CancelButton("sweep", handle)
@@ -265,10 +280,13 @@ if run:
             sink=sweep_sink,
             eval=eval_spec(nsamples=int(nsamples), draws=int(draws)),
         )
-        df = run_sweep(handle, spec, progress=progress_callback(bar, "Sweep"), executor=executor_from_env())
+        app_shared.check_heavy("The sweep")
+        df = queued_job(
+            handle, "Sweep", lambda progress: run_sweep(handle, spec, progress=progress, executor=executor_from_env()), bar, False
+        )
         for label, error in zip(df["label"], df.get("error", [""] * len(df))):
             if error:
-                st.warning(f"{label} failed: {error}")
+                st.warning(f"{label} failed: {app_shared.shown(error)}")
         st.session_state["sweep_result"] = {
             "table": df,
             "label": (

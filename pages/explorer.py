@@ -13,14 +13,14 @@ from app_common import (
     length_help,
     longest_generation,
     model_choice,
-    progress_callback,
+    queued_generation,
     report_for,
     sink_spec,
 )
 from sap_core import animation, viz
 from sap_core.attention import AttentionRecorder
 from sap_core.decoding import REMASKING, DecodeSpec
-from sap_core.diffusion import attention_map, generate
+from sap_core.diffusion import attention_map
 from sap_core.text import shown_prompt
 
 st.header("Denoising explorer")
@@ -134,9 +134,9 @@ if submitted:
             int(seed),
         )
         t0 = time.perf_counter()
-        traj = generate(
-            handle, prompt, spec, recorder=AttentionRecorder(), progress=progress_callback(bar, "Generating", "steps")
-        )
+        traj = queued_generation(
+            handle, prompt, spec, AttentionRecorder(), bar, unit="steps"
+        )  # the model's queue: place, wait, batch
         st.session_state.update(
             trajectory=traj,
             trajectory_model=model_choice(),

@@ -5,6 +5,7 @@ from pathlib import Path
 import pandas as pd
 import streamlit as st
 
+import app_shared
 from app_common import STORY, active_model
 from sap_core.memory import available, estimate, human
 from sap_core.pruning.variant import read_record
@@ -45,16 +46,16 @@ if record.is_file():
     st.subheader("Pruning record")
     summary, problems = read_record(record)  # whatever is readable; each problem a warning
     for problem in problems:
-        st.warning(f"This directory's pruning record is damaged: {problem}")
+        st.warning(f"This directory's pruning record is damaged: {app_shared.shown(problem)}")
     if summary:
         facts = [
             f"**{summary.get('label', summary.get('method', 'unknown method'))}**",
             *([f"pattern {summary['pattern']}"] if "pattern" in summary else []),
             *([f"achieved sparsity {summary['achieved_sparsity']:.3f}"] if "achieved_sparsity" in summary else []),
-            *([f"pruned from `{summary['source']}`"] if "source" in summary else []),
+            *([f"pruned from `{app_shared.shown(summary['source'])}`"] if "source" in summary else []),
         ]
         st.markdown(f"A pruned model: {', '.join(facts)}.")
-        st.json(summary, expanded=False)
+        st.json({k: app_shared.shown(v) if isinstance(v, str) else v for k, v in summary.items()}, expanded=False)
 
 st.subheader("Memory estimate")
 c1, c2, c3 = st.columns(3)

@@ -4,6 +4,7 @@ from dataclasses import replace
 
 import streamlit as st
 
+import app_shared
 from app_common import active_model, current_trajectory, report_for, sink_spec
 from sap_core import viz
 from sap_core.animation import readable_tokens
@@ -135,7 +136,7 @@ def rescore() -> None:
             detector="official" if name == "official" else f"{name}:{param}",
         )
     except SapError as exc:
-        st.error(str(exc))
+        st.error(app_shared.shown(exc))
         return
     st.session_state["sink_spec"] = spec
     report = report_for(traj, spec)

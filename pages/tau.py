@@ -14,7 +14,7 @@ from app_common import (
     job,
     kept,
     model_choice,
-    progress_callback,
+    queued_job,
     report_for,
     sink_spec,
 )
@@ -56,7 +56,8 @@ key = (model_choice(), calibration, replace(spec, tau=0.0))
 if compute:
     bar = st.progress(0.0)
     with job("The calibration passes"):
-        st.session_state["tau_gate"] = (key, calibration_gate(handle, calibration, spec, progress_callback(bar, "Calibration")))
+        gate = queued_job(handle, "Calibration", lambda progress: calibration_gate(handle, calibration, spec, progress), bar)
+        st.session_state["tau_gate"] = (key, gate)
     bar.empty()
 stored = st.session_state.get("tau_gate")
 gate = stored[1] if stored is not None and stored[0] == key else None
@@ -130,7 +131,7 @@ if run:
         sweep_spec = tau_sweep_spec(
             methods, sparsity, pattern, parse_taus(taus), spec, calibration, EvalSpec(seqlen=64, nsamples=int(windows), draws=4)
         )
-        df = run_sweep(handle, sweep_spec, progress=progress_callback(bar, "Tau sweep"))
+        df = queued_job(handle, "Tau sweep", lambda progress: run_sweep(handle, sweep_spec, progress=progress), bar, False)
         st.session_state["tau_sweep"] = (model_choice(), df, float(sparsity), pattern)
     bar.empty()
 cancel.idle()

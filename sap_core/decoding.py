@@ -403,6 +403,11 @@ def prompt_token_ids(handle: ModelHandle, prompt) -> list[int]:
 
 def take_pass(recorder: AttentionRecorder) -> np.ndarray:
     """The mass of the pass just run, ``[layers, heads, L]`` (first batch row); the recorder keeps no copy."""
-    out = recorder.end_pass()[0].numpy()
+    return take_rows(recorder)[0]
+
+
+def take_rows(recorder: AttentionRecorder) -> np.ndarray:
+    """The mass of the pass just run for every batch row, ``float32 [B, layers, heads, L]``; the recorder keeps no copy."""
+    out = recorder.end_pass().numpy()
     recorder.passes.clear()
     return out
