@@ -4,11 +4,12 @@ import time
 
 import streamlit as st
 
+import app_common
 import app_shared
 from app_common import active_model, current_trajectory, job, kept, model_choice, progress_callback, report_for, sink_spec
 from sap_core import animation, viz
 from sap_core.attention import AttentionRecorder
-from sap_core.decoding import REMASKING, DecodeSpec
+from sap_core.decoding import DecodeSpec, decoding_words
 from sap_core.diffusion import attention_map, generate
 
 st.header("Denoising explorer")
@@ -23,6 +24,7 @@ why = (
     if context
     else f"at most {limit} (this model's config states no context length)"
 )
+sampler = app_common.sampler_choice(handle)  # a Dream model's sampler, outside the form: its options follow at once
 with st.form("decode"):
     prompt = st.text_area(
         "Prompt", "ROMEO.\n", help="Text the model continues. It is never changed during decoding.", **kept("decode_prompt")
@@ -36,70 +38,14 @@ with st.form("decode"):
         help=f"Tokens to generate (masked at the start); {why}.",
         **kept("decode_gen_length"),
     )
-    steps = c[1].number_input(
-        "Steps",
-        1,
-        limit,
-        min(64, limit),
-        help="Denoising steps in all; must divide evenly over the blocks and be at most the generation length. "
-        "A causal model uses one step per token.",
-        disabled=handle.causal,
-        **kept("decode_steps"),
-    )
-    if handle.causal:  # block length, remasking and guidance only exist for a masked-diffusion model
-        block_length, remasking, cfg_scale = None, REMASKING[0], 0.0
-        c[2].caption(
-            "Causal model: one token per step, left to right; block length, remasking and "
-            "guidance apply to masked-diffusion models only."
-        )
-    else:
-        block_length = c[2].number_input(
-            "Block length",
-            1,
-            limit,
-            min(16, limit),
-            help="Semi-autoregressive blocks, filled left to right; must divide the generation length.",
-            **kept("decode_block_length"),
-        )
-        remasking = c[3].selectbox(
-            "Remasking",
-            REMASKING,
-            help="Which masked positions are unmasked first: most confident, random, or lowest entropy.",
-            **kept("decode_remasking"),
-        )
-    c = st.columns(3)
-    temperature = c[0].slider(
-        "Temperature",
-        0.0,
-        2.0,
-        0.8,
-        0.05,
-        help="0 = greedy; Gumbel-max sampling in float64 otherwise.",
-        **kept("decode_temperature"),
-    )
-    if not handle.causal:
-        cfg_scale = c[1].number_input(
-            "CFG scale",
-            0.0,
-            20.0,
-            0.0,
-            help="Classifier-free guidance; the unconditional pass masks the prompt. 0 = off.",
-            **kept("decode_cfg_scale"),
-        )
-    seed = c[2].number_input(
-        "Seed", 0, 2**31 - 1, 0, help="Same seed and settings give the same trajectory.", **kept("decode_seed")
-    )
+    decode = app_common.decoding_options(handle, sampler, int(gen_length), c[1:], limit)  # the family's options
     submitted = st.form_submit_button("Generate", type="primary", icon=":material/play_arrow:")
     st.caption(f"Generation length, steps and block length are {why}; a larger typed value is refused in its box.")
 
 
 def run_settings(spec: DecodeSpec) -> str:
     """The decoding settings of a run, for people: length, steps, blocks, sampling."""
-    decoding = (
-        "causal, one token per step"
-        if handle.causal
-        else (f"{spec.steps} steps, block {spec.block_length}, {spec.remasking}, CFG {spec.cfg_scale:g}")
-    )
+    decoding = decoding_words(spec, handle.causal)
     return f"{spec.gen_length} tokens · {decoding} · temperature {spec.temperature:g} · seed {spec.seed}"
 
 
@@ -111,20 +57,11 @@ def run_label(spec: DecodeSpec, text: str) -> str:
 
 failed = False
 if submitted:
-    length = int(gen_length)
     st.query_params.pop("step", None)  # a new run opens at its step 0
     bar = st.progress(0.0, text="Generating…")
     failed = True
     with job("Generation"):  # an impossible spec shows its one-line error (DecodeSpec checks, then generate's)
-        spec = DecodeSpec(
-            length,
-            length if handle.causal else int(steps),
-            length if handle.causal else int(block_length),
-            remasking,
-            float(temperature),
-            float(cfg_scale),
-            int(seed),
-        )
+        spec = DecodeSpec(**decode)
         t0 = time.perf_counter()
         traj = generate(handle, prompt, spec, recorder=AttentionRecorder(), progress=progress_callback(bar, "Generating"))
         st.session_state.update(
