@@ -45,6 +45,7 @@ through_the_app()  # before the heavy imports below (torch takes seconds): the r
 import torch  # noqa: E402
 
 import app_shared  # noqa: E402
+from sap_core.decoding import DREAM_ALGS, REMASKING, decoding_controls  # noqa: E402
 from sap_core.errors import Cancelled, SapError  # noqa: E402
 from sap_core.models import ModelHandle, load_model  # noqa: E402
 from sap_core.pruning.variant import weights_fingerprint, weights_restored  # noqa: E402
@@ -449,3 +450,123 @@ def stored_caption(entry: dict, failed: bool) -> None:
     """Say which run a stored result came from; after a failed run, say that it is the earlier one."""
     prefix = "From an earlier run (the last run failed): " if failed else "From the last run: "
     st.caption(prefix + entry["label"], help="Stored in this browser session until a new run succeeds.")
+
+
+# --- the decoding controls: the family's options (sap_core.decoding.decoding_controls), drawn ----------------
+
+SAMPLER_NAMES = {"dream": "Dream's own", "llada": "LLaDA's (not Dream's own)"}
+
+
+def sampler_choice(handle: ModelHandle) -> str | None:
+    """The sampler a Dream model decodes with, chosen outside the decoding form (so the options drawn by
+    :func:`decoding_options` follow the choice at once); None for a family that offers no choice."""
+    controls = decoding_controls(handle.family, handle.causal)
+    if not controls.samplers:
+        return None
+    return st.radio(
+        "Sampler",
+        controls.samplers,
+        format_func=SAMPLER_NAMES.__getitem__,
+        horizontal=True,
+        help="Dream's own diffusion_generate (its timestep schedule and alg), or the LLaDA-style sampler "
+        "(blocks, an even split of tokens per step), which Dream itself never runs.",
+        **kept("decode_sampler"),
+    )
+
+
+def decoding_options(handle: ModelHandle, sampler: str | None, gen_length: int, row, limit: int) -> dict:
+    """Draw, inside the decoding form, the options :func:`~sap_core.decoding.decoding_controls` gives the model's
+    family and ``sampler`` (steps and the two next options in ``row``, three columns; the rest below); returns
+    :class:`~sap_core.decoding.DecodeSpec`'s keyword arguments for ``gen_length`` tokens."""
+    controls = decoding_controls(handle.family, handle.causal, sampler)
+    shown = set(controls.fields)
+    out = dict(gen_length=gen_length, sampler=sampler)
+    out["steps"] = row[0].number_input(
+        "Steps",
+        1,
+        limit,
+        min(64, limit),
+        help="Denoising steps in all. Dream's sampler: any number (it may exceed or not divide the length). "
+        "LLaDA's: must divide evenly over the blocks and be at most the generation length. A causal model "
+        "uses one step per token.",
+        disabled=handle.causal,
+        **kept("decode_steps"),
+    )
+    if "block_length" in shown:
+        out["block_length"] = row[1].number_input(
+            "Block length",
+            1,
+            limit,
+            min(16, limit),
+            help="Semi-autoregressive blocks, filled left to right; must divide the generation length.",
+            **kept("decode_block_length"),
+        )
+        out["remasking"] = row[2].selectbox(
+            "Remasking",
+            controls.remasking,
+            help="Which masked positions are unmasked first: most confident, random, or lowest entropy.",
+            **kept("decode_remasking" if controls.remasking == REMASKING else f"decode_remasking_{controls.sampler}"),
+        )
+    if "alg" in shown:
+        out["alg"] = row[1].selectbox(
+            "Alg",
+            DREAM_ALGS,
+            index=DREAM_ALGS.index("entropy"),
+            help="Dream's order of unmasking: origin (random positions), maskgit_plus (most probable token), "
+            "topk_margin (largest top-2 margin), entropy (lowest entropy).",
+            **kept("decode_alg"),
+        )
+        out["alg_temp"] = row[2].number_input(
+            "Alg temperature",
+            0.0,
+            10.0,
+            0.0,
+            help="0 unmasks the most confident positions; above 0 draws them from softmax(confidence / alg_temp).",
+            **kept("decode_alg_temp"),
+        )
+    if handle.causal:
+        out["steps"] = out["block_length"] = gen_length
+        row[1].caption(controls.note)
+    c = st.columns(5 if controls.sampler == "dream" else 3)
+    out["temperature"] = c[0].slider(
+        "Temperature",
+        0.0,
+        2.0,
+        0.8,
+        0.05,
+        help="0 = greedy; Gumbel-max sampling in float64 otherwise.",
+        **kept("decode_temperature"),
+    )
+    if "cfg_scale" in shown:
+        out["cfg_scale"] = c[1].number_input(
+            "CFG scale",
+            0.0,
+            20.0,
+            0.0,
+            help="Classifier-free guidance; the unconditional pass masks the prompt. 0 = off.",
+            **kept("decode_cfg_scale"),
+        )
+    if controls.sampler == "dream":
+        out["block_length"] = gen_length  # one block: Dream's sampler has none
+        out["eps"] = c[1].number_input(
+            "eps", 1e-5, 0.5, 1e-3, format="%g", help="Final time of linspace(1, eps, steps + 1).", **kept("decode_eps")
+        )
+        out["top_p"] = c[2].number_input(
+            "top_p", 0.01, 1.0, 1.0, help="Nucleus filtering of the token draw; 1 = off.", **kept("decode_top_p")
+        )
+        out["top_k"] = c[3].number_input(
+            "top_k", 0, 1_000_000, 0, help="Keep the k most probable tokens; 0 = off.", **kept("decode_top_k")
+        )
+    out["seed"] = c[-1].number_input(
+        "Seed", 0, 2**31 - 1, 0, help="Same seed and settings give the same trajectory.", **kept("decode_seed")
+    )
+    if "text_only" in shown:
+        out["text_only"] = st.checkbox(
+            "Text tokens only",
+            help="MMaDA picks over its whole vocabulary, image-codebook rows included, as its own code does; "
+            "this restricts the pick to the text rows.",
+            **kept("decode_text_only"),
+        )
+    if controls.note and not handle.causal:
+        st.caption(controls.note)
+    return out

@@ -4,6 +4,7 @@ import time
 
 import streamlit as st
 
+import app_common
 import app_shared
 from app_common import (
     active_model,
@@ -19,7 +20,7 @@ from app_common import (
 )
 from sap_core import animation, viz
 from sap_core.attention import AttentionRecorder
-from sap_core.decoding import REMASKING, DecodeSpec
+from sap_core.decoding import DecodeSpec, decoding_words
 from sap_core.diffusion import attention_map
 from sap_core.text import shown_prompt
 
@@ -30,6 +31,7 @@ app_shared.open_linked_run(handle, animation.readable_tokens)  # /explorer?run=I
 # The model's context bounds every length input: the prompt and the generated tokens must fit in it together
 # (the same bound and sentence as Compare's).
 limit = longest_generation(handle)
+sampler = app_common.sampler_choice(handle)  # a Dream model's sampler, outside the form: its options follow at once
 with st.form("decode", enter_to_submit=False):  # Enter in a box never starts a generation: only the button does
     prompt = st.text_area(
         "Prompt", "ROMEO.\n", help="Text the model continues. It is never changed during decoding.", **kept("decode_prompt")
@@ -43,59 +45,7 @@ with st.form("decode", enter_to_submit=False):  # Enter in a box never starts a 
         help=f"Tokens to generate (masked at the start); {length_help(handle)}.",
         **kept("decode_gen_length"),
     )
-    steps = c[1].number_input(
-        "Steps",
-        1,
-        limit,
-        min(64, limit),
-        help="Denoising steps in all; must divide evenly over the blocks and be at most the generation length. "
-        "A causal model uses one step per token.",
-        disabled=handle.causal,
-        **kept("decode_steps"),
-    )
-    if handle.causal:  # block length, remasking and guidance only exist for a masked-diffusion model
-        block_length, remasking, cfg_scale = None, REMASKING[0], 0.0
-        c[2].caption(
-            "Causal model: one token per step, left to right; block length, remasking and "
-            "guidance apply to masked-diffusion models only."
-        )
-    else:
-        block_length = c[2].number_input(
-            "Block length",
-            1,
-            limit,
-            min(16, limit),
-            help="Semi-autoregressive blocks, filled left to right; must divide the generation length.",
-            **kept("decode_block_length"),
-        )
-        remasking = c[3].selectbox(
-            "Remasking",
-            REMASKING,
-            help="Which masked positions are unmasked first: most confident, random, or lowest entropy.",
-            **kept("decode_remasking"),
-        )
-    c = st.columns(3)
-    temperature = c[0].slider(
-        "Temperature",
-        0.0,
-        2.0,
-        0.8,
-        0.05,
-        help="0 = greedy; Gumbel-max sampling in float64 otherwise.",
-        **kept("decode_temperature"),
-    )
-    if not handle.causal:
-        cfg_scale = c[1].number_input(
-            "CFG scale",
-            0.0,
-            20.0,
-            0.0,
-            help="Classifier-free guidance; the unconditional pass masks the prompt. 0 = off.",
-            **kept("decode_cfg_scale"),
-        )
-    seed = c[2].number_input(
-        "Seed", 0, 2**31 - 1, 0, help="Same seed and settings give the same trajectory.", **kept("decode_seed")
-    )
+    decode = app_common.decoding_options(handle, sampler, int(gen_length), c[1:], limit)  # the family's options
     submitted = st.form_submit_button("Generate", type="primary", icon=":material/play_arrow:")
     st.caption(
         f"Generation length, steps and block length are {length_help(handle)}; a larger typed value is refused in its box."
@@ -104,11 +54,7 @@ with st.form("decode", enter_to_submit=False):  # Enter in a box never starts a 
 
 def run_settings(spec: DecodeSpec) -> str:
     """The decoding settings of a run, for people: length, steps, blocks, sampling."""
-    decoding = (
-        "causal, one token per step"
-        if handle.causal
-        else (f"{spec.steps} steps, block {spec.block_length}, {spec.remasking}, CFG {spec.cfg_scale:g}")
-    )
+    decoding = decoding_words(spec, handle.causal)
     return f"{spec.gen_length} tokens · {decoding} · temperature {spec.temperature:g} · seed {spec.seed}"
 
 
@@ -119,20 +65,11 @@ def run_label(spec: DecodeSpec, text: str) -> str:
 
 failed = False
 if submitted:
-    length = int(gen_length)
     st.query_params.pop("step", None)  # a new run opens at its step 0
     bar = st.progress(0.0, text="Generating…")
     failed = True
     with job("Generation"):  # an impossible spec shows its one-line error (DecodeSpec checks, then generate's)
-        spec = DecodeSpec(
-            length,
-            length if handle.causal else int(steps),
-            length if handle.causal else int(block_length),
-            remasking,
-            float(temperature),
-            float(cfg_scale),
-            int(seed),
-        )
+        spec = DecodeSpec(**decode)
         t0 = time.perf_counter()
         traj = queued_generation(
             handle, prompt, spec, AttentionRecorder(), bar, unit="steps"

@@ -8,6 +8,7 @@ import app_shared
 from app_common import active_model, current_trajectory, report_for, sink_spec
 from sap_core import viz
 from sap_core.animation import readable_tokens
+from sap_core.decoding import decoding_words
 from sap_core.detectors import DETECTORS
 from sap_core.errors import SapError
 from sap_core.sink_report import detector_agreement
@@ -25,7 +26,7 @@ if traj is None:
 d = traj.spec
 st.info(
     f"Re-scoring the stored generation of the prompt **{shown_prompt(traj.prompt)}**: {d.gen_length} tokens in {d.steps} steps "
-    f"(blocks of {d.block_length}, {d.remasking}, temperature {d.temperature:g}, seed {d.seed}). "
+    f"({decoding_words(d, handle.causal)}, temperature {d.temperature:g}, seed {d.seed}). "
     "Moving the sliders never runs the model; generate again on the Denoising explorer to study another run.",
     icon=":material/history:",
 )

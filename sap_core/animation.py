@@ -388,11 +388,19 @@ def slug(text: str, limit: int = 24) -> str:
 
 def run_settings(spec, causal: bool = False) -> str:
     """A decoding spec (:class:`~sap_core.decoding.DecodeSpec`) in a few characters, for file names:
-    ``64tok-64steps-b16-low_confidence-t0.8-cfg0-seed0`` (a causal model: ``64tok-causal-t0.8-seed0``)."""
+    ``64tok-64steps-b16-low_confidence-t0.8-cfg0-seed0`` (a causal model: ``64tok-causal-t0.8-seed0``); Dream's
+    sampler names its own settings, ``64tok-64steps-dream-entropy-at0-eps0.001-p1-k0-t0.8-seed0``, and MMaDA's
+    adds ``-mmada`` (``-mmada-text`` with text tokens only) to LLaDA's."""
     if causal:
         return f"{spec.gen_length}tok-causal-t{spec.temperature:g}-seed{spec.seed}"
+    if spec.sampler == "dream":
+        return (
+            f"{spec.gen_length}tok-{spec.steps}steps-dream-{spec.alg}-at{spec.alg_temp:g}-eps{spec.eps:g}"
+            f"-p{spec.top_p:g}-k{spec.top_k}-t{spec.temperature:g}-seed{spec.seed}"
+        )
+    mmada = ("-mmada-text" if spec.text_only else "-mmada") if spec.sampler == "mmada" else ""
     return (
-        f"{spec.gen_length}tok-{spec.steps}steps-b{spec.block_length}-{spec.remasking}-t{spec.temperature:g}"
+        f"{spec.gen_length}tok-{spec.steps}steps-b{spec.block_length}-{spec.remasking}{mmada}-t{spec.temperature:g}"
         f"-cfg{spec.cfg_scale:g}-seed{spec.seed}"
     )
 

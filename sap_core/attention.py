@@ -23,13 +23,17 @@ class AttentionRecorder:
 
     The sampler calls :meth:`start_pass` before a forward and :meth:`end_pass` after it. The model's
     attention layers call :meth:`add`. ``full_map=(layer, head)`` additionally keeps that head's full
-    query×key map of the last pass in :attr:`last_map` (``[B, T, S]``, float32).
+    query×key map of the last pass in :attr:`last_map` (``[B, T, S]``, float32). ``key_mask`` (``bool [B, S]``,
+    None: every key): the keys the recorded passes may attend to; the others get no attention (their scores
+    set to the float32 minimum, as an additive padding mask does), so they receive no mass.
     """
 
-    def __init__(self, chunk_size: int = 128, full_map: tuple[int, int] | None = None):
+    def __init__(self, chunk_size: int = 128, full_map: tuple[int, int] | None = None, key_mask: torch.Tensor | None = None):
         assert chunk_size >= 1, chunk_size
+        assert key_mask is None or (key_mask.dtype == torch.bool and key_mask.dim() == 2), "key_mask: bool [B, S]"
         self.chunk_size = chunk_size
         self.full_map = full_map
+        self.key_mask = key_mask
         self.passes: list[torch.Tensor] = []
         self.last_map: torch.Tensor | None = None
         self._layers: dict[int, torch.Tensor] = {}
@@ -85,12 +89,16 @@ def attention_with_mass(
     want = recorder.map_head(layer)
     full = torch.empty(B, T, S, dtype=torch.float32, device=q.device) if want is not None else None
     keys = torch.arange(S, device=q.device)
+    # keys outside the recorder's key mask: [B, 1, 1, 1, S] against the scores' [B, Hkv, g, c, S]
+    hidden = None if recorder.key_mask is None else ~recorder.key_mask.to(q.device)[:, None, None, None, :]
     for start in range(0, T, recorder.chunk_size):
         stop = min(start + recorder.chunk_size, T)
         scores = torch.matmul(qg[:, :, :, start:stop].float(), kt) * scale  # [B, Hkv, g, c, S]
         if causal:
             query_pos = torch.arange(start, stop, device=q.device) + (S - T)
             scores = scores.masked_fill(keys[None, :] > query_pos[:, None], float("-inf"))
+        if hidden is not None:
+            scores = scores.masked_fill(hidden, torch.finfo(torch.float32).min)
         probs = torch.softmax(scores, dim=-1)
         mass += probs.sum(dim=-2)
         out[:, :, :, start:stop] = torch.matmul(probs.to(v.dtype), vg)

@@ -26,10 +26,74 @@ from sap_core.memory import free_memory
 from sap_core.models import ModelHandle
 
 REMASKING = ("low_confidence", "random", "entropy")
+MMADA_REMASKING = ("low_confidence", "random")  # MMaDA's sampler has no entropy order
 SAMPLERS = ("llada", "dream", "mmada")
 DREAM_ALGS = ("origin", "maskgit_plus", "topk_margin", "entropy")
 # model family (``ModelHandle.family``) -> the sampler its authors decode with; every other family: "llada"
 DEFAULT_SAMPLER = {"Dream": "dream", "mmada": "mmada"}
+
+
+@dataclass(frozen=True)
+class DecodingControls:
+    """The decoding settings a model's controls offer (the app draws them; this decides which):
+
+    * ``sampler``: the sampler that runs (``"causal"`` for a causal model); ``samplers``: those a user may
+      choose between for this family (empty: no choice; a Dream model: Dream's own first, then LLaDA's).
+    * ``fields``: the :class:`DecodeSpec` fields shown besides ``gen_length``, in order; every other field
+      keeps its default. ``remasking``: the remasking orders offered when ``"remasking"`` is shown.
+    * ``note``: one line about the sampler for the reader ("" when there is nothing to say).
+    """
+
+    sampler: str
+    samplers: tuple[str, ...]
+    fields: tuple[str, ...]
+    remasking: tuple[str, ...]
+    note: str
+
+
+LLADA_FIELDS = ("steps", "block_length", "remasking", "temperature", "cfg_scale", "seed")
+DREAM_FIELDS = ("steps", "temperature", "alg", "alg_temp", "eps", "top_p", "top_k", "seed")
+
+
+def decoding_controls(family: str | None, causal: bool, sampler: str | None = None) -> DecodingControls:
+    """What the decoding controls of a model of ``family`` offer with ``sampler`` chosen (None: the family's own,
+    :data:`DEFAULT_SAMPLER`): Dream's options for Dream's sampler, LLaDA's (said not to be Dream's own) for the
+    LLaDA sampler on a Dream model, LLaDA's plus ``text_only`` for MMaDA, LLaDA's for every other DLM, and
+    temperature and seed for a causal model. :class:`DecodeSpecError` for a sampler the family does not offer."""
+    if causal:
+        note = "Causal model: one token per step, left to right; steps, blocks, remasking and guidance do not apply."
+        return DecodingControls("causal", (), ("temperature", "seed"), (), note)
+    own = DEFAULT_SAMPLER.get(family, "llada")
+    samplers = ("dream", "llada") if own == "dream" else ()
+    chosen = sampler or own
+    if chosen not in (samplers or (own,)):
+        offered = ", ".join(samplers or (own,))
+        raise DecodeSpecError(f"A {family} model decodes with {offered}, not sampler '{chosen}'.")
+    if chosen == "dream":
+        note = "Dream's own diffusion_generate: steps may exceed or not divide the length; no blocks or guidance."
+        return DecodingControls("dream", samplers, DREAM_FIELDS, (), note)
+    if chosen == "mmada":
+        note = "MMaDA's own text sampler: it picks over the whole vocabulary (image tokens too) unless text only."
+        return DecodingControls("mmada", samplers, (*LLADA_FIELDS, "text_only"), MMADA_REMASKING, note)
+    note = "LLaDA's sampler (blocks, an even split per step): not Dream's own decoding." if samplers else ""
+    return DecodingControls("llada", samplers, LLADA_FIELDS, REMASKING, note)
+
+
+def decoding_words(spec: DecodeSpec, causal: bool = False) -> str:
+    """The decoding part of a run's settings, for people: ``64 steps, block 16, low_confidence, CFG 0`` (the
+    LLaDA sampler), ``64 steps, Dream's sampler, alg entropy (alg_temp 0), eps 0.001, top_p 1, top_k 0``,
+    ``…, MMaDA's sampler, text tokens only``; a causal model: ``causal, one token per step``."""
+    if causal:
+        return "causal, one token per step"
+    if spec.sampler == "dream":
+        return (
+            f"{spec.steps} steps, Dream's sampler, alg {spec.alg} (alg_temp {spec.alg_temp:g}), eps {spec.eps:g}, "
+            f"top_p {spec.top_p:g}, top_k {spec.top_k}"
+        )
+    words = f"{spec.steps} steps, block {spec.block_length}, {spec.remasking}, CFG {spec.cfg_scale:g}"
+    if spec.sampler == "mmada":
+        words += ", MMaDA's sampler" + (", text tokens only" if spec.text_only else "")
+    return words
 
 
 @dataclass(frozen=True)

@@ -29,11 +29,9 @@ import time
 import numpy as np
 import torch
 
-from sap_core.decoding import DecodeSpec, Trajectory, gumbel_argmax, take_pass, transfer_schedule
+from sap_core.decoding import MMADA_REMASKING, DecodeSpec, Trajectory, gumbel_argmax, take_pass, transfer_schedule
 from sap_core.errors import DecodeSpecError
 from sap_core.progress import report
-
-MMADA_REMASKING = ("low_confidence", "random")
 
 
 def check_mmada_spec(handle, spec: DecodeSpec) -> None:

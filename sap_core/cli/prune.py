@@ -51,7 +51,8 @@ def add_parser(sub) -> None:
         choices=["official"],
         default=None,
         help="official: the reference code's settings (128 calibration windows of the model's whole context, "
-        "official sink rule, SparseGPT's reference mask selection); not combinable with --calib-*/--sink-*",
+        "4096 tokens for Dream; the family's forward process; official sink rule, SparseGPT's reference mask "
+        "selection); not combinable with --calib-*/--sink-*",
     )
     p.add_argument(
         "--save",
@@ -89,7 +90,7 @@ def cmd_prune(args) -> int:
                 f"--preset official fixes the calibration and sink settings; drop "
                 f"{', '.join('--' + k.replace('_', '-') for k in given)}."
             )
-        spec = PruneSpec.official(args.method, args.sparsity, args.pattern, seqlen=handle.max_length)
+        spec = PruneSpec.official(args.method, args.sparsity, args.pattern, seqlen=handle.max_length, family=handle.family)
         spec = dataclasses.replace(spec, heads=args.heads, bias_compensation=args.bias_compensation)
         if args.sparsegpt_selection is not None:
             spec = dataclasses.replace(spec, sparsegpt_selection=args.sparsegpt_selection)

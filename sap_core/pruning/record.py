@@ -1,7 +1,7 @@
 """The calibration stage: the noised recorded passes, once, and the record they leave.
 
 :func:`record_calibration` draws the calibration windows (:func:`~sap_core.pruning.calibration.calibration_ids`),
-noises them (:func:`~sap_core.pruning.calibration.noised_ids`) and runs every sample's timesteps through
+noises them with the family's forward process (:func:`~sap_core.pruning.calibration.noised_ids`) and runs every sample's timesteps through
 the dense model's blocks with an :class:`~sap_core.attention.AttentionRecorder`
 (:func:`~sap_core.pruning.taps.recorded_passes`). Each chunk of timesteps is reduced over the selected
 layers and heads, scored (:func:`sap_core.sinks.score_steps`) as soon as its pass ends, and each sample's
@@ -34,7 +34,7 @@ import torch
 
 from sap_core import sinks
 from sap_core.errors import SapError
-from sap_core.pruning.calibration import calibration_ids, noised_ids
+from sap_core.pruning.calibration import attended_keys, calibration_ids, noised_ids, pad_token_id
 from sap_core.pruning.spec import CalibrationSpec, PruneSpec
 from sap_core.pruning.taps import Tick, make_taps, recorded_passes
 from sap_core.sinks import SinkSpec
@@ -50,7 +50,8 @@ def scoring_spec(sink: SinkSpec) -> SinkSpec:
 class SinkRecord:
     """What the noised recorded passes over ``N`` windows of ``L`` tokens at ``S`` timesteps give.
 
-    * ``sink``: the scoring settings (:func:`scoring_spec`); ``calibration``: the windows' spec; ``causal``:
+    * ``sink``: the scoring settings (:func:`scoring_spec`); ``calibration``: the windows' spec (its
+      ``noising`` set: :meth:`~sap_core.pruning.spec.CalibrationSpec.for_family`); ``causal``:
       the model's attention (the sink rule's baseline depends on it).
     * ``ids``: ``int64 [N, L]`` clean windows; ``noised``: ``int64 [N, S, L]`` model inputs.
     * ``mass``: ``float32 [N, S, L]`` mass each position receives, summed over the selected layers,
@@ -322,9 +323,13 @@ def record_calibration(
     captured layer inputs; without it no inputs are kept. ``per_layer`` keeps each selected layer's own sinks
     (``layer_occurrences``, ``layer_sink_mass``), reduced at each sample's last chunk.
     ``tick(units, message)`` is called per chunk and may raise :class:`~sap_core.errors.Cancelled`.
+    The forward process is the official one of the model's family unless ``calibration.noising`` names
+    one; Dream's also masks the windows' pad tokens out of attention as keys (:func:`~sap_core.pruning.calibration.attended_keys`).
     """
+    calibration = calibration.for_family(handle.family)
     clean, generator = calibration_ids(token_ids, calibration)
     noised = noised_ids(clean, calibration, handle.mask_id, generator)
+    keys = attended_keys(clean, pad_token_id(handle)) if calibration.noising == "dream" else None
     N, S, L = noised.shape
     layers, heads = sink.resolve(len(handle.module.blocks), handle.n_heads)
     taps = make_taps(handle) if taps is None else taps
@@ -347,7 +352,7 @@ def record_calibration(
     )
     layer_mass = np.zeros((len(layers), S, L), np.float32) if per_layer else None  # one sample's, per layer
     passes = 0
-    for n, c0, c1, attention, inputs in recorded_passes(handle, noised, calibration.batch_size, taps, on_pass is not None):
+    for n, c0, c1, attention, inputs in recorded_passes(handle, noised, calibration.batch_size, taps, on_pass is not None, keys):
         passes += 1
         m = record.mass[n, c0:c1] = _selected(attention, layers, heads)
         record.scores[n, c0:c1], record.flags[n, c0:c1] = _scored(attention, m, sink, layers, heads, handle.causal)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from sap_core import ASSETS
 from sap_core.errors import PruneSpecError, SapError
@@ -19,6 +19,16 @@ from sap_core.pruning.statistics import FLUCTUATION, HESSIAN, MAGNITUDE, WANDA, 
 from sap_core.sinks import SinkSpec
 
 DEFAULT_CALIBRATION = ASSETS / "text" / "calibration.txt"
+# The forward processes a calibration can noise with, named after the official code that uses each
+# (VILA-Lab/Sink-Aware-Pruning ``lib/prune_llada.py`` and ``lib/prune_dream.py``).
+NOISINGS = ("llada", "dream")
+OFFICIAL_DREAM_SEQLEN = 4096  # main_dream.py: model.seqlen = 4096, whatever the model's context
+
+
+def family_noising(family: str | None) -> str:
+    """The forward process a model family's official pruning code calibrates with (``ModelHandle.family``):
+    ``"dream"`` for Dream, ``"llada"`` for every other family."""
+    return "dream" if family == "Dream" else "llada"
 
 
 @dataclass(frozen=True)
@@ -284,15 +294,25 @@ class CalibrationSpec:
     """Calibration data and forward noising.
 
     ``text``: the calibration text itself; None reads ``sap_core/assets/text/calibration.txt``. ``nsamples``
-    windows of ``seqlen`` tokens are drawn at random offsets (seeded by ``seed``). The noised
-    methods corrupt every window at the sampled timesteps ``interval, 2·interval, …, T``: each token
-    becomes [MASK] with probability ``(1 − eps)·t/T + eps`` (the official code's forward process).
-    ``batch_size`` is how many sequences one forward pass carries; it changes speed and peak
-    memory, not the statistics.
+    windows of ``seqlen`` tokens are drawn at random offsets (seeded by ``seed``). The noised methods
+    corrupt every window once per sampled step ``interval, 2·interval, …, T`` with the forward process
+    ``noising`` names, the official one of the model's family (None, the default: the family's,
+    :func:`family_noising`):
+
+    * ``"llada"`` (``lib/prune_llada.py``): at step ``t`` each token becomes [MASK] with probability
+      ``(1 − eps)·t/T + eps``.
+    * ``"dream"`` (``lib/prune_dream.py``): each step is a fresh draw of ``t ~ U(0, 1)`` per window,
+      stratified over ``t_strata`` windows at a time (``t_i = (u0 + i/b) mod 1``, the official batch; 1 there
+      by default), each token masked with probability ``(1 − eps)·t + eps``, the first and last positions
+      never; the windows' pad tokens (``<|endoftext|>`` for Dream) are masked out of attention as keys in
+      the noised passes. The step numbers only count the draws, as in the official code.
+
+    ``batch_size`` is how many sequences one forward pass carries; it changes speed and peak memory, not
+    the statistics.
 
     The defaults (16 windows of 128 tokens) are sized for the built-in models on a CPU. The official
-    code calibrates on **128** windows of the model's full context (``max_sequence_length``):
-    :meth:`official` gives those settings, and :meth:`PruneSpec.official` the whole official run.
+    code calibrates on **128** windows of the model's full context (``max_sequence_length``; 4096 tokens
+    for Dream): :meth:`official` gives those settings, and :meth:`PruneSpec.official` the whole official run.
     """
 
     text: str | None = None
@@ -303,12 +323,22 @@ class CalibrationSpec:
     interval: int = 5
     eps: float = 1e-3
     batch_size: int = 10
+    noising: str | None = None
+    t_strata: int = 1
 
     @classmethod
-    def official(cls, seqlen: int, text: str | None = None) -> CalibrationSpec:
-        """The official code's calibration: 128 windows of ``seqlen`` tokens (there, the model's
-        ``max_sequence_length``), seed 0, T = 50 diffusion steps sampled every 5, eps = 1e-3."""
-        return cls(text=text, nsamples=128, seqlen=seqlen, seed=0, T=50, interval=5, eps=1e-3)
+    def official(cls, seqlen: int, text: str | None = None, family: str | None = None) -> CalibrationSpec:
+        """The official code's calibration for a model of ``family``: 128 windows, seed 0, T = 50 diffusion
+        steps sampled every 5, eps = 1e-3, the family's forward process (:func:`family_noising`). The windows
+        are ``seqlen`` tokens (the model's ``max_sequence_length``, as ``main_llada.py``) except for Dream,
+        whose ``main_dream.py`` fixes :data:`OFFICIAL_DREAM_SEQLEN` (and a batch of 1 window: ``t_strata=1``)."""
+        noising = family_noising(family)
+        seqlen = OFFICIAL_DREAM_SEQLEN if noising == "dream" else seqlen
+        return cls(text=text, nsamples=128, seqlen=seqlen, seed=0, T=50, interval=5, eps=1e-3, noising=noising, t_strata=1)
+
+    def for_family(self, family: str | None) -> CalibrationSpec:
+        """This spec with :attr:`noising` set: its own, else the official one of ``family``."""
+        return self if self.noising is not None else replace(self, noising=family_noising(family))
 
     @property
     def timesteps(self) -> list[int]:
@@ -337,6 +367,7 @@ class CalibrationSpec:
             raise PruneSpecError(f"eps must be a finite number in [0, 1) (got {self.eps!r}).")
         if not isinstance(self.batch_size, int) or self.batch_size < 1:
             raise PruneSpecError(f"batch_size must be an integer >= 1 (got {self.batch_size}).")
+        self._validate_noising()
         if self.text is not None and not isinstance(self.text, str):
             raise PruneSpecError(
                 f"The calibration text must be text (str), not {type(self.text).__name__}; decode it first "
@@ -347,6 +378,14 @@ class CalibrationSpec:
                 "The calibration text is empty; paste some text or leave it unset to use "
                 f"{DEFAULT_CALIBRATION.relative_to(ASSETS.parent)}."
             )
+
+    def _validate_noising(self) -> None:
+        if self.noising is not None and self.noising not in NOISINGS:
+            raise PruneSpecError(
+                f"noising must be one of {', '.join(NOISINGS)} (got {self.noising!r}); leave it unset for the model family's own."
+            )
+        if isinstance(self.t_strata, bool) or not isinstance(self.t_strata, int) or self.t_strata < 1:
+            raise PruneSpecError(f"t_strata must be an integer >= 1 (got {self.t_strata!r}): windows per stratified draw of t.")
 
     def load_text(self) -> str:
         """The calibration text; :class:`PruneSpecError` with what to do when there is none."""
@@ -396,16 +435,19 @@ class PruneSpec:
     bias_compensation: bool = False
 
     @classmethod
-    def official(cls, method: str, sparsity: float, pattern: str = "unstructured", *, seqlen: int) -> PruneSpec:
-        """The official code's settings as one preset: :meth:`CalibrationSpec.official` (128 windows of
-        ``seqlen`` tokens, the model's context there), the official sink rule (``SinkSpec()``: k = 2,
-        alpha = 5, no variance gate) and SparseGPT's reference mask selection."""
+    def official(
+        cls, method: str, sparsity: float, pattern: str = "unstructured", *, seqlen: int, family: str | None = None
+    ) -> PruneSpec:
+        """The official code's settings for a model of ``family`` as one preset: :meth:`CalibrationSpec.official`
+        (128 windows of ``seqlen`` tokens, the model's context, or Dream's 4096; the family's forward process),
+        the official sink rule (``SinkSpec()``: k = 2, alpha = 5, no variance gate) and SparseGPT's reference
+        mask selection."""
         return cls(
             method,
             sparsity,
             pattern,
             sink=SinkSpec(),
-            calibration=CalibrationSpec.official(seqlen),
+            calibration=CalibrationSpec.official(seqlen, family=family),
             sparsegpt_selection="official",
         )
 

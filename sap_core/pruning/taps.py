@@ -102,17 +102,19 @@ def chunks(S: int, batch_size: int) -> list[tuple[int, int]]:
     return [(c, min(c + batch_size, S)) for c in range(0, S, batch_size)]
 
 
-def recorded_passes(handle, noised: torch.Tensor, batch_size: int, taps: list[BlockTap], capture: bool):
+def recorded_passes(
+    handle, noised: torch.Tensor, batch_size: int, taps: list[BlockTap], capture: bool, keys: torch.Tensor | None = None
+):
     """The one recorded-pass loop: for each sample ``n`` of ``noised`` ``int64 [N, S, L]`` and each
     chunk ``[c0, c1)`` of up to ``batch_size`` timesteps, one forward through every block's tap with an
-    :class:`AttentionRecorder`. Yields ``(n, c0, c1, attention, inputs)``: ``attention`` the recorder's
+    :class:`AttentionRecorder` (attending to sample ``n``'s ``keys``, ``bool [N, L]``, when given). Yields ``(n, c0, c1, attention, inputs)``: ``attention`` the recorder's
     ``float32 [c1 − c0, layers, heads, L]`` mass per layer and head, ``inputs`` each block's
     :meth:`BlockTap.take_inputs` when ``capture`` (else None). :func:`sap_core.pruning.record.record_calibration`
     is its one caller."""
     N, S, _ = noised.shape
     for n in range(N):
         for c0, c1 in chunks(S, batch_size):
-            recorder = AttentionRecorder()
+            recorder = AttentionRecorder(key_mask=None if keys is None else keys[n].expand(c1 - c0, -1))
             recorder.start_pass()
             h = embed(handle, noised[n, c0:c1])
             inputs = [] if capture else None
