@@ -112,7 +112,7 @@ def run_label(spec: DecodeSpec, text: str) -> str:
 failed = False
 if submitted:
     length = int(gen_length)
-    st.query_params.pop("step", None)  # a new run opens at its step 0
+    st.session_state["step"] = 0  # a new run opens at its step 0
     bar = st.progress(0.0, text="Generating…")
     failed = True
     with job("Generation"):  # an impossible spec shows its one-line error (DecodeSpec checks, then generate's)
@@ -152,7 +152,17 @@ if failed:
     st.warning(f"Below is the **previous run**, not the settings above: {label}", icon=":material/history:")
 else:
     st.success(f"{traj.n_steps} steps in {st.session_state.get('trajectory_seconds', 0):.1f} s · {label}")
-app_shared.run_link(animation.view_step(st.query_params.get("step"), traj.n_steps))
+# The step the person is on is the browser's: the view commits it into the hidden box "step" (kept across pages)
+# without a rerun, so every rerun (a widget, Back, the sidebar) reads the newest step; the URL's ?step= (which the
+# view keeps current, and which Streamlit may send stale after Back) is read only by a new session (a reload, a
+# link) or a linked run just opened.
+if "step" not in st.session_state or st.session_state.pop("run_opened", False):
+    st.session_state["step"] = animation.view_step(st.query_params.get("step"), traj.n_steps)
+elif st.session_state["step"] >= traj.n_steps:  # a step of an earlier, longer run
+    st.session_state["step"] = 0
+view_step = st.number_input("Step of the view", 0, traj.n_steps - 1, key="step", on_change="ignore", persist_state="session")
+st.html("<style>.st-key-step { display: none; }</style>")  # hidden: written by the view, read here
+app_shared.run_link(view_step)
 output = traj.prompt + handle.decode(traj.generated_ids)
 st.caption("Output (prompt and generated text)")
 st.code(output, language=None, wrap_lines=True)
@@ -188,18 +198,18 @@ trail_layer = c[1].selectbox(
 anim_spec = animation.AnimationSpec(color_range=color_range, layer=trail_layer)
 views = st.session_state.setdefault("explorer_views", {})
 view_key = (id(traj), spec, anim_spec)
-view_step = animation.view_step(st.query_params.get("step"), traj.n_steps)  # the step the view shows (it writes ?step=)
 if view_key not in views:
     # one view per session: the latest trajectory and settings; rebuilt for new settings at the step it showed
-    same_run = any(key[0] == id(traj) for key in views)
     views.clear()
     views[view_key] = animation.explorer_html(
         report,
         tokens,
         anim_spec,
-        start_step=view_step if same_run or st.session_state.pop("run_opened", False) else 0,
+        start_step=view_step,
         follow_box=".st-key-map_step input",
         head_mass=traj.mass,
+        step_box=".st-key-step input",
+        step_key=f"{st.session_state.get('sid')}.{id(traj)}",  # this run in this session: a reload or a link is another
     )
 st.iframe(views[view_key], height=animation.FRAME_HEIGHT)
 
@@ -279,7 +289,7 @@ c = st.columns([2, 1, 1, 1, 1])
 
 
 def _view_step_to_box() -> None:
-    st.session_state["map_step"] = animation.view_step(st.query_params.get("step"), traj.n_steps)
+    st.session_state["map_step"] = st.session_state.get("step", 0)
 
 
 follow = c[0].toggle(

@@ -140,8 +140,8 @@ def tokens_at_step(report, tokens: Sequence[str] | None, step: int, masked: str 
 
 
 def view_step(value: str | None, n_steps: int) -> int:
-    """The step the browser view shows, from the ``step`` query parameter it writes into the app's URL
-    (0 when absent or not a step of this run)."""
+    """The step of a ``?step=`` query parameter (a run's link; the URL the view keeps current for a reload),
+    0 when absent or not a step of this run."""
     try:
         step = int(value)
     except (TypeError, ValueError):
@@ -250,6 +250,8 @@ def explorer_data(
     about: Sequence[tuple[str, str]] | None = None,
     head_mass: np.ndarray | None = None,
     max_head_values: int = MAX_HEAD_VALUES,
+    step_box: str | None = None,
+    step_key: str | None = None,
 ) -> dict:
     """Everything the browser view needs, once, in a compact JSON-able dict.
 
@@ -260,7 +262,10 @@ def explorer_data(
     ``max_values`` mass values, then every ``stride``-th); every per-step entry follows them.
     ``start_step``: the step shown first (the carried step at or before it). ``follow_box``: a CSS
     selector of an input in the embedding page that shows the view's step as it moves (the app's
-    greyed "Step" box of the full attention map). ``about``: (name, text) rows that describe the run
+    greyed "Step" box of the full attention map). ``step_box``: a CSS selector of the embedding page's input
+    that holds the view's step for the server (the app's hidden box bound to ``?step=``): the view commits
+    each step into it without a rerun. ``step_key``: the run's key in the tab's session storage, where the view
+    keeps its step and whence it reopens at it (over ``start_step``) when the page is reached again. ``about``: (name, text) rows that describe the run
     (model, prompt, settings), written above the view with page margins: the page then stands alone
     (the HTML export). ``head_mass``: the trajectory's record ``[S, layers, heads, L]``; with it the page
     carries every analysed head's mass (one byte each, :func:`head_step_mass`) at :func:`head_view_steps`
@@ -325,6 +330,8 @@ def explorer_data(
         "agg_sinks": [np.flatnonzero(report.is_sink[s]).tolist() for s in keep],
         "start": int(max(0, min(int(start_step), report.n_steps - 1))),
         "follow_box": follow_box,
+        "step_box": step_box,
+        "step_key": step_key,
         "about": [[str(k), str(v)] for k, v in about] if about else None,
         "heads": heads,
     }
@@ -340,15 +347,19 @@ def explorer_html(
     follow_box: str | None = None,
     about: Sequence[tuple[str, str]] | None = None,
     head_mass: np.ndarray | None = None,
+    step_box: str | None = None,
+    step_key: str | None = None,
 ) -> str:
     """The run as one self-contained HTML page (no network, no library): the token strip, the layer ×
     position mass at the step with each layer's sinks, and the step × position mass of all steps with
     the dominant sink of each and a line at the current step, on one shared position axis; its own
     slider and play/pause move through the steps in the browser. The app shows this page as a
-    component (``start_step``, ``follow_box``, ``about``, ``head_mass``: see :func:`explorer_data`);
+    component (``start_step``, ``follow_box``, ``about``, ``head_mass``, ``step_box``, ``step_key``: see :func:`explorer_data`);
     :func:`write_animation` saves it."""
     data = json.dumps(
-        explorer_data(report, tokens, spec, max_values, start_step, follow_box, about, head_mass),
+        explorer_data(
+            report, tokens, spec, max_values, start_step, follow_box, about, head_mass, step_box=step_box, step_key=step_key
+        ),
         separators=(",", ":"),
         ensure_ascii=False,
     ).replace("</", "<\\/")
