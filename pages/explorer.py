@@ -10,6 +10,7 @@ from sap_core import animation, viz
 from sap_core.attention import AttentionRecorder
 from sap_core.decoding import REMASKING, DecodeSpec
 from sap_core.diffusion import attention_map, generate
+from sap_core.sink_report import decoding_words, provenance
 
 st.header("Denoising explorer")
 handle = active_model()
@@ -93,20 +94,10 @@ with st.form("decode"):
     st.caption(f"Generation length, steps and block length are {why}; a larger typed value is refused in its box.")
 
 
-def run_settings(spec: DecodeSpec) -> str:
-    """The decoding settings of a run, for people: length, steps, blocks, sampling."""
-    decoding = (
-        "causal, one token per step"
-        if handle.causal
-        else (f"{spec.steps} steps, block {spec.block_length}, {spec.remasking}, CFG {spec.cfg_scale:g}")
-    )
-    return f"{spec.gen_length} tokens · {decoding} · temperature {spec.temperature:g} · seed {spec.seed}"
-
-
 def run_label(spec: DecodeSpec, text: str) -> str:
     """What a run was: the label stored with its result (trajectory_label), as every stored result has one."""
     shown = text if len(text) <= 60 else text[:57] + "…"
-    return f"prompt “{shown.replace(chr(10), '⏎')}” · {run_settings(spec)}"
+    return f"prompt “{shown.replace(chr(10), '⏎')}” · {decoding_words(spec, handle.causal)}"
 
 
 failed = False
@@ -213,24 +204,10 @@ if view_key not in views:
     )
 st.iframe(views[view_key], height=animation.FRAME_HEIGHT)
 
-# The exports stand alone: the HTML names the run (model, prompt, settings); every file name carries them.
-about = [
-    ("Model", f"{handle.name} · {handle.family}{' (causal)' if handle.causal else ''} · {handle.n_params / 1e6:.1f}M parameters"),
-    ("Prompt", traj.prompt),
-    ("Decoding", run_settings(traj.spec)),
-    (
-        "Sinks",
-        (
-            f"official rule, k = {spec.k:g}, alpha = {spec.alpha:g}"
-            if spec.rule == "official"
-            else f"leave_one_out, ε = {spec.epsilon:g}"
-        )
-        + f", tau = {spec.tau:g}, {spec.normalize} mass, layers {'all' if spec.layers is None else list(spec.layers)}, "
-        f"heads {'all' if spec.heads is None else list(spec.heads)}",
-    ),
-    ("Colour", animation.COLOR_RANGE_NAMES[anim_spec.color_range]),
-    ("Output", output),
-]
+# The exports stand alone: the HTML names the run (model, prompt, settings) and the view shown; the GIF carries
+# the run in its caption; every file name carries them.
+run = provenance(handle, traj, spec)
+about = animation.about_rows(run, anim_spec, view_step, output)
 settings = animation.run_settings(traj.spec, handle.causal)
 
 
@@ -241,7 +218,7 @@ def file_name(kind: str, ext: str) -> str:
 c = st.columns(4)
 c[0].download_button(
     "Animated GIF",
-    lambda: animation.gif_bytes(report, tokens, anim_spec),
+    lambda: animation.gif_bytes(report, tokens, anim_spec, caption=run.line()),
     file_name=file_name("sinks", "gif"),
     mime="image/gif",
     on_click="ignore",
@@ -250,12 +227,13 @@ c[0].download_button(
 )
 c[1].download_button(
     "Interactive HTML",
-    lambda: animation.html_bytes(report, tokens, anim_spec, about, traj.mass),
+    lambda: animation.html_bytes(report, tokens, anim_spec, about, traj.mass, start_step=view_step),
     file_name=file_name("sinks", "html"),
     mime="text/html",
     on_click="ignore",
     icon=":material/html:",
-    help="The view above as one self-contained page (opens offline, no library), headed by the model, prompt and settings.",
+    help="The view above as one self-contained page (opens offline, no library), headed by the model, prompt and settings, "
+    "at the step the page last read from the view (a colour or layer change, Recompute map or a rerun reads it).",
 )
 sinks = animation.sinks_frame(report, tokens)
 c[2].download_button(

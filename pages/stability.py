@@ -6,8 +6,9 @@ import streamlit as st
 
 from app_common import active_model, current_trajectory, report_for, sink_spec
 from sap_core import viz
-from sap_core.animation import readable_tokens
+from sap_core.animation import export_name, readable_tokens, run_settings
 from sap_core.errors import SapError
+from sap_core.sink_report import provenance, with_provenance
 from sap_core.sinks import RULES, SinkSpec
 
 st.header("Sink stability")
@@ -222,9 +223,29 @@ def rescore() -> None:
             },
         )
 
+    # the downloads say what they are: the run (model, prompt, settings) inside, named after it as the explorer's
+    run = provenance(handle, traj, spec)
     c1, c2 = st.columns(2)
-    c1.download_button("Download positions (CSV)", positions.to_csv(index=False), "sink_positions.csv", "text/csv")
-    c2.download_button("Download full report (JSON)", report.json_text(), "sink_report.json", "application/json")
+    c1.download_button(
+        "Download positions (CSV)",
+        lambda: with_provenance(positions, run).to_csv(index=False),
+        file_name=_file_name("sink-positions", "csv"),
+        mime="text/csv",
+        on_click="ignore",
+        help="One row per position; the columns model, prompt, decoding and sinks say which run and settings.",
+    )
+    c2.download_button(
+        "Download full report (JSON)",
+        lambda: report.json_text(run),
+        file_name=_file_name("sink-report", "json"),
+        mime="application/json",
+        on_click="ignore",
+        help='The whole report (SinkReport.from_json reads it back), with the run under "run".',
+    )
+
+
+def _file_name(kind: str, ext: str) -> str:
+    return export_name(kind, handle.name, traj.prompt, run_settings(traj.spec, handle.causal), ext)
 
 
 def _layers(traj, spec: SinkSpec):

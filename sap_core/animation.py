@@ -384,10 +384,19 @@ def html_bytes(
     spec: AnimationSpec = AnimationSpec(),
     about: Sequence[tuple[str, str]] | None = None,
     head_mass: np.ndarray | None = None,
+    start_step: int = 0,
 ) -> bytes:
-    """:func:`explorer_html` as UTF-8 bytes (the download); ``about`` rows (model, prompt, settings) make it
-    stand alone; ``head_mass`` adds the head grid."""
-    return explorer_html(report, tokens, spec, about=about, head_mass=head_mass).encode()
+    """:func:`explorer_html` as UTF-8 bytes (the download), opening at ``start_step``; ``about`` rows (model,
+    prompt, settings: :func:`about_rows`) make it stand alone; ``head_mass`` adds the head grid."""
+    return explorer_html(report, tokens, spec, start_step=start_step, about=about, head_mass=head_mass).encode()
+
+
+def about_rows(run, spec: AnimationSpec, step: int, output: str) -> list[tuple[str, str]]:
+    """The header of the HTML export: the run (a :class:`~sap_core.sink_report.Provenance`), the view as shown
+    (colour range, the layer of the step × position map, the step it opens at) and the output text."""
+    layer = "all layers (summed)" if spec.layer is None else f"layer {spec.layer}"
+    view = f"colour {COLOR_RANGE_NAMES[spec.color_range]}; step × position map: {layer}; opens at step {step}"
+    return [*run.rows(), ("View", view), ("Output", output)]
 
 
 def slug(text: str, limit: int = 24) -> str:
@@ -459,10 +468,13 @@ def _thinned_labels(sink_positions: np.ndarray, states: np.ndarray, every: int, 
     return taken
 
 
-def gif_frames(report, tokens: Sequence[str] | None = None, spec: AnimationSpec = AnimationSpec()) -> list:
+def gif_frames(
+    report, tokens: Sequence[str] | None = None, spec: AnimationSpec = AnimationSpec(), caption: str | None = None
+) -> list:
     """One Pillow image per step: the mass each position receives (bars, × uniform, one colour range
     for all steps unless ``spec.color_range`` is per-step), coloured by the position's state, sinks
-    in red with a marker, the tokens written under the bars (rotated) and the step in the title."""
+    in red with a marker, the tokens written under the bars (rotated) and the step in the title;
+    ``caption`` (the run: model, prompt, settings, :meth:`~sap_core.sink_report.Provenance.line`) under it all."""
     tokens = _check_tokens(report, tokens)
     S, L = report.n_steps, report.length
     mult = step_mass(report)
@@ -472,7 +484,8 @@ def gif_frames(report, tokens: Sequence[str] | None = None, spec: AnimationSpec 
     every = max(1, -(-(GIF_LABEL_PX + 3) // cell))  # label every k-th position (and every sink): no two labels touch
     label_w = min(90, max(int(label_font.getlength(t[:10])) for t in [*tokens, "[mask]"]) + 6)
     left, right, top, plot_h, label_h = 56, 16, 50, 220, label_w
-    width, height = left + cell * L + right, top + plot_h + label_h + 24
+    below = 20 * bool(caption)  # the caption's line
+    width, height = left + cell * L + right, top + plot_h + label_h + 24 + below
     # the static part: axes, y ticks, rotated token labels
     base = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(base)
@@ -480,9 +493,11 @@ def gif_frames(report, tokens: Sequence[str] | None = None, spec: AnimationSpec 
     draw.line([(left - 1, top), (left - 1, y0), (left + cell * L, y0)], fill=(90, 90, 90))
     draw.text((4, top - 18), "× uniform", fill=(60, 60, 60), font=small)
     step_ticks = [j for j in range(0, L, max(1, (L + 15) // 16))]
+    axis_y = height - 20 - below
     for j in step_ticks:
-        draw.text((left + j * cell, height - 20), str(j), fill=(90, 90, 90), font=small)
-    draw.text((4, height - 20), "position", fill=(90, 90, 90), font=small)
+        draw.text((left + j * cell, axis_y), str(j), fill=(90, 90, 90), font=small)
+    draw.text((4, axis_y), "position", fill=(90, 90, 90), font=small)
+    draw.text((4, height - 18), (caption or "")[: max(20, (width - 8) // 7)], fill=(40, 40, 40), font=small)
     x = left + 110
     for name, rgb in [
         ("prompt", _hex(STATE_COLORS["prompt"])),
@@ -554,9 +569,11 @@ def gif_frames(report, tokens: Sequence[str] | None = None, spec: AnimationSpec 
     return frames
 
 
-def gif_bytes(report, tokens: Sequence[str] | None = None, spec: AnimationSpec = AnimationSpec()) -> bytes:
-    """An animated GIF of the sinks moving over the steps (:func:`gif_frames`), looping."""
-    frames = gif_frames(report, tokens, spec)
+def gif_bytes(
+    report, tokens: Sequence[str] | None = None, spec: AnimationSpec = AnimationSpec(), caption: str | None = None
+) -> bytes:
+    """An animated GIF of the sinks moving over the steps (:func:`gif_frames`, ``caption``: the run), looping."""
+    frames = gif_frames(report, tokens, spec, caption)
     buf = io.BytesIO()
     frames[0].save(buf, format="GIF", save_all=True, append_images=frames[1:], duration=spec.frame_ms, loop=0, optimize=False)
     return buf.getvalue()
