@@ -115,9 +115,10 @@ def rescore() -> None:
     agg = report.aggregate
     m = st.columns(4)
     m[0].metric(
-        "Dominant-sink position variance",
-        f"{agg.dominant_var:.1f} tokens²",
-        help="Variance over the steps of the position that receives the most mass. Does not depend on the sliders.",
+        "Dominant-sink variance",
+        f"{agg.dominant_var:.0f} tok²",
+        help=f"Variance over the steps of the position that receives the most mass ({agg.dominant_var:.1f} tokens²). "
+        "Does not depend on the sliders.",
     )
     m[1].metric(
         "Unstable sinks",
@@ -128,7 +129,7 @@ def rescore() -> None:
         "Stable sinks", int((report.labels == "stable").sum()), help="Positions labelled stable (depends on k, alpha, ε and tau)."
     )
     m[3].metric(
-        f"Mass share of the top {spec.top_k} positions",
+        f"Top-{spec.top_k} mass share",
         f"{agg.top_k_share:.0%}",
         help="Share of the mean attention mass held by the most-attended positions. Does not depend on the sliders.",
     )

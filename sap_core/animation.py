@@ -21,6 +21,7 @@ import html as html_lib
 import io
 import json
 import re
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from importlib.resources import files
@@ -130,6 +131,19 @@ def color_limits(values: np.ndarray, color_range: str) -> np.ndarray:
         top = np.full(S, hi)
     top = np.maximum(top, 1.0 + 1e-6)  # the uniform level 1 is always inside the scale
     return np.stack([np.zeros(S), top], axis=1)
+
+
+def head_limits(head_mass: np.ndarray, color_range: str) -> np.ndarray:
+    """``float64 [S]``: the top of the head grid's colour scale at each step of ``head_mass [S, ...]``, clipped at
+    the 99th percentile (of all steps for a fixed range, of the step for per step): one outlier head does not
+    darken every other thumbnail; cells above it take the top colour (the view's legend says so)."""
+    if color_range != "per-step":
+        return color_limits(head_mass, "global99")[:, 1]
+    flat = np.where(np.isfinite(head_mass), head_mass, np.nan).reshape(head_mass.shape[0], -1)
+    with np.errstate(all="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # a step with no value: the uniform level
+        top = np.nan_to_num(np.nanpercentile(flat, 99, axis=1), nan=1.0)
+    return np.maximum(top, 1.0 + 1e-6)
 
 
 def tokens_at_step(report, tokens: Sequence[str] | None, step: int, masked: str = "[mask]") -> list[str]:
@@ -298,7 +312,7 @@ def explorer_data(
             "step_ids": hkeep.tolist(),
             "mass": enc(_quantise(hm[hkeep], hq)),
             "qmax": hq,
-            "hi": color_limits(hm, spec.color_range)[hkeep, 1].round(3).tolist(),
+            "hi": head_limits(hm, spec.color_range)[hkeep].round(3).tolist(),
         }
     return {
         "steps": len(keep),
