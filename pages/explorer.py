@@ -20,8 +20,9 @@ from app_common import (
 )
 from sap_core import animation, viz
 from sap_core.attention import AttentionRecorder
-from sap_core.decoding import DecodeSpec, decoding_words
+from sap_core.decoding import DecodeSpec
 from sap_core.diffusion import attention_map
+from sap_core.sink_report import provenance, run_words
 from sap_core.text import shown_prompt
 
 st.header("Denoising explorer")
@@ -52,20 +53,15 @@ with st.form("decode", enter_to_submit=False):  # Enter in a box never starts a 
     )
 
 
-def run_settings(spec: DecodeSpec) -> str:
-    """The decoding settings of a run, for people: length, steps, blocks, sampling."""
-    decoding = decoding_words(spec, handle.causal)
-    return f"{spec.gen_length} tokens · {decoding} · temperature {spec.temperature:g} · seed {spec.seed}"
-
-
 def run_label(spec: DecodeSpec, text: str) -> str:
     """What a run was: the label stored with its result (trajectory_label), as every stored result has one."""
-    return f"prompt {shown_prompt(text)} · {run_settings(spec)}"
+    return f"prompt {shown_prompt(text)} · {run_words(spec, handle.causal)}"
 
 
 failed = False
 if submitted:
-    st.query_params.pop("step", None)  # a new run opens at its step 0
+    length = int(gen_length)
+    st.session_state["step"] = 0  # a new run opens at its step 0
     bar = st.progress(0.0, text="Generating…")
     failed = True
     with job("Generation"):  # an impossible spec shows its one-line error (DecodeSpec checks, then generate's)
@@ -99,7 +95,17 @@ if failed:
     st.warning(f"Below is the **previous run**, not the settings above: {label}", icon=":material/history:")
 else:
     st.success(f"{traj.n_steps} steps in {st.session_state.get('trajectory_seconds', 0):.1f} s · {label}")
-app_shared.run_link(animation.view_step(st.query_params.get("step"), traj.n_steps))
+# The step the person is on is the browser's: the view commits it into the hidden box "step" (kept across pages)
+# without a rerun, so every rerun (a widget, Back, the sidebar) reads the newest step; the URL's ?step= (which the
+# view keeps current, and which Streamlit may send stale after Back) is read only by a new session (a reload, a
+# link) or a linked run just opened.
+if "step" not in st.session_state or st.session_state.pop("run_opened", False):
+    st.session_state["step"] = animation.view_step(st.query_params.get("step"), traj.n_steps)
+elif st.session_state["step"] >= traj.n_steps:  # a step of an earlier, longer run
+    st.session_state["step"] = 0
+view_step = st.number_input("Step of the view", 0, traj.n_steps - 1, key="step", on_change="ignore", persist_state="session")
+st.html("<style>.st-key-step { display: none; }</style>")  # hidden: written by the view, read here
+app_shared.run_link(view_step)
 output = traj.prompt + handle.decode(traj.generated_ids)
 st.caption("Output (prompt and generated text)")
 st.code(output, language=None, wrap_lines=True)
@@ -135,39 +141,25 @@ trail_layer = c[1].selectbox(
 anim_spec = animation.AnimationSpec(color_range=color_range, layer=trail_layer)
 views = st.session_state.setdefault("explorer_views", {})
 view_key = (id(traj), spec, anim_spec)
-view_step = animation.view_step(st.query_params.get("step"), traj.n_steps)  # the step the view shows (it writes ?step=)
 if view_key not in views:
     # one view per session: the latest trajectory and settings; rebuilt for new settings at the step it showed
-    same_run = any(key[0] == id(traj) for key in views)
     views.clear()
     views[view_key] = animation.explorer_html(
         report,
         tokens,
         anim_spec,
-        start_step=view_step if same_run or st.session_state.pop("run_opened", False) else 0,
+        start_step=view_step,
         follow_box=".st-key-map_step input",
         head_mass=traj.mass,
+        step_box=".st-key-step input",
+        step_key=f"{st.session_state.get('sid')}.{id(traj)}",  # this run in this session: a reload or a link is another
     )
 st.iframe(views[view_key], height=animation.FRAME_HEIGHT)
 
-# The exports stand alone: the HTML names the run (model, prompt, settings); every file name carries them.
-about = [
-    ("Model", f"{handle.name} · {handle.family}{' (causal)' if handle.causal else ''} · {handle.n_params / 1e6:.1f}M parameters"),
-    ("Prompt", traj.prompt),
-    ("Decoding", run_settings(traj.spec)),
-    (
-        "Sinks",
-        (
-            f"official rule, k = {spec.k:g}, alpha = {spec.alpha:g}"
-            if spec.rule == "official"
-            else f"leave_one_out, ε = {spec.epsilon:g}"
-        )
-        + f", tau = {spec.tau:g}, {spec.normalize} mass, layers {'all' if spec.layers is None else list(spec.layers)}, "
-        f"heads {'all' if spec.heads is None else list(spec.heads)}",
-    ),
-    ("Colour", animation.COLOR_RANGE_NAMES[anim_spec.color_range]),
-    ("Output", output),
-]
+# The exports stand alone: the HTML names the run (model, prompt, settings) and the view shown; the GIF carries
+# the run in its caption; every file name carries them.
+run = provenance(handle, traj, spec)
+about = animation.about_rows(run, anim_spec, view_step, output)
 settings = animation.run_settings(traj.spec, handle.causal)
 
 
@@ -178,7 +170,7 @@ def file_name(kind: str, ext: str) -> str:
 c = st.columns(4)
 c[0].download_button(
     "Animated GIF",
-    lambda: animation.gif_bytes(report, tokens, anim_spec),
+    lambda: animation.gif_bytes(report, tokens, anim_spec, caption=run.line()),
     file_name=file_name("sinks", "gif"),
     mime="image/gif",
     on_click="ignore",
@@ -187,12 +179,13 @@ c[0].download_button(
 )
 c[1].download_button(
     "Interactive HTML",
-    lambda: animation.html_bytes(report, tokens, anim_spec, about, traj.mass),
+    lambda: animation.html_bytes(report, tokens, anim_spec, about, traj.mass, start_step=view_step),
     file_name=file_name("sinks", "html"),
     mime="text/html",
     on_click="ignore",
     icon=":material/html:",
-    help="The view above as one self-contained page (opens offline, no library), headed by the model, prompt and settings.",
+    help="The view above as one self-contained page (opens offline, no library), headed by the model, prompt and settings, "
+    "at the step the page last read from the view (a colour or layer change, Recompute map or a rerun reads it).",
 )
 sinks = animation.sinks_frame(report, tokens)
 c[2].download_button(
@@ -226,7 +219,7 @@ c = st.columns([2, 1, 1, 1, 1])
 
 
 def _view_step_to_box() -> None:
-    st.session_state["map_step"] = animation.view_step(st.query_params.get("step"), traj.n_steps)
+    st.session_state["map_step"] = st.session_state.get("step", 0)
 
 
 follow = c[0].toggle(

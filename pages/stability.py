@@ -7,11 +7,11 @@ import streamlit as st
 import app_shared
 from app_common import active_model, current_trajectory, report_for, sink_spec
 from sap_core import viz
-from sap_core.animation import readable_tokens
+from sap_core.animation import export_name, readable_tokens, run_settings
 from sap_core.decoding import decoding_words
 from sap_core.detectors import DETECTORS
 from sap_core.errors import SapError
-from sap_core.sink_report import detector_agreement
+from sap_core.sink_report import detector_agreement, provenance, with_provenance
 from sap_core.sinks import RULES, SinkSpec, separating_tau
 from sap_core.text import shown_prompt
 
@@ -145,9 +145,10 @@ def rescore() -> None:
     agg = report.aggregate
     m = st.columns(4)
     m[0].metric(
-        "Dominant-sink position variance",
-        f"{agg.dominant_var:.1f} tokens²",
-        help="Variance over the steps of the position that receives the most mass. Does not depend on the sliders.",
+        "Dominant-sink variance",
+        f"{agg.dominant_var:.0f} tok²",
+        help=f"Variance over the steps of the position that receives the most mass ({agg.dominant_var:.1f} tokens²). "
+        "Does not depend on the sliders.",
     )
     m[1].metric(
         "Unstable sinks",
@@ -158,7 +159,7 @@ def rescore() -> None:
         "Stable sinks", int((report.labels == "stable").sum()), help="Positions labelled stable (depends on k, alpha, ε and tau)."
     )
     m[3].metric(
-        f"Mass share of the top {spec.top_k} positions",
+        f"Top-{spec.top_k} mass share",
         f"{agg.top_k_share:.0%}",
         help="Share of the mean attention mass held by the most-attended positions. Does not depend on the sliders.",
     )
@@ -271,9 +272,29 @@ def rescore() -> None:
         st.plotly_chart(_agreement(traj, spec))
         st.caption("Each detector at its default parameter (docs/sinks.md); 1 = the same sinks, 0 = none in common.")
 
+    # the downloads say what they are: the run (model, prompt, settings) inside, named after it as the explorer's
+    run = provenance(handle, traj, spec)
     c1, c2 = st.columns(2)
-    c1.download_button("Download positions (CSV)", positions.to_csv(index=False), "sink_positions.csv", "text/csv")
-    c2.download_button("Download full report (JSON)", report.json_text(), "sink_report.json", "application/json")
+    c1.download_button(
+        "Download positions (CSV)",
+        lambda: with_provenance(positions, run).to_csv(index=False),
+        file_name=_file_name("sink-positions", "csv"),
+        mime="text/csv",
+        on_click="ignore",
+        help="One row per position; the columns model, prompt, decoding and sinks say which run and settings.",
+    )
+    c2.download_button(
+        "Download full report (JSON)",
+        lambda: report.json_text(run),
+        file_name=_file_name("sink-report", "json"),
+        mime="application/json",
+        on_click="ignore",
+        help='The whole report (SinkReport.from_json reads it back), with the run under "run".',
+    )
+
+
+def _file_name(kind: str, ext: str) -> str:
+    return export_name(kind, handle.name, traj.prompt, run_settings(traj.spec, handle.causal), ext)
 
 
 def _layers(traj, spec: SinkSpec):

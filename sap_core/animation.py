@@ -21,6 +21,7 @@ import html as html_lib
 import io
 import json
 import re
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from importlib.resources import files
@@ -132,6 +133,19 @@ def color_limits(values: np.ndarray, color_range: str) -> np.ndarray:
     return np.stack([np.zeros(S), top], axis=1)
 
 
+def head_limits(head_mass: np.ndarray, color_range: str) -> np.ndarray:
+    """``float64 [S]``: the top of the head grid's colour scale at each step of ``head_mass [S, ...]``, clipped at
+    the 99th percentile (of all steps for a fixed range, of the step for per step): one outlier head does not
+    darken every other thumbnail; cells above it take the top colour (the view's legend says so)."""
+    if color_range != "per-step":
+        return color_limits(head_mass, "global99")[:, 1]
+    flat = np.where(np.isfinite(head_mass), head_mass, np.nan).reshape(head_mass.shape[0], -1)
+    with np.errstate(all="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # a step with no value: the uniform level
+        top = np.nan_to_num(np.nanpercentile(flat, 99, axis=1), nan=1.0)
+    return np.maximum(top, 1.0 + 1e-6)
+
+
 def tokens_at_step(report, tokens: Sequence[str] | None, step: int, masked: str = "[mask]") -> list[str]:
     """The token texts of the model's input at ``step``: positions still masked read ``masked``."""
     tokens = _check_tokens(report, tokens)
@@ -140,8 +154,8 @@ def tokens_at_step(report, tokens: Sequence[str] | None, step: int, masked: str 
 
 
 def view_step(value: str | None, n_steps: int) -> int:
-    """The step the browser view shows, from the ``step`` query parameter it writes into the app's URL
-    (0 when absent or not a step of this run)."""
+    """The step of a ``?step=`` query parameter (a run's link; the URL the view keeps current for a reload),
+    0 when absent or not a step of this run."""
     try:
         step = int(value)
     except (TypeError, ValueError):
@@ -250,6 +264,8 @@ def explorer_data(
     about: Sequence[tuple[str, str]] | None = None,
     head_mass: np.ndarray | None = None,
     max_head_values: int = MAX_HEAD_VALUES,
+    step_box: str | None = None,
+    step_key: str | None = None,
 ) -> dict:
     """Everything the browser view needs, once, in a compact JSON-able dict.
 
@@ -260,7 +276,10 @@ def explorer_data(
     ``max_values`` mass values, then every ``stride``-th); every per-step entry follows them.
     ``start_step``: the step shown first (the carried step at or before it). ``follow_box``: a CSS
     selector of an input in the embedding page that shows the view's step as it moves (the app's
-    greyed "Step" box of the full attention map). ``about``: (name, text) rows that describe the run
+    greyed "Step" box of the full attention map). ``step_box``: a CSS selector of the embedding page's input
+    that holds the view's step for the server (the app's hidden box bound to ``?step=``): the view commits
+    each step into it without a rerun. ``step_key``: the run's key in the tab's session storage, where the view
+    keeps its step and whence it reopens at it (over ``start_step``) when the page is reached again. ``about``: (name, text) rows that describe the run
     (model, prompt, settings), written above the view with page margins: the page then stands alone
     (the HTML export). ``head_mass``: the trajectory's record ``[S, layers, heads, L]``; with it the page
     carries every analysed head's mass (one byte each, :func:`head_step_mass`) at :func:`head_view_steps`
@@ -293,7 +312,7 @@ def explorer_data(
             "step_ids": hkeep.tolist(),
             "mass": enc(_quantise(hm[hkeep], hq)),
             "qmax": hq,
-            "hi": color_limits(hm, spec.color_range)[hkeep, 1].round(3).tolist(),
+            "hi": head_limits(hm, spec.color_range)[hkeep].round(3).tolist(),
         }
     return {
         "steps": len(keep),
@@ -325,6 +344,8 @@ def explorer_data(
         "agg_sinks": [np.flatnonzero(report.is_sink[s]).tolist() for s in keep],
         "start": int(max(0, min(int(start_step), report.n_steps - 1))),
         "follow_box": follow_box,
+        "step_box": step_box,
+        "step_key": step_key,
         "about": [[str(k), str(v)] for k, v in about] if about else None,
         "heads": heads,
     }
@@ -340,15 +361,19 @@ def explorer_html(
     follow_box: str | None = None,
     about: Sequence[tuple[str, str]] | None = None,
     head_mass: np.ndarray | None = None,
+    step_box: str | None = None,
+    step_key: str | None = None,
 ) -> str:
     """The run as one self-contained HTML page (no network, no library): the token strip, the layer ×
     position mass at the step with each layer's sinks, and the step × position mass of all steps with
     the dominant sink of each and a line at the current step, on one shared position axis; its own
     slider and play/pause move through the steps in the browser. The app shows this page as a
-    component (``start_step``, ``follow_box``, ``about``, ``head_mass``: see :func:`explorer_data`);
+    component (``start_step``, ``follow_box``, ``about``, ``head_mass``, ``step_box``, ``step_key``: see :func:`explorer_data`);
     :func:`write_animation` saves it."""
     data = json.dumps(
-        explorer_data(report, tokens, spec, max_values, start_step, follow_box, about, head_mass),
+        explorer_data(
+            report, tokens, spec, max_values, start_step, follow_box, about, head_mass, step_box=step_box, step_key=step_key
+        ),
         separators=(",", ":"),
         ensure_ascii=False,
     ).replace("</", "<\\/")
@@ -373,10 +398,19 @@ def html_bytes(
     spec: AnimationSpec = AnimationSpec(),
     about: Sequence[tuple[str, str]] | None = None,
     head_mass: np.ndarray | None = None,
+    start_step: int = 0,
 ) -> bytes:
-    """:func:`explorer_html` as UTF-8 bytes (the download); ``about`` rows (model, prompt, settings) make it
-    stand alone; ``head_mass`` adds the head grid."""
-    return explorer_html(report, tokens, spec, about=about, head_mass=head_mass).encode()
+    """:func:`explorer_html` as UTF-8 bytes (the download), opening at ``start_step``; ``about`` rows (model,
+    prompt, settings: :func:`about_rows`) make it stand alone; ``head_mass`` adds the head grid."""
+    return explorer_html(report, tokens, spec, start_step=start_step, about=about, head_mass=head_mass).encode()
+
+
+def about_rows(run, spec: AnimationSpec, step: int, output: str) -> list[tuple[str, str]]:
+    """The header of the HTML export: the run (a :class:`~sap_core.sink_report.Provenance`), the view as shown
+    (colour range, the layer of the step × position map, the step it opens at) and the output text."""
+    layer = "all layers (summed)" if spec.layer is None else f"layer {spec.layer}"
+    view = f"colour {COLOR_RANGE_NAMES[spec.color_range]}; step × position map: {layer}; opens at step {step}"
+    return [*run.rows(), ("View", view), ("Output", output)]
 
 
 def slug(text: str, limit: int = 24) -> str:
@@ -456,10 +490,13 @@ def _thinned_labels(sink_positions: np.ndarray, states: np.ndarray, every: int, 
     return taken
 
 
-def gif_frames(report, tokens: Sequence[str] | None = None, spec: AnimationSpec = AnimationSpec()) -> list:
+def gif_frames(
+    report, tokens: Sequence[str] | None = None, spec: AnimationSpec = AnimationSpec(), caption: str | None = None
+) -> list:
     """One Pillow image per step: the mass each position receives (bars, × uniform, one colour range
     for all steps unless ``spec.color_range`` is per-step), coloured by the position's state, sinks
-    in red with a marker, the tokens written under the bars (rotated) and the step in the title."""
+    in red with a marker, the tokens written under the bars (rotated) and the step in the title;
+    ``caption`` (the run: model, prompt, settings, :meth:`~sap_core.sink_report.Provenance.line`) under it all."""
     tokens = _check_tokens(report, tokens)
     S, L = report.n_steps, report.length
     mult = step_mass(report)
@@ -469,7 +506,8 @@ def gif_frames(report, tokens: Sequence[str] | None = None, spec: AnimationSpec 
     every = max(1, -(-(GIF_LABEL_PX + 3) // cell))  # label every k-th position (and every sink): no two labels touch
     label_w = min(90, max(int(label_font.getlength(t[:10])) for t in [*tokens, "[mask]"]) + 6)
     left, right, top, plot_h, label_h = 56, 16, 50, 220, label_w
-    width, height = left + cell * L + right, top + plot_h + label_h + 24
+    below = 20 * bool(caption)  # the caption's line
+    width, height = left + cell * L + right, top + plot_h + label_h + 24 + below
     # the static part: axes, y ticks, rotated token labels
     base = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(base)
@@ -477,9 +515,11 @@ def gif_frames(report, tokens: Sequence[str] | None = None, spec: AnimationSpec 
     draw.line([(left - 1, top), (left - 1, y0), (left + cell * L, y0)], fill=(90, 90, 90))
     draw.text((4, top - 18), "× uniform", fill=(60, 60, 60), font=small)
     step_ticks = [j for j in range(0, L, max(1, (L + 15) // 16))]
+    axis_y = height - 20 - below
     for j in step_ticks:
-        draw.text((left + j * cell, height - 20), str(j), fill=(90, 90, 90), font=small)
-    draw.text((4, height - 20), "position", fill=(90, 90, 90), font=small)
+        draw.text((left + j * cell, axis_y), str(j), fill=(90, 90, 90), font=small)
+    draw.text((4, axis_y), "position", fill=(90, 90, 90), font=small)
+    draw.text((4, height - 18), (caption or "")[: max(20, (width - 8) // 7)], fill=(40, 40, 40), font=small)
     x = left + 110
     for name, rgb in [
         ("prompt", _hex(STATE_COLORS["prompt"])),
@@ -551,9 +591,11 @@ def gif_frames(report, tokens: Sequence[str] | None = None, spec: AnimationSpec 
     return frames
 
 
-def gif_bytes(report, tokens: Sequence[str] | None = None, spec: AnimationSpec = AnimationSpec()) -> bytes:
-    """An animated GIF of the sinks moving over the steps (:func:`gif_frames`), looping."""
-    frames = gif_frames(report, tokens, spec)
+def gif_bytes(
+    report, tokens: Sequence[str] | None = None, spec: AnimationSpec = AnimationSpec(), caption: str | None = None
+) -> bytes:
+    """An animated GIF of the sinks moving over the steps (:func:`gif_frames`, ``caption``: the run), looping."""
+    frames = gif_frames(report, tokens, spec, caption)
     buf = io.BytesIO()
     frames[0].save(buf, format="GIF", save_all=True, append_images=frames[1:], duration=spec.frame_ms, loop=0, optimize=False)
     return buf.getvalue()

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from sap_core.decoding import decoding_words
 from sap_core.detectors import default_detectors, parse_detector
 from sap_core.errors import SinkSpecError
 from sap_core.sinks import (
@@ -37,6 +38,66 @@ from sap_core.sinks import (
     valid_mask,
     viewed,
 )
+
+# --- what a download is of ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Provenance:
+    """What an exported file is of, so that it stands alone: the run's model, prompt and settings, in words
+    (:func:`provenance` builds it; the JSON export carries it as ``"run"``, the CSV exports as columns)."""
+
+    model: str  # "tiny-dlm · llada · 3.4M parameters"
+    prompt: str
+    decoding: str  # :func:`run_words`
+    sinks: str  # :func:`sink_words`
+
+    def rows(self) -> list[tuple[str, str]]:
+        """(name, text) rows, for a page's header."""
+        return [("Model", self.model), ("Prompt", self.prompt), ("Decoding", self.decoding), ("Sinks", self.sinks)]
+
+    def line(self, limit: int = 160) -> str:
+        """One line (a GIF's caption): model, prompt (newlines as ⏎) and decoding, at most ``limit`` characters."""
+        prompt = self.prompt.replace("\n", "⏎")
+        text = f"{self.model.split(' · ')[0]} · “{prompt if len(prompt) <= 40 else prompt[:39] + '…'}” · {self.decoding}"
+        return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def run_words(spec: Any, causal: bool = False) -> str:
+    """A run's decoding spec (:class:`~sap_core.decoding.DecodeSpec`) for people: length, the sampler's settings
+    (:func:`~sap_core.decoding.decoding_words`), temperature and seed."""
+    return f"{spec.gen_length} tokens · {decoding_words(spec, causal)} · temperature {spec.temperature:g} · seed {spec.seed}"
+
+
+def sink_words(spec: SinkSpec) -> str:
+    """A sink spec for people: the rule and its parameters, tau, the mass view, the layers and heads analysed."""
+    rule = (
+        f"official rule, k = {spec.k:g}, alpha = {spec.alpha:g}"
+        if spec.rule == "official"
+        else f"leave_one_out, ε = {spec.epsilon:g}"
+    )
+    return (
+        f"{rule}, tau = {spec.tau:g}, {spec.normalize} mass, layers {'all' if spec.layers is None else list(spec.layers)}, "
+        f"heads {'all' if spec.heads is None else list(spec.heads)}"
+    )
+
+
+def provenance(handle: Any, trajectory: Any, spec: SinkSpec) -> Provenance:
+    """The :class:`Provenance` of a run: ``handle`` (a :class:`~sap_core.models.ModelHandle`: name, family,
+    causal, n_params), its trajectory (prompt, decoding spec) and the sink settings of the export."""
+    causal = bool(handle.causal)
+    model = f"{handle.name} · {handle.family}{' (causal)' if causal else ''} · {handle.n_params / 1e6:.1f}M parameters"
+    return Provenance(model, str(trajectory.prompt), run_words(trajectory.spec, causal), sink_words(spec))
+
+
+def with_provenance(frame: pd.DataFrame, run: Provenance) -> pd.DataFrame:
+    """``frame`` with the run's provenance as its last columns (``model``, ``prompt``, ``decoding``, ``sinks``,
+    the same in every row): a CSV that says what it is in any reader."""
+    out = frame.copy()
+    for name, value in asdict(run).items():
+        out[name] = value
+    return out
+
 
 # --- the report ---------------------------------------------------------------------------------
 
@@ -234,12 +295,14 @@ class SinkReport:
         path.write_text(self.json_text())
         return path
 
-    def json_text(self) -> str:
+    def json_text(self, run: Provenance | None = None) -> str:
         """The report as JSON text (what :meth:`to_json` writes and the app downloads): the spec, the
         trajectory facts and the reduced mass (from which :meth:`from_json` recomputes every field exactly),
-        plus the position and layer tables for readers. ``NaN`` is written as ``null``."""
+        plus the position and layer tables for readers, and ``run`` (model, prompt, settings) when given.
+        ``NaN`` is written as ``null``."""
         doc = {
             "format": "sinkscope.sink_report/1",
+            **({"run": asdict(run)} if run is not None else {}),
             "spec": self.spec.to_dict(),
             "layers": list(self.layers),
             "heads": list(self.heads),

@@ -36,7 +36,7 @@ def test_a_failed_run_labels_the_stored_result_as_the_previous_run():
 
 def test_attention_map_follows_the_view_or_the_typed_step():
     at = generate_small(new_app())
-    at.query_params["step"] = "7"  # what the browser view writes into the page's URL as it steps
+    at.number_input(key="step").set_value(7)  # what the browser view commits into its hidden step box as it steps
     recompute = next(b for b in at.button if b.label == "Recompute map")
     recompute.click().run()
     assert not at.exception and not at.error

@@ -274,3 +274,32 @@ def test_head_grid_carries_every_head_per_step_within_its_budget(run):
     assert animation.explorer_data(report, tokens)["heads"] is None
     with pytest.raises(animation.AnimationSpecError, match="trajectory's mass"):
         animation.explorer_data(report, tokens, head_mass=traj.mass[:, :, :, :-1])
+
+
+def test_every_export_says_which_run_it_is(run, tiny_dlm, tmp_path):
+    """Issue 31 item 5: the provenance (model, prompt, settings) is built once in the core; the CSV carries it as
+    columns, the JSON under "run" (and still reads back), the HTML header names the layer shown and opens at the
+    step given, the GIF has a caption line."""
+    import io
+
+    import pandas as pd
+
+    from sap_core.sink_report import SinkReport, provenance, with_provenance
+
+    traj, report, tokens = run
+    about = provenance(tiny_dlm, traj, report.spec)
+    assert about.model.startswith(f"{tiny_dlm.name} · llada") and about.prompt == traj.prompt
+    assert "steps, block" in about.decoding and about.sinks.startswith("official rule, k = 0.5")
+    csv = pd.read_csv(io.StringIO(with_provenance(report.positions_frame(), about).to_csv(index=False)))
+    assert (csv["model"] == about.model).all() and (csv["prompt"] == about.prompt).all() and len(csv) == report.length
+    doc = json.loads(report.json_text(about))
+    assert doc["run"]["prompt"] == traj.prompt and doc["run"]["sinks"] == about.sinks
+    (tmp_path / "r.json").write_text(report.json_text(about))
+    assert np.array_equal(SinkReport.from_json(tmp_path / "r.json").labels, report.labels)
+    rows = dict(animation.about_rows(about, animation.AnimationSpec(layer=3), 5, "out"))
+    assert "step × position map: layer 3" in rows["View"] and "opens at step 5" in rows["View"]
+    page = animation.html_bytes(report, tokens, about=list(rows.items()), start_step=5).decode()
+    assert '"start":5' in page
+    plain, captioned = animation.gif_frames(report, tokens)[0], animation.gif_frames(report, tokens, caption=about.line())[0]
+    assert captioned.height == plain.height + 20 and captioned.width == plain.width
+    assert about.line().startswith(f"{tiny_dlm.name} · “")
