@@ -1,7 +1,15 @@
-"""GPU check: generation, capture and pruning cost at LLaDA-8B's shape, measured side by side in one run.
+"""GPU check: generation, capture and pruning cost at the paper's model shapes, measured side by side in one run.
 
-Builds a *random* model of LLaDA-8B's shape (d_model 4096, 32 heads, 32 layers, MLP 12288, vocabulary
-126464) in bf16 directly on the GPU (no checkpoint, no download), then measures:
+Builds a *random* model of one family's released shape in bf16 directly on the GPU (no checkpoint, no
+download; ``--family``):
+
+* ``llada`` (default): LLaDA-8B (d_model 4096, 32 heads, 32 layers, MLP 12288, vocabulary 126464);
+* ``dream``: Dream-v0-7B (hidden 3584, 28 query / 4 KV heads, 28 layers, MLP 18944, vocabulary 152064, q/k/v
+  biases, RoPE θ 10⁶; [MASK] 151666), decoded with Dream's own sampler (its family default);
+* ``mmada``: MMaDA-8B (LLaDA-8B's network over 126464 text + 8192 image rows = 134656; [MASK] 126336),
+  decoded with MMaDA's own sampler;
+
+then measures:
 
 1. generation at L = 512 (prompt 448 + 64 generated) with 64 steps: tokens/s and seconds per step,
    without and with attention capture (ratio = captured / plain);
@@ -12,8 +20,9 @@ Builds a *random* model of LLaDA-8B's shape (d_model 4096, 32 heads, 32 layers, 
 Calibration text is synthetic (a stub tokenizer maps words to ids): the timings depend on shapes,
 not on the text. Budget: well under 8 minutes on one H200.
 
-    python bench/gpu_check.py            # needs CUDA
-    python bench/gpu_check.py --tiny     # tiny shape, runs anywhere (CPU included); used by the tests
+    python bench/gpu_check.py                   # LLaDA-8B; needs CUDA
+    python bench/gpu_check.py --family dream    # Dream-7B (mmada: MMaDA-8B)
+    python bench/gpu_check.py --tiny            # tiny shape of the family, runs anywhere (CPU included); used by the tests
 """
 
 from __future__ import annotations
@@ -30,7 +39,9 @@ from sap_core.attention import AttentionRecorder
 from sap_core.decoding import DecodeSpec
 from sap_core.diffusion import generate
 from sap_core.models import ModelHandle
+from sap_core.models.dream import DreamConfig, DreamModel
 from sap_core.models.llada import LLaDAConfig, LLaDAModelLM
+from sap_core.models.mmada import MMadaConfig, MMadaModelLM
 from sap_core.pruning import CalibrationSpec, PruneSpec, prune
 from sap_core.pruning.sparsegpt import Hessian, sparsegpt_prune
 
@@ -48,11 +59,22 @@ class Shape:
     seqlen: int  # calibration tokens per sample
     T: int  # diffusion steps of the noised calibration (timesteps interval..T)
     interval: int
+    family: str = "llada"  # ModelHandle.family: llada, Dream or mmada
+    n_kv_heads: int | None = None  # None: as many as n_heads
+    image_rows: int = 0  # MMaDA: image-codebook rows after the text rows (vocab_size counts both)
+    name: str = "random shape"
 
 
-LLADA_8B = Shape(4096, 32, 32, 12288, 126464, length=512, steps=64, samples=8, seqlen=512, T=50, interval=5)
-TINY = Shape(32, 4, 2, 64, 256, length=32, steps=8, samples=2, seqlen=16, T=10, interval=5)
-MASK_ID = 126336  # LLaDA's [MASK]; clipped into the vocabulary for the tiny shape
+RUN = dict(length=512, steps=64, samples=8, seqlen=512, T=50, interval=5)
+LLADA_8B = Shape(4096, 32, 32, 12288, 126464, **RUN, name="random LLaDA-8B shape")
+DREAM_7B = Shape(3584, 28, 28, 18944, 152064, **RUN, family="Dream", n_kv_heads=4, name="random Dream-7B shape")
+MMADA_8B = Shape(4096, 32, 32, 12288, 126464 + 8192, **RUN, family="mmada", image_rows=8192, name="random MMaDA-8B shape")
+TINY_RUN = dict(length=32, steps=8, samples=2, seqlen=16, T=10, interval=5)
+TINY = Shape(32, 4, 2, 64, 256, **TINY_RUN, name="random tiny LLaDA shape")
+TINY_DREAM = Shape(32, 4, 2, 64, 256, **TINY_RUN, family="Dream", n_kv_heads=2, name="random tiny Dream shape")
+TINY_MMADA = Shape(32, 4, 2, 64, 256 + 64, **TINY_RUN, family="mmada", image_rows=64, name="random tiny MMaDA shape")
+SHAPES = {"llada": (LLADA_8B, TINY), "dream": (DREAM_7B, TINY_DREAM), "mmada": (MMADA_8B, TINY_MMADA)}
+MASK_IDS = {"llada": 126336, "mmada": 126336, "Dream": 151666}  # each family's [MASK]; clipped into a tiny vocabulary
 
 
 class StubTokenizer:
@@ -70,32 +92,46 @@ class StubTokenizer:
 
 
 def build(shape: Shape, device: torch.device, dtype: torch.dtype) -> ModelHandle:
-    mask_id = MASK_ID if MASK_ID < shape.vocab_size else shape.vocab_size - 1
-    config = LLaDAConfig(
-        d_model=shape.d_model,
-        n_heads=shape.n_heads,
-        n_kv_heads=shape.n_heads,
-        n_layers=shape.n_layers,
-        mlp_hidden_size=shape.mlp_hidden_size,
-        vocab_size=shape.vocab_size,
-        max_sequence_length=4096,
-        rope_theta=500000.0,
-        mask_token_id=mask_id,
-    )
+    text_rows = shape.vocab_size - shape.image_rows
+    mask_id = min(MASK_IDS[shape.family], text_rows - 1)
+    if shape.family == "Dream":
+        cls, config = (
+            DreamModel,
+            DreamConfig(
+                vocab_size=shape.vocab_size,
+                hidden_size=shape.d_model,
+                intermediate_size=shape.mlp_hidden_size,
+                num_hidden_layers=shape.n_layers,
+                num_attention_heads=shape.n_heads,
+                num_key_value_heads=shape.n_kv_heads,
+                max_position_embeddings=131072,
+                rope_theta=1000000.0,
+                mask_token_id=mask_id,
+            ),
+        )
+    else:
+        dims = dict(
+            d_model=shape.d_model,
+            n_heads=shape.n_heads,
+            n_kv_heads=shape.n_kv_heads or shape.n_heads,
+            n_layers=shape.n_layers,
+            mlp_hidden_size=shape.mlp_hidden_size,
+            vocab_size=shape.vocab_size,
+            embedding_size=shape.vocab_size,
+            max_sequence_length=4096,
+            rope_theta=500000.0,
+            mask_token_id=mask_id,
+        )
+        if shape.family == "mmada":
+            cls, config = MMadaModelLM, MMadaConfig(llm_vocab_size=text_rows, codebook_size=shape.image_rows, **dims)
+        else:
+            cls, config = LLaDAModelLM, LLaDAConfig(**dims)
     torch.manual_seed(0)
     with torch.device(device):  # parameters are created (and initialised) on the device, in dtype
-        module = LLaDAModelLM._from_config(config, dtype=dtype)
+        module = cls._from_config(config, dtype=dtype)
     module.eval().requires_grad_(False)
-    return ModelHandle(
-        module,
-        StubTokenizer(shape.vocab_size, mask_id),
-        mask_id,
-        "llada",
-        device,
-        dtype,
-        False,
-        "random LLaDA-8B shape" if shape == LLADA_8B else "random tiny shape",
-    )
+    tokenizer = StubTokenizer(text_rows, mask_id)  # text ids only, never [MASK]
+    return ModelHandle(module, tokenizer, mask_id, shape.family, device, dtype, False, shape.name)
 
 
 class Meter:
@@ -134,7 +170,7 @@ def fmt_mem(gib: float | None) -> str:
 def bench_generation(handle: ModelHandle, shape: Shape, meter: Meter, repeats: int) -> dict:
     gen = shape.steps
     g = torch.Generator().manual_seed(1)
-    prompt = torch.randint(0, shape.vocab_size, (shape.length - gen,), generator=g)
+    prompt = torch.randint(0, shape.vocab_size - shape.image_rows, (shape.length - gen,), generator=g)
     prompt = prompt.masked_fill(prompt == handle.mask_id, 0).tolist()
     spec = DecodeSpec(gen_length=gen, steps=shape.steps, block_length=gen, temperature=0.0, seed=0)
     generate(handle, prompt, spec)  # warm-up: kernels, allocator, rotary table
@@ -190,12 +226,16 @@ def bench_sparsegpt_block(handle: ModelHandle, shape: Shape, meter: Meter) -> tu
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tiny", action="store_true", help="tiny shape; runs on CPU (for tests)")
+    parser.add_argument(
+        "--family", choices=sorted(SHAPES), default="llada", help="whose released shape (default llada: LLaDA-8B)"
+    )
+    parser.add_argument("--tiny", action="store_true", help="tiny shape of the family; runs on CPU (for tests)")
     parser.add_argument("--repeats", type=int, default=2, help="generation runs of each kind (median)")
     args = parser.parse_args(argv)
-    shape = TINY if args.tiny else LLADA_8B
+    full, tiny = SHAPES[args.family]
+    shape = tiny if args.tiny else full
     if not args.tiny and not torch.cuda.is_available():
-        print("gpu_check needs a CUDA GPU for LLaDA-8B's shape; run with --tiny to check the script on CPU.")
+        print(f"gpu_check needs a CUDA GPU for the {shape.name}; run with --tiny to check the script on CPU.")
         return 2
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32

@@ -14,6 +14,15 @@ average, over ``n``, is nats per token; ``ppl = exp(nll)``. ``nll_se`` is the Mo
 error of the mean (variance between the draws of a window); ``ppl_se = ppl · nll_se``. Seeded: the
 same seed gives the same number.
 
+**Dream's estimator** (``estimator="dream"``, the default for a Dream model through :class:`EvalSpec`; see
+:mod:`sap_core.estimator`): Dream's forward process, as ``main_dream.py``'s perplexity of the official pruning
+code runs it: each draw masks every text token independently with probability ``p = (1 − ε)·t + ε`` (``t``
+stratified over the window's draws, ``t_d = (u + d / draws) mod 1``, as Dream's ``eval.py`` over a batch), the
+window's last token never masked (Dream's EOS rule; it still counts in ``n``, as in ``main_dream.py``), the
+loss on the masked tokens divided by ``p``. A draw that masks nothing counts as 0 (``eval.py``; ``main_dream.py``
+skips it). ``nll_type="ar_ftb"`` / ``"ar_btf"``: Dream's deterministic left-to-right / right-to-left rows (one
+per text token); then the window's sum is exact, ``draws`` is 1 and ``nll_se`` is the error over windows.
+
 **Causal perplexity**: mean next-token NLL of the same windows. It is deterministic, so its
 ``nll_se`` is the standard error over windows (text variability), not Monte Carlo error.
 """
@@ -32,6 +41,7 @@ import torch
 import torch.nn.functional as F
 
 from sap_core.errors import SapError, SweepSpecError
+from sap_core.estimator import ar_rows, check_estimator, dream_noise, family_estimator
 from sap_core.models import ASSETS, ModelHandle
 from sap_core.progress import Progress, report
 from sap_core.text import check_length, text_ids
@@ -101,35 +111,36 @@ def diffusion_perplexity(
     seed: int = 0,
     prefix: str | None = None,
     batch_size: int = 32,
+    estimator: str = "llada",
+    nll_type: str = "mc",
     progress: Progress | None = None,
     _all_positions: bool = False,
 ) -> PerplexityResult:
-    """Masked-diffusion perplexity (Monte Carlo ELBO) of a DLM; see the module docstring.
+    """Masked-diffusion perplexity (Monte Carlo ELBO) of a DLM; see the module docstring. ``estimator``:
+    ``llada`` (the LLaDA bound) or ``dream`` (Dream's forward process, with ``nll_type`` ``mc``, ``ar_ftb`` or
+    ``ar_btf``; :mod:`sap_core.estimator`).
 
     The LM head runs at the masked (scored) positions only (:meth:`ModelHandle.logits` ``positions=``).
     ``_all_positions`` is the reference way, for tests and ``bench/eval_cost.py``: the head at every
     position and one cross-entropy call per (window, draw); same inputs, same estimates."""
     if handle.causal:
         raise SapError("diffusion_perplexity needs a masked-diffusion model; use causal_perplexity for a causal one.")
-    if draws < 2:
+    check_estimator(estimator, nll_type)
+    ar = nll_type != "mc"
+    if draws < 2 and not ar:
         raise SapError("draws must be >= 2 to estimate the Monte Carlo error.")
     seqs, P = windows(handle, load_text(text), seqlen, nsamples, prefix)
     n = seqs.shape[1] - P
     gen = torch.Generator().manual_seed(seed)
     # Build every (window, draw) input up front, on the CPU generator, so results do not depend on batching.
-    inputs, targets, ratios = [], [], []
+    inputs, targets, ratios, truth = [], [], [], []
     for w in range(nsamples):
-        u = torch.rand((), generator=gen).item()
-        for d in range(draws):
-            l = min(n, 1 + int((d + u) * n / draws))
-            chosen = torch.randperm(n, generator=gen)[:l] + P
-            x = seqs[w].clone()
-            x[chosen] = handle.mask_id
-            inputs.append(x)
+        for masked, chosen, ratio in _window_rows(seqs.shape[1], P, draws, estimator, nll_type, gen):
+            inputs.append(seqs[w].masked_fill(masked, handle.mask_id))
             targets.append(chosen)
-            ratios.append(l / n)
-    inputs = torch.stack(inputs)  # [nsamples * draws, T]
-    truth = seqs.repeat_interleave(draws, dim=0)  # the unmasked window of every input
+            ratios.append(ratio)
+            truth.append(seqs[w])
+    inputs, truth = torch.stack(inputs), torch.stack(truth)  # [rows, T]: every input and its unmasked window
     scored = torch.zeros(inputs.shape, dtype=torch.bool)
     for j, chosen in enumerate(targets):
         scored[j, chosen] = True
@@ -156,10 +167,40 @@ def diffusion_perplexity(
             sums = torch.zeros(stop - start, dtype=torch.float64).index_add_(0, mask.nonzero()[:, 0], ce)
             estimates[start:stop] = sums / ratios[start:stop] / n
         report(progress, stop, len(inputs), "masked-diffusion perplexity")
+    if ar:  # deterministic: one number per window (its rows summed), errors over windows as for a causal model
+        per = estimates.view(nsamples, n).sum(1)
+        nll = per.mean().item()
+        se = per.std(unbiased=True).item() / math.sqrt(nsamples) if nsamples > 1 else float("nan")
+        return PerplexityResult(nll, se, math.exp(nll), math.exp(nll) * se, nsamples * n, nsamples, 1, "diffusion")
     per = estimates.view(nsamples, draws)
     nll = per.mean().item()
     se = math.sqrt((per.var(dim=1, unbiased=True) / draws).sum().item()) / nsamples
     return PerplexityResult(nll, se, math.exp(nll), math.exp(nll) * se, nsamples * n, nsamples, draws, "diffusion", per.numpy())
+
+
+def _window_rows(T: int, P: int, draws: int, estimator: str, nll_type: str, gen: torch.Generator):
+    """The rows of one window of ``T`` tokens (the first ``P`` the prefix): ``(masked bool [T], scored
+    positions, divisor)`` each, the divisor being what the row's summed loss is divided by (with ``n``).
+    LLaDA: ``draws`` rows, the number masked stratified over ``[1, n]``, divisor ``l / n``. Dream ``mc``: one
+    stratified group of ``draws`` rows of :func:`~sap_core.estimator.dream_noise` over the text, divisor
+    ``p``. Dream ``ar_*``: :func:`~sap_core.estimator.ar_rows` over the text, divisor 1."""
+    n = T - P
+    if estimator == "llada":
+        u = torch.rand((), generator=gen).item()
+        for d in range(draws):
+            l = min(n, 1 + int((d + u) * n / draws))
+            chosen = torch.randperm(n, generator=gen)[:l] + P
+            masked = torch.zeros(T, dtype=torch.bool)
+            masked[chosen] = True
+            yield masked, chosen, l / n
+    elif nll_type == "mc":
+        masked, p = dream_noise(torch.arange(T) >= P, draws, gen)
+        for d in range(draws):
+            yield masked[d], masked[d].nonzero()[:, 0], p[d].item()
+    else:
+        masked, scored = ar_rows(T, range(P, T), nll_type)
+        for d in range(n):
+            yield masked[d], scored[d].nonzero()[:, 0], 1.0
 
 
 @torch.inference_mode()
@@ -206,7 +247,9 @@ class EvalSpec:
     masking draws per window (Monte Carlo samples of the masked-diffusion bound, >= 2; ignored for
     causal models); ``seed`` fixes the draws, shared by every row; ``prefix``: conditioning text before
     every window, never scored (None: the tokenizer's BOS convention only; a causal model needs at
-    least one prefix token). Other measures (task accuracy) are :class:`Metric` objects of their own.
+    least one prefix token); ``estimator`` (``llada`` or ``dream``; None: the model family's own, which keeps
+    LLaDA-family numbers on the LLaDA bound) and ``nll_type`` (``mc``, or Dream's ``ar_ftb`` / ``ar_btf``):
+    :mod:`sap_core.estimator`, masked-diffusion models only. Other measures (task accuracy) are :class:`Metric` objects of their own.
     """
 
     seqlen: int = 128
@@ -215,8 +258,11 @@ class EvalSpec:
     seed: int = 0
     text: str | None = None
     prefix: str | None = None
+    estimator: str | None = None
+    nll_type: str = "mc"
 
     def validate(self) -> None:
+        check_estimator(self.estimator, self.nll_type)
         for name in ("seqlen", "nsamples", "draws", "seed"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
@@ -266,6 +312,8 @@ def perplexity(handle: ModelHandle, spec: EvalSpec, progress: Progress | None = 
             draws=spec.draws,
             seed=spec.seed,
             prefix=spec.prefix,
+            estimator=spec.estimator or family_estimator(handle.family),
+            nll_type=spec.nll_type,
             progress=progress,
         )
     seconds = time.perf_counter() - t0

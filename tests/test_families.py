@@ -726,3 +726,24 @@ def test_gpu_check_runs_tiny(capsys, monkeypatch):
     out = capsys.readouterr().out
     assert "ratio capture/plain:" in out and "generation L=32, 8 steps" in out
     assert "ratio sink_wanda/wanda:" in out and "sparsegpt 50% on one block (7 linears" in out
+
+
+@pytest.mark.parametrize("family", ["dream", "mmada"])
+def test_gpu_check_covers_dream_and_mmada_shapes(family, capsys, monkeypatch):
+    """The released shapes, built on the meta device (no memory): their parameter counts (Dream-v0-7B is
+    Qwen2.5-7B's 7.62 B; MMaDA-8B is LLaDA-8B's 8.02 B plus 8192 image rows in the embedding and the head);
+    and the tiny shape of the family runs end to end on CPU."""
+    spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "bench" / "gpu_check.py")
+    gpu_check = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "gpu_check", gpu_check)
+    spec.loader.exec_module(gpu_check)
+    full, _ = gpu_check.SHAPES[family]
+    h = gpu_check.build(full, torch.device("meta"), torch.bfloat16)
+    expected = {"dream": (7_615_616_512, 28, 28, 151666), "mmada": (8_082_690_048, 32, 32, 126336)}[family]
+    assert (h.n_params, h.n_layers, h.n_heads, h.mask_id) == expected
+    if family == "mmada":
+        llada = gpu_check.build(gpu_check.LLADA_8B, torch.device("meta"), torch.bfloat16)
+        assert h.n_params - llada.n_params == 2 * 8192 * 4096  # the image rows of the embedding and the head
+    assert gpu_check.main(["--tiny", "--repeats", "1", "--family", family]) == 0
+    out = capsys.readouterr().out
+    assert f"random tiny {'Dream' if family == 'dream' else 'MMaDA'} shape" in out and "ratio sink_wanda/wanda:" in out

@@ -240,6 +240,8 @@ def eval_spec(args):
         seed=args.eval_seed,
         text=read_text(args.text),
         prefix=args.prefix,
+        estimator=args.estimator,
+        nll_type=args.nll_type,
     )
 
 
@@ -375,3 +377,15 @@ def add_eval(p: argparse.ArgumentParser) -> None:
         help="conditioning text before every window, never scored (a causal model needs one when its tokenizer adds no BOS)",
     )
     g.add_argument("--eval-seed", type=int, default=0, help="seed of the masking draws (default 0)")
+    g.add_argument(
+        "--estimator",
+        choices=("llada", "dream"),
+        default=None,
+        help="masked-diffusion likelihood estimator, DLM only (default: the family's own: dream for a Dream model, llada otherwise)",
+    )
+    g.add_argument(
+        "--nll-type",
+        choices=("mc", "ar_ftb", "ar_btf"),
+        default="mc",
+        help="Dream's estimator: mc (Monte Carlo), ar_ftb / ar_btf (one row per token, left to right / right to left) (default mc)",
+    )

@@ -27,6 +27,12 @@ def _add_bench(p: argparse.ArgumentParser) -> None:
         help="rows per stratified group; mc-num must be a multiple (default mc-num)",
     )
     g.add_argument("--cfg", type=float, default=0.0, help="unsupervised classifier-free guidance scale, DLM only (default 0)")
+    g.add_argument(
+        "--log-type",
+        choices=("ftb", "btf", "union"),
+        default="ftb",
+        help="Dream's estimator: score the continuation (ftb), the context (btf) or both (union) (default ftb)",
+    )
     g.add_argument("--include-path", default=None, metavar="DIR", help="a folder of extra lm-eval task YAML files")
 
 
@@ -48,7 +54,7 @@ def add_parser(sub) -> None:
 
 
 PERPLEXITY_ONLY = ("text", "seqlen", "nsamples", "draws", "prefix")
-ACCURACY_ONLY = ("variant", "limit", "mc_num", "mc_batch", "cfg", "include_path")
+ACCURACY_ONLY = ("variant", "limit", "mc_num", "mc_batch", "cfg", "log_type", "include_path")
 
 
 def check_options(args, defaults: dict) -> None:
@@ -61,7 +67,7 @@ def check_options(args, defaults: dict) -> None:
     if args.tasks:
         raise common.UsageError(
             f"{names} {'is a perplexity option' if one else 'are perplexity options'}, which --tasks (accuracy) does not "
-            f"use: drop {'it' if one else 'them'} (accuracy takes --limit, --mc-num, --mc-batch, --cfg, --eval-seed), "
+            f"use: drop {'it' if one else 'them'} (accuracy takes --limit, --mc-num, --mc-batch, --cfg, --log-type, --eval-seed, --estimator, --nll-type), "
             "or drop --tasks for perplexity."
         )
     raise common.UsageError(
@@ -76,7 +82,15 @@ def cmd_accuracy(args) -> int:
     from sap_core.lmeval.model import BenchSpec, load_variant
     from sap_core.lmeval.tasks import load_tasks, manager_for
 
-    spec = BenchSpec(mc_num=args.mc_num, batch_size=args.mc_batch or args.mc_num, cfg=args.cfg, seed=args.eval_seed)
+    spec = BenchSpec(
+        mc_num=args.mc_num,
+        batch_size=args.mc_batch or args.mc_num,
+        cfg=args.cfg,
+        seed=args.eval_seed,
+        estimator=args.estimator,
+        nll_type=args.nll_type,
+        log_type=args.log_type,
+    )
     common.check_outputs(args)
     load_tasks(args.tasks, manager_for(args.tasks, args.include_path))  # before the model loads
     handle = common.load(args)
@@ -100,6 +114,7 @@ def cmd_accuracy(args) -> int:
 
 def cmd_evaluate(args, defaults: dict) -> int:
     # lazy: --help must not import torch
+    from sap_core.estimator import family_estimator
     from sap_core.evaluate import Perplexity
     from sap_core.text import check_length
 
@@ -128,6 +143,8 @@ def cmd_evaluate(args, defaults: dict) -> int:
             "nsamples": spec.nsamples,
             "draws": None if handle.causal else spec.draws,
             "seed": None if handle.causal else spec.seed,
+            "estimator": None if handle.causal else spec.estimator or family_estimator(handle.family),
+            "nll_type": None if handle.causal else spec.nll_type,
             "prefix": spec.prefix,
             "text": args.text or "built-in",
         },

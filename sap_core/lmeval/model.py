@@ -27,6 +27,22 @@ continuation, one most-confident token per step (:func:`sap_core.diffusion.gener
 windows; ``generate_until`` decodes with the project's sampler (``gen_length``, ``steps``, ``block_length``,
 ``cfg``, greedy) and cuts at the first stop sequence.
 
+**Dream's estimator** (``estimator=dream``, the default for a Dream model; :mod:`sap_core.estimator`): as HKUNLP/Dream
+``eval/eval.py``'s lm-eval model. The continuation ends with the tokenizer's EOS (Dream's ``_encode_pair``;
+``add_bos_token`` prepends the BOS text to the context); ``nll_type=mc``: ``mc_num / batch_size`` groups of
+``batch_size`` rows, a continuous ``t`` per row (``t_i = (u + i / b) mod 1``), each token of the noised side
+(``log_type``: ``ftb`` the continuation, ``btf`` the context, ``union`` both) masked with probability
+``(1 − ε)t + ε``, the first and last positions never masked, the loss on the masked tokens over that
+probability, averaged over the ``mc_num`` rows (over the sequence length too for ``union``); ``ar_ftb`` /
+``ar_btf``: one row per token of the scored side, the token and those after (before) it masked, losses summed.
+Dream's shifted logits are aligned by :meth:`ModelHandle.logits`. Classifier-free guidance (``cfg > 0``) is
+Dream's ``classifier_free_guidance = cfg + 1``, the unconditional row masking the conditioning side. Masks come
+from the request's own generator as above (the draws in Dream's order: ``u``, then a uniform ``[b, T]``), so
+dense and variants are paired; ``loglikelihood_rolling`` (which Dream's class lacks) scores the windows as
+``main_dream.py``'s perplexity does: no EOS appended, the window's last token never masked.
+``tests/test_dream_estimator.py`` checks equality with a transcription of Dream's ``_eval_target_nll_mc`` /
+``_eval_target_nll_ar``.
+
 **Causal models** score exactly: the sum of next-token log-probabilities of the continuation, and whether
 each continuation token is the argmax.
 """
@@ -54,6 +70,7 @@ from sap_core.compare import variant_context
 from sap_core.decoding import DecodeSpec
 from sap_core.diffusion import generate
 from sap_core.errors import Cancelled, SapError
+from sap_core.estimator import SAMPLING_EPS, ar_rows, check_estimator, dream_noise, family_estimator
 from sap_core.lmeval.tasks import TASKS_DIR, offline
 from sap_core.models import ModelHandle, load_model
 from sap_core.progress import Progress, report
@@ -63,6 +80,7 @@ from sap_core.text import check_length
 
 MODEL_NAME = "sinkscope"
 ROW_TOKENS = 4096  # tokens per forward pass when rows of several requests are stacked (speed only)
+LOG_TYPES = ("ftb", "btf", "union")
 
 
 class BenchSpecError(SapError):
@@ -75,7 +93,13 @@ class BenchSpec:
     (a group shares one stratified draw, so ``mc_num`` must be a multiple of ``batch_size``); ``cfg``:
     unsupervised classifier-free guidance scale (0 = off); ``is_check_greedy``: also check greedy decoding
     (masked-diffusion models; one forward pass per continuation token); ``seed``: of the masks;
-    ``gen_length`` / ``steps`` / ``block_length``: ``generate_until``'s sampler (greedy)."""
+    ``gen_length`` / ``steps`` / ``block_length``: ``generate_until``'s sampler (greedy).
+
+    Dream's evaluation (:mod:`sap_core.estimator`): ``estimator`` ``llada`` or ``dream`` (None: the family's
+    own, dream for a Dream model); ``nll_type`` ``mc``, ``ar_ftb`` or ``ar_btf``; ``log_type`` ``ftb`` (score the
+    continuation given the context), ``btf`` (the context given the continuation) or ``union`` (both, divided by
+    their length); ``sampling_eps``: ε of the masking probability; ``add_bos_token``: prepend the tokenizer's BOS
+    text to the context (Dream's ``eval_dream_mc.sh`` sets it)."""
 
     mc_num: int = 32
     batch_size: int = 32
@@ -85,6 +109,11 @@ class BenchSpec:
     gen_length: int = 64
     steps: int = 64
     block_length: int = 64
+    estimator: str | None = None
+    nll_type: str = "mc"
+    log_type: str = "ftb"
+    sampling_eps: float = SAMPLING_EPS
+    add_bos_token: bool = False
 
     def __post_init__(self) -> None:
         for f in ("mc_num", "batch_size", "seed", "gen_length", "steps", "block_length"):
@@ -111,17 +140,59 @@ class BenchSpec:
         if isinstance(cfg, bool) or not isinstance(cfg, numbers.Real) or not math.isfinite(cfg) or cfg < 0:
             raise BenchSpecError(f"cfg must be a finite number >= 0 (got {cfg!r}); 0 turns guidance off.")
         object.__setattr__(self, "cfg", float(cfg))
-        greedy = self.is_check_greedy
-        if isinstance(greedy, str):
-            if greedy.lower() not in ("true", "false", "1", "0"):
-                raise BenchSpecError(f"is_check_greedy must be true or false (got {greedy!r}).")
-            greedy = greedy.lower() in ("true", "1")
-        object.__setattr__(self, "is_check_greedy", bool(greedy))
+        for f in ("is_check_greedy", "add_bos_token"):
+            object.__setattr__(self, f, _flag(f, getattr(self, f)))
+        self._check_dream_options()
+
+    def _check_dream_options(self) -> None:
+        if self.estimator == "":
+            object.__setattr__(self, "estimator", None)
+        if self.log_type not in LOG_TYPES:
+            raise BenchSpecError(
+                f"log_type must be one of {', '.join(LOG_TYPES)} (got {self.log_type!r}); ftb is Dream's default."
+            )
+        check_options(self.estimator, self.nll_type, self.log_type)
+        if self.nll_type != "mc" and self.log_type == "union":
+            raise BenchSpecError(f"nll_type={self.nll_type} needs log_type ftb or btf (Dream's AR rows score one side).")
+        if self.cfg > 0 and self.log_type == "union":
+            raise BenchSpecError("cfg needs log_type ftb or btf: with union nothing is left to condition on (set cfg=0).")
+        eps = self.sampling_eps
+        if isinstance(eps, str):
+            try:
+                eps = float(eps)
+            except ValueError:
+                raise BenchSpecError(f"sampling_eps must be a number (got {eps!r}).") from None
+        if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not 0 < eps < 1:
+            raise BenchSpecError(f"sampling_eps must be a number in (0, 1) (got {eps!r}); Dream's is 0.001.")
+        object.__setattr__(self, "sampling_eps", float(eps))
+
+    def estimator_for(self, family: str) -> str:
+        """The estimator that scores a model of ``family`` (``estimator``, else the family's own), refused in
+        one line when the Dream options were asked of the LLaDA estimator."""
+        estimator = self.estimator or family_estimator(family)
+        check_options(estimator, self.nll_type, self.log_type)
+        return estimator
 
     def forward_passes(self, requests: int) -> int:
         """Forward passes of ``requests`` log-likelihood requests as the official class runs them
         (``requests × mc_num / batch_size`` passes of ``batch_size`` rows)."""
         return requests * self.mc_num // self.batch_size
+
+
+def _flag(name: str, value) -> bool:
+    """A true/false setting, from lm-eval's ``--model_args`` text too."""
+    if isinstance(value, str):
+        if value.lower() not in ("true", "false", "1", "0"):
+            raise BenchSpecError(f"{name} must be true or false (got {value!r}).")
+        value = value.lower() in ("true", "1")
+    return bool(value)
+
+
+def check_options(estimator: str | None, nll_type: str, log_type: str) -> None:
+    """:func:`~sap_core.estimator.check_estimator`, and ``log_type`` other than ``ftb`` refused for LLaDA's."""
+    check_estimator(estimator, nll_type)
+    if estimator == "llada" and log_type != "ftb":
+        raise BenchSpecError(f"log_type={log_type} is Dream's; the llada estimator scores the continuation only (ftb).")
 
 
 def request_seed(seed: int, target: list[int]) -> int:
@@ -158,6 +229,65 @@ def stratified_masks(n: int, mc_num: int, batch_size: int, generator: torch.Gene
             below[i] = below[i][torch.randperm(n, generator=generator)]
         out.append(below)
     return torch.cat(out)
+
+
+@dataclass(frozen=True)
+class Rows:
+    """The Monte Carlo (or AR) rows of one request over its ``T`` tokens (context + continuation): ``masked``
+    (bool ``[R, T]``) set to [MASK], ``scored`` (bool ``[R, T]``) whose cross-entropy is summed, divided by
+    ``ratio`` (float64 ``[R]``) and weighted by ``count`` (float64 ``[R]``, repeats of a row run once); the
+    request's log-likelihood is minus the rows' total over ``divisor``. ``condition`` (bool ``[T]``): what
+    classifier-free guidance masks in the unconditional row."""
+
+    masked: torch.Tensor
+    scored: torch.Tensor
+    ratio: torch.Tensor
+    count: torch.Tensor
+    divisor: float
+    condition: torch.Tensor
+
+
+def llada_rows(P: int, n: int, spec: BenchSpec, generator: torch.Generator) -> Rows:
+    """LLaDA's estimator (the module docstring): :func:`stratified_masks` over the continuation, repeats merged."""
+    masks, inverse = torch.unique(stratified_masks(n, spec.mc_num, spec.batch_size, generator), dim=0, return_inverse=True)
+    masked = torch.cat([torch.zeros(len(masks), P, dtype=torch.bool), masks], dim=1)
+    ratio = masks.sum(1).double() / n
+    count = torch.bincount(inverse, minlength=len(masks)).double()
+    return Rows(masked, masked, ratio, count, spec.mc_num, torch.arange(P + n) < P)
+
+
+def dream_rows(P: int, n: int, spec: BenchSpec, generator: torch.Generator) -> Rows:
+    """Dream's estimator (HKUNLP/Dream ``eval/eval.py``, :mod:`sap_core.estimator`) for ``log_type`` and
+    ``nll_type``. ``mc``: ``mc_num / batch_size`` groups of :func:`~sap_core.estimator.dream_noise` over the
+    noised side; rows masking nothing (they add 0) are dropped, rows masking the same set merged (their
+    ``1 / p`` summed); minus the mean over the ``mc_num`` rows, divided by ``T`` for ``union``. ``ar_*``: one
+    row per token of the scored side (:func:`~sap_core.estimator.ar_rows`), summed."""
+    T = P + n
+    side = {"ftb": range(P, T), "btf": range(0, P), "union": range(0, T)}[spec.log_type]
+    condition = torch.arange(T) < P if spec.log_type == "ftb" else torch.arange(T) >= P
+    if spec.nll_type != "mc":
+        if not len(side):
+            return _no_rows(T, condition)
+        masked, scored = ar_rows(T, side, spec.nll_type)
+        ones = torch.ones(len(masked), dtype=torch.float64)
+        return Rows(masked, scored, ones, ones, 1.0, condition)
+    noisable = torch.zeros(T, dtype=torch.bool)
+    noisable[side.start : side.stop] = True
+    draws = [dream_noise(noisable, spec.batch_size, generator, spec.sampling_eps) for _ in range(spec.mc_num // spec.batch_size)]
+    masked = torch.cat([m for m, _ in draws])
+    inv_p = 1 / torch.cat([p for _, p in draws]).double()
+    keep = masked.any(1)
+    if not keep.any():
+        return _no_rows(T, condition)
+    masks, inverse = torch.unique(masked[keep], dim=0, return_inverse=True)
+    weight = torch.zeros(len(masks), dtype=torch.float64).index_add_(0, inverse, inv_p[keep])
+    divisor = spec.mc_num * (T if spec.log_type == "union" else 1)
+    return Rows(masks, masks, 1 / weight, torch.ones(len(masks), dtype=torch.float64), float(divisor), condition)
+
+
+def _no_rows(T: int, condition: torch.Tensor) -> Rows:
+    empty = torch.zeros(0, T, dtype=torch.bool)
+    return Rows(empty, empty, torch.zeros(0, dtype=torch.float64), torch.zeros(0, dtype=torch.float64), 1.0, condition)
 
 
 @register_model(MODEL_NAME)
@@ -200,6 +330,9 @@ class SinkScopeLM(LM):
             if isinstance(variant, ModelHandle):
                 handle, variant = variant, None
         self.handle, self.variant, self.spec, self.progress = handle, variant, spec, progress
+        self.estimator = None if handle.causal else spec.estimator_for(handle.family)
+        if spec.add_bos_token and handle.tokenizer.bos_token is None:
+            raise BenchSpecError("add_bos_token needs a tokenizer with a BOS token; this one has none (leave it out).")
         self.passes = 0  # forward passes run (each over up to ROW_TOKENS tokens)
 
     @classmethod
@@ -222,8 +355,9 @@ class SinkScopeLM(LM):
     # --- lm-eval's interface ------------------------------------------------------------------------
 
     def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
-        pairs = [encode_pair(self.handle, *req.args) for req in requests]
-        return self.score_pairs(pairs)
+        bos = self.handle.tokenizer.bos_token if self.spec.add_bos_token else ""
+        pairs = [encode_pair(self.handle, bos + req.args[0], req.args[1]) for req in requests]
+        return self.score_pairs(pairs, append_eos=self.estimator == "dream")  # Dream's _encode_pair ends with EOS
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
         h = self.handle
@@ -284,15 +418,25 @@ class SinkScopeLM(LM):
                 raise BenchSpecError(f"Request {i + 1} has no context token; a causal model needs one to predict from.")
 
     @torch.inference_mode()
-    def score_pairs(self, pairs, greedy: bool | None = None) -> list[tuple[float, bool]]:
-        """``(log-likelihood, is_greedy)`` of every ``(prefix ids, target ids)`` pair."""
+    def score_pairs(self, pairs, greedy: bool | None = None, append_eos: bool = False) -> list[tuple[float, bool]]:
+        """``(log-likelihood, is_greedy)`` of every ``(prefix ids, target ids)`` pair. ``append_eos`` (Dream's
+        estimator): score each target followed by the tokenizer's EOS, as Dream's ``_encode_pair`` builds it
+        (the greedy check still decodes the target alone)."""
         pairs = [(list(map(int, p)), list(map(int, t))) for p, t in pairs]
-        self.check_pairs(pairs)
+        scored = pairs
+        if append_eos and not self.handle.causal:
+            eos = self.handle.tokenizer.eos_token_id
+            if eos is None:
+                raise BenchSpecError(
+                    "Dream's estimator ends each continuation with EOS; this tokenizer has none (use estimator=llada)."
+                )
+            scored = [(p, t + [int(eos)]) for p, t in pairs]
+        self.check_pairs(scored)
         greedy = self.spec.is_check_greedy if greedy is None else greedy
         with self._model() as model:
             if model.causal:
                 return self._causal(model, pairs)
-            lls = self._diffusion(model, pairs)
+            lls = self._diffusion(model, scored)
             flags = [False] * len(pairs)
             if greedy:
                 flags = [bool(t) and self._greedy(model, p, t) for p, t in pairs]
@@ -300,51 +444,49 @@ class SinkScopeLM(LM):
 
     def _diffusion(self, h: ModelHandle, pairs) -> list[float]:
         s = self.spec
-        # Draw every request's masks first (its own generator), then stack rows of equal length. A row that
+        # Draw every request's rows first (its own generator), then stack rows of equal length. A row that
         # repeats another of its request (the same masked set, e.g. all tokens masked) runs once, counted twice.
         groups: dict[int, list[int]] = defaultdict(list)
-        masks, counts, lls = {}, {}, [0.0] * len(pairs)
+        rows, lls = {}, [0.0] * len(pairs)
         for i, (prefix, target) in enumerate(pairs):
             if target:
                 g = torch.Generator().manual_seed(request_seed(s.seed, target))
-                masks[i], inverse = torch.unique(
-                    stratified_masks(len(target), s.mc_num, s.batch_size, g), dim=0, return_inverse=True
-                )
-                counts[i] = torch.bincount(inverse, minlength=len(masks[i])).double()
-                groups[len(prefix) + len(target)].append(i)
-        total, done = sum(len(masks[i]) for v in groups.values() for i in v), 0
+                make = llada_rows if self.estimator == "llada" else dream_rows
+                rows[i] = make(len(prefix), len(target), s, g)
+                if len(rows[i].masked):
+                    groups[len(prefix) + len(target)].append(i)
+        total, done = sum(len(rows[i].masked) for v in groups.values() for i in v), 0
         for length, members in sorted(groups.items()):
             per_pass = max(1, ROW_TOKENS // length // (2 if s.cfg > 0 else 1))
-            rows = [(i, r) for i in members for r in range(len(masks[i]))]
+            work = [(i, r) for i in members for r in range(len(rows[i].masked))]
             sums = defaultdict(float)
-            for a in range(0, len(rows), per_pass):
-                chunk = rows[a : a + per_pass]
+            for a in range(0, len(work), per_pass):
+                chunk = work[a : a + per_pass]
                 seq = torch.stack([torch.tensor(pairs[i][0] + pairs[i][1]) for i, _ in chunk])
-                P = torch.tensor([len(pairs[i][0]) for i, _ in chunk])
-                scored = torch.zeros(seq.shape, dtype=torch.bool)
-                for j, (i, r) in enumerate(chunk):
-                    scored[j, P[j] :] = masks[i][r]
-                noisy = seq.masked_fill(scored, h.mask_id)
-                logits = self._logits(h, noisy, scored, P)
+                masked = torch.stack([rows[i].masked[r] for i, r in chunk])
+                scored = torch.stack([rows[i].scored[r] for i, r in chunk])
+                condition = torch.stack([rows[i].condition for i, _ in chunk])
+                noisy = seq.masked_fill(masked, h.mask_id)
+                logits = self._logits(h, noisy, scored, condition)
                 ce = F.cross_entropy(logits.float(), seq[scored].to(logits.device), reduction="none").double().cpu()
                 row_of = scored.nonzero()[:, 0]
-                ratio = torch.tensor([masks[i][r].sum().item() / len(pairs[i][1]) for i, r in chunk], dtype=torch.float64)
+                ratio = torch.stack([rows[i].ratio[r] for i, r in chunk])
                 per_row = torch.zeros(len(chunk), dtype=torch.float64).index_add_(0, row_of, ce) / ratio
                 for j, (i, r) in enumerate(chunk):
-                    sums[i] += per_row[j].item() * counts[i][r].item()
+                    sums[i] += per_row[j].item() * rows[i].count[r].item()
                 done += len(chunk)
                 report(self.progress, done, total, "log-likelihood (Monte Carlo)")
             for i in members:
-                lls[i] = -sums[i] / s.mc_num
+                lls[i] = -sums[i] / rows[i].divisor
         return lls
 
-    def _logits(self, h: ModelHandle, noisy: torch.Tensor, scored: torch.Tensor, P: torch.Tensor) -> torch.Tensor:
-        """Logits at the ``scored`` positions, guided as the official ``get_logits`` when ``cfg > 0``."""
+    def _logits(self, h: ModelHandle, noisy: torch.Tensor, scored: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
+        """Logits at the ``scored`` positions, guided as the official ``get_logits`` when ``cfg > 0``: the
+        unconditional row masks the ``condition`` positions (the context)."""
         self.passes += 1
         if self.spec.cfg <= 0:
             return h.logits(noisy, positions=scored)
-        prompt = torch.arange(noisy.shape[1])[None, :] < P[:, None]
-        uncond = noisy.masked_fill(prompt, h.mask_id)
+        uncond = noisy.masked_fill(condition, h.mask_id)
         both = h.logits(torch.cat([noisy, uncond]), positions=torch.cat([scored, scored]))
         cond, un = both[: len(both) // 2], both[len(both) // 2 :]
         return un + (self.spec.cfg + 1) * (cond - un)
