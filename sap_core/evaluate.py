@@ -66,10 +66,11 @@ class PerplexityResult:
     draws: int  # 1 for causal perplexity
     kind: str  # "diffusion" or "causal"
     estimates: np.ndarray | None = field(default=None, repr=False, compare=False)
+    window_nll: np.ndarray | None = field(default=None, repr=False, compare=False)  # float64 [nsamples]: each window's NLL
 
     def as_dict(self) -> dict:
-        """The scalar fields (the per-draw ``estimates`` left out)."""
-        return {k: v for k, v in self.__dict__.items() if k != "estimates"}
+        """The scalar fields (the per-draw ``estimates`` and per-window ``window_nll`` left out)."""
+        return {k: v for k, v in self.__dict__.items() if k not in ("estimates", "window_nll")}
 
 
 def load_text(text: str | None, default: Path = EVALUATION_TEXT) -> str:
@@ -175,7 +176,9 @@ def diffusion_perplexity(
     per = estimates.view(nsamples, draws)
     nll = per.mean().item()
     se = math.sqrt((per.var(dim=1, unbiased=True) / draws).sum().item()) / nsamples
-    return PerplexityResult(nll, se, math.exp(nll), math.exp(nll) * se, nsamples * n, nsamples, draws, "diffusion", per.numpy())
+    return PerplexityResult(
+        nll, se, math.exp(nll), math.exp(nll) * se, nsamples * n, nsamples, draws, "diffusion", per.numpy(), per.mean(1).numpy()
+    )
 
 
 def _window_rows(T: int, P: int, draws: int, estimator: str, nll_type: str, gen: torch.Generator):
@@ -232,7 +235,7 @@ def causal_perplexity(
     nll = per.mean().item()
     se = per.std(unbiased=True).item() / math.sqrt(nsamples) if nsamples > 1 else float("nan")
     n = seqs.shape[1] - P
-    return PerplexityResult(nll, se, math.exp(nll), math.exp(nll) * se, nsamples * n, nsamples, 1, "causal")
+    return PerplexityResult(nll, se, math.exp(nll), math.exp(nll) * se, nsamples * n, nsamples, 1, "causal", None, per.numpy())
 
 
 # --- scoring a model for comparisons (the sweep, Compare, Pick tau) ----------------------------------

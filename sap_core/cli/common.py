@@ -365,6 +365,25 @@ def add_calibration(p: argparse.ArgumentParser) -> None:
     g.add_argument("--calib-batch-size", type=positive, default=None, help="sequences per forward pass (speed only; default 10)")
 
 
+def add_ablation(p: argparse.ArgumentParser, flag: str) -> None:
+    g = p.add_argument_group("sink ablation (the sinks removed as keys at every pass)")
+    g.add_argument(
+        flag,
+        dest="ablate",
+        action="store_true",
+        help="score the model(s) with and without the sinks (under the --sink-* rule) removed as keys; paired errors",
+    )
+    g.add_argument(
+        "--ablate-layers", type=_indices, default=None, metavar="LIST", help="layers whose sinks are removed (default: all)"
+    )
+
+
+def ablation(args, sink=None):
+    from sap_core.ablation import SinkAblation  # lazy: --help must not import torch
+
+    return SinkAblation(layers=args.ablate_layers, sink=sink if sink is not None else sink_spec(args))
+
+
 def add_eval(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("perplexity")
     g.add_argument("--text", default=None, help="UTF-8 text file to score (default: built-in evaluation text)")

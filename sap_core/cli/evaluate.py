@@ -48,6 +48,8 @@ def add_parser(sub) -> None:
     common.add_model(p)
     common.add_eval(p)
     _add_bench(p)
+    common.add_sink(p)
+    common.add_ablation(p, "--ablate-sinks")
     p.add_argument("--out", default=None, metavar="JSON", help="write the JSON here (default: stdout)")
     defaults = {dest: p.get_default(dest) for dest in PERPLEXITY_ONLY + ACCURACY_ONLY}
     p.set_defaults(func=functools.partial(cmd_evaluate, defaults=defaults))
@@ -112,12 +114,36 @@ def cmd_accuracy(args) -> int:
     return 0
 
 
+def cmd_ablate(args) -> int:
+    """``--ablate-sinks``: perplexity (and the first --tasks task's accuracy) with and without the sinks, paired."""
+    # lazy: --help must not import torch
+    from sap_core.ablation_stats import run_ablation
+    from sap_core.lmeval.accuracy import TaskAccuracy
+    from sap_core.text import check_length
+
+    if args.variant:
+        raise common.UsageError("--ablate-sinks scores --model itself; drop --variant.")
+    ablation, spec = common.ablation(args), common.eval_spec(args)
+    accuracy = TaskAccuracy(args.tasks[0], limit=args.limit, mc_num=args.mc_num, seed=args.eval_seed) if args.tasks else None
+    common.check_outputs(args)
+    handle = common.load(args)
+    check_length(handle, spec.seqlen, "--seqlen")
+    with common.Bar("ablation", not args.quiet) as bar:
+        result = run_ablation([handle], ablation, spec, accuracy, progress=bar)
+    common.write_json(result.to_dict(), args.out)
+    if not args.quiet:
+        print(result.table().to_string(index=False), file=sys.stderr)
+    return 0
+
+
 def cmd_evaluate(args, defaults: dict) -> int:
     # lazy: --help must not import torch
     from sap_core.estimator import family_estimator
     from sap_core.evaluate import Perplexity
     from sap_core.text import check_length
 
+    if args.ablate:
+        return cmd_ablate(args)
     check_options(args, defaults)
     if args.tasks:
         return cmd_accuracy(args)

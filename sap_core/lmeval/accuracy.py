@@ -182,7 +182,8 @@ class TaskAccuracy:
     def bench_spec(self) -> BenchSpec:
         return BenchSpec(mc_num=self.mc_num, batch_size=self.mc_num, seed=self.seed)
 
-    def score(self, handle: ModelHandle, progress: Progress | None = None) -> Score:
+    def per_document(self, handle: ModelHandle, progress: Progress | None = None) -> np.ndarray:
+        """``float64 [documents]``: each document's accuracy (0/1, or the task's score) for ``handle`` as it is now."""
         with offline():
             out = lm_eval.simple_evaluate(
                 model=make_lm(handle, spec=self.bench_spec(), progress=progress),
@@ -193,7 +194,10 @@ class TaskAccuracy:
                 verbosity="ERROR",
             )
         samples = out["samples"][self.task]
-        row = paired_row(_per_doc(samples, _metric(samples, self.task)), None)
+        return _per_doc(samples, _metric(samples, self.task))
+
+    def score(self, handle: ModelHandle, progress: Progress | None = None) -> Score:
+        row = paired_row(self.per_document(handle, progress), None)
         return Score(dict(zip(ACCURACY_COLUMNS, (row["acc"], row["acc_se"], self.task))))
 
 
