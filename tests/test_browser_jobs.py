@@ -38,7 +38,7 @@ def test_jobs_cancel_enter_duplicates_and_words(app_url, page):
     expect(page.get_by_text("Decoding settings", exact=True)).to_be_visible()
     expect(page.get_by_role("spinbutton", name="Prompt length (tokens)")).to_be_visible()
     page.get_by_role("button", name="Run the other model on this prompt").click()  # loads tiny-ar: the estimate follows
-    expect(page.get_by_text("AR: Var(dominant position)")).to_be_visible()  # ran: not interrupted by the next input
+    expect(page.get_by_text("AR: Var(dominant position)", exact=True)).to_be_visible()  # ran: not interrupted by the next input
     set_number(page, "Prompts", "3")
     expect(page.get_by_text("forward passes with the attention recorded; about", exact=False)).to_be_visible()
     tall_shot(page, "3-ar-vs-dlm-estimate")
