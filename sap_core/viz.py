@@ -64,7 +64,11 @@ def _readable(fig: go.Figure) -> go.Figure:
     """Axis text of ``fig`` large and dark enough for a projector at 1280x720 (:data:`AXIS_FONT`): the
     base font, every axis's tick labels and title, the legend and colour bars; a tick size a figure set
     itself (token labels on a crowded axis) is kept, only darkened."""
-    fig.update_layout(font=AXIS_FONT, legend=dict(font=AXIS_FONT), title=dict(font=dict(size=17, color=AXIS_FONT["color"])))
+    fig.update_layout(
+        font=AXIS_FONT,
+        legend=dict(font=AXIS_FONT),
+        title=dict(font=dict(size=17, color=AXIS_FONT["color"]), subtitle_font=dict(size=13, color="#333333")),
+    )
 
     def axis(ax) -> None:
         ax.update(title_font=AXIS_FONT, tickfont=dict(size=ax.tickfont.size or AXIS_FONT["size"], color=AXIS_FONT["color"]))
