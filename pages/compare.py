@@ -185,7 +185,13 @@ else:
     )
 c = st.columns(3)
 nsamples = c[0].number_input(
-    "Windows", 1, 512, defaults.nsamples, help=f"Windows of {defaults.seqlen} tokens of the held-out text.", **kept("cmp_windows")
+    "Windows",
+    1,
+    512,
+    defaults.nsamples,
+    help=f"Windows of {defaults.seqlen} tokens of the held-out text; default {defaults.nsamples}, the same as the "
+    "tau sweep on Pick tau.",
+    **kept("cmp_windows"),
 )
 draws = c[1].number_input(
     "Monte Carlo draws", 2, 64, defaults.draws, help="Masking draws per window (masked-diffusion bound).", **kept("cmp_draws")

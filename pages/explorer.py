@@ -139,6 +139,17 @@ trail_layer = c[1].selectbox(
     help="Mass summed over all analysed layers, or one layer.",
 )
 anim_spec = animation.AnimationSpec(color_range=color_range, layer=trail_layer)
+# The exports stand alone: the HTML names the run (model, prompt, settings) and the view shown; the GIF carries
+# the run in its caption; every file name carries them.
+run = provenance(handle, traj, spec)
+about = animation.about_rows(run, anim_spec, view_step, output)
+settings = animation.run_settings(traj.spec, handle.causal)
+
+
+def file_name(kind: str, ext: str) -> str:
+    return animation.export_name(kind, handle.name, traj.prompt, settings, ext)
+
+
 views = st.session_state.setdefault("explorer_views", {})
 view_key = (id(traj), spec, anim_spec)
 if view_key not in views:
@@ -153,19 +164,9 @@ if view_key not in views:
         head_mass=traj.mass,
         step_box=".st-key-step input",
         step_key=f"{st.session_state.get('sid')}.{id(traj)}",  # this run in this session: a reload or a link is another
+        save_as=(file_name("sinks", "html"), about),  # the view's own Save HTML: the export at the step on screen
     )
 st.iframe(views[view_key], height=animation.FRAME_HEIGHT)
-
-# The exports stand alone: the HTML names the run (model, prompt, settings) and the view shown; the GIF carries
-# the run in its caption; every file name carries them.
-run = provenance(handle, traj, spec)
-about = animation.about_rows(run, anim_spec, view_step, output)
-settings = animation.run_settings(traj.spec, handle.causal)
-
-
-def file_name(kind: str, ext: str) -> str:
-    return animation.export_name(kind, handle.name, traj.prompt, settings, ext)
-
 
 c = st.columns(4)
 c[0].download_button(
@@ -185,7 +186,8 @@ c[1].download_button(
     on_click="ignore",
     icon=":material/html:",
     help="The view above as one self-contained page (opens offline, no library), headed by the model, prompt and settings, "
-    "at the step the page last read from the view (a colour or layer change, Recompute map or a rerun reads it).",
+    "at the step the page last read from the view (a colour or layer change, Recompute map or a rerun reads it); "
+    "the view's own **Save HTML** button saves it at the step on screen.",
 )
 sinks = animation.sinks_frame(report, tokens)
 c[2].download_button(

@@ -11,6 +11,7 @@ from app_common import (
     calibration_control,
     context_of,
     current_trajectory,
+    eval_spec,
     job,
     kept,
     model_choice,
@@ -20,11 +21,18 @@ from app_common import (
 )
 from sap_core import viz
 from sap_core.animation import readable_tokens
-from sap_core.evaluate import EvalSpec
 from sap_core.pruning.spec import GATED, PATTERNS
 from sap_core.sinks import parse_taus
 from sap_core.sweep import run_sweep
-from sap_core.tau import best_tau_sentences, best_taus, calibration_gate, tau_sweep_spec, tau_table, trajectory_gate_inputs
+from sap_core.tau import (
+    best_tau_sentences,
+    best_taus,
+    calibration_gate,
+    reference_bands,
+    tau_sweep_spec,
+    tau_table,
+    trajectory_gate_inputs,
+)
 
 st.header("Pick tau")
 handle = active_model()
@@ -104,7 +112,8 @@ st.subheader("Which tau?")
 st.caption(
     "Prunes with each gated method at every tau, with its ungated twin (sink_wanda, sink_sparsegpt: the official rule, "
     "no gate) and with wanda and noised_wanda, at one sparsity, and scores each by masked-diffusion perplexity on the "
-    "same windows and masks; errors are paired against the official twin. Calibration: the settings above."
+    "same windows and masks; errors are paired against the official twin. Calibration: the settings above. "
+    f"Evaluation windows: {eval_spec().nsamples} by default, as on Compare."
 )
 with st.form("which_tau"):
     c = st.columns(4)
@@ -113,8 +122,15 @@ with st.form("which_tau"):
     sparsity = c[2].slider(
         "Sparsity", 0.1, 0.9, 0.5, 0.05, help="Unstructured only; N:M fixes it at 1 − N/M.", **kept("tau_sparsity")
     )
+    default_windows = eval_spec().nsamples
     windows = c[3].number_input(
-        "Evaluation windows", 1, 256, 4, help="Windows of 64 tokens, 4 masking draws each.", **kept("tau_windows")
+        "Evaluation windows",
+        1,
+        256,
+        default_windows,
+        help=f"Windows of 64 tokens, 4 masking draws each; default {default_windows}, the same as Compare's perplexity "
+        "(fewer: a quicker, noisier sweep).",
+        **kept("tau_windows"),
     )
     taus = st.text_input(
         "Taus", "0, 0.01, 0.02, 0.05, 0.1", help="Comma-separated; 0 gates every sink and no non-sink.", **kept("tau_taus")
@@ -129,7 +145,7 @@ if run:
     bar = st.progress(0.0)
     with job("The tau sweep"):
         sweep_spec = tau_sweep_spec(
-            methods, sparsity, pattern, parse_taus(taus), spec, calibration, EvalSpec(seqlen=64, nsamples=int(windows), draws=4)
+            methods, sparsity, pattern, parse_taus(taus), spec, calibration, eval_spec(seqlen=64, nsamples=int(windows), draws=4)
         )
         df = queued_job(handle, "Tau sweep", lambda progress: run_sweep(handle, sweep_spec, progress=progress), bar, False)
         st.session_state["tau_sweep"] = (model_choice(), df, float(sparsity), pattern)
@@ -145,7 +161,7 @@ if result is not None and result[0] == model_choice():
         + (f", sparsity {sp:g}" if pat == "unstructured" else "")
         + (" (the run started since was cancelled)." if cancel.cancelled else ".")
     )
-    st.plotly_chart(viz.tau_sweep_figure(table, best))
+    st.plotly_chart(viz.tau_sweep_figure(table, best, reference_bands(table, df)))
     for sentence in best_tau_sentences(best):
         st.markdown(sentence)
     number = st.column_config.NumberColumn

@@ -266,6 +266,7 @@ def explorer_data(
     max_head_values: int = MAX_HEAD_VALUES,
     step_box: str | None = None,
     step_key: str | None = None,
+    save_as: tuple[str, Sequence[tuple[str, str]]] | None = None,
 ) -> dict:
     """Everything the browser view needs, once, in a compact JSON-able dict.
 
@@ -283,7 +284,9 @@ def explorer_data(
     (model, prompt, settings), written above the view with page margins: the page then stands alone
     (the HTML export). ``head_mass``: the trajectory's record ``[S, layers, heads, L]``; with it the page
     carries every analysed head's mass (one byte each, :func:`head_step_mass`) at :func:`head_view_steps`
-    for its layer × head grid."""
+    for its layer × head grid. ``save_as``: (file name, ``about`` rows of :func:`about_rows`): the view gets a
+    **Save HTML** button that saves the page itself as a standalone export headed by those rows, opening at the step
+    on screen (its "opens at step" said of that step)."""
     tokens = _check_tokens(report, tokens)
     li = _layer_index(report, spec.layer)
     L = report.length
@@ -347,6 +350,7 @@ def explorer_data(
         "step_box": step_box,
         "step_key": step_key,
         "about": [[str(k), str(v)] for k, v in about] if about else None,
+        "save": {"name": save_as[0], "about": [[str(k), str(v)] for k, v in save_as[1]]} if save_as else None,
         "heads": heads,
     }
 
@@ -363,16 +367,28 @@ def explorer_html(
     head_mass: np.ndarray | None = None,
     step_box: str | None = None,
     step_key: str | None = None,
+    save_as: tuple[str, Sequence[tuple[str, str]]] | None = None,
 ) -> str:
     """The run as one self-contained HTML page (no network, no library): the token strip, the layer ×
     position mass at the step with each layer's sinks, and the step × position mass of all steps with
     the dominant sink of each and a line at the current step, on one shared position axis; its own
     slider and play/pause move through the steps in the browser. The app shows this page as a
-    component (``start_step``, ``follow_box``, ``about``, ``head_mass``, ``step_box``, ``step_key``: see :func:`explorer_data`);
+    component (``start_step``, ``follow_box``, ``about``, ``head_mass``, ``step_box``, ``step_key``, ``save_as``: see
+    :func:`explorer_data`);
     :func:`write_animation` saves it."""
     data = json.dumps(
         explorer_data(
-            report, tokens, spec, max_values, start_step, follow_box, about, head_mass, step_box=step_box, step_key=step_key
+            report,
+            tokens,
+            spec,
+            max_values,
+            start_step,
+            follow_box,
+            about,
+            head_mass,
+            step_box=step_box,
+            step_key=step_key,
+            save_as=save_as,
         ),
         separators=(",", ":"),
         ensure_ascii=False,

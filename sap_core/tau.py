@@ -139,6 +139,27 @@ def tau_table(df: pd.DataFrame, sparsity: float, pattern: str = "unstructured") 
     return pd.DataFrame(out, columns=cols)
 
 
+def reference_bands(table: pd.DataFrame, df: pd.DataFrame) -> pd.DataFrame:
+    """The error band of each reference row of a :func:`tau_table` (``wanda``, ``noised_wanda``): its
+    difference from the ungated twin of the first gated method (``against``; the baseline every gated row is
+    paired with) and that difference's paired standard error, from the sweep ``df``'s per-draw estimates.
+    Columns ``method``, ``ppl``, ``against``, ``delta_nll``, ``se_paired`` (NaN without the estimates or the
+    twin). A gated point or twin inside ``ppl · exp(±2 se_paired)`` is within the noise of the reference."""
+    estimates = df.attrs.get("estimates") or {}
+    official = table[table["kind"] == "official"]
+    twin = official.iloc[0] if len(official) else None
+    out = []
+    for _, r in table[table["kind"] == "reference"].iterrows():
+        se = d = math.nan
+        if twin is not None:
+            d = float(r["nll"]) - float(twin["nll"])
+            se = paired_se_if_known(estimates.get(str(r["label"])), estimates.get(str(twin["label"])))
+        out.append(
+            dict(method=r["method"], ppl=r["ppl"], against=None if twin is None else twin["method"], delta_nll=d, se_paired=se)
+        )
+    return pd.DataFrame(out, columns=["method", "ppl", "against", "delta_nll", "se_paired"])
+
+
 def best_taus(table: pd.DataFrame, df: pd.DataFrame | None = None, threshold: float = 2.0) -> pd.DataFrame:
     """The lowest-perplexity tau of each gated method in a :func:`tau_table`, with its difference from
     the official ungated twin (``official``, ``official_ppl``, ``delta_nll``, ``se_paired``, ``z``),

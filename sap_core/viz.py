@@ -57,6 +57,33 @@ def _clear_of_toolbar(fig: go.Figure) -> go.Figure:
     return fig
 
 
+AXIS_FONT = dict(size=14, color="#1a1a1a")  # every figure's axis text: tick labels and titles, legend (readable on a projector)
+
+
+def _readable(fig: go.Figure) -> go.Figure:
+    """Axis text of ``fig`` large and dark enough for a projector at 1280x720 (:data:`AXIS_FONT`): the
+    base font, every axis's tick labels and title, the legend and colour bars; a tick size a figure set
+    itself (token labels on a crowded axis) is kept, only darkened."""
+    fig.update_layout(
+        font=AXIS_FONT,
+        legend=dict(font=AXIS_FONT),
+        title=dict(font=dict(size=17, color=AXIS_FONT["color"]), subtitle_font=dict(size=13, color="#333333")),
+    )
+
+    def axis(ax) -> None:
+        ax.update(title_font=AXIS_FONT, tickfont=dict(size=ax.tickfont.size or AXIS_FONT["size"], color=AXIS_FONT["color"]))
+
+    fig.for_each_xaxis(axis)
+    fig.for_each_yaxis(axis)
+    fig.update_traces(colorbar=dict(tickfont=AXIS_FONT, title_font=AXIS_FONT), selector=lambda t: "colorbar" in t)
+    return fig
+
+
+def _finished(fig: go.Figure) -> go.Figure:
+    """The last touch every figure gets: readable axis text, the title clear of the toolbar."""
+    return _clear_of_toolbar(_readable(fig))
+
+
 def uniform_multiple(mass: np.ndarray, valid: np.ndarray) -> np.ndarray:
     """Rows of ``mass[..., L]`` as multiples of their mean over the valid positions (the ``"uniform"``
     view of :mod:`sap_core.sinks`); NaN where not valid. ``valid``: ``bool``, broadcastable to ``mass``."""
@@ -106,7 +133,7 @@ def attention_map_figure(
         margin=dict(l=80, r=10, t=40, b=80),
         plot_bgcolor="#ffffff",
     )
-    return _clear_of_toolbar(fig)
+    return _finished(fig)
 
 
 def instability_bars(
@@ -139,7 +166,7 @@ def instability_bars(
         margin=dict(l=60, r=10, t=50, b=40),
         legend=dict(orientation="h", y=1.12, x=0),
     )
-    return _clear_of_toolbar(fig)
+    return _finished(fig)
 
 
 def detector_agreement_figure(agreement: pd.DataFrame) -> go.Figure:
@@ -172,7 +199,7 @@ def detector_agreement_figure(agreement: pd.DataFrame) -> go.Figure:
         margin=dict(l=160, r=10, t=50, b=40),
         yaxis=dict(autorange="reversed"),
     )
-    return _clear_of_toolbar(fig)
+    return _finished(fig)
 
 
 def position_stability(positions: pd.DataFrame, tau: float) -> go.Figure:
@@ -239,7 +266,7 @@ def position_stability(positions: pd.DataFrame, tau: float) -> go.Figure:
         margin=dict(l=60, r=60, t=50, b=40),
         legend=dict(orientation="h", y=-0.2),
     )
-    return _clear_of_toolbar(fig)
+    return _finished(fig)
 
 
 def comparison_bars(frame: pd.DataFrame, labels: Sequence[str], metric: str = "dominant_var") -> go.Figure:
@@ -258,7 +285,7 @@ def comparison_bars(frame: pd.DataFrame, labels: Sequence[str], metric: str = "d
         height=340,
         margin=dict(l=60, r=10, t=40, b=40),
     )
-    return _clear_of_toolbar(fig)
+    return _finished(fig)
 
 
 def sparsity_heatmap(layer_sparsity: pd.DataFrame, title: str | None = None, *, removed: bool = False) -> go.Figure:
@@ -294,7 +321,7 @@ def sparsity_heatmap(layer_sparsity: pd.DataFrame, title: str | None = None, *, 
         height=max(260, 60 + 28 * len(blocks)),
         margin=dict(l=80, r=10, t=50, b=50),
     )
-    return _clear_of_toolbar(fig)
+    return _finished(fig)
 
 
 FACTOR_SCALE = [
@@ -368,7 +395,7 @@ def factor_strip(
         margin=dict(l=10, r=10, t=40, b=90),
         plot_bgcolor="white",
     )
-    return _clear_of_toolbar(fig)
+    return _finished(fig)
 
 
 AGREEMENT_SCALE = [[0.0, "#ef5350"], [0.5, "#ef5350"], [0.5, "#c8e6c9"], [1.0, "#c8e6c9"]]  # differs, same
@@ -417,7 +444,7 @@ def agreement_figure(
         legend=dict(orientation="h", y=1.02, x=1, xanchor="right", yanchor="bottom"),
         plot_bgcolor="white",
     )
-    return _clear_of_toolbar(fig)
+    return _finished(fig)
 
 
 SWEEP_VIEWS = ("delta", "absolute")
@@ -600,7 +627,7 @@ def sweep_figure(df: pd.DataFrame, view: str = "delta") -> go.Figure:
     if df is None or len(df) == 0:
         fig.add_annotation(text="no sweep results yet", showarrow=False, x=0.5, y=0.5, xref="paper", yref="paper")
         fig.update_layout(xaxis_title="sparsity (fraction of weights removed)", yaxis_title="perplexity")
-        return _clear_of_toolbar(fig)
+        return _finished(fig)
     fallback = None
     if view == "delta":
         if not (df["method"] == DENSE).any():
@@ -649,7 +676,7 @@ def sweep_figure(df: pd.DataFrame, view: str = "delta") -> go.Figure:
     fig.update_layout(
         legend=dict(title="method (pattern)"), template="plotly_white", hovermode="closest", margin=dict(t=50, b=60)
     )
-    return _clear_of_toolbar(fig)
+    return _finished(fig)
 
 
 # --- picking tau (sap_core.tau) -------------------------------------------------------------------
@@ -698,7 +725,7 @@ def tau_variance_figure(
         height=420,
         margin=dict(t=60, b=10),
     )
-    return _clear_of_toolbar(fig)
+    return _finished(fig)
 
 
 def tau_layer_figure(shares: pd.DataFrame, tau: float) -> go.Figure:
@@ -733,16 +760,18 @@ def tau_layer_figure(shares: pd.DataFrame, tau: float) -> go.Figure:
         height=380,
         margin=dict(t=60, b=10),
     )
-    return _clear_of_toolbar(fig)
+    return _finished(fig)
 
 
-def tau_sweep_figure(table: pd.DataFrame, best: pd.DataFrame | None = None) -> go.Figure:
+def tau_sweep_figure(table: pd.DataFrame, best: pd.DataFrame | None = None, bands: pd.DataFrame | None = None) -> go.Figure:
     """Perplexity against tau at one sparsity and pattern (:func:`sap_core.tau.tau_table`) on a numeric tau
     axis (the taus are ticks at their values, not evenly spaced categories): one line per gated method,
     error bars ±2 paired standard errors of the difference from its ungated twin, the official rule
     (``ppl · exp(±2 se_paired)``: a bar that does not reach the twin's line is a difference beyond the
     noise); the twin as a dotted horizontal line in the method's colour; ``wanda`` and ``noised_wanda``
-    as horizontal dashed lines. A star marks a method's best tau (:func:`sap_core.tau.best_taus`) only
+    as horizontal dashed lines, each in a shaded band of ±2 paired SE (``bands``:
+    :func:`sap_core.tau.reference_bands`; a point inside a band is within the noise of that reference),
+    and a y range that holds every bar and band. A star marks a method's best tau (:func:`sap_core.tau.best_taus`) only
     when it beats the twin beyond the threshold (``beats_official``); the subtitle says when no tau does."""
     fig = go.Figure()
     gated = table[table["kind"] == "gated"]
@@ -804,20 +833,54 @@ def tau_sweep_figure(table: pd.DataFrame, best: pd.DataFrame | None = None) -> g
         elif twin is not None:
             notes.append(f"{method}: no tau beats {twin} beyond the noise")
     refs = table[table["kind"] == "reference"]
+    band_of = {} if bands is None else {str(b["method"]): b for _, b in bands.iterrows()}
     for j, (_, r) in enumerate(refs.iterrows()):
+        ink = ["black", "#7f7f7f"][j % 2]
+        b = band_of.get(str(r["method"]))
+        se = float(b["se_paired"]) if b is not None else math.nan
+        said = f" ± {se:.4f} nats (paired SE vs {b['against']})" if math.isfinite(se) else ""
+        if math.isfinite(se):
+            lo, hi = r["ppl"] * math.exp(-2 * se), r["ppl"] * math.exp(2 * se)
+            fig.add_trace(
+                go.Scatter(
+                    x=[x0, x1, x1, x0, x0],
+                    y=[lo, lo, hi, hi, lo],
+                    mode="lines",
+                    fill="toself",
+                    fillcolor=["rgba(0,0,0,0.10)", "rgba(127,127,127,0.14)"][j % 2],
+                    line=dict(width=0),
+                    name=f"{r['method']} ±2 paired SE",
+                    hovertemplate=f"{r['method']} ±2 paired SE: ppl {lo:.2f} – {hi:.2f} (within the noise of {r['method']})"
+                    "<extra></extra>",
+                )
+            )
         fig.add_trace(
             go.Scatter(
                 x=[x0, x1],
                 y=[r["ppl"], r["ppl"]],
                 mode="lines",
                 name=f"{r['method']} {r['ppl']:.2f}",
-                line=dict(color=["black", "#7f7f7f"][j % 2], dash="dash"),
-                hovertemplate=f"{r['method']}: ppl {r['ppl']:.2f}<extra></extra>",
+                line=dict(color=ink, dash="dash"),
+                hovertemplate=f"{r['method']}: ppl {r['ppl']:.2f}{said}<extra></extra>",
             )
         )
     if not fig.data:
         fig.add_annotation(text="no tau sweep results yet", showarrow=False, x=0.5, y=0.5, xref="paper", yref="paper")
     subtitle = "error bars: ±2 paired SE against the official rule (no gate)" + ("; " + "; ".join(notes) if notes else "")
+    if band_of:
+        subtitle += "; shaded: ±2 paired SE around each reference"
+    ys = []  # every line, bar and band: a range that shows what is within the noise
+    for t in fig.data:
+        y = np.asarray(t.y, float)
+        ys.append(y)
+        if t.error_y is not None and t.error_y.array is not None:
+            ys += [y + np.asarray(t.error_y.array, float), y - np.asarray(t.error_y.arrayminus, float)]
+    ys = np.concatenate(ys) if ys else np.array([])
+    ys = ys[np.isfinite(ys)]
+    y_range = None
+    if ys.size:
+        pad = 0.08 * max(ys.max() - ys.min(), 1e-3 * abs(ys.max()))
+        y_range = [ys.min() - pad, ys.max() + pad]
     fig.update_layout(
         title=dict(text="Perplexity against tau", subtitle=dict(text=subtitle)),
         xaxis=dict(
@@ -828,12 +891,12 @@ def tau_sweep_figure(table: pd.DataFrame, best: pd.DataFrame | None = None) -> g
             tickvals=taus,
             ticktext=[f"{t:g}" for t in taus],
         ),
-        yaxis_title="perplexity (masked-diffusion bound)",
+        yaxis=dict(title="perplexity (masked-diffusion bound)", range=y_range),
         legend=dict(orientation="h", y=-0.3),
         height=460,
         margin=dict(t=60, b=10),
     )
-    return _clear_of_toolbar(fig)
+    return _finished(fig)
 
 
 def sink_trajectory_pair(reports: dict, normalize: str = "raw") -> go.Figure:
@@ -895,7 +958,7 @@ def sink_trajectory_pair(reports: dict, normalize: str = "raw") -> go.Figure:
         legend=dict(orientation="h", y=-0.15),
         plot_bgcolor="white",
     )
-    return _clear_of_toolbar(fig)
+    return _finished(fig)
 
 
 def sinkstats_figure(summary: pd.DataFrame, labels: Sequence[str]) -> go.Figure:
@@ -936,4 +999,4 @@ def sinkstats_figure(summary: pd.DataFrame, labels: Sequence[str]) -> go.Figure:
         template="plotly_white",
         legend=dict(orientation="h", x=0.5, xanchor="center", y=1.1, yanchor="bottom"),
     )
-    return _clear_of_toolbar(fig)
+    return _finished(fig)

@@ -198,7 +198,7 @@ def test_variance_figure_marks_tau_and_both_distributions(gate):
 
 def test_tau_table_and_best_tau(both_ways):
     from sap_core.evaluate import paired_se
-    from sap_core.tau import best_tau_sentences, best_taus, tau_table
+    from sap_core.tau import best_tau_sentences, best_taus, reference_bands, tau_table
     from sap_core.viz import tau_sweep_figure
 
     _, df, _ = both_ways
@@ -238,6 +238,19 @@ def test_tau_table_and_best_tau(both_ways):
     starred = any(n.startswith("best gated_sink_wanda: tau") and "Δnll vs sink_wanda" in n for n in names)
     assert starred == bool(b["beats_official"]) == (b["z"] < -2)  # a star only beyond 2 paired SE
     assert f"sink_wanda {o['ppl']:.2f} (official rule, no gate)" in names
+    # each reference in its paired error band against the twin, inside the y range (issue 31 item 6)
+    bands = reference_bands(table, df)
+    first = table[table["kind"] == "official"].iloc[0]  # the twin of the first gated method (sorted): sink_sparsegpt
+    assert list(bands["method"]) == ["wanda", "noised_wanda"] and set(bands["against"]) == {first["method"]}
+    se_w = paired_se(df.attrs["estimates"][w["label"]], df.attrs["estimates"][first["label"]])
+    assert bands.iloc[0]["se_paired"] == pytest.approx(se_w) and se_w > 0
+    assert bands.iloc[0]["delta_nll"] == pytest.approx(w["nll"] - first["nll"])
+    fig = tau_sweep_figure(table, best, bands)
+    band = next(t for t in fig.data if t.name == "wanda ±2 paired SE")
+    lo, hi = min(band.y), max(band.y)
+    assert lo == pytest.approx(w["ppl"] * math.exp(-2 * se_w)) and hi == pytest.approx(w["ppl"] * math.exp(2 * se_w))
+    y0, y1 = fig.layout.yaxis.range
+    assert y0 < lo and hi < y1 and y0 < table["ppl"].min() and table["ppl"].max() < y1
     line = next(t for t in fig.data if t.name == "gated_sink_wanda")
     np.testing.assert_allclose(line.y, gated["ppl"])
     np.testing.assert_allclose(line.error_y.array, gated["ppl"] * np.expm1(2 * gated["se_paired"]))  # ±2 paired SE

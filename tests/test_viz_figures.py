@@ -114,7 +114,15 @@ def test_every_title_sits_below_the_toolbar():
             pd.DataFrame(dict(layer=[0], occurrence_share=[0.5], mass_share=[0.4], gated=[1], occurrences=[2])), 0.0
         )
     )
+    figs.append(viz.detector_agreement_figure(pd.DataFrame(dict(first=["a"], second=["b"], layer=[-1], jaccard=[0.5]))))
     for fig in figs:
+        # axis text a projector shows (issue 31 item 8): large and dark on every axis, colour bars included
+        for ax in [fig.layout[k] for k in fig.layout if k.startswith(("xaxis", "yaxis"))]:
+            assert ax.tickfont.size >= 13 and ax.tickfont.color == viz.AXIS_FONT["color"] == ax.title.font.color
+        assert fig.layout.font.size >= 13 and fig.layout.legend.font.color == viz.AXIS_FONT["color"]
+        for t in fig.data:
+            if "colorbar" in t:
+                assert t.colorbar.tickfont.size >= 13
         title = fig.layout.title
         assert title.yref == "container" and title.yanchor == "top" and title.pad.t >= viz.TOOLBAR_PX
         assert fig.layout.margin.t >= title.pad.t + 40  # room for the title under the toolbar's band
