@@ -5,13 +5,13 @@ tests/screenshots/test_side_by_side_and_ablation-*.png; look at them."""
 from __future__ import annotations
 
 import numpy as np
-
 from conftest import generate_in_browser, needs_chromium, no_streamlit_exception
+from test_browser_pages import choose, idle
+
 from sap_core.animation import AnimationSpecError, SecondRun, explorer_data
 from sap_core.decoding import DecodeSpec
 from sap_core.sink_report import analyze
 from sap_core.sinks import SinkSpec
-from test_browser_pages import choose, idle
 
 N = 16
 
@@ -59,8 +59,13 @@ def test_side_by_side_and_ablation(app_url, page):
     expect(page.get_by_text("Made magnitude", exact=False)).to_be_visible()
 
     nav(page, "Denoising explorer")
-    page.get_by_role("combobox", name="Variant").click()
-    page.get_by_role("option", name="magnitude", exact=False).first.click()
+    expect(page.get_by_text(f"{N} steps in", exact=False)).to_be_visible()
+    idle(page)
+    page.wait_for_timeout(1000)  # the view has committed its first step (which closes an open dropdown)
+    box = page.get_by_role("combobox", name="Variant")
+    box.click()
+    box.press_sequentially("magnitude")
+    box.press("Enter")
     idle(page)
     view = page.frame_locator("iframe").first
     label, other = view.locator("#steplabel"), view.locator("#otherlabel")
