@@ -46,6 +46,7 @@ import torch  # noqa: E402
 
 import app_shared  # noqa: E402
 from sap_core.decoding import DREAM_ALGS, REMASKING, decoding_controls  # noqa: E402
+from sap_core.detectors import DETECTORS, parse_detector  # noqa: E402
 from sap_core.errors import Cancelled, SapError  # noqa: E402
 from sap_core.models import ModelHandle, load_model  # noqa: E402
 from sap_core.pruning.variant import weights_fingerprint, weights_restored  # noqa: E402
@@ -192,6 +193,34 @@ def sink_spec() -> SinkSpec:
     """The app's one source of sink settings: those chosen on the Sink stability page, else the core
     default ``SinkSpec()`` (the official rule, tau = 0). The explorer, Prune and Compare's sweep use it."""
     return st.session_state.get("sink_spec", SinkSpec())
+
+
+def detector_choice(cols, current: str) -> str:
+    """The app's one sink-detector control (the Sink stability page and the explorer draw it): a detector in
+    ``cols[0]``, its parameter in ``cols[1]``, opening at ``current`` (the app's detector text, ``NAME[:PARAM]``).
+    Returns the chosen ``NAME:PARAM`` text ("official" for the official rule, which takes the k and alpha of
+    the sink settings); an out-of-range parameter is refused when a :class:`SinkSpec` is built from it."""
+    now = parse_detector(current)
+    name = cols[0].selectbox(
+        "Detector",
+        list(DETECTORS),
+        index=list(DETECTORS).index(now.name),
+        format_func=lambda n: DETECTORS[n].title,
+        key="sink_detector_name",
+        help="Which published definition of a sink scores the record (docs/sinks.md). The official rule uses the "
+        "sliders of the Sink stability page (k, alpha); the others their own parameter ε.",
+    )
+    chosen = DETECTORS[name]
+    param = cols[1].number_input(
+        f"{chosen.symbol} ({name})",
+        value=now.param if name == now.name and name != "official" else chosen.default,
+        step=0.05 if chosen.default < 1 else 0.5,
+        format="%.2f",
+        key=f"sink_detector_{name}",
+        disabled=name == "official",
+        help="gu, head: mean attention per query (0..1); rulli: multiple of uniform attention. Official: use k.",
+    )
+    return "official" if name == "official" else f"{name}:{param}"
 
 
 def progress_callback(bar, label: str, unit: str | None = None):

@@ -5,6 +5,7 @@ import time
 import streamlit as st
 
 import app_common
+import app_lab
 import app_shared
 from app_common import (
     active_model,
@@ -14,12 +15,9 @@ from app_common import (
     length_help,
     longest_generation,
     model_choice,
-    queued_generation,
     report_for,
-    sink_spec,
 )
 from sap_core import animation, viz
-from sap_core.attention import AttentionRecorder
 from sap_core.decoding import DecodeSpec
 from sap_core.diffusion import attention_map
 from sap_core.sink_report import provenance, run_words
@@ -47,6 +45,7 @@ with st.form("decode", enter_to_submit=False):  # Enter in a box never starts a 
         **kept("decode_gen_length"),
     )
     decode = app_common.decoding_options(handle, sampler, int(gen_length), c[1:], limit)  # the family's options
+    ablation = app_lab.ablation_choice(st.columns([1, 3]), handle)
     submitted = st.form_submit_button("Generate", type="primary", icon=":material/play_arrow:")
     st.caption(
         f"Generation length, steps and block length are {length_help(handle)}; a larger typed value is refused in its box."
@@ -67,15 +66,15 @@ if submitted:
     with job("Generation"):  # an impossible spec shows its one-line error (DecodeSpec checks, then generate's)
         spec = DecodeSpec(**decode)
         t0 = time.perf_counter()
-        traj = queued_generation(
-            handle, prompt, spec, AttentionRecorder(), bar, unit="steps"
-        )  # the model's queue: place, wait, batch
+        traj = app_lab.generation(handle, prompt, spec, ablation, bar)  # the model's queue: place, wait, batch
+        label = run_label(spec, prompt) + (f" · {app_lab.ablation_words(ablation)}" if ablation else "")
         st.session_state.update(
             trajectory=traj,
             trajectory_model=model_choice(),
             trajectory_seconds=time.perf_counter() - t0,
             trajectory_tokens=animation.readable_tokens(handle.decode, traj.final_tokens),
-            trajectory_label=run_label(spec, prompt),
+            trajectory_label=label,
+            trajectory_ablation=ablation,
         )
         st.session_state.pop("attention", None)
         app_shared.store_run(traj, st.session_state["trajectory_label"])
@@ -109,9 +108,17 @@ app_shared.run_link(view_step)
 output = traj.prompt + handle.decode(traj.generated_ids)
 st.caption("Output (prompt and generated text)")
 st.code(output, language=None, wrap_lines=True)
-spec = sink_spec()
+spec = app_lab.explorer_sink_spec(st.columns([2, 1, 3]))  # the Sink stability page's detector: one sink rule
 report = report_for(traj, spec)
 tokens = st.session_state["trajectory_tokens"]
+choice = app_lab.variant_choice(traj)  # a variant of the Prune page, alone or side by side with this run
+shown, other = (report, tokens, traj.mass), None
+if choice is not None:
+    bar = st.empty()
+    with job("The variant's run"):
+        shift = app_lab.variant_shift(handle, traj, choice, spec, bar)
+        *shown, other = app_lab.shown_runs(handle, choice, shift, report, tokens, spec)
+    bar.empty()
 
 st.subheader("Step through the run")
 st.caption(
@@ -151,17 +158,18 @@ def file_name(kind: str, ext: str) -> str:
 
 
 views = st.session_state.setdefault("explorer_views", {})
-view_key = (id(traj), spec, anim_spec)
+view_key = (id(traj), spec, anim_spec, choice)
 if view_key not in views:
     # one view per session: the latest trajectory and settings; rebuilt for new settings at the step it showed
     views.clear()
     views[view_key] = animation.explorer_html(
-        report,
-        tokens,
+        shown[0],
+        shown[1],
         anim_spec,
         start_step=view_step,
         follow_box=".st-key-map_step input",
-        head_mass=traj.mass,
+        head_mass=shown[2],
+        other=other,
         step_box=".st-key-step input",
         step_key=f"{st.session_state.get('sid')}.{id(traj)}",  # this run in this session: a reload or a link is another
         save_as=(file_name("sinks", "html"), about),  # the view's own Save HTML: the export at the step on screen

@@ -5,11 +5,10 @@ from dataclasses import replace
 import streamlit as st
 
 import app_shared
-from app_common import active_model, current_trajectory, report_for, sink_spec
+from app_common import active_model, current_trajectory, detector_choice, report_for, sink_spec
 from sap_core import viz
 from sap_core.animation import export_name, readable_tokens, run_settings
 from sap_core.decoding import decoding_words
-from sap_core.detectors import DETECTORS
 from sap_core.errors import SapError
 from sap_core.sink_report import detector_agreement, provenance, with_provenance
 from sap_core.sinks import RULES, SinkSpec, separating_tau
@@ -107,26 +106,7 @@ def rescore() -> None:
         disabled=official,
         help="Only for the leave_one_out rule: margin in units of the step's uniform mass.",
     )
-    d = st.columns([2, 1, 3])
-    name = d[0].selectbox(
-        "Detector",
-        list(DETECTORS),
-        index=list(DETECTORS).index(old.detector.partition(":")[0]),
-        format_func=lambda n: DETECTORS[n].title,
-        key="sink_detector_name",
-        help="Which published definition of a sink scores the record (docs/sinks.md). The official rule uses the "
-        "sliders above; the others their own parameter ε.",
-    )
-    chosen = DETECTORS[name]
-    param = d[1].number_input(
-        f"{chosen.symbol} ({name})",
-        value=chosen.default,
-        step=0.05 if chosen.default < 1 else 0.5,
-        format="%.2f",
-        key=f"sink_detector_{name}",
-        disabled=name == "official",
-        help="gu, head: mean attention per query (0..1); rulli: multiple of uniform attention. Official: use k.",
-    )
+    detector = detector_choice(st.columns([2, 1, 3]), old.detector)
     try:
         spec = SinkSpec(
             rule=rule,
@@ -134,7 +114,7 @@ def rescore() -> None:
             alpha=alpha,
             tau=tau,
             epsilon=epsilon,
-            detector="official" if name == "official" else f"{name}:{param}",
+            detector=detector,
         )
     except SapError as exc:
         st.error(app_shared.shown(exc))

@@ -254,6 +254,29 @@ def head_step_mass(report, head_mass: np.ndarray) -> np.ndarray:
     return uniform_multiple(picked, report.valid[:, None, None, :])
 
 
+@dataclass(frozen=True, eq=False)
+class SecondRun:
+    """A second run drawn under the first in the same view (the explorer's side by side): its
+    :class:`~sap_core.sink_report.SinkReport` (the same steps and positions as the first's), the texts of its
+    final tokens (None: the ids), a ``label`` naming it, and ``differs``: bool ``[S, L]``, the positions whose
+    aggregate sink status differs between the two runs at each step (``SinkShift.differs``)."""
+
+    report: object
+    tokens: Sequence[str] | None
+    label: str
+    differs: np.ndarray
+
+
+def _second_run(report, other: SecondRun) -> None:
+    o = other.report
+    if (o.n_steps, o.length) != (report.n_steps, report.length) or tuple(o.layers) != tuple(report.layers):
+        raise AnimationSpecError(
+            f"the second run has {o.n_steps} steps x {o.length} positions (layers {list(o.layers)}), the first "
+            f"{report.n_steps} x {report.length} (layers {list(report.layers)}); compare runs of the same settings."
+        )
+    assert np.shape(other.differs) == (report.n_steps, report.length), np.shape(other.differs)
+
+
 def explorer_data(
     report,
     tokens: Sequence[str] | None = None,
@@ -267,6 +290,7 @@ def explorer_data(
     step_box: str | None = None,
     step_key: str | None = None,
     save_as: tuple[str, Sequence[tuple[str, str]]] | None = None,
+    other: SecondRun | None = None,
 ) -> dict:
     """Everything the browser view needs, once, in a compact JSON-able dict.
 
@@ -286,7 +310,9 @@ def explorer_data(
     carries every analysed head's mass (one byte each, :func:`head_step_mass`) at :func:`head_view_steps`
     for its layer × head grid. ``save_as``: (file name, ``about`` rows of :func:`about_rows`): the view gets a
     **Save HTML** button that saves the page itself as a standalone export headed by those rows, opening at the step
-    on screen (its "opens at step" said of that step)."""
+    on screen (its "opens at step" said of that step). ``other``: a :class:`SecondRun` drawn under the first (its
+    state strip and layer × position map at the same step, on the same colour scale: ``qmax`` and ``layer_hi`` then
+    span both runs), the positions whose sinks differ marked; one slider and Play move both."""
     tokens = _check_tokens(report, tokens)
     li = _layer_index(report, spec.layer)
     L = report.length
@@ -297,9 +323,14 @@ def explorer_data(
         trail, dominant, trail_name = agg, report.dominant, "all layers"
     else:
         trail, dominant, trail_name = per_layer[:, li], report.layer_dominant[:, li], f"layer {report.layers[li]}"
-    finite = np.concatenate([per_layer[np.isfinite(per_layer)], trail[np.isfinite(trail)]])
+    both = per_layer
+    if other is not None:
+        _second_run(report, other)
+        other_layer = layer_step_mass(other.report)
+        both = np.concatenate([per_layer, other_layer], axis=1)  # one colour scale for the two runs
+    finite = np.concatenate([both[np.isfinite(both)], trail[np.isfinite(trail)]])
     qmax = float(max(finite.max(), 1.0)) if finite.size else 1.0
-    layer_hi = color_limits(per_layer, spec.color_range)[:, 1]  # over all steps, carried or not
+    layer_hi = color_limits(both, spec.color_range)[:, 1]  # over all steps, carried or not
     trail_hi = float(color_limits(trail, "global99" if spec.color_range == "per-step" else spec.color_range)[0, 1])
     per_layer, trail, dominant, agg = per_layer[keep], trail[keep], dominant[keep], agg[keep]
     enc = lambda raw: base64.b64encode(raw).decode()
@@ -316,6 +347,17 @@ def explorer_data(
             "mass": enc(_quantise(hm[hkeep], hq)),
             "qmax": hq,
             "hi": head_limits(hm, spec.color_range)[hkeep].round(3).tolist(),
+        }
+    second = None
+    if other is not None:
+        o = other.report
+        second = {
+            "label": other.label,
+            "tokens": _check_tokens(o, other.tokens),
+            "state": enc(o.state[keep].astype(np.uint8).tobytes()),
+            "layer_mass": enc(_quantise(other_layer[keep], qmax)),
+            "sinks": [np.flatnonzero(o.layer_is_sink[s].reshape(-1)).tolist() for s in keep],
+            "differs": [np.flatnonzero(np.asarray(other.differs)[s]).tolist() for s in keep],
         }
     return {
         "steps": len(keep),
@@ -352,6 +394,7 @@ def explorer_data(
         "about": [[str(k), str(v)] for k, v in about] if about else None,
         "save": {"name": save_as[0], "about": [[str(k), str(v)] for k, v in save_as[1]]} if save_as else None,
         "heads": heads,
+        "other": second,
     }
 
 
@@ -368,12 +411,13 @@ def explorer_html(
     step_box: str | None = None,
     step_key: str | None = None,
     save_as: tuple[str, Sequence[tuple[str, str]]] | None = None,
+    other: SecondRun | None = None,
 ) -> str:
     """The run as one self-contained HTML page (no network, no library): the token strip, the layer ×
     position mass at the step with each layer's sinks, and the step × position mass of all steps with
     the dominant sink of each and a line at the current step, on one shared position axis; its own
     slider and play/pause move through the steps in the browser. The app shows this page as a
-    component (``start_step``, ``follow_box``, ``about``, ``head_mass``, ``step_box``, ``step_key``, ``save_as``: see
+    component (``start_step``, ``follow_box``, ``about``, ``head_mass``, ``step_box``, ``step_key``, ``save_as``, ``other``: see
     :func:`explorer_data`);
     :func:`write_animation` saves it."""
     data = json.dumps(
@@ -389,6 +433,7 @@ def explorer_html(
             step_box=step_box,
             step_key=step_key,
             save_as=save_as,
+            other=other,
         ),
         separators=(",", ":"),
         ensure_ascii=False,

@@ -43,7 +43,7 @@ def test_attention_map_follows_the_view_or_the_typed_step():
     step, layer, head, amap = at.session_state["attention"]
     assert (step, layer, head) == (7, 0, 0) and amap.shape[0] == amap.shape[1]
     assert at.number_input(key="map_step").value == 7  # the greyed box shows the step used, not the last step
-    at.toggle[0].set_value(False).run()
+    at.toggle(key="map_follow").set_value(False).run()
     assert at.number_input(key="map_step").value == 7  # typing starts from the view's step
     at.number_input(key="map_step").set_value(3).run()
     next(b for b in at.button if b.label == "Recompute map").click().run()
