@@ -285,9 +285,10 @@ class SinkStatsCost:
     seconds: float
 
 
-def _pass_seconds(handle, length: int) -> float:
-    """Seconds of one forward pass of ``handle`` on ``length`` tokens with the attention recorded (after a warm-up)."""
-    ids = torch.randint(4, max(5, min(handle.vocab_size or 100, 100)), (1, max(length, 2)))
+def pass_seconds(handle, length: int, rows: int = 1) -> float:
+    """Seconds of one forward pass of ``handle`` on ``rows`` sequences of ``length`` tokens with the attention
+    recorded (after a warm-up)."""
+    ids = torch.randint(4, max(5, min(handle.vocab_size or 100, 100)), (max(rows, 1), max(length, 2)))
     recorder = AttentionRecorder()
     with torch.inference_mode():
         times = []
@@ -310,8 +311,8 @@ def estimate_cost(first, second, n_prompts: int, prompt_tokens: int, decode: Dec
     dlm, ar = sorted((first, second), key=lambda h: bool(h.causal))
     head = len(dlm.encode(""))
     full = head + prompt_tokens + decode.gen_length
-    dlm_step = _pass_seconds(dlm, full)
-    ar_step = _pass_seconds(ar, full - decode.gen_length // 2)  # its sequence grows a token a step: the mean length
+    dlm_step = pass_seconds(dlm, full)
+    ar_step = pass_seconds(ar, full - decode.gen_length // 2)  # its sequence grows a token a step: the mean length
     per_prompt = decode.steps * dlm_step + decode.gen_length * ar_step
     return SinkStatsCost(
         int(n_prompts),
@@ -330,6 +331,7 @@ __all__ = [
     "SinkStatsError",
     "SinkStatsCost",
     "estimate_cost",
+    "pass_seconds",
     "run_sinkstats",
     "evaluation_prompts",
     "prompts_from_lines",

@@ -184,3 +184,24 @@ def test_cli_evaluate_ablate_sinks_and_bad_layers(tmp_path):
     assert done.returncode == 2 and done.stderr.strip().count("\n") == 0 and "6 layers" in done.stderr
     done = _cli("sinkstats", "--ablate", "--ablate-layers", "0,40", "--quiet")
     assert done.returncode == 2 and "do not exist" in done.stderr and "\n" not in done.stderr.strip()
+
+
+def test_side_by_side_gives_four_texts_and_the_paired_table_after_its_estimate(dlm, ar):
+    from sap_core.ablation_stats import MODELS, ablation_side_by_side, estimate_side_by_side
+    from sap_core.evaluate import EvalSpec
+
+    decode, ev, abl = DecodeSpec(gen_length=8, steps=8, block_length=8), EvalSpec(seqlen=32, nsamples=2, draws=2), SinkAblation()
+    cost = estimate_side_by_side(dlm, ar, 4, decode, abl, ev)
+    assert cost.passes == 2 * (8 + 1) + 2 * (8 + 1) and cost.seconds > 0
+    seen = []
+    out = ablation_side_by_side(dlm, ar, "ROMEO.\n", decode, abl, ev, progress=lambda d, t, m: seen.append((d, t)))
+    assert set(out.runs) == {(m, a) for m in MODELS for a in (False, True)}
+    assert out.runs[("DLM", False)].final_tokens.tolist() == generate(dlm, "ROMEO.\n", decode).final_tokens.tolist()
+    assert all(t.startswith("“") for t in out.texts.values())
+    assert list(out.outputs()["model"]) == list(MODELS)
+    assert list(out.stats.rows["model"]) == [dlm.name, ar.name] and (out.stats.rows["n"] == 2).all()
+    assert seen[-1][0] == seen[-1][1] == 500 and all(a <= b for (a, _), (b, _) in zip(seen, seen[1:]))
+    with pytest.raises(AblationError, match="DLM"):
+        ablation_side_by_side(ar, dlm, "x", decode, abl, ev)
+    with pytest.raises(AblationError, match="do not exist"):
+        estimate_side_by_side(dlm, ar, 4, decode, SinkAblation((99,)), ev)
