@@ -9,14 +9,28 @@ from dataclasses import dataclass, replace
 import numpy as np
 import streamlit as st
 
-from app_common import detector_choice, model_choice, queued_generation, queued_job, report_for, sink_spec
+from app_common import (
+    CancelButton,
+    detector_choice,
+    duration,
+    eval_spec,
+    job,
+    kept,
+    model_choice,
+    queued_generation,
+    queued_job,
+    report_for,
+    sink_spec,
+)
 from sap_core.ablation import SinkAblation, ablated
+from sap_core.ablation_stats import MODELS, ablation_side_by_side, estimate_side_by_side
 from sap_core.animation import SecondRun, readable_tokens
 from sap_core.attention import AttentionRecorder
 from sap_core.diffusion import generate
 from sap_core.errors import SapError
 from sap_core.sink_shift import FREE_RUNNING, MODES, REPLAYED, SinkShift, sink_shift
 from sap_core.sinks import SinkSpec
+from sap_core.text import shown_prompt
 
 ALONE, VARIANT, SIDE_BY_SIDE = "dense", "variant", "side by side"
 SHOWN = {
@@ -143,8 +157,87 @@ def shown_runs(handle, choice: VariantChoice, shift: SinkShift, report, tokens, 
     return report, tokens, shift.dense.mass, SecondRun(vreport, vtokens, label, differs)
 
 
+def ablation_section(handle, traj, other, other_loaded: bool) -> None:
+    """AR vs DLM's "What if the sinks are removed?": the explorer's prompt and settings decoded by the DLM and its AR
+    twin, plain and ablated, and the paired change of perplexity (:func:`sap_core.ablation_stats.ablation_side_by_side`);
+    settings and cost said before the run, which goes through the model's queue with a Cancel. ``other()`` loads the
+    other model; ``other_loaded``: whether it is loaded already (the cost is timed only then)."""
+    st.subheader("What if the sinks are removed?")
+    st.caption(
+        "Rulli et al. report that masking the sinks barely hurts a DLM while it breaks an AR model. Here both models "
+        "decode the explorer's prompt twice, plain and with each chosen layer's sinks removed as keys at every step "
+        "(found within the layer's own pass, attention renormalised over the rest), and perplexity is scored plain and "
+        "ablated on the same windows: the masked-diffusion bound for the DLM, next-token for the AR model."
+    )
+    c = st.columns(2)
+    windows = c[0].number_input(
+        "Perplexity windows", 2, 64, 4, help="Windows of the evaluation text; more, smaller paired SE.", **kept("abl_windows")
+    )
+    layers = c[1].multiselect(
+        "Ablated layers",
+        list(range(handle.n_layers)),
+        key="abl_layers",
+        placeholder="all layers",
+        help="None chosen: every layer.",
+    )
+    ablation, ev, d = SinkAblation(tuple(layers) or None, sink_spec()), eval_spec(nsamples=int(windows)), traj.spec
+    st.markdown(
+        f"**Settings:** the prompt {shown_prompt(traj.prompt)}, {d.gen_length} tokens (DLM in {d.steps} steps, the AR model "
+        f"one a token), temperature {d.temperature:g}, seed {d.seed}: the Denoising explorer's last run · "
+        f"{ablation.describe()} · perplexity on {ev.nsamples} windows of {ev.seqlen} tokens (DLM: {ev.draws} masking "
+        "draws each), Δ paired by window."
+    )
+    prompt = traj.prompt or traj.final_tokens[: traj.prompt_length].tolist()
+    cost_key = (model_choice(), id(traj), ablation, ev)
+    cost = None
+    if other_loaded:
+        with job("The cost estimate"):
+            cached = st.session_state.get("ablation_cost")
+            if cached is None or cached[0] != cost_key:  # eight timed passes, once per setting
+                pair = sorted((handle, other()), key=lambda h: bool(h.causal))
+                st.session_state["ablation_cost"] = (cost_key, estimate_side_by_side(*pair, traj.prompt_length, d, ablation, ev))
+            cost = st.session_state["ablation_cost"][1]
+    if cost is not None:
+        st.caption(
+            f"Cost: 4 generations and 4 perplexity runs, {cost.passes} forward passes; about {duration(cost.seconds)} on this device."
+        )
+    else:
+        st.caption(
+            "Cost: 4 generations and 4 perplexity runs; the time is estimated once the other model is loaded (the buttons above load it)."
+        )
+    submitted = st.button("Run with and without the sinks", type="primary")
+    cancel = CancelButton("ablation")
+    cancel.notice("Sink ablation", "no result was kept and neither model was changed (no weights are touched)")
+    if submitted:
+        cancel.running("Stops the running sink-ablation job; nothing is changed.")
+        bar = st.progress(0.0, text="Sink ablation…")
+        with job("The sink-ablation run"):
+            dlm, ar = sorted((handle, other()), key=lambda h: bool(h.causal))
+            work = lambda progress: ablation_side_by_side(dlm, ar, prompt, d, ablation, ev, progress)  # noqa: E731
+            st.session_state["ablation_side"] = (cost_key, queued_job(handle, "Sink ablation", work, bar, False))
+        bar.empty()
+    cancel.idle()
+    result = st.session_state.get("ablation_side")
+    if result is None or result[0][:2] != cost_key[:2]:
+        return
+    side = result[1]
+    if result[0] != cost_key:
+        st.caption("The result below is for the settings of its run; press the button to run the ones above.")
+    for col, label in zip(st.columns(2), MODELS):
+        col.markdown(f"**{label}**, plain")
+        col.code(side.texts[(label, False)], language=None, wrap_lines=True)
+        col.markdown(f"**{label}**, {ablation_words(side.ablation)}")
+        col.code(side.texts[(label, True)], language=None, wrap_lines=True)
+    st.dataframe(side.stats.table(), hide_index=True)
+    st.caption(
+        f"{side.stats.rows['n'].iloc[0]} windows, both models, plain and ablated, in {side.stats.seconds:.1f} s · Δ: ablated − "
+        "plain NLL (nats per token), its SE paired by window; |Δ| > 2 SE is a change beyond the noise."
+    )
+
+
 __all__ = [
     "SHOWN",
+    "ablation_section",
     "VariantChoice",
     "ablation_choice",
     "ablation_words",

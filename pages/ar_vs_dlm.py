@@ -6,6 +6,7 @@ from pathlib import Path
 
 import streamlit as st
 
+import app_lab
 import app_shared
 from app_common import (
     CancelButton,
@@ -205,3 +206,5 @@ if stats is not None:
     c1, c2 = st.columns(2)
     c1.download_button("Download summary (CSV)", stats.summary().to_csv(index=False), "sinkstats.csv", "text/csv")
     c2.download_button("Download everything (JSON)", json.dumps(stats.to_dict(), indent=1), "sinkstats.json", "application/json")
+
+app_lab.ablation_section(handle, traj, load_other, is_cached(other_source.strip(), *model_choice()[1:]))
