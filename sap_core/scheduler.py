@@ -141,7 +141,10 @@ class Scheduler:
     def _submit(self, ticket: Ticket) -> Ticket:
         with self._lock:
             if ticket.owner is not None:
-                mine = [t for t in self._queue + [t for batch in self._running for t in batch] if t.owner == ticket.owner]
+                # a cancelled job still winding down (until its next progress report) does not count: the new one
+                # waits behind it in the queue instead of being refused
+                everything = self._queue + [t for batch in self._running for t in batch]
+                mine = [t for t in everything if t.owner == ticket.owner and t.state != CANCELLED]
                 if mine:
                     raise SapError(
                         f"You already have a job in the queue ({mine[0].label}, {mine[0].state}); wait for it to end "

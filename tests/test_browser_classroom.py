@@ -115,7 +115,7 @@ def test_form_values_survive_a_page_switch_and_an_interrupted_run_says_so(app_ur
     page.get_by_role("spinbutton", name="Calibration samples").fill("512")
     page.get_by_role("spinbutton", name="Calibration seed").fill("7")
     page.get_by_role("button", name="Prune", exact=True).click()
-    expect(page.get_by_text("Pruning: sink_wanda", exact=False)).to_be_visible()  # running: leave the page now
+    expect(page.get_by_text("Pruning sink_wanda", exact=False)).to_be_visible()  # running: leave the page now
     nav(page, "Compare")
     expect(page.locator("[data-testid='stMain']").get_by_role("heading", name="Compare")).to_be_visible()
     idle(page)

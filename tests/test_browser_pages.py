@@ -89,7 +89,7 @@ def test_workflow_through_every_page(app_url, page):
     page.get_by_role("spinbutton", name="Calibration length").fill("256")
     page.get_by_role("spinbutton", name="Calibration length").press("Tab")
     page.get_by_role("button", name="Prune", exact=True).click()
-    expect(page.get_by_text("Pruning: sparsegpt", exact=False)).to_be_visible()
+    expect(page.get_by_text("Pruning sparsegpt", exact=False)).to_be_visible()
     page.get_by_role("button", name="Cancel").click()  # waits until it is enabled, i.e. the job runs
     expect(page.get_by_text("Pruning cancelled", exact=False)).to_be_visible()
     expect(page.get_by_text("No variants yet", exact=False)).to_be_visible()

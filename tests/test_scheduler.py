@@ -172,3 +172,25 @@ def test_a_failing_job_keeps_the_queue_working(tiny_dlm):
     with pytest.raises(SapError, match="no"):
         t.outcome()
     assert queue.heavy(lambda progress: 1, owner="x").wait(10)
+
+
+def test_a_cancelled_job_winding_down_does_not_block_its_sessions_next_one(tiny_dlm, one_thread):
+    queue = Scheduler(tiny_dlm, workers=1)
+    go, started = threading.Event(), threading.Event()
+
+    def slow(progress):  # reports progress only once released: until then a cancel cannot stop it
+        started.set()
+        go.wait(10)
+        progress(0, 1, "late")
+        return "not reached"
+
+    first = queue.heavy(slow, owner="s")
+    assert started.wait(10)
+    queue.cancel(first)  # running: it stops at its next progress report
+    second = queue.heavy(lambda progress: "again", owner="s")  # taken, and queued behind the one winding down
+    assert queue.position(second) == 1
+    go.set()
+    assert first.wait(10) and second.wait(10)
+    assert second.outcome() == "again"
+    with pytest.raises(Cancelled):
+        first.outcome()
