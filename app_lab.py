@@ -129,9 +129,7 @@ def load_saved(handle, directory) -> dict:
         return same
     variant = load_variant(handle, path)
     name = numbered(f"{variant.label} ({Path(path).name})", [v["name"] for v in variants if v["model"] == model_choice()])
-    entry = app_shared.keep_variant({"name": name, "variant": variant, "model": model_choice(), "loaded_from": path}, handle)
-    variants.append(entry)
-    return entry
+    return app_shared.keep_variant({"name": name, "variant": variant, "model": model_choice(), "loaded_from": path}, handle)
 
 
 def load_control(handle) -> None:
