@@ -43,3 +43,33 @@ def test_a_saved_variant_loads_back_and_the_stability_page_rescores_its_run(tmp_
     other.switch_page("pages/stability.py").run()
     assert not other.exception and not other.error, texts(other.error)
     assert any(f"Re-scoring the variant **{loaded}** (replayed) of the run" in i for i in texts(other.info)), texts(other.info)
+
+
+def test_shared_mode_lists_the_server_named_saves_in_the_explorers_selector(tmp_path, monkeypatch):
+    import app_shared
+    from app_common import cached_model
+    from sap_core.pruning import PruneSpec, prune
+    from sap_core.serving import ServerSettings
+
+    (tmp_path / "models").mkdir()
+    (tmp_path / "runs").mkdir()
+    server = ServerSettings(shared=True, models_dir=tmp_path / "models", runs_dir=tmp_path / "runs")
+    handle = cached_model("tiny-dlm", "auto", "auto")
+    saved = server.saved_variant_dir("someone", "magnitude 30%")
+    prune(handle, PruneSpec("magnitude", 0.3)).save(saved, handle)
+    monkeypatch.setenv("SINKSCOPE_SHARED", "1")
+    monkeypatch.setenv("SINKSCOPE_MODELS_DIR", str(tmp_path / "models"))
+    monkeypatch.setenv("SINKSCOPE_RUNS_DIR", str(tmp_path / "runs"))
+    app_shared.settings.clear()
+    app_shared.stores.clear()
+    try:
+        at = generate_small(new_app())
+        selector = at.selectbox(key="lab_variant")
+        assert f"saved: {saved.name}" in selector.options  # the server-named save, no server path
+        assert not [t for t in at.text_input if t.label == "Load a saved variant (directory)"]
+        selector.set_value(str(saved)).run()
+        assert not at.exception and not at.error, texts(at.error)
+        assert [v["name"] for v in at.session_state["variants"]] == [f"magnitude 30% ({saved.name})"]
+    finally:
+        app_shared.settings.clear()
+        app_shared.stores.clear()
