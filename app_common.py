@@ -429,6 +429,19 @@ def current_trajectory(handle: ModelHandle, key: str = "trajectory"):
     return st.session_state.get(key)
 
 
+STABILITY_RUN = "stability_run"  # (id of the dense run, the variant's trajectory, words): set by the explorer (app_lab)
+
+
+def stability_run(handle: ModelHandle) -> tuple[object | None, str]:
+    """The run the Sink stability page re-scores and the words that say which: the explorer's variant run while the
+    explorer shows a variant of this session's stored run (app_lab.shown_runs), else that run ("the run")."""
+    traj = current_trajectory(handle)
+    kept = st.session_state.get(STABILITY_RUN)
+    if traj is not None and kept is not None and kept[0] == id(traj):
+        return kept[1], kept[2]
+    return traj, "the run"
+
+
 def report_for(trajectory, spec: SinkSpec):
     """Sink analysis of a stored trajectory; recomputed only when the trajectory or the spec changes
     (the mass reduction itself is cached in ``sap_core.sinks``), never by rerunning the model."""

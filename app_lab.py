@@ -5,11 +5,14 @@ with the dense run. The logic is the core's (:mod:`sap_core.ablation`, :mod:`sap
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import numpy as np
 import streamlit as st
 
+import app_shared
 from app_common import (
+    STABILITY_RUN,
     CancelButton,
     detector_choice,
     duration,
@@ -28,6 +31,9 @@ from sap_core.animation import SecondRun, readable_tokens
 from sap_core.attention import AttentionRecorder
 from sap_core.diffusion import generate
 from sap_core.errors import SapError
+from sap_core.lmeval.model import load_variant
+from sap_core.pruning import numbered
+from sap_core.pruning.variant import is_variant_dir
 from sap_core.sink_shift import FREE_RUNNING, MODES, REPLAYED, SinkShift, sink_shift
 from sap_core.sinks import SinkSpec
 from sap_core.text import shown_prompt
@@ -101,21 +107,78 @@ class VariantChoice:
     shown: str
 
 
-def variant_choice(traj) -> VariantChoice | None:
-    """The variant selector (where the session has variants of this model, pages/prune.py): which variant, the
-    view (alone or side by side) and the comparison mode. None: the run alone."""
+def saved_variant_dirs() -> list[Path]:
+    """The saved variant directories the explorer's selector offers: in shared mode the server-named saves under
+    ``--runs`` (:meth:`~sap_core.serving.ServerSettings.saved_variant_dir`); otherwise none (the Prune page's
+    :func:`load_control` reads a typed directory)."""
+    s = app_shared.settings()
+    if not s.shared or s.runs_dir is None:
+        return []
+    root = Path(s.runs_dir).resolve() / "variants"
+    return sorted(p for p in root.iterdir() if is_variant_dir(p)) if root.is_dir() else []
+
+
+def load_saved(handle, directory) -> dict:
+    """Load the saved variant ``directory`` of the active model (:func:`sap_core.lmeval.model.load_variant`: a variant
+    of another model is refused in one line) into this session's variants, as the Prune page keeps a pruned one; a
+    directory loaded before is not loaded twice."""
+    variants = st.session_state.setdefault("variants", [])
+    path = str(Path(directory).expanduser().resolve())
+    same = next((v for v in variants if v.get("loaded_from") == path and v["model"] == model_choice()), None)
+    if same is not None:
+        return same
+    variant = load_variant(handle, path)
+    name = numbered(f"{variant.label} ({Path(path).name})", [v["name"] for v in variants if v["model"] == model_choice()])
+    return app_shared.keep_variant({"name": name, "variant": variant, "model": model_choice(), "loaded_from": path}, handle)
+
+
+def load_control(handle) -> None:
+    """The Prune page's "Load a saved variant (directory)" box (not in shared mode: the explorer lists the server's saves)."""
+    if app_shared.shared():
+        return
+    c1, c2 = st.columns([4, 1], vertical_alignment="bottom")
+    target = c1.text_input(
+        "Load a saved variant (directory)",
+        key="load_variant_dir",
+        help="A directory saved by **Save** below or 'prune --save' from this model; it joins this session's variants.",
+    )
+    if c2.button("Load", key="load_variant", icon=":material/upload:", disabled=not target.strip()):
+        try:
+            entry = load_saved(handle, target.strip())
+        except SapError as exc:
+            st.error(app_shared.shown(exc))
+        else:
+            st.success(f"Loaded **{entry['name']}**; the Denoising explorer's **Variant** selector offers it.")
+
+
+def variant_choice(traj, handle) -> VariantChoice | None:
+    """The variant selector (the session's variants of this model, pages/prune.py, and in shared mode the saved ones
+    under ``--runs``): which variant, the view (alone or side by side) and the comparison mode. None: the run alone.
+    The choice also says which run the Sink stability page re-scores (:func:`keep_stability_run`)."""
+    st.session_state.pop(STABILITY_RUN, None)  # the dense run unless a variant is shown below
     names = [v["name"] for v in st.session_state.get("variants", []) if v["model"] == model_choice()]
-    if not names:
+    loaded = {v.get("loaded_from") for v in st.session_state.get("variants", []) if v["model"] == model_choice()}
+    saved = [str(p) for p in saved_variant_dirs() if str(p) not in loaded]
+    if not names and not saved:
         return None
     if st.session_state.get("trajectory_ablation"):
         st.caption("The variants compare with a plain dense run: generate without **Ablate sinks** to see them side by side.")
         return None
     c = st.columns([2, 2, 3])
     name = c[0].selectbox(
-        "Variant", [None, *names], format_func=lambda n: "none (the dense run)" if n is None else n, key="lab_variant"
+        "Variant",
+        [None, *names, *saved],
+        format_func=lambda n: "none (the dense run)" if n is None else n if n in names else f"saved: {Path(n).name}",
+        key="lab_variant",
     )
     if name is None:
         return None
+    if name in saved:  # a server-named save: loaded once into this session's variants
+        try:
+            name = load_saved(handle, name)["name"]
+        except SapError as exc:
+            st.error(app_shared.shown(exc))
+            return None
     shown = c[1].radio("Show", [SIDE_BY_SIDE, VARIANT], format_func=SHOWN.get, key="lab_shown")
     mode = c[2].radio(
         "Comparison",
@@ -147,7 +210,10 @@ def variant_shift(handle, traj, choice: VariantChoice, spec: SinkSpec, bar) -> S
 
 
 def shown_runs(handle, choice: VariantChoice, shift: SinkShift, report, tokens, spec: SinkSpec):
-    """What the view draws for ``choice``: ``(report, tokens, head mass, second run or None)``."""
+    """What the view draws for ``choice``: ``(report, tokens, head mass, second run or None)``. The variant's run is
+    also what the Sink stability page re-scores (alone or side by side), with the words that say so."""
+    words = f"the variant **{choice.name}** ({'replayed' if choice.mode == REPLAYED else 'free-running'}) of the run"
+    st.session_state[STABILITY_RUN] = (id(shift.dense), shift.variant, words)
     vreport = report_for(shift.variant, spec)
     vtokens = tokens if choice.mode == REPLAYED else readable_tokens(handle.decode, shift.variant.final_tokens)
     if choice.shown == VARIANT:
@@ -244,6 +310,9 @@ __all__ = [
     "explorer_sink_spec",
     "generation",
     "shown_runs",
+    "load_control",
+    "load_saved",
+    "saved_variant_dirs",
     "variant_choice",
     "variant_shift",
 ]

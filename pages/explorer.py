@@ -111,7 +111,7 @@ st.code(output, language=None, wrap_lines=True)
 spec = app_lab.explorer_sink_spec(st.columns([2, 1, 3]))  # the Sink stability page's detector: one sink rule
 report = report_for(traj, spec)
 tokens = st.session_state["trajectory_tokens"]
-choice = app_lab.variant_choice(traj)  # a variant of the Prune page, alone or side by side with this run
+choice = app_lab.variant_choice(traj, handle)  # a variant of the Prune page, alone or side by side with this run
 shown, other = (report, tokens, traj.mass), None
 if choice is not None:
     bar = st.empty()

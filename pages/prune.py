@@ -5,6 +5,7 @@ from pathlib import Path
 
 import streamlit as st
 
+import app_lab
 import app_shared
 from app_common import (
     CancelButton,
@@ -173,6 +174,7 @@ def factor_strip(name: str, variant) -> None:
     )
 
 
+app_lab.load_control(handle)  # a variant saved before (not in shared mode: the explorer lists the server's saves)
 mine = [v for v in variants if v["model"] == model_choice()]
 opened = st.session_state.get("prune_open")
 opened = opened if opened in [v["name"] for v in mine] else (mine[-1]["name"] if mine else None)

@@ -5,7 +5,7 @@ from dataclasses import replace
 import streamlit as st
 
 import app_shared
-from app_common import active_model, current_trajectory, detector_choice, report_for, sink_spec
+from app_common import active_model, detector_choice, report_for, sink_spec, stability_run
 from sap_core import viz
 from sap_core.animation import export_name, readable_tokens, run_settings
 from sap_core.decoding import decoding_words
@@ -16,7 +16,7 @@ from sap_core.text import shown_prompt
 
 st.header("Sink stability")
 handle = active_model()
-traj = current_trajectory(handle)
+traj, which = stability_run(handle)  # the dense run, or the variant's the explorer shows
 if traj is None:
     st.info("Run a generation on the **Denoising explorer** page first; this page re-scores its stored attention record.")
     st.page_link("pages/explorer.py", label="Go to the Denoising explorer", icon=":material/animation:")
@@ -24,7 +24,7 @@ if traj is None:
 
 d = traj.spec
 st.info(
-    f"Re-scoring the stored generation of the prompt **{shown_prompt(traj.prompt)}**: {d.gen_length} tokens in {d.steps} steps "
+    f"Re-scoring {which} (the stored generation) of the prompt **{shown_prompt(traj.prompt)}**: {d.gen_length} tokens in {d.steps} steps "
     f"({decoding_words(d, handle.causal)}, temperature {d.temperature:g}, seed {d.seed}). "
     "Moving the sliders never runs the model; generate again on the Denoising explorer to study another run.",
     icon=":material/history:",
