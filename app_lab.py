@@ -108,14 +108,14 @@ class VariantChoice:
 
 
 def saved_variant_dirs() -> list[Path]:
-    """The saved variant directories the explorer's selector offers: in shared mode the server-named saves under
-    ``--runs`` (:meth:`~sap_core.serving.ServerSettings.saved_variant_dir`); otherwise none (the Prune page's
+    """The saved variant directories the explorer's selector offers: in shared mode this session's server-named saves
+    under ``--runs`` (:meth:`~sap_core.serving.ServerSettings.saved_variant_dir`); otherwise none (the Prune page's
     :func:`load_control` reads a typed directory)."""
     s = app_shared.settings()
     if not s.shared or s.runs_dir is None:
         return []
-    root = Path(s.runs_dir).resolve() / "variants"
-    return sorted(p for p in root.iterdir() if is_variant_dir(p)) if root.is_dir() else []
+    sid = st.session_state.get("sid")
+    return [p for p in s.saved_variant_dirs(sid) if is_variant_dir(p)] if sid else []  # this session's saves only
 
 
 def load_saved(handle, directory) -> dict:

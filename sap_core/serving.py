@@ -179,8 +179,20 @@ class ServerSettings:
         (the session's short hash and the variant's name reduced to ``[A-Za-z0-9_.-]``)."""
         assert self.shared and self.runs_dir is not None
         slug = re.sub(r"[^\w.-]+", "_", name, flags=re.ASCII).strip("_.") or "variant"
-        owner = hashlib.sha256(session.encode()).hexdigest()[:10]
-        return Path(self.runs_dir).resolve() / "variants" / f"{owner}-{slug}"
+        return Path(self.runs_dir).resolve() / "variants" / f"{_owner(session)}-{slug}"
+
+    def saved_variant_dirs(self, session: str) -> list[Path]:
+        """The directories this session saved in shared mode (:meth:`saved_variant_dir`): never another
+        session's, whose names carry another owner."""
+        assert self.shared and self.runs_dir is not None
+        root = Path(self.runs_dir).resolve() / "variants"
+        mine = f"{_owner(session)}-"
+        return sorted(p for p in root.iterdir() if p.name.startswith(mine)) if root.is_dir() else []
+
+
+def _owner(session: str) -> str:
+    """The short hash of a session id that names its saves (the id itself is never written)."""
+    return hashlib.sha256(session.encode()).hexdigest()[:10]
 
 
 _ABSOLUTE = re.compile(r"""(?<![\w.])(?:~|[A-Za-z]:)?[/\\][^\s'"`),;]*""")

@@ -55,8 +55,6 @@ def test_shared_mode_lists_the_server_named_saves_in_the_explorers_selector(tmp_
     (tmp_path / "runs").mkdir()
     server = ServerSettings(shared=True, models_dir=tmp_path / "models", runs_dir=tmp_path / "runs")
     handle = cached_model("tiny-dlm", "auto", "auto")
-    saved = server.saved_variant_dir("someone", "magnitude 30%")
-    prune(handle, PruneSpec("magnitude", 0.3)).save(saved, handle)
     monkeypatch.setenv("SINKSCOPE_SHARED", "1")
     monkeypatch.setenv("SINKSCOPE_MODELS_DIR", str(tmp_path / "models"))
     monkeypatch.setenv("SINKSCOPE_RUNS_DIR", str(tmp_path / "runs"))
@@ -64,8 +62,15 @@ def test_shared_mode_lists_the_server_named_saves_in_the_explorers_selector(tmp_
     app_shared.stores.clear()
     try:
         at = generate_small(new_app())
+        variant = prune(handle, PruneSpec("magnitude", 0.3))
+        saved = server.saved_variant_dir(at.session_state["sid"], "magnitude 30%")  # this session's save
+        variant.save(saved, handle)
+        theirs = server.saved_variant_dir("another student", "magnitude 30%")  # never offered to this session
+        variant.save(theirs, handle)
+        at.run()
         selector = at.selectbox(key="lab_variant")
         assert f"saved: {saved.name}" in selector.options  # the server-named save, no server path
+        assert f"saved: {theirs.name}" not in selector.options and str(theirs) not in selector.options
         assert not [t for t in at.text_input if t.label == "Load a saved variant (directory)"]
         selector.set_value(str(saved)).run()
         assert not at.exception and not at.error, texts(at.error)
