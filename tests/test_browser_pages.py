@@ -70,7 +70,7 @@ def test_workflow_through_every_page(app_url, page):
     expect(page.get_by_text("16 steps in", exact=False)).to_be_visible()
 
     page.locator("[data-testid='stSidebarNav']").get_by_role("link", name="Sink stability", exact=True).click()
-    expect(page.get_by_text("Re-scoring the stored generation", exact=False)).to_be_visible()
+    expect(page.get_by_text("Re-scoring the run", exact=False)).to_be_visible()
     expect(page.get_by_text("Per-position sink stability", exact=False)).to_be_visible()
     choose(page, "Rule", "leave_one_out")
     expect(page.get_by_role("slider", name="ε (leave-one-out margin)")).to_be_enabled()
