@@ -456,6 +456,14 @@ def no_streamlit_exception(page) -> None:
     assert shown.count() == 0, shown.first.text_content()
 
 
+def idle(page) -> None:
+    """Wait until the app's script run has ended (Streamlit's running indicator is gone)."""
+    from playwright.sync_api import expect
+
+    page.wait_for_timeout(300)
+    expect(page.locator("[data-testid='stStatusWidget']")).to_be_hidden()
+
+
 def generate_in_browser(page, app_url: str, tokens: int) -> None:
     """Open the app, wait until it has run (a nav click before that lands in Streamlit's old page-folder
     mode, where app.py never runs), and generate ``tokens`` tokens in as many steps on the explorer."""

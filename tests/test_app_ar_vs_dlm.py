@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import SCREENSHOTS, generate_in_browser, needs_chromium, no_streamlit_exception
+from conftest import SCREENSHOTS, generate_in_browser, idle, needs_chromium, no_streamlit_exception
 from streamlit.testing.v1 import AppTest
 
 from sap_core.sink_report import analyze
@@ -120,16 +120,26 @@ def test_ar_vs_dlm_in_a_browser(app_url, page):
     page.get_by_role("button", name="Run the other model on this prompt").click()
     expect(page.get_by_text("Sink trajectories, same axes and colour range", exact=False)).to_be_visible()
     page.shot("side-by-side")
-    # Cancel: disabled while idle; enabled while a long run (512 prompts) goes, and it stops that run
-    expect(page.get_by_role("button", name="Cancel")).to_be_disabled()
-    page.get_by_role("spinbutton", name="Prompts").fill("512")  # inside the form: no rerun
+    # Cancel (the first: the ablation section below has its own): disabled while idle; enabled while a long run
+    # (512 prompts) goes, and it stops that run
+    expect(page.get_by_role("button", name="Cancel").first).to_be_disabled()
+    # no form on this page: a typed value commits on Enter and reruns (the cost follows it); a click sent while
+    # that rerun runs can be lost, so wait for it as a user waits for the cost line
+    prompts = page.get_by_role("spinbutton", name="Prompts")
+    prompts.fill("512")
+    prompts.press("Enter")
+    expect(page.get_by_text("Cost: 512 prompts", exact=False)).to_be_visible()
+    idle(page)
     page.get_by_role("button", name="Run across prompts").click()
     expect(page.get_by_text("Across prompts: ", exact=False)).to_be_visible()  # the progress bar: it runs
-    page.get_by_role("button", name="Cancel").click()
+    page.get_by_role("button", name="Cancel").first.click()
     expect(page.get_by_text("Across-prompts run cancelled", exact=False)).to_be_visible()
-    expect(page.get_by_role("button", name="Cancel")).to_be_disabled()
+    expect(page.get_by_role("button", name="Cancel").first).to_be_disabled()
     expect(page.get_by_text("Across 512 prompts", exact=False)).to_have_count(0)  # no result kept
-    page.get_by_role("spinbutton", name="Prompts").fill("4")
+    prompts.fill("4")
+    prompts.press("Enter")
+    expect(page.get_by_text("Cost: 4 prompts", exact=False)).to_be_visible()
+    idle(page)
     page.get_by_role("button", name="Run across prompts").click()
     expect(page.get_by_text("Across 4 prompts: mean ± 1 standard error")).to_be_visible()
     time.sleep(1.5)  # let plotly finish drawing

@@ -5,19 +5,11 @@ every page in the story's order. Screenshots: tests/screenshots/test_*-*.png (14
 
 from __future__ import annotations
 
-from conftest import needs_chromium, no_streamlit_exception, start_app, stop_app
+from conftest import idle, needs_chromium, no_streamlit_exception, start_app, stop_app
 
 pytestmark = needs_chromium
 
 REAL_PAGES = ("Model", "Denoising explorer", "Sink stability", "AR vs DLM", "Prune", "Pick tau", "Compare")
-
-
-def idle(page) -> None:
-    """Wait until the app's script run has ended (Streamlit's running indicator is gone)."""
-    from playwright.sync_api import expect
-
-    page.wait_for_timeout(300)
-    expect(page.locator("[data-testid='stStatusWidget']")).to_be_hidden()
 
 
 def assert_real_app(page, header: str) -> None:
@@ -146,7 +138,10 @@ def test_form_values_survive_a_page_switch_and_an_interrupted_run_says_so(app_ur
     page.wait_for_timeout(1500)
     idle(page)
     assert page.get_by_text("prompts × 2 models", exact=False).count() == 0, "Enter started the across-prompts run"
-    page.get_by_role("spinbutton", name="Prompt length (tokens)").fill("8")
+    length = page.get_by_role("spinbutton", name="Prompt length (tokens)")
+    length.fill("8")
+    length.press("Enter")  # commits and reruns (no form here); a click sent during that rerun can be lost
+    idle(page)
     page.get_by_role("button", name="Run across prompts").click()
     expect(page.get_by_text("2 prompts × 2 models", exact=False)).to_be_visible()
     no_streamlit_exception(page)

@@ -5,17 +5,9 @@ tests/screenshots/test_workflow_through_every_page-*.png: look at them after cha
 
 from __future__ import annotations
 
-from conftest import needs_chromium, no_streamlit_exception
+from conftest import idle, needs_chromium, no_streamlit_exception
 
 pytestmark = needs_chromium
-
-
-def idle(page) -> None:
-    """Wait until the app's script run has ended (Streamlit's running indicator is gone)."""
-    from playwright.sync_api import expect
-
-    page.wait_for_timeout(300)
-    expect(page.locator("[data-testid='stStatusWidget']")).to_be_hidden()
 
 
 def set_number(page, label: str, value: str) -> None:
