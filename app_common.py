@@ -399,6 +399,10 @@ def queued_job(handle: ModelHandle, label: str, work, bar, cancel: bool = True, 
     return _wait(queue, queue.heavy(work, owner=st.session_state.get("sid"), label=label), bar, cancel, unit)
 
 
+SHOW_EVERY = 0.5  # s: a waiting page is told its place or progress at most this often, and only when it changed:
+# every message costs the student's browser a redraw (at 5 a second, ~10 % of a core per tab: bench/classroom.py)
+
+
 def _wait(queue, ticket, bar, cancel: bool, unit: str | None):
     def leave() -> None:
         st.session_state[_LEFT_QUEUE] = f"{ticket.label} was cancelled; it left the queue and nothing was kept."
@@ -407,14 +411,25 @@ def _wait(queue, ticket, bar, cancel: bool, unit: str | None):
     place, stop = st.empty(), st.empty()  # both cleared when the job ends: no Cancel stays behind
     if cancel:
         stop.button("Cancel", key=f"queue_cancel_{ticket.kind}", on_click=leave, icon=":material/stop_circle:")
+    draw = progress_callback(bar, ticket.label, unit)
+    told, shown = None, None  # what the page says now: the place, the progress
     try:
-        while True:  # every pass sends to the browser: that is where Streamlit can stop the script
+        while True:
+            # reading the session state is a Streamlit yield point that sends nothing: a Cancel, a page switch or a
+            # closed tab stops the script here
+            _ = _PAGE in st.session_state
             if ticket.state == "queued":
-                place.info(queue.status(ticket), icon=":material/hourglass_top:")
+                if queue.status(ticket) != told:
+                    told = queue.status(ticket)
+                    place.info(told, icon=":material/hourglass_top:")
             else:
-                place.empty()
-                progress_callback(bar, ticket.label, unit)(*ticket.progress)
-            if ticket.wait(0.2):
+                if told is not None:
+                    told = None
+                    place.empty()
+                if ticket.progress != shown:
+                    shown = ticket.progress
+                    draw(*shown)
+            if ticket.wait(SHOW_EVERY):
                 return ticket.outcome()
     finally:
         queue.cancel(ticket)  # nothing once it ended; otherwise it leaves the queue (or its batch)

@@ -427,14 +427,19 @@ def _expected_shapes(shapes: dict, path: Path) -> dict[str, tuple[int, ...]]:
     }
 
 
-def gumbel_argmax(logits: torch.Tensor, temperature: float, generator: torch.Generator) -> torch.Tensor:
-    """``argmax(logits + T·Gumbel)`` in float64: a sample from ``softmax(logits / T)`` (greedy at T=0)."""
-    logits = logits.double()
+def gumbel_argmax(
+    logits: torch.Tensor, temperature: float, generator: torch.Generator, rows: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``argmax(logits + T·Gumbel)`` in float64: a sample from ``softmax(logits / T)`` (greedy at T=0), for the
+    rows ``rows`` of ``logits [N, V]`` only when given (``[n]`` indices). The noise is drawn for all ``N`` rows
+    either way, so the generator's stream, and every sampled row, is that of the full draw."""
     if temperature == 0:
-        return logits.argmax(-1)
+        return (logits if rows is None else logits[rows]).double().argmax(-1)
     u = torch.rand(logits.shape, generator=generator, device=logits.device, dtype=torch.float64)
+    if rows is not None:
+        logits, u = logits[rows], u[rows]
     u = u.clamp_min(torch.finfo(torch.float64).tiny)
-    return (logits - temperature * torch.log(-torch.log(u))).argmax(-1)
+    return (logits.double() - temperature * torch.log(-torch.log(u))).argmax(-1)
 
 
 def prompt_token_ids(handle: ModelHandle, prompt) -> list[int]:

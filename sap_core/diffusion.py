@@ -192,21 +192,27 @@ class _Row:
         ]
 
     def unmask(self, x: torch.Tensor, block_logits: torch.Tensor, step: int, generator, mask_id: int) -> None:
-        """Step ``step`` of this row: sample the current block's tokens from ``block_logits`` (float64) and unmask
-        the planned number of still-masked positions of ``x`` (this row's sequence, changed in place)."""
+        """Step ``step`` of this row: sample the current block's tokens from ``block_logits`` (``[hi-lo, V]``, taken to
+        float64 as the official sampler does) and unmask the planned number of still-masked positions of ``x`` (this
+        row's sequence, changed in place)."""
         lo, hi, n_transfer = self.plan[step]
-        masked = x[lo:hi] == mask_id
-        x0 = gumbel_argmax(block_logits, self.spec.temperature, generator)
-        x0_p = torch.softmax(block_logits, -1).gather(-1, x0[:, None])[:, 0]
+        masked = (x[lo:hi] == mask_id).nonzero()[:, 0]  # [n] the block's positions still masked
+        # sampled and scored at the masked positions only (a decoded one is never chosen); the draws of the whole
+        # block are made, so every number is the full computation's (the official sampler's)
+        logits = block_logits[masked].double()  # [n, V]
+        x0 = torch.zeros(hi - lo, dtype=torch.long, device=x.device)  # [hi-lo] the sample, at masked positions
+        x0[masked] = gumbel_argmax(block_logits, self.spec.temperature, generator, rows=masked)
+        x0_p = torch.zeros(hi - lo, dtype=torch.float64, device=x.device)  # [hi-lo] its probability
+        x0_p[masked] = torch.softmax(logits, -1).gather(-1, x0[masked][:, None])[:, 0]
+        score = torch.full((hi - lo,), -float("inf"), dtype=torch.float64, device=x.device)  # decoded: never chosen
         if self.spec.remasking == "random":
-            score = torch.rand(hi - lo, generator=generator, device=x.device, dtype=torch.float64)
+            score[masked] = torch.rand(hi - lo, generator=generator, device=x.device, dtype=torch.float64)[masked]
         elif self.spec.remasking == "entropy":
-            p = torch.softmax(block_logits / self.spec.temperature if self.spec.temperature > 0 else block_logits, -1)
-            score = torch.special.xlogy(p, p).sum(-1)  # sum p log p, with 0 log 0 = 0
+            p = torch.softmax(logits / self.spec.temperature if self.spec.temperature > 0 else logits, -1)
+            score[masked] = torch.special.xlogy(p, p).sum(-1)  # sum p log p, with 0 log 0 = 0
         else:
-            score = x0_p.clone()
-        score[~masked] = -float("inf")
-        chosen = torch.topk(score, n_transfer).indices
+            score[masked] = x0_p[masked]
+        chosen = torch.topk(score, n_transfer).indices  # the same full-length vector as the official code's
         x[lo + chosen] = x0[chosen]
         pos = (lo + chosen).cpu().numpy()
         self.decoded_at[pos] = step
@@ -268,9 +274,9 @@ def _decode_llada(handle, rows: list[_Row]) -> None:
                 row.keep_mass(step, step_mass[k])
             if row.spec.cfg_scale > 0:
                 cond, un = both[k, lo:hi], both[len(active) + guided.index(k), lo:hi]
-                row.unmask(x[b], (un + (row.spec.cfg_scale + 1) * (cond - un)).double(), step, generators[b], mask_id)
+                row.unmask(x[b], un + (row.spec.cfg_scale + 1) * (cond - un), step, generators[b], mask_id)
             else:
-                row.unmask(x[b], both[k, lo:hi].double(), step, generators[b], mask_id)
+                row.unmask(x[b], both[k, lo:hi], step, generators[b], mask_id)
         seconds = time.perf_counter() - t0
         for b in list(active):
             rows[b].seconds[step] = seconds
