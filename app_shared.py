@@ -9,8 +9,10 @@ its trajectory and variants again (for :data:`sap_core.runs.SESSION_IDLE_S` seco
 
 from __future__ import annotations
 
+import contextlib
 import io
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import streamlit as st
@@ -98,16 +100,23 @@ def check_caps(calibration_samples: int | None = None) -> None:
         raise SapError(f"This server allows at most {cap} calibration samples; lower Calibration samples.")
 
 
-def make_room(spec, handle) -> None:
-    """Before a prune: the memory its variant will hold (a bit per weight for a mask-only method, else a copy of
-    the block linears), reserved in the server's budget or refused with what to drop (nothing allocated yet)."""
+@contextlib.contextmanager
+def room_for(spec, handle) -> Iterator[None]:
+    """``with room_for(spec, handle): ...prune, keep_variant...``: the memory the variant will hold (a bit per
+    weight for a mask-only method, else a copy of the block linears) reserved in the server's budget before
+    anything is allocated, or refused with what to drop; held until the variant is kept, given back if the block
+    ends without it (an error, a Cancel, a page left)."""
     from sap_core.pruning.spec import STRUCTURED
     from sap_core.pruning.variant import target_linears
 
     n = sum(lin.weight.numel() for _, _, lin in target_linears(handle.module))
     mask_only = spec.method not in STRUCTURED and spec.row.statistic != "hessian"
-    need = variant_bytes(n, handle.dtype.itemsize, mask_only)
-    stores()[1].reserve(st.session_state["sid"], need)
+    store, sid = stores()[1], st.session_state["sid"]
+    store.reserve(sid, variant_bytes(n, handle.dtype.itemsize, mask_only))
+    try:
+        yield
+    finally:
+        store.release(sid)  # nothing once keep_variant kept it
 
 
 def keep_variant(entry: dict, handle) -> dict:

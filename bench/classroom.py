@@ -11,11 +11,17 @@ view's first draw), and whether the page told the student their place while wait
 run is next"). The browsers share this machine's cores with the server, so the crowd's figures include the
 clients' own work. Targets (tiny-dlm, 8 students): every student served with no exception box, median click ->
 view <= 4x alone, last <= 5x, the late arrival's first paint <= 3 s, every waiting student told their place.
+
+Where the crowd's time goes, from the same run: the CPU seconds the server and the Chromium clients used from the
+first click to the last drawn view (against 2 x that wall time, what two cores can give), and the floor the model
+work sets, with no browser and no Streamlit at all: the same N generations submitted to the model's queue
+(:class:`sap_core.scheduler.Scheduler`) in this process at the clicks' spacing, against one alone.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import statistics
 import sys
@@ -29,6 +35,50 @@ CLICK_TIMER = """() => document.addEventListener('click', () => { window.clicked
 # Whether the page ever said the student's place while waiting (checked every 50 ms until the run is drawn).
 PLACE_WATCH = """() => { window.toldPlace = false; window.placeWatch = setInterval(() => {
   if (/ahead of you|Your run is next/.test(document.body.innerText)) { window.toldPlace = true; } }, 50); }"""
+
+
+def cpu_seconds() -> dict[str, float]:
+    """CPU seconds used so far by the Streamlit server and by the Chromium processes (from /proc)."""
+    used = {"server": 0.0, "chromium": 0.0}
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            cmd = open(f"/proc/{pid}/cmdline", "rb").read(400)
+            fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+        except OSError:  # ended meanwhile
+            continue
+        who = "server" if b"streamlit" in cmd else "chromium" if b"chrom" in cmd else None
+        if who:
+            used[who] += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return used
+
+
+def queue_floor(n: int, gap: float, length: int) -> tuple[float, list[float]]:
+    """One generation alone, then ``n`` submitted ``gap`` s apart, through a fresh queue of tiny-dlm in this
+    process (no browser, no Streamlit): seconds from submission to the trajectory, alone and for each."""
+    from sap_core.attention import AttentionRecorder
+    from sap_core.decoding import DecodeSpec
+    from sap_core.models import load_model
+    from sap_core.scheduler import Scheduler
+
+    handle = load_model("tiny-dlm", device="cpu")
+    queue = Scheduler(handle)  # holds the handle weakly: ``handle`` keeps it
+
+    def submit(i: int):
+        return queue.generate(
+            "ROMEO.\n", DecodeSpec(length, length, length, temperature=0.8, seed=i), AttentionRecorder(), owner=str(i)
+        )
+
+    for ticket in (submit(0), submit(1)):  # warm-up
+        ticket.wait()
+    alone = submit(0)
+    alone.wait()
+    tickets = []
+    for i in range(n):
+        tickets.append(submit(i))
+        time.sleep(gap)
+    for t in tickets:
+        t.wait()
+    return alone.finished - alone.submitted, [t.finished - t.submitted for t in tickets]
 
 
 def note(text: str) -> None:
@@ -90,11 +140,15 @@ def main() -> None:
             result(warm, args.length)
             alone_page = open_explorer(browser, url, args.length)
             note(f"opening {args.students} students")
-            students = [open_explorer(browser, url, args.length) for _ in range(args.students)]
+            students = []
+            for i in range(args.students):
+                students.append(open_explorer(browser, url, args.length))
+                note(f"student {i + 1} has the explorer open")
             click(alone_page)
             alone = result(alone_page, args.length)
             note(f"alone: generation {alone['generation']:.2f} s, click -> view {alone['view']:.2f} s")
 
+            cpu0 = cpu_seconds()
             t0 = time.perf_counter()
             for page in students:
                 click(page)
@@ -105,10 +159,13 @@ def main() -> None:
             expect(late.get_by_role("heading", name="Denoising explorer")).to_be_visible(timeout=WAIT_MS)
             late_paint = time.perf_counter() - t
             crowd = [result(page, args.length) for page in students]
+            wall, cpu1 = time.perf_counter() - t0, cpu_seconds()
             late_exception = late.locator("[data-testid='stException']").count() > 0
             browser.close()
     finally:
         stop_app(proc)
+    note("the queue alone: the same generations in this process, no browser")
+    floor_alone, floor = queue_floor(args.students, spread / max(1, args.students - 1), args.length)
 
     views = sorted(r["view"] for r in crowd)
     gens = sorted(r["generation"] for r in crowd)
@@ -127,6 +184,16 @@ def main() -> None:
     )
     print(f"late arrival's first paint: {late_paint:.2f} s (exception: {'YES' if late_exception else 'no'})")
     print(f"told their place: {sum(r['told'] for r in crowd)} of {len(crowd)}; served: {len(crowd)} of {args.students}")
+    used = {k: cpu1[k] - cpu0[k] for k in cpu0}
+    print(
+        f"first click -> last view {wall:.1f} s: the server used {used['server']:.1f} CPU-s, the Chromium clients "
+        f"{used['chromium']:.1f} CPU-s, of the {2 * wall:.1f} two cores give ({os.cpu_count()} here)"
+    )
+    print(
+        f"the queue alone (no browser, no Streamlit, same spacing): one alone {floor_alone:.2f} s; the {args.students}: "
+        f"median {statistics.median(floor):.2f} s ({statistics.median(floor) / floor_alone:.1f}x) / last {max(floor):.2f} s "
+        f"({max(floor) / floor_alone:.1f}x)"
+    )
 
 
 if __name__ == "__main__":

@@ -130,12 +130,12 @@ if submitted:
     bar = st.progress(0.0, text="Pruning…")
     with job("Pruning"):
         app_shared.check_caps(calibration_samples=calibration.nsamples)
-        app_shared.make_room(spec, handle)  # the server's memory budget, before anything is allocated
-        variant = queued_job(
-            handle, f"Pruning {spec.label}", lambda progress: prune(handle, spec, progress=progress), bar, cancel=False
-        )
-        name = numbered(spec.label, [v["name"] for v in variants if v["model"] == model_choice()])
-        variant = app_shared.keep_variant({"name": name, "variant": variant, "model": model_choice()}, handle)["variant"]
+        with app_shared.room_for(spec, handle):  # the server's memory budget, held before anything is allocated
+            variant = queued_job(
+                handle, f"Pruning {spec.label}", lambda progress: prune(handle, spec, progress=progress), bar, cancel=False
+            )
+            name = numbered(spec.label, [v["name"] for v in variants if v["model"] == model_choice()])
+            variant = app_shared.keep_variant({"name": name, "variant": variant, "model": model_choice()}, handle)["variant"]
         st.session_state["prune_open"] = name
         st.success(f"Made **{name}** in {variant.seconds:.1f} s ({variant.removed_summary(handle)}).")
     bar.empty()

@@ -173,6 +173,7 @@ class SessionStore:
     ):
         self.budget, self.idle_s, self.release_after_s, self.clock = budget, idle_s, release_after_s, clock
         self._sessions: dict[str, Session] = {}
+        self._held: dict[str, int] = {}  # bytes reserved for a variant being made, by session (one job each)
         self._lock = threading.RLock()
 
     def session(self, sid: str | None) -> Session:
@@ -189,16 +190,19 @@ class SessionStore:
             return found
 
     def used(self) -> int:
-        """Bytes all sessions' variants hold."""
+        """Bytes all sessions' variants hold, and those reserved for the variants being made."""
         with self._lock:
-            return sum(v["bytes"] for s in self._sessions.values() for v in s.variants)
+            return sum(v["bytes"] for s in self._sessions.values() for v in s.variants) + sum(self._held.values())
 
     def reserve(self, sid: str, need: int) -> list[str]:
-        """Make room for a new variant of ``need`` bytes for session ``sid``, before it is made: release the
-        variants of sessions idle for ``release_after_s`` or more, the longest idle first, until it fits; if it
-        still does not, raise :class:`~sap_core.memory.BudgetError` (nothing released then). Returns the names
-        of the variants released (their sessions get a notice)."""
+        """Make room for a new variant of ``need`` bytes for session ``sid``, before it is made, and hold it until
+        :meth:`add_variant` keeps the variant or :meth:`release` gives the room back (so two prunes that start
+        together cannot both pass the budget): release the variants of sessions idle for ``release_after_s`` or
+        more, the longest idle first, until it fits; if it still does not, raise
+        :class:`~sap_core.memory.BudgetError` (nothing released or held then). Returns the names of the variants
+        released (their sessions get a notice)."""
         with self._lock:
+            self._held.pop(sid, None)  # a session makes one variant at a time: an earlier hold is this one's
             now = self.clock()
             idle = sorted(
                 (s for s in self._sessions.values() if s.id != sid and s.variants and now - s.seen >= self.release_after_s),
@@ -226,12 +230,20 @@ class SessionStore:
                     "another session's; prune again to get them back."
                 )
                 released += names
+            self._held[sid] = need
             return released
 
+    def release(self, sid: str) -> None:
+        """Give back the room :meth:`reserve` holds for session ``sid`` (its job failed or was cancelled)."""
+        with self._lock:
+            self._held.pop(sid, None)
+
     def add_variant(self, sid: str, entry: dict) -> None:
-        """Keep a variant (``entry`` with its ``bytes``) in session ``sid``; refused past the budget."""
+        """Keep a variant (``entry`` with its ``bytes``) in session ``sid``, in the room reserved for it; refused
+        past the budget."""
         with self._lock:
             session = self.session(sid)
+            self._held.pop(sid, None)
             self.budget.check(entry["bytes"], self.used())
             session.variants.append(entry)
 

@@ -180,6 +180,9 @@ def test_prune_page_makes_a_variant_and_leaves_the_dense_model_alone():
     assert any("**magnitude 50%** has exactly these settings already" in i for i in texts(at.info)), texts(at.info)
     assert not at.success
     assert [v["name"] for v in at.session_state["variants"]] == ["wanda 50%", "magnitude 50%"]
+    import app_shared  # the server's stores: the rooms the prunes held became their variants, nothing is left held
+
+    assert app_shared.stores()[1]._held == {}
     [b for b in at.button if b.label == "Show magnitude 50%"][0].click().run()
     assert at.session_state["prune_open"] == "magnitude 50%"
     other = new_app()  # another browser session sees none of this session's variants

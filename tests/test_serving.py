@@ -122,6 +122,21 @@ def test_budget_refuses_before_allocating_and_releases_idle_sessions_first():
         store.add_variant(me.id, {"name": "too-big", "bytes": 50})
 
 
+def test_a_reservation_holds_its_room_until_the_variant_is_kept_or_given_back():
+    store = SessionStore(MemoryBudget(100))
+    a, b = store.session(None), store.session(None)
+    store.reserve(a.id, 60)  # two students press Prune together: the first holds 60 while its job waits and runs
+    with pytest.raises(BudgetError, match="hold 60 B"):
+        store.reserve(b.id, 60)  # refused at once, not after both variants were made
+    store.add_variant(a.id, {"name": "a-v", "bytes": 55})  # kept in its room: the hold becomes the variant
+    assert store.used() == 55
+    store.reserve(b.id, 40)
+    store.release(b.id)  # b's job failed or was cancelled: its room comes back
+    assert store.used() == 55
+    store.reserve(a.id, 45), store.reserve(a.id, 45)  # one job a session: a new hold replaces its earlier one
+    assert store.used() == 100
+
+
 @pytest.mark.parametrize("method", ["magnitude", "wanda", "sink_wanda"])
 def test_packed_mask_variant_applies_bit_for_bit(tiny_dlm, one_thread, method):
     from sap_core.pruning import CalibrationSpec, PruneSpec, prune
