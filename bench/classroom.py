@@ -5,8 +5,8 @@
 Starts ``streamlit run app.py`` (tiny-dlm), opens one Chromium session per student on the explorer with its
 default settings, and measures: one student alone (after a warm-up run by another session), then the N students
 clicking Generate one after another as fast as Playwright can (the spread is printed), then a late arrival who
-opens the explorer during the rush. Per student: the app's own generation time ("N steps in X s": from the click's
-run to the trajectory, queue wait included) and click -> drawn view (stamped in the page: the click event and the
+opens the explorer during the rush. Per student: the app's own generation time ("N steps in X s after Y s in the
+queue": from the click's run to the trajectory, X + Y) and click -> drawn view (stamped in the page: the click event and the
 view's first draw), and whether the page told the student their place while waiting ("... ahead of you" or "Your
 run is next"). The browsers share this machine's cores with the server, so the crowd's figures include the
 clients' own work. Targets (tiny-dlm, 8 students): every student served with no exception box, median click ->
@@ -115,7 +115,7 @@ def result(page, length: int) -> dict:
     frame = next(f for f in page.frames if f != page.main_frame and f.evaluate("() => !!window.sinkscope"))
     view = (frame.evaluate("() => window.sinkscope.timing.drawn") - page.evaluate("() => window.clickedAt")) / 1000
     return {
-        "generation": float(re.search(r"steps in ([\d.]+) s", done).group(1)),
+        "generation": sum(float(x) for x in re.findall(r"(?:steps in|after) ([\d.]+) s", done)),  # queue wait included
         "view": view,
         "told": page.evaluate("() => { clearInterval(window.placeWatch); return window.toldPlace; }"),
         "exception": page.locator("[data-testid='stException']").count() > 0,

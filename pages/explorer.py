@@ -93,7 +93,10 @@ label = st.session_state.get("trajectory_label", "")
 if failed:
     st.warning(f"Below is the **previous run**, not the settings above: {label}", icon=":material/history:")
 else:
-    st.success(f"{traj.n_steps} steps in {st.session_state.get('trajectory_seconds', 0):.1f} s · {label}")
+    decoded = float(traj.step_seconds.sum())  # the decoding alone; the rest of the click's time was the queue's
+    waited = st.session_state.get("trajectory_seconds", decoded) - decoded
+    queue = f" after {waited:.1f} s in the queue" if waited >= 0.1 else ""
+    st.success(f"{traj.n_steps} steps in {decoded:.1f} s{queue} · {label}")
 # The step the person is on is the browser's: the view commits it into the hidden box "step" (kept across pages)
 # without a rerun, so every rerun (a widget, Back, the sidebar) reads the newest step; the URL's ?step= (which the
 # view keeps current, and which Streamlit may send stale after Back) is read only by a new session (a reload, a
