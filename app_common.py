@@ -444,17 +444,18 @@ def current_trajectory(handle: ModelHandle, key: str = "trajectory"):
     return st.session_state.get(key)
 
 
-STABILITY_RUN = "stability_run"  # (id of the dense run, the variant's trajectory, words): set by the explorer (app_lab)
+STABILITY_RUN = "stability_run"  # (id of the dense run, the variant's trajectory, words, variant): app_lab sets it
 
 
-def stability_run(handle: ModelHandle) -> tuple[object | None, str]:
-    """The run the Sink stability page re-scores and the words that say which: the explorer's variant run while the
-    explorer shows a variant of this session's stored run (app_lab.shown_runs), else that run ("the run")."""
+def stability_run(handle: ModelHandle) -> tuple[object | None, str, str | None]:
+    """The run the Sink stability page re-scores, the words that say which, and the variant it is of ("wanda 50%,
+    replayed"; None for the dense run): the explorer's variant run while the explorer shows a variant of this
+    session's stored run (app_lab.shown_runs), else that run ("the run")."""
     traj = current_trajectory(handle)
     kept = st.session_state.get(STABILITY_RUN)
     if traj is not None and kept is not None and kept[0] == id(traj):
-        return kept[1], kept[2]
-    return traj, "the run"
+        return kept[1], kept[2], kept[3]
+    return traj, "the run", None
 
 
 def report_for(trajectory, spec: SinkSpec):

@@ -212,8 +212,9 @@ def variant_shift(handle, traj, choice: VariantChoice, spec: SinkSpec, bar) -> S
 def shown_runs(handle, choice: VariantChoice, shift: SinkShift, report, tokens, spec: SinkSpec):
     """What the view draws for ``choice``: ``(report, tokens, head mass, second run or None)``. The variant's run is
     also what the Sink stability page re-scores (alone or side by side), with the words that say so."""
-    words = f"the variant **{choice.name}** ({'replayed' if choice.mode == REPLAYED else 'free-running'}) of the run"
-    st.session_state[STABILITY_RUN] = (id(shift.dense), shift.variant, words)
+    mode = "replayed" if choice.mode == REPLAYED else "free-running"
+    words = f"the variant **{choice.name}** ({mode}) of the run"
+    st.session_state[STABILITY_RUN] = (id(shift.dense), shift.variant, words, f"{choice.name}, {mode}")
     vreport = report_for(shift.variant, spec)
     vtokens = tokens if choice.mode == REPLAYED else readable_tokens(handle.decode, shift.variant.final_tokens)
     if choice.shown == VARIANT:

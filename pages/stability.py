@@ -16,7 +16,7 @@ from sap_core.text import shown_prompt
 
 st.header("Sink stability")
 handle = active_model()
-traj, which = stability_run(handle)  # the dense run, or the variant's the explorer shows
+traj, which, variant = stability_run(handle)  # the dense run, or the variant's the explorer shows
 if traj is None:
     st.info("Run a generation on the **Denoising explorer** page first; this page re-scores its stored attention record.")
     st.page_link("pages/explorer.py", label="Go to the Denoising explorer", icon=":material/animation:")
@@ -253,7 +253,7 @@ def rescore() -> None:
         st.caption("Each detector at its default parameter (docs/sinks.md); 1 = the same sinks, 0 = none in common.")
 
     # the downloads say what they are: the run (model, prompt, settings) inside, named after it as the explorer's
-    run = provenance(handle, traj, spec)
+    run = provenance(handle, traj, spec, variant)
     c1, c2 = st.columns(2)
     c1.download_button(
         "Download positions (CSV)",
@@ -274,7 +274,8 @@ def rescore() -> None:
 
 
 def _file_name(kind: str, ext: str) -> str:
-    return export_name(kind, handle.name, traj.prompt, run_settings(traj.spec, handle.causal), ext)
+    model = handle.name if variant is None else f"{handle.name}-{variant}"  # a variant's run is named after it
+    return export_name(kind, model, traj.prompt, run_settings(traj.spec, handle.causal), ext)
 
 
 def _layers(traj, spec: SinkSpec):

@@ -82,11 +82,14 @@ def sink_words(spec: SinkSpec) -> str:
     )
 
 
-def provenance(handle: Any, trajectory: Any, spec: SinkSpec) -> Provenance:
+def provenance(handle: Any, trajectory: Any, spec: SinkSpec, variant: str | None = None) -> Provenance:
     """The :class:`Provenance` of a run: ``handle`` (a :class:`~sap_core.models.ModelHandle`: name, family,
-    causal, n_params), its trajectory (prompt, decoding spec) and the sink settings of the export."""
+    causal, n_params), its trajectory (prompt, decoding spec), the sink settings of the export and, for a pruned
+    variant's run, the ``variant`` it is of (its name and how it ran: "wanda 50%, replayed")."""
     causal = bool(handle.causal)
     model = f"{handle.name} · {handle.family}{' (causal)' if causal else ''} · {handle.n_params / 1e6:.1f}M parameters"
+    if variant is not None:
+        model += f" · pruned variant {variant}"
     return Provenance(model, str(trajectory.prompt), run_words(trajectory.spec, causal), sink_words(spec))
 
 

@@ -290,6 +290,11 @@ def test_every_export_says_which_run_it_is(run, tiny_dlm, tmp_path):
     about = provenance(tiny_dlm, traj, report.spec)
     assert about.model.startswith(f"{tiny_dlm.name} · llada") and about.prompt == traj.prompt
     assert "steps, block" in about.decoding and about.sinks.startswith("official rule, k = 0.5")
+    pruned = provenance(tiny_dlm, traj, report.spec, "wanda 50%, replayed")  # a variant's run names the variant
+    assert pruned.model == about.model + " · pruned variant wanda 50%, replayed"
+    assert f"_{tiny_dlm.name}-wanda-50-replayed_" in animation.export_name(
+        "sink-report", f"{tiny_dlm.name}-wanda 50%, replayed", "x", "s", "json"
+    )
     csv = pd.read_csv(io.StringIO(with_provenance(report.positions_frame(), about).to_csv(index=False)))
     assert (csv["model"] == about.model).all() and (csv["prompt"] == about.prompt).all() and len(csv) == report.length
     doc = json.loads(report.json_text(about))
