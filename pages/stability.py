@@ -10,7 +10,7 @@ from sap_core import viz
 from sap_core.animation import export_name, readable_tokens, run_settings
 from sap_core.decoding import decoding_words
 from sap_core.errors import SapError
-from sap_core.sink_report import detector_agreement, provenance, with_provenance
+from sap_core.sink_report import detector_agreement, provenance, ranked_heads, with_provenance
 from sap_core.sinks import RULES, SinkSpec, separating_tau
 from sap_core.text import shown_prompt
 
@@ -252,6 +252,18 @@ def rescore() -> None:
         st.plotly_chart(_agreement(traj, spec))
         st.caption("Each detector at its default parameter (docs/sinks.md); 1 = the same sinks, 0 = none in common.")
 
+    with st.expander("Which heads hold the sinks? The heads ranked by their sink score"):
+        st.dataframe(
+            _heads(traj).head(12),
+            hide_index=True,
+            column_config={"score": st.column_config.NumberColumn(format="%.3f")},
+        )
+        st.caption(
+            "A head's sink score: the most attention one position receives in that head, as the mean over queries and "
+            "steps (the per-head detector, docs/sinks.md); position: where that head's sink sits. The 12 strongest "
+            "heads of all layers; the explorer's **every head** grid draws them step by step."
+        )
+
     # the downloads say what they are: the run (model, prompt, settings) inside, named after it as the explorer's
     run = provenance(handle, traj, spec, variant)
     c1, c2 = st.columns(2)
@@ -297,6 +309,15 @@ def _agreement(traj, spec: SinkSpec):
     if cached is None or cached[0] != key:
         cached = (key, viz.detector_agreement_figure(detector_agreement(traj, key[1])))
         st.session_state["_stability_agreement"] = cached
+    return cached[1]
+
+
+def _heads(traj):
+    """The heads ranked by their sink score (sink_report.ranked_heads), kept for the last run: no tau or rule in it."""
+    cached = st.session_state.get("_stability_heads")
+    if cached is None or cached[0] != id(traj):
+        cached = (id(traj), ranked_heads(traj))
+        st.session_state["_stability_heads"] = cached
     return cached[1]
 
 

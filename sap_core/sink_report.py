@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 
 from sap_core.decoding import decoding_words
-from sap_core.detectors import default_detectors, parse_detector
+from sap_core.detectors import default_detectors, parse_detector, rank_heads
 from sap_core.errors import SinkSpecError
 from sap_core.sinks import (
     AGGREGATE,
@@ -586,6 +586,16 @@ def compare(
 
 
 # --- detectors side by side -----------------------------------------------------------------------------------
+
+
+def ranked_heads(trajectory: Any) -> pd.DataFrame:
+    """The heads of a recorded run ranked by their sink score (:func:`sap_core.detectors.rank_heads` over the
+    trajectory's per-head mass ``[S, layers, heads, L]``, each step over its valid positions): ``rank``, ``layer``,
+    ``head``, ``position`` (where the head's sink is), ``score`` (the mean attention a query gives it there)."""
+    if trajectory.mass is None:
+        raise SinkSpecError("This trajectory has no attention record; generate it with the attention recorded.")
+    S, _, _, L = trajectory.mass.shape
+    return rank_heads(trajectory.mass, valid_mask(S, L, trajectory.valid_length))
 
 
 def detector_agreement(trajectory: Any, spec: SinkSpec = SinkSpec(), detectors: Sequence[Any] | None = None):

@@ -97,6 +97,8 @@ def test_stability_page_rescores_without_the_model():
     assert any("ROMEO" in i and "16 tokens in 16 steps" in i for i in texts(at.info))  # which generation is re-scored
     assert any("Independent of the sliders" in c for c in texts(at.caption))
     assert [m.label for m in at.metric][0] == "Dominant-sink variance"
+    heads = next(d.value for d in at.dataframe if "head" in d.value.columns)  # the heads ranked by sink score
+    assert heads["rank"].tolist() == list(range(1, len(heads) + 1)) and heads["score"].is_monotonic_decreasing
     sliders = {s.label: s for s in at.slider}
     assert sliders["ε (leave-one-out margin)"].disabled and not sliders["k (std multiples)"].disabled
     positions = at.dataframe[0].value

@@ -200,6 +200,8 @@ def test_generate_then_analyze(setup, runs):
     summary = json.loads(analyze.stdout)
     assert summary["spec"]["k"] == 1.5 and summary["n_steps"] == 8
     assert sum(summary["label_counts"].values()) == loaded.length
+    heads = summary["top_heads"]  # the per-head sink score's ranking, strongest first
+    assert len(heads) == 5 and [h["score"] for h in heads] == sorted((h["score"] for h in heads), reverse=True)
     from sap_core.sink_report import SinkReport, read_csv
 
     back = SinkReport.from_json(tmp / "report.json")

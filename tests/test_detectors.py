@@ -55,6 +55,23 @@ def test_head_score_is_the_mean_attention_over_heads_and_ranks_the_heads():
     assert ranked["score"].tolist() == pytest.approx([0.7, 0.25])
 
 
+def test_a_runs_heads_are_ranked_over_its_valid_positions(tiny_dlm):
+    from sap_core.attention import AttentionRecorder
+    from sap_core.decoding import DecodeSpec
+    from sap_core.diffusion import generate
+    from sap_core.errors import SinkSpecError
+    from sap_core.sink_report import ranked_heads
+
+    traj = generate(tiny_dlm, "ROMEO.\n", DecodeSpec(8, 4, 8), recorder=AttentionRecorder())
+    ranked = ranked_heads(traj)
+    assert len(ranked) == tiny_dlm.n_layers * tiny_dlm.n_heads
+    best = ranked.iloc[0]
+    mean = traj.mass[:, int(best["layer"]), int(best["head"])].mean(0) / traj.mass.shape[-1]  # every position valid: a mean over steps
+    assert best["score"] == pytest.approx(mean.max()) and best["position"] == mean.argmax()
+    with pytest.raises(SinkSpecError, match="no attention record"):
+        ranked_heads(generate(tiny_dlm, "ROMEO.\n", DecodeSpec(8, 4, 8)))
+
+
 def test_official_detector_is_todays_rule_and_absent_positions_are_nan():
     rng = np.random.default_rng(1)
     m = rng.random((3, 2, 2, 6)) * 3

@@ -19,7 +19,8 @@ def add_parser(sub) -> None:
         help="sink analysis of a trajectory",
         description="Detect attention sinks in a trajectory (--trajectory NPZ recorded with --record-attention) "
         "or in a fresh generation of --prompt. Prints a JSON summary; --out writes the full report as JSON, "
-        "--csv DIR its tables (positions, steps, layers, scores) as CSV.",
+        "--csv DIR its tables (positions, steps, layers, scores) as CSV. The summary ends with the five heads with the "
+        "highest per-head sink score.",
     )
     common.add_model(p)
     common.add_decode(p)
@@ -43,7 +44,7 @@ def cmd_analyze(args) -> int:
     common.check_outputs(args)
     # lazy: --help must not import torch
     from sap_core.decoding import Trajectory
-    from sap_core.sink_report import analyze
+    from sap_core.sink_report import analyze, ranked_heads
 
     sink_spec = common.sink_spec(args)
     if args.trajectory:
@@ -80,7 +81,12 @@ def cmd_analyze(args) -> int:
         print(
             f"wrote {args.csv}/ (positions, steps, layers, scores .csv; load with sap_core.sink_report.read_csv)", file=sys.stderr
         )
-    common.write_json(_report_summary(report, source), None)
+    summary = _report_summary(report, source)
+    summary["top_heads"] = [  # the per-head sink score's ranking (docs/sinks.md), strongest first
+        {"layer": int(r.layer), "head": int(r.head), "position": int(r.position), "score": float(r.score)}
+        for r in ranked_heads(traj).head(5).itertuples()
+    ]
+    common.write_json(summary, None)
     return 0
 
 
