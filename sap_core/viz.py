@@ -262,9 +262,9 @@ def position_stability(positions: pd.DataFrame, tau: float) -> go.Figure:
             tickvals=[0, 0.25, 0.5, 0.75, 1],
             showgrid=False,
         ),
-        height=380,
-        margin=dict(l=60, r=60, t=50, b=40),
-        legend=dict(orientation="h", y=-0.2),
+        height=440,
+        margin=dict(l=60, r=60, t=50, b=110),
+        legend=dict(orientation="h", yanchor="top", y=-0.3),  # below the axis title, not over it
     )
     return _finished(fig)
 
