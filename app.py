@@ -37,7 +37,7 @@ if "app_common" not in sys.modules:
 import torch  # noqa: E402  (after the first paint: importing torch takes seconds)
 
 import app_shared  # noqa: E402
-from app_common import MODEL_KINDS, cached_model, is_cached, model_choice, next_link, note_page  # noqa: E402
+from app_common import MODEL_KINDS, cached_model, is_cached, model_choice, model_kind_label, next_link, note_page  # noqa: E402
 from sap_core.errors import SapError  # noqa: E402
 
 # One CPU thread by default: the built-in models are small, and on a shared machine torch's threads
@@ -64,6 +64,7 @@ with st.sidebar:
             "Model",
             MODEL_KINDS,
             key="model_kind",
+            format_func=model_kind_label,
             help="The built-in models ship with SinkScope and run on a CPU. A local directory holds a "
             "LLaDA, Dream or transformers causal-LM checkpoint (config.json + safetensors).",
         )

@@ -80,7 +80,17 @@ def is_cached(source: str, device: str, dtype: str) -> bool:
     return (source, device, dtype) in _LOADED
 
 
-MODEL_KINDS = ("Built-in DLM (tiny-dlm)", "Built-in AR twin (tiny-ar)", "Local directory")
+MODEL_KINDS = ("Built-in DLM (tiny-dlm)", "Built-in AR twin (tiny-ar)", "Local directory")  # the sidebar's keys
+
+
+def model_kind_label(kind: str) -> str:
+    """What the sidebar shows for a model kind: the model it loads, which the host may have set
+    (``$SINKSCOPE_MODEL``, ``$SINKSCOPE_AR_MODEL``) in place of a built-in one."""
+    source = {MODEL_KINDS[0]: default_model(), MODEL_KINDS[1]: ar_model()}.get(kind)
+    if source is None or source in ("tiny-dlm", "tiny-ar"):
+        return kind
+    name = Path(source).name or source
+    return f"This server's model ({name})" if kind == MODEL_KINDS[0] else f"This server's AR model ({name})"
 
 
 def model_choice() -> tuple[str, str, str]:

@@ -302,3 +302,14 @@ def test_compare_page_perplexity_on_the_causal_twin():
     table = at.dataframe[0].value
     assert list(table["model"]) == ["dense"] and math.isfinite(table["ppl"].iloc[0]) and table["ppl"].iloc[0] > 1
     assert any("Only the dense model" in m for m in texts(at.markdown))
+
+
+def test_the_sidebar_names_the_model_the_host_set(monkeypatch, tmp_path):
+    from app_common import MODEL_KINDS, model_kind_label
+
+    assert [model_kind_label(k) for k in MODEL_KINDS] == list(MODEL_KINDS)  # the built-in models: as before
+    monkeypatch.setenv("SINKSCOPE_MODEL", str(tmp_path / "LLaDA-8B-Instruct"))
+    monkeypatch.setenv("SINKSCOPE_AR_MODEL", str(tmp_path / "Llama-3-8B") + "/")
+    assert model_kind_label(MODEL_KINDS[0]) == "This server's model (LLaDA-8B-Instruct)"  # not "Built-in DLM"
+    assert model_kind_label(MODEL_KINDS[1]) == "This server's AR model (Llama-3-8B)"
+    assert model_kind_label(MODEL_KINDS[2]) == "Local directory"

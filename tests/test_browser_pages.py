@@ -172,3 +172,21 @@ def test_the_first_model_load_is_announced(chromium):
         context.close()
     finally:
         stop_app(proc)
+
+
+def test_a_server_started_on_a_model_directory_names_it_in_the_sidebar(chromium, tiny_dlm_dir):
+    """SINKSCOPE_MODEL set by the host: the sidebar's first choice names that model, not "Built-in DLM"."""
+    from conftest import start_app, stop_app
+    from playwright.sync_api import expect
+
+    proc, url = start_app(env={"SINKSCOPE_MODEL": str(tiny_dlm_dir)})
+    try:
+        page = chromium.new_context(viewport={"width": 1280, "height": 800}).new_page()
+        page.goto(url)
+        expect(page.get_by_text(f"Active model: {tiny_dlm_dir.name}", exact=False)).to_be_visible(timeout=120_000)
+        side = page.get_by_test_id("stSidebar")
+        expect(side.get_by_text(f"This server's model ({tiny_dlm_dir.name})")).to_be_visible()
+        expect(side.get_by_text("Built-in DLM (tiny-dlm)")).to_have_count(0)
+        no_streamlit_exception(page)
+    finally:
+        stop_app(proc)
