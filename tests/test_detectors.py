@@ -66,7 +66,8 @@ def test_a_runs_heads_are_ranked_over_its_valid_positions(tiny_dlm):
     ranked = ranked_heads(traj)
     assert len(ranked) == tiny_dlm.n_layers * tiny_dlm.n_heads
     best = ranked.iloc[0]
-    mean = traj.mass[:, int(best["layer"]), int(best["head"])].mean(0) / traj.mass.shape[-1]  # every position valid: a mean over steps
+    # every position is valid at every step of a diffusion run: the score is a plain mean over steps
+    mean = traj.mass[:, int(best["layer"]), int(best["head"])].mean(0) / traj.mass.shape[-1]
     assert best["score"] == pytest.approx(mean.max()) and best["position"] == mean.argmax()
     with pytest.raises(SinkSpecError, match="no attention record"):
         ranked_heads(generate(tiny_dlm, "ROMEO.\n", DecodeSpec(8, 4, 8)))
