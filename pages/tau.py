@@ -22,6 +22,7 @@ from app_common import (
 from sap_core import viz
 from sap_core.animation import readable_tokens
 from sap_core.pruning.spec import GATED, PATTERNS
+from sap_core.sink_report import rule_words
 from sap_core.sinks import parse_taus
 from sap_core.sweep import run_sweep
 from sap_core.tau import (
@@ -42,7 +43,7 @@ st.caption(
     f"The gated methods down-weight a calibration token only when it is a sink at some noised timestep and its "
     f"sink-score variance v_j over those timesteps is ≥ tau (tau = 0: every sink, never a non-sink; the official "
     f"rule, sink_wanda / sink_sparsegpt, down-weights every token and has no gate). Sink rule from "
-    f"the Sink stability page: **{spec.rule}**, k = {spec.k:g}, alpha = {spec.alpha:g}."
+    f"the Sink stability page: **{rule_words(spec)}** (it also finds each layer's own sinks below)."
 )
 
 with st.form("gate_form"):

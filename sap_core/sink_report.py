@@ -69,15 +69,19 @@ def run_words(spec: Any, causal: bool = False) -> str:
     return f"{spec.gen_length} tokens · {decoding_words(spec, causal)} · temperature {spec.temperature:g} · seed {spec.seed}"
 
 
+def rule_words(spec: SinkSpec) -> str:
+    """What finds the sinks, for people: the detector, or the official code's rule, with its parameters."""
+    if spec.detector != "official":
+        return f"{spec.sink_detector.title}, ε = {spec.sink_detector.param:g}"
+    if spec.rule == "official":
+        return f"official rule, k = {spec.k:g}, alpha = {spec.alpha:g}"
+    return f"leave_one_out, ε = {spec.epsilon:g}"
+
+
 def sink_words(spec: SinkSpec) -> str:
-    """A sink spec for people: the rule and its parameters, tau, the mass view, the layers and heads analysed."""
-    rule = (
-        f"official rule, k = {spec.k:g}, alpha = {spec.alpha:g}"
-        if spec.rule == "official"
-        else f"leave_one_out, ε = {spec.epsilon:g}"
-    )
+    """A sink spec for people: :func:`rule_words`, tau, the mass view, the layers and heads analysed."""
     return (
-        f"{rule}, tau = {spec.tau:g}, {spec.normalize} mass, layers {'all' if spec.layers is None else list(spec.layers)}, "
+        f"{rule_words(spec)}, tau = {spec.tau:g}, {spec.normalize} mass, layers {'all' if spec.layers is None else list(spec.layers)}, "
         f"heads {'all' if spec.heads is None else list(spec.heads)}"
     )
 

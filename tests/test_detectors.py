@@ -73,6 +73,14 @@ def test_a_runs_heads_are_ranked_over_its_valid_positions(tiny_dlm):
         ranked_heads(generate(tiny_dlm, "ROMEO.\n", DecodeSpec(8, 4, 8)))
 
 
+def test_the_words_of_a_spec_name_its_detector():
+    from sap_core.sink_report import rule_words, sink_words
+
+    assert rule_words(SinkSpec()) == "official rule, k = 2, alpha = 5"
+    assert sink_words(SinkSpec(detector="gu:0.2")).startswith("Gu et al. (share of heads with mean attention > ε), ε = 0.2, tau")
+    assert rule_words(SinkSpec(detector="rulli")) == "Rulli et al. (attention above ε × uniform), ε = 3"
+
+
 def test_official_detector_is_todays_rule_and_absent_positions_are_nan():
     rng = np.random.default_rng(1)
     m = rng.random((3, 2, 2, 6)) * 3

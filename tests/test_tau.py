@@ -145,6 +145,39 @@ def test_calibration_gate_runs_the_pruners_pass_loop(tiny_dlm, gate):
     np.testing.assert_allclose(data.frequency, np.stack([f.mean(0) for f in flags]))
 
 
+def test_per_layer_sinks_follow_the_chosen_detector():
+    """With another detector than the official rule (here Gu et al.'s), each layer's own sinks are that detector's
+    on the layer's heads, as the record's sinks are: an independent loop over the same noised windows."""
+    from sap_core.attention import AttentionRecorder
+    from sap_core.models import load_model
+    from sap_core.pruning import taps as tp
+    from sap_core.pruning.calibration import calibration_ids, noised_ids, tokenize
+
+    tiny_dlm = load_model("tiny-dlm")  # the trained model: the random test model attends uniformly, no head has a sink
+    spec = SinkSpec(detector="gu")
+    data = calibration_gate(tiny_dlm, CALIB, spec)
+    clean, generator = calibration_ids(tokenize(tiny_dlm, CALIB), CALIB)
+    noised = noised_ids(clean, CALIB, tiny_dlm.mask_id, generator)
+    taps = tp.make_taps(tiny_dlm)
+    N, S, L = noised.shape
+    occ = np.zeros((tiny_dlm.n_layers, N, L), np.int64)
+    for n in range(N):
+        heads = []
+        for t in range(S):
+            recorder = AttentionRecorder()
+            recorder.start_pass()
+            h = tp.embed(tiny_dlm, noised[n, t : t + 1])
+            for tap in taps:
+                h = tap(h, recorder, capture=False)
+            heads.append(recorder.end_pass()[0].numpy())  # [layers, heads, L]
+        heads = np.stack(heads)  # [S, layers, heads, L]
+        for i in range(tiny_dlm.n_layers):
+            occ[i, n] = spec.sink_detector.detect(heads[:, i][:, None])[1][:, 0].sum(0)
+    np.testing.assert_array_equal(data.layer_occurrences, occ)
+    official = calibration_gate(tiny_dlm, CALIB, SinkSpec(k=1.0)).layer_occurrences
+    assert occ.sum() > 0 and not np.array_equal(occ, official)  # the detector, not the official rule
+
+
 def test_layer_shares_and_top_tokens_follow_tau(tiny_dlm, gate):
     data, _ = gate
     v = np.sort(data.sink_variance)

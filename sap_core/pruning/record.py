@@ -351,18 +351,23 @@ def record_calibration(
         passes=0,
     )
     layer_mass = np.zeros((len(layers), S, L), np.float32) if per_layer else None  # one sample's, per layer
+    # another detector than the official rule reads each layer's heads: one sample's [Lsel, S, H, L]
+    layer_heads = np.zeros((len(layers), S, len(heads), L), np.float32) if per_layer and sink.detector != "official" else None
     passes = 0
     for n, c0, c1, attention, inputs in recorded_passes(handle, noised, calibration.batch_size, taps, on_pass is not None, keys):
         passes += 1
         m = record.mass[n, c0:c1] = _selected(attention, layers, heads)
         record.scores[n, c0:c1], record.flags[n, c0:c1] = _scored(attention, m, sink, layers, heads, handle.causal)
         if per_layer:
-            layer_mass[:, c0:c1] = attention[:, list(layers)][:, :, list(heads)].sum(2).float().numpy().transpose(1, 0, 2)
+            chosen = attention[:, list(layers)][:, :, list(heads)].float().numpy()  # [B, Lsel, H, L]
+            layer_mass[:, c0:c1] = chosen.sum(2).transpose(1, 0, 2)
+            if layer_heads is not None:
+                layer_heads[:, c0:c1] = chosen.transpose(1, 0, 2, 3)
         if c1 == S:
             stats = sinks.position_stats(record.scores[n], record.flags[n], sink)
             record.frequency[n], record.mean_score[n], record.variance[n] = stats.frequency, stats.mean_score, stats.variance
             if per_layer:
-                _layer_sinks(record, n, layer_mass)
+                _layer_sinks(record, n, layer_mass, layer_heads)
         if on_pass is not None:
             on_pass(n, c0, c1, inputs, record)
         del inputs
@@ -371,10 +376,15 @@ def record_calibration(
     return dataclasses.replace(record, passes=passes)
 
 
-def _layer_sinks(record: SinkRecord, n: int, layer_mass: np.ndarray) -> None:
-    """Sample ``n``'s sinks of each selected layer alone (``layer_mass`` ``float32 [Lsel, S, L]``) into the record."""
+def _layer_sinks(record: SinkRecord, n: int, layer_mass: np.ndarray, layer_heads: np.ndarray | None) -> None:
+    """Sample ``n``'s sinks of each selected layer alone into the record: the official rule on the layer's summed
+    mass (``layer_mass`` ``float32 [Lsel, S, L]``), another detector on the layer's heads (``layer_heads``
+    ``float32 [Lsel, S, H, L]``), as :func:`_scored` finds the record's own sinks."""
     for i in range(len(record.layers)):
-        flags = sinks.sink_flags(layer_mass[i], record.sink, causal=record.causal)
+        if layer_heads is None:
+            flags = sinks.sink_flags(layer_mass[i], record.sink, causal=record.causal)
+        else:
+            flags = record.sink.sink_detector.detect(layer_heads[i][:, None])[1][:, 0]  # [S, 1, H, L] -> [S, L]
         record.layer_occurrences[i, n] = flags.sum(0)
         record.layer_sink_mass[i, n] = np.where(flags, layer_mass[i], 0.0).sum(0)
 
