@@ -118,16 +118,25 @@ def test_stability_labels_tables_and_the_meaning_of_tau_zero(app_url, page):
     expect(page.get_by_text("never runs the model", exact=False).first).to_be_visible()
     page.get_by_text("Per-position table", exact=False).click()
     page.get_by_text("Per-layer table", exact=False).click()
+    page.get_by_text("Which heads hold the sinks?", exact=False).click()
     idle(page)
     grids = page.locator("[data-testid='stDataFrame']")
-    expect(grids).to_have_count(2)
-    for i in range(2):  # no column cut off on the right: the grid's content is no wider than the grid
+    expect(grids).to_have_count(3)  # positions, layers, the heads ranked by their sink score
+    for i in range(3):  # no column cut off on the right: the grid's content is no wider than the grid
         widths = grids.nth(i).locator(".dvn-scroller").first.evaluate("e => [e.scrollWidth, e.clientWidth]")
         assert widths[0] <= widths[1] + 1, f"table {i} is {widths[0]} px wide in a {widths[1]} px box"
     # the grids draw on a canvas; their accessible table (glide-data-grid's) holds the visible cells' text
     cells = [grids.nth(i).locator("[role=gridcell]").all_text_contents() for i in range(2)]
     assert cells[1][0] == "all layers" and "-1" not in cells[1], cells[1]  # the per-layer table's first row
     assert "⏎" in cells[0]  # the prompt's newline token
+    heads = grids.nth(2).locator("[role=columnheader]").all_text_contents()
+    assert [h for h in heads if h in ("rank", "layer", "head", "position", "score")] == [
+        "rank",
+        "layer",
+        "head",
+        "position",
+        "score",
+    ]
     shots(page, "tau0")
     # raising tau separates the sinks: the explanation goes, the figure's tau line moves
     slider = page.get_by_role("slider", name="tau (variance threshold)")
