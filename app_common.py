@@ -429,8 +429,9 @@ def _wait(queue, ticket, bar, cancel: bool, unit: str | None):
             # closed tab stops the script here
             _ = _PAGE in st.session_state
             if ticket.state == "queued":
-                if queue.status(ticket) != told:
-                    told = queue.status(ticket)
+                status = queue.status(ticket)
+                if status != told:
+                    told = status
                     place.info(told, icon=":material/hourglass_top:")
             else:
                 if told is not None:
