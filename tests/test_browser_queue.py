@@ -14,13 +14,15 @@ pytestmark = needs_chromium
 
 
 def test_three_sessions_generate_at_once(chromium, app_url):
-    pages = [open_explorer(chromium, app_url, 16) for _ in range(3)]
+    # runs long enough (~1.5 s each here) that the third click lands while both CPU workers are busy: 16 tokens ran
+    # in 0.2 s, so a slow third click could find a worker free and nobody had to wait to be told their place
+    pages = [open_explorer(chromium, app_url, 128) for _ in range(3)]
     for page in pages:
         click(page)
     pages[-1].wait_for_timeout(300)
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
     pages[-1].screenshot(path=str(SCREENSHOTS / "test_three_sessions_generate_at_once-waiting.png"), full_page=True)
-    results = [result(page, 16) for page in pages]
+    results = [result(page, 128) for page in pages]
     for i, page in enumerate(pages):
         page.screenshot(path=str(SCREENSHOTS / f"test_three_sessions_generate_at_once-{i}.png"), full_page=True)
         no_streamlit_exception(page)
