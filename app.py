@@ -14,6 +14,11 @@ import sys
 
 import streamlit as st
 
+# The model's queue runs in this process beside every session's script: its workers need the interpreter lock back
+# after every torch call, and wait up to the switch interval (5 ms by default) whenever a script holds it. 0.5 ms:
+# 8 runs beside two half-busy Python threads took 3.5x the queue alone instead of 32x (bench/queue_gil.py).
+sys.setswitchinterval(0.0005)
+
 st.set_page_config(page_title="SinkScope", page_icon=":material/blur_on:", layout="wide")
 PAGES = [
     st.Page("pages/model.py", title="Model", icon=":material/memory:", default=True),

@@ -7,7 +7,7 @@ in bursts; a worker needs the lock back after every torch call, and waits up to 
 (``sys.getswitchinterval()``, 5 ms by default) each time another thread holds it. Measured here without browsers:
 ``--students`` generations of tiny-dlm (64 tokens in 64 steps, capture) submitted 0.2 s apart to a fresh
 :class:`~sap_core.scheduler.Scheduler`, (a) alone, (b) beside ``--load`` threads that run pure Python for ``--duty``
-of every 10 ms, each at the default switch interval and at 1 ms. Prints the last student's wait, submission to
+of every 10 ms, at each switch interval of ``--intervals``. Prints the last student's wait, submission to
 trajectory, and the ratios against (a) measured in the same run.
 """
 
@@ -61,6 +61,7 @@ def main() -> None:
     ap.add_argument("--students", type=int, default=8)
     ap.add_argument("--load", type=int, default=2, help="threads of pure-Python load (default 2)")
     ap.add_argument("--duty", type=float, default=0.5, help="share of each 10 ms a load thread is busy (default 0.5)")
+    ap.add_argument("--intervals", default="5,1,0.5,0.2", help="switch intervals to try beside the load, in ms")
     ap.add_argument("--repeats", type=int, default=2)
     args = ap.parse_args()
     handle = load_model("tiny-dlm", device="cpu")
@@ -68,11 +69,10 @@ def main() -> None:
     default = sys.getswitchinterval()
     rows: dict[str, list[float]] = {}
     for _ in range(args.repeats):  # interleaved, so a change of load hits every case alike
-        for label, interval, load in (
-            ("queue alone", default, 0),
-            (f"beside the load, switch interval {default * 1e3:g} ms", default, args.load),
-            ("beside the load, switch interval 1 ms", 0.001, args.load),
-        ):
+        cases = [("queue alone", default, 0)] + [
+            (f"beside the load, switch interval {ms:g} ms", ms / 1e3, args.load) for ms in map(float, args.intervals.split(","))
+        ]
+        for label, interval, load in cases:
             sys.setswitchinterval(interval)
             stop = threading.Event()
             workers = python_load(load, args.duty, stop)
