@@ -410,7 +410,7 @@ def queued_job(handle: ModelHandle, label: str, work, bar, cancel: bool = True, 
 
 
 SHOW_EVERY = 0.5  # s: a waiting page is told its place or progress at most this often, and only when it changed:
-# every message costs the student's browser a redraw (at 5 a second, ~10 % of a core per tab: bench/classroom.py)
+# every message costs the student's browser a redraw (bench/classroom.py: the clients' CPU outweighs the server's)
 
 
 def _wait(queue, ticket, bar, cancel: bool, unit: str | None):
