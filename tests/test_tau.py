@@ -116,28 +116,38 @@ def test_calibration_gate_is_what_the_pruner_gates(tiny_dlm, gate):
     assert data.sink_variance.size == int(data.is_sink.sum())
 
 
-def test_calibration_gate_runs_the_pruners_pass_loop(tiny_dlm, gate):
-    """The per-layer statistics of the calibration record equal an independent loop over the
-    same noised windows (one forward per timestep with its own recorder)."""
-    from sap_core import sinks
+def independent_heads(handle) -> np.ndarray:
+    """The per-head mass ``float32 [N, S, layers, heads, L]`` of CALIB's noised windows, one forward per timestep
+    with its own recorder: the loop the calibration record is checked against."""
     from sap_core.attention import AttentionRecorder
     from sap_core.pruning import taps as tp
     from sap_core.pruning.calibration import calibration_ids, noised_ids, tokenize
 
-    data, _ = gate
-    clean, generator = calibration_ids(tokenize(tiny_dlm, CALIB), CALIB)
-    noised = noised_ids(clean, CALIB, tiny_dlm.mask_id, generator)
-    taps = tp.make_taps(tiny_dlm)
-    N, S, L = noised.shape
-    per_layer = np.zeros((tiny_dlm.n_layers, N, S, L), np.float32)
+    clean, generator = calibration_ids(tokenize(handle, CALIB), CALIB)
+    noised = noised_ids(clean, CALIB, handle.mask_id, generator)
+    taps = tp.make_taps(handle)
+    N, S, _ = noised.shape
+    out = []
     for n in range(N):
         for t in range(S):
             recorder = AttentionRecorder()
             recorder.start_pass()
-            h = tp.embed(tiny_dlm, noised[n, t : t + 1])
+            h = tp.embed(handle, noised[n, t : t + 1])
             for tap in taps:
                 h = tap(h, recorder, capture=False)
-            per_layer[:, n, t] = recorder.end_pass()[0].sum(1).numpy()
+            out.append(recorder.end_pass()[0].numpy())  # [layers, heads, L]
+    return np.stack(out).reshape(N, S, *out[0].shape)
+
+
+def test_calibration_gate_runs_the_pruners_pass_loop(tiny_dlm, gate):
+    """The per-layer statistics of the calibration record equal an independent loop over the
+    same noised windows (one forward per timestep with its own recorder)."""
+    from sap_core import sinks
+
+    data, _ = gate
+    heads = independent_heads(tiny_dlm)  # [N, S, layers, heads, L]
+    N = heads.shape[0]
+    per_layer = heads.sum(3).transpose(2, 0, 1, 3)  # [layers, N, S, L]
     occ = np.stack([[sinks.sink_flags(per_layer[i, n], SINK).sum(0) for n in range(N)] for i in range(tiny_dlm.n_layers)])
     np.testing.assert_array_equal(data.layer_occurrences, occ)
     assert occ.sum() > 0
@@ -148,31 +158,17 @@ def test_calibration_gate_runs_the_pruners_pass_loop(tiny_dlm, gate):
 def test_per_layer_sinks_follow_the_chosen_detector():
     """With another detector than the official rule (here Gu et al.'s), each layer's own sinks are that detector's
     on the layer's heads, as the record's sinks are: an independent loop over the same noised windows."""
-    from sap_core.attention import AttentionRecorder
     from sap_core.models import load_model
-    from sap_core.pruning import taps as tp
-    from sap_core.pruning.calibration import calibration_ids, noised_ids, tokenize
 
     tiny_dlm = load_model("tiny-dlm")  # the trained model: the random test model attends uniformly, no head has a sink
     spec = SinkSpec(detector="gu")
     data = calibration_gate(tiny_dlm, CALIB, spec)
-    clean, generator = calibration_ids(tokenize(tiny_dlm, CALIB), CALIB)
-    noised = noised_ids(clean, CALIB, tiny_dlm.mask_id, generator)
-    taps = tp.make_taps(tiny_dlm)
-    N, S, L = noised.shape
+    heads = independent_heads(tiny_dlm)  # [N, S, layers, heads, L]
+    N, L = heads.shape[0], heads.shape[-1]
     occ = np.zeros((tiny_dlm.n_layers, N, L), np.int64)
     for n in range(N):
-        heads = []
-        for t in range(S):
-            recorder = AttentionRecorder()
-            recorder.start_pass()
-            h = tp.embed(tiny_dlm, noised[n, t : t + 1])
-            for tap in taps:
-                h = tap(h, recorder, capture=False)
-            heads.append(recorder.end_pass()[0].numpy())  # [layers, heads, L]
-        heads = np.stack(heads)  # [S, layers, heads, L]
         for i in range(tiny_dlm.n_layers):
-            occ[i, n] = spec.sink_detector.detect(heads[:, i][:, None])[1][:, 0].sum(0)
+            occ[i, n] = spec.sink_detector.detect(heads[n][:, i][:, None])[1][:, 0].sum(0)
     np.testing.assert_array_equal(data.layer_occurrences, occ)
     official = calibration_gate(tiny_dlm, CALIB, SinkSpec(k=1.0)).layer_occurrences
     assert occ.sum() > 0 and not np.array_equal(occ, official)  # the detector, not the official rule
